@@ -1,0 +1,260 @@
+// Reading ckpt files: open in O(header), zero-copy tensor views, row slices,
+// the typed object tree, and full verification.
+//
+//   CKPT_ASSIGN_OR_RETURN(ckpt::Checkpoint ck, ckpt::Checkpoint::Open(path));
+//   CKPT_ASSIGN_OR_RETURN(ckpt::TensorRef w, ck.Tensor("model/fc.weight"));
+//   const float* p = reinterpret_cast<const float*>(w.data().data());
+//
+// Lifetime: a Checkpoint, and every TensorRef and Value taken from it, share
+// ownership of the open file (mapping or descriptor). Any of them may outlive
+// the others; the file is unmapped and closed when the last one goes.
+//
+// Thread safety: all const member functions may be called concurrently.
+#pragma once
+
+#include <complex>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ckpt/format.h"
+#include "ckpt/status.h"
+
+namespace ckpt {
+
+namespace internal {
+struct CheckpointImpl;
+}  // namespace internal
+
+/// How file bytes are reached.
+enum class Backend {
+  /// Map the whole file (Boost.Interprocess); tensors are zero-copy views.
+  kMmap,
+  /// pread() each requested range into memory the TensorRef owns. For
+  /// network file systems (NFS, Lustre, FUSE) where page-sized mmap faults
+  /// are pathological.
+  kPread,
+};
+
+struct ReadOptions {
+  Backend backend = Backend::kMmap;
+  /// Hash every checksum chunk a tensor read touches and fail with
+  /// kChecksumMismatch on a difference. Off by default: hashing a 100 GB
+  /// file would defeat zero-copy. Checkpoint::Verify() checks everything.
+  bool verify_checksums = false;
+  /// kMmap only: pre-fault the whole mapping at open (MAP_POPULATE), which
+  /// makes open O(file) but later first touches free.
+  bool populate = false;
+};
+
+/// Where and how a tensor lies; no bytes.
+struct TensorInfo {
+  std::string path;
+  DType dtype = DType::kInvalid;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  ///< in elements
+  uint32_t storage = 0;          ///< index of the storage it views
+  int64_t storage_offset = 0;    ///< in elements
+  bool requires_grad = false;
+  bool is_parameter = false;
+
+  int64_t numel() const;
+  /// numel() * element size: the bytes of a contiguous copy.
+  uint64_t nbytes() const;
+  /// Row-major with no gaps (size-1 dimensions ignored).
+  bool is_contiguous() const;
+};
+
+struct StorageInfo {
+  uint64_t offset = 0;  ///< absolute byte offset of the blob
+  uint64_t nbytes = 0;
+  std::string device;   ///< saved device: "cpu", "cuda:1"...
+};
+
+/// A tensor's bytes plus its layout. Holds the file open; cheap to copy.
+class TensorRef {
+ public:
+  TensorRef() = default;
+
+  const TensorInfo& info() const { return info_; }
+  DType dtype() const { return info_.dtype; }
+  const std::vector<int64_t>& shape() const { return info_.shape; }
+  const std::vector<int64_t>& strides() const { return info_.strides; }
+  int64_t numel() const { return info_.numel(); }
+  bool is_contiguous() const { return info_.is_contiguous(); }
+
+  /// Bytes from the tensor's first element through its last, little-endian.
+  /// For a contiguous tensor this is exactly nbytes() bytes in row-major
+  /// order; otherwise index with strides(). Read-only: with the mmap
+  /// backend these are the file's pages.
+  std::span<const std::byte> data() const { return data_; }
+
+  /// Writes the elements in row-major contiguous order into `out`, which
+  /// must hold exactly info().nbytes() bytes (kInvalidArgument otherwise).
+  Status CopyTo(std::span<std::byte> out) const;
+
+ private:
+  friend struct internal::CheckpointImpl;
+  TensorInfo info_;
+  std::span<const std::byte> data_;
+  std::shared_ptr<const void> owner_;
+};
+
+/// Node kinds of the object tree; codes equal schema/ckpt.fbs's ValueKind.
+enum class ValueKind : uint8_t {
+  kNone = 0,
+  kBool = 1,
+  kInt = 2,
+  kBigInt = 3,
+  kFloat = 4,
+  kComplex = 5,
+  kString = 6,
+  kBytes = 7,
+  kList = 8,
+  kTuple = 9,
+  kDict = 10,
+  kSet = 11,
+  kFrozenSet = 12,
+  kTensor = 13,
+  kDType = 14,
+  kDevice = 15,
+};
+std::string_view ValueKindName(ValueKind kind);
+
+/// A node of the object tree. Holds the file open; cheap to copy.
+/// Accessors for the wrong kind return a zero value ("", 0, empty); check
+/// kind() first. Strings and byte spans point into the header and stay
+/// valid while this Value (or any handle on the same file) lives.
+class Value {
+ public:
+  ValueKind kind() const;
+  bool is_container() const;  ///< List, Tuple, Dict, Set, FrozenSet
+
+  bool as_bool() const;
+  int64_t as_int() const;
+  double as_float() const;
+  std::complex<double> as_complex() const;
+  /// String and Device nodes.
+  std::string_view as_string() const;
+  /// Bytes nodes; BigInt nodes (little-endian two's complement).
+  std::span<const uint8_t> as_bytes() const;
+  DType as_dtype() const;
+  /// Class tag of a Dict ("collections.OrderedDict", "argparse.Namespace")
+  /// or "".
+  std::string_view type_name() const;
+
+  /// Number of elements (containers) or 0.
+  size_t size() const;
+  /// i-th element (i-th value of a Dict). Precondition: i < size().
+  Value item(size_t i) const;
+  /// i-th key of a Dict. Precondition: kind() == kDict, i < size().
+  Value key(size_t i) const;
+  /// The child named by one unescaped path segment: a Dict key whose path
+  /// form (docs/FORMAT.md 7.3) equals it, or a decimal sequence index.
+  Result<Value> Child(std::string_view segment) const;
+
+  /// The tensor a kTensor node refers to.
+  Result<TensorInfo> tensor_info() const;
+  Result<TensorRef> tensor() const;
+
+  /// Path-segment form of this node used as a Dict key (FORMAT.md 7.3).
+  std::string KeySegment() const;
+  /// Decimal digits of a BigInt (or Int) node, with '-' if negative.
+  std::string BigIntToDecimal() const;
+
+ private:
+  friend class Checkpoint;
+  friend struct internal::CheckpointImpl;
+  std::shared_ptr<const internal::CheckpointImpl> impl_;
+  uint32_t node_ = 0;
+};
+
+struct VerifyOptions {
+  /// Worker threads hashing chunks; 0 = std::thread::hardware_concurrency().
+  unsigned threads = 0;
+};
+
+/// An open ckpt file. Move-only handle; copies share the file (use
+/// Checkpoint::Share()).
+class Checkpoint {
+ public:
+  /// Opens `path`, checks the preamble, verifies the header (checksum,
+  /// FlatBuffers Verifier, every rule of docs/FORMAT.md that needs no data
+  /// bytes) and bounds-checks every storage and tensor extent. Cost is
+  /// O(header), independent of the data size.
+  /// Errors: kNotFound (no such file), kIoError, kCorrupt,
+  /// kUnsupportedVersion, kChecksumMismatch (header); each names the file
+  /// and byte offset.
+  static Result<Checkpoint> Open(const std::string& path,
+                                 const ReadOptions& options = {});
+  /// Same checks over bytes in memory. Borrows `bytes`: the caller keeps
+  /// them alive and unchanged while anything from this Checkpoint lives.
+  static Result<Checkpoint> OpenBuffer(std::span<const std::byte> bytes,
+                                       std::string name = "<buffer>");
+
+  Checkpoint(Checkpoint&&) noexcept = default;
+  Checkpoint& operator=(Checkpoint&&) noexcept = default;
+  Checkpoint(const Checkpoint&) = delete;
+  Checkpoint& operator=(const Checkpoint&) = delete;
+  ~Checkpoint();
+
+  /// Another handle on the same open file.
+  Checkpoint Share() const { return Checkpoint(impl_); }
+
+  const std::string& path() const;
+  uint64_t file_size() const;
+  uint16_t format_major() const;
+  uint16_t format_minor() const;
+  uint64_t chunk_size() const;
+  std::string_view producer() const;
+  uint64_t data_offset() const;
+  uint64_t data_size() const;
+  uint64_t header_offset() const;
+  uint64_t header_size() const;
+
+  /// Tensors sorted by path.
+  size_t num_tensors() const;
+  TensorInfo tensor_info(size_t index) const;
+  /// O(log n) lookup without parsing. kNotFound if absent.
+  Result<TensorInfo> FindTensor(std::string_view path) const;
+  /// Bytes of the tensor at `path` (zero-copy with kMmap).
+  Result<TensorRef> Tensor(std::string_view path) const;
+  /// Rows [begin, end) of dim 0 as a tensor of shape (end-begin, ...).
+  /// kInvalidArgument for a 0-dim tensor or a range outside [0, shape[0]].
+  Result<TensorRef> TensorRows(std::string_view path, int64_t begin,
+                               int64_t end) const;
+  /// Same for the tensor at `index` of tensor_info().
+  Result<TensorRef> TensorAt(size_t index) const;
+
+  size_t num_storages() const;
+  StorageInfo storage_info(size_t index) const;
+
+  /// Root of the object tree.
+  Value root() const;
+  /// The node at a tensor path (DESIGN.md contract). kNotFound naming the
+  /// first missing segment.
+  Result<Value> Get(std::string_view path) const;
+
+  /// String metadata, sorted by key.
+  std::vector<std::pair<std::string, std::string>> metadata() const;
+  /// kNotFound if absent.
+  Result<std::string> Metadata(std::string_view key) const;
+
+  /// Checks every checksum chunk, zero padding, and the rules that need the
+  /// tree walked (each tensor's path is its tree position), using all cores.
+  /// Returns the problem at the lowest byte offset: kChecksumMismatch
+  /// naming the tensor(s) on the chunk and the chunk's offset, or kCorrupt.
+  Status Verify(const VerifyOptions& options = {}) const;
+
+ private:
+  explicit Checkpoint(std::shared_ptr<const internal::CheckpointImpl> impl)
+      : impl_(std::move(impl)) {}
+  std::shared_ptr<const internal::CheckpointImpl> impl_;
+};
+
+}  // namespace ckpt

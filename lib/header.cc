@@ -1,0 +1,495 @@
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "checksum_internal.h"
+#include "ckpt/format.h"
+#include "ckpt/reader.h"
+#include "header_internal.h"
+#include "tree_internal.h"
+
+namespace ckpt::internal {
+
+// The public enums mirror the schema's; codes are part of the format.
+static_assert(static_cast<uint8_t>(DType::kBFloat16) ==
+              static_cast<uint8_t>(fb::DType::bfloat16));
+static_assert(static_cast<uint8_t>(DType::kBits4x2) ==
+              static_cast<uint8_t>(fb::DType::MAX));
+static_assert(kMaxDTypeCode == static_cast<uint8_t>(fb::DType::MAX));
+static_assert(static_cast<uint8_t>(ValueKind::kDevice) ==
+              static_cast<uint8_t>(fb::ValueKind::MAX));
+static_assert(static_cast<uint8_t>(ValueKind::kTensor) ==
+              static_cast<uint8_t>(fb::ValueKind::Tensor));
+
+namespace {
+
+void PutLE(std::byte* p, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+
+uint64_t GetLE(const std::byte* p, int n) {
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+Status At(Status s, uint64_t offset) {
+  return s.WithOffset(static_cast<int64_t>(offset));
+}
+
+bool AddOverflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_add_overflow(a, b, out);
+}
+
+}  // namespace
+
+std::array<std::byte, 64> EncodePreamble(const Preamble& p) {
+  std::array<std::byte, 64> b{};
+  std::memcpy(b.data(), kMagic.data(), kMagic.size());
+  PutLE(&b[kOffMajor], p.major, 2);
+  PutLE(&b[kOffMajor + 2], p.minor, 2);
+  PutLE(&b[kOffFlags], p.flags, 4);
+  PutLE(&b[kOffDataOffset], p.data_offset, 8);
+  PutLE(&b[kOffDataSize], p.data_size, 8);
+  PutLE(&b[kOffHeaderOffset], p.header_offset, 8);
+  PutLE(&b[kOffHeaderSize], p.header_size, 8);
+  PutLE(&b[kOffHeaderHash], p.header_hash, 8);
+  PutLE(&b[kOffSelfHash], Xxh3({b.data(), kOffSelfHash}), 8);
+  return b;
+}
+
+Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
+                                uint64_t file_size) {
+  // R1: the fixed preamble must be there.
+  if (file_size < kPreambleBytes || bytes.size() < kPreambleBytes) {
+    return At(Corrupt("file is " + std::to_string(file_size) +
+                      " bytes, shorter than the " +
+                      std::to_string(kPreambleBytes) +
+                      "-byte preamble (truncated, or not a ckpt file)"),
+              0);
+  }
+  const std::byte* b = bytes.data();
+  // R2: magic. Name the formats people most often pass by mistake.
+  if (std::memcmp(b, kMagic.data(), kMagic.size()) != 0) {
+    if (std::memcmp(b, "PK\x03\x04", 4) == 0) {
+      return At(Corrupt("bad magic: this is a zip archive (a torch.save .pth "
+                        "file?); convert it with pth2ckpt"),
+                0);
+    }
+    if (static_cast<char>(b[0]) == '\x80') {
+      return At(Corrupt("bad magic: this looks like a pickle (legacy .pth?); "
+                        "convert it with pth2ckpt"),
+                0);
+    }
+    if (static_cast<char>(b[8]) == '{') {
+      return At(Corrupt("bad magic: this looks like a safetensors file"), 0);
+    }
+    return At(Corrupt("bad magic: not a ckpt file"), 0);
+  }
+  Preamble p;
+  p.major = static_cast<uint16_t>(GetLE(b + kOffMajor, 2));
+  p.minor = static_cast<uint16_t>(GetLE(b + kOffMajor + 2, 2));
+  // R3: major version. Checked before the checksum so a future layout gets
+  // a version message, not a checksum one.
+  if (p.major == 0 || p.major > kFormatMajor) {
+    std::string v = std::to_string(p.major) + "." + std::to_string(p.minor);
+    std::string msg;
+    if (p.major == 0x0100 || p.major == 0) {
+      msg = "format version field reads " + v +
+            ", which looks byte-swapped or zeroed (big-endian writer or "
+            "damaged file?)";
+    } else {
+      msg = "file has format version " + v + ", newer than this reader (" +
+            std::to_string(kFormatMajor) + ".x); upgrade ckpt to read it";
+    }
+    return At(UnsupportedVersion(msg), kOffMajor);
+  }
+  // R4: preamble checksum, so every field below is what the writer wrote.
+  uint64_t self = GetLE(b + kOffSelfHash, 8);
+  uint64_t computed = Xxh3({b, kOffSelfHash});
+  if (self != computed) {
+    return At(ChecksumMismatch("preamble checksum mismatch: stored " +
+                               HashToHex(self) + ", computed " +
+                               HashToHex(computed)),
+              kOffSelfHash);
+  }
+  // R5: flags. None are defined in version 1.
+  p.flags = static_cast<uint32_t>(GetLE(b + kOffFlags, 4));
+  if (p.flags != 0) {
+    return At(UnsupportedVersion("unknown preamble flags 0x" +
+                                 HashToHex(p.flags).substr(8)),
+              kOffFlags);
+  }
+  p.data_offset = GetLE(b + kOffDataOffset, 8);
+  p.data_size = GetLE(b + kOffDataSize, 8);
+  p.header_offset = GetLE(b + kOffHeaderOffset, 8);
+  p.header_size = GetLE(b + kOffHeaderSize, 8);
+  p.header_hash = GetLE(b + kOffHeaderHash, 8);
+  // R6: data section on a page boundary, after the preamble.
+  if (p.data_offset < kPreambleBytes || p.data_offset % kPageBytes != 0) {
+    return At(Corrupt("data offset " + std::to_string(p.data_offset) +
+                      " is not a multiple of 4096 past the preamble"),
+              kOffDataOffset);
+  }
+  // R7: sections in order, inside the file, header running to its end.
+  uint64_t data_end = 0, header_end = 0;
+  if (AddOverflows(p.data_offset, p.data_size, &data_end) ||
+      data_end > p.header_offset) {
+    return At(Corrupt("data section [" + std::to_string(p.data_offset) +
+                      ", +" + std::to_string(p.data_size) +
+                      ") runs past the header offset " +
+                      std::to_string(p.header_offset)),
+              kOffDataSize);
+  }
+  if (p.header_offset % kHeaderAlignment != 0) {
+    return At(Corrupt("header offset " + std::to_string(p.header_offset) +
+                      " is not a multiple of 8"),
+              kOffHeaderOffset);
+  }
+  if (AddOverflows(p.header_offset, p.header_size, &header_end) ||
+      header_end != file_size) {
+    return At(Corrupt("header [" + std::to_string(p.header_offset) + ", +" +
+                      std::to_string(p.header_size) +
+                      ") does not end at end of file (" +
+                      std::to_string(file_size) + " bytes): truncated or "
+                      "appended to"),
+              kOffHeaderSize);
+  }
+  return p;
+}
+
+std::optional<std::string> ViewProblem(uint8_t dtype_code,
+                                       std::span<const int64_t> shape,
+                                       std::span<const int64_t> strides,
+                                       int64_t storage_offset,
+                                       uint64_t storage_nbytes) {
+  if (!IsKnownDType(dtype_code)) {
+    return "unknown dtype code " + std::to_string(dtype_code);
+  }
+  const size_t rank = shape.size();
+  if (rank > kMaxRank) return "rank " + std::to_string(rank) + " > 64";
+  if (strides.size() != rank) {
+    return "shape has " + std::to_string(rank) + " dims but strides " +
+           std::to_string(strides.size());
+  }
+  if (storage_offset < 0) return std::string("negative storage offset");
+  const uint64_t elsize = DTypeSize(static_cast<DType>(dtype_code));
+  uint64_t numel = 1;
+  for (size_t d = 0; d < rank; ++d) {
+    if (shape[d] < 0) return "negative size in dim " + std::to_string(d);
+    if (strides[d] < 0) return "negative stride in dim " + std::to_string(d);
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]), &numel)) {
+      return std::string("element count overflows 64 bits");
+    }
+  }
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(numel, elsize, &bytes) || bytes > INT64_MAX) {
+    return std::string("byte size overflows 63 bits");
+  }
+  uint64_t last = static_cast<uint64_t>(storage_offset), need = 0;
+  if (numel > 0) {
+    for (size_t d = 0; d < rank; ++d) {
+      uint64_t span = 0;
+      if (__builtin_mul_overflow(static_cast<uint64_t>(shape[d] - 1),
+                                 static_cast<uint64_t>(strides[d]), &span) ||
+          AddOverflows(last, span, &last)) {
+        return std::string("extent overflows 64 bits");
+      }
+    }
+    if (AddOverflows(last, 1, &last)) {
+      return std::string("extent overflows 64 bits");
+    }
+  }
+  if (__builtin_mul_overflow(last, elsize, &need)) {
+    return std::string("extent overflows 64 bits");
+  }
+  if (need > storage_nbytes) {
+    return "view needs " + std::to_string(need) + " bytes of its storage, " +
+           "which has " + std::to_string(storage_nbytes);
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+using flatbuffers::uoffset_t;
+
+// R12: storages aligned, in order, inside the data section, one hash per
+// chunk.
+Status CheckStorages(const fb::Header& h, const Preamble& p) {
+  const uint64_t chunk = h.chunk_size();
+  const uint64_t data_end = p.data_offset + p.data_size;
+  uint64_t prev_end = p.data_offset;
+  const auto* storages = h.storages();
+  if (!storages) return Status::OK();
+  for (uoffset_t i = 0; i < storages->size(); ++i) {
+    const fb::Storage* s = storages->Get(i);
+    std::string who = "storage " + std::to_string(i);
+    uint64_t off = s->offset(), n = s->nbytes(), end = 0;
+    if (!s->device() || !IsValidDevice(s->device()->string_view())) {
+      return At(Corrupt(who + ": missing or invalid device string"),
+                p.header_offset);
+    }
+    if (off % BlobAlignment(n) != 0) {
+      return At(Corrupt(who + ": offset " + std::to_string(off) +
+                        " is not aligned to " +
+                        std::to_string(BlobAlignment(n))),
+                off);
+    }
+    if (off < prev_end) {
+      return At(Corrupt(who + " at " + std::to_string(off) +
+                        " overlaps the previous blob, which ends at " +
+                        std::to_string(prev_end)),
+                off);
+    }
+    if (AddOverflows(off, n, &end) || end > data_end) {
+      return At(Corrupt(who + ": blob [" + std::to_string(off) + ", +" +
+                        std::to_string(n) + ") ends past the data section (" +
+                        std::to_string(data_end) + ")"),
+                off);
+    }
+    prev_end = n >= kLargeBlobBytes ? *AlignUp(end, kPageBytes) : end;
+    if (prev_end > data_end) {
+      return At(Corrupt(who + ": page padding runs past the data section"),
+                end);
+    }
+    uint64_t want = n / chunk + (n % chunk != 0);
+    uint64_t have = s->chunk_hashes() ? s->chunk_hashes()->size() : 0;
+    if (have != want) {
+      return At(Corrupt(who + ": has " + std::to_string(have) +
+                        " chunk checksums, needs " + std::to_string(want)),
+                p.header_offset);
+    }
+  }
+  return Status::OK();
+}
+
+// R13: tensors sorted and unique by path, with known dtype and an extent
+// inside their storage.
+Status CheckTensors(const fb::Header& h, const Preamble& p) {
+  const auto* tensors = h.tensors();
+  if (!tensors) return Status::OK();
+  const uoffset_t nstorages = h.storages() ? h.storages()->size() : 0;
+  std::string_view prev;
+  for (uoffset_t i = 0; i < tensors->size(); ++i) {
+    const fb::Tensor* t = tensors->Get(i);
+    std::string_view path = t->path()->string_view();
+    auto fail = [&](std::string msg) {
+      return At(Corrupt("tensor " + std::to_string(i) + ": " + std::move(msg)),
+                p.header_offset)
+          .WithTensor(std::string(path));
+    };
+    if (i > 0 && !(prev < path)) {
+      return fail(prev == path ? "duplicate path"
+                               : "tensors are not sorted by path");
+    }
+    prev = path;
+    if (t->storage() >= nstorages) {
+      return fail("storage index " + std::to_string(t->storage()) +
+                  " out of range (" + std::to_string(nstorages) +
+                  " storages)");
+    }
+    auto span_of = [](const flatbuffers::Vector<int64_t>* v) {
+      return v ? std::span<const int64_t>(v->data(), v->size())
+               : std::span<const int64_t>();
+    };
+    if (auto problem = ViewProblem(
+            static_cast<uint8_t>(t->dtype()), span_of(t->shape()),
+            span_of(t->strides()), t->storage_offset(),
+            h.storages()->Get(t->storage())->nbytes())) {
+      return fail(*problem + " (storage " + std::to_string(t->storage()) +
+                  ")");
+    }
+  }
+  return Status::OK();
+}
+
+bool HasKeys(const fb::Node& n) { return n.keys() && n.keys()->size() > 0; }
+bool HasItems(const fb::Node& n) { return n.items() && n.items()->size() > 0; }
+
+// R14: the object tree is a tree: kinds known, children before parents,
+// every node but the root (the last) used exactly once, every tensor
+// referenced exactly once, nesting bounded.
+Status CheckNodes(const fb::Header& h, const Preamble& p) {
+  const auto* nodes = h.nodes();
+  auto fail = [&](uoffset_t i, std::string msg) {
+    return At(Corrupt("tree node " + std::to_string(i) + ": " + msg),
+              p.header_offset);
+  };
+  if (!nodes || nodes->size() == 0) {
+    return At(Corrupt("object tree has no root node"), p.header_offset);
+  }
+  const uoffset_t n = nodes->size();
+  const uoffset_t ntensors = h.tensors() ? h.tensors()->size() : 0;
+  std::vector<uint8_t> used(n, 0);
+  std::vector<uint8_t> tensor_used(ntensors, 0);
+  std::vector<uint32_t> depth(n, 1);
+  for (uoffset_t i = 0; i < n; ++i) {
+    const fb::Node* node = nodes->Get(i);
+    auto kind = static_cast<uint8_t>(node->kind());
+    if (kind > static_cast<uint8_t>(fb::ValueKind::MAX)) {
+      return fail(i, "unknown kind " + std::to_string(kind));
+    }
+    auto vk = static_cast<ValueKind>(kind);
+    bool container = vk == ValueKind::kList || vk == ValueKind::kTuple ||
+                     vk == ValueKind::kDict || vk == ValueKind::kSet ||
+                     vk == ValueKind::kFrozenSet;
+    if (!container && HasItems(*node)) return fail(i, "scalar with items");
+    if (vk != ValueKind::kDict && HasKeys(*node)) {
+      return fail(i, "keys on a node that is not a dict");
+    }
+    if (vk == ValueKind::kDict) {
+      size_t nk = node->keys() ? node->keys()->size() : 0;
+      size_t ni = node->items() ? node->items()->size() : 0;
+      if (nk != ni) return fail(i, "dict with " + std::to_string(nk) +
+                                       " keys and " + std::to_string(ni) +
+                                       " values");
+    }
+    auto visit = [&](uint32_t child, bool is_key) -> Status {
+      if (child >= i) {
+        return fail(i, "child " + std::to_string(child) +
+                           " does not precede its parent");
+      }
+      if (used[child]) {
+        return fail(i, "child " + std::to_string(child) +
+                           " already has a parent");
+      }
+      used[child] = 1;
+      if (is_key) {
+        auto ck = static_cast<ValueKind>(nodes->Get(child)->kind());
+        if (!IsKeyKind(ck)) {
+          return fail(i, std::string("a ") +
+                             std::string(ValueKindName(ck)) +
+                             " cannot be a dict key");
+        }
+      }
+      if (depth[child] + 1 > depth[i]) depth[i] = depth[child] + 1;
+      return Status::OK();
+    };
+    if (node->items()) {
+      for (uint32_t c : *node->items()) CKPT_RETURN_IF_ERROR(visit(c, false));
+    }
+    if (node->keys()) {
+      for (uint32_t c : *node->keys()) CKPT_RETURN_IF_ERROR(visit(c, true));
+    }
+    if (depth[i] > kMaxTreeDepth) {
+      return fail(i, "nesting deeper than " + std::to_string(kMaxTreeDepth));
+    }
+    switch (vk) {
+      case ValueKind::kBool:
+        if (node->int_value() != 0 && node->int_value() != 1) {
+          return fail(i, "bool value is neither 0 nor 1");
+        }
+        break;
+      case ValueKind::kBigInt: {
+        size_t nb = node->bytes_value() ? node->bytes_value()->size() : 0;
+        if (nb == 0 || nb > 4096) {
+          return fail(i, "big int of " + std::to_string(nb) +
+                             " bytes (1..4096 allowed)");
+        }
+        break;
+      }
+      case ValueKind::kDType:
+        if (node->int_value() < 0 || node->int_value() > 255 ||
+            !IsKnownDType(static_cast<uint8_t>(node->int_value()))) {
+          return fail(i, "unknown dtype code");
+        }
+        break;
+      case ValueKind::kDevice:
+        if (!node->str_value() ||
+            !IsValidDevice(node->str_value()->string_view())) {
+          return fail(i, "invalid device string");
+        }
+        break;
+      case ValueKind::kTensor: {
+        int64_t t = node->int_value();
+        if (t < 0 || static_cast<uint64_t>(t) >= ntensors) {
+          return fail(i, "tensor index " + std::to_string(t) +
+                             " out of range");
+        }
+        if (tensor_used[static_cast<size_t>(t)]) {
+          return fail(i, "tensor " + std::to_string(t) +
+                             " is referenced twice");
+        }
+        tensor_used[static_cast<size_t>(t)] = 1;
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  for (uoffset_t i = 0; i + 1 < n; ++i) {
+    if (!used[i]) return fail(i, "not reachable from the root");
+  }
+  for (uoffset_t t = 0; t < ntensors; ++t) {
+    if (!tensor_used[t]) {
+      return At(Corrupt("tensor is not in the object tree"), p.header_offset)
+          .WithTensor(h.tensors()->Get(t)->path()->str());
+    }
+  }
+  return Status::OK();
+}
+
+// R15: metadata keys sorted and unique.
+Status CheckMetadata(const fb::Header& h, const Preamble& p) {
+  const auto* md = h.metadata();
+  if (!md) return Status::OK();
+  for (uoffset_t i = 1; i < md->size(); ++i) {
+    if (!(md->Get(i - 1)->key()->string_view() <
+          md->Get(i)->key()->string_view())) {
+      return At(Corrupt("metadata keys are not sorted and unique at '" +
+                        md->Get(i)->key()->str() + "'"),
+                p.header_offset);
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
+                                         const Preamble& p) {
+  // R8: header size cap, checked before anything is hashed or parsed.
+  if (header.size() < 8 || header.size() > kMaxHeaderBytes) {
+    return At(Corrupt("header of " + std::to_string(header.size()) +
+                      " bytes is outside [8, " +
+                      std::to_string(kMaxHeaderBytes) + "]"),
+              kOffHeaderSize);
+  }
+  // R9: header checksum.
+  uint64_t computed = Xxh3(header);
+  if (computed != p.header_hash) {
+    return At(ChecksumMismatch("header checksum mismatch: stored " +
+                               HashToHex(p.header_hash) + ", computed " +
+                               HashToHex(computed)),
+              p.header_offset);
+  }
+  // R10: FlatBuffers structure, with explicit limits.
+  const auto* data = reinterpret_cast<const uint8_t*>(header.data());
+  flatbuffers::Verifier::Options opts;
+  opts.max_depth = 16;  // Header > vector > table > vector: the tree is flat
+  opts.max_tables = static_cast<uoffset_t>(header.size() / 4 + 16);
+  opts.check_alignment = true;
+  flatbuffers::Verifier verifier(data, header.size(), opts);
+  if (!fb::HeaderBufferHasIdentifier(data) || !fb::VerifyHeaderBuffer(verifier)) {
+    return At(Corrupt("header fails FlatBuffers verification (wrong "
+                      "identifier, bad offsets or bad alignment)"),
+              p.header_offset);
+  }
+  const fb::Header* h = fb::GetHeader(data);
+  // R11: checksum chunk size.
+  uint64_t chunk = h->chunk_size();
+  if (chunk < kMinChunkBytes || chunk > kMaxChunkBytes ||
+      (chunk & (chunk - 1)) != 0) {
+    return At(Corrupt("checksum chunk size " + std::to_string(chunk) +
+                      " is not a power of two in [4096, 2^30]"),
+              p.header_offset);
+  }
+  CKPT_RETURN_IF_ERROR(CheckStorages(*h, p));
+  CKPT_RETURN_IF_ERROR(CheckTensors(*h, p));
+  CKPT_RETURN_IF_ERROR(CheckNodes(*h, p));
+  CKPT_RETURN_IF_ERROR(CheckMetadata(*h, p));
+  return h;
+}
+
+}  // namespace ckpt::internal

@@ -1,0 +1,745 @@
+#include "ckpt/reader.h"
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "checksum_internal.h"
+#include "header_internal.h"
+#include "source_internal.h"
+#include "tree_internal.h"
+
+namespace ckpt {
+
+std::string_view ValueKindName(ValueKind kind) {
+  switch (kind) {
+    case ValueKind::kNone: return "none";
+    case ValueKind::kBool: return "bool";
+    case ValueKind::kInt: return "int";
+    case ValueKind::kBigInt: return "bigint";
+    case ValueKind::kFloat: return "float";
+    case ValueKind::kComplex: return "complex";
+    case ValueKind::kString: return "string";
+    case ValueKind::kBytes: return "bytes";
+    case ValueKind::kList: return "list";
+    case ValueKind::kTuple: return "tuple";
+    case ValueKind::kDict: return "dict";
+    case ValueKind::kSet: return "set";
+    case ValueKind::kFrozenSet: return "frozenset";
+    case ValueKind::kTensor: return "tensor";
+    case ValueKind::kDType: return "dtype";
+    case ValueKind::kDevice: return "device";
+  }
+  return "unknown";
+}
+
+// ---- TensorInfo ---------------------------------------------------------------
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;  // validated not to overflow at open
+  return n;
+}
+
+uint64_t TensorInfo::nbytes() const {
+  return static_cast<uint64_t>(numel()) * DTypeSize(dtype);
+}
+
+bool TensorInfo::is_contiguous() const {
+  int64_t expected = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] == 1) continue;
+    if (strides[d] != expected) return numel() == 0;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+namespace {
+
+// Byte range [begin, end) of a view's elements within its storage.
+struct Extent {
+  uint64_t begin = 0;
+  uint64_t end = 0;
+};
+
+Extent ExtentOf(const TensorInfo& t) {
+  const uint64_t elsize = DTypeSize(t.dtype);
+  const uint64_t first = static_cast<uint64_t>(t.storage_offset);
+  uint64_t last = first;
+  for (size_t d = 0; d < t.shape.size(); ++d) {
+    if (t.shape[d] == 0) return {first * elsize, first * elsize};
+    last += static_cast<uint64_t>(t.shape[d] - 1) *
+            static_cast<uint64_t>(t.strides[d]);
+  }
+  return {first * elsize, (last + 1) * elsize};
+}
+
+// Gathers a strided view into row-major order, innermost dimension as a
+// contiguous run where its stride is 1.
+void Gather(const std::byte* base, const TensorInfo& t, size_t elsize,
+            std::byte* out) {
+  const size_t rank = t.shape.size();
+  if (rank == 0) {
+    std::memcpy(out, base, elsize);
+    return;
+  }
+  std::vector<int64_t> idx(rank, 0);
+  const int64_t inner = t.shape[rank - 1];
+  const int64_t inner_stride = t.strides[rank - 1];
+  const size_t run = static_cast<size_t>(inner) * elsize;
+  for (;;) {
+    int64_t off = 0;
+    for (size_t d = 0; d + 1 < rank; ++d) off += idx[d] * t.strides[d];
+    const std::byte* src = base + static_cast<size_t>(off) * elsize;
+    if (inner_stride == 1) {
+      std::memcpy(out, src, run);
+      out += run;
+    } else {
+      for (int64_t i = 0; i < inner; ++i) {
+        std::memcpy(out, src + static_cast<size_t>(i * inner_stride) * elsize,
+                    elsize);
+        out += elsize;
+      }
+    }
+    size_t d = rank - 1;
+    for (;;) {
+      if (d == 0) return;
+      --d;
+      if (++idx[d] < t.shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+Status TensorRef::CopyTo(std::span<std::byte> out) const {
+  if (out.size() != info_.nbytes()) {
+    return InvalidArgument("CopyTo needs a buffer of " +
+                           std::to_string(info_.nbytes()) + " bytes, got " +
+                           std::to_string(out.size()))
+        .WithTensor(info_.path);
+  }
+  if (out.empty()) return Status::OK();
+  if (info_.is_contiguous()) {
+    std::memcpy(out.data(), data_.data(), out.size());
+  } else {
+    Gather(data_.data(), info_, DTypeSize(info_.dtype), out.data());
+  }
+  return Status::OK();
+}
+
+// ---- CheckpointImpl -----------------------------------------------------------
+
+namespace internal {
+
+using flatbuffers::uoffset_t;
+
+struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
+  std::shared_ptr<ByteSource> source;
+  Bytes header_bytes;
+  std::vector<uint64_t> header_copy;  // 8-aligned copy for unaligned buffers
+  Preamble pre;
+  const fb::Header* h = nullptr;
+  ReadOptions options;
+
+  const std::string& name() const { return source->name(); }
+  uoffset_t ntensors() const { return h->tensors() ? h->tensors()->size() : 0; }
+  uoffset_t nstorages() const {
+    return h->storages() ? h->storages()->size() : 0;
+  }
+  const fb::Node* node(uint32_t i) const { return h->nodes()->Get(i); }
+
+  TensorInfo Info(uoffset_t i) const {
+    const fb::Tensor* t = h->tensors()->Get(i);
+    TensorInfo info;
+    info.path = t->path()->str();
+    info.dtype = static_cast<DType>(t->dtype());
+    if (t->shape()) info.shape.assign(t->shape()->begin(), t->shape()->end());
+    if (t->strides()) {
+      info.strides.assign(t->strides()->begin(), t->strides()->end());
+    }
+    info.storage = t->storage();
+    info.storage_offset = t->storage_offset();
+    info.requires_grad = t->requires_grad();
+    info.is_parameter = t->is_parameter();
+    return info;
+  }
+
+  Result<uoffset_t> Find(std::string_view path) const {
+    const auto* ts = h->tensors();
+    if (ts) {
+      // Binary search with byte-wise compare, the order the writer sorts in
+      // (FlatBuffers' own LookupByKey uses strcmp, which stops at a NUL).
+      uoffset_t lo = 0, hi = ts->size();
+      while (lo < hi) {
+        uoffset_t mid = lo + (hi - lo) / 2;
+        std::string_view p = ts->Get(mid)->path()->string_view();
+        if (p < path) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      if (lo < ts->size() && ts->Get(lo)->path()->string_view() == path) {
+        return lo;
+      }
+    }
+    return NotFound("no tensor at path '" + std::string(path) + "'")
+        .WithFile(name());
+  }
+
+  // Hashes the chunks of storage `s` that overlap [begin, end).
+  Status VerifyChunks(uoffset_t s, uint64_t begin, uint64_t end,
+                      const std::string& tensor) const {
+    const fb::Storage* st = h->storages()->Get(s);
+    const uint64_t chunk = h->chunk_size();
+    if (end <= begin) return Status::OK();
+    for (uint64_t c = begin / chunk; c * chunk < end; ++c) {
+      uint64_t off = c * chunk;
+      uint64_t len = std::min(chunk, st->nbytes() - off);
+      CKPT_ASSIGN_OR_RETURN(Bytes b, source->Read(st->offset() + off, len));
+      uint64_t got = Xxh3(b.data);
+      uint64_t want = st->chunk_hashes()->Get(static_cast<uoffset_t>(c));
+      if (got != want) {
+        return ChecksumMismatch("chunk " + std::to_string(c) + " of storage " +
+                                std::to_string(s) + ": stored " +
+                                HashToHex(want) + ", computed " +
+                                HashToHex(got))
+            .WithFile(name())
+            .WithOffset(static_cast<int64_t>(st->offset() + off))
+            .WithTensor(tensor);
+      }
+    }
+    return Status::OK();
+  }
+
+  Result<TensorRef> Ref(TensorInfo info) const {
+    const fb::Storage* st = h->storages()->Get(info.storage);
+    Extent e = ExtentOf(info);
+    if (options.verify_checksums) {
+      CKPT_RETURN_IF_ERROR(VerifyChunks(info.storage, e.begin, e.end, info.path));
+    }
+    TensorRef ref;
+    if (e.end > e.begin) {
+      auto bytes = source->Read(st->offset() + e.begin, e.end - e.begin);
+      if (!bytes.ok()) return bytes.status().WithTensor(info.path);
+      ref.data_ = bytes->data;
+      ref.owner_ = std::move(bytes->owner);
+    } else {
+      ref.owner_ = source;
+    }
+    ref.info_ = std::move(info);
+    return ref;
+  }
+
+  Value MakeValue(uint32_t n) const {
+    Value v;
+    v.impl_ = shared_from_this();
+    v.node_ = n;
+    return v;
+  }
+
+  KeyNode Describe(uint32_t i) const {
+    const fb::Node* n = node(i);
+    KeyNode k;
+    k.kind = static_cast<ValueKind>(n->kind());
+    k.int_value = n->int_value();
+    k.float_value = n->float_value();
+    k.imag_value = n->imag_value();
+    if (n->str_value()) k.str = n->str_value()->string_view();
+    if (n->bytes_value()) {
+      k.bytes = {n->bytes_value()->data(), n->bytes_value()->size()};
+    }
+    k.num_items = n->items() ? n->items()->size() : 0;
+    return k;
+  }
+
+  std::string KeySegment(uint32_t i) const {
+    return KeySegmentOf(
+        i, [this](uint32_t id) { return Describe(id); },
+        [this](uint32_t id, size_t k) {
+          return node(id)->items()->Get(static_cast<uoffset_t>(k));
+        });
+  }
+
+  Status VerifyTreePaths() const;
+  Status VerifyData(unsigned threads) const;
+};
+
+}  // namespace internal
+
+// ---- Value ----------------------------------------------------------------------
+
+namespace {
+const fb::Node* N(const std::shared_ptr<const internal::CheckpointImpl>& impl,
+                  uint32_t i) {
+  return impl->node(i);
+}
+}  // namespace
+
+ValueKind Value::kind() const {
+  return static_cast<ValueKind>(N(impl_, node_)->kind());
+}
+bool Value::is_container() const {
+  switch (kind()) {
+    case ValueKind::kList:
+    case ValueKind::kTuple:
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kFrozenSet:
+      return true;
+    default:
+      return false;
+  }
+}
+bool Value::as_bool() const {
+  return kind() == ValueKind::kBool && N(impl_, node_)->int_value() != 0;
+}
+int64_t Value::as_int() const {
+  return kind() == ValueKind::kInt ? N(impl_, node_)->int_value() : 0;
+}
+double Value::as_float() const {
+  return kind() == ValueKind::kFloat || kind() == ValueKind::kComplex
+             ? N(impl_, node_)->float_value()
+             : 0.0;
+}
+std::complex<double> Value::as_complex() const {
+  if (kind() != ValueKind::kComplex) return {};
+  return {N(impl_, node_)->float_value(), N(impl_, node_)->imag_value()};
+}
+std::string_view Value::as_string() const {
+  auto k = kind();
+  const auto* s = N(impl_, node_)->str_value();
+  return (k == ValueKind::kString || k == ValueKind::kDevice) && s
+             ? s->string_view()
+             : std::string_view();
+}
+std::span<const uint8_t> Value::as_bytes() const {
+  auto k = kind();
+  const auto* b = N(impl_, node_)->bytes_value();
+  if ((k != ValueKind::kBytes && k != ValueKind::kBigInt) || !b) return {};
+  return {b->data(), b->size()};
+}
+DType Value::as_dtype() const {
+  return kind() == ValueKind::kDType
+             ? static_cast<DType>(N(impl_, node_)->int_value())
+             : DType::kInvalid;
+}
+std::string_view Value::type_name() const {
+  const auto* s = N(impl_, node_)->type_name();
+  return s ? s->string_view() : std::string_view();
+}
+size_t Value::size() const {
+  const auto* items = N(impl_, node_)->items();
+  return items ? items->size() : 0;
+}
+Value Value::item(size_t i) const {
+  return impl_->MakeValue(
+      N(impl_, node_)->items()->Get(static_cast<flatbuffers::uoffset_t>(i)));
+}
+Value Value::key(size_t i) const {
+  return impl_->MakeValue(
+      N(impl_, node_)->keys()->Get(static_cast<flatbuffers::uoffset_t>(i)));
+}
+std::string Value::KeySegment() const { return impl_->KeySegment(node_); }
+std::string Value::BigIntToDecimal() const {
+  if (kind() == ValueKind::kInt) return std::to_string(as_int());
+  return internal::BigIntDecimal(as_bytes());
+}
+
+Result<Value> Value::Child(std::string_view segment) const {
+  ValueKind k = kind();
+  if (k == ValueKind::kDict) {
+    const auto* keys = N(impl_, node_)->keys();
+    for (flatbuffers::uoffset_t i = 0; keys && i < keys->size(); ++i) {
+      uint32_t kn = keys->Get(i);
+      const fb::Node* key_node = impl_->node(kn);
+      // Fast path: string keys compare directly.
+      bool match = key_node->kind() == fb::ValueKind::String
+                       ? (key_node->str_value() &&
+                          key_node->str_value()->string_view() == segment)
+                       : impl_->KeySegment(kn) == segment;
+      if (match) return item(i);
+    }
+    return NotFound("no key '" + std::string(segment) + "' in dict")
+        .WithFile(impl_->name());
+  }
+  if (is_container()) {
+    uint64_t index = 0;
+    auto [ptr, ec] =
+        std::from_chars(segment.data(), segment.data() + segment.size(), index);
+    bool canonical = !segment.empty() && ec == std::errc() &&
+                     ptr == segment.data() + segment.size() &&
+                     (segment.size() == 1 || segment[0] != '0');
+    if (!canonical || index >= size()) {
+      return NotFound("no element '" + std::string(segment) + "' in " +
+                      std::string(ValueKindName(k)) + " of " +
+                      std::to_string(size()))
+          .WithFile(impl_->name());
+    }
+    return item(static_cast<size_t>(index));
+  }
+  return NotFound("'" + std::string(segment) + "' is below a " +
+                  std::string(ValueKindName(k)) + ", which has no children")
+      .WithFile(impl_->name());
+}
+
+Result<TensorInfo> Value::tensor_info() const {
+  if (kind() != ValueKind::kTensor) {
+    return InvalidArgument("value is a " + std::string(ValueKindName(kind())) +
+                           ", not a tensor");
+  }
+  return impl_->Info(static_cast<flatbuffers::uoffset_t>(
+      N(impl_, node_)->int_value()));
+}
+
+Result<TensorRef> Value::tensor() const {
+  CKPT_ASSIGN_OR_RETURN(TensorInfo info, tensor_info());
+  return impl_->Ref(std::move(info));
+}
+
+// ---- Checkpoint -------------------------------------------------------------------
+
+namespace {
+
+Result<std::shared_ptr<internal::CheckpointImpl>> OpenImpl(
+    std::shared_ptr<internal::ByteSource> source, const ReadOptions& options) {
+  auto impl = std::make_shared<internal::CheckpointImpl>();
+  impl->source = std::move(source);
+  impl->options = options;
+  const auto& src = *impl->source;
+  auto with_file = [&](Status s) { return s.WithFile(src.name()); };
+
+  uint64_t pre_len = std::min<uint64_t>(kPreambleBytes, src.size());
+  auto pre_bytes = src.Read(0, pre_len);
+  if (!pre_bytes.ok()) return pre_bytes.status();
+  auto pre = internal::DecodePreamble(pre_bytes->data, src.size());
+  if (!pre.ok()) return with_file(pre.status());
+  impl->pre = *pre;
+
+  auto header = src.Read(pre->header_offset, pre->header_size);
+  if (!header.ok()) return header.status();
+  impl->header_bytes = std::move(*header);
+  std::span<const std::byte> hb = impl->header_bytes.data;
+  if (reinterpret_cast<uintptr_t>(hb.data()) % 8 != 0) {
+    // Only a caller's unaligned buffer gets here; mappings are page-aligned.
+    impl->header_copy.resize((hb.size() + 7) / 8);
+    std::memcpy(impl->header_copy.data(), hb.data(), hb.size());
+    hb = {reinterpret_cast<const std::byte*>(impl->header_copy.data()),
+          hb.size()};
+  }
+  auto h = internal::ValidateHeader(hb, *pre);
+  if (!h.ok()) return with_file(h.status());
+  impl->h = *h;
+  return impl;
+}
+
+}  // namespace
+
+Result<Checkpoint> Checkpoint::Open(const std::string& path,
+                                    const ReadOptions& options) {
+  CKPT_ASSIGN_OR_RETURN(auto source, internal::OpenSource(path, options));
+  CKPT_ASSIGN_OR_RETURN(auto impl, OpenImpl(std::move(source), options));
+  return Checkpoint(std::move(impl));
+}
+
+Result<Checkpoint> Checkpoint::OpenBuffer(std::span<const std::byte> bytes,
+                                          std::string name) {
+  CKPT_ASSIGN_OR_RETURN(
+      auto impl,
+      OpenImpl(internal::BufferSource(bytes, std::move(name)), ReadOptions{}));
+  return Checkpoint(std::move(impl));
+}
+
+Checkpoint::~Checkpoint() = default;
+
+const std::string& Checkpoint::path() const { return impl_->name(); }
+uint64_t Checkpoint::file_size() const { return impl_->source->size(); }
+uint16_t Checkpoint::format_major() const { return impl_->pre.major; }
+uint16_t Checkpoint::format_minor() const { return impl_->pre.minor; }
+uint64_t Checkpoint::chunk_size() const { return impl_->h->chunk_size(); }
+std::string_view Checkpoint::producer() const {
+  return impl_->h->producer() ? impl_->h->producer()->string_view()
+                              : std::string_view();
+}
+uint64_t Checkpoint::data_offset() const { return impl_->pre.data_offset; }
+uint64_t Checkpoint::data_size() const { return impl_->pre.data_size; }
+uint64_t Checkpoint::header_offset() const { return impl_->pre.header_offset; }
+uint64_t Checkpoint::header_size() const { return impl_->pre.header_size; }
+
+size_t Checkpoint::num_tensors() const { return impl_->ntensors(); }
+TensorInfo Checkpoint::tensor_info(size_t index) const {
+  return impl_->Info(static_cast<flatbuffers::uoffset_t>(index));
+}
+Result<TensorInfo> Checkpoint::FindTensor(std::string_view path) const {
+  CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
+  return impl_->Info(i);
+}
+Result<TensorRef> Checkpoint::Tensor(std::string_view path) const {
+  CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
+  return impl_->Ref(impl_->Info(i));
+}
+Result<TensorRef> Checkpoint::TensorAt(size_t index) const {
+  if (index >= num_tensors()) {
+    return InvalidArgument("tensor index " + std::to_string(index) +
+                           " out of range");
+  }
+  return impl_->Ref(tensor_info(index));
+}
+
+Result<TensorRef> Checkpoint::TensorRows(std::string_view path, int64_t begin,
+                                         int64_t end) const {
+  CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
+  TensorInfo info = impl_->Info(i);
+  if (info.shape.empty()) {
+    return InvalidArgument("a 0-dim tensor has no rows")
+        .WithFile(impl_->name())
+        .WithTensor(info.path);
+  }
+  if (begin < 0 || end < begin || end > info.shape[0]) {
+    return InvalidArgument("rows [" + std::to_string(begin) + ", " +
+                           std::to_string(end) + ") outside [0, " +
+                           std::to_string(info.shape[0]) + ")")
+        .WithFile(impl_->name())
+        .WithTensor(info.path);
+  }
+  info.storage_offset += begin * info.strides[0];
+  info.shape[0] = end - begin;
+  return impl_->Ref(std::move(info));
+}
+
+size_t Checkpoint::num_storages() const { return impl_->nstorages(); }
+StorageInfo Checkpoint::storage_info(size_t index) const {
+  const fb::Storage* s =
+      impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(index));
+  return {s->offset(), s->nbytes(), s->device()->str()};
+}
+
+Value Checkpoint::root() const {
+  return impl_->MakeValue(impl_->h->nodes()->size() - 1);
+}
+
+Result<Value> Checkpoint::Get(std::string_view path) const {
+  CKPT_ASSIGN_OR_RETURN(auto segments, SplitPath(path));
+  Value v = root();
+  std::string walked;
+  for (const auto& seg : segments) {
+    auto child = v.Child(seg);
+    if (!child.ok()) {
+      return child.status().WithContext(
+          walked.empty() ? "at the root" : "at '" + walked + "'");
+    }
+    v = *child;
+    if (!walked.empty()) walked += '/';
+    walked += EscapePathSegment(seg);
+  }
+  return v;
+}
+
+std::vector<std::pair<std::string, std::string>> Checkpoint::metadata() const {
+  std::vector<std::pair<std::string, std::string>> out;
+  if (const auto* md = impl_->h->metadata()) {
+    for (const auto* kv : *md) {
+      out.emplace_back(kv->key()->str(), kv->value() ? kv->value()->str() : "");
+    }
+  }
+  return out;
+}
+
+Result<std::string> Checkpoint::Metadata(std::string_view key) const {
+  for (auto& [k, v] : metadata()) {
+    if (k == key) return v;
+  }
+  return NotFound("no metadata key '" + std::string(key) + "'")
+      .WithFile(impl_->name());
+}
+
+// ---- Verify -------------------------------------------------------------------------
+
+namespace internal {
+
+// R16: each tensor's stored path is the path of its node in the tree.
+Status CheckpointImpl::VerifyTreePaths() const {
+  struct Frame {
+    uint32_t node;
+    std::string path;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({h->nodes()->size() - 1, ""});
+  while (!stack.empty()) {
+    Frame f = std::move(stack.back());
+    stack.pop_back();
+    const fb::Node* n = node(f.node);
+    auto child_path = [&](const std::string& seg) {
+      std::string p = f.path;
+      if (!p.empty() || f.node != h->nodes()->size() - 1) p += '/';
+      return p + EscapePathSegment(seg);
+    };
+    switch (static_cast<ValueKind>(n->kind())) {
+      case ValueKind::kTensor: {
+        auto t = h->tensors()->Get(static_cast<uoffset_t>(n->int_value()));
+        if (t->path()->string_view() != f.path) {
+          return Corrupt("tensor's stored path differs from its place in the "
+                         "tree, '" + f.path + "'")
+              .WithFile(name())
+              .WithOffset(static_cast<int64_t>(pre.header_offset))
+              .WithTensor(t->path()->str());
+        }
+        break;
+      }
+      case ValueKind::kDict:
+        for (uoffset_t i = 0; i < n->items()->size(); ++i) {
+          stack.push_back({n->items()->Get(i),
+                           child_path(KeySegment(n->keys()->Get(i)))});
+        }
+        break;
+      case ValueKind::kList:
+      case ValueKind::kTuple:
+      case ValueKind::kSet:
+      case ValueKind::kFrozenSet:
+        for (uoffset_t i = 0; n->items() && i < n->items()->size(); ++i) {
+          stack.push_back({n->items()->Get(i), child_path(std::to_string(i))});
+        }
+        break;
+      default:
+        break;
+    }
+  }
+  return Status::OK();
+}
+
+// R17 (chunk checksums) and R18 (zero padding), in parallel.
+Status CheckpointImpl::VerifyData(unsigned threads) const {
+  struct Task {
+    uint64_t offset;  // absolute
+    uint64_t len;
+    int64_t storage;  // -1 for padding that must be zero
+    uint64_t chunk;
+    uint64_t hash;
+  };
+  std::vector<Task> tasks;
+  const uint64_t chunk = h->chunk_size();
+  auto add_padding = [&](uint64_t from, uint64_t to) {
+    for (uint64_t o = from; o < to; o += chunk) {
+      tasks.push_back({o, std::min(chunk, to - o), -1, 0, 0});
+    }
+  };
+  add_padding(kPreambleBytes, pre.data_offset);
+  uint64_t cursor = pre.data_offset;
+  for (uoffset_t s = 0; s < nstorages(); ++s) {
+    const fb::Storage* st = h->storages()->Get(s);
+    add_padding(cursor, st->offset());
+    for (uoffset_t c = 0; c < st->chunk_hashes()->size(); ++c) {
+      uint64_t off = uint64_t{c} * chunk;
+      tasks.push_back({st->offset() + off, std::min(chunk, st->nbytes() - off),
+                       s, c, st->chunk_hashes()->Get(c)});
+    }
+    cursor = st->offset() + st->nbytes();
+  }
+  add_padding(cursor, pre.header_offset);
+
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  Status first;  // lowest-offset failure
+  std::atomic<uint64_t> first_offset{UINT64_MAX};
+  auto worker = [&] {
+    std::vector<std::byte> buf;
+    for (;;) {
+      size_t i = next.fetch_add(1);
+      if (i >= tasks.size()) return;
+      const Task& t = tasks[i];
+      if (t.offset > first_offset.load()) continue;
+      std::span<const std::byte> bytes;
+      Bytes held;
+      if (source->zero_copy()) {
+        auto r = source->Read(t.offset, t.len);
+        if (r.ok()) held = std::move(*r);
+        bytes = held.data;
+      } else {
+        buf.resize(static_cast<size_t>(t.len));
+        Status s = source->ReadInto(t.offset, buf);
+        if (!s.ok()) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (t.offset < first_offset) {
+            first_offset = t.offset;
+            first = s;
+          }
+          continue;
+        }
+        bytes = buf;
+      }
+      Status problem;
+      if (t.storage < 0) {
+        auto it = std::find_if(bytes.begin(), bytes.end(),
+                               [](std::byte b) { return b != std::byte{0}; });
+        if (it != bytes.end()) {
+          problem = Corrupt("padding byte is not zero")
+                        .WithOffset(static_cast<int64_t>(
+                            t.offset + static_cast<uint64_t>(it - bytes.begin())));
+        }
+      } else {
+        uint64_t got = Xxh3(bytes);
+        if (got != t.hash) {
+          problem = ChecksumMismatch(
+                        "chunk " + std::to_string(t.chunk) + " of storage " +
+                        std::to_string(t.storage) + " ([" +
+                        std::to_string(t.offset) + ", +" +
+                        std::to_string(t.len) + ")): stored " +
+                        HashToHex(t.hash) + ", computed " + HashToHex(got))
+                        .WithOffset(static_cast<int64_t>(t.offset));
+        }
+      }
+      if (!problem.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (t.offset < first_offset) {
+          first_offset = t.offset;
+          first = problem;
+        }
+      }
+    }
+  };
+  unsigned n = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
+  n = static_cast<unsigned>(std::min<size_t>(n, std::max<size_t>(1, tasks.size())));
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < n; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (first.ok()) return first;
+  // Name the tensors that view the damaged chunk.
+  if (first.code() == ErrorCode::kChecksumMismatch) {
+    uint64_t off = static_cast<uint64_t>(first.offset());
+    std::string names;
+    int count = 0;
+    for (uoffset_t i = 0; i < ntensors(); ++i) {
+      TensorInfo info = Info(i);
+      const fb::Storage* st = h->storages()->Get(info.storage);
+      Extent e = ExtentOf(info);
+      uint64_t c0 = (off - st->offset()) / chunk * chunk;
+      if (off >= st->offset() && off < st->offset() + st->nbytes() &&
+          e.begin < c0 + chunk && e.end > c0) {
+        if (count++ < 4) names += (names.empty() ? "'" : ", '") + info.path + "'";
+      }
+    }
+    if (count > 4) names += " and " + std::to_string(count - 4) + " more";
+    if (count == 1) {
+      first = first.WithTensor(names.substr(1, names.size() - 2));
+    } else if (count > 1) {
+      first = first.WithContext("tensors " + names);
+    }
+  }
+  return first.WithFile(name());
+}
+
+}  // namespace internal
+
+Status Checkpoint::Verify(const VerifyOptions& options) const {
+  CKPT_RETURN_IF_ERROR(impl_->VerifyTreePaths());
+  return impl_->VerifyData(options.threads);
+}
+
+}  // namespace ckpt

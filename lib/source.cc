@@ -1,0 +1,152 @@
+// The only file that includes Boost.Interprocess and catches its exceptions.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/interprocess/file_mapping.hpp>
+#include <boost/interprocess/mapped_region.hpp>
+#include <cerrno>
+#include <cstring>
+
+#include "source_internal.h"
+
+namespace ckpt::internal {
+namespace bip = boost::interprocess;
+
+namespace {
+
+Status ErrnoStatus(const std::string& what, const std::string& path, int err) {
+  std::string msg = what + ": " + std::strerror(err);
+  Status s = (err == ENOENT) ? NotFound(std::move(msg)) : IoError(std::move(msg));
+  return s.WithFile(path);
+}
+
+Status PreadFull(int fd, uint64_t offset, std::span<std::byte> out,
+                 const std::string& name) {
+  size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = ::pread(fd, out.data() + done, out.size() - done,
+                        static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("read failed", name, errno)
+          .WithOffset(static_cast<int64_t>(offset + done));
+    }
+    if (n == 0) {
+      return IoError("unexpected end of file (file shrank while open?)")
+          .WithFile(name)
+          .WithOffset(static_cast<int64_t>(offset + done));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Status::OK();
+}
+
+// A view of the mapping; the region lives as long as any Bytes from it.
+class MmapSource final : public ByteSource {
+ public:
+  MmapSource(std::string name, uint64_t size,
+             std::unique_ptr<bip::mapped_region> region)
+      : ByteSource(std::move(name), size), region_(std::move(region)) {}
+  bool zero_copy() const override { return true; }
+  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+    const auto* base = static_cast<const std::byte*>(region_->get_address());
+    return Bytes{{base + offset, static_cast<size_t>(len)}, shared_from_this()};
+  }
+  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+    const auto* base = static_cast<const std::byte*>(region_->get_address());
+    std::memcpy(out.data(), base + offset, out.size());
+    return Status::OK();
+  }
+
+ private:
+  std::unique_ptr<bip::mapped_region> region_;
+};
+
+class PreadSource final : public ByteSource {
+ public:
+  PreadSource(std::string name, uint64_t size, int fd)
+      : ByteSource(std::move(name), size), fd_(fd) {}
+  ~PreadSource() override { ::close(fd_); }
+  bool zero_copy() const override { return false; }
+  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+    // 64-byte aligned so FlatBuffers alignment checks and vector loads hold.
+    size_t n = static_cast<size_t>(len);
+    std::shared_ptr<std::byte[]> buf(
+        new (std::align_val_t(64)) std::byte[n ? n : 1],
+        [](std::byte* p) { ::operator delete[](p, std::align_val_t(64)); });
+    CKPT_RETURN_IF_ERROR(PreadFull(fd_, offset, {buf.get(), n}, name()));
+    return Bytes{{buf.get(), n}, buf};
+  }
+  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+    return PreadFull(fd_, offset, out, name());
+  }
+
+ private:
+  int fd_;
+};
+
+class BorrowedSource final : public ByteSource {
+ public:
+  BorrowedSource(std::span<const std::byte> bytes, std::string name)
+      : ByteSource(std::move(name), bytes.size()), bytes_(bytes) {}
+  bool zero_copy() const override { return true; }
+  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+    return Bytes{bytes_.subspan(offset, len), shared_from_this()};
+  }
+  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+    std::memcpy(out.data(), bytes_.data() + offset, out.size());
+    return Status::OK();
+  }
+
+ private:
+  std::span<const std::byte> bytes_;
+};
+
+}  // namespace
+
+Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
+                                               const ReadOptions& options) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("cannot open", path, errno);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return ErrnoStatus("cannot stat", path, err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return IoError("not a regular file").WithFile(path);
+  }
+  auto size = static_cast<uint64_t>(st.st_size);
+  if (options.backend == Backend::kPread || size == 0) {
+    // An empty file cannot be mapped; the pread source reports it as too
+    // short like any other truncated file.
+    return std::shared_ptr<ByteSource>(
+        std::make_shared<PreadSource>(path, size, fd));
+  }
+  ::close(fd);
+  try {
+    bip::file_mapping file(path.c_str(), bip::read_only);
+    int flags = options.populate ? MAP_POPULATE : 0;
+    auto region = std::make_unique<bip::mapped_region>(
+        file, bip::read_only, 0, static_cast<size_t>(size), nullptr, flags);
+    // The file may have changed between fstat and mapping; trust the map.
+    if (region->get_size() != size) {
+      return IoError("file changed size while being opened").WithFile(path);
+    }
+    return std::shared_ptr<ByteSource>(
+        std::make_shared<MmapSource>(path, size, std::move(region)));
+  } catch (const bip::interprocess_exception& e) {
+    return IoError(std::string("cannot map: ") + e.what()).WithFile(path);
+  }
+}
+
+std::shared_ptr<ByteSource> BufferSource(std::span<const std::byte> bytes,
+                                         std::string name) {
+  return std::make_shared<BorrowedSource>(bytes, std::move(name));
+}
+
+}  // namespace ckpt::internal

@@ -1,0 +1,52 @@
+// Random access to a file's bytes: a whole-file mapping, pread(), or a
+// caller's buffer, behind one interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "ckpt/reader.h"
+#include "ckpt/status.h"
+
+namespace ckpt::internal {
+
+/// Bytes plus whatever keeps them alive.
+struct Bytes {
+  std::span<const std::byte> data;
+  std::shared_ptr<const void> owner;
+};
+
+class ByteSource : public std::enable_shared_from_this<ByteSource> {
+ public:
+  virtual ~ByteSource() = default;
+  const std::string& name() const { return name_; }
+  uint64_t size() const { return size_; }
+  /// True when Read() returns views into a mapping or buffer (no copy).
+  virtual bool zero_copy() const = 0;
+  /// Bytes [offset, offset+len). The range must lie within size(); callers
+  /// check it first. kIoError on a failed or short read.
+  virtual Result<Bytes> Read(uint64_t offset, uint64_t len) const = 0;
+  /// Fills `out` with bytes from `offset`, copying.
+  virtual Status ReadInto(uint64_t offset, std::span<std::byte> out) const = 0;
+
+ protected:
+  ByteSource(std::string name, uint64_t size)
+      : name_(std::move(name)), size_(size) {}
+
+ private:
+  std::string name_;
+  uint64_t size_;
+};
+
+/// Opens `path` with the backend of `options`. kNotFound / kIoError naming
+/// the path.
+Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
+                                               const ReadOptions& options);
+/// Borrows a buffer.
+std::shared_ptr<ByteSource> BufferSource(std::span<const std::byte> bytes,
+                                         std::string name);
+
+}  // namespace ckpt::internal

@@ -1,0 +1,676 @@
+#include "ckpt/writer.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <optional>
+
+#include "atomic_file.h"
+#include "checksum_internal.h"
+#include "ckpt/reader.h"
+#include "header_internal.h"
+#include "tree_internal.h"
+
+namespace ckpt {
+namespace internal {
+
+namespace {
+// Small writes (padding, small blobs, the header) are gathered into one
+// buffer of this size; larger appends go straight from the caller's memory.
+constexpr size_t kWriteBufferBytes = 1u << 20;
+constexpr size_t kMaxBigIntBytes = 4096;
+}  // namespace
+
+class WriterImpl {
+ public:
+  WriterImpl(AtomicFile file, WriteOptions options)
+      : file_(std::move(file)), options_(std::move(options)) {
+    buf_.reserve(kWriteBufferBytes);
+  }
+
+  Status Start() {
+    // Preamble placeholder (rewritten at commit) and zeros up to the data
+    // section.
+    return PadTo(kPageBytes);
+  }
+
+  // ---- raw output -----------------------------------------------------------
+  Status Write(std::span<const std::byte> bytes) {
+    if (bytes.size() >= kWriteBufferBytes / 2) {
+      CKPT_RETURN_IF_ERROR(Flush());
+      CKPT_RETURN_IF_ERROR(file_.Write(bytes));
+    } else {
+      if (buf_.size() + bytes.size() > kWriteBufferBytes) {
+        CKPT_RETURN_IF_ERROR(Flush());
+      }
+      buf_.insert(buf_.end(), bytes.begin(), bytes.end());
+    }
+    pos_ += bytes.size();
+    return Status::OK();
+  }
+
+  Status Flush() {
+    if (buf_.empty()) return Status::OK();
+    Status s = file_.Write(buf_);
+    buf_.clear();
+    return s;
+  }
+
+  Status PadTo(uint64_t target) {
+    static const std::array<std::byte, 4096> zeros{};
+    while (pos_ < target) {
+      uint64_t n = std::min<uint64_t>(zeros.size(), target - pos_);
+      CKPT_RETURN_IF_ERROR(Write({zeros.data(), static_cast<size_t>(n)}));
+    }
+    return Status::OK();
+  }
+
+  // Any I/O failure aborts the writer: the temporary is gone, the target
+  // untouched, and later calls say so.
+  Status Fail(Status s) {
+    if (!s.ok()) {
+      failed_ = s;
+      file_.Abort();
+    }
+    return s;
+  }
+  Status CheckUsable() const {
+    if (committed_) {
+      return InvalidArgument("writer already committed").WithFile(file_.target());
+    }
+    if (!failed_.ok()) {
+      return failed_.WithContext("writer was aborted by an earlier error");
+    }
+    return Status::OK();
+  }
+
+  // ---- storages ---------------------------------------------------------------
+  Result<StorageId> BeginStorage(uint64_t nbytes, std::string_view device) {
+    CKPT_RETURN_IF_ERROR(CheckUsable());
+    if (open_) {
+      return InvalidArgument("BeginStorage while storage " +
+                             std::to_string(storages_.size() - 1) +
+                             " is still open");
+    }
+    if (!IsValidDevice(device)) {
+      return InvalidArgument("invalid device string '" + std::string(device) +
+                             "'");
+    }
+    if (storages_.size() >= UINT32_MAX) {
+      return InvalidArgument("too many storages");
+    }
+    auto offset = AlignUp(pos_, BlobAlignment(nbytes));
+    if (!offset) return InvalidArgument("file would exceed 2^64 bytes");
+    CKPT_RETURN_IF_ERROR(Fail(PadTo(*offset)));
+    storages_.push_back({*offset, nbytes, std::string(device), {}});
+    storages_.back().hashes.reserve(
+        static_cast<size_t>(nbytes / options_.chunk_size + 1));
+    open_ = true;
+    remaining_ = nbytes;
+    in_chunk_ = 0;
+    hasher_.Reset();
+    return static_cast<StorageId>(storages_.size() - 1);
+  }
+
+  Status Append(std::span<const std::byte> bytes) {
+    CKPT_RETURN_IF_ERROR(CheckUsable());
+    if (!open_) return InvalidArgument("Append without BeginStorage");
+    if (bytes.size() > remaining_) {
+      return InvalidArgument("Append of " + std::to_string(bytes.size()) +
+                             " bytes exceeds the storage's remaining " +
+                             std::to_string(remaining_));
+    }
+    // Hash in chunk-sized pieces so each chunk's digest is taken at its end.
+    std::span<const std::byte> rest = bytes;
+    while (!rest.empty()) {
+      uint64_t take = std::min<uint64_t>(rest.size(),
+                                         options_.chunk_size - in_chunk_);
+      hasher_.Update(rest.first(static_cast<size_t>(take)));
+      in_chunk_ += take;
+      rest = rest.subspan(static_cast<size_t>(take));
+      if (in_chunk_ == options_.chunk_size) {
+        storages_.back().hashes.push_back(hasher_.Digest());
+        hasher_.Reset();
+        in_chunk_ = 0;
+      }
+    }
+    remaining_ -= bytes.size();
+    return Fail(Write(bytes));
+  }
+
+  Status EndStorage() {
+    CKPT_RETURN_IF_ERROR(CheckUsable());
+    if (!open_) return InvalidArgument("EndStorage without BeginStorage");
+    if (remaining_ != 0) {
+      return InvalidArgument("storage " + std::to_string(storages_.size() - 1) +
+                             " ended with " + std::to_string(remaining_) +
+                             " of its bytes missing");
+    }
+    if (in_chunk_ > 0) storages_.back().hashes.push_back(hasher_.Digest());
+    open_ = false;
+    const StorageRec& s = storages_.back();
+    if (s.nbytes >= kLargeBlobBytes) {
+      return Fail(PadTo(*AlignUp(s.offset + s.nbytes, kPageBytes)));
+    }
+    return Status::OK();
+  }
+
+  // ---- nodes --------------------------------------------------------------------
+  struct NodeRec {
+    ValueKind kind = ValueKind::kNone;
+    int64_t int_value = 0;
+    double float_value = 0;
+    double imag_value = 0;
+    std::string str;
+    std::vector<uint8_t> bytes;
+    std::vector<NodeId> items;
+    std::vector<NodeId> keys;
+    std::string type_name;
+  };
+
+  NodeId Add(NodeRec n) {
+    nodes_.push_back(std::move(n));
+    return static_cast<NodeId>(nodes_.size() - 1);
+  }
+
+  Status CheckIds(std::span<const NodeId> ids) const {
+    for (NodeId id : ids) {
+      if (id >= nodes_.size()) {
+        return InvalidArgument("node id " + std::to_string(id) +
+                               " does not exist");
+      }
+    }
+    return Status::OK();
+  }
+
+  Result<NodeId> AddContainer(ValueKind kind, std::span<const NodeId> items,
+                              std::span<const NodeId> keys,
+                              std::string_view type_name) {
+    CKPT_RETURN_IF_ERROR(CheckIds(items));
+    CKPT_RETURN_IF_ERROR(CheckIds(keys));
+    for (NodeId k : keys) {
+      if (!IsKeyKind(nodes_[k].kind)) {
+        return InvalidArgument(
+            "a " + std::string(ValueKindName(nodes_[k].kind)) +
+            " cannot be a dict key");
+      }
+    }
+    NodeRec n;
+    n.kind = kind;
+    n.items.assign(items.begin(), items.end());
+    n.keys.assign(keys.begin(), keys.end());
+    n.type_name = type_name;
+    return Add(std::move(n));
+  }
+
+  Result<NodeId> AddTensor(const TensorSpec& spec) {
+    CKPT_RETURN_IF_ERROR(CheckUsable());
+    if (spec.storage >= storages_.size() ||
+        (open_ && spec.storage == storages_.size() - 1)) {
+      return InvalidArgument("tensor views storage " +
+                             std::to_string(spec.storage) +
+                             ", which does not exist or is still open");
+    }
+    TensorSpec t = spec;
+    if (t.strides.empty() && !t.shape.empty()) {
+      t.strides.resize(t.shape.size());
+      int64_t s = 1;
+      for (size_t d = t.shape.size(); d-- > 0;) {
+        t.strides[d] = s;
+        s *= std::max<int64_t>(t.shape[d], 1);
+      }
+    }
+    if (auto problem = ViewProblem(static_cast<uint8_t>(t.dtype), t.shape,
+                                   t.strides, t.storage_offset,
+                                   storages_[t.storage].nbytes)) {
+      return InvalidArgument("bad tensor view: " + *problem);
+    }
+    tensors_.push_back(std::move(t));
+    NodeRec n;
+    n.kind = ValueKind::kTensor;
+    n.int_value = static_cast<int64_t>(tensors_.size() - 1);
+    return Add(std::move(n));
+  }
+
+  // ---- commit ----------------------------------------------------------------------
+  Status Commit();
+
+  WriteOptions& options() { return options_; }
+  std::optional<NodeId> root_;
+  std::vector<std::pair<NodeId, NodeId>> implicit_root_;
+  std::map<std::string, std::string> metadata_;
+  std::vector<NodeRec> nodes_;
+  bool committed_ = false;
+  Status failed_;
+  uint64_t pos_ = 0;
+
+ private:
+  struct StorageRec {
+    uint64_t offset;
+    uint64_t nbytes;
+    std::string device;
+    std::vector<uint64_t> hashes;
+  };
+
+  Result<flatbuffers::DetachedBuffer> BuildHeader(NodeId root);
+
+  AtomicFile file_;
+  WriteOptions options_;
+  std::vector<std::byte> buf_;
+  std::vector<StorageRec> storages_;
+  std::vector<TensorSpec> tensors_;
+  bool open_ = false;
+  uint64_t remaining_ = 0;
+  uint64_t in_chunk_ = 0;
+  Xxh3Stream hasher_;
+};
+
+Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
+  // Post-order walk from the root: renumbers nodes so children precede
+  // parents and the root is last, checks each node is placed once, and
+  // computes every tensor's path.
+  const size_t n = nodes_.size();
+  constexpr uint32_t kUnseen = UINT32_MAX;
+  std::vector<uint32_t> new_index(n, kUnseen);
+  std::vector<uint8_t> entered(n, 0);
+  std::vector<std::string> tensor_path(tensors_.size());
+  std::vector<uint8_t> tensor_placed(tensors_.size(), 0);
+  std::vector<NodeId> order;
+  order.reserve(n);
+
+  auto key_segment = [&](NodeId id) {
+    return KeySegmentOf(
+        id,
+        [&](uint32_t i) {
+          const NodeRec& r = nodes_[i];
+          KeyNode k;
+          k.kind = r.kind;
+          k.int_value = r.int_value;
+          k.float_value = r.float_value;
+          k.imag_value = r.imag_value;
+          k.str = r.str;
+          k.bytes = r.bytes;
+          k.num_items = r.items.size();
+          return k;
+        },
+        [&](uint32_t i, size_t k) { return nodes_[i].items[k]; });
+  };
+
+  struct Frame {
+    NodeId node;
+    std::string path;
+    uint32_t depth;
+    bool expanded;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({root, "", 1, false});
+  auto placed_twice = [](NodeId id) {
+    return InvalidArgument("node " + std::to_string(id) +
+                           " is placed in the tree more than once; add a "
+                           "separate node for each place");
+  };
+  while (!stack.empty()) {
+    Frame& f = stack.back();
+    const NodeRec& r = nodes_[f.node];
+    if (f.expanded) {
+      new_index[f.node] = static_cast<uint32_t>(order.size());
+      order.push_back(f.node);
+      stack.pop_back();
+      continue;
+    }
+    if (entered[f.node]) return placed_twice(f.node);
+    entered[f.node] = 1;
+    f.expanded = true;
+    if (f.depth > kMaxTreeDepth) {
+      return InvalidArgument("object tree nested deeper than " +
+                             std::to_string(kMaxTreeDepth) + " at '" +
+                             f.path + "'");
+    }
+    if (r.kind == ValueKind::kTensor) {
+      auto t = static_cast<size_t>(r.int_value);
+      tensor_path[t] = f.path;
+      tensor_placed[t] = 1;
+    }
+    // Copy what the child frames need: push_back may move `f`.
+    const std::string path = f.path;
+    const uint32_t depth = f.depth;
+    const bool at_root = f.node == root;
+    auto child_path = [&](const std::string& seg) {
+      return (at_root ? std::string() : path + "/") + EscapePathSegment(seg);
+    };
+    // Pushed in reverse so children are numbered in their natural order;
+    // keys and values of a dict are interleaved (key, value, key, ...).
+    if (r.kind == ValueKind::kDict) {
+      for (size_t i = r.items.size(); i-- > 0;) {
+        stack.push_back({r.items[i], child_path(key_segment(r.keys[i])),
+                         depth + 1, false});
+        stack.push_back({r.keys[i], path, depth + 1, false});
+      }
+    } else {
+      for (size_t i = r.items.size(); i-- > 0;) {
+        stack.push_back({r.items[i], child_path(std::to_string(i)), depth + 1,
+                         false});
+      }
+    }
+  }
+  for (size_t t = 0; t < tensors_.size(); ++t) {
+    if (!tensor_placed[t]) {
+      return InvalidArgument("tensor " + std::to_string(t) +
+                             " was added but never placed in the object tree");
+    }
+  }
+  std::vector<uint32_t> by_path(tensors_.size());
+  for (uint32_t i = 0; i < by_path.size(); ++i) by_path[i] = i;
+  std::sort(by_path.begin(), by_path.end(), [&](uint32_t a, uint32_t b) {
+    return tensor_path[a] < tensor_path[b];
+  });
+  std::vector<uint32_t> tensor_rank(tensors_.size());
+  for (uint32_t i = 0; i < by_path.size(); ++i) {
+    if (i > 0 && tensor_path[by_path[i]] == tensor_path[by_path[i - 1]]) {
+      return InvalidArgument("two tensors have the path '" +
+                             tensor_path[by_path[i]] +
+                             "' (keys with the same path form, e.g. 1 and "
+                             "\"1\", in one dict)");
+    }
+    tensor_rank[by_path[i]] = i;
+  }
+
+  flatbuffers::FlatBufferBuilder fbb(1 << 16);
+  std::vector<flatbuffers::Offset<fb::Storage>> storages;
+  storages.reserve(storages_.size());
+  for (const auto& s : storages_) {
+    storages.push_back(fb::CreateStorage(fbb, s.offset, s.nbytes,
+                                         fbb.CreateString(s.device),
+                                         fbb.CreateVector(s.hashes)));
+  }
+  std::vector<flatbuffers::Offset<fb::Tensor>> tensors;
+  tensors.reserve(tensors_.size());
+  for (uint32_t i : by_path) {
+    const TensorSpec& t = tensors_[i];
+    tensors.push_back(fb::CreateTensor(
+        fbb, fbb.CreateString(tensor_path[i]), static_cast<fb::DType>(t.dtype),
+        fbb.CreateVector(t.shape), fbb.CreateVector(t.strides), t.storage,
+        t.storage_offset, t.requires_grad, t.is_parameter));
+  }
+  std::vector<flatbuffers::Offset<fb::Node>> nodes;
+  nodes.reserve(order.size());
+  std::vector<uint32_t> items, keys;
+  for (NodeId id : order) {
+    const NodeRec& r = nodes_[id];
+    items.clear();
+    keys.clear();
+    for (NodeId c : r.items) items.push_back(new_index[c]);
+    for (NodeId c : r.keys) keys.push_back(new_index[c]);
+    int64_t int_value = r.kind == ValueKind::kTensor
+                            ? tensor_rank[static_cast<size_t>(r.int_value)]
+                            : r.int_value;
+    bool has_str = r.kind == ValueKind::kString || r.kind == ValueKind::kDevice;
+    bool has_bytes = r.kind == ValueKind::kBytes || r.kind == ValueKind::kBigInt;
+    auto str = has_str ? fbb.CreateString(r.str) : 0;
+    auto bytes = has_bytes ? fbb.CreateVector(r.bytes) : 0;
+    auto it = items.empty() ? 0 : fbb.CreateVector(items);
+    auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
+    auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
+    nodes.push_back(fb::CreateNode(fbb, static_cast<fb::ValueKind>(r.kind),
+                                   int_value, r.float_value, r.imag_value, str,
+                                   bytes, it, ks, tn));
+  }
+  std::vector<flatbuffers::Offset<fb::KeyValue>> md;
+  for (const auto& [k, v] : metadata_) {
+    md.push_back(fb::CreateKeyValue(fbb, fbb.CreateString(k), fbb.CreateString(v)));
+  }
+  auto header = fb::CreateHeader(
+      fbb, options_.chunk_size, fbb.CreateVector(storages),
+      fbb.CreateVector(tensors), fbb.CreateVector(nodes), fbb.CreateVector(md),
+      fbb.CreateString(options_.producer));
+  fb::FinishHeaderBuffer(fbb, header);
+  return fbb.Release();
+}
+
+Status WriterImpl::Commit() {
+  CKPT_RETURN_IF_ERROR(CheckUsable());
+  if (open_) {
+    return InvalidArgument("Commit while storage " +
+                           std::to_string(storages_.size() - 1) +
+                           " is still open")
+        .WithFile(file_.target());
+  }
+  NodeId root;
+  if (root_) {
+    root = *root_;
+  } else {
+    std::vector<NodeId> keys, values;
+    for (auto [k, v] : implicit_root_) {
+      keys.push_back(k);
+      values.push_back(v);
+    }
+    CKPT_ASSIGN_OR_RETURN(root, AddContainer(ValueKind::kDict, values, keys, ""));
+  }
+  auto header = BuildHeader(root);
+  if (!header.ok()) return Fail(header.status().WithFile(file_.target()));
+  if (header->size() > kMaxHeaderBytes) {
+    return Fail(InvalidArgument("header of " + std::to_string(header->size()) +
+                                " bytes exceeds the format's limit")
+                    .WithFile(file_.target()));
+  }
+  Preamble p;
+  p.major = kFormatMajor;
+  p.minor = kFormatMinor;
+  p.data_offset = kPageBytes;
+  p.data_size = pos_ - kPageBytes;
+  p.header_offset = *AlignUp(pos_, kMinAlignment);
+  p.header_size = header->size();
+  p.header_hash = Xxh3({reinterpret_cast<const std::byte*>(header->data()),
+                        header->size()});
+  CKPT_RETURN_IF_ERROR(Fail(PadTo(p.header_offset)));
+  CKPT_RETURN_IF_ERROR(Fail(Write(
+      {reinterpret_cast<const std::byte*>(header->data()), header->size()})));
+  CKPT_RETURN_IF_ERROR(Fail(Flush()));
+  auto pre = EncodePreamble(p);
+  CKPT_RETURN_IF_ERROR(Fail(file_.WriteAt(0, pre)));
+  CKPT_RETURN_IF_ERROR(Fail(file_.Commit(options_.sync)));
+  committed_ = true;
+  return Status::OK();
+}
+
+}  // namespace internal
+
+// ---- Writer -------------------------------------------------------------------------
+
+Writer::Writer(std::unique_ptr<internal::WriterImpl> impl)
+    : impl_(std::move(impl)) {}
+Writer::Writer(Writer&&) noexcept = default;
+Writer& Writer::operator=(Writer&&) noexcept = default;
+Writer::~Writer() = default;
+
+Result<Writer> Writer::Create(const std::string& path,
+                              const WriteOptions& options) {
+  uint64_t c = options.chunk_size;
+  if (c < kMinChunkBytes || c > kMaxChunkBytes || (c & (c - 1)) != 0) {
+    return InvalidArgument("chunk_size " + std::to_string(c) +
+                           " is not a power of two in [4096, 2^30]");
+  }
+  CKPT_ASSIGN_OR_RETURN(auto file,
+                        internal::AtomicFile::Create(path, options.mode));
+  auto impl = std::make_unique<internal::WriterImpl>(std::move(file), options);
+  CKPT_RETURN_IF_ERROR(impl->Fail(impl->Start()));
+  return Writer(std::move(impl));
+}
+
+Result<StorageId> Writer::AddStorage(std::span<const std::byte> bytes,
+                                     std::string_view device) {
+  CKPT_ASSIGN_OR_RETURN(StorageId id, impl_->BeginStorage(bytes.size(), device));
+  CKPT_RETURN_IF_ERROR(impl_->Append(bytes));
+  CKPT_RETURN_IF_ERROR(impl_->EndStorage());
+  return id;
+}
+Result<StorageId> Writer::BeginStorage(uint64_t nbytes, std::string_view device) {
+  return impl_->BeginStorage(nbytes, device);
+}
+Status Writer::Append(std::span<const std::byte> bytes) {
+  return impl_->Append(bytes);
+}
+Status Writer::EndStorage() { return impl_->EndStorage(); }
+
+Result<NodeId> Writer::AddTensor(const TensorSpec& spec) {
+  return impl_->AddTensor(spec);
+}
+
+Result<NodeId> Writer::AddTensor(DType dtype, std::vector<int64_t> shape,
+                                 std::span<const std::byte> data,
+                                 std::string_view device) {
+  TensorSpec spec;
+  spec.dtype = dtype;
+  spec.shape = std::move(shape);
+  uint64_t numel = 1;
+  for (int64_t s : spec.shape) {
+    if (s < 0 || __builtin_mul_overflow(numel, static_cast<uint64_t>(s), &numel)) {
+      return InvalidArgument("bad shape: negative or overflowing size");
+    }
+  }
+  uint64_t need = 0;
+  if (DTypeSize(dtype) == 0 ||
+      __builtin_mul_overflow(numel, DTypeSize(dtype), &need) ||
+      need != data.size()) {
+    return InvalidArgument("tensor of dtype '" + std::string(DTypeName(dtype)) +
+                           "' needs " + std::to_string(need) +
+                           " bytes for its shape, got " +
+                           std::to_string(data.size()));
+  }
+  CKPT_ASSIGN_OR_RETURN(spec.storage, AddStorage(data, device));
+  return impl_->AddTensor(spec);
+}
+
+NodeId Writer::AddNone() { return impl_->Add({}); }
+NodeId Writer::AddBool(bool v) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kBool;
+  n.int_value = v ? 1 : 0;
+  return impl_->Add(std::move(n));
+}
+NodeId Writer::AddInt(int64_t v) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kInt;
+  n.int_value = v;
+  return impl_->Add(std::move(n));
+}
+Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
+  if (le.empty() || le.size() > internal::kMaxBigIntBytes) {
+    return InvalidArgument("big int must have 1..4096 bytes");
+  }
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kBigInt;
+  n.bytes.assign(le.begin(), le.end());
+  return impl_->Add(std::move(n));
+}
+NodeId Writer::AddFloat(double v) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kFloat;
+  n.float_value = v;
+  return impl_->Add(std::move(n));
+}
+NodeId Writer::AddComplex(double re, double im) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kComplex;
+  n.float_value = re;
+  n.imag_value = im;
+  return impl_->Add(std::move(n));
+}
+NodeId Writer::AddString(std::string_view s) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kString;
+  n.str = s;
+  return impl_->Add(std::move(n));
+}
+NodeId Writer::AddBytes(std::span<const uint8_t> b) {
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kBytes;
+  n.bytes.assign(b.begin(), b.end());
+  return impl_->Add(std::move(n));
+}
+Result<NodeId> Writer::AddDType(DType dtype) {
+  if (!IsKnownDType(static_cast<uint8_t>(dtype))) {
+    return InvalidArgument("unknown dtype code " +
+                           std::to_string(static_cast<int>(dtype)));
+  }
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kDType;
+  n.int_value = static_cast<int64_t>(dtype);
+  return impl_->Add(std::move(n));
+}
+Result<NodeId> Writer::AddDevice(std::string_view device) {
+  if (!IsValidDevice(device)) {
+    return InvalidArgument("invalid device string '" + std::string(device) + "'");
+  }
+  internal::WriterImpl::NodeRec n;
+  n.kind = ValueKind::kDevice;
+  n.str = device;
+  return impl_->Add(std::move(n));
+}
+Result<NodeId> Writer::AddList(std::span<const NodeId> items) {
+  return impl_->AddContainer(ValueKind::kList, items, {}, "");
+}
+Result<NodeId> Writer::AddTuple(std::span<const NodeId> items) {
+  return impl_->AddContainer(ValueKind::kTuple, items, {}, "");
+}
+Result<NodeId> Writer::AddSet(std::span<const NodeId> items) {
+  return impl_->AddContainer(ValueKind::kSet, items, {}, "");
+}
+Result<NodeId> Writer::AddFrozenSet(std::span<const NodeId> items) {
+  return impl_->AddContainer(ValueKind::kFrozenSet, items, {}, "");
+}
+Result<NodeId> Writer::AddDict(std::span<const NodeId> keys,
+                               std::span<const NodeId> values,
+                               std::string_view type_name) {
+  if (keys.size() != values.size()) {
+    return InvalidArgument("dict with " + std::to_string(keys.size()) +
+                           " keys and " + std::to_string(values.size()) +
+                           " values");
+  }
+  return impl_->AddContainer(ValueKind::kDict, values, keys, type_name);
+}
+
+Status Writer::SetRoot(NodeId node) {
+  NodeId ids[] = {node};
+  CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));
+  if (!impl_->implicit_root_.empty()) {
+    return InvalidArgument("SetRoot cannot be combined with PutTensor/PutValue");
+  }
+  impl_->root_ = node;
+  return Status::OK();
+}
+
+Status Writer::PutValue(std::string_view name, NodeId node) {
+  NodeId ids[] = {node};
+  CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));
+  if (impl_->root_) {
+    return InvalidArgument("PutTensor/PutValue cannot be combined with SetRoot");
+  }
+  impl_->implicit_root_.emplace_back(AddString(name), node);
+  return Status::OK();
+}
+
+Status Writer::PutTensor(std::string_view name, DType dtype,
+                         std::vector<int64_t> shape,
+                         std::span<const std::byte> data,
+                         std::string_view device) {
+  CKPT_ASSIGN_OR_RETURN(NodeId t, AddTensor(dtype, std::move(shape), data, device));
+  return PutValue(name, t).WithTensor(std::string(name));
+}
+
+Status Writer::SetMetadata(std::string_view key, std::string_view value) {
+  impl_->metadata_[std::string(key)] = std::string(value);
+  return Status::OK();
+}
+
+Status Writer::Commit() { return impl_->Commit(); }
+
+void Writer::Abort() {
+  if (!impl_->committed_ && impl_->failed_.ok()) {
+    (void)impl_->Fail(InvalidArgument("writer aborted"));
+  }
+}
+
+uint64_t Writer::bytes_written() const { return impl_->pos_; }
+
+}  // namespace ckpt
