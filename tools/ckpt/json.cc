@@ -1,0 +1,152 @@
+#include "json.h"
+
+#include <cmath>
+#include <cstdio>
+
+namespace ckpt::tool {
+
+namespace {
+
+// Length of the valid UTF-8 sequence at s[i], or 0 if invalid.
+size_t Utf8Len(std::string_view s, size_t i) {
+  auto c = static_cast<unsigned char>(s[i]);
+  size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3
+                                            : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k) {
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+void AppendJsonString(std::string& out, std::string_view s) {
+  out += '"';
+  for (size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+      ++i;
+    } else if (c < 0x20) {
+      char buf[8];
+      switch (c) {
+        case '\n': out += "\\n"; break;
+        case '\t': out += "\\t"; break;
+        case '\r': out += "\\r"; break;
+        default:
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+      }
+      ++i;
+    } else {
+      size_t n = Utf8Len(s, i);
+      if (n == 0) {
+        out += "\\ufffd";
+        ++i;
+      } else {
+        out.append(s.substr(i, n));
+        i += n;
+      }
+    }
+  }
+  out += '"';
+}
+
+void AppendJsonDouble(std::string& out, double v) {
+  if (std::isnan(v)) {
+    out += "NaN";
+  } else if (std::isinf(v)) {
+    out += v > 0 ? "Infinity" : "-Infinity";
+  } else {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.17g", v);
+    // Keep a float looking like a float ("1.0", not "1").
+    std::string s = buf;
+    if (s.find_first_of(".eE") == std::string::npos) s += ".0";
+    out += s;
+  }
+}
+
+namespace {
+
+void AppendShape(std::string& out, const std::vector<int64_t>& v) {
+  out += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(v[i]);
+  }
+  out += ']';
+}
+
+}  // namespace
+
+void AppendValueJson(std::string& out, const Value& v) {
+  switch (v.kind()) {
+    case ValueKind::kNone: out += "null"; return;
+    case ValueKind::kBool: out += v.as_bool() ? "true" : "false"; return;
+    case ValueKind::kInt:
+    case ValueKind::kBigInt: out += v.BigIntToDecimal(); return;
+    case ValueKind::kFloat: AppendJsonDouble(out, v.as_float()); return;
+    case ValueKind::kComplex:
+      out += "{\"$complex\": [";
+      AppendJsonDouble(out, v.as_complex().real());
+      out += ", ";
+      AppendJsonDouble(out, v.as_complex().imag());
+      out += "]}";
+      return;
+    case ValueKind::kString:
+    case ValueKind::kDevice: AppendJsonString(out, v.as_string()); return;
+    case ValueKind::kDType: AppendJsonString(out, DTypeName(v.as_dtype())); return;
+    case ValueKind::kBytes: {
+      static const char* hex = "0123456789abcdef";
+      out += "{\"$bytes\": \"";
+      for (uint8_t b : v.as_bytes()) {
+        out += hex[b >> 4];
+        out += hex[b & 15];
+      }
+      out += "\"}";
+      return;
+    }
+    case ValueKind::kTensor: {
+      auto info = v.tensor_info();
+      out += "{\"$tensor\": ";
+      if (!info.ok()) {
+        out += "null}";
+        return;
+      }
+      AppendJsonString(out, info->path);
+      out += ", \"dtype\": ";
+      AppendJsonString(out, DTypeName(info->dtype));
+      out += ", \"shape\": ";
+      AppendShape(out, info->shape);
+      out += '}';
+      return;
+    }
+    case ValueKind::kDict:
+      out += '{';
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (i) out += ", ";
+        AppendJsonString(out, v.key(i).KeySegment());
+        out += ": ";
+        AppendValueJson(out, v.item(i));
+      }
+      out += '}';
+      return;
+    case ValueKind::kList:
+    case ValueKind::kTuple:
+    case ValueKind::kSet:
+    case ValueKind::kFrozenSet:
+      out += '[';
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (i) out += ", ";
+        AppendValueJson(out, v.item(i));
+      }
+      out += ']';
+      return;
+  }
+  out += "null";
+}
+
+}  // namespace ckpt::tool
