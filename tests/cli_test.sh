@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# CLI contract tests (DESIGN.md "Command-line tools"): output, exit codes,
+# errors on stderr. Usage: cli_test.sh CKPT EXAMPLE_WRITER
+set -u
+CKPT=$1
+WRITER=$2
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fails=0
+passes=0
+ok() { passes=$((passes + 1)); }
+bad() { echo "FAIL: $*" >&2; fails=$((fails + 1)); }
+expect_rc() {  # expect_rc WANT DESC CMD...
+  local want=$1 desc=$2; shift 2
+  "$@" >"$T/out" 2>"$T/err"; local rc=$?
+  if [ "$rc" = "$want" ]; then ok; else bad "$desc: exit $rc, want $want; stderr: $(cat "$T/err")"; fi
+}
+PY=python3
+
+"$WRITER" "$T/a.ckpt" >/dev/null || bad "example writer failed"
+
+# --help everywhere, exit 0; usage errors exit 2 with text on stderr.
+for c in inspect cat get verify diff; do
+  expect_rc 0 "$c --help" "$CKPT" "$c" --help
+  grep -q "usage: ckpt $c" "$T/out" && ok || bad "$c --help text"
+done
+expect_rc 0 "--help" "$CKPT" --help
+expect_rc 2 "no command" "$CKPT"
+expect_rc 2 "unknown command" "$CKPT" frobnicate
+grep -q "unknown command" "$T/err" && ok || bad "unknown command message"
+expect_rc 2 "inspect without file" "$CKPT" inspect
+expect_rc 2 "cat bad rows" "$CKPT" cat "$T/a.ckpt" fc.weight --rows x
+expect_rc 2 "get one arg" "$CKPT" get "$T/a.ckpt"
+
+# inspect: human and --json with the contract keys.
+expect_rc 0 "inspect" "$CKPT" inspect "$T/a.ckpt"
+grep -q "fc.weight  float32 \[2, 3\]" "$T/out" && ok || bad "inspect lists the tensor"
+expect_rc 0 "inspect --json" "$CKPT" inspect --json "$T/a.ckpt"
+$PY - "$T/out" <<'PYEOF' && ok || bad "inspect --json content"
+import json, sys
+d = json.load(open(sys.argv[1]))
+t = d["tensors"][0]
+assert set(["path","dtype","shape","strides","storage","offset","nbytes","device"]) <= set(t), t
+assert t["path"] == "fc.weight" and t["dtype"] == "float32", t
+assert t["shape"] == [2, 3] and t["strides"] == [3, 1] and t["nbytes"] == 24, t
+assert t["device"] == "cpu" and t["storage"] == 0 and t["offset"] == 0, t
+assert d["tree"]["epoch"] == 7, d["tree"]
+PYEOF
+
+# cat: raw little-endian bytes, whole and rows.
+expect_rc 0 "cat" "$CKPT" cat "$T/a.ckpt" fc.weight
+$PY -c "import struct,sys; v=struct.unpack('<6f', open(sys.argv[1],'rb').read()); assert v==(1,2,3,4,5,6), v" "$T/out" && ok || bad "cat bytes"
+expect_rc 0 "cat --rows" "$CKPT" cat "$T/a.ckpt" fc.weight --rows 1:2
+$PY -c "import struct,sys; v=struct.unpack('<3f', open(sys.argv[1],'rb').read()); assert v==(4,5,6), v" "$T/out" && ok || bad "cat --rows bytes"
+expect_rc 1 "cat rows out of range" "$CKPT" cat "$T/a.ckpt" fc.weight --rows 0:3
+grep -q "fc.weight" "$T/err" && ok || bad "rows error names the tensor"
+expect_rc 1 "cat missing tensor" "$CKPT" cat "$T/a.ckpt" nope
+grep -q "no tensor at path 'nope'" "$T/err" && ok || bad "missing tensor message"
+
+# get: scalars as JSON.
+expect_rc 0 "get" "$CKPT" get "$T/a.ckpt" epoch
+[ "$(cat "$T/out")" = "7" ] && ok || bad "get epoch = $(cat "$T/out")"
+expect_rc 1 "get missing" "$CKPT" get "$T/a.ckpt" nope
+
+# verify: OK, then a flipped data byte names the tensor and offset.
+expect_rc 0 "verify" "$CKPT" verify "$T/a.ckpt"
+cp "$T/a.ckpt" "$T/bad.ckpt"
+printf '\x55' | dd of="$T/bad.ckpt" bs=1 seek=4100 conv=notrunc status=none
+expect_rc 1 "verify corrupted" "$CKPT" verify "$T/bad.ckpt"
+grep -q "bad.ckpt:4096: checksum mismatch: tensor 'fc.weight'" "$T/err" && ok || bad "verify message: $(cat "$T/err")"
+expect_rc 1 "verify missing file" "$CKPT" verify "$T/none.ckpt"
+grep -q "none.ckpt: not found" "$T/err" && ok || bad "missing file message"
+head -c 100 "$T/a.ckpt" > "$T/trunc.ckpt"
+expect_rc 1 "verify truncated" "$CKPT" verify "$T/trunc.ckpt"
+
+# diff: same -> 0, different -> 1 with the tensor named.
+expect_rc 0 "diff same" "$CKPT" diff "$T/a.ckpt" "$T/a.ckpt"
+expect_rc 1 "diff different" "$CKPT" diff "$T/a.ckpt" "$T/bad.ckpt"
+grep -q "~ fc.weight: 1 of 6 elements differ" "$T/out" && ok || bad "diff output: $(cat "$T/out")"
+expect_rc 3 "diff unreadable" "$CKPT" diff "$T/a.ckpt" "$T/none.ckpt"
+
+echo "cli: $passes passed, $fails failed"
+[ "$fails" = 0 ]

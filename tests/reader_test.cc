@@ -1,0 +1,127 @@
+// Lookup, backends, buffers and open errors.
+#include <catch2/catch.hpp>
+
+#include "test_util.h"
+
+using namespace ckpt;
+using namespace ckpt::test;
+
+TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
+  TempDir dir;
+  std::string path = dir.File("many.ckpt");
+  std::vector<std::string> names;
+  for (int i = 0; i < 10000; ++i) names.push_back("layer." + std::to_string(i) + ".w");
+  names.push_back(std::string("nul\0inside", 10));
+  names.push_back("\xff\xfe high bytes");
+  names.push_back("");  // empty key: path "" (like a top-level tensor)
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    for (size_t i = 0; i < names.size(); ++i) {
+      int32_t v = static_cast<int32_t>(i);
+      REQUIRE(w->PutTensor(names[i], DType::kInt32, {}, std::as_bytes(std::span(&v, 1))).ok());
+    }
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = Checkpoint::Open(path);
+  REQUIRE(ck.ok());
+  REQUIRE(ck->num_tensors() == names.size());
+  for (size_t i = 0; i < names.size(); ++i) {
+    auto t = ck->Tensor(names[i]);
+    INFO(i);
+    REQUIRE(t.ok());
+    CHECK(*reinterpret_cast<const int32_t*>(t->data().data()) == static_cast<int32_t>(i));
+  }
+  CHECK(ck->Tensor("layer.10000.w").status().code() == ErrorCode::kNotFound);
+  CHECK(ck->Tensor(std::string("nul", 3)).status().code() == ErrorCode::kNotFound);
+  for (size_t i = 1; i < ck->num_tensors(); ++i) {
+    CHECK(ck->tensor_info(i - 1).path < ck->tensor_info(i).path);
+  }
+  CHECK(ck->Verify().ok());
+}
+
+TEST_CASE("a top-level tensor has the empty path") {
+  TempDir dir;
+  std::string path = dir.File("top.ckpt");
+  std::vector<uint8_t> v = {1, 2, 3};
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    auto t = w->AddTensor(DType::kUInt8, {3}, Bytes(v));
+    REQUIRE(t.ok());
+    REQUIRE(w->SetRoot(*t).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = Checkpoint::Open(path);
+  REQUIRE(ck.ok());
+  REQUIRE(ck->num_tensors() == 1);
+  CHECK(ck->tensor_info(0).path.empty());
+  CHECK(ck->Tensor("").ok());
+  CHECK(ck->root().kind() == ValueKind::kTensor);
+  CHECK(ck->Verify().ok());
+}
+
+TEST_CASE("OpenBuffer works on unaligned memory") {
+  TempDir dir;
+  std::string path = dir.File("b.ckpt");
+  std::vector<double> v = {1.5, 2.5};
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("v", DType::kFloat64, {2}, Bytes(v)).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto bytes = ReadAll(path);
+  std::vector<std::byte> shifted(bytes.size() + 1);
+  std::copy(bytes.begin(), bytes.end(), shifted.begin() + 1);
+  auto ck = Checkpoint::OpenBuffer(std::span(shifted).subspan(1));
+  REQUIRE(ck.ok());
+  auto t = ck->Tensor("v");
+  REQUIRE(t.ok());
+  std::vector<double> out(2);
+  REQUIRE(t->CopyTo(std::as_writable_bytes(std::span(out))).ok());
+  CHECK(out == v);
+  CHECK(ck->Verify().ok());
+}
+
+TEST_CASE("open errors name the file") {
+  TempDir dir;
+  auto missing = Checkpoint::Open(dir.File("missing.ckpt"));
+  CHECK(missing.status().code() == ErrorCode::kNotFound);
+  CHECK(missing.status().ToString().find("missing.ckpt") != std::string::npos);
+  CHECK(Checkpoint::Open(dir.path()).status().code() == ErrorCode::kIoError);
+  std::string text(100, 'x');
+  WriteAll(dir.File("junk"), std::as_bytes(std::span(text)));
+  auto junk = Checkpoint::Open(dir.File("junk"));
+  CHECK(junk.status().code() == ErrorCode::kCorrupt);
+  CHECK(junk.status().ToString().find("junk:0: corrupt: bad magic") != std::string::npos);
+}
+
+TEST_CASE("populate and pread backends read the same bytes as mmap") {
+  TempDir dir;
+  std::string path = dir.File("p.ckpt");
+  std::vector<uint16_t> v(3000);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<uint16_t>(i * 7);
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("v", DType::kBFloat16, {3000}, Bytes(v)).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  std::vector<std::vector<std::byte>> seen;
+  for (auto [backend, populate] : {std::pair{Backend::kMmap, false},
+                                   {Backend::kMmap, true},
+                                   {Backend::kPread, false}}) {
+    ReadOptions ro;
+    ro.backend = backend;
+    ro.populate = populate;
+    auto ck = Checkpoint::Open(path, ro);
+    REQUIRE(ck.ok());
+    auto t = ck->Tensor("v");
+    REQUIRE(t.ok());
+    seen.emplace_back(t->data().begin(), t->data().end());
+    CHECK(ck->Verify(VerifyOptions{1}).ok());
+  }
+  CHECK(seen[0] == seen[1]);
+  CHECK(seen[0] == seen[2]);
+}

@@ -1,0 +1,220 @@
+// Atomicity and misuse: a failed or abandoned write leaves any existing
+// target intact and no temporary behind; bad calls get clear errors.
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+
+#include "test_util.h"
+
+using namespace ckpt;
+using namespace ckpt::test;
+
+namespace {
+
+std::vector<std::byte> Old(const TempDir& dir) {
+  std::vector<float> v = {9, 9};
+  auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+  REQUIRE(w.ok());
+  REQUIRE(w->PutTensor("old", DType::kFloat32, {2}, Bytes(v)).ok());
+  REQUIRE(w->Commit().ok());
+  return ReadAll(dir.File("t.ckpt"));
+}
+
+void RequireOnlyTarget(const TempDir& dir) {
+  CHECK(dir.List() == std::vector<std::string>{"t.ckpt"});
+}
+
+}  // namespace
+
+TEST_CASE("a writer destroyed before Commit leaves the old file and no temporary") {
+  TempDir dir;
+  auto before = Old(dir);
+  {
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    std::vector<float> v(1000, 1.0f);
+    REQUIRE(w->PutTensor("new", DType::kFloat32, {1000}, Bytes(v)).ok());
+    CHECK(dir.List().size() == 2);  // the temporary exists meanwhile
+  }
+  RequireOnlyTarget(dir);
+  CHECK(ReadAll(dir.File("t.ckpt")) == before);
+}
+
+TEST_CASE("Abort and a failed Commit leave the old file and no temporary") {
+  TempDir dir;
+  auto before = Old(dir);
+  {
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    w->Abort();
+    CHECK(w->Commit().code() == ErrorCode::kInvalidArgument);
+  }
+  RequireOnlyTarget(dir);
+  {
+    // A tensor never placed in the tree makes Commit fail.
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    std::vector<float> v = {1};
+    REQUIRE(w->AddTensor(DType::kFloat32, {1}, Bytes(v)).ok());
+    Status s = w->Commit();
+    CHECK(s.code() == ErrorCode::kInvalidArgument);
+    CHECK(s.ToString().find("never placed") != std::string::npos);
+    CHECK(w->Commit().code() == ErrorCode::kInvalidArgument);
+  }
+  RequireOnlyTarget(dir);
+  CHECK(ReadAll(dir.File("t.ckpt")) == before);
+}
+
+TEST_CASE("a full disk fails the write cleanly, naming the file") {
+  TempDir dir;
+  auto before = Old(dir);
+  // RLIMIT_FSIZE makes write() fail with EFBIG past the limit: a full disk
+  // as far as the writer can tell.
+  struct sigaction ign {}, old_action {};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old_action);
+  rlimit old_limit;
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  rlimit small = old_limit;
+  small.rlim_cur = 1 << 20;
+  setrlimit(RLIMIT_FSIZE, &small);
+  Status s;
+  {
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    std::vector<std::byte> big(4 << 20);
+    s = w->PutTensor("big", DType::kUInt8, {4 << 20}, big);
+    if (s.ok()) s = w->Commit();
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  sigaction(SIGXFSZ, &old_action, nullptr);
+  INFO(s.ToString());
+  CHECK(s.code() == ErrorCode::kIoError);
+  CHECK(s.file() == dir.File("t.ckpt"));
+  CHECK(s.ToString().find("write failed") != std::string::npos);
+  RequireOnlyTarget(dir);
+  CHECK(ReadAll(dir.File("t.ckpt")) == before);
+}
+
+TEST_CASE("Commit replaces the target atomically with normal permissions") {
+  TempDir dir;
+  Old(dir);
+  auto w = Writer::Create(dir.File("t.ckpt"));  // with fsync
+  REQUIRE(w.ok());
+  REQUIRE(w->PutValue("x", w->AddInt(1)).ok());
+  REQUIRE(w->Commit().ok());
+  RequireOnlyTarget(dir);
+  auto ck = Checkpoint::Open(dir.File("t.ckpt"));
+  REQUIRE(ck.ok());
+  CHECK(ck->num_tensors() == 0);
+  struct stat st;
+  REQUIRE(::stat(dir.File("t.ckpt").c_str(), &st) == 0);
+  mode_t mask = ::umask(0);
+  ::umask(mask);
+  CHECK((st.st_mode & 0777) == (0666 & ~mask));
+}
+
+TEST_CASE("writer errors for impossible requests") {
+  TempDir dir;
+  CHECK(Writer::Create(dir.File("no/such/dir/x.ckpt")).status().code() ==
+        ErrorCode::kIoError);
+  CHECK(Writer::Create(dir.path()).status().code() == ErrorCode::kInvalidArgument);
+  WriteOptions bad;
+  bad.chunk_size = 1000;
+  CHECK(Writer::Create(dir.File("x.ckpt"), bad).status().code() ==
+        ErrorCode::kInvalidArgument);
+
+  auto w = Writer::Create(dir.File("x.ckpt"), Fast());
+  REQUIRE(w.ok());
+  std::vector<float> v = {1, 2, 3};
+  CHECK(w->PutTensor("a", DType::kFloat32, {2}, Bytes(v)).code() ==
+        ErrorCode::kInvalidArgument);  // 12 bytes for 2 elements
+  CHECK(w->PutTensor("a", DType::kInvalid, {3}, Bytes(v)).code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(w->AddStorage(Bytes(v), "gpu 0").status().code() ==
+        ErrorCode::kInvalidArgument);
+  auto s = w->AddStorage(Bytes(v));
+  REQUIRE(s.ok());
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {4}, {}, *s, 0}).status().code() ==
+        ErrorCode::kInvalidArgument);  // view past storage
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {2}, {1}, *s, 2}).status().code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {1}, {}, 7, 0}).status().code() ==
+        ErrorCode::kInvalidArgument);  // no such storage
+  // Streaming misuse.
+  CHECK(w->Append(Bytes(v)).code() == ErrorCode::kInvalidArgument);
+  auto s2 = w->BeginStorage(8);
+  REQUIRE(s2.ok());
+  CHECK(w->BeginStorage(8).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(w->Append(Bytes(v)).code() == ErrorCode::kInvalidArgument);  // 12 > 8
+  CHECK(w->EndStorage().code() == ErrorCode::kInvalidArgument);      // 8 missing
+  CHECK(w->Commit().code() == ErrorCode::kInvalidArgument);          // still open
+  // Tree misuse.
+  CHECK(w->AddList(std::vector<NodeId>{12345}).status().code() ==
+        ErrorCode::kInvalidArgument);
+  NodeId list_key[] = {w->AddList({}).value()};
+  NodeId val[] = {w->AddInt(1)};
+  CHECK(w->AddDict(list_key, val).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(w->AddDevice("cuda:").status().code() == ErrorCode::kInvalidArgument);
+  CHECK(w->AddBigInt({}).status().code() == ErrorCode::kInvalidArgument);
+}
+
+TEST_CASE("a node placed twice, or colliding paths, fail Commit") {
+  TempDir dir;
+  {
+    auto w = Writer::Create(dir.File("x.ckpt"), Fast());
+    REQUIRE(w.ok());
+    NodeId shared = w->AddInt(1);
+    NodeId items[] = {shared, shared};
+    REQUIRE(w->SetRoot(w->AddList(items).value()).ok());
+    Status s = w->Commit();
+    CHECK(s.code() == ErrorCode::kInvalidArgument);
+    CHECK(s.ToString().find("more than once") != std::string::npos);
+  }
+  {
+    auto w = Writer::Create(dir.File("x.ckpt"), Fast());
+    REQUIRE(w.ok());
+    std::vector<float> v = {1};
+    NodeId keys[] = {w->AddInt(1), w->AddString("1")};
+    NodeId vals[] = {w->AddTensor(DType::kFloat32, {1}, Bytes(v)).value(),
+                     w->AddTensor(DType::kFloat32, {1}, Bytes(v)).value()};
+    REQUIRE(w->SetRoot(w->AddDict(keys, vals).value()).ok());
+    Status s = w->Commit();
+    CHECK(s.code() == ErrorCode::kInvalidArgument);
+    CHECK(s.ToString().find("two tensors have the path '1'") != std::string::npos);
+  }
+  CHECK(TempDir().List().empty());
+  CHECK(dir.List().empty());
+}
+
+TEST_CASE("writer memory stays bounded: it keeps no tensor bytes") {
+  // A 256 MiB storage streamed in 1 MiB pieces from one reused buffer; the
+  // process's peak RSS must grow by far less than the data.
+  TempDir dir;
+  rusage before{};
+  getrusage(RUSAGE_SELF, &before);
+  {
+    auto w = Writer::Create(dir.File("big.ckpt"), Fast());
+    REQUIRE(w.ok());
+    const uint64_t total = 256ull << 20;
+    auto s = w->BeginStorage(total);
+    REQUIRE(s.ok());
+    std::vector<std::byte> piece(1 << 20, std::byte{7});
+    for (uint64_t done = 0; done < total; done += piece.size()) {
+      REQUIRE(w->Append(piece).ok());
+    }
+    REQUIRE(w->EndStorage().ok());
+    TensorSpec spec{DType::kUInt8, {static_cast<int64_t>(total)}, {}, *s, 0};
+    REQUIRE(w->PutValue("x", w->AddTensor(spec).value()).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  rusage after{};
+  getrusage(RUSAGE_SELF, &after);
+  // ru_maxrss is in KiB; allow 64 MiB of growth (other tests ran before).
+  CHECK(after.ru_maxrss - before.ru_maxrss < 64 * 1024);
+  auto ck = Checkpoint::Open(dir.File("big.ckpt"));
+  REQUIRE(ck.ok());
+  CHECK(ck->Verify().ok());
+}
