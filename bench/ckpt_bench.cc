@@ -1,0 +1,287 @@
+// ckpt-bench: one executable, a subcommand per question (like db_bench).
+//   synth OUT.ckpt --tensors N --total-mb M [--dtype D] [--seed S] [--no-sync]
+//   cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]
+// Timings are best of R runs with a warm page cache (the file is read once
+// before timing). bench/run_cpu.py runs the peers beside it.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "synth.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int Usage() {
+  std::fprintf(stderr,
+               "usage: ckpt-bench synth OUT.ckpt --tensors N --total-mb M "
+               "[--dtype D] [--seed S] [--no-sync]\n"
+               "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n");
+  return 2;
+}
+
+int Die(const ckpt::Status& s) {
+  std::fprintf(stderr, "ckpt-bench: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+volatile uint64_t g_sink;
+
+// Reads every byte (as 64-bit words) so a mapping is really faulted in.
+void Touch(std::span<const std::byte> b) {
+  uint64_t acc = 0;
+  size_t words = b.size() / 8;
+  const auto* p = reinterpret_cast<const uint64_t*>(b.data());
+  for (size_t i = 0; i < words; ++i) acc += p[i];
+  for (size_t i = words * 8; i < b.size(); ++i) acc += static_cast<uint64_t>(b[i]);
+  g_sink = g_sink + acc;
+}
+
+double Best(int repeat, const std::function<void()>& fn) {
+  double best = 1e30;
+  for (int i = 0; i < repeat; ++i) {
+    auto t0 = Clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+struct Row {
+  std::string name;
+  double seconds;
+  uint64_t bytes;
+};
+
+int Synth(int argc, char** argv) {
+  if (argc < 1) return Usage();
+  std::string out = argv[0];
+  ckpt::bench::SynthOptions o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (a == "--tensors") {
+      const char* v = next();
+      if (!v) return Usage();
+      o.tensors = std::atoi(v);
+    } else if (a == "--total-mb") {
+      const char* v = next();
+      if (!v) return Usage();
+      o.total_bytes = static_cast<uint64_t>(std::atof(v) * 1048576.0);
+    } else if (a == "--dtype") {
+      const char* v = next();
+      auto d = v ? ckpt::DTypeFromName(v) : std::nullopt;
+      if (!d) return Usage();
+      o.dtype = *d;
+    } else if (a == "--seed") {
+      const char* v = next();
+      if (!v) return Usage();
+      o.seed = std::strtoull(v, nullptr, 10);
+    } else if (a == "--no-sync") {
+      o.sync = false;
+    } else {
+      return Usage();
+    }
+  }
+  if (o.tensors < 4 || o.total_bytes == 0) return Usage();
+  ckpt::Status s = ckpt::bench::WriteSynthetic(out, o);
+  if (!s.ok()) return Die(s);
+  return 0;
+}
+
+int Cpu(int argc, char** argv) {
+  if (argc < 1) return Usage();
+  std::string file = argv[0];
+  int repeat = 5;
+  std::string json, tmpdir = "/tmp";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--repeat" && i + 1 < argc) {
+      repeat = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--json" && i + 1 < argc) {
+      json = argv[++i];
+    } else if (a == "--tmpdir" && i + 1 < argc) {
+      tmpdir = argv[++i];
+    } else {
+      return Usage();
+    }
+  }
+  auto probe = ckpt::Checkpoint::Open(file);
+  if (!probe.ok()) return Die(probe.status());
+  uint64_t file_size = probe->file_size();
+  uint64_t tensor_bytes = 0;
+  size_t largest = 0;
+  for (size_t i = 0; i < probe->num_tensors(); ++i) {
+    auto info = probe->tensor_info(i);
+    tensor_bytes += info.nbytes();
+    if (info.nbytes() > probe->tensor_info(largest).nbytes()) largest = i;
+  }
+  const std::string big = probe->tensor_info(largest).path;
+  const int64_t big_rows = probe->tensor_info(largest).shape.empty()
+                               ? 1 : probe->tensor_info(largest).shape[0];
+  probe = ckpt::Status(ckpt::ErrorCode::kInvalidArgument, "closed");
+
+  std::vector<Row> rows;
+  std::vector<std::byte> buf(16 << 20);
+  auto raw_read = [&] {
+    int fd = ::open(file.c_str(), O_RDONLY);
+    while (::read(fd, buf.data(), buf.size()) > 0) Touch({buf.data(), 64});
+    ::close(fd);
+  };
+  raw_read();  // warm the page cache
+  rows.push_back({"raw_read", Best(repeat, raw_read), file_size});
+  rows.push_back({"raw_read_alloc", Best(repeat, [&] {
+    std::vector<std::byte> all(file_size);
+    int fd = ::open(file.c_str(), O_RDONLY);
+    uint64_t done = 0;
+    ssize_t n;
+    while ((n = ::read(fd, all.data() + done, file_size - done)) > 0) done += static_cast<uint64_t>(n);
+    ::close(fd);
+    Touch({all.data(), 64});
+  }), file_size});
+  rows.push_back({"open", Best(repeat * 4, [&] {
+    auto ck = ckpt::Checkpoint::Open(file);
+    if (!ck.ok()) std::abort();
+  }), 0});
+  uint64_t big_bytes = 0;
+  rows.push_back({"open_one_tensor", Best(repeat, [&] {
+    auto ck = ckpt::Checkpoint::Open(file);
+    auto t = ck->Tensor(big);
+    big_bytes = t->data().size();
+    Touch(t->data());
+  }), 0});
+  rows.back().bytes = big_bytes;
+  rows.push_back({"open_one_tensor_view", Best(repeat * 4, [&] {
+    auto ck = ckpt::Checkpoint::Open(file);
+    auto t = ck->Tensor(big);
+    Touch(t->data().first(64));  // time to first tensor: a view, not a copy
+  }), 0});
+  uint64_t slice_bytes = 0;
+  rows.push_back({"open_row_slice", Best(repeat, [&] {
+    auto ck = ckpt::Checkpoint::Open(file);
+    int64_t a = big_rows / 2, b = std::min(big_rows, a + 16);
+    auto t = ck->TensorRows(big, a, b);
+    slice_bytes = t->data().size();
+    Touch(t->data());
+  }), 0});
+  rows.back().bytes = slice_bytes;
+  rows.push_back({"load_view", Best(repeat, [&] {
+    ckpt::ReadOptions ro;
+    ro.populate = true;
+    auto ck = ckpt::Checkpoint::Open(file, ro);
+    for (size_t i = 0; i < ck->num_tensors(); ++i) Touch(ck->TensorAt(i)->data());
+  }), tensor_bytes});
+  rows.push_back({"load_view_2threads", Best(repeat, [&] {
+    // No MAP_POPULATE: two threads fault their halves of the tensors in.
+    auto ck = ckpt::Checkpoint::Open(file);
+    std::vector<ckpt::TensorRef> refs;
+    for (size_t i = 0; i < ck->num_tensors(); ++i) refs.push_back(*ck->TensorAt(i));
+    auto half = [&](size_t part) {
+      for (size_t i = part; i < refs.size(); i += 2) Touch(refs[i].data());
+    };
+    std::thread other(half, 1);
+    half(0);
+    other.join();
+  }), tensor_bytes});
+  rows.push_back({"load_copy", Best(repeat, [&] {
+    ckpt::ReadOptions ro;
+    ro.backend = ckpt::Backend::kPread;
+    auto ck = ckpt::Checkpoint::Open(file, ro);
+    std::vector<ckpt::TensorRef> keep;
+    for (size_t i = 0; i < ck->num_tensors(); ++i) keep.push_back(*ck->TensorAt(i));
+  }), tensor_bytes});
+  {
+    auto ck = ckpt::Checkpoint::Open(file);
+    rows.push_back({"xxh3_1thread", Best(repeat, [&] {
+      for (size_t i = 0; i < ck->num_tensors(); ++i) {
+        auto d = ck->TensorAt(i)->data();
+        g_sink = g_sink + XXH3_64bits(d.data(), d.size());
+      }
+    }), tensor_bytes});
+    rows.push_back({"verify_1thread", Best(repeat, [&] {
+      if (!ck->Verify({1}).ok()) std::abort();
+    }), file_size});
+    rows.push_back({"verify", Best(repeat, [&] {
+      if (!ck->Verify().ok()) std::abort();
+    }), file_size});
+    // Finish any writeback first, so it does not slow the timed saves.
+    ::sync();
+    std::string out = tmpdir + "/ckpt-bench-save.ckpt";
+    rows.push_back({"save_fsync", Best(repeat, [&] {
+      auto w = ckpt::Writer::Create(out);
+      if (!w.ok()) std::abort();
+      std::vector<ckpt::NodeId> k, v;
+      for (size_t i = 0; i < ck->num_tensors(); ++i) {
+        auto t = ck->TensorAt(i);
+        if (!w->PutTensor(t->info().path, t->dtype(), t->shape(), t->data()).ok()) std::abort();
+      }
+      if (!w->Commit().ok()) std::abort();
+    }), tensor_bytes});
+    ::unlink(out.c_str());
+    std::string raw = tmpdir + "/ckpt-bench-raw.bin";
+    rows.push_back({"raw_write_fsync", Best(repeat, [&] {
+      int fd = ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      for (size_t i = 0; i < ck->num_tensors(); ++i) {
+        auto d = ck->TensorAt(i)->data();
+        size_t done = 0;
+        while (done < d.size()) {
+          ssize_t n = ::write(fd, d.data() + done, d.size() - done);
+          if (n <= 0) std::abort();
+          done += static_cast<size_t>(n);
+        }
+      }
+      ::fsync(fd);
+      ::close(fd);
+    }), tensor_bytes});
+    ::unlink(raw.c_str());
+  }
+
+  std::printf("%-18s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
+  for (const auto& r : rows) {
+    double gbps = r.bytes && r.seconds > 0 ? r.bytes / r.seconds / 1e9 : 0;
+    std::printf("%-18s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
+                static_cast<unsigned long long>(r.bytes), gbps);
+  }
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (!f) return Die(ckpt::IoError("cannot write " + json));
+    std::fprintf(f, "{\"file\": \"%s\", \"file_size\": %llu, \"tensors_bytes\": %llu, \"results\": [",
+                 file.c_str(), static_cast<unsigned long long>(file_size),
+                 static_cast<unsigned long long>(tensor_bytes));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::fprintf(f, "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
+                   i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
+                   static_cast<unsigned long long>(rows[i].bytes));
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return Usage();
+  std::string cmd = argv[1];
+  if (cmd == "--help" || cmd == "-h") {
+    Usage();
+    return 0;
+  }
+  if (cmd == "synth") return Synth(argc - 2, argv + 2);
+  if (cmd == "cpu") return Cpu(argc - 2, argv + 2);
+  return Usage();
+}

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <future>
 #include <map>
 #include <optional>
 
@@ -19,6 +20,8 @@ namespace {
 // buffer of this size; larger appends go straight from the caller's memory.
 constexpr size_t kWriteBufferBytes = 1u << 20;
 constexpr size_t kMaxBigIntBytes = 4096;
+// Appends at least this large hash on a second thread while writing.
+constexpr size_t kOverlapHashBytes = 1u << 20;
 }  // namespace
 
 class WriterImpl {
@@ -120,7 +123,22 @@ class WriterImpl {
                              " bytes exceeds the storage's remaining " +
                              std::to_string(remaining_));
     }
-    // Hash in chunk-sized pieces so each chunk's digest is taken at its end.
+    remaining_ -= bytes.size();
+    if (bytes.size() < kOverlapHashBytes) {
+      Hash(bytes);
+      return Fail(Write(bytes));
+    }
+    // Large pieces: hash on a second thread while this one writes the same
+    // (read-only) bytes, so a save costs max(hash, write), not their sum.
+    auto hashing = std::async(std::launch::async, [this, bytes] { Hash(bytes); });
+    Status s = Write(bytes);
+    hashing.get();
+    return Fail(s);
+  }
+
+  // Feeds the open storage's bytes to the hasher in chunk-sized pieces, so
+  // each chunk's digest is taken at its end.
+  void Hash(std::span<const std::byte> bytes) {
     std::span<const std::byte> rest = bytes;
     while (!rest.empty()) {
       uint64_t take = std::min<uint64_t>(rest.size(),
@@ -134,8 +152,6 @@ class WriterImpl {
         in_chunk_ = 0;
       }
     }
-    remaining_ -= bytes.size();
-    return Fail(Write(bytes));
   }
 
   Status EndStorage() {
