@@ -155,6 +155,13 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                       "appended to"),
               kOffHeaderSize);
   }
+  // R8: header size cap, checked before the header is read or allocated.
+  if (p.header_size < 8 || p.header_size > kMaxHeaderBytes) {
+    return At(Corrupt("header of " + std::to_string(p.header_size) +
+                      " bytes is outside [8, " +
+                      std::to_string(kMaxHeaderBytes) + "]"),
+              kOffHeaderSize);
+  }
   return p;
 }
 
@@ -449,13 +456,6 @@ Status CheckMetadata(const fb::Header& h, const Preamble& p) {
 
 Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                                          const Preamble& p) {
-  // R8: header size cap, checked before anything is hashed or parsed.
-  if (header.size() < 8 || header.size() > kMaxHeaderBytes) {
-    return At(Corrupt("header of " + std::to_string(header.size()) +
-                      " bytes is outside [8, " +
-                      std::to_string(kMaxHeaderBytes) + "]"),
-              kOffHeaderSize);
-  }
   // R9: header checksum.
   uint64_t computed = Xxh3(header);
   if (computed != p.header_hash) {

@@ -39,12 +39,12 @@ inline constexpr uint64_t kOffSelfHash = 56;
 /// The 64 preamble bytes, self-checksum included.
 std::array<std::byte, 64> EncodePreamble(const Preamble& p);
 
-/// Rules R1-R7: size, magic, version, preamble checksum, flags, section
-/// ranges. `bytes` holds at least min(64, file_size) bytes of the file.
+/// Rules R1-R8: size, magic, version, preamble checksum, flags, section
+/// ranges, header size cap. `bytes` holds at least min(64, file_size) bytes of the file.
 Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                                 uint64_t file_size);
 
-/// Rules R8-R15 on the header bytes: checksum, FlatBuffers Verifier, and
+/// Rules R9-R15 on the header bytes: checksum, FlatBuffers Verifier, and
 /// the semantic rules that need no data bytes. `header` must be 8-byte
 /// aligned. On success returns the root table (pointing into `header`).
 Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,

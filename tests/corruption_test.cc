@@ -379,3 +379,19 @@ TEST_CASE("R18: verify requires zero padding") {
   RequireError(s, ErrorCode::kCorrupt, "padding");
   CHECK(s.offset() == 100);
 }
+
+TEST_CASE("R8: a header size over the cap is refused before it is read") {
+  TempDir dir;
+  auto f = SmallFile(dir.File("s.ckpt"));
+  // Claim a 2 GiB header ending at the (fake) end of a 2 GiB+ file: the
+  // pread backend would have to allocate it; R8 refuses first.
+  auto g = f;
+  uint64_t big = (1ull << 31);
+  PutU64(g, internal::kOffHeaderSize, big);
+  PutU64(g, internal::kOffHeaderOffset, 4096);
+  PutU64(g, internal::kOffDataSize, 0);
+  SealPreamble(g);
+  Status s = internal::DecodePreamble(g, 4096 + big).status();
+  RequireError(s, ErrorCode::kCorrupt, "outside [8, 1073741824]");
+  CHECK(s.offset() == internal::kOffHeaderSize);
+}

@@ -1,5 +1,6 @@
 #include "json.h"
 
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 
@@ -60,10 +61,11 @@ void AppendJsonDouble(std::string& out, double v) {
   } else if (std::isinf(v)) {
     out += v > 0 ? "Infinity" : "-Infinity";
   } else {
+    // Shortest form that round-trips ("0.1", not "0.10000000000000001");
+    // keep a float looking like a float ("1.0", not "1").
     char buf[32];
-    std::snprintf(buf, sizeof buf, "%.17g", v);
-    // Keep a float looking like a float ("1.0", not "1").
-    std::string s = buf;
+    auto r = std::to_chars(buf, buf + sizeof buf, v);
+    std::string s(buf, r.ptr);
     if (s.find_first_of(".eE") == std::string::npos) s += ".0";
     out += s;
   }

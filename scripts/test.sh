@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite: a warnings-as-errors build and its tests, the same
+# tests under AddressSanitizer + UBSan, and a short libFuzzer run of
+# Checkpoint::OpenBuffer when clang is available.
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    the first build's tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+echo "== build (warnings are errors) and test"
+cmake -S . -B build-test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_WERROR=ON >/dev/null
+cmake --build build-test -j"$jobs"
+(cd build-test && ctest --output-on-failure -j"$jobs")
+[ "$quick" = 1 ] && exit 0
+
+echo "== install, then build a consumer with find_package(ckpt)"
+prefix=$(mktemp -d)
+cmake --install build-test --prefix "$prefix" >/dev/null
+cmake -S tests/install -B build-consumer -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build build-consumer -j"$jobs"
+build-consumer/consumer "$prefix/consumer.ckpt"
+rm -rf "$prefix"
+echo "install: 1 passed, 0 failed"
+
+echo "== ASan + UBSan build and test"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON \
+  -DCKPT_WERROR=ON -DCKPT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j"$jobs"
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs")
+
+if command -v clang++ >/dev/null; then
+  echo "== libFuzzer: Checkpoint::OpenBuffer for 60 s"
+  CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DCKPT_FUZZ=ON \
+    -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
+    -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build build-fuzz -j"$jobs" --target open_fuzz
+  corpus=$(mktemp -d)
+  trap 'rm -rf "$corpus"' EXIT
+  cp tests/data/*.ckpt "$corpus/"
+  build-fuzz/open_fuzz -max_total_time=60 -max_len=65536 -print_final_stats=0 \
+    "$corpus" 2>&1 | tail -n 3
+  echo "fuzz: 1 passed, 0 failed"
+else
+  echo "fuzz: skipped (clang++ not found)"
+fi
