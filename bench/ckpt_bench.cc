@@ -184,6 +184,12 @@ int Cpu(int argc, char** argv) {
     auto ck = ckpt::Checkpoint::Open(file, ro);
     for (size_t i = 0; i < ck->num_tensors(); ++i) Touch(ck->TensorAt(i)->data());
   }), tensor_bytes});
+  rows.push_back({"load_prefetch", Best(repeat, [&] {
+    // Checkpoint::Prefetch (parallel MADV_POPULATE_READ), then touch all.
+    auto ck = ckpt::Checkpoint::Open(file);
+    if (!ck->Prefetch().ok()) std::abort();
+    for (size_t i = 0; i < ck->num_tensors(); ++i) Touch(ck->TensorAt(i)->data());
+  }), tensor_bytes});
   rows.push_back({"load_view_2threads", Best(repeat, [&] {
     // No MAP_POPULATE: two threads fault their halves of the tensors in.
     auto ck = ckpt::Checkpoint::Open(file);

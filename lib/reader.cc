@@ -737,6 +737,36 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
 
 }  // namespace internal
 
+Status Checkpoint::Prefetch(unsigned threads) const {
+  const auto& src = *impl_->source;
+  if (!src.zero_copy()) return Status::OK();
+  unsigned n = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
+  // 64 MiB pieces handed out in order keep every thread busy to the end.
+  constexpr uint64_t kPiece = 64ull << 20;
+  const uint64_t begin = impl_->pre.data_offset;
+  const uint64_t end = begin + impl_->pre.data_size;
+  std::atomic<uint64_t> next{begin};
+  std::mutex mu;
+  Status first;
+  auto worker = [&] {
+    for (;;) {
+      uint64_t off = next.fetch_add(kPiece);
+      if (off >= end) return;
+      Status s = src.Populate(off, std::min(kPiece, end - off));
+      if (!s.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (first.ok()) first = s;
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < n; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  return first;
+}
+
 Status Checkpoint::Verify(const VerifyOptions& options) const {
   CKPT_RETURN_IF_ERROR(impl_->VerifyTreePaths());
   return impl_->VerifyData(options.threads);

@@ -31,6 +31,11 @@ class ByteSource : public std::enable_shared_from_this<ByteSource> {
   virtual Result<Bytes> Read(uint64_t offset, uint64_t len) const = 0;
   /// Fills `out` with bytes from `offset`, copying.
   virtual Status ReadInto(uint64_t offset, std::span<std::byte> out) const = 0;
+  /// Makes [offset, offset+len) resident and mapped now (mappings only;
+  /// otherwise a no-op).
+  virtual Status Populate(uint64_t /*offset*/, uint64_t /*len*/) const {
+    return Status::OK();
+  }
 
  protected:
   ByteSource(std::string name, uint64_t size)

@@ -117,6 +117,8 @@ TEST_CASE("populate and pread backends read the same bytes as mmap") {
     ro.populate = populate;
     auto ck = Checkpoint::Open(path, ro);
     REQUIRE(ck.ok());
+    CHECK(ck->Prefetch().ok());
+    CHECK(ck->Prefetch(1).ok());
     auto t = ck->Tensor("v");
     REQUIRE(t.ok());
     seen.emplace_back(t->data().begin(), t->data().end());

@@ -245,6 +245,12 @@ class Checkpoint {
   /// kNotFound if absent.
   Result<std::string> Metadata(std::string_view key) const;
 
+  /// Makes the whole data section resident and mapped now, with
+  /// `threads` threads (0 = all cores), so later reads of any tensor take
+  /// no page faults: a full load into memory without a copy. No-op with the
+  /// pread backend. kIoError if the kernel refuses.
+  Status Prefetch(unsigned threads = 0) const;
+
   /// Checks every checksum chunk, zero padding, and the rules that need the
   /// tree walked (each tensor's path is its tree position), using all cores.
   /// Returns the problem at the lowest byte offset: kChecksumMismatch
