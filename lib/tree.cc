@@ -53,7 +53,7 @@ std::string BigIntDecimal(std::span<const uint8_t> le) {
     digits += static_cast<char>('0' + rem);
     while (top > 0 && mag[top - 1] == 0) --top;
   }
-  if (digits.empty()) digits = "0";
+  if (digits.empty()) digits.push_back('0');
   if (negative) digits += '-';
   return std::string(digits.rbegin(), digits.rend());
 }

@@ -17,7 +17,7 @@ build/ckpt inspect "$demo/model.ckpt" | head -n 12
 echo "   ..."
 echo "== verify"
 build/ckpt verify "$demo/model.ckpt"
-echo "== load: a value and rows 0:2 of a tensor"
+echo "== load: a value, and rows 0:4 of a tensor as raw bfloat16"
 printf 'optimizer/lr = '; build/ckpt get "$demo/model.ckpt" optimizer/lr
 build/ckpt cat "$demo/model.ckpt" model/norm.weight --rows 0:4 | od -A d -t x2 | head -n 2
 echo "== the C++ example (examples/write_read.cc)"
