@@ -2,6 +2,7 @@
 // Thin: parses arguments and calls the public library. Contract (DESIGN.md):
 // errors go to stderr, usage errors exit 2, every command has --help.
 #include <ckpt/ckpt.h>
+#include <ckpt/pth.h>
 
 #include <chrono>
 #include <cstdio>
@@ -34,6 +35,7 @@ const char* kMainHelp =
     "  get FILE PATH                the value at PATH in the tree, as JSON\n"
     "  verify FILE                  check structure and every checksum\n"
     "  diff A B                     tensors and values that differ\n"
+    "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
     "\n"
     "Run 'ckpt <command> --help' for details. Exit status: 0 success,\n"
     "1 failure (message on stderr), 2 usage error.\n";
@@ -77,6 +79,13 @@ const char* kDiffHelp =
     "'+' only in B) or different ('~': dtype, shape or bytes; value).\n"
     "Exit 0 when the contents are the same, 1 when they differ, 3 when a\n"
     "file cannot be read.\n";
+
+const char* kImportHelp =
+    "usage: ckpt import [--no-crc] IN.pth OUT.ckpt\n"
+    "\n"
+    "Converts a torch.save file to ckpt without running anything from it;\n"
+    "the same as pth2ckpt IN OUT (see pth2ckpt --help). On refusal: exit 1,\n"
+    "the reason on stderr, and no OUT file.\n";
 
 int Usage(const char* help, const std::string& problem) {
   std::fprintf(stderr, "ckpt: %s\n\n%s", problem.c_str(), help);
@@ -477,6 +486,29 @@ int Diff(const std::vector<std::string>& args) {
   return differences ? 1 : kExitOk;
 }
 
+// ---- import ---------------------------------------------------------------------
+
+int Import(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kImportHelp), kExitOk;
+  ckpt::ImportOptions opt;
+  std::vector<std::string> pos;
+  for (const auto& a : args) {
+    if (a == "--no-crc") {
+      opt.check_crc = false;
+    } else if (a.size() > 1 && a[0] == '-') {
+      return Usage(kImportHelp, "unknown option '" + a + "'");
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
+  auto r = ckpt::ImportPth(pos[0], pos[1], opt);
+  if (!r.ok()) return Fail(r.status());
+  std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n", pos[0].c_str(),
+              pos[1].c_str(), r->tensors, r->storages, r->container.c_str());
+  return kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -497,5 +529,6 @@ int main(int argc, char** argv) {
   if (cmd == "get") return Get(args);
   if (cmd == "verify") return Verify(args);
   if (cmd == "diff") return Diff(args);
+  if (cmd == "import") return Import(args);
   return Usage(kMainHelp, "unknown command '" + cmd + "'");
 }

@@ -1,0 +1,93 @@
+// A restricted pickle reader for torch.save files. It never imports or
+// calls anything: GLOBAL names are looked up in an allowlist of exact
+// (module, name) pairs, and REDUCE/NEWOBJ/BUILD only apply the handful of
+// torch, numpy and builtin constructors a checkpoint needs, each with its
+// arguments checked. The result is a graph of PyObj values.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ckpt/format.h"
+#include "ckpt/status.h"
+
+namespace ckpt::internal {
+
+struct PyObj;
+using Obj = std::shared_ptr<PyObj>;
+
+/// A storage named by a persistent id: its bytes live in the archive under
+/// `key` (or, for numpy arrays, in `inline_data`).
+struct PyStorage {
+  std::string key;
+  DType dtype = DType::kUInt8;   // element type of `numel`
+  uint64_t numel = 0;            // elements of `dtype`
+  std::string location = "cpu";  // saved device
+  bool untyped = false;          // torch.storage.UntypedStorage (numel = bytes)
+  std::shared_ptr<std::vector<std::byte>> inline_data;  // numpy payloads
+};
+
+struct PyTensor {
+  std::shared_ptr<PyStorage> storage;
+  DType dtype = DType::kInvalid;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  int64_t offset = 0;  // elements
+  bool requires_grad = false;
+  bool is_parameter = false;
+};
+
+struct PyObj {
+  enum class K {
+    kNone, kBool, kInt, kBigInt, kFloat, kComplex, kStr, kBytes,
+    kList, kTuple, kDict, kSet, kFrozenSet,
+    kGlobal,      // an allowlisted callable or class: s = module, s2 = name
+    kStorage,     // a storage by itself
+    kTensor,
+    kDType,       // torch dtype (i = code)
+    kDevice,      // s
+    kNpDType,     // numpy dtype under construction: s = code, s2 = byte order
+    kNpArray,     // numpy ndarray under construction
+  };
+  K kind = K::kNone;
+  int64_t i = 0;
+  double f = 0, im = 0;
+  std::string s, s2;
+  std::vector<uint8_t> bytes;     // Bytes, BigInt (LE two's complement)
+  std::vector<Obj> items;         // List/Tuple/Set elements, Dict values
+  std::vector<Obj> keys;          // Dict keys
+  std::string type_name;          // Dict class tag
+  std::shared_ptr<PyStorage> storage;
+  std::shared_ptr<PyTensor> tensor;
+};
+
+struct PickleLimits {
+  size_t max_memo = 1u << 22;
+  size_t max_stack = 1u << 22;
+  size_t max_marks = 1u << 16;
+  uint64_t max_objects = 1ull << 26;
+  size_t max_long_bytes = 64;
+};
+
+/// Resolves a persistent id (the tuple given to BINPERSID) to a storage.
+using PersistentLoad = std::function<Result<Obj>(const Obj& pid)>;
+
+/// Runs one pickle from `data` (up to and including STOP) and returns its
+/// value; `*consumed` receives its length. `where` names the stream in
+/// errors ("data.pkl"), with byte offsets relative to it.
+/// `file_offset` is where `data` starts in the input file (for the offsets
+/// in errors), or -1 when it was inflated.
+Result<Obj> Unpickle(std::span<const std::byte> data, const std::string& where,
+                     int64_t file_offset, const PersistentLoad& persistent_load,
+                     size_t* consumed, const PickleLimits& limits = {});
+
+/// dtype of a torch storage class name ("FloatStorage" -> float32).
+std::optional<DType> StorageClassDType(const std::string& name);
+
+}  // namespace ckpt::internal

@@ -1,0 +1,256 @@
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_set>
+
+#include "zip_internal.h"
+
+namespace ckpt::internal {
+namespace {
+
+constexpr uint32_t kEocdSig = 0x06054b50;
+constexpr uint32_t kZip64EocdSig = 0x06064b50;
+constexpr uint32_t kZip64LocatorSig = 0x07064b50;
+constexpr uint32_t kCentralSig = 0x02014b50;
+constexpr uint32_t kLocalSig = 0x04034b50;
+constexpr size_t kEocdBytes = 22;
+constexpr size_t kMaxComment = 65535;
+constexpr size_t kMaxEntries = 1000000;
+constexpr size_t kMaxNameBytes = 4096;
+
+uint64_t LE(const std::byte* p, int n) {
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+Status Bad(const ByteSource& src, uint64_t offset, std::string msg) {
+  return Corrupt("zip: " + std::move(msg))
+      .WithFile(src.name())
+      .WithOffset(static_cast<int64_t>(offset));
+}
+
+bool InFile(const ByteSource& src, uint64_t off, uint64_t len) {
+  return off <= src.size() && len <= src.size() - off;
+}
+
+}  // namespace
+
+uint32_t Crc32(uint32_t crc, std::span<const std::byte> bytes) {
+  const auto* p = reinterpret_cast<const Bytef*>(bytes.data());
+  size_t left = bytes.size();
+  while (left > 0) {
+    auto n = static_cast<uInt>(std::min<size_t>(left, 1u << 30));
+    crc = static_cast<uint32_t>(::crc32(crc, p, n));
+    p += n;
+    left -= n;
+  }
+  return crc;
+}
+
+Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
+  const ByteSource& src = *source;
+  const uint64_t size = src.size();
+  if (size < kEocdBytes) return Bad(src, 0, "file too short for a zip archive");
+  // 1. End of central directory: scan back over the comment area.
+  uint64_t tail_len = std::min<uint64_t>(size, kEocdBytes + kMaxComment);
+  CKPT_ASSIGN_OR_RETURN(Bytes tail, src.Read(size - tail_len, tail_len));
+  int64_t eocd_rel = -1;
+  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0; --i) {
+    const std::byte* p = tail.data.data() + i;
+    if (LE(p, 4) == kEocdSig &&
+        static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2) == tail_len) {
+      eocd_rel = i;
+      break;
+    }
+  }
+  if (eocd_rel < 0) {
+    return Bad(src, size, "no end-of-central-directory record (truncated?)");
+  }
+  const uint64_t eocd = size - tail_len + static_cast<uint64_t>(eocd_rel);
+  const std::byte* e = tail.data.data() + eocd_rel;
+  uint64_t count = LE(e + 10, 2);
+  uint64_t cd_size = LE(e + 12, 4);
+  uint64_t cd_offset = LE(e + 16, 4);
+  // 2. zip64: torch always writes the locator; follow it when present.
+  if (eocd >= 20) {
+    CKPT_ASSIGN_OR_RETURN(Bytes loc, src.Read(eocd - 20, 20));
+    if (LE(loc.data.data(), 4) == kZip64LocatorSig) {
+      uint64_t z64 = LE(loc.data.data() + 8, 8);
+      if (!InFile(src, z64, 56)) {
+        return Bad(src, eocd - 20, "zip64 end record offset outside the file");
+      }
+      CKPT_ASSIGN_OR_RETURN(Bytes rec, src.Read(z64, 56));
+      if (LE(rec.data.data(), 4) != kZip64EocdSig) {
+        return Bad(src, z64, "bad zip64 end-of-central-directory signature");
+      }
+      count = LE(rec.data.data() + 32, 8);
+      cd_size = LE(rec.data.data() + 40, 8);
+      cd_offset = LE(rec.data.data() + 48, 8);
+    } else if (count == 0xFFFF || cd_size == 0xFFFFFFFF ||
+               cd_offset == 0xFFFFFFFF) {
+      return Bad(src, eocd, "saturated end record without a zip64 locator");
+    }
+  }
+  if (count > kMaxEntries) {
+    return Bad(src, eocd, std::to_string(count) + " entries (limit " +
+                              std::to_string(kMaxEntries) + ")");
+  }
+  if (!InFile(src, cd_offset, cd_size) || cd_offset + cd_size > eocd) {
+    return Bad(src, eocd, "central directory [" + std::to_string(cd_offset) +
+                              ", +" + std::to_string(cd_size) +
+                              ") outside the file");
+  }
+  // 3. Central directory.
+  CKPT_ASSIGN_OR_RETURN(Bytes cd, src.Read(cd_offset, cd_size));
+  ZipArchive z;
+  z.source_ = std::move(source);
+  z.entries_.reserve(static_cast<size_t>(count));
+  std::unordered_set<std::string> names;
+  uint64_t pos = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    const uint64_t at = cd_offset + pos;
+    if (cd_size - pos < 46) return Bad(src, at, "central directory truncated");
+    const std::byte* c = cd.data.data() + pos;
+    if (LE(c, 4) != kCentralSig) return Bad(src, at, "bad central directory signature");
+    ZipEntry ent;
+    ent.flags = static_cast<uint16_t>(LE(c + 8, 2));
+    ent.method = static_cast<uint16_t>(LE(c + 10, 2));
+    ent.crc32 = static_cast<uint32_t>(LE(c + 16, 4));
+    ent.compressed_size = LE(c + 20, 4);
+    ent.size = LE(c + 24, 4);
+    uint64_t name_len = LE(c + 28, 2), extra_len = LE(c + 30, 2),
+             comment_len = LE(c + 32, 2);
+    ent.local_header_offset = LE(c + 42, 4);
+    uint64_t rec = 46 + name_len + extra_len + comment_len;
+    if (cd_size - pos < rec) return Bad(src, at, "central directory entry truncated");
+    if (name_len > kMaxNameBytes) return Bad(src, at, "entry name too long");
+    ent.name.assign(reinterpret_cast<const char*>(c + 46), name_len);
+    // zip64 extra field (id 1): only the saturated fields, in order.
+    const std::byte* x = c + 46 + name_len;
+    uint64_t xpos = 0;
+    while (xpos + 4 <= extra_len) {
+      uint64_t id = LE(x + xpos, 2), len = LE(x + xpos + 2, 2);
+      if (xpos + 4 + len > extra_len) return Bad(src, at, "extra field overruns its entry");
+      if (id == 1) {
+        const std::byte* v = x + xpos + 4;
+        uint64_t vlen = len;
+        auto take = [&](uint64_t* field) -> bool {
+          if (*field != 0xFFFFFFFF) return true;
+          if (vlen < 8) return false;
+          *field = LE(v, 8);
+          v += 8;
+          vlen -= 8;
+          return true;
+        };
+        if (!take(&ent.size) || !take(&ent.compressed_size) ||
+            !take(&ent.local_header_offset)) {
+          return Bad(src, at, "zip64 extra field too short");
+        }
+      }
+      xpos += 4 + len;
+    }
+    if (!names.insert(ent.name).second) {
+      return Bad(src, at, "duplicate entry '" + ent.name + "'");
+    }
+    if (!InFile(src, ent.local_header_offset, 30)) {
+      return Bad(src, at, "entry '" + ent.name + "': local header outside the file");
+    }
+    z.entries_.push_back(std::move(ent));
+    pos += rec;
+  }
+  return z;
+}
+
+const ZipEntry* ZipArchive::Find(const std::string& name) const {
+  for (const auto& e : entries_) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+Result<uint64_t> ZipArchive::PayloadOffset(const ZipEntry& e) const {
+  const ByteSource& src = *source_;
+  CKPT_ASSIGN_OR_RETURN(Bytes h, src.Read(e.local_header_offset, 30));
+  const std::byte* p = h.data.data();
+  if (LE(p, 4) != kLocalSig) {
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "': bad local header signature");
+  }
+  uint64_t name_len = LE(p + 26, 2), extra_len = LE(p + 28, 2);
+  uint64_t payload = e.local_header_offset + 30 + name_len + extra_len;
+  if (!InFile(src, e.local_header_offset + 30, name_len)) {
+    return Bad(src, e.local_header_offset, "entry '" + e.name + "': truncated local header");
+  }
+  CKPT_ASSIGN_OR_RETURN(Bytes n, src.Read(e.local_header_offset + 30, name_len));
+  if (std::string_view(reinterpret_cast<const char*>(n.data.data()), name_len) != e.name) {
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "': local name differs from the central directory");
+  }
+  if (!InFile(src, payload, e.compressed_size)) {
+    return Bad(src, payload, "entry '" + e.name + "': payload of " +
+                                 std::to_string(e.compressed_size) +
+                                 " bytes runs past the end of the file (truncated?)");
+  }
+  return payload;
+}
+
+Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
+  const ByteSource& src = *source_;
+  if (e.flags & 1) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is encrypted");
+  CKPT_ASSIGN_OR_RETURN(uint64_t payload, PayloadOffset(e));
+  Bytes out;
+  if (e.method == 0) {
+    if (e.compressed_size != e.size) {
+      return Bad(src, payload, "stored entry '" + e.name + "' with different sizes");
+    }
+    CKPT_ASSIGN_OR_RETURN(out, src.Read(payload, e.size));
+  } else if (e.method == 8) {
+    CKPT_ASSIGN_OR_RETURN(Bytes in, src.Read(payload, e.compressed_size));
+    // Output is bounded by the declared size: a zip bomb gets no further.
+    auto buf = std::shared_ptr<std::byte[]>(new std::byte[e.size ? e.size : 1]);
+    z_stream zs{};
+    if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) {
+      return IoError("zlib: inflateInit2 failed").WithFile(src.name());
+    }
+    zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data.data()));
+    zs.next_out = reinterpret_cast<Bytef*>(buf.get());
+    uint64_t in_left = e.compressed_size, out_left = e.size;
+    int rc = Z_OK;
+    while (rc == Z_OK) {
+      auto ni = static_cast<uInt>(std::min<uint64_t>(in_left, 1u << 30));
+      auto no = static_cast<uInt>(std::min<uint64_t>(out_left, 1u << 30));
+      zs.avail_in = ni;
+      zs.avail_out = no;
+      rc = inflate(&zs, Z_NO_FLUSH);
+      in_left -= ni - zs.avail_in;
+      out_left -= no - zs.avail_out;
+      if (rc == Z_OK && zs.avail_out == no && zs.avail_in == ni) break;  // no progress
+      if (rc == Z_BUF_ERROR && out_left == 0) break;
+    }
+    inflateEnd(&zs);
+    if (rc != Z_STREAM_END || out_left != 0) {
+      return Bad(src, payload, "entry '" + e.name + "': deflate data is corrupt or does " +
+                                   "not inflate to its declared " + std::to_string(e.size) +
+                                   " bytes");
+    }
+    out.data = {buf.get(), static_cast<size_t>(e.size)};
+    out.owner = buf;
+  } else {
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "' uses compression method " +
+                   std::to_string(e.method) + " (only stored and deflate are supported)");
+  }
+  if (check_crc) {
+    uint32_t crc = Crc32(0, out.data);
+    if (crc != e.crc32) {
+      return ChecksumMismatch("zip: entry '" + e.name + "': CRC-32 mismatch")
+          .WithFile(src.name())
+          .WithOffset(static_cast<int64_t>(payload));
+    }
+  }
+  return out;
+}
+
+}  // namespace ckpt::internal
