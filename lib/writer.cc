@@ -1,6 +1,7 @@
 #include "ckpt/writer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <future>
 #include <map>
@@ -427,9 +428,13 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     auto it = items.empty() ? 0 : fbb.CreateVector(items);
     auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
     auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
+    // FlatBuffers omits a field equal to its default, and -0.0 == 0.0:
+    // force the fields of such a node out so the sign survives.
+    fbb.ForceDefaults(std::signbit(r.float_value) || std::signbit(r.imag_value));
     nodes.push_back(fb::CreateNode(fbb, static_cast<fb::ValueKind>(r.kind),
                                    int_value, r.float_value, r.imag_value, str,
                                    bytes, it, ks, tn));
+    fbb.ForceDefaults(false);
   }
   std::vector<flatbuffers::Offset<fb::KeyValue>> md;
   for (const auto& [k, v] : metadata_) {

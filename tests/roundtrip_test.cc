@@ -225,6 +225,8 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
     auto put = [&](NodeId key, NodeId val) { k.push_back(key); v.push_back(val); };
     put(w->AddString("epoch"), w->AddInt(3));
     put(w->AddString("loss"), w->AddFloat(0.25));
+    put(w->AddString("negzero"), w->AddFloat(-0.0));
+    put(w->AddString("cneg"), w->AddComplex(-0.0, -0.0));
     put(w->AddString("name"), w->AddString("run/1"));
     put(w->AddString("flag"), w->AddBool(true));
     put(w->AddString("none"), w->AddNone());
@@ -273,6 +275,9 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
   };
   CHECK(get("epoch").as_int() == 3);
   CHECK(get("loss").as_float() == 0.25);
+  CHECK(std::signbit(get("negzero").as_float()));
+  CHECK(std::signbit(get("cneg").as_complex().real()));
+  CHECK(std::signbit(get("cneg").as_complex().imag()));
   CHECK(get("name").as_string() == "run/1");
   CHECK(get("flag").as_bool());
   CHECK(get("none").kind() == ValueKind::kNone);
@@ -302,9 +307,9 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
   CHECK(ck->Tensor("w").ok());
   // Dict order is kept.
   Value root = ck->root();
-  REQUIRE(root.size() == 19);
+  REQUIRE(root.size() == 21);
   CHECK(root.key(0).as_string() == "epoch");
-  CHECK(root.key(17).as_int() == 5);
+  CHECK(root.key(19).as_int() == 5);
   // Errors name the missing piece.
   auto missing = ck->Get("opt/nope");
   CHECK(missing.status().code() == ErrorCode::kNotFound);

@@ -9,6 +9,7 @@
 
 #include "ckpt/pth.h"
 #include "ckpt/reader.h"
+#include "header_internal.h"
 #include "pickle_internal.h"
 #include "source_internal.h"
 #include "zip_internal.h"
@@ -411,12 +412,12 @@ Result<NodeId> Emitter::Emit(const Obj& o, const std::string& path, int depth) {
       auto sid = WriteStorage(t->storage, path);
       if (!sid.ok()) return Fail(path, sid.status());
       if (!w_) {
-        // Dry run: check the view like the writer would.
-        uint64_t nbytes = t->storage->numel * ElementSize(*t->storage);
-        if (DTypeSize(t->dtype) == 0) {
-          return Fail(path, InvalidArgument("tensor has no known dtype"));
+        // Dry run: the same view check the writer makes.
+        if (auto problem = internal::ViewProblem(
+                static_cast<uint8_t>(t->dtype), t->shape, t->strides, t->offset,
+                t->storage->numel * ElementSize(*t->storage))) {
+          return Fail(path, InvalidArgument("bad tensor view: " + *problem));
         }
-        (void)nbytes;
         return NodeId{0};
       }
       TensorSpec spec{t->dtype, t->shape, t->strides, *sid, t->offset,

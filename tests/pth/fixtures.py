@@ -1,0 +1,262 @@
+"""Fixtures for the pth2ckpt tests, made at test time by the installed torch.
+
+make_cases() returns {name: object}; write_all(dir) saves each object in
+every way torch.save can (zip with pickle protocols 2, 4 and 5, and the
+legacy format) and adds re-zipped variants. hostile(dir) writes hand-made
+archives that must be refused.
+"""
+import argparse
+import collections
+import io
+import os
+import pickle
+import random
+import struct
+import zipfile
+
+import numpy as np
+import torch
+
+
+def make_cases():
+    torch.manual_seed(0)
+    cases = {}
+
+    # A model's state_dict (OrderedDict with _metadata) and a full training
+    # checkpoint: model, optimizer, scheduler, epoch, loss, RNG.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    cases["state_dict"] = model.state_dict()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    cases["training"] = {
+        "epoch": 2, "model_state": model.state_dict(),
+        "optimizer_state": opt.state_dict(), "scheduler_state": sched.state_dict(),
+        "loss": 0.123456789012345, "losses": [1.5, 0.75, float("nan"), float("inf")],
+        "rng_state": torch.get_rng_state(), "np_rng": np.random.RandomState(1).get_state()[1][:8],
+    }
+    # GAN: two models and two optimizers in one file.
+    g, d = torch.nn.Linear(5, 5), torch.nn.Linear(5, 1)
+    og, od = torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(d.parameters())
+    for o, m in ((og, g), (od, d)):
+        m(torch.randn(2, 5)).sum().backward()
+        o.step()
+    cases["gan"] = {"G": g.state_dict(), "D": d.state_dict(),
+                    "optG": og.state_dict(), "optD": od.state_dict(), "step": 100}
+
+    # Every dtype torch 1.13 can save.
+    dtypes = [torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.int8,
+              torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+              torch.complex64, torch.complex128]
+    every = {}
+    for dt in dtypes:
+        if dt == torch.bool:
+            t = torch.tensor([[True, False, True], [False, False, True]])
+        elif dt.is_complex:
+            t = torch.randn(2, 3, dtype=dt)
+        elif dt.is_floating_point:
+            t = torch.randn(2, 3).to(dt)
+        else:
+            t = torch.arange(-3, 3).view(2, 3).to(dt) if dt != torch.uint8 else torch.arange(6, dtype=dt).view(2, 3)
+        every[str(dt).replace("torch.", "")] = t
+    cases["dtypes"] = every
+
+    # Shapes and views.
+    base = torch.arange(24.0)
+    tied = torch.nn.Parameter(torch.randn(3, 3))
+    cases["views"] = {
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+        "slice_view": base[2:8].view(2, 3), "transposed": base.view(4, 6).t(),
+        "expanded": torch.tensor([1.0, 2.0]).view(2, 1).expand(2, 5),
+        "base": base, "tied_a": tied, "tied_b": tied,
+        "strided": base.view(4, 6)[:, ::2],
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "grad_tensor": torch.ones(3, requires_grad=True),
+    }
+
+    # Values and containers.
+    ns = argparse.Namespace(lr=0.1, name="run", layers=[1, 2])
+    cases["values"] = {
+        "none": None, "t": True, "f": False, "int": -7, "big": 2 ** 100, "neg_big": -(2 ** 70),
+        "float": 0.1, "neg_zero": -0.0, "complex": 1 + 2j, "str": "héllo / ~world",
+        "bytes": b"\x00\xffabc", "empty_bytes": b"", "set": {3}, "frozen": frozenset(),
+        "tuple": (1, "a", None), "nested": [[1, [2, [3]]], {"k": (4,)}],
+        5: "int key", (1, 2): "tuple key", -1: [], "dtype": torch.bfloat16,
+        "device": torch.device("cuda", 1), "cpu": torch.device("cpu"),
+        "size": torch.Size([2, 3]), "args": ns, "slice": slice(1, 5, 2),
+    }
+    cases["numpy"] = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        "bigendian": np.arange(4, dtype=">i4"),
+        "scalar_f": np.float64(2.5), "scalar_i": np.int64(-3), "b": np.array([True, False]),
+        "u8": np.arange(3, dtype=np.uint8), "c": np.array([1 + 1j], dtype=np.complex64),
+    }
+    cases["many"] = {f"k{i}": i for i in range(1500)}  # SETITEMS batches, LONG_BINPUT
+    cases["many_tensors"] = [torch.full((2,), float(i)) for i in range(300)]  # > 256 memo
+    cases["top_list"] = [torch.ones(2), {"a": torch.zeros(1)}]
+    cases["top_tensor"] = torch.arange(5, dtype=torch.int32)
+    return cases
+
+
+# (suffix, torch.save keyword arguments)
+MODES = [("zip_p2", {}), ("zip_p4", {"pickle_protocol": 4}), ("zip_p5", {"pickle_protocol": 5}),
+         ("legacy", {"_use_new_zipfile_serialization": False}),
+         ("legacy_p4", {"_use_new_zipfile_serialization": False, "pickle_protocol": 4})]
+
+
+def rezip(src, dst, method, reverse):
+    """Re-zips a torch archive as other tools do: another order, deflate or
+    no alignment padding."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", method) as zout:
+        infos = zin.infolist()
+        for info in (reversed(infos) if reverse else infos):
+            zout.writestr(info.filename, zin.read(info.filename))
+
+
+def on_cuda1(obj, path):
+    """Saves as if the storages lived on cuda:1 (no GPU needed)."""
+    import torch.serialization as ser
+    old = ser.location_tag
+    ser.location_tag = lambda storage: "cuda:1"
+    try:
+        torch.save(obj, path)
+    finally:
+        ser.location_tag = old
+
+
+def write_all(out):
+    """Writes every case in every mode; returns [(file, case name)]."""
+    files = []
+    for name, obj in make_cases().items():
+        for mode, kw in MODES:
+            p = os.path.join(out, f"{name}.{mode}.pth")
+            torch.save(obj, p, **kw)
+            files.append((p, name))
+    src = os.path.join(out, "training.zip_p2.pth")
+    for suffix, method, rev in (("deflate", zipfile.ZIP_DEFLATED, True),
+                                ("stored_unaligned", zipfile.ZIP_STORED, False)):
+        p = os.path.join(out, f"training.{suffix}.pth")
+        rezip(src, p, method, rev)
+        files.append((p, "training"))
+    p = os.path.join(out, "views.cuda1.pth")
+    on_cuda1(make_cases()["views"], p)
+    files.append((p, "views"))
+    # Folder names torch derives from the file name, and archive/ from BytesIO.
+    buf = io.BytesIO()
+    torch.save({"x": torch.ones(2)}, buf)
+    p = os.path.join(out, "bytesio.archive.pth")
+    with open(p, "wb") as f:
+        f.write(buf.getvalue())
+    files.append((p, None))
+    p = os.path.join(out, "model.v1.pt")
+    torch.save({"x": torch.ones(2)}, p)
+    files.append((p, None))
+    return files
+
+
+# ---- hostile inputs ----------------------------------------------------------------
+
+class Evil:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def torch_like_zip(path, pkl, records=None, prefix="archive"):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(f"{prefix}/data.pkl", pkl)
+        for k, v in (records or {}).items():
+            z.writestr(f"{prefix}/data/{k}", v)
+        z.writestr(f"{prefix}/version", "3\n")
+
+
+def hostile(out, marker):
+    """Writes files that must be refused; returns [(file, expected text)]."""
+    cases = []
+
+    def add(name, data, expect):
+        p = os.path.join(out, name)
+        with open(p, "wb") as f:
+            f.write(data)
+        cases.append((p, expect))
+
+    def addzip(name, pkl, expect, records=None):
+        p = os.path.join(out, name)
+        torch_like_zip(p, pkl, records)
+        cases.append((p, expect))
+
+    sh = f"touch {marker}"
+    addzip("os_system_p2.pth", pickle.dumps(Evil(os.system, (sh,)), protocol=2),
+           "forbidden global 'posix system'")
+    addzip("os_system_p4.pth", pickle.dumps(Evil(os.system, (sh,)), protocol=4),
+           "forbidden global 'posix system'")
+    addzip("nested_eval.pth", pickle.dumps({"model": {"w": [1, Evil(eval, ("1+1",))]}}, protocol=2),
+           "forbidden global 'builtins eval'")
+    addzip("getattr.pth", pickle.dumps(Evil(getattr, ("text", "upper")), protocol=2),
+           "forbidden global 'builtins getattr'")
+    # STACK_GLOBAL with a non-string operand.
+    addzip("stack_global_int.pth", b"\x80\x04K\x01K\x02\x93.", "STACK_GLOBAL operands are not strings")
+    # Opcodes never allowed.
+    addzip("inst.pth", b"\x80\x02(ios\nsystem\nX\x02\x00\x00\x00lsb.", "INST")
+    # Hostile lengths and memo.
+    addzip("huge_unicode.pth", b"\x80\x04\x8d" + struct.pack("<Q", 2 ** 63) + b"abc",
+           "truncated pickle")
+    addzip("huge_long.pth", b"\x80\x02\x8b" + struct.pack("<i", 2 ** 30) + b"\x00" * 8,
+           "bytes (limit 64)")
+    addzip("unset_memo.pth", b"\x80\x02h\x07.", "memo index 7 was never set")
+    addzip("deep_marks.pth", b"\x80\x02" + b"(" * 100000 + b".", "too many nested MARKs")
+    lst = []
+    lst.append(lst)
+    addzip("self_list.pth", pickle.dumps(lst, protocol=2), "contains itself")
+    addzip("no_stop.pth", b"\x80\x02]q\x00", "no STOP")
+    # Tensor checks: a storage shorter than its tensor needs, a record that
+    # is shorter than its storage, a missing record.
+    good = io.BytesIO()
+    torch.save({"w": torch.arange(6.0)}, good)
+    with zipfile.ZipFile(io.BytesIO(good.getvalue())) as z:
+        pkl = z.read("archive/data.pkl")
+        data = z.read("archive/data/0")
+    addzip("record_short.pth", pkl, "truncated", {"0": data[:-4]})
+    addzip("record_missing.pth", pkl, "has no record")
+    view = io.BytesIO()
+    torch.save({"w": torch.arange(6.0)[2:]}, view)
+    with zipfile.ZipFile(io.BytesIO(view.getvalue())) as z:
+        vpkl = z.read("archive/data.pkl")
+    # Same pickle, but its storage claims 2 elements: the view overruns it.
+    addzip("view_past_storage.pth", vpkl.replace(b"K\x06t", b"K\x02t"), "view needs",
+           {"0": data[:8]})
+    # CRC mismatch in a stored record.
+    bad = bytearray(good.getvalue())
+    i = bytes(bad).find(data)
+    bad[i + 5] ^= 0xFF
+    add("crc.pth", bytes(bad), "CRC-32 mismatch")
+    add("truncated.pth", good.getvalue()[: len(good.getvalue()) // 2], "zip")
+    # Whole model, TorchScript, torch.package-like, random zip, tar, noise.
+    m = torch.nn.Linear(2, 2)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    add("whole_module.pth", buf.getvalue(), "state_dict")
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(m), buf)
+    add("torchscript.pth", buf.getvalue(), "TorchScript")
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("notes/readme.txt", "hello")
+    add("random.zip.pth", zbuf.getvalue(), "not a torch.save checkpoint")
+    tar = bytearray(1024)
+    tar[257:262] = b"ustar"
+    add("old.tar.pth", bytes(tar), "tar checkpoint")
+    noise = random.Random(0).randbytes(2048).replace(b"PK", b"pk").replace(b"\x80", b"\x81")
+    add("noise.pth", noise,
+        "not a torch.save file")
+    add("empty.pth", b"", "not a torch.save file")
+    return cases
