@@ -32,17 +32,33 @@ cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs")
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer for 60 s"
-  CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DCKPT_FUZZ=ON \
+  echo "== libFuzzer: Checkpoint::OpenBuffer and CheckPth, 60 s each"
+  CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target open_fuzz
+  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz
   corpus=$(mktemp -d)
   trap 'rm -rf "$corpus"' EXIT
-  cp tests/data/*.ckpt "$corpus/"
-  build-fuzz/open_fuzz -max_total_time=60 -max_len=65536 -print_final_stats=0 \
-    "$corpus" 2>&1 | tail -n 3
-  echo "fuzz: 1 passed, 0 failed"
+  mkdir -p "$corpus/ckpt" "$corpus/pth"
+  cp tests/data/*.ckpt "$corpus/ckpt/"
+  # Seeds for the .pth fuzzer: small files written by the installed torch.
+  py=.venv/bin/python
+  [ -x "$py" ] || py=python3
+  "$py" - "$corpus/pth" <<'PYEOF' || echo "(no torch: pth fuzzer starts without seeds)"
+import os, sys, torch
+sys.path.insert(0, "tests/pth")
+import fixtures
+out = sys.argv[1]
+for i, (name, obj) in enumerate(fixtures.make_cases().items()):
+    if name not in ("many", "many_tensors"):
+        torch.save(obj, os.path.join(out, f"{i}.pth"))
+        torch.save(obj, os.path.join(out, f"{i}.legacy.pth"), _use_new_zipfile_serialization=False)
+PYEOF
+  for t in open_fuzz:ckpt pth_fuzz:pth; do
+    build-fuzz/${t%%:*} -max_total_time=60 -max_len=65536 -rss_limit_mb=2048 \
+      -print_final_stats=0 "$corpus/${t##*:}" 2>&1 | tail -n 1
+  done
+  echo "fuzz: 2 passed, 0 failed"
 else
   echo "fuzz: skipped (clang++ not found)"
 fi

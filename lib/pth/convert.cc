@@ -27,7 +27,7 @@ using internal::ZipEntry;
 using K = PyObj::K;
 
 // Streamed storage pieces: bounded memory for any storage size.
-constexpr uint64_t kPieceBytes = 64ull << 20;
+constexpr uint64_t kPieceBytes = 16ull << 20;
 
 // Where a storage's bytes are in the input.
 struct Payload {
@@ -36,7 +36,8 @@ struct Payload {
 };
 
 struct Loaded {
-  std::shared_ptr<ByteSource> src;
+  std::shared_ptr<ByteSource> src;     // mapped: headers and pickles
+  std::shared_ptr<ByteSource> stream;  // pread: storage bytes, copied once
   std::optional<ZipArchive> zip;
   std::string prefix;
   bool big_endian = false;
@@ -255,6 +256,11 @@ Status LoadLegacy(Loaded& l) {
 Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   Loaded l;
   CKPT_ASSIGN_OR_RETURN(l.src, internal::OpenSource(in, ReadOptions{}));
+  // Storages are read with pread into one reused buffer: memory stays
+  // bounded (no multi-GiB mapping resident) and no page is faulted twice.
+  ReadOptions pread;
+  pread.backend = Backend::kPread;
+  CKPT_ASSIGN_OR_RETURN(l.stream, internal::OpenSource(in, pread));
   const ByteSource& src = *l.src;
   uint64_t head_len = std::min<uint64_t>(src.size(), 512);
   CKPT_ASSIGN_OR_RETURN(Bytes head, src.Read(0, head_len));
@@ -301,6 +307,7 @@ class Emitter {
   std::unordered_map<const PyStorage*, StorageId> written_;
   std::unordered_set<const PyObj*> on_path_;
   std::vector<std::byte> swap_;
+  std::vector<std::byte> buf_;  // one storage piece at a time
 };
 
 Status Emitter::Stream(std::span<const std::byte> bytes, DType dtype) {
@@ -362,9 +369,10 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
     uint32_t crc = 0;
     for (uint64_t off = 0; off < bytes; off += kPieceBytes) {
       uint64_t n = std::min(kPieceBytes, bytes - off);
-      CKPT_ASSIGN_OR_RETURN(Bytes piece, l_.src->Read(start + off, n));
-      if (p.entry && opt_.check_crc) crc = internal::Crc32(crc, piece.data);
-      if (w_) CKPT_RETURN_IF_ERROR(Stream(piece.data, swap_dtype));
+      buf_.resize(static_cast<size_t>(n));
+      CKPT_RETURN_IF_ERROR(l_.stream->ReadInto(start + off, buf_));
+      if (p.entry && opt_.check_crc) crc = internal::Crc32(crc, buf_);
+      if (w_) CKPT_RETURN_IF_ERROR(Stream(buf_, swap_dtype));
     }
     if (p.entry && opt_.check_crc && crc != p.entry->crc32) {
       return ChecksumMismatch("zip: record '" + p.entry->name + "': CRC-32 mismatch")

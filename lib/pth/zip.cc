@@ -207,6 +207,13 @@ Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
     }
     CKPT_ASSIGN_OR_RETURN(out, src.Read(payload, e.size));
   } else if (e.method == 8) {
+    // DEFLATE cannot expand more than 1032:1; a larger declared size is a
+    // lie (a zip bomb) and must not size an allocation.
+    if (e.size / 1032 > e.compressed_size + 1) {
+      return Bad(src, payload, "entry '" + e.name + "' claims " + std::to_string(e.size) +
+                                   " bytes from " + std::to_string(e.compressed_size) +
+                                   " compressed: impossible ratio");
+    }
     CKPT_ASSIGN_OR_RETURN(Bytes in, src.Read(payload, e.compressed_size));
     // Output is bounded by the declared size: a zip bomb gets no further.
     auto buf = std::shared_ptr<std::byte[]>(new std::byte[e.size ? e.size : 1]);

@@ -226,6 +226,19 @@ def main():
         ok(os.listdir(victim) == [], f"{name}: left {os.listdir(victim)}")
         r2 = run([PTH2CKPT, "--dry-run", f], timeout=60)
         ok(r2.returncode == 1, f"{name}: --dry-run accepted it")
+    # Truncation at every length of a small archive (zip and legacy):
+    # always refused, never a crash, never an output.
+    for f in (os.path.join(src, "state_dict.zip_p2.pth"), os.path.join(src, "state_dict.legacy.pth")):
+        data = open(f, "rb").read()
+        cut = os.path.join(tmp, "cut.pth")
+        step = max(1, len(data) // 400)
+        for n in list(range(0, len(data), step)) + [len(data) - 1]:
+            with open(cut, "wb") as g:
+                g.write(data[:n])
+            dst = os.path.join(victim, "out.ckpt")
+            r = run([PTH2CKPT, cut, dst], timeout=60)
+            ok(r.returncode == 1 and not os.path.exists(dst) and r.stderr.startswith("pth2ckpt: refused"),
+               f"{os.path.basename(f)} cut at {n}: exit {r.returncode} {r.stderr.strip()}")
     # An existing output survives a refused conversion untouched.
     keep = os.path.join(victim, "keep.ckpt")
     run([PTH2CKPT, f0, keep])
