@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh machine to a working ckpt: install dependencies,
-# build, then write a small real checkpoint, inspect it, verify it and load
-# values and tensors from it.
+# build, then convert a checkpoint made by torch.save, inspect it, verify it
+# and load values and tensors from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
@@ -10,16 +10,27 @@ cmake --build build -j"$(nproc)"
 
 demo=build/demo
 mkdir -p "$demo"
-echo "== write: a synthetic 64 MiB LLM-like training checkpoint"
-build/ckpt-bench synth "$demo/model.ckpt" --tensors 40 --total-mb 64
+echo "== torch.save a small training checkpoint (model, optimizer, epoch, loss, RNG)"
+.venv/bin/python - "$demo/train.pth" <<'PYEOF'
+import sys, torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+model(torch.randn(16, 8)).sum().backward()
+opt.step()
+torch.save({"epoch": 3, "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
+            "loss": 0.42, "rng_state": torch.get_rng_state()}, sys.argv[1])
+PYEOF
+echo "== convert it (nothing in the file is executed)"
+build/pth2ckpt "$demo/train.pth" "$demo/train.ckpt"
 echo "== inspect"
-build/ckpt inspect "$demo/model.ckpt" | head -n 12
-echo "   ..."
+build/ckpt inspect "$demo/train.ckpt"
 echo "== verify"
-build/ckpt verify "$demo/model.ckpt"
-echo "== load: a value, and rows 0:4 of a tensor as raw bfloat16"
-printf 'optimizer/lr = '; build/ckpt get "$demo/model.ckpt" optimizer/lr
-build/ckpt cat "$demo/model.ckpt" model/norm.weight --rows 0:4 | od -A d -t x2 | head -n 2
+build/ckpt verify "$demo/train.ckpt"
+echo "== load: values, and row 0 of a weight as float32"
+printf 'epoch = '; build/ckpt get "$demo/train.ckpt" epoch
+printf 'lr    = '; build/ckpt get "$demo/train.ckpt" optimizer_state/param_groups/0/lr
+build/ckpt cat "$demo/train.ckpt" model_state/0.weight --rows 0:1 | od -A n -t f4 | head -n 2
 echo "== the C++ example (examples/write_read.cc)"
 build/example_write_read "$demo/example.ckpt"
-echo "setup done: tools are in build/ (ckpt, ckpt-bench); run scripts/test.sh for the tests"
+echo "setup done: tools are in build/ (ckpt, pth2ckpt, ckpt-bench); run scripts/test.sh for the tests"

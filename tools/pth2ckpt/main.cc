@@ -39,12 +39,15 @@ const char* kHelp =
     "Exit status: 0 converted, 1 refused or failed, 2 usage error.\n";
 
 std::string Human(uint64_t n) {
-  char buf[32];
-  if (n >= (1ull << 30)) {
-    std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(n) / (1ull << 30));
-  } else {
-    std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(n) / (1 << 20));
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
   }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
   return buf;
 }
 
