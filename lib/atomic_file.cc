@@ -98,6 +98,32 @@ Status AtomicFile::Write(std::span<const std::byte> bytes) {
   return Status::OK();
 }
 
+Status AtomicFile::CopyFrom(int src_fd, uint64_t src_offset, uint64_t len,
+                            bool* copied) {
+  *copied = false;
+  if (fd_ < 0) return IoError("write after close").WithFile(target_);
+  auto in_off = static_cast<loff_t>(src_offset);
+  uint64_t done = 0;
+  while (done < len) {
+    ssize_t n = ::copy_file_range(src_fd, &in_off, fd_, nullptr, len - done, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      // Not supported across these file systems / kernels: the caller
+      // falls back to write(), provided nothing was copied yet.
+      if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                        errno == EOPNOTSUPP || errno == EBADF)) {
+        return Status::OK();
+      }
+      return Error("copy failed", errno);
+    }
+    if (n == 0) return Error("copy failed: source ended early", EIO);
+    done += static_cast<uint64_t>(n);
+    size_ += static_cast<uint64_t>(n);
+  }
+  *copied = true;
+  return Status::OK();
+}
+
 Status AtomicFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
   if (fd_ < 0) return IoError("write after close").WithFile(target_);
   size_t done = 0;

@@ -27,6 +27,11 @@ class AtomicFile {
   /// Appends at the current end. kIoError (e.g. "No space left on device")
   /// naming the target and offset.
   Status Write(std::span<const std::byte> bytes);
+  /// Appends `len` bytes from offset `src_offset` of the file `src_fd`,
+  /// copied by the kernel (copy_file_range) without passing through user
+  /// memory. Returns false in `*copied` (and OK) when the kernel cannot do
+  /// it for these files, having written nothing; kIoError on a real error.
+  Status CopyFrom(int src_fd, uint64_t src_offset, uint64_t len, bool* copied);
   /// Writes at an absolute offset without moving the end.
   Status WriteAt(uint64_t offset, std::span<const std::byte> bytes);
   uint64_t size() const { return size_; }

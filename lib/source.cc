@@ -83,6 +83,14 @@ class MmapSource final : public ByteSource {
     return Status::OK();
   }
 
+  void Release(uint64_t offset, uint64_t len) const override {
+    auto* base = static_cast<std::byte*>(region_->get_address());
+    uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    uint64_t begin = (offset + page - 1) / page * page;  // whole pages only
+    uint64_t end = std::min<uint64_t>(size(), offset + len) / page * page;
+    if (end > begin) ::madvise(base + begin, end - begin, MADV_DONTNEED);
+  }
+
  private:
   std::unique_ptr<bip::mapped_region> region_;
 };
@@ -92,6 +100,7 @@ class PreadSource final : public ByteSource {
   PreadSource(std::string name, uint64_t size, int fd)
       : ByteSource(std::move(name), size), fd_(fd) {}
   ~PreadSource() override { ::close(fd_); }
+  int fd() const override { return fd_; }
   bool zero_copy() const override { return false; }
   Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
     // 64-byte aligned so FlatBuffers alignment checks and vector loads hold.

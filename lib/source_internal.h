@@ -24,6 +24,8 @@ class ByteSource : public std::enable_shared_from_this<ByteSource> {
   virtual ~ByteSource() = default;
   const std::string& name() const { return name_; }
   uint64_t size() const { return size_; }
+  /// An open descriptor of the file (pread backend), or -1.
+  virtual int fd() const { return -1; }
   /// True when Read() returns views into a mapping or buffer (no copy).
   virtual bool zero_copy() const = 0;
   /// Bytes [offset, offset+len). The range must lie within size(); callers
@@ -36,6 +38,9 @@ class ByteSource : public std::enable_shared_from_this<ByteSource> {
   virtual Status Populate(uint64_t /*offset*/, uint64_t /*len*/) const {
     return Status::OK();
   }
+  /// Unmaps the pages of [offset, offset+len) from this process (they stay
+  /// in the page cache), so streaming a huge file keeps RSS bounded.
+  virtual void Release(uint64_t /*offset*/, uint64_t /*len*/) const {}
 
  protected:
   ByteSource(std::string name, uint64_t size)

@@ -116,7 +116,10 @@ class WriterImpl {
     return static_cast<StorageId>(storages_.size() - 1);
   }
 
-  Status Append(std::span<const std::byte> bytes) {
+  // With `fd` >= 0, `bytes` are the bytes at `fd_offset` of file `fd`, and
+  // the kernel copies them file to file while this process only hashes.
+  Status Append(std::span<const std::byte> bytes, int fd = -1,
+                uint64_t fd_offset = 0) {
     CKPT_RETURN_IF_ERROR(CheckUsable());
     if (!open_) return InvalidArgument("Append without BeginStorage");
     if (bytes.size() > remaining_) {
@@ -125,14 +128,26 @@ class WriterImpl {
                              std::to_string(remaining_));
     }
     remaining_ -= bytes.size();
+    auto write = [&]() -> Status {
+      if (fd >= 0) {
+        CKPT_RETURN_IF_ERROR(Flush());
+        bool copied = false;
+        CKPT_RETURN_IF_ERROR(file_.CopyFrom(fd, fd_offset, bytes.size(), &copied));
+        if (copied) {
+          pos_ += bytes.size();
+          return Status::OK();
+        }
+      }
+      return Write(bytes);
+    };
     if (bytes.size() < kOverlapHashBytes) {
       Hash(bytes);
-      return Fail(Write(bytes));
+      return Fail(write());
     }
     // Large pieces: hash on a second thread while this one writes the same
     // (read-only) bytes, so a save costs max(hash, write), not their sum.
     auto hashing = std::async(std::launch::async, [this, bytes] { Hash(bytes); });
-    Status s = Write(bytes);
+    Status s = write();
     hashing.get();
     return Fail(s);
   }
@@ -530,6 +545,11 @@ Result<StorageId> Writer::BeginStorage(uint64_t nbytes, std::string_view device)
 }
 Status Writer::Append(std::span<const std::byte> bytes) {
   return impl_->Append(bytes);
+}
+Status Writer::AppendFromFile(int fd, uint64_t offset,
+                              std::span<const std::byte> bytes) {
+  if (fd < 0) return InvalidArgument("AppendFromFile needs an open file");
+  return impl_->Append(bytes, fd, offset);
 }
 Status Writer::EndStorage() { return impl_->EndStorage(); }
 

@@ -85,6 +85,13 @@ class Writer {
   Result<StorageId> BeginStorage(uint64_t nbytes,
                                  std::string_view device = "cpu");
   Status Append(std::span<const std::byte> bytes);
+  /// Like Append(bytes), for bytes that are also in a file: `bytes` must be
+  /// the bytes.size() bytes at `offset` of the open file `fd` (typically a
+  /// mapping of it). The kernel copies them file to file (copy_file_range)
+  /// while the writer hashes `bytes`, so they cross user memory once, read
+  /// only. Falls back to writing `bytes` where the kernel cannot copy.
+  Status AppendFromFile(int fd, uint64_t offset,
+                        std::span<const std::byte> bytes);
   Status EndStorage();
 
   // ---- tree nodes ---------------------------------------------------------

@@ -2,6 +2,7 @@
 // of the unpickled object graph that streams storages into a Writer.
 #include <algorithm>
 #include <cstring>
+#include <future>
 #include <map>
 #include <optional>
 #include <unordered_map>
@@ -367,12 +368,38 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
       CKPT_ASSIGN_OR_RETURN(start, l_.zip->PayloadOffset(*p.entry));
     }
     uint32_t crc = 0;
+    const bool direct = !l_.big_endian && l_.src->zero_copy() && l_.stream->fd() >= 0;
     for (uint64_t off = 0; off < bytes; off += kPieceBytes) {
       uint64_t n = std::min(kPieceBytes, bytes - off);
-      buf_.resize(static_cast<size_t>(n));
-      CKPT_RETURN_IF_ERROR(l_.stream->ReadInto(start + off, buf_));
-      if (p.entry && opt_.check_crc) crc = internal::Crc32(crc, buf_);
-      if (w_) CKPT_RETURN_IF_ERROR(Stream(buf_, swap_dtype));
+      std::span<const std::byte> piece;
+      Bytes view;
+      if (direct) {
+        // Map the piece in one call; the kernel then copies it file to
+        // file while the CRC and the writer's hash read the mapping.
+        CKPT_RETURN_IF_ERROR(l_.src->Populate(start + off, n));
+        CKPT_ASSIGN_OR_RETURN(view, l_.src->Read(start + off, n));
+        piece = view.data;
+      } else {
+        buf_.resize(static_cast<size_t>(n));
+        CKPT_RETURN_IF_ERROR(l_.stream->ReadInto(start + off, buf_));
+        piece = buf_;
+      }
+      // The CRC runs on a second thread while the writer hashes and
+      // writes the same (read-only) bytes.
+      std::future<uint32_t> piece_crc;
+      if (p.entry && opt_.check_crc) {
+        piece_crc = std::async(std::launch::async, [piece, crc] {
+          return internal::Crc32(crc, piece);
+        });
+      }
+      Status s;
+      if (w_) {
+        s = direct ? w_->AppendFromFile(l_.stream->fd(), start + off, piece)
+                   : Stream(piece, swap_dtype);
+      }
+      if (piece_crc.valid()) crc = piece_crc.get();
+      CKPT_RETURN_IF_ERROR(s);
+      if (direct) l_.src->Release(start + off, n);
     }
     if (p.entry && opt_.check_crc && crc != p.entry->crc32) {
       return ChecksumMismatch("zip: record '" + p.entry->name + "': CRC-32 mismatch")
