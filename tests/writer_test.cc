@@ -1,8 +1,10 @@
 // Atomicity and misuse: a failed or abandoned write leaves any existing
 // target intact and no temporary behind; bad calls get clear errors.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 
@@ -217,4 +219,51 @@ TEST_CASE("writer memory stays bounded: it keeps no tensor bytes") {
   auto ck = Checkpoint::Open(dir.File("big.ckpt"));
   REQUIRE(ck.ok());
   CHECK(ck->Verify().ok());
+}
+
+TEST_CASE("AppendFromFile copies file to file and hashes the same bytes") {
+  TempDir dir;
+  std::vector<std::byte> src(3 * (1 << 20) + 123);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 131 + 7);
+  WriteAll(dir.File("src.bin"), src);
+  int fd = ::open(dir.File("src.bin").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  int pipefd[2];
+  REQUIRE(::pipe(pipefd) == 0);
+  {
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    // Two storages: one copied by the kernel in two pieces (one small, one
+    // large), one through a descriptor the kernel cannot copy from (a
+    // pipe), which must fall back to writing the bytes.
+    auto s = w->BeginStorage(src.size());
+    REQUIRE(s.ok());
+    std::span<const std::byte> all(src);
+    REQUIRE(w->AppendFromFile(fd, 0, all.first(1000)).ok());
+    REQUIRE(w->AppendFromFile(fd, 1000, all.subspan(1000)).ok());
+    REQUIRE(w->EndStorage().ok());
+    auto s2 = w->BeginStorage(4096);
+    REQUIRE(s2.ok());
+    REQUIRE(w->AppendFromFile(pipefd[0], 0, all.first(4096)).ok());
+    REQUIRE(w->EndStorage().ok());
+    CHECK(w->AppendFromFile(-1, 0, all.first(1)).code() == ErrorCode::kInvalidArgument);
+    for (StorageId id : {*s, *s2}) {
+      int64_t n = id == *s ? static_cast<int64_t>(src.size()) : 4096;
+      REQUIRE(w->PutValue("s" + std::to_string(id),
+                          w->AddTensor(TensorSpec{DType::kUInt8, {n}, {}, id, 0}).value()).ok());
+    }
+    REQUIRE(w->Commit().ok());
+  }
+  ::close(fd);
+  ::close(pipefd[0]);
+  ::close(pipefd[1]);
+  auto ck = Checkpoint::Open(dir.File("t.ckpt"));
+  REQUIRE(ck.ok());
+  CHECK(ck->Verify().ok());
+  auto a = ck->Tensor("s0");
+  REQUIRE(a.ok());
+  CHECK(std::equal(a->data().begin(), a->data().end(), src.begin(), src.end()));
+  auto b = ck->Tensor("s1");
+  REQUIRE(b.ok());
+  CHECK(std::equal(b->data().begin(), b->data().end(), src.begin()));
 }
