@@ -65,6 +65,8 @@ const std::set<std::pair<std::string, std::string>>& Callables() {
       {"numpy", "ndarray"},
       {"numpy", "dtype"},
       {"argparse", "Namespace"},
+      {"copyreg", "_reconstructor"},  // protocols 0-1: plain objects
+      {"builtins", "object"},         // only as _reconstructor's base
   };
   return *s;
 }
@@ -715,6 +717,21 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
       if (a[0]->kind == K::kBytes) return a[0];
       return Refuse(n + "() of a " + KindName(a[0]->kind));
     }
+  }
+  if (m == "copyreg" && n == "_reconstructor") {
+    // copyreg._reconstructor(cls, object, None) is how protocols 0-1 make a
+    // plain object; only the allowlisted dict-like classes are accepted.
+    CKPT_RETURN_IF_ERROR(need(3, 3));
+    if (!IsGlobal(a[1], "builtins", "object") || a[2]->kind != K::kNone) {
+      return Refuse("copyreg._reconstructor with an unsupported base or state");
+    }
+    if (IsGlobal(a[0], "argparse", "Namespace") ||
+        IsGlobal(a[0], "collections", "OrderedDict")) {
+      auto d = Make(K::kDict);
+      d->type_name = a[0]->s + "." + a[0]->s2;
+      return d;
+    }
+    return Refuse("copyreg._reconstructor of a class that is not allowlisted");
   }
   if (m == "numpy.core.multiarray" && n == "_reconstruct") {
     CKPT_RETURN_IF_ERROR(need(3, 3));

@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.package  # noqa: F401  (torch.package archives for refusal tests)
 
 
 def make_cases():
@@ -106,7 +107,7 @@ def make_cases():
 
 
 # (suffix, torch.save keyword arguments)
-MODES = [("zip_p2", {}), ("zip_p4", {"pickle_protocol": 4}), ("zip_p5", {"pickle_protocol": 5}),
+MODES = [("zip_p2", {}), ("zip_p1", {"pickle_protocol": 1}), ("zip_p4", {"pickle_protocol": 4}), ("zip_p5", {"pickle_protocol": 5}),
          ("legacy", {"_use_new_zipfile_serialization": False}),
          ("legacy_p4", {"_use_new_zipfile_serialization": False, "pickle_protocol": 4})]
 
@@ -259,4 +260,93 @@ def hostile(out, marker):
     add("noise.pth", noise,
         "not a torch.save file")
     add("empty.pth", b"", "not a torch.save file")
+    p0 = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, p0, pickle_protocol=0)
+    add("protocol0.pth", p0.getvalue(), "protocol 0")
+    # A torch.package archive.
+    pk = os.path.join(out, "package.pth")
+    with torch.package.PackageExporter(pk) as exp:
+        exp.save_pickle("res", "obj.pkl", {"a": 1})
+    cases.append((pk, "torch.package"))
+    # Unknown byteorder, and a dtype name torch does not have.
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin:
+        prefix = zin.namelist()[0].split("/")[0]
+        entries = {n: zin.read(n) for n in zin.namelist()}
+    p = os.path.join(out, "byteorder_odd.pth")
+    with zipfile.ZipFile(p, "w") as z:
+        for n, v in entries.items():
+            z.writestr(n, v)
+        z.writestr(f"{prefix}/byteorder", "middle")
+    cases.append((p, "unknown byteorder"))
+    p = os.path.join(out, "bad_dtype.pth")
+    v3_archive(p, {"w": ("float33", [2], b"\0\0")})
+    cases.append((p, "forbidden global 'torch float33'"))
     return cases
+
+
+# ---- hand-made archives for what torch 1.13 cannot write --------------------------
+
+def _g(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _s(x):
+    b = x.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def _i(n):
+    return b"J" + struct.pack("<i", n)
+
+
+def _ints(v):
+    return b"(" + b"".join(_i(x) for x in v) + b"t"
+
+
+def v3_archive(path, tensors):
+    """A zip like newer torch writes for dtypes without a storage class:
+    UntypedStorage persistent ids and _rebuild_tensor_v3 with a dtype
+    argument. `tensors`: {name: (dtype name, shape, raw bytes)}."""
+    pkl = b"\x80\x02}("
+    records = {}
+    for k, (name, (dtype, shape, raw)) in enumerate(tensors.items()):
+        key = str(k)
+        records[key] = raw
+        strides, acc = [], 1
+        for d in reversed(shape):
+            strides.insert(0, acc)
+            acc *= d
+        pid = b"(" + _s("storage") + _g("torch.storage", "UntypedStorage") + _s(key) + _s("cpu") + _i(len(raw)) + b"t"
+        pkl += (_s(name) + _g("torch._utils", "_rebuild_tensor_v3") + b"(" + pid + b"Q" + _i(0) +
+                _ints(shape) + _ints(strides) + b"\x89" + _g("collections", "OrderedDict") + b")R" +
+                _g("torch", dtype) + b"tR")
+    pkl += b"u."
+    torch_like_zip(path, pkl, records)
+
+
+def swap_elements(raw, width):
+    return b"".join(raw[i:i + width][::-1] for i in range(0, len(raw), width))
+
+
+def big_endian_archive(path, tensors):
+    """Re-writes torch.save(tensors) with a `byteorder` record of `big` and
+    every element byte-swapped, as a big-endian host would have saved it."""
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin:
+        names = zin.namelist()
+        prefix = names[0].split("/")[0]
+        pkl = zin.read(f"{prefix}/data.pkl")
+        keys = {}
+        # Storage keys in first-seen order follow the dict order here.
+        for k, t in enumerate(tensors.values()):
+            width = t.element_size() // (2 if t.is_complex() else 1)
+            keys[str(k)] = swap_elements(zin.read(f"{prefix}/data/{k}"), width)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(f"{prefix}/data.pkl", pkl)
+        z.writestr(f"{prefix}/byteorder", "big")
+        for k, v in keys.items():
+            z.writestr(f"{prefix}/data/{k}", v)
+        z.writestr(f"{prefix}/version", "3\n")
