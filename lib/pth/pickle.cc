@@ -26,6 +26,25 @@ std::optional<DType> StorageClassDType(const std::string& name) {
   return it->second;
 }
 
+PyObj::~PyObj() {
+  std::vector<Obj> pending;
+  auto take = [&pending](std::vector<Obj>& v) {
+    for (auto& c : v) {
+      // Only children this node owns alone die with it.
+      if (c && c.use_count() == 1) pending.push_back(std::move(c));
+    }
+    v.clear();
+  };
+  take(items);
+  take(keys);
+  while (!pending.empty()) {
+    Obj o = std::move(pending.back());
+    pending.pop_back();
+    take(o->items);
+    take(o->keys);
+  }  // each `o` is destroyed here with no children left
+}
+
 namespace {
 
 using K = PyObj::K;
@@ -384,6 +403,7 @@ class Machine {
   size_t op_at_ = 0;
   uint64_t objects_ = 0;
   int proto_ = 0;
+  int call_depth_ = 0;
   std::vector<Obj> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, Obj> memo_;
@@ -560,6 +580,14 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype, std::span<const uint8_t> data
 }
 
 Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
+  // _rebuild_from_type_v2 calls the function it wraps; one level is all
+  // torch writes, a deep chain is an attack on the stack.
+  if (call_depth_ > 4) return Refuse("nested tensor rebuild calls");
+  struct Depth {
+    int& d;
+    explicit Depth(int& x) : d(++x) {}
+    ~Depth() { --d; }
+  } depth_guard(call_depth_);
   if (fn->kind != K::kGlobal) {
     return Refuse(std::string("REDUCE on a ") + KindName(fn->kind) + ", not a callable");
   }

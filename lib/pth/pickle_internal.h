@@ -65,6 +65,13 @@ struct PyObj {
   std::string type_name;          // Dict class tag
   std::shared_ptr<PyStorage> storage;
   std::shared_ptr<PyTensor> tensor;
+
+  PyObj() = default;
+  PyObj(const PyObj&) = delete;
+  PyObj& operator=(const PyObj&) = delete;
+  /// Frees nested containers iteratively: a hostile pickle can nest lists a
+  /// million deep, which a recursive destructor would overflow the stack on.
+  ~PyObj();
 };
 
 struct PickleLimits {

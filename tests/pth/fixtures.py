@@ -219,6 +219,11 @@ def hostile(out, marker):
     lst.append(lst)
     addzip("self_list.pth", pickle.dumps(lst, protocol=2), "contains itself")
     addzip("no_stop.pth", b"\x80\x02]q\x00", "no STOP")
+    # Lists nested 300,000 deep (each new list put in the previous, the
+    # stack popped, one memo slot reused): must be refused without a
+    # recursive walk or destructor overflowing the stack.
+    deep = b"\x80\x02]q\x00" + b"h\x00]q\x00a0" * 300000 + b"."
+    addzip("deep_lists.pth", deep, "nested deeper than 1000")
     # Tensor checks: a storage shorter than its tensor needs, a record that
     # is shorter than its storage, a missing record.
     good = io.BytesIO()

@@ -341,7 +341,9 @@ int Cat(const std::vector<std::string>& args) {
   } else {
     bytes = bytes.first(static_cast<size_t>(t->info().nbytes()));
   }
-  if (std::fwrite(bytes.data(), 1, bytes.size(), stdout) != bytes.size() ||
+  // fwrite(nullptr, ...) is undefined even for 0 bytes (empty tensors).
+  if ((!bytes.empty() &&
+       std::fwrite(bytes.data(), 1, bytes.size(), stdout) != bytes.size()) ||
       std::fflush(stdout) != 0) {
     return Fail(ckpt::IoError(std::string("writing to stdout: ") +
                               std::strerror(errno)));
