@@ -37,6 +37,8 @@ struct Payload {
 };
 
 struct Loaded {
+  // Declared first, destroyed last: breaks reference cycles in the graph.
+  std::unique_ptr<internal::PickleHeap> heap = std::make_unique<internal::PickleHeap>();
   std::shared_ptr<ByteSource> src;     // mapped: headers and pickles
   std::shared_ptr<ByteSource> stream;  // pread: storage bytes, copied once
   std::optional<ZipArchive> zip;
@@ -175,7 +177,7 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   size_t used = 0;
   auto r = internal::Unpickle(
       data.data, l.prefix + "data.pkl", base,
-      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used);
+      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used, l.heap.get());
   if (!r.ok()) return r.status().WithFile(l.src->name());
   l.root = *r;
   l.container = "zip";
@@ -196,7 +198,7 @@ Status LoadLegacy(Loaded& l) {
         with_pids ? internal::PersistentLoad(
                         [&](const Obj& pid) { return LoadStorage(l, pid, true); })
                   : internal::PersistentLoad(),
-        &used);
+        &used, l.heap.get());
     if (!r.ok()) return r.status().WithFile(src.name());
     rest = rest.subspan(used);
     at += used;

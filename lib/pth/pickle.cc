@@ -45,6 +45,13 @@ PyObj::~PyObj() {
   }  // each `o` is destroyed here with no children left
 }
 
+PickleHeap::~PickleHeap() {
+  for (auto& c : containers_) {
+    c->items.clear();
+    c->keys.clear();
+  }
+}
+
 namespace {
 
 using K = PyObj::K;
@@ -193,10 +200,10 @@ const char* KindName(K k) {
 class Machine {
  public:
   Machine(std::span<const std::byte> data, const std::string& where,
-          int64_t file_offset, const PersistentLoad& pl,
+          int64_t file_offset, const PersistentLoad& pl, PickleHeap* heap,
           const PickleLimits& limits)
       : d_(data), where_(where), file_offset_(file_offset), pl_(pl),
-        lim_(limits) {}
+        heap_(heap), lim_(limits) {}
 
   Result<Obj> Run(size_t* consumed);
 
@@ -241,6 +248,13 @@ class Machine {
   Status Push(Obj o) {
     if (stack_.size() >= lim_.max_stack) return Bad("pickle stack too deep");
     if (++objects_ > lim_.max_objects) return Bad("too many objects in pickle");
+    switch (o->kind) {  // anything that can hold a reference
+      case K::kList: case K::kTuple: case K::kDict: case K::kSet: case K::kFrozenSet:
+        heap_->Track(o);
+        break;
+      default:
+        break;
+    }
     stack_.push_back(std::move(o));
     return Status::OK();
   }
@@ -398,6 +412,7 @@ class Machine {
   std::string where_;
   int64_t file_offset_;
   const PersistentLoad& pl_;
+  PickleHeap* heap_;
   PickleLimits lim_;
   size_t pos_ = 0;
   size_t op_at_ = 0;
@@ -1135,8 +1150,9 @@ Result<Obj> Machine::Run(size_t* consumed) {
 
 Result<Obj> Unpickle(std::span<const std::byte> data, const std::string& where,
                      int64_t file_offset, const PersistentLoad& persistent_load,
-                     size_t* consumed, const PickleLimits& limits) {
-  Machine m(data, where, file_offset, persistent_load, limits);
+                     size_t* consumed, PickleHeap* heap,
+                     const PickleLimits& limits) {
+  Machine m(data, where, file_offset, persistent_load, heap, limits);
   return m.Run(consumed);
 }
 

@@ -82,6 +82,21 @@ struct PickleLimits {
   size_t max_long_bytes = 64;
 };
 
+/// Owns every container an Unpickle call makes, so that cycles (a list
+/// appended to itself) are broken and freed when the heap goes, instead of
+/// leaking through shared_ptr cycles.
+class PickleHeap {
+ public:
+  PickleHeap() = default;
+  PickleHeap(const PickleHeap&) = delete;
+  PickleHeap& operator=(const PickleHeap&) = delete;
+  ~PickleHeap();
+  void Track(const Obj& container) { containers_.push_back(container); }
+
+ private:
+  std::vector<Obj> containers_;
+};
+
 /// Resolves a persistent id (the tuple given to BINPERSID) to a storage.
 using PersistentLoad = std::function<Result<Obj>(const Obj& pid)>;
 
@@ -90,9 +105,11 @@ using PersistentLoad = std::function<Result<Obj>(const Obj& pid)>;
 /// errors ("data.pkl"), with byte offsets relative to it.
 /// `file_offset` is where `data` starts in the input file (for the offsets
 /// in errors), or -1 when it was inflated.
+/// Every container made is tracked in `heap`, which must outlive the result.
 Result<Obj> Unpickle(std::span<const std::byte> data, const std::string& where,
                      int64_t file_offset, const PersistentLoad& persistent_load,
-                     size_t* consumed, const PickleLimits& limits = {});
+                     size_t* consumed, PickleHeap* heap,
+                     const PickleLimits& limits = {});
 
 /// dtype of a torch storage class name ("FloatStorage" -> float32).
 std::optional<DType> StorageClassDType(const std::string& name);
