@@ -362,8 +362,12 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
   DType swap_dtype = st->dtype;
   (void)path;
   if (p.entry && p.entry->method != 0) {
-    CKPT_ASSIGN_OR_RETURN(Bytes b, l_.zip->Read(*p.entry, opt_.check_crc));
-    if (w_) CKPT_RETURN_IF_ERROR(Stream(b.data, swap_dtype));
+    // Inflated piece by piece: memory stays bounded for any size.
+    CKPT_RETURN_IF_ERROR(l_.zip->Inflate(
+        *p.entry, opt_.check_crc, static_cast<size_t>(kPieceBytes),
+        [&](std::span<const std::byte> piece) {
+          return w_ ? Stream(piece, swap_dtype) : Status::OK();
+        }));
   } else {
     uint64_t start = p.offset;
     if (p.entry) {

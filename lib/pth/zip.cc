@@ -207,41 +207,15 @@ Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
     }
     CKPT_ASSIGN_OR_RETURN(out, src.Read(payload, e.size));
   } else if (e.method == 8) {
-    // DEFLATE cannot expand more than 1032:1; a larger declared size is a
-    // lie (a zip bomb) and must not size an allocation.
-    if (e.size / 1032 > e.compressed_size + 1) {
-      return Bad(src, payload, "entry '" + e.name + "' claims " + std::to_string(e.size) +
-                                   " bytes from " + std::to_string(e.compressed_size) +
-                                   " compressed: impossible ratio");
-    }
-    CKPT_ASSIGN_OR_RETURN(Bytes in, src.Read(payload, e.compressed_size));
-    // Output is bounded by the declared size: a zip bomb gets no further.
+    CKPT_RETURN_IF_ERROR(CheckRatio(e, payload));  // before sizing the buffer
     auto buf = std::shared_ptr<std::byte[]>(new std::byte[e.size ? e.size : 1]);
-    z_stream zs{};
-    if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) {
-      return IoError("zlib: inflateInit2 failed").WithFile(src.name());
-    }
-    zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data.data()));
-    zs.next_out = reinterpret_cast<Bytef*>(buf.get());
-    uint64_t in_left = e.compressed_size, out_left = e.size;
-    int rc = Z_OK;
-    while (rc == Z_OK) {
-      auto ni = static_cast<uInt>(std::min<uint64_t>(in_left, 1u << 30));
-      auto no = static_cast<uInt>(std::min<uint64_t>(out_left, 1u << 30));
-      zs.avail_in = ni;
-      zs.avail_out = no;
-      rc = inflate(&zs, Z_NO_FLUSH);
-      in_left -= ni - zs.avail_in;
-      out_left -= no - zs.avail_out;
-      if (rc == Z_OK && zs.avail_out == no && zs.avail_in == ni) break;  // no progress
-      if (rc == Z_BUF_ERROR && out_left == 0) break;
-    }
-    inflateEnd(&zs);
-    if (rc != Z_STREAM_END || out_left != 0) {
-      return Bad(src, payload, "entry '" + e.name + "': deflate data is corrupt or does " +
-                                   "not inflate to its declared " + std::to_string(e.size) +
-                                   " bytes");
-    }
+    uint64_t filled = 0;
+    CKPT_RETURN_IF_ERROR(Inflate(e, false, static_cast<size_t>(std::max<uint64_t>(e.size, 1)),
+                                 [&](std::span<const std::byte> piece) {
+                                   std::memcpy(buf.get() + filled, piece.data(), piece.size());
+                                   filled += piece.size();
+                                   return Status::OK();
+                                 }));
     out.data = {buf.get(), static_cast<size_t>(e.size)};
     out.owner = buf;
   } else {
@@ -258,6 +232,88 @@ Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
     }
   }
   return out;
+}
+
+// DEFLATE cannot expand more than 1032:1: a larger declared size is a lie
+// (a zip bomb) and must not size an allocation or drive the output.
+Status ZipArchive::CheckRatio(const ZipEntry& e, uint64_t payload) const {
+  if (e.size / 1032 > e.compressed_size + 1) {
+    return Bad(*source_, payload, "entry '" + e.name + "' claims " + std::to_string(e.size) +
+                                      " bytes from " + std::to_string(e.compressed_size) +
+                                      " compressed: impossible ratio");
+  }
+  return Status::OK();
+}
+
+Status ZipArchive::Inflate(const ZipEntry& e, bool check_crc, size_t piece,
+                           const std::function<Status(std::span<const std::byte>)>& sink) const {
+  const ByteSource& src = *source_;
+  if (e.method != 8) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is not deflated");
+  if (e.flags & 1) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is encrypted");
+  CKPT_ASSIGN_OR_RETURN(uint64_t payload, PayloadOffset(e));
+  CKPT_RETURN_IF_ERROR(CheckRatio(e, payload));
+  CKPT_ASSIGN_OR_RETURN(Bytes in, src.Read(payload, e.compressed_size));
+  std::vector<std::byte> buf(std::min<uint64_t>(piece, std::max<uint64_t>(e.size, 1)));
+  z_stream zs{};
+  if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) {
+    return IoError("zlib: inflateInit2 failed").WithFile(src.name());
+  }
+  struct End {
+    z_stream* z;
+    ~End() { inflateEnd(z); }
+  } end{&zs};
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data.data()));
+  uint64_t in_left = e.compressed_size, produced = 0, released = 0;
+  uint32_t crc = 0;
+  size_t fill = 0;
+  int rc = Z_OK;
+  auto corrupt = [&] {
+    return Bad(src, payload, "entry '" + e.name + "': deflate data is corrupt or does not " +
+                                 "inflate to its declared " + std::to_string(e.size) + " bytes");
+  };
+  while (rc != Z_STREAM_END) {
+    auto ni = static_cast<uInt>(std::min<uint64_t>(in_left, 1u << 30));
+    // Never let zlib write past the declared size.
+    uint64_t room = std::min<uint64_t>(buf.size() - fill, e.size - produced);
+    if (room == 0 && produced == e.size) {
+      // Declared size reached: the stream must end with no more output.
+      std::byte probe{};
+      zs.next_out = reinterpret_cast<Bytef*>(&probe);
+      zs.avail_out = 1;
+      zs.avail_in = ni;
+      rc = inflate(&zs, Z_NO_FLUSH);
+      if (rc != Z_STREAM_END || zs.avail_out != 1) return corrupt();
+      break;
+    }
+    zs.next_out = reinterpret_cast<Bytef*>(buf.data() + fill);
+    zs.avail_out = static_cast<uInt>(room);
+    zs.avail_in = ni;
+    rc = inflate(&zs, Z_NO_FLUSH);
+    if (rc != Z_OK && rc != Z_STREAM_END) return corrupt();
+    size_t got = static_cast<size_t>(room - zs.avail_out);
+    in_left -= ni - zs.avail_in;
+    if (got == 0 && ni - zs.avail_in == 0 && rc != Z_STREAM_END) return corrupt();  // stuck
+    fill += got;
+    produced += got;
+    if (fill == buf.size() || rc == Z_STREAM_END) {
+      std::span<const std::byte> out(buf.data(), fill);
+      if (check_crc) crc = Crc32(crc, out);
+      if (fill) CKPT_RETURN_IF_ERROR(sink(out));
+      fill = 0;
+      // Drop the compressed input consumed so far from the mapping, so a
+      // huge entry does not stay resident in this process.
+      uint64_t consumed = e.compressed_size - in_left;
+      src.Release(payload + released, consumed - released);
+      released = consumed;
+    }
+  }
+  if (produced != e.size) return corrupt();
+  if (check_crc && crc != e.crc32) {
+    return ChecksumMismatch("zip: entry '" + e.name + "': CRC-32 mismatch")
+        .WithFile(src.name())
+        .WithOffset(static_cast<int64_t>(payload));
+  }
+  return Status::OK();
 }
 
 }  // namespace ckpt::internal

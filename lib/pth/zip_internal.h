@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,10 +43,17 @@ class ZipArchive {
   /// inflated buffer (never larger than the declared size) when DEFLATE.
   /// Checks the CRC-32 unless `check_crc` is false.
   Result<Bytes> Read(const ZipEntry& e, bool check_crc = true) const;
+  /// Inflates a DEFLATE entry in pieces of at most `piece` bytes (each a
+  /// multiple of `piece`'s alignment except the last), calling `sink` for
+  /// each, so memory stays bounded whatever the entry's size. Checks the
+  /// total size, and the CRC-32 unless `check_crc` is false.
+  Status Inflate(const ZipEntry& e, bool check_crc, size_t piece,
+                 const std::function<Status(std::span<const std::byte>)>& sink) const;
 
   const ByteSource& source() const { return *source_; }
 
  private:
+  Status CheckRatio(const ZipEntry& e, uint64_t payload) const;
   std::shared_ptr<ByteSource> source_;
   std::vector<ZipEntry> entries_;
 };
