@@ -26,19 +26,21 @@ std::string FormatDouble(double v) {
   return std::string(buf, r.ptr);
 }
 
+void NegateTwosComplement(std::span<uint8_t> le) {
+  unsigned carry = 1;
+  for (auto& b : le) {
+    unsigned v = static_cast<uint8_t>(~b) + carry;
+    b = static_cast<uint8_t>(v);
+    carry = v >> 8;
+  }
+}
+
 std::string BigIntDecimal(std::span<const uint8_t> le) {
   if (le.empty()) return "0";
   bool negative = (le.back() & 0x80) != 0;
   // Magnitude as little-endian bytes (two's complement negate if needed).
   std::vector<uint8_t> mag(le.begin(), le.end());
-  if (negative) {
-    unsigned carry = 1;
-    for (auto& b : mag) {
-      unsigned v = static_cast<uint8_t>(~b) + carry;
-      b = static_cast<uint8_t>(v);
-      carry = v >> 8;
-    }
-  }
+  if (negative) NegateTwosComplement(mag);
   // Repeated division by 10 of the big-endian view.
   std::string digits;
   size_t top = mag.size();

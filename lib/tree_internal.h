@@ -32,6 +32,9 @@ std::string KeySegmentOf(uint32_t id,
                          const std::function<KeyNode(uint32_t)>& get,
                          const std::function<uint32_t(uint32_t, size_t)>& item);
 
+/// Negates a little-endian two's complement integer in place (x -> ~x + 1).
+void NegateTwosComplement(std::span<uint8_t> le);
+
 /// Decimal form of a little-endian two's complement integer.
 std::string BigIntDecimal(std::span<const uint8_t> le);
 

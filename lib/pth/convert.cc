@@ -321,17 +321,7 @@ Status Emitter::Stream(std::span<const std::byte> bytes, DType dtype) {
     size_t n = std::min<size_t>(bytes.size() - off, kPieceBytes / w * w);
     swap_.assign(bytes.begin() + static_cast<long>(off),
                  bytes.begin() + static_cast<long>(off + n));
-    size_t sw = w;
-    if (dtype == DType::kComplex32 || dtype == DType::kComplex64 ||
-        dtype == DType::kComplex128) {
-      sw /= 2;
-    }
-    if (sw > 1) {
-      for (size_t i = 0; i + sw <= swap_.size(); i += sw) {
-        std::reverse(swap_.begin() + static_cast<long>(i),
-                     swap_.begin() + static_cast<long>(i + sw));
-      }
-    }
+    internal::SwapElements(swap_, dtype);
     CKPT_RETURN_IF_ERROR(w_->Append(swap_));
     off += n;
   }

@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "pickle_internal.h"
+#include "tree_internal.h"
 
 namespace ckpt::internal {
 
@@ -150,8 +151,8 @@ std::optional<NpType> NumpyType(const std::string& code) {
   return it->second;
 }
 
-// Swaps each element's bytes in place (complex: real and imaginary parts
-// separately), for big-endian payloads.
+}  // namespace
+
 void SwapElements(std::span<std::byte> data, DType dtype) {
   size_t w = DTypeSize(dtype);
   if (dtype == DType::kComplex32 || dtype == DType::kComplex64 ||
@@ -164,6 +165,8 @@ void SwapElements(std::span<std::byte> data, DType dtype) {
                  data.begin() + static_cast<long>(i + w));
   }
 }
+
+namespace {
 
 Obj Make(K k) {
   auto o = std::make_shared<PyObj>();
@@ -349,14 +352,7 @@ class Machine {
       if (carry) mag.push_back(static_cast<uint8_t>(carry));
     }
     mag.push_back(0);  // room for the sign bit
-    if (neg) {
-      unsigned carry = 1;
-      for (auto& byte : mag) {
-        unsigned v = static_cast<uint8_t>(~byte) + carry;
-        byte = static_cast<uint8_t>(v);
-        carry = v >> 8;
-      }
-    }
+    if (neg) NegateTwosComplement(mag);
     std::vector<std::byte> le(mag.size());
     std::memcpy(le.data(), mag.data(), mag.size());
     return IntFromLE(le);

@@ -111,6 +111,10 @@ Result<Obj> Unpickle(std::span<const std::byte> data, const std::string& where,
                      size_t* consumed, PickleHeap* heap,
                      const PickleLimits& limits = {});
 
+/// Swaps each element's bytes in place (complex: real and imaginary parts
+/// separately; 1-byte types untouched), for big-endian payloads.
+void SwapElements(std::span<std::byte> data, DType dtype);
+
 /// dtype of a torch storage class name ("FloatStorage" -> float32).
 std::optional<DType> StorageClassDType(const std::string& name);
 

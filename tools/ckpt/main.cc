@@ -13,6 +13,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/human.h"
 #include "json.h"
 
 namespace {
@@ -21,6 +22,7 @@ using ckpt::Checkpoint;
 using ckpt::Status;
 using ckpt::Value;
 using ckpt::ValueKind;
+using ckpt::tool::HumanBytes;
 
 constexpr int kExitOk = 0;
 constexpr int kExitFail = 1;
@@ -105,19 +107,6 @@ bool WantsHelp(const std::vector<std::string>& args) {
 }
 
 void Print(const std::string& s) { std::fwrite(s.data(), 1, s.size(), stdout); }
-
-std::string HumanBytes(uint64_t n) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
 
 std::string Dims(const std::vector<int64_t>& v) {
   std::string s = "[";

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "common/human.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -38,22 +40,9 @@ const char* kHelp =
     "\n"
     "Exit status: 0 converted, 1 refused or failed, 2 usage error.\n";
 
-std::string Human(uint64_t n) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
-
 std::string Describe(const ckpt::ImportReport& r) {
   return std::to_string(r.tensors) + " tensors, " + std::to_string(r.storages) +
-         " storages, " + Human(r.storage_bytes) + " (" + r.container + " format)";
+         " storages, " + ckpt::tool::HumanBytes(r.storage_bytes) + " (" + r.container + " format)";
 }
 
 int ConvertDir(const fs::path& in, const fs::path& out, const ckpt::ImportOptions& opt) {
@@ -92,7 +81,7 @@ int ConvertDir(const fs::path& in, const fs::path& out, const ckpt::ImportOption
       refused.emplace_back(rel.string(), r.status().ToString());
     }
   }
-  std::printf("converted %zu of %zu files (%s)", ok, files.size(), Human(bytes).c_str());
+  std::printf("converted %zu of %zu files (%s)", ok, files.size(), ckpt::tool::HumanBytes(bytes).c_str());
   std::printf(refused.empty() ? "\n" : "; refused %zu:\n", refused.size());
   for (const auto& [f, why] : refused) std::printf("  %s: %s\n", f.c_str(), why.c_str());
   return refused.empty() ? 0 : 1;
