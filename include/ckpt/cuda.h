@@ -1,0 +1,96 @@
+// Loading tensors from a ckpt file into GPU memory.
+//
+// Present when the library is built with the CUDA toolkit (target
+// ckpt::cuda). The loader stages file bytes through a ring of pinned host
+// buffers filled by worker threads and copies them with cudaMemcpyAsync,
+// one non-blocking stream per worker, into one device allocation (the
+// arena, each tensor 256-byte aligned). A staging buffer is refilled only
+// after the event recorded behind its previous copy has completed.
+//
+//   auto load = ckpt::LoadToDevice(ck, {}, {});     // every tensor, cuda:0
+//   ... (*load)->WaitTensor(0) ... use (*load)->tensor(0).data ...
+//   CKPT_RETURN_IF_ERROR((*load)->Wait());
+//
+// No CUDA type appears here: streams and events are exposed as void*.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ckpt/reader.h"
+#include "ckpt/status.h"
+
+namespace ckpt {
+
+enum class LoadStrategy {
+  kAuto,    ///< currently the staged ring
+  kStaged,  ///< pinned ring filled by memcpy from the mapping
+};
+
+struct DeviceLoadOptions {
+  /// Target for every tensor, "cuda:N". Overridden per saved device by
+  /// `device_map` (e.g. {"cuda:1", "cuda:0"}).
+  std::string device = "cuda:0";
+  std::map<std::string, std::string> device_map;
+  LoadStrategy strategy = LoadStrategy::kAuto;
+  /// Worker threads (each with its own stream and buffers); 0 = up to 4.
+  unsigned threads = 0;
+  /// Size of one pinned staging buffer; each worker has two.
+  uint64_t staging_buffer_bytes = 8ull << 20;
+};
+
+/// One request: a tensor path, optionally only rows [begin, end) of dim 0.
+struct TensorRequest {
+  std::string path;
+  std::optional<std::pair<int64_t, int64_t>> rows;
+};
+
+/// A tensor in device memory: the bytes from its first element through its
+/// last (the view's extent), laid out as `info` says (strides in elements
+/// relative to `data`).
+struct DeviceTensor {
+  TensorInfo info;
+  void* data = nullptr;  ///< device pointer
+  uint64_t nbytes = 0;   ///< bytes at `data`
+  int device = 0;        ///< CUDA ordinal
+};
+
+/// An asynchronous load. Destroying it waits for the copies and frees the
+/// device memory; move the pointers out only while it lives.
+class DeviceLoad {
+ public:
+  virtual ~DeviceLoad() = default;
+  /// Waits for every tensor; the first error (kCuda naming the tensor, file
+  /// and byte offset), after all work stopped and every staging resource
+  /// was released.
+  virtual Status Wait() = 0;
+  /// Waits for tensor i only; OK once its bytes are on the device.
+  virtual Status WaitTensor(size_t i) = 0;
+  /// True once tensor i's bytes are on the device (never for a failed one).
+  virtual bool Ready(size_t i) = 0;
+  virtual size_t size() const = 0;
+  virtual const DeviceTensor& tensor(size_t i) const = 0;
+  /// The cudaEvent_t recorded after tensor i's last copy (for
+  /// cudaStreamWaitEvent on a compute stream).
+  virtual void* event(size_t i) const = 0;
+};
+
+/// Starts loading `requests` (every tensor when empty) from `ck` to the
+/// device(s) chosen by `options`, and returns at once. The Checkpoint must
+/// outlive the returned load. Errors before any copy starts: kCuda (no
+/// driver, no device, bad device index, out of memory), kNotFound (a path),
+/// kInvalidArgument (bad rows or options).
+Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
+    const Checkpoint& ck, std::span<const TensorRequest> requests,
+    const DeviceLoadOptions& options = {});
+
+/// Number of CUDA devices, or kCuda saying why there are none.
+Result<int> CudaDeviceCount();
+
+}  // namespace ckpt

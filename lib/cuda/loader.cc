@@ -1,0 +1,323 @@
+// The device loader: a staged pinned ring per worker, cudaMemcpyAsync on
+// one non-blocking stream per worker, one device arena per target device.
+// All CUDA error codes are turned into Status here and nowhere else.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "ckpt/cuda.h"
+
+namespace ckpt {
+namespace {
+
+constexpr uint64_t kTensorAlignment = 256;
+
+Status Cuda(cudaError_t e, const std::string& what) {
+  return Status(ErrorCode::kCuda, what + ": " + cudaGetErrorString(e));
+}
+
+Result<int> ParseDevice(const std::string& d, int count) {
+  int index = 0;
+  if (d == "cuda") {
+    index = 0;
+  } else if (d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
+             d.find_first_not_of("0123456789", 5) == std::string::npos && d.size() < 15) {
+    index = std::stoi(d.substr(5));
+  } else {
+    return InvalidArgument("device '" + d + "' is not a CUDA device (cuda or cuda:N)");
+  }
+  if (index >= count) {
+    return Status(ErrorCode::kCuda, "device " + d + " does not exist: " +
+                                        std::to_string(count) + " CUDA device(s) present");
+  }
+  return index;
+}
+
+struct Item {
+  DeviceTensor dt;
+  TensorRef ref;           // host bytes (keeps the file open)
+  uint64_t file_offset = 0;
+  uint64_t arena_offset = 0;
+  cudaEvent_t done = nullptr;
+  int stage = 0;           // 0 queued, 1 copies issued, 2 failed
+};
+
+class Loader final : public DeviceLoad {
+ public:
+  Loader(std::string file, DeviceLoadOptions options)
+      : file_(std::move(file)), options_(std::move(options)) {}
+
+  ~Loader() override {
+    (void)Wait();
+    for (auto& it : items_) {
+      if (it.done) cudaEventDestroy(it.done);
+    }
+    for (auto& [dev, ptr] : arenas_) {
+      cudaSetDevice(dev);
+      cudaFree(ptr);
+    }
+  }
+
+  Status Prepare(std::vector<Item> items) {
+    items_ = std::move(items);
+    // One arena per target device.
+    std::map<int, uint64_t> sizes;
+    for (auto& it : items_) {
+      uint64_t& total = sizes[it.dt.device];
+      it.arena_offset = total;
+      total += (it.dt.nbytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+    }
+    for (auto& [dev, bytes] : sizes) {
+      cudaError_t e = cudaSetDevice(dev);
+      if (e != cudaSuccess) return Cuda(e, "cudaSetDevice(" + std::to_string(dev) + ")");
+      void* p = nullptr;
+      e = cudaMalloc(&p, std::max<uint64_t>(bytes, 1));
+      if (e != cudaSuccess) {
+        return Cuda(e, "allocating " + std::to_string(bytes) + " bytes on cuda:" +
+                           std::to_string(dev));
+      }
+      arenas_[dev] = p;
+    }
+    for (auto& it : items_) {
+      it.dt.data = static_cast<char*>(arenas_[it.dt.device]) + it.arena_offset;
+      cudaSetDevice(it.dt.device);
+      cudaError_t e = cudaEventCreateWithFlags(&it.done, cudaEventDisableTiming);
+      if (e != cudaSuccess) return Cuda(e, "cudaEventCreateWithFlags");
+    }
+    return Status::OK();
+  }
+
+  void Start() {
+    std::map<int, std::vector<size_t>> by_device;
+    for (size_t i = 0; i < items_.size(); ++i) by_device[items_[i].dt.device].push_back(i);
+    unsigned threads = options_.threads ? options_.threads
+                                        : std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
+    queues_.reserve(by_device.size());
+    for (auto& [dev, list] : by_device) {
+      queues_.push_back(std::make_unique<Queue>());
+      Queue* q = queues_.back().get();
+      q->device = dev;
+      q->items = std::move(list);
+      unsigned n = static_cast<unsigned>(std::min<size_t>(threads, q->items.size()));
+      for (unsigned t = 0; t < std::max(1u, n); ++t) {
+        workers_.emplace_back([this, q] { Work(*q); });
+      }
+    }
+  }
+
+  Status Wait() override {
+    std::lock_guard<std::mutex> lock(join_mu_);
+    for (auto& w : workers_) {
+      if (w.joinable()) w.join();
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    return first_;
+  }
+
+  Status WaitTensor(size_t i) override {
+    Item& it = items_.at(i);
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return it.stage != 0; });
+      if (it.stage == 2) return FailureOf(it);
+    }
+    cudaError_t e = cudaEventSynchronize(it.done);
+    if (e != cudaSuccess) {
+      return Cuda(e, "copy to cuda:" + std::to_string(it.dt.device))
+          .WithFile(file_)
+          .WithTensor(it.dt.info.path);
+    }
+    return Status::OK();
+  }
+
+  bool Ready(size_t i) override {
+    Item& it = items_.at(i);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (it.stage != 1) return false;
+    }
+    return cudaEventQuery(it.done) == cudaSuccess;
+  }
+
+  size_t size() const override { return items_.size(); }
+  const DeviceTensor& tensor(size_t i) const override { return items_.at(i).dt; }
+  void* event(size_t i) const override { return items_.at(i).done; }
+
+ private:
+  struct Queue {
+    int device = 0;
+    std::vector<size_t> items;
+    std::atomic<size_t> next{0};
+  };
+
+  Status FailureOf(const Item& it) const {
+    if (!first_.ok() && first_.tensor() == it.dt.info.path) return first_;
+    return Status(ErrorCode::kCuda, "not loaded: the load stopped at an earlier error (" +
+                                        first_.ToString() + ")")
+        .WithFile(file_)
+        .WithTensor(it.dt.info.path);
+  }
+
+  void Fail(Status s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (first_.ok()) first_ = std::move(s);
+    stop_ = true;
+  }
+
+  void SetStage(Item& it, int stage) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      it.stage = stage;
+    }
+    cv_.notify_all();
+  }
+
+  // One worker: a stream, two pinned buffers and two events. A buffer is
+  // refilled only after the event recorded behind its last copy completed.
+  void Work(Queue& q) {
+    cudaStream_t stream = nullptr;
+    void* buf[2] = {nullptr, nullptr};
+    cudaEvent_t ev[2] = {nullptr, nullptr};
+    const uint64_t B = std::max<uint64_t>(options_.staging_buffer_bytes, 4096);
+    auto cleanup = [&] {
+      if (stream) cudaStreamSynchronize(stream);
+      for (int j = 0; j < 2; ++j) {
+        if (ev[j]) cudaEventDestroy(ev[j]);
+        if (buf[j]) cudaFreeHost(buf[j]);
+      }
+      if (stream) cudaStreamDestroy(stream);
+    };
+    cudaError_t e = cudaSetDevice(q.device);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    for (int j = 0; j < 2 && e == cudaSuccess; ++j) {
+      e = cudaHostAlloc(&buf[j], B, cudaHostAllocDefault);
+      if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev[j], cudaEventDisableTiming);
+    }
+    if (e != cudaSuccess) {
+      Fail(Cuda(e, "setting up staging on cuda:" + std::to_string(q.device)).WithFile(file_));
+      cleanup();
+      FailRest(q);
+      return;
+    }
+    int j = 0;
+    for (;;) {
+      size_t k = q.next.fetch_add(1);
+      if (k >= q.items.size()) break;
+      Item& it = items_[q.items[k]];
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_) {
+          it.stage = 2;
+          cv_.notify_all();
+          continue;
+        }
+      }
+      std::span<const std::byte> bytes = it.ref.data();
+      Status problem;
+      for (uint64_t off = 0; off < bytes.size() && problem.ok(); off += B) {
+        uint64_t n = std::min<uint64_t>(B, bytes.size() - off);
+        j ^= 1;
+        e = cudaEventSynchronize(ev[j]);
+        if (e == cudaSuccess) {
+          std::memcpy(buf[j], bytes.data() + off, n);
+          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, buf[j], n,
+                              cudaMemcpyHostToDevice, stream);
+        }
+        if (e == cudaSuccess) e = cudaEventRecord(ev[j], stream);
+        if (e != cudaSuccess) {
+          problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
+                        .WithFile(file_)
+                        .WithTensor(it.dt.info.path)
+                        .WithOffset(static_cast<int64_t>(it.file_offset + off));
+        }
+      }
+      if (problem.ok()) {
+        e = cudaEventRecord(it.done, stream);
+        if (e != cudaSuccess) problem = Cuda(e, "cudaEventRecord").WithTensor(it.dt.info.path);
+      }
+      if (!problem.ok()) {
+        Fail(problem);
+        SetStage(it, 2);
+        continue;
+      }
+      SetStage(it, 1);
+    }
+    // Drain: a failed asynchronous copy shows up here at the latest.
+    e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) {
+      Fail(Cuda(e, "asynchronous copy to cuda:" + std::to_string(q.device) + " failed")
+               .WithFile(file_));
+    }
+    cleanup();
+  }
+
+  void FailRest(Queue& q) {
+    for (;;) {
+      size_t k = q.next.fetch_add(1);
+      if (k >= q.items.size()) return;
+      SetStage(items_[q.items[k]], 2);
+    }
+  }
+
+  std::string file_;
+  DeviceLoadOptions options_;
+  std::vector<Item> items_;
+  std::map<int, void*> arenas_;
+  std::vector<std::unique_ptr<Queue>> queues_;
+  std::vector<std::thread> workers_;
+  std::mutex join_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  Status first_;
+  bool stop_ = false;
+};
+
+}  // namespace
+
+Result<int> CudaDeviceCount() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) return Cuda(e, "no usable CUDA device");
+  return count;
+}
+
+Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
+                                                 std::span<const TensorRequest> requests,
+                                                 const DeviceLoadOptions& options) {
+  CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
+  std::vector<TensorRequest> all;
+  if (requests.empty()) {
+    for (size_t i = 0; i < ck.num_tensors(); ++i) all.push_back({ck.tensor_info(i).path, {}});
+    requests = all;
+  }
+  std::vector<Item> items;
+  items.reserve(requests.size());
+  for (const auto& r : requests) {
+    Result<TensorRef> ref = r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
+                                   : ck.Tensor(r.path);
+    if (!ref.ok()) return ref.status();
+    Item it;
+    it.ref = std::move(*ref);
+    StorageInfo st = ck.storage_info(it.ref.info().storage);
+    auto mapped = options.device_map.find(st.device);
+    const std::string& target = mapped != options.device_map.end() ? mapped->second : options.device;
+    CKPT_ASSIGN_OR_RETURN(it.dt.device, ParseDevice(target, count));
+    it.dt.info = it.ref.info();
+    it.dt.nbytes = it.ref.data().size();
+    const size_t elsize = DTypeSize(it.dt.info.dtype);
+    uint64_t first = static_cast<uint64_t>(it.dt.info.storage_offset) * elsize;
+    it.file_offset = st.offset + first;
+    items.push_back(std::move(it));
+  }
+  auto loader = std::make_unique<Loader>(ck.path(), options);
+  CKPT_RETURN_IF_ERROR(loader->Prepare(std::move(items)));
+  loader->Start();
+  return std::unique_ptr<DeviceLoad>(std::move(loader));
+}
+
+}  // namespace ckpt

@@ -1,0 +1,248 @@
+// The device loader against the CUDA-runtime test double: data lands
+// intact, staging buffers are never refilled early, every strategy knob,
+// errors, and release of everything.
+#include <catch2/catch.hpp>
+#include <cuda_runtime_api.h>
+
+#include <numeric>
+
+#include "ckpt/cuda.h"
+#include "cuda_double/cuda_double.h"
+#include "test_util.h"
+
+using namespace ckpt;
+using namespace ckpt::test;
+
+namespace {
+
+std::vector<std::byte> Pattern(size_t n, unsigned seed) {
+  std::vector<std::byte> v(n);
+  uint32_t x = seed * 2654435761u + 7;
+  for (auto& b : v) {
+    x = x * 1664525u + 1013904223u;
+    b = static_cast<std::byte>(x >> 24);
+  }
+  return v;
+}
+
+// Tensors of several sizes, one saved on cuda:1, one a view.
+std::map<std::string, std::vector<std::byte>> MakeFile(const std::string& path) {
+  std::map<std::string, std::vector<std::byte>> data;
+  auto w = Writer::Create(path, Fast());
+  REQUIRE(w.ok());
+  size_t sizes[] = {10000, 1, 4096 * 3 + 5, 0, 70000};
+  for (size_t i = 0; i < 5; ++i) {
+    std::string name = "t" + std::to_string(i);
+    data[name] = Pattern(sizes[i], static_cast<unsigned>(i));
+    REQUIRE(w->PutTensor(name, DType::kUInt8, {static_cast<int64_t>(sizes[i])}, data[name],
+                         i == 2 ? "cuda:1" : "cpu").ok());
+  }
+  std::vector<float> m(40 * 8);
+  std::iota(m.begin(), m.end(), 0.0f);
+  REQUIRE(w->PutTensor("m", DType::kFloat32, {40, 8}, Bytes(m)).ok());
+  data["m"] = std::vector<std::byte>(Bytes(m).begin(), Bytes(m).end());
+  REQUIRE(w->Commit().ok());
+  return data;
+}
+
+std::vector<std::byte> OnDevice(const DeviceTensor& t) {
+  std::vector<std::byte> out(t.nbytes);
+  if (t.nbytes) REQUIRE(cuda_double::ReadDevice(t.data, out.data(), t.nbytes));
+  return out;
+}
+
+void RequireNoLeaks() {
+  auto s = cuda_double::GetStats();
+  CHECK(s.live_device_allocs == 0);
+  CHECK(s.live_pinned == 0);
+  CHECK(s.live_registrations == 0);
+  CHECK(s.live_streams == 0);
+  CHECK(s.live_events == 0);
+  CHECK(s.guard_violations == 0);
+}
+
+}  // namespace
+
+TEST_CASE("cuda double: a refilled staging buffer is caught (the check that guards the loader)") {
+  cuda_double::Reset({});
+  void* dev = nullptr;
+  void* host = nullptr;
+  cudaStream_t st;
+  REQUIRE(cudaMalloc(&dev, 4096) == cudaSuccess);
+  REQUIRE(cudaHostAlloc(&host, 4096, 0) == cudaSuccess);
+  REQUIRE(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess);
+  cuda_double::Config slow;
+  std::memset(host, 1, 4096);
+  // Queue several copies so the last waits behind delays, then overwrite
+  // its source before it runs: the premature reuse a ring must avoid.
+  for (int i = 0; i < 20; ++i) {
+    REQUIRE(cudaMemcpyAsync(dev, host, 4096, cudaMemcpyHostToDevice, st) == cudaSuccess);
+  }
+  std::memset(host, 2, 4096);
+  REQUIRE(cudaStreamSynchronize(st) == cudaSuccess);
+  CHECK(cuda_double::GetStats().source_mutations > 0);
+  // Pageable memory is copied synchronously and counted.
+  std::vector<char> pageable(16, 3);
+  REQUIRE(cudaMemcpyAsync(dev, pageable.data(), 16, cudaMemcpyHostToDevice, st) == cudaSuccess);
+  CHECK(cuda_double::GetStats().pageable_copies == 1);
+  // Out of bounds is refused.
+  CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + 4000, host, 200, cudaMemcpyHostToDevice, st) ==
+        cudaErrorInvalidValue);
+  cudaStreamDestroy(st);
+  cudaFreeHost(host);
+  cudaFree(dev);
+  RequireNoLeaks();
+}
+
+TEST_CASE("staged load of a whole file: bytes intact, ring never reused early, all released") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+  REQUIRE(ck.ok());
+  for (unsigned threads : {1u, 3u}) {
+    cuda_double::Config cfg;
+    cfg.devices = 2;
+    cfg.seed = threads;
+    cuda_double::Reset(cfg);
+    DeviceLoadOptions o;
+    o.threads = threads;
+    o.staging_buffer_bytes = 4096;  // many pieces per tensor: exercises the ring
+    {
+      auto load = LoadToDevice(*ck, {}, o);
+      REQUIRE(load.ok());
+      REQUIRE((*load)->Wait().ok());
+      REQUIRE((*load)->size() == data.size());
+      for (size_t i = 0; i < (*load)->size(); ++i) {
+        const DeviceTensor& t = (*load)->tensor(i);
+        INFO(t.info.path);
+        CHECK((*load)->Ready(i));
+        CHECK((*load)->WaitTensor(i).ok());
+        CHECK(t.device == 0);  // everything to cuda:0 by default
+        CHECK(reinterpret_cast<uintptr_t>(t.data) % 256 == 0);
+        CHECK(OnDevice(t) == data[t.info.path]);
+      }
+      auto s = cuda_double::GetStats();
+      CHECK(s.source_mutations == 0);
+      CHECK(s.pageable_copies == 0);
+      CHECK(s.bad_copies == 0);
+      CHECK(s.async_copies >= 20);  // 70000/4096 alone is 18 pieces
+      CHECK(s.live_device_allocs == 1);  // one arena
+    }
+    RequireNoLeaks();
+  }
+}
+
+TEST_CASE("paths, row slices and device mapping") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+  REQUIRE(ck.ok());
+  cuda_double::Config cfg;
+  cfg.devices = 2;
+  cuda_double::Reset(cfg);
+  DeviceLoadOptions o;
+  o.device_map = {{"cuda:1", "cuda:1"}};  // keep what was on cuda:1 there
+  std::vector<TensorRequest> req = {{"t2", {}}, {"m", std::pair<int64_t, int64_t>{10, 13}}, {"t0", {}}};
+  {
+    auto load = LoadToDevice(*ck, req, o);
+    REQUIRE(load.ok());
+    REQUIRE((*load)->Wait().ok());
+    REQUIRE((*load)->size() == 3);
+    CHECK((*load)->tensor(0).device == 1);
+    CHECK(OnDevice((*load)->tensor(0)) == data["t2"]);
+    const DeviceTensor& rows = (*load)->tensor(1);
+    CHECK(rows.device == 0);
+    CHECK(rows.info.shape == std::vector<int64_t>{3, 8});
+    auto got = OnDevice(rows);
+    REQUIRE(got.size() == 3 * 8 * 4);
+    CHECK(std::equal(got.begin(), got.end(), data["m"].begin() + 10 * 8 * 4));
+    CHECK(cuda_double::GetStats().live_device_allocs == 2);  // an arena per device
+  }
+  RequireNoLeaks();
+  // Bad requests fail before anything is allocated.
+  std::vector<TensorRequest> missing = {{"nope", {}}};
+  CHECK(LoadToDevice(*ck, missing, o).status().code() == ErrorCode::kNotFound);
+  std::vector<TensorRequest> bad_rows = {{"m", std::pair<int64_t, int64_t>{5, 99}}};
+  CHECK(LoadToDevice(*ck, bad_rows, o).status().code() == ErrorCode::kInvalidArgument);
+  DeviceLoadOptions cpu;
+  cpu.device = "cpu";
+  CHECK(LoadToDevice(*ck, {}, cpu).status().code() == ErrorCode::kInvalidArgument);
+  RequireNoLeaks();
+}
+
+TEST_CASE("no driver, no device, bad index, out of memory: clear errors, nothing leaked") {
+  TempDir dir;
+  MakeFile(dir.File("m.ckpt"));
+  auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+  REQUIRE(ck.ok());
+  cuda_double::Config cfg;
+  cfg.no_driver = true;
+  cuda_double::Reset(cfg);
+  auto r = LoadToDevice(*ck, {}, {});
+  CHECK(r.status().code() == ErrorCode::kCuda);
+  CHECK(r.status().ToString().find("driver") != std::string::npos);
+  cfg = {};
+  cfg.devices = 0;
+  cuda_double::Reset(cfg);
+  CHECK(LoadToDevice(*ck, {}, {}).status().code() == ErrorCode::kCuda);
+  cfg = {};
+  cuda_double::Reset(cfg);
+  DeviceLoadOptions o;
+  o.device = "cuda:3";
+  r = LoadToDevice(*ck, {}, o);
+  CHECK(r.status().code() == ErrorCode::kCuda);
+  CHECK(r.status().ToString().find("cuda:3 does not exist: 1 CUDA device") != std::string::npos);
+  cfg.device_memory = 1000;
+  cuda_double::Reset(cfg);
+  r = LoadToDevice(*ck, {}, {});
+  CHECK(r.status().code() == ErrorCode::kCuda);
+  CHECK(r.status().ToString().find("out of memory") != std::string::npos);
+  RequireNoLeaks();
+  cfg = {};
+  cfg.fail_host_alloc_at = 0;
+  cuda_double::Reset(cfg);
+  {
+    auto load = LoadToDevice(*ck, {}, {});
+    REQUIRE(load.ok());
+    Status s = (*load)->Wait();
+    CHECK(s.code() == ErrorCode::kCuda);
+  }
+  RequireNoLeaks();
+}
+
+TEST_CASE("a failed copy: the error names a tensor, nothing half-written is reported done") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+  REQUIRE(ck.ok());
+  for (int at : {0, 3, 10}) {
+    cuda_double::Config cfg;
+    cfg.fail_copy_at = at;
+    cfg.seed = static_cast<uint64_t>(at) + 5;
+    cuda_double::Reset(cfg);
+    DeviceLoadOptions o;
+    o.threads = 1;
+    o.staging_buffer_bytes = 4096;
+    {
+      auto load = LoadToDevice(*ck, {}, o);
+      REQUIRE(load.ok());
+      Status s = (*load)->Wait();
+      INFO("fail at copy " << at << ": " << s.ToString());
+      CHECK(s.code() == ErrorCode::kCuda);
+      CHECK(s.file() == dir.File("m.ckpt"));
+      size_t ready = 0;
+      for (size_t i = 0; i < (*load)->size(); ++i) {
+        const DeviceTensor& t = (*load)->tensor(i);
+        if ((*load)->Ready(i)) {
+          ++ready;
+          CHECK((*load)->WaitTensor(i).ok());
+          CHECK(OnDevice(t) == data[t.info.path]);  // reported done => intact
+        } else {
+          CHECK((*load)->WaitTensor(i).code() == ErrorCode::kCuda);
+        }
+      }
+      CHECK(ready < (*load)->size());
+    }
+    RequireNoLeaks();
+  }
+}
