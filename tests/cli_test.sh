@@ -20,7 +20,7 @@ PY=python3
 "$WRITER" "$T/a.ckpt" >/dev/null || bad "example writer failed"
 
 # --help everywhere, exit 0; usage errors exit 2 with text on stderr.
-for c in inspect cat get verify diff; do
+for c in inspect cat get verify diff import load; do
   expect_rc 0 "$c --help" "$CKPT" "$c" --help
   grep -q "usage: ckpt $c" "$T/out" && ok || bad "$c --help text"
 done
@@ -78,6 +78,18 @@ expect_rc 0 "diff same" "$CKPT" diff "$T/a.ckpt" "$T/a.ckpt"
 expect_rc 1 "diff different" "$CKPT" diff "$T/a.ckpt" "$T/bad.ckpt"
 grep -q "~ fc.weight: 1 of 6 elements differ" "$T/out" && ok || bad "diff output: $(cat "$T/out")"
 expect_rc 3 "diff unreadable" "$CKPT" diff "$T/a.ckpt" "$T/none.ckpt"
+
+# load: to host memory always works; to a GPU either works or says why not.
+expect_rc 0 "load cpu" "$CKPT" load "$T/a.ckpt" --device cpu
+grep -q "loaded 1 tensors" "$T/out" && ok || bad "load cpu output: $(cat "$T/out")"
+"$CKPT" load "$T/a.ckpt" --device cuda:0 >"$T/out" 2>"$T/err"; rc=$?
+if [ "$rc" = 0 ]; then
+  grep -q "loaded 1 tensors" "$T/out" && ok || bad "load cuda output"
+else
+  [ "$rc" = 1 ] && grep -q "CUDA\|without the CUDA toolkit" "$T/err" && ok || bad "load cuda without GPU: exit $rc: $(cat "$T/err")"
+fi
+expect_rc 2 "load bad strategy" "$CKPT" load "$T/a.ckpt" --strategy nope
+expect_rc 1 "load missing path" "$CKPT" load "$T/a.ckpt" --device cpu --paths nope
 
 echo "cli: $passes passed, $fails failed"
 [ "$fails" = 0 ]
