@@ -15,15 +15,6 @@ using namespace ckpt::test;
 
 namespace {
 
-std::vector<std::byte> Pattern(size_t n, unsigned seed) {
-  std::vector<std::byte> v(n);
-  uint32_t x = seed * 2654435761u + 7;
-  for (auto& b : v) {
-    x = x * 1664525u + 1013904223u;
-    b = static_cast<std::byte>(x >> 24);
-  }
-  return v;
-}
 
 // Tensors of several sizes, one saved on cuda:1, one a view.
 std::map<std::string, std::vector<std::byte>> MakeFile(const std::string& path) {

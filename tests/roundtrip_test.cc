@@ -11,17 +11,6 @@ using namespace ckpt::test;
 
 namespace {
 
-std::vector<std::byte> Pattern(size_t n, unsigned seed) {
-  std::vector<std::byte> v(n);
-  uint32_t x = seed * 2654435761u + 1;
-  for (auto& b : v) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    b = static_cast<std::byte>(x);
-  }
-  return v;
-}
 
 std::vector<std::byte> Contiguous(const TensorRef& t) {
   std::vector<std::byte> out(static_cast<size_t>(t.info().nbytes()));

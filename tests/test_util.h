@@ -64,6 +64,19 @@ std::span<const std::byte> Bytes(const std::vector<T>& v) {
   return std::as_bytes(std::span(v));
 }
 
+/// `n` deterministic pseudo-random bytes (xorshift) for test payloads.
+inline std::vector<std::byte> Pattern(size_t n, unsigned seed) {
+  std::vector<std::byte> v(n);
+  uint32_t x = seed * 2654435761u + 1;
+  for (auto& b : v) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    b = static_cast<std::byte>(x);
+  }
+  return v;
+}
+
 /// Writes without fsync (tests do not need durability, and it is slow).
 inline WriteOptions Fast() {
   WriteOptions o;

@@ -66,7 +66,7 @@ inline constexpr uint64_t kLargeBlobBytes = 1u << 20;
 /// The header follows the data section at a multiple of this, so the
 /// FlatBuffers verifier's alignment checks hold on a page-aligned mapping.
 inline constexpr uint64_t kHeaderAlignment = 8;
-/// Largest header a reader accepts (R6). 10,000 tensors take ~1 MiB.
+/// Largest header a reader accepts (R8). 10,000 tensors take ~1 MiB.
 inline constexpr uint64_t kMaxHeaderBytes = 1ull << 30;
 /// Default checksum chunk; a slice or a parallel verify hashes only the
 /// chunks it touches. Allowed range: [kMinChunkBytes, kMaxChunkBytes].
