@@ -737,6 +737,19 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
 
 }  // namespace internal
 
+Status Checkpoint::VerifyStorageRange(size_t storage, uint64_t begin, uint64_t end,
+                                      const std::string& tensor) const {
+  if (storage >= num_storages()) {
+    return InvalidArgument("storage " + std::to_string(storage) + " does not exist");
+  }
+  const fb::Storage* st = impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(storage));
+  if (begin > end || end > st->nbytes()) {
+    return InvalidArgument("range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                           ") outside storage " + std::to_string(storage));
+  }
+  return impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage), begin, end, tensor);
+}
+
 Status Checkpoint::Prefetch(unsigned threads) const {
   const auto& src = *impl_->source;
   if (!src.zero_copy()) return Status::OK();

@@ -88,6 +88,8 @@ if [ "$rc" = 0 ]; then
 else
   [ "$rc" = 1 ] && grep -q "CUDA\|without the CUDA toolkit" "$T/err" && ok || bad "load cuda without GPU: exit $rc: $(cat "$T/err")"
 fi
+expect_rc 1 "load --verify of a damaged file" "$CKPT" load "$T/bad.ckpt" --device cpu --verify
+grep -q "checksum mismatch: tensor 'fc.weight'" "$T/err" && ok || bad "load --verify message: $(cat "$T/err")"
 expect_rc 2 "load bad strategy" "$CKPT" load "$T/a.ckpt" --strategy nope
 expect_rc 1 "load missing path" "$CKPT" load "$T/a.ckpt" --device cpu --paths nope
 

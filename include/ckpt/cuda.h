@@ -43,6 +43,10 @@ struct DeviceLoadOptions {
   unsigned threads = 0;
   /// Size of one pinned staging buffer; each worker has two.
   uint64_t staging_buffer_bytes = 8ull << 20;
+  /// Check the checksum of every chunk a tensor's bytes lie in, chunk by
+  /// chunk just before staging it (no separate pass over the file). A
+  /// mismatch fails that tensor with kChecksumMismatch and stops the load.
+  bool verify_checksums = false;
 };
 
 /// One request: a tensor path, optionally only rows [begin, end) of dim 0.

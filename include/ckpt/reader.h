@@ -245,6 +245,13 @@ class Checkpoint {
   /// kNotFound if absent.
   Result<std::string> Metadata(std::string_view key) const;
 
+  /// Checks the checksum of every chunk of storage `storage` that overlaps
+  /// bytes [begin, end) of it (a loader calls this just before it copies
+  /// those bytes). kChecksumMismatch naming the tensor path `tensor`, the
+  /// chunk and its byte offset; kInvalidArgument for a bad range.
+  Status VerifyStorageRange(size_t storage, uint64_t begin, uint64_t end,
+                            const std::string& tensor = "") const;
+
   /// Makes the whole data section resident and mapped now, with
   /// `threads` threads (0 = all cores), so later reads of any tensor take
   /// no page faults: a full load into memory without a copy. No-op with the

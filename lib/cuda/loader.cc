@@ -42,6 +42,7 @@ struct Item {
   DeviceTensor dt;
   TensorRef ref;           // host bytes (keeps the file open)
   uint64_t file_offset = 0;
+  uint64_t storage_begin = 0;  // byte offset of the extent within its storage
   uint64_t arena_offset = 0;
   cudaEvent_t done = nullptr;
   int stage = 0;           // 0 queued, 1 copies issued, 2 failed
@@ -49,8 +50,8 @@ struct Item {
 
 class Loader final : public DeviceLoad {
  public:
-  Loader(std::string file, DeviceLoadOptions options)
-      : file_(std::move(file)), options_(std::move(options)) {}
+  Loader(const Checkpoint& ck, DeviceLoadOptions options)
+      : ck_(ck), file_(ck.path()), options_(std::move(options)) {}
 
   ~Loader() override {
     (void)Wait();
@@ -219,8 +220,21 @@ class Loader final : public DeviceLoad {
       }
       std::span<const std::byte> bytes = it.ref.data();
       Status problem;
-      for (uint64_t off = 0; off < bytes.size() && problem.ok(); off += B) {
+      // With verification, pieces never straddle a checksum chunk, and each
+      // chunk is checked just before its first piece is staged.
+      const uint64_t chunk = ck_.chunk_size();
+      const uint64_t base = it.storage_begin;  // extent start within the storage
+      for (uint64_t off = 0; off < bytes.size() && problem.ok();) {
         uint64_t n = std::min<uint64_t>(B, bytes.size() - off);
+        if (options_.verify_checksums) {
+          uint64_t at = base + off;
+          uint64_t chunk_end = (at / chunk + 1) * chunk;
+          n = std::min<uint64_t>(n, chunk_end - at);
+          if (off == 0 || at % chunk == 0) {
+            problem = ck_.VerifyStorageRange(it.dt.info.storage, at, at + 1, it.dt.info.path);
+            if (!problem.ok()) break;
+          }
+        }
         j ^= 1;
         e = cudaEventSynchronize(ev[j]);
         if (e == cudaSuccess) {
@@ -235,6 +249,7 @@ class Loader final : public DeviceLoad {
                         .WithTensor(it.dt.info.path)
                         .WithOffset(static_cast<int64_t>(it.file_offset + off));
         }
+        off += n;
       }
       if (problem.ok()) {
         e = cudaEventRecord(it.done, stream);
@@ -264,6 +279,7 @@ class Loader final : public DeviceLoad {
     }
   }
 
+  const Checkpoint& ck_;
   std::string file_;
   DeviceLoadOptions options_;
   std::vector<Item> items_;
@@ -311,10 +327,11 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
     it.dt.nbytes = it.ref.data().size();
     const size_t elsize = DTypeSize(it.dt.info.dtype);
     uint64_t first = static_cast<uint64_t>(it.dt.info.storage_offset) * elsize;
+    it.storage_begin = first;
     it.file_offset = st.offset + first;
     items.push_back(std::move(it));
   }
-  auto loader = std::make_unique<Loader>(ck.path(), options);
+  auto loader = std::make_unique<Loader>(ck, options);
   CKPT_RETURN_IF_ERROR(loader->Prepare(std::move(items)));
   loader->Start();
   return std::unique_ptr<DeviceLoad>(std::move(loader));
