@@ -4,6 +4,9 @@
 #include <catch2/catch.hpp>
 #include <cuda_runtime_api.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <numeric>
 
 #include "ckpt/cuda.h"
@@ -298,6 +301,70 @@ TEST_CASE("checksums verified chunk by chunk while loading") {
     auto load2 = LoadToDevice(*ck, req, plain);
     REQUIRE(load2.ok());
     CHECK((*load2)->Wait().ok());
+  }
+  RequireNoLeaks();
+}
+
+TEST_CASE("direct (O_DIRECT) strategy and the Auto choice") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  cuda_double::Reset({});
+  {
+    auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+    REQUIRE(ck.ok());
+    DeviceLoadOptions o;
+    o.strategy = LoadStrategy::kDirect;
+    o.staging_buffer_bytes = 4096 + 100;  // unaligned pieces: aligned supersets
+    o.threads = 2;
+    std::vector<TensorRequest> req = {{"t4", {}}, {"t0", {}}, {"t3", {}},
+                                      {"m", std::pair<int64_t, int64_t>{7, 29}}};
+    auto load = LoadToDevice(*ck, req, o);
+    REQUIRE(load.ok());
+    REQUIRE((*load)->Wait().ok());
+    CHECK((*load)->strategy().rfind("direct", 0) == 0);
+    CHECK(OnDevice((*load)->tensor(0)) == data["t4"]);
+    CHECK(OnDevice((*load)->tensor(1)) == data["t0"]);
+    CHECK((*load)->tensor(2).nbytes == 0);
+    auto rows = OnDevice((*load)->tensor(3));
+    REQUIRE(rows.size() == 22 * 8 * 4);
+    CHECK(std::equal(rows.begin(), rows.end(), data["m"].begin() + 7 * 8 * 4));
+    auto s = cuda_double::GetStats();
+    CHECK(s.source_mutations == 0);
+    CHECK(s.pageable_copies == 0);
+    // Auto on a file just written and read: warm, so staged.
+    o.strategy = LoadStrategy::kAuto;
+    for (size_t i = 0; i < ck->num_tensors(); ++i) {
+      auto t = ck->TensorAt(i);
+      std::vector<std::byte> sink(t->data().begin(), t->data().end());
+    }
+    auto warm = LoadToDevice(*ck, {}, o);
+    REQUIRE(warm.ok());
+    REQUIRE((*warm)->Wait().ok());
+    CHECK((*warm)->strategy() == "staged");
+  }
+  // A file large enough that opening it (and the kernel's readahead around
+  // the preamble and header) leaves its tensor out of the page cache once
+  // its pages are dropped: Auto then reads it with O_DIRECT.
+  std::vector<std::byte> big = Pattern(16 << 20, 3);
+  {
+    auto w = Writer::Create(dir.File("cold.ckpt"), Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("big", DType::kUInt8, {16 << 20}, big).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  int fd = ::open(dir.File("cold.ckpt").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  ::fdatasync(fd);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  {
+    auto ck = Checkpoint::Open(dir.File("cold.ckpt"));
+    REQUIRE(ck.ok());
+    auto cold = LoadToDevice(*ck, {}, DeviceLoadOptions{});
+    REQUIRE(cold.ok());
+    REQUIRE((*cold)->Wait().ok());
+    CHECK((*cold)->strategy().rfind("direct", 0) == 0);
+    CHECK(OnDevice((*cold)->tensor(0)) == big);
   }
   RequireNoLeaks();
 }

@@ -29,8 +29,14 @@
 namespace ckpt {
 
 enum class LoadStrategy {
-  kAuto,    ///< currently the staged ring
-  kStaged,  ///< pinned ring filled by memcpy from the mapping
+  /// Staged when at least 90% of the requested bytes are in the page
+  /// cache (mincore), else Direct.
+  kAuto,
+  /// Pinned ring filled by memcpy from the mapping: for warm files.
+  kStaged,
+  /// Pinned ring filled by O_DIRECT reads, bypassing the page cache: for
+  /// cold files. Falls back to buffered pread where O_DIRECT is refused.
+  kDirect,
 };
 
 struct DeviceLoadOptions {
@@ -83,6 +89,8 @@ class DeviceLoad {
   /// The cudaEvent_t recorded after tensor i's last copy (for
   /// cudaStreamWaitEvent on a compute stream).
   virtual void* event(size_t i) const = 0;
+  /// What ran: "staged", "direct", or "direct (buffered: O_DIRECT refused)".
+  virtual std::string strategy() const = 0;
 };
 
 /// Starts loading `requests` (every tensor when empty) from `ck` to the

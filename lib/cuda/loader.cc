@@ -2,10 +2,14 @@
 // one non-blocking stream per worker, one device arena per target device.
 // All CUDA error codes are turned into Status here and nowhere else.
 #include <cuda_runtime_api.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cerrno>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -16,6 +20,9 @@ namespace ckpt {
 namespace {
 
 constexpr uint64_t kTensorAlignment = 256;
+// O_DIRECT needs offset, length and buffer aligned to the logical block
+// size; 4096 is a multiple of every common one (512, 4096).
+constexpr uint64_t kDirectAlign = 4096;
 
 Status Cuda(cudaError_t e, const std::string& what) {
   return Status(ErrorCode::kCuda, what + ": " + cudaGetErrorString(e));
@@ -146,6 +153,29 @@ class Loader final : public DeviceLoad {
   }
 
   size_t size() const override { return items_.size(); }
+  std::string strategy() const override {
+    if (!direct_) return "staged";
+    return buffered_fallback_ ? "direct (buffered: O_DIRECT refused)" : "direct";
+  }
+
+  // Fraction of the requested bytes' pages that are in the page cache.
+  double ResidentFraction() const {
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    uint64_t total = 0, resident = 0;
+    std::vector<unsigned char> vec;
+    for (const auto& it : items_) {
+      auto d = it.ref.data();
+      if (d.empty()) continue;
+      auto a = reinterpret_cast<uintptr_t>(d.data()) / page * page;
+      uint64_t len = reinterpret_cast<uintptr_t>(d.data()) + d.size() - a;
+      vec.assign((len + page - 1) / page, 0);
+      if (::mincore(reinterpret_cast<void*>(a), len, vec.data()) != 0) return 1.0;
+      total += vec.size();
+      for (unsigned char v : vec) resident += v & 1;
+    }
+    return total ? static_cast<double>(resident) / static_cast<double>(total) : 1.0;
+  }
+  void UseDirect(bool direct) { direct_ = direct; }
   const DeviceTensor& tensor(size_t i) const override { return items_.at(i).dt; }
   void* event(size_t i) const override { return items_.at(i).done; }
 
@@ -185,7 +215,19 @@ class Loader final : public DeviceLoad {
     void* buf[2] = {nullptr, nullptr};
     cudaEvent_t ev[2] = {nullptr, nullptr};
     const uint64_t B = std::max<uint64_t>(options_.staging_buffer_bytes, 4096);
+    // Direct reads fetch the aligned superset of a piece: room for one
+    // block of slack at each end.
+    const uint64_t alloc = direct_ ? B + 2 * kDirectAlign : B;
+    int fd = -1;
+    if (direct_) {
+      fd = ::open(file_.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      if (fd < 0) {  // e.g. tmpfs: fall back to buffered reads
+        buffered_fallback_ = true;
+        fd = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
+      }
+    }
     auto cleanup = [&] {
+      if (fd >= 0) ::close(fd);
       if (stream) cudaStreamSynchronize(stream);
       for (int j = 0; j < 2; ++j) {
         if (ev[j]) cudaEventDestroy(ev[j]);
@@ -196,7 +238,7 @@ class Loader final : public DeviceLoad {
     cudaError_t e = cudaSetDevice(q.device);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
     for (int j = 0; j < 2 && e == cudaSuccess; ++j) {
-      e = cudaHostAlloc(&buf[j], B, cudaHostAllocDefault);
+      e = cudaHostAlloc(&buf[j], alloc, cudaHostAllocDefault);
       if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev[j], cudaEventDisableTiming);
     }
     if (e != cudaSuccess) {
@@ -237,9 +279,19 @@ class Loader final : public DeviceLoad {
         }
         j ^= 1;
         e = cudaEventSynchronize(ev[j]);
+        const std::byte* src = static_cast<const std::byte*>(buf[j]);
         if (e == cudaSuccess) {
-          std::memcpy(buf[j], bytes.data() + off, n);
-          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, buf[j], n,
+          if (direct_) {
+            auto r = ReadDirect(fd, it.file_offset + off, n, static_cast<std::byte*>(buf[j]));
+            if (!r.ok()) {
+              problem = r.status().WithTensor(it.dt.info.path);
+              break;
+            }
+            src += *r;
+          } else {
+            std::memcpy(buf[j], bytes.data() + off, n);
+          }
+          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, src, n,
                               cudaMemcpyHostToDevice, stream);
         }
         if (e == cudaSuccess) e = cudaEventRecord(ev[j], stream);
@@ -271,6 +323,47 @@ class Loader final : public DeviceLoad {
     cleanup();
   }
 
+  // Reads file bytes [offset, offset+n) into `buf` through `fd`, as the
+  // block-aligned superset when `fd` is O_DIRECT; returns where the wanted
+  // bytes start in `buf`. Switches `fd` to buffered reads if the kernel
+  // refuses a direct read.
+  Result<uint64_t> ReadDirect(int& fd, uint64_t offset, uint64_t n, std::byte* buf) {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      bool direct = (::fcntl(fd, F_GETFL) & O_DIRECT) != 0;
+      uint64_t a0 = direct ? offset / kDirectAlign * kDirectAlign : offset;
+      uint64_t want = offset + n - a0;
+      uint64_t len = direct ? (want + kDirectAlign - 1) / kDirectAlign * kDirectAlign : want;
+      uint64_t got = 0;
+      int err = 0;
+      while (got < want) {
+        ssize_t r = ::pread(fd, buf + got, len - got, static_cast<off_t>(a0 + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+          err = errno;
+          break;
+        }
+        if (r == 0) break;  // end of file: fine once `want` is covered
+        got += static_cast<uint64_t>(r);
+      }
+      if (got >= want) return offset - a0;
+      if (err == EINVAL && direct) {
+        int plain = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
+        if (plain < 0) err = errno;
+        else {
+          ::close(fd);
+          fd = plain;
+          buffered_fallback_ = true;
+          continue;
+        }
+      }
+      return IoError(err ? std::string("read failed: ") + std::strerror(err)
+                         : std::string("file ended early"))
+          .WithFile(file_)
+          .WithOffset(static_cast<int64_t>(offset));
+    }
+    return IoError("read failed").WithFile(file_).WithOffset(static_cast<int64_t>(offset));
+  }
+
   void FailRest(Queue& q) {
     for (;;) {
       size_t k = q.next.fetch_add(1);
@@ -291,6 +384,8 @@ class Loader final : public DeviceLoad {
   std::condition_variable cv_;
   Status first_;
   bool stop_ = false;
+  bool direct_ = false;
+  std::atomic<bool> buffered_fallback_{false};
 };
 
 }  // namespace
@@ -333,6 +428,11 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
   }
   auto loader = std::make_unique<Loader>(ck, options);
   CKPT_RETURN_IF_ERROR(loader->Prepare(std::move(items)));
+  switch (options.strategy) {
+    case LoadStrategy::kStaged: loader->UseDirect(false); break;
+    case LoadStrategy::kDirect: loader->UseDirect(true); break;
+    case LoadStrategy::kAuto: loader->UseDirect(loader->ResidentFraction() < 0.9); break;
+  }
   loader->Start();
   return std::unique_ptr<DeviceLoad>(std::move(loader));
 }

@@ -96,11 +96,13 @@ const char* kImportHelp =
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
-    "                 [--strategy auto|staged] [--threads N] [--verify]\n"
+    "                 [--strategy auto|staged|direct] [--threads N] [--verify]\n"
     "\n"
     "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) of\n"
-    "dim 0 of each) into GPU memory with the staged pinned-buffer loader, or\n"
-    "into host memory with --device cpu, and prints the time and GB/s.\n"
+    "dim 0 of each) into GPU memory through pinned staging buffers, or into\n"
+    "host memory with --device cpu, and prints the time and GB/s. Staged\n"
+    "fills the buffers from the page cache (warm files), direct with O_DIRECT\n"
+    "reads (cold files); auto picks by how much of the data is cached.\n"
     "--verify checks the checksum of every chunk the tensors lie in, as it\n"
     "reads or stages them (a damaged chunk fails the load, naming the tensor).\n"
     "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n";
@@ -536,8 +538,8 @@ int Load(const std::vector<std::string>& args) {
       device = *v;
     } else if (a == "--strategy") {
       auto v = value();
-      if (!v || (*v != "auto" && *v != "staged")) {
-        return Usage(kLoadHelp, "--strategy takes auto or staged (register and direct are not built yet)");
+      if (!v || (*v != "auto" && *v != "staged" && *v != "direct")) {
+        return Usage(kLoadHelp, "--strategy takes auto, staged or direct (register is not built yet)");
       }
       strategy = *v;
     } else if (a == "--threads") {
@@ -596,13 +598,16 @@ int Load(const std::vector<std::string>& args) {
     ckpt::DeviceLoadOptions o;
     o.device = device;
     o.threads = threads;
-    o.strategy = ckpt::LoadStrategy::kStaged;
+    o.strategy = strategy == "staged"   ? ckpt::LoadStrategy::kStaged
+                 : strategy == "direct" ? ckpt::LoadStrategy::kDirect
+                                        : ckpt::LoadStrategy::kAuto;
     o.verify_checksums = verify;
     auto load = ckpt::LoadToDevice(*ck, req, o);
     if (!load.ok()) return Fail(load.status());
     Status s = (*load)->Wait();
     if (!s.ok()) return Fail(s);
     for (size_t i = 0; i < (*load)->size(); ++i) bytes += (*load)->tensor(i).nbytes;
+    device += ", " + (*load)->strategy();
 #else
     return Fail(ckpt::InvalidArgument("this ckpt was built without the CUDA toolkit; only --device cpu works"));
 #endif
