@@ -368,3 +368,44 @@ TEST_CASE("direct (O_DIRECT) strategy and the Auto choice") {
   }
   RequireNoLeaks();
 }
+
+TEST_CASE("loading into caller-provided device memory") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+  REQUIRE(ck.ok());
+  cuda_double::Reset({});
+  std::vector<TensorRequest> req = {{"t0", {}}, {"m", std::pair<int64_t, int64_t>{1, 3}}};
+  auto sizes = RequestBytes(*ck, req);
+  REQUIRE(sizes.ok());
+  CHECK(*sizes == std::vector<uint64_t>{10000, 2 * 8 * 4});
+  std::vector<void*> mine(2);
+  for (size_t i = 0; i < 2; ++i) REQUIRE(cudaMalloc(&mine[i], (*sizes)[i]) == cudaSuccess);
+  DeviceLoadOptions o;
+  o.destinations = mine;
+  {
+    auto load = LoadToDevice(*ck, req, o);
+    REQUIRE(load.ok());
+    REQUIRE((*load)->Wait().ok());
+    CHECK((*load)->tensor(0).data == mine[0]);
+    CHECK(OnDevice((*load)->tensor(0)) == data["t0"]);
+    CHECK(cuda_double::GetStats().live_device_allocs == 2);  // no arena
+  }
+  // The memory is still the caller's after the load is gone.
+  CHECK(cuda_double::GetStats().live_device_allocs == 2);
+  std::vector<std::byte> back(10000);
+  REQUIRE(cuda_double::ReadDevice(mine[0], back.data(), back.size()));
+  CHECK(back == data["t0"]);
+  // Too small a destination is caught (by the double's bounds check: the
+  // real runtime would fault), and the count must match.
+  o.destinations = {mine[1], mine[1]};
+  {
+    auto load = LoadToDevice(*ck, req, o);
+    REQUIRE(load.ok());
+    CHECK((*load)->Wait().code() == ErrorCode::kCuda);
+  }
+  o.destinations = {mine[0]};
+  CHECK(LoadToDevice(*ck, req, o).status().code() == ErrorCode::kInvalidArgument);
+  for (void* p : mine) cudaFree(p);
+  RequireNoLeaks();
+}

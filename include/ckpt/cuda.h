@@ -53,6 +53,10 @@ struct DeviceLoadOptions {
   /// chunk just before staging it (no separate pass over the file). A
   /// mismatch fails that tensor with kChecksumMismatch and stops the load.
   bool verify_checksums = false;
+  /// Optional: one device pointer per request, in order, each on its
+  /// request's target device with room for RequestBytes() of it. Then no
+  /// arena is allocated and the memory stays the caller's.
+  std::vector<void*> destinations;
 };
 
 /// One request: a tensor path, optionally only rows [begin, end) of dim 0.
@@ -101,6 +105,11 @@ class DeviceLoad {
 Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
     const Checkpoint& ck, std::span<const TensorRequest> requests,
     const DeviceLoadOptions& options = {});
+
+/// Bytes each request occupies on the device (its view's extent), in order,
+/// for callers that bring their own memory (DeviceLoadOptions::destinations).
+Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
+                                           std::span<const TensorRequest> requests);
 
 /// Number of CUDA devices, or kCuda saying why there are none.
 Result<int> CudaDeviceCount();

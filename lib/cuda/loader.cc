@@ -73,6 +73,19 @@ class Loader final : public DeviceLoad {
 
   Status Prepare(std::vector<Item> items) {
     items_ = std::move(items);
+    if (!options_.destinations.empty()) {
+      if (options_.destinations.size() != items_.size()) {
+        return InvalidArgument(std::to_string(options_.destinations.size()) +
+                               " destinations for " + std::to_string(items_.size()) +
+                               " tensors");
+      }
+      for (size_t i = 0; i < items_.size(); ++i) {
+        if (!options_.destinations[i] && items_[i].dt.nbytes) {
+          return InvalidArgument("null destination for tensor '" + items_[i].dt.info.path + "'");
+        }
+        items_[i].dt.data = options_.destinations[i];
+      }
+    }
     // One arena per target device.
     std::map<int, uint64_t> sizes;
     for (auto& it : items_) {
@@ -80,6 +93,7 @@ class Loader final : public DeviceLoad {
       it.arena_offset = total;
       total += (it.dt.nbytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
     }
+    if (!options_.destinations.empty()) sizes.clear();  // the caller's memory
     for (auto& [dev, bytes] : sizes) {
       cudaError_t e = cudaSetDevice(dev);
       if (e != cudaSuccess) return Cuda(e, "cudaSetDevice(" + std::to_string(dev) + ")");
@@ -92,7 +106,9 @@ class Loader final : public DeviceLoad {
       arenas_[dev] = p;
     }
     for (auto& it : items_) {
-      it.dt.data = static_cast<char*>(arenas_[it.dt.device]) + it.arena_offset;
+      if (options_.destinations.empty()) {
+        it.dt.data = static_cast<char*>(arenas_[it.dt.device]) + it.arena_offset;
+      }
       cudaSetDevice(it.dt.device);
       cudaError_t e = cudaEventCreateWithFlags(&it.done, cudaEventDisableTiming);
       if (e != cudaSuccess) return Cuda(e, "cudaEventCreateWithFlags");
@@ -389,6 +405,21 @@ class Loader final : public DeviceLoad {
 };
 
 }  // namespace
+
+Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
+                                           std::span<const TensorRequest> requests) {
+  std::vector<uint64_t> out;
+  out.reserve(requests.size());
+  for (const auto& r : requests) {
+    // The extent of the view (rows narrow dim 0); a view of the mapping, so
+    // nothing is read with the mmap backend.
+    Result<TensorRef> ref = r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
+                                   : ck.Tensor(r.path);
+    if (!ref.ok()) return ref.status();
+    out.push_back(ref->data().size());
+  }
+  return out;
+}
 
 Result<int> CudaDeviceCount() {
   int count = 0;
