@@ -29,7 +29,8 @@ int Usage() {
   std::fprintf(stderr,
                "usage: ckpt-bench synth OUT.ckpt --tensors N --total-mb M "
                "[--dtype D] [--seed S] [--no-sync]\n"
-               "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n");
+               "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n"
+               "       ckpt-bench gpu FILE [--repeat R] [--json OUT] [--device cuda:N]\n");
   return 2;
 }
 
@@ -280,6 +281,10 @@ int Cpu(int argc, char** argv) {
 
 }  // namespace
 
+#ifdef CKPT_WITH_CUDA
+int GpuBench(int argc, char** argv);  // bench/gpu_bench.cc
+#endif
+
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   std::string cmd = argv[1];
@@ -289,5 +294,13 @@ int main(int argc, char** argv) {
   }
   if (cmd == "synth") return Synth(argc - 2, argv + 2);
   if (cmd == "cpu") return Cpu(argc - 2, argv + 2);
+  if (cmd == "gpu") {
+#ifdef CKPT_WITH_CUDA
+    return GpuBench(argc - 2, argv + 2);
+#else
+    std::fprintf(stderr, "ckpt-bench: built without the CUDA toolkit\n");
+    return 77;
+#endif
+  }
   return Usage();
 }

@@ -16,4 +16,13 @@ grep -q '"name": "verify"' "$T/r.json"
 if "$BENCH" synth "$T/x.ckpt" --tensors 2 --total-mb 1 2>/dev/null; then
   echo "synth accepted --tensors 2" >&2; exit 1
 fi
+rc=0
+"$BENCH" gpu "$T/s.ckpt" --repeat 1 --json "$T/g.json" || rc=$?
+if [ "$rc" = 77 ]; then
+  echo "gpu benchmark: skipped (no usable GPU here)"
+elif [ "$rc" = 0 ]; then
+  grep -q '"name": "warm_full_load_staged"' "$T/g.json"
+else
+  echo "ckpt-bench gpu failed: $rc" >&2; exit 1
+fi
 echo "bench smoke: 1 passed, 0 failed"
