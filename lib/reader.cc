@@ -460,6 +460,11 @@ Checkpoint::~Checkpoint() = default;
 
 const std::string& Checkpoint::path() const { return impl_->name(); }
 uint64_t Checkpoint::file_size() const { return impl_->source->size(); }
+Backend Checkpoint::backend() const {
+  return impl_->source->zero_copy() && impl_->options.backend == Backend::kMmap
+             ? Backend::kMmap
+             : Backend::kPread;
+}
 uint16_t Checkpoint::format_major() const { return impl_->pre.major; }
 uint16_t Checkpoint::format_minor() const { return impl_->pre.minor; }
 uint64_t Checkpoint::chunk_size() const { return impl_->h->chunk_size(); }

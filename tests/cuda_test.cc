@@ -409,3 +409,49 @@ TEST_CASE("loading into caller-provided device memory") {
   for (void* p : mine) cudaFree(p);
   RequireNoLeaks();
 }
+
+TEST_CASE("register strategy: copies straight from page-locked windows of the mapping") {
+  TempDir dir;
+  auto data = MakeFile(dir.File("m.ckpt"));
+  cuda_double::Reset({});
+  {
+    auto ck = Checkpoint::Open(dir.File("m.ckpt"));
+    REQUIRE(ck.ok());
+    DeviceLoadOptions o;
+    o.strategy = LoadStrategy::kRegister;
+    o.threads = 2;
+    o.staging_buffer_bytes = 4096;
+    auto load = LoadToDevice(*ck, {}, o);
+    REQUIRE(load.ok());
+    REQUIRE((*load)->Wait().ok());
+    CHECK((*load)->strategy() == "register");
+    for (size_t i = 0; i < (*load)->size(); ++i) {
+      const DeviceTensor& t = (*load)->tensor(i);
+      CHECK(OnDevice(t) == data[t.info.path]);
+    }
+    auto s = cuda_double::GetStats();
+    CHECK(s.pageable_copies == 0);  // every copy came from registered memory
+    CHECK(s.source_mutations == 0);
+    CHECK(s.live_registrations == 0);  // unpinned once the load finished
+    // A budget of zero bytes: every piece goes through the staging ring.
+    o.max_registered_bytes = 0;
+    auto staged = LoadToDevice(*ck, {}, o);
+    REQUIRE(staged.ok());
+    REQUIRE((*staged)->Wait().ok());
+    CHECK((*staged)->strategy().rfind("register (", 0) == 0);
+    for (size_t i = 0; i < (*staged)->size(); ++i) {
+      const DeviceTensor& t = (*staged)->tensor(i);
+      CHECK(OnDevice(t) == data[t.info.path]);
+    }
+  }
+  {
+    ReadOptions ro;
+    ro.backend = Backend::kPread;
+    auto ck = Checkpoint::Open(dir.File("m.ckpt"), ro);
+    REQUIRE(ck.ok());
+    DeviceLoadOptions o;
+    o.strategy = LoadStrategy::kRegister;
+    CHECK(LoadToDevice(*ck, {}, o).status().code() == ErrorCode::kInvalidArgument);
+  }
+  RequireNoLeaks();
+}

@@ -37,6 +37,13 @@ enum class LoadStrategy {
   /// Pinned ring filled by O_DIRECT reads, bypassing the page cache: for
   /// cold files. Falls back to buffered pread where O_DIRECT is refused.
   kDirect,
+  /// Page-locks 64 MiB windows of the file's mapping (cudaHostRegister,
+  /// read-only) and copies straight from them: no staging copy. Windows
+  /// stay registered until the load ends, at most `max_registered_bytes`;
+  /// past that, or where registration is refused, pieces are staged. Needs
+  /// the mmap backend. Not chosen by Auto yet (its break-even against the
+  /// ring must be measured on a GPU).
+  kRegister,
 };
 
 struct DeviceLoadOptions {
@@ -53,6 +60,8 @@ struct DeviceLoadOptions {
   /// chunk just before staging it (no separate pass over the file). A
   /// mismatch fails that tensor with kChecksumMismatch and stops the load.
   bool verify_checksums = false;
+  /// kRegister: most bytes page-locked at once.
+  uint64_t max_registered_bytes = 1ull << 30;
   /// Optional: one device pointer per request, in order, each on its
   /// request's target device with room for RequestBytes() of it. Then no
   /// arena is allocated and the memory stays the caller's.
@@ -93,7 +102,8 @@ class DeviceLoad {
   /// The cudaEvent_t recorded after tensor i's last copy (for
   /// cudaStreamWaitEvent on a compute stream).
   virtual void* event(size_t i) const = 0;
-  /// What ran: "staged", "direct", or "direct (buffered: O_DIRECT refused)".
+  /// What ran: "staged", "direct", "direct (buffered: O_DIRECT refused)",
+  /// "register", or "register (N pieces staged)".
   virtual std::string strategy() const = 0;
 };
 

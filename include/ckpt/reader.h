@@ -207,6 +207,9 @@ class Checkpoint {
   Checkpoint Share() const { return Checkpoint(impl_); }
 
   const std::string& path() const;
+  /// How the bytes are reached (kMmap: TensorRef data points into the
+  /// file's mapping).
+  Backend backend() const;
   uint64_t file_size() const;
   uint16_t format_major() const;
   uint16_t format_minor() const;

@@ -139,6 +139,12 @@ class Loader final : public DeviceLoad {
     for (auto& w : workers_) {
       if (w.joinable()) w.join();
     }
+    // Every stream has drained: the windows can be unpinned.
+    std::lock_guard<std::mutex> r(reg_mu_);
+    for (auto& [start, ok] : windows_) {
+      if (ok) cudaHostUnregister(reinterpret_cast<void*>(start));
+    }
+    windows_.clear();
     std::lock_guard<std::mutex> g(mu_);
     return first_;
   }
@@ -170,8 +176,28 @@ class Loader final : public DeviceLoad {
 
   size_t size() const override { return items_.size(); }
   std::string strategy() const override {
+    if (register_) {
+      uint64_t staged = staged_pieces_.load();
+      return staged ? "register (" + std::to_string(staged) + " pieces staged)" : "register";
+    }
     if (!direct_) return "staged";
     return buffered_fallback_ ? "direct (buffered: O_DIRECT refused)" : "direct";
+  }
+
+  // kRegister: the mapping's address range, from any item's view.
+  Status UseRegister() {
+    if (ck_.backend() != Backend::kMmap) {
+      return InvalidArgument("the register strategy needs a checkpoint opened with the mmap backend");
+    }
+    register_ = true;
+    for (const auto& it : items_) {
+      if (it.ref.data().empty()) continue;
+      map_base_ = reinterpret_cast<uintptr_t>(it.ref.data().data()) - it.file_offset;
+      break;
+    }
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    map_end_ = map_base_ + (ck_.file_size() + page - 1) / page * page;
+    return Status::OK();
   }
 
   // Fraction of the requested bytes' pages that are in the page cache.
@@ -284,6 +310,17 @@ class Loader final : public DeviceLoad {
       const uint64_t base = it.storage_begin;  // extent start within the storage
       for (uint64_t off = 0; off < bytes.size() && problem.ok();) {
         uint64_t n = std::min<uint64_t>(B, bytes.size() - off);
+        const std::byte* host_src = nullptr;
+        if (register_) {
+          auto a = reinterpret_cast<uintptr_t>(bytes.data() + off);
+          uint64_t window_end = map_base_ + ((a - map_base_) / kWindow + 1) * kWindow;
+          n = std::min<uint64_t>(n, window_end - a);
+          if (EnsureWindow(a)) {
+            host_src = bytes.data() + off;
+          } else {
+            staged_pieces_++;
+          }
+        }
         if (options_.verify_checksums) {
           uint64_t at = base + off;
           uint64_t chunk_end = (at / chunk + 1) * chunk;
@@ -292,6 +329,18 @@ class Loader final : public DeviceLoad {
             problem = ck_.VerifyStorageRange(it.dt.info.storage, at, at + 1, it.dt.info.path);
             if (!problem.ok()) break;
           }
+        }
+        if (host_src) {  // page-locked mapping: no staging buffer involved
+          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, host_src, n,
+                              cudaMemcpyHostToDevice, stream);
+          if (e != cudaSuccess) {
+            problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
+                          .WithFile(file_)
+                          .WithTensor(it.dt.info.path)
+                          .WithOffset(static_cast<int64_t>(it.file_offset + off));
+          }
+          off += n;
+          continue;
         }
         j ^= 1;
         e = cudaEventSynchronize(ev[j]);
@@ -402,6 +451,33 @@ class Loader final : public DeviceLoad {
   bool stop_ = false;
   bool direct_ = false;
   std::atomic<bool> buffered_fallback_{false};
+  // kRegister state.
+  static constexpr uint64_t kWindow = 64ull << 20;
+  bool register_ = false;
+  uintptr_t map_base_ = 0, map_end_ = 0;
+  std::mutex reg_mu_;
+  std::map<uintptr_t, bool> windows_;  // window start -> registered
+  uint64_t registered_bytes_ = 0;
+  std::atomic<uint64_t> staged_pieces_{0};
+
+  // Registers (once) the window holding mapping address `a`; false where
+  // it cannot be: over the byte budget, or refused by the runtime.
+  bool EnsureWindow(uintptr_t a) {
+    uintptr_t start = map_base_ + (a - map_base_) / kWindow * kWindow;
+    std::lock_guard<std::mutex> lock(reg_mu_);
+    auto it = windows_.find(start);
+    if (it != windows_.end()) return it->second;
+    uint64_t len = std::min<uint64_t>(kWindow, map_end_ - start);
+    bool ok = false;
+    if (registered_bytes_ + len <= options_.max_registered_bytes) {
+      ok = cudaHostRegister(reinterpret_cast<void*>(start), len, cudaHostRegisterReadOnly) ==
+           cudaSuccess;
+      if (!ok) cudaGetLastError();  // a refusal is not an error of the load
+      if (ok) registered_bytes_ += len;
+    }
+    windows_[start] = ok;
+    return ok;
+  }
 };
 
 }  // namespace
@@ -463,6 +539,7 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
     case LoadStrategy::kStaged: loader->UseDirect(false); break;
     case LoadStrategy::kDirect: loader->UseDirect(true); break;
     case LoadStrategy::kAuto: loader->UseDirect(loader->ResidentFraction() < 0.9); break;
+    case LoadStrategy::kRegister: CKPT_RETURN_IF_ERROR(loader->UseRegister()); break;
   }
   loader->Start();
   return std::unique_ptr<DeviceLoad>(std::move(loader));

@@ -96,13 +96,14 @@ const char* kImportHelp =
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
-    "                 [--strategy auto|staged|direct] [--threads N] [--verify]\n"
+    "                 [--strategy auto|staged|direct|register] [--threads N] [--verify]\n"
     "\n"
     "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) of\n"
     "dim 0 of each) into GPU memory through pinned staging buffers, or into\n"
     "host memory with --device cpu, and prints the time and GB/s. Staged\n"
     "fills the buffers from the page cache (warm files), direct with O_DIRECT\n"
-    "reads (cold files); auto picks by how much of the data is cached.\n"
+    "reads (cold files), register page-locks the mapping and copies from it;\n"
+    "auto picks staged or direct by how much of the data is cached.\n"
     "--verify checks the checksum of every chunk the tensors lie in, as it\n"
     "reads or stages them (a damaged chunk fails the load, naming the tensor).\n"
     "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n";
@@ -538,8 +539,8 @@ int Load(const std::vector<std::string>& args) {
       device = *v;
     } else if (a == "--strategy") {
       auto v = value();
-      if (!v || (*v != "auto" && *v != "staged" && *v != "direct")) {
-        return Usage(kLoadHelp, "--strategy takes auto, staged or direct (register is not built yet)");
+      if (!v || (*v != "auto" && *v != "staged" && *v != "direct" && *v != "register")) {
+        return Usage(kLoadHelp, "--strategy takes auto, staged, direct or register");
       }
       strategy = *v;
     } else if (a == "--threads") {
@@ -598,9 +599,10 @@ int Load(const std::vector<std::string>& args) {
     ckpt::DeviceLoadOptions o;
     o.device = device;
     o.threads = threads;
-    o.strategy = strategy == "staged"   ? ckpt::LoadStrategy::kStaged
-                 : strategy == "direct" ? ckpt::LoadStrategy::kDirect
-                                        : ckpt::LoadStrategy::kAuto;
+    o.strategy = strategy == "staged"     ? ckpt::LoadStrategy::kStaged
+                 : strategy == "direct"   ? ckpt::LoadStrategy::kDirect
+                 : strategy == "register" ? ckpt::LoadStrategy::kRegister
+                                          : ckpt::LoadStrategy::kAuto;
     o.verify_checksums = verify;
     auto load = ckpt::LoadToDevice(*ck, req, o);
     if (!load.ok()) return Fail(load.status());
