@@ -11,6 +11,7 @@
 
 #include "ckpt/ckpt.h"
 #include "ckpt/cuda.h"
+#include "convert_ref.h"
 
 namespace {
 
@@ -65,6 +66,24 @@ int main() {
                             : ck->Tensor(req[i].path);
     Check(want.ok() && std::equal(host.begin(), host.end(), want->data().begin(), want->data().end()),
           "bytes of request " + std::to_string(i));
+  }
+  // Device conversion kernels give the host reference's bits.
+  {
+    ckpt::DeviceLoadOptions c;
+    c.convert = {{ckpt::DType::kFloat32, ckpt::DType::kBFloat16}};
+    std::vector<ckpt::TensorRequest> one = {{"a", {}}};
+    auto conv = ckpt::LoadToDevice(*ck, one, c);
+    Check(conv.ok() && (*conv)->Wait().ok(), "conversion load");
+    if (conv.ok()) {
+      const auto& t = (*conv)->tensor(0);
+      std::vector<uint16_t> got(t.nbytes / 2);
+      cudaMemcpy(got.data(), t.data, t.nbytes, cudaMemcpyDeviceToHost);
+      bool same = got.size() == a.size();
+      for (size_t i = 0; same && i < got.size(); ++i) {
+        same = got[i] == ckpt::convert::F32ToBF16(a[i]);
+      }
+      Check(same, "float32 -> bfloat16 kernel differs from the host reference");
+    }
   }
   std::remove(path.c_str());
   std::printf("cuda real: %d failed\n", failures);

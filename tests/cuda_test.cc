@@ -455,3 +455,104 @@ TEST_CASE("register strategy: copies straight from page-locked windows of the ma
   }
   RequireNoLeaks();
 }
+
+#include "cuda/convert_ref.h"
+
+TEST_CASE("conversion reference: exact round-trips and round to nearest even") {
+  using namespace ckpt::convert;
+  auto is_nan16 = [](uint16_t h) { return (h & 0x7C00) == 0x7C00 && (h & 0x3FF); };
+  auto is_nan_bf = [](uint16_t b) { return (b & 0x7F80) == 0x7F80 && (b & 0x7F); };
+  for (uint32_t h = 0; h < 65536; ++h) {
+    auto x = static_cast<uint16_t>(h);
+    if (!is_nan16(x)) REQUIRE(F32ToF16(F16ToF32(x)) == x);
+    else REQUIRE(is_nan16(F32ToF16(F16ToF32(x))));
+    if (!is_nan_bf(x)) REQUIRE(F32ToBF16(BF16ToF32(x)) == x);
+    else REQUIRE(is_nan_bf(F32ToBF16(BF16ToF32(x))));
+  }
+  CHECK(F32ToF16(1.0f) == 0x3C00);
+  CHECK(F32ToF16(65504.0f) == 0x7BFF);
+  CHECK(F32ToF16(65520.0f) == 0x7C00);  // halfway to the next: rounds to inf
+  CHECK(F32ToF16(-0.0f) == 0x8000);
+  CHECK(F32ToF16(5.9604645e-8f) == 0x0001);  // smallest subnormal
+  CHECK(F32ToF16(2.9802322e-8f) == 0x0000);  // exactly half of it: ties to even (0)
+  CHECK(F32ToBF16(BitsToFloat(0x3F808000u)) == 0x3F80);  // tie -> even
+  CHECK(F32ToBF16(BitsToFloat(0x3F818000u)) == 0x3F82);  // tie -> even
+  CHECK(F32ToBF16(BitsToFloat(0x3F808001u)) == 0x3F81);  // above half
+  // Against the compiler's own float -> _Float16 conversion on random bits.
+  uint32_t x = 12345;
+  for (int i = 0; i < 2000000; ++i) {
+    x = x * 1664525u + 1013904223u;
+    float f = BitsToFloat(x);
+    if (f != f) continue;
+    _Float16 h = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &h, 2);
+    INFO(std::hex << x);
+    REQUIRE(F32ToF16(f) == want);
+  }
+}
+
+TEST_CASE("device dtype conversion after the copy") {
+  TempDir dir;
+  std::vector<float> f32(30000);
+  for (size_t i = 0; i < f32.size(); ++i) f32[i] = static_cast<float>(i) * 0.37f - 999.5f;
+  std::vector<uint16_t> bf(7777);
+  for (size_t i = 0; i < bf.size(); ++i) bf[i] = static_cast<uint16_t>(0x3F00 + i * 3);
+  {
+    auto w = Writer::Create(dir.File("c.ckpt"), Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("f32", DType::kFloat32, {30000}, Bytes(f32)).ok());
+    REQUIRE(w->PutTensor("bf", DType::kBFloat16, {7777}, Bytes(bf)).ok());
+    std::vector<int32_t> ints = {1, 2, 3};
+    REQUIRE(w->PutTensor("ints", DType::kInt32, {3}, Bytes(ints)).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = Checkpoint::Open(dir.File("c.ckpt"));
+  REQUIRE(ck.ok());
+  for (auto strategy : {LoadStrategy::kStaged, LoadStrategy::kRegister}) {
+    cuda_double::Reset({});
+    DeviceLoadOptions o;
+    o.strategy = strategy;
+    o.staging_buffer_bytes = 4096;
+    o.convert = {{DType::kFloat32, DType::kBFloat16}, {DType::kBFloat16, DType::kFloat16}};
+    {
+      auto load = LoadToDevice(*ck, {}, o);
+      REQUIRE(load.ok());
+      REQUIRE((*load)->Wait().ok());
+      for (size_t i = 0; i < (*load)->size(); ++i) {
+        const DeviceTensor& t = (*load)->tensor(i);
+        auto got = OnDevice(t);
+        if (t.info.path == "f32") {
+          CHECK(t.info.dtype == DType::kBFloat16);
+          REQUIRE(t.nbytes == 30000 * 2);
+          std::vector<uint16_t> want(30000);
+          for (size_t k = 0; k < want.size(); ++k) want[k] = ckpt::convert::F32ToBF16(f32[k]);
+          CHECK(std::memcmp(got.data(), want.data(), t.nbytes) == 0);
+        } else if (t.info.path == "bf") {
+          CHECK(t.info.dtype == DType::kFloat16);
+          std::vector<uint16_t> want(7777);
+          for (size_t k = 0; k < want.size(); ++k) {
+            want[k] = ckpt::convert::F32ToF16(ckpt::convert::BF16ToF32(bf[k]));
+          }
+          REQUIRE(t.nbytes == 7777 * 2);
+          CHECK(std::memcmp(got.data(), want.data(), t.nbytes) == 0);
+        } else {
+          CHECK(t.info.dtype == DType::kInt32);  // not in the map: unchanged
+        }
+      }
+      auto s = cuda_double::GetStats();
+      CHECK(s.kernels >= 30000 * 4 / 4096);
+      CHECK(s.source_mutations == 0);
+      CHECK(s.bad_copies == 0);
+    }
+    RequireNoLeaks();
+  }
+  DeviceLoadOptions to_half;
+  to_half.convert = {{DType::kFloat32, DType::kFloat16}};
+  auto sizes = RequestBytes(*ck, std::vector<TensorRequest>{{"f32", {}}}, to_half);
+  REQUIRE(sizes.ok());
+  CHECK((*sizes)[0] == 60000);
+  DeviceLoadOptions bad;
+  bad.convert = {{DType::kInt32, DType::kFloat16}};
+  CHECK(LoadToDevice(*ck, {}, bad).status().code() == ErrorCode::kInvalidArgument);
+}

@@ -60,6 +60,11 @@ struct DeviceLoadOptions {
   /// chunk just before staging it (no separate pass over the file). A
   /// mismatch fails that tensor with kChecksumMismatch and stops the load.
   bool verify_checksums = false;
+  /// Convert on the device after the copy, by source dtype: bfloat16 <->
+  /// float16, float32 -> bfloat16/float16, bfloat16/float16 -> float32
+  /// (round to nearest even; the same bits as the host reference). PCIe
+  /// carries the file's bytes; the kernel runs on the worker's stream.
+  std::map<DType, DType> convert;
   /// kRegister: most bytes page-locked at once.
   uint64_t max_registered_bytes = 1ull << 30;
   /// Optional: one device pointer per request, in order, each on its
@@ -118,8 +123,10 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
 
 /// Bytes each request occupies on the device (its view's extent), in order,
 /// for callers that bring their own memory (DeviceLoadOptions::destinations).
+/// With `options.convert`, the converted sizes.
 Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
-                                           std::span<const TensorRequest> requests);
+                                           std::span<const TensorRequest> requests,
+                                           const DeviceLoadOptions& options = {});
 
 /// Number of CUDA devices, or kCuda saying why there are none.
 Result<int> CudaDeviceCount();

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "ckpt/cuda.h"
+#include "convert_ref.h"
 
 namespace ckpt {
 namespace {
@@ -26,6 +27,22 @@ constexpr uint64_t kDirectAlign = 4096;
 
 Status Cuda(cudaError_t e, const std::string& what) {
   return Status(ErrorCode::kCuda, what + ": " + cudaGetErrorString(e));
+}
+
+// The kernel code for a requested conversion, 0 for none.
+Result<int> ConversionCode(DType from, const std::map<DType, DType>& convert) {
+  auto it = convert.find(from);
+  if (it == convert.end() || it->second == from) return 0;
+  using namespace convert;
+  const DType to = it->second;
+  if (from == DType::kBFloat16 && to == DType::kFloat16) return int{kBF16ToF16};
+  if (from == DType::kFloat16 && to == DType::kBFloat16) return int{kF16ToBF16};
+  if (from == DType::kFloat32 && to == DType::kBFloat16) return int{kF32ToBF16};
+  if (from == DType::kFloat32 && to == DType::kFloat16) return int{kF32ToF16};
+  if (from == DType::kBFloat16 && to == DType::kFloat32) return int{kBF16ToF32};
+  if (from == DType::kFloat16 && to == DType::kFloat32) return int{kF16ToF32};
+  return InvalidArgument("no device conversion from " + std::string(DTypeName(from)) + " to " +
+                         std::string(DTypeName(to)));
 }
 
 Result<int> ParseDevice(const std::string& d, int count) {
@@ -50,6 +67,7 @@ struct Item {
   TensorRef ref;           // host bytes (keeps the file open)
   uint64_t file_offset = 0;
   uint64_t storage_begin = 0;  // byte offset of the extent within its storage
+  int convert = 0;             // conversion code (convert_ref.h), 0 for none
   uint64_t arena_offset = 0;
   cudaEvent_t done = nullptr;
   int stage = 0;           // 0 queued, 1 copies issued, 2 failed
@@ -268,9 +286,11 @@ class Loader final : public DeviceLoad {
         fd = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
       }
     }
+    void* scratch = nullptr;  // device landing zone for pieces to convert
     auto cleanup = [&] {
-      if (fd >= 0) ::close(fd);
       if (stream) cudaStreamSynchronize(stream);
+      if (scratch) cudaFree(scratch);
+      if (fd >= 0) ::close(fd);
       for (int j = 0; j < 2; ++j) {
         if (ev[j]) cudaEventDestroy(ev[j]);
         if (buf[j]) cudaFreeHost(buf[j]);
@@ -330,9 +350,30 @@ class Loader final : public DeviceLoad {
             if (!problem.ok()) break;
           }
         }
+        // Converting tensors land in the scratch buffer; a kernel on the
+        // same stream then writes the converted elements into place (the
+        // next piece's copy into scratch is ordered after it).
+        char* dst = static_cast<char*>(it.dt.data) + off;
+        if (it.convert) {
+          if (!scratch) {
+            e = cudaMalloc(&scratch, B);
+            if (e != cudaSuccess) {
+              problem = Cuda(e, "allocating conversion scratch").WithTensor(it.dt.info.path);
+              break;
+            }
+          }
+          dst = static_cast<char*>(scratch);
+        }
+        auto convert_piece = [&]() -> cudaError_t {
+          if (!it.convert) return cudaSuccess;
+          uint64_t in = static_cast<uint64_t>(convert::SourceSize(it.convert));
+          uint64_t out = static_cast<uint64_t>(convert::TargetSize(it.convert));
+          return static_cast<cudaError_t>(ckpt_convert_launch(
+              it.convert, scratch, static_cast<char*>(it.dt.data) + off / in * out, n / in, stream));
+        };
         if (host_src) {  // page-locked mapping: no staging buffer involved
-          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, host_src, n,
-                              cudaMemcpyHostToDevice, stream);
+          e = cudaMemcpyAsync(dst, host_src, n, cudaMemcpyHostToDevice, stream);
+          if (e == cudaSuccess) e = convert_piece();
           if (e != cudaSuccess) {
             problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
                           .WithFile(file_)
@@ -356,9 +397,9 @@ class Loader final : public DeviceLoad {
           } else {
             std::memcpy(buf[j], bytes.data() + off, n);
           }
-          e = cudaMemcpyAsync(static_cast<char*>(it.dt.data) + off, src, n,
-                              cudaMemcpyHostToDevice, stream);
+          e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream);
         }
+        if (e == cudaSuccess) e = convert_piece();
         if (e == cudaSuccess) e = cudaEventRecord(ev[j], stream);
         if (e != cudaSuccess) {
           problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
@@ -483,7 +524,8 @@ class Loader final : public DeviceLoad {
 }  // namespace
 
 Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
-                                           std::span<const TensorRequest> requests) {
+                                           std::span<const TensorRequest> requests,
+                                           const DeviceLoadOptions& options) {
   std::vector<uint64_t> out;
   out.reserve(requests.size());
   for (const auto& r : requests) {
@@ -492,7 +534,13 @@ Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
     Result<TensorRef> ref = r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
                                    : ck.Tensor(r.path);
     if (!ref.ok()) return ref.status();
-    out.push_back(ref->data().size());
+    CKPT_ASSIGN_OR_RETURN(int code, ConversionCode(ref->dtype(), options.convert));
+    uint64_t n = ref->data().size();
+    if (code) {
+      n = n / static_cast<uint64_t>(convert::SourceSize(code)) *
+          static_cast<uint64_t>(convert::TargetSize(code));
+    }
+    out.push_back(n);
   }
   return out;
 }
@@ -527,6 +575,12 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
     CKPT_ASSIGN_OR_RETURN(it.dt.device, ParseDevice(target, count));
     it.dt.info = it.ref.info();
     it.dt.nbytes = it.ref.data().size();
+    CKPT_ASSIGN_OR_RETURN(it.convert, ConversionCode(it.dt.info.dtype, options.convert));
+    if (it.convert) {
+      it.dt.info.dtype = options.convert.at(it.dt.info.dtype);
+      it.dt.nbytes = it.dt.nbytes / static_cast<uint64_t>(convert::SourceSize(it.convert)) *
+                     static_cast<uint64_t>(convert::TargetSize(it.convert));
+    }
     const size_t elsize = DTypeSize(it.dt.info.dtype);
     uint64_t first = static_cast<uint64_t>(it.dt.info.storage_offset) * elsize;
     it.storage_begin = first;

@@ -33,6 +33,7 @@ struct Stats {
   uint64_t bad_copies = 0;         ///< out-of-bounds / wrong-device / wrong kind
   uint64_t peak_in_flight = 0;     ///< queued but not executed copies
   uint64_t guard_violations = 0;   ///< device buffer overruns seen at free
+  uint64_t kernels = 0;            ///< conversion "kernels" run
   // Live resources (a leak check after teardown expects all zero).
   uint64_t live_device_allocs = 0;
   uint64_t live_pinned = 0;

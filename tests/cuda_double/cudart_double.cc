@@ -462,3 +462,27 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
 }
 
 }  // extern "C"
+
+// The conversion "kernel" of the double: the same element functions as
+// lib/cuda/convert.cu, run on the host in stream order.
+#include "cuda/convert_ref.h"
+
+extern "C" int ckpt_convert_launch(int code, const void* src, void* dst, uint64_t n,
+                                   void* stream) {
+  auto* st = static_cast<cudaStream_t>(stream);
+  {
+    std::lock_guard<std::mutex> g(S().mu);
+    const DeviceAlloc* s = FindDevice(src, n * static_cast<size_t>(ckpt::convert::SourceSize(code)));
+    const DeviceAlloc* d = FindDevice(dst, n * static_cast<size_t>(ckpt::convert::TargetSize(code)));
+    if (!s || !d || s->device != st->device || d->device != st->device) {
+      S().stats.bad_copies++;
+      return cudaErrorInvalidValue;
+    }
+  }
+  st->Enqueue([=] {
+    for (uint64_t i = 0; i < n; ++i) ckpt::convert::ConvertOne(code, src, dst, i);
+    std::lock_guard<std::mutex> g(S().mu);
+    S().stats.kernels++;
+  });
+  return cudaSuccess;
+}
