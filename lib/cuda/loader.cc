@@ -358,7 +358,9 @@ class Loader final : public DeviceLoad {
           if (!scratch) {
             e = cudaMalloc(&scratch, B);
             if (e != cudaSuccess) {
-              problem = Cuda(e, "allocating conversion scratch").WithTensor(it.dt.info.path);
+              problem = Cuda(e, "allocating conversion scratch")
+                            .WithFile(file_)
+                            .WithTensor(it.dt.info.path);
               break;
             }
           }
