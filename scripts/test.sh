@@ -31,6 +31,20 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON \
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs")
 
+echo "== ThreadSanitizer: the threaded code (verify, writer, GPU loader on the test double)"
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_TSAN=ON \
+  -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
+targets=ckpt_tests
+# The loader's tests exist where the CUDA toolkit was found.
+if cmake --build build-tsan --target help | grep "cuda_tests" >/dev/null; then
+  targets="ckpt_tests cuda_tests"
+fi
+cmake --build build-tsan -j"$jobs" --target $targets
+for t in $targets; do
+  TSAN_OPTIONS=halt_on_error=1 "build-tsan/tests/$t" | tail -n 2
+done
+echo "tsan: 1 passed, 0 failed"
+
 if command -v clang++ >/dev/null; then
   echo "== libFuzzer: Checkpoint::OpenBuffer and CheckPth, 60 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
