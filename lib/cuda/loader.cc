@@ -525,24 +525,32 @@ class Loader final : public DeviceLoad {
 
 }  // namespace
 
+namespace {
+
+// A request's view: rows narrow dim 0. With the mmap backend nothing is read.
+Result<TensorRef> Resolve(const Checkpoint& ck, const TensorRequest& r) {
+  return r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second) : ck.Tensor(r.path);
+}
+
+// Bytes a view occupies on the device after conversion `code` (0: none).
+uint64_t DeviceBytes(const TensorRef& ref, int code) {
+  uint64_t n = ref.data().size();
+  if (!code) return n;
+  return n / static_cast<uint64_t>(convert::SourceSize(code)) *
+         static_cast<uint64_t>(convert::TargetSize(code));
+}
+
+}  // namespace
+
 Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
                                            std::span<const TensorRequest> requests,
                                            const DeviceLoadOptions& options) {
   std::vector<uint64_t> out;
   out.reserve(requests.size());
   for (const auto& r : requests) {
-    // The extent of the view (rows narrow dim 0); a view of the mapping, so
-    // nothing is read with the mmap backend.
-    Result<TensorRef> ref = r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
-                                   : ck.Tensor(r.path);
-    if (!ref.ok()) return ref.status();
-    CKPT_ASSIGN_OR_RETURN(int code, ConversionCode(ref->dtype(), options.convert));
-    uint64_t n = ref->data().size();
-    if (code) {
-      n = n / static_cast<uint64_t>(convert::SourceSize(code)) *
-          static_cast<uint64_t>(convert::TargetSize(code));
-    }
-    out.push_back(n);
+    CKPT_ASSIGN_OR_RETURN(TensorRef ref, Resolve(ck, r));
+    CKPT_ASSIGN_OR_RETURN(int code, ConversionCode(ref.dtype(), options.convert));
+    out.push_back(DeviceBytes(ref, code));
   }
   return out;
 }
@@ -566,23 +574,16 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
   std::vector<Item> items;
   items.reserve(requests.size());
   for (const auto& r : requests) {
-    Result<TensorRef> ref = r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
-                                   : ck.Tensor(r.path);
-    if (!ref.ok()) return ref.status();
     Item it;
-    it.ref = std::move(*ref);
+    CKPT_ASSIGN_OR_RETURN(it.ref, Resolve(ck, r));
     StorageInfo st = ck.storage_info(it.ref.info().storage);
     auto mapped = options.device_map.find(st.device);
     const std::string& target = mapped != options.device_map.end() ? mapped->second : options.device;
     CKPT_ASSIGN_OR_RETURN(it.dt.device, ParseDevice(target, count));
     it.dt.info = it.ref.info();
-    it.dt.nbytes = it.ref.data().size();
     CKPT_ASSIGN_OR_RETURN(it.convert, ConversionCode(it.dt.info.dtype, options.convert));
-    if (it.convert) {
-      it.dt.info.dtype = options.convert.at(it.dt.info.dtype);
-      it.dt.nbytes = it.dt.nbytes / static_cast<uint64_t>(convert::SourceSize(it.convert)) *
-                     static_cast<uint64_t>(convert::TargetSize(it.convert));
-    }
+    it.dt.nbytes = DeviceBytes(it.ref, it.convert);
+    if (it.convert) it.dt.info.dtype = options.convert.at(it.dt.info.dtype);
     const size_t elsize = DTypeSize(it.dt.info.dtype);
     uint64_t first = static_cast<uint64_t>(it.dt.info.storage_offset) * elsize;
     it.storage_begin = first;
