@@ -375,34 +375,27 @@ class Loader final : public DeviceLoad {
         };
         if (host_src) {  // page-locked mapping: no staging buffer involved
           e = cudaMemcpyAsync(dst, host_src, n, cudaMemcpyHostToDevice, stream);
-          if (e == cudaSuccess) e = convert_piece();
-          if (e != cudaSuccess) {
-            problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
-                          .WithFile(file_)
-                          .WithTensor(it.dt.info.path)
-                          .WithOffset(static_cast<int64_t>(it.file_offset + off));
-          }
-          off += n;
-          continue;
-        }
-        j ^= 1;
-        e = cudaEventSynchronize(ev[j]);
-        const std::byte* src = static_cast<const std::byte*>(buf[j]);
-        if (e == cudaSuccess) {
-          if (direct_) {
-            auto r = ReadDirect(fd, it.file_offset + off, n, static_cast<std::byte*>(buf[j]));
-            if (!r.ok()) {
-              problem = r.status().WithTensor(it.dt.info.path);
-              break;
+        } else {
+          j ^= 1;
+          e = cudaEventSynchronize(ev[j]);
+          const std::byte* src = static_cast<const std::byte*>(buf[j]);
+          if (e == cudaSuccess) {
+            if (direct_) {
+              auto r = ReadDirect(fd, it.file_offset + off, n, static_cast<std::byte*>(buf[j]));
+              if (!r.ok()) {
+                problem = r.status().WithTensor(it.dt.info.path);
+                break;
+              }
+              src += *r;
+            } else {
+              std::memcpy(buf[j], bytes.data() + off, n);
             }
-            src += *r;
-          } else {
-            std::memcpy(buf[j], bytes.data() + off, n);
+            e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream);
           }
-          e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream);
         }
         if (e == cudaSuccess) e = convert_piece();
-        if (e == cudaSuccess) e = cudaEventRecord(ev[j], stream);
+        // The staging buffer may be refilled once this event completes.
+        if (e == cudaSuccess && !host_src) e = cudaEventRecord(ev[j], stream);
         if (e != cudaSuccess) {
           problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
                         .WithFile(file_)
