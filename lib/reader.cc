@@ -525,6 +525,33 @@ StorageInfo Checkpoint::storage_info(size_t index) const {
   return {s->offset(), s->nbytes(), s->device()->str()};
 }
 
+Result<StorageView> Checkpoint::Storage(size_t index) const {
+  if (index >= num_storages()) {
+    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+        .WithFile(impl_->name());
+  }
+  StorageInfo st = storage_info(index);
+  CKPT_ASSIGN_OR_RETURN(internal::Bytes b, impl_->source->Read(st.offset, st.nbytes));
+  return StorageView{b.data, std::move(b.owner)};
+}
+
+Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
+                               std::span<std::byte> out) const {
+  if (index >= num_storages()) {
+    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+        .WithFile(impl_->name());
+  }
+  StorageInfo st = storage_info(index);
+  if (begin > st.nbytes || out.size() > st.nbytes - begin) {
+    return InvalidArgument("range [" + std::to_string(begin) + ", +" +
+                           std::to_string(out.size()) + ") outside storage " +
+                           std::to_string(index) + " of " +
+                           std::to_string(st.nbytes) + " bytes")
+        .WithFile(impl_->name());
+  }
+  return impl_->source->ReadInto(st.offset + begin, out);
+}
+
 Value Checkpoint::root() const {
   return impl_->MakeValue(impl_->h->nodes()->size() - 1);
 }

@@ -48,14 +48,23 @@ Status PreadFull(int fd, uint64_t offset, std::span<std::byte> out,
 class MmapSource final : public ByteSource {
  public:
   MmapSource(std::string name, uint64_t size,
-             std::unique_ptr<bip::mapped_region> region)
-      : ByteSource(std::move(name), size), region_(std::move(region)) {}
+             std::unique_ptr<bip::mapped_region> region, int fd, bool cow)
+      : ByteSource(std::move(name), size),
+        region_(std::move(region)),
+        fd_(fd),
+        cow_(cow) {}
+  ~MmapSource() override { ::close(fd_); }
+  int fd() const override { return fd_; }
   bool zero_copy() const override { return true; }
   Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
     const auto* base = static_cast<const std::byte*>(region_->get_address());
     return Bytes{{base + offset, static_cast<size_t>(len)}, shared_from_this()};
   }
   Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+    // Large copies go through the kernel: pread takes no page fault per
+    // 4 KiB of the mapping. A private mapping may hold the caller's
+    // writes, which only the mapping shows.
+    if (!cow_ && out.size() >= kPreadMin) return PreadFull(fd_, offset, out, name());
     const auto* base = static_cast<const std::byte*>(region_->get_address());
     std::memcpy(out.data(), base + offset, out.size());
     return Status::OK();
@@ -84,6 +93,8 @@ class MmapSource final : public ByteSource {
   }
 
   void Release(uint64_t offset, uint64_t len) const override {
+    // MADV_DONTNEED would throw away a private mapping's written pages.
+    if (cow_) return;
     auto* base = static_cast<std::byte*>(region_->get_address());
     uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
     uint64_t begin = (offset + page - 1) / page * page;  // whole pages only
@@ -92,7 +103,10 @@ class MmapSource final : public ByteSource {
   }
 
  private:
+  static constexpr size_t kPreadMin = 256 << 10;
   std::unique_ptr<bip::mapped_region> region_;
+  int fd_;
+  bool cow_;
 };
 
 class PreadSource final : public ByteSource {
@@ -159,19 +173,29 @@ Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
     return std::shared_ptr<ByteSource>(
         std::make_shared<PreadSource>(path, size, fd));
   }
-  ::close(fd);
+  // The descriptor stays open beside the mapping for pread copies; both
+  // must name one inode (the path could be renamed over in between).
   try {
     bip::file_mapping file(path.c_str(), bip::read_only);
+    struct stat mapped;
+    if (::fstat(file.get_mapping_handle().handle, &mapped) != 0 ||
+        mapped.st_ino != st.st_ino || mapped.st_dev != st.st_dev) {
+      ::close(fd);
+      return IoError("file replaced while being opened").WithFile(path);
+    }
     int flags = options.populate ? MAP_POPULATE : 0;
+    auto mode = options.copy_on_write ? bip::copy_on_write : bip::read_only;
     auto region = std::make_unique<bip::mapped_region>(
-        file, bip::read_only, 0, static_cast<size_t>(size), nullptr, flags);
+        file, mode, 0, static_cast<size_t>(size), nullptr, flags);
     // The file may have changed between fstat and mapping; trust the map.
     if (region->get_size() != size) {
+      ::close(fd);
       return IoError("file changed size while being opened").WithFile(path);
     }
-    return std::shared_ptr<ByteSource>(
-        std::make_shared<MmapSource>(path, size, std::move(region)));
+    return std::shared_ptr<ByteSource>(std::make_shared<MmapSource>(
+        path, size, std::move(region), fd, options.copy_on_write));
   } catch (const bip::interprocess_exception& e) {
+    ::close(fd);
     return IoError(std::string("cannot map: ") + e.what()).WithFile(path);
   }
 }

@@ -671,6 +671,18 @@ Result<NodeId> Writer::AddDict(std::span<const NodeId> keys,
   return impl_->AddContainer(ValueKind::kDict, values, keys, type_name);
 }
 
+Status Writer::SetTypeName(NodeId node, std::string_view type_name) {
+  NodeId ids[] = {node};
+  CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));
+  auto& n = impl_->nodes_[node];
+  if (n.kind != ValueKind::kTensor && n.kind != ValueKind::kDict) {
+    return InvalidArgument("a type name tags a Tensor or Dict node, not " +
+                           std::string(ValueKindName(n.kind)));
+  }
+  n.type_name = type_name;
+  return Status::OK();
+}
+
 Status Writer::SetRoot(NodeId node) {
   NodeId ids[] = {node};
   CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));

@@ -127,3 +127,55 @@ TEST_CASE("populate and pread backends read the same bytes as mmap") {
   CHECK(seen[0] == seen[1]);
   CHECK(seen[0] == seen[2]);
 }
+
+TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
+  TempDir dir;
+  std::string path = dir.File("s.ckpt");
+  auto big = Pattern(1 << 20, 3);  // over the size where copies use pread
+  auto small = Pattern(100, 4);
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("big", DType::kUInt8, {int64_t(big.size())}, big).ok());
+    REQUIRE(w->PutTensor("small", DType::kUInt8, {100}, small).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  for (auto [backend, cow] : {std::pair{Backend::kMmap, false},
+                              {Backend::kMmap, true},
+                              {Backend::kPread, false}}) {
+    ReadOptions ro;
+    ro.backend = backend;
+    ro.copy_on_write = cow;
+    auto ck = Checkpoint::Open(path, ro);
+    REQUIRE(ck.ok());
+    REQUIRE(ck->num_storages() == 2);
+    for (size_t i = 0; i < 2; ++i) {
+      const auto& want = ck->storage_info(i).nbytes == big.size() ? big : small;
+      auto view = ck->Storage(i);
+      REQUIRE(view.ok());
+      CHECK(std::equal(view->data.begin(), view->data.end(), want.begin(), want.end()));
+      std::vector<std::byte> out(want.size() - 10);
+      REQUIRE(ck->ReadStorage(i, 10, out).ok());
+      CHECK(std::equal(out.begin(), out.end(), want.begin() + 10));
+      // Past the end, by one byte.
+      std::vector<std::byte> over(want.size());
+      auto bad = ck->ReadStorage(i, 1, over);
+      CHECK(bad.code() == ErrorCode::kInvalidArgument);
+    }
+    CHECK(ck->Storage(2).status().code() == ErrorCode::kInvalidArgument);
+    CHECK(ck->ReadStorage(2, 0, {}).code() == ErrorCode::kInvalidArgument);
+    if (cow) {
+      // A private mapping takes writes; the file and other openers never see them.
+      auto view = ck->Storage(0);
+      REQUIRE(view.ok());
+      auto* p = const_cast<std::byte*>(view->data.data());
+      std::byte before = p[0];
+      p[0] = ~before;
+      auto again = Checkpoint::Open(path);
+      REQUIRE(again.ok());
+      CHECK(again->Storage(0)->data[0] == before);
+      CHECK(again->Verify().ok());
+      CHECK(ck->Storage(0)->data[0] == ~before);
+    }
+  }
+}

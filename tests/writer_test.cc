@@ -267,3 +267,32 @@ TEST_CASE("AppendFromFile copies file to file and hashes the same bytes") {
   REQUIRE(b.ok());
   CHECK(std::equal(b->data().begin(), b->data().end(), src.begin()));
 }
+
+TEST_CASE("SetTypeName tags tensors and dicts, nothing else") {
+  TempDir dir;
+  std::string path = dir.File("t.ckpt");
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    std::vector<std::byte> b(8);
+    auto t = w->AddTensor(DType::kFloat32, {2}, b);
+    REQUIRE(t.ok());
+    REQUIRE(w->SetTypeName(*t, "numpy.ndarray").ok());
+    NodeId i = w->AddInt(3);
+    CHECK(w->SetTypeName(i, "x").code() == ErrorCode::kInvalidArgument);
+    CHECK(w->SetTypeName(999, "x").code() == ErrorCode::kInvalidArgument);
+    NodeId k[] = {w->AddString("a"), w->AddString("b")};
+    NodeId v[] = {*t, i};
+    auto d = w->AddDict(k, v);
+    REQUIRE(d.ok());
+    REQUIRE(w->SetTypeName(*d, "collections.OrderedDict").ok());
+    REQUIRE(w->SetRoot(*d).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = Checkpoint::Open(path);
+  REQUIRE(ck.ok());
+  CHECK(ck->root().type_name() == "collections.OrderedDict");
+  CHECK(ck->Get("a")->type_name() == "numpy.ndarray");
+  CHECK(ck->Get("b")->type_name().empty());
+  CHECK(ck->Verify().ok());
+}

@@ -50,6 +50,13 @@ struct ReadOptions {
   /// kMmap only: pre-fault the whole mapping at open (MAP_POPULATE), which
   /// makes open O(file) but later first touches free.
   bool populate = false;
+  /// kMmap only: map the file private and writable (MAP_PRIVATE,
+  /// copy-on-write). Views stay zero-copy and share the page cache until
+  /// written; a write changes only this process's copy of the page, never
+  /// the file. For callers that hand views to code expecting writable
+  /// memory (the Python binding's `mmap=True`). Counts toward the commit
+  /// charge like any private writable mapping.
+  bool copy_on_write = false;
 };
 
 /// Where and how a tensor lies; no bytes.
@@ -68,6 +75,12 @@ struct TensorInfo {
   uint64_t nbytes() const;
   /// Row-major with no gaps (size-1 dimensions ignored).
   bool is_contiguous() const;
+};
+
+/// A storage's bytes plus whatever keeps them alive.
+struct StorageView {
+  std::span<const std::byte> data;
+  std::shared_ptr<const void> owner;
 };
 
 struct StorageInfo {
@@ -236,6 +249,17 @@ class Checkpoint {
 
   size_t num_storages() const;
   StorageInfo storage_info(size_t index) const;
+  /// All bytes of storage `index`: a view of the mapping (kMmap), or a copy
+  /// owned by the result (kPread). With ReadOptions::copy_on_write the
+  /// view's pages may be written (privately). kInvalidArgument for a bad
+  /// index.
+  Result<StorageView> Storage(size_t index) const;
+  /// Copies bytes [begin, begin + out.size()) of storage `index` into
+  /// `out` with pread(), which costs no page faults on the mapping: the
+  /// fast way to fill freshly allocated memory from a warm or cold file.
+  /// kInvalidArgument for a bad index or range, kIoError naming the offset.
+  Status ReadStorage(size_t index, uint64_t begin,
+                     std::span<std::byte> out) const;
 
   /// Root of the object tree.
   Value root() const;

@@ -121,6 +121,10 @@ class Writer {
   Result<NodeId> AddDict(std::span<const NodeId> keys,
                          std::span<const NodeId> values,
                          std::string_view type_name = "");
+  /// Sets the class tag of a Tensor or Dict node (docs/FORMAT.md 7.1):
+  /// "numpy.ndarray" marks a tensor that loads back as a numpy array;
+  /// "collections.OrderedDict" a dict. kInvalidArgument for another kind.
+  Status SetTypeName(NodeId node, std::string_view type_name);
   /// Makes `node` the root of the tree.
   Status SetRoot(NodeId node);
 
