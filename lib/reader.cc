@@ -398,6 +398,14 @@ Result<TensorInfo> Value::tensor_info() const {
       N(impl_, node_)->int_value()));
 }
 
+Result<size_t> Value::tensor_index() const {
+  if (kind() != ValueKind::kTensor) {
+    return InvalidArgument("value is a " + std::string(ValueKindName(kind())) +
+                           ", not a tensor");
+  }
+  return static_cast<size_t>(N(impl_, node_)->int_value());
+}
+
 Result<TensorRef> Value::tensor() const {
   CKPT_ASSIGN_OR_RETURN(TensorInfo info, tensor_info());
   return impl_->Ref(std::move(info));

@@ -158,7 +158,7 @@ class Value {
   std::span<const uint8_t> as_bytes() const;
   DType as_dtype() const;
   /// Class tag of a Dict ("collections.OrderedDict", "argparse.Namespace")
-  /// or "".
+  /// or a Tensor ("numpy.ndarray"), or "".
   std::string_view type_name() const;
 
   /// Number of elements (containers) or 0.
@@ -173,6 +173,8 @@ class Value {
 
   /// The tensor a kTensor node refers to.
   Result<TensorInfo> tensor_info() const;
+  /// Its index in Checkpoint::tensor_info() (tensors sorted by path).
+  Result<size_t> tensor_index() const;
   Result<TensorRef> tensor() const;
 
   /// Path-segment form of this node used as a Dict key (FORMAT.md 7.3).

@@ -1,0 +1,14 @@
+"""python -m ckpt ...: the ckpt command line (inspect, cat, get, verify,
+diff, import, load), the same code as the `ckpt` executable."""
+import sys
+
+from . import _ckpt
+
+
+def main():
+    sys.stdout.flush()
+    return _ckpt.cli_main(["ckpt"] + sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

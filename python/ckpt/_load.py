@@ -1,0 +1,377 @@
+"""ckpt.load and ckpt.open: ckpt files -> Python objects with torch tensors."""
+import builtins
+import contextlib
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from . import _ckpt
+from ._dtypes import CODE_TO_NUMPY, torch_dtype
+from ._errors import CudaError, FormatError
+
+CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _untyped(t):
+    """The UntypedStorage under a tensor (torch 1.13 and 2.x)."""
+    if hasattr(t, "untyped_storage"):
+        return t.untyped_storage()
+    return t.storage().untyped()
+
+
+def _from_region(region):
+    """A uint8 CPU tensor over a Region's bytes, without a copy."""
+    if len(region) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # A read-only region (only copied from, never handed out) warns.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(region, dtype=torch.uint8)
+
+
+def sniff(path):
+    """'ckpt', 'pth', 'safetensors' or None, from a file's first bytes."""
+    with builtins.open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(CKPT_MAGIC):
+        return "ckpt"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pth"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    return None
+
+
+def _device_str(d):
+    d = torch.device(d)
+    return str(d)
+
+
+def _check_device(device, saved, where):
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CudaError(
+                f"{where}: tensors were saved on '{saved}', but CUDA is not available "
+                "here (torch.cuda.is_available() is False); pass map_location='cpu' "
+                "to load them on the CPU")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise CudaError(
+                f"{where}: tensors were saved on '{saved}', but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); pass map_location="
+                "'cuda:0' or a dict such as {'" + saved + "': 'cuda:0'}")
+    elif d.type != "cpu":
+        raise CudaError(f"{where}: cannot place tensors on device '{d}'")
+    return d
+
+
+def resolve_target(map_location, saved):
+    """The device string a storage saved on `saved` goes to, or None when a
+    callable map_location must decide."""
+    ml = map_location
+    if ml is None:
+        return saved
+    if isinstance(ml, (str, torch.device)):
+        return _device_str(ml)
+    if isinstance(ml, dict):
+        return _device_str(ml.get(saved, saved))
+    if callable(ml):
+        return None
+    raise TypeError("map_location must be None, a str, a torch.device, a dict "
+                    f"or a callable, not {type(ml).__name__}")
+
+
+class _Loader:
+    """Builds Python objects from one open file, placing each storage once."""
+
+    def __init__(self, reader, map_location=None, mmap=False, threads=_THREADS):
+        self.r = reader
+        self.storages = reader.storages()   # (offset, nbytes, device)
+        self.tensors = reader.tensors()     # (path, code, shape, strides, sid, off, rg, param)
+        self.map_location = map_location
+        self.mmap = mmap
+        self.threads = threads
+        self.host = {}    # sid -> (uint8 CPU tensor, owned: bytes belong to the process)
+        self.placed = {}  # sid -> UntypedStorage on its target device
+
+    def _target(self, saved):
+        return resolve_target(self.map_location, saved)
+
+    def _host(self, sid, copy):
+        if sid not in self.host:
+            if copy:
+                buf = torch.empty(self.storages[sid][1], dtype=torch.uint8)
+                self.r.read_storages([sid], [buf.numpy()], self.threads)
+                self.host[sid] = (buf, True)
+            else:
+                self.host[sid] = (_from_region(self.r.storage_region(sid)), self.mmap)
+        return self.host[sid][0]
+
+    def materialize(self, sids):
+        sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
+        targets = {s: self._target(self.storages[s][2]) for s in sids}
+        # One batched, parallel pread for every storage copied to the CPU.
+        batch = [s for s in sids if targets[s] == "cpu" and not self.mmap
+                 and s not in self.host]
+        if batch:
+            bufs = [torch.empty(self.storages[s][1], dtype=torch.uint8) for s in batch]
+            self.r.read_storages(batch, [b.numpy() for b in bufs], self.threads)
+            for s, b in zip(batch, bufs):
+                self.host[s] = (b, True)
+        where = self.r.path
+        for s in sids:
+            target, saved = targets[s], self.storages[s][2]
+            if target is None:  # a callable map_location
+                cpu = _untyped(self._host(s, copy=not self.mmap))
+                out = self.map_location(cpu, saved)
+                if out is None:
+                    target = saved
+                else:
+                    self.placed[s] = out.untyped() if hasattr(out, "untyped") and \
+                        not isinstance(out, torch.UntypedStorage) else out
+                    continue
+            dev = _check_device(target, saved, where)
+            if dev.type == "cpu":
+                self.placed[s] = _untyped(self._host(s, copy=not self.mmap))
+            else:
+                src = self._host(s, copy=False)
+                self.placed[s] = _untyped(src.to(dev))
+
+    # -- the tree ---------------------------------------------------------------
+    def on_tensor(self, idx, type_name):
+        path, code, shape, strides, sid, off, rg, param = self.tensors[idx]
+        if type_name == "numpy.ndarray" and code in CODE_TO_NUMPY:
+            host, owned = self.host.get(sid) or (self._host(sid, copy=not self.mmap), None)
+            if owned is None:
+                owned = self.host[sid][1]
+            buf = host.numpy()
+            if not owned:
+                buf = buf.copy()  # never hand out an array over read-only pages
+            dt = CODE_TO_NUMPY[code]
+            return np.ndarray(shape, dt, buffer=buf, offset=off * dt.itemsize,
+                              strides=[s * dt.itemsize for s in strides])
+        if sid not in self.placed:
+            self.materialize([sid])
+        st = self.placed[sid]
+        t = torch.empty(0, dtype=torch_dtype(code), device=st.device).set_(st, off, shape, strides)
+        if param:
+            return torch.nn.Parameter(t, requires_grad=rg)
+        if rg:
+            t.requires_grad_(True)
+        return t
+
+    @staticmethod
+    def on_dtype(code):
+        return torch_dtype(code)
+
+    @staticmethod
+    def on_device(s):
+        return torch.device(s)
+
+    def load(self, path=""):
+        path = path.strip("/")
+        if path:
+            under = [t for t in self.tensors if t[0] == path or t[0].startswith(path + "/")]
+        else:
+            under = self.tensors
+        self.materialize([t[4] for t in under])
+        return self.r.tree(path, self.on_tensor, self.on_dtype, self.on_device)
+
+
+def _open_reader(path, mmap):
+    path = os.fspath(path)
+    kind = sniff(path)  # FileNotFoundError / IsADirectoryError come from here
+    if kind != "ckpt":
+        what = {"pth": "a torch.save file (.pth)", "safetensors": "a safetensors file"}.get(
+            kind, "not a ckpt file")
+        raise FormatError(f"{path}: {what}; ckpt.load() converts .pth and .safetensors "
+                          "files, or convert once with `python -m ckpt import`")
+    return _ckpt.Reader(path, copy_on_write=mmap)
+
+
+def load(path, map_location=None, *, mmap=False, verify=False):
+    """Reads a whole file back as the object given to ckpt.save.
+
+    map_location works as in torch.load: None keeps each tensor's saved
+    device (an error if it does not exist here), a str or torch.device
+    sends everything there, a dict maps saved devices ("cuda:1") to new
+    ones, and a callable(storage, location) returns the storage to use.
+    mmap=True makes CPU tensors zero-copy views of the file, mapped
+    private: writes change only this process's memory, never the file.
+    verify=True checks every checksum first (a full pass over the file).
+
+    .pth files (torch.save) are converted on the fly by the restricted
+    importer, which never runs code from the file; .safetensors files are
+    read with the safetensors package.
+    """
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind == "pth":
+        from .interop import _load_pth
+        return _load_pth(path, map_location, mmap=mmap)
+    if kind == "safetensors":
+        from .interop import _load_safetensors
+        return _load_safetensors(path, map_location)
+    reader = _open_reader(path, mmap)
+    if verify:
+        reader.verify()
+    return _Loader(reader, map_location, mmap).load()
+
+
+class _Slice:
+    """Rows of one tensor, read on indexing: f.get_slice(path)[a:b]."""
+
+    def __init__(self, file, path):
+        self._f = file
+        self._path = path
+        info = file._info(path)
+        self.shape = tuple(info[2])
+        self.dtype = torch_dtype(info[1])
+
+    def __getitem__(self, index):
+        rest = ()
+        if isinstance(index, tuple):
+            index, rest = (index[0], index[1:]) if index else (slice(None), ())
+        if not self.shape:
+            raise IndexError(f"{self._path}: a 0-dim tensor has no rows")
+        n = self.shape[0]
+        if isinstance(index, int):
+            i = index + n if index < 0 else index
+            if not 0 <= i < n:
+                raise IndexError(f"{self._path}: row {index} outside [0, {n})")
+            t = self._f._rows(self._path, i, i + 1)[0]
+        elif isinstance(index, slice):
+            a, b, step = index.indices(n)
+            if step < 0:
+                raise IndexError("negative steps are not supported")
+            t = self._f._rows(self._path, a, max(a, b))[::step]
+        else:
+            raise TypeError("index rows with an int or a slice")
+        return t[(slice(None),) * (isinstance(index, slice)) + rest] if rest else t
+
+    def get_shape(self):
+        return list(self.shape)
+
+
+class File:
+    """A lazily opened ckpt file (ckpt.open). Opening reads only the header.
+
+    Tensors from f[path], f.get(), f.get_slice() are zero-copy views of a
+    private mapping of the file: nothing is read until touched, and writes
+    to them change only this process's memory, never the file. They stay
+    valid after close().
+    """
+
+    def __init__(self, path):
+        self._path = os.fspath(path)
+        self._r = _open_reader(self._path, mmap=True)
+        self._cpu = _Loader(self._r, "cpu", mmap=True)
+        self._index = None
+
+    # -- lifetime ---------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._r = None
+        self._cpu = None
+
+    def _reader(self):
+        if self._r is None:
+            raise ValueError(f"{self._path}: the file is closed")
+        return self._r
+
+    # -- tensors ----------------------------------------------------------------
+    def _info(self, path):
+        r = self._reader()
+        return self._cpu.tensors[r.tensor_index(path)]
+
+    def keys(self):
+        """Every tensor path, sorted (DESIGN.md path contract)."""
+        self._reader()
+        return [t[0] for t in self._cpu.tensors]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        self._reader()
+        return len(self._cpu.tensors)
+
+    def __contains__(self, path):
+        try:
+            self._info(path)
+            return True
+        except KeyError:
+            return False
+
+    def __getitem__(self, path):
+        idx = self._reader().tensor_index(path)
+        return self._cpu.on_tensor(idx, "")
+
+    def get_tensor(self, path):
+        return self[path]
+
+    def _rows(self, path, a, b):
+        info = self._reader().rows(path, a, b)
+        _, code, shape, strides, sid, off, _, _ = info
+        self._cpu.materialize([sid])
+        st = self._cpu.placed[sid]
+        return torch.empty(0, dtype=torch_dtype(code)).set_(st, off, shape, strides)
+
+    def get_slice(self, path):
+        return _Slice(self, path)
+
+    # -- values and sub-trees ---------------------------------------------------
+    def get(self, path=""):
+        """The value at a tree path ("" = everything): numbers, strings,
+        containers; tensors as zero-copy CPU views."""
+        r = self._reader()
+        path = path.strip("/")
+        return r.tree(path, self._cpu.on_tensor, self._cpu.on_dtype, self._cpu.on_device)
+
+    def load(self, prefix="", device=None, *, map_location=None, mmap=False):
+        """The sub-tree at `prefix` with its tensors copied to `device`
+        (or placed by map_location, as in ckpt.load)."""
+        if device is not None and map_location is not None:
+            raise ValueError("pass device or map_location, not both")
+        ml = device if device is not None else map_location
+        return _Loader(self._reader(), ml, mmap).load(prefix)
+
+    def kind(self, path=""):
+        """The node kind at a path: 'dict', 'tensor', 'int'..."""
+        return self._reader().kind(path.strip("/"))
+
+    @property
+    def metadata(self):
+        return self._reader().metadata()
+
+    @property
+    def path(self):
+        return self._path
+
+    def verify(self):
+        """Checks every checksum (all cores); raises ChecksumError naming the
+        tensor and offset of the first damaged chunk."""
+        self._reader().verify()
+
+
+def open(path):  # noqa: A001 - the public name mirrors safetensors.safe_open
+    """Opens a ckpt file lazily: ckpt.open(path) as f: f.keys(), f[path]..."""
+    return File(path)
+
+
+@contextlib.contextmanager
+def _converted(path, sync=False):
+    """A temporary ckpt file converted from a .pth, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
+        out = os.path.join(d, "converted.ckpt")
+        _ckpt.import_pth(path, out, sync)
+        yield out

@@ -1,0 +1,103 @@
+"""Moving to and from other formats: .pth (torch.save) and .safetensors."""
+import os
+
+import torch
+
+from . import _ckpt
+from ._load import _converted, _Loader, _open_reader, _untyped, resolve_target
+
+
+def _load_pth(path, map_location, mmap=False):
+    # The restricted importer (lib/pth) reads the pickle without running it;
+    # anything outside its allowlist is refused with the name it found.
+    with _converted(path) as tmp:
+        reader = _open_reader(tmp, mmap)  # the mapping outlives the file's name
+        return _Loader(reader, map_location, mmap).load()
+
+
+def import_pth(src, dst, *, sync=True):
+    """Converts a torch.save file to a ckpt file (like `pth2ckpt SRC DST`).
+    Returns the number of tensors."""
+    return _ckpt.import_pth(os.fspath(src), os.fspath(dst), sync)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:
+        raise ImportError("reading or writing .safetensors needs the safetensors "
+                          "package (pip install safetensors)") from e
+    return st
+
+
+def _load_safetensors(path, map_location):
+    out = _safetensors().load_file(path, device="cpu")
+    moved = {}
+    for k, t in out.items():
+        target = resolve_target(map_location, "cpu")
+        if target is None:  # callable(storage, location) -> storage or None
+            s = map_location(_untyped(t), "cpu")
+            moved[k] = t if s is None else torch.empty(0, dtype=t.dtype, device=s.device).set_(
+                s, t.storage_offset(), t.shape, t.stride())
+        else:
+            moved[k] = t if target == "cpu" else t.to(target)
+    return moved
+
+
+def flatten(tree, prefix=""):
+    """{tensor path: tensor} for every tensor of a nested dict/list/tuple,
+    with the paths of DESIGN.md ("model/fc.weight", "opt/state/0/exp_avg")."""
+    out = {}
+
+    def esc(k):
+        return str(k).replace("~", "~0").replace("/", "~1")
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            out[path] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{esc(k)}" if path else esc(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}" if path else str(i))
+
+    walk(tree, prefix)
+    return out
+
+
+def save_safetensors(tree, path, metadata=None):
+    """Writes every tensor of `tree` (a state dict, or any nesting of
+    dicts/lists) to a .safetensors file under its tensor path, for tools
+    that only read safetensors. Tensors that share memory are cloned
+    (safetensors refuses shared storage); non-tensor values are dropped, so
+    use ckpt.save for whole training states."""
+    st = _safetensors()
+    flat = flatten(tree)
+    seen = set()
+    for k, t in flat.items():
+        t = t.detach()
+        key = (t.device, _untyped(t).data_ptr())
+        if key in seen or not t.is_contiguous() or t.storage_offset() != 0 or \
+                _untyped(t).nbytes() != t.numel() * t.element_size():
+            t = t.clone().contiguous()
+        seen.add(key)
+        flat[k] = t.cpu()
+    st.save_file(flat, os.fspath(path), metadata=metadata)
+
+
+def convert(src, dst, *, sync=True):
+    """Converts a .pth or .safetensors file to ckpt."""
+    from . import _load, _save
+    src, dst = os.fspath(src), os.fspath(dst)
+    kind = _load.sniff(src)
+    if kind == "pth":
+        return import_pth(src, dst, sync=sync)
+    if kind == "safetensors":
+        st = _safetensors()
+        with st.safe_open(src, framework="pt") as f:
+            meta = f.metadata()
+        tensors = st.load_file(src)
+        _save.save(tensors, dst, metadata=meta, sync=sync)
+        return len(tensors)
+    raise ValueError(f"{src}: neither a .pth nor a .safetensors file")

@@ -1,0 +1,148 @@
+"""CheckpointManager: numbered checkpoints in one directory, pruned safely.
+
+The directory itself is the index: each checkpoint is one file
+`step-<step>.ckpt` written atomically by ckpt.save (temporary file, fsync,
+rename, fsync of the directory), with its step and metrics in the file's
+metadata. So there is no index file to get out of step with the data:
+after a crash at any moment every `step-*.ckpt` present is complete, and
+latest() is the highest one that opens. Old checkpoints are removed only
+after the new one is durable. One manager (one process) writes a
+directory at a time.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from ._errors import CkptError
+from ._load import load as _load, open as _open
+from ._save import save as _save
+
+_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+_TEMP = re.compile(r"^\.step-\d+\.ckpt\.tmp-")
+_META_STEP = "ckpt.manager.step"
+_META_METRICS = "ckpt.manager.metrics"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: str
+    metrics: dict = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """CheckpointManager(directory, keep_last=N, keep_best=K,
+    metric="val_loss", mode="min").
+
+    keep_last: how many of the newest checkpoints to keep (None: all).
+    keep_best: how many of the best by `metric` to keep besides them.
+    """
+
+    def __init__(self, directory, keep_last=3, keep_best=0, metric=None, mode="min"):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError("keep_last must be at least 1 (or None to keep all)")
+        if keep_best < 0:
+            raise ValueError("keep_best must be >= 0")
+        if keep_best and not metric:
+            raise ValueError("keep_best needs metric=")
+        if mode not in ("min", "max"):
+            raise ValueError("mode is 'min' or 'max'")
+        self.directory = os.fspath(directory)
+        self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
+        os.makedirs(self.directory, exist_ok=True)
+        # Temporaries left by a save that a crash interrupted.
+        for name in os.listdir(self.directory):
+            if _TEMP.match(name):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
+
+    def path_for(self, step):
+        return os.path.join(self.directory, f"step-{step:010d}.ckpt")
+
+    def save(self, state, step, metrics=None, metadata=None):
+        """Saves `state` as checkpoint `step` (durable when this returns),
+        then prunes. `metrics` is a dict of numbers stored with it. Returns
+        its CheckpointInfo."""
+        step = int(step)
+        if step < 0:
+            raise ValueError("step must be >= 0")
+        metrics = dict(metrics or {})
+        for k, v in metrics.items():
+            if not isinstance(k, str) or not isinstance(v, (int, float)):
+                raise TypeError("metrics is a dict of str to numbers")
+            metrics[k] = float(v)
+        meta = dict(metadata or {})
+        meta[_META_STEP] = str(step)
+        meta[_META_METRICS] = json.dumps(metrics, allow_nan=True)
+        path = self.path_for(step)
+        _save(state, path, metadata=meta)
+        self._prune()
+        return CheckpointInfo(step, path, metrics)
+
+    def _read(self, name, step):
+        path = os.path.join(self.directory, name)
+        try:
+            with _open(path) as f:
+                meta = f.metadata
+        except (CkptError, OSError):
+            return None  # not a complete ckpt file: never offered for resuming
+        try:
+            metrics = json.loads(meta.get(_META_METRICS, "{}"))
+        except ValueError:
+            metrics = {}
+        return CheckpointInfo(step, path, metrics)
+
+    def list(self):
+        """Every complete checkpoint, oldest step first."""
+        found = []
+        for name in os.listdir(self.directory):
+            m = _NAME.match(name)
+            if m:
+                info = self._read(name, int(m.group(1)))
+                if info is not None:
+                    found.append(info)
+        return sorted(found, key=lambda i: i.step)
+
+    def latest(self):
+        """The checkpoint with the highest step, or None."""
+        all_ = self.list()
+        return all_[-1] if all_ else None
+
+    def _ranked(self, infos):
+        def value(i):
+            v = i.metrics.get(self.metric)
+            return None if v is None or math.isnan(v) else v
+        scored = [i for i in infos if value(i) is not None]
+        return sorted(scored, key=lambda i: (value(i), -i.step),
+                      reverse=False) if self.mode == "min" else \
+            sorted(scored, key=lambda i: (-value(i), -i.step))
+
+    def best(self):
+        """The checkpoint with the best `metric` (ties: the newest), or None."""
+        if not self.metric:
+            raise ValueError("best() needs the manager's metric=")
+        ranked = self._ranked(self.list())
+        return ranked[0] if ranked else None
+
+    def load_latest(self, map_location=None, **kwargs):
+        """ckpt.load of latest(), or None when there is none yet."""
+        info = self.latest()
+        return None if info is None else _load(info.path, map_location, **kwargs)
+
+    def _prune(self):
+        if self.keep_last is None:
+            return
+        infos = self.list()
+        keep = {i.step for i in infos[-self.keep_last:]}
+        if self.keep_best and self.metric:
+            keep |= {i.step for i in self._ranked(infos)[:self.keep_best]}
+        for i in infos:
+            if i.step not in keep:
+                try:
+                    os.unlink(i.path)
+                except FileNotFoundError:
+                    pass

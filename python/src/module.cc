@@ -1,0 +1,496 @@
+// ckpt._ckpt: the C++ library as seen from Python. Thin and torch-free: the
+// torch/numpy mapping lives in the pure-Python package (python/ckpt/), which
+// is the public API. What is here:
+//   Reader  an open file: tables, storage bytes (zero-copy buffers or pread
+//           copies with the GIL released), and the object tree built into
+//           Python objects with callbacks for tensors, dtypes and devices.
+//   Writer  the streaming atomic writer, node by node.
+//   import_pth, check_pth, cli_main, dtypes, format_version.
+// Every ckpt::Status error becomes an exception of ckpt._errors, chosen by
+// its code, with the library's message (file, offset, tensor).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ckpt/ckpt.h"
+#include "ckpt/pth.h"
+#include "ckpt/cli.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// ---- errors ------------------------------------------------------------------
+
+struct StatusError {
+  ckpt::Status status;
+};
+
+[[noreturn]] void Throw(const ckpt::Status& s) { throw StatusError{s}; }
+
+void Check(const ckpt::Status& s) {
+  if (!s.ok()) Throw(s);
+}
+
+template <typename T>
+T Take(ckpt::Result<T> r) {
+  if (!r.ok()) Throw(r.status());
+  return std::move(*r);
+}
+
+const char* ErrorClass(ckpt::ErrorCode code) {
+  switch (code) {
+    case ckpt::ErrorCode::kIoError: return "CkptIOError";
+    case ckpt::ErrorCode::kNotFound: return "NotFoundError";
+    case ckpt::ErrorCode::kCorrupt: return "FormatError";
+    case ckpt::ErrorCode::kUnsupportedVersion: return "UnsupportedError";
+    case ckpt::ErrorCode::kInvalidArgument: return "InvalidArgumentError";
+    case ckpt::ErrorCode::kChecksumMismatch: return "ChecksumError";
+    case ckpt::ErrorCode::kCuda: return "CudaError";
+    default: return "CkptError";
+  }
+}
+
+// ---- buffers -----------------------------------------------------------------
+
+// Bytes plus their owner, exported through the buffer protocol. A torch
+// tensor or numpy array made from it keeps it (and so the mapping) alive.
+struct Region {
+  std::byte* data = nullptr;
+  size_t size = 0;
+  bool writable = false;
+  std::shared_ptr<const void> owner;
+};
+
+std::span<const std::byte> ReadableBytes(const py::buffer& b, py::buffer_info& info) {
+  info = b.request();
+  if (info.ndim > 1) {
+    // Only C-contiguous data has a flat byte view: check it.
+    ssize_t expect = info.itemsize;
+    for (ssize_t d = info.ndim; d-- > 0;) {
+      if (info.shape[d] != 1 && info.strides[d] != expect) {
+        throw py::value_error("buffer is not C-contiguous");
+      }
+      expect *= info.shape[d];
+    }
+  } else if (info.ndim == 1 && info.shape[0] > 1 && info.strides[0] != info.itemsize) {
+    throw py::value_error("buffer is not contiguous");
+  }
+  return {static_cast<const std::byte*>(info.ptr),
+          static_cast<size_t>(info.size * info.itemsize)};
+}
+
+// ---- Reader ------------------------------------------------------------------
+
+class Reader {
+ public:
+  Reader(const std::string& path, bool copy_on_write, bool pread, bool verify_reads) {
+    ckpt::ReadOptions o;
+    o.copy_on_write = copy_on_write;
+    o.backend = pread ? ckpt::Backend::kPread : ckpt::Backend::kMmap;
+    o.verify_checksums = verify_reads;
+    py::gil_scoped_release nogil;
+    ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::Open(path, o)));
+    writable_ = copy_on_write && !pread;
+  }
+
+  const ckpt::Checkpoint& ck() const { return *ck_; }
+
+  py::dict Metadata() const {
+    py::dict d;
+    for (auto& [k, v] : ck_->metadata()) d[py::str(k)] = py::str(v);
+    return d;
+  }
+
+  py::list Storages() const {
+    py::list out;
+    for (size_t i = 0; i < ck_->num_storages(); ++i) {
+      auto s = ck_->storage_info(i);
+      out.append(py::make_tuple(s.offset, s.nbytes, s.device));
+    }
+    return out;
+  }
+
+  static py::tuple InfoTuple(const ckpt::TensorInfo& t) {
+    return py::make_tuple(t.path, static_cast<int>(t.dtype), py::tuple(py::cast(t.shape)),
+                          py::tuple(py::cast(t.strides)), t.storage, t.storage_offset,
+                          t.requires_grad, t.is_parameter);
+  }
+
+  py::list Tensors() const {
+    py::list out;
+    for (size_t i = 0; i < ck_->num_tensors(); ++i) out.append(InfoTuple(ck_->tensor_info(i)));
+    return out;
+  }
+
+  size_t TensorIndex(const std::string& path) const {
+    auto info = Take(ck_->FindTensor(path));
+    // FindTensor is a binary search over the sorted table; find the index.
+    size_t lo = 0, hi = ck_->num_tensors();
+    while (lo < hi) {
+      size_t mid = (lo + hi) / 2;
+      if (ck_->tensor_info(mid).path < info.path) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+
+  Region StorageRegion(size_t index) const {
+    auto v = Take(ck_->Storage(index));
+    return Region{const_cast<std::byte*>(v.data.data()), v.data.size(), writable_,
+                  std::move(v.owner)};
+  }
+
+  // Rows [begin, end) of dim 0 of a tensor: the tensor's table entry with
+  // the offset and shape of the rows.
+  py::tuple Rows(const std::string& path, int64_t begin, int64_t end) const {
+    auto ref = Take(ck_->TensorRows(path, begin, end));
+    return InfoTuple(ref.info());
+  }
+
+  // Copies storages into caller buffers with pread, `threads` at a time,
+  // in 8 MiB pieces, without the GIL.
+  void ReadStorages(const std::vector<size_t>& indices, const std::vector<py::buffer>& outs,
+                    unsigned threads) const {
+    if (indices.size() != outs.size()) throw py::value_error("one buffer per storage");
+    struct Piece {
+      size_t storage;
+      uint64_t offset;
+      std::span<std::byte> out;
+    };
+    std::vector<py::buffer_info> infos;
+    infos.reserve(outs.size());
+    std::vector<Piece> pieces;
+    constexpr uint64_t kPiece = 8ull << 20;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      infos.push_back(outs[i].request(true));
+      auto& info = infos.back();
+      if (info.ndim != 1 || info.itemsize != 1 || (info.shape[0] > 1 && info.strides[0] != 1)) {
+        throw py::value_error("storage buffers must be contiguous bytes");
+      }
+      if (indices[i] >= ck_->num_storages() ||
+          static_cast<uint64_t>(info.shape[0]) != ck_->storage_info(indices[i]).nbytes) {
+        throw py::value_error("buffer " + std::to_string(i) + " does not match storage " +
+                              std::to_string(indices[i]));
+      }
+      auto* p = static_cast<std::byte*>(info.ptr);
+      uint64_t n = static_cast<uint64_t>(info.shape[0]);
+      for (uint64_t off = 0; off < n; off += kPiece) {
+        pieces.push_back({indices[i], off, {p + off, static_cast<size_t>(std::min(kPiece, n - off))}});
+      }
+    }
+    py::gil_scoped_release nogil;
+    std::atomic<size_t> next{0};
+    std::mutex mu;
+    ckpt::Status first;
+    auto work = [&] {
+      for (size_t k; (k = next.fetch_add(1)) < pieces.size();) {
+        ckpt::Status s = ck_->ReadStorage(pieces[k].storage, pieces[k].offset, pieces[k].out);
+        if (!s.ok()) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (first.ok()) first = s;
+          next = pieces.size();
+        }
+      }
+    };
+    unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
+    std::vector<std::thread> pool;
+    for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    if (!first.ok()) {
+      py::gil_scoped_acquire gil;
+      Throw(first);
+    }
+  }
+
+  void Verify(unsigned threads) const {
+    py::gil_scoped_release nogil;
+    Check(ck_->Verify(ckpt::VerifyOptions{threads}));
+  }
+
+  // The node at `path` ("" = the root) as Python objects. Tensors become
+  // on_tensor(index, type_name), dtypes on_dtype(code), devices
+  // on_device(str).
+  py::object Tree(const std::string& path, const py::function& on_tensor,
+                  const py::function& on_dtype, const py::function& on_device) const {
+    ckpt::Value v = path.empty() ? ck_->root() : Take(ck_->Get(path));
+    Builder b{on_tensor, on_dtype, on_device, py::module_::import("collections").attr("OrderedDict"),
+              py::module_::import("argparse").attr("Namespace")};
+    return b.Build(v);
+  }
+
+  std::string Kind(const std::string& path) const {
+    ckpt::Value v = path.empty() ? ck_->root() : Take(ck_->Get(path));
+    return std::string(ckpt::ValueKindName(v.kind()));
+  }
+
+  uint64_t FileSize() const { return ck_->file_size(); }
+  std::string Path() const { return ck_->path(); }
+  std::string Producer() const { return std::string(ck_->producer()); }
+  std::string Version() const {
+    return std::to_string(ck_->format_major()) + "." + std::to_string(ck_->format_minor());
+  }
+
+ private:
+  struct Builder {
+    const py::function& on_tensor;
+    const py::function& on_dtype;
+    const py::function& on_device;
+    py::object ordered_dict;
+    py::object namespace_;
+
+    py::object Build(const ckpt::Value& v) {
+      using K = ckpt::ValueKind;
+      switch (v.kind()) {
+        case K::kNone: return py::none();
+        case K::kBool: return py::bool_(v.as_bool());
+        case K::kInt: return py::int_(v.as_int());
+        case K::kBigInt: {
+          auto b = v.as_bytes();
+          py::bytes raw(reinterpret_cast<const char*>(b.data()), b.size());
+          return py::module_::import("builtins").attr("int").attr("from_bytes")(
+              raw, "little", py::arg("signed") = true);
+        }
+        case K::kFloat: return py::float_(v.as_float());
+        case K::kComplex: {
+          auto c = v.as_complex();
+          return py::reinterpret_steal<py::object>(PyComplex_FromDoubles(c.real(), c.imag()));
+        }
+        case K::kString: return py::str(std::string(v.as_string()));
+        case K::kBytes: {
+          auto b = v.as_bytes();
+          return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+        }
+        case K::kList: {
+          py::list l(v.size());
+          for (size_t i = 0; i < v.size(); ++i) l[i] = Build(v.item(i));
+          return l;
+        }
+        case K::kTuple: {
+          py::tuple t(v.size());
+          for (size_t i = 0; i < v.size(); ++i) t[i] = Build(v.item(i));
+          return t;
+        }
+        case K::kSet:
+        case K::kFrozenSet: {
+          py::set s;
+          for (size_t i = 0; i < v.size(); ++i) s.add(Build(v.item(i)));
+          if (v.kind() == K::kSet) return s;
+          return py::reinterpret_steal<py::object>(PyFrozenSet_New(s.ptr()));
+        }
+        case K::kDict: {
+          std::string_view tn = v.type_name();
+          py::object d = tn == "collections.OrderedDict" ? ordered_dict() : py::dict();
+          for (size_t i = 0; i < v.size(); ++i) d[Build(v.key(i))] = Build(v.item(i));
+          if (tn == "argparse.Namespace") {
+            py::object ns = namespace_();
+            for (auto item : py::reinterpret_borrow<py::dict>(d)) {
+              py::setattr(ns, py::str(item.first), item.second);
+            }
+            return ns;
+          }
+          return d;
+        }
+        case K::kTensor:
+          return on_tensor(Take(v.tensor_index()), std::string(v.type_name()));
+        case K::kDType: return on_dtype(static_cast<int>(v.as_dtype()));
+        case K::kDevice: return on_device(std::string(v.as_string()));
+      }
+      throw py::value_error("unknown node kind");
+    }
+  };
+
+  std::unique_ptr<ckpt::Checkpoint> ck_;
+  bool writable_ = false;
+};
+
+// ---- Writer ------------------------------------------------------------------
+
+class PyWriter {
+ public:
+  PyWriter(const std::string& path, bool sync, uint64_t chunk_size, const std::string& producer) {
+    ckpt::WriteOptions o;
+    o.sync = sync;
+    if (chunk_size) o.chunk_size = chunk_size;
+    o.producer = producer;
+    w_ = std::make_unique<ckpt::Writer>(Take(ckpt::Writer::Create(path, o)));
+  }
+
+  ckpt::Writer& w() {
+    if (!w_) throw py::value_error("the writer is closed");
+    return *w_;
+  }
+
+  uint32_t AddStorage(const py::buffer& b, const std::string& device) {
+    py::buffer_info info;
+    auto bytes = ReadableBytes(b, info);
+    py::gil_scoped_release nogil;
+    return Take(w().AddStorage(bytes, device));
+  }
+  uint32_t BeginStorage(uint64_t nbytes, const std::string& device) {
+    return Take(w().BeginStorage(nbytes, device));
+  }
+  void Append(const py::buffer& b) {
+    py::buffer_info info;
+    auto bytes = ReadableBytes(b, info);
+    py::gil_scoped_release nogil;
+    Check(w().Append(bytes));
+  }
+  void EndStorage() { Check(w().EndStorage()); }
+
+  uint32_t AddTensor(int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                     uint32_t storage, int64_t offset, bool requires_grad, bool is_parameter) {
+    ckpt::TensorSpec s;
+    s.dtype = static_cast<ckpt::DType>(dtype);
+    s.shape = std::move(shape);
+    s.strides = std::move(strides);
+    s.storage = storage;
+    s.storage_offset = offset;
+    s.requires_grad = requires_grad;
+    s.is_parameter = is_parameter;
+    return Take(w().AddTensor(s));
+  }
+
+  uint32_t AddBigInt(const py::bytes& le) {
+    std::string_view s = le;
+    return Take(w().AddBigInt({reinterpret_cast<const uint8_t*>(s.data()), s.size()}));
+  }
+  uint32_t AddBytes(const py::bytes& b) {
+    std::string_view s = b;
+    return w().AddBytes({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
+  }
+
+  void Commit() {
+    {
+      py::gil_scoped_release nogil;
+      Check(w().Commit());
+    }
+    w_.reset();
+  }
+  void Abort() {
+    if (w_) w_->Abort();
+    w_.reset();
+  }
+
+ private:
+  std::unique_ptr<ckpt::Writer> w_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_ckpt, m) {
+  m.doc() = "ckpt C++ core (use the ckpt package, not this module)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      py::object errors = py::module_::import("ckpt._errors");
+      py::object cls = errors.attr(ErrorClass(e.status.code()));
+      PyErr_SetObject(cls.ptr(), py::str(e.status.ToString()).ptr());
+    }
+  });
+
+  py::class_<Region>(m, "Region", py::buffer_protocol())
+      .def_buffer([](Region& r) {
+        return py::buffer_info(r.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<ssize_t>(r.size)}, {static_cast<ssize_t>(1)},
+                               !r.writable);
+      })
+      .def("__len__", [](const Region& r) { return r.size; })
+      .def_property_readonly("writable", [](const Region& r) { return r.writable; });
+
+  py::class_<Reader>(m, "Reader")
+      .def(py::init<const std::string&, bool, bool, bool>(), py::arg("path"),
+           py::arg("copy_on_write") = true, py::arg("pread") = false,
+           py::arg("verify_reads") = false)
+      .def("metadata", &Reader::Metadata)
+      .def("storages", &Reader::Storages)
+      .def("tensors", &Reader::Tensors)
+      .def("tensor_index", &Reader::TensorIndex)
+      .def("storage_region", &Reader::StorageRegion)
+      .def("rows", &Reader::Rows)
+      .def("read_storages", &Reader::ReadStorages, py::arg("indices"), py::arg("buffers"),
+           py::arg("threads") = 4)
+      .def("verify", &Reader::Verify, py::arg("threads") = 0)
+      .def("tree", &Reader::Tree)
+      .def("kind", &Reader::Kind)
+      .def_property_readonly("file_size", &Reader::FileSize)
+      .def_property_readonly("path", &Reader::Path)
+      .def_property_readonly("producer", &Reader::Producer)
+      .def_property_readonly("format_version", &Reader::Version);
+
+  py::class_<PyWriter>(m, "Writer")
+      .def(py::init<const std::string&, bool, uint64_t, const std::string&>(), py::arg("path"),
+           py::arg("sync") = true, py::arg("chunk_size") = 0, py::arg("producer") = "ckpt")
+      .def("add_storage", &PyWriter::AddStorage)
+      .def("begin_storage", &PyWriter::BeginStorage)
+      .def("append", &PyWriter::Append)
+      .def("end_storage", &PyWriter::EndStorage)
+      .def("add_tensor", &PyWriter::AddTensor)
+      .def("add_none", [](PyWriter& w) { return w.w().AddNone(); })
+      .def("add_bool", [](PyWriter& w, bool v) { return w.w().AddBool(v); })
+      .def("add_int", [](PyWriter& w, int64_t v) { return w.w().AddInt(v); })
+      .def("add_bigint", &PyWriter::AddBigInt)
+      .def("add_float", [](PyWriter& w, double v) { return w.w().AddFloat(v); })
+      .def("add_complex", [](PyWriter& w, double re, double im) { return w.w().AddComplex(re, im); })
+      .def("add_string", [](PyWriter& w, const std::string& s) { return w.w().AddString(s); })
+      .def("add_bytes", &PyWriter::AddBytes)
+      .def("add_dtype", [](PyWriter& w, int code) { return Take(w.w().AddDType(static_cast<ckpt::DType>(code))); })
+      .def("add_device", [](PyWriter& w, const std::string& d) { return Take(w.w().AddDevice(d)); })
+      .def("add_list", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddList(ids)); })
+      .def("add_tuple", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddTuple(ids)); })
+      .def("add_set", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddSet(ids)); })
+      .def("add_frozenset", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddFrozenSet(ids)); })
+      .def("add_dict", [](PyWriter& w, const std::vector<uint32_t>& keys, const std::vector<uint32_t>& values,
+                          const std::string& type_name) { return Take(w.w().AddDict(keys, values, type_name)); })
+      .def("set_type_name", [](PyWriter& w, uint32_t node, const std::string& t) { Check(w.w().SetTypeName(node, t)); })
+      .def("set_root", [](PyWriter& w, uint32_t node) { Check(w.w().SetRoot(node)); })
+      .def("set_metadata", [](PyWriter& w, const std::string& k, const std::string& v) { Check(w.w().SetMetadata(k, v)); })
+      .def("commit", &PyWriter::Commit)
+      .def("abort", &PyWriter::Abort);
+
+  m.def("dtypes", [] {
+    py::list out;
+    for (int code = 1; code <= ckpt::kMaxDTypeCode; ++code) {
+      auto d = static_cast<ckpt::DType>(code);
+      out.append(py::make_tuple(code, std::string(ckpt::DTypeName(d)), ckpt::DTypeSize(d)));
+    }
+    return out;
+  });
+
+  m.def("import_pth", [](const std::string& in, const std::string& out, bool sync) {
+    ckpt::ImportOptions o;
+    o.write.sync = sync;
+    py::gil_scoped_release nogil;
+    auto r = Take(ckpt::ImportPth(in, out, o));
+    return r.tensors;
+  }, py::arg("src"), py::arg("dst"), py::arg("sync") = true);
+
+  m.def("cli_main", [](const std::vector<std::string>& args) {
+    std::vector<std::string> copy = args;
+    std::vector<char*> argv;
+    for (auto& a : copy) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int rc;
+    {
+      py::gil_scoped_release nogil;
+      rc = ckpt::tool::CliMain(static_cast<int>(copy.size()), argv.data());
+      std::fflush(stdout);
+      std::fflush(stderr);
+    }
+    return rc;
+  });
+
+  m.attr("format_version") = py::make_tuple(ckpt::kFormatMajor, ckpt::kFormatMinor);
+  m.attr("version") = std::string(ckpt::VersionString());
+}

@@ -1,0 +1,649 @@
+// ckpt: inspect, extract, verify and compare ckpt files. The commands live
+// here, as CliMain(), so the executable (main.cc) and the Python binding
+// (`python -m ckpt`) run the same code.
+// Thin: parses arguments and calls the public library. Contract (DESIGN.md):
+// errors go to stderr, usage errors exit 2, every command has --help.
+#include <ckpt/ckpt.h>
+#include <ckpt/pth.h>
+#ifdef CKPT_WITH_CUDA
+#include <ckpt/cuda.h>
+#endif
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "cli.h"
+#include "common/human.h"
+#include "json.h"
+
+namespace {
+
+using ckpt::Checkpoint;
+using ckpt::Status;
+using ckpt::Value;
+using ckpt::ValueKind;
+using ckpt::tool::HumanBytes;
+
+constexpr int kExitOk = 0;
+constexpr int kExitFail = 1;
+constexpr int kExitUsage = 2;
+
+const char* kMainHelp =
+    "usage: ckpt <command> [options]\n"
+    "\n"
+    "Commands:\n"
+    "  inspect FILE [--json]        summary of tensors, storages, values\n"
+    "  cat FILE PATH [--rows A:B]   raw little-endian elements to stdout\n"
+    "  get FILE PATH                the value at PATH in the tree, as JSON\n"
+    "  verify FILE                  check structure and every checksum\n"
+    "  diff A B                     tensors and values that differ\n"
+    "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
+    "  load FILE [--device D] ...   load tensors to a GPU (or cpu) and time it\n"
+    "\n"
+    "Run 'ckpt <command> --help' for details. Exit status: 0 success,\n"
+    "1 failure (message on stderr), 2 usage error.\n";
+
+const char* kInspectHelp =
+    "usage: ckpt inspect FILE [--json]\n"
+    "\n"
+    "Prints the file's format version, metadata, every tensor (path, dtype,\n"
+    "shape, strides, storage id, offset, bytes, saved device) and every\n"
+    "non-tensor value. With --json, one JSON object whose \"tensors\" is a\n"
+    "list of {path, dtype, shape, strides, storage, offset, nbytes, device}\n"
+    "(offset in elements of the storage; tensors sharing a storage have the\n"
+    "same storage id), plus \"storages\", \"metadata\" and \"tree\".\n";
+
+const char* kCatHelp =
+    "usage: ckpt cat FILE PATH [--rows A:B]\n"
+    "\n"
+    "Writes the elements of the tensor at PATH to stdout in row-major\n"
+    "contiguous order, little-endian. --rows A:B writes only rows [A, B) of\n"
+    "dim 0 (A or B may be omitted: ':B', 'A:').\n";
+
+const char* kGetHelp =
+    "usage: ckpt get FILE PATH\n"
+    "\n"
+    "Prints the value at PATH in the object tree as JSON: scalars (int,\n"
+    "float, string, bool, null) as themselves; containers as arrays and\n"
+    "objects; tensors as {\"$tensor\": path, \"dtype\", \"shape\"}. The empty\n"
+    "path '' is the root.\n";
+
+const char* kVerifyHelp =
+    "usage: ckpt verify FILE [--threads N] [--pread]\n"
+    "\n"
+    "Checks the preamble, header and every rule of docs/FORMAT.md, then\n"
+    "hashes every data chunk on all cores. Exit 0 when sound; otherwise\n"
+    "exit 1 and the first problem (what, byte offset, tensor) on stderr.\n";
+
+const char* kDiffHelp =
+    "usage: ckpt diff A B\n"
+    "\n"
+    "Lists tensors and values present in only one file ('-' only in A,\n"
+    "'+' only in B) or different ('~': dtype, shape or bytes; value).\n"
+    "Exit 0 when the contents are the same, 1 when they differ, 3 when a\n"
+    "file cannot be read.\n";
+
+const char* kImportHelp =
+    "usage: ckpt import [--no-crc] IN.pth OUT.ckpt\n"
+    "\n"
+    "Converts a torch.save file to ckpt without running anything from it;\n"
+    "the same as pth2ckpt IN OUT (see pth2ckpt --help). On refusal: exit 1,\n"
+    "the reason on stderr, and no OUT file.\n";
+
+const char* kLoadHelp =
+    "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
+    "                 [--strategy auto|staged|direct|register] [--threads N] [--verify]\n"
+    "\n"
+    "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) of\n"
+    "dim 0 of each) into GPU memory through pinned staging buffers, or into\n"
+    "host memory with --device cpu, and prints the time and GB/s. Staged\n"
+    "fills the buffers from the page cache (warm files), direct with O_DIRECT\n"
+    "reads (cold files), register page-locks the mapping and copies from it;\n"
+    "auto picks staged or direct by how much of the data is cached.\n"
+    "--verify checks the checksum of every chunk the tensors lie in, as it\n"
+    "reads or stages them (a damaged chunk fails the load, naming the tensor).\n"
+    "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n";
+
+int Usage(const char* help, const std::string& problem) {
+  std::fprintf(stderr, "ckpt: %s\n\n%s", problem.c_str(), help);
+  return kExitUsage;
+}
+
+int Fail(const Status& s) {
+  std::fprintf(stderr, "ckpt: %s\n", s.ToString().c_str());
+  return kExitFail;
+}
+
+bool WantsHelp(const std::vector<std::string>& args) {
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") return true;
+  }
+  return false;
+}
+
+void Print(const std::string& s) { std::fwrite(s.data(), 1, s.size(), stdout); }
+
+std::string Dims(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  return s + "]";
+}
+
+// Calls `fn(path, value)` for every node that is not a container or tensor,
+// and for empty containers, in tree order.
+void ForEachLeaf(const Value& v, const std::string& path, bool at_root,
+                 const std::function<void(const std::string&, const Value&)>& fn) {
+  auto child = [&](const std::string& seg) {
+    return (at_root ? std::string() : path + "/") + ckpt::EscapePathSegment(seg);
+  };
+  if (v.kind() == ValueKind::kTensor) return;
+  if (!v.is_container() || v.size() == 0) {
+    fn(path, v);
+    return;
+  }
+  for (size_t i = 0; i < v.size(); ++i) {
+    std::string seg = v.kind() == ValueKind::kDict ? v.key(i).KeySegment()
+                                                   : std::to_string(i);
+    ForEachLeaf(v.item(i), child(seg), false, fn);
+  }
+}
+
+std::string ValueJson(const Value& v) {
+  std::string s;
+  ckpt::tool::AppendValueJson(s, v);
+  return s;
+}
+
+// ---- inspect ------------------------------------------------------------------
+
+int Inspect(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kInspectHelp), kExitOk;
+  std::string file;
+  bool json = false;
+  for (const auto& a : args) {
+    if (a == "--json") {
+      json = true;
+    } else if (!a.empty() && a[0] == '-') {
+      return Usage(kInspectHelp, "unknown option '" + a + "'");
+    } else if (file.empty()) {
+      file = a;
+    } else {
+      return Usage(kInspectHelp, "unexpected argument '" + a + "'");
+    }
+  }
+  if (file.empty()) return Usage(kInspectHelp, "missing FILE");
+  auto ck = Checkpoint::Open(file);
+  if (!ck.ok()) return Fail(ck.status());
+
+  std::string out;
+  if (json) {
+    using ckpt::tool::AppendJsonString;
+    out += "{\"file\": ";
+    AppendJsonString(out, file);
+    out += ", \"file_size\": " + std::to_string(ck->file_size());
+    out += ", \"format_version\": \"" + std::to_string(ck->format_major()) +
+           "." + std::to_string(ck->format_minor()) + "\"";
+    out += ", \"producer\": ";
+    AppendJsonString(out, ck->producer());
+    out += ", \"chunk_size\": " + std::to_string(ck->chunk_size());
+    out += ", \"metadata\": {";
+    bool first = true;
+    for (const auto& [k, v] : ck->metadata()) {
+      if (!first) out += ", ";
+      first = false;
+      AppendJsonString(out, k);
+      out += ": ";
+      AppendJsonString(out, v);
+    }
+    out += "}, \"storages\": [";
+    for (size_t i = 0; i < ck->num_storages(); ++i) {
+      auto s = ck->storage_info(i);
+      if (i) out += ", ";
+      out += "{\"id\": " + std::to_string(i) +
+             ", \"offset\": " + std::to_string(s.offset) +
+             ", \"nbytes\": " + std::to_string(s.nbytes) + ", \"device\": ";
+      AppendJsonString(out, s.device);
+      out += "}";
+    }
+    out += "], \"tensors\": [";
+    for (size_t i = 0; i < ck->num_tensors(); ++i) {
+      auto t = ck->tensor_info(i);
+      if (i) out += ", ";
+      out += "{\"path\": ";
+      AppendJsonString(out, t.path);
+      out += ", \"dtype\": \"" + std::string(ckpt::DTypeName(t.dtype)) + "\"";
+      out += ", \"shape\": " + Dims(t.shape);
+      out += ", \"strides\": " + Dims(t.strides);
+      out += ", \"storage\": " + std::to_string(t.storage);
+      out += ", \"offset\": " + std::to_string(t.storage_offset);
+      out += ", \"nbytes\": " + std::to_string(t.nbytes());
+      out += ", \"device\": ";
+      AppendJsonString(out, ck->storage_info(t.storage).device);
+      out += std::string(", \"requires_grad\": ") +
+             (t.requires_grad ? "true" : "false");
+      out += std::string(", \"is_parameter\": ") +
+             (t.is_parameter ? "true" : "false") + "}";
+    }
+    out += "], \"tree\": ";
+    ckpt::tool::AppendValueJson(out, ck->root());
+    out += "}\n";
+    Print(out);
+    return kExitOk;
+  }
+
+  uint64_t tensor_bytes = 0;
+  for (size_t i = 0; i < ck->num_tensors(); ++i) {
+    tensor_bytes += ck->tensor_info(i).nbytes();
+  }
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "%s: ckpt format %u.%u, %s, producer \"%.*s\"\n"
+                "  %zu tensors (%s) in %zu storages (%s of data), header %s, "
+                "checksum chunk %s\n",
+                file.c_str(), ck->format_major(), ck->format_minor(),
+                HumanBytes(ck->file_size()).c_str(),
+                static_cast<int>(ck->producer().size()), ck->producer().data(),
+                ck->num_tensors(), HumanBytes(tensor_bytes).c_str(),
+                ck->num_storages(), HumanBytes(ck->data_size()).c_str(),
+                HumanBytes(ck->header_size()).c_str(),
+                HumanBytes(ck->chunk_size()).c_str());
+  out += line;
+  auto md = ck->metadata();
+  if (!md.empty()) {
+    out += "metadata:\n";
+    for (const auto& [k, v] : md) out += "  " + k + " = " + v + "\n";
+  }
+  if (ck->num_tensors()) out += "tensors:\n";
+  for (size_t i = 0; i < ck->num_tensors(); ++i) {
+    auto t = ck->tensor_info(i);
+    std::string flags;
+    if (t.is_parameter) flags += " parameter";
+    if (t.requires_grad) flags += " requires_grad";
+    if (!t.is_contiguous()) flags += " strides=" + Dims(t.strides);
+    if (t.storage_offset) flags += " offset=" + std::to_string(t.storage_offset);
+    std::string device = ck->storage_info(t.storage).device;
+    out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
+           std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
+           HumanBytes(t.nbytes()) + "  storage " + std::to_string(t.storage) +
+           (device == "cpu" ? "" : "  " + device) + flags + "\n";
+  }
+  std::string values;
+  ForEachLeaf(ck->root(), "", true, [&](const std::string& p, const Value& v) {
+    values += "  " + (p.empty() ? std::string("(root)") : p) + " = " +
+              ValueJson(v) + "\n";
+  });
+  if (!values.empty()) out += "values:\n" + values;
+  Print(out);
+  return kExitOk;
+}
+
+// ---- cat ------------------------------------------------------------------------
+
+bool ParseInt(std::string_view s, int64_t* out) {
+  if (s.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  std::string tmp(s);
+  long long v = std::strtoll(tmp.c_str(), &end, 10);
+  if (errno != 0 || *end != '\0') return false;
+  *out = v;
+  return true;
+}
+
+int Cat(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kCatHelp), kExitOk;
+  std::vector<std::string> pos;
+  std::string rows;
+  bool has_rows = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--rows") {
+      if (i + 1 >= args.size()) return Usage(kCatHelp, "--rows needs A:B");
+      rows = args[++i];
+      has_rows = true;
+    } else if (args[i].rfind("--rows=", 0) == 0) {
+      rows = args[i].substr(7);
+      has_rows = true;
+    } else if (args[i].size() > 1 && args[i][0] == '-') {
+      return Usage(kCatHelp, "unknown option '" + args[i] + "'");
+    } else {
+      pos.push_back(args[i]);
+    }
+  }
+  if (pos.size() != 2) return Usage(kCatHelp, "need FILE and PATH");
+  auto ck = Checkpoint::Open(pos[0]);
+  if (!ck.ok()) return Fail(ck.status());
+  ckpt::Result<ckpt::TensorRef> t = ckpt::TensorRef();
+  if (has_rows) {
+    auto colon = rows.find(':');
+    if (colon == std::string::npos) return Usage(kCatHelp, "--rows takes A:B");
+    auto info = ck->FindTensor(pos[1]);
+    if (!info.ok()) return Fail(info.status());
+    if (info->shape.empty()) {
+      return Fail(ckpt::InvalidArgument("--rows on a 0-dim tensor")
+                      .WithTensor(pos[1]));
+    }
+    int64_t a = 0, b = info->shape[0];
+    std::string as = rows.substr(0, colon), bs = rows.substr(colon + 1);
+    if ((!as.empty() && !ParseInt(as, &a)) || (!bs.empty() && !ParseInt(bs, &b))) {
+      return Usage(kCatHelp, "--rows takes integers A:B, got '" + rows + "'");
+    }
+    t = ck->TensorRows(pos[1], a, b);
+  } else {
+    t = ck->Tensor(pos[1]);
+  }
+  if (!t.ok()) return Fail(t.status());
+  std::span<const std::byte> bytes = t->data();
+  std::vector<std::byte> copy;
+  if (!t->is_contiguous()) {
+    copy.resize(static_cast<size_t>(t->info().nbytes()));
+    Status s = t->CopyTo(copy);
+    if (!s.ok()) return Fail(s);
+    bytes = copy;
+  } else {
+    bytes = bytes.first(static_cast<size_t>(t->info().nbytes()));
+  }
+  // fwrite(nullptr, ...) is undefined even for 0 bytes (empty tensors).
+  if ((!bytes.empty() &&
+       std::fwrite(bytes.data(), 1, bytes.size(), stdout) != bytes.size()) ||
+      std::fflush(stdout) != 0) {
+    return Fail(ckpt::IoError(std::string("writing to stdout: ") +
+                              std::strerror(errno)));
+  }
+  return kExitOk;
+}
+
+// ---- get ------------------------------------------------------------------------
+
+int Get(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kGetHelp), kExitOk;
+  if (args.size() != 2) return Usage(kGetHelp, "need FILE and PATH");
+  auto ck = Checkpoint::Open(args[0]);
+  if (!ck.ok()) return Fail(ck.status());
+  auto v = ck->Get(args[1]);
+  if (!v.ok()) return Fail(v.status());
+  Print(ValueJson(*v) + "\n");
+  return kExitOk;
+}
+
+// ---- verify ---------------------------------------------------------------------
+
+int Verify(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kVerifyHelp), kExitOk;
+  std::string file;
+  ckpt::VerifyOptions vo;
+  ckpt::ReadOptions ro;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--threads") {
+      int64_t n = 0;
+      if (i + 1 >= args.size() || !ParseInt(args[i + 1], &n) || n < 1 || n > 1024) {
+        return Usage(kVerifyHelp, "--threads takes a number in 1..1024");
+      }
+      vo.threads = static_cast<unsigned>(n);
+      ++i;
+    } else if (args[i] == "--pread") {
+      ro.backend = ckpt::Backend::kPread;
+    } else if (!args[i].empty() && args[i][0] == '-') {
+      return Usage(kVerifyHelp, "unknown option '" + args[i] + "'");
+    } else if (file.empty()) {
+      file = args[i];
+    } else {
+      return Usage(kVerifyHelp, "unexpected argument '" + args[i] + "'");
+    }
+  }
+  if (file.empty()) return Usage(kVerifyHelp, "missing FILE");
+  auto t0 = std::chrono::steady_clock::now();
+  auto ck = Checkpoint::Open(file, ro);
+  if (!ck.ok()) return Fail(ck.status());
+  Status s = ck->Verify(vo);
+  if (!s.ok()) return Fail(s);
+  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%s: OK (%zu tensors, %s checked in %.3f s)\n", file.c_str(),
+              ck->num_tensors(), HumanBytes(ck->file_size()).c_str(), sec);
+  return kExitOk;
+}
+
+// ---- diff -----------------------------------------------------------------------
+
+int Diff(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kDiffHelp), kExitOk;
+  if (args.size() != 2) return Usage(kDiffHelp, "need two files");
+  constexpr int kExitTrouble = 3;
+  auto a = Checkpoint::Open(args[0]);
+  if (!a.ok()) return Fail(a.status()), kExitTrouble;
+  auto b = Checkpoint::Open(args[1]);
+  if (!b.ok()) return Fail(b.status()), kExitTrouble;
+  std::string out;
+  int differences = 0;
+  auto note = [&](char mark, const std::string& path, const std::string& what) {
+    out += std::string(1, mark) + " " + (path.empty() ? "(root)" : path) +
+           (what.empty() ? "" : ": " + what) + "\n";
+    ++differences;
+  };
+  // Tensors: both lists are sorted by path, so merge.
+  size_t i = 0, j = 0;
+  while (i < a->num_tensors() || j < b->num_tensors()) {
+    auto ta = i < a->num_tensors() ? a->tensor_info(i) : ckpt::TensorInfo{};
+    auto tb = j < b->num_tensors() ? b->tensor_info(j) : ckpt::TensorInfo{};
+    if (j >= b->num_tensors() || (i < a->num_tensors() && ta.path < tb.path)) {
+      note('-', ta.path, "tensor only in A");
+      ++i;
+      continue;
+    }
+    if (i >= a->num_tensors() || tb.path < ta.path) {
+      note('+', tb.path, "tensor only in B");
+      ++j;
+      continue;
+    }
+    ++i;
+    ++j;
+    if (ta.dtype != tb.dtype) {
+      note('~', ta.path, "dtype " + std::string(ckpt::DTypeName(ta.dtype)) +
+                             " -> " + std::string(ckpt::DTypeName(tb.dtype)));
+      continue;
+    }
+    if (ta.shape != tb.shape) {
+      note('~', ta.path, "shape " + Dims(ta.shape) + " -> " + Dims(tb.shape));
+      continue;
+    }
+    auto ra = a->Tensor(ta.path);
+    auto rb = b->Tensor(tb.path);
+    if (!ra.ok()) return Fail(ra.status()), kExitTrouble;
+    if (!rb.ok()) return Fail(rb.status()), kExitTrouble;
+    std::vector<std::byte> ca(static_cast<size_t>(ta.nbytes()));
+    std::vector<std::byte> cb(ca.size());
+    if (!ra->CopyTo(ca).ok() || !rb->CopyTo(cb).ok()) return kExitTrouble;
+    if (ca != cb) {
+      size_t el = ckpt::DTypeSize(ta.dtype), n = 0;
+      for (size_t k = 0; k < ca.size(); k += el) {
+        n += std::memcmp(&ca[k], &cb[k], el) != 0;
+      }
+      note('~', ta.path, std::to_string(n) + " of " +
+                             std::to_string(ta.numel()) + " elements differ");
+    } else if (ta.requires_grad != tb.requires_grad ||
+               ta.is_parameter != tb.is_parameter) {
+      note('~', ta.path, "requires_grad/parameter flags differ");
+    }
+  }
+  // Values: compare leaves by path.
+  std::map<std::string, std::string> va, vb;
+  ForEachLeaf(a->root(), "", true, [&](const std::string& p, const Value& v) {
+    va[p] = ValueJson(v);
+  });
+  ForEachLeaf(b->root(), "", true, [&](const std::string& p, const Value& v) {
+    vb[p] = ValueJson(v);
+  });
+  for (const auto& [p, v] : va) {
+    auto it = vb.find(p);
+    if (it == vb.end()) {
+      note('-', p, v);
+    } else if (it->second != v) {
+      note('~', p, v + " -> " + it->second);
+    }
+  }
+  for (const auto& [p, v] : vb) {
+    if (!va.count(p)) note('+', p, v);
+  }
+  auto ma = a->metadata(), mb = b->metadata();
+  if (ma != mb) note('~', "(metadata)", "string metadata differs");
+  Print(out);
+  return differences ? 1 : kExitOk;
+}
+
+// ---- import ---------------------------------------------------------------------
+
+int Import(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kImportHelp), kExitOk;
+  ckpt::ImportOptions opt;
+  std::vector<std::string> pos;
+  for (const auto& a : args) {
+    if (a == "--no-crc") {
+      opt.check_crc = false;
+    } else if (a.size() > 1 && a[0] == '-') {
+      return Usage(kImportHelp, "unknown option '" + a + "'");
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
+  auto r = ckpt::ImportPth(pos[0], pos[1], opt);
+  if (!r.ok()) return Fail(r.status());
+  std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n", pos[0].c_str(),
+              pos[1].c_str(), r->tensors, r->storages, r->container.c_str());
+  return kExitOk;
+}
+
+// ---- load -----------------------------------------------------------------------
+
+int Load(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kLoadHelp), kExitOk;
+  std::string file, device = "cuda:0", strategy = "auto";
+  std::vector<std::string> paths;
+  std::optional<std::pair<int64_t, int64_t>> rows;
+  bool verify = false;
+  unsigned threads = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&]() -> const std::string* {
+      return i + 1 < args.size() ? &args[++i] : nullptr;
+    };
+    if (a == "--device") {
+      auto v = value();
+      if (!v) return Usage(kLoadHelp, "--device needs a value");
+      device = *v;
+    } else if (a == "--strategy") {
+      auto v = value();
+      if (!v || (*v != "auto" && *v != "staged" && *v != "direct" && *v != "register")) {
+        return Usage(kLoadHelp, "--strategy takes auto, staged, direct or register");
+      }
+      strategy = *v;
+    } else if (a == "--threads") {
+      auto v = value();
+      int64_t n = 0;
+      if (!v || !ParseInt(*v, &n) || n < 1 || n > 256) return Usage(kLoadHelp, "--threads takes 1..256");
+      threads = static_cast<unsigned>(n);
+    } else if (a == "--rows") {
+      auto v = value();
+      auto colon = v ? v->find(':') : std::string::npos;
+      int64_t r0 = 0, r1 = 0;
+      if (colon == std::string::npos || !ParseInt(v->substr(0, colon), &r0) ||
+          !ParseInt(v->substr(colon + 1), &r1)) {
+        return Usage(kLoadHelp, "--rows takes A:B");
+      }
+      rows = std::pair<int64_t, int64_t>{r0, r1};
+    } else if (a == "--verify") {
+      verify = true;
+    } else if (a == "--paths") {
+      while (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0) paths.push_back(args[++i]);
+    } else if (!a.empty() && a[0] == '-') {
+      return Usage(kLoadHelp, "unknown option '" + a + "'");
+    } else if (file.empty()) {
+      file = a;
+    } else {
+      return Usage(kLoadHelp, "unexpected argument '" + a + "'");
+    }
+  }
+  if (file.empty()) return Usage(kLoadHelp, "missing FILE");
+  auto t0 = std::chrono::steady_clock::now();
+  // --verify checks each checksum chunk as its tensor is read (cpu) or just
+  // before it is staged for the GPU: no separate pass over the file.
+  ckpt::ReadOptions ro;
+  ro.verify_checksums = verify && device == "cpu";
+  auto ck = Checkpoint::Open(file, ro);
+  if (!ck.ok()) return Fail(ck.status());
+  if (paths.empty()) {
+    for (size_t i = 0; i < ck->num_tensors(); ++i) paths.push_back(ck->tensor_info(i).path);
+  }
+  uint64_t bytes = 0;
+  size_t count = paths.size();
+  if (device == "cpu") {
+    std::vector<std::vector<std::byte>> keep;
+    for (const auto& p : paths) {
+      auto t = rows ? ck->TensorRows(p, rows->first, rows->second) : ck->Tensor(p);
+      if (!t.ok()) return Fail(t.status());
+      keep.emplace_back(static_cast<size_t>(t->info().nbytes()));
+      Status s = t->CopyTo(keep.back());
+      if (!s.ok()) return Fail(s);
+      bytes += keep.back().size();
+    }
+  } else {
+#ifdef CKPT_WITH_CUDA
+    std::vector<ckpt::TensorRequest> req;
+    for (const auto& p : paths) req.push_back({p, rows});
+    ckpt::DeviceLoadOptions o;
+    o.device = device;
+    o.threads = threads;
+    o.strategy = strategy == "staged"     ? ckpt::LoadStrategy::kStaged
+                 : strategy == "direct"   ? ckpt::LoadStrategy::kDirect
+                 : strategy == "register" ? ckpt::LoadStrategy::kRegister
+                                          : ckpt::LoadStrategy::kAuto;
+    o.verify_checksums = verify;
+    auto load = ckpt::LoadToDevice(*ck, req, o);
+    if (!load.ok()) return Fail(load.status());
+    Status s = (*load)->Wait();
+    if (!s.ok()) return Fail(s);
+    for (size_t i = 0; i < (*load)->size(); ++i) bytes += (*load)->tensor(i).nbytes;
+    device += ", " + (*load)->strategy();
+#else
+    return Fail(ckpt::InvalidArgument("this ckpt was built without the CUDA toolkit; only --device cpu works"));
+#endif
+  }
+  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("loaded %zu tensors, %s to %s in %.4f s (%.2f GB/s)\n", count,
+              HumanBytes(bytes).c_str(), device.c_str(), sec, sec > 0 ? bytes / sec / 1e9 : 0.0);
+  return kExitOk;
+}
+
+}  // namespace
+
+int ckpt::tool::CliMain(int argc, char** argv) {
+  if (argc < 2) return Usage(kMainHelp, "missing command");
+  std::string cmd = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    Print(kMainHelp);
+    return kExitOk;
+  }
+  if (cmd == "--version") {
+    std::printf("ckpt %s (format %u.%u)\n", std::string(ckpt::VersionString()).c_str(),
+                ckpt::kFormatMajor, ckpt::kFormatMinor);
+    return kExitOk;
+  }
+  if (cmd == "inspect") return Inspect(args);
+  if (cmd == "cat") return Cat(args);
+  if (cmd == "get") return Get(args);
+  if (cmd == "verify") return Verify(args);
+  if (cmd == "diff") return Diff(args);
+  if (cmd == "import") return Import(args);
+  if (cmd == "load") return Load(args);
+  return Usage(kMainHelp, "unknown command '" + cmd + "'");
+}
