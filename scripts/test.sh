@@ -27,13 +27,13 @@ echo "install: 1 passed, 0 failed"
 
 echo "== ASan + UBSan build and test"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON \
-  -DCKPT_WERROR=ON -DCKPT_BUILD_BENCH=OFF >/dev/null
+  -DCKPT_WERROR=ON -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_PYTHON=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs")
 
 echo "== ThreadSanitizer: the threaded code (verify, writer, GPU loader on the test double)"
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_TSAN=ON \
-  -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
+  -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_EXAMPLES=OFF -DCKPT_BUILD_PYTHON=OFF >/dev/null
 targets=ckpt_tests
 # The loader's tests exist where the CUDA toolkit was found.
 if cmake --build build-tsan --target help | grep "cuda_tests" >/dev/null; then

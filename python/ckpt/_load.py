@@ -251,7 +251,10 @@ class _Slice:
             t = self._f._rows(self._path, a, max(a, b))[::step]
         else:
             raise TypeError("index rows with an int or a slice")
-        return t[(slice(None),) * (isinstance(index, slice)) + rest] if rest else t
+        if not rest:
+            return t
+        # The row index is used up; the rest indexes the remaining dims.
+        return t[rest] if isinstance(index, int) else t[(slice(None),) + rest]
 
     def get_shape(self):
         return list(self.shape)

@@ -104,7 +104,9 @@ class _Saver:
         if a.flags.f_contiguous and not a.flags.c_contiguous:
             flat = a.T  # the same memory, C-contiguous: column-major strides kept
         else:
-            a = flat = np.ascontiguousarray(a)  # a copy only when strided
+            if not a.flags.c_contiguous:
+                a = a.copy(order="C")  # a copy only when strided
+            flat = a
         strides = [s // a.itemsize for s in a.strides]
         sid = self.w.add_storage(flat.reshape(-1).view(np.uint8), "cpu")
         node = self.w.add_tensor(code, list(a.shape), strides, sid, 0, False, False)

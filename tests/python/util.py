@@ -1,0 +1,89 @@
+"""Shared helpers of the Python tests: strict deep comparison, temp dirs."""
+import argparse
+import collections
+import math
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+
+try:
+    import numpy as np
+    import torch
+except ImportError:  # pragma: no cover - reported as a skip by run_all
+    torch = None
+
+
+def tensor_bytes(t):
+    """The elements of t as bytes in row-major order, bit-exact (NaN, -0.0)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.dtype == torch.complex32:
+        t = t.view(torch.int32)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.numpy().tobytes()
+
+
+def assert_same(tc, a, b, path="<root>"):
+    """Fails unless b is a faithful copy of a: same types (exactly), keys in
+    order, tensor dtype/shape/strides/offset/requires_grad/Parameter and bytes."""
+    tc.assertIs(type(b), type(a), f"{path}: type {type(b)} != {type(a)}")
+    if isinstance(a, torch.Tensor):
+        tc.assertEqual(a.dtype, b.dtype, path)
+        tc.assertEqual(a.shape, b.shape, path)
+        tc.assertEqual(a.stride(), b.stride(), path)
+        tc.assertEqual(a.storage_offset(), b.storage_offset(), path)
+        tc.assertEqual(a.requires_grad, b.requires_grad, path)
+        tc.assertEqual(tensor_bytes(a), tensor_bytes(b), f"{path}: values differ")
+    elif isinstance(a, np.ndarray):
+        tc.assertEqual(a.dtype, b.dtype, path)
+        tc.assertEqual(a.shape, b.shape, path)
+        tc.assertEqual(a.tobytes(), b.tobytes(), f"{path}: values differ")
+    elif isinstance(a, argparse.Namespace):
+        assert_same(tc, vars(a), vars(b), path)
+    elif isinstance(a, dict):
+        tc.assertEqual(list(a.keys()), list(b.keys()), f"{path}: keys")
+        for k in a:
+            assert_same(tc, a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        tc.assertEqual(len(a), len(b), f"{path}: length")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(tc, x, y, f"{path}/{i}")
+    elif isinstance(a, float) and math.isnan(a):
+        tc.assertTrue(math.isnan(b), path)
+    elif isinstance(a, float):
+        tc.assertEqual(math.copysign(1, a), math.copysign(1, b), f"{path}: sign")
+        tc.assertEqual(a, b, path)
+    else:
+        tc.assertEqual(a, b, path)
+
+
+class TempDirCase(unittest.TestCase):
+    def setUp(self):
+        if torch is None:
+            self.skipTest("torch is not importable from this Python")
+        self.dir = tempfile.mkdtemp(prefix="ckpt-pytest-")
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def assertNoTemporaries(self):
+        left = [n for n in os.listdir(self.dir) if ".tmp-" in n]
+        self.assertEqual(left, [], "temporary files left behind")
+
+
+def build_dir():
+    return os.environ.get("CKPT_BUILD_DIR", "")
+
+
+def python_env():
+    """The environment a child Python needs to import this build's ckpt."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
