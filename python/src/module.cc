@@ -11,6 +11,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -87,6 +89,19 @@ std::span<const std::byte> ReadableBytes(const py::buffer& b, py::buffer_info& i
   }
   return {static_cast<const std::byte*>(info.ptr),
           static_cast<size_t>(info.size * info.itemsize)};
+}
+
+// Fresh destination memory costs a page fault per 4 KiB on first write,
+// which dominates a copy from the page cache; with transparent huge pages
+// in "madvise" mode, asking for them makes it one fault per 2 MiB. Advice
+// only: harmless where THP is off or the range is not eligible.
+void AdviseHugePages(std::byte* p, uint64_t n) {
+  constexpr uintptr_t kHuge = 2u << 20;
+  auto begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  auto end = (reinterpret_cast<uintptr_t>(p) + n) & ~(kHuge - 1);
+  if (end > begin) {
+    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
 }
 
 // ---- Reader ------------------------------------------------------------------
@@ -183,6 +198,7 @@ class Reader {
       }
       auto* p = static_cast<std::byte*>(info.ptr);
       uint64_t n = static_cast<uint64_t>(info.shape[0]);
+      AdviseHugePages(p, n);
       for (uint64_t off = 0; off < n; off += kPiece) {
         pieces.push_back({indices[i], off, {p + off, static_cast<size_t>(std::min(kPiece, n - off))}});
       }
