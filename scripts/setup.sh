@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/install_deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$(nproc)"
+# `import ckpt` in .venv: a path file points it at this build's package.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/build/python" > "$site/ckpt-build.pth"
 
 demo=build/demo
 mkdir -p "$demo"
@@ -33,4 +36,18 @@ printf 'lr    = '; build/ckpt get "$demo/train.ckpt" optimizer_state/param_group
 build/ckpt cat "$demo/train.ckpt" model_state/0.weight --rows 0:1 | od -A n -t f4 | head -n 2
 echo "== the C++ example (examples/write_read.cc)"
 build/example_write_read "$demo/example.ckpt"
-echo "setup done: tools are in build/ (ckpt, pth2ckpt, ckpt-bench); run scripts/test.sh for the tests"
+echo "== Python: ckpt.load of the .pth (converted, never unpickled), ckpt.save, ckpt.open"
+.venv/bin/python - "$demo" <<'PYEOF'
+import os, sys, torch, ckpt
+d = sys.argv[1]
+state = ckpt.load(os.path.join(d, "train.pth"))
+assert all(torch.equal(a, b) for a, b in zip(state["model_state"].values(),
+                                             torch.load(os.path.join(d, "train.pth"))["model_state"].values()))
+ckpt.save(state, os.path.join(d, "train-py.ckpt"), metadata={"from": "train.pth"})
+with ckpt.open(os.path.join(d, "train-py.ckpt")) as f:
+    print("epoch", f.get("epoch"), "| tensors:", len(f), "| metadata:", f.metadata)
+    print("model_state/0.weight rows 0:2 =", f.get_slice("model_state/0.weight")[0:2])
+PYEOF
+.venv/bin/python -m ckpt verify "$demo/train-py.ckpt"
+echo "setup done: tools are in build/ (ckpt, pth2ckpt, ckpt-bench), 'import ckpt' works in .venv;"
+echo "run scripts/test.sh for the tests"

@@ -90,13 +90,32 @@ class _Loader:
 
     def __init__(self, reader, map_location=None, mmap=False, threads=_THREADS):
         self.r = reader
-        self.storages = reader.storages()   # (offset, nbytes, device)
-        self.tensors = reader.tensors()     # (path, code, shape, strides, sid, off, rg, param)
+        self._storages = None  # [(offset, nbytes, device)], read when first needed
+        self._tensors = None   # [(path, code, shape, strides, sid, off, rg, param)]
         self.map_location = map_location
         self.mmap = mmap
         self.threads = threads
         self.host = {}    # sid -> (uint8 CPU tensor, owned: bytes belong to the process)
         self.placed = {}  # sid -> UntypedStorage on its target device
+
+    @property
+    def storages(self):
+        if self._storages is None:
+            self._storages = self.r.storages()
+        return self._storages
+
+    @property
+    def tensors(self):
+        if self._tensors is None:
+            self._tensors = self.r.tensors()
+        return self._tensors
+
+    def tensor(self, idx):
+        # One entry without building the whole table: ckpt.open stays O(header).
+        return self._tensors[idx] if self._tensors is not None else self.r.tensor(idx)
+
+    def storage(self, sid):
+        return self._storages[sid] if self._storages is not None else self.r.storage(sid)
 
     def _target(self, saved):
         return resolve_target(self.map_location, saved)
@@ -104,7 +123,7 @@ class _Loader:
     def _host(self, sid, copy):
         if sid not in self.host:
             if copy:
-                buf = torch.empty(self.storages[sid][1], dtype=torch.uint8)
+                buf = torch.empty(self.storage(sid)[1], dtype=torch.uint8)
                 self.r.read_storages([sid], [buf.numpy()], self.threads)
                 self.host[sid] = (buf, True)
             else:
@@ -113,18 +132,18 @@ class _Loader:
 
     def materialize(self, sids):
         sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
-        targets = {s: self._target(self.storages[s][2]) for s in sids}
+        targets = {s: self._target(self.storage(s)[2]) for s in sids}
         # One batched, parallel pread for every storage copied to the CPU.
         batch = [s for s in sids if targets[s] == "cpu" and not self.mmap
                  and s not in self.host]
         if batch:
-            bufs = [torch.empty(self.storages[s][1], dtype=torch.uint8) for s in batch]
+            bufs = [torch.empty(self.storage(s)[1], dtype=torch.uint8) for s in batch]
             self.r.read_storages(batch, [b.numpy() for b in bufs], self.threads)
             for s, b in zip(batch, bufs):
                 self.host[s] = (b, True)
         where = self.r.path
         for s in sids:
-            target, saved = targets[s], self.storages[s][2]
+            target, saved = targets[s], self.storage(s)[2]
             if target is None:  # a callable map_location
                 cpu = _untyped(self._host(s, copy=not self.mmap))
                 out = self.map_location(cpu, saved)
@@ -143,7 +162,7 @@ class _Loader:
 
     # -- the tree ---------------------------------------------------------------
     def on_tensor(self, idx, type_name):
-        path, code, shape, strides, sid, off, rg, param = self.tensors[idx]
+        path, code, shape, strides, sid, off, rg, param = self.tensor(idx)
         if type_name == "numpy.ndarray" and code in CODE_TO_NUMPY:
             host, owned = self.host.get(sid) or (self._host(sid, copy=not self.mmap), None)
             if owned is None:
@@ -294,7 +313,7 @@ class File:
     # -- tensors ----------------------------------------------------------------
     def _info(self, path):
         r = self._reader()
-        return self._cpu.tensors[r.tensor_index(path)]
+        return self._cpu.tensor(r.tensor_index(path))
 
     def keys(self):
         """Every tensor path, sorted (DESIGN.md path contract)."""
@@ -305,8 +324,7 @@ class File:
         return iter(self.keys())
 
     def __len__(self):
-        self._reader()
-        return len(self._cpu.tensors)
+        return self._reader().num_tensors
 
     def __contains__(self, path):
         try:

@@ -147,6 +147,17 @@ class Reader {
     return out;
   }
 
+  py::tuple TensorAt(size_t index) const {
+    if (index >= ck_->num_tensors()) throw py::index_error("tensor index out of range");
+    return InfoTuple(ck_->tensor_info(index));
+  }
+
+  py::tuple StorageAt(size_t index) const {
+    if (index >= ck_->num_storages()) throw py::index_error("storage index out of range");
+    auto s = ck_->storage_info(index);
+    return py::make_tuple(s.offset, s.nbytes, s.device);
+  }
+
   size_t TensorIndex(const std::string& path) const {
     auto info = Take(ck_->FindTensor(path));
     // FindTensor is a binary search over the sorted table; find the index.
@@ -433,6 +444,8 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("storages", &Reader::Storages)
       .def("tensors", &Reader::Tensors)
       .def("tensor_index", &Reader::TensorIndex)
+      .def("tensor", &Reader::TensorAt)
+      .def("storage", &Reader::StorageAt)
       .def("storage_region", &Reader::StorageRegion)
       .def("rows", &Reader::Rows)
       .def("read_storages", &Reader::ReadStorages, py::arg("indices"), py::arg("buffers"),
@@ -440,6 +453,8 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("verify", &Reader::Verify, py::arg("threads") = 0)
       .def("tree", &Reader::Tree)
       .def("kind", &Reader::Kind)
+      .def_property_readonly("num_tensors", [](const Reader& r) { return r.ck().num_tensors(); })
+      .def_property_readonly("num_storages", [](const Reader& r) { return r.ck().num_storages(); })
       .def_property_readonly("file_size", &Reader::FileSize)
       .def_property_readonly("path", &Reader::Path)
       .def_property_readonly("producer", &Reader::Producer)
