@@ -164,9 +164,8 @@ class _Loader:
     def on_tensor(self, idx, type_name):
         path, code, shape, strides, sid, off, rg, param = self.tensor(idx)
         if type_name == "numpy.ndarray" and code in CODE_TO_NUMPY:
-            host, owned = self.host.get(sid) or (self._host(sid, copy=not self.mmap), None)
-            if owned is None:
-                owned = self.host[sid][1]
+            host = self._host(sid, copy=not self.mmap)
+            owned = self.host[sid][1]
             buf = host.numpy()
             if not owned:
                 buf = buf.copy()  # never hand out an array over read-only pages
