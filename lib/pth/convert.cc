@@ -455,6 +455,11 @@ Result<NodeId> Emitter::Emit(const Obj& o, const std::string& path, int depth) {
                       t->requires_grad, t->is_parameter};
       auto n = w_->AddTensor(spec);
       if (!n.ok()) return Fail(path, n.status());
+      if (t->numpy) {
+        // torch.load gives back a numpy array; so does ckpt.load.
+        Status s = w_->SetTypeName(*n, "numpy.ndarray");
+        if (!s.ok()) return Fail(path, s);
+      }
       return *n;
     }
     case K::kList:

@@ -514,6 +514,7 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype, const std::vector<int64_t>& sh
   auto t = std::make_shared<PyTensor>();
   t->storage = st;
   t->dtype = np->dtype;
+  t->numpy = true;
   t->shape = shape;
   t->strides.resize(shape.size());
   int64_t stride = 1;

@@ -41,6 +41,7 @@ struct PyTensor {
   int64_t offset = 0;  // elements
   bool requires_grad = false;
   bool is_parameter = false;
+  bool numpy = false;  // a numpy array: tagged "numpy.ndarray" in the file
 };
 
 struct PyObj {

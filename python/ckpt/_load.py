@@ -1,6 +1,7 @@
 """ckpt.load and ckpt.open: ckpt files -> Python objects with torch tensors."""
 import builtins
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -16,11 +17,14 @@ CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _untyped(t):
-    """The UntypedStorage under a tensor (torch 1.13 and 2.x)."""
-    if hasattr(t, "untyped_storage"):
+if hasattr(torch.Tensor, "untyped_storage"):  # torch >= 2.0
+    def _untyped(t):
+        """The UntypedStorage under a tensor."""
         return t.untyped_storage()
-    return t.storage().untyped()
+else:  # torch 1.13: Tensor.storage() wraps _storage() in a slow TypedStorage
+    def _untyped(t):
+        """The UntypedStorage under a tensor."""
+        return t._storage()
 
 
 def _from_region(region):
@@ -51,6 +55,7 @@ def _device_str(d):
     return str(d)
 
 
+@functools.lru_cache(maxsize=64)
 def _check_device(device, saved, where):
     d = torch.device(device)
     if d.type == "cuda":
@@ -192,6 +197,7 @@ class _Loader:
 
     def load(self, path=""):
         path = path.strip("/")
+        self.storages  # noqa: B018 - a (sub-)tree load needs the whole table: fetch it once
         if path:
             under = [t for t in self.tensors if t[0] == path or t[0].startswith(path + "/")]
         else:
@@ -211,7 +217,7 @@ def _open_reader(path, mmap):
     return _ckpt.Reader(path, copy_on_write=mmap)
 
 
-def load(path, map_location=None, *, mmap=False, verify=False):
+def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None):
     """Reads a whole file back as the object given to ckpt.save.
 
     map_location works as in torch.load: None keeps each tensor's saved
@@ -221,6 +227,8 @@ def load(path, map_location=None, *, mmap=False, verify=False):
     mmap=True makes CPU tensors zero-copy views of the file, mapped
     private: writes change only this process's memory, never the file.
     verify=True checks every checksum first (a full pass over the file).
+    weights_only is accepted for torch.load compatibility and ignored:
+    loading never runs code, whatever the file holds.
 
     .pth files (torch.save) are converted on the fly by the restricted
     importer, which never runs code from the file; .safetensors files are

@@ -135,10 +135,19 @@ class Reader {
     return out;
   }
 
+  static py::tuple Ints(const std::vector<int64_t>& v) {
+    py::tuple t(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      PyTuple_SET_ITEM(t.ptr(), static_cast<ssize_t>(i), PyLong_FromLongLong(v[i]));
+    }
+    return t;
+  }
+
+  // (path, dtype code, shape, strides, storage, storage_offset,
+  //  requires_grad, is_parameter): the tuple the Python side unpacks.
   static py::tuple InfoTuple(const ckpt::TensorInfo& t) {
-    return py::make_tuple(t.path, static_cast<int>(t.dtype), py::tuple(py::cast(t.shape)),
-                          py::tuple(py::cast(t.strides)), t.storage, t.storage_offset,
-                          t.requires_grad, t.is_parameter);
+    return py::make_tuple(t.path, static_cast<int>(t.dtype), Ints(t.shape), Ints(t.strides),
+                          t.storage, t.storage_offset, t.requires_grad, t.is_parameter);
   }
 
   py::list Tensors() const {

@@ -357,13 +357,16 @@ class Interop(TempDirCase):
         opt = torch.optim.Adam(model.parameters())
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": 1}
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": 1,
+                 "np": np.arange(6, dtype=np.int16).reshape(2, 3), "np_f": np.asfortranarray(
+                     np.ones((2, 3))), "rng": ckpt.rng.get_state()}
         torch.save(state, p)
         assert_same(self, torch.load(p), ckpt.load(p))
         assert_same(self, torch.load(p), ckpt.load(p, mmap=True))
         self.assertNoTemporaries()
         out = self.path("m.ckpt")
-        self.assertEqual(ckpt.import_pth(p, out), 16)  # 4 weights, 4 x (2 moments + step)
+        # 4 weights, 4 x (2 moments + step), 2 arrays, 2 RNG states
+        self.assertEqual(ckpt.import_pth(p, out), 20)
         assert_same(self, torch.load(p), ckpt.load(out))
 
     def test_hostile_pth_never_runs(self):
