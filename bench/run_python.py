@@ -87,6 +87,42 @@ def best_of(fn, repeat):
     return load, total
 
 
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def bench_save(obj, workdir, repeat):
+    """Seconds to write obj, best of `repeat`, each peer without and with
+    fsync (ckpt.save fsyncs the file and its directory when sync=True)."""
+    out = os.path.join(workdir, "save.out")
+    flat = {k: v.contiguous() for k, v in ckpt.flatten(obj).items()} if st else None
+
+    def timed(fn, sync):
+        best = float("inf")
+        for _ in range(repeat):
+            if os.path.exists(out):
+                os.unlink(out)
+            os.sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                fsync_file(out)
+            best = min(best, time.perf_counter() - t0)
+        os.unlink(out)
+        return best
+    rows = {
+        "torch.save": timed(lambda: torch.save(obj, out), False),
+        "ckpt.save(sync=False)": timed(lambda: ckpt.save(obj, out, sync=False), False),
+        "torch.save + fsync": timed(lambda: torch.save(obj, out), True),
+        "ckpt.save (fsync, atomic rename)": timed(lambda: ckpt.save(obj, out), False),
+    }
+    if st is not None:
+        rows["safetensors save_file (tensors only)"] = timed(lambda: st.save_file(flat, out), False)
+    return rows
+
+
 def warm(path):
     with open(path, "rb") as f:
         while f.read(1 << 24):
@@ -159,7 +195,6 @@ def main():
                        ("training", lambda: training_state(a.total_mb / 3))):
         obj = make()
         nbytes, rows = bench_file(name, obj, a.workdir, a.repeat, a.device)
-        del obj
         base = rows["torch.load"][1]
         print(f"\n{name}: {nbytes / 2**20:.0f} MiB, {a.device}, best of {a.repeat}, warm cache")
         print(f"  {'':38s} {'load s':>8s} {'+read all s':>11s} {'GB/s':>6s} {'vs torch.load':>13s}")
@@ -171,7 +206,15 @@ def main():
                 print(f"  ckpt.load vs {k}: {v[1] / c:.2f}x (load + read all)")
         if "ckpt.load(mmap=True)" in rows:
             print(f"  ckpt.load(mmap=True) vs torch.load: {base / rows['ckpt.load(mmap=True)'][1]:.2f}x")
-        report["files"][name] = {"bytes": nbytes, "seconds": rows}
+        saves = bench_save(obj, a.workdir, min(a.repeat, 3))
+        print(f"  saving, best of {min(a.repeat, 3)}:")
+        for k, v in saves.items():
+            print(f"  {k:38s} {v:8.4f} s {nbytes / v / 1e9:6.2f} GB/s")
+        print(f"  ckpt.save vs torch.save: {saves['torch.save'] / saves['ckpt.save(sync=False)']:.2f}x "
+              f"without fsync, {saves['torch.save + fsync'] / saves['ckpt.save (fsync, atomic rename)']:.2f}x "
+              "with")
+        report["files"][name] = {"bytes": nbytes, "seconds": rows, "save_seconds": saves}
+        del obj
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"\nwrote {a.json}")
