@@ -28,6 +28,9 @@ except ImportError:
 
 import ckpt
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_cpu import fsync_path, warm  # noqa: E402
+
 
 def touch(tree):
     """Reads every byte of every tensor (as inference reads every weight)."""
@@ -87,12 +90,6 @@ def best_of(fn, repeat):
     return load, total
 
 
-def fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
 def bench_save(obj, workdir, repeat):
     """Seconds to write obj, best of `repeat`, each peer without and with
     fsync (ckpt.save fsyncs the file and its directory when sync=True)."""
@@ -108,7 +105,7 @@ def bench_save(obj, workdir, repeat):
             t0 = time.perf_counter()
             fn()
             if sync:
-                fsync_file(out)
+                fsync_path(out)
             best = min(best, time.perf_counter() - t0)
         os.unlink(out)
         return best
@@ -121,12 +118,6 @@ def bench_save(obj, workdir, repeat):
     if st is not None:
         rows["safetensors save_file (tensors only)"] = timed(lambda: st.save_file(flat, out), False)
     return rows
-
-
-def warm(path):
-    with open(path, "rb") as f:
-        while f.read(1 << 24):
-            pass
 
 
 def bench_file(name, obj, workdir, repeat, device):

@@ -34,3 +34,14 @@ class Examples(TempDirCase):
         final = lambda out: out.strip().splitlines()[-1]
         self.assertEqual(final(whole), final(second))
         self.assertIn("final val_loss", final(second))
+
+    def test_benchmark_driver_runs(self):
+        # bench/run_python.py at its smallest, so the driver cannot rot.
+        out = os.path.join(self.dir, "python.json")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run_python.py"),
+                            "--total-mb", "8", "--repeat", "1", "--workdir", self.dir,
+                            "--json", out], env=python_env(), capture_output=True, text=True,
+                           timeout=600)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("ckpt.load vs", r.stdout)
+        self.assertTrue(os.path.exists(out))
