@@ -239,6 +239,27 @@ class Refusals(TempDirCase):
             ckpt.save({1: torch.ones(1), "1": torch.ones(1)}, self.path("c.ckpt"))
         self.assertNoTemporaries()
 
+    def test_full_disk_keeps_the_old_file(self):
+        # A file-size limit stands in for a full disk: the write fails with
+        # EFBIG part-way through the tensor bytes.
+        p = self.path("big.ckpt")
+        ckpt.save({"v": 1}, p)
+        code = (
+            "import resource, signal, sys, torch, ckpt\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            "try:\n"
+            "    ckpt.save({'w': torch.ones(1 << 20)}, sys.argv[1])\n"
+            "except ckpt.CkptIOError as e:\n"
+            "    print('refused:', e)\n"
+            "    sys.exit(3)\n")
+        r = subprocess.run([sys.executable, "-c", code, p], env=python_env(),
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertIn("big.ckpt", r.stdout)
+        self.assertEqual(ckpt.load(p), {"v": 1})
+        self.assertNoTemporaries()
+
     def test_missing_directory(self):
         with self.assertRaises(ckpt.CkptIOError) as e:
             ckpt.save({}, self.path("no/such/dir/x.ckpt"))
