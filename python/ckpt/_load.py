@@ -40,7 +40,11 @@ def _from_region(region):
 def sniff(path):
     """'ckpt', 'pth', 'safetensors' or None, from a file's first bytes."""
     with builtins.open(path, "rb") as f:
-        head = f.read(9)
+        return sniff_bytes(f.read(9))
+
+
+def sniff_bytes(head):
+    """sniff() for the first bytes of a file."""
     if head.startswith(CKPT_MAGIC):
         return "ckpt"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -232,8 +236,11 @@ def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None
 
     .pth files (torch.save) are converted on the fly by the restricted
     importer, which never runs code from the file; .safetensors files are
-    read with the safetensors package.
+    read with the safetensors package. `path` may also be a file object
+    (io.BytesIO, an open file): it is read whole and its tensors copied.
     """
+    if hasattr(path, "read"):
+        return _load_stream(path, map_location, verify)
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "pth":
@@ -246,6 +253,31 @@ def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None
     if verify:
         reader.verify()
     return _Loader(reader, map_location, mmap).load()
+
+
+def _load_stream(f, map_location, verify):
+    """load() of a file object (io.BytesIO, an open file...): read whole,
+    then loaded from memory; tensors are always copies."""
+    data = f.read()
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    kind = sniff_bytes(data[:9])
+    if kind == "ckpt":
+        reader = _ckpt.Reader(data=data)
+        if verify:
+            reader.verify()
+        return _Loader(reader, map_location, mmap=False).load()
+    if kind == "safetensors":
+        from .interop import _place_safetensors, _safetensors
+        return _place_safetensors(_safetensors().load(data), map_location)
+    if kind == "pth":
+        from .interop import _load_pth
+        with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
+            tmp = os.path.join(d, "stream.pth")
+            with builtins.open(tmp, "wb") as out:
+                out.write(data)
+            return _load_pth(tmp, map_location)
+    raise FormatError("<stream>: not a ckpt, .pth or .safetensors file")
 
 
 class _Slice:

@@ -2,6 +2,8 @@
 import argparse
 import collections
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -198,8 +200,12 @@ def save(obj, path, metadata=None, *, sync=True):
     once and share it again when loaded. Anything else raises TypeError
     naming where it is; nothing is written then. `metadata` is a dict of
     str -> str kept in the header. sync=False skips the fsyncs (faster,
-    not crash-safe).
+    not crash-safe). `path` may also be a writable binary file object
+    (io.BytesIO...): the file is built aside, then copied into it.
     """
+    if hasattr(path, "write"):
+        _save_stream(obj, path, metadata)
+        return
     path = os.fspath(path)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
@@ -216,3 +222,11 @@ def save(obj, path, metadata=None, *, sync=True):
     except BaseException:
         w.abort()
         raise
+
+
+def _save_stream(obj, f, metadata):
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
+        tmp = os.path.join(d, "stream.ckpt")
+        save(obj, tmp, metadata, sync=False)
+        with open(tmp, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)

@@ -31,7 +31,12 @@ def _safetensors():
 
 
 def _load_safetensors(path, map_location):
-    out = _safetensors().load_file(path, device="cpu")
+    return _place_safetensors(_safetensors().load_file(path, device="cpu"), map_location)
+
+
+def _place_safetensors(out, map_location):
+    """Moves the CPU tensors of a safetensors file where map_location says
+    (they were saved on no device: their location is "cpu")."""
     moved = {}
     for k, t in out.items():
         target = resolve_target(map_location, "cpu")

@@ -71,6 +71,7 @@ struct Region {
   size_t size = 0;
   bool writable = false;
   std::shared_ptr<const void> owner;
+  py::object keep;  // the Python bytes a buffer-backed Reader reads from
 };
 
 std::span<const std::byte> ReadableBytes(const py::buffer& b, py::buffer_info& info) {
@@ -116,6 +117,15 @@ class Reader {
     py::gil_scoped_release nogil;
     ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::Open(path, o)));
     writable_ = copy_on_write && !pread;
+  }
+
+  // Over an immutable bytes object (kept alive by the Reader and by every
+  // Region taken from it); views are read-only.
+  explicit Reader(py::bytes data) : keep_(data) {
+    std::string_view v = data;
+    std::span<const std::byte> bytes{reinterpret_cast<const std::byte*>(v.data()), v.size()};
+    ck_ = std::make_unique<ckpt::Checkpoint>(
+        Take(ckpt::Checkpoint::OpenBuffer(bytes, "<bytes>")));
   }
 
   const ckpt::Checkpoint& ck() const { return *ck_; }
@@ -181,7 +191,7 @@ class Reader {
   Region StorageRegion(size_t index) const {
     auto v = Take(ck_->Storage(index));
     return Region{const_cast<std::byte*>(v.data.data()), v.data.size(), writable_,
-                  std::move(v.owner)};
+                  std::move(v.owner), keep_};
   }
 
   // Rows [begin, end) of dim 0 of a tensor: the tensor's table entry with
@@ -347,6 +357,7 @@ class Reader {
 
   std::unique_ptr<ckpt::Checkpoint> ck_;
   bool writable_ = false;
+  py::object keep_;
 };
 
 // ---- Writer ------------------------------------------------------------------
@@ -449,6 +460,7 @@ PYBIND11_MODULE(_ckpt, m) {
       .def(py::init<const std::string&, bool, bool, bool>(), py::arg("path"),
            py::arg("copy_on_write") = true, py::arg("pread") = false,
            py::arg("verify_reads") = false)
+      .def(py::init<py::bytes>(), py::arg("data"))
       .def("metadata", &Reader::Metadata)
       .def("storages", &Reader::Storages)
       .def("tensors", &Reader::Tensors)

@@ -143,6 +143,36 @@ class RoundTrip(TempDirCase):
         self.roundtrip([torch.ones(2), 3])
 
 
+class Streams(TempDirCase):
+    def test_bytesio_and_open_files(self):
+        import io
+        obj = {"w": torch.randn(3, 4), "n": np.arange(3), "e": 2, "t": (1, "a")}
+        buf = io.BytesIO()
+        ckpt.save(obj, buf, metadata={"k": "v"})
+        self.assertNoTemporaries()
+        buf.seek(0)
+        back = ckpt.load(buf)
+        assert_same(self, obj, back)
+        back["w"][0, 0] = 100  # a copy: the bytes are not touched
+        buf.seek(0)
+        self.assertNotEqual(ckpt.load(buf)["w"][0, 0].item(), 100)
+        with open(self.path("f.ckpt"), "wb") as f:
+            ckpt.save(obj, f)
+        with open(self.path("f.ckpt"), "rb") as f:
+            assert_same(self, obj, ckpt.load(f, map_location="cpu", verify=True))
+        # .pth bytes in a stream go through the restricted importer too.
+        pbuf = io.BytesIO()
+        torch.save(obj, pbuf)
+        pbuf.seek(0)
+        assert_same(self, obj, ckpt.load(pbuf))
+        with self.assertRaises(ckpt.FormatError):
+            ckpt.load(io.BytesIO(b"not a checkpoint at all"))
+        bad = bytearray(buf.getvalue())
+        bad[-30] ^= 1
+        with self.assertRaises(ckpt.CkptError):
+            ckpt.load(io.BytesIO(bytes(bad)))
+
+
 class MapLocation(TempDirCase):
     def setUp(self):
         super().setUp()
