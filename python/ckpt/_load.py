@@ -201,7 +201,8 @@ class _Loader:
 
     def load(self, path=""):
         path = path.strip("/")
-        self.storages  # noqa: B018 - a (sub-)tree load needs the whole table: fetch it once
+        if self._storages is None:  # a (sub-)tree load needs the whole table
+            self._storages = self.r.storages()
         if path:
             under = [t for t in self.tensors if t[0] == path or t[0].startswith(path + "/")]
         else:

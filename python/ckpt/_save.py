@@ -214,7 +214,11 @@ def save(obj, path, metadata=None, *, sync=True):
     w = _ckpt.Writer(path, sync=sync, producer=f"ckpt-python {_ckpt.version}")
     try:
         saver = _Saver(w)
-        root = saver.node(obj, [])
+        try:
+            root = saver.node(obj, [])
+        except RecursionError:
+            raise ValueError("the object is nested too deeply to save (Python's recursion "
+                             f"limit; the format allows {_MAX_DEPTH} levels)") from None
         w.set_root(root)
         for k, v in (metadata or {}).items():
             w.set_metadata(k, v)

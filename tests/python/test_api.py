@@ -254,6 +254,16 @@ class Refusals(TempDirCase):
         self.refuse({"a": a}, "cycle", exc=ValueError)
         with self.assertRaises(TypeError):
             ckpt.save({}, self.path("m.ckpt"), metadata={"k": 1})
+        deep = []
+        for _ in range(5000):
+            deep = [deep]
+        self.refuse(deep, "nested too deeply", exc=ValueError)
+        ok = [1]
+        for _ in range(200):
+            ok = {"x": ok}
+        p = self.path("deep.ckpt")
+        ckpt.save(ok, p)
+        self.assertEqual(ckpt.load(p), ok)
 
     def test_failed_save_keeps_the_old_file(self):
         p = self.path("keep.ckpt")
