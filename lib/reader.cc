@@ -543,6 +543,20 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
   return StorageView{b.data, std::move(b.owner)};
 }
 
+Result<TensorRef> Checkpoint::StorageTensor(size_t index) const {
+  if (index >= num_storages()) {
+    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+        .WithFile(impl_->name());
+  }
+  TensorInfo info;
+  info.path = "<storage " + std::to_string(index) + ">";
+  info.dtype = DType::kUInt8;
+  info.shape = {static_cast<int64_t>(storage_info(index).nbytes)};
+  info.strides = {1};
+  info.storage = static_cast<uint32_t>(index);
+  return impl_->Ref(std::move(info));
+}
+
 Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
                                std::span<std::byte> out) const {
   if (index >= num_storages()) {

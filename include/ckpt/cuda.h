@@ -121,6 +121,16 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
     const Checkpoint& ck, std::span<const TensorRequest> requests,
     const DeviceLoadOptions& options = {});
 
+/// Like LoadToDevice, for whole storages: item i is storage `storages[i]`
+/// as 1-D uint8 bytes (DeviceTensor::info.path "<storage N>"). For callers
+/// that rebuild their own views on the device, sharing each storage as the
+/// file does (the Python binding). `options.destinations`, if given, holds
+/// one pointer per storage with room for its nbytes. `options.convert` does
+/// not apply (the bytes are untyped).
+Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(
+    const Checkpoint& ck, std::span<const size_t> storages,
+    const DeviceLoadOptions& options = {});
+
 /// Bytes each request occupies on the device (its view's extent), in order,
 /// for callers that bring their own memory (DeviceLoadOptions::destinations).
 /// With `options.convert`, the converted sizes.

@@ -256,6 +256,10 @@ class Checkpoint {
   /// view's pages may be written (privately). kInvalidArgument for a bad
   /// index.
   Result<StorageView> Storage(size_t index) const;
+  /// Storage `index` as a 1-D uint8 tensor over all its bytes, named
+  /// "<storage N>" (for loaders that move whole storages, so that tensors
+  /// viewing one storage share it again).
+  Result<TensorRef> StorageTensor(size_t index) const;
   /// Copies bytes [begin, begin + out.size()) of storage `index` into
   /// `out` with pread(), which costs no page faults on the mapping: the
   /// fast way to fill freshly allocated memory from a warm or cold file.

@@ -555,20 +555,16 @@ Result<int> CudaDeviceCount() {
   return count;
 }
 
-Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
-                                                 std::span<const TensorRequest> requests,
-                                                 const DeviceLoadOptions& options) {
-  CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
-  std::vector<TensorRequest> all;
-  if (requests.empty()) {
-    for (size_t i = 0; i < ck.num_tensors(); ++i) all.push_back({ck.tensor_info(i).path, {}});
-    requests = all;
-  }
+namespace {
+
+// Starts a load of resolved views (tensors, rows or whole storages).
+Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck, std::vector<TensorRef> refs,
+                                          const DeviceLoadOptions& options, int count) {
   std::vector<Item> items;
-  items.reserve(requests.size());
-  for (const auto& r : requests) {
+  items.reserve(refs.size());
+  for (auto& ref : refs) {
     Item it;
-    CKPT_ASSIGN_OR_RETURN(it.ref, Resolve(ck, r));
+    it.ref = std::move(ref);
     StorageInfo st = ck.storage_info(it.ref.info().storage);
     auto mapped = options.device_map.find(st.device);
     const std::string& target = mapped != options.device_map.end() ? mapped->second : options.device;
@@ -577,7 +573,7 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
     CKPT_ASSIGN_OR_RETURN(it.convert, ConversionCode(it.dt.info.dtype, options.convert));
     it.dt.nbytes = DeviceBytes(it.ref, it.convert);
     if (it.convert) it.dt.info.dtype = options.convert.at(it.dt.info.dtype);
-    const size_t elsize = DTypeSize(it.dt.info.dtype);
+    const size_t elsize = DTypeSize(it.ref.info().dtype);  // the file's dtype
     uint64_t first = static_cast<uint64_t>(it.dt.info.storage_offset) * elsize;
     it.storage_begin = first;
     it.file_offset = st.offset + first;
@@ -593,6 +589,42 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
   }
   loader->Start();
   return std::unique_ptr<DeviceLoad>(std::move(loader));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
+                                                 std::span<const TensorRequest> requests,
+                                                 const DeviceLoadOptions& options) {
+  CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
+  std::vector<TensorRequest> all;
+  if (requests.empty()) {
+    for (size_t i = 0; i < ck.num_tensors(); ++i) all.push_back({ck.tensor_info(i).path, {}});
+    requests = all;
+  }
+  std::vector<TensorRef> refs;
+  refs.reserve(requests.size());
+  for (const auto& r : requests) {
+    CKPT_ASSIGN_OR_RETURN(TensorRef ref, Resolve(ck, r));
+    refs.push_back(std::move(ref));
+  }
+  return Start(ck, std::move(refs), options, count);
+}
+
+Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(const Checkpoint& ck,
+                                                         std::span<const size_t> storages,
+                                                         const DeviceLoadOptions& options) {
+  if (!options.convert.empty()) {
+    return InvalidArgument("dtype conversion does not apply to whole storages (untyped bytes)");
+  }
+  CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
+  std::vector<TensorRef> refs;
+  refs.reserve(storages.size());
+  for (size_t s : storages) {
+    CKPT_ASSIGN_OR_RETURN(TensorRef ref, ck.StorageTensor(s));
+    refs.push_back(std::move(ref));
+  }
+  return Start(ck, std::move(refs), options, count);
 }
 
 }  // namespace ckpt
