@@ -97,8 +97,10 @@ def resolve_target(map_location, saved):
 class _Loader:
     """Builds Python objects from one open file, placing each storage once."""
 
-    def __init__(self, reader, map_location=None, mmap=False, threads=_THREADS):
+    def __init__(self, reader, map_location=None, mmap=False, threads=_THREADS,
+                 gpu_loader=False):
         self.r = reader
+        self.gpu_loader = gpu_loader
         self._storages = None  # [(offset, nbytes, device)], read when first needed
         self._tensors = None   # [(path, code, shape, strides, sid, off, rg, param)]
         self.map_location = map_location
@@ -151,6 +153,7 @@ class _Loader:
             for s, b in zip(batch, bufs):
                 self.host[s] = (b, True)
         where = self.r.path
+        to_gpu = {}  # device -> storages for the C++ GPU loader
         for s in sids:
             target, saved = targets[s], self.storage(s)[2]
             if target is None:  # a callable map_location
@@ -165,9 +168,30 @@ class _Loader:
             dev = _check_device(target, saved, where)
             if dev.type == "cpu":
                 self.placed[s] = _untyped(self._host(s, copy=not self.mmap))
+            elif self.gpu_loader:
+                index = dev.index if dev.index is not None else torch.cuda.current_device()
+                to_gpu.setdefault(index, []).append(s)
             else:
                 src = self._host(s, copy=False)
                 self.placed[s] = _untyped(src.to(dev))
+        for index, group in to_gpu.items():
+            self._gpu_load(index, group)
+
+    def _gpu_load(self, index, sids):
+        """Whole storages into torch-allocated device memory by the C++ loader
+        (pinned ring, several streams; docs/GPU.md)."""
+        if not _ckpt.has_gpu_loader:
+            raise CudaError("this build of ckpt has no GPU loader (built without the "
+                            "CUDA toolkit); load without gpu_loader=True")
+        dev = torch.device("cuda", index)
+        bufs = [torch.empty(max(1, self.storage(s)[1]), dtype=torch.uint8, device=dev)
+                for s in sids]
+        # Memory the caching allocator hands back may still be in use by
+        # queued kernels on torch's stream; the loader writes from its own.
+        torch.cuda.synchronize(dev)
+        _ckpt.load_storages_to_device(self.r, sids, [b.data_ptr() for b in bufs], index, "auto")
+        for s, b in zip(sids, bufs):
+            self.placed[s] = _untyped(b)
 
     # -- the tree ---------------------------------------------------------------
     def on_tensor(self, idx, type_name):
@@ -222,7 +246,8 @@ def _open_reader(path, mmap):
     return _ckpt.Reader(path, copy_on_write=mmap)
 
 
-def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None):
+def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None,
+         gpu_loader=False):
     """Reads a whole file back as the object given to ckpt.save.
 
     map_location works as in torch.load: None keeps each tensor's saved
@@ -234,6 +259,9 @@ def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None
     verify=True checks every checksum first (a full pass over the file).
     weights_only is accepted for torch.load compatibility and ignored:
     loading never runs code, whatever the file holds.
+    gpu_loader=True moves storages bound for CUDA with ckpt's C++ GPU
+    loader instead of torch's copies (experimental: tested on the CUDA
+    runtime double, not yet measured on a GPU).
 
     .pth files (torch.save) are converted on the fly by the restricted
     importer, which never runs code from the file; .safetensors files are
@@ -253,7 +281,7 @@ def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None
     reader = _open_reader(path, mmap)
     if verify:
         reader.verify()
-    return _Loader(reader, map_location, mmap).load()
+    return _Loader(reader, map_location, mmap, gpu_loader=gpu_loader).load()
 
 
 def _load_stream(f, map_location, verify):
@@ -398,13 +426,14 @@ class File:
         path = path.strip("/")
         return r.tree(path, self._cpu.on_tensor, self._cpu.on_dtype, self._cpu.on_device)
 
-    def load(self, prefix="", device=None, *, map_location=None, mmap=False):
+    def load(self, prefix="", device=None, *, map_location=None, mmap=False,
+             gpu_loader=False):
         """The sub-tree at `prefix` with its tensors copied to `device`
         (or placed by map_location, as in ckpt.load)."""
         if device is not None and map_location is not None:
             raise ValueError("pass device or map_location, not both")
         ml = device if device is not None else map_location
-        return _Loader(self._reader(), ml, mmap).load(prefix)
+        return _Loader(self._reader(), ml, mmap, gpu_loader=gpu_loader).load(prefix)
 
     def kind(self, path=""):
         """The node kind at a path: 'dict', 'tensor', 'int'..."""

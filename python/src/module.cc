@@ -26,6 +26,9 @@
 #include "ckpt/ckpt.h"
 #include "ckpt/pth.h"
 #include "ckpt/cli.h"
+#ifdef CKPT_WITH_CUDA
+#include "ckpt/cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -543,6 +546,29 @@ PYBIND11_MODULE(_ckpt, m) {
     return rc;
   });
 
+#ifdef CKPT_WITH_CUDA
+  // Whole storages into device memory the caller (torch) allocated, by the
+  // C++ GPU loader; returns the strategy that ran.
+  m.def("load_storages_to_device", [](const Reader& r, const std::vector<size_t>& storages,
+                                      const std::vector<uintptr_t>& pointers, int device,
+                                      const std::string& strategy) {
+    if (storages.size() != pointers.size()) throw py::value_error("one pointer per storage");
+    ckpt::DeviceLoadOptions o;
+    o.device = "cuda:" + std::to_string(device);
+    for (uintptr_t p : pointers) o.destinations.push_back(reinterpret_cast<void*>(p));
+    o.strategy = strategy == "staged"     ? ckpt::LoadStrategy::kStaged
+                 : strategy == "direct"   ? ckpt::LoadStrategy::kDirect
+                 : strategy == "register" ? ckpt::LoadStrategy::kRegister
+                                          : ckpt::LoadStrategy::kAuto;
+    py::gil_scoped_release nogil;
+    auto load = Take(ckpt::LoadStoragesToDevice(r.ck(), storages, o));
+    Check(load->Wait());
+    return load->strategy();
+  });
+  m.attr("has_gpu_loader") = true;
+#else
+  m.attr("has_gpu_loader") = false;
+#endif
   m.attr("format_version") = py::make_tuple(ckpt::kFormatMajor, ckpt::kFormatMinor);
   m.attr("version") = std::string(ckpt::VersionString());
 }

@@ -212,11 +212,27 @@ class MapLocation(TempDirCase):
         ckpt.load(self.p, map_location=lambda s, loc: seen.append(loc) or s)
         self.assertEqual(sorted(seen), ["cpu", "cuda:1"])
 
+    @unittest.skipIf(torch.cuda.is_available() or not _ckpt.has_gpu_loader,
+                     "needs a build with the GPU loader on a machine without a GPU")
+    def test_gpu_loader_without_a_gpu_is_a_clear_error(self):
+        r = _ckpt.Reader(self.p)
+        with self.assertRaises(ckpt.CudaError) as e:
+            _ckpt.load_storages_to_device(r, [0], [0], 0, "auto")
+        self.assertIn("CUDA", str(e.exception))
+        # The flag only matters for CUDA targets.
+        out = ckpt.load(self.p, map_location="cpu", gpu_loader=True)
+        self.assertEqual(out["gpu"].tolist(), list(range(6)))
+
     @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device: the GPU path is "
                          "tested by the C++ loader tests on the runtime double")
     def test_to_cuda(self):
         out = ckpt.load(self.p, map_location="cuda:0")
         self.assertEqual(out["gpu"].device, torch.device("cuda:0"))
+        via = ckpt.load(self.p, map_location={"cuda:1": "cuda:0", "cpu": "cuda:0"},
+                        gpu_loader=True)
+        for k in ("gpu", "cpu"):
+            self.assertEqual(via[k].device, torch.device("cuda:0"))
+            self.assertTrue(torch.equal(via[k].cpu(), out[k].cpu()))
         ckpt.save({"g": out["gpu"]}, self.path("g.ckpt"))
         self.assertEqual(ckpt.load(self.path("g.ckpt"), map_location="cpu")["g"].tolist(),
                          list(range(6)))
