@@ -595,7 +595,7 @@ TEST_CASE("converted row slices start at the right file offset") {
   }
 }
 
-TEST_CASE("whole storages to the device, into caller memory, sharing kept by the caller") {
+TEST_CASE("whole storages to the device, and into caller memory") {
   TempDir dir;
   MakeFile(dir.File("s.ckpt"));  // compared against the reader's own storage views
   auto ck = Checkpoint::Open(dir.File("s.ckpt"));
