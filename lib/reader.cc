@@ -493,6 +493,10 @@ Result<TensorInfo> Checkpoint::FindTensor(std::string_view path) const {
   CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
   return impl_->Info(i);
 }
+Result<size_t> Checkpoint::TensorIndex(std::string_view path) const {
+  CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
+  return static_cast<size_t>(i);
+}
 Result<TensorRef> Checkpoint::Tensor(std::string_view path) const {
   CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
   return impl_->Ref(impl_->Info(i));

@@ -31,8 +31,12 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
     INFO(i);
     REQUIRE(t.ok());
     CHECK(*reinterpret_cast<const int32_t*>(t->data().data()) == static_cast<int32_t>(i));
+    auto index = ck->TensorIndex(names[i]);
+    REQUIRE(index.ok());
+    CHECK(ck->tensor_info(*index).path == names[i]);
   }
   CHECK(ck->Tensor("layer.10000.w").status().code() == ErrorCode::kNotFound);
+  CHECK(ck->TensorIndex("layer.10000.w").status().code() == ErrorCode::kNotFound);
   CHECK(ck->Tensor(std::string("nul", 3)).status().code() == ErrorCode::kNotFound);
   for (size_t i = 1; i < ck->num_tensors(); ++i) {
     CHECK(ck->tensor_info(i - 1).path < ck->tensor_info(i).path);

@@ -240,6 +240,9 @@ class Checkpoint {
   TensorInfo tensor_info(size_t index) const;
   /// O(log n) lookup without parsing. kNotFound if absent.
   Result<TensorInfo> FindTensor(std::string_view path) const;
+  /// Index of the tensor at `path` in tensor_info() order; kNotFound if
+  /// absent. Same O(log n) lookup.
+  Result<size_t> TensorIndex(std::string_view path) const;
   /// Bytes of the tensor at `path` (zero-copy with kMmap).
   Result<TensorRef> Tensor(std::string_view path) const;
   /// Rows [begin, end) of dim 0 as a tensor of shape (end-begin, ...).

@@ -180,16 +180,7 @@ class Reader {
     return py::make_tuple(s.offset, s.nbytes, s.device);
   }
 
-  size_t TensorIndex(const std::string& path) const {
-    auto info = Take(ck_->FindTensor(path));
-    // FindTensor is a binary search over the sorted table; find the index.
-    size_t lo = 0, hi = ck_->num_tensors();
-    while (lo < hi) {
-      size_t mid = (lo + hi) / 2;
-      if (ck_->tensor_info(mid).path < info.path) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  }
+  size_t TensorIndex(const std::string& path) const { return Take(ck_->TensorIndex(path)); }
 
   Region StorageRegion(size_t index) const {
     auto v = Take(ck_->Storage(index));
