@@ -189,7 +189,7 @@ class _Loader:
         # Memory the caching allocator hands back may still be in use by
         # queued kernels on torch's stream; the loader writes from its own.
         torch.cuda.synchronize(dev)
-        _ckpt.load_storages_to_device(self.r, sids, [b.data_ptr() for b in bufs], index, "auto")
+        _ckpt.load_storages_to_device(self.r, sids, [b.data_ptr() for b in bufs], index)
         for s, b in zip(sids, bufs):
             self.placed[s] = _untyped(b)
 

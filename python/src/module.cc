@@ -112,14 +112,11 @@ void AdviseHugePages(std::byte* p, uint64_t n) {
 
 class Reader {
  public:
-  Reader(const std::string& path, bool copy_on_write, bool pread, bool verify_reads) {
+  Reader(const std::string& path, bool copy_on_write) : writable_(copy_on_write) {
     ckpt::ReadOptions o;
     o.copy_on_write = copy_on_write;
-    o.backend = pread ? ckpt::Backend::kPread : ckpt::Backend::kMmap;
-    o.verify_checksums = verify_reads;
     py::gil_scoped_release nogil;
     ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::Open(path, o)));
-    writable_ = copy_on_write && !pread;
   }
 
   // Over an immutable bytes object (kept alive by the Reader and by every
@@ -139,14 +136,6 @@ class Reader {
     return d;
   }
 
-  py::list Storages() const {
-    py::list out;
-    for (size_t i = 0; i < ck_->num_storages(); ++i) {
-      auto s = ck_->storage_info(i);
-      out.append(py::make_tuple(s.offset, s.nbytes, s.device));
-    }
-    return out;
-  }
 
   static py::tuple Ints(const std::vector<int64_t>& v) {
     py::tuple t(v.size());
@@ -161,6 +150,12 @@ class Reader {
   static py::tuple InfoTuple(const ckpt::TensorInfo& t) {
     return py::make_tuple(t.path, static_cast<int>(t.dtype), Ints(t.shape), Ints(t.strides),
                           t.storage, t.storage_offset, t.requires_grad, t.is_parameter);
+  }
+
+  py::list Storages() const {
+    py::list out;
+    for (size_t i = 0; i < ck_->num_storages(); ++i) out.append(StorageAt(i));
+    return out;
   }
 
   py::list Tensors() const {
@@ -262,15 +257,14 @@ class Reader {
   // on_device(str).
   py::object Tree(const std::string& path, const py::function& on_tensor,
                   const py::function& on_dtype, const py::function& on_device) const {
-    ckpt::Value v = path.empty() ? ck_->root() : Take(ck_->Get(path));
+    ckpt::Value v = Node(path);
     Builder b{on_tensor, on_dtype, on_device, py::module_::import("collections").attr("OrderedDict"),
               py::module_::import("argparse").attr("Namespace")};
     return b.Build(v);
   }
 
   std::string Kind(const std::string& path) const {
-    ckpt::Value v = path.empty() ? ck_->root() : Take(ck_->Get(path));
-    return std::string(ckpt::ValueKindName(v.kind()));
+    return std::string(ckpt::ValueKindName(Node(path).kind()));
   }
 
   uint64_t FileSize() const { return ck_->file_size(); }
@@ -281,6 +275,11 @@ class Reader {
   }
 
  private:
+  // The node at a tree path; "" is the root.
+  ckpt::Value Node(const std::string& path) const {
+    return path.empty() ? ck_->root() : Take(ck_->Get(path));
+  }
+
   struct Builder {
     const py::function& on_tensor;
     const py::function& on_dtype;
@@ -451,9 +450,8 @@ PYBIND11_MODULE(_ckpt, m) {
       .def_property_readonly("writable", [](const Region& r) { return r.writable; });
 
   py::class_<Reader>(m, "Reader")
-      .def(py::init<const std::string&, bool, bool, bool>(), py::arg("path"),
-           py::arg("copy_on_write") = true, py::arg("pread") = false,
-           py::arg("verify_reads") = false)
+      .def(py::init<const std::string&, bool>(), py::arg("path"),
+           py::arg("copy_on_write") = true)
       .def(py::init<py::bytes>(), py::arg("data"))
       .def("metadata", &Reader::Metadata)
       .def("storages", &Reader::Storages)
@@ -541,16 +539,11 @@ PYBIND11_MODULE(_ckpt, m) {
   // Whole storages into device memory the caller (torch) allocated, by the
   // C++ GPU loader; returns the strategy that ran.
   m.def("load_storages_to_device", [](const Reader& r, const std::vector<size_t>& storages,
-                                      const std::vector<uintptr_t>& pointers, int device,
-                                      const std::string& strategy) {
+                                      const std::vector<uintptr_t>& pointers, int device) {
     if (storages.size() != pointers.size()) throw py::value_error("one pointer per storage");
     ckpt::DeviceLoadOptions o;
     o.device = "cuda:" + std::to_string(device);
     for (uintptr_t p : pointers) o.destinations.push_back(reinterpret_cast<void*>(p));
-    o.strategy = strategy == "staged"     ? ckpt::LoadStrategy::kStaged
-                 : strategy == "direct"   ? ckpt::LoadStrategy::kDirect
-                 : strategy == "register" ? ckpt::LoadStrategy::kRegister
-                                          : ckpt::LoadStrategy::kAuto;
     py::gil_scoped_release nogil;
     auto load = Take(ckpt::LoadStoragesToDevice(r.ck(), storages, o));
     Check(load->Wait());

@@ -217,7 +217,7 @@ class MapLocation(TempDirCase):
     def test_gpu_loader_without_a_gpu_is_a_clear_error(self):
         r = _ckpt.Reader(self.p)
         with self.assertRaises(ckpt.CudaError) as e:
-            _ckpt.load_storages_to_device(r, [0], [0], 0, "auto")
+            _ckpt.load_storages_to_device(r, [0], [0], 0)
         self.assertIn("CUDA", str(e.exception))
         # The flag only matters for CUDA targets.
         out = ckpt.load(self.p, map_location="cpu", gpu_loader=True)
