@@ -29,6 +29,3 @@ def torch_dtype(code):
         raise TypeError(f"dtype {name} has no torch equivalent in torch {torch.__version__}")
     return t
 
-
-def name(code):
-    return CODES.get(code, ("code %d" % code, 0))[0]

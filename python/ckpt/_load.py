@@ -27,6 +27,12 @@ else:  # torch 1.13: Tensor.storage() wraps _storage() in a slow TypedStorage
         return t._storage()
 
 
+def view(storage, dtype, offset, shape, strides):
+    """A tensor of `dtype` over an UntypedStorage (offset and strides in
+    elements), on the storage's device."""
+    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, strides)
+
+
 def _from_region(region):
     """A uint8 CPU tensor over a Region's bytes, without a copy."""
     if len(region) == 0:
@@ -131,12 +137,19 @@ class _Loader:
     def _target(self, saved):
         return resolve_target(self.map_location, saved)
 
+    def _copy_to_host(self, sids):
+        """Copies storages into new CPU memory: one batched, parallel pread."""
+        sids = [s for s in sids if s not in self.host]
+        if sids:
+            bufs = [torch.empty(self.storage(s)[1], dtype=torch.uint8) for s in sids]
+            self.r.read_storages(sids, [b.numpy() for b in bufs], self.threads)
+            for s, b in zip(sids, bufs):
+                self.host[s] = (b, True)
+
     def _host(self, sid, copy):
         if sid not in self.host:
             if copy:
-                buf = torch.empty(self.storage(sid)[1], dtype=torch.uint8)
-                self.r.read_storages([sid], [buf.numpy()], self.threads)
-                self.host[sid] = (buf, True)
+                self._copy_to_host([sid])
             else:
                 self.host[sid] = (_from_region(self.r.storage_region(sid)), self.mmap)
         return self.host[sid][0]
@@ -144,14 +157,8 @@ class _Loader:
     def materialize(self, sids):
         sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
         targets = {s: self._target(self.storage(s)[2]) for s in sids}
-        # One batched, parallel pread for every storage copied to the CPU.
-        batch = [s for s in sids if targets[s] == "cpu" and not self.mmap
-                 and s not in self.host]
-        if batch:
-            bufs = [torch.empty(self.storage(s)[1], dtype=torch.uint8) for s in batch]
-            self.r.read_storages(batch, [b.numpy() for b in bufs], self.threads)
-            for s, b in zip(batch, bufs):
-                self.host[s] = (b, True)
+        if not self.mmap:
+            self._copy_to_host([s for s in sids if targets[s] == "cpu"])
         where = self.r.path
         to_gpu = {}  # device -> storages for the C++ GPU loader
         for s in sids:
@@ -207,8 +214,7 @@ class _Loader:
                               strides=[s * dt.itemsize for s in strides])
         if sid not in self.placed:
             self.materialize([sid])
-        st = self.placed[sid]
-        t = torch.empty(0, dtype=torch_dtype(code), device=st.device).set_(st, off, shape, strides)
+        t = view(self.placed[sid], torch_dtype(code), off, shape, strides)
         if param:
             return torch.nn.Parameter(t, requires_grad=rg)
         if rg:
@@ -412,8 +418,7 @@ class File:
         info = self._reader().rows(path, a, b)
         _, code, shape, strides, sid, off, _, _ = info
         self._cpu.materialize([sid])
-        st = self._cpu.placed[sid]
-        return torch.empty(0, dtype=torch_dtype(code)).set_(st, off, shape, strides)
+        return view(self._cpu.placed[sid], torch_dtype(code), off, shape, strides)
 
     def get_slice(self, path):
         return _Slice(self, path)

@@ -4,7 +4,7 @@ import os
 import torch
 
 from . import _ckpt
-from ._load import _converted, _Loader, _open_reader, _untyped, resolve_target
+from ._load import _converted, _Loader, _open_reader, _untyped, resolve_target, view
 
 
 def _load_pth(path, map_location, mmap=False):
@@ -37,13 +37,12 @@ def _load_safetensors(path, map_location):
 def _place_safetensors(out, map_location):
     """Moves the CPU tensors of a safetensors file where map_location says
     (they were saved on no device: their location is "cpu")."""
+    target = resolve_target(map_location, "cpu")
     moved = {}
     for k, t in out.items():
-        target = resolve_target(map_location, "cpu")
         if target is None:  # callable(storage, location) -> storage or None
             s = map_location(_untyped(t), "cpu")
-            moved[k] = t if s is None else torch.empty(0, dtype=t.dtype, device=s.device).set_(
-                s, t.storage_offset(), t.shape, t.stride())
+            moved[k] = t if s is None else view(s, t.dtype, t.storage_offset(), t.shape, t.stride())
         else:
             moved[k] = t if target == "cpu" else t.to(target)
     return moved

@@ -116,10 +116,9 @@ class CheckpointManager:
         def value(i):
             v = i.metrics.get(self.metric)
             return None if v is None or math.isnan(v) else v
+        sign = 1 if self.mode == "min" else -1  # best first; ties: newest first
         scored = [i for i in infos if value(i) is not None]
-        return sorted(scored, key=lambda i: (value(i), -i.step),
-                      reverse=False) if self.mode == "min" else \
-            sorted(scored, key=lambda i: (-value(i), -i.step))
+        return sorted(scored, key=lambda i: (sign * value(i), -i.step))
 
     def best(self):
         """The checkpoint with the best `metric` (ties: the newest), or None."""
