@@ -1,0 +1,2 @@
+"""The Python package against what torch users type and hostile files."""
+import unittest
