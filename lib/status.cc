@@ -1,5 +1,8 @@
 #include "ckpt/status.h"
 
+#include <cerrno>
+#include <cstring>
+
 namespace ckpt {
 
 std::string_view ErrorCodeName(ErrorCode code) {
@@ -12,6 +15,7 @@ std::string_view ErrorCodeName(ErrorCode code) {
     case ErrorCode::kInvalidArgument: return "invalid argument";
     case ErrorCode::kChecksumMismatch: return "checksum mismatch";
     case ErrorCode::kCuda: return "CUDA error";
+    case ErrorCode::kResourceExhausted: return "resource exhausted";
   }
   return "unknown error";
 }
@@ -69,6 +73,15 @@ Status Status::WithTensor(std::string path) const {
   return out;
 }
 
+Status Status::WithErrno(int err) const {
+  if (!state_ || state_->sys_errno != 0) return *this;
+  auto s = std::make_shared<State>(*state_);
+  s->sys_errno = err;
+  Status out;
+  out.state_ = std::move(s);
+  return out;
+}
+
 Status Status::WithContext(std::string_view context) const {
   if (!state_) return *this;
   auto s = std::make_shared<State>(*state_);
@@ -106,6 +119,14 @@ Status InvalidArgument(std::string m) {
 }
 Status ChecksumMismatch(std::string m) {
   return Status(ErrorCode::kChecksumMismatch, std::move(m));
+}
+Status ResourceExhausted(std::string m) {
+  return Status(ErrorCode::kResourceExhausted, std::move(m));
+}
+Status ErrnoError(std::string what, int err) {
+  std::string msg = std::move(what) + ": " + std::strerror(err);
+  Status s = err == ENOENT ? NotFound(std::move(msg)) : IoError(std::move(msg));
+  return s.WithErrno(err);
 }
 
 }  // namespace ckpt

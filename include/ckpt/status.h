@@ -29,6 +29,7 @@ enum class ErrorCode : int {
   kInvalidArgument,     ///< the caller passed something impossible
   kChecksumMismatch,    ///< stored and computed XXH3 differ
   kCuda,                ///< a CUDA runtime call failed
+  kResourceExhausted,   ///< out of memory or threads, or a size limit hit
 };
 
 /// Short lower-case name of a code ("corrupt", "checksum mismatch"...).
@@ -54,12 +55,16 @@ class [[nodiscard]] Status {
   /// valid tensor path; `has_tensor()` tells them apart).
   const std::string& tensor() const;
   bool has_tensor() const { return state_ && state_->has_tensor; }
+  /// The OS error number behind a kIoError/kNotFound (ENOSPC, EACCES...),
+  /// or 0.
+  int sys_errno() const { return state_ ? state_->sys_errno : 0; }
 
   /// Returns a copy with context added; fields already set are kept, so the
   /// innermost (most precise) location wins.
   Status WithFile(std::string file) const;
   Status WithOffset(int64_t offset) const;
   Status WithTensor(std::string path) const;
+  Status WithErrno(int err) const;
   /// Prefixes the message with `context + ": "`; code is kept.
   Status WithContext(std::string_view context) const;
 
@@ -74,6 +79,7 @@ class [[nodiscard]] Status {
     int64_t offset = -1;
     std::string tensor;
     bool has_tensor = false;
+    int sys_errno = 0;
   };
   std::shared_ptr<const State> state_;
 };
@@ -85,6 +91,10 @@ Status Corrupt(std::string message);
 Status UnsupportedVersion(std::string message);
 Status InvalidArgument(std::string message);
 Status ChecksumMismatch(std::string message);
+Status ResourceExhausted(std::string message);
+/// kNotFound for ENOENT, kIoError otherwise: "what: strerror(err)", with
+/// sys_errno() = err.
+Status ErrnoError(std::string what, int err);
 
 /// Either a value or a non-OK Status.
 template <typename T>
