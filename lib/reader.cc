@@ -1,14 +1,13 @@
 #include "ckpt/reader.h"
 
 #include <algorithm>
-#include <atomic>
 #include <charconv>
 #include <cstring>
 #include <mutex>
-#include <thread>
 
 #include "checksum_internal.h"
 #include "header_internal.h"
+#include "parallel_internal.h"
 #include "source_internal.h"
 #include "tree_internal.h"
 
@@ -78,39 +77,48 @@ Extent ExtentOf(const TensorInfo& t) {
   return {first * elsize, (last + 1) * elsize};
 }
 
-// Gathers a strided view into row-major order, innermost dimension as a
-// contiguous run where its stride is 1.
-void Gather(const std::byte* base, const TensorInfo& t, size_t elsize,
-            std::byte* out) {
+// Writes row-major elements [first, first + count) of a strided view,
+// innermost dimension as one contiguous run where its stride is 1. Walks
+// from any starting element, so callers can stream a view of any size
+// (a stride-0 expand of 2^40 elements) through a small buffer.
+void GatherRange(const std::byte* base, const TensorInfo& t, size_t elsize,
+                 uint64_t first, uint64_t count, std::byte* out) {
   const size_t rank = t.shape.size();
+  if (count == 0) return;
   if (rank == 0) {
     std::memcpy(out, base, elsize);
     return;
   }
+  // Multi-index of element `first` (shapes validated at open: no overflow).
   std::vector<int64_t> idx(rank, 0);
+  uint64_t rest = first;
+  for (size_t d = rank; d-- > 0;) {
+    const auto extent = static_cast<uint64_t>(t.shape[d]);
+    idx[d] = static_cast<int64_t>(rest % extent);
+    rest /= extent;
+  }
   const int64_t inner = t.shape[rank - 1];
   const int64_t inner_stride = t.strides[rank - 1];
-  const size_t run = static_cast<size_t>(inner) * elsize;
-  for (;;) {
+  while (count > 0) {
     int64_t off = 0;
-    for (size_t d = 0; d + 1 < rank; ++d) off += idx[d] * t.strides[d];
+    for (size_t d = 0; d < rank; ++d) off += idx[d] * t.strides[d];
     const std::byte* src = base + static_cast<size_t>(off) * elsize;
+    const uint64_t n =
+        std::min<uint64_t>(count, static_cast<uint64_t>(inner - idx[rank - 1]));
     if (inner_stride == 1) {
-      std::memcpy(out, src, run);
-      out += run;
+      std::memcpy(out, src, static_cast<size_t>(n) * elsize);
+      out += static_cast<size_t>(n) * elsize;
     } else {
-      for (int64_t i = 0; i < inner; ++i) {
-        std::memcpy(out, src + static_cast<size_t>(i * inner_stride) * elsize,
-                    elsize);
-        out += elsize;
+      const size_t step = static_cast<size_t>(inner_stride) * elsize;
+      for (uint64_t i = 0; i < n; ++i, src += step, out += elsize) {
+        std::memcpy(out, src, elsize);
       }
     }
-    size_t d = rank - 1;
-    for (;;) {
-      if (d == 0) return;
-      --d;
-      if (++idx[d] < t.shape[d]) break;
+    count -= n;
+    idx[rank - 1] += static_cast<int64_t>(n);
+    for (size_t d = rank - 1; d > 0 && idx[d] == t.shape[d]; --d) {
       idx[d] = 0;
+      ++idx[d - 1];
     }
   }
 }
@@ -124,11 +132,26 @@ Status TensorRef::CopyTo(std::span<std::byte> out) const {
                            std::to_string(out.size()))
         .WithTensor(info_.path);
   }
+  return CopyTo(out, 0);
+}
+
+Status TensorRef::CopyTo(std::span<std::byte> out, uint64_t begin) const {
+  const uint64_t total = info_.nbytes();
+  const size_t elsize = DTypeSize(info_.dtype);
+  if (begin > total || out.size() > total - begin || begin % elsize != 0 ||
+      out.size() % elsize != 0) {
+    return InvalidArgument("bytes [" + std::to_string(begin) + ", +" +
+                           std::to_string(out.size()) +
+                           ") are not whole elements within the tensor's " +
+                           std::to_string(total) + " bytes")
+        .WithTensor(info_.path);
+  }
   if (out.empty()) return Status::OK();
   if (info_.is_contiguous()) {
-    std::memcpy(out.data(), data_.data(), out.size());
+    std::memcpy(out.data(), data_.data() + begin, out.size());
   } else {
-    Gather(data_.data(), info_, DTypeSize(info_.dtype), out.data());
+    GatherRange(data_.data(), info_, elsize, begin / elsize,
+                out.size() / elsize, out.data());
   }
   return Status::OK();
 }
@@ -141,8 +164,11 @@ using flatbuffers::uoffset_t;
 
 struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
   std::shared_ptr<ByteSource> source;
-  Bytes header_bytes;
-  std::vector<uint64_t> header_copy;  // 8-aligned copy for unaligned buffers
+  // The verified header, copied out of the file at open: metadata, tree
+  // and table access never touch the mapping again, so they cannot fault
+  // when someone overwrites or truncates the file in place. 8-aligned for
+  // FlatBuffers.
+  std::vector<uint64_t> header_copy;
   Preamble pre;
   const fb::Header* h = nullptr;
   ReadOptions options;
@@ -153,6 +179,21 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     return h->storages() ? h->storages()->size() : 0;
   }
   const fb::Node* node(uint32_t i) const { return h->nodes()->Get(i); }
+
+  // Writable views (ReadOptions::copy_on_write), one per storage, made on
+  // first request so that every tensor of a storage sees the same writes.
+  mutable std::mutex writable_mu;
+  mutable std::vector<Bytes> writable;
+
+  Result<Bytes> WritableStorage(uoffset_t s, uint64_t offset,
+                                uint64_t nbytes) const {
+    std::lock_guard<std::mutex> lock(writable_mu);
+    if (writable.empty()) writable.resize(nstorages());
+    if (!writable[s].owner) {
+      CKPT_ASSIGN_OR_RETURN(writable[s], source->ReadWritable(offset, nbytes));
+    }
+    return writable[s];
+  }
 
   TensorInfo Info(uoffset_t i) const {
     const fb::Tensor* t = h->tensors()->Get(i);
@@ -430,17 +471,18 @@ Result<std::shared_ptr<internal::CheckpointImpl>> OpenImpl(
   if (!pre.ok()) return with_file(pre.status());
   impl->pre = *pre;
 
-  auto header = src.Read(pre->header_offset, pre->header_size);
-  if (!header.ok()) return header.status();
-  impl->header_bytes = std::move(*header);
-  std::span<const std::byte> hb = impl->header_bytes.data;
-  if (reinterpret_cast<uintptr_t>(hb.data()) % 8 != 0) {
-    // Only a caller's unaligned buffer gets here; mappings are page-aligned.
-    impl->header_copy.resize((hb.size() + 7) / 8);
-    std::memcpy(impl->header_copy.data(), hb.data(), hb.size());
-    hb = {reinterpret_cast<const std::byte*>(impl->header_copy.data()),
-          hb.size()};
+  // Copied before it is checked, so what is verified is what is used.
+  // (The preamble caps header_size; the copy is small next to the data.)
+  try {
+    impl->header_copy.resize(static_cast<size_t>((pre->header_size + 7) / 8));
+  } catch (const std::bad_alloc&) {
+    return with_file(ResourceExhausted("cannot allocate " +
+                                       std::to_string(pre->header_size) +
+                                       " bytes for the header"));
   }
+  std::span<std::byte> hb{reinterpret_cast<std::byte*>(impl->header_copy.data()),
+                          static_cast<size_t>(pre->header_size)};
+  CKPT_RETURN_IF_ERROR(src.ReadInto(pre->header_offset, hb));
   auto h = internal::ValidateHeader(hb, *pre);
   if (!h.ok()) return with_file(h.status());
   impl->h = *h;
@@ -543,8 +585,12 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
         .WithFile(impl_->name());
   }
   StorageInfo st = storage_info(index);
-  CKPT_ASSIGN_OR_RETURN(internal::Bytes b, impl_->source->Read(st.offset, st.nbytes));
-  return StorageView{b.data, std::move(b.owner)};
+  auto b = impl_->options.copy_on_write
+               ? impl_->WritableStorage(static_cast<flatbuffers::uoffset_t>(index),
+                                        st.offset, st.nbytes)
+               : impl_->source->Read(st.offset, st.nbytes);
+  if (!b.ok()) return b.status();
+  return StorageView{b->data, std::move(b->owner)};
 }
 
 Result<TensorRef> Checkpoint::StorageTensor(size_t index) const {
@@ -576,6 +622,57 @@ Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
         .WithFile(impl_->name());
   }
   return impl_->source->ReadInto(st.offset + begin, out);
+}
+
+Status Checkpoint::StreamTensor(
+    const TensorRef& tensor,
+    const std::function<Status(std::span<const std::byte>)>& sink,
+    size_t piece) const {
+  const TensorInfo& info = tensor.info();
+  const size_t elsize = DTypeSize(info.dtype);
+  const uint64_t total = info.nbytes();
+  if (info.storage >= num_storages()) {
+    return InvalidArgument("tensor is not from this file").WithTensor(info.path);
+  }
+  piece = std::max(elsize, piece / elsize * elsize);
+  // File range the view's bytes come from: released from the mapping as
+  // the walk passes it (all of it after each piece when the view is
+  // strided, since a piece may touch any of its pages).
+  const Extent e = ExtentOf(info);
+  const uint64_t file_begin = storage_info(info.storage).offset + e.begin;
+  const uint64_t extent = e.end - e.begin;
+  constexpr uint64_t kKeepMapped = 64ull << 20;
+  const auto& src = *impl_->source;
+  if (tensor.is_contiguous()) {
+    std::span<const std::byte> all = tensor.data().first(static_cast<size_t>(total));
+    for (uint64_t off = 0; off < total; off += piece) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(piece, total - off));
+      CKPT_RETURN_IF_ERROR(sink(all.subspan(static_cast<size_t>(off), n)));
+      src.Release(file_begin + off, n);
+    }
+    return Status::OK();
+  }
+  std::vector<std::byte> buf;
+  try {
+    buf.resize(static_cast<size_t>(std::min<uint64_t>(piece, total)));
+  } catch (const std::bad_alloc&) {
+    return ResourceExhausted("cannot allocate a " + std::to_string(piece) +
+                         "-byte piece buffer")
+        .WithTensor(info.path);
+  }
+  uint64_t since_release = 0;
+  for (uint64_t off = 0; off < total; off += piece) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(piece, total - off));
+    std::span<std::byte> out(buf.data(), n);
+    CKPT_RETURN_IF_ERROR(tensor.CopyTo(out, off));
+    CKPT_RETURN_IF_ERROR(sink(out));
+    since_release += n;
+    if (extent > kKeepMapped && since_release >= kKeepMapped) {
+      src.Release(file_begin, extent);
+      since_release = 0;
+    }
+  }
+  return Status::OK();
 }
 
 Value Checkpoint::root() const {
@@ -651,7 +748,10 @@ Status CheckpointImpl::VerifyTreePaths() const {
         break;
       }
       case ValueKind::kDict:
-        for (uoffset_t i = 0; i < n->items()->size(); ++i) {
+        // An empty container may have no items/keys vectors at all (the
+        // writer omits empty vectors): never dereference them unchecked.
+        for (uoffset_t i = 0; n->items() && n->keys() && i < n->items()->size();
+             ++i) {
           stack.push_back({n->items()->Get(i),
                            child_path(KeySegment(n->keys()->Get(i)))});
         }
@@ -692,81 +792,53 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
   for (uoffset_t s = 0; s < nstorages(); ++s) {
     const fb::Storage* st = h->storages()->Get(s);
     add_padding(cursor, st->offset());
-    for (uoffset_t c = 0; c < st->chunk_hashes()->size(); ++c) {
+    // An empty storage has no chunk hashes (and may have no vector).
+    const auto* hashes = st->chunk_hashes();
+    for (uoffset_t c = 0; hashes && c < hashes->size(); ++c) {
       uint64_t off = uint64_t{c} * chunk;
       tasks.push_back({st->offset() + off, std::min(chunk, st->nbytes() - off),
-                       s, c, st->chunk_hashes()->Get(c)});
+                       s, c, hashes->Get(c)});
     }
     cursor = st->offset() + st->nbytes();
   }
   add_padding(cursor, pre.header_offset);
 
-  std::atomic<size_t> next{0};
-  std::mutex mu;
-  Status first;  // lowest-offset failure
-  std::atomic<uint64_t> first_offset{UINT64_MAX};
-  auto worker = [&] {
+  // Tasks are in offset order, so the lowest failing index is the problem
+  // at the lowest byte offset.
+  Status first = ParallelFor(tasks.size(), threads, [&](size_t i) -> Status {
+    const Task& t = tasks[i];
     std::vector<std::byte> buf;
-    for (;;) {
-      size_t i = next.fetch_add(1);
-      if (i >= tasks.size()) return;
-      const Task& t = tasks[i];
-      if (t.offset > first_offset.load()) continue;
-      std::span<const std::byte> bytes;
-      Bytes held;
-      if (source->zero_copy()) {
-        auto r = source->Read(t.offset, t.len);
-        if (r.ok()) held = std::move(*r);
-        bytes = held.data;
-      } else {
-        buf.resize(static_cast<size_t>(t.len));
-        Status s = source->ReadInto(t.offset, buf);
-        if (!s.ok()) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (t.offset < first_offset) {
-            first_offset = t.offset;
-            first = s;
-          }
-          continue;
-        }
-        bytes = buf;
-      }
-      Status problem;
-      if (t.storage < 0) {
-        auto it = std::find_if(bytes.begin(), bytes.end(),
-                               [](std::byte b) { return b != std::byte{0}; });
-        if (it != bytes.end()) {
-          problem = Corrupt("padding byte is not zero")
-                        .WithOffset(static_cast<int64_t>(
-                            t.offset + static_cast<uint64_t>(it - bytes.begin())));
-        }
-      } else {
-        uint64_t got = Xxh3(bytes);
-        if (got != t.hash) {
-          problem = ChecksumMismatch(
-                        "chunk " + std::to_string(t.chunk) + " of storage " +
-                        std::to_string(t.storage) + " ([" +
-                        std::to_string(t.offset) + ", +" +
-                        std::to_string(t.len) + ")): stored " +
-                        HashToHex(t.hash) + ", computed " + HashToHex(got))
-                        .WithOffset(static_cast<int64_t>(t.offset));
-        }
-      }
-      if (!problem.ok()) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (t.offset < first_offset) {
-          first_offset = t.offset;
-          first = problem;
-        }
-      }
+    std::span<const std::byte> bytes;
+    Bytes held;
+    if (source->zero_copy()) {
+      CKPT_ASSIGN_OR_RETURN(held, source->Read(t.offset, t.len));
+      bytes = held.data;
+    } else {
+      buf.resize(static_cast<size_t>(t.len));
+      CKPT_RETURN_IF_ERROR(source->ReadInto(t.offset, buf));
+      bytes = buf;
     }
-  };
-  unsigned n = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
-  n = static_cast<unsigned>(std::min<size_t>(n, std::max<size_t>(1, tasks.size())));
-  std::vector<std::thread> pool;
-  for (unsigned i = 1; i < n; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
+    if (t.storage < 0) {
+      auto it = std::find_if(bytes.begin(), bytes.end(),
+                             [](std::byte b) { return b != std::byte{0}; });
+      if (it != bytes.end()) {
+        return Corrupt("padding byte is not zero")
+            .WithOffset(static_cast<int64_t>(
+                t.offset + static_cast<uint64_t>(it - bytes.begin())));
+      }
+      return Status::OK();
+    }
+    uint64_t got = Xxh3(bytes);
+    if (got != t.hash) {
+      return ChecksumMismatch("chunk " + std::to_string(t.chunk) + " of storage " +
+                              std::to_string(t.storage) + " ([" +
+                              std::to_string(t.offset) + ", +" +
+                              std::to_string(t.len) + ")): stored " +
+                              HashToHex(t.hash) + ", computed " + HashToHex(got))
+          .WithOffset(static_cast<int64_t>(t.offset));
+    }
+    return Status::OK();
+  });
   if (first.ok()) return first;
   // Name the tensors that view the damaged chunk.
   if (first.code() == ErrorCode::kChecksumMismatch) {
@@ -811,31 +883,15 @@ Status Checkpoint::VerifyStorageRange(size_t storage, uint64_t begin, uint64_t e
 Status Checkpoint::Prefetch(unsigned threads) const {
   const auto& src = *impl_->source;
   if (!src.zero_copy()) return Status::OK();
-  unsigned n = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
   // 64 MiB pieces handed out in order keep every thread busy to the end.
   constexpr uint64_t kPiece = 64ull << 20;
   const uint64_t begin = impl_->pre.data_offset;
   const uint64_t end = begin + impl_->pre.data_size;
-  std::atomic<uint64_t> next{begin};
-  std::mutex mu;
-  Status first;
-  auto worker = [&] {
-    for (;;) {
-      uint64_t off = next.fetch_add(kPiece);
-      if (off >= end) return;
-      Status s = src.Populate(off, std::min(kPiece, end - off));
-      if (!s.ok()) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (first.ok()) first = s;
-        return;
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (unsigned i = 1; i < n; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-  return first;
+  const size_t pieces = static_cast<size_t>((end - begin + kPiece - 1) / kPiece);
+  return internal::ParallelFor(pieces, threads, [&](size_t i) {
+    uint64_t off = begin + i * kPiece;
+    return src.Populate(off, std::min(kPiece, end - off));
+  });
 }
 
 Status Checkpoint::Verify(const VerifyOptions& options) const {

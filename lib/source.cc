@@ -18,9 +18,7 @@ namespace bip = boost::interprocess;
 namespace {
 
 Status ErrnoStatus(const std::string& what, const std::string& path, int err) {
-  std::string msg = what + ": " + std::strerror(err);
-  Status s = (err == ENOENT) ? NotFound(std::move(msg)) : IoError(std::move(msg));
-  return s.WithFile(path);
+  return ErrnoError(what, err).WithFile(path);
 }
 
 Status PreadFull(int fd, uint64_t offset, std::span<std::byte> out,
@@ -48,11 +46,8 @@ Status PreadFull(int fd, uint64_t offset, std::span<std::byte> out,
 class MmapSource final : public ByteSource {
  public:
   MmapSource(std::string name, uint64_t size,
-             std::unique_ptr<bip::mapped_region> region, int fd, bool cow)
-      : ByteSource(std::move(name), size),
-        region_(std::move(region)),
-        fd_(fd),
-        cow_(cow) {}
+             std::unique_ptr<bip::mapped_region> region, int fd)
+      : ByteSource(std::move(name), size), region_(std::move(region)), fd_(fd) {}
   ~MmapSource() override { ::close(fd_); }
   int fd() const override { return fd_; }
   bool zero_copy() const override { return true; }
@@ -60,11 +55,34 @@ class MmapSource final : public ByteSource {
     const auto* base = static_cast<const std::byte*>(region_->get_address());
     return Bytes{{base + offset, static_cast<size_t>(len)}, shared_from_this()};
   }
+  Result<Bytes> ReadWritable(uint64_t offset, uint64_t len) const override {
+    if (len == 0) return Read(offset, len);
+    // Only these pages, mapped private: a whole-file private writable
+    // mapping would count the whole file against RAM + swap and fail for
+    // files larger than both. MAP_NORESERVE: pages are charged as written.
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const uint64_t begin = offset / page * page;
+    const uint64_t span = offset + len - begin;
+    void* p = ::mmap(nullptr, static_cast<size_t>(span), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
+    if (p == MAP_FAILED) {
+      return ErrnoStatus("cannot map bytes [" + std::to_string(offset) + ", +" +
+                             std::to_string(len) + ") copy-on-write",
+                         name(), errno)
+          .WithOffset(static_cast<int64_t>(offset));
+    }
+    auto self = shared_from_this();
+    std::shared_ptr<const void> owner(p, [self, span](const void* q) {
+      ::munmap(const_cast<void*>(q), static_cast<size_t>(span));
+    });
+    return Bytes{{static_cast<const std::byte*>(p) + (offset - begin),
+                  static_cast<size_t>(len)},
+                 std::move(owner)};
+  }
   Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
     // Large copies go through the kernel: pread takes no page fault per
-    // 4 KiB of the mapping. A private mapping may hold the caller's
-    // writes, which only the mapping shows.
-    if (!cow_ && out.size() >= kPreadMin) return PreadFull(fd_, offset, out, name());
+    // 4 KiB of the mapping.
+    if (out.size() >= kPreadMin) return PreadFull(fd_, offset, out, name());
     const auto* base = static_cast<const std::byte*>(region_->get_address());
     std::memcpy(out.data(), base + offset, out.size());
     return Status::OK();
@@ -93,8 +111,7 @@ class MmapSource final : public ByteSource {
   }
 
   void Release(uint64_t offset, uint64_t len) const override {
-    // MADV_DONTNEED would throw away a private mapping's written pages.
-    if (cow_) return;
+    // The mapping is shared and read-only: dropping pages loses nothing.
     auto* base = static_cast<std::byte*>(region_->get_address());
     uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
     uint64_t begin = (offset + page - 1) / page * page;  // whole pages only
@@ -106,7 +123,6 @@ class MmapSource final : public ByteSource {
   static constexpr size_t kPreadMin = 256 << 10;
   std::unique_ptr<bip::mapped_region> region_;
   int fd_;
-  bool cow_;
 };
 
 class PreadSource final : public ByteSource {
@@ -183,17 +199,18 @@ Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
       ::close(fd);
       return IoError("file replaced while being opened").WithFile(path);
     }
+    // Always read-only and shared: it costs no commit charge, so files
+    // larger than RAM + swap open. Writable views come from ReadWritable.
     int flags = options.populate ? MAP_POPULATE : 0;
-    auto mode = options.copy_on_write ? bip::copy_on_write : bip::read_only;
     auto region = std::make_unique<bip::mapped_region>(
-        file, mode, 0, static_cast<size_t>(size), nullptr, flags);
+        file, bip::read_only, 0, static_cast<size_t>(size), nullptr, flags);
     // The file may have changed between fstat and mapping; trust the map.
     if (region->get_size() != size) {
       ::close(fd);
       return IoError("file changed size while being opened").WithFile(path);
     }
-    return std::shared_ptr<ByteSource>(std::make_shared<MmapSource>(
-        path, size, std::move(region), fd, options.copy_on_write));
+    return std::shared_ptr<ByteSource>(
+        std::make_shared<MmapSource>(path, size, std::move(region), fd));
   } catch (const bip::interprocess_exception& e) {
     ::close(fd);
     return IoError(std::string("cannot map: ") + e.what()).WithFile(path);

@@ -31,6 +31,13 @@ class ByteSource : public std::enable_shared_from_this<ByteSource> {
   /// Bytes [offset, offset+len). The range must lie within size(); callers
   /// check it first. kIoError on a failed or short read.
   virtual Result<Bytes> Read(uint64_t offset, uint64_t len) const = 0;
+  /// Bytes [offset, offset+len) that the caller may write: with a mapping,
+  /// a private copy-on-write mapping of just those pages (writes change
+  /// only this process's memory, never the file; commit charge only for
+  /// the pages written); otherwise what Read() returns.
+  virtual Result<Bytes> ReadWritable(uint64_t offset, uint64_t len) const {
+    return Read(offset, len);
+  }
   /// Fills `out` with bytes from `offset`, copying.
   virtual Status ReadInto(uint64_t offset, std::span<std::byte> out) const = 0;
   /// Makes [offset, offset+len) resident and mapped now (mappings only;

@@ -15,6 +15,7 @@
 #include <complex>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -110,6 +111,11 @@ class TensorRef {
   /// Writes the elements in row-major contiguous order into `out`, which
   /// must hold exactly info().nbytes() bytes (kInvalidArgument otherwise).
   Status CopyTo(std::span<std::byte> out) const;
+  /// Writes bytes [begin, begin + out.size()) of that row-major copy:
+  /// walks any view (strided, or a stride-0 expand of 2^40 elements) piece
+  /// by piece through a buffer of the caller's size. `begin` and
+  /// out.size() must be whole elements within nbytes() (kInvalidArgument).
+  Status CopyTo(std::span<std::byte> out, uint64_t begin) const;
 
  private:
   friend struct internal::CheckpointImpl;
@@ -269,6 +275,16 @@ class Checkpoint {
   /// kInvalidArgument for a bad index or range, kIoError naming the offset.
   Status ReadStorage(size_t index, uint64_t begin,
                      std::span<std::byte> out) const;
+
+  /// Calls `sink` with the elements of `tensor` (a TensorRef of this file)
+  /// in row-major contiguous order, little-endian, in pieces of at most
+  /// `piece` bytes (whole elements), in bounded memory whatever the
+  /// tensor's size or strides: mapped pages already passed are released
+  /// from this process as it goes, so RSS stays about `piece` plus a few
+  /// MiB. Stops at, and returns, the first non-OK status from `sink`.
+  Status StreamTensor(const TensorRef& tensor,
+                      const std::function<Status(std::span<const std::byte>)>& sink,
+                      size_t piece = size_t{1} << 20) const;
 
   /// Root of the object tree.
   Value root() const;
