@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # CLI contract tests (DESIGN.md "Command-line tools"): output, exit codes,
-# errors on stderr. Usage: cli_test.sh CKPT EXAMPLE_WRITER
+# errors on stderr. Usage: cli_test.sh CKPT EXAMPLE_WRITER MAKE_FIXTURE
 set -u
 CKPT=$1
 WRITER=$2
+FIXTURE=$3
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 fails=0
@@ -92,6 +93,23 @@ expect_rc 1 "load --verify of a damaged file" "$CKPT" load "$T/bad.ckpt" --devic
 grep -q "checksum mismatch: tensor 'fc.weight'" "$T/err" && ok || bad "load --verify message: $(cat "$T/err")"
 expect_rc 2 "load bad strategy" "$CKPT" load "$T/a.ckpt" --strategy nope
 expect_rc 1 "load missing path" "$CKPT" load "$T/a.ckpt" --device cpu --paths nope
+
+# A stride-0 view of 2^40 float32 elements (a 4 KiB file): cat streams it
+# in bounded memory and its first MiB arrives at once; diff compares it
+# without walking 4 TiB; a PATH starting with '-' works after '--'.
+"$FIXTURE" expand "$T/x.ckpt" 2.5 && "$FIXTURE" expand "$T/y.ckpt" 3.5 || bad "fixture"
+/usr/bin/time -f %M -o "$T/rss" timeout 20 "$CKPT" cat "$T/x.ckpt" e 2>"$T/err" | head -c 1048576 >"$T/out"
+[ "$(wc -c <"$T/out")" = 1048576 ] && ok || bad "cat of a 2^40 view: $(wc -c <"$T/out") bytes: $(cat "$T/err")"
+$PY -c "import struct,sys; b=open(sys.argv[1],'rb').read(); assert set(struct.unpack('<%df' % (len(b)//4), b))=={2.5}" "$T/out" && ok || bad "cat of a 2^40 view: values"
+rss=$(tail -n 1 "$T/rss")
+[ "$rss" -lt 65536 ] && ok || bad "cat of a 2^40 view: peak RSS $rss KiB (>= 64 MiB)"
+expect_rc 0 "diff of equal 2^40 views" timeout 20 "$CKPT" diff "$T/x.ckpt" "$T/x.ckpt"
+expect_rc 1 "diff of different 2^40 views" timeout 20 "$CKPT" diff "$T/x.ckpt" "$T/y.ckpt"
+expect_rc 0 "cat -- -0" "$CKPT" cat "$T/x.ckpt" -- -0
+[ "$(wc -c <"$T/out")" = 4 ] && ok || bad "cat -- -0 bytes"
+expect_rc 2 "cat -0 without --" "$CKPT" cat "$T/x.ckpt" -0
+grep -q "put '--' before" "$T/err" && ok || bad "cat -0 hint: $(cat "$T/err")"
+expect_rc 0 "inspect -- FILE" "$CKPT" inspect -- "$T/x.ckpt"
 
 echo "cli: $passes passed, $fails failed"
 [ "$fails" = 0 ]

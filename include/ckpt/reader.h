@@ -9,6 +9,18 @@
 // ownership of the open file (mapping or descriptor). Any of them may outlive
 // the others; the file is unmapped and closed when the last one goes.
 //
+// Files changed under an open handle: Open() copies the verified header
+// into memory the handle owns, so metadata, tables and the object tree
+// never touch the file again and cannot fault, whatever happens to it.
+// Tensor bytes are another matter. With the mmap backend they are the
+// file's pages: if another process truncates or rewrites the file in place
+// (cp over it, torch.save to the same path, rsync --inplace), touching a
+// view of the lost range raises SIGBUS, as with every mmap reader
+// (torch.load(mmap=True), safetensors). Avoid it by replacing files
+// atomically - ckpt's writers always do: a new inode is renamed over the
+// old name and existing views keep the old bytes - or read copies with
+// Backend::kPread, which turns a vanished range into a kIoError.
+//
 // Thread safety: all const member functions may be called concurrently.
 #pragma once
 
@@ -51,12 +63,14 @@ struct ReadOptions {
   /// kMmap only: pre-fault the whole mapping at open (MAP_POPULATE), which
   /// makes open O(file) but later first touches free.
   bool populate = false;
-  /// kMmap only: map the file private and writable (MAP_PRIVATE,
-  /// copy-on-write). Views stay zero-copy and share the page cache until
-  /// written; a write changes only this process's copy of the page, never
-  /// the file. For callers that hand views to code expecting writable
-  /// memory (the Python binding's `mmap=True`). Counts toward the commit
-  /// charge like any private writable mapping.
+  /// kMmap only: Storage() returns writable views. The file itself stays
+  /// mapped read-only and shared (no commit charge, so files larger than
+  /// RAM + swap open); each storage asked for gets its own private
+  /// copy-on-write mapping of just its pages, made on first request and
+  /// shared by later requests. Views stay zero-copy and share the page
+  /// cache until written; a write changes only this process's copy of the
+  /// page, never the file. For callers that hand views to code expecting
+  /// writable memory (the Python binding's `mmap=True`, `ckpt.open`).
   bool copy_on_write = false;
 };
 
@@ -262,8 +276,9 @@ class Checkpoint {
   StorageInfo storage_info(size_t index) const;
   /// All bytes of storage `index`: a view of the mapping (kMmap), or a copy
   /// owned by the result (kPread). With ReadOptions::copy_on_write the
-  /// view's pages may be written (privately). kInvalidArgument for a bad
-  /// index.
+  /// view's pages may be written (privately; every call for the same
+  /// storage returns the same pages). kInvalidArgument for a bad index;
+  /// kIoError if the kernel refuses the private mapping.
   Result<StorageView> Storage(size_t index) const;
   /// Storage `index` as a 1-D uint8 tensor over all its bytes, named
   /// "<storage N>" (for loaders that move whole storages, so that tensors

@@ -9,6 +9,7 @@
 #include <ckpt/cuda.h>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -170,10 +171,13 @@ int Inspect(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kInspectHelp), kExitOk;
   std::string file;
   bool json = false;
+  bool options_done = false;
   for (const auto& a : args) {
-    if (a == "--json") {
+    if (!options_done && a == "--") {
+      options_done = true;
+    } else if (!options_done && a == "--json") {
       json = true;
-    } else if (!a.empty() && a[0] == '-') {
+    } else if (!options_done && !a.empty() && a[0] == '-') {
       return Usage(kInspectHelp, "unknown option '" + a + "'");
     } else if (file.empty()) {
       file = a;
@@ -305,8 +309,13 @@ int Cat(const std::vector<std::string>& args) {
   std::vector<std::string> pos;
   std::string rows;
   bool has_rows = false;
+  bool options_done = false;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--rows") {
+    if (options_done) {
+      pos.push_back(args[i]);
+    } else if (args[i] == "--") {
+      options_done = true;  // PATH may start with '-': ckpt cat F -- -0
+    } else if (args[i] == "--rows") {
       if (i + 1 >= args.size()) return Usage(kCatHelp, "--rows needs A:B");
       rows = args[++i];
       has_rows = true;
@@ -314,7 +323,8 @@ int Cat(const std::vector<std::string>& args) {
       rows = args[i].substr(7);
       has_rows = true;
     } else if (args[i].size() > 1 && args[i][0] == '-') {
-      return Usage(kCatHelp, "unknown option '" + args[i] + "'");
+      return Usage(kCatHelp, "unknown option '" + args[i] +
+                                 "' (put '--' before a PATH that starts with '-')");
     } else {
       pos.push_back(args[i]);
     }
@@ -342,20 +352,16 @@ int Cat(const std::vector<std::string>& args) {
     t = ck->Tensor(pos[1]);
   }
   if (!t.ok()) return Fail(t.status());
-  std::span<const std::byte> bytes = t->data();
-  std::vector<std::byte> copy;
-  if (!t->is_contiguous()) {
-    copy.resize(static_cast<size_t>(t->info().nbytes()));
-    Status s = t->CopyTo(copy);
-    if (!s.ok()) return Fail(s);
-    bytes = copy;
-  } else {
-    bytes = bytes.first(static_cast<size_t>(t->info().nbytes()));
-  }
-  // fwrite(nullptr, ...) is undefined even for 0 bytes (empty tensors).
-  if ((!bytes.empty() &&
-       std::fwrite(bytes.data(), 1, bytes.size(), stdout) != bytes.size()) ||
-      std::fflush(stdout) != 0) {
+  // Piece by piece in bounded memory, whatever the tensor's size or
+  // strides (a stride-0 view of 2^40 elements starts flowing at once).
+  Status s = ck->StreamTensor(*t, [](std::span<const std::byte> piece) {
+    if (std::fwrite(piece.data(), 1, piece.size(), stdout) != piece.size()) {
+      return ckpt::IoError(std::string("writing to stdout: ") + std::strerror(errno));
+    }
+    return Status::OK();
+  });
+  if (!s.ok()) return Fail(s);
+  if (std::fflush(stdout) != 0) {
     return Fail(ckpt::IoError(std::string("writing to stdout: ") +
                               std::strerror(errno)));
   }
@@ -382,8 +388,14 @@ int Verify(const std::vector<std::string>& args) {
   std::string file;
   ckpt::VerifyOptions vo;
   ckpt::ReadOptions ro;
+  bool options_done = false;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--threads") {
+    if (!options_done && args[i] == "--") {
+      options_done = true;
+    } else if (options_done) {
+      if (!file.empty()) return Usage(kVerifyHelp, "unexpected argument '" + args[i] + "'");
+      file = args[i];
+    } else if (args[i] == "--threads") {
       int64_t n = 0;
       if (i + 1 >= args.size() || !ParseInt(args[i + 1], &n) || n < 1 || n > 1024) {
         return Usage(kVerifyHelp, "--threads takes a number in 1..1024");
@@ -413,6 +425,58 @@ int Verify(const std::vector<std::string>& args) {
 }
 
 // ---- diff -----------------------------------------------------------------------
+
+// How many elements of two tensors of one dtype and shape differ, in
+// bounded memory. Views laid out alike are compared in place, each stored
+// element once: a dimension of stride 0 repeats the same bytes, so it
+// multiplies the count instead of being walked (a stride-0 expand of 2^40
+// elements compares in one step). Views laid out differently are copied
+// to row-major order piece by piece and compared.
+ckpt::Result<uint64_t> DifferingElements(const ckpt::TensorRef& a,
+                                         const ckpt::TensorRef& b) {
+  const size_t el = ckpt::DTypeSize(a.dtype());
+  if (a.numel() == 0) return uint64_t{0};
+  if (a.strides() == b.strides()) {
+    if (std::memcmp(a.data().data(), b.data().data(), a.data().size()) == 0) {
+      return uint64_t{0};
+    }
+    std::vector<int64_t> shape, strides;
+    uint64_t repeat = 1;
+    for (size_t d = 0; d < a.shape().size(); ++d) {
+      if (a.strides()[d] == 0) {
+        repeat *= static_cast<uint64_t>(a.shape()[d]);
+      } else {
+        shape.push_back(a.shape()[d]);
+        strides.push_back(a.strides()[d]);
+      }
+    }
+    std::vector<int64_t> idx(shape.size(), 0);
+    uint64_t n = 0;
+    for (;;) {
+      int64_t off = 0;
+      for (size_t d = 0; d < idx.size(); ++d) off += idx[d] * strides[d];
+      const size_t at = static_cast<size_t>(off) * el;
+      n += std::memcmp(a.data().data() + at, b.data().data() + at, el) != 0;
+      size_t d = idx.size();
+      while (d > 0 && ++idx[d - 1] == shape[d - 1]) idx[--d] = 0;
+      if (d == 0) break;
+    }
+    return n * repeat;
+  }
+  constexpr size_t kPiece = 1 << 20;
+  const uint64_t total = a.info().nbytes();
+  std::vector<std::byte> pa(static_cast<size_t>(std::min<uint64_t>(kPiece, total))), pb(pa.size());
+  uint64_t n = 0;
+  for (uint64_t off = 0; off < total; off += kPiece) {
+    const size_t len = static_cast<size_t>(std::min<uint64_t>(kPiece, total - off));
+    std::span<std::byte> sa(pa.data(), len), sb(pb.data(), len);
+    CKPT_RETURN_IF_ERROR(a.CopyTo(sa, off));
+    CKPT_RETURN_IF_ERROR(b.CopyTo(sb, off));
+    if (std::memcmp(sa.data(), sb.data(), len) == 0) continue;
+    for (size_t k = 0; k < len; k += el) n += std::memcmp(&sa[k], &sb[k], el) != 0;
+  }
+  return n;
+}
 
 int Diff(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kDiffHelp), kExitOk;
@@ -459,15 +523,10 @@ int Diff(const std::vector<std::string>& args) {
     auto rb = b->Tensor(tb.path);
     if (!ra.ok()) return Fail(ra.status()), kExitTrouble;
     if (!rb.ok()) return Fail(rb.status()), kExitTrouble;
-    std::vector<std::byte> ca(static_cast<size_t>(ta.nbytes()));
-    std::vector<std::byte> cb(ca.size());
-    if (!ra->CopyTo(ca).ok() || !rb->CopyTo(cb).ok()) return kExitTrouble;
-    if (ca != cb) {
-      size_t el = ckpt::DTypeSize(ta.dtype), n = 0;
-      for (size_t k = 0; k < ca.size(); k += el) {
-        n += std::memcmp(&ca[k], &cb[k], el) != 0;
-      }
-      note('~', ta.path, std::to_string(n) + " of " +
+    auto differing = DifferingElements(*ra, *rb);
+    if (!differing.ok()) return Fail(differing.status()), kExitTrouble;
+    if (*differing > 0) {
+      note('~', ta.path, std::to_string(*differing) + " of " +
                              std::to_string(ta.numel()) + " elements differ");
     } else if (ta.requires_grad != tb.requires_grad ||
                ta.is_parameter != tb.is_parameter) {
@@ -505,10 +564,13 @@ int Import(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kImportHelp), kExitOk;
   ckpt::ImportOptions opt;
   std::vector<std::string> pos;
+  bool options_done = false;
   for (const auto& a : args) {
-    if (a == "--no-crc") {
+    if (!options_done && a == "--") {
+      options_done = true;
+    } else if (!options_done && a == "--no-crc") {
       opt.check_crc = false;
-    } else if (a.size() > 1 && a[0] == '-') {
+    } else if (!options_done && a.size() > 1 && a[0] == '-') {
       return Usage(kImportHelp, "unknown option '" + a + "'");
     } else {
       pos.push_back(a);
@@ -625,7 +687,9 @@ int Load(const std::vector<std::string>& args) {
 
 }  // namespace
 
-int ckpt::tool::CliMain(int argc, char** argv) {
+namespace {
+
+int Dispatch(int argc, char** argv) {
   if (argc < 2) return Usage(kMainHelp, "missing command");
   std::string cmd = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
@@ -646,4 +710,18 @@ int ckpt::tool::CliMain(int argc, char** argv) {
   if (cmd == "import") return Import(args);
   if (cmd == "load") return Load(args);
   return Usage(kMainHelp, "unknown command '" + cmd + "'");
+}
+
+}  // namespace
+
+int ckpt::tool::CliMain(int argc, char** argv) {
+  // The library returns Status, never throws; what is left here is this
+  // file's own containers (a whole-tensor copy for `load --device cpu`).
+  try {
+    return Dispatch(argc, argv);
+  } catch (const std::bad_alloc&) {
+    return Fail(ckpt::ResourceExhausted("out of memory"));
+  } catch (const std::exception& e) {
+    return Fail(ckpt::IoError(std::string("unexpected error: ") + e.what()));
+  }
 }
