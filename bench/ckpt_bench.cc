@@ -8,10 +8,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,13 +29,24 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-int Usage() {
+int Usage(const std::string& problem = "") {
+  if (!problem.empty()) std::fprintf(stderr, "ckpt-bench: %s\n\n", problem.c_str());
   std::fprintf(stderr,
                "usage: ckpt-bench synth OUT.ckpt --tensors N --total-mb M "
                "[--dtype D] [--seed S] [--no-sync]\n"
                "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n"
                "       ckpt-bench gpu FILE [--repeat R] [--json OUT] [--device cuda:N]\n");
   return 2;
+}
+
+// A whole decimal number in [lo, hi], or nullopt.
+std::optional<int64_t> ParseCount(const char* v, int64_t lo, int64_t hi) {
+  if (!v || !*v) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  long long n = std::strtoll(v, &end, 10);
+  if (errno != 0 || *end != '\0' || n < lo || n > hi) return std::nullopt;
+  return n;
 }
 
 int Die(const ckpt::Status& s) {
@@ -68,36 +83,42 @@ struct Row {
 };
 
 int Synth(int argc, char** argv) {
-  if (argc < 1) return Usage();
+  if (argc < 1) return Usage("synth needs OUT.ckpt");
   std::string out = argv[0];
   ckpt::bench::SynthOptions o;
+  o.tensors = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
     if (a == "--tensors") {
-      const char* v = next();
-      if (!v) return Usage();
-      o.tensors = std::atoi(v);
+      auto n = ParseCount(v, 4, 10'000'000);
+      if (!n) return Usage("--tensors takes a whole number from 4 (a model needs embed, norm, head and RNG state)");
+      o.tensors = static_cast<int>(*n);
     } else if (a == "--total-mb") {
-      const char* v = next();
-      if (!v) return Usage();
-      o.total_bytes = static_cast<uint64_t>(std::atof(v) * 1048576.0);
+      char* end = nullptr;
+      double mb = v ? std::strtod(v, &end) : 0;
+      if (!v || *end != '\0' || !(mb > 0) || mb > 1e9) {
+        return Usage("--total-mb takes a positive size in MiB");
+      }
+      o.total_bytes = static_cast<uint64_t>(mb * 1048576.0);
     } else if (a == "--dtype") {
-      const char* v = next();
       auto d = v ? ckpt::DTypeFromName(v) : std::nullopt;
-      if (!d) return Usage();
+      if (!d) return Usage("--dtype takes a dtype name (float32, bfloat16, ...)");
       o.dtype = *d;
     } else if (a == "--seed") {
-      const char* v = next();
-      if (!v) return Usage();
-      o.seed = std::strtoull(v, nullptr, 10);
+      auto n = ParseCount(v, 0, INT64_MAX);
+      if (!n) return Usage("--seed takes a whole number");
+      o.seed = static_cast<uint64_t>(*n);
     } else if (a == "--no-sync") {
       o.sync = false;
+      continue;
     } else {
-      return Usage();
+      return Usage("unknown option '" + a + "'");
     }
+    ++i;
   }
-  if (o.tensors < 4 || o.total_bytes == 0) return Usage();
+  if (o.tensors == 0) return Usage("synth needs --tensors N");
+  if (o.total_bytes == 0) return Usage("synth needs --total-mb M");
   ckpt::Status s = ckpt::bench::WriteSynthetic(out, o);
   if (!s.ok()) return Die(s);
   return 0;
@@ -302,5 +323,5 @@ int main(int argc, char** argv) {
     return 77;
 #endif
   }
-  return Usage();
+  return Usage("unknown command '" + cmd + "'");
 }

@@ -31,8 +31,11 @@ void Fill(std::vector<std::byte>& buf, uint64_t seed) {
 Status WriteSynthetic(const std::string& path, const SynthOptions& o) {
   const size_t el = DTypeSize(o.dtype);
   if (el == 0) return InvalidArgument("synth: unknown dtype");
-  // Per layer: 7 matrices + 2 norms; plus embed, final norm, lm_head.
-  int layers = std::max(1, (o.tensors - 3) / 9);
+  // Exactly o.tensors tensors: per layer 7 matrices + 2 norms; embed,
+  // final norm, lm_head; biases to fill; the RNG state.
+  if (o.tensors < 4) return InvalidArgument("synth: need at least 4 tensors");
+  const int model_tensors = o.tensors - 1;
+  int layers = (model_tensors - 3) / 9;
   std::vector<Spec> specs;
   specs.push_back({"embed_tokens.weight", 4.0});
   for (int l = 0; l < layers; ++l) {
@@ -51,7 +54,7 @@ Status WriteSynthetic(const std::string& path, const SynthOptions& o) {
   specs.push_back({"norm.weight", 0});
   specs.push_back({"lm_head.weight", 4.0});
   // Extra small tensors (biases) to reach the requested count.
-  for (int i = 0; static_cast<int>(specs.size()) < o.tensors; ++i) {
+  for (int i = 0; static_cast<int>(specs.size()) < model_tensors; ++i) {
     specs.push_back({"extra." + std::to_string(i) + ".bias", 0});
   }
   double total_share = 0;

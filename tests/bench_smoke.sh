@@ -9,6 +9,16 @@ trap 'rm -rf "$T"' EXIT
 "$BENCH" synth "$T/s.ckpt" --tensors 30 --total-mb 2 --no-sync
 "$BENCH" synth "$T/s2.ckpt" --tensors 30 --total-mb 2 --no-sync
 cmp "$T/s.ckpt" "$T/s2.ckpt"   # deterministic
+# Exactly the tensors asked for, for any count.
+for n in 4 5 12 13 30 101; do
+  "$BENCH" synth "$T/n.ckpt" --tensors $n --total-mb 1 --no-sync
+  "$CKPT" inspect "$T/n.ckpt" | grep -q "^  $n tensors " || { echo "synth --tensors $n: wrong count" >&2; exit 1; }
+done
+# Bad arguments say what is wrong.
+"$BENCH" synth "$T/n.ckpt" --tensors x --total-mb 1 2>"$T/err" && exit 1
+grep -q -- "--tensors takes a whole number" "$T/err" || { echo "no message for --tensors x" >&2; exit 1; }
+"$BENCH" synth "$T/n.ckpt" --tensors 10 --bogus 2>"$T/err" && exit 1
+grep -q "unknown option '--bogus'" "$T/err" || { echo "no message for --bogus" >&2; exit 1; }
 "$CKPT" verify "$T/s.ckpt"
 "$CKPT" get "$T/s.ckpt" optimizer/lr
 "$BENCH" cpu "$T/s.ckpt" --repeat 1 --json "$T/r.json" --tmpdir "$T"
