@@ -20,6 +20,7 @@
 #include "atomic_file.h"
 #include "craft.h"
 #include "parallel_internal.h"
+#include "sparse_fixture.h"
 #include "test_util.h"
 
 namespace ckpt::test {
@@ -275,63 +276,6 @@ TEST_CASE("item 3: metadata and tree survive the file being truncated in place")
 
 // ---- item 5: files larger than RAM + swap ------------------------------------
 
-// A sparse file holding `n` float32 tensors of `each` bytes: a real header
-// over data that was never written (holes read as zeros). Checksums of the
-// data are not valid; Open does not read them.
-void WriteSparse(const std::string& path, const std::vector<uint64_t>& sizes) {
-  const int n = static_cast<int>(sizes.size());
-  // Build the header with the writer over tiny storages, then move the
-  // storages apart and re-seal.
-  std::vector<std::byte> small;
-  {
-    auto w = Writer::Create(path, Fast());
-    REQUIRE(w.ok());
-    std::vector<float> v(1024, 0.0f);
-    for (int i = 0; i < n; ++i) {
-      REQUIRE(w->PutTensor("t" + std::to_string(i), DType::kFloat32, {1024}, Bytes(v)).ok());
-    }
-    REQUIRE(w->Commit().ok());
-    small = ReadAll(path);
-  }
-  uint64_t hoff = GetU64(small, internal::kOffHeaderOffset);
-  auto* h = fb::GetHeader(reinterpret_cast<const uint8_t*>(small.data() + hoff));
-  fb::HeaderT obj;
-  h->UnPackTo(&obj);
-  const uint64_t data_offset = GetU64(small, internal::kOffDataOffset);
-  const uint64_t chunk = obj.chunk_size;
-  uint64_t at = data_offset;
-  REQUIRE(obj.storages.size() == sizes.size());
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    auto& st = obj.storages[i];
-    st->offset = at;
-    st->nbytes = sizes[i];
-    st->chunk_hashes.assign((sizes[i] + chunk - 1) / chunk, 0);
-    at += sizes[i];
-  }
-  // Tensors are sorted by path; each views its own storage.
-  for (auto& t : obj.tensors) {
-    t->shape = {static_cast<int64_t>(sizes[t->storage] / 4)};
-  }
-  flatbuffers::FlatBufferBuilder fbb;
-  fb::FinishHeaderBuffer(fbb, fb::Header::Pack(fbb, &obj));
-  internal::Preamble pre;
-  pre.major = kFormatMajor;
-  pre.minor = kFormatMinor;
-  pre.data_offset = data_offset;
-  pre.data_size = at - data_offset;
-  pre.header_offset = at;
-  pre.header_size = fbb.GetSize();
-  auto* hb = reinterpret_cast<const std::byte*>(fbb.GetBufferPointer());
-  pre.header_hash = internal::Xxh3({hb, static_cast<size_t>(fbb.GetSize())});
-  auto preamble = internal::EncodePreamble(pre);
-  int fd = ::open(path.c_str(), O_WRONLY | O_TRUNC);
-  REQUIRE(fd >= 0);
-  REQUIRE(::pwrite(fd, preamble.data(), preamble.size(), 0) == 64);
-  REQUIRE(::pwrite(fd, hb, fbb.GetSize(), static_cast<off_t>(at)) ==
-          static_cast<ssize_t>(fbb.GetSize()));
-  ::close(fd);
-}
-
 TEST_CASE("item 5: a sparse 64 GiB file opens, with writable views per storage") {
   TempDir dir;
   std::string p = dir.File("big.ckpt");
@@ -340,7 +284,7 @@ TEST_CASE("item 5: a sparse 64 GiB file opens, with writable views per storage")
   // of 32 GiB and 32 of 1 GiB.
   std::vector<uint64_t> sizes(33, uint64_t{1} << 30);
   sizes[0] = uint64_t{32} << 30;
-  WriteSparse(p, sizes);
+  REQUIRE(WriteSparse(p, sizes).ok());
   struct stat st;
   REQUIRE(::stat(p.c_str(), &st) == 0);
   CHECK(uint64_t(st.st_size) > (uint64_t{64} << 30));

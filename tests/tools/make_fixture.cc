@@ -2,15 +2,26 @@
 //   make_fixture expand OUT VALUE   {"e": float32 VALUE expanded to 2^40
 //                                    elements (stride 0), "-0": float32 [1]
 //                                    (a path that looks like an option)}
+//   make_fixture sparse OUT GIB...   float32 tensors t0, t1... of GIB GiB
+//                                    each over holes (no data written)
 #include <ckpt/ckpt.h>
+
+#include "sparse_fixture.h"
 
 #include <cstdio>
 #include <string>
 #include <vector>
 
 int main(int argc, char** argv) {
+  if (argc >= 4 && std::string(argv[1]) == "sparse") {
+    std::vector<uint64_t> sizes;
+    for (int i = 3; i < argc; ++i) sizes.push_back(std::stoull(argv[i]) << 30);
+    ckpt::Status s = ckpt::test::WriteSparse(argv[2], sizes);
+    if (!s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+    return 0;
+  }
   if (argc != 4 || std::string(argv[1]) != "expand") {
-    std::fprintf(stderr, "usage: make_fixture expand OUT VALUE\n");
+    std::fprintf(stderr, "usage: make_fixture expand OUT VALUE | sparse OUT GIB...\n");
     return 2;
   }
   auto w = ckpt::Writer::Create(argv[2]);
