@@ -151,6 +151,12 @@ TEST_CASE("paths, row slices and device mapping") {
     REQUIRE(got.size() == 3 * 8 * 4);
     CHECK(std::equal(got.begin(), got.end(), data["m"].begin() + 10 * 8 * 4));
     CHECK(cuda_double::GetStats().live_device_allocs == 2);  // an arena per device
+    // An index past the end is an error, not an exception (it threw
+    // std::out_of_range from .at()).
+    CHECK((*load)->WaitTensor(3).code() == ErrorCode::kInvalidArgument);
+    CHECK(!(*load)->Ready(99));
+    CHECK((*load)->tensor(3).data == nullptr);
+    CHECK((*load)->event(3) == nullptr);
   }
   RequireNoLeaks();
   // Bad requests fail before anything is allocated.

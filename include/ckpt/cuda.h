@@ -99,10 +99,13 @@ class DeviceLoad {
   /// was released.
   virtual Status Wait() = 0;
   /// Waits for tensor i only; OK once its bytes are on the device.
+  /// kInvalidArgument for i >= size().
   virtual Status WaitTensor(size_t i) = 0;
-  /// True once tensor i's bytes are on the device (never for a failed one).
+  /// True once tensor i's bytes are on the device (never for a failed one
+  /// or for i >= size()).
   virtual bool Ready(size_t i) = 0;
   virtual size_t size() const = 0;
+  /// Tensor i; an empty DeviceTensor (null data) for i >= size().
   virtual const DeviceTensor& tensor(size_t i) const = 0;
   /// The cudaEvent_t recorded after tensor i's last copy (for
   /// cudaStreamWaitEvent on a compute stream).

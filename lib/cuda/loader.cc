@@ -146,8 +146,20 @@ class Loader final : public DeviceLoad {
       q->device = dev;
       q->items = std::move(list);
       unsigned n = static_cast<unsigned>(std::min<size_t>(threads, q->items.size()));
-      for (unsigned t = 0; t < std::max(1u, n); ++t) {
-        workers_.emplace_back([this, q] { Work(*q); });
+      unsigned started = 0;
+      try {
+        for (; started < std::max(1u, n); ++started) {
+          workers_.emplace_back([this, q] { Work(*q); });
+        }
+      } catch (const std::exception&) {
+        // std::system_error (no more threads): fewer workers do the same
+        // work; with none, this device's tensors fail instead of hanging.
+      }
+      if (started == 0) {
+        Fail(ResourceExhausted("cannot start a loader thread for cuda:" +
+                               std::to_string(dev))
+                 .WithFile(file_));
+        FailRest(*q);
       }
     }
   }
@@ -168,7 +180,8 @@ class Loader final : public DeviceLoad {
   }
 
   Status WaitTensor(size_t i) override {
-    Item& it = items_.at(i);
+    if (i >= items_.size()) return OutOfRange(i);
+    Item& it = items_[i];
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return it.stage != 0; });
@@ -184,7 +197,8 @@ class Loader final : public DeviceLoad {
   }
 
   bool Ready(size_t i) override {
-    Item& it = items_.at(i);
+    if (i >= items_.size()) return false;
+    Item& it = items_[i];
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (it.stage != 1) return false;
@@ -236,8 +250,11 @@ class Loader final : public DeviceLoad {
     return total ? static_cast<double>(resident) / static_cast<double>(total) : 1.0;
   }
   void UseDirect(bool direct) { direct_ = direct; }
-  const DeviceTensor& tensor(size_t i) const override { return items_.at(i).dt; }
-  void* event(size_t i) const override { return items_.at(i).done; }
+  const DeviceTensor& tensor(size_t i) const override {
+    static const DeviceTensor kNone{};
+    return i < items_.size() ? items_[i].dt : kNone;
+  }
+  void* event(size_t i) const override { return i < items_.size() ? items_[i].done : nullptr; }
 
  private:
   struct Queue {
@@ -245,6 +262,12 @@ class Loader final : public DeviceLoad {
     std::vector<size_t> items;
     std::atomic<size_t> next{0};
   };
+
+  Status OutOfRange(size_t i) const {
+    return InvalidArgument("tensor " + std::to_string(i) + " of a load of " +
+                           std::to_string(items_.size()))
+        .WithFile(file_);
+  }
 
   Status FailureOf(const Item& it) const {
     if (!first_.ok() && first_.tensor() == it.dt.info.path) return first_;
