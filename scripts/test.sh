@@ -46,7 +46,7 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer and CheckPth, 60 s each"
+  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
@@ -55,6 +55,8 @@ if command -v clang++ >/dev/null; then
   trap 'rm -rf "$corpus"' EXIT
   mkdir -p "$corpus/ckpt" "$corpus/pth"
   cp tests/data/*.ckpt "$corpus/ckpt/"
+  # A stride-0 view of 2^40 elements: walks must stream, never allocate it.
+  build-test/tests/make_fixture expand "$corpus/ckpt/expand.ckpt" 1.5
   # Seeds for the .pth fuzzer: small files written by the installed torch.
   py=.venv/bin/python
   [ -x "$py" ] || py=python3
