@@ -5,9 +5,14 @@ The directory itself is the index: each checkpoint is one file
 rename, fsync of the directory), with its step and metrics in the file's
 metadata. So there is no index file to get out of step with the data:
 after a crash at any moment every `step-*.ckpt` present is complete, and
-latest() is the highest one that opens. Old checkpoints are removed only
-after the new one is durable. One manager (one process) writes a
-directory at a time.
+latest() is the most recently saved one that opens. Each file also
+records its place in the save order (a sequence number one above the
+highest in the directory), and pruning goes by that order, not by step:
+after a rollback (resuming from step 5 while steps 8-10 exist) the new
+step-6 file is the newest and is kept, whatever its number. Old
+checkpoints are removed only after the new one is durable, and the save
+just made is never removed. One manager (one process) writes a directory
+at a time.
 """
 import json
 import math
@@ -23,6 +28,7 @@ _NAME = re.compile(r"^step-(\d+)\.ckpt$")
 _TEMP = re.compile(r"^\.step-\d+\.ckpt\.tmp-")
 _META_STEP = "ckpt.manager.step"
 _META_METRICS = "ckpt.manager.metrics"
+_META_SEQ = "ckpt.manager.seq"
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,19 @@ class CheckpointInfo:
     step: int
     path: str
     metrics: dict = field(default_factory=dict)
+    # Place in the save order: higher is newer (0: written before ckpt kept it).
+    seq: int = 0
+
+    def _recency(self):
+        return (self.seq, self.step)
 
 
 class CheckpointManager:
     """CheckpointManager(directory, keep_last=N, keep_best=K,
     metric="val_loss", mode="min").
 
-    keep_last: how many of the newest checkpoints to keep (None: all).
+    keep_last: how many of the most recently saved checkpoints to keep
+    (None: all); the save just made is always one of them.
     keep_best: how many of the best by `metric` to keep besides them.
     """
 
@@ -76,12 +88,15 @@ class CheckpointManager:
                 raise TypeError("metrics is a dict of str to numbers")
             metrics[k] = float(v)
         meta = dict(metadata or {})
+        seq = 1 + max((i.seq for i in self.list()), default=0)
         meta[_META_STEP] = str(step)
         meta[_META_METRICS] = json.dumps(metrics, allow_nan=True)
+        meta[_META_SEQ] = str(seq)
         path = self.path_for(step)
         _save(state, path, metadata=meta)
-        self._prune()
-        return CheckpointInfo(step, path, metrics)
+        info = CheckpointInfo(step, path, metrics, seq)
+        self._prune(info)
+        return info
 
     def _read(self, name, step):
         path = os.path.join(self.directory, name)
@@ -94,7 +109,13 @@ class CheckpointManager:
             metrics = json.loads(meta.get(_META_METRICS, "{}"))
         except ValueError:
             metrics = {}
-        return CheckpointInfo(step, path, metrics)
+        if not isinstance(metrics, dict):
+            metrics = {}
+        try:
+            seq = max(0, int(meta.get(_META_SEQ, "0")))
+        except ValueError:
+            seq = 0
+        return CheckpointInfo(step, path, metrics, seq)
 
     def list(self):
         """Every complete checkpoint, oldest step first."""
@@ -108,20 +129,21 @@ class CheckpointManager:
         return sorted(found, key=lambda i: i.step)
 
     def latest(self):
-        """The checkpoint with the highest step, or None."""
-        all_ = self.list()
-        return all_[-1] if all_ else None
+        """The most recently saved checkpoint, or None. That is the highest
+        step unless steps were saved out of order (after a rollback, the
+        newest save wins)."""
+        return max(self.list(), key=CheckpointInfo._recency, default=None)
 
     def _ranked(self, infos):
         def value(i):
             v = i.metrics.get(self.metric)
             return None if v is None or math.isnan(v) else v
-        sign = 1 if self.mode == "min" else -1  # best first; ties: newest first
+        sign = 1 if self.mode == "min" else -1  # best first; ties: newest save first
         scored = [i for i in infos if value(i) is not None]
-        return sorted(scored, key=lambda i: (sign * value(i), -i.step))
+        return sorted(scored, key=lambda i: (sign * value(i), -i.seq, -i.step))
 
     def best(self):
-        """The checkpoint with the best `metric` (ties: the newest), or None."""
+        """The checkpoint with the best `metric` (ties: the newest save), or None."""
         if not self.metric:
             raise ValueError("best() needs the manager's metric=")
         ranked = self._ranked(self.list())
@@ -132,15 +154,18 @@ class CheckpointManager:
         info = self.latest()
         return None if info is None else _load(info.path, map_location, **kwargs)
 
-    def _prune(self):
+    def _prune(self, new):
+        """Keeps the keep_last most recent saves (by save order, never by
+        step), the keep_best best, and always `new`, the save just made."""
         if self.keep_last is None:
             return
         infos = self.list()
-        keep = {i.step for i in infos[-self.keep_last:]}
+        recent = sorted(infos, key=CheckpointInfo._recency, reverse=True)
+        keep = {new.path} | {i.path for i in recent[:self.keep_last]}
         if self.keep_best and self.metric:
-            keep |= {i.step for i in self._ranked(infos)[:self.keep_best]}
+            keep |= {i.path for i in self._ranked(infos)[:self.keep_best]}
         for i in infos:
-            if i.step not in keep:
+            if i.path not in keep:
                 try:
                     os.unlink(i.path)
                 except FileNotFoundError:
