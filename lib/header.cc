@@ -1,3 +1,5 @@
+#include <bit>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -14,7 +16,7 @@ namespace ckpt::internal {
 static_assert(static_cast<uint8_t>(DType::kBFloat16) ==
               static_cast<uint8_t>(fb::DType::bfloat16));
 static_assert(static_cast<uint8_t>(DType::kBits4x2) ==
-              static_cast<uint8_t>(fb::DType::MAX));
+              static_cast<uint8_t>(fb::DType::bits4x2));
 static_assert(kMaxDTypeCode == static_cast<uint8_t>(fb::DType::MAX));
 static_assert(static_cast<uint8_t>(ValueKind::kDevice) ==
               static_cast<uint8_t>(fb::ValueKind::MAX));
@@ -165,6 +167,77 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
   return p;
 }
 
+std::optional<size_t> Utf8Problem(std::string_view s) {
+  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    unsigned c = b[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    // Lead byte: length and the range the second byte must lie in, which
+    // excludes overlong forms (E0 80..9F, F0 80..8F), surrogates (ED A0..BF)
+    // and code points past U+10FFFF (F4 90..BF, F5..FF).
+    size_t len = 0;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return i;  // 80..C1 (continuation or overlong lead), F5..FF
+    }
+    if (n - i < len) return i;
+    if (b[i + 1] < lo || b[i + 1] > hi) return i;
+    for (size_t k = 2; k < len; ++k) {
+      if ((b[i + k] & 0xC0) != 0x80) return i;
+    }
+    i += len;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> DeviceProblem(std::string_view d) {
+  if (d.empty()) return std::string("empty device string");
+  if (d.size() > 64) {
+    return "device string of " + std::to_string(d.size()) +
+           " characters (at most 64)";
+  }
+  auto is_head = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+  };
+  auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
+  const std::string quoted = "device '" + std::string(d) + "'";
+  if (!is_head(d[0])) return quoted + " must start with a letter or '_'";
+  size_t i = 1;
+  while (i < d.size() && (is_head(d[i]) || is_digit(d[i]))) ++i;
+  if (i == d.size()) return std::nullopt;
+  if (d[i] != ':') {
+    return quoted + ": type may hold only letters, digits and '_'";
+  }
+  std::string_view index = d.substr(i + 1);
+  if (index.empty()) return quoted + ": no index after ':'";
+  for (char c : index) {
+    if (!is_digit(c)) return quoted + ": index is not a decimal number";
+  }
+  if (index.size() > 1 && index[0] == '0') {
+    return quoted + ": index has a leading zero";
+  }
+  if (index.size() > 10 ||
+      (index.size() == 10 && index > std::string_view("2147483647"))) {
+    return quoted + ": index is above 2^31 - 1";
+  }
+  return std::nullopt;
+}
+
 std::optional<std::string> ViewProblem(uint8_t dtype_code,
                                        std::span<const int64_t> shape,
                                        std::span<const int64_t> strides,
@@ -221,6 +294,15 @@ namespace {
 
 using flatbuffers::uoffset_t;
 
+// R19: a string the format says is UTF-8 must be well-formed.
+std::optional<std::string> Utf8Error(std::string_view what, std::string_view s) {
+  if (auto bad = Utf8Problem(s)) {
+    return std::string(what) + " is not valid UTF-8 (byte " +
+           std::to_string(*bad) + " of " + std::to_string(s.size()) + ")";
+  }
+  return std::nullopt;
+}
+
 // R12: storages aligned, in order, inside the data section, one hash per
 // chunk.
 Status CheckStorages(const fb::Header& h, const Preamble& p) {
@@ -233,8 +315,11 @@ Status CheckStorages(const fb::Header& h, const Preamble& p) {
     const fb::Storage* s = storages->Get(i);
     std::string who = "storage " + std::to_string(i);
     uint64_t off = s->offset(), n = s->nbytes(), end = 0;
-    if (!s->device() || !IsValidDevice(s->device()->string_view())) {
-      return At(Corrupt(who + ": missing or invalid device string"),
+    if (!s->device()) {
+      return At(Corrupt(who + ": missing device string"), p.header_offset);
+    }
+    if (auto problem = DeviceProblem(s->device()->string_view())) {
+      return At(Corrupt(who + ": invalid device string: " + *problem),
                 p.header_offset);
     }
     if (off % BlobAlignment(n) != 0) {
@@ -243,6 +328,8 @@ Status CheckStorages(const fb::Header& h, const Preamble& p) {
                         std::to_string(BlobAlignment(n))),
                 off);
     }
+    // Offsets never decrease; an empty blob occupies nothing, so the next
+    // blob (or another empty one) may start at its offset.
     if (off < prev_end) {
       return At(Corrupt(who + " at " + std::to_string(off) +
                         " overlaps the previous blob, which ends at " +
@@ -271,6 +358,13 @@ Status CheckStorages(const fb::Header& h, const Preamble& p) {
   return Status::OK();
 }
 
+// The raw byte of a bool field: FlatBuffers' accessor folds 2..255 into
+// true, and R13 wants to see them. The generated tables derive privately
+// from flatbuffers::Table, at offset 0.
+uint8_t RawBool(const fb::Tensor* t, flatbuffers::voffset_t field) {
+  return reinterpret_cast<const flatbuffers::Table*>(t)->GetField<uint8_t>(field, 0);
+}
+
 // R13: tensors sorted and unique by path, with known dtype and an extent
 // inside their storage.
 Status CheckTensors(const fb::Header& h, const Preamble& p) {
@@ -281,6 +375,11 @@ Status CheckTensors(const fb::Header& h, const Preamble& p) {
   for (uoffset_t i = 0; i < tensors->size(); ++i) {
     const fb::Tensor* t = tensors->Get(i);
     std::string_view path = t->path()->string_view();
+    // R19 first: the path goes into every later message.
+    if (auto bad = Utf8Error("tensor path", path)) {
+      return At(Corrupt("tensor " + std::to_string(i) + ": " + *bad),
+                p.header_offset);
+    }
     auto fail = [&](std::string msg) {
       return At(Corrupt("tensor " + std::to_string(i) + ": " + std::move(msg)),
                 p.header_offset)
@@ -295,6 +394,14 @@ Status CheckTensors(const fb::Header& h, const Preamble& p) {
       return fail("storage index " + std::to_string(t->storage()) +
                   " out of range (" + std::to_string(nstorages) +
                   " storages)");
+    }
+    for (auto [field, name] :
+         {std::pair{fb::Tensor::VT_REQUIRES_GRAD, "requires_grad"},
+          std::pair{fb::Tensor::VT_IS_PARAMETER, "is_parameter"}}) {
+      if (uint8_t b = RawBool(t, field); b > 1) {
+        return fail(std::string(name) + " byte is " + std::to_string(b) +
+                    ", neither 0 nor 1");
+      }
     }
     auto span_of = [](const flatbuffers::Vector<int64_t>* v) {
       return v ? std::span<const int64_t>(v->data(), v->size())
@@ -311,12 +418,122 @@ Status CheckTensors(const fb::Header& h, const Preamble& p) {
   return Status::OK();
 }
 
+template <typename T>
+bool Misaligned(const flatbuffers::Vector<T>* v) {
+  // An empty vector has no elements to misalign (builders leave its data
+  // pointer 4 mod 8).
+  return v && v->size() > 0 &&
+         reinterpret_cast<uintptr_t>(v->data()) % alignof(T) != 0;
+}
+
+Status CheckWideVectorsAligned(const fb::Header& h, const Preamble& p) {
+  auto fail = [&](const std::string& what) {
+    return At(Corrupt("header fails FlatBuffers verification: " + what +
+                      " has 8-byte elements that are not 8-aligned"),
+              p.header_offset);
+  };
+  if (const auto* storages = h.storages()) {
+    for (uoffset_t i = 0; i < storages->size(); ++i) {
+      if (Misaligned(storages->Get(i)->chunk_hashes())) {
+        return fail("storage " + std::to_string(i) + "'s chunk_hashes");
+      }
+    }
+  }
+  if (const auto* tensors = h.tensors()) {
+    for (uoffset_t i = 0; i < tensors->size(); ++i) {
+      const fb::Tensor* t = tensors->Get(i);
+      if (Misaligned(t->shape()) || Misaligned(t->strides())) {
+        return fail("tensor " + std::to_string(i) + "'s shape or strides");
+      }
+    }
+  }
+  return Status::OK();
+}
+
 bool HasKeys(const fb::Node& n) { return n.keys() && n.keys()->size() > 0; }
 bool HasItems(const fb::Node& n) { return n.items() && n.items()->size() > 0; }
 
+KeyNode Describe(const fb::Node& n) {
+  KeyNode k;
+  k.kind = static_cast<ValueKind>(n.kind());
+  k.int_value = n.int_value();
+  k.float_value = n.float_value();
+  k.imag_value = n.imag_value();
+  if (n.str_value()) k.str = n.str_value()->string_view();
+  if (n.bytes_value()) k.bytes = {n.bytes_value()->data(), n.bytes_value()->size()};
+  k.num_items = n.items() ? n.items()->size() : 0;
+  return k;
+}
+
+// Which fields each kind uses (docs/FORMAT.md 7.1); every other field must
+// be absent or hold its default (0, +0.0, empty).
+struct FieldUse {
+  bool int_value = false, float_value = false, imag_value = false;
+  bool str_value = false, bytes_value = false, type_name = false;
+};
+FieldUse FieldsOf(ValueKind k) {
+  FieldUse u;
+  switch (k) {
+    case ValueKind::kBool:
+    case ValueKind::kInt:
+    case ValueKind::kDType:
+      u.int_value = true;
+      break;
+    case ValueKind::kTensor:
+      u.int_value = u.type_name = true;
+      break;
+    case ValueKind::kBigInt:
+    case ValueKind::kBytes:
+      u.bytes_value = true;
+      break;
+    case ValueKind::kFloat:
+      u.float_value = true;
+      break;
+    case ValueKind::kComplex:
+      u.float_value = u.imag_value = true;
+      break;
+    case ValueKind::kString:
+    case ValueKind::kDevice:
+      u.str_value = true;
+      break;
+    case ValueKind::kDict:
+      u.type_name = true;
+      break;
+    default:
+      break;
+  }
+  return u;
+}
+
+// R14, second part: fields a kind does not use are absent (or default).
+std::optional<std::string> UnusedFieldProblem(const fb::Node& n, ValueKind k) {
+  const FieldUse u = FieldsOf(k);
+  const std::string kind = "kind " + std::string(ValueKindName(k));
+  auto bits = [](double v) { return std::bit_cast<uint64_t>(v); };
+  if (!u.int_value && n.int_value() != 0) return kind + " does not use int_value";
+  if (!u.float_value && bits(n.float_value()) != 0) {
+    return kind + " does not use float_value";
+  }
+  if (!u.imag_value && bits(n.imag_value()) != 0) {
+    return kind + " does not use imag_value";
+  }
+  if (!u.str_value && n.str_value() && n.str_value()->size() > 0) {
+    return kind + " does not use str_value";
+  }
+  if (!u.bytes_value && n.bytes_value() && n.bytes_value()->size() > 0) {
+    return kind + " does not use bytes_value";
+  }
+  if (!u.type_name && n.type_name() && n.type_name()->size() > 0) {
+    return kind + " does not use type_name";
+  }
+  return std::nullopt;
+}
+
 // R14: the object tree is a tree: kinds known, children before parents,
 // every node but the root (the last) used exactly once, every tensor
-// referenced exactly once, nesting bounded.
+// referenced exactly once, nesting bounded; dict keys and set items
+// hashable (at every depth) and pairwise unequal (Python's ==); each
+// kind's fields valid and the others empty.
 Status CheckNodes(const fb::Header& h, const Preamble& p) {
   const auto* nodes = h.nodes();
   auto fail = [&](uoffset_t i, std::string msg) {
@@ -331,6 +548,12 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
   std::vector<uint8_t> used(n, 0);
   std::vector<uint8_t> tensor_used(ntensors, 0);
   std::vector<uint32_t> depth(n, 1);
+  // Equality class of each hashable node (KeyClasses::kUnhashable for the
+  // others) and, for an unhashable one, the kind that makes it so.
+  KeyClasses classes;
+  std::vector<uint32_t> cls(n, KeyClasses::kUnhashable);
+  std::vector<ValueKind> unhashable_kind(n, ValueKind::kNone);
+  std::vector<uint32_t> child_classes;
   for (uoffset_t i = 0; i < n; ++i) {
     const fb::Node* node = nodes->Get(i);
     auto kind = static_cast<uint8_t>(node->kind());
@@ -352,7 +575,7 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
                                        " keys and " + std::to_string(ni) +
                                        " values");
     }
-    auto visit = [&](uint32_t child, bool is_key) -> Status {
+    auto visit = [&](uint32_t child) -> Status {
       if (child >= i) {
         return fail(i, "child " + std::to_string(child) +
                            " does not precede its parent");
@@ -362,25 +585,53 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
                            " already has a parent");
       }
       used[child] = 1;
-      if (is_key) {
-        auto ck = static_cast<ValueKind>(nodes->Get(child)->kind());
-        if (!IsKeyKind(ck)) {
-          return fail(i, std::string("a ") +
-                             std::string(ValueKindName(ck)) +
-                             " cannot be a dict key");
-        }
-      }
       if (depth[child] + 1 > depth[i]) depth[i] = depth[child] + 1;
       return Status::OK();
     };
     if (node->items()) {
-      for (uint32_t c : *node->items()) CKPT_RETURN_IF_ERROR(visit(c, false));
+      for (uint32_t c : *node->items()) CKPT_RETURN_IF_ERROR(visit(c));
     }
     if (node->keys()) {
-      for (uint32_t c : *node->keys()) CKPT_RETURN_IF_ERROR(visit(c, true));
+      for (uint32_t c : *node->keys()) CKPT_RETURN_IF_ERROR(visit(c));
     }
     if (depth[i] > kMaxTreeDepth) {
       return fail(i, "nesting deeper than " + std::to_string(kMaxTreeDepth));
+    }
+    // Dict keys, and the items of sets, must be hashable and distinct, as
+    // in Python; a Tuple or FrozenSet is hashable when all it holds is.
+    auto hashable = [&](uint32_t c, const char* role) -> Status {
+      if (cls[c] != KeyClasses::kUnhashable) return Status::OK();
+      auto ck = static_cast<ValueKind>(nodes->Get(c)->kind());
+      std::string what = std::string("a ") + std::string(ValueKindName(ck));
+      if (ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet) {
+        what += " holding a " + std::string(ValueKindName(unhashable_kind[c]));
+      }
+      return fail(i, what + " cannot be " + role);
+    };
+    auto distinct = [&](const flatbuffers::Vector<uint32_t>* ids,
+                        const char* what) -> Status {
+      child_classes.clear();
+      for (uint32_t c : *ids) child_classes.push_back(cls[c]);
+      if (auto dup = FirstDuplicate(child_classes)) {
+        return fail(i, std::string(what) + " " + std::to_string(dup->first) +
+                           " and " + std::to_string(dup->second) +
+                           " are equal");
+      }
+      return Status::OK();
+    };
+    if (vk == ValueKind::kDict && node->keys()) {
+      for (uint32_t c : *node->keys()) {
+        CKPT_RETURN_IF_ERROR(hashable(c, "a dict key"));
+      }
+      CKPT_RETURN_IF_ERROR(distinct(node->keys(), "dict keys"));
+    }
+    if ((vk == ValueKind::kSet || vk == ValueKind::kFrozenSet) && node->items()) {
+      for (uint32_t c : *node->items()) {
+        CKPT_RETURN_IF_ERROR(hashable(c, vk == ValueKind::kSet
+                                             ? "a set item"
+                                             : "a frozenset item"));
+      }
+      CKPT_RETURN_IF_ERROR(distinct(node->items(), "set items"));
     }
     switch (vk) {
       case ValueKind::kBool:
@@ -396,6 +647,13 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
         }
         break;
       }
+      case ValueKind::kString:
+        if (node->str_value()) {
+          if (auto bad = Utf8Error("string", node->str_value()->string_view())) {
+            return fail(i, *bad);
+          }
+        }
+        break;
       case ValueKind::kDType:
         if (node->int_value() < 0 || node->int_value() > 255 ||
             !IsKnownDType(static_cast<uint8_t>(node->int_value()))) {
@@ -403,9 +661,9 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
         }
         break;
       case ValueKind::kDevice:
-        if (!node->str_value() ||
-            !IsValidDevice(node->str_value()->string_view())) {
-          return fail(i, "invalid device string");
+        if (!node->str_value()) return fail(i, "device without a string");
+        if (auto problem = DeviceProblem(node->str_value()->string_view())) {
+          return fail(i, "invalid device string: " + *problem);
         }
         break;
       case ValueKind::kTensor: {
@@ -424,6 +682,40 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       default:
         break;
     }
+    if (node->type_name()) {
+      if (auto bad = Utf8Error("type_name", node->type_name()->string_view())) {
+        return fail(i, *bad);
+      }
+    }
+    // This node's class, from its children's (which precede it).
+    switch (vk) {
+      case ValueKind::kList:
+      case ValueKind::kDict:
+      case ValueKind::kSet:
+      case ValueKind::kTensor:
+        unhashable_kind[i] = vk;
+        break;
+      case ValueKind::kTuple:
+      case ValueKind::kFrozenSet: {
+        child_classes.clear();
+        for (uoffset_t k = 0; node->items() && k < node->items()->size(); ++k) {
+          uint32_t c = node->items()->Get(k);
+          if (cls[c] == KeyClasses::kUnhashable) {
+            unhashable_kind[i] = unhashable_kind[c];
+            child_classes.clear();
+            break;
+          }
+          child_classes.push_back(cls[c]);
+        }
+        if (unhashable_kind[i] == ValueKind::kNone) {
+          cls[i] = classes.Classify(Describe(*node), child_classes);
+        }
+        break;
+      }
+      default:
+        cls[i] = classes.Classify(Describe(*node), {});
+        break;
+    }
   }
   for (uoffset_t i = 0; i + 1 < n; ++i) {
     if (!used[i]) return fail(i, "not reachable from the root");
@@ -434,18 +726,34 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
           .WithTensor(h.tensors()->Get(t)->path()->str());
     }
   }
+  // Field contents last, so a misplaced node is reported by its place.
+  for (uoffset_t i = 0; i < n; ++i) {
+    const fb::Node* node = nodes->Get(i);
+    if (auto problem =
+            UnusedFieldProblem(*node, static_cast<ValueKind>(node->kind()))) {
+      return fail(i, *problem);
+    }
+  }
   return Status::OK();
 }
 
-// R15: metadata keys sorted and unique.
+// R15: metadata keys sorted (byte-wise) and unique; R19 for keys and values.
 Status CheckMetadata(const fb::Header& h, const Preamble& p) {
   const auto* md = h.metadata();
   if (!md) return Status::OK();
-  for (uoffset_t i = 1; i < md->size(); ++i) {
-    if (!(md->Get(i - 1)->key()->string_view() <
-          md->Get(i)->key()->string_view())) {
+  for (uoffset_t i = 0; i < md->size(); ++i) {
+    const fb::KeyValue* kv = md->Get(i);
+    auto bad = Utf8Error("metadata key " + std::to_string(i),
+                         kv->key()->string_view());
+    if (!bad && kv->value()) {
+      bad = Utf8Error("metadata value of '" + kv->key()->str() + "'",
+                      kv->value()->string_view());
+    }
+    if (bad) return At(Corrupt(*bad), p.header_offset);
+    // string_view's compare is byte-wise on unsigned bytes (char_traits).
+    if (i > 0 && !(md->Get(i - 1)->key()->string_view() < kv->key()->string_view())) {
       return At(Corrupt("metadata keys are not sorted and unique at '" +
-                        md->Get(i)->key()->str() + "'"),
+                        kv->key()->str() + "'"),
                 p.header_offset);
     }
   }
@@ -477,6 +785,10 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
               p.header_offset);
   }
   const fb::Header* h = fb::GetHeader(data);
+  // R10, beyond the Verifier: it checks a vector's length prefix is 4-aligned
+  // but not that 8-byte elements are 8-aligned, and reading an int64 span
+  // that is not would be undefined behaviour. Builders always align them.
+  CKPT_RETURN_IF_ERROR(CheckWideVectorsAligned(*h, p));
   // R11: checksum chunk size.
   uint64_t chunk = h->chunk_size();
   if (chunk < kMinChunkBytes || chunk > kMaxChunkBytes ||
@@ -489,6 +801,11 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
   CKPT_RETURN_IF_ERROR(CheckTensors(*h, p));
   CKPT_RETURN_IF_ERROR(CheckNodes(*h, p));
   CKPT_RETURN_IF_ERROR(CheckMetadata(*h, p));
+  if (h->producer()) {
+    if (auto bad = Utf8Error("producer", h->producer()->string_view())) {
+      return At(Corrupt(*bad), p.header_offset);
+    }
+  }
   return h;
 }
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "ckpt/status.h"
 #include "ckpt_generated.h"
@@ -44,12 +45,23 @@ std::array<std::byte, 64> EncodePreamble(const Preamble& p);
 Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                                 uint64_t file_size);
 
-/// Rules R9-R15 on the header bytes: checksum, FlatBuffers Verifier, and
-/// the semantic rules that need no data bytes. `header` must be 8-byte
+/// Rules R9-R15 and R19 on the header bytes: checksum, FlatBuffers
+/// Verifier, and the semantic rules that need no data bytes. `header` must be 8-byte
 /// aligned. On success returns the root table (pointing into `header`).
 Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                                          const Preamble& p);
 
+
+/// Byte offset of the first byte of `s` that is not part of well-formed
+/// UTF-8 (RFC 3629: shortest form only, no surrogates U+D800..U+DFFF,
+/// nothing above U+10FFFF; U+0000 is allowed), or nullopt when all is.
+std::optional<size_t> Utf8Problem(std::string_view s);
+
+/// Why `device` breaks the device grammar of docs/FORMAT.md section 6
+/// (`TYPE` or `TYPE:INDEX`, TYPE = [A-Za-z_][A-Za-z0-9_]*, INDEX a decimal
+/// in [0, 2^31 - 1] without leading zeros, at most 64 characters), or
+/// nullopt when it is valid.
+std::optional<std::string> DeviceProblem(std::string_view device);
 
 /// Why a view (dtype, shape, strides in elements, offset in elements) does
 /// not fit a storage of `storage_nbytes`, or nullopt when it fits. Checked

@@ -1,5 +1,8 @@
+#include <algorithm>
+#include <bit>
 #include <charconv>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "tree_internal.h"
@@ -14,13 +17,70 @@ bool IsKeyKind(ValueKind kind) {
     case ValueKind::kTensor:
       return false;
     default:
-      return true;
+      return static_cast<uint8_t>(kind) <=
+             static_cast<uint8_t>(ValueKind::kDevice);
   }
 }
 
-std::string FormatDouble(double v) {
+namespace {
+
+// Python's float_repr_style 'short' (Python/pystrtod.c, format code 'r'):
+// the digits are the shortest that round-trip, which std::to_chars's
+// scientific form also gives (both pick the candidate nearest the exact
+// value); what differs from plain to_chars is the layout, done here.
+std::string PythonRepr(double v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  std::string_view s(buf, static_cast<size_t>(r.ptr - buf));
+  std::string out;
+  if (s.front() == '-') {
+    out += '-';
+    s.remove_prefix(1);
+  }
+  const size_t e = s.find('e');
+  std::string digits(1, s[0]);
+  if (e > 2) digits.append(s.substr(2, e - 2));  // "d.ddd": skip the point
+  std::string_view es = s.substr(e + 1);
+  const bool eneg = es.front() == '-';
+  int exp = 0;
+  std::from_chars(es.data() + 1, es.data() + es.size(), exp);
+  if (eneg) exp = -exp;
+  const int ndigits = static_cast<int>(digits.size());
+  if (exp < -4 || exp >= 16) {
+    out += digits[0];
+    if (ndigits > 1) {
+      out += '.';
+      out.append(digits, 1);
+    }
+    out += eneg ? "e-" : "e+";
+    const int a = exp < 0 ? -exp : exp;
+    if (a < 10) out += '0';
+    out += std::to_string(a);
+  } else if (exp >= 0) {
+    const int int_digits = exp + 1;
+    if (ndigits <= int_digits) {
+      out += digits;
+      out.append(static_cast<size_t>(int_digits - ndigits), '0');
+      out += ".0";
+    } else {
+      out.append(digits, 0, static_cast<size_t>(int_digits));
+      out += '.';
+      out.append(digits, static_cast<size_t>(int_digits));
+    }
+  } else {
+    out += "0.";
+    out.append(static_cast<size_t>(-exp - 1), '0');
+    out += digits;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string FormatDouble(double v, FloatKeyForm form) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  if (form == FloatKeyForm::kPythonRepr) return PythonRepr(v);
   char buf[64];
   auto r = std::to_chars(buf, buf + sizeof buf, v);
   return std::string(buf, r.ptr);
@@ -33,6 +93,21 @@ void NegateTwosComplement(std::span<uint8_t> le) {
     b = static_cast<uint8_t>(v);
     carry = v >> 8;
   }
+}
+
+size_t MinimalTwosComplementSize(std::span<const uint8_t> le) {
+  size_t n = le.size();
+  // A top byte that only repeats the sign of the byte below it is redundant.
+  while (n > 1) {
+    uint8_t top = le[n - 1], below = le[n - 2];
+    if ((top == 0x00 && (below & 0x80) == 0) ||
+        (top == 0xff && (below & 0x80) != 0)) {
+      --n;
+    } else {
+      break;
+    }
+  }
+  return n;
 }
 
 std::string BigIntDecimal(std::span<const uint8_t> le) {
@@ -62,17 +137,17 @@ std::string BigIntDecimal(std::span<const uint8_t> le) {
 
 std::string KeySegmentOf(
     uint32_t id, const std::function<KeyNode(uint32_t)>& get,
-    const std::function<uint32_t(uint32_t, size_t)>& item) {
+    const std::function<uint32_t(uint32_t, size_t)>& item, FloatKeyForm form) {
   KeyNode n = get(id);
   switch (n.kind) {
     case ValueKind::kNone: return "None";
     case ValueKind::kBool: return n.int_value ? "True" : "False";
     case ValueKind::kInt: return std::to_string(n.int_value);
     case ValueKind::kBigInt: return BigIntDecimal(n.bytes);
-    case ValueKind::kFloat: return FormatDouble(n.float_value);
+    case ValueKind::kFloat: return FormatDouble(n.float_value, form);
     case ValueKind::kComplex:
-      return "complex(" + FormatDouble(n.float_value) + "," +
-             FormatDouble(n.imag_value) + ")";
+      return "complex(" + FormatDouble(n.float_value, form) + "," +
+             FormatDouble(n.imag_value, form) + ")";
     case ValueKind::kString:
     case ValueKind::kDevice:
       return std::string(n.str);
@@ -92,13 +167,228 @@ std::string KeySegmentOf(
       std::string out = "(";
       for (size_t i = 0; i < n.num_items; ++i) {
         if (i) out += ",";
-        out += KeySegmentOf(item(id, i), get, item);
+        out += KeySegmentOf(item(id, i), get, item, form);
       }
       if (n.num_items == 1) out += ",";
       return out + ")";
     }
     default:
       return "?";
+  }
+}
+
+// ---- key equality -------------------------------------------------------------
+
+namespace {
+
+void AppendU64(std::string& s, uint64_t v) {
+  char b[8];
+  std::memcpy(b, &v, 8);
+  s.append(b, 8);
+}
+
+// "I" + the minimal two's complement bytes: one spelling per integer, so
+// Bool, Int, BigInt and integral floats of one value share a class.
+std::string IntCanon(std::span<const uint8_t> le) {
+  std::string s = "I";
+  size_t n = MinimalTwosComplementSize(le);
+  s.append(reinterpret_cast<const char*>(le.data()), n);
+  return s;
+}
+
+std::string IntCanon(int64_t v) {
+  uint8_t b[8];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = static_cast<uint8_t>(static_cast<uint64_t>(v) >> (8 * i));
+  }
+  return IntCanon(std::span<const uint8_t>(b, 8));
+}
+
+// An integral, finite double as an exact little-endian two's complement
+// integer (|v| may be up to 2^1024).
+std::string IntegralDoubleCanon(double v) {
+  if (std::fabs(v) < 9223372036854775808.0) {
+    return IntCanon(static_cast<int64_t>(v));
+  }
+  int e = 0;
+  double m = std::frexp(std::fabs(v), &e);  // |v| = m * 2^e, m in [0.5, 1)
+  auto mant = static_cast<uint64_t>(std::ldexp(m, 53));  // exact: 53 bits
+  const int shift = e - 53;                              // >= 11 here
+  std::vector<uint8_t> mag(static_cast<size_t>(e / 8 + 2), 0);
+  for (int bit = 0; bit < 53; ++bit) {
+    if ((mant >> bit) & 1) {
+      int pos = bit + shift;
+      mag[static_cast<size_t>(pos / 8)] |= static_cast<uint8_t>(1u << (pos % 8));
+    }
+  }
+  if (v < 0) NegateTwosComplement(mag);
+  return IntCanon(mag);
+}
+
+uint64_t Bits(double v) { return std::bit_cast<uint64_t>(v); }
+
+}  // namespace
+
+uint32_t KeyClasses::Intern(std::string canon) {
+  auto [it, inserted] = classes_.try_emplace(std::move(canon), next_);
+  if (inserted) ++next_;
+  return it->second;
+}
+
+uint32_t KeyClasses::Classify(const KeyNode& n, std::span<const uint32_t> items) {
+  auto real = [&](double v) -> uint32_t {
+    if (std::isnan(v)) return Fresh();  // a NaN equals nothing, not itself
+    if (std::isfinite(v) && v == std::trunc(v)) {
+      return Intern(IntegralDoubleCanon(v));  // -0.0 == 0 == False
+    }
+    std::string s = "F";
+    AppendU64(s, Bits(v));
+    return Intern(std::move(s));
+  };
+  switch (n.kind) {
+    case ValueKind::kNone:
+      return Intern("N");
+    case ValueKind::kBool:
+    case ValueKind::kInt:
+      return Intern(IntCanon(n.int_value));
+    case ValueKind::kBigInt:
+      if (n.bytes.empty()) return Fresh();
+      return Intern(IntCanon(n.bytes));
+    case ValueKind::kFloat:
+      return real(n.float_value);
+    case ValueKind::kComplex: {
+      double re = n.float_value, im = n.imag_value;
+      if (std::isnan(re) || std::isnan(im)) return Fresh();
+      if (im == 0) return real(re);  // 1+0j == 1
+      std::string s = "C";
+      AppendU64(s, Bits(re == 0 ? 0.0 : re));  // -0.0 == 0.0
+      AppendU64(s, Bits(im));
+      return Intern(std::move(s));
+    }
+    case ValueKind::kString:
+      return Intern("S" + std::string(n.str));
+    case ValueKind::kBytes:
+      return Intern("B" + std::string(reinterpret_cast<const char*>(n.bytes.data()),
+                                      n.bytes.size()));
+    case ValueKind::kDType: {
+      std::string s = "D";
+      AppendU64(s, static_cast<uint64_t>(n.int_value));
+      return Intern(std::move(s));
+    }
+    case ValueKind::kDevice:
+      return Intern("V" + std::string(n.str));
+    case ValueKind::kTuple:
+    case ValueKind::kFrozenSet: {
+      std::vector<uint32_t> ids(items.begin(), items.end());
+      for (uint32_t c : ids) {
+        if (c == kUnhashable) return kUnhashable;
+      }
+      // A frozenset equals another with the same items in any order.
+      if (n.kind == ValueKind::kFrozenSet) std::sort(ids.begin(), ids.end());
+      std::string s = n.kind == ValueKind::kTuple ? "T" : "Z";
+      s.reserve(1 + 4 * ids.size());
+      for (uint32_t c : ids) {
+        char b[4];
+        std::memcpy(b, &c, 4);
+        s.append(b, 4);
+      }
+      return Intern(std::move(s));
+    }
+    default:  // List, Dict, Set, Tensor, unknown kinds
+      return kUnhashable;
+  }
+}
+
+std::optional<std::pair<size_t, size_t>> FirstDuplicate(
+    std::span<const uint32_t> classes) {
+  std::unordered_map<uint32_t, size_t> seen;
+  seen.reserve(classes.size());
+  for (size_t i = 0; i < classes.size(); ++i) {
+    auto [it, inserted] = seen.try_emplace(classes[i], i);
+    if (!inserted) return std::pair{it->second, i};
+  }
+  return std::nullopt;
+}
+
+// ---- canonical order -------------------------------------------------------------
+
+namespace {
+
+// IEEE-754 totalOrder as an unsigned key: -NaN < -inf < ... < -0 < +0 < ...
+// < +inf < +NaN.
+uint64_t TotalOrderKey(double v) {
+  uint64_t b = Bits(v);
+  return (b >> 63) ? ~b : b | (uint64_t{1} << 63);
+}
+
+template <typename T>
+int Cmp(const T& a, const T& b) {
+  return a < b ? -1 : (b < a ? 1 : 0);
+}
+
+int CompareBytes(std::span<const uint8_t> a, std::span<const uint8_t> b) {
+  size_t n = std::min(a.size(), b.size());
+  int c = n ? std::memcmp(a.data(), b.data(), n) : 0;
+  if (c != 0) return c < 0 ? -1 : 1;
+  return Cmp(a.size(), b.size());
+}
+
+int CompareBigInt(std::span<const uint8_t> a, std::span<const uint8_t> b) {
+  a = a.first(MinimalTwosComplementSize(a));
+  b = b.first(MinimalTwosComplementSize(b));
+  bool na = !a.empty() && (a.back() & 0x80), nb = !b.empty() && (b.back() & 0x80);
+  if (na != nb) return na ? -1 : 1;
+  if (a.size() != b.size()) {
+    int longer = a.size() > b.size() ? 1 : -1;
+    return na ? -longer : longer;
+  }
+  // Same sign and width: the bit patterns order as unsigned numbers.
+  for (size_t i = a.size(); i-- > 0;) {
+    if (a[i] != b[i]) return a[i] < b[i] ? -1 : 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int CompareHashable(uint32_t a, uint32_t b,
+                    const std::function<KeyNode(uint32_t)>& get,
+                    const std::function<uint32_t(uint32_t, size_t)>& item) {
+  const KeyNode x = get(a), y = get(b);
+  if (x.kind != y.kind) {
+    return Cmp(static_cast<uint8_t>(x.kind), static_cast<uint8_t>(y.kind));
+  }
+  switch (x.kind) {
+    case ValueKind::kBool:
+    case ValueKind::kInt:
+    case ValueKind::kDType:
+      return Cmp(x.int_value, y.int_value);
+    case ValueKind::kBigInt:
+      return CompareBigInt(x.bytes, y.bytes);
+    case ValueKind::kFloat:
+      return Cmp(TotalOrderKey(x.float_value), TotalOrderKey(y.float_value));
+    case ValueKind::kComplex:
+      if (int c = Cmp(TotalOrderKey(x.float_value), TotalOrderKey(y.float_value))) {
+        return c;
+      }
+      return Cmp(TotalOrderKey(x.imag_value), TotalOrderKey(y.imag_value));
+    case ValueKind::kString:
+    case ValueKind::kDevice:
+      return CompareBytes(
+          {reinterpret_cast<const uint8_t*>(x.str.data()), x.str.size()},
+          {reinterpret_cast<const uint8_t*>(y.str.data()), y.str.size()});
+    case ValueKind::kBytes:
+      return CompareBytes(x.bytes, y.bytes);
+    case ValueKind::kTuple:
+    case ValueKind::kFrozenSet: {
+      size_t n = std::min(x.num_items, y.num_items);
+      for (size_t i = 0; i < n; ++i) {
+        if (int c = CompareHashable(item(a, i), item(b, i), get, item)) return c;
+      }
+      return Cmp(x.num_items, y.num_items);
+    }
+    default:  // None (one value); unhashable kinds are never compared
+      return 0;
   }
 }
 

@@ -21,6 +21,9 @@ namespace {
 // buffer of this size; larger appends go straight from the caller's memory.
 constexpr size_t kWriteBufferBytes = 1u << 20;
 constexpr size_t kMaxBigIntBytes = 4096;
+// The highest dtype code of format 1.0: a file that uses a higher one is
+// stamped 1.1 (docs/FORMAT.md 9).
+constexpr uint8_t kMaxDTypeCode1_0 = 32;
 // Appends at least this large hash on a second thread while writing.
 constexpr size_t kOverlapHashBytes = 1u << 20;
 }  // namespace
@@ -96,9 +99,8 @@ class WriterImpl {
                              std::to_string(storages_.size() - 1) +
                              " is still open");
     }
-    if (!IsValidDevice(device)) {
-      return InvalidArgument("invalid device string '" + std::string(device) +
-                             "'");
+    if (auto problem = DeviceProblem(device)) {
+      return InvalidArgument("invalid device string: " + *problem);
     }
     if (storages_.size() >= UINT32_MAX) {
       return InvalidArgument("too many storages");
@@ -198,11 +200,92 @@ class WriterImpl {
     std::vector<NodeId> items;
     std::vector<NodeId> keys;
     std::string type_name;
+    // Equality class as a dict key or set item (KeyClasses), and for an
+    // unhashable node the kind that makes it so.
+    uint32_t cls = KeyClasses::kUnhashable;
+    ValueKind unhashable_kind = ValueKind::kNone;
   };
 
+  static KeyNode Describe(const NodeRec& r) {
+    KeyNode k;
+    k.kind = r.kind;
+    k.int_value = r.int_value;
+    k.float_value = r.float_value;
+    k.imag_value = r.imag_value;
+    k.str = r.str;
+    k.bytes = r.bytes;
+    k.num_items = r.items.size();
+    return k;
+  }
+  KeyNode DescribeId(uint32_t id) const { return Describe(nodes_[id]); }
+  uint32_t ItemOf(uint32_t id, size_t i) const { return nodes_[id].items[i]; }
+
+  std::string KeySegment(NodeId id) const {
+    return KeySegmentOf(
+        id, [this](uint32_t i) { return DescribeId(i); },
+        [this](uint32_t i, size_t k) { return ItemOf(i, k); });
+  }
+
+  // Nodes are immutable once added (SetTypeName touches only unhashable
+  // kinds), and children always exist before their parent, so a node's
+  // class is computed once, here.
   NodeId Add(NodeRec n) {
+    switch (n.kind) {
+      case ValueKind::kList:
+      case ValueKind::kDict:
+      case ValueKind::kSet:
+      case ValueKind::kTensor:
+        n.unhashable_kind = n.kind;
+        break;
+      case ValueKind::kTuple:
+      case ValueKind::kFrozenSet: {
+        std::vector<uint32_t> item_classes;
+        item_classes.reserve(n.items.size());
+        for (NodeId c : n.items) {
+          if (nodes_[c].cls == KeyClasses::kUnhashable) {
+            n.unhashable_kind = nodes_[c].unhashable_kind;
+            break;
+          }
+          item_classes.push_back(nodes_[c].cls);
+        }
+        if (n.unhashable_kind == ValueKind::kNone) {
+          n.cls = classes_.Classify(Describe(n), item_classes);
+        }
+        break;
+      }
+      default:
+        n.cls = classes_.Classify(Describe(n), {});
+        break;
+    }
     nodes_.push_back(std::move(n));
     return static_cast<NodeId>(nodes_.size() - 1);
+  }
+
+  // Dict keys and set items: hashable at every depth (no List, Dict, Set or
+  // Tensor, even inside a tuple) and pairwise unequal by Python's ==.
+  Status CheckHashableDistinct(std::span<const NodeId> ids,
+                               const char* role) const {
+    std::vector<uint32_t> item_classes;
+    item_classes.reserve(ids.size());
+    for (NodeId id : ids) {
+      const NodeRec& r = nodes_[id];
+      if (r.cls == KeyClasses::kUnhashable) {
+        std::string what = "a " + std::string(ValueKindName(r.kind));
+        if (r.kind != r.unhashable_kind) {
+          what += " holding a " + std::string(ValueKindName(r.unhashable_kind));
+        }
+        return InvalidArgument(what + " cannot be " + role);
+      }
+      item_classes.push_back(r.cls);
+    }
+    if (auto dup = FirstDuplicate(item_classes)) {
+      return InvalidArgument(
+          std::string(role) + "s " + std::to_string(dup->first) + " ('" +
+          KeySegment(ids[dup->first]) + "') and " + std::to_string(dup->second) +
+          " ('" + KeySegment(ids[dup->second]) +
+          "') are equal in Python (==), so a dict or set cannot hold both");
+    }
+    return Status::OK();
   }
 
   Status CheckIds(std::span<const NodeId> ids) const {
@@ -220,18 +303,31 @@ class WriterImpl {
                               std::string_view type_name) {
     CKPT_RETURN_IF_ERROR(CheckIds(items));
     CKPT_RETURN_IF_ERROR(CheckIds(keys));
-    for (NodeId k : keys) {
-      if (!IsKeyKind(nodes_[k].kind)) {
-        return InvalidArgument(
-            "a " + std::string(ValueKindName(nodes_[k].kind)) +
-            " cannot be a dict key");
-      }
+    if (auto bad = Utf8Problem(type_name)) {
+      return InvalidArgument("type name is not valid UTF-8 (byte " +
+                             std::to_string(*bad) + ")");
+    }
+    CKPT_RETURN_IF_ERROR(CheckHashableDistinct(keys, "a dict key"));
+    const bool is_set = kind == ValueKind::kSet || kind == ValueKind::kFrozenSet;
+    if (is_set) {
+      CKPT_RETURN_IF_ERROR(CheckHashableDistinct(
+          items, kind == ValueKind::kSet ? "a set item" : "a frozenset item"));
     }
     NodeRec n;
     n.kind = kind;
     n.items.assign(items.begin(), items.end());
     n.keys.assign(keys.begin(), keys.end());
     n.type_name = type_name;
+    if (is_set) {
+      // A set has no order of its own (Python's follows per-process string
+      // hashes): store its items in the canonical order, so equal sets give
+      // equal bytes (docs/FORMAT.md 10).
+      std::stable_sort(n.items.begin(), n.items.end(), [this](NodeId a, NodeId b) {
+        return CompareHashable(
+                   a, b, [this](uint32_t i) { return DescribeId(i); },
+                   [this](uint32_t i, size_t k) { return ItemOf(i, k); }) < 0;
+      });
+    }
     return Add(std::move(n));
   }
 
@@ -272,6 +368,7 @@ class WriterImpl {
   std::vector<std::pair<NodeId, NodeId>> implicit_root_;
   std::map<std::string, std::string> metadata_;
   std::vector<NodeRec> nodes_;
+  KeyClasses classes_;
   bool committed_ = false;
   Status failed_;
   uint64_t pos_ = 0;
@@ -285,6 +382,10 @@ class WriterImpl {
   };
 
   Result<flatbuffers::DetachedBuffer> BuildHeader(NodeId root);
+
+  // The format minor version the file needs: the lowest whose features it
+  // uses, so a file without 1.1 features stays byte-identical to 1.0.
+  uint16_t minor_ = 0;
 
   AtomicFile file_;
   WriteOptions options_;
@@ -310,32 +411,15 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
   std::vector<NodeId> order;
   order.reserve(n);
 
-  auto key_segment = [&](NodeId id) {
-    return KeySegmentOf(
-        id,
-        [&](uint32_t i) {
-          const NodeRec& r = nodes_[i];
-          KeyNode k;
-          k.kind = r.kind;
-          k.int_value = r.int_value;
-          k.float_value = r.float_value;
-          k.imag_value = r.imag_value;
-          k.str = r.str;
-          k.bytes = r.bytes;
-          k.num_items = r.items.size();
-          return k;
-        },
-        [&](uint32_t i, size_t k) { return nodes_[i].items[k]; });
-  };
-
   struct Frame {
     NodeId node;
     std::string path;
     uint32_t depth;
     bool expanded;
+    bool in_key;  // the node is, or is inside, a dict key
   };
   std::vector<Frame> stack;
-  stack.push_back({root, "", 1, false});
+  stack.push_back({root, "", 1, false, false});
   auto placed_twice = [](NodeId id) {
     return InvalidArgument("node " + std::to_string(id) +
                            " is placed in the tree more than once; add a "
@@ -362,10 +446,29 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
       auto t = static_cast<size_t>(r.int_value);
       tensor_path[t] = f.path;
       tensor_placed[t] = 1;
+      if (static_cast<uint8_t>(tensors_[t].dtype) > kMaxDTypeCode1_0) {
+        minor_ = std::max<uint16_t>(minor_, 1);
+      }
+    }
+    if (r.kind == ValueKind::kString) {
+      if (auto bad = Utf8Problem(r.str)) {
+        return InvalidArgument("the string at '" + f.path +
+                               "' is not valid UTF-8 (byte " +
+                               std::to_string(*bad) + ")");
+      }
+    }
+    if (r.kind == ValueKind::kDType &&
+        static_cast<uint8_t>(r.int_value) > kMaxDTypeCode1_0) {
+      minor_ = std::max<uint16_t>(minor_, 1);
+    }
+    // Float keys are written as Python's repr() since 1.1 (7.3).
+    if (f.in_key && (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex)) {
+      minor_ = std::max<uint16_t>(minor_, 1);
     }
     // Copy what the child frames need: push_back may move `f`.
     const std::string path = f.path;
     const uint32_t depth = f.depth;
+    const bool in_key = f.in_key;
     const bool at_root = f.node == root;
     auto child_path = [&](const std::string& seg) {
       return (at_root ? std::string() : path + "/") + EscapePathSegment(seg);
@@ -374,14 +477,14 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     // keys and values of a dict are interleaved (key, value, key, ...).
     if (r.kind == ValueKind::kDict) {
       for (size_t i = r.items.size(); i-- > 0;) {
-        stack.push_back({r.items[i], child_path(key_segment(r.keys[i])),
-                         depth + 1, false});
-        stack.push_back({r.keys[i], path, depth + 1, false});
+        stack.push_back({r.items[i], child_path(KeySegment(r.keys[i])),
+                         depth + 1, false, in_key});
+        stack.push_back({r.keys[i], path, depth + 1, false, true});
       }
     } else {
       for (size_t i = r.items.size(); i-- > 0;) {
         stack.push_back({r.items[i], child_path(std::to_string(i)), depth + 1,
-                         false});
+                         false, in_key});
       }
     }
   }
@@ -491,7 +594,7 @@ Status WriterImpl::Commit() {
   }
   Preamble p;
   p.major = kFormatMajor;
-  p.minor = kFormatMinor;
+  p.minor = minor_;
   p.data_offset = kPageBytes;
   p.data_size = pos_ - kPageBytes;
   p.header_offset = *AlignUp(pos_, kMinAlignment);
@@ -525,6 +628,10 @@ Result<Writer> Writer::Create(const std::string& path,
   if (c < kMinChunkBytes || c > kMaxChunkBytes || (c & (c - 1)) != 0) {
     return InvalidArgument("chunk_size " + std::to_string(c) +
                            " is not a power of two in [4096, 2^30]");
+  }
+  if (auto bad = internal::Utf8Problem(options.producer)) {
+    return InvalidArgument("producer is not valid UTF-8 (byte " +
+                           std::to_string(*bad) + ")");
   }
   CKPT_ASSIGN_OR_RETURN(auto file,
                         internal::AtomicFile::Create(path, options.mode));
@@ -596,8 +703,22 @@ NodeId Writer::AddInt(int64_t v) {
   return impl_->Add(std::move(n));
 }
 Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
-  if (le.empty() || le.size() > internal::kMaxBigIntBytes) {
-    return InvalidArgument("big int must have 1..4096 bytes");
+  // Canonical form (docs/FORMAT.md 8): the fewest bytes, and an Int node for
+  // a value that fits 64 bits. Redundant sign bytes are dropped before the
+  // size limit applies, so -(2**32767) (4096 bytes) passes in 4097.
+  if (le.empty()) return InvalidArgument("big int with no bytes");
+  le = le.first(internal::MinimalTwosComplementSize(le));
+  if (le.size() > internal::kMaxBigIntBytes) {
+    return InvalidArgument("big int of " + std::to_string(le.size()) +
+                           " bytes; the format holds at most 4096 (|v| < 2^32767)");
+  }
+  if (le.size() <= 8) {
+    uint64_t v = (le.back() & 0x80) ? ~uint64_t{0} : 0;
+    for (size_t i = 0; i < le.size(); ++i) {
+      v &= ~(uint64_t{0xff} << (8 * i));
+      v |= uint64_t{le[i]} << (8 * i);
+    }
+    return AddInt(static_cast<int64_t>(v));
   }
   internal::WriterImpl::NodeRec n;
   n.kind = ValueKind::kBigInt;
@@ -640,8 +761,8 @@ Result<NodeId> Writer::AddDType(DType dtype) {
   return impl_->Add(std::move(n));
 }
 Result<NodeId> Writer::AddDevice(std::string_view device) {
-  if (!IsValidDevice(device)) {
-    return InvalidArgument("invalid device string '" + std::string(device) + "'");
+  if (auto problem = internal::DeviceProblem(device)) {
+    return InvalidArgument("invalid device string: " + *problem);
   }
   internal::WriterImpl::NodeRec n;
   n.kind = ValueKind::kDevice;
@@ -679,6 +800,10 @@ Status Writer::SetTypeName(NodeId node, std::string_view type_name) {
     return InvalidArgument("a type name tags a Tensor or Dict node, not " +
                            std::string(ValueKindName(n.kind)));
   }
+  if (auto bad = internal::Utf8Problem(type_name)) {
+    return InvalidArgument("type name is not valid UTF-8 (byte " +
+                           std::to_string(*bad) + ")");
+  }
   n.type_name = type_name;
   return Status::OK();
 }
@@ -712,6 +837,13 @@ Status Writer::PutTensor(std::string_view name, DType dtype,
 }
 
 Status Writer::SetMetadata(std::string_view key, std::string_view value) {
+  for (auto [what, s] : {std::pair{"key", key}, std::pair{"value", value}}) {
+    if (auto bad = internal::Utf8Problem(s)) {
+      return InvalidArgument("metadata " + std::string(what) +
+                             " is not valid UTF-8 (byte " +
+                             std::to_string(*bad) + ")");
+    }
+  }
   impl_->metadata_[std::string(key)] = std::string(value);
   return Status::OK();
 }

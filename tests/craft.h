@@ -28,16 +28,29 @@ inline void SealPreamble(std::vector<std::byte>& f) {
          internal::Xxh3({f.data(), internal::kOffSelfHash}));
 }
 
-/// Replaces the header by `mutate(header)` and re-seals both checksums.
-inline std::vector<std::byte> MutateHeader(
-    std::vector<std::byte> f, const std::function<void(fb::HeaderT&)>& mutate) {
+/// Recomputes the header checksum (after bytes of the header were patched
+/// in place) and the preamble's.
+inline void ResealHeader(std::vector<std::byte>& f) {
   uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
-  auto* h = fb::GetHeader(reinterpret_cast<const uint8_t*>(f.data() + hoff));
+  PutU64(f, internal::kOffHeaderHash,
+         internal::Xxh3({f.data() + hoff, f.size() - hoff}));
+  SealPreamble(f);
+}
+
+/// Replaces the header by `mutate(header)` and re-seals both checksums.
+/// The header of `f` as the object API's tree.
+inline fb::HeaderT UnpackHeader(const std::vector<std::byte>& f) {
+  uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   fb::HeaderT obj;
-  h->UnPackTo(&obj);
-  mutate(obj);
-  flatbuffers::FlatBufferBuilder fbb;
-  fb::FinishHeaderBuffer(fbb, fb::Header::Pack(fbb, &obj));
+  fb::GetHeader(reinterpret_cast<const uint8_t*>(f.data() + hoff))->UnPackTo(&obj);
+  return obj;
+}
+
+/// Replaces the header of `f` by the finished buffer in `fbb` and re-seals
+/// both checksums.
+inline std::vector<std::byte> ReplaceHeader(std::vector<std::byte> f,
+                                            const flatbuffers::FlatBufferBuilder& fbb) {
+  uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   f.resize(hoff);
   auto* p = reinterpret_cast<const std::byte*>(fbb.GetBufferPointer());
   f.insert(f.end(), p, p + fbb.GetSize());
@@ -46,6 +59,15 @@ inline std::vector<std::byte> MutateHeader(
          internal::Xxh3({p, static_cast<size_t>(fbb.GetSize())}));
   SealPreamble(f);
   return f;
+}
+
+inline std::vector<std::byte> MutateHeader(
+    std::vector<std::byte> f, const std::function<void(fb::HeaderT&)>& mutate) {
+  fb::HeaderT obj = UnpackHeader(f);
+  mutate(obj);
+  flatbuffers::FlatBufferBuilder fbb;
+  fb::FinishHeaderBuffer(fbb, fb::Header::Pack(fbb, &obj));
+  return ReplaceHeader(std::move(f), fbb);
 }
 
 /// A small valid file: tensors "a" (float32 [4]) and "b" (int64 [2, 3])

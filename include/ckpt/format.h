@@ -51,7 +51,10 @@ inline constexpr std::array<unsigned char, 8> kMagic = {0x89, 'C',  'K',  'P',
 /// Format version written by this library; a reader accepts any minor of
 /// its major and refuses a newer major. Valid since 1.0.
 inline constexpr uint16_t kFormatMajor = 1;
-inline constexpr uint16_t kFormatMinor = 0;
+/// Newest minor version this library writes (1 since format 1.1). The
+/// writer stamps each file with the lowest minor its contents need
+/// (docs/FORMAT.md 9), so a file without 1.1 features is still 1.0.
+inline constexpr uint16_t kFormatMinor = 1;
 /// Size of the fixed preamble: magic(8) + versions(2+2) + flags(4) + four
 /// offsets/sizes(4*8) + two hashes(2*8).
 inline constexpr size_t kPreambleBytes = 8 + 2 + 2 + 4 + 4 * 8 + 2 * 8;

@@ -16,6 +16,14 @@
 // names its root. Each node may be placed in the tree once. Without SetRoot(),
 // the root is a dict of everything given to PutTensor()/PutValue().
 //
+// The writer holds the tree to the rules of docs/FORMAT.md 7 that readers
+// check: dict keys and set items hashable at every depth and pairwise
+// unequal by Python's == (7.4); strings valid UTF-8; device strings in the
+// grammar of 6.2. Set and frozenset items are stored in the canonical order
+// (FORMAT.md 10), so the bytes do not depend on the order they were given
+// in. Each file is stamped with the lowest format minor version its
+// contents need (FORMAT.md 9).
+//
 // Not thread-safe: use one Writer from one thread at a time.
 #pragma once
 
@@ -41,7 +49,7 @@ struct WriteOptions {
   /// fsync the file and its directory at Commit(). Turning it off loses the
   /// crash-safety guarantee; only for tests and throwaway files.
   bool sync = true;
-  /// Written to the header's producer field.
+  /// Written to the header's producer field; must be valid UTF-8.
   std::string producer = "ckpt";
   /// Permission bits of the new file, before the umask.
   unsigned mode = 0666;
@@ -78,6 +86,8 @@ class Writer {
 
   // ---- storages -----------------------------------------------------------
   /// Writes a whole storage now; `bytes` may be released after the call.
+  /// kInvalidArgument for a device string outside FORMAT.md 6.2 (`cpu`,
+  /// `cuda`, `cuda:N` with N < 2^31 and no leading zero...).
   Result<StorageId> AddStorage(std::span<const std::byte> bytes,
                                std::string_view device = "cpu");
   /// Streams a storage of exactly `nbytes` in Append() pieces, then
@@ -104,20 +114,30 @@ class Writer {
   NodeId AddNone();
   NodeId AddBool(bool v);
   NodeId AddInt(int64_t v);
-  /// Arbitrary-size int, little-endian two's complement, 1..4096 bytes.
+  /// Arbitrary-size int, little-endian two's complement. Stored canonically
+  /// (FORMAT.md 7.1): redundant sign bytes are dropped, and a value that
+  /// fits 64 bits becomes an Int node. kInvalidArgument when no bytes are
+  /// given or the value needs more than 4096 bytes (|v| > 2^32767).
   Result<NodeId> AddBigInt(std::span<const uint8_t> le_twos_complement);
   NodeId AddFloat(double v);
   NodeId AddComplex(double re, double im);
+  /// `utf8` must be valid UTF-8 (FORMAT.md 6.1); Commit() refuses a tree
+  /// that places a string that is not, naming its path.
   NodeId AddString(std::string_view utf8);
   NodeId AddBytes(std::span<const uint8_t> bytes);
   Result<NodeId> AddDType(DType dtype);
-  /// kInvalidArgument unless IsValidDevice(device).
+  /// kInvalidArgument for a device string outside FORMAT.md 6.2.
   Result<NodeId> AddDevice(std::string_view device);
   Result<NodeId> AddList(std::span<const NodeId> items);
   Result<NodeId> AddTuple(std::span<const NodeId> items);
+  /// Items must be hashable (no List, Dict, Set or Tensor, not even inside
+  /// a tuple) and pairwise unequal by Python's ==, else kInvalidArgument.
+  /// They are stored in the canonical order, not the order given.
   Result<NodeId> AddSet(std::span<const NodeId> items);
   Result<NodeId> AddFrozenSet(std::span<const NodeId> items);
-  /// keys and values are parallel; keys must be scalars or tuples.
+  /// keys and values are parallel. Keys must be hashable and pairwise
+  /// unequal by Python's == (1, 1.0 and True are one key; 1 and "1" are
+  /// two), else kInvalidArgument naming both. `type_name` must be UTF-8.
   Result<NodeId> AddDict(std::span<const NodeId> keys,
                          std::span<const NodeId> values,
                          std::string_view type_name = "");
@@ -137,12 +157,14 @@ class Writer {
   Status PutValue(std::string_view name, NodeId node);
 
   /// String metadata (safetensors' __metadata__); a key set twice keeps the
-  /// last value.
+  /// last value. kInvalidArgument if key or value is not valid UTF-8.
   Status SetMetadata(std::string_view key, std::string_view value);
 
   /// Finishes the file and publishes it atomically under its final name.
   /// Errors: kInvalidArgument (a tensor not in the tree, a node used twice,
-  /// two tensors with one path, an open storage), kIoError (disk full...).
+  /// two tensors with one path, equal keys given to PutTensor/PutValue, a
+  /// string that is not UTF-8, nesting deeper than 1000, an open storage),
+  /// kIoError (disk full...).
   /// After an error the writer is aborted.
   Status Commit();
   /// Drops everything written; the target is untouched. Idempotent.
