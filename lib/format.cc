@@ -50,6 +50,21 @@ constexpr std::array<DTypeEntry, kMaxDTypeCode + 1> kDTypes = {{
     {"bits1x8", 1},
     {"bits2x4", 1},
     {"bits4x2", 1},
+    // 1.1: uint1..uint7, int1..int7, one value per byte.
+    {"uint1", 1},
+    {"uint2", 1},
+    {"uint3", 1},
+    {"uint4", 1},
+    {"uint5", 1},
+    {"uint6", 1},
+    {"uint7", 1},
+    {"int1", 1},
+    {"int2", 1},
+    {"int3", 1},
+    {"int4", 1},
+    {"int5", 1},
+    {"int6", 1},
+    {"int7", 1},
 }};
 
 }  // namespace

@@ -116,8 +116,24 @@ enum class DType : uint8_t {
   kBits1x8 = 30,
   kBits2x4 = 31,
   kBits4x2 = 32,
+  // Since format 1.1: torch's sub-byte integer "shell" dtypes (torch >= 2.3),
+  // one value per byte as torch stores them.
+  kUInt1 = 33,
+  kUInt2 = 34,
+  kUInt3 = 35,
+  kUInt4 = 36,
+  kUInt5 = 37,
+  kUInt6 = 38,
+  kUInt7 = 39,
+  kInt1 = 40,
+  kInt2 = 41,
+  kInt3 = 42,
+  kInt4 = 43,
+  kInt5 = 44,
+  kInt6 = 45,
+  kInt7 = 46,
 };
-inline constexpr uint8_t kMaxDTypeCode = 32;
+inline constexpr uint8_t kMaxDTypeCode = 46;
 
 /// Size in bytes of one element, or 0 for kInvalid / unknown codes.
 size_t DTypeSize(DType dtype);
