@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <unordered_set>
+#include <optional>
 
 #include "zip_internal.h"
 
@@ -18,6 +18,7 @@ constexpr size_t kEocdBytes = 22;
 constexpr size_t kMaxComment = 65535;
 constexpr size_t kMaxEntries = 1000000;
 constexpr size_t kMaxNameBytes = 4096;
+constexpr uint64_t kMaxAllNameBytes = 64ull << 20;
 
 uint64_t LE(const std::byte* p, int n) {
   uint64_t v = 0;
@@ -49,31 +50,24 @@ uint32_t Crc32(uint32_t crc, std::span<const std::byte> bytes) {
   return crc;
 }
 
-Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
-  const ByteSource& src = *source;
-  const uint64_t size = src.size();
-  if (size < kEocdBytes) return Bad(src, 0, "file too short for a zip archive");
-  // 1. End of central directory: scan back over the comment area.
-  uint64_t tail_len = std::min<uint64_t>(size, kEocdBytes + kMaxComment);
-  CKPT_ASSIGN_OR_RETURN(Bytes tail, src.Read(size - tail_len, tail_len));
-  int64_t eocd_rel = -1;
-  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0; --i) {
-    const std::byte* p = tail.data.data() + i;
-    if (LE(p, 4) == kEocdSig &&
-        static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2) == tail_len) {
-      eocd_rel = i;
-      break;
-    }
-  }
-  if (eocd_rel < 0) {
-    return Bad(src, size, "no end-of-central-directory record (truncated?)");
-  }
-  const uint64_t eocd = size - tail_len + static_cast<uint64_t>(eocd_rel);
-  const std::byte* e = tail.data.data() + eocd_rel;
-  uint64_t count = LE(e + 10, 2);
-  uint64_t cd_size = LE(e + 12, 4);
-  uint64_t cd_offset = LE(e + 16, 4);
-  // 2. zip64: torch always writes the locator; follow it when present.
+namespace {
+
+// Where the central directory is, from one candidate end record.
+struct EndRecord {
+  uint64_t eocd = 0;
+  uint64_t count = 0, cd_size = 0, cd_offset = 0;
+  uint64_t cd_end = 0;  // where the directory must end: the end record or
+                        // the zip64 end record
+};
+
+Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd, const std::byte* e) {
+  EndRecord r;
+  r.eocd = eocd;
+  r.cd_end = eocd;
+  r.count = LE(e + 10, 2);
+  r.cd_size = LE(e + 12, 4);
+  r.cd_offset = LE(e + 16, 4);
+  // zip64: torch always writes the locator; follow it when present.
   if (eocd >= 20) {
     CKPT_ASSIGN_OR_RETURN(Bytes loc, src.Read(eocd - 20, 20));
     if (LE(loc.data.data(), 4) == kZip64LocatorSig) {
@@ -85,30 +79,74 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
       if (LE(rec.data.data(), 4) != kZip64EocdSig) {
         return Bad(src, z64, "bad zip64 end-of-central-directory signature");
       }
-      count = LE(rec.data.data() + 32, 8);
-      cd_size = LE(rec.data.data() + 40, 8);
-      cd_offset = LE(rec.data.data() + 48, 8);
-    } else if (count == 0xFFFF || cd_size == 0xFFFFFFFF ||
-               cd_offset == 0xFFFFFFFF) {
-      return Bad(src, eocd, "saturated end record without a zip64 locator");
+      r.count = LE(rec.data.data() + 32, 8);
+      r.cd_size = LE(rec.data.data() + 40, 8);
+      r.cd_offset = LE(rec.data.data() + 48, 8);
+      r.cd_end = z64;
+      return r;
     }
   }
+  if (r.count == 0xFFFF || r.cd_size == 0xFFFFFFFF || r.cd_offset == 0xFFFFFFFF) {
+    return Bad(src, eocd, "saturated end record without a zip64 locator");
+  }
+  return r;
+}
+
+}  // namespace
+
+Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
+  const ByteSource& src = *source;
+  const uint64_t size = src.size();
+  if (size < kEocdBytes) return Bad(src, 0, "file too short for a zip archive");
+  // 1. End of central directory: scan back over the comment area. The
+  // record normally ends the file; when bytes were appended after it (torch
+  // still reads such files), take the last record whose central directory
+  // ends exactly where the record (or its zip64 record) starts, so a stray
+  // signature in the appended bytes is not mistaken for it.
+  uint64_t tail_len = std::min<uint64_t>(size, kEocdBytes + kMaxComment);
+  CKPT_ASSIGN_OR_RETURN(Bytes tail, src.Read(size - tail_len, tail_len));
+  std::optional<EndRecord> end;
+  Status first_error;  // of the candidate closest to the end
+  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0 && !end; --i) {
+    const std::byte* p = tail.data.data() + i;
+    if (LE(p, 4) != kEocdSig) continue;
+    const uint64_t rec_end = static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2);
+    if (rec_end > tail_len) continue;
+    const bool exact = rec_end == tail_len;
+    const uint64_t eocd = size - tail_len + static_cast<uint64_t>(i);
+    auto r = ReadEndRecord(src, eocd, p);
+    if (!r.ok()) {
+      if (first_error.ok()) first_error = r.status();
+      continue;
+    }
+    const bool in_file = InFile(src, r->cd_offset, r->cd_size) &&
+                         r->cd_offset + r->cd_size <= r->cd_end;
+    if (exact && in_file) {
+      end = *r;
+    } else if (in_file && r->cd_offset + r->cd_size == r->cd_end) {
+      end = *r;  // a consistent record followed by appended bytes
+    } else if (first_error.ok()) {
+      first_error = Bad(src, eocd, "central directory [" + std::to_string(r->cd_offset) +
+                                       ", +" + std::to_string(r->cd_size) +
+                                       ") outside the file");
+    }
+  }
+  if (!end) {
+    if (!first_error.ok()) return first_error;
+    return Bad(src, size, "no end-of-central-directory record (truncated?)");
+  }
+  const uint64_t eocd = end->eocd;
+  const uint64_t count = end->count, cd_size = end->cd_size, cd_offset = end->cd_offset;
   if (count > kMaxEntries) {
     return Bad(src, eocd, std::to_string(count) + " entries (limit " +
                               std::to_string(kMaxEntries) + ")");
-  }
-  if (!InFile(src, cd_offset, cd_size) || cd_offset + cd_size > eocd) {
-    return Bad(src, eocd, "central directory [" + std::to_string(cd_offset) +
-                              ", +" + std::to_string(cd_size) +
-                              ") outside the file");
   }
   // 3. Central directory.
   CKPT_ASSIGN_OR_RETURN(Bytes cd, src.Read(cd_offset, cd_size));
   ZipArchive z;
   z.source_ = std::move(source);
   z.entries_.reserve(static_cast<size_t>(count));
-  std::unordered_set<std::string> names;
-  uint64_t pos = 0;
+  uint64_t pos = 0, name_bytes = 0;
   for (uint64_t i = 0; i < count; ++i) {
     const uint64_t at = cd_offset + pos;
     if (cd_size - pos < 46) return Bad(src, at, "central directory truncated");
@@ -126,6 +164,11 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
     uint64_t rec = 46 + name_len + extra_len + comment_len;
     if (cd_size - pos < rec) return Bad(src, at, "central directory entry truncated");
     if (name_len > kMaxNameBytes) return Bad(src, at, "entry name too long");
+    name_bytes += name_len;
+    if (name_bytes > kMaxAllNameBytes) {
+      return Bad(src, at, "entry names exceed " + std::to_string(kMaxAllNameBytes) +
+                              " bytes in all (limit)");
+    }
     ent.name.assign(reinterpret_cast<const char*>(c + 46), name_len);
     // zip64 extra field (id 1): only the saturated fields, in order.
     const std::byte* x = c + 46 + name_len;
@@ -151,7 +194,7 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
       }
       xpos += 4 + len;
     }
-    if (!names.insert(ent.name).second) {
+    if (!z.index_.emplace(ent.name, z.entries_.size()).second) {
       return Bad(src, at, "duplicate entry '" + ent.name + "'");
     }
     if (!InFile(src, ent.local_header_offset, 30)) {
@@ -164,10 +207,18 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
 }
 
 const ZipEntry* ZipArchive::Find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &entries_[it->second];
+}
+
+bool ZipArchive::crc32_absent() const {
+  bool any = false;
   for (const auto& e : entries_) {
-    if (e.name == name) return &e;
+    if (e.size == 0) continue;  // the CRC-32 of no bytes is zero anyway
+    if (e.crc32 != 0) return false;
+    any = true;
   }
-  return nullptr;
+  return any;
 }
 
 Result<uint64_t> ZipArchive::PayloadOffset(const ZipEntry& e) const {
