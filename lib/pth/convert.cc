@@ -2,6 +2,7 @@
 // of the unpickled object graph that streams storages into a Writer.
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <future>
 #include <map>
 #include <optional>
@@ -13,6 +14,7 @@
 #include "header_internal.h"
 #include "pickle_internal.h"
 #include "source_internal.h"
+#include "tree_internal.h"
 #include "zip_internal.h"
 
 namespace ckpt {
@@ -44,6 +46,9 @@ struct Loaded {
   std::optional<ZipArchive> zip;
   std::string prefix;
   bool big_endian = false;
+  bool check_crc = true;   // options' check_crc, off when the archive has none
+  std::string crc_state;   // ImportReport::crc32
+  internal::PickleLimits pickle_limits;
   std::string container;
   Obj root;
   std::unordered_map<std::string, std::shared_ptr<PyStorage>> by_key;
@@ -157,8 +162,17 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   if (!has_pkl) {
     return Refuse(l, "zip archive without '" + l.prefix + "data.pkl': not a torch.save checkpoint");
   }
+  // torch 2.x can write archives without CRC-32s (compute_crc32=False):
+  // every field zero means "not computed", as torch reads it. From here on
+  // ckpt's own checksums protect the data.
+  l.check_crc = opt.check_crc && !l.zip->crc32_absent();
+  l.crc_state = !opt.check_crc ? "skipped" : l.check_crc ? "checked" : "not computed";
   if (const ZipEntry* bo = l.zip->Find(l.prefix + "byteorder")) {
-    CKPT_ASSIGN_OR_RETURN(Bytes b, l.zip->Read(*bo, opt.check_crc));
+    if (bo->size > 16) {
+      return Refuse(l, "byteorder record of " + std::to_string(bo->size) + " bytes",
+                    static_cast<int64_t>(bo->local_header_offset));
+    }
+    CKPT_ASSIGN_OR_RETURN(Bytes b, l.zip->Read(*bo, l.check_crc));
     std::string v(reinterpret_cast<const char*>(b.data.data()), b.data.size());
     while (!v.empty() && (v.back() == '\n' || v.back() == '\r')) v.pop_back();
     if (v == "big") {
@@ -168,7 +182,15 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
     }
   }
   const ZipEntry* pkl = l.zip->Find(l.prefix + "data.pkl");
-  CKPT_ASSIGN_OR_RETURN(Bytes data, l.zip->Read(*pkl, opt.check_crc));
+  // Checked against the declared size before anything is inflated: a
+  // deflated pickle of a few MiB can claim a GiB.
+  if (pkl->size > opt.limits.max_pickle_bytes) {
+    return Refuse(l, "'" + pkl->name + "' is " + std::to_string(pkl->size) +
+                         " bytes, more than the " + std::to_string(opt.limits.max_pickle_bytes) +
+                         "-byte pickle limit (max_pickle_bytes)",
+                  static_cast<int64_t>(pkl->local_header_offset));
+  }
+  CKPT_ASSIGN_OR_RETURN(Bytes data, l.zip->Read(*pkl, l.check_crc));
   int64_t base = -1;
   if (pkl->method == 0) {
     CKPT_ASSIGN_OR_RETURN(uint64_t off, l.zip->PayloadOffset(*pkl));
@@ -177,7 +199,8 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   size_t used = 0;
   auto r = internal::Unpickle(
       data.data, l.prefix + "data.pkl", base,
-      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used, l.heap.get());
+      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used, l.heap.get(),
+      l.pickle_limits);
   if (!r.ok()) return r.status().WithFile(l.src->name());
   l.root = *r;
   l.container = "zip";
@@ -198,7 +221,7 @@ Status LoadLegacy(Loaded& l) {
         with_pids ? internal::PersistentLoad(
                         [&](const Obj& pid) { return LoadStorage(l, pid, true); })
                   : internal::PersistentLoad(),
-        &used, l.heap.get());
+        &used, l.heap.get(), l.pickle_limits);
     if (!r.ok()) return r.status().WithFile(src.name());
     rest = rest.subspan(used);
     at += used;
@@ -258,6 +281,13 @@ Status LoadLegacy(Loaded& l) {
 
 Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   Loaded l;
+  const std::string& enc = opt.encoding;
+  if (enc != "utf-8" && enc != "utf8" && enc != "latin1" && enc != "latin-1") {
+    return InvalidArgument("encoding '" + enc + "': use utf-8 or latin1");
+  }
+  l.pickle_limits.py2_latin1 = enc == "latin1" || enc == "latin-1";
+  l.pickle_limits.max_bytes = opt.limits.max_pickle_bytes;
+  l.pickle_limits.max_memory = opt.limits.max_pickle_memory;
   CKPT_ASSIGN_OR_RETURN(l.src, internal::OpenSource(in, ReadOptions{}));
   // Storages are read with pread into one reused buffer: memory stays
   // bounded (no multi-GiB mapping resident) and no page is faulted twice.
@@ -289,24 +319,201 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
 
 // ---- conversion -------------------------------------------------------------
 
+// What a walk of the whole graph decides before anything is written: the
+// expanded size (memo reuse repeats a subtree in the tree as written, so a
+// 1 KiB pickle can stand for 2^60 nodes) and the element type each storage
+// is byte-swapped by.
+struct Plan {
+  std::unordered_map<const PyStorage*, DType> swap;
+};
+
+size_t SwapUnit(DType d) {
+  size_t w = DTypeSize(d);
+  return d == DType::kComplex32 || d == DType::kComplex64 || d == DType::kComplex128 ? w / 2 : w;
+}
+
+Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
+  struct Count {
+    uint64_t nodes = 0, tensors = 0, bytes = 0;
+  };
+  auto add = [](uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; };
+  auto check = [&](const Count& c) -> Status {
+    if (c.tensors > lim.max_tensor_refs) {
+      return Refuse(l, "the object expands to more than " + std::to_string(lim.max_tensor_refs) +
+                           " tensor references (memo reuse repeats them; limit max_tensor_refs)");
+    }
+    if (c.nodes > lim.max_nodes) {
+      return Refuse(l, "the object expands to more than " + std::to_string(lim.max_nodes) +
+                           " nodes (memo reuse repeats them; limit max_nodes)");
+    }
+    if (c.bytes > lim.max_expanded_bytes) {
+      return Refuse(l, "the object expands to more than " +
+                           std::to_string(lim.max_expanded_bytes) +
+                           " bytes of strings and bytes (memo reuse repeats them; limit "
+                           "max_expanded_bytes)");
+    }
+    return Status::OK();
+  };
+  // Iterative depth-first walk; each distinct object is counted once and
+  // its count reused. An edge back to an object being walked (a cycle)
+  // counts nothing here: the emitter refuses it, naming its path.
+  std::unordered_map<const PyObj*, Count> done;
+  std::unordered_set<const PyObj*> open;
+  struct Frame {
+    const PyObj* o;
+    size_t next = 0;  // children: dict key 0, value 0, key 1, ...; else items
+    Count sum;
+  };
+  auto self = [&](const PyObj& o) -> Result<Count> {
+    Count c;
+    c.nodes = 1;
+    switch (o.kind) {
+      case K::kStr: case K::kBytes: case K::kBigInt:
+        c.bytes = std::max(o.s.size(), o.bytes.size());
+        break;
+      case K::kTensor: case K::kStorage: {
+        c.tensors = 1;
+        const auto& st = o.kind == K::kTensor ? o.tensor->storage : o.storage;
+        DType d = o.kind == K::kTensor ? o.tensor->dtype : o.storage->dtype;
+        if (l.big_endian && !st->inline_data) {
+          auto [it, fresh] = plan->swap.emplace(st.get(), d);
+          if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
+            return Refuse(l, "big-endian storage '" + st->key + "' is viewed as " +
+                                 std::string(DTypeName(it->second)) + " and as " +
+                                 std::string(DTypeName(d)) +
+                                 ": elements of different widths cannot both be byte-swapped");
+          }
+        }
+        break;
+      }
+      default:
+        break;
+    }
+    return c;
+  };
+  auto child_of = [](const PyObj& o, size_t i) -> const PyObj* {
+    if (o.kind == K::kDict) return (i % 2 ? o.items[i / 2] : o.keys[i / 2]).get();
+    return o.items[i].get();
+  };
+  auto nchildren = [](const PyObj& o) {
+    switch (o.kind) {
+      case K::kDict: return 2 * std::min(o.items.size(), o.keys.size());
+      case K::kList: case K::kTuple: case K::kSet: case K::kFrozenSet: return o.items.size();
+      default: return size_t{0};
+    }
+  };
+  std::vector<Frame> stack;
+  auto enter = [&](const PyObj* o) -> Status {
+    CKPT_ASSIGN_OR_RETURN(Count c, self(*o));
+    open.insert(o);
+    stack.push_back(Frame{o, 0, c});
+    return Status::OK();
+  };
+  CKPT_RETURN_IF_ERROR(enter(l.root.get()));
+  while (!stack.empty()) {
+    Frame& f = stack.back();
+    if (f.next < nchildren(*f.o)) {
+      const PyObj* c = child_of(*f.o, f.next++);
+      if (auto it = done.find(c); it != done.end()) {
+        f.sum.nodes = add(f.sum.nodes, it->second.nodes);
+        f.sum.tensors = add(f.sum.tensors, it->second.tensors);
+        f.sum.bytes = add(f.sum.bytes, it->second.bytes);
+        CKPT_RETURN_IF_ERROR(check(f.sum));
+      } else if (!open.count(c)) {
+        CKPT_RETURN_IF_ERROR(enter(c));
+      }
+      continue;
+    }
+    Count c = f.sum;
+    open.erase(f.o);
+    done.emplace(f.o, c);
+    stack.pop_back();
+    CKPT_RETURN_IF_ERROR(check(c));
+    if (!stack.empty()) {
+      Count& p = stack.back().sum;
+      p.nodes = add(p.nodes, c.nodes);
+      p.tensors = add(p.tensors, c.tensors);
+      p.bytes = add(p.bytes, c.bytes);
+      CKPT_RETURN_IF_ERROR(check(p));
+    }
+  }
+  return Status::OK();
+}
+
+// The ValueKind a PyObj is written as (for the key rules).
+std::optional<ValueKind> WrittenKind(K k) {
+  switch (k) {
+    case K::kNone: return ValueKind::kNone;
+    case K::kBool: return ValueKind::kBool;
+    case K::kInt: return ValueKind::kInt;
+    case K::kBigInt: return ValueKind::kBigInt;
+    case K::kFloat: return ValueKind::kFloat;
+    case K::kComplex: return ValueKind::kComplex;
+    case K::kStr: return ValueKind::kString;
+    case K::kBytes: return ValueKind::kBytes;
+    case K::kList: return ValueKind::kList;
+    case K::kTuple: return ValueKind::kTuple;
+    case K::kDict: return ValueKind::kDict;
+    case K::kSet: return ValueKind::kSet;
+    case K::kFrozenSet: return ValueKind::kFrozenSet;
+    case K::kStorage: case K::kTensor: return ValueKind::kTensor;
+    case K::kDType: return ValueKind::kDType;
+    case K::kDevice: return ValueKind::kDevice;
+    default: return std::nullopt;
+  }
+}
+
+// The path segment of a dict key, exactly as the writer forms it
+// (docs/FORMAT.md 7.3), so paths in errors and the duplicate-path check
+// match the file.
+std::string KeySegment(const PyObj& key) {
+  std::vector<const PyObj*> ids{&key};
+  return internal::KeySegmentOf(
+      0,
+      [&](uint32_t id) {
+        const PyObj& o = *ids[id];
+        internal::KeyNode k;
+        k.kind = WrittenKind(o.kind).value_or(ValueKind::kNone);
+        k.int_value = o.i;
+        k.float_value = o.f;
+        k.imag_value = o.im;
+        k.str = o.s;
+        k.bytes = o.bytes;
+        k.num_items = o.items.size();
+        return k;
+      },
+      [&](uint32_t id, size_t i) {
+        ids.push_back(ids[id]->items[i].get());
+        return static_cast<uint32_t>(ids.size() - 1);
+      });
+}
+
 class Emitter {
  public:
-  Emitter(Loaded& l, Writer* w, const ImportOptions& opt) : l_(l), w_(w), opt_(opt) {}
+  Emitter(Loaded& l, const Plan& plan, Writer* w, const ImportOptions& opt)
+      : l_(l), plan_(plan), w_(w), opt_(opt) {}
 
-  Result<NodeId> Emit(const Obj& o, const std::string& path, int depth);
+  /// Emits `o` at path_ (the path of `o`). The same walk and the same
+  /// checks run with and without a writer: a dry run decides what a
+  /// conversion decides.
+  Result<NodeId> Emit(const Obj& o, int depth);
   ImportReport report;
 
  private:
-  Status Fail(const std::string& path, Status s) {
-    return s.WithFile(l_.src->name()).WithTensor(path);
-  }
-  Result<StorageId> WriteStorage(const std::shared_ptr<PyStorage>& st,
-                                 const std::string& path);
+  Status Fail(Status s) { return s.WithFile(l_.src->name()).WithTensor(path_); }
+  Result<StorageId> WriteStorage(const std::shared_ptr<PyStorage>& st);
   Status Stream(std::span<const std::byte> bytes, DType dtype);
+  Status CheckKey(const Obj& key);
+  Result<NodeId> EmitTensor(const Obj& o);
+  Result<NodeId> EmitContainer(const Obj& o, int depth);
 
   Loaded& l_;
+  const Plan& plan_;
   Writer* w_;  // nullptr for a dry run
   const ImportOptions& opt_;
+  std::string path_;          // of the node being emitted
+  uint64_t path_bytes_ = 0;   // path bytes of every node so far
+  std::unordered_set<std::string> tensor_paths_;
   std::unordered_map<const PyStorage*, StorageId> written_;
   std::unordered_set<const PyObj*> on_path_;
   std::vector<std::byte> swap_;
@@ -328,8 +535,7 @@ Status Emitter::Stream(std::span<const std::byte> bytes, DType dtype) {
   return Status::OK();
 }
 
-Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
-                                        const std::string& path) {
+Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
   auto it = written_.find(st.get());
   if (it != written_.end()) return it->second;
   const uint64_t bytes = st->numel * ElementSize(*st);
@@ -347,14 +553,14 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
   if (w_) {
     CKPT_ASSIGN_OR_RETURN(id, w_->BeginStorage(bytes, st->location));
   }
-  // The element width that matters for byte swapping: v3 storages are
-  // untyped, so use the dtype of the tensor that views them.
-  DType swap_dtype = st->dtype;
-  (void)path;
+  // The element type to byte-swap by: the planned one (that of the first
+  // tensor viewing it: an untyped v3 storage is uint8 by itself).
+  auto sw = plan_.swap.find(st.get());
+  const DType swap_dtype = sw != plan_.swap.end() ? sw->second : st->dtype;
   if (p.entry && p.entry->method != 0) {
     // Inflated piece by piece: memory stays bounded for any size.
     CKPT_RETURN_IF_ERROR(l_.zip->Inflate(
-        *p.entry, opt_.check_crc, static_cast<size_t>(kPieceBytes),
+        *p.entry, l_.check_crc, static_cast<size_t>(kPieceBytes),
         [&](std::span<const std::byte> piece) {
           return w_ ? Stream(piece, swap_dtype) : Status::OK();
         }));
@@ -383,7 +589,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
       // The CRC runs on a second thread while the writer hashes and
       // writes the same (read-only) bytes.
       std::future<uint32_t> piece_crc;
-      if (p.entry && opt_.check_crc) {
+      if (p.entry && l_.check_crc) {
         piece_crc = std::async(std::launch::async, [piece, crc] {
           return internal::Crc32(crc, piece);
         });
@@ -397,7 +603,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
       CKPT_RETURN_IF_ERROR(s);
       if (direct) l_.src->Release(start + off, n);
     }
-    if (p.entry && opt_.check_crc && crc != p.entry->crc32) {
+    if (p.entry && l_.check_crc && crc != p.entry->crc32) {
       return ChecksumMismatch("zip: record '" + p.entry->name + "': CRC-32 mismatch")
           .WithFile(l_.src->name())
           .WithOffset(static_cast<int64_t>(start));
@@ -408,111 +614,180 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st,
   return id;
 }
 
-Result<NodeId> Emitter::Emit(const Obj& o, const std::string& path, int depth) {
-  if (depth > static_cast<int>(kMaxTreeDepth) - 1) {
-    return Fail(path, InvalidArgument("object nested deeper than " +
-                                      std::to_string(kMaxTreeDepth) + " levels"));
-  }
-  auto child = [&](const std::string& seg) {
-    return (depth == 0 ? std::string() : path + "/") + EscapePathSegment(seg);
-  };
-  auto need_writer = [&]() -> NodeId { return 0; };
-  switch (o->kind) {
-    case K::kNone: return w_ ? w_->AddNone() : need_writer();
-    case K::kBool: return w_ ? w_->AddBool(o->i != 0) : need_writer();
-    case K::kInt: return w_ ? w_->AddInt(o->i) : need_writer();
-    case K::kBigInt: return w_ ? w_->AddBigInt(o->bytes) : Result<NodeId>(need_writer());
-    case K::kFloat: return w_ ? w_->AddFloat(o->f) : need_writer();
-    case K::kComplex: return w_ ? w_->AddComplex(o->f, o->im) : need_writer();
-    case K::kStr: return w_ ? w_->AddString(o->s) : need_writer();
-    case K::kBytes: return w_ ? w_->AddBytes(o->bytes) : need_writer();
-    case K::kDType:
-      return w_ ? w_->AddDType(static_cast<DType>(o->i)) : Result<NodeId>(need_writer());
-    case K::kDevice: return w_ ? w_->AddDevice(o->s) : Result<NodeId>(need_writer());
-    case K::kStorage:
-    case K::kTensor: {
-      std::shared_ptr<internal::PyTensor> t = o->tensor;
-      if (o->kind == K::kStorage) {  // a bare storage: a 1-D tensor over it
-        t = std::make_shared<internal::PyTensor>();
-        t->storage = o->storage;
-        t->dtype = o->storage->dtype;
-        t->shape = {static_cast<int64_t>(o->storage->numel)};
-        t->strides = {1};
-      }
-      report.tensors++;
-      auto sid = WriteStorage(t->storage, path);
-      if (!sid.ok()) return Fail(path, sid.status());
-      if (!w_) {
-        // Dry run: the same view check the writer makes.
-        if (auto problem = internal::ViewProblem(
-                static_cast<uint8_t>(t->dtype), t->shape, t->strides, t->offset,
-                t->storage->numel * ElementSize(*t->storage))) {
-          return Fail(path, InvalidArgument("bad tensor view: " + *problem));
-        }
-        return NodeId{0};
-      }
-      TensorSpec spec{t->dtype, t->shape, t->strides, *sid, t->offset,
-                      t->requires_grad, t->is_parameter};
-      auto n = w_->AddTensor(spec);
-      if (!n.ok()) return Fail(path, n.status());
-      if (t->numpy) {
-        // torch.load gives back a numpy array; so does ckpt.load.
-        Status s = w_->SetTypeName(*n, "numpy.ndarray");
-        if (!s.ok()) return Fail(path, s);
-      }
-      return *n;
+// A dict key must be a scalar, or a tuple / frozenset of keys, at any depth:
+// the writer refuses anything else, and so does a dry run, here.
+Status Emitter::CheckKey(const Obj& key) {
+  std::vector<std::pair<const PyObj*, bool>> todo{{key.get(), false}};
+  while (!todo.empty()) {
+    auto [k, inner] = todo.back();
+    todo.pop_back();
+    auto kind = WrittenKind(k->kind);
+    if (!kind || !internal::IsKeyKind(*kind)) {
+      return Fail(InvalidArgument("a " + std::string(kind ? ValueKindName(*kind) : "?") +
+                                  (inner ? " inside a tuple" : "") + " cannot be a dict key"));
     }
+    if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
+      if (todo.size() + k->items.size() > opt_.limits.max_nodes) {
+        return Fail(InvalidArgument("dict key too large"));
+      }
+      for (const auto& x : k->items) todo.emplace_back(x.get(), true);
+    }
+  }
+  return Status::OK();
+}
+
+Result<NodeId> Emitter::EmitTensor(const Obj& o) {
+  std::shared_ptr<internal::PyTensor> t = o->tensor;
+  if (o->kind == K::kStorage) {  // a bare storage: a 1-D tensor over it
+    t = std::make_shared<internal::PyTensor>();
+    t->storage = o->storage;
+    t->dtype = o->storage->dtype;
+    t->shape = {static_cast<int64_t>(o->storage->numel)};
+    t->strides = {1};
+  }
+  if (!tensor_paths_.insert(path_).second) {
+    return Fail(InvalidArgument("two tensors have the path '" + path_ +
+                                "' (keys with the same path form, e.g. 1 and \"1\", in one dict)"));
+  }
+  // The writer's view check, before the storage's bytes are streamed.
+  if (auto problem = internal::ViewProblem(static_cast<uint8_t>(t->dtype), t->shape, t->strides,
+                                           t->offset,
+                                           t->storage->numel * ElementSize(*t->storage))) {
+    return Fail(InvalidArgument("bad tensor view: " + *problem));
+  }
+  report.tensors++;
+  auto sid = WriteStorage(t->storage);
+  if (!sid.ok()) return Fail(sid.status());
+  if (!w_) return NodeId{0};
+  TensorSpec spec{t->dtype, t->shape, t->strides, *sid, t->offset,
+                  t->requires_grad, t->is_parameter};
+  auto n = w_->AddTensor(spec);
+  if (!n.ok()) return Fail(n.status());
+  if (t->numpy) {
+    // torch.load gives back a numpy array; so does ckpt.load.
+    Status s = w_->SetTypeName(*n, "numpy.ndarray");
+    if (!s.ok()) return Fail(s);
+  }
+  return *n;
+}
+
+Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
+  if (!on_path_.insert(o.get()).second) {
+    return Fail(InvalidArgument("the object contains itself (a cycle)"));
+  }
+  std::vector<NodeId> keys, items;
+  const size_t mark = path_.size();
+  for (size_t i = 0; i < o->items.size(); ++i) {
+    std::string seg;
+    if (o->kind == K::kDict) {
+      const Obj& key = o->keys[i];
+      CKPT_RETURN_IF_ERROR(CheckKey(key));
+      CKPT_ASSIGN_OR_RETURN(NodeId k, Emit(key, depth + 1));
+      keys.push_back(k);
+      seg = KeySegment(*key);
+    } else {
+      seg = std::to_string(i);
+    }
+    if (depth > 0) path_ += '/';
+    path_ += EscapePathSegment(seg);
+    auto v = Emit(o->items[i], depth + 1);
+    path_.resize(mark);
+    if (!v.ok()) return v.status();
+    items.push_back(*v);
+  }
+  on_path_.erase(o.get());
+  if (!w_) return NodeId{0};
+  Result<NodeId> r = NodeId{0};
+  switch (o->kind) {
+    case K::kList: r = w_->AddList(items); break;
+    case K::kTuple: r = w_->AddTuple(items); break;
+    case K::kSet: r = w_->AddSet(items); break;
+    case K::kFrozenSet: r = w_->AddFrozenSet(items); break;
+    default: r = w_->AddDict(keys, items, o->s2); break;
+  }
+  if (!r.ok()) return Fail(r.status());
+  return r;
+}
+
+Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
+  if (depth > static_cast<int>(kMaxTreeDepth) - 1) {
+    return Fail(InvalidArgument("object nested deeper than " +
+                                std::to_string(kMaxTreeDepth) + " levels"));
+  }
+  // The writer keeps a path per node while it builds the header: bound
+  // their sum (a long key under a deep or wide tree multiplies it).
+  path_bytes_ += path_.size() + 1;
+  if (path_bytes_ > opt_.limits.max_expanded_bytes) {
+    return Fail(InvalidArgument("the paths of the tree take more than " +
+                                std::to_string(opt_.limits.max_expanded_bytes) +
+                                " bytes (limit max_expanded_bytes)"));
+  }
+  Writer* w = w_;
+  switch (o->kind) {
+    case K::kNone: return w ? w->AddNone() : NodeId{0};
+    case K::kBool: return w ? w->AddBool(o->i != 0) : NodeId{0};
+    case K::kInt: return w ? w->AddInt(o->i) : NodeId{0};
+    case K::kBigInt: {
+      if (o->bytes.empty() || o->bytes.size() > 4096) {
+        return Fail(InvalidArgument("integer of " + std::to_string(o->bytes.size()) + " bytes"));
+      }
+      if (!w) return NodeId{0};
+      auto r = w->AddBigInt(o->bytes);
+      if (!r.ok()) return Fail(r.status());
+      return r;
+    }
+    case K::kFloat: return w ? w->AddFloat(o->f) : NodeId{0};
+    case K::kComplex: return w ? w->AddComplex(o->f, o->im) : NodeId{0};
+    case K::kStr:
+      if (o->i == internal::kPy2Undecodable) {
+        return Fail(InvalidArgument(
+            "a Python 2 str that is not UTF-8 ('" + o->s.substr(0, 40) +
+            "' as latin-1); torch.load reads it only with encoding='latin1': convert with "
+            "--encoding latin1"));
+      }
+      return w ? w->AddString(o->s) : NodeId{0};
+    case K::kBytes: return w ? w->AddBytes(o->bytes) : NodeId{0};
+    case K::kDType: {
+      if (!IsKnownDType(static_cast<uint8_t>(o->i))) {
+        return Fail(InvalidArgument("unsupported dtype code " + std::to_string(o->i)));
+      }
+      if (!w) return NodeId{0};
+      auto r = w->AddDType(static_cast<DType>(o->i));
+      if (!r.ok()) return Fail(r.status());
+      return r;
+    }
+    case K::kDevice: {
+      if (!IsValidDevice(o->s)) return Fail(InvalidArgument("invalid device '" + o->s + "'"));
+      if (!w) return NodeId{0};
+      auto r = w->AddDevice(o->s);
+      if (!r.ok()) return Fail(r.status());
+      return r;
+    }
+    case K::kStorage:
+    case K::kTensor:
+      return EmitTensor(o);
     case K::kList:
     case K::kTuple:
     case K::kSet:
     case K::kFrozenSet:
-    case K::kDict: {
-      if (!on_path_.insert(o.get()).second) {
-        return Fail(path, InvalidArgument("the object contains itself (a cycle)"));
-      }
-      std::vector<NodeId> keys, items;
-      for (size_t i = 0; i < o->items.size(); ++i) {
-        std::string seg;
-        if (o->kind == K::kDict) {
-          CKPT_ASSIGN_OR_RETURN(NodeId k, Emit(o->keys[i], path, depth + 1));
-          keys.push_back(k);
-          const Obj& key = o->keys[i];
-          seg = key->kind == K::kStr ? key->s
-                : key->kind == K::kInt ? std::to_string(key->i)
-                                        : "<key " + std::to_string(i) + ">";
-        } else {
-          seg = std::to_string(i);
-        }
-        CKPT_ASSIGN_OR_RETURN(NodeId v, Emit(o->items[i], child(seg), depth + 1));
-        items.push_back(v);
-      }
-      on_path_.erase(o.get());
-      if (!w_) return NodeId{0};
-      Result<NodeId> r = NodeId{0};
-      switch (o->kind) {
-        case K::kList: r = w_->AddList(items); break;
-        case K::kTuple: r = w_->AddTuple(items); break;
-        case K::kSet: r = w_->AddSet(items); break;
-        case K::kFrozenSet: r = w_->AddFrozenSet(items); break;
-        default: r = w_->AddDict(keys, items, o->type_name); break;
-      }
-      if (!r.ok()) return Fail(path, r.status());
-      return r;
-    }
+    case K::kDict:
+      return EmitContainer(o, depth);
     case K::kGlobal:
-      return Fail(path, InvalidArgument("a class or function object ('" + o->s + "." +
-                                        o->s2 + "') cannot be stored"));
+      return Fail(InvalidArgument("a class or function object ('" + o->s + "." + o->s2 +
+                                  "') cannot be stored"));
     case K::kNpDType:
-      return Fail(path, InvalidArgument("a bare numpy dtype object cannot be stored"));
+      return Fail(InvalidArgument("a bare numpy dtype object cannot be stored"));
     case K::kNpArray:
-      return Fail(path, InvalidArgument("an incomplete numpy array"));
+      return Fail(InvalidArgument("an incomplete numpy array"));
   }
-  return Fail(path, InvalidArgument("unsupported object"));
+  return Fail(InvalidArgument("unsupported object"));
 }
 
 Result<ImportReport> Run(const std::string& in, const std::string* out,
                          const ImportOptions& opt) {
   CKPT_ASSIGN_OR_RETURN(Loaded l, Load(in, opt));
+  Plan plan;
+  CKPT_RETURN_IF_ERROR(MakePlan(l, opt.limits, &plan));
   std::optional<Writer> w;
   if (out) {
     WriteOptions wo = opt.write;
@@ -520,12 +795,19 @@ Result<ImportReport> Run(const std::string& in, const std::string* out,
     CKPT_ASSIGN_OR_RETURN(Writer writer, Writer::Create(*out, wo));
     w.emplace(std::move(writer));
   }
-  Emitter e(l, w ? &*w : nullptr, opt);
-  CKPT_ASSIGN_OR_RETURN(NodeId root, e.Emit(l.root, "", 0));
+  Emitter e(l, plan, w ? &*w : nullptr, opt);
+  CKPT_ASSIGN_OR_RETURN(NodeId root, e.Emit(l.root, 0));
   e.report.container = l.container;
+  e.report.crc32 = l.crc_state;
   if (w) {
     CKPT_RETURN_IF_ERROR(w->SetRoot(root));
     CKPT_RETURN_IF_ERROR(w->SetMetadata("source_format", "torch.save " + l.container));
+    if (!l.crc_state.empty()) {
+      CKPT_RETURN_IF_ERROR(w->SetMetadata(
+          "source_crc32", l.crc_state == "not computed"
+                              ? "not computed (every CRC-32 field of the archive is zero)"
+                              : l.crc_state));
+    }
     Status s = w->Commit();
     if (!s.ok()) return s.WithFile(*out);
   }
@@ -541,6 +823,162 @@ Result<ImportReport> ImportPth(const std::string& in, const std::string& out,
 
 Result<ImportReport> CheckPth(const std::string& in, const ImportOptions& options) {
   return Run(in, nullptr, options);
+}
+
+
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// The inputs below `in_dir`, each with the output path it would get and,
+// where one applies, the reason it is refused before it is read.
+std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_dir,
+                                   std::error_code& ec) {
+  std::vector<std::pair<DirFileResult, fs::path>> found;
+  fs::recursive_directory_iterator it(in_dir, fs::directory_options::none, ec);
+  for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    const fs::path& p = it->path();
+    const std::string ext = p.extension().string();
+    if (ext != ".pth" && ext != ".pt" && ext != ".bin") continue;
+    std::error_code e2;
+    const fs::file_status ls = it->symlink_status(e2);
+    DirFileResult r;
+    // Named after the path under in_dir as listed, never a link's target.
+    r.input = p.lexically_relative(in_dir).generic_string();
+    const std::string full = p.string();
+    if (fs::is_symlink(ls)) {
+      const fs::file_status ts = fs::status(p, e2);
+      if (!fs::exists(ts)) {
+        r.status = NotFound("dangling symlink: its target '" +
+                            fs::read_symlink(p, e2).string() + "' does not exist")
+                       .WithFile(full);
+      } else if (fs::is_directory(ts)) {
+        continue;  // directory links are not followed
+      } else if (!fs::is_regular_file(ts)) {
+        r.status = InvalidArgument("symlink to something that is not a regular file").WithFile(full);
+      }
+    } else if (fs::is_directory(ls)) {
+      continue;
+    } else if (!fs::is_regular_file(ls)) {
+      r.status = InvalidArgument("not a regular file (device, FIFO or socket)").WithFile(full);
+    }
+    found.emplace_back(std::move(r), p);
+  }
+  if (ec) return {};
+  std::sort(found.begin(), found.end(),
+            [](const auto& a, const auto& b) { return a.first.input < b.first.input; });
+  std::unordered_map<std::string, std::string> claimed;  // output -> input
+  std::vector<DirFileResult> out;
+  for (auto& [r, p] : found) {
+    const std::string full = p.string();
+    fs::path rel(r.input);
+    bool escapes = rel.empty() || rel.is_absolute();
+    for (const auto& part : rel) escapes |= part == ".." || part == ".";
+    fs::path dst = rel;
+    dst.replace_extension(".ckpt");
+    r.output = dst.generic_string();
+    if (r.status.ok() && escapes) {
+      r.status = InvalidArgument("path '" + r.input + "' is not below the input directory")
+                     .WithFile(full);
+    }
+    auto [c, fresh] = claimed.emplace(r.output, r.input);
+    if (r.status.ok() && !fresh) {
+      r.status = InvalidArgument("its output '" + r.output + "' is already the output of '" +
+                                 c->second + "'; rename one of them")
+                     .WithFile(full);
+    }
+    if (r.status.ok() && !out_dir.empty()) {
+      // Never resolve out of out_dir: every existing component of the
+      // output path below it must be a real directory, the output itself
+      // no symlink (the writer would write through it).
+      fs::path cur = out_dir;
+      std::error_code e2;
+      for (const auto& part : dst.parent_path()) {
+        cur /= part;
+        const fs::file_status st = fs::symlink_status(cur, e2);
+        if (!fs::exists(st)) break;
+        if (fs::is_symlink(st)) {
+          r.status = InvalidArgument("its output path goes through the symlink '" +
+                                     cur.lexically_relative(out_dir).generic_string() +
+                                     "' in the output directory, which is not followed")
+                         .WithFile(full);
+          break;
+        }
+        if (!fs::is_directory(st)) {
+          r.status = InvalidArgument("'" + cur.lexically_relative(out_dir).generic_string() +
+                                     "' in the output directory is not a directory")
+                         .WithFile(full);
+          break;
+        }
+      }
+      const fs::file_status st = fs::symlink_status(out_dir / dst, e2);
+      if (r.status.ok() && fs::is_symlink(st)) {
+        r.status = InvalidArgument("its output '" + r.output +
+                                   "' is a symlink in the output directory; not written "
+                                   "through")
+                       .WithFile(full);
+      } else if (r.status.ok() && fs::exists(st) && !fs::is_regular_file(st)) {
+        r.status = InvalidArgument("its output '" + r.output + "' exists and is not a file")
+                       .WithFile(full);
+      }
+    }
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Result<std::vector<DirFileResult>> RunDir(const std::string& in_dir, const std::string& out_dir,
+                                          bool write, const ImportOptions& opt,
+                                          const DirProgress& progress) {
+  std::error_code ec;
+  if (!fs::is_directory(in_dir, ec)) {
+    return InvalidArgument("not a directory").WithFile(in_dir);
+  }
+  std::vector<DirFileResult> files = PlanDir(in_dir, out_dir, ec);
+  if (ec) return IoError("cannot list the directory: " + ec.message()).WithFile(in_dir);
+  const fs::path in(in_dir), out(out_dir);
+  for (size_t i = 0; i < files.size(); ++i) {
+    DirFileResult& f = files[i];
+    if (progress) progress(i, files.size(), f, false);
+    if (f.status.ok()) {
+      const std::string src = (in / f.input).string();
+      Result<ImportReport> r = ImportReport{};
+      if (write) {
+        const fs::path dst = out / f.output;
+        fs::create_directories(dst.parent_path(), ec);
+        r = ec ? Result<ImportReport>(IoError("cannot create directory: " + ec.message())
+                                          .WithFile(dst.parent_path().string()))
+               : ImportPth(src, dst.string(), opt);
+      } else {
+        r = CheckPth(src, opt);
+      }
+      if (r.ok()) {
+        f.report = *r;
+      } else {
+        f.status = r.status();
+      }
+    }
+    if (progress) progress(i, files.size(), f, true);
+  }
+  return files;
+}
+
+}  // namespace
+
+Result<std::vector<DirFileResult>> ImportPthDir(const std::string& in_dir,
+                                                const std::string& out_dir,
+                                                const ImportOptions& options,
+                                                const DirProgress& progress) {
+  if (out_dir.empty()) return InvalidArgument("no output directory");
+  return RunDir(in_dir, out_dir, true, options, progress);
+}
+
+Result<std::vector<DirFileResult>> CheckPthDir(const std::string& in_dir,
+                                               const std::string& out_dir,
+                                               const ImportOptions& options,
+                                               const DirProgress& progress) {
+  return RunDir(in_dir, out_dir, false, options, progress);
 }
 
 }  // namespace ckpt

@@ -1,3 +1,4 @@
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -174,6 +175,102 @@ Obj Make(K k) {
   return o;
 }
 
+// What is wrong with `b` as UTF-8 (strict, as Python decodes pickle text:
+// no overlong forms, nothing above U+10FFFF), or "" when it is valid.
+// `surrogates` are encoded U+D800..U+DFFF, which pickle accepts
+// (surrogatepass) but UTF-8, and so a ckpt string, cannot hold.
+std::string Utf8Problem(std::span<const std::byte> b, bool* surrogate) {
+  *surrogate = false;
+  const size_t n = b.size();
+  auto at = [&](size_t i) { return static_cast<uint8_t>(b[i]); };
+  for (size_t i = 0; i < n;) {
+    uint8_t c = at(i);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3
+                 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    auto where = [&] { return " at byte " + std::to_string(i) + " of the string"; };
+    if (len == 0) return "invalid UTF-8 start byte" + where();
+    if (n - i < len) return "invalid UTF-8: truncated sequence" + where();
+    for (size_t k = 1; k < len; ++k) {
+      if ((at(i + k) & 0xC0) != 0x80) return "invalid UTF-8 continuation byte" + where();
+    }
+    uint8_t c1 = at(i + 1);
+    if ((c == 0xE0 && c1 < 0xA0) || (c == 0xF0 && c1 < 0x90)) {
+      return "invalid UTF-8: overlong encoding" + where();
+    }
+    if (c == 0xF4 && c1 >= 0x90) return "invalid UTF-8: code point above U+10FFFF" + where();
+    if (c == 0xED && c1 >= 0xA0) {
+      *surrogate = true;
+      return "lone surrogate (U+D800..U+DFFF)" + where() +
+             ": Python's pickle lets it through, UTF-8 cannot hold it";
+    }
+    i += len;
+  }
+  return "";
+}
+
+// Latin-1 bytes as UTF-8 text (each byte one code point).
+std::string Latin1ToUtf8(std::span<const std::byte> b) {
+  std::string out;
+  out.reserve(b.size());
+  for (std::byte x : b) {
+    auto c = static_cast<uint8_t>(x);
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    }
+  }
+  return out;
+}
+
+// UTF-8 text of code points 0..255 back to those bytes (numpy and
+// _codecs.encode take latin-1 text as bytes); nullopt for a code point above
+// U+00FF.
+std::optional<std::vector<uint8_t>> Utf8ToLatin1(const std::string& text) {
+  std::vector<uint8_t> out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    auto c = static_cast<uint8_t>(text[i]);
+    if (c < 0x80) {
+      out.push_back(c);
+      ++i;
+    } else if ((c & 0xE0) == 0xC0 && i + 1 < text.size() && c <= 0xC3) {
+      out.push_back(static_cast<uint8_t>(((c & 0x1F) << 6) |
+                                         (static_cast<uint8_t>(text[i + 1]) & 0x3F)));
+      i += 2;
+    } else {
+      return std::nullopt;
+    }
+  }
+  return out;
+}
+
+// The bytes a str stands for where numpy or _codecs.encode wants bytes: a
+// Python 2 str's own bytes, or a text str's code points 0..255.
+std::optional<std::vector<uint8_t>> StrBytes(const PyObj& o) {
+  if (o.i == kPy2Str || o.i == kPy2Undecodable) return o.bytes;
+  return Utf8ToLatin1(o.s);
+}
+
+// A name in module torch that reads as a dtype (float33, uint9, int128,
+// float8_e3m4, bits32...): an unknown one is an unsupported dtype, not a
+// forbidden callable.
+bool LooksLikeDType(const std::string& n) {
+  for (const char* p : {"float", "bfloat", "uint", "int", "complex", "bits", "qint", "quint"}) {
+    size_t len = std::strlen(p);
+    if (n.size() > len && n.compare(0, len, p) == 0 &&
+        std::isdigit(static_cast<unsigned char>(n[len]))) {
+      return n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_") == std::string::npos;
+    }
+  }
+  return false;
+}
+
 const char* KindName(K k) {
   switch (k) {
     case K::kNone: return "None";
@@ -249,16 +346,60 @@ class Machine {
   }
 
   Status Push(Obj o) {
-    if (stack_.size() >= lim_.max_stack) return Bad("pickle stack too deep");
-    if (++objects_ > lim_.max_objects) return Bad("too many objects in pickle");
+    if (stack_.size() >= lim_.max_stack) {
+      return Refuse("pickle stack too deep (limit " + std::to_string(lim_.max_stack) +
+                    " items)");
+    }
+    if (++objects_ > lim_.max_objects) {
+      return Refuse("too many objects in pickle (limit " + std::to_string(lim_.max_objects) + ")");
+    }
+    // A new object (nobody else holds it yet) is charged once; a memo
+    // reuse costs only its stack slot.
+    uint64_t cost = o->charged ? 0 : Cost(*o);
+    o->charged = true;
     switch (o->kind) {  // anything that can hold a reference
       case K::kList: case K::kTuple: case K::kDict: case K::kSet: case K::kFrozenSet:
-        heap_->Track(o);
+        if (cost) {
+          heap_->Track(o);
+          cost += 2 * sizeof(Obj);
+        }
         break;
       default:
         break;
     }
     stack_.push_back(std::move(o));
+    return Charge(cost);
+  }
+
+  // Memory of one object as allocated: the node and its control block,
+  // heap-held strings and vectors, tensors and inline numpy data.
+  static uint64_t Cost(const PyObj& o) {
+    constexpr uint64_t kMalloc = 16;  // per-allocation overhead
+    auto str = [](const std::string& x) -> uint64_t {
+      return x.capacity() > 15 ? x.capacity() + 1 + kMalloc : 0;
+    };
+    uint64_t c = sizeof(PyObj) + 16 + kMalloc + str(o.s) + str(o.s2);
+    if (o.bytes.capacity()) c += o.bytes.capacity() + kMalloc;
+    if (o.items.capacity()) c += o.items.capacity() * sizeof(Obj) + kMalloc;
+    if (o.keys.capacity()) c += o.keys.capacity() * sizeof(Obj) + kMalloc;
+    if (o.tensor) {
+      c += sizeof(PyTensor) + 16 + 3 * kMalloc +
+           (o.tensor->shape.capacity() + o.tensor->strides.capacity()) * sizeof(int64_t);
+      if (o.tensor->storage && o.tensor->storage->inline_data) {
+        c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() + 4 * kMalloc;
+      }
+    }
+    return c;
+  }
+  // Adds `n` bytes and checks the total, stack and memo included.
+  Status Charge(uint64_t n) {
+    memory_ += n;
+    uint64_t total = memory_ + stack_.capacity() * sizeof(Obj) + memo_.size() * 64 +
+                     marks_.capacity() * sizeof(size_t);
+    if (total > lim_.max_memory) {
+      return Refuse("pickle objects take more than " + std::to_string(lim_.max_memory) +
+                    " bytes of memory (limit max_pickle_memory)");
+    }
     return Status::OK();
   }
   Result<Obj> Pop() {
@@ -288,7 +429,7 @@ class Machine {
     }
     CKPT_ASSIGN_OR_RETURN(Obj top, Top());
     memo_[idx] = top;
-    return Status::OK();
+    return Charge(0);
   }
   Status MemoGet(uint64_t idx) {
     auto it = memo_.find(idx);
@@ -358,9 +499,33 @@ class Machine {
     return IntFromLE(le);
   }
 
+  // Text (BINUNICODE...): UTF-8, refused where Python's pickle refuses it
+  // (UnicodeDecodeError) and for surrogates, which a ckpt string cannot hold.
   Result<Obj> Str(std::span<const std::byte> b) {
+    bool surrogate = false;
+    if (std::string why = Utf8Problem(b, &surrogate); !why.empty()) {
+      return surrogate ? Refuse("string with a " + why) : Bad("string is not text: " + why);
+    }
     auto o = Make(K::kStr);
     o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+    return o;
+  }
+  // A Python 2 str (BINSTRING, SHORT_BINSTRING): decoded as torch.load's
+  // `encoding` decodes it; its bytes are kept for numpy array data.
+  Result<Obj> Py2Str(std::span<const std::byte> b) {
+    auto o = Make(K::kStr);
+    o->i = kPy2Str;
+    o->bytes.resize(b.size());
+    if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
+    bool surrogate = false;
+    if (lim_.py2_latin1) {
+      o->s = Latin1ToUtf8(b);
+    } else if (Utf8Problem(b, &surrogate).empty()) {
+      o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+    } else {
+      o->s = Latin1ToUtf8(b);  // for messages; refused if used as text
+      o->i = kPy2Undecodable;
+    }
     return o;
   }
   Result<Obj> BytesObj(std::span<const std::byte> b) {
@@ -368,6 +533,15 @@ class Machine {
     o->bytes.resize(b.size());
     if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
     return o;
+  }
+
+  Obj Singleton(K k, int64_t v) {
+    Obj& slot = k == K::kNone ? none_ : v ? true_ : false_;
+    if (!slot) {
+      slot = Make(k);
+      slot->i = v;
+    }
+    return slot;
   }
 
   Status Global(std::string module, std::string name);
@@ -413,11 +587,13 @@ class Machine {
   size_t pos_ = 0;
   size_t op_at_ = 0;
   uint64_t objects_ = 0;
+  uint64_t memory_ = 0;  // charged by Push/Charge
   int proto_ = 0;
   int call_depth_ = 0;
   std::vector<Obj> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, Obj> memo_;
+  Obj none_, true_, false_;
 };
 
 Status Machine::Global(std::string module, std::string name) {
@@ -443,6 +619,19 @@ Status Machine::Global(std::string module, std::string name) {
       auto o = Make(K::kDType);
       o->i = static_cast<int64_t>(*d);
       return Push(o);
+    }
+  }
+  if (module == "torch" || module == "torch.cuda") {
+    // Names that are dtypes or storage types of a newer torch: say so, not
+    // "forbidden" (they are data types, not code).
+    if (module == "torch" && LooksLikeDType(name)) {
+      return Refuse("unsupported dtype " + name + " (torch." + name +
+                    " is not a dtype this version of ckpt knows)");
+    }
+    if (name.size() > 7 && name.compare(name.size() - 7, 7, "Storage") == 0 &&
+        name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") ==
+            std::string::npos) {
+      return Refuse("unsupported storage type " + module + "." + name);
     }
   }
   if (!Callables().count({module, name})) {
@@ -661,13 +850,14 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   if (m == "collections" && n == "OrderedDict") {
     CKPT_RETURN_IF_ERROR(need(0, 1));
     auto d = Make(K::kDict);
-    d->type_name = "collections.OrderedDict";
+    d->s2 = "collections.OrderedDict";
     if (a.size() == 1) {
       if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
         return Refuse("OrderedDict() of a " + std::string(KindName(a[0]->kind)));
       }
       for (const auto& pair : a[0]->items) {
-        if (pair->kind != K::kTuple || pair->items.size() != 2) {
+        // Python 3 writes (key, value) tuples, Python 2.7 [key, value] lists.
+        if ((pair->kind != K::kTuple && pair->kind != K::kList) || pair->items.size() != 2) {
           return Refuse("OrderedDict() items must be pairs");
         }
         d->keys.push_back(pair->items[0]);
@@ -697,26 +887,16 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   }
   if (m == "_codecs" && n == "encode") {
     CKPT_RETURN_IF_ERROR(need(1, 2));
-    CKPT_ASSIGN_OR_RETURN(std::string text, AsStr(a[0], "_codecs.encode text"));
+    CKPT_RETURN_IF_ERROR(AsStr(a[0], "_codecs.encode text").status());
     if (a.size() == 2) {
       CKPT_ASSIGN_OR_RETURN(std::string enc, AsStr(a[1], "encoding"));
       if (enc != "latin1" && enc != "latin-1") return Refuse("_codecs.encode with encoding '" + enc + "'");
     }
-    // The str holds code points 0..255 as UTF-8; each is one byte.
+    // The str holds code points 0..255; each is one byte.
+    auto raw = StrBytes(*a[0]);
+    if (!raw) return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
     auto o = Make(K::kBytes);
-    for (size_t i = 0; i < text.size();) {
-      auto c = static_cast<uint8_t>(text[i]);
-      if (c < 0x80) {
-        o->bytes.push_back(c);
-        ++i;
-      } else if ((c & 0xE0) == 0xC0 && i + 1 < text.size() && c <= 0xC3) {
-        o->bytes.push_back(static_cast<uint8_t>(((c & 0x1F) << 6) |
-                                                (static_cast<uint8_t>(text[i + 1]) & 0x3F)));
-        i += 2;
-      } else {
-        return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
-      }
-    }
+    o->bytes = std::move(*raw);
     return o;
   }
   if (m == "builtins") {
@@ -768,7 +948,7 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     if (IsGlobal(a[0], "argparse", "Namespace") ||
         IsGlobal(a[0], "collections", "OrderedDict")) {
       auto d = Make(K::kDict);
-      d->type_name = a[0]->s + "." + a[0]->s2;
+      d->s2 = a[0]->s + "." + a[0]->s2;
       return d;
     }
     return Refuse("copyreg._reconstructor of a class that is not allowlisted");
@@ -804,7 +984,7 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
 Status Machine::Build(const Obj& target, const Obj& state) {
   switch (target->kind) {
     case K::kDict:
-      if (target->type_name == "argparse.Namespace") {
+      if (target->s2 == "argparse.Namespace") {
         if (state->kind != K::kDict) return Refuse("Namespace state is not a dict");
         target->keys = state->keys;
         target->items = state->items;
@@ -836,8 +1016,11 @@ Status Machine::Build(const Obj& target, const Obj& state) {
       std::vector<uint8_t> data;
       if (s[4]->kind == K::kBytes) {
         data = s[4]->bytes;
-      } else if (s[4]->kind == K::kStr) {  // protocol <= 2 without _codecs
-        for (char c : s[4]->s) data.push_back(static_cast<uint8_t>(c));
+      } else if (s[4]->kind == K::kStr) {
+        // Python 2's str of raw bytes, or latin-1 text (numpy encodes it).
+        auto raw = StrBytes(*s[4]);
+        if (!raw) return Refuse("numpy array data is text above U+00FF");
+        data = std::move(*raw);
       } else {
         return Refuse("numpy object arrays cannot be converted");
       }
@@ -859,6 +1042,10 @@ Status Machine::Build(const Obj& target, const Obj& state) {
 Result<Obj> Machine::Run(size_t* consumed) {
   while (pos_ < d_.size()) {
     op_at_ = pos_;
+    if (pos_ > lim_.max_bytes) {
+      return Refuse("pickle longer than " + std::to_string(lim_.max_bytes) +
+                    " bytes (the pickle limit, max_pickle_bytes)");
+    }
     auto op = static_cast<uint8_t>(d_[pos_++]);
     switch (op) {
       case 0x80: {  // PROTO
@@ -962,6 +1149,7 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_ASSIGN_OR_RETURN(Obj l, Top());
         if (l->kind != K::kList) return Refuse(std::string("APPEND to a ") + KindName(l->kind));
         l->items.push_back(std::move(v));
+        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj)));
         break;
       }
       case 'e': case 0x90: {  // APPENDS, ADDITEMS
@@ -970,6 +1158,7 @@ Result<Obj> Machine::Run(size_t* consumed) {
         K want = op == 'e' ? K::kList : K::kSet;
         if (l->kind != want) return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") + " to a " + KindName(l->kind));
         for (auto& it : items) l->items.push_back(std::move(it));
+        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj) * items.size()));
         break;
       }
       case 0x91: {  // FROZENSET
@@ -986,6 +1175,7 @@ Result<Obj> Machine::Run(size_t* consumed) {
         if (d->kind != K::kDict) return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
         d->keys.push_back(std::move(k));
         d->items.push_back(std::move(v));
+        CKPT_RETURN_IF_ERROR(Charge(4 * sizeof(Obj)));
         break;
       }
       case 'u': {  // SETITEMS
@@ -997,6 +1187,7 @@ Result<Obj> Machine::Run(size_t* consumed) {
           d->keys.push_back(std::move(items[k]));
           d->items.push_back(std::move(items[k + 1]));
         }
+        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj) * items.size()));
         break;
       }
       case 'J': {
@@ -1058,8 +1249,9 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 'X': case 0x8c: case 0x8d: case 'T': case 'U': {  // strings
         int w = op == 0x8c || op == 'U' ? 1 : op == 0x8d ? 8 : 4;
         CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
+        if (op == 'T' && (n & 0x80000000u)) return Bad("negative BINSTRING length");
         CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
-        CKPT_ASSIGN_OR_RETURN(Obj o, Str(b));
+        CKPT_ASSIGN_OR_RETURN(Obj o, op == 'T' || op == 'U' ? Py2Str(b) : Str(b));
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
@@ -1071,13 +1263,10 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 'N': CKPT_RETURN_IF_ERROR(Push(Make(K::kNone))); break;
-      case 0x88: case 0x89: {
-        auto o = Make(K::kBool);
-        o->i = op == 0x88;
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
+      // None, True and False are immutable here: one object each, so a
+      // pickle of millions of them costs stack slots, not objects.
+      case 'N': CKPT_RETURN_IF_ERROR(Push(Singleton(K::kNone, 0))); break;
+      case 0x88: case 0x89: CKPT_RETURN_IF_ERROR(Push(Singleton(K::kBool, op == 0x88))); break;
       case 'R': {  // REDUCE
         CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
         CKPT_ASSIGN_OR_RETURN(Obj fn, Pop());
@@ -1090,11 +1279,11 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_ASSIGN_OR_RETURN(Obj cls, Pop());
         if (IsGlobal(cls, "argparse", "Namespace")) {
           auto d = Make(K::kDict);
-          d->type_name = "argparse.Namespace";
+          d->s2 = "argparse.Namespace";
           CKPT_RETURN_IF_ERROR(Push(d));
         } else if (IsGlobal(cls, "collections", "OrderedDict")) {
           auto d = Make(K::kDict);
-          d->type_name = "collections.OrderedDict";
+          d->s2 = "collections.OrderedDict";
           CKPT_RETURN_IF_ERROR(Push(d));
         } else {
           return Refuse(std::string("NEWOBJ of ") +

@@ -59,13 +59,13 @@ struct PyObj {
   K kind = K::kNone;
   int64_t i = 0;
   double f = 0, im = 0;
-  std::string s, s2;
+  std::string s, s2;               // s2: also a Dict's class tag
   std::vector<uint8_t> bytes;     // Bytes, BigInt (LE two's complement)
   std::vector<Obj> items;         // List/Tuple/Set elements, Dict values
   std::vector<Obj> keys;          // Dict keys
-  std::string type_name;          // Dict class tag
   std::shared_ptr<PyStorage> storage;
   std::shared_ptr<PyTensor> tensor;
+  bool charged = false;           // counted in the pickle's memory budget
 
   PyObj() = default;
   PyObj(const PyObj&) = delete;
@@ -81,7 +81,21 @@ struct PickleLimits {
   size_t max_marks = 1u << 16;
   uint64_t max_objects = 1ull << 26;
   size_t max_long_bytes = 64;
+  /// Bytes of pickle opcodes run (the legacy format has no record size to
+  /// check up front).
+  uint64_t max_bytes = UINT64_MAX;
+  /// Memory the objects, stack and memo take, counted as allocated.
+  uint64_t max_memory = UINT64_MAX;
+  /// Python 2 str (BINSTRING) as latin-1 (torch.load(encoding='latin1'))
+  /// instead of UTF-8 (torch.load's default).
+  bool py2_latin1 = false;
 };
+
+/// PyObj::i of a kStr made from a Python 2 str (BINSTRING): its raw bytes
+/// are kept in `bytes` (numpy array data); kPy2Undecodable when it is not
+/// text under the chosen encoding, refused wherever it is used as text.
+inline constexpr int64_t kPy2Str = 1;
+inline constexpr int64_t kPy2Undecodable = 2;
 
 /// Owns every container an Unpickle call makes, so that cycles (a list
 /// appended to itself) are broken and freed when the heap goes, instead of

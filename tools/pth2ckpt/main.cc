@@ -3,7 +3,6 @@
 #include <ckpt/ckpt.h>
 #include <ckpt/pth.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -19,7 +18,7 @@ namespace {
 const char* kHelp =
     "usage: pth2ckpt [options] IN.pth OUT.ckpt\n"
     "       pth2ckpt [options] DIR_IN DIR_OUT\n"
-    "       pth2ckpt --dry-run IN.pth\n"
+    "       pth2ckpt --dry-run [options] IN.pth | DIR_IN [DIR_OUT]\n"
     "\n"
     "Converts a file written by torch.save (zip or legacy format) to ckpt.\n"
     "Nothing in the input is executed: the pickle is read by an allowlist\n"
@@ -29,62 +28,69 @@ const char* kHelp =
     "\n"
     "With two directories, converts every .pth, .pt and .bin file below\n"
     "DIR_IN to DIR_OUT/<same path>.ckpt, printing a progress line per file\n"
-    "and a summary of what was refused and why.\n"
+    "and a summary of what was refused and why. Outputs are named after the\n"
+    "path under DIR_IN (a symlink's name, not its target's) and never\n"
+    "written through a symlink in DIR_OUT; such files, dangling links and\n"
+    "two inputs with one output name are refused by name.\n"
     "\n"
     "Options:\n"
-    "  --dry-run   parse and check IN completely; report what would be\n"
-    "              converted, or why not; write nothing\n"
-    "  --no-crc    skip zip CRC-32 checks (for files written without them)\n"
-    "  --no-sync   do not fsync the output (faster; not crash-safe)\n"
-    "  -h, --help  this text\n"
+    "  --dry-run         parse and check everything a conversion checks;\n"
+    "                    report what would be converted, or why not; write\n"
+    "                    nothing (with DIR_OUT, check the output paths too)\n"
+    "  --no-crc          skip zip CRC-32 checks (for writers that omit them;\n"
+    "                    archives whose CRC-32s are all zero are read as\n"
+    "                    'not computed' without it)\n"
+    "  --encoding ENC    Python 2 str values: utf-8 (default, as torch.load)\n"
+    "                    or latin1 (as torch.load(..., encoding='latin1'))\n"
+    "  --no-sync         do not fsync the output (faster; not crash-safe)\n"
+    "  -h, --help        this text\n"
     "\n"
     "Exit status: 0 converted, 1 refused or failed, 2 usage error.\n";
 
 std::string Describe(const ckpt::ImportReport& r) {
-  return std::to_string(r.tensors) + " tensors, " + std::to_string(r.storages) +
-         " storages, " + ckpt::tool::HumanBytes(r.storage_bytes) + " (" + r.container + " format)";
+  std::string s = std::to_string(r.tensors) + " tensors, " + std::to_string(r.storages) +
+                  " storages, " + ckpt::tool::HumanBytes(r.storage_bytes) + " (" + r.container +
+                  " format)";
+  if (r.crc32 == "not computed") s += "; CRC-32: not computed by the writer (all fields zero)";
+  if (r.crc32 == "skipped") s += "; CRC-32: not checked (--no-crc)";
+  return s;
 }
 
-int ConvertDir(const fs::path& in, const fs::path& out, const ckpt::ImportOptions& opt) {
-  std::vector<fs::path> files;
-  std::error_code ec;
-  for (auto it = fs::recursive_directory_iterator(in, ec); !ec && it != fs::end(it);
-       it.increment(ec)) {
-    if (!it->is_regular_file()) continue;
-    auto ext = it->path().extension().string();
-    if (ext == ".pth" || ext == ".pt" || ext == ".bin") files.push_back(it->path());
-  }
-  if (ec) {
-    std::fprintf(stderr, "pth2ckpt: %s: %s\n", in.c_str(), ec.message().c_str());
-    return 1;
-  }
-  std::sort(files.begin(), files.end());
-  std::vector<std::pair<std::string, std::string>> refused;
-  uint64_t bytes = 0;
-  size_t ok = 0;
-  for (size_t i = 0; i < files.size(); ++i) {
-    fs::path rel = fs::relative(files[i], in);
-    fs::path dst = out / rel;
-    dst.replace_extension(".ckpt");
-    std::printf("[%zu/%zu] %s ... ", i + 1, files.size(), rel.c_str());
-    std::fflush(stdout);
-    fs::create_directories(dst.parent_path(), ec);
-    auto r = ec ? ckpt::Result<ckpt::ImportReport>(ckpt::IoError(
-                      "cannot create " + dst.parent_path().string() + ": " + ec.message()))
-                : ckpt::ImportPth(files[i].string(), dst.string(), opt);
-    if (r.ok()) {
-      ++ok;
-      bytes += r->storage_bytes;
-      std::printf("ok: %s\n", Describe(*r).c_str());
+int ConvertDir(const std::string& in, const std::string& out, bool dry,
+               const ckpt::ImportOptions& opt) {
+  auto progress = [&](size_t i, size_t n, const ckpt::DirFileResult& f, bool done) {
+    if (!done) {
+      std::printf("[%zu/%zu] %s ... ", i + 1, n, f.input.c_str());
+    } else if (f.status.ok()) {
+      std::printf("%s: %s\n", dry ? "would convert" : "ok", Describe(f.report).c_str());
     } else {
       std::printf("refused\n");
-      refused.emplace_back(rel.string(), r.status().ToString());
+    }
+    std::fflush(stdout);
+  };
+  auto r = dry ? ckpt::CheckPthDir(in, out, opt, progress)
+               : ckpt::ImportPthDir(in, out, opt, progress);
+  if (!r.ok()) {
+    std::fprintf(stderr, "pth2ckpt: %s\n", r.status().ToString().c_str());
+    return 1;
+  }
+  uint64_t bytes = 0;
+  size_t ok = 0, refused = 0;
+  for (const auto& f : *r) {
+    if (f.status.ok()) {
+      ++ok;
+      bytes += f.report.storage_bytes;
+    } else {
+      ++refused;
     }
   }
-  std::printf("converted %zu of %zu files (%s)", ok, files.size(), ckpt::tool::HumanBytes(bytes).c_str());
-  std::printf(refused.empty() ? "\n" : "; refused %zu:\n", refused.size());
-  for (const auto& [f, why] : refused) std::printf("  %s: %s\n", f.c_str(), why.c_str());
-  return refused.empty() ? 0 : 1;
+  std::printf("%s %zu of %zu files (%s)", dry ? "would convert" : "converted", ok, r->size(),
+              ckpt::tool::HumanBytes(bytes).c_str());
+  std::printf(refused == 0 ? "\n" : "; refused %zu:\n", refused);
+  for (const auto& f : *r) {
+    if (!f.status.ok()) std::printf("  %s: %s\n", f.input.c_str(), f.status.ToString().c_str());
+  }
+  return refused == 0 ? 0 : 1;
 }
 
 }  // namespace
@@ -104,6 +110,16 @@ int main(int argc, char** argv) {
       opt.check_crc = false;
     } else if (a == "--no-sync") {
       opt.write.sync = false;
+    } else if (a == "--encoding" || a.rfind("--encoding=", 0) == 0) {
+      std::string v = a.size() > 10 ? a.substr(11) : (i + 1 < argc ? argv[++i] : "");
+      if (v != "utf-8" && v != "utf8" && v != "latin1" && v != "latin-1") {
+        std::fprintf(stderr, "pth2ckpt: --encoding takes utf-8 or latin1, not '%s'\n\n%s",
+                     v.c_str(), kHelp);
+        return 2;
+      }
+      opt.encoding = v;
+    } else if (a == "--") {
+      for (++i; i < argc; ++i) pos.push_back(argv[i]);
     } else if (a.size() > 1 && a[0] == '-') {
       std::fprintf(stderr, "pth2ckpt: unknown option '%s'\n\n%s", a.c_str(), kHelp);
       return 2;
@@ -111,10 +127,22 @@ int main(int argc, char** argv) {
       pos.push_back(a);
     }
   }
-  if (dry ? pos.size() != 1 : pos.size() != 2) {
+  std::error_code ec;
+  const bool dir = !pos.empty() && fs::is_directory(pos[0], ec);
+  const bool usage_ok = dry ? (pos.size() == 1 || (dir && pos.size() == 2)) : pos.size() == 2;
+  if (!usage_ok) {
     std::fprintf(stderr, "pth2ckpt: %s\n\n%s",
-                 dry ? "--dry-run takes one input" : "need IN and OUT", kHelp);
+                 dry ? "--dry-run takes one input (or DIR_IN [DIR_OUT])" : "need IN and OUT",
+                 kHelp);
     return 2;
+  }
+  if (dir) {
+    if (pos.size() == 2 && fs::exists(pos[1], ec) && !fs::is_directory(pos[1], ec)) {
+      std::fprintf(stderr, "pth2ckpt: %s is a directory but %s is not\n", pos[0].c_str(),
+                   pos[1].c_str());
+      return 2;
+    }
+    return ConvertDir(pos[0], pos.size() == 2 ? pos[1] : "", dry, opt);
   }
   if (dry) {
     auto r = ckpt::CheckPth(pos[0], opt);
@@ -124,15 +152,6 @@ int main(int argc, char** argv) {
     }
     std::printf("%s: would convert %s\n", pos[0].c_str(), Describe(*r).c_str());
     return 0;
-  }
-  std::error_code ec;
-  if (fs::is_directory(pos[0], ec)) {
-    if (fs::exists(pos[1], ec) && !fs::is_directory(pos[1], ec)) {
-      std::fprintf(stderr, "pth2ckpt: %s is a directory but %s is not\n", pos[0].c_str(),
-                   pos[1].c_str());
-      return 2;
-    }
-    return ConvertDir(pos[0], pos[1], opt);
   }
   auto t0 = std::chrono::steady_clock::now();
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
