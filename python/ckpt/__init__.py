@@ -11,7 +11,8 @@ docs/PYTHON.md describes the whole API.
 """
 from . import _ckpt
 from ._errors import (ChecksumError, CkptError, CkptIOError, CudaError, FormatError,
-                      InvalidArgumentError, NotFoundError, UnsupportedError)
+                      InvalidArgumentError, NotFoundError, PickleRefusedError,
+                      UnsupportedError)
 from ._load import File, load, open  # noqa: A004 - ckpt.open mirrors safe_open
 from ._save import save
 from . import rng
@@ -25,5 +26,5 @@ __all__ = [
     "save", "load", "open", "File", "rng", "CheckpointManager", "CheckpointInfo",
     "convert", "import_pth", "save_safetensors", "flatten",
     "CkptError", "FormatError", "ChecksumError", "UnsupportedError", "NotFoundError",
-    "InvalidArgumentError", "CkptIOError", "CudaError",
+    "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",
 ]

@@ -1,5 +1,6 @@
 """Exceptions raised by ckpt. Every one derives from CkptError, and also
 from the built-in exception a Python user would catch for that problem."""
+import pickle
 
 
 class CkptError(Exception):
@@ -30,8 +31,18 @@ class InvalidArgumentError(CkptError, ValueError):
     """An impossible request (a bad range, a bad option)."""
 
 
+class PickleRefusedError(InvalidArgumentError, pickle.UnpicklingError):
+    """The restricted .pth reader refused a pickle: a global outside its
+    allowlist (docs/PTH.md) or an object it does not convert. Nothing from
+    the file was run. Also a pickle.UnpicklingError, which is what
+    torch.load(weights_only=True) raises for such files, so code catching
+    that keeps working."""
+
+
 class CkptIOError(CkptError, OSError):
-    """The operating system refused a read, write, open or rename."""
+    """The operating system refused a read, write, open or rename. `errno`
+    is the OS error number (errno.ENOSPC for a full disk...) where known;
+    str() is the message naming the file."""
 
 
 class CudaError(CkptError, RuntimeError):

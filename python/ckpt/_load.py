@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from . import _ckpt
-from ._dtypes import CODE_TO_NUMPY, torch_dtype
-from ._errors import CudaError, FormatError
+from ._dtypes import CODE_TO_NUMPY, torch_dtype as _torch_dtype
+from ._errors import (CkptError, CudaError, FormatError, InvalidArgumentError,
+                      UnsupportedError)
 
 CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
 _THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -60,14 +61,37 @@ def sniff_bytes(head):
     return None
 
 
+def torch_dtype(code, where=None):
+    """The torch dtype of a format dtype code; UnsupportedError (naming
+    `where`) when this torch has none."""
+    try:
+        return _torch_dtype(code)
+    except (TypeError, KeyError) as e:
+        raise UnsupportedError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _torch_device(d, where, what):
+    """torch.device(d), with torch's refusal (RuntimeError) of a string from
+    a file turned into a FormatError naming the file and what it is."""
+    try:
+        return torch.device(d)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise FormatError(f"{where}: {what} '{d}' is not a device torch can use ({e})") from None
+
+
 def _device_str(d):
-    d = torch.device(d)
-    return str(d)
+    try:
+        return str(torch.device(d))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InvalidArgumentError(f"map_location: {e}") from None
 
 
 @functools.lru_cache(maxsize=64)
 def _check_device(device, saved, where):
-    d = torch.device(device)
+    if device == saved:
+        d = _torch_device(device, where, "the saved device")
+    else:
+        d = torch.device(device)  # map_location's, already checked
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise CudaError(
@@ -79,8 +103,9 @@ def _check_device(device, saved, where):
                 f"{where}: tensors were saved on '{saved}', but this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s); pass map_location="
                 "'cuda:0' or a dict such as {'" + saved + "': 'cuda:0'}")
-    elif d.type != "cpu":
-        raise CudaError(f"{where}: cannot place tensors on device '{d}'")
+    elif d.type not in ("cpu", "meta"):
+        raise CudaError(f"{where}: cannot place tensors on device '{d}' (saved on "
+                        f"'{saved}'); pass map_location='cpu'")
     return d
 
 
@@ -93,7 +118,8 @@ def resolve_target(map_location, saved):
     if isinstance(ml, (str, torch.device)):
         return _device_str(ml)
     if isinstance(ml, dict):
-        return _device_str(ml.get(saved, saved))
+        target = ml.get(saved, saved)
+        return saved if target == saved else _device_str(target)
     if callable(ml):
         return None
     raise TypeError("map_location must be None, a str, a torch.device, a dict "
@@ -104,8 +130,9 @@ class _Loader:
     """Builds Python objects from one open file, placing each storage once."""
 
     def __init__(self, reader, map_location=None, mmap=False, threads=_THREADS,
-                 gpu_loader=False):
+                 gpu_loader=False, name=None):
         self.r = reader
+        self.name = name or reader.path  # what errors call the file
         self.gpu_loader = gpu_loader
         self._storages = None  # [(offset, nbytes, device)], read when first needed
         self._tensors = None   # [(path, code, shape, strides, sid, off, rg, param)]
@@ -159,7 +186,7 @@ class _Loader:
         targets = {s: self._target(self.storage(s)[2]) for s in sids}
         if not self.mmap:
             self._copy_to_host([s for s in sids if targets[s] == "cpu"])
-        where = self.r.path
+        where = self.name
         to_gpu = {}  # device -> storages for the C++ GPU loader
         for s in sids:
             target, saved = targets[s], self.storage(s)[2]
@@ -173,7 +200,10 @@ class _Loader:
                         not isinstance(out, torch.UntypedStorage) else out
                     continue
             dev = _check_device(target, saved, where)
-            if dev.type == "cpu":
+            if dev.type == "meta":  # shapes only: nothing is read
+                self.placed[s] = _untyped(torch.empty(self.storage(s)[1], dtype=torch.uint8,
+                                                      device="meta"))
+            elif dev.type == "cpu":
                 self.placed[s] = _untyped(self._host(s, copy=not self.mmap))
             elif self.gpu_loader:
                 index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -214,20 +244,19 @@ class _Loader:
                               strides=[s * dt.itemsize for s in strides])
         if sid not in self.placed:
             self.materialize([sid])
-        t = view(self.placed[sid], torch_dtype(code), off, shape, strides)
+        t = view(self.placed[sid], torch_dtype(code, f"{self.name}: tensor '{path}'"), off,
+                 shape, strides)
         if param:
             return torch.nn.Parameter(t, requires_grad=rg)
         if rg:
             t.requires_grad_(True)
         return t
 
-    @staticmethod
-    def on_dtype(code):
-        return torch_dtype(code)
+    def on_dtype(self, code):
+        return torch_dtype(code, f"{self.name}: a dtype in the tree")
 
-    @staticmethod
-    def on_device(s):
-        return torch.device(s)
+    def on_device(self, s, where):
+        return _torch_device(s, self.name, f"tree path '{where}': device")
 
     def load(self, path=""):
         path = path.strip("/")
@@ -252,28 +281,52 @@ def _open_reader(path, mmap):
     return _ckpt.Reader(path, copy_on_write=mmap)
 
 
-def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None,
-         gpu_loader=False):
+_PICKLE_LOAD_ARGS = {"errors", "fix_imports", "buffers"}
+
+
+def _torch_load_compat(weights_only, encoding, pickle_load_args):
+    """Checks the torch.load keywords that have no effect here."""
+    for k in pickle_load_args:
+        if k not in _PICKLE_LOAD_ARGS:
+            raise TypeError(f"load() got an unexpected keyword argument '{k}'")
+    if weights_only not in (None, True, False):
+        raise TypeError("weights_only must be None, True or False")
+    if encoding is not None and not isinstance(encoding, str):
+        raise TypeError("encoding must be a str")
+
+
+def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap=None,
+         verify=False, gpu_loader=False, encoding=None, **pickle_load_args):
     """Reads a whole file back as the object given to ckpt.save.
 
     map_location works as in torch.load: None keeps each tensor's saved
     device (an error if it does not exist here), a str or torch.device
-    sends everything there, a dict maps saved devices ("cuda:1") to new
-    ones, and a callable(storage, location) returns the storage to use.
+    sends everything there ("meta": shapes and dtypes only, nothing read),
+    a dict maps saved devices ("cuda:1") to new ones, and a
+    callable(storage, location) returns the storage to use.
     mmap=True makes CPU tensors zero-copy views of the file, mapped
     private: writes change only this process's memory, never the file.
     verify=True checks every checksum first (a full pass over the file).
-    weights_only is accepted for torch.load compatibility and ignored:
-    loading never runs code, whatever the file holds.
     gpu_loader=True moves storages bound for CUDA with ckpt's C++ GPU
     loader instead of torch's copies (experimental: tested on the CUDA
     runtime double, not yet measured on a GPU).
 
+    torch.load's other arguments are accepted and have no effect: loading
+    never unpickles, so pickle_module, weights_only (always as safe as
+    weights_only=True), encoding and the pickle arguments errors,
+    fix_imports, buffers change nothing.
+
     .pth files (torch.save) are converted on the fly by the restricted
-    importer, which never runs code from the file; .safetensors files are
-    read with the safetensors package. `path` may also be a file object
-    (io.BytesIO, an open file): it is read whole and its tensors copied.
+    importer, which never runs code from the file (a refusal is a
+    ckpt.PickleRefusedError, also a pickle.UnpicklingError);
+    .safetensors files are read with the safetensors package. `path` may
+    also be a file object (io.BytesIO, an open file, a pipe): exactly one
+    saved file is read from it, leaving it positioned after that file
+    (a zip .pth: the rest of the stream), and its tensors are copies.
     """
+    del pickle_module
+    _torch_load_compat(weights_only, encoding, pickle_load_args)
+    mmap = bool(mmap)
     if hasattr(path, "read"):
         return _load_stream(path, map_location, verify)
     path = os.fspath(path)
@@ -291,17 +344,16 @@ def load(path, map_location=None, *, mmap=False, verify=False, weights_only=None
 
 
 def _load_stream(f, map_location, verify):
-    """load() of a file object (io.BytesIO, an open file...): read whole,
-    then loaded from memory; tensors are always copies."""
-    data = f.read()
-    if not isinstance(data, bytes):
-        data = bytes(data)
-    kind = sniff_bytes(data[:9])
+    """load() of a file object (io.BytesIO, an open file...): one record
+    read (_records.py), then loaded from memory; tensors are copies."""
+    from ._records import read_record, stream_name
+    name = stream_name(f)
+    kind, data = read_record(f, name)
     if kind == "ckpt":
-        reader = _ckpt.Reader(data=data)
+        reader = _ckpt.Reader(data, name)
         if verify:
             reader.verify()
-        return _Loader(reader, map_location, mmap=False).load()
+        return _Loader(reader, map_location, mmap=False, name=name).load()
     if kind == "safetensors":
         from .interop import _place_safetensors, _safetensors
         return _place_safetensors(_safetensors().load(data), map_location)
@@ -311,8 +363,26 @@ def _load_stream(f, map_location, verify):
             tmp = os.path.join(d, "stream.pth")
             with builtins.open(tmp, "wb") as out:
                 out.write(data)
-            return _load_pth(tmp, map_location)
-    raise FormatError("<stream>: not a ckpt, .pth or .safetensors file")
+            return _load_pth(tmp, map_location, name=name)
+    raise FormatError(f"{name}: not a ckpt, .pth or .safetensors file")
+
+
+@contextlib.contextmanager
+def renamed_errors(names):
+    """Errors naming a temporary file (a key of `names`, which may grow
+    inside the block) name the user's file (its value) instead."""
+    try:
+        yield
+    except CkptError as e:
+        msg = str(e)
+        for tmp, name in names.items():
+            msg = msg.replace(tmp, name)
+        if msg == str(e):
+            raise
+        new = type(e)(msg)
+        if isinstance(e, OSError):
+            new.errno = e.errno
+        raise new.with_traceback(e.__traceback__) from None
 
 
 class _Slice:
@@ -323,7 +393,7 @@ class _Slice:
         self._path = path
         info = file._info(path)
         self.shape = tuple(info[2])
-        self.dtype = torch_dtype(info[1])
+        self.dtype = torch_dtype(info[1], f"{file.path}: tensor '{path}'")
 
     def __getitem__(self, index):
         rest = ()
@@ -418,7 +488,8 @@ class File:
         info = self._reader().rows(path, a, b)
         _, code, shape, strides, sid, off, _, _ = info
         self._cpu.materialize([sid])
-        return view(self._cpu.placed[sid], torch_dtype(code), off, shape, strides)
+        return view(self._cpu.placed[sid], torch_dtype(code, f"{self._path}: tensor '{path}'"),
+                    off, shape, strides)
 
     def get_slice(self, path):
         return _Slice(self, path)

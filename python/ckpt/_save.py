@@ -2,6 +2,7 @@
 import argparse
 import collections
 import os
+import reprlib
 import shutil
 import tempfile
 
@@ -10,19 +11,30 @@ import torch
 
 from . import _ckpt
 from ._dtypes import NUMPY_TO_CODE, TORCH_TO_CODE
+from ._errors import InvalidArgumentError
 from ._load import _untyped
 
 _PIECE = 64 << 20  # device -> host copies of CUDA storages go in 64 MiB pieces
-_MAX_DEPTH = 900   # the format allows 1000 levels; stay clear of Python's own limit
+_MAX_DEPTH = _ckpt.max_tree_depth  # FORMAT.md R14: nesting depth, root = 1
+_CONTAINERS = (list, tuple, set, frozenset, dict, collections.OrderedDict, argparse.Namespace)
+_DICT_TAGS = {collections.OrderedDict: "collections.OrderedDict",
+              argparse.Namespace: "argparse.Namespace", dict: ""}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
 def _segment(key):
     if isinstance(key, str):
         return key
-    return repr(key)
+    return _REPR.repr(key)  # bounded: a key may be a tuple nested 999 deep
 
 
 def _where(path):
+    if len(path) > 24:  # a deep path: its ends say where
+        return "/".join([_segment(k) for k in path[:10]] + [f"...({len(path) - 20} more)..."] +
+                        [_segment(k) for k in path[-10:]])
     return "/".join(_segment(k) for k in path) or "<root>"
 
 
@@ -72,23 +84,23 @@ class _Saver:
         self.keep.append(s)
         return sid
 
-    def tensor(self, t, path):
+    def tensor(self, t, where):
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            raise TypeError(f"{_where(path)}: cannot save a {type(t).__module__}."
+            raise TypeError(f"{where()}: cannot save a {type(t).__module__}."
                             f"{type(t).__qualname__} (a tensor subclass); save a plain "
                             "tensor, e.g. t.as_subclass(torch.Tensor)")
         if t.layout != torch.strided:
-            raise TypeError(f"{_where(path)}: cannot save a {t.layout} tensor; "
+            raise TypeError(f"{where()}: cannot save a {t.layout} tensor; "
                             "save t.to_dense() or its indices and values")
         if t.is_quantized:
-            raise TypeError(f"{_where(path)}: cannot save a quantized tensor; "
+            raise TypeError(f"{where()}: cannot save a quantized tensor; "
                             "save t.int_repr(), t.q_scale() and t.q_zero_point()")
         if t.device.type not in ("cpu", "cuda"):
-            raise TypeError(f"{_where(path)}: cannot save a tensor on device "
+            raise TypeError(f"{where()}: cannot save a tensor on device "
                             f"'{t.device}'; move it to the CPU first")
         code = TORCH_TO_CODE.get(t.dtype)
         if code is None:
-            raise TypeError(f"{_where(path)}: dtype {t.dtype} has no ckpt equivalent")
+            raise TypeError(f"{where()}: dtype {t.dtype} has no ckpt equivalent")
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         sid = self.storage(t)
@@ -96,12 +108,12 @@ class _Saver:
                                  t.storage_offset(), t.requires_grad,
                                  isinstance(t, torch.nn.Parameter))
 
-    def array(self, a, path):
+    def array(self, a, where):
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))  # the format is little-endian
         code = NUMPY_TO_CODE.get(a.dtype)
         if code is None:
-            raise TypeError(f"{_where(path)}: cannot save a numpy array of dtype "
+            raise TypeError(f"{where()}: cannot save a numpy array of dtype "
                             f"{a.dtype}; numeric dtypes only")
         if a.flags.f_contiguous and not a.flags.c_contiguous:
             flat = a.T  # the same memory, C-contiguous: column-major strides kept
@@ -116,7 +128,8 @@ class _Saver:
         return node
 
     # -- the tree -------------------------------------------------------------
-    def node(self, obj, path):
+    def leaf(self, obj, where):
+        """The node of anything but a container."""
         w = self.w
         t = type(obj)
         if obj is None:
@@ -124,17 +137,23 @@ class _Saver:
         if t is bool or t is np.bool_:
             return w.add_bool(bool(obj))
         if isinstance(obj, torch.Tensor):
-            return self.tensor(obj, path)
+            return self.tensor(obj, where)
         if isinstance(obj, np.ndarray):
             if t is not np.ndarray:
-                raise TypeError(f"{_where(path)}: cannot save a {t.__qualname__} "
+                raise TypeError(f"{where()}: cannot save a {t.__qualname__} "
                                 "(an ndarray subclass); save np.asarray(x)")
-            return self.array(obj, path)
+            return self.array(obj, where)
         if isinstance(obj, (int, np.integer)):
             v = int(obj)
             if -(1 << 63) <= v < (1 << 63):
                 return w.add_int(v)
-            n = (v.bit_length() + 8) // 8
+            # Minimal two's complement: the magnitude's bits plus a sign bit
+            # (-(2**k) needs only k + 1 bits, as ~v = 2**k - 1 shows).
+            n = ((v if v >= 0 else ~v).bit_length() + 8) // 8
+            if n > 4096:
+                raise InvalidArgumentError(
+                    f"{where()}: an int of {n} bytes; the format holds ints of "
+                    "at most 4096 bytes (-(2**32767) to 2**32767 - 1)")
             return w.add_bigint(v.to_bytes(n, "little", signed=True))
         if isinstance(obj, (float, np.floating)):
             return w.add_float(float(obj))
@@ -148,83 +167,141 @@ class _Saver:
         if isinstance(obj, torch.dtype):
             code = TORCH_TO_CODE.get(obj)
             if code is None:
-                raise TypeError(f"{_where(path)}: dtype {obj} has no ckpt equivalent")
+                raise TypeError(f"{where()}: dtype {obj} has no ckpt equivalent")
             return w.add_dtype(code)
         if isinstance(obj, torch.device):
             d = obj
             return w.add_device(f"cuda:{d.index or 0}" if d.type == "cuda" and d.index is None
                                 else str(d))
-        if t in (list, tuple, set, frozenset, dict, collections.OrderedDict,
-                 argparse.Namespace):
-            return self.container(obj, t, path)
-        raise TypeError(f"{_where(path)}: cannot save an object of type "
+        raise TypeError(f"{where()}: cannot save an object of type "
                         f"{t.__module__}.{t.__qualname__}: {_hint(obj)}")
 
-    def container(self, obj, t, path):
-        if len(path) >= _MAX_DEPTH:
-            raise ValueError(f"{_where(path)}: nested deeper than {_MAX_DEPTH} levels")
-        if id(obj) in self.open:
-            raise ValueError(f"{_where(path)}: the object contains itself (a cycle)")
-        self.open.add(id(obj))
-        try:
-            w = self.w
-            if t is argparse.Namespace:
-                obj = vars(obj)
-            if t in (dict, collections.OrderedDict, argparse.Namespace):
-                keys, values = [], []
-                for k, v in obj.items():
-                    keys.append(self.key(k, path))
-                    values.append(self.node(v, path + [k]))
-                tag = {collections.OrderedDict: "collections.OrderedDict",
-                       argparse.Namespace: "argparse.Namespace"}.get(t, "")
-                return w.add_dict(keys, values, tag)
-            items = [self.node(v, path + [i]) for i, v in enumerate(obj)]
-            return {list: w.add_list, tuple: w.add_tuple, set: w.add_set,
-                    frozenset: w.add_frozenset}[t](items)
-        finally:
-            self.open.discard(id(obj))
+    def tree(self, root):
+        """The node id of `root`, built bottom-up without recursion: an
+        explicit stack of open containers, so any depth the format allows
+        (1000, root = 1) saves under Python's default recursion limit."""
+        # A frame: [container, its type, iterator over (child, segment),
+        #           child ids, its own segment]
+        stack = []
 
-    def key(self, k, path):
-        if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
-            raise TypeError(f"{_where(path)}: a dict key cannot be a {type(k).__name__}")
-        return self.node(k, path + [k])
+        def where(seg=_NO_SEGMENT):
+            path = [f[4] for f in stack[1:]]
+            if seg is not _NO_SEGMENT:
+                path.append(seg)
+            return _where(path)
+
+        obj, seg = root, _NO_SEGMENT
+        while True:
+            t = type(obj)
+            if len(stack) >= _MAX_DEPTH:  # this node would be at depth len(stack) + 1
+                raise InvalidArgumentError(
+                    f"{where(seg)}: nested too deeply: the format allows {_MAX_DEPTH} "
+                    "levels, root = 1 (docs/FORMAT.md R14)")
+            if t in _CONTAINERS:
+                if id(obj) in self.open:
+                    raise ValueError(f"{where(seg)}: the object contains itself (a cycle)")
+                self.open.add(id(obj))
+                stack.append([obj, t, self.children(obj, t, stack, where), [], seg])
+            else:
+                node = self.leaf(obj, lambda s=seg: where(s))
+                if not stack:
+                    return node
+                stack[-1][3].append(node)
+            # The next child to build, closing every finished container.
+            while True:
+                f = stack[-1]
+                nxt = next(f[2], None)
+                if nxt is not None:
+                    obj, seg = nxt
+                    break
+                node = self.close(f)
+                self.open.discard(id(f[0]))
+                stack.pop()
+                if not stack:
+                    return node
+                stack[-1][3].append(node)
+
+    def children(self, obj, t, stack, where):
+        """(child, path segment) pairs: a dict's keys and values alternate."""
+        if t is argparse.Namespace:
+            obj = vars(obj)
+        if t in _DICT_TAGS:
+            for k, v in obj.items():
+                if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
+                    raise TypeError(f"{where(k)}: a dict key cannot be a {type(k).__name__}")
+                yield k, k
+                yield v, k
+        else:
+            for i, v in enumerate(obj):
+                yield v, i
+
+    def close(self, f):
+        obj, t, _, ids, _ = f
+        w = self.w
+        if t in _DICT_TAGS:
+            return w.add_dict(ids[0::2], ids[1::2], _DICT_TAGS[t])
+        return {list: w.add_list, tuple: w.add_tuple, set: w.add_set,
+                frozenset: w.add_frozenset}[t](ids)
 
 
-def save(obj, path, metadata=None, *, sync=True):
+_NO_SEGMENT = object()
+
+
+def save(obj, path, metadata=None, *, sync=True, pickle_module=None, pickle_protocol=None,
+         _use_new_zipfile_serialization=None, _disable_byteorder_record=None):
     """Writes `obj` to `path` atomically (a temporary file, fsync, rename).
 
     `obj` is any nesting of dict (str, int, tuple... keys), list, tuple,
     set, torch tensors and Parameters (any dtype, device, strides, shared
     storages), numpy arrays, int, float, complex, str, bytes, bool, None,
-    torch.dtype and torch.device. Tensors sharing a storage are stored
-    once and share it again when loaded. Anything else raises TypeError
-    naming where it is; nothing is written then. `metadata` is a dict of
-    str -> str kept in the header. sync=False skips the fsyncs (faster,
-    not crash-safe). `path` may also be a writable binary file object
-    (io.BytesIO...): the file is built aside, then copied into it.
+    torch.dtype and torch.device, up to the format's 1000 levels. Tensors
+    sharing a storage are stored once and share it again when loaded.
+    Anything else raises TypeError naming where it is; nothing is written
+    then. `metadata` is a dict of str -> str kept in the header.
+    sync=False skips the fsyncs (faster, not crash-safe). `path` may also
+    be a writable binary file object (io.BytesIO...): the file is built
+    aside, then copied into it.
+
+    A Ctrl-C (SIGINT) that comes while the file is being committed is held
+    back and delivered once save() has returned: a KeyboardInterrupt out of
+    save() means nothing was written (the old file is intact).
+
+    torch.save's pickle_module, pickle_protocol,
+    _use_new_zipfile_serialization and _disable_byteorder_record are
+    accepted and have no effect (nothing is pickled).
     """
+    del pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record
     if hasattr(path, "write"):
         _save_stream(obj, path, metadata)
         return
+    # Holds SIGINT from the commit until this frame is gone (see _save_file).
+    _deferred = _save_file(obj, path, metadata, sync)  # noqa: F841
+
+
+def _save_file(obj, path, metadata, sync):
+    """Saves to a path; returns the SigintDeferral taken for the commit,
+    which holds SIGINT back until the caller drops it (normally as its
+    frame is freed on return), so an interrupt cannot land between a
+    successful commit and the caller's return."""
     path = os.fspath(path)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata must be a dict of str to str")
     w = _ckpt.Writer(path, sync=sync, producer=f"ckpt-python {_ckpt.version}")
+    deferred = None
     try:
         saver = _Saver(w)
-        try:
-            root = saver.node(obj, [])
-        except RecursionError:
-            raise ValueError("the object is nested too deeply to save (Python's recursion "
-                             f"limit; the format allows {_MAX_DEPTH} levels)") from None
-        w.set_root(root)
+        w.set_root(saver.tree(obj))
         for k, v in (metadata or {}).items():
             w.set_metadata(k, v)
+        deferred = _ckpt.SigintDeferral()
         w.commit()
+        return deferred
     except BaseException:
         w.abort()
+        if deferred is not None:
+            deferred.release()  # nothing was written: the interrupt may come now
         raise
 
 

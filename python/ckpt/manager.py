@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ._errors import CkptError
 from ._load import load as _load, open as _open
-from ._save import save as _save
+from ._save import _save_file
 
 _NAME = re.compile(r"^step-(\d+)\.ckpt$")
 _TEMP = re.compile(r"^\.step-\d+\.ckpt\.tmp-")
@@ -93,7 +93,9 @@ class CheckpointManager:
         meta[_META_METRICS] = json.dumps(metrics, allow_nan=True)
         meta[_META_SEQ] = str(seq)
         path = self.path_for(step)
-        _save(state, path, metadata=meta)
+        # SIGINT stays held from the commit until this method returns, so an
+        # interrupt cannot split the save from its pruning (see _save_file).
+        _deferred = _save_file(state, path, meta, True)  # noqa: F841
         info = CheckpointInfo(step, path, metrics, seq)
         self._prune(info)
         return info

@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -26,6 +27,7 @@
 #include "ckpt/ckpt.h"
 #include "ckpt/pth.h"
 #include "ckpt/cli.h"
+#include "../../lib/checksum_internal.h"  // XXH3-64, the format's checksum
 #ifdef CKPT_WITH_CUDA
 #include "ckpt/cuda.h"
 #endif
@@ -38,6 +40,9 @@ namespace {
 
 struct StatusError {
   ckpt::Status status;
+  // The Python class to raise when it is not the one the code maps to
+  // (the importer's refusals are also pickle.UnpicklingError).
+  const char* python_class = nullptr;
 };
 
 [[noreturn]] void Throw(const ckpt::Status& s) { throw StatusError{s}; }
@@ -63,6 +68,23 @@ const char* ErrorClass(ckpt::ErrorCode code) {
     case ckpt::ErrorCode::kCuda: return "CudaError";
     default: return "CkptError";
   }
+}
+
+// Text from a file (or a message quoting it) as a Python str, whatever
+// its bytes: invalid UTF-8 is shown escaped, never raised.
+py::str Lenient(std::string_view s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "backslashreplace");
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
+// A string the format says is UTF-8, as a Python str; invalid UTF-8 is a
+// FormatError naming the file and what the string is.
+py::str Utf8(std::string_view s, const std::string& file, const std::string& what) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
+  if (o) return py::reinterpret_steal<py::str>(o);
+  PyErr_Clear();
+  Throw(ckpt::Corrupt(what + " is not valid UTF-8").WithFile(file));
 }
 
 // ---- buffers -----------------------------------------------------------------
@@ -120,22 +142,24 @@ class Reader {
   }
 
   // Over an immutable bytes object (kept alive by the Reader and by every
-  // Region taken from it); views are read-only.
-  explicit Reader(py::bytes data) : keep_(data) {
+  // Region taken from it); views are read-only. `name` is what errors call
+  // it (the stream's file name, or "<stream>").
+  Reader(py::bytes data, const std::string& name) : keep_(data) {
     std::string_view v = data;
     std::span<const std::byte> bytes{reinterpret_cast<const std::byte*>(v.data()), v.size()};
-    ck_ = std::make_unique<ckpt::Checkpoint>(
-        Take(ckpt::Checkpoint::OpenBuffer(bytes, "<bytes>")));
+    ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::OpenBuffer(bytes, name)));
   }
 
   const ckpt::Checkpoint& ck() const { return *ck_; }
 
   py::dict Metadata() const {
     py::dict d;
-    for (auto& [k, v] : ck_->metadata()) d[py::str(k)] = py::str(v);
+    for (auto& [k, v] : ck_->metadata()) {
+      d[Utf8(k, ck_->path(), "a metadata key")] =
+          Utf8(v, ck_->path(), "the metadata value of '" + EscapedForMessage(k) + "'");
+    }
     return d;
   }
-
 
   static py::tuple Ints(const std::vector<int64_t>& v) {
     py::tuple t(v.size());
@@ -147,9 +171,10 @@ class Reader {
 
   // (path, dtype code, shape, strides, storage, storage_offset,
   //  requires_grad, is_parameter): the tuple the Python side unpacks.
-  static py::tuple InfoTuple(const ckpt::TensorInfo& t) {
-    return py::make_tuple(t.path, static_cast<int>(t.dtype), Ints(t.shape), Ints(t.strides),
-                          t.storage, t.storage_offset, t.requires_grad, t.is_parameter);
+  py::tuple InfoTuple(const ckpt::TensorInfo& t) const {
+    return py::make_tuple(Utf8(t.path, ck_->path(), "a tensor path"), static_cast<int>(t.dtype),
+                          Ints(t.shape), Ints(t.strides), t.storage, t.storage_offset,
+                          t.requires_grad, t.is_parameter);
   }
 
   py::list Storages() const {
@@ -172,7 +197,9 @@ class Reader {
   py::tuple StorageAt(size_t index) const {
     if (index >= ck_->num_storages()) throw py::index_error("storage index out of range");
     auto s = ck_->storage_info(index);
-    return py::make_tuple(s.offset, s.nbytes, s.device);
+    return py::make_tuple(s.offset, s.nbytes,
+                          Utf8(s.device, ck_->path(),
+                               "the device of storage " + std::to_string(index)));
   }
 
   size_t TensorIndex(const std::string& path) const { return Take(ck_->TensorIndex(path)); }
@@ -254,12 +281,19 @@ class Reader {
 
   // The node at `path` ("" = the root) as Python objects. Tensors become
   // on_tensor(index, type_name), dtypes on_dtype(code), devices
-  // on_device(str).
+  // on_device(str, where) (where: the tree path, for messages).
   py::object Tree(const std::string& path, const py::function& on_tensor,
                   const py::function& on_dtype, const py::function& on_device) const {
     ckpt::Value v = Node(path);
-    Builder b{on_tensor, on_dtype, on_device, py::module_::import("collections").attr("OrderedDict"),
-              py::module_::import("argparse").attr("Namespace")};
+    Builder b{on_tensor,
+              on_dtype,
+              on_device,
+              py::module_::import("collections").attr("OrderedDict"),
+              py::module_::import("argparse").attr("Namespace"),
+              py::module_::import("builtins").attr("int").attr("from_bytes"),
+              ck_->path(),
+              path,
+              {}};
     return b.Build(v);
   }
 
@@ -269,26 +303,93 @@ class Reader {
 
   uint64_t FileSize() const { return ck_->file_size(); }
   std::string Path() const { return ck_->path(); }
-  std::string Producer() const { return std::string(ck_->producer()); }
+  py::str Producer() const { return Utf8(ck_->producer(), ck_->path(), "the producer string"); }
   std::string Version() const {
     return std::to_string(ck_->format_major()) + "." + std::to_string(ck_->format_minor());
   }
 
  private:
+  // A string from the file, made printable for an error message.
+  static std::string EscapedForMessage(std::string_view s) {
+    std::string out;
+    for (unsigned char c : s) {
+      if (c >= 0x20 && c < 0x7f) {
+        out += static_cast<char>(c);
+      } else {
+        char b[5];
+        std::snprintf(b, sizeof b, "\\x%02x", c);
+        out += b;
+      }
+    }
+    return out;
+  }
+
   // The node at a tree path; "" is the root.
   ckpt::Value Node(const std::string& path) const {
     return path.empty() ? ck_->root() : Take(ck_->Get(path));
   }
 
+  // Builds Python objects from a (sub)tree without recursion: an explicit
+  // stack of open containers, so a tree of the format's full depth (1000,
+  // R14) costs neither C++ stack nor Python recursion. Every problem a
+  // hostile but well-formed file can cause here (a set or key holding an
+  // unhashable, invalid UTF-8, a device torch refuses) is a FormatError
+  // naming the file and the tree path.
   struct Builder {
     const py::function& on_tensor;
     const py::function& on_dtype;
     const py::function& on_device;
     py::object ordered_dict;
     py::object namespace_;
+    py::object int_from_bytes;
+    std::string file;
+    std::string base;  // the tree path of the node being built
 
-    py::object Build(const ckpt::Value& v) {
-      using K = ckpt::ValueKind;
+    using K = ckpt::ValueKind;
+
+    struct Frame {
+      ckpt::Value v;
+      size_t next = 0;  // next step: items, or for a dict key 0, value 0, key 1...
+      py::object out;   // list, or dict for dicts; items of tuples and sets go in a list
+      py::object key;   // a dict's key waiting for its value
+    };
+    std::vector<Frame> stack;
+
+    static size_t Steps(const Frame& f) {
+      return f.v.kind() == K::kDict ? 2 * f.v.size() : f.v.size();
+    }
+
+    // The tree path of the child taken at step `s` of frame `f`.
+    static std::string Segment(const Frame& f, size_t s) {
+      if (f.v.kind() != K::kDict) return std::to_string(s);
+      std::string key = EscapedForMessage(f.v.key(s / 2).KeySegment());
+      return s % 2 == 0 ? "<key " + key + ">" : key;
+    }
+
+    std::string Where(bool child) const {
+      std::string p = base;
+      for (size_t k = 0; k < stack.size(); ++k) {
+        bool last = k + 1 == stack.size();
+        if (last && !child) break;
+        if (!p.empty()) p += "/";
+        p += Segment(stack[k], stack[k].next - 1);
+      }
+      return p.empty() ? "<root>" : p;
+    }
+
+    [[noreturn]] void Fail(const std::string& what, bool child) const {
+      Throw(ckpt::Corrupt("tree path '" + Where(child) + "': " + what).WithFile(file));
+    }
+
+    // A Python exception our own building raised (unhashable, bad text):
+    // replaced by a FormatError saying where.
+    [[noreturn]] void FailFromPython(const std::string& what, bool child) const {
+      py::error_already_set e;  // fetches and clears the Python error
+      std::string why = py::str(e.value()).cast<std::string>();
+      Fail(what + " (" + why + ")", child);
+    }
+
+    py::object Scalar(const ckpt::Value& v) {
       switch (v.kind()) {
         case K::kNone: return py::none();
         case K::kBool: return py::bool_(v.as_bool());
@@ -296,55 +397,117 @@ class Reader {
         case K::kBigInt: {
           auto b = v.as_bytes();
           py::bytes raw(reinterpret_cast<const char*>(b.data()), b.size());
-          return py::module_::import("builtins").attr("int").attr("from_bytes")(
-              raw, "little", py::arg("signed") = true);
+          return int_from_bytes(raw, "little", py::arg("signed") = true);
         }
         case K::kFloat: return py::float_(v.as_float());
         case K::kComplex: {
           auto c = v.as_complex();
           return py::reinterpret_steal<py::object>(PyComplex_FromDoubles(c.real(), c.imag()));
         }
-        case K::kString: return py::str(std::string(v.as_string()));
+        case K::kString: return Text(v.as_string(), "a string");
         case K::kBytes: {
           auto b = v.as_bytes();
           return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
         }
-        case K::kList: {
-          py::list l(v.size());
-          for (size_t i = 0; i < v.size(); ++i) l[i] = Build(v.item(i));
-          return l;
-        }
+        case K::kTensor:
+          return on_tensor(Take(v.tensor_index()), Text(v.type_name(), "a tensor's type name"));
+        case K::kDType: return on_dtype(static_cast<int>(v.as_dtype()));
+        case K::kDevice:
+          return on_device(Text(v.as_string(), "a device string"), Lenient(Where(true)));
+        default:
+          Fail("unknown node kind " + std::to_string(static_cast<int>(v.kind())), true);
+      }
+    }
+
+    py::object Text(std::string_view s, const char* what) {
+      PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
+      if (!o) FailFromPython(std::string(what) + " is not valid UTF-8", true);
+      return py::reinterpret_steal<py::object>(o);
+    }
+
+    void Open(const ckpt::Value& v) {
+      Frame f{v, 0, py::object(), py::object()};
+      if (v.kind() == K::kDict) {
+        f.out = v.type_name() == "collections.OrderedDict" ? ordered_dict() : py::dict();
+      } else {
+        f.out = py::list();
+      }
+      stack.push_back(std::move(f));
+    }
+
+    // The finished container of the top frame.
+    py::object Close() {
+      Frame& f = stack.back();
+      switch (f.v.kind()) {
+        case K::kList: return f.out;
         case K::kTuple: {
-          py::tuple t(v.size());
-          for (size_t i = 0; i < v.size(); ++i) t[i] = Build(v.item(i));
-          return t;
+          PyObject* t = PyList_AsTuple(f.out.ptr());
+          if (!t) throw py::error_already_set();
+          return py::reinterpret_steal<py::object>(t);
         }
         case K::kSet:
         case K::kFrozenSet: {
-          py::set s;
-          for (size_t i = 0; i < v.size(); ++i) s.add(Build(v.item(i)));
-          if (v.kind() == K::kSet) return s;
-          return py::reinterpret_steal<py::object>(PyFrozenSet_New(s.ptr()));
+          PyObject* s = f.v.kind() == K::kSet ? PySet_New(f.out.ptr()) : PyFrozenSet_New(f.out.ptr());
+          if (!s) FailFromPython("a set holds an item Python cannot put in a set", false);
+          return py::reinterpret_steal<py::object>(s);
         }
         case K::kDict: {
-          std::string_view tn = v.type_name();
-          py::object d = tn == "collections.OrderedDict" ? ordered_dict() : py::dict();
-          for (size_t i = 0; i < v.size(); ++i) d[Build(v.key(i))] = Build(v.item(i));
-          if (tn == "argparse.Namespace") {
-            py::object ns = namespace_();
-            for (auto item : py::reinterpret_borrow<py::dict>(d)) {
-              py::setattr(ns, py::str(item.first), item.second);
+          if (f.v.type_name() != "argparse.Namespace") return f.out;
+          py::object ns = namespace_();
+          for (auto item : py::reinterpret_borrow<py::dict>(f.out)) {
+            if (!py::isinstance<py::str>(item.first)) {
+              Fail("an argparse.Namespace with a key that is not a str", false);
             }
-            return ns;
+            py::setattr(ns, item.first, item.second);
           }
-          return d;
+          return ns;
         }
-        case K::kTensor:
-          return on_tensor(Take(v.tensor_index()), std::string(v.type_name()));
-        case K::kDType: return on_dtype(static_cast<int>(v.as_dtype()));
-        case K::kDevice: return on_device(std::string(v.as_string()));
+        default:
+          Fail("not a container", false);
       }
-      throw py::value_error("unknown node kind");
+    }
+
+    void Deliver(py::object obj) {
+      Frame& f = stack.back();
+      if (f.v.kind() != K::kDict) {
+        if (PyList_Append(f.out.ptr(), obj.ptr()) != 0) throw py::error_already_set();
+        return;
+      }
+      if ((f.next - 1) % 2 == 0) {
+        f.key = std::move(obj);
+        return;
+      }
+      if (PyObject_SetItem(f.out.ptr(), f.key.ptr(), obj.ptr()) != 0) {
+        // Report the key's own path, not the value's.
+        --f.next;
+        FailFromPython("a dict key Python cannot hash", true);
+      }
+      f.key = py::object();
+    }
+
+    py::object Build(const ckpt::Value& root) {
+      if (!root.is_container()) return Scalar(root);
+      Open(root);
+      for (;;) {
+        Frame& f = stack.back();
+        if (f.next == Steps(f)) {
+          py::object done = Close();
+          stack.pop_back();
+          if (stack.empty()) return done;
+          Deliver(std::move(done));
+          continue;
+        }
+        size_t s = f.next++;
+        ckpt::Value child = f.v.kind() == K::kDict
+                                ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
+                                : f.v.item(s);
+        if (child.is_container()) {
+          if (stack.size() >= ckpt::kMaxTreeDepth) Fail("nested too deeply", true);
+          Open(child);  // invalidates f
+        } else {
+          Deliver(Scalar(child));
+        }
+      }
     }
   };
 
@@ -425,6 +588,72 @@ class PyWriter {
   std::unique_ptr<ckpt::Writer> w_;
 };
 
+// ---- SIGINT around a commit ---------------------------------------------------
+
+// Holds SIGINT back while a save commits (rename, fsyncs): a Ctrl-C then
+// cannot surface as KeyboardInterrupt from a save whose file is already in
+// place. Constructed just before Commit(), it swaps SIGINT's Python handler
+// for one that only records the signal; release() (or destruction, when the
+// last reference goes, typically as the saving function's frame is freed on
+// return) puts the caller's handler back and, if a SIGINT came in
+// meanwhile, re-raises it with PyErr_SetInterrupt, which Python delivers at
+// its next check: after save() has returned. Does nothing outside the main
+// thread (signals only reach the main thread's handlers) or when SIGINT's
+// handler is not a Python callable (SIG_IGN, SIG_DFL, set from C).
+class SigintDeferral {
+ public:
+  SigintDeferral() {
+    // _signal's C functions, not signal.py's wrappers: after the wrapper
+    // swaps handlers it runs Python code, where a SIGINT would be handled
+    // by the handler just restored, inside our destructor, and be lost.
+    py::module_ sig = py::module_::import("_signal");
+    py::module_ threading = py::module_::import("threading");
+    if (!threading.attr("current_thread")().is(threading.attr("main_thread")())) return;
+    py::object old = sig.attr("getsignal")(SIGINT);
+    if (old.is_none() || !PyCallable_Check(old.ptr())) return;
+    auto pending = pending_;
+    py::cpp_function record([pending](py::handle, py::handle) { *pending = true; });
+    set_ = sig.attr("signal");
+    set_(SIGINT, record);
+    old_ = std::move(old);
+  }
+  SigintDeferral(const SigintDeferral&) = delete;
+  SigintDeferral& operator=(const SigintDeferral&) = delete;
+
+  ~SigintDeferral() {
+    if (!old_) return;
+    py::error_scope keep;  // an exception in flight stays as it is
+    try {
+      Release();
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("ckpt: restoring the SIGINT handler after a save");
+    }
+  }
+
+  void Release() {
+    if (!old_) return;
+    py::object old = std::move(old_);
+    old_ = py::object();
+    // _signal.signal() first runs the handlers of signals already pending
+    // (a SIGINT that just came is recorded by ours), then swaps, and runs
+    // no Python code after: a SIGINT from now on waits, tripped, for the
+    // caller's next check.
+    set_(SIGINT, old);
+    if (*pending_) {
+      *pending_ = false;
+      PyErr_SetInterrupt();
+    }
+  }
+
+  bool active() const { return static_cast<bool>(old_); }
+  bool pending() const { return *pending_; }
+
+ private:
+  std::shared_ptr<bool> pending_ = std::make_shared<bool>(false);
+  py::object set_;  // _signal.signal
+  py::object old_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_ckpt, m) {
@@ -435,8 +664,13 @@ PYBIND11_MODULE(_ckpt, m) {
       if (p) std::rethrow_exception(p);
     } catch (const StatusError& e) {
       py::object errors = py::module_::import("ckpt._errors");
-      py::object cls = errors.attr(ErrorClass(e.status.code()));
-      PyErr_SetObject(cls.ptr(), py::str(e.status.ToString()).ptr());
+      py::object cls = errors.attr(e.python_class ? e.python_class : ErrorClass(e.status.code()));
+      py::object exc = cls(Lenient(e.status.ToString()));
+      int err = e.status.sys_errno();
+      if (err != 0 && py::isinstance(exc, py::module_::import("builtins").attr("OSError"))) {
+        exc.attr("errno") = err;  // str(exc) stays the message naming the file
+      }
+      PyErr_SetObject(cls.ptr(), exc.ptr());
     }
   });
 
@@ -452,7 +686,8 @@ PYBIND11_MODULE(_ckpt, m) {
   py::class_<Reader>(m, "Reader")
       .def(py::init<const std::string&, bool>(), py::arg("path"),
            py::arg("copy_on_write") = true)
-      .def(py::init<py::bytes>(), py::arg("data"))
+      .def(py::init<py::bytes, const std::string&>(), py::arg("data"),
+           py::arg("name") = "<bytes>")
       .def("metadata", &Reader::Metadata)
       .def("storages", &Reader::Storages)
       .def("tensors", &Reader::Tensors)
@@ -512,13 +747,39 @@ PYBIND11_MODULE(_ckpt, m) {
     return out;
   });
 
+  // The importer's refusals (a global off the allowlist, an object it does
+  // not convert) are PickleRefusedError, also a pickle.UnpicklingError, as
+  // torch.load(weights_only=True) raises for them.
   m.def("import_pth", [](const std::string& in, const std::string& out, bool sync) {
     ckpt::ImportOptions o;
     o.write.sync = sync;
-    py::gil_scoped_release nogil;
-    auto r = Take(ckpt::ImportPth(in, out, o));
-    return r.tensors;
+    ckpt::Result<ckpt::ImportReport> r = ckpt::ImportReport{};
+    {
+      py::gil_scoped_release nogil;
+      r = ckpt::ImportPth(in, out, o);
+    }
+    if (!r.ok()) {
+      StatusError e{r.status()};
+      if (e.status.code() == ckpt::ErrorCode::kInvalidArgument) e.python_class = "PickleRefusedError";
+      throw e;
+    }
+    return r->tensors;
   }, py::arg("src"), py::arg("dst"), py::arg("sync") = true);
+
+  py::class_<SigintDeferral>(m, "SigintDeferral")
+      .def(py::init<>())
+      .def("release", &SigintDeferral::Release)
+      .def_property_readonly("active", &SigintDeferral::active)
+      .def_property_readonly("pending", &SigintDeferral::pending);
+
+  // XXH3-64 (seed 0) of a buffer: the format's checksum (docs/FORMAT.md 2),
+  // for tools and tests that build or check files byte by byte.
+  m.def("xxh3_64", [](const py::buffer& b) {
+    py::buffer_info info;
+    auto bytes = ReadableBytes(b, info);
+    return ckpt::internal::Xxh3(bytes);
+  });
+  m.attr("max_tree_depth") = ckpt::kMaxTreeDepth;
 
   m.def("cli_main", [](const std::vector<std::string>& args) {
     std::vector<std::string> copy = args;
