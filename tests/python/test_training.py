@@ -45,9 +45,17 @@ class KillAndResume(TempDirCase):
                                  env=python_env(), stdout=subprocess.PIPE, text=True)
             delay = rnd.uniform(0, 0.15)
             killed, start, timer = False, None, None
+            saves = {}  # epoch -> "begun" / "ended", from the child's output
+
+            def note(word, at):
+                if word == "SAVE_BEGIN":
+                    saves[at] = "begun"
+                elif word == "SAVE_END":
+                    saves[at] = "ended"
             for line in p.stdout:
                 word, _, n = line.strip().partition(" ")
                 at = int(n) if n.isdigit() else -1
+                note(word, at)
                 if word == "START":
                     start, target = at, at + ahead
                     if mode == "random":  # any instant of training or saving
@@ -63,12 +71,19 @@ class KillAndResume(TempDirCase):
             if timer is not None:
                 timer.cancel()
             killed = rc == -signal.SIGKILL
+            for line in p.stdout:  # what it printed before it died
+                word, _, n = line.strip().partition(" ")
+                note(word, int(n) if n.isdigit() else -1)
             p.stdout.close()
             if killed:
                 kills += 1
+                # Inside a save: it began one and never said it ended. (The
+                # writer's unnamed O_TMPFILE inode leaves no temporary to see.)
+                inside = "begun" in saves.values()
+                mid_save_hits += inside
                 temps = [n for n in os.listdir(directory) if ".tmp-" in n]
-                mid_save_hits += bool(temps)
-                log.append(f"{mode} (start {start}, +{ahead}): killed, temporaries {temps}")
+                log.append(f"{mode} (start {start}, +{ahead}): killed"
+                           f"{' inside a save' if inside else ''}, temporaries {temps}")
                 # Whatever the moment, latest() is a complete checkpoint.
                 latest = ckpt.CheckpointManager(directory, keep_last=2).latest()
                 if latest is not None:
@@ -85,6 +100,8 @@ class KillAndResume(TempDirCase):
         msg = f"seed {seed}:\n" + "\n".join(log)
         self.assertGreaterEqual(kills, 5, msg)
         self.assertGreaterEqual(mid_save_hits, 1, "no kill landed inside a save\n" + msg)
+        self.assertEqual([n for n in os.listdir(directory) if ".tmp-" in n], [],
+                         "temporaries outlived the run\n" + msg)
         ref, got = ckpt.load(ref_out), ckpt.load(out)
         assert_same(self, ref, got)  # parameters and loss history, bit for bit
         print(f"\n  {kills} kills ({mid_save_hits} inside a save), {msg}", file=sys.stderr)
