@@ -26,7 +26,7 @@ namespace ckpt {
 struct ImportLimits {
   /// Largest pickle (data.pkl, or a legacy file's object pickle), checked
   /// against the declared size before anything is inflated.
-  uint64_t max_pickle_bytes = 48ull << 20;
+  uint64_t max_pickle_bytes = 32ull << 20;
   /// Memory the pickle's objects, stack and memo may take while it is read
   /// (counted as allocated).
   uint64_t max_pickle_memory = 192ull << 20;

@@ -466,22 +466,22 @@ std::optional<ValueKind> WrittenKind(K k) {
 // The path segment of a dict key, exactly as the writer forms it
 // (docs/FORMAT.md 7.3), so paths in errors and the duplicate-path check
 // match the file.
+internal::KeyNode Describe(const PyObj& o) {
+  internal::KeyNode k;
+  k.kind = WrittenKind(o.kind).value_or(ValueKind::kNone);
+  k.int_value = o.i;
+  k.float_value = o.f;
+  k.imag_value = o.im;
+  k.str = o.s;
+  k.bytes = o.bytes;
+  k.num_items = o.items.size();
+  return k;
+}
+
 std::string KeySegment(const PyObj& key) {
   std::vector<const PyObj*> ids{&key};
   return internal::KeySegmentOf(
-      0,
-      [&](uint32_t id) {
-        const PyObj& o = *ids[id];
-        internal::KeyNode k;
-        k.kind = WrittenKind(o.kind).value_or(ValueKind::kNone);
-        k.int_value = o.i;
-        k.float_value = o.f;
-        k.imag_value = o.im;
-        k.str = o.s;
-        k.bytes = o.bytes;
-        k.num_items = o.items.size();
-        return k;
-      },
+      0, [&](uint32_t id) { return Describe(*ids[id]); },
       [&](uint32_t id, size_t i) {
         ids.push_back(ids[id]->items[i].get());
         return static_cast<uint32_t>(ids.size() - 1);
@@ -503,7 +503,9 @@ class Emitter {
   Status Fail(Status s) { return s.WithFile(l_.src->name()).WithTensor(path_); }
   Result<StorageId> WriteStorage(const std::shared_ptr<PyStorage>& st);
   Status Stream(std::span<const std::byte> bytes, DType dtype);
-  Status CheckKey(const Obj& key);
+  Status CheckKey(const Obj& key, const char* role);
+  Result<uint32_t> ClassOf(const PyObj& o, int depth);
+  Result<std::vector<size_t>> DistinctItems(const PyObj& set, int depth);
   Result<NodeId> EmitTensor(const Obj& o);
   Result<NodeId> EmitContainer(const Obj& o, int depth);
 
@@ -516,6 +518,8 @@ class Emitter {
   std::unordered_set<std::string> tensor_paths_;
   std::unordered_map<const PyStorage*, StorageId> written_;
   std::unordered_set<const PyObj*> on_path_;
+  internal::KeyClasses classes_;  // Python's == on keys and set items
+  std::unordered_map<const PyObj*, uint32_t> class_of_;
   std::vector<std::byte> swap_;
   std::vector<std::byte> buf_;  // one storage piece at a time
 };
@@ -616,7 +620,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
 
 // A dict key must be a scalar, or a tuple / frozenset of keys, at any depth:
 // the writer refuses anything else, and so does a dry run, here.
-Status Emitter::CheckKey(const Obj& key) {
+Status Emitter::CheckKey(const Obj& key, const char* role) {
   std::vector<std::pair<const PyObj*, bool>> todo{{key.get(), false}};
   while (!todo.empty()) {
     auto [k, inner] = todo.back();
@@ -624,7 +628,7 @@ Status Emitter::CheckKey(const Obj& key) {
     auto kind = WrittenKind(k->kind);
     if (!kind || !internal::IsKeyKind(*kind)) {
       return Fail(InvalidArgument("a " + std::string(kind ? ValueKindName(*kind) : "?") +
-                                  (inner ? " inside a tuple" : "") + " cannot be a dict key"));
+                                  (inner ? " inside a tuple" : "") + " cannot be " + role));
     }
     if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
       if (todo.size() + k->items.size() > opt_.limits.max_nodes) {
@@ -634,6 +638,45 @@ Status Emitter::CheckKey(const Obj& key) {
     }
   }
   return Status::OK();
+}
+
+// The equality class of a hashable value, as Python's == sees it. The same
+// object (memo reuse) is the same class, as Python's identity check makes
+// one NaN object one key.
+Result<uint32_t> Emitter::ClassOf(const PyObj& o, int depth) {
+  if (auto it = class_of_.find(&o); it != class_of_.end()) return it->second;
+  if (depth > static_cast<int>(kMaxTreeDepth) - 1) {
+    return Fail(InvalidArgument("object nested deeper than " +
+                                std::to_string(kMaxTreeDepth) + " levels"));
+  }
+  internal::KeyNode n = Describe(o);
+  std::vector<uint32_t> items;
+  if (o.kind == K::kTuple) {
+    for (const auto& x : o.items) {
+      CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*x, depth + 1));
+      items.push_back(c);
+    }
+  } else if (o.kind == K::kFrozenSet) {
+    CKPT_ASSIGN_OR_RETURN(auto keep, DistinctItems(o, depth));
+    for (size_t i : keep) items.push_back(class_of_.at(o.items[i].get()));
+    n.num_items = items.size();
+  }
+  uint32_t c = classes_.Classify(n, items);
+  class_of_.emplace(&o, c);
+  return c;
+}
+
+// Indices of the items of a set or frozenset as Python holds them: the
+// first of each group of equal items (set.add keeps the one it has).
+Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set, int depth) {
+  std::vector<size_t> keep;
+  std::unordered_set<uint32_t> seen;
+  for (size_t i = 0; i < set.items.size(); ++i) {
+    CKPT_RETURN_IF_ERROR(CheckKey(set.items[i], "a set item"));
+    CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*set.items[i], depth + 1));
+    if (seen.insert(c).second) keep.push_back(i);
+  }
+  return keep;
 }
 
 Result<NodeId> Emitter::EmitTensor(const Obj& o) {
@@ -675,22 +718,44 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
   if (!on_path_.insert(o.get()).second) {
     return Fail(InvalidArgument("the object contains itself (a cycle)"));
   }
+  // Which entries Python ends up holding: a dict keeps the first of equal
+  // keys, in its place, with the last value given for it (pickle's SETITEMS
+  // are d[k] = v); a set keeps the first of equal items.
+  std::vector<std::pair<size_t, size_t>> entries;  // (key index, value index)
+  if (o->kind == K::kDict) {
+    std::unordered_map<uint32_t, size_t> slot;
+    for (size_t i = 0; i < o->items.size(); ++i) {
+      CKPT_RETURN_IF_ERROR(CheckKey(o->keys[i], "a dict key"));
+      CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*o->keys[i], depth + 1));
+      auto [it, fresh] = slot.emplace(c, entries.size());
+      if (fresh) {
+        entries.emplace_back(i, i);
+      } else {
+        entries[it->second].second = i;
+      }
+    }
+  } else if (o->kind == K::kSet || o->kind == K::kFrozenSet) {
+    CKPT_ASSIGN_OR_RETURN(auto keep, DistinctItems(*o, depth));
+    for (size_t i : keep) entries.emplace_back(i, i);
+  } else {
+    for (size_t i = 0; i < o->items.size(); ++i) entries.emplace_back(i, i);
+  }
   std::vector<NodeId> keys, items;
   const size_t mark = path_.size();
-  for (size_t i = 0; i < o->items.size(); ++i) {
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const auto [ki, vi] = entries[j];
     std::string seg;
     if (o->kind == K::kDict) {
-      const Obj& key = o->keys[i];
-      CKPT_RETURN_IF_ERROR(CheckKey(key));
+      const Obj& key = o->keys[ki];
       CKPT_ASSIGN_OR_RETURN(NodeId k, Emit(key, depth + 1));
       keys.push_back(k);
       seg = KeySegment(*key);
     } else {
-      seg = std::to_string(i);
+      seg = std::to_string(j);
     }
     if (depth > 0) path_ += '/';
     path_ += EscapePathSegment(seg);
-    auto v = Emit(o->items[i], depth + 1);
+    auto v = Emit(o->items[vi], depth + 1);
     path_.resize(mark);
     if (!v.ok()) return v.status();
     items.push_back(*v);

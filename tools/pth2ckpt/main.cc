@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -42,6 +43,8 @@ const char* kHelp =
     "                    'not computed' without it)\n"
     "  --encoding ENC    Python 2 str values: utf-8 (default, as torch.load)\n"
     "                    or latin1 (as torch.load(..., encoding='latin1'))\n"
+    "  --max-pickle-mib N   refuse pickles larger than N MiB (default 32)\n"
+    "  --max-memory-mib N   memory the pickle's objects may take (default 192)\n"
     "  --no-sync         do not fsync the output (faster; not crash-safe)\n"
     "  -h, --help        this text\n"
     "\n"
@@ -118,6 +121,17 @@ int main(int argc, char** argv) {
         return 2;
       }
       opt.encoding = v;
+    } else if (a == "--max-pickle-mib" || a == "--max-memory-mib") {
+      char* end = nullptr;
+      const char* v = i + 1 < argc ? argv[++i] : "";
+      unsigned long long n = std::strtoull(v, &end, 10);
+      if (*v == '\0' || *end != '\0' || n == 0 || n > (1ull << 20)) {
+        std::fprintf(stderr, "pth2ckpt: %s takes a number of MiB (1..1048576), not '%s'\n",
+                     a.c_str(), v);
+        return 2;
+      }
+      (a == "--max-pickle-mib" ? opt.limits.max_pickle_bytes : opt.limits.max_pickle_memory) =
+          n << 20;
     } else if (a == "--") {
       for (++i; i < argc; ++i) pos.push_back(argv[i]);
     } else if (a.size() > 1 && a[0] == '-') {
