@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import _ckpt
-from ._dtypes import CODE_TO_NUMPY, torch_dtype as _torch_dtype
+from ._dtypes import CODE_TO_NUMPY, CODE_TO_TORCH, torch_dtype as _torch_dtype
 from ._errors import (CkptError, CudaError, FormatError, InvalidArgumentError,
                       UnsupportedError)
 
@@ -244,8 +244,8 @@ class _Loader:
                               strides=[s * dt.itemsize for s in strides])
         if sid not in self.placed:
             self.materialize([sid])
-        t = view(self.placed[sid], torch_dtype(code, f"{self.name}: tensor '{path}'"), off,
-                 shape, strides)
+        dtype = CODE_TO_TORCH.get(code) or torch_dtype(code, f"{self.name}: tensor '{path}'")
+        t = view(self.placed[sid], dtype, off, shape, strides)
         if param:
             return torch.nn.Parameter(t, requires_grad=rg)
         if rg:

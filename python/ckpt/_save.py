@@ -1,6 +1,7 @@
 """ckpt.save: a Python object tree with torch tensors -> one ckpt file."""
 import argparse
 import collections
+import itertools
 import os
 import reprlib
 import shutil
@@ -16,7 +17,8 @@ from ._load import _untyped
 
 _PIECE = 64 << 20  # device -> host copies of CUDA storages go in 64 MiB pieces
 _MAX_DEPTH = _ckpt.max_tree_depth  # FORMAT.md R14: nesting depth, root = 1
-_CONTAINERS = (list, tuple, set, frozenset, dict, collections.OrderedDict, argparse.Namespace)
+_CONTAINER_TYPES = frozenset((list, tuple, set, frozenset, dict, collections.OrderedDict,
+                              argparse.Namespace))
 _DICT_TAGS = {collections.OrderedDict: "collections.OrderedDict",
               argparse.Namespace: "argparse.Namespace", dict: ""}
 
@@ -128,7 +130,7 @@ class _Saver:
         return node
 
     # -- the tree -------------------------------------------------------------
-    def leaf(self, obj, where):
+    def leaf(self, obj, where, seg):
         """The node of anything but a container."""
         w = self.w
         t = type(obj)
@@ -137,12 +139,12 @@ class _Saver:
         if t is bool or t is np.bool_:
             return w.add_bool(bool(obj))
         if isinstance(obj, torch.Tensor):
-            return self.tensor(obj, where)
+            return self.tensor(obj, lambda: where(seg))
         if isinstance(obj, np.ndarray):
             if t is not np.ndarray:
-                raise TypeError(f"{where()}: cannot save a {t.__qualname__} "
+                raise TypeError(f"{where(seg)}: cannot save a {t.__qualname__} "
                                 "(an ndarray subclass); save np.asarray(x)")
-            return self.array(obj, where)
+            return self.array(obj, lambda: where(seg))
         if isinstance(obj, (int, np.integer)):
             v = int(obj)
             if -(1 << 63) <= v < (1 << 63):
@@ -152,7 +154,7 @@ class _Saver:
             n = ((v if v >= 0 else ~v).bit_length() + 8) // 8
             if n > 4096:
                 raise InvalidArgumentError(
-                    f"{where()}: an int of {n} bytes; the format holds ints of "
+                    f"{where(seg)}: an int of {n} bytes; the format holds ints of "
                     "at most 4096 bytes (-(2**32767) to 2**32767 - 1)")
             return w.add_bigint(v.to_bytes(n, "little", signed=True))
         if isinstance(obj, (float, np.floating)):
@@ -167,22 +169,23 @@ class _Saver:
         if isinstance(obj, torch.dtype):
             code = TORCH_TO_CODE.get(obj)
             if code is None:
-                raise TypeError(f"{where()}: dtype {obj} has no ckpt equivalent")
+                raise TypeError(f"{where(seg)}: dtype {obj} has no ckpt equivalent")
             return w.add_dtype(code)
         if isinstance(obj, torch.device):
             d = obj
             return w.add_device(f"cuda:{d.index or 0}" if d.type == "cuda" and d.index is None
                                 else str(d))
-        raise TypeError(f"{where()}: cannot save an object of type "
+        raise TypeError(f"{where(seg)}: cannot save an object of type "
                         f"{t.__module__}.{t.__qualname__}: {_hint(obj)}")
 
     def tree(self, root):
         """The node id of `root`, built bottom-up without recursion: an
         explicit stack of open containers, so any depth the format allows
         (1000, root = 1) saves under Python's default recursion limit."""
-        # A frame: [container, its type, iterator over (child, segment),
+        # A frame: [container, its type, iterator of (child, segment),
         #           child ids, its own segment]
         stack = []
+        leaf, containers = self.leaf, _CONTAINER_TYPES
 
         def where(seg=_NO_SEGMENT):
             path = [f[4] for f in stack[1:]]
@@ -190,30 +193,23 @@ class _Saver:
                 path.append(seg)
             return _where(path)
 
-        obj, seg = root, _NO_SEGMENT
+        if type(root) not in containers:
+            return leaf(root, where, _NO_SEGMENT)
+        self.push(stack, root, _NO_SEGMENT, where)
         while True:
-            t = type(obj)
-            if len(stack) >= _MAX_DEPTH:  # this node would be at depth len(stack) + 1
-                raise InvalidArgumentError(
-                    f"{where(seg)}: nested too deeply: the format allows {_MAX_DEPTH} "
-                    "levels, root = 1 (docs/FORMAT.md R14)")
-            if t in _CONTAINERS:
-                if id(obj) in self.open:
-                    raise ValueError(f"{where(seg)}: the object contains itself (a cycle)")
-                self.open.add(id(obj))
-                stack.append([obj, t, self.children(obj, t, stack, where), [], seg])
-            else:
-                node = self.leaf(obj, lambda s=seg: where(s))
-                if not stack:
-                    return node
-                stack[-1][3].append(node)
-            # The next child to build, closing every finished container.
-            while True:
-                f = stack[-1]
-                nxt = next(f[2], None)
-                if nxt is not None:
-                    obj, seg = nxt
+            f = stack[-1]
+            ids = f[3]
+            deep = len(stack) >= _MAX_DEPTH  # children would be at depth len(stack) + 1
+            for child, seg in f[2]:
+                if deep:
+                    raise InvalidArgumentError(
+                        f"{where(seg)}: nested too deeply: the format allows {_MAX_DEPTH} "
+                        "levels, root = 1 (docs/FORMAT.md R14)")
+                if type(child) in containers:
+                    self.push(stack, child, seg, where)
                     break
+                ids.append(leaf(child, where, seg))
+            else:  # every child done: close the container
                 node = self.close(f)
                 self.open.discard(id(f[0]))
                 stack.pop()
@@ -221,19 +217,16 @@ class _Saver:
                     return node
                 stack[-1][3].append(node)
 
-    def children(self, obj, t, stack, where):
-        """(child, path segment) pairs: a dict's keys and values alternate."""
-        if t is argparse.Namespace:
-            obj = vars(obj)
+    def push(self, stack, obj, seg, where):
+        if id(obj) in self.open:
+            raise ValueError(f"{where(seg)}: the object contains itself (a cycle)")
+        self.open.add(id(obj))
+        t = type(obj)
         if t in _DICT_TAGS:
-            for k, v in obj.items():
-                if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
-                    raise TypeError(f"{where(k)}: a dict key cannot be a {type(k).__name__}")
-                yield k, k
-                yield v, k
+            children = _dict_children(vars(obj) if t is argparse.Namespace else obj, where)
         else:
-            for i, v in enumerate(obj):
-                yield v, i
+            children = zip(obj, itertools.count())
+        stack.append([obj, t, children, [], seg])
 
     def close(self, f):
         obj, t, _, ids, _ = f
@@ -242,6 +235,15 @@ class _Saver:
             return w.add_dict(ids[0::2], ids[1::2], _DICT_TAGS[t])
         return {list: w.add_list, tuple: w.add_tuple, set: w.add_set,
                 frozenset: w.add_frozenset}[t](ids)
+
+
+def _dict_children(d, where):
+    """A dict's keys and values, alternating, as (child, path segment)."""
+    for k, v in d.items():
+        if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
+            raise TypeError(f"{where(k)}: a dict key cannot be a {type(k).__name__}")
+        yield k, k
+        yield v, k
 
 
 _NO_SEGMENT = object()
