@@ -684,7 +684,8 @@ class EmptyContainers(TempDirCase):
         r = run_child(EMPTY_CHILD, self.path("e.ckpt"), os.path.dirname(os.path.abspath(__file__)))
         last = (r.stdout.strip().splitlines() or ["nothing"])[-1]
         self.assertEqual(r.returncode, 0,
-                         f"exit {r.returncode} after '{last}'\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+                         f"exit {r.returncode} after '{last}'\n"
+                         f"{r.stdout[-2000:]}{r.stderr[-2000:]}")
         self.assertIn("optimizer ok", r.stdout)
 
 
