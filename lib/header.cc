@@ -465,6 +465,88 @@ KeyNode Describe(const fb::Node& n) {
   return k;
 }
 
+// Equality classes (KeyClasses) of the nodes that are dict keys or set
+// items, or inside one, computed when a parent first asks: most nodes of a
+// tree are never keys, and classifying them all would make open several
+// times slower. Children are checked (kinds known, in order, depth bounded)
+// before any parent asks, so the recursion is bounded by the depth.
+class LazyClasses {
+ public:
+  using Nodes = flatbuffers::Vector<flatbuffers::Offset<fb::Node>>;
+  explicit LazyClasses(const Nodes* nodes)
+      : nodes_(nodes), cls_(nodes->size(), kNotYet), why_(nodes->size()) {}
+
+  uint32_t Of(uint32_t c) {
+    if (cls_[c] != kNotYet) return cls_[c];
+    const fb::Node* n = nodes_->Get(c);
+    auto k = static_cast<ValueKind>(n->kind());
+    uint32_t r = KeyClasses::kUnhashable;
+    if (k == ValueKind::kTuple || k == ValueKind::kFrozenSet) {
+      std::vector<uint32_t> items;
+      bool ok = true;
+      for (uoffset_t j = 0; n->items() && j < n->items()->size(); ++j) {
+        uint32_t item = n->items()->Get(j);
+        uint32_t ic = Of(item);
+        if (ic == KeyClasses::kUnhashable) {
+          why_[c] = why_[item];
+          ok = false;
+          break;
+        }
+        items.push_back(ic);
+      }
+      if (ok) r = classes_.Classify(Describe(*n), items);
+    } else if (IsKeyKind(k)) {
+      r = classes_.Classify(Describe(*n), {});
+    } else {
+      why_[c] = k;
+    }
+    cls_[c] = r;
+    return r;
+  }
+  /// For an unhashable node: the List, Dict, Set or Tensor that makes it so.
+  ValueKind why(uint32_t c) const { return why_[c]; }
+
+  /// The first pair of equal nodes among `ids` (all hashable). Plain string
+  /// or int keys, by far the most common, are compared directly.
+  std::optional<std::pair<size_t, size_t>> FirstEqual(
+      const flatbuffers::Vector<uint32_t>& ids) {
+    bool all_str = true, all_int = true;
+    for (uint32_t c : ids) {
+      auto k = nodes_->Get(c)->kind();
+      all_str = all_str && k == fb::ValueKind::String;
+      all_int = all_int && k == fb::ValueKind::Int;
+    }
+    if (all_str) {
+      auto str = [&](size_t j) {
+        const auto* sv = nodes_->Get(ids.Get(static_cast<uoffset_t>(j)))->str_value();
+        return sv ? sv->string_view() : std::string_view();
+      };
+      return FirstRepeat(
+          ids.size(), [&](size_t j) { return std::hash<std::string_view>()(str(j)); },
+          [&](size_t a, size_t b) { return str(a) == str(b); });
+    }
+    if (all_int) {
+      auto val = [&](size_t j) {
+        return nodes_->Get(ids.Get(static_cast<uoffset_t>(j)))->int_value();
+      };
+      return FirstRepeat(
+          ids.size(), [&](size_t j) { return static_cast<uint64_t>(val(j)); },
+          [&](size_t a, size_t b) { return val(a) == val(b); });
+    }
+    std::vector<uint32_t> classes;
+    classes.reserve(ids.size());
+    for (uint32_t c : ids) classes.push_back(Of(c));
+    return FirstDuplicate(classes);
+  }
+
+ private:
+  static constexpr uint32_t kNotYet = KeyClasses::kUnhashable - 1;
+  const Nodes* nodes_;
+  KeyClasses classes_;
+  std::vector<uint32_t> cls_;
+  std::vector<ValueKind> why_;
+};
+
 // Which fields each kind uses (docs/FORMAT.md 7.1); every other field must
 // be absent or hold its default (0, +0.0, empty).
 struct FieldUse {
@@ -508,25 +590,23 @@ FieldUse FieldsOf(ValueKind k) {
 // R14, second part: fields a kind does not use are absent (or default).
 std::optional<std::string> UnusedFieldProblem(const fb::Node& n, ValueKind k) {
   const FieldUse u = FieldsOf(k);
-  const std::string kind = "kind " + std::string(ValueKindName(k));
   auto bits = [](double v) { return std::bit_cast<uint64_t>(v); };
-  if (!u.int_value && n.int_value() != 0) return kind + " does not use int_value";
-  if (!u.float_value && bits(n.float_value()) != 0) {
-    return kind + " does not use float_value";
+  const char* field = nullptr;
+  if (!u.int_value && n.int_value() != 0) {
+    field = "int_value";
+  } else if (!u.float_value && bits(n.float_value()) != 0) {
+    field = "float_value";
+  } else if (!u.imag_value && bits(n.imag_value()) != 0) {
+    field = "imag_value";
+  } else if (!u.str_value && n.str_value() && n.str_value()->size() > 0) {
+    field = "str_value";
+  } else if (!u.bytes_value && n.bytes_value() && n.bytes_value()->size() > 0) {
+    field = "bytes_value";
+  } else if (!u.type_name && n.type_name() && n.type_name()->size() > 0) {
+    field = "type_name";
   }
-  if (!u.imag_value && bits(n.imag_value()) != 0) {
-    return kind + " does not use imag_value";
-  }
-  if (!u.str_value && n.str_value() && n.str_value()->size() > 0) {
-    return kind + " does not use str_value";
-  }
-  if (!u.bytes_value && n.bytes_value() && n.bytes_value()->size() > 0) {
-    return kind + " does not use bytes_value";
-  }
-  if (!u.type_name && n.type_name() && n.type_name()->size() > 0) {
-    return kind + " does not use type_name";
-  }
-  return std::nullopt;
+  if (!field) return std::nullopt;
+  return "kind " + std::string(ValueKindName(k)) + " does not use " + field;
 }
 
 // R14: the object tree is a tree: kinds known, children before parents,
@@ -550,10 +630,7 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
   std::vector<uint32_t> depth(n, 1);
   // Equality class of each hashable node (KeyClasses::kUnhashable for the
   // others) and, for an unhashable one, the kind that makes it so.
-  KeyClasses classes;
-  std::vector<uint32_t> cls(n, KeyClasses::kUnhashable);
-  std::vector<ValueKind> unhashable_kind(n, ValueKind::kNone);
-  std::vector<uint32_t> child_classes;
+  LazyClasses lazy(nodes);
   for (uoffset_t i = 0; i < n; ++i) {
     const fb::Node* node = nodes->Get(i);
     auto kind = static_cast<uint8_t>(node->kind());
@@ -600,19 +677,18 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
     // Dict keys, and the items of sets, must be hashable and distinct, as
     // in Python; a Tuple or FrozenSet is hashable when all it holds is.
     auto hashable = [&](uint32_t c, const char* role) -> Status {
-      if (cls[c] != KeyClasses::kUnhashable) return Status::OK();
       auto ck = static_cast<ValueKind>(nodes->Get(c)->kind());
-      std::string what = std::string("a ") + std::string(ValueKindName(ck));
-      if (ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet) {
-        what += " holding a " + std::string(ValueKindName(unhashable_kind[c]));
+      const bool nested = ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet;
+      if (nested ? lazy.Of(c) != KeyClasses::kUnhashable : IsKeyKind(ck)) {
+        return Status::OK();
       }
+      std::string what = std::string("a ") + std::string(ValueKindName(ck));
+      if (nested) what += " holding a " + std::string(ValueKindName(lazy.why(c)));
       return fail(i, what + " cannot be " + role);
     };
     auto distinct = [&](const flatbuffers::Vector<uint32_t>* ids,
                         const char* what) -> Status {
-      child_classes.clear();
-      for (uint32_t c : *ids) child_classes.push_back(cls[c]);
-      if (auto dup = FirstDuplicate(child_classes)) {
+      if (auto dup = lazy.FirstEqual(*ids)) {
         return fail(i, std::string(what) + " " + std::to_string(dup->first) +
                            " and " + std::to_string(dup->second) +
                            " are equal");
@@ -686,35 +762,6 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       if (auto bad = Utf8Error("type_name", node->type_name()->string_view())) {
         return fail(i, *bad);
       }
-    }
-    // This node's class, from its children's (which precede it).
-    switch (vk) {
-      case ValueKind::kList:
-      case ValueKind::kDict:
-      case ValueKind::kSet:
-      case ValueKind::kTensor:
-        unhashable_kind[i] = vk;
-        break;
-      case ValueKind::kTuple:
-      case ValueKind::kFrozenSet: {
-        child_classes.clear();
-        for (uoffset_t k = 0; node->items() && k < node->items()->size(); ++k) {
-          uint32_t c = node->items()->Get(k);
-          if (cls[c] == KeyClasses::kUnhashable) {
-            unhashable_kind[i] = unhashable_kind[c];
-            child_classes.clear();
-            break;
-          }
-          child_classes.push_back(cls[c]);
-        }
-        if (unhashable_kind[i] == ValueKind::kNone) {
-          cls[i] = classes.Classify(Describe(*node), child_classes);
-        }
-        break;
-      }
-      default:
-        cls[i] = classes.Classify(Describe(*node), {});
-        break;
     }
   }
   for (uoffset_t i = 0; i + 1 < n; ++i) {

@@ -299,15 +299,38 @@ uint32_t KeyClasses::Classify(const KeyNode& n, std::span<const uint32_t> items)
   }
 }
 
-std::optional<std::pair<size_t, size_t>> FirstDuplicate(
-    std::span<const uint32_t> classes) {
-  std::unordered_map<uint32_t, size_t> seen;
-  seen.reserve(classes.size());
-  for (size_t i = 0; i < classes.size(); ++i) {
-    auto [it, inserted] = seen.try_emplace(classes[i], i);
-    if (!inserted) return std::pair{it->second, i};
+std::optional<std::pair<size_t, size_t>> FirstRepeat(
+    size_t n, const std::function<uint64_t(size_t)>& hash,
+    const std::function<bool(size_t, size_t)>& equal) {
+  if (n < 2) return std::nullopt;
+  size_t cap = 4;
+  while (cap < 2 * n) cap <<= 1;  // load factor <= 1/2
+  // Each slot: 32 bits of the hash above the item's index (n < 2^32: items
+  // of a header vector), so a probe compares items only when those agree.
+  constexpr uint64_t kEmpty = UINT64_MAX;
+  std::vector<uint64_t> table(cap, kEmpty);
+  for (size_t i = 0; i < n; ++i) {
+    // Mix the hash (the table size is a power of two).
+    const uint64_t h = hash(i) * 0x9E3779B97F4A7C15ull;
+    const uint64_t tag = h & 0xFFFFFFFF00000000ull;
+    size_t slot = static_cast<size_t>(h >> 32) & (cap - 1);
+    while (table[slot] != kEmpty) {
+      const auto other = static_cast<size_t>(table[slot] & 0xFFFFFFFFu);
+      if ((table[slot] & 0xFFFFFFFF00000000ull) == tag && equal(other, i)) {
+        return std::pair{other, i};
+      }
+      slot = (slot + 1) & (cap - 1);
+    }
+    table[slot] = tag | i;
   }
   return std::nullopt;
+}
+
+std::optional<std::pair<size_t, size_t>> FirstDuplicate(
+    std::span<const uint32_t> classes) {
+  return FirstRepeat(
+      classes.size(), [&](size_t i) { return uint64_t{classes[i]}; },
+      [&](size_t a, size_t b) { return classes[a] == classes[b]; });
 }
 
 // ---- canonical order -------------------------------------------------------------

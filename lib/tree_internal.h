@@ -87,6 +87,14 @@ class KeyClasses {
   uint32_t next_ = 0;
 };
 
+/// Indices (earlier, later) of the first pair of equal items among `n`
+/// (the smallest `later` that repeats an earlier item), or nullopt.
+/// `hash(i)` must agree with `equal(i, j)`. An open-addressing table of
+/// indices: no allocation per item, so a million keys cost milliseconds.
+std::optional<std::pair<size_t, size_t>> FirstRepeat(
+    size_t n, const std::function<uint64_t(size_t)>& hash,
+    const std::function<bool(size_t, size_t)>& equal);
+
 /// Indices (earlier, later) of the first pair of equal classes, or nullopt.
 /// An unhashable class is an error the caller checks first.
 std::optional<std::pair<size_t, size_t>> FirstDuplicate(

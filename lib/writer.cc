@@ -24,6 +24,8 @@ constexpr size_t kMaxBigIntBytes = 4096;
 // The highest dtype code of format 1.0: a file that uses a higher one is
 // stamped 1.1 (docs/FORMAT.md 9).
 constexpr uint8_t kMaxDTypeCode1_0 = 32;
+constexpr uint32_t kClassNotYet = KeyClasses::kUnhashable - 1;
+constexpr uint32_t kClassTooDeep = KeyClasses::kUnhashable - 2;
 // Appends at least this large hash on a second thread while writing.
 constexpr size_t kOverlapHashBytes = 1u << 20;
 }  // namespace
@@ -200,9 +202,9 @@ class WriterImpl {
     std::vector<NodeId> items;
     std::vector<NodeId> keys;
     std::string type_name;
-    // Equality class as a dict key or set item (KeyClasses), and for an
-    // unhashable node the kind that makes it so.
-    uint32_t cls = KeyClasses::kUnhashable;
+    // Equality class as a dict key or set item (KeyClasses), computed when
+    // first needed, and for an unhashable node the kind that makes it so.
+    uint32_t cls = kClassNotYet;
     ValueKind unhashable_kind = ValueKind::kNone;
   };
 
@@ -226,59 +228,80 @@ class WriterImpl {
         [this](uint32_t i, size_t k) { return ItemOf(i, k); });
   }
 
-  // Nodes are immutable once added (SetTypeName touches only unhashable
-  // kinds), and children always exist before their parent, so a node's
-  // class is computed once, here.
   NodeId Add(NodeRec n) {
-    switch (n.kind) {
-      case ValueKind::kList:
-      case ValueKind::kDict:
-      case ValueKind::kSet:
-      case ValueKind::kTensor:
-        n.unhashable_kind = n.kind;
-        break;
-      case ValueKind::kTuple:
-      case ValueKind::kFrozenSet: {
-        std::vector<uint32_t> item_classes;
-        item_classes.reserve(n.items.size());
-        for (NodeId c : n.items) {
-          if (nodes_[c].cls == KeyClasses::kUnhashable) {
-            n.unhashable_kind = nodes_[c].unhashable_kind;
-            break;
-          }
-          item_classes.push_back(nodes_[c].cls);
-        }
-        if (n.unhashable_kind == ValueKind::kNone) {
-          n.cls = classes_.Classify(Describe(n), item_classes);
-        }
-        break;
-      }
-      default:
-        n.cls = classes_.Classify(Describe(n), {});
-        break;
-    }
     nodes_.push_back(std::move(n));
     return static_cast<NodeId>(nodes_.size() - 1);
   }
 
+  // A node's class, computed once when a parent first uses it as a key or
+  // set item: nodes are immutable once added (SetTypeName touches only
+  // unhashable kinds) and their children exist before them. The recursion
+  // follows the key down; a key nested deeper than the format allows
+  // (kClassTooDeep) would be refused at Commit anyway, and stopping here
+  // keeps a hostile caller (a converted pickle) from exhausting the stack.
+  uint32_t ClassOf(NodeId id, uint32_t depth = 1) {
+    NodeRec& r = nodes_[id];
+    if (r.cls != kClassNotYet) return r.cls;
+    if (depth > kMaxTreeDepth) return kClassTooDeep;
+    uint32_t c = KeyClasses::kUnhashable;
+    if (r.kind == ValueKind::kTuple || r.kind == ValueKind::kFrozenSet) {
+      std::vector<uint32_t> item_classes;
+      item_classes.reserve(r.items.size());
+      bool ok = true;
+      for (NodeId item : r.items) {
+        uint32_t ic = ClassOf(item, depth + 1);
+        if (ic == kClassTooDeep) return ic;
+        if (ic == KeyClasses::kUnhashable) {
+          nodes_[id].unhashable_kind = nodes_[item].unhashable_kind;
+          ok = false;
+          break;
+        }
+        item_classes.push_back(ic);
+      }
+      if (ok) c = classes_.Classify(Describe(nodes_[id]), item_classes);
+    } else if (IsKeyKind(r.kind)) {
+      c = classes_.Classify(Describe(r), {});
+    } else {
+      r.unhashable_kind = r.kind;
+    }
+    nodes_[id].cls = c;
+    return c;
+  }
+
   // Dict keys and set items: hashable at every depth (no List, Dict, Set or
   // Tensor, even inside a tuple) and pairwise unequal by Python's ==.
-  Status CheckHashableDistinct(std::span<const NodeId> ids,
-                               const char* role) const {
-    std::vector<uint32_t> item_classes;
-    item_classes.reserve(ids.size());
+  Status CheckHashableDistinct(std::span<const NodeId> ids, const char* role) {
+    bool all_str = true;
     for (NodeId id : ids) {
-      const NodeRec& r = nodes_[id];
-      if (r.cls == KeyClasses::kUnhashable) {
-        std::string what = "a " + std::string(ValueKindName(r.kind));
-        if (r.kind != r.unhashable_kind) {
-          what += " holding a " + std::string(ValueKindName(r.unhashable_kind));
-        }
-        return InvalidArgument(what + " cannot be " + role);
+      const ValueKind k = nodes_[id].kind;
+      all_str = all_str && k == ValueKind::kString;
+      const bool nested = k == ValueKind::kTuple || k == ValueKind::kFrozenSet;
+      const uint32_t c = nested ? ClassOf(id) : 0;
+      if (c == kClassTooDeep) {
+        return InvalidArgument(std::string(role) + " nested deeper than " +
+                               std::to_string(kMaxTreeDepth) + " levels");
       }
-      item_classes.push_back(r.cls);
+      if (nested ? c != KeyClasses::kUnhashable : IsKeyKind(k)) continue;
+      std::string what = "a " + std::string(ValueKindName(k));
+      if (nested) {
+        what += " holding a " + std::string(ValueKindName(nodes_[id].unhashable_kind));
+      }
+      return InvalidArgument(what + " cannot be " + role);
     }
-    if (auto dup = FirstDuplicate(item_classes)) {
+    std::optional<std::pair<size_t, size_t>> dup;
+    if (all_str) {
+      // The common case (state dicts) without building classes.
+      auto str = [&](size_t i) -> const std::string& { return nodes_[ids[i]].str; };
+      dup = FirstRepeat(
+          ids.size(), [&](size_t i) { return std::hash<std::string>()(str(i)); },
+          [&](size_t a, size_t b) { return str(a) == str(b); });
+    } else {
+      std::vector<uint32_t> item_classes;
+      item_classes.reserve(ids.size());
+      for (NodeId id : ids) item_classes.push_back(ClassOf(id));
+      dup = FirstDuplicate(item_classes);
+    }
+    if (dup) {
       return InvalidArgument(
           std::string(role) + "s " + std::to_string(dup->first) + " ('" +
           KeySegment(ids[dup->first]) + "') and " + std::to_string(dup->second) +

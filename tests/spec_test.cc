@@ -797,6 +797,20 @@ TEST_CASE("R14: depth 1000 is read, 1001 is refused at open") {
                           return w.AddDict(k, v);
                         }),
                ErrorCode::kInvalidArgument, "deeper than 1000");
+  // A key 100,000 tuples deep (a hostile pickle can make one) is refused
+  // at AddDict, before anything recurses down it.
+  RequireError(TryBuild(dir.File("h.ckpt"),
+                        [](Writer& w) -> Result<NodeId> {
+                          NodeId cur = w.AddInt(1);
+                          for (int i = 0; i < 100000; ++i) {
+                            NodeId one[] = {cur};
+                            CKPT_ASSIGN_OR_RETURN(cur, w.AddTuple(one));
+                          }
+                          NodeId k[] = {cur};
+                          NodeId v[] = {w.AddNone()};
+                          return w.AddDict(k, v);
+                        }),
+               ErrorCode::kInvalidArgument, "a dict key nested deeper than 1000 levels");
 }
 
 // ---- section 10 ---------------------------------------------------------------------
