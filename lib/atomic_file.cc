@@ -9,8 +9,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <string_view>
 #include <utility>
 
 namespace ckpt::internal {
@@ -82,6 +86,29 @@ Result<std::string> ResolveLinks(const std::string& target) {
   return IoError("too many levels of symlinks").WithErrno(ELOOP).WithFile(target);
 }
 
+// Named temporaries this process is writing. flock() is per open file on
+// local file systems, but NFS emulates it with POSIX locks, which belong
+// to the process: a sweep from another thread would then get the lock of
+// a live temporary (and, closing its descriptor, drop it). Sweeps skip
+// the names listed here.
+std::mutex g_live_mu;
+std::set<std::string>& LiveTemporaries() {
+  static auto* live = new std::set<std::string>();
+  return *live;
+}
+void SetLive(const std::string& path, bool live) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  if (live) {
+    LiveTemporaries().insert(path);
+  } else {
+    LiveTemporaries().erase(path);
+  }
+}
+bool IsLive(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  return LiveTemporaries().count(path) > 0;
+}
+
 // True when `fd` and `path` name the same inode (a name can be unlinked or
 // replaced by another process between two calls).
 bool SameFile(int fd, const std::string& path) {
@@ -104,6 +131,7 @@ void SweepStale(const std::string& dir, const std::string& prefix) {
       continue;
     }
     std::string path = dir + "/" + std::string(name);
+    if (IsLive(path)) continue;
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
     if (fd < 0) continue;
     struct stat st;
@@ -116,19 +144,24 @@ void SweepStale(const std::string& dir, const std::string& prefix) {
   ::closedir(d);
 }
 
-// An O_TMPFILE inode can be given a name by linkat(AT_EMPTY_PATH), which
-// needs CAP_DAC_READ_SEARCH, or through /proc/self/fd, which needs /proc.
-bool CanLinkUnnamed() {
-  return ::access("/proc/self/fd", X_OK) == 0 || ::geteuid() == 0;
-}
+// An O_TMPFILE inode can be given a name through /proc/self/fd (or by
+// linkat(AT_EMPTY_PATH), which needs CAP_DAC_READ_SEARCH - root in a user
+// namespace may lack it). Without /proc, the named temporary is used
+// rather than finding out at commit, after all the bytes are written.
+bool CanLinkUnnamed() { return ::access("/proc/self/fd", X_OK) == 0; }
 
 }  // namespace
 
 std::string AtomicFile::TempPrefix(const std::string& base) {
-  // "." + base + ".tmp-" + random must fit one directory entry.
-  constexpr size_t kFixed = 1 + 5 + kRandomChars;
-  constexpr size_t kMaxBase = NAME_MAX - kFixed;
-  return "." + base.substr(0, kMaxBase) + ".tmp-";
+  // "." + base + ".tmp-ckpt" + random must fit one directory entry. The
+  // "ckpt" marker keeps sweeps away from a user's own ".x.tmp-backup".
+  constexpr std::string_view kMarker = ".tmp-ckpt";
+  constexpr size_t kMaxBase = NAME_MAX - 1 - kMarker.size() - kRandomChars;
+  size_t n = std::min(base.size(), kMaxBase);
+  // Cut at a UTF-8 character boundary (file systems that enforce UTF-8
+  // names would refuse half a character).
+  while (n < base.size() && n > 0 && (static_cast<unsigned char>(base[n]) & 0xC0) == 0x80) --n;
+  return "." + base.substr(0, n) + std::string(kMarker);
 }
 
 // Output errors are kIoError whatever errno says (a missing directory is
@@ -163,6 +196,7 @@ Status AtomicFile::OpenNamed(const std::string& dir, const std::string& prefix,
     }
     fd_ = fd;
     temp_ = std::move(name);
+    SetLive(temp_, true);
     return Status::OK();
   }
   return IoError("cannot create a temporary file in '" + dir +
@@ -178,15 +212,25 @@ Result<AtomicFile> AtomicFile::Create(const std::string& target, unsigned mode,
   if (base.empty() || base == "." || base == "..") {
     return InvalidArgument("output path names a directory").WithFile(target);
   }
-  CKPT_ASSIGN_OR_RETURN(f.final_, ResolveLinks(target));
   struct stat st;
   bool keep_mode = false;
-  if (::stat(f.final_.c_str(), &st) == 0) {
+  // What the path leads to, links followed (/dev/stdout's magic link too):
+  // replacing a device, FIFO or socket by a regular file would destroy it
+  // (as root, /dev/null), and writing into one is not atomic.
+  if (::stat(target.c_str(), &st) == 0) {
     if (S_ISDIR(st.st_mode)) {
       return InvalidArgument("output path is a directory").WithFile(target);
     }
-    keep_mode = S_ISREG(st.st_mode);
+    if (!S_ISREG(st.st_mode)) {
+      return InvalidArgument(
+                 "output path is not a regular file (a device, FIFO or "
+                 "socket): ckpt publishes files by atomic rename; write to a "
+                 "file, or pass a file object to ckpt.save")
+          .WithFile(target);
+    }
+    keep_mode = true;
   }
+  CKPT_ASSIGN_OR_RETURN(f.final_, ResolveLinks(target));
   const std::string dir = DirName(f.final_);
   const std::string prefix = TempPrefix(BaseName(f.final_));
   SweepStale(dir, prefix);
@@ -195,14 +239,19 @@ Result<AtomicFile> AtomicFile::Create(const std::string& target, unsigned mode,
     // failure is reported by the named path below, which hits it too.
     int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC,
                     static_cast<mode_t>(mode));
-    if (fd >= 0) {
+    // Locked like a named temporary: at commit it gets a name (Publish)
+    // for an instant, which a concurrent save's sweep must leave alone.
+    if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0) {
       f.fd_ = fd;
       f.unnamed_ = true;
+    } else if (fd >= 0) {
+      ::close(fd);
     }
   }
   if (!f.unnamed_) CKPT_RETURN_IF_ERROR(f.OpenNamed(dir, prefix, mode));
-  // Re-saving keeps the file's permissions, as writing it in place would.
-  if (keep_mode && ::fchmod(f.fd_, st.st_mode & 07777) != 0) {
+  // Re-saving keeps the file's permissions, as writing it in place would
+  // (not setuid/setgid/sticky: the new file belongs to whoever saves).
+  if (keep_mode && ::fchmod(f.fd_, st.st_mode & 0777) != 0) {
     int err = errno;
     f.Abort();
     return f.Error("cannot set permissions", err);
@@ -309,6 +358,7 @@ Status AtomicFile::Publish() {
     if (rc == 0) {
       temp_ = std::move(name);
       unnamed_ = false;
+      SetLive(temp_, true);
       return Status::OK();
     }
     if (errno != EEXIST) return Error("cannot link the new file into '" + dir + "'", errno);
@@ -333,6 +383,7 @@ Status AtomicFile::Commit(bool sync) {
     Abort();
     return Error("cannot rename the temporary file over the target", err);
   }
+  SetLive(temp_, false);
   temp_.clear();
   // With sync, fsync above already reported write-back errors; without it
   // the caller asked for no durability.
@@ -357,6 +408,7 @@ void AtomicFile::Abort() {
   }
   if (!temp_.empty()) {
     ::unlink(temp_.c_str());
+    SetLive(temp_, false);
     temp_.clear();
   }
 }

@@ -180,20 +180,6 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
   }
   const fb::Node* node(uint32_t i) const { return h->nodes()->Get(i); }
 
-  // Writable views (ReadOptions::copy_on_write), one per storage, made on
-  // first request so that every tensor of a storage sees the same writes.
-  mutable std::mutex writable_mu;
-  mutable std::vector<Bytes> writable;
-
-  Result<Bytes> WritableStorage(uoffset_t s, uint64_t offset,
-                                uint64_t nbytes) const {
-    std::lock_guard<std::mutex> lock(writable_mu);
-    if (writable.empty()) writable.resize(nstorages());
-    if (!writable[s].owner) {
-      CKPT_ASSIGN_OR_RETURN(writable[s], source->ReadWritable(offset, nbytes));
-    }
-    return writable[s];
-  }
 
   TensorInfo Info(uoffset_t i) const {
     const fb::Tensor* t = h->tensors()->Get(i);
@@ -586,8 +572,7 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
   }
   StorageInfo st = storage_info(index);
   auto b = impl_->options.copy_on_write
-               ? impl_->WritableStorage(static_cast<flatbuffers::uoffset_t>(index),
-                                        st.offset, st.nbytes)
+               ? impl_->source->ReadWritable(st.offset, st.nbytes)
                : impl_->source->Read(st.offset, st.nbytes);
   if (!b.ok()) return b.status();
   return StorageView{b->data, std::move(b->owner)};
@@ -807,17 +792,14 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
   // at the lowest byte offset.
   Status first = ParallelFor(tasks.size(), threads, [&](size_t i) -> Status {
     const Task& t = tasks[i];
-    std::vector<std::byte> buf;
-    std::span<const std::byte> bytes;
-    Bytes held;
-    if (source->zero_copy()) {
-      CKPT_ASSIGN_OR_RETURN(held, source->Read(t.offset, t.len));
-      bytes = held.data;
-    } else {
-      buf.resize(static_cast<size_t>(t.len));
-      CKPT_RETURN_IF_ERROR(source->ReadInto(t.offset, buf));
-      bytes = buf;
-    }
+    // Copied with pread (ReadInto), never read through the mapping: a file
+    // truncated while it is verified is an I/O error naming the offset,
+    // not a SIGBUS. One buffer per thread, reused: fresh memory per chunk
+    // would cost a page fault per 4 KiB.
+    thread_local std::vector<std::byte> buf;
+    if (buf.size() < t.len) buf.resize(static_cast<size_t>(t.len));
+    std::span<std::byte> bytes(buf.data(), static_cast<size_t>(t.len));
+    CKPT_RETURN_IF_ERROR(source->ReadInto(t.offset, bytes));
     if (t.storage < 0) {
       auto it = std::find_if(bytes.begin(), bytes.end(),
                              [](std::byte b) { return b != std::byte{0}; });

@@ -9,6 +9,9 @@
 #include <cerrno>
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
 
 #include "source_internal.h"
 
@@ -57,35 +60,47 @@ class MmapSource final : public ByteSource {
   }
   Result<Bytes> ReadWritable(uint64_t offset, uint64_t len) const override {
     if (len == 0) return Read(offset, len);
-    // Only these pages, mapped private: a whole-file private writable
-    // mapping would count the whole file against RAM + swap and fail for
-    // files larger than both. MAP_NORESERVE: pages are charged as written.
+    // Private mappings of 1 GiB windows, made when first asked for: never
+    // the whole file at once (a private writable mapping counts against
+    // RAM + swap where overcommit is strict), and never one per storage
+    // (64k mappings is the kernel's per-process limit, and checkpoints
+    // have more tensors than that). A range that crosses a window
+    // boundary gets a mapping of its own. MAP_NORESERVE: pages are charged
+    // as they are written, not when mapped.
+    const uint64_t first = offset / kWindow, last = (offset + len - 1) / kWindow;
     const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-    const uint64_t begin = offset / page * page;
-    const uint64_t span = offset + len - begin;
-    void* p = ::mmap(nullptr, static_cast<size_t>(span), PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
-    if (p == MAP_FAILED) {
-      return ErrnoStatus("cannot map bytes [" + std::to_string(offset) + ", +" +
-                             std::to_string(len) + ") copy-on-write",
-                         name(), errno)
-          .WithOffset(static_cast<int64_t>(offset));
+    const uint64_t begin = first == last ? first * kWindow : offset / page * page;
+    const uint64_t end = first == last ? std::min(size(), (first + 1) * kWindow) : offset + len;
+    const uint64_t key = first == last ? begin : ~offset;  // windows vs. own
+    std::lock_guard<std::mutex> lock(private_mu_);
+    auto it = private_.find(key);
+    if (it == private_.end()) {
+      const uint64_t span = end - begin;
+      void* p = ::mmap(nullptr, static_cast<size_t>(span), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
+      if (p == MAP_FAILED) {
+        return ErrnoStatus("cannot map bytes [" + std::to_string(offset) + ", +" +
+                               std::to_string(len) + ") copy-on-write",
+                           name(), errno)
+            .WithOffset(static_cast<int64_t>(offset));
+      }
+      std::shared_ptr<const void> owner(p, [span](const void* q) {
+        ::munmap(const_cast<void*>(q), static_cast<size_t>(span));
+      });
+      it = private_.emplace(key, Private{begin, std::move(owner)}).first;
     }
-    auto self = shared_from_this();
-    std::shared_ptr<const void> owner(p, [self, span](const void* q) {
-      ::munmap(const_cast<void*>(q), static_cast<size_t>(span));
-    });
-    return Bytes{{static_cast<const std::byte*>(p) + (offset - begin),
-                  static_cast<size_t>(len)},
-                 std::move(owner)};
+    const auto* base = static_cast<const std::byte*>(it->second.owner.get());
+    // The view keeps the window and the source alive.
+    auto keep = std::make_shared<std::pair<std::shared_ptr<const void>,
+                                           std::shared_ptr<const ByteSource>>>(
+        it->second.owner, shared_from_this());
+    return Bytes{{base + (offset - it->second.begin), static_cast<size_t>(len)},
+                 std::shared_ptr<const void>(keep, keep.get())};
   }
   Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
-    // Large copies go through the kernel: pread takes no page fault per
-    // 4 KiB of the mapping.
-    if (out.size() >= kPreadMin) return PreadFull(fd_, offset, out, name());
-    const auto* base = static_cast<const std::byte*>(region_->get_address());
-    std::memcpy(out.data(), base + offset, out.size());
-    return Status::OK();
+    // Always through the kernel: no page fault per 4 KiB of the mapping,
+    // and a file truncated under us is an error (EOF), not a SIGBUS.
+    return PreadFull(fd_, offset, out, name());
   }
   Status Populate(uint64_t offset, uint64_t len) const override {
     auto* base = static_cast<std::byte*>(region_->get_address());
@@ -120,9 +135,17 @@ class MmapSource final : public ByteSource {
   }
 
  private:
-  static constexpr size_t kPreadMin = 256 << 10;
+  static constexpr uint64_t kWindow = 1ull << 30;
+  struct Private {
+    uint64_t begin;                      // file offset of the mapping
+    std::shared_ptr<const void> owner;   // munmaps it
+  };
   std::unique_ptr<bip::mapped_region> region_;
   int fd_;
+  // Writable windows, kept while the source lives: every request for the
+  // same bytes returns the same pages.
+  mutable std::mutex private_mu_;
+  mutable std::map<uint64_t, Private> private_;
 };
 
 class PreadSource final : public ByteSource {
@@ -135,9 +158,16 @@ class PreadSource final : public ByteSource {
   Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
     // 64-byte aligned so FlatBuffers alignment checks and vector loads hold.
     size_t n = static_cast<size_t>(len);
+    auto* raw = new (std::align_val_t(64), std::nothrow) std::byte[n ? n : 1];
+    if (!raw) {
+      return ResourceExhausted("cannot allocate " + std::to_string(len) +
+                               " bytes to read into (the pread backend copies "
+                               "what it reads; the mmap backend does not)")
+          .WithFile(name())
+          .WithOffset(static_cast<int64_t>(offset));
+    }
     std::shared_ptr<std::byte[]> buf(
-        new (std::align_val_t(64)) std::byte[n ? n : 1],
-        [](std::byte* p) { ::operator delete[](p, std::align_val_t(64)); });
+        raw, [](std::byte* p) { ::operator delete[](p, std::align_val_t(64)); });
     CKPT_RETURN_IF_ERROR(PreadFull(fd_, offset, {buf.get(), n}, name()));
     return Bytes{{buf.get(), n}, buf};
   }

@@ -2,6 +2,7 @@
 // containers, expanded views, files overwritten under an open handle,
 // files larger than memory, killed saves, permissions and long names.
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -496,6 +497,128 @@ TEST_CASE("item 7: a 250-character file name works, in both temporary modes") {
     CHECK(SmallFile(p).size() > 0);  // and the public writer
   }
   CHECK(dir.List().size() == 2);
+}
+
+}  // namespace
+}  // namespace ckpt::test
+
+namespace ckpt::test {
+namespace {
+
+// ---- found by review of the fixes above ------------------------------------------
+
+TEST_CASE("item 6: concurrent saves of one target never take each other's file") {
+  // A save's sweep once unlinked the instant name another save's unnamed
+  // inode had at commit (it was not locked): that commit's rename failed.
+  TempDir dir;
+  std::string target = dir.File("t.ckpt");
+  std::atomic<int> failures{0};
+  auto saver = [&](bool tmpfile) {
+    for (int i = 0; i < 200; ++i) {
+      auto f = internal::AtomicFile::Create(target, 0644, tmpfile);
+      std::vector<std::byte> b(64, std::byte{1});
+      if (!f.ok() || !f->Write(b).ok() || !f->Commit(false).ok()) ++failures;
+    }
+  };
+  std::thread a(saver, true), b(saver, true), c(saver, false);
+  a.join();
+  b.join();
+  c.join();
+  CHECK(failures.load() == 0);
+  CHECK(dir.List() == std::vector<std::string>{"t.ckpt"});
+}
+
+TEST_CASE("item 6: the sweep leaves a user's own look-alike files alone") {
+  TempDir dir;
+  SmallFile(dir.File("m.ckpt"));
+  WriteAll(dir.File(".m.ckpt.tmp-backup"), Pattern(10, 1));
+  WriteAll(dir.File(".m.ckpt.tmp-v2-old"), Pattern(10, 2));
+  SmallFile(dir.File("m.ckpt"));
+  CHECK(dir.List().size() == 3);
+}
+
+TEST_CASE("item 7: a device, FIFO or socket target is refused, never replaced") {
+  TempDir dir;
+  std::string fifo = dir.File("pipe");
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  auto w = Writer::Create(fifo, Fast());
+  REQUIRE(!w.ok());
+  CHECK(w.status().code() == ErrorCode::kInvalidArgument);
+  CHECK(w.status().message().find("not a regular file") != std::string::npos);
+  struct stat st;
+  REQUIRE(::lstat(fifo.c_str(), &st) == 0);
+  CHECK(S_ISFIFO(st.st_mode));
+  CHECK(!Writer::Create("/dev/null", Fast()).ok());
+  REQUIRE(::stat("/dev/null", &st) == 0);
+  CHECK(S_ISCHR(st.st_mode));
+  ::unlink(fifo.c_str());
+}
+
+TEST_CASE("item 7: a truncated long name still ends on a whole UTF-8 character") {
+  // 2-byte characters so the cut falls inside one.
+  std::string base;
+  while (base.size() < 300) base += "\xc3\xa9";
+  std::string prefix = internal::AtomicFile::TempPrefix(base);
+  CHECK(prefix.size() + 6 <= NAME_MAX);
+  std::string kept = prefix.substr(1, prefix.size() - 1 - std::string(".tmp-ckpt").size());
+  CHECK(kept.size() % 2 == 0);
+}
+
+TEST_CASE("item 5: copy-on-write views of 70,000 storages stay within the kernel's map limit") {
+  // One mapping per storage hit vm.max_map_count (65530) at ~65k storages.
+  TempDir dir;
+  std::string p = dir.File("many.ckpt");
+  {
+    auto w = Writer::Create(p, Fast());
+    REQUIRE(w.ok());
+    for (int i = 0; i < 70000; ++i) {
+      float v = static_cast<float>(i);
+      REQUIRE(w->PutTensor("t" + std::to_string(i), DType::kFloat32, {1},
+                           std::as_bytes(std::span(&v, 1))).ok());
+    }
+    REQUIRE(w->Commit().ok());
+  }
+  ReadOptions ro;
+  ro.copy_on_write = true;
+  auto ck = Checkpoint::Open(p, ro);
+  REQUIRE(ck.ok());
+  std::vector<StorageView> keep;
+  for (size_t i = 0; i < ck->num_storages(); ++i) {
+    auto s = ck->Storage(i);
+    REQUIRE(s.ok());
+    keep.push_back(*s);
+  }
+  auto* w = const_cast<std::byte*>(keep[5].data.data());
+  float x = 99;
+  std::memcpy(w, &x, 4);
+  CHECK(std::memcmp(ck->Storage(5)->data.data(), &x, 4) == 0);  // same pages
+  CHECK(std::memcmp(keep[6].data.data(), &x, 4) != 0);           // its neighbour untouched
+}
+
+TEST_CASE("item 2: the pread backend reports a tensor too large to copy, never aborts") {
+  TempDir dir;
+  std::string p = dir.File("big.ckpt");
+  REQUIRE(WriteSparse(p, {uint64_t{64} << 30}).ok());  // more than RAM + swap here
+  ReadOptions ro;
+  ro.backend = Backend::kPread;
+  auto ck = Checkpoint::Open(p, ro);
+  REQUIRE(ck.ok());
+  auto t = ck->TensorAt(0);
+  REQUIRE(!t.ok());
+  CHECK(t.status().code() == ErrorCode::kResourceExhausted);
+  CHECK(ck->Storage(0).status().code() == ErrorCode::kResourceExhausted);
+}
+
+TEST_CASE("item 3: verify and copies of a file truncated under an open handle are errors, not SIGBUS") {
+  TempDir dir;
+  std::string p = dir.File("m.ckpt");
+  WriteModel(p);
+  auto ck = Checkpoint::Open(p);
+  REQUIRE(ck.ok());
+  REQUIRE(::truncate(p.c_str(), 0) == 0);
+  CHECK(ck->Verify().code() == ErrorCode::kIoError);
+  std::vector<std::byte> small(16);
+  CHECK(ck->ReadStorage(0, 0, small).code() == ErrorCode::kIoError);
 }
 
 }  // namespace

@@ -65,12 +65,16 @@ struct ReadOptions {
   bool populate = false;
   /// kMmap only: Storage() returns writable views. The file itself stays
   /// mapped read-only and shared (no commit charge, so files larger than
-  /// RAM + swap open); each storage asked for gets its own private
-  /// copy-on-write mapping of just its pages, made on first request and
-  /// shared by later requests. Views stay zero-copy and share the page
-  /// cache until written; a write changes only this process's copy of the
-  /// page, never the file. For callers that hand views to code expecting
-  /// writable memory (the Python binding's `mmap=True`, `ckpt.open`).
+  /// RAM + swap open); the storages asked for are served from private
+  /// copy-on-write mappings of 1 GiB windows of the file (a storage that
+  /// crosses a window boundary gets its own), made on first request, so
+  /// every request for a storage returns the same pages. Views stay
+  /// zero-copy and share the page cache until written; a write changes
+  /// only this process's copy of the page, never the file, and is seen
+  /// only through Storage() - Tensor(), CopyTo, ReadStorage and
+  /// StreamTensor read the file. For callers that hand views to code
+  /// expecting writable memory (the Python binding's `mmap=True`,
+  /// `ckpt.open`).
   bool copy_on_write = false;
 };
 
