@@ -1,5 +1,7 @@
 #include "ckpt/format.h"
 
+#include "format_internal.h"
+
 #include <array>
 #include <cctype>
 
@@ -138,24 +140,7 @@ Result<std::vector<std::string>> SplitPath(std::string_view path) {
   return out;
 }
 
-bool IsValidDevice(std::string_view d) {
-  if (d.empty() || d.size() > 64) return false;
-  auto is_head = [](char c) {
-    return std::isalpha(static_cast<unsigned char>(c)) || c == '_';
-  };
-  auto is_body = [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-  };
-  if (!is_head(d[0])) return false;
-  size_t i = 1;
-  while (i < d.size() && is_body(d[i])) ++i;
-  if (i == d.size()) return true;
-  if (d[i] != ':' || i + 1 == d.size()) return false;
-  for (++i; i < d.size(); ++i) {
-    if (!std::isdigit(static_cast<unsigned char>(d[i]))) return false;
-  }
-  return true;
-}
+bool IsValidDevice(std::string_view d) { return !internal::DeviceProblem(d); }
 
 std::optional<uint64_t> AlignUp(uint64_t a, uint64_t align) {
   uint64_t mask = align - 1;
@@ -163,4 +148,78 @@ std::optional<uint64_t> AlignUp(uint64_t a, uint64_t align) {
   return (a + mask) & ~mask;
 }
 
+namespace internal {
+
+std::optional<size_t> Utf8Problem(std::string_view s) {
+  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    unsigned c = b[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    // Lead byte: length and the range the second byte must lie in, which
+    // excludes overlong forms (E0 80..9F, F0 80..8F), surrogates (ED A0..BF)
+    // and code points past U+10FFFF (F4 90..BF, F5..FF).
+    size_t len = 0;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return i;  // 80..C1 (continuation or overlong lead), F5..FF
+    }
+    if (n - i < len) return i;
+    if (b[i + 1] < lo || b[i + 1] > hi) return i;
+    for (size_t k = 2; k < len; ++k) {
+      if ((b[i + k] & 0xC0) != 0x80) return i;
+    }
+    i += len;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> DeviceProblem(std::string_view d) {
+  if (d.empty()) return std::string("empty device string");
+  if (d.size() > 64) {
+    return "device string of " + std::to_string(d.size()) +
+           " characters (at most 64)";
+  }
+  auto is_head = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+  };
+  auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
+  const std::string quoted = "device '" + std::string(d) + "'";
+  if (!is_head(d[0])) return quoted + " must start with a letter or '_'";
+  size_t i = 1;
+  while (i < d.size() && (is_head(d[i]) || is_digit(d[i]))) ++i;
+  if (i == d.size()) return std::nullopt;
+  if (d[i] != ':') {
+    return quoted + ": type may hold only letters, digits and '_'";
+  }
+  std::string_view index = d.substr(i + 1);
+  if (index.empty()) return quoted + ": no index after ':'";
+  for (char c : index) {
+    if (!is_digit(c)) return quoted + ": index is not a decimal number";
+  }
+  if (index.size() > 1 && index[0] == '0') {
+    return quoted + ": index has a leading zero";
+  }
+  if (index.size() > 10 ||
+      (index.size() == 10 && index > std::string_view("2147483647"))) {
+    return quoted + ": index is above 2^31 - 1";
+  }
+  return std::nullopt;
+}
+
+}  // namespace internal
 }  // namespace ckpt

@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "ckpt/status.h"
+#include "format_internal.h"
 #include "ckpt_generated.h"
 
 namespace ckpt::internal {
@@ -52,16 +53,6 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                                          const Preamble& p);
 
 
-/// Byte offset of the first byte of `s` that is not part of well-formed
-/// UTF-8 (RFC 3629: shortest form only, no surrogates U+D800..U+DFFF,
-/// nothing above U+10FFFF; U+0000 is allowed), or nullopt when all is.
-std::optional<size_t> Utf8Problem(std::string_view s);
-
-/// Why `device` breaks the device grammar of docs/FORMAT.md section 6
-/// (`TYPE` or `TYPE:INDEX`, TYPE = [A-Za-z_][A-Za-z0-9_]*, INDEX a decimal
-/// in [0, 2^31 - 1] without leading zeros, at most 64 characters), or
-/// nullopt when it is valid.
-std::optional<std::string> DeviceProblem(std::string_view device);
 
 /// Why a view (dtype, shape, strides in elements, offset in elements) does
 /// not fit a storage of `storage_nbytes`, or nullopt when it fits. Checked

@@ -286,12 +286,14 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     return k;
   }
 
+  // In the float form of the file's minor version (1.0 files keep theirs).
   std::string KeySegment(uint32_t i) const {
     return KeySegmentOf(
         i, [this](uint32_t id) { return Describe(id); },
         [this](uint32_t id, size_t k) {
           return node(id)->items()->Get(static_cast<uoffset_t>(k));
-        });
+        },
+        FloatKeyFormFor(pre.minor));
   }
 
   Status VerifyTreePaths() const;

@@ -50,6 +50,12 @@ TEST_CASE("device strings") {
                  "cuda:-1"}) {
     CHECK_FALSE(IsValidDevice(d));
   }
+  // The same grammar as the reader's (FORMAT.md): the importer used to
+  // accept what the writer then refused with another message.
+  CHECK(IsValidDevice("cuda:2147483647"));
+  CHECK_FALSE(IsValidDevice("cuda:01"));
+  CHECK_FALSE(IsValidDevice("cuda:2147483648"));
+  CHECK_FALSE(IsValidDevice("cuda:99999999999999999999"));
 }
 
 TEST_CASE("AlignUp and blob alignment") {

@@ -12,7 +12,7 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
   std::vector<std::string> names;
   for (int i = 0; i < 10000; ++i) names.push_back("layer." + std::to_string(i) + ".w");
   names.push_back(std::string("nul\0inside", 10));
-  names.push_back("\xff\xfe high bytes");
+  names.push_back("\xf4\x8f\xbf\xbf high code points");  // U+10FFFF (paths are UTF-8, R19)
   names.push_back("");  // empty key: path "" (like a top-level tensor)
   {
     auto w = Writer::Create(path, Fast());

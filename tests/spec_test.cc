@@ -168,6 +168,30 @@ TEST_CASE("7.3 and 9: a file with float keys is stamped 1.1; one without stays 1
   CHECK(internal::FormatDouble(1e-4, FloatKeyForm::kPythonRepr) == "0.0001");
 }
 
+TEST_CASE("7.3: a 1.0 file's tensor under a float key verifies with the 1.0 path form") {
+  // Written as 1.1 (path "1.0"), then made what a 1.0 writer wrote: path
+  // "1" (std::to_chars) and minor 0. Verify (R16) must use the 1.0 form;
+  // it used the 1.1 form for every file and refused such files.
+  TempDir dir;
+  std::vector<float> v = {1, 2};
+  auto file = Build(dir.File("f.ckpt"), [&](Writer& w) -> Result<NodeId> {
+    CKPT_ASSIGN_OR_RETURN(NodeId t, w.AddTensor(DType::kFloat32, {2}, Bytes(v)));
+    NodeId k[] = {w.AddFloat(1.0)};
+    NodeId vals[] = {t};
+    return w.AddDict(k, vals);
+  });
+  REQUIRE(StampedMinor(file) == 1);
+  auto old = MutateHeader(file, [](fb::HeaderT& h) { h.tensors[0]->path = "1"; });
+  old[internal::kOffMajor + 2] = std::byte{0};  // minor 0
+  SealPreamble(old);
+  auto ck = Checkpoint::OpenBuffer(old, "old.ckpt");
+  REQUIRE(ck.ok());
+  CHECK(ck->format_minor() == 0);
+  CHECK(ck->Verify().ok());
+  CHECK(ck->Get("1").ok());
+  CHECK(ck->Tensor("1").ok());
+}
+
 // ---- 7.1 / R14 keys, sets, fields ----------------------------------------------
 
 TEST_CASE("R14: key kinds are checked at every depth of a tuple or frozenset key") {

@@ -153,8 +153,10 @@ std::string JoinPath(const std::vector<std::string>& raw_segments);
 /// kInvalidArgument for a '~' not followed by '0' or '1'.
 Result<std::vector<std::string>> SplitPath(std::string_view path);
 
-/// True for "cpu", "cuda:0", "mps", "meta", "xla:3", "privateuse1":
-/// [A-Za-z_][A-Za-z0-9_]*(:[0-9]+)?, at most 64 characters.
+/// True for "cpu", "cuda:0", "mps", "meta", "xla:3", "privateuse1": the
+/// device grammar of docs/FORMAT.md, [A-Za-z_][A-Za-z0-9_]*(:INDEX)?,
+/// INDEX a decimal in [0, 2^31 - 1] without leading zeros, at most 64
+/// characters.
 bool IsValidDevice(std::string_view device);
 
 /// a rounded up to a multiple of the power of two `align`; nullopt on
