@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -152,6 +153,11 @@ std::string JoinPath(const std::vector<std::string>& raw_segments);
 /// Splits a path into unescaped segments; the empty path has no segments.
 /// kInvalidArgument for a '~' not followed by '0' or '1'.
 Result<std::vector<std::string>> SplitPath(std::string_view path);
+
+/// The format's checksum (XXH3-64, seed 0) of `bytes`: what the preamble,
+/// header and chunk hashes hold (docs/FORMAT.md section 2). For tools that
+/// check or craft files by hand.
+uint64_t Checksum(std::span<const std::byte> bytes);
 
 /// True for "cpu", "cuda:0", "mps", "meta", "xla:3", "privateuse1": the
 /// device grammar of docs/FORMAT.md, [A-Za-z_][A-Za-z0-9_]*(:INDEX)?,

@@ -12,7 +12,7 @@ docs/PYTHON.md describes the whole API.
 from . import _ckpt
 from ._errors import (ChecksumError, CkptError, CkptIOError, CudaError, FormatError,
                       InvalidArgumentError, NotFoundError, PickleRefusedError,
-                      UnsupportedError)
+                      ResourceExhaustedError, UnsupportedError)
 from ._load import File, load, open  # noqa: A004 - ckpt.open mirrors safe_open
 from ._save import save
 from . import rng
@@ -27,4 +27,5 @@ __all__ = [
     "convert", "import_pth", "save_safetensors", "flatten",
     "CkptError", "FormatError", "ChecksumError", "UnsupportedError", "NotFoundError",
     "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",
+    "ResourceExhaustedError",
 ]

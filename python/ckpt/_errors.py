@@ -45,5 +45,10 @@ class CkptIOError(CkptError, OSError):
     str() is the message naming the file."""
 
 
+class ResourceExhaustedError(CkptError, MemoryError):
+    """Out of memory or threads, or a size limit the file asked ckpt to
+    exceed (the message names the limit)."""
+
+
 class CudaError(CkptError, RuntimeError):
     """A CUDA runtime call failed."""

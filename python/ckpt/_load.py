@@ -284,6 +284,24 @@ def _open_reader(path, mmap):
 _PICKLE_LOAD_ARGS = {"errors", "fix_imports", "buffers"}
 
 
+# torch.load's `encoding` (how Python 2 str values become text), as the
+# importer spells it.
+_ENCODINGS = {"utf-8": "utf-8", "utf8": "utf-8", "ascii": "utf-8",
+              "latin1": "latin1", "latin-1": "latin1", "iso-8859-1": "latin1"}
+
+
+def _pth_encoding(encoding):
+    """The importer's name for torch.load's `encoding` (None: utf-8)."""
+    if encoding is None:
+        return "utf-8"
+    try:
+        return _ENCODINGS[encoding.lower()]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"encoding={encoding!r}: ckpt reads Python 2 str values as 'utf-8' "
+            "(torch.load's default) or 'latin1'") from None
+
+
 def _torch_load_compat(weights_only, encoding, pickle_load_args):
     """Checks the torch.load keywords that have no effect here."""
     for k in pickle_load_args:
@@ -313,8 +331,10 @@ def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap
 
     torch.load's other arguments are accepted and have no effect: loading
     never unpickles, so pickle_module, weights_only (always as safe as
-    weights_only=True), encoding and the pickle arguments errors,
-    fix_imports, buffers change nothing.
+    weights_only=True) and the pickle arguments errors, fix_imports,
+    buffers change nothing. encoding works as in torch.load for .pth files
+    pickled by Python 2: 'utf-8' (the default) or 'latin1' decodes their
+    str values.
 
     .pth files (torch.save) are converted on the fly by the restricted
     importer, which never runs code from the file (a refusal is a
@@ -328,12 +348,12 @@ def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap
     _torch_load_compat(weights_only, encoding, pickle_load_args)
     mmap = bool(mmap)
     if hasattr(path, "read"):
-        return _load_stream(path, map_location, verify)
+        return _load_stream(path, map_location, verify, encoding)
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "pth":
         from .interop import _load_pth
-        return _load_pth(path, map_location, mmap=mmap)
+        return _load_pth(path, map_location, mmap=mmap, encoding=_pth_encoding(encoding))
     if kind == "safetensors":
         from .interop import _load_safetensors
         return _load_safetensors(path, map_location)
@@ -343,7 +363,7 @@ def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap
     return _Loader(reader, map_location, mmap, gpu_loader=gpu_loader).load()
 
 
-def _load_stream(f, map_location, verify):
+def _load_stream(f, map_location, verify, encoding=None):
     """load() of a file object (io.BytesIO, an open file...): one record
     read (_records.py), then loaded from memory; tensors are copies."""
     from ._records import read_record, stream_name
@@ -363,7 +383,7 @@ def _load_stream(f, map_location, verify):
             tmp = os.path.join(d, "stream.pth")
             with builtins.open(tmp, "wb") as out:
                 out.write(data)
-            return _load_pth(tmp, map_location, name=name)
+            return _load_pth(tmp, map_location, name=name, encoding=_pth_encoding(encoding))
     raise FormatError(f"{name}: not a ckpt, .pth or .safetensors file")
 
 
@@ -535,9 +555,9 @@ def open(path):  # noqa: A001 - the public name mirrors safetensors.safe_open
 
 
 @contextlib.contextmanager
-def _converted(path, sync=False):
+def _converted(path, sync=False, encoding="utf-8"):
     """A temporary ckpt file converted from a .pth, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
         out = os.path.join(d, "converted.ckpt")
-        _ckpt.import_pth(path, out, sync)
+        _ckpt.import_pth(path, out, sync, encoding)
         yield out

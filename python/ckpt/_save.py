@@ -224,6 +224,10 @@ class _Saver:
         t = type(obj)
         if t in _DICT_TAGS:
             children = _dict_children(vars(obj) if t is argparse.Namespace else obj, where)
+        elif t in (set, frozenset) and any(_holds_array(x) for x in obj):
+            raise TypeError(f"{where(seg)}: a set cannot hold a tensor or array: a set has "
+                            "no order, so its tensors would have no stable path "
+                            "(docs/FORMAT.md 7.4); store them in a list or a dict")
         else:
             children = zip(obj, itertools.count())
         stack.append([obj, t, children, [], seg])
@@ -237,11 +241,26 @@ class _Saver:
                 frozenset: w.add_frozenset}[t](ids)
 
 
+def _holds_array(x):
+    """True when x is, or a tuple/frozenset inside x holds, a tensor or a
+    numpy array (which keys and set items may not)."""
+    todo = [x]
+    while todo:
+        y = todo.pop()
+        if isinstance(y, (torch.Tensor, np.ndarray)):
+            return True
+        if type(y) in (tuple, frozenset):
+            todo.extend(y)
+    return False
+
+
 def _dict_children(d, where):
     """A dict's keys and values, alternating, as (child, path segment)."""
     for k, v in d.items():
         if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
             raise TypeError(f"{where(k)}: a dict key cannot be a {type(k).__name__}")
+        if _holds_array(k):
+            raise TypeError(f"{where(k)}: a dict key cannot hold a tensor or array")
         yield k, k
         yield v, k
 

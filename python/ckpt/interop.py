@@ -8,13 +8,13 @@ from ._load import (_converted, _Loader, _open_reader, _untyped, renamed_errors,
                     resolve_target, view)
 
 
-def _load_pth(path, map_location, mmap=False, name=None):
+def _load_pth(path, map_location, mmap=False, name=None, encoding="utf-8"):
     # The restricted importer (lib/pth) reads the pickle without running it;
     # anything outside its allowlist is refused with the name it found.
     # Errors name the user's file (`name`), never the temporary ones.
     name = name or path
     names = {path: name}
-    with renamed_errors(names), _converted(path) as tmp:
+    with renamed_errors(names), _converted(path, encoding=encoding) as tmp:
         names[tmp] = name
         reader = _open_reader(tmp, mmap)  # the mapping outlives the file's name
         return _Loader(reader, map_location, mmap, name=name).load()

@@ -14,6 +14,7 @@ checkpoints are removed only after the new one is durable, and the save
 just made is never removed. One manager (one process) writes a directory
 at a time.
 """
+import fcntl
 import json
 import math
 import os
@@ -29,6 +30,27 @@ _TEMP = re.compile(r"^\.step-\d+\.ckpt\.tmp-")
 _META_STEP = "ckpt.manager.step"
 _META_METRICS = "ckpt.manager.metrics"
 _META_SEQ = "ckpt.manager.seq"
+
+
+def _remove_if_unlocked(path):
+    """Unlinks a writer's temporary unless a live writer holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # a live writer's
+    try:
+        st, now = os.fstat(fd), os.lstat(path)
+        if (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -64,13 +86,13 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
         os.makedirs(self.directory, exist_ok=True)
-        # Temporaries left by a save that a crash interrupted.
+        # Temporaries left by a save that a crash interrupted. ckpt's writer
+        # holds an exclusive flock on a temporary while it writes it, so one
+        # whose lock can be taken belongs to nobody; another process saving
+        # into this directory right now keeps its file.
         for name in os.listdir(self.directory):
             if _TEMP.match(name):
-                try:
-                    os.unlink(os.path.join(self.directory, name))
-                except FileNotFoundError:
-                    pass
+                _remove_if_unlocked(os.path.join(self.directory, name))
 
     def path_for(self, step):
         return os.path.join(self.directory, f"step-{step:010d}.ckpt")

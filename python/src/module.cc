@@ -27,7 +27,6 @@
 #include "ckpt/ckpt.h"
 #include "ckpt/pth.h"
 #include "ckpt/cli.h"
-#include "../../lib/checksum_internal.h"  // XXH3-64, the format's checksum
 #ifdef CKPT_WITH_CUDA
 #include "ckpt/cuda.h"
 #endif
@@ -66,6 +65,7 @@ const char* ErrorClass(ckpt::ErrorCode code) {
     case ckpt::ErrorCode::kInvalidArgument: return "InvalidArgumentError";
     case ckpt::ErrorCode::kChecksumMismatch: return "ChecksumError";
     case ckpt::ErrorCode::kCuda: return "CudaError";
+    case ckpt::ErrorCode::kResourceExhausted: return "ResourceExhaustedError";
     default: return "CkptError";
   }
 }
@@ -750,9 +750,11 @@ PYBIND11_MODULE(_ckpt, m) {
   // The importer's refusals (a global off the allowlist, an object it does
   // not convert) are PickleRefusedError, also a pickle.UnpicklingError, as
   // torch.load(weights_only=True) raises for them.
-  m.def("import_pth", [](const std::string& in, const std::string& out, bool sync) {
+  m.def("import_pth", [](const std::string& in, const std::string& out, bool sync,
+                         const std::string& encoding) {
     ckpt::ImportOptions o;
     o.write.sync = sync;
+    o.encoding = encoding;
     ckpt::Result<ckpt::ImportReport> r = ckpt::ImportReport{};
     {
       py::gil_scoped_release nogil;
@@ -764,7 +766,7 @@ PYBIND11_MODULE(_ckpt, m) {
       throw e;
     }
     return r->tensors;
-  }, py::arg("src"), py::arg("dst"), py::arg("sync") = true);
+  }, py::arg("src"), py::arg("dst"), py::arg("sync") = true, py::arg("encoding") = "utf-8");
 
   py::class_<SigintDeferral>(m, "SigintDeferral")
       .def(py::init<>())
@@ -777,7 +779,7 @@ PYBIND11_MODULE(_ckpt, m) {
   m.def("xxh3_64", [](const py::buffer& b) {
     py::buffer_info info;
     auto bytes = ReadableBytes(b, info);
-    return ckpt::internal::Xxh3(bytes);
+    return ckpt::Checksum(bytes);
   });
   m.attr("max_tree_depth") = ckpt::kMaxTreeDepth;
 

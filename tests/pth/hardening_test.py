@@ -497,6 +497,21 @@ def test_python2(tmp):
         got = json.loads(subprocess.check_output([CKPT, "get", p + ".ckpt", ""]))
         P.Checker(p + ".ckpt").value(want, got, "", root=True)
         ok(info(p + ".ckpt")["tree"]["state_dict"] is not None, "item 12: tree")
+    # ckpt.load takes torch.load's encoding the same way.
+    sys.path.insert(0, os.path.join(P.BUILD, "python"))
+    try:
+        import ckpt
+    except ImportError as e:
+        print(f"(ckpt.load of Python 2 files not checked: {e})")
+    else:
+        got = ckpt.load(p, encoding="latin1")
+        ok(got["name"] == "café" and torch.equal(got["state_dict"]["fc.weight"], w),
+           f"item 12: ckpt.load(encoding='latin1'): {got}")
+        try:
+            ckpt.load(p)
+            ok(False, "item 12: ckpt.load of a latin-1 Python 2 str with the default encoding")
+        except ckpt.CkptError as e:
+            ok("latin1" in str(e) and p in str(e), f"item 12: ckpt.load default encoding: {e}")
     # The ASCII-only variant converts with the default encoding.
     obj2 = obj.replace(py2_str("café".encode("latin-1")), py2_str(b"cafe"))
     p2 = os.path.join(d, "py2_ascii.pth")

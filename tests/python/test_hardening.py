@@ -2,6 +2,7 @@
 import argparse
 import collections
 import errno
+import fcntl
 import io
 import os
 import pickle
@@ -148,6 +149,26 @@ class ManagerRecency(TempDirCase):
         # Newest save: 4. Best: 0.5, tie between 7 and 2; 2 was saved later.
         self.assertEqual(self.steps(m), [2, 4])
         self.assertEqual(m.best().step, 2)
+
+    def test_start_sweeps_only_temporaries_nobody_holds(self):
+        # The manager removed every .step-N.ckpt.tmp-* at start, a live
+        # writer's too (another process saving into the directory).
+        d = self.path("run")
+        os.makedirs(d)
+        live, dead = (os.path.join(d, f".step-{n:010d}.ckpt.tmp-ckpt{n}AAAAA") for n in (1, 2))
+        for p in (live, dead):
+            with open(p, "wb") as f:
+                f.write(b"x" * 100)
+        fd = os.open(live, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as ckpt's writer holds it while writing
+            ckpt.CheckpointManager(d)
+            self.assertTrue(os.path.exists(live), "a live writer's temporary was removed")
+            self.assertFalse(os.path.exists(dead), "a dead writer's temporary was kept")
+        finally:
+            os.close(fd)
+        ckpt.CheckpointManager(d)
+        self.assertFalse(os.path.exists(live))
 
 
 # ---- 6: SIGINT during a save ------------------------------------------------
@@ -571,6 +592,23 @@ def tokens(x):
         else:
             out.append((type(v).__name__, v))
     return out, best
+
+
+class SetsAndKeysOfTensors(TempDirCase):
+    def test_refused_naming_the_path(self):
+        # Format 1.1 forbids tensors in sets and keys (no stable path); the
+        # writer refused them without naming where.
+        p = self.path("s.ckpt")
+        for obj, where in (({"opt": {"s": {torch.ones(1)}}}, "opt/s"),
+                           ({"a": [frozenset({(1, torch.ones(1))})]}, "a/0"),
+                           ({"k": {(1, torch.ones(1)): 2}}, "k")):
+            with self.assertRaises(TypeError) as cm:
+                ckpt.save(obj, p)
+            self.assertIn(where, str(cm.exception))
+            self.assertFalse(os.path.exists(p))
+            self.assertNoTemporaries()
+        ckpt.save({"s": {1, "a", (2, 3)}}, p)  # hashable items save
+        self.assertEqual(ckpt.load(p)["s"], {1, "a", (2, 3)})
 
 
 class DepthAndBigInts(TempDirCase):
