@@ -7,7 +7,7 @@
 
 namespace ckpt {
 
-std::string_view VersionString() { return "0.1.0"; }
+std::string_view VersionString() { return "0.2.0"; }
 
 namespace {
 

@@ -38,9 +38,9 @@ namespace ckpt {
 
 /// Library version (not the format version).
 inline constexpr int kVersionMajor = 0;
-inline constexpr int kVersionMinor = 1;
+inline constexpr int kVersionMinor = 2;
 inline constexpr int kVersionPatch = 0;
-/// Runtime version string, "0.1.0"; compare with the macros above to detect
+/// Runtime version string, "0.2.0"; compare with the macros above to detect
 /// a header/library mismatch.
 std::string_view VersionString();
 
