@@ -2,21 +2,11 @@
 // clear error naming what and where. Never a crash: run under ASan/UBSan.
 #include <catch2/catch.hpp>
 
+#include "catch_util.h"
 #include "craft.h"
 
 using namespace ckpt;
 using namespace ckpt::test;
-
-namespace {
-
-void RequireError(const Status& s, ErrorCode code, const std::string& needle) {
-  INFO(s.ToString());
-  REQUIRE_FALSE(s.ok());
-  CHECK(s.code() == code);
-  CHECK(s.ToString().find(needle) != std::string::npos);
-}
-
-}  // namespace
 
 TEST_CASE("the crafting helper round-trips a valid file unchanged in meaning") {
   TempDir dir;

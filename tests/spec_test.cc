@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "catch_util.h"
 #include "craft.h"
 #include "tree_internal.h"
 
@@ -14,13 +15,6 @@ using namespace ckpt;
 using namespace ckpt::test;
 
 namespace {
-
-void RequireError(const Status& s, ErrorCode code, const std::string& needle) {
-  INFO(s.ToString());
-  REQUIRE_FALSE(s.ok());
-  CHECK(s.code() == code);
-  CHECK(s.ToString().find(needle) != std::string::npos);
-}
 
 double FromBits(uint64_t b) { return std::bit_cast<double>(b); }
 

@@ -594,6 +594,62 @@ def tokens(x):
     return out, best
 
 
+class FuzzBindingReaders(TempDirCase):
+    """Mutated files through the binding's reader entry points (ckpt.load of
+    a path, of a stream, with mmap; ckpt.open with keys, get, tensors,
+    slices, metadata, verify). Header mutations are re-sealed so the rules
+    behind the checksum are what gets exercised. Anything but a ckpt error
+    (a crash, SystemError, TypeError, UnicodeDecodeError...) fails."""
+
+    def test_mutated_files_raise_only_ckpt_errors(self):
+        base = self.path("base.ckpt")
+        ckpt.save({"model": collections.OrderedDict(w=torch.arange(12.0).reshape(3, 4),
+                                                    b=torch.ones(3, dtype=torch.bfloat16)),
+                   "opt": {"state": {0: {"m": torch.zeros(3)}}, "lr": 0.1, "betas": (0.9, 0.99)},
+                   "k": {1.5: "x", (1, "a"): None, frozenset({2}): b"\xff"},
+                   "n": 2 ** 70, "s": {1, 2}, "d": torch.float16, "dev": torch.device("cpu"),
+                   "e": {}, "v": torch.arange(6)[::2]}, base, metadata={"m": "v"})
+        with open(base, "rb") as f:
+            good = bytearray(f.read())
+        ho, hs = struct.unpack_from("<QQ", good, 32)
+        rng = random.Random(1234)
+        path = self.path("m.ckpt")
+        unexpected = []
+        for i in range(int(os.environ.get("CKPT_FUZZ_ITERATIONS", "600"))):
+            data = bytearray(good)
+            header = bytearray(data[ho:ho + hs])
+            for _ in range(rng.choice((1, 1, 2, 4, 8))):
+                j = rng.randrange(len(header))
+                header[j] = rng.choice((0, 1, 0xFF, 0x80, rng.randrange(256), header[j] ^ 1))
+            _rehash(data, bytes(header))
+            if i % 10 == 0:
+                data = data[:rng.randrange(len(data))]
+            with open(path, "wb") as f:
+                f.write(data)
+            for how in ("load", "mmap", "stream", "open"):
+                try:
+                    if how == "load":
+                        ckpt.load(path)
+                    elif how == "mmap":
+                        ckpt.load(path, mmap=True)
+                    elif how == "stream":
+                        ckpt.load(io.BytesIO(bytes(data)))
+                    else:
+                        with ckpt.open(path) as f:
+                            for k in f.keys():
+                                f[k]
+                                if f[k].dim():
+                                    f.get_slice(k)[0:1]
+                            f.get("")
+                            f.metadata
+                            f.verify()
+                except ckpt.CkptError:
+                    pass
+                except Exception as e:  # noqa: BLE001 - the point of the test
+                    unexpected.append(f"mutation {i} via {how}: {type(e).__name__}: {e}")
+        self.assertEqual(unexpected[:5], [])
+
+
 class SetsAndKeysOfTensors(TempDirCase):
     def test_refused_naming_the_path(self):
         # Format 1.1 forbids tensors in sets and keys (no stable path); the
