@@ -28,7 +28,10 @@ struct ImportLimits {
   /// against the declared size before anything is inflated.
   uint64_t max_pickle_bytes = 32ull << 20;
   /// Memory the pickle's objects, stack and memo may take while it is read
-  /// (counted as allocated).
+  /// (counted as allocated): this, or 80 bytes per byte of the input file
+  /// (at most 80 x max_pickle_bytes) when that is more - a real state dict
+  /// needs ~45 bytes of objects per pickle byte (50,000 tensors: ~225 MiB),
+  /// and no file can make the importer take more than 80x its size.
   uint64_t max_pickle_memory = 192ull << 20;
   /// The object graph as written, with every memo reuse expanded: nodes of
   /// the tree, tensor references, and bytes of strings, bytes, big ints and

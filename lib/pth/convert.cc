@@ -279,6 +279,8 @@ Status LoadLegacy(Loaded& l) {
   return Status::OK();
 }
 
+constexpr uint64_t kMemoryPerInputByte = 80;
+
 Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   Loaded l;
   const std::string& enc = opt.encoding;
@@ -287,8 +289,14 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   }
   l.pickle_limits.py2_latin1 = enc == "latin1" || enc == "latin-1";
   l.pickle_limits.max_bytes = opt.limits.max_pickle_bytes;
-  l.pickle_limits.max_memory = opt.limits.max_pickle_memory;
   CKPT_ASSIGN_OR_RETURN(l.src, internal::OpenSource(in, ReadOptions{}));
+  // Real checkpoints need ~45 bytes of objects per pickle byte (a tensor
+  // entry of ~100 bytes makes ~4.5 KiB of objects): allow the fixed budget
+  // or a bounded multiple of the input, so a big state dict imports and a
+  // small hostile file still cannot amplify itself.
+  l.pickle_limits.max_memory = std::max(
+      opt.limits.max_pickle_memory,
+      kMemoryPerInputByte * std::min(l.src->size(), opt.limits.max_pickle_bytes));
   // Storages are read with pread into one reused buffer: memory stays
   // bounded (no multi-GiB mapping resident) and no page is faulted twice.
   ReadOptions pread;
@@ -515,6 +523,7 @@ class Emitter {
   const ImportOptions& opt_;
   std::string path_;          // of the node being emitted
   uint64_t path_bytes_ = 0;   // path bytes of every node so far
+  std::unordered_set<const PyObj*> key_ok_;  // objects CheckKey accepted
   std::unordered_set<std::string> tensor_paths_;
   std::unordered_map<const PyStorage*, StorageId> written_;
   std::unordered_set<const PyObj*> on_path_;
@@ -619,19 +628,27 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
 }
 
 // A dict key must be a scalar, or a tuple / frozenset of keys, at any depth:
-// the writer refuses anything else, and so does a dry run, here.
+// the writer refuses anything else, and so does a dry run, here. Each
+// object is checked once, however often the memo repeats it: a tuple
+// doubled 20 times inside 800 nested frozensets is 21 objects, not 800 x
+// 3 M nodes (that walk took 35 s before refusing).
 Status Emitter::CheckKey(const Obj& key, const char* role) {
   std::vector<std::pair<const PyObj*, bool>> todo{{key.get(), false}};
+  std::vector<const PyObj*> seen;
   while (!todo.empty()) {
     auto [k, inner] = todo.back();
     todo.pop_back();
+    if (!key_ok_.insert(k).second) continue;  // checked (or being checked)
+    seen.push_back(k);
     auto kind = WrittenKind(k->kind);
     if (!kind || !internal::IsKeyKind(*kind)) {
+      for (const PyObj* x : seen) key_ok_.erase(x);
       return Fail(InvalidArgument("a " + std::string(kind ? ValueKindName(*kind) : "?") +
                                   (inner ? " inside a tuple" : "") + " cannot be " + role));
     }
     if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
       if (todo.size() + k->items.size() > opt_.limits.max_nodes) {
+        for (const PyObj* x : seen) key_ok_.erase(x);
         return Fail(InvalidArgument("dict key too large"));
       }
       for (const auto& x : k->items) todo.emplace_back(x.get(), true);

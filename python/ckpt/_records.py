@@ -17,7 +17,7 @@ import json
 import pickletools
 import struct
 
-from ._errors import FormatError
+from ._errors import FormatError, PickleRefusedError
 
 _PIECE = 16 << 20
 _CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
@@ -143,6 +143,11 @@ _STRINGS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"
 _INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
 
 
+_MAX_WALK_OPS = 1 << 22
+_MAX_WALK_STACK = 1 << 20
+_MAX_WALK_BYTES = 32 << 20  # the importer's max_pickle_bytes
+
+
 def _walk(src, what):
     """Parses one pickle (pickletools: nothing is run or imported) and
     returns (persistent ids, the value on top at STOP when it is a list of
@@ -164,7 +169,17 @@ def _walk(src, what):
 
     start = src.pos
     try:
-        for op, arg, _ in pickletools.genops(src):
+        for count, (op, arg, _) in enumerate(pickletools.genops(src)):
+            # This walk is pure Python and runs before the importer's own
+            # bounds: cap it so that a hostile stream costs seconds and
+            # MiBs, not minutes and GiBs (12 M pushes took 10 s and 900 MB).
+            if count >= _MAX_WALK_OPS or len(stack) > _MAX_WALK_STACK or \
+                    src.pos - start > _MAX_WALK_BYTES:
+                raise PickleRefusedError(
+                    f"{src.name}:{start}: legacy .pth {what} pickle is larger than this "
+                    f"reader walks in a stream ({_MAX_WALK_OPS} opcodes, "
+                    f"{_MAX_WALK_STACK} stack items, {_MAX_WALK_BYTES >> 20} MiB); "
+                    "load it from a path, where the importer's limits apply")
             n = op.name
             if n in _STRINGS or n in _INTS:
                 stack.append(arg)
@@ -228,6 +243,8 @@ def _walk(src, what):
                     for _ in before:
                         pop()
                 stack.extend(_UNKNOWN for _ in op.stack_after)
+    except PickleRefusedError:
+        raise
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error) as e:
         raise FormatError(f"{src.name}:{start}: legacy .pth {what} pickle: {e}") from None
     raise FormatError(f"{src.name}:{start}: legacy .pth {what} pickle has no STOP")

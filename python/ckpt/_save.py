@@ -163,7 +163,16 @@ class _Saver:
             c = complex(obj)
             return w.add_complex(c.real, c.imag)
         if isinstance(obj, str):
-            return w.add_string(str(obj))
+            obj = str(obj)
+            if not obj.isascii():
+                try:
+                    obj.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(
+                        f"{where(seg)}: a str holding a lone surrogate ({e.object[e.start]!r} "
+                        f"at {e.start}) cannot be saved: ckpt strings are UTF-8 "
+                        "(docs/FORMAT.md R19)") from None
+            return w.add_string(obj)
         if isinstance(obj, (bytes, bytearray)):
             return w.add_bytes(bytes(obj))
         if isinstance(obj, torch.dtype):

@@ -314,15 +314,36 @@ def test_bounds(tmp):
     p = os.path.join(d, "pushes_memo.pth")
     fixtures.torch_like_zip(p, b"\x80\x02]q\x00" + b"h\x00" * 5_000_000 + b".")
     bounded("5M memo pushes", p, "limit")
+    # 3 M floats in one list (27 MB): torch.load reads it, so does ckpt;
+    # the importer's object budget grows with the input (80 bytes a byte),
+    # so its memory stays a bounded multiple of the file, never GBs from KBs.
     p = os.path.join(d, "floats.pth")
     fixtures.torch_like_zip(p, b"\x80\x02" + b"G" + bytes(8) * 1 + b"0" + b"(" + b"G\0\0\0\0\0\0\0\0" * 3_000_000 + b"l.")
-    bounded("3M floats in one list", p, "limit")
+    rc, _, err, rss, wall = rss_run([PTH2CKPT, "--no-sync", p, p + ".ckpt"])
+    size_mib = os.path.getsize(p) / 2**20
+    print(f"item 9 3M floats in one list (convert): peak RSS {rss:.0f} MiB for {size_mib:.0f} MiB, {wall:.2f} s")
+    ok(rc == 0, f"item 9: 3M floats refused: {err.strip()[:300]}")
+    ok(SANITIZED or rss < 80 * size_mib, f"item 9: 3M floats took {rss:.0f} MiB (> 80x the file)")
+    os.unlink(p)
     # The same in the legacy format (no zip record size to check first).
     p = os.path.join(d, "legacy_pushes.pth")
     magic = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)
     write(p, magic + pickle.dumps(1001, protocol=2) + pickle.dumps({}, protocol=2) +
           b"\x80\x02" + b"N" * 5_000_000 + b".")
     bounded("legacy 5M pushes", p, "limit")
+    # A 2 KiB key walk: a tuple doubled 20 times by the memo (3 M nodes,
+    # 21 objects) inside 800 nested frozensets. Checking every set item's
+    # expanded key took 35 s before each object was checked once.
+    put = lambda i: b"r" + struct.pack("<I", i)  # noqa: E731 - LONG_BINPUT
+    get = lambda i: b"j" + struct.pack("<I", i)  # noqa: E731 - LONG_BINGET
+    pk = b"\x80\x04J\x01\x00\x00\x00\x85" + put(0)
+    for j in range(1, 21):
+        pk += b"0" + get(j - 1) + get(j - 1) + b"\x86" + put(j)
+    pk += b"0](" + b"(" * 800 + get(20) + b"\x91" * 800 + b"e."
+    p = os.path.join(d, "frozensets.pth")
+    fixtures.torch_like_zip(p, pk)
+    ok(len(pk) < 4096, f"item 9: frozenset chain is {len(pk)} bytes")
+    bounded("800 frozensets over a doubled tuple", p, "")
     # A legitimate many-object file still converts (limits are not too tight).
     p = os.path.join(d, "many.pth")
     obj = {"losses": [float(i) for i in range(300_000)], "names": [f"n{i}" for i in range(100_000)],
@@ -330,6 +351,16 @@ def test_bounds(tmp):
     torch.save(obj, p)
     rc, _, err, rss, wall = rss_run([PTH2CKPT, p, p + ".ckpt"])
     ok(rc == 0, f"item 9: a 400,000-value checkpoint was refused: {err}")
+    # A state dict of 60,000 tensors and a list of 1.5 M ints: torch.load
+    # reads them; a fixed 192 MiB object budget refused both.
+    for name, obj in (("60k_tensors", {f"layer.{i}.weight": torch.zeros(2) for i in range(60_000)}),
+                      ("1.5M_ints", {"idx": list(range(1_500_000))})):
+        p = os.path.join(d, name + ".pth")
+        torch.save(obj, p)
+        rc, _, err, rss, wall = rss_run([PTH2CKPT, "--no-sync", p, p + ".ckpt"])
+        ok(rc == 0, f"item 9: {name} refused: {err.strip()[:300]}")
+        print(f"item 9 {name} (convert): peak RSS {rss:.0f} MiB, {wall:.2f} s")
+        os.unlink(p)
 
 
 # ---- item 10: --dry-run decides what a conversion does -------------------------------------

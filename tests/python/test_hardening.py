@@ -650,6 +650,34 @@ class FuzzBindingReaders(TempDirCase):
         self.assertEqual(unexpected[:5], [])
 
 
+class Surrogates(TempDirCase):
+    def test_lone_surrogates_are_refused_naming_the_path(self):
+        # They reached pybind11 as a bare "incompatible function arguments".
+        p = self.path("u.ckpt")
+        for obj, where in (({"a": {"\ud800": 1}}, "a"), ({"b": ["ok", "x\udcff"]}, "b/1")):
+            with self.assertRaises(ValueError) as cm:
+                ckpt.save(obj, p)
+            self.assertIn(where, str(cm.exception))
+            self.assertIn("surrogate", str(cm.exception))
+            self.assertFalse(os.path.exists(p))
+        ckpt.save({"é": "日本"}, p)
+        self.assertEqual(ckpt.load(p), {"é": "日本"})
+
+
+class LegacyStreamBounds(TempDirCase):
+    def test_a_huge_legacy_pickle_in_a_stream_is_refused_quickly(self):
+        # The stream reader walked 12 M pushes for 10 s and ~900 MB before
+        # the importer's limits could run.
+        magic = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)
+        data = (magic + pickle.dumps(1001, protocol=2) + pickle.dumps({}, protocol=2) +
+                b"\x80\x02" + b"]" * 6_000_000 + b".")
+        t0 = time.monotonic()
+        with self.assertRaises(ckpt.PickleRefusedError) as cm:
+            ckpt.load(io.BytesIO(data))
+        self.assertLess(time.monotonic() - t0, 30)
+        self.assertIn("load it from a path", str(cm.exception))
+
+
 class SetsAndKeysOfTensors(TempDirCase):
     def test_refused_naming_the_path(self):
         # Format 1.1 forbids tensors in sets and keys (no stable path); the
