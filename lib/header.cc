@@ -168,6 +168,23 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
 }
 
 
+namespace {
+
+// True when a vector of tables holds an element offset of 0.
+template <typename T>
+bool ZeroElement(const flatbuffers::Vector<flatbuffers::Offset<T>>* v) {
+  if (!v) return false;
+  const uint8_t* raw = v->Data();
+  for (flatbuffers::uoffset_t i = 0; i < v->size(); ++i) {
+    flatbuffers::uoffset_t off;
+    std::memcpy(&off, raw + sizeof(off) * i, sizeof(off));
+    if (off == 0) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 std::optional<std::string> ViewProblem(uint8_t dtype_code,
                                        std::span<const int64_t> shape,
                                        std::span<const int64_t> strides,
@@ -184,14 +201,22 @@ std::optional<std::string> ViewProblem(uint8_t dtype_code,
   }
   if (storage_offset < 0) return std::string("negative storage offset");
   const uint64_t elsize = DTypeSize(static_cast<DType>(dtype_code));
+  // The element count: 0 when any size is 0 (whatever the others are),
+  // else the product of the sizes, which must fit 64 bits - the same
+  // answer in any order of multiplication (FORMAT.md 8.2).
   uint64_t numel = 1;
+  bool empty = false;
   for (size_t d = 0; d < rank; ++d) {
     if (shape[d] < 0) return "negative size in dim " + std::to_string(d);
     if (strides[d] < 0) return "negative stride in dim " + std::to_string(d);
+    empty = empty || shape[d] == 0;
+  }
+  for (size_t d = 0; d < rank && !empty; ++d) {
     if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]), &numel)) {
       return std::string("element count overflows 64 bits");
     }
   }
+  if (empty) numel = 0;
   uint64_t bytes = 0;
   if (__builtin_mul_overflow(numel, elsize, &bytes) || bytes > INT64_MAX) {
     return std::string("byte size overflows 63 bits");
@@ -766,6 +791,13 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
   // but not that 8-byte elements are 8-aligned, and reading an int64 span
   // that is not would be undefined behaviour. Builders always align them.
   CKPT_RETURN_IF_ERROR(CheckWideVectorsAligned(*h, p));
+  // R10, beyond the Verifier: an element of a vector of tables is an
+  // offset from itself, and the Verifier accepts 0, which makes the element
+  // its own table with every field absent. No builder writes it.
+  if (ZeroElement(h->storages()) || ZeroElement(h->tensors()) ||
+      ZeroElement(h->nodes()) || ZeroElement(h->metadata())) {
+    return At(Corrupt("a table vector holds a zero offset"), p.header_offset);
+  }
   // R11: checksum chunk size.
   uint64_t chunk = h->chunk_size();
   if (chunk < kMinChunkBytes || chunk > kMaxChunkBytes ||

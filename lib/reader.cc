@@ -38,8 +38,13 @@ std::string_view ValueKindName(ValueKind kind) {
 // ---- TensorInfo ---------------------------------------------------------------
 
 int64_t TensorInfo::numel() const {
+  // A 0 size first: [2^33, 2^33, 0] is a valid empty view whose partial
+  // products would overflow. Otherwise validated not to overflow at open.
+  for (int64_t s : shape) {
+    if (s == 0) return 0;
+  }
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;  // validated not to overflow at open
+  for (int64_t s : shape) n *= s;
   return n;
 }
 
@@ -388,10 +393,12 @@ Result<Value> Value::Child(std::string_view segment) const {
     for (flatbuffers::uoffset_t i = 0; keys && i < keys->size(); ++i) {
       uint32_t kn = keys->Get(i);
       const fb::Node* key_node = impl_->node(kn);
-      // Fast path: string keys compare directly.
+      // Fast path: string keys compare directly (an absent str_value is
+      // "", FORMAT.md 6.1).
       bool match = key_node->kind() == fb::ValueKind::String
-                       ? (key_node->str_value() &&
-                          key_node->str_value()->string_view() == segment)
+                       ? (key_node->str_value()
+                              ? key_node->str_value()->string_view() == segment
+                              : segment.empty())
                        : impl_->KeySegment(kn) == segment;
       if (match) return item(i);
     }

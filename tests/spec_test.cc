@@ -160,6 +160,14 @@ TEST_CASE("7.3 and 9: a file with float keys is stamped 1.1; one without stays 1
   CHECK(internal::FormatDouble(1.0, FloatKeyForm::kCxxToChars1_0) == "1");
   CHECK(internal::FormatDouble(1e-4, FloatKeyForm::kCxxToChars1_0) == "1e-04");
   CHECK(internal::FormatDouble(1e-4, FloatKeyForm::kPythonRepr) == "0.0001");
+  // 1.0's form: fewest characters, then nearest: whole numbers keep their
+  // exact digits (FORMAT.md 7.3 said "the same digits" before).
+  CHECK(internal::FormatDouble(9223372036854775808.0, FloatKeyForm::kCxxToChars1_0) ==
+        "9223372036854775808");
+  CHECK(internal::FormatDouble(1180591620717411303424.0, FloatKeyForm::kCxxToChars1_0) ==
+        "1180591620717411303424");
+  CHECK(internal::FormatDouble(123456789012345678.0, FloatKeyForm::kCxxToChars1_0) ==
+        "123456789012345680");
 }
 
 TEST_CASE("7.3: a 1.0 file's tensor under a float key verifies with the 1.0 path form") {
@@ -451,6 +459,72 @@ TEST_CASE("absent strings read as their defaults; a device must be present") {
   auto small = SmallFile(dir.File("s.ckpt"));
   RequireError(OpenBytes(MutateHeader(small, [](fb::HeaderT& h) { h.storages[0]->device.clear(); })),
                ErrorCode::kCorrupt, "storage 0: missing device string");
+}
+
+TEST_CASE("an absent String key reads as \"\" in lookups too") {
+  // Get("x/") found no key "" when the key's str_value was absent.
+  TempDir dir;
+  auto f = Build(dir.File("k.ckpt"), [](Writer& w) -> Result<NodeId> {
+    NodeId ik[] = {w.AddString("placeholder")};
+    NodeId iv[] = {w.AddInt(5)};
+    CKPT_ASSIGN_OR_RETURN(NodeId inner, w.AddDict(ik, iv));
+    NodeId ok[] = {w.AddString("x")};
+    NodeId ov[] = {inner};
+    return w.AddDict(ok, ov);
+  });
+  auto g = MutateHeader(f, [](fb::HeaderT& h) {
+    for (auto& n : h.nodes) {
+      if (n->str_value == "placeholder") n->str_value.clear();
+    }
+  });
+  auto ck = Checkpoint::OpenBuffer(g, "g");
+  REQUIRE(ck.ok());
+  auto v = ck->Get("x/");
+  INFO(v.status().ToString());
+  REQUIRE(v.ok());
+  CHECK(v->as_int() == 5);
+  CHECK(ck->Verify().ok());
+}
+
+TEST_CASE("R10: a zero element offset in a vector of tables is refused") {
+  // The FlatBuffers Verifier accepts it (the element becomes its own
+  // table, every field absent); FORMAT.md 8.1 says offsets are never 0.
+  TempDir dir;
+  auto f = SmallFile(dir.File("z.ckpt"));
+  uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
+  uint64_t hsize = GetU64(f, internal::kOffHeaderSize);
+  auto* base = reinterpret_cast<const uint8_t*>(f.data() + hoff);
+  const auto* nodes = fb::GetHeader(base)->nodes();
+  REQUIRE(nodes->size() > 1);
+  size_t at = static_cast<size_t>(nodes->Data() - base);
+  std::memset(f.data() + hoff + at, 0, 4);  // nodes[0] = offset 0
+  PutU64(f, internal::kOffHeaderHash,
+         internal::Xxh3({f.data() + hoff, static_cast<size_t>(hsize)}));
+  SealPreamble(f);
+  RequireError(OpenBytes(f), ErrorCode::kCorrupt, "zero offset");
+}
+
+TEST_CASE("8.2: a shape with a 0 size has 0 elements whatever the other sizes") {
+  // [2^33, 2^33, 0] was refused as overflowing while [0, 2^33, 2^33] was
+  // accepted: the count depended on the order of multiplication.
+  TempDir dir;
+  for (auto shape : {std::vector<int64_t>{int64_t{1} << 33, int64_t{1} << 33, 0},
+                     std::vector<int64_t>{0, int64_t{1} << 33, int64_t{1} << 33}}) {
+    auto w = Writer::Create(dir.File("e.ckpt"), Fast());
+    REQUIRE(w.ok());
+    auto sid = w->AddStorage(std::span<const std::byte>());
+    REQUIRE(sid.ok());
+    TensorSpec t{DType::kFloat32, shape, {0, 0, 0}, *sid, 0};
+    auto node = w->AddTensor(t);
+    INFO(node.status().ToString());
+    REQUIRE(node.ok());
+    REQUIRE(w->PutValue("e", *node).ok());
+    REQUIRE(w->Commit().ok());
+    auto ck = Checkpoint::Open(dir.File("e.ckpt"));
+    REQUIRE(ck.ok());
+    CHECK(ck->tensor_info(0).numel() == 0);
+    CHECK(ck->Verify().ok());
+  }
 }
 
 // ---- R19 UTF-8 --------------------------------------------------------------------
