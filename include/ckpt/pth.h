@@ -38,6 +38,8 @@ struct ImportLimits {
   /// tensor paths.
   uint64_t max_nodes = 1ull << 22;
   uint64_t max_tensor_refs = 1ull << 20;
+  /// (The tree's paths, which the writer keeps one per node, are also held
+  /// to 16 bytes per input byte, at least 32 MiB, when that is less.)
   uint64_t max_expanded_bytes = 256ull << 20;
 };
 

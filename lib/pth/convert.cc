@@ -498,8 +498,19 @@ std::string KeySegment(const PyObj& key) {
 
 class Emitter {
  public:
+  // The paths the writer keeps (one per node) may take the configured
+  // bytes, but no more than a multiple of the input: a 230 KB pickle
+  // reusing one tensor under ~1 M distinct long paths held ~600 MB of
+  // paths before the 256 MiB limit refused it. Real trees take a few times
+  // their pickle's size in paths.
   Emitter(Loaded& l, const Plan& plan, Writer* w, const ImportOptions& opt)
-      : l_(l), plan_(plan), w_(w), opt_(opt) {}
+      : l_(l),
+        plan_(plan),
+        w_(w),
+        opt_(opt),
+        path_budget_(std::min(opt.limits.max_expanded_bytes,
+                              std::max<uint64_t>(kMinPathBudget,
+                                                 kPathBytesPerInputByte * l.src->size()))) {}
 
   /// Emits `o` at path_ (the path of `o`). The same walk and the same
   /// checks run with and without a writer: a dry run decides what a
@@ -522,6 +533,9 @@ class Emitter {
   Writer* w_;  // nullptr for a dry run
   const ImportOptions& opt_;
   std::string path_;          // of the node being emitted
+  static constexpr uint64_t kMinPathBudget = 32ull << 20;
+  static constexpr uint64_t kPathBytesPerInputByte = 16;
+  uint64_t path_budget_;
   uint64_t path_bytes_ = 0;   // path bytes of every node so far
   std::unordered_set<const PyObj*> key_ok_;  // objects CheckKey accepted
   std::unordered_set<std::string> tensor_paths_;
@@ -799,10 +813,11 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
   // The writer keeps a path per node while it builds the header: bound
   // their sum (a long key under a deep or wide tree multiplies it).
   path_bytes_ += path_.size() + 1;
-  if (path_bytes_ > opt_.limits.max_expanded_bytes) {
+  if (path_bytes_ > path_budget_) {
     return Fail(InvalidArgument("the paths of the tree take more than " +
-                                std::to_string(opt_.limits.max_expanded_bytes) +
-                                " bytes (limit max_expanded_bytes)"));
+                                std::to_string(path_budget_) +
+                                " bytes (limit: max_expanded_bytes, or 16 bytes per input "
+                                "byte and at least 32 MiB)"));
   }
   Writer* w = w_;
   switch (o->kind) {

@@ -344,6 +344,16 @@ def test_bounds(tmp):
     fixtures.torch_like_zip(p, pk)
     ok(len(pk) < 4096, f"item 9: frozenset chain is {len(pk)} bytes")
     bounded("800 frozensets over a doubled tuple", p, "")
+    # ~1 M distinct ~210-byte paths to one memo-reused tensor from a 230 KB
+    # pickle: refused once the paths take 16x the input (32 MiB floor),
+    # where it used to hold ~600 MB of paths before the 256 MiB limit.
+    inner = b"}" + put(1) + b"(" + b"".join(_s(f"{i:04d}" + "k" * 196) + get(0) for i in range(1023)) + b"u"
+    pk = (b"\x80\x02" + tensor_leaf() + put(0) + b"0" + inner + b"0}(" +
+          b"".join(_s(f"{i:04d}" + "o" * 196) + get(1) for i in range(1023)) + b"u.")
+    p = os.path.join(d, "many_paths.pth")
+    fixtures.torch_like_zip(p, pk, {"0": bytes(16)})
+    ok(os.path.getsize(p) < 1 << 20, f"item 9: many-paths file is {os.path.getsize(p)} bytes")
+    bounded("1 M long paths to one tensor", p, "paths of the tree")
     # A legitimate many-object file still converts (limits are not too tight).
     p = os.path.join(d, "many.pth")
     obj = {"losses": [float(i) for i in range(300_000)], "names": [f"n{i}" for i in range(100_000)],
