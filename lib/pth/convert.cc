@@ -966,6 +966,17 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
   std::sort(found.begin(), found.end(),
             [](const auto& a, const auto& b) { return a.first.input < b.first.input; });
   std::unordered_map<std::string, std::string> claimed;  // output -> input
+  // Directories the run creates for its outputs (every parent below
+  // out_dir of an output not refused yet): an output named like one of
+  // them would be refused by whichever conversion comes second, so the
+  // plan refuses it up front, and a dry run says the same as a run.
+  std::unordered_map<std::string, std::string> needed_dirs;  // dir -> an input needing it
+  for (const auto& [r, p] : found) {
+    if (!r.status.ok()) continue;
+    for (fs::path d = fs::path(r.input).parent_path(); !d.empty(); d = d.parent_path()) {
+      needed_dirs.emplace(d.generic_string(), r.input);
+    }
+  }
   std::vector<DirFileResult> out;
   for (auto& [r, p] : found) {
     const std::string full = p.string();
@@ -977,6 +988,11 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
     r.output = dst.generic_string();
     if (r.status.ok() && escapes) {
       r.status = InvalidArgument("path '" + r.input + "' is not below the input directory")
+                     .WithFile(full);
+    }
+    if (auto d = needed_dirs.find(r.output); r.status.ok() && d != needed_dirs.end()) {
+      r.status = InvalidArgument("its output '" + r.output + "' is also a directory the outputs of '" +
+                                 d->second + "' go in; rename one of them")
                      .WithFile(full);
     }
     auto [c, fresh] = claimed.emplace(r.output, r.input);

@@ -235,6 +235,22 @@ def test_directory_symlinks(tmp):
     ok(r2.returncode == 1 and "would convert 3 of 4" in r2.stdout and "dangling.pth:" in r2.stdout,
        f"item 8/10: directory dry run: {r2.stdout}{r2.stderr}")
 
+    # An output named like a directory other outputs need (d.pt -> d.ckpt,
+    # d.ckpt/z.pt -> d.ckpt/z.ckpt): the dry run said "would convert" for
+    # d.pt while the run refused it after creating the directory d.ckpt.
+    src = os.path.join(tmp, "dirclash")
+    os.makedirs(os.path.join(src, "d.ckpt"))
+    torch.save({"z": torch.zeros(1)}, os.path.join(src, "d.ckpt", "z.pt"))
+    torch.save({"d": torch.ones(1)}, os.path.join(src, "d.pt"))
+    dst = os.path.join(tmp, "dirclash_out")
+    dry = run([PTH2CKPT, "--dry-run", src, dst], timeout=120)
+    real = run([PTH2CKPT, src, dst], timeout=120)
+    for name, r in (("dry run", dry), ("conversion", real)):
+        ok(r.returncode == 1 and "would convert 1 of 2" in r.stdout.replace("converted", "would convert")
+           and "d.pt:" in r.stdout and "also a directory" in r.stdout,
+           f"item 10: {name} of an output named like a needed directory: {r.stdout}{r.stderr}")
+    ok(os.path.isfile(os.path.join(dst, "d.ckpt", "z.ckpt")), "item 10: d.ckpt/z.ckpt not written")
+
 
 # ---- item 9: expansion, memory and time bounds -----------------------------------------
 
