@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(cmake g++ clang libflatbuffers-dev flatbuffers-compiler libxxhash-dev
       libboost-dev catch2 pybind11-dev python3-dev python3-venv python3-torch
-      python3-numpy zlib1g-dev libopenmpi-dev)
+      python3-numpy zlib1g-dev libopenmpi-dev time)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
