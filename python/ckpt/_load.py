@@ -517,23 +517,26 @@ class File:
     # -- values and sub-trees ---------------------------------------------------
     def get(self, path=""):
         """The value at a tree path ("" = everything): numbers, strings,
-        containers; tensors as zero-copy CPU views."""
+        containers; tensors as zero-copy CPU views. The path is taken as
+        written (DESIGN.md's path contract, as `ckpt get`): "x/" is the key
+        "" under "x"."""
         r = self._reader()
-        path = path.strip("/")
         return r.tree(path, self._cpu.on_tensor, self._cpu.on_dtype, self._cpu.on_device)
 
     def load(self, prefix="", device=None, *, map_location=None, mmap=False,
              gpu_loader=False):
         """The sub-tree at `prefix` with its tensors copied to `device`
-        (or placed by map_location, as in ckpt.load)."""
+        (or placed by map_location, as in ckpt.load). Slashes around the
+        prefix are ignored ("model/" is "model")."""
         if device is not None and map_location is not None:
             raise ValueError("pass device or map_location, not both")
         ml = device if device is not None else map_location
         return _Loader(self._reader(), ml, mmap, gpu_loader=gpu_loader).load(prefix)
 
     def kind(self, path=""):
-        """The node kind at a path: 'dict', 'tensor', 'int'..."""
-        return self._reader().kind(path.strip("/"))
+        """The node kind at a path (taken as written, as get()): 'dict',
+        'tensor', 'int'..."""
+        return self._reader().kind(path)
 
     @property
     def metadata(self):

@@ -678,6 +678,22 @@ class LegacyStreamBounds(TempDirCase):
         self.assertIn("load it from a path", str(cm.exception))
 
 
+class PathsAsWritten(TempDirCase):
+    def test_get_and_kind_take_the_path_as_the_cli_does(self):
+        # get()/kind() stripped slashes, so the key "" at the end of a path
+        # was unreachable from Python while `ckpt get F x/` reached it.
+        p = self.path("p.ckpt")
+        ckpt.save({"x": {"": 5, "a": [1, 2]}}, p)
+        with ckpt.open(p) as f:
+            self.assertEqual(f.get("x/"), 5)
+            self.assertEqual(f.get("x"), {"": 5, "a": [1, 2]})
+            self.assertEqual(f.get("x/a/1"), 2)
+            self.assertEqual(f.kind("x/"), "int")
+            self.assertEqual(f.kind(""), "dict")
+            with self.assertRaises(ckpt.NotFoundError):
+                f.get("/x")  # the key "" at the root, which this file lacks
+
+
 class SetsAndKeysOfTensors(TempDirCase):
     def test_refused_naming_the_path(self):
         # Format 1.1 forbids tensors in sets and keys (no stable path); the
