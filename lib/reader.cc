@@ -381,6 +381,11 @@ Value Value::key(size_t i) const {
       N(impl_, node_)->keys()->Get(static_cast<flatbuffers::uoffset_t>(i)));
 }
 std::string Value::KeySegment() const { return impl_->KeySegment(node_); }
+int64_t Value::file_offset() const {
+  const auto* base = reinterpret_cast<const uint8_t*>(impl_->header_copy.data());
+  const auto* at = reinterpret_cast<const uint8_t*>(N(impl_, node_));
+  return static_cast<int64_t>(impl_->pre.header_offset) + (at - base);
+}
 std::string Value::BigIntToDecimal() const {
   if (kind() == ValueKind::kInt) return std::to_string(as_int());
   return internal::BigIntDecimal(as_bytes());

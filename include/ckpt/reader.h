@@ -203,6 +203,9 @@ class Value {
 
   /// Path-segment form of this node used as a Dict key (FORMAT.md 7.3).
   std::string KeySegment() const;
+  /// Byte offset in the file of this node's table in the header: where an
+  /// error about the node points.
+  int64_t file_offset() const;
   /// Decimal digits of a BigInt (or Int) node, with '-' if negative.
   std::string BigIntToDecimal() const;
 

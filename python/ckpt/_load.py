@@ -255,8 +255,8 @@ class _Loader:
     def on_dtype(self, code):
         return torch_dtype(code, f"{self.name}: a dtype in the tree")
 
-    def on_device(self, s, where):
-        return _torch_device(s, self.name, f"tree path '{where}': device")
+    def on_device(self, s, where, offset):
+        return _torch_device(s, f"{self.name}:{offset}", f"tree path '{where}': device")
 
     def load(self, path=""):
         path = path.strip("/")

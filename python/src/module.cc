@@ -281,7 +281,8 @@ class Reader {
 
   // The node at `path` ("" = the root) as Python objects. Tensors become
   // on_tensor(index, type_name), dtypes on_dtype(code), devices
-  // on_device(str, where) (where: the tree path, for messages).
+  // on_device(str, where, offset) (the tree path and the node's byte
+  // offset, for messages).
   py::object Tree(const std::string& path, const py::function& on_tensor,
                   const py::function& on_dtype, const py::function& on_device) const {
     ckpt::Value v = Node(path);
@@ -293,6 +294,7 @@ class Reader {
               py::module_::import("builtins").attr("int").attr("from_bytes"),
               ck_->path(),
               path,
+              {},
               {}};
     return b.Build(v);
   }
@@ -344,6 +346,7 @@ class Reader {
     py::object int_from_bytes;
     std::string file;
     std::string base;  // the tree path of the node being built
+    ckpt::Value root;  // the node Build() was given
 
     using K = ckpt::ValueKind;
 
@@ -377,8 +380,21 @@ class Reader {
       return p.empty() ? "<root>" : p;
     }
 
+    // The node a failure is about: the child being built, or the open
+    // container on top.
+    ckpt::Value Culprit(bool child) const {
+      if (stack.empty()) return root;
+      const Frame& f = stack.back();
+      if (!child || f.next == 0) return f.v;
+      size_t s = f.next - 1;
+      return f.v.kind() == K::kDict ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
+                                    : f.v.item(s);
+    }
+
     [[noreturn]] void Fail(const std::string& what, bool child) const {
-      Throw(ckpt::Corrupt("tree path '" + Where(child) + "': " + what).WithFile(file));
+      Throw(ckpt::Corrupt("tree path '" + Where(child) + "': " + what)
+                .WithFile(file)
+                .WithOffset(Culprit(child).file_offset()));
     }
 
     // A Python exception our own building raised (unhashable, bad text):
@@ -413,7 +429,8 @@ class Reader {
           return on_tensor(Take(v.tensor_index()), Text(v.type_name(), "a tensor's type name"));
         case K::kDType: return on_dtype(static_cast<int>(v.as_dtype()));
         case K::kDevice:
-          return on_device(Text(v.as_string(), "a device string"), Lenient(Where(true)));
+          return on_device(Text(v.as_string(), "a device string"), Lenient(Where(true)),
+                           v.file_offset());
         default:
           Fail("unknown node kind " + std::to_string(static_cast<int>(v.kind())), true);
       }
@@ -485,7 +502,8 @@ class Reader {
       f.key = py::object();
     }
 
-    py::object Build(const ckpt::Value& root) {
+    py::object Build(const ckpt::Value& top) {
+      root = top;
       if (!root.is_container()) return Scalar(root);
       Open(root);
       for (;;) {
