@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <charconv>
 #include <cstring>
-#include <mutex>
 
 #include "checksum_internal.h"
 #include "header_internal.h"
