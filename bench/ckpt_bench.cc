@@ -11,8 +11,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <optional>
@@ -30,12 +30,15 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 int Usage(const std::string& problem = "") {
-  if (!problem.empty()) std::fprintf(stderr, "ckpt-bench: %s\n\n", problem.c_str());
-  std::fprintf(stderr,
-               "usage: ckpt-bench synth OUT.ckpt --tensors N --total-mb M "
-               "[--dtype D] [--seed S] [--no-sync]\n"
-               "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n"
-               "       ckpt-bench gpu FILE [--repeat R] [--json OUT] [--device cuda:N]\n");
+  if (!problem.empty())
+    std::fprintf(stderr, "ckpt-bench: %s\n\n", problem.c_str());
+  std::fprintf(
+      stderr,
+      "usage: ckpt-bench synth OUT.ckpt --tensors N --total-mb M "
+      "[--dtype D] [--seed S] [--no-sync]\n"
+      "       ckpt-bench cpu FILE [--repeat R] [--json OUT] [--tmpdir DIR]\n"
+      "       ckpt-bench gpu FILE [--repeat R] [--json OUT] [--device "
+      "cuda:N]\n");
   return 2;
 }
 
@@ -62,7 +65,8 @@ void Touch(std::span<const std::byte> b) {
   size_t words = b.size() / 8;
   const auto* p = reinterpret_cast<const uint64_t*>(b.data());
   for (size_t i = 0; i < words; ++i) acc += p[i];
-  for (size_t i = words * 8; i < b.size(); ++i) acc += static_cast<uint64_t>(b[i]);
+  for (size_t i = words * 8; i < b.size(); ++i)
+    acc += static_cast<uint64_t>(b[i]);
   g_sink = g_sink + acc;
 }
 
@@ -71,7 +75,8 @@ double Best(int repeat, const std::function<void()>& fn) {
   for (int i = 0; i < repeat; ++i) {
     auto t0 = Clock::now();
     fn();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(Clock::now() - t0).count());
   }
   return best;
 }
@@ -92,7 +97,10 @@ int Synth(int argc, char** argv) {
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
     if (a == "--tensors") {
       auto n = ParseCount(v, 4, 10'000'000);
-      if (!n) return Usage("--tensors takes a whole number from 4 (a model needs embed, norm, head and RNG state)");
+      if (!n)
+        return Usage(
+            "--tensors takes a whole number from 4 (a model needs embed, norm, "
+            "head and RNG state)");
       o.tensors = static_cast<int>(*n);
     } else if (a == "--total-mb") {
       char* end = nullptr;
@@ -103,7 +111,8 @@ int Synth(int argc, char** argv) {
       o.total_bytes = static_cast<uint64_t>(mb * 1048576.0);
     } else if (a == "--dtype") {
       auto d = v ? ckpt::DTypeFromName(v) : std::nullopt;
-      if (!d) return Usage("--dtype takes a dtype name (float32, bfloat16, ...)");
+      if (!d)
+        return Usage("--dtype takes a dtype name (float32, bfloat16, ...)");
       o.dtype = *d;
     } else if (a == "--seed") {
       auto n = ParseCount(v, 0, INT64_MAX);
@@ -153,7 +162,8 @@ int Cpu(int argc, char** argv) {
   }
   const std::string big = probe->tensor_info(largest).path;
   const int64_t big_rows = probe->tensor_info(largest).shape.empty()
-                               ? 1 : probe->tensor_info(largest).shape[0];
+                               ? 1
+                               : probe->tensor_info(largest).shape[0];
   probe = ckpt::Status(ckpt::ErrorCode::kInvalidArgument, "closed");
 
   std::vector<Row> rows;
@@ -165,115 +175,173 @@ int Cpu(int argc, char** argv) {
   };
   raw_read();  // warm the page cache
   rows.push_back({"raw_read", Best(repeat, raw_read), file_size});
-  rows.push_back({"raw_read_alloc", Best(repeat, [&] {
-    std::vector<std::byte> all(file_size);
-    int fd = ::open(file.c_str(), O_RDONLY);
-    uint64_t done = 0;
-    ssize_t n;
-    while ((n = ::read(fd, all.data() + done, file_size - done)) > 0) done += static_cast<uint64_t>(n);
-    ::close(fd);
-    Touch({all.data(), 64});
-  }), file_size});
-  rows.push_back({"open", Best(repeat * 4, [&] {
-    auto ck = ckpt::Checkpoint::Open(file);
-    if (!ck.ok()) std::abort();
-  }), 0});
+  rows.push_back(
+      {"raw_read_alloc",
+       Best(repeat,
+            [&] {
+              std::vector<std::byte> all(file_size);
+              int fd = ::open(file.c_str(), O_RDONLY);
+              uint64_t done = 0;
+              ssize_t n;
+              while ((n = ::read(fd, all.data() + done, file_size - done)) > 0)
+                done += static_cast<uint64_t>(n);
+              ::close(fd);
+              Touch({all.data(), 64});
+            }),
+       file_size});
+  rows.push_back({"open",
+                  Best(repeat * 4,
+                       [&] {
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         if (!ck.ok()) std::abort();
+                       }),
+                  0});
   uint64_t big_bytes = 0;
-  rows.push_back({"open_one_tensor", Best(repeat, [&] {
-    auto ck = ckpt::Checkpoint::Open(file);
-    auto t = ck->Tensor(big);
-    big_bytes = t->data().size();
-    Touch(t->data());
-  }), 0});
+  rows.push_back({"open_one_tensor",
+                  Best(repeat,
+                       [&] {
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         auto t = ck->Tensor(big);
+                         big_bytes = t->data().size();
+                         Touch(t->data());
+                       }),
+                  0});
   rows.back().bytes = big_bytes;
-  rows.push_back({"open_one_tensor_view", Best(repeat * 4, [&] {
-    auto ck = ckpt::Checkpoint::Open(file);
-    auto t = ck->Tensor(big);
-    Touch(t->data().first(64));  // time to first tensor: a view, not a copy
-  }), 0});
+  rows.push_back({"open_one_tensor_view",
+                  Best(repeat * 4,
+                       [&] {
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         auto t = ck->Tensor(big);
+                         Touch(t->data().first(
+                             64));  // time to first tensor: a view, not a copy
+                       }),
+                  0});
   uint64_t slice_bytes = 0;
-  rows.push_back({"open_row_slice", Best(repeat, [&] {
-    auto ck = ckpt::Checkpoint::Open(file);
-    int64_t a = big_rows / 2, b = std::min(big_rows, a + 16);
-    auto t = ck->TensorRows(big, a, b);
-    slice_bytes = t->data().size();
-    Touch(t->data());
-  }), 0});
+  rows.push_back({"open_row_slice",
+                  Best(repeat,
+                       [&] {
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         int64_t a = big_rows / 2,
+                                 b = std::min(big_rows, a + 16);
+                         auto t = ck->TensorRows(big, a, b);
+                         slice_bytes = t->data().size();
+                         Touch(t->data());
+                       }),
+                  0});
   rows.back().bytes = slice_bytes;
-  rows.push_back({"load_view", Best(repeat, [&] {
-    ckpt::ReadOptions ro;
-    ro.populate = true;
-    auto ck = ckpt::Checkpoint::Open(file, ro);
-    for (size_t i = 0; i < ck->num_tensors(); ++i) Touch(ck->TensorAt(i)->data());
-  }), tensor_bytes});
-  rows.push_back({"load_prefetch", Best(repeat, [&] {
-    // Checkpoint::Prefetch (parallel MADV_POPULATE_READ), then touch all.
-    auto ck = ckpt::Checkpoint::Open(file);
-    if (!ck->Prefetch().ok()) std::abort();
-    for (size_t i = 0; i < ck->num_tensors(); ++i) Touch(ck->TensorAt(i)->data());
-  }), tensor_bytes});
-  rows.push_back({"load_view_2threads", Best(repeat, [&] {
-    // No MAP_POPULATE: two threads fault their halves of the tensors in.
-    auto ck = ckpt::Checkpoint::Open(file);
-    std::vector<ckpt::TensorRef> refs;
-    for (size_t i = 0; i < ck->num_tensors(); ++i) refs.push_back(*ck->TensorAt(i));
-    auto half = [&](size_t part) {
-      for (size_t i = part; i < refs.size(); i += 2) Touch(refs[i].data());
-    };
-    std::thread other(half, 1);
-    half(0);
-    other.join();
-  }), tensor_bytes});
-  rows.push_back({"load_copy", Best(repeat, [&] {
-    ckpt::ReadOptions ro;
-    ro.backend = ckpt::Backend::kPread;
-    auto ck = ckpt::Checkpoint::Open(file, ro);
-    std::vector<ckpt::TensorRef> keep;
-    for (size_t i = 0; i < ck->num_tensors(); ++i) keep.push_back(*ck->TensorAt(i));
-  }), tensor_bytes});
+  rows.push_back({"load_view",
+                  Best(repeat,
+                       [&] {
+                         ckpt::ReadOptions ro;
+                         ro.populate = true;
+                         auto ck = ckpt::Checkpoint::Open(file, ro);
+                         for (size_t i = 0; i < ck->num_tensors(); ++i)
+                           Touch(ck->TensorAt(i)->data());
+                       }),
+                  tensor_bytes});
+  rows.push_back({"load_prefetch",
+                  Best(repeat,
+                       [&] {
+                         // Checkpoint::Prefetch (parallel MADV_POPULATE_READ),
+                         // then touch all.
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         if (!ck->Prefetch().ok()) std::abort();
+                         for (size_t i = 0; i < ck->num_tensors(); ++i)
+                           Touch(ck->TensorAt(i)->data());
+                       }),
+                  tensor_bytes});
+  rows.push_back({"load_view_2threads",
+                  Best(repeat,
+                       [&] {
+                         // No MAP_POPULATE: two threads fault their halves of
+                         // the tensors in.
+                         auto ck = ckpt::Checkpoint::Open(file);
+                         std::vector<ckpt::TensorRef> refs;
+                         for (size_t i = 0; i < ck->num_tensors(); ++i)
+                           refs.push_back(*ck->TensorAt(i));
+                         auto half = [&](size_t part) {
+                           for (size_t i = part; i < refs.size(); i += 2)
+                             Touch(refs[i].data());
+                         };
+                         std::thread other(half, 1);
+                         half(0);
+                         other.join();
+                       }),
+                  tensor_bytes});
+  rows.push_back({"load_copy",
+                  Best(repeat,
+                       [&] {
+                         ckpt::ReadOptions ro;
+                         ro.backend = ckpt::Backend::kPread;
+                         auto ck = ckpt::Checkpoint::Open(file, ro);
+                         std::vector<ckpt::TensorRef> keep;
+                         for (size_t i = 0; i < ck->num_tensors(); ++i)
+                           keep.push_back(*ck->TensorAt(i));
+                       }),
+                  tensor_bytes});
   {
     auto ck = ckpt::Checkpoint::Open(file);
-    rows.push_back({"xxh3_1thread", Best(repeat, [&] {
-      for (size_t i = 0; i < ck->num_tensors(); ++i) {
-        auto d = ck->TensorAt(i)->data();
-        g_sink = g_sink + XXH3_64bits(d.data(), d.size());
-      }
-    }), tensor_bytes});
-    rows.push_back({"verify_1thread", Best(repeat, [&] {
-      if (!ck->Verify({1}).ok()) std::abort();
-    }), file_size});
-    rows.push_back({"verify", Best(repeat, [&] {
-      if (!ck->Verify().ok()) std::abort();
-    }), file_size});
+    rows.push_back({"xxh3_1thread",
+                    Best(repeat,
+                         [&] {
+                           for (size_t i = 0; i < ck->num_tensors(); ++i) {
+                             auto d = ck->TensorAt(i)->data();
+                             g_sink = g_sink + XXH3_64bits(d.data(), d.size());
+                           }
+                         }),
+                    tensor_bytes});
+    rows.push_back({"verify_1thread",
+                    Best(repeat,
+                         [&] {
+                           if (!ck->Verify({1}).ok()) std::abort();
+                         }),
+                    file_size});
+    rows.push_back({"verify",
+                    Best(repeat,
+                         [&] {
+                           if (!ck->Verify().ok()) std::abort();
+                         }),
+                    file_size});
     // Finish any writeback first, so it does not slow the timed saves.
     ::sync();
     std::string out = tmpdir + "/ckpt-bench-save.ckpt";
-    rows.push_back({"save_fsync", Best(repeat, [&] {
-      auto w = ckpt::Writer::Create(out);
-      if (!w.ok()) std::abort();
-      std::vector<ckpt::NodeId> k, v;
-      for (size_t i = 0; i < ck->num_tensors(); ++i) {
-        auto t = ck->TensorAt(i);
-        if (!w->PutTensor(t->info().path, t->dtype(), t->shape(), t->data()).ok()) std::abort();
-      }
-      if (!w->Commit().ok()) std::abort();
-    }), tensor_bytes});
+    rows.push_back({"save_fsync",
+                    Best(repeat,
+                         [&] {
+                           auto w = ckpt::Writer::Create(out);
+                           if (!w.ok()) std::abort();
+                           std::vector<ckpt::NodeId> k, v;
+                           for (size_t i = 0; i < ck->num_tensors(); ++i) {
+                             auto t = ck->TensorAt(i);
+                             if (!w->PutTensor(t->info().path, t->dtype(),
+                                               t->shape(), t->data())
+                                      .ok())
+                               std::abort();
+                           }
+                           if (!w->Commit().ok()) std::abort();
+                         }),
+                    tensor_bytes});
     ::unlink(out.c_str());
     std::string raw = tmpdir + "/ckpt-bench-raw.bin";
-    rows.push_back({"raw_write_fsync", Best(repeat, [&] {
-      int fd = ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      for (size_t i = 0; i < ck->num_tensors(); ++i) {
-        auto d = ck->TensorAt(i)->data();
-        size_t done = 0;
-        while (done < d.size()) {
-          ssize_t n = ::write(fd, d.data() + done, d.size() - done);
-          if (n <= 0) std::abort();
-          done += static_cast<size_t>(n);
-        }
-      }
-      ::fsync(fd);
-      ::close(fd);
-    }), tensor_bytes});
+    rows.push_back(
+        {"raw_write_fsync",
+         Best(repeat,
+              [&] {
+                int fd =
+                    ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+                for (size_t i = 0; i < ck->num_tensors(); ++i) {
+                  auto d = ck->TensorAt(i)->data();
+                  size_t done = 0;
+                  while (done < d.size()) {
+                    ssize_t n = ::write(fd, d.data() + done, d.size() - done);
+                    if (n <= 0) std::abort();
+                    done += static_cast<size_t>(n);
+                  }
+                }
+                ::fsync(fd);
+                ::close(fd);
+              }),
+         tensor_bytes});
     ::unlink(raw.c_str());
   }
 
@@ -286,11 +354,14 @@ int Cpu(int argc, char** argv) {
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");
     if (!f) return Die(ckpt::IoError("cannot write " + json));
-    std::fprintf(f, "{\"file\": \"%s\", \"file_size\": %llu, \"tensors_bytes\": %llu, \"results\": [",
+    std::fprintf(f,
+                 "{\"file\": \"%s\", \"file_size\": %llu, \"tensors_bytes\": "
+                 "%llu, \"results\": [",
                  file.c_str(), static_cast<unsigned long long>(file_size),
                  static_cast<unsigned long long>(tensor_bytes));
     for (size_t i = 0; i < rows.size(); ++i) {
-      std::fprintf(f, "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
+      std::fprintf(f,
+                   "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
                    i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
                    static_cast<unsigned long long>(rows[i].bytes));
     }

@@ -19,13 +19,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Best(int repeat, const std::function<void()>& before, const std::function<void()>& fn) {
+double Best(int repeat, const std::function<void()>& before,
+            const std::function<void()>& fn) {
   double best = 1e30;
   for (int i = 0; i < repeat; ++i) {
     before();
     auto t0 = Clock::now();
     fn();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(Clock::now() - t0).count());
   }
   return best;
 }
@@ -57,28 +59,37 @@ void Check(const ckpt::Status& s) {
 
 int GpuBench(int argc, char** argv) {
   if (argc < 1) {
-    std::fprintf(stderr, "usage: ckpt-bench gpu FILE [--repeat R] [--json OUT] [--device cuda:N]\n");
+    std::fprintf(stderr,
+                 "usage: ckpt-bench gpu FILE [--repeat R] [--json OUT] "
+                 "[--device cuda:N]\n");
     return 2;
   }
   std::string file = argv[0], json, device = "cuda:0";
   int repeat = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
-    if (a == "--repeat") repeat = std::max(1, std::atoi(argv[i + 1]));
-    else if (a == "--json") json = argv[i + 1];
-    else if (a == "--device") device = argv[i + 1];
-    else return 2;
+    if (a == "--repeat")
+      repeat = std::max(1, std::atoi(argv[i + 1]));
+    else if (a == "--json")
+      json = argv[i + 1];
+    else if (a == "--device")
+      device = argv[i + 1];
+    else
+      return 2;
   }
   auto count = ckpt::CudaDeviceCount();
   if (!count.ok()) {
-    std::printf("SKIP: no usable CUDA device: %s\n", count.status().ToString().c_str());
+    std::printf("SKIP: no usable CUDA device: %s\n",
+                count.status().ToString().c_str());
     return 77;
   }
   auto ck = ckpt::Checkpoint::Open(file);
   Check(ck.status());
   uint64_t total = 0;
   size_t largest = 0, near32 = 0;
-  auto dist32 = [](uint64_t n) { return n > (32u << 20) ? n - (32u << 20) : (32u << 20) - n; };
+  auto dist32 = [](uint64_t n) {
+    return n > (32u << 20) ? n - (32u << 20) : (32u << 20) - n;
+  };
   for (size_t i = 0; i < ck->num_tensors(); ++i) {
     uint64_t n = ck->tensor_info(i).nbytes();
     total += n;
@@ -97,13 +108,17 @@ int GpuBench(int argc, char** argv) {
     void *host = nullptr, *dev = nullptr;
     if (cudaHostAlloc(&host, n, cudaHostAllocDefault) != cudaSuccess ||
         cudaMalloc(&dev, n) != cudaSuccess) {
-      std::fprintf(stderr, "ckpt-bench gpu: cannot allocate %llu bytes\n", (unsigned long long)n);
+      std::fprintf(stderr, "ckpt-bench gpu: cannot allocate %llu bytes\n",
+                   (unsigned long long)n);
       return 1;
     }
     std::memset(host, 1, n);
-    rows.push_back({"pinned_cudaMemcpy", Best(repeat, [] {}, [&] {
-      cudaMemcpy(dev, host, n, cudaMemcpyHostToDevice);
-    }), n});
+    rows.push_back(
+        {"pinned_cudaMemcpy",
+         Best(
+             repeat, [] {},
+             [&] { cudaMemcpy(dev, host, n, cudaMemcpyHostToDevice); }),
+         n});
     cudaFree(dev);
     cudaFreeHost(host);
   }
@@ -118,33 +133,56 @@ int GpuBench(int argc, char** argv) {
     Check((*l)->Wait());
   };
   Warm(file);
-  rows.push_back({"warm_full_load_staged", Best(repeat, [] {}, [&] { load({}, ckpt::LoadStrategy::kStaged); }), total});
-  rows.push_back({"cold_full_load_auto", Best(repeat, [&] { DropCache(file); },
-                                              [&] { load({}, ckpt::LoadStrategy::kAuto); }), total});
-  rows.push_back({"cold_raw_read", Best(repeat, [&] { DropCache(file); }, [&] { Warm(file); }),
+  rows.push_back(
+      {"warm_full_load_staged",
+       Best(
+           repeat, [] {}, [&] { load({}, ckpt::LoadStrategy::kStaged); }),
+       total});
+  rows.push_back({"cold_full_load_auto",
+                  Best(
+                      repeat, [&] { DropCache(file); },
+                      [&] { load({}, ckpt::LoadStrategy::kAuto); }),
+                  total});
+  rows.push_back({"cold_raw_read",
+                  Best(
+                      repeat, [&] { DropCache(file); }, [&] { Warm(file); }),
                   ck->file_size()});
   Warm(file);
   std::string p32 = ck->tensor_info(near32).path;
-  rows.push_back({"warm_one_tensor_~32MiB", Best(repeat, [] {}, [&] { load({{p32, {}}}, ckpt::LoadStrategy::kStaged); }),
+  rows.push_back({"warm_one_tensor_~32MiB",
+                  Best(
+                      repeat, [] {},
+                      [&] {
+                        load({{p32, {}}}, ckpt::LoadStrategy::kStaged);
+                      }),
                   ck->tensor_info(near32).nbytes()});
   auto big = ck->tensor_info(largest);
   int64_t r0 = big.shape.empty() ? 0 : big.shape[0] / 2;
   int64_t r1 = big.shape.empty() ? 0 : std::min<int64_t>(big.shape[0], r0 + 16);
-  rows.push_back({"warm_row_slice_16_rows", Best(repeat, [] {}, [&] {
-    load({{big.path, std::pair<int64_t, int64_t>{r0, r1}}}, ckpt::LoadStrategy::kStaged);
-  }), 0});
+  rows.push_back({"warm_row_slice_16_rows",
+                  Best(
+                      repeat, [] {},
+                      [&] {
+                        load({{big.path, std::pair<int64_t, int64_t>{r0, r1}}},
+                             ckpt::LoadStrategy::kStaged);
+                      }),
+                  0});
   std::printf("%-26s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
   for (const auto& r : rows) {
     std::printf("%-26s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
-                (unsigned long long)r.bytes, r.bytes ? r.bytes / r.seconds / 1e9 : 0.0);
+                (unsigned long long)r.bytes,
+                r.bytes ? r.bytes / r.seconds / 1e9 : 0.0);
   }
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");
     if (!f) return 1;
-    std::fprintf(f, "{\"file\": \"%s\", \"device\": \"%s\", \"results\": [", file.c_str(), device.c_str());
+    std::fprintf(f, "{\"file\": \"%s\", \"device\": \"%s\", \"results\": [",
+                 file.c_str(), device.c_str());
     for (size_t i = 0; i < rows.size(); ++i) {
-      std::fprintf(f, "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}", i ? ", " : "",
-                   rows[i].name.c_str(), rows[i].seconds, (unsigned long long)rows[i].bytes);
+      std::fprintf(f,
+                   "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
+                   i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
+                   (unsigned long long)rows[i].bytes);
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);

@@ -76,10 +76,12 @@ Status WriteSynthetic(const std::string& path, const SynthOptions& o) {
     int64_t rows = 1;
     if (s.share > 0) {
       double want = static_cast<double>(elems) * s.share / total_share;
-      rows = std::max<int64_t>(1, static_cast<int64_t>(want / static_cast<double>(hidden)));
+      rows = std::max<int64_t>(
+          1, static_cast<int64_t>(want / static_cast<double>(hidden)));
     }
-    std::vector<int64_t> shape = s.share > 0 ? std::vector<int64_t>{rows, hidden}
-                                             : std::vector<int64_t>{hidden};
+    std::vector<int64_t> shape = s.share > 0
+                                     ? std::vector<int64_t>{rows, hidden}
+                                     : std::vector<int64_t>{hidden};
     int64_t numel = s.share > 0 ? rows * hidden : hidden;
     buf.resize(static_cast<size_t>(numel) * el);
     Fill(buf, seed++);
@@ -87,7 +89,8 @@ Status WriteSynthetic(const std::string& path, const SynthOptions& o) {
     mk.push_back(w.AddString(s.name));
     mv.push_back(t);
   }
-  CKPT_ASSIGN_OR_RETURN(NodeId model, w.AddDict(mk, mv, "collections.OrderedDict"));
+  CKPT_ASSIGN_OR_RETURN(NodeId model,
+                        w.AddDict(mk, mv, "collections.OrderedDict"));
   std::vector<NodeId> hist;
   for (int i = 0; i < 10; ++i) hist.push_back(w.AddFloat(3.0 / (1 + i)));
   CKPT_ASSIGN_OR_RETURN(NodeId losses, w.AddList(hist));
@@ -98,8 +101,9 @@ Status WriteSynthetic(const std::string& path, const SynthOptions& o) {
   std::vector<std::byte> rng(5056);
   Fill(rng, 99);
   CKPT_ASSIGN_OR_RETURN(NodeId rng_t, w.AddTensor(DType::kUInt8, {5056}, rng));
-  NodeId rk[] = {w.AddString("model"), w.AddString("optimizer"), w.AddString("epoch"),
-                 w.AddString("loss_history"), w.AddString("rng_state")};
+  NodeId rk[] = {w.AddString("model"), w.AddString("optimizer"),
+                 w.AddString("epoch"), w.AddString("loss_history"),
+                 w.AddString("rng_state")};
   NodeId rv[] = {model, opt, w.AddInt(3), losses, rng_t};
   CKPT_ASSIGN_OR_RETURN(NodeId root, w.AddDict(rk, rv));
   CKPT_RETURN_IF_ERROR(w.SetRoot(root));

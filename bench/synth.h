@@ -9,7 +9,7 @@
 namespace ckpt::bench {
 
 struct SynthOptions {
-  int tensors = 100;          ///< exact tensor count, RNG state included (>= 4)
+  int tensors = 100;  ///< exact tensor count, RNG state included (>= 4)
   uint64_t total_bytes = 64ull << 20;
   DType dtype = DType::kBFloat16;
   uint64_t seed = 1;

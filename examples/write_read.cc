@@ -10,7 +10,8 @@ int main(int argc, char** argv) {
   std::vector<float> w = {1, 2, 3, 4, 5, 6};
 
   auto writer = ckpt::Writer::Create(path);
-  if (!writer.ok()) return std::fprintf(stderr, "%s\n", writer.status().ToString().c_str()), 1;
+  if (!writer.ok())
+    return std::fprintf(stderr, "%s\n", writer.status().ToString().c_str()), 1;
   ckpt::Status s = writer->PutTensor("fc.weight", ckpt::DType::kFloat32, {2, 3},
                                      std::as_bytes(std::span(w)));
   if (s.ok()) s = writer->PutValue("epoch", writer->AddInt(7));
@@ -18,7 +19,8 @@ int main(int argc, char** argv) {
   if (!s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
 
   auto ck = ckpt::Checkpoint::Open(path);
-  if (!ck.ok()) return std::fprintf(stderr, "%s\n", ck.status().ToString().c_str()), 1;
+  if (!ck.ok())
+    return std::fprintf(stderr, "%s\n", ck.status().ToString().c_str()), 1;
   auto t = ck->Tensor("fc.weight");
   auto epoch = ck->Get("epoch");
   if (!t.ok() || !epoch.ok()) return 1;

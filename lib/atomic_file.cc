@@ -40,7 +40,8 @@ std::string RandomSuffix() {
   static constexpr char kAlphabet[] =
       "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
   unsigned char r[kRandomChars];
-  if (::getrandom(r, sizeof r, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof r)) {
+  if (::getrandom(r, sizeof r, GRND_NONBLOCK) !=
+      static_cast<ssize_t>(sizeof r)) {
     // No entropy yet (early boot): pid and clock are unique enough, since
     // every use is an O_EXCL create or link that retries on a clash.
     timespec ts{};
@@ -76,14 +77,17 @@ Result<std::string> ResolveLinks(const std::string& target) {
     ssize_t n = ::readlink(path.c_str(), buf, sizeof buf);
     if (n < 0 || static_cast<size_t>(n) >= sizeof buf) {
       int err = n < 0 ? errno : ENAMETOOLONG;
-      return IoError("cannot read the symlink '" + path + "': " + std::strerror(err))
+      return IoError("cannot read the symlink '" + path +
+                     "': " + std::strerror(err))
           .WithErrno(err)
           .WithFile(target);
     }
     std::string link(buf, static_cast<size_t>(n));
     path = link[0] == '/' ? link : DirName(path) + "/" + link;
   }
-  return IoError("too many levels of symlinks").WithErrno(ELOOP).WithFile(target);
+  return IoError("too many levels of symlinks")
+      .WithErrno(ELOOP)
+      .WithFile(target);
 }
 
 // Named temporaries this process is writing. flock() is per open file on
@@ -132,7 +136,8 @@ void SweepStale(const std::string& dir, const std::string& prefix) {
     }
     std::string path = dir + "/" + std::string(name);
     if (IsLive(path)) continue;
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    int fd =
+        ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
     if (fd < 0) continue;
     struct stat st;
     if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
@@ -160,7 +165,9 @@ std::string AtomicFile::TempPrefix(const std::string& base) {
   size_t n = std::min(base.size(), kMaxBase);
   // Cut at a UTF-8 character boundary (file systems that enforce UTF-8
   // names would refuse half a character).
-  while (n < base.size() && n > 0 && (static_cast<unsigned char>(base[n]) & 0xC0) == 0x80) --n;
+  while (n < base.size() && n > 0 &&
+         (static_cast<unsigned char>(base[n]) & 0xC0) == 0x80)
+    --n;
   return "." + base.substr(0, n) + std::string(kMarker);
 }
 
@@ -171,9 +178,8 @@ Status WriteError(const std::string& what, int err) {
 }
 
 Status AtomicFile::Error(const std::string& what, int err) const {
-  return WriteError(what, err)
-      .WithFile(target_)
-      .WithOffset(static_cast<int64_t>(size_));
+  return WriteError(what, err).WithFile(target_).WithOffset(
+      static_cast<int64_t>(size_));
 }
 
 Status AtomicFile::OpenNamed(const std::string& dir, const std::string& prefix,
@@ -185,7 +191,8 @@ Status AtomicFile::OpenNamed(const std::string& dir, const std::string& prefix,
                     static_cast<mode_t>(mode));
     if (fd < 0) {
       if (errno == EEXIST) continue;
-      return WriteError("cannot create a temporary file in '" + dir + "'", errno)
+      return WriteError("cannot create a temporary file in '" + dir + "'",
+                        errno)
           .WithFile(target_);
     }
     // A sweep by another writer may take the file between open and flock:
@@ -361,7 +368,8 @@ Status AtomicFile::Publish() {
       SetLive(temp_, true);
       return Status::OK();
     }
-    if (errno != EEXIST) return Error("cannot link the new file into '" + dir + "'", errno);
+    if (errno != EEXIST)
+      return Error("cannot link the new file into '" + dir + "'", errno);
   }
   return Error("cannot link the new file: every name tried was taken", EEXIST);
 }
@@ -391,7 +399,8 @@ Status AtomicFile::Commit(bool sync) {
   fd_ = -1;
   if (sync) {
     // Without this the rename itself may be lost on power failure.
-    int dfd = ::open(DirName(final_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int dfd =
+        ::open(DirName(final_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0) return Error("cannot open directory to fsync it", errno);
     int rc = ::fsync(dfd);
     int err = errno;

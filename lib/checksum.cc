@@ -1,14 +1,16 @@
+#include <cstdio>
+
 #include "checksum_internal.h"
 #include "ckpt/format.h"
-
-#include <cstdio>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
 namespace ckpt {
 
-uint64_t Checksum(std::span<const std::byte> bytes) { return internal::Xxh3(bytes); }
+uint64_t Checksum(std::span<const std::byte> bytes) {
+  return internal::Xxh3(bytes);
+}
 
 }  // namespace ckpt
 

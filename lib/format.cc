@@ -1,9 +1,9 @@
 #include "ckpt/format.h"
 
-#include "format_internal.h"
-
 #include <array>
 #include <cctype>
+
+#include "format_internal.h"
 
 namespace ckpt {
 

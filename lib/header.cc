@@ -64,11 +64,11 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                                 uint64_t file_size) {
   // R1: the fixed preamble must be there.
   if (file_size < kPreambleBytes || bytes.size() < kPreambleBytes) {
-    return At(Corrupt("file is " + std::to_string(file_size) +
-                      " bytes, shorter than the " +
-                      std::to_string(kPreambleBytes) +
-                      "-byte preamble (truncated, or not a ckpt file)"),
-              0);
+    return At(
+        Corrupt("file is " + std::to_string(file_size) +
+                " bytes, shorter than the " + std::to_string(kPreambleBytes) +
+                "-byte preamble (truncated, or not a ckpt file)"),
+        0);
   }
   const std::byte* b = bytes.data();
   // R2: magic. Name the formats people most often pass by mistake.
@@ -110,10 +110,10 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
   uint64_t self = GetLE(b + kOffSelfHash, 8);
   uint64_t computed = Xxh3({b, kOffSelfHash});
   if (self != computed) {
-    return At(ChecksumMismatch("preamble checksum mismatch: stored " +
-                               HashToHex(self) + ", computed " +
-                               HashToHex(computed)),
-              kOffSelfHash);
+    return At(
+        ChecksumMismatch("preamble checksum mismatch: stored " +
+                         HashToHex(self) + ", computed " + HashToHex(computed)),
+        kOffSelfHash);
   }
   // R5: flags. None are defined in version 1.
   p.flags = static_cast<uint32_t>(GetLE(b + kOffFlags, 4));
@@ -137,11 +137,11 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
   uint64_t data_end = 0, header_end = 0;
   if (AddOverflows(p.data_offset, p.data_size, &data_end) ||
       data_end > p.header_offset) {
-    return At(Corrupt("data section [" + std::to_string(p.data_offset) +
-                      ", +" + std::to_string(p.data_size) +
-                      ") runs past the header offset " +
-                      std::to_string(p.header_offset)),
-              kOffDataSize);
+    return At(
+        Corrupt("data section [" + std::to_string(p.data_offset) + ", +" +
+                std::to_string(p.data_size) + ") runs past the header offset " +
+                std::to_string(p.header_offset)),
+        kOffDataSize);
   }
   if (p.header_offset % kHeaderAlignment != 0) {
     return At(Corrupt("header offset " + std::to_string(p.header_offset) +
@@ -150,12 +150,13 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
   }
   if (AddOverflows(p.header_offset, p.header_size, &header_end) ||
       header_end != file_size) {
-    return At(Corrupt("header [" + std::to_string(p.header_offset) + ", +" +
-                      std::to_string(p.header_size) +
-                      ") does not end at end of file (" +
-                      std::to_string(file_size) + " bytes): truncated or "
-                      "appended to"),
-              kOffHeaderSize);
+    return At(
+        Corrupt("header [" + std::to_string(p.header_offset) + ", +" +
+                std::to_string(p.header_size) +
+                ") does not end at end of file (" + std::to_string(file_size) +
+                " bytes): truncated or "
+                "appended to"),
+        kOffHeaderSize);
   }
   // R8: header size cap, checked before the header is read or allocated.
   if (p.header_size < 8 || p.header_size > kMaxHeaderBytes) {
@@ -166,7 +167,6 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
   }
   return p;
 }
-
 
 namespace {
 
@@ -212,7 +212,8 @@ std::optional<std::string> ViewProblem(uint8_t dtype_code,
     empty = empty || shape[d] == 0;
   }
   for (size_t d = 0; d < rank && !empty; ++d) {
-    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]), &numel)) {
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]),
+                               &numel)) {
       return std::string("element count overflows 64 bits");
     }
   }
@@ -250,7 +251,8 @@ namespace {
 using flatbuffers::uoffset_t;
 
 // R19: a string the format says is UTF-8 must be well-formed.
-std::optional<std::string> Utf8Error(std::string_view what, std::string_view s) {
+std::optional<std::string> Utf8Error(std::string_view what,
+                                     std::string_view s) {
   if (auto bad = Utf8Problem(s)) {
     return std::string(what) + " is not valid UTF-8 (byte " +
            std::to_string(*bad) + " of " + std::to_string(s.size()) + ")";
@@ -278,10 +280,10 @@ Status CheckStorages(const fb::Header& h, const Preamble& p) {
                 p.header_offset);
     }
     if (off % BlobAlignment(n) != 0) {
-      return At(Corrupt(who + ": offset " + std::to_string(off) +
-                        " is not aligned to " +
-                        std::to_string(BlobAlignment(n))),
-                off);
+      return At(
+          Corrupt(who + ": offset " + std::to_string(off) +
+                  " is not aligned to " + std::to_string(BlobAlignment(n))),
+          off);
     }
     // Offsets never decrease; an empty blob occupies nothing, so the next
     // blob (or another empty one) may start at its offset.
@@ -317,7 +319,8 @@ Status CheckStorages(const fb::Header& h, const Preamble& p) {
 // true, and R13 wants to see them. The generated tables derive privately
 // from flatbuffers::Table, at offset 0.
 uint8_t RawBool(const fb::Tensor* t, flatbuffers::voffset_t field) {
-  return reinterpret_cast<const flatbuffers::Table*>(t)->GetField<uint8_t>(field, 0);
+  return reinterpret_cast<const flatbuffers::Table*>(t)->GetField<uint8_t>(
+      field, 0);
 }
 
 // R13: tensors sorted and unique by path, with known dtype and an extent
@@ -347,8 +350,7 @@ Status CheckTensors(const fb::Header& h, const Preamble& p) {
     prev = path;
     if (t->storage() >= nstorages) {
       return fail("storage index " + std::to_string(t->storage()) +
-                  " out of range (" + std::to_string(nstorages) +
-                  " storages)");
+                  " out of range (" + std::to_string(nstorages) + " storages)");
     }
     for (auto [field, name] :
          {std::pair{fb::Tensor::VT_REQUIRES_GRAD, "requires_grad"},
@@ -362,12 +364,11 @@ Status CheckTensors(const fb::Header& h, const Preamble& p) {
       return v ? std::span<const int64_t>(v->data(), v->size())
                : std::span<const int64_t>();
     };
-    if (auto problem = ViewProblem(
-            static_cast<uint8_t>(t->dtype()), span_of(t->shape()),
-            span_of(t->strides()), t->storage_offset(),
-            h.storages()->Get(t->storage())->nbytes())) {
-      return fail(*problem + " (storage " + std::to_string(t->storage()) +
-                  ")");
+    if (auto problem =
+            ViewProblem(static_cast<uint8_t>(t->dtype()), span_of(t->shape()),
+                        span_of(t->strides()), t->storage_offset(),
+                        h.storages()->Get(t->storage())->nbytes())) {
+      return fail(*problem + " (storage " + std::to_string(t->storage()) + ")");
     }
   }
   return Status::OK();
@@ -415,7 +416,8 @@ KeyNode Describe(const fb::Node& n) {
   k.float_value = n.float_value();
   k.imag_value = n.imag_value();
   if (n.str_value()) k.str = n.str_value()->string_view();
-  if (n.bytes_value()) k.bytes = {n.bytes_value()->data(), n.bytes_value()->size()};
+  if (n.bytes_value())
+    k.bytes = {n.bytes_value()->data(), n.bytes_value()->size()};
   k.num_items = n.items() ? n.items()->size() : 0;
   return k;
 }
@@ -473,11 +475,13 @@ class LazyClasses {
     }
     if (all_str) {
       auto str = [&](size_t j) {
-        const auto* sv = nodes_->Get(ids.Get(static_cast<uoffset_t>(j)))->str_value();
+        const auto* sv =
+            nodes_->Get(ids.Get(static_cast<uoffset_t>(j)))->str_value();
         return sv ? sv->string_view() : std::string_view();
       };
       return FirstRepeat(
-          ids.size(), [&](size_t j) { return std::hash<std::string_view>()(str(j)); },
+          ids.size(),
+          [&](size_t j) { return std::hash<std::string_view>()(str(j)); },
           [&](size_t a, size_t b) { return str(a) == str(b); });
     }
     if (all_int) {
@@ -603,9 +607,9 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
     if (vk == ValueKind::kDict) {
       size_t nk = node->keys() ? node->keys()->size() : 0;
       size_t ni = node->items() ? node->items()->size() : 0;
-      if (nk != ni) return fail(i, "dict with " + std::to_string(nk) +
-                                       " keys and " + std::to_string(ni) +
-                                       " values");
+      if (nk != ni)
+        return fail(i, "dict with " + std::to_string(nk) + " keys and " +
+                           std::to_string(ni) + " values");
     }
     auto visit = [&](uint32_t child) -> Status {
       if (child >= i) {
@@ -613,8 +617,8 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
                            " does not precede its parent");
       }
       if (used[child]) {
-        return fail(i, "child " + std::to_string(child) +
-                           " already has a parent");
+        return fail(i,
+                    "child " + std::to_string(child) + " already has a parent");
       }
       used[child] = 1;
       if (depth[child] + 1 > depth[i]) depth[i] = depth[child] + 1;
@@ -633,12 +637,14 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
     // in Python; a Tuple or FrozenSet is hashable when all it holds is.
     auto hashable = [&](uint32_t c, const char* role) -> Status {
       auto ck = static_cast<ValueKind>(nodes->Get(c)->kind());
-      const bool nested = ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet;
+      const bool nested =
+          ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet;
       if (nested ? lazy.Of(c) != KeyClasses::kUnhashable : IsKeyKind(ck)) {
         return Status::OK();
       }
       std::string what = std::string("a ") + std::string(ValueKindName(ck));
-      if (nested) what += " holding a " + std::string(ValueKindName(lazy.why(c)));
+      if (nested)
+        what += " holding a " + std::string(ValueKindName(lazy.why(c)));
       return fail(i, what + " cannot be " + role);
     };
     auto distinct = [&](const flatbuffers::Vector<uint32_t>* ids,
@@ -656,11 +662,11 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       }
       CKPT_RETURN_IF_ERROR(distinct(node->keys(), "dict keys"));
     }
-    if ((vk == ValueKind::kSet || vk == ValueKind::kFrozenSet) && node->items()) {
+    if ((vk == ValueKind::kSet || vk == ValueKind::kFrozenSet) &&
+        node->items()) {
       for (uint32_t c : *node->items()) {
-        CKPT_RETURN_IF_ERROR(hashable(c, vk == ValueKind::kSet
-                                             ? "a set item"
-                                             : "a frozenset item"));
+        CKPT_RETURN_IF_ERROR(hashable(
+            c, vk == ValueKind::kSet ? "a set item" : "a frozenset item"));
       }
       CKPT_RETURN_IF_ERROR(distinct(node->items(), "set items"));
     }
@@ -680,7 +686,8 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       }
       case ValueKind::kString:
         if (node->str_value()) {
-          if (auto bad = Utf8Error("string", node->str_value()->string_view())) {
+          if (auto bad =
+                  Utf8Error("string", node->str_value()->string_view())) {
             return fail(i, *bad);
           }
         }
@@ -700,12 +707,11 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       case ValueKind::kTensor: {
         int64_t t = node->int_value();
         if (t < 0 || static_cast<uint64_t>(t) >= ntensors) {
-          return fail(i, "tensor index " + std::to_string(t) +
-                             " out of range");
+          return fail(i, "tensor index " + std::to_string(t) + " out of range");
         }
         if (tensor_used[static_cast<size_t>(t)]) {
-          return fail(i, "tensor " + std::to_string(t) +
-                             " is referenced twice");
+          return fail(i,
+                      "tensor " + std::to_string(t) + " is referenced twice");
         }
         tensor_used[static_cast<size_t>(t)] = 1;
         break;
@@ -753,7 +759,8 @@ Status CheckMetadata(const fb::Header& h, const Preamble& p) {
     }
     if (bad) return At(Corrupt(*bad), p.header_offset);
     // string_view's compare is byte-wise on unsigned bytes (char_traits).
-    if (i > 0 && !(md->Get(i - 1)->key()->string_view() < kv->key()->string_view())) {
+    if (i > 0 &&
+        !(md->Get(i - 1)->key()->string_view() < kv->key()->string_view())) {
       return At(Corrupt("metadata keys are not sorted and unique at '" +
                         kv->key()->str() + "'"),
                 p.header_offset);
@@ -781,7 +788,8 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
   opts.max_tables = static_cast<uoffset_t>(header.size() / 4 + 16);
   opts.check_alignment = true;
   flatbuffers::Verifier verifier(data, header.size(), opts);
-  if (!fb::HeaderBufferHasIdentifier(data) || !fb::VerifyHeaderBuffer(verifier)) {
+  if (!fb::HeaderBufferHasIdentifier(data) ||
+      !fb::VerifyHeaderBuffer(verifier)) {
     return At(Corrupt("header fails FlatBuffers verification (wrong "
                       "identifier, bad offsets or bad alignment)"),
               p.header_offset);

@@ -12,8 +12,8 @@
 #include <string_view>
 
 #include "ckpt/status.h"
-#include "format_internal.h"
 #include "ckpt_generated.h"
+#include "format_internal.h"
 
 namespace ckpt::internal {
 
@@ -42,17 +42,16 @@ inline constexpr uint64_t kOffSelfHash = 56;
 std::array<std::byte, 64> EncodePreamble(const Preamble& p);
 
 /// Rules R1-R8: size, magic, version, preamble checksum, flags, section
-/// ranges, header size cap. `bytes` holds at least min(64, file_size) bytes of the file.
+/// ranges, header size cap. `bytes` holds at least min(64, file_size) bytes of
+/// the file.
 Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                                 uint64_t file_size);
 
 /// Rules R9-R15 and R19 on the header bytes: checksum, FlatBuffers
-/// Verifier, and the semantic rules that need no data bytes. `header` must be 8-byte
-/// aligned. On success returns the root table (pointing into `header`).
+/// Verifier, and the semantic rules that need no data bytes. `header` must be
+/// 8-byte aligned. On success returns the root table (pointing into `header`).
 Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                                          const Preamble& p);
-
-
 
 /// Why a view (dtype, shape, strides in elements, offset in elements) does
 /// not fit a storage of `storage_nbytes`, or nullopt when it fits. Checked

@@ -13,7 +13,8 @@ namespace ckpt::internal {
 Status ParallelFor(size_t n, unsigned threads,
                    const std::function<Status(size_t)>& fn) {
   if (n == 0) return Status::OK();
-  unsigned want = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
+  unsigned want =
+      threads ? threads : std::max(1u, std::thread::hardware_concurrency());
   want = static_cast<unsigned>(std::min<size_t>(want, n));
   std::atomic<size_t> next{0};
   std::atomic<size_t> failed_at{SIZE_MAX};

@@ -14,27 +14,44 @@ namespace ckpt {
 
 std::string_view ValueKindName(ValueKind kind) {
   switch (kind) {
-    case ValueKind::kNone: return "none";
-    case ValueKind::kBool: return "bool";
-    case ValueKind::kInt: return "int";
-    case ValueKind::kBigInt: return "bigint";
-    case ValueKind::kFloat: return "float";
-    case ValueKind::kComplex: return "complex";
-    case ValueKind::kString: return "string";
-    case ValueKind::kBytes: return "bytes";
-    case ValueKind::kList: return "list";
-    case ValueKind::kTuple: return "tuple";
-    case ValueKind::kDict: return "dict";
-    case ValueKind::kSet: return "set";
-    case ValueKind::kFrozenSet: return "frozenset";
-    case ValueKind::kTensor: return "tensor";
-    case ValueKind::kDType: return "dtype";
-    case ValueKind::kDevice: return "device";
+    case ValueKind::kNone:
+      return "none";
+    case ValueKind::kBool:
+      return "bool";
+    case ValueKind::kInt:
+      return "int";
+    case ValueKind::kBigInt:
+      return "bigint";
+    case ValueKind::kFloat:
+      return "float";
+    case ValueKind::kComplex:
+      return "complex";
+    case ValueKind::kString:
+      return "string";
+    case ValueKind::kBytes:
+      return "bytes";
+    case ValueKind::kList:
+      return "list";
+    case ValueKind::kTuple:
+      return "tuple";
+    case ValueKind::kDict:
+      return "dict";
+    case ValueKind::kSet:
+      return "set";
+    case ValueKind::kFrozenSet:
+      return "frozenset";
+    case ValueKind::kTensor:
+      return "tensor";
+    case ValueKind::kDType:
+      return "dtype";
+    case ValueKind::kDevice:
+      return "device";
   }
   return "unknown";
 }
 
-// ---- TensorInfo ---------------------------------------------------------------
+// ---- TensorInfo
+// ---------------------------------------------------------------
 
 int64_t TensorInfo::numel() const {
   // A 0 size first: [2^33, 2^33, 0] is a valid empty view whose partial
@@ -160,7 +177,8 @@ Status TensorRef::CopyTo(std::span<std::byte> out, uint64_t begin) const {
   return Status::OK();
 }
 
-// ---- CheckpointImpl -----------------------------------------------------------
+// ---- CheckpointImpl
+// -----------------------------------------------------------
 
 namespace internal {
 
@@ -183,7 +201,6 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     return h->storages() ? h->storages()->size() : 0;
   }
   const fb::Node* node(uint32_t i) const { return h->nodes()->Get(i); }
-
 
   TensorInfo Info(uoffset_t i) const {
     const fb::Tensor* t = h->tensors()->Get(i);
@@ -253,7 +270,8 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     const fb::Storage* st = h->storages()->Get(info.storage);
     Extent e = ExtentOf(info);
     if (options.verify_checksums) {
-      CKPT_RETURN_IF_ERROR(VerifyChunks(info.storage, e.begin, e.end, info.path));
+      CKPT_RETURN_IF_ERROR(
+          VerifyChunks(info.storage, e.begin, e.end, info.path));
     }
     TensorRef ref;
     if (e.end > e.begin) {
@@ -306,7 +324,8 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
 
 }  // namespace internal
 
-// ---- Value ----------------------------------------------------------------------
+// ---- Value
+// ----------------------------------------------------------------------
 
 namespace {
 const fb::Node* N(const std::shared_ptr<const internal::CheckpointImpl>& impl,
@@ -381,7 +400,8 @@ Value Value::key(size_t i) const {
 }
 std::string Value::KeySegment() const { return impl_->KeySegment(node_); }
 int64_t Value::file_offset() const {
-  const auto* base = reinterpret_cast<const uint8_t*>(impl_->header_copy.data());
+  const auto* base =
+      reinterpret_cast<const uint8_t*>(impl_->header_copy.data());
   const auto* at = reinterpret_cast<const uint8_t*>(N(impl_, node_));
   return static_cast<int64_t>(impl_->pre.header_offset) + (at - base);
 }
@@ -434,8 +454,8 @@ Result<TensorInfo> Value::tensor_info() const {
     return InvalidArgument("value is a " + std::string(ValueKindName(kind())) +
                            ", not a tensor");
   }
-  return impl_->Info(static_cast<flatbuffers::uoffset_t>(
-      N(impl_, node_)->int_value()));
+  return impl_->Info(
+      static_cast<flatbuffers::uoffset_t>(N(impl_, node_)->int_value()));
 }
 
 Result<size_t> Value::tensor_index() const {
@@ -451,7 +471,8 @@ Result<TensorRef> Value::tensor() const {
   return impl_->Ref(std::move(info));
 }
 
-// ---- Checkpoint -------------------------------------------------------------------
+// ---- Checkpoint
+// -------------------------------------------------------------------
 
 namespace {
 
@@ -479,8 +500,9 @@ Result<std::shared_ptr<internal::CheckpointImpl>> OpenImpl(
                                        std::to_string(pre->header_size) +
                                        " bytes for the header"));
   }
-  std::span<std::byte> hb{reinterpret_cast<std::byte*>(impl->header_copy.data()),
-                          static_cast<size_t>(pre->header_size)};
+  std::span<std::byte> hb{
+      reinterpret_cast<std::byte*>(impl->header_copy.data()),
+      static_cast<size_t>(pre->header_size)};
   CKPT_RETURN_IF_ERROR(src.ReadInto(pre->header_offset, hb));
   auto h = internal::ValidateHeader(hb, *pre);
   if (!h.ok()) return with_file(h.status());
@@ -580,7 +602,8 @@ StorageInfo Checkpoint::storage_info(size_t index) const {
 
 Result<StorageView> Checkpoint::Storage(size_t index) const {
   if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+    return InvalidArgument("storage " + std::to_string(index) +
+                           " does not exist")
         .WithFile(impl_->name());
   }
   StorageInfo st = storage_info(index);
@@ -593,7 +616,8 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
 
 Result<TensorRef> Checkpoint::StorageTensor(size_t index) const {
   if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+    return InvalidArgument("storage " + std::to_string(index) +
+                           " does not exist")
         .WithFile(impl_->name());
   }
   TensorInfo info;
@@ -608,7 +632,8 @@ Result<TensorRef> Checkpoint::StorageTensor(size_t index) const {
 Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
                                std::span<std::byte> out) const {
   if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) + " does not exist")
+    return InvalidArgument("storage " + std::to_string(index) +
+                           " does not exist")
         .WithFile(impl_->name());
   }
   StorageInfo st = storage_info(index);
@@ -630,7 +655,8 @@ Status Checkpoint::StreamTensor(
   const size_t elsize = DTypeSize(info.dtype);
   const uint64_t total = info.nbytes();
   if (info.storage >= num_storages()) {
-    return InvalidArgument("tensor is not from this file").WithTensor(info.path);
+    return InvalidArgument("tensor is not from this file")
+        .WithTensor(info.path);
   }
   piece = std::max(elsize, piece / elsize * elsize);
   // File range the view's bytes come from: released from the mapping as
@@ -642,9 +668,11 @@ Status Checkpoint::StreamTensor(
   constexpr uint64_t kKeepMapped = 64ull << 20;
   const auto& src = *impl_->source;
   if (tensor.is_contiguous()) {
-    std::span<const std::byte> all = tensor.data().first(static_cast<size_t>(total));
+    std::span<const std::byte> all =
+        tensor.data().first(static_cast<size_t>(total));
     for (uint64_t off = 0; off < total; off += piece) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(piece, total - off));
+      const size_t n =
+          static_cast<size_t>(std::min<uint64_t>(piece, total - off));
       CKPT_RETURN_IF_ERROR(sink(all.subspan(static_cast<size_t>(off), n)));
       src.Release(file_begin + off, n);
     }
@@ -655,12 +683,13 @@ Status Checkpoint::StreamTensor(
     buf.resize(static_cast<size_t>(std::min<uint64_t>(piece, total)));
   } catch (const std::bad_alloc&) {
     return ResourceExhausted("cannot allocate a " + std::to_string(piece) +
-                         "-byte piece buffer")
+                             "-byte piece buffer")
         .WithTensor(info.path);
   }
   uint64_t since_release = 0;
   for (uint64_t off = 0; off < total; off += piece) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(piece, total - off));
+    const size_t n =
+        static_cast<size_t>(std::min<uint64_t>(piece, total - off));
     std::span<std::byte> out(buf.data(), n);
     CKPT_RETURN_IF_ERROR(tensor.CopyTo(out, off));
     CKPT_RETURN_IF_ERROR(sink(out));
@@ -684,8 +713,8 @@ Result<Value> Checkpoint::Get(std::string_view path) const {
   for (const auto& seg : segments) {
     auto child = v.Child(seg);
     if (!child.ok()) {
-      return child.status().WithContext(
-          walked.empty() ? "at the root" : "at '" + walked + "'");
+      return child.status().WithContext(walked.empty() ? "at the root"
+                                                       : "at '" + walked + "'");
     }
     v = *child;
     if (!walked.empty()) walked += '/';
@@ -712,7 +741,8 @@ Result<std::string> Checkpoint::Metadata(std::string_view key) const {
       .WithFile(impl_->name());
 }
 
-// ---- Verify -------------------------------------------------------------------------
+// ---- Verify
+// -------------------------------------------------------------------------
 
 namespace internal {
 
@@ -737,8 +767,10 @@ Status CheckpointImpl::VerifyTreePaths() const {
       case ValueKind::kTensor: {
         auto t = h->tensors()->Get(static_cast<uoffset_t>(n->int_value()));
         if (t->path()->string_view() != f.path) {
-          return Corrupt("tensor's stored path differs from its place in the "
-                         "tree, '" + f.path + "'")
+          return Corrupt(
+                     "tensor's stored path differs from its place in the "
+                     "tree, '" +
+                     f.path + "'")
               .WithFile(name())
               .WithOffset(static_cast<int64_t>(pre.header_offset))
               .WithTensor(t->path()->str());
@@ -750,8 +782,8 @@ Status CheckpointImpl::VerifyTreePaths() const {
         // writer omits empty vectors): never dereference them unchecked.
         for (uoffset_t i = 0; n->items() && n->keys() && i < n->items()->size();
              ++i) {
-          stack.push_back({n->items()->Get(i),
-                           child_path(KeySegment(n->keys()->Get(i)))});
+          stack.push_back(
+              {n->items()->Get(i), child_path(KeySegment(n->keys()->Get(i)))});
         }
         break;
       case ValueKind::kList:
@@ -813,7 +845,8 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
     thread_local std::vector<std::byte> buf(kPiece);
     Xxh3Stream hash;
     for (uint64_t done = 0; done < t.len; done += kPiece) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(kPiece, t.len - done));
+      const size_t n =
+          static_cast<size_t>(std::min<uint64_t>(kPiece, t.len - done));
       std::span<std::byte> bytes(buf.data(), n);
       CKPT_RETURN_IF_ERROR(source->ReadInto(t.offset + done, bytes));
       if (t.storage >= 0) {
@@ -831,11 +864,11 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
     if (t.storage < 0) return Status::OK();
     uint64_t got = hash.Digest();
     if (got != t.hash) {
-      return ChecksumMismatch("chunk " + std::to_string(t.chunk) + " of storage " +
-                              std::to_string(t.storage) + " ([" +
-                              std::to_string(t.offset) + ", +" +
-                              std::to_string(t.len) + ")): stored " +
-                              HashToHex(t.hash) + ", computed " + HashToHex(got))
+      return ChecksumMismatch(
+                 "chunk " + std::to_string(t.chunk) + " of storage " +
+                 std::to_string(t.storage) + " ([" + std::to_string(t.offset) +
+                 ", +" + std::to_string(t.len) + ")): stored " +
+                 HashToHex(t.hash) + ", computed " + HashToHex(got))
           .WithOffset(static_cast<int64_t>(t.offset));
     }
     return Status::OK();
@@ -853,7 +886,8 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
       uint64_t c0 = (off - st->offset()) / chunk * chunk;
       if (off >= st->offset() && off < st->offset() + st->nbytes() &&
           e.begin < c0 + chunk && e.end > c0) {
-        if (count++ < 4) names += (names.empty() ? "'" : ", '") + info.path + "'";
+        if (count++ < 4)
+          names += (names.empty() ? "'" : ", '") + info.path + "'";
       }
     }
     if (count > 4) names += " and " + std::to_string(count - 4) + " more";
@@ -868,17 +902,22 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
 
 }  // namespace internal
 
-Status Checkpoint::VerifyStorageRange(size_t storage, uint64_t begin, uint64_t end,
+Status Checkpoint::VerifyStorageRange(size_t storage, uint64_t begin,
+                                      uint64_t end,
                                       const std::string& tensor) const {
   if (storage >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(storage) + " does not exist");
+    return InvalidArgument("storage " + std::to_string(storage) +
+                           " does not exist");
   }
-  const fb::Storage* st = impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(storage));
+  const fb::Storage* st =
+      impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(storage));
   if (begin > end || end > st->nbytes()) {
-    return InvalidArgument("range [" + std::to_string(begin) + ", " + std::to_string(end) +
-                           ") outside storage " + std::to_string(storage));
+    return InvalidArgument("range [" + std::to_string(begin) + ", " +
+                           std::to_string(end) + ") outside storage " +
+                           std::to_string(storage));
   }
-  return impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage), begin, end, tensor);
+  return impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage),
+                             begin, end, tensor);
 }
 
 Status Checkpoint::Prefetch(unsigned threads) const {
@@ -888,7 +927,8 @@ Status Checkpoint::Prefetch(unsigned threads) const {
   constexpr uint64_t kPiece = 64ull << 20;
   const uint64_t begin = impl_->pre.data_offset;
   const uint64_t end = begin + impl_->pre.data_size;
-  const size_t pieces = static_cast<size_t>((end - begin + kPiece - 1) / kPiece);
+  const size_t pieces =
+      static_cast<size_t>((end - begin + kPiece - 1) / kPiece);
   return internal::ParallelFor(pieces, threads, [&](size_t i) {
     uint64_t off = begin + i * kPiece;
     return src.Populate(off, std::min(kPiece, end - off));

@@ -4,10 +4,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/interprocess/file_mapping.hpp>
 #include <boost/interprocess/mapped_region.hpp>
 #include <cerrno>
-#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -50,7 +50,9 @@ class MmapSource final : public ByteSource {
  public:
   MmapSource(std::string name, uint64_t size,
              std::unique_ptr<bip::mapped_region> region, int fd)
-      : ByteSource(std::move(name), size), region_(std::move(region)), fd_(fd) {}
+      : ByteSource(std::move(name), size),
+        region_(std::move(region)),
+        fd_(fd) {}
   ~MmapSource() override { ::close(fd_); }
   int fd() const override { return fd_; }
   bool zero_copy() const override { return true; }
@@ -67,20 +69,24 @@ class MmapSource final : public ByteSource {
     // have more tensors than that). A range that crosses a window
     // boundary gets a mapping of its own. MAP_NORESERVE: pages are charged
     // as they are written, not when mapped.
-    const uint64_t first = offset / kWindow, last = (offset + len - 1) / kWindow;
+    const uint64_t first = offset / kWindow,
+                   last = (offset + len - 1) / kWindow;
     const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-    const uint64_t begin = first == last ? first * kWindow : offset / page * page;
-    const uint64_t end = first == last ? std::min(size(), (first + 1) * kWindow) : offset + len;
+    const uint64_t begin =
+        first == last ? first * kWindow : offset / page * page;
+    const uint64_t end =
+        first == last ? std::min(size(), (first + 1) * kWindow) : offset + len;
     const uint64_t key = first == last ? begin : ~offset;  // windows vs. own
     std::lock_guard<std::mutex> lock(private_mu_);
     auto it = private_.find(key);
     if (it == private_.end()) {
       const uint64_t span = end - begin;
-      void* p = ::mmap(nullptr, static_cast<size_t>(span), PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
+      void* p =
+          ::mmap(nullptr, static_cast<size_t>(span), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
       if (p == MAP_FAILED) {
-        return ErrnoStatus("cannot map bytes [" + std::to_string(offset) + ", +" +
-                               std::to_string(len) + ") copy-on-write",
+        return ErrnoStatus("cannot map bytes [" + std::to_string(offset) +
+                               ", +" + std::to_string(len) + ") copy-on-write",
                            name(), errno)
             .WithOffset(static_cast<int64_t>(offset));
       }
@@ -137,8 +143,8 @@ class MmapSource final : public ByteSource {
  private:
   static constexpr uint64_t kWindow = 1ull << 30;
   struct Private {
-    uint64_t begin;                      // file offset of the mapping
-    std::shared_ptr<const void> owner;   // munmaps it
+    uint64_t begin;                     // file offset of the mapping
+    std::shared_ptr<const void> owner;  // munmaps it
   };
   std::unique_ptr<bip::mapped_region> region_;
   int fd_;
@@ -166,8 +172,9 @@ class PreadSource final : public ByteSource {
           .WithFile(name())
           .WithOffset(static_cast<int64_t>(offset));
     }
-    std::shared_ptr<std::byte[]> buf(
-        raw, [](std::byte* p) { ::operator delete[](p, std::align_val_t(64)); });
+    std::shared_ptr<std::byte[]> buf(raw, [](std::byte* p) {
+      ::operator delete[](p, std::align_val_t(64));
+    });
     CKPT_RETURN_IF_ERROR(PreadFull(fd_, offset, {buf.get(), n}, name()));
     return Bytes{{buf.get(), n}, buf};
   }

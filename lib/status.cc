@@ -7,15 +7,24 @@ namespace ckpt {
 
 std::string_view ErrorCodeName(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kOk: return "ok";
-    case ErrorCode::kIoError: return "I/O error";
-    case ErrorCode::kNotFound: return "not found";
-    case ErrorCode::kCorrupt: return "corrupt";
-    case ErrorCode::kUnsupportedVersion: return "unsupported version";
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kChecksumMismatch: return "checksum mismatch";
-    case ErrorCode::kCuda: return "CUDA error";
-    case ErrorCode::kResourceExhausted: return "resource exhausted";
+    case ErrorCode::kOk:
+      return "ok";
+    case ErrorCode::kIoError:
+      return "I/O error";
+    case ErrorCode::kNotFound:
+      return "not found";
+    case ErrorCode::kCorrupt:
+      return "corrupt";
+    case ErrorCode::kUnsupportedVersion:
+      return "unsupported version";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kChecksumMismatch:
+      return "checksum mismatch";
+    case ErrorCode::kCuda:
+      return "CUDA error";
+    case ErrorCode::kResourceExhausted:
+      return "resource exhausted";
   }
   return "unknown error";
 }
@@ -108,9 +117,15 @@ std::string Status::ToString() const {
   return out;
 }
 
-Status IoError(std::string m) { return Status(ErrorCode::kIoError, std::move(m)); }
-Status NotFound(std::string m) { return Status(ErrorCode::kNotFound, std::move(m)); }
-Status Corrupt(std::string m) { return Status(ErrorCode::kCorrupt, std::move(m)); }
+Status IoError(std::string m) {
+  return Status(ErrorCode::kIoError, std::move(m));
+}
+Status NotFound(std::string m) {
+  return Status(ErrorCode::kNotFound, std::move(m));
+}
+Status Corrupt(std::string m) {
+  return Status(ErrorCode::kCorrupt, std::move(m));
+}
 Status UnsupportedVersion(std::string m) {
   return Status(ErrorCode::kUnsupportedVersion, std::move(m));
 }

@@ -30,7 +30,8 @@ namespace {
 // value); what differs from plain to_chars is the layout, done here.
 std::string PythonRepr(double v) {
   char buf[64];
-  auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  auto r =
+      std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
   std::string_view s(buf, static_cast<size_t>(r.ptr - buf));
   std::string out;
   if (s.front() == '-') {
@@ -135,16 +136,22 @@ std::string BigIntDecimal(std::span<const uint8_t> le) {
   return std::string(digits.rbegin(), digits.rend());
 }
 
-std::string KeySegmentOf(
-    uint32_t id, const std::function<KeyNode(uint32_t)>& get,
-    const std::function<uint32_t(uint32_t, size_t)>& item, FloatKeyForm form) {
+std::string KeySegmentOf(uint32_t id,
+                         const std::function<KeyNode(uint32_t)>& get,
+                         const std::function<uint32_t(uint32_t, size_t)>& item,
+                         FloatKeyForm form) {
   KeyNode n = get(id);
   switch (n.kind) {
-    case ValueKind::kNone: return "None";
-    case ValueKind::kBool: return n.int_value ? "True" : "False";
-    case ValueKind::kInt: return std::to_string(n.int_value);
-    case ValueKind::kBigInt: return BigIntDecimal(n.bytes);
-    case ValueKind::kFloat: return FormatDouble(n.float_value, form);
+    case ValueKind::kNone:
+      return "None";
+    case ValueKind::kBool:
+      return n.int_value ? "True" : "False";
+    case ValueKind::kInt:
+      return std::to_string(n.int_value);
+    case ValueKind::kBigInt:
+      return BigIntDecimal(n.bytes);
+    case ValueKind::kFloat:
+      return FormatDouble(n.float_value, form);
     case ValueKind::kComplex:
       return "complex(" + FormatDouble(n.float_value, form) + "," +
              FormatDouble(n.imag_value, form) + ")";
@@ -177,7 +184,8 @@ std::string KeySegmentOf(
   }
 }
 
-// ---- key equality -------------------------------------------------------------
+// ---- key equality
+// -------------------------------------------------------------
 
 namespace {
 
@@ -218,7 +226,8 @@ std::string IntegralDoubleCanon(double v) {
   for (int bit = 0; bit < 53; ++bit) {
     if ((mant >> bit) & 1) {
       int pos = bit + shift;
-      mag[static_cast<size_t>(pos / 8)] |= static_cast<uint8_t>(1u << (pos % 8));
+      mag[static_cast<size_t>(pos / 8)] |=
+          static_cast<uint8_t>(1u << (pos % 8));
     }
   }
   if (v < 0) NegateTwosComplement(mag);
@@ -235,7 +244,8 @@ uint32_t KeyClasses::Intern(std::string canon) {
   return it->second;
 }
 
-uint32_t KeyClasses::Classify(const KeyNode& n, std::span<const uint32_t> items) {
+uint32_t KeyClasses::Classify(const KeyNode& n,
+                              std::span<const uint32_t> items) {
   auto real = [&](double v) -> uint32_t {
     if (std::isnan(v)) return Fresh();  // a NaN equals nothing, not itself
     if (std::isfinite(v) && v == std::trunc(v)) {
@@ -268,8 +278,9 @@ uint32_t KeyClasses::Classify(const KeyNode& n, std::span<const uint32_t> items)
     case ValueKind::kString:
       return Intern("S" + std::string(n.str));
     case ValueKind::kBytes:
-      return Intern("B" + std::string(reinterpret_cast<const char*>(n.bytes.data()),
-                                      n.bytes.size()));
+      return Intern("B" +
+                    std::string(reinterpret_cast<const char*>(n.bytes.data()),
+                                n.bytes.size()));
     case ValueKind::kDType: {
       std::string s = "D";
       AppendU64(s, static_cast<uint64_t>(n.int_value));
@@ -333,7 +344,8 @@ std::optional<std::pair<size_t, size_t>> FirstDuplicate(
       [&](size_t a, size_t b) { return classes[a] == classes[b]; });
 }
 
-// ---- canonical order -------------------------------------------------------------
+// ---- canonical order
+// -------------------------------------------------------------
 
 namespace {
 
@@ -359,7 +371,8 @@ int CompareBytes(std::span<const uint8_t> a, std::span<const uint8_t> b) {
 int CompareBigInt(std::span<const uint8_t> a, std::span<const uint8_t> b) {
   a = a.first(MinimalTwosComplementSize(a));
   b = b.first(MinimalTwosComplementSize(b));
-  bool na = !a.empty() && (a.back() & 0x80), nb = !b.empty() && (b.back() & 0x80);
+  bool na = !a.empty() && (a.back() & 0x80),
+       nb = !b.empty() && (b.back() & 0x80);
   if (na != nb) return na ? -1 : 1;
   if (a.size() != b.size()) {
     int longer = a.size() > b.size() ? 1 : -1;
@@ -391,7 +404,8 @@ int CompareHashable(uint32_t a, uint32_t b,
     case ValueKind::kFloat:
       return Cmp(TotalOrderKey(x.float_value), TotalOrderKey(y.float_value));
     case ValueKind::kComplex:
-      if (int c = Cmp(TotalOrderKey(x.float_value), TotalOrderKey(y.float_value))) {
+      if (int c =
+              Cmp(TotalOrderKey(x.float_value), TotalOrderKey(y.float_value))) {
         return c;
       }
       return Cmp(TotalOrderKey(x.imag_value), TotalOrderKey(y.imag_value));
@@ -406,7 +420,8 @@ int CompareHashable(uint32_t a, uint32_t b,
     case ValueKind::kFrozenSet: {
       size_t n = std::min(x.num_items, y.num_items);
       for (size_t i = 0; i < n; ++i) {
-        if (int c = CompareHashable(item(a, i), item(b, i), get, item)) return c;
+        if (int c = CompareHashable(item(a, i), item(b, i), get, item))
+          return c;
       }
       return Cmp(x.num_items, y.num_items);
     }

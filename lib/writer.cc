@@ -85,7 +85,8 @@ class WriterImpl {
   }
   Status CheckUsable() const {
     if (committed_) {
-      return InvalidArgument("writer already committed").WithFile(file_.target());
+      return InvalidArgument("writer already committed")
+          .WithFile(file_.target());
     }
     if (!failed_.ok()) {
       return failed_.WithContext("writer was aborted by an earlier error");
@@ -93,7 +94,8 @@ class WriterImpl {
     return Status::OK();
   }
 
-  // ---- storages ---------------------------------------------------------------
+  // ---- storages
+  // ---------------------------------------------------------------
   Result<StorageId> BeginStorage(uint64_t nbytes, std::string_view device) {
     CKPT_RETURN_IF_ERROR(CheckUsable());
     if (open_) {
@@ -136,7 +138,8 @@ class WriterImpl {
       if (fd >= 0) {
         CKPT_RETURN_IF_ERROR(Flush());
         bool copied = false;
-        CKPT_RETURN_IF_ERROR(file_.CopyFrom(fd, fd_offset, bytes.size(), &copied));
+        CKPT_RETURN_IF_ERROR(
+            file_.CopyFrom(fd, fd_offset, bytes.size(), &copied));
         if (copied) {
           pos_ += bytes.size();
           return Status::OK();
@@ -150,7 +153,8 @@ class WriterImpl {
     }
     // Large pieces: hash on a second thread while this one writes the same
     // (read-only) bytes, so a save costs max(hash, write), not their sum.
-    auto hashing = std::async(std::launch::async, [this, bytes] { Hash(bytes); });
+    auto hashing =
+        std::async(std::launch::async, [this, bytes] { Hash(bytes); });
     Status s = write();
     hashing.get();
     return Fail(s);
@@ -161,8 +165,8 @@ class WriterImpl {
   void Hash(std::span<const std::byte> bytes) {
     std::span<const std::byte> rest = bytes;
     while (!rest.empty()) {
-      uint64_t take = std::min<uint64_t>(rest.size(),
-                                         options_.chunk_size - in_chunk_);
+      uint64_t take =
+          std::min<uint64_t>(rest.size(), options_.chunk_size - in_chunk_);
       hasher_.Update(rest.first(static_cast<size_t>(take)));
       in_chunk_ += take;
       rest = rest.subspan(static_cast<size_t>(take));
@@ -191,7 +195,8 @@ class WriterImpl {
     return Status::OK();
   }
 
-  // ---- nodes --------------------------------------------------------------------
+  // ---- nodes
+  // --------------------------------------------------------------------
   struct NodeRec {
     ValueKind kind = ValueKind::kNone;
     int64_t int_value = 0;
@@ -284,16 +289,20 @@ class WriterImpl {
       if (nested ? c != KeyClasses::kUnhashable : IsKeyKind(k)) continue;
       std::string what = "a " + std::string(ValueKindName(k));
       if (nested) {
-        what += " holding a " + std::string(ValueKindName(nodes_[id].unhashable_kind));
+        what += " holding a " +
+                std::string(ValueKindName(nodes_[id].unhashable_kind));
       }
       return InvalidArgument(what + " cannot be " + role);
     }
     std::optional<std::pair<size_t, size_t>> dup;
     if (all_str) {
       // The common case (state dicts) without building classes.
-      auto str = [&](size_t i) -> const std::string& { return nodes_[ids[i]].str; };
+      auto str = [&](size_t i) -> const std::string& {
+        return nodes_[ids[i]].str;
+      };
       dup = FirstRepeat(
-          ids.size(), [&](size_t i) { return std::hash<std::string>()(str(i)); },
+          ids.size(),
+          [&](size_t i) { return std::hash<std::string>()(str(i)); },
           [&](size_t a, size_t b) { return str(a) == str(b); });
     } else {
       std::vector<uint32_t> item_classes;
@@ -304,8 +313,8 @@ class WriterImpl {
     if (dup) {
       return InvalidArgument(
           std::string(role) + "s " + std::to_string(dup->first) + " ('" +
-          KeySegment(ids[dup->first]) + "') and " + std::to_string(dup->second) +
-          " ('" + KeySegment(ids[dup->second]) +
+          KeySegment(ids[dup->first]) + "') and " +
+          std::to_string(dup->second) + " ('" + KeySegment(ids[dup->second]) +
           "') are equal in Python (==), so a dict or set cannot hold both");
     }
     return Status::OK();
@@ -331,7 +340,8 @@ class WriterImpl {
                              std::to_string(*bad) + ")");
     }
     CKPT_RETURN_IF_ERROR(CheckHashableDistinct(keys, "a dict key"));
-    const bool is_set = kind == ValueKind::kSet || kind == ValueKind::kFrozenSet;
+    const bool is_set =
+        kind == ValueKind::kSet || kind == ValueKind::kFrozenSet;
     if (is_set) {
       CKPT_RETURN_IF_ERROR(CheckHashableDistinct(
           items, kind == ValueKind::kSet ? "a set item" : "a frozenset item"));
@@ -345,11 +355,13 @@ class WriterImpl {
       // A set has no order of its own (Python's follows per-process string
       // hashes): store its items in the canonical order, so equal sets give
       // equal bytes (docs/FORMAT.md 10).
-      std::stable_sort(n.items.begin(), n.items.end(), [this](NodeId a, NodeId b) {
-        return CompareHashable(
-                   a, b, [this](uint32_t i) { return DescribeId(i); },
-                   [this](uint32_t i, size_t k) { return ItemOf(i, k); }) < 0;
-      });
+      std::stable_sort(
+          n.items.begin(), n.items.end(), [this](NodeId a, NodeId b) {
+            return CompareHashable(
+                       a, b, [this](uint32_t i) { return DescribeId(i); },
+                       [this](uint32_t i, size_t k) { return ItemOf(i, k); }) <
+                   0;
+          });
     }
     return Add(std::move(n));
   }
@@ -371,9 +383,9 @@ class WriterImpl {
         s *= std::max<int64_t>(t.shape[d], 1);
       }
     }
-    if (auto problem = ViewProblem(static_cast<uint8_t>(t.dtype), t.shape,
-                                   t.strides, t.storage_offset,
-                                   storages_[t.storage].nbytes)) {
+    if (auto problem =
+            ViewProblem(static_cast<uint8_t>(t.dtype), t.shape, t.strides,
+                        t.storage_offset, storages_[t.storage].nbytes)) {
       return InvalidArgument("bad tensor view: " + *problem);
     }
     tensors_.push_back(std::move(t));
@@ -383,7 +395,8 @@ class WriterImpl {
     return Add(std::move(n));
   }
 
-  // ---- commit ----------------------------------------------------------------------
+  // ---- commit
+  // ----------------------------------------------------------------------
   Status Commit();
 
   WriteOptions& options() { return options_; }
@@ -462,8 +475,8 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     f.expanded = true;
     if (f.depth > kMaxTreeDepth) {
       return InvalidArgument("object tree nested deeper than " +
-                             std::to_string(kMaxTreeDepth) + " at '" +
-                             f.path + "'");
+                             std::to_string(kMaxTreeDepth) + " at '" + f.path +
+                             "'");
     }
     if (r.kind == ValueKind::kTensor) {
       auto t = static_cast<size_t>(r.int_value);
@@ -485,7 +498,8 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
       minor_ = std::max<uint16_t>(minor_, 1);
     }
     // Float keys are written as Python's repr() since 1.1 (7.3).
-    if (f.in_key && (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex)) {
+    if (f.in_key &&
+        (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex)) {
       minor_ = std::max<uint16_t>(minor_, 1);
     }
     // Copy what the child frames need: push_back may move `f`.
@@ -563,7 +577,8 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
                             ? tensor_rank[static_cast<size_t>(r.int_value)]
                             : r.int_value;
     bool has_str = r.kind == ValueKind::kString || r.kind == ValueKind::kDevice;
-    bool has_bytes = r.kind == ValueKind::kBytes || r.kind == ValueKind::kBigInt;
+    bool has_bytes =
+        r.kind == ValueKind::kBytes || r.kind == ValueKind::kBigInt;
     auto str = has_str ? fbb.CreateString(r.str) : 0;
     auto bytes = has_bytes ? fbb.CreateVector(r.bytes) : 0;
     auto it = items.empty() ? 0 : fbb.CreateVector(items);
@@ -571,7 +586,8 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
     // FlatBuffers omits a field equal to its default, and -0.0 == 0.0:
     // force the fields of such a node out so the sign survives.
-    fbb.ForceDefaults(std::signbit(r.float_value) || std::signbit(r.imag_value));
+    fbb.ForceDefaults(std::signbit(r.float_value) ||
+                      std::signbit(r.imag_value));
     nodes.push_back(fb::CreateNode(fbb, static_cast<fb::ValueKind>(r.kind),
                                    int_value, r.float_value, r.imag_value, str,
                                    bytes, it, ks, tn));
@@ -579,7 +595,8 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
   }
   std::vector<flatbuffers::Offset<fb::KeyValue>> md;
   for (const auto& [k, v] : metadata_) {
-    md.push_back(fb::CreateKeyValue(fbb, fbb.CreateString(k), fbb.CreateString(v)));
+    md.push_back(
+        fb::CreateKeyValue(fbb, fbb.CreateString(k), fbb.CreateString(v)));
   }
   auto header = fb::CreateHeader(
       fbb, options_.chunk_size, fbb.CreateVector(storages),
@@ -606,7 +623,8 @@ Status WriterImpl::Commit() {
       keys.push_back(k);
       values.push_back(v);
     }
-    CKPT_ASSIGN_OR_RETURN(root, AddContainer(ValueKind::kDict, values, keys, ""));
+    CKPT_ASSIGN_OR_RETURN(root,
+                          AddContainer(ValueKind::kDict, values, keys, ""));
   }
   auto header = BuildHeader(root);
   if (!header.ok()) return Fail(header.status().WithFile(file_.target()));
@@ -622,8 +640,8 @@ Status WriterImpl::Commit() {
   p.data_size = pos_ - kPageBytes;
   p.header_offset = *AlignUp(pos_, kMinAlignment);
   p.header_size = header->size();
-  p.header_hash = Xxh3({reinterpret_cast<const std::byte*>(header->data()),
-                        header->size()});
+  p.header_hash = Xxh3(
+      {reinterpret_cast<const std::byte*>(header->data()), header->size()});
   CKPT_RETURN_IF_ERROR(Fail(PadTo(p.header_offset)));
   CKPT_RETURN_IF_ERROR(Fail(Write(
       {reinterpret_cast<const std::byte*>(header->data()), header->size()})));
@@ -637,7 +655,8 @@ Status WriterImpl::Commit() {
 
 }  // namespace internal
 
-// ---- Writer -------------------------------------------------------------------------
+// ---- Writer
+// -------------------------------------------------------------------------
 
 Writer::Writer(std::unique_ptr<internal::WriterImpl> impl)
     : impl_(std::move(impl)) {}
@@ -665,12 +684,14 @@ Result<Writer> Writer::Create(const std::string& path,
 
 Result<StorageId> Writer::AddStorage(std::span<const std::byte> bytes,
                                      std::string_view device) {
-  CKPT_ASSIGN_OR_RETURN(StorageId id, impl_->BeginStorage(bytes.size(), device));
+  CKPT_ASSIGN_OR_RETURN(StorageId id,
+                        impl_->BeginStorage(bytes.size(), device));
   CKPT_RETURN_IF_ERROR(impl_->Append(bytes));
   CKPT_RETURN_IF_ERROR(impl_->EndStorage());
   return id;
 }
-Result<StorageId> Writer::BeginStorage(uint64_t nbytes, std::string_view device) {
+Result<StorageId> Writer::BeginStorage(uint64_t nbytes,
+                                       std::string_view device) {
   return impl_->BeginStorage(nbytes, device);
 }
 Status Writer::Append(std::span<const std::byte> bytes) {
@@ -695,7 +716,8 @@ Result<NodeId> Writer::AddTensor(DType dtype, std::vector<int64_t> shape,
   spec.shape = std::move(shape);
   uint64_t numel = 1;
   for (int64_t s : spec.shape) {
-    if (s < 0 || __builtin_mul_overflow(numel, static_cast<uint64_t>(s), &numel)) {
+    if (s < 0 ||
+        __builtin_mul_overflow(numel, static_cast<uint64_t>(s), &numel)) {
       return InvalidArgument("bad shape: negative or overflowing size");
     }
   }
@@ -732,8 +754,9 @@ Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
   if (le.empty()) return InvalidArgument("big int with no bytes");
   le = le.first(internal::MinimalTwosComplementSize(le));
   if (le.size() > internal::kMaxBigIntBytes) {
-    return InvalidArgument("big int of " + std::to_string(le.size()) +
-                           " bytes; the format holds at most 4096 (|v| < 2^32767)");
+    return InvalidArgument(
+        "big int of " + std::to_string(le.size()) +
+        " bytes; the format holds at most 4096 (|v| < 2^32767)");
   }
   if (le.size() <= 8) {
     uint64_t v = (le.back() & 0x80) ? ~uint64_t{0} : 0;
@@ -835,7 +858,8 @@ Status Writer::SetRoot(NodeId node) {
   NodeId ids[] = {node};
   CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));
   if (!impl_->implicit_root_.empty()) {
-    return InvalidArgument("SetRoot cannot be combined with PutTensor/PutValue");
+    return InvalidArgument(
+        "SetRoot cannot be combined with PutTensor/PutValue");
   }
   impl_->root_ = node;
   return Status::OK();
@@ -845,7 +869,8 @@ Status Writer::PutValue(std::string_view name, NodeId node) {
   NodeId ids[] = {node};
   CKPT_RETURN_IF_ERROR(impl_->CheckIds(ids));
   if (impl_->root_) {
-    return InvalidArgument("PutTensor/PutValue cannot be combined with SetRoot");
+    return InvalidArgument(
+        "PutTensor/PutValue cannot be combined with SetRoot");
   }
   impl_->implicit_root_.emplace_back(AddString(name), node);
   return Status::OK();
@@ -855,7 +880,8 @@ Status Writer::PutTensor(std::string_view name, DType dtype,
                          std::vector<int64_t> shape,
                          std::span<const std::byte> data,
                          std::string_view device) {
-  CKPT_ASSIGN_OR_RETURN(NodeId t, AddTensor(dtype, std::move(shape), data, device));
+  CKPT_ASSIGN_OR_RETURN(NodeId t,
+                        AddTensor(dtype, std::move(shape), data, device));
   return PutValue(name, t).WithTensor(std::string(name));
 }
 

@@ -9,7 +9,8 @@
 namespace ckpt::test {
 
 /// `s` failed with `code`, and its printed form mentions `needle`.
-inline void RequireError(const Status& s, ErrorCode code, const std::string& needle) {
+inline void RequireError(const Status& s, ErrorCode code,
+                         const std::string& needle) {
   INFO(s.ToString());
   REQUIRE_FALSE(s.ok());
   CHECK(s.code() == code);

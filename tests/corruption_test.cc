@@ -21,8 +21,8 @@ TEST_CASE("R1: a file shorter than the preamble is rejected") {
   RequireError(OpenBytes(f), ErrorCode::kCorrupt, "shorter than the 64-byte");
   TempDir dir;
   WriteAll(dir.File("empty"), {});
-  RequireError(Checkpoint::Open(dir.File("empty")).status(), ErrorCode::kCorrupt,
-               "empty:0: corrupt: file is 0 bytes");
+  RequireError(Checkpoint::Open(dir.File("empty")).status(),
+               ErrorCode::kCorrupt, "empty:0: corrupt: file is 0 bytes");
 }
 
 TEST_CASE("R2: bad magic is rejected, naming likely formats") {
@@ -30,7 +30,8 @@ TEST_CASE("R2: bad magic is rejected, naming likely formats") {
   auto f = SmallFile(dir.File("s.ckpt"));
   auto g = f;
   g[1] = std::byte{'X'};
-  RequireError(OpenBytes(g), ErrorCode::kCorrupt, "crafted:0: corrupt: bad magic");
+  RequireError(OpenBytes(g), ErrorCode::kCorrupt,
+               "crafted:0: corrupt: bad magic");
   std::memcpy(g.data(), "PK\x03\x04", 4);
   RequireError(OpenBytes(g), ErrorCode::kCorrupt, "pth2ckpt");
 }
@@ -81,15 +82,18 @@ TEST_CASE("R6-R7: section offsets and sizes are checked") {
   g = f;
   PutU64(g, internal::kOffDataSize, UINT64_MAX - 10);  // overflow
   SealPreamble(g);
-  RequireError(OpenBytes(g), ErrorCode::kCorrupt, "runs past the header offset");
+  RequireError(OpenBytes(g), ErrorCode::kCorrupt,
+               "runs past the header offset");
   g = f;
-  PutU64(g, internal::kOffHeaderOffset, GetU64(f, internal::kOffHeaderOffset) + 4);
+  PutU64(g, internal::kOffHeaderOffset,
+         GetU64(f, internal::kOffHeaderOffset) + 4);
   SealPreamble(g);
   RequireError(OpenBytes(g), ErrorCode::kCorrupt, "not a multiple of 8");
   g = f;
   PutU64(g, internal::kOffHeaderSize, UINT64_MAX);
   SealPreamble(g);
-  RequireError(OpenBytes(g), ErrorCode::kCorrupt, "does not end at end of file");
+  RequireError(OpenBytes(g), ErrorCode::kCorrupt,
+               "does not end at end of file");
   g = f;
   g.push_back(std::byte{0});  // trailing garbage
   RequireError(OpenBytes(g), ErrorCode::kCorrupt, "appended to");
@@ -105,7 +109,8 @@ TEST_CASE("truncation at every length is an error, never a crash") {
     REQUIRE_FALSE(s.ok());
   }
   // And from a real file, through both backends.
-  std::vector<std::byte> half(f.begin(), f.begin() + static_cast<long>(f.size() / 2));
+  std::vector<std::byte> half(f.begin(),
+                              f.begin() + static_cast<long>(f.size() / 2));
   WriteAll(dir.File("half.ckpt"), half);
   for (Backend b : {Backend::kMmap, Backend::kPread}) {
     ReadOptions ro;
@@ -166,39 +171,42 @@ TEST_CASE("R10: a header that is not a valid FlatBuffer is rejected") {
 TEST_CASE("R11: a bad checksum chunk size is rejected") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
-  for (uint64_t c : {uint64_t{0}, uint64_t{1000}, uint64_t{4097}, uint64_t{1} << 31}) {
-    RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.chunk_size = c; })),
-                 ErrorCode::kCorrupt, "chunk size");
+  for (uint64_t c :
+       {uint64_t{0}, uint64_t{1000}, uint64_t{4097}, uint64_t{1} << 31}) {
+    RequireError(
+        OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.chunk_size = c; })),
+        ErrorCode::kCorrupt, "chunk size");
   }
 }
 
 TEST_CASE("R12: blobs past the end, overlapping or misaligned are rejected") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[1]->offset = 1ull << 40;
-               })),
-               ErrorCode::kCorrupt, "ends past the data section");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[1]->offset = h.storages[0]->offset;
-               })),
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [](fb::HeaderT& h) { h.storages[1]->offset = 1ull << 40; })),
+      ErrorCode::kCorrupt, "ends past the data section");
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        h.storages[1]->offset =
+                                            h.storages[0]->offset;
+                                      })),
                ErrorCode::kCorrupt, "overlaps the previous blob");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[1]->offset += 8;
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [](fb::HeaderT& h) { h.storages[1]->offset += 8; })),
                ErrorCode::kCorrupt, "is not aligned to 64");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[0]->nbytes = UINT64_MAX - 100;
-               })),
-               ErrorCode::kCorrupt, "storage 0");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[0]->chunk_hashes.push_back(0);
-               })),
-               ErrorCode::kCorrupt, "chunk checksums");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.storages[0]->device = "cuda 0";
-               })),
-               ErrorCode::kCorrupt, "device");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [](fb::HeaderT& h) { h.storages[0]->nbytes = UINT64_MAX - 100; })),
+      ErrorCode::kCorrupt, "storage 0");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [](fb::HeaderT& h) { h.storages[0]->chunk_hashes.push_back(0); })),
+      ErrorCode::kCorrupt, "chunk checksums");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [](fb::HeaderT& h) { h.storages[0]->device = "cuda 0"; })),
+      ErrorCode::kCorrupt, "device");
   // Offsets in errors are byte positions in the file.
   Status s = OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
     h.storages[1]->offset = h.storages[0]->offset;
@@ -215,110 +223,133 @@ TEST_CASE("R13: tensor extents past their storage and shape overflow") {
     }
     throw std::runtime_error("no tensor");
   };
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "a").shape = {5};
-               })),
-               ErrorCode::kCorrupt, "tensor 'a': tensor 0: view needs 20 bytes");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "a").storage_offset = 1;
-               })),
-               ErrorCode::kCorrupt, "view needs");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").shape = {int64_t{1} << 62, 1 << 8};
-                 tensor(h, "b").strides = {0, 0};
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { tensor(h, "a").shape = {5}; })),
+               ErrorCode::kCorrupt,
+               "tensor 'a': tensor 0: view needs 20 bytes");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [&](fb::HeaderT& h) { tensor(h, "a").storage_offset = 1; })),
+      ErrorCode::kCorrupt, "view needs");
+  RequireError(OpenBytes(MutateHeader(
+                   f,
+                   [&](fb::HeaderT& h) {
+                     tensor(h, "b").shape = {int64_t{1} << 62, 1 << 8};
+                     tensor(h, "b").strides = {0, 0};
+                   })),
                ErrorCode::kCorrupt, "overflows");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").strides = {int64_t{1} << 62, 1};
-               })),
-               ErrorCode::kCorrupt, "overflows");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").shape = {-1, 3};
-               })),
+  RequireError(
+      OpenBytes(MutateHeader(f,
+                             [&](fb::HeaderT& h) {
+                               tensor(h, "b").strides = {int64_t{1} << 62, 1};
+                             })),
+      ErrorCode::kCorrupt, "overflows");
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [&](fb::HeaderT& h) {
+                                        tensor(h, "b").shape = {-1, 3};
+                                      })),
                ErrorCode::kCorrupt, "negative size");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").strides = {3};
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { tensor(h, "b").strides = {3}; })),
                ErrorCode::kCorrupt, "strides");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").dtype = static_cast<fb::DType>(200);
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [&](fb::HeaderT& h) {
+                                        tensor(h, "b").dtype =
+                                            static_cast<fb::DType>(200);
+                                      })),
                ErrorCode::kCorrupt, "unknown dtype");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").storage = 9;
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { tensor(h, "b").storage = 9; })),
                ErrorCode::kCorrupt, "storage index 9");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 tensor(h, "b").path = "a";
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { tensor(h, "b").path = "a"; })),
                ErrorCode::kCorrupt, "duplicate path");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) {
-                 std::swap(h.tensors[0], h.tensors[1]);
-               })),
-               ErrorCode::kCorrupt, "not sorted");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [&](fb::HeaderT& h) { std::swap(h.tensors[0], h.tensors[1]); })),
+      ErrorCode::kCorrupt, "not sorted");
 }
 
 TEST_CASE("R14: the object tree must be a tree over every tensor") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
   // Nodes (post-order): "a"-key, tensor a, "b"-key, tensor b, "n"-key, 5, root.
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) { h.nodes.clear(); })),
-               ErrorCode::kCorrupt, "no root");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.nodes.back()->items[0] = static_cast<uint32_t>(h.nodes.size() - 1);
-               })),
-               ErrorCode::kCorrupt, "does not precede its parent");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.nodes.back()->items[2] = h.nodes.back()->items[1];
-               })),
+  RequireError(
+      OpenBytes(MutateHeader(f, [](fb::HeaderT& h) { h.nodes.clear(); })),
+      ErrorCode::kCorrupt, "no root");
+  RequireError(
+      OpenBytes(MutateHeader(f,
+                             [](fb::HeaderT& h) {
+                               h.nodes.back()->items[0] =
+                                   static_cast<uint32_t>(h.nodes.size() - 1);
+                             })),
+      ErrorCode::kCorrupt, "does not precede its parent");
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        h.nodes.back()->items[2] =
+                                            h.nodes.back()->items[1];
+                                      })),
                ErrorCode::kCorrupt, "already has a parent");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.nodes.back()->keys.pop_back();
-               })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [](fb::HeaderT& h) { h.nodes.back()->keys.pop_back(); })),
                ErrorCode::kCorrupt, "keys and");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 h.nodes.back()->kind = static_cast<fb::ValueKind>(99);
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        h.nodes.back()->kind =
+                                            static_cast<fb::ValueKind>(99);
+                                      })),
                ErrorCode::kCorrupt, "unknown kind");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 // Make tensor b's node point at tensor a: a twice, b never.
-                 for (auto& n : h.nodes) {
-                   if (n->kind == fb::ValueKind::Tensor) n->int_value = 0;
-                 }
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        // Make tensor b's node point at tensor
+                                        // a: a twice, b never.
+                                        for (auto& n : h.nodes) {
+                                          if (n->kind == fb::ValueKind::Tensor)
+                                            n->int_value = 0;
+                                        }
+                                      })),
                ErrorCode::kCorrupt, "referenced twice");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 auto extra = std::make_unique<fb::NodeT>();
-                 h.nodes.insert(h.nodes.begin(), std::move(extra));
-                 for (auto& n : h.nodes) {
-                   for (auto& i : n->items) ++i;
-                   for (auto& k : n->keys) ++k;
-                 }
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        auto extra =
+                                            std::make_unique<fb::NodeT>();
+                                        h.nodes.insert(h.nodes.begin(),
+                                                       std::move(extra));
+                                        for (auto& n : h.nodes) {
+                                          for (auto& i : n->items) ++i;
+                                          for (auto& k : n->keys) ++k;
+                                        }
+                                      })),
                ErrorCode::kCorrupt, "not reachable");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 for (auto& n : h.nodes) {
-                   if (n->kind == fb::ValueKind::Int) n->kind = fb::ValueKind::Bool;
-                 }
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        for (auto& n : h.nodes) {
+                                          if (n->kind == fb::ValueKind::Int)
+                                            n->kind = fb::ValueKind::Bool;
+                                        }
+                                      })),
                ErrorCode::kCorrupt, "neither 0 nor 1");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 // Key node 0 ("a") becomes a list: not hashable.
-                 h.nodes[0]->kind = fb::ValueKind::List;
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        // Key node 0 ("a") becomes a list: not
+                                        // hashable.
+                                        h.nodes[0]->kind = fb::ValueKind::List;
+                                      })),
                ErrorCode::kCorrupt, "cannot be a dict key");
 }
 
 TEST_CASE("R15: metadata keys must be sorted and unique") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) {
-                 for (auto k : {"b", "a"}) {
-                   auto kv = std::make_unique<fb::KeyValueT>();
-                   kv->key = k;
-                   h.metadata.push_back(std::move(kv));
-                 }
-               })),
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [](fb::HeaderT& h) {
+                                        for (auto k : {"b", "a"}) {
+                                          auto kv =
+                                              std::make_unique<fb::KeyValueT>();
+                                          kv->key = k;
+                                          h.metadata.push_back(std::move(kv));
+                                        }
+                                      })),
                ErrorCode::kCorrupt, "metadata keys");
 }
 
@@ -353,7 +384,8 @@ TEST_CASE("R17: verify names the tensor whose data byte was corrupted") {
     ro.verify_checksums = true;
     auto ck2 = Checkpoint::Open(dir.File("bad.ckpt"), ro);
     REQUIRE(ck2.ok());
-    RequireError(ck2->Tensor("b").status(), ErrorCode::kChecksumMismatch, "tensor 'b'");
+    RequireError(ck2->Tensor("b").status(), ErrorCode::kChecksumMismatch,
+                 "tensor 'b'");
     CHECK(ck2->Tensor("a").ok());
   }
 }

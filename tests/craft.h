@@ -42,14 +42,15 @@ inline void ResealHeader(std::vector<std::byte>& f) {
 inline fb::HeaderT UnpackHeader(const std::vector<std::byte>& f) {
   uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   fb::HeaderT obj;
-  fb::GetHeader(reinterpret_cast<const uint8_t*>(f.data() + hoff))->UnPackTo(&obj);
+  fb::GetHeader(reinterpret_cast<const uint8_t*>(f.data() + hoff))
+      ->UnPackTo(&obj);
   return obj;
 }
 
 /// Replaces the header of `f` by the finished buffer in `fbb` and re-seals
 /// both checksums.
-inline std::vector<std::byte> ReplaceHeader(std::vector<std::byte> f,
-                                            const flatbuffers::FlatBufferBuilder& fbb) {
+inline std::vector<std::byte> ReplaceHeader(
+    std::vector<std::byte> f, const flatbuffers::FlatBufferBuilder& fbb) {
   uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   f.resize(hoff);
   auto* p = reinterpret_cast<const std::byte*>(fbb.GetBufferPointer());

@@ -28,19 +28,25 @@ void Check(bool ok, const std::string& what) {
 int main() {
   auto count = ckpt::CudaDeviceCount();
   if (!count.ok()) {
-    std::printf("SKIP: no usable CUDA device: %s\n", count.status().ToString().c_str());
+    std::printf("SKIP: no usable CUDA device: %s\n",
+                count.status().ToString().c_str());
     return 77;
   }
   const char* tmp = std::getenv("TMPDIR");
-  std::string path = std::string(tmp ? tmp : "/tmp") + "/ckpt_cuda_real_test.ckpt";
+  std::string path =
+      std::string(tmp ? tmp : "/tmp") + "/ckpt_cuda_real_test.ckpt";
   std::vector<float> a(3 << 20);
   std::iota(a.begin(), a.end(), 0.0f);
   std::vector<int16_t> b(1000, 7);
   {
     auto w = ckpt::Writer::Create(path);
-    if (!w.ok() || !w->PutTensor("a", ckpt::DType::kFloat32, {3 << 10, 1 << 10},
-                                 std::as_bytes(std::span(a))).ok() ||
-        !w->PutTensor("b", ckpt::DType::kInt16, {1000}, std::as_bytes(std::span(b))).ok() ||
+    if (!w.ok() ||
+        !w->PutTensor("a", ckpt::DType::kFloat32, {3 << 10, 1 << 10},
+                      std::as_bytes(std::span(a)))
+             .ok() ||
+        !w->PutTensor("b", ckpt::DType::kInt16, {1000},
+                      std::as_bytes(std::span(b)))
+             .ok() ||
         !w->Commit().ok()) {
       std::fprintf(stderr, "FAIL: cannot write %s\n", path.c_str());
       return 1;
@@ -49,7 +55,8 @@ int main() {
   auto ck = ckpt::Checkpoint::Open(path);
   Check(ck.ok(), "open");
   if (!ck.ok()) return 1;
-  std::vector<ckpt::TensorRequest> req = {{"a", {}}, {"b", {}}, {"a", std::pair<int64_t, int64_t>{5, 9}}};
+  std::vector<ckpt::TensorRequest> req = {
+      {"a", {}}, {"b", {}}, {"a", std::pair<int64_t, int64_t>{5, 9}}};
   ckpt::DeviceLoadOptions o;
   o.staging_buffer_bytes = 1 << 20;
   auto load = ckpt::LoadToDevice(*ck, req, o);
@@ -60,11 +67,15 @@ int main() {
   for (size_t i = 0; i < (*load)->size(); ++i) {
     const auto& t = (*load)->tensor(i);
     std::vector<std::byte> host(t.nbytes);
-    cudaError_t e = cudaMemcpy(host.data(), t.data, t.nbytes, cudaMemcpyDeviceToHost);
-    Check(e == cudaSuccess, std::string("cudaMemcpy back: ") + cudaGetErrorString(e));
-    auto want = req[i].rows ? ck->TensorRows(req[i].path, req[i].rows->first, req[i].rows->second)
+    cudaError_t e =
+        cudaMemcpy(host.data(), t.data, t.nbytes, cudaMemcpyDeviceToHost);
+    Check(e == cudaSuccess,
+          std::string("cudaMemcpy back: ") + cudaGetErrorString(e));
+    auto want = req[i].rows ? ck->TensorRows(req[i].path, req[i].rows->first,
+                                             req[i].rows->second)
                             : ck->Tensor(req[i].path);
-    Check(want.ok() && std::equal(host.begin(), host.end(), want->data().begin(), want->data().end()),
+    Check(want.ok() && std::equal(host.begin(), host.end(),
+                                  want->data().begin(), want->data().end()),
           "bytes of request " + std::to_string(i));
   }
   // Device conversion kernels give the host reference's bits.

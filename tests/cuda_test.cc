@@ -1,15 +1,15 @@
 // The device loader against the CUDA-runtime test double: data lands
 // intact, staging buffers are never refilled early, every strategy knob,
 // errors, and release of everything.
-#include <catch2/catch.hpp>
-#include <cuda_runtime_api.h>
+#include "ckpt/cuda.h"
 
+#include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <numeric>
 
-#include "ckpt/cuda.h"
 #include "cuda_double/cuda_double.h"
 #include "test_util.h"
 
@@ -18,9 +18,9 @@ using namespace ckpt::test;
 
 namespace {
 
-
 // Tensors of several sizes, one saved on cuda:1, one a view.
-std::map<std::string, std::vector<std::byte>> MakeFile(const std::string& path) {
+std::map<std::string, std::vector<std::byte>> MakeFile(
+    const std::string& path) {
   std::map<std::string, std::vector<std::byte>> data;
   auto w = Writer::Create(path, Fast());
   REQUIRE(w.ok());
@@ -28,8 +28,9 @@ std::map<std::string, std::vector<std::byte>> MakeFile(const std::string& path) 
   for (size_t i = 0; i < 5; ++i) {
     std::string name = "t" + std::to_string(i);
     data[name] = Pattern(sizes[i], static_cast<unsigned>(i));
-    REQUIRE(w->PutTensor(name, DType::kUInt8, {static_cast<int64_t>(sizes[i])}, data[name],
-                         i == 2 ? "cuda:1" : "cpu").ok());
+    REQUIRE(w->PutTensor(name, DType::kUInt8, {static_cast<int64_t>(sizes[i])},
+                         data[name], i == 2 ? "cuda:1" : "cpu")
+                .ok());
   }
   std::vector<float> m(40 * 8);
   std::iota(m.begin(), m.end(), 0.0f);
@@ -57,7 +58,9 @@ void RequireNoLeaks() {
 
 }  // namespace
 
-TEST_CASE("cuda double: a refilled staging buffer is caught (the check that guards the loader)") {
+TEST_CASE(
+    "cuda double: a refilled staging buffer is caught (the check that guards "
+    "the loader)") {
   cuda_double::Reset({});
   void* dev = nullptr;
   void* host = nullptr;
@@ -70,25 +73,29 @@ TEST_CASE("cuda double: a refilled staging buffer is caught (the check that guar
   // Queue several copies so the last waits behind delays, then overwrite
   // its source before it runs: the premature reuse a ring must avoid.
   for (int i = 0; i < 20; ++i) {
-    REQUIRE(cudaMemcpyAsync(dev, host, 4096, cudaMemcpyHostToDevice, st) == cudaSuccess);
+    REQUIRE(cudaMemcpyAsync(dev, host, 4096, cudaMemcpyHostToDevice, st) ==
+            cudaSuccess);
   }
   std::memset(host, 2, 4096);
   REQUIRE(cudaStreamSynchronize(st) == cudaSuccess);
   CHECK(cuda_double::GetStats().source_mutations > 0);
   // Pageable memory is copied synchronously and counted.
   std::vector<char> pageable(16, 3);
-  REQUIRE(cudaMemcpyAsync(dev, pageable.data(), 16, cudaMemcpyHostToDevice, st) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(dev, pageable.data(), 16, cudaMemcpyHostToDevice,
+                          st) == cudaSuccess);
   CHECK(cuda_double::GetStats().pageable_copies == 1);
   // Out of bounds is refused.
-  CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + 4000, host, 200, cudaMemcpyHostToDevice, st) ==
-        cudaErrorInvalidValue);
+  CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + 4000, host, 200,
+                        cudaMemcpyHostToDevice, st) == cudaErrorInvalidValue);
   cudaStreamDestroy(st);
   cudaFreeHost(host);
   cudaFree(dev);
   RequireNoLeaks();
 }
 
-TEST_CASE("staged load of a whole file: bytes intact, ring never reused early, all released") {
+TEST_CASE(
+    "staged load of a whole file: bytes intact, ring never reused early, all "
+    "released") {
   TempDir dir;
   auto data = MakeFile(dir.File("m.ckpt"));
   auto ck = Checkpoint::Open(dir.File("m.ckpt"));
@@ -100,7 +107,8 @@ TEST_CASE("staged load of a whole file: bytes intact, ring never reused early, a
     cuda_double::Reset(cfg);
     DeviceLoadOptions o;
     o.threads = threads;
-    o.staging_buffer_bytes = 4096;  // many pieces per tensor: exercises the ring
+    o.staging_buffer_bytes =
+        4096;  // many pieces per tensor: exercises the ring
     {
       auto load = LoadToDevice(*ck, {}, o);
       REQUIRE(load.ok());
@@ -119,7 +127,7 @@ TEST_CASE("staged load of a whole file: bytes intact, ring never reused early, a
       CHECK(s.source_mutations == 0);
       CHECK(s.pageable_copies == 0);
       CHECK(s.bad_copies == 0);
-      CHECK(s.async_copies >= 20);  // 70000/4096 alone is 18 pieces
+      CHECK(s.async_copies >= 20);       // 70000/4096 alone is 18 pieces
       CHECK(s.live_device_allocs == 1);  // one arena
     }
     RequireNoLeaks();
@@ -136,7 +144,8 @@ TEST_CASE("paths, row slices and device mapping") {
   cuda_double::Reset(cfg);
   DeviceLoadOptions o;
   o.device_map = {{"cuda:1", "cuda:1"}};  // keep what was on cuda:1 there
-  std::vector<TensorRequest> req = {{"t2", {}}, {"m", std::pair<int64_t, int64_t>{10, 13}}, {"t0", {}}};
+  std::vector<TensorRequest> req = {
+      {"t2", {}}, {"m", std::pair<int64_t, int64_t>{10, 13}}, {"t0", {}}};
   {
     auto load = LoadToDevice(*ck, req, o);
     REQUIRE(load.ok());
@@ -150,7 +159,8 @@ TEST_CASE("paths, row slices and device mapping") {
     auto got = OnDevice(rows);
     REQUIRE(got.size() == 3 * 8 * 4);
     CHECK(std::equal(got.begin(), got.end(), data["m"].begin() + 10 * 8 * 4));
-    CHECK(cuda_double::GetStats().live_device_allocs == 2);  // an arena per device
+    CHECK(cuda_double::GetStats().live_device_allocs ==
+          2);  // an arena per device
     // An index past the end is an error, not an exception (it threw
     // std::out_of_range from .at()).
     CHECK((*load)->WaitTensor(3).code() == ErrorCode::kInvalidArgument);
@@ -162,15 +172,20 @@ TEST_CASE("paths, row slices and device mapping") {
   // Bad requests fail before anything is allocated.
   std::vector<TensorRequest> missing = {{"nope", {}}};
   CHECK(LoadToDevice(*ck, missing, o).status().code() == ErrorCode::kNotFound);
-  std::vector<TensorRequest> bad_rows = {{"m", std::pair<int64_t, int64_t>{5, 99}}};
-  CHECK(LoadToDevice(*ck, bad_rows, o).status().code() == ErrorCode::kInvalidArgument);
+  std::vector<TensorRequest> bad_rows = {
+      {"m", std::pair<int64_t, int64_t>{5, 99}}};
+  CHECK(LoadToDevice(*ck, bad_rows, o).status().code() ==
+        ErrorCode::kInvalidArgument);
   DeviceLoadOptions cpu;
   cpu.device = "cpu";
-  CHECK(LoadToDevice(*ck, {}, cpu).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(LoadToDevice(*ck, {}, cpu).status().code() ==
+        ErrorCode::kInvalidArgument);
   RequireNoLeaks();
 }
 
-TEST_CASE("no driver, no device, bad index, out of memory: clear errors, nothing leaked") {
+TEST_CASE(
+    "no driver, no device, bad index, out of memory: clear errors, nothing "
+    "leaked") {
   TempDir dir;
   MakeFile(dir.File("m.ckpt"));
   auto ck = Checkpoint::Open(dir.File("m.ckpt"));
@@ -191,7 +206,8 @@ TEST_CASE("no driver, no device, bad index, out of memory: clear errors, nothing
   o.device = "cuda:3";
   r = LoadToDevice(*ck, {}, o);
   CHECK(r.status().code() == ErrorCode::kCuda);
-  CHECK(r.status().ToString().find("cuda:3 does not exist: 1 CUDA device") != std::string::npos);
+  CHECK(r.status().ToString().find("cuda:3 does not exist: 1 CUDA device") !=
+        std::string::npos);
   cfg.device_memory = 1000;
   cuda_double::Reset(cfg);
   r = LoadToDevice(*ck, {}, {});
@@ -210,7 +226,9 @@ TEST_CASE("no driver, no device, bad index, out of memory: clear errors, nothing
   RequireNoLeaks();
 }
 
-TEST_CASE("a failed copy: the error names a tensor, nothing half-written is reported done") {
+TEST_CASE(
+    "a failed copy: the error names a tensor, nothing half-written is reported "
+    "done") {
   TempDir dir;
   auto data = MakeFile(dir.File("m.ckpt"));
   auto ck = Checkpoint::Open(dir.File("m.ckpt"));
@@ -260,7 +278,8 @@ TEST_CASE("checksums verified chunk by chunk while loading") {
     REQUIRE(w.ok());
     REQUIRE(w->PutTensor("big", DType::kUInt8, {50000}, big).ok());
     REQUIRE(w->PutTensor("small", DType::kUInt8, {300}, small).ok());
-    REQUIRE(w->PutTensor("rows", DType::kUInt8, {500, 100}, Pattern(50000, 5)).ok());
+    REQUIRE(w->PutTensor("rows", DType::kUInt8, {500, 100}, Pattern(50000, 5))
+                .ok());
     REQUIRE(w->Commit().ok());
   }
   cuda_double::Reset({});
@@ -270,8 +289,10 @@ TEST_CASE("checksums verified chunk by chunk while loading") {
   {
     auto ck = Checkpoint::Open(dir.File("v.ckpt"));
     REQUIRE(ck.ok());
-    std::vector<TensorRequest> req = {{"big", {}}, {"small", {}},
-                                      {"rows", std::pair<int64_t, int64_t>{123, 301}}};
+    std::vector<TensorRequest> req = {
+        {"big", {}},
+        {"small", {}},
+        {"rows", std::pair<int64_t, int64_t>{123, 301}}};
     auto load = LoadToDevice(*ck, req, o);
     REQUIRE(load.ok());
     REQUIRE((*load)->Wait().ok());
@@ -284,7 +305,8 @@ TEST_CASE("checksums verified chunk by chunk while loading") {
   auto bytes = ReadAll(dir.File("v.ckpt"));
   auto ck0 = Checkpoint::OpenBuffer(bytes);
   REQUIRE(ck0.ok());
-  uint64_t off = ck0->storage_info(ck0->FindTensor("big")->storage).offset + 5 * 4096 + 17;
+  uint64_t off =
+      ck0->storage_info(ck0->FindTensor("big")->storage).offset + 5 * 4096 + 17;
   bytes[off] ^= std::byte{0x40};
   WriteAll(dir.File("bad.ckpt"), bytes);
   cuda_double::Reset({});
@@ -322,8 +344,11 @@ TEST_CASE("direct (O_DIRECT) strategy and the Auto choice") {
     o.strategy = LoadStrategy::kDirect;
     o.staging_buffer_bytes = 4096 + 100;  // unaligned pieces: aligned supersets
     o.threads = 2;
-    std::vector<TensorRequest> req = {{"t4", {}}, {"t0", {}}, {"t3", {}},
-                                      {"m", std::pair<int64_t, int64_t>{7, 29}}};
+    std::vector<TensorRequest> req = {
+        {"t4", {}},
+        {"t0", {}},
+        {"t3", {}},
+        {"m", std::pair<int64_t, int64_t>{7, 29}}};
     auto load = LoadToDevice(*ck, req, o);
     REQUIRE(load.ok());
     REQUIRE((*load)->Wait().ok());
@@ -381,12 +406,14 @@ TEST_CASE("loading into caller-provided device memory") {
   auto ck = Checkpoint::Open(dir.File("m.ckpt"));
   REQUIRE(ck.ok());
   cuda_double::Reset({});
-  std::vector<TensorRequest> req = {{"t0", {}}, {"m", std::pair<int64_t, int64_t>{1, 3}}};
+  std::vector<TensorRequest> req = {{"t0", {}},
+                                    {"m", std::pair<int64_t, int64_t>{1, 3}}};
   auto sizes = RequestBytes(*ck, req);
   REQUIRE(sizes.ok());
   CHECK(*sizes == std::vector<uint64_t>{10000, 2 * 8 * 4});
   std::vector<void*> mine(2);
-  for (size_t i = 0; i < 2; ++i) REQUIRE(cudaMalloc(&mine[i], (*sizes)[i]) == cudaSuccess);
+  for (size_t i = 0; i < 2; ++i)
+    REQUIRE(cudaMalloc(&mine[i], (*sizes)[i]) == cudaSuccess);
   DeviceLoadOptions o;
   o.destinations = mine;
   {
@@ -411,12 +438,15 @@ TEST_CASE("loading into caller-provided device memory") {
     CHECK((*load)->Wait().code() == ErrorCode::kCuda);
   }
   o.destinations = {mine[0]};
-  CHECK(LoadToDevice(*ck, req, o).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(LoadToDevice(*ck, req, o).status().code() ==
+        ErrorCode::kInvalidArgument);
   for (void* p : mine) cudaFree(p);
   RequireNoLeaks();
 }
 
-TEST_CASE("register strategy: copies straight from page-locked windows of the mapping") {
+TEST_CASE(
+    "register strategy: copies straight from page-locked windows of the "
+    "mapping") {
   TempDir dir;
   auto data = MakeFile(dir.File("m.ckpt"));
   cuda_double::Reset({});
@@ -457,7 +487,8 @@ TEST_CASE("register strategy: copies straight from page-locked windows of the ma
     REQUIRE(ck.ok());
     DeviceLoadOptions o;
     o.strategy = LoadStrategy::kRegister;
-    CHECK(LoadToDevice(*ck, {}, o).status().code() == ErrorCode::kInvalidArgument);
+    CHECK(LoadToDevice(*ck, {}, o).status().code() ==
+          ErrorCode::kInvalidArgument);
   }
   RequireNoLeaks();
 }
@@ -466,21 +497,30 @@ TEST_CASE("register strategy: copies straight from page-locked windows of the ma
 
 TEST_CASE("conversion reference: exact round-trips and round to nearest even") {
   using namespace ckpt::convert;
-  auto is_nan16 = [](uint16_t h) { return (h & 0x7C00) == 0x7C00 && (h & 0x3FF); };
-  auto is_nan_bf = [](uint16_t b) { return (b & 0x7F80) == 0x7F80 && (b & 0x7F); };
+  auto is_nan16 = [](uint16_t h) {
+    return (h & 0x7C00) == 0x7C00 && (h & 0x3FF);
+  };
+  auto is_nan_bf = [](uint16_t b) {
+    return (b & 0x7F80) == 0x7F80 && (b & 0x7F);
+  };
   for (uint32_t h = 0; h < 65536; ++h) {
     auto x = static_cast<uint16_t>(h);
-    if (!is_nan16(x)) REQUIRE(F32ToF16(F16ToF32(x)) == x);
-    else REQUIRE(is_nan16(F32ToF16(F16ToF32(x))));
-    if (!is_nan_bf(x)) REQUIRE(F32ToBF16(BF16ToF32(x)) == x);
-    else REQUIRE(is_nan_bf(F32ToBF16(BF16ToF32(x))));
+    if (!is_nan16(x))
+      REQUIRE(F32ToF16(F16ToF32(x)) == x);
+    else
+      REQUIRE(is_nan16(F32ToF16(F16ToF32(x))));
+    if (!is_nan_bf(x))
+      REQUIRE(F32ToBF16(BF16ToF32(x)) == x);
+    else
+      REQUIRE(is_nan_bf(F32ToBF16(BF16ToF32(x))));
   }
   CHECK(F32ToF16(1.0f) == 0x3C00);
   CHECK(F32ToF16(65504.0f) == 0x7BFF);
   CHECK(F32ToF16(65520.0f) == 0x7C00);  // halfway to the next: rounds to inf
   CHECK(F32ToF16(-0.0f) == 0x8000);
   CHECK(F32ToF16(5.9604645e-8f) == 0x0001);  // smallest subnormal
-  CHECK(F32ToF16(2.9802322e-8f) == 0x0000);  // exactly half of it: ties to even (0)
+  CHECK(F32ToF16(2.9802322e-8f) ==
+        0x0000);  // exactly half of it: ties to even (0)
   CHECK(F32ToBF16(BitsToFloat(0x3F808000u)) == 0x3F80);  // tie -> even
   CHECK(F32ToBF16(BitsToFloat(0x3F818000u)) == 0x3F82);  // tie -> even
   CHECK(F32ToBF16(BitsToFloat(0x3F808001u)) == 0x3F81);  // above half
@@ -501,9 +541,11 @@ TEST_CASE("conversion reference: exact round-trips and round to nearest even") {
 TEST_CASE("device dtype conversion after the copy") {
   TempDir dir;
   std::vector<float> f32(30000);
-  for (size_t i = 0; i < f32.size(); ++i) f32[i] = static_cast<float>(i) * 0.37f - 999.5f;
+  for (size_t i = 0; i < f32.size(); ++i)
+    f32[i] = static_cast<float>(i) * 0.37f - 999.5f;
   std::vector<uint16_t> bf(7777);
-  for (size_t i = 0; i < bf.size(); ++i) bf[i] = static_cast<uint16_t>(0x3F00 + i * 3);
+  for (size_t i = 0; i < bf.size(); ++i)
+    bf[i] = static_cast<uint16_t>(0x3F00 + i * 3);
   {
     auto w = Writer::Create(dir.File("c.ckpt"), Fast());
     REQUIRE(w.ok());
@@ -520,7 +562,8 @@ TEST_CASE("device dtype conversion after the copy") {
     DeviceLoadOptions o;
     o.strategy = strategy;
     o.staging_buffer_bytes = 4096;
-    o.convert = {{DType::kFloat32, DType::kBFloat16}, {DType::kBFloat16, DType::kFloat16}};
+    o.convert = {{DType::kFloat32, DType::kBFloat16},
+                 {DType::kBFloat16, DType::kFloat16}};
     {
       auto load = LoadToDevice(*ck, {}, o);
       REQUIRE(load.ok());
@@ -532,7 +575,8 @@ TEST_CASE("device dtype conversion after the copy") {
           CHECK(t.info.dtype == DType::kBFloat16);
           REQUIRE(t.nbytes == 30000 * 2);
           std::vector<uint16_t> want(30000);
-          for (size_t k = 0; k < want.size(); ++k) want[k] = ckpt::convert::F32ToBF16(f32[k]);
+          for (size_t k = 0; k < want.size(); ++k)
+            want[k] = ckpt::convert::F32ToBF16(f32[k]);
           CHECK(std::memcmp(got.data(), want.data(), t.nbytes) == 0);
         } else if (t.info.path == "bf") {
           CHECK(t.info.dtype == DType::kFloat16);
@@ -555,12 +599,14 @@ TEST_CASE("device dtype conversion after the copy") {
   }
   DeviceLoadOptions to_half;
   to_half.convert = {{DType::kFloat32, DType::kFloat16}};
-  auto sizes = RequestBytes(*ck, std::vector<TensorRequest>{{"f32", {}}}, to_half);
+  auto sizes =
+      RequestBytes(*ck, std::vector<TensorRequest>{{"f32", {}}}, to_half);
   REQUIRE(sizes.ok());
   CHECK((*sizes)[0] == 60000);
   DeviceLoadOptions bad;
   bad.convert = {{DType::kInt32, DType::kFloat16}};
-  CHECK(LoadToDevice(*ck, {}, bad).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(LoadToDevice(*ck, {}, bad).status().code() ==
+        ErrorCode::kInvalidArgument);
 }
 
 TEST_CASE("converted row slices start at the right file offset") {
@@ -578,7 +624,8 @@ TEST_CASE("converted row slices start at the right file offset") {
   auto ck = Checkpoint::Open(dir.File("r.ckpt"));
   REQUIRE(ck.ok());
   std::vector<TensorRequest> req = {{"m", std::pair<int64_t, int64_t>{10, 13}}};
-  for (auto strategy : {LoadStrategy::kStaged, LoadStrategy::kDirect, LoadStrategy::kRegister}) {
+  for (auto strategy : {LoadStrategy::kStaged, LoadStrategy::kDirect,
+                        LoadStrategy::kRegister}) {
     for (bool verify : {false, true}) {
       cuda_double::Reset({});
       DeviceLoadOptions o;
@@ -593,7 +640,8 @@ TEST_CASE("converted row slices start at the right file offset") {
         REQUIRE(t.nbytes == 3 * 8 * 2);
         auto got = OnDevice(t);
         std::vector<uint16_t> want(3 * 8);
-        for (size_t k = 0; k < want.size(); ++k) want[k] = ckpt::convert::F32ToBF16(m[80 + k]);
+        for (size_t k = 0; k < want.size(); ++k)
+          want[k] = ckpt::convert::F32ToBF16(m[80 + k]);
         CHECK(std::memcmp(got.data(), want.data(), t.nbytes) == 0);
       }
       RequireNoLeaks();
@@ -603,7 +651,8 @@ TEST_CASE("converted row slices start at the right file offset") {
 
 TEST_CASE("whole storages to the device, and into caller memory") {
   TempDir dir;
-  MakeFile(dir.File("s.ckpt"));  // compared against the reader's own storage views
+  MakeFile(
+      dir.File("s.ckpt"));  // compared against the reader's own storage views
   auto ck = Checkpoint::Open(dir.File("s.ckpt"));
   REQUIRE(ck.ok());
   cuda_double::Reset({});
@@ -633,7 +682,9 @@ TEST_CASE("whole storages to the device, and into caller memory") {
   // Caller-provided memory, one pointer per storage.
   std::vector<void*> mine(storages.size());
   for (size_t i = 0; i < mine.size(); ++i) {
-    REQUIRE(cudaMalloc(&mine[i], std::max<uint64_t>(1, ck->storage_info(i).nbytes)) == cudaSuccess);
+    REQUIRE(cudaMalloc(&mine[i],
+                       std::max<uint64_t>(1, ck->storage_info(i).nbytes)) ==
+            cudaSuccess);
   }
   o.destinations = mine;
   {
@@ -648,9 +699,11 @@ TEST_CASE("whole storages to the device, and into caller memory") {
   for (void* p : mine) REQUIRE(cudaFree(p) == cudaSuccess);
   // Errors: a bad storage index, and conversion (meaningless on bytes).
   std::vector<size_t> bad = {99};
-  CHECK(LoadStoragesToDevice(*ck, bad, {}).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(LoadStoragesToDevice(*ck, bad, {}).status().code() ==
+        ErrorCode::kInvalidArgument);
   DeviceLoadOptions conv;
   conv.convert = {{DType::kFloat32, DType::kBFloat16}};
-  CHECK(LoadStoragesToDevice(*ck, storages, conv).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(LoadStoragesToDevice(*ck, storages, conv).status().code() ==
+        ErrorCode::kInvalidArgument);
   RequireNoLeaks();
 }

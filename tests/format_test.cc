@@ -1,6 +1,6 @@
-#include <catch2/catch.hpp>
-
 #include "ckpt/format.h"
+
+#include <catch2/catch.hpp>
 
 using namespace ckpt;
 
@@ -46,8 +46,8 @@ TEST_CASE("device strings") {
   for (auto d : {"cpu", "cuda:0", "cuda:15", "mps", "meta", "xla:3", "_x1"}) {
     CHECK(IsValidDevice(d));
   }
-  for (auto d : {"", "0cuda", "cuda:", "cuda:x", "cu da", "cuda:0:1",
-                 "cuda:-1"}) {
+  for (auto d :
+       {"", "0cuda", "cuda:", "cuda:x", "cu da", "cuda:0:1", "cuda:-1"}) {
     CHECK_FALSE(IsValidDevice(d));
   }
   // The same grammar as the reader's (FORMAT.md): the importer used to

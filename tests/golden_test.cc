@@ -21,19 +21,25 @@ Status WriteGolden(const std::string& path) {
   o.producer = "ckpt golden";
   CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(path, o));
   CKPT_ASSIGN_OR_RETURN(StorageId ws, w.AddStorage(Bytes(weight)));
-  CKPT_ASSIGN_OR_RETURN(NodeId wt,
-                        w.AddTensor(TensorSpec{DType::kFloat32, {2, 3}, {}, ws, 0, true, true}));
-  CKPT_ASSIGN_OR_RETURN(NodeId wtt,
-                        w.AddTensor(TensorSpec{DType::kFloat32, {3, 2}, {1, 3}, ws, 0}));
-  CKPT_ASSIGN_OR_RETURN(NodeId bt, w.AddTensor(DType::kBFloat16, {2}, Bytes(bias), "cuda:1"));
-  NodeId mk[] = {w.AddString("fc.weight"), w.AddString("fc.weight_t"), w.AddString("fc.bias")};
+  CKPT_ASSIGN_OR_RETURN(
+      NodeId wt,
+      w.AddTensor(TensorSpec{DType::kFloat32, {2, 3}, {}, ws, 0, true, true}));
+  CKPT_ASSIGN_OR_RETURN(
+      NodeId wtt,
+      w.AddTensor(TensorSpec{DType::kFloat32, {3, 2}, {1, 3}, ws, 0}));
+  CKPT_ASSIGN_OR_RETURN(
+      NodeId bt, w.AddTensor(DType::kBFloat16, {2}, Bytes(bias), "cuda:1"));
+  NodeId mk[] = {w.AddString("fc.weight"), w.AddString("fc.weight_t"),
+                 w.AddString("fc.bias")};
   NodeId mv[] = {wt, wtt, bt};
-  CKPT_ASSIGN_OR_RETURN(NodeId model, w.AddDict(mk, mv, "collections.OrderedDict"));
+  CKPT_ASSIGN_OR_RETURN(NodeId model,
+                        w.AddDict(mk, mv, "collections.OrderedDict"));
   NodeId hist[] = {w.AddFloat(2.5), w.AddFloat(1.25)};
   CKPT_ASSIGN_OR_RETURN(NodeId losses, w.AddList(hist));
-  NodeId rk[] = {w.AddString("model"), w.AddString("epoch"), w.AddString("losses"),
-                 w.AddInt(7), w.AddString("name")};
-  NodeId rv[] = {model, w.AddInt(3), losses, w.AddNone(), w.AddString("golden/run")};
+  NodeId rk[] = {w.AddString("model"), w.AddString("epoch"),
+                 w.AddString("losses"), w.AddInt(7), w.AddString("name")};
+  NodeId rv[] = {model, w.AddInt(3), losses, w.AddNone(),
+                 w.AddString("golden/run")};
   CKPT_ASSIGN_OR_RETURN(NodeId root, w.AddDict(rk, rv));
   CKPT_RETURN_IF_ERROR(w.SetRoot(root));
   CKPT_RETURN_IF_ERROR(w.SetMetadata("purpose", "golden file, format 1.0"));

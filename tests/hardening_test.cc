@@ -9,9 +9,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
 #include <algorithm>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -27,7 +27,8 @@
 namespace ckpt::test {
 namespace {
 
-// ---- item 1: empty containers, empty storages ---------------------------------
+// ---- item 1: empty containers, empty storages
+// ---------------------------------
 
 enum class Kind { kDict, kList, kTuple, kSet, kFrozenSet };
 constexpr Kind kKinds[] = {Kind::kDict, Kind::kList, Kind::kTuple, Kind::kSet,
@@ -35,11 +36,16 @@ constexpr Kind kKinds[] = {Kind::kDict, Kind::kList, Kind::kTuple, Kind::kSet,
 
 Result<NodeId> Empty(Writer& w, Kind k) {
   switch (k) {
-    case Kind::kDict: return w.AddDict({}, {});
-    case Kind::kList: return w.AddList({});
-    case Kind::kTuple: return w.AddTuple({});
-    case Kind::kSet: return w.AddSet({});
-    case Kind::kFrozenSet: return w.AddFrozenSet({});
+    case Kind::kDict:
+      return w.AddDict({}, {});
+    case Kind::kList:
+      return w.AddList({});
+    case Kind::kTuple:
+      return w.AddTuple({});
+    case Kind::kSet:
+      return w.AddSet({});
+    case Kind::kFrozenSet:
+      return w.AddFrozenSet({});
   }
   return InvalidArgument("kind");
 }
@@ -52,26 +58,28 @@ Status WriteNested(const std::string& path, Kind k, int depth) {
   for (int d = 0; d < depth; ++d) {
     if (d % 2 == 0) {
       NodeId key = w.AddString("k" + std::to_string(d));
-      CKPT_ASSIGN_OR_RETURN(node, w.AddDict(std::vector<NodeId>{key},
-                                            std::vector<NodeId>{node}));
+      CKPT_ASSIGN_OR_RETURN(
+          node, w.AddDict(std::vector<NodeId>{key}, std::vector<NodeId>{node}));
     } else {
       CKPT_ASSIGN_OR_RETURN(node, w.AddList(std::vector<NodeId>{node}));
     }
   }
   CKPT_ASSIGN_OR_RETURN(NodeId none, Empty(w, Kind::kDict));  // a sibling
-  CKPT_ASSIGN_OR_RETURN(NodeId empty_t,
-                        w.AddTensor(DType::kFloat32, {0}, std::span<const std::byte>()));
+  CKPT_ASSIGN_OR_RETURN(
+      NodeId empty_t,
+      w.AddTensor(DType::kFloat32, {0}, std::span<const std::byte>()));
   std::vector<float> v = {1, 2, 3};
   CKPT_ASSIGN_OR_RETURN(NodeId t, w.AddTensor(DType::kFloat32, {3}, Bytes(v)));
-  std::vector<NodeId> keys = {w.AddString("x"), w.AddString("e"), w.AddString("t"),
-                              w.AddString("o")};
+  std::vector<NodeId> keys = {w.AddString("x"), w.AddString("e"),
+                              w.AddString("t"), w.AddString("o")};
   std::vector<NodeId> items = {node, empty_t, t, none};
   CKPT_ASSIGN_OR_RETURN(NodeId root, w.AddDict(keys, items));
   CKPT_RETURN_IF_ERROR(w.SetRoot(root));
   return w.Commit();
 }
 
-TEST_CASE("item 1: verify accepts empty containers of every kind at every depth") {
+TEST_CASE(
+    "item 1: verify accepts empty containers of every kind at every depth") {
   TempDir dir;
   for (Kind k : kKinds) {
     for (int depth = 0; depth <= 5; ++depth) {
@@ -110,7 +118,8 @@ TEST_CASE("item 1: an empty root dict and an empty storage verify") {
     auto w = Writer::Create(dir.File("s.ckpt"), Fast());
     REQUIRE(w.ok());
     REQUIRE(w->AddStorage(std::span<const std::byte>(), "cpu").ok());
-    REQUIRE(w->PutTensor("z", DType::kInt8, {0}, std::span<const std::byte>()).ok());
+    REQUIRE(w->PutTensor("z", DType::kInt8, {0}, std::span<const std::byte>())
+                .ok());
     REQUIRE(w->Commit().ok());
   }
   auto s = Checkpoint::Open(dir.File("s.ckpt"));
@@ -119,7 +128,8 @@ TEST_CASE("item 1: an empty root dict and an empty storage verify") {
   CHECK(s->Verify().ok());
 }
 
-// ---- item 2: expanded views walk in bounded memory ----------------------------
+// ---- item 2: expanded views walk in bounded memory
+// ----------------------------
 
 constexpr int64_t kHuge = int64_t{1} << 40;
 
@@ -157,7 +167,8 @@ TEST_CASE("item 2: a stride-0 view of 2^40 elements streams piece by piece") {
     std::vector<float> f(b.size() / 4);
     std::memcpy(f.data(), b.data(), b.size());
     for (float x : f) REQUIRE(x == 2.5f);
-    return pieces == 3 ? Status(ErrorCode::kInvalidArgument, "stop") : Status::OK();
+    return pieces == 3 ? Status(ErrorCode::kInvalidArgument, "stop")
+                       : Status::OK();
   });
   CHECK(pieces == 3);
   CHECK(s.message() == "stop");
@@ -166,8 +177,10 @@ TEST_CASE("item 2: a stride-0 view of 2^40 elements streams piece by piece") {
   REQUIRE(t->CopyTo(win, uint64_t(kHuge) * 4 - 64).ok());
   // A whole copy is the caller's allocation: a wrong-sized buffer is refused.
   CHECK(t->CopyTo(win).code() == ErrorCode::kInvalidArgument);
-  CHECK(t->CopyTo(win, 3).code() == ErrorCode::kInvalidArgument);  // not an element
-  CHECK(t->CopyTo(win, uint64_t(kHuge) * 4).code() == ErrorCode::kInvalidArgument);
+  CHECK(t->CopyTo(win, 3).code() ==
+        ErrorCode::kInvalidArgument);  // not an element
+  CHECK(t->CopyTo(win, uint64_t(kHuge) * 4).code() ==
+        ErrorCode::kInvalidArgument);
 }
 
 TEST_CASE("item 2: windows of strided views equal the whole copy") {
@@ -191,9 +204,11 @@ TEST_CASE("item 2: windows of strided views equal the whole copy") {
     std::shuffle(strides.begin(), strides.end(), rng);
     if (rng() % 3 == 0) strides[rng() % strides.size()] = 0;
     int64_t need = 1;
-    for (size_t d = 0; d < shape.size(); ++d) need += (shape[d] - 1) * strides[d];
+    for (size_t d = 0; d < shape.size(); ++d)
+      need += (shape[d] - 1) * strides[d];
     int64_t off = static_cast<int64_t>(rng() % 3);
-    auto data = Pattern(static_cast<size_t>(need + off) * 2, static_cast<unsigned>(round));
+    auto data = Pattern(static_cast<size_t>(need + off) * 2,
+                        static_cast<unsigned>(round));
     {
       auto w = Writer::Create(p, Fast());
       REQUIRE(w.ok());
@@ -215,19 +230,26 @@ TEST_CASE("item 2: windows of strided views equal the whole copy") {
       for (size_t b = a; b <= whole.size(); b += 2 * (1 + rng() % 3)) {
         std::vector<std::byte> win(b - a);
         REQUIRE(t->CopyTo(win, a).ok());
-        REQUIRE(std::equal(win.begin(), win.end(), whole.begin() + static_cast<long>(a)));
+        REQUIRE(std::equal(win.begin(), win.end(),
+                           whole.begin() + static_cast<long>(a)));
       }
     }
     std::vector<std::byte> streamed;
-    REQUIRE(ck->StreamTensor(*t, [&](std::span<const std::byte> b) {
-                  streamed.insert(streamed.end(), b.begin(), b.end());
-                  return Status::OK();
-                }, 6).ok());
+    REQUIRE(ck->StreamTensor(
+                  *t,
+                  [&](std::span<const std::byte> b) {
+                    streamed.insert(streamed.end(), b.begin(), b.end());
+                    return Status::OK();
+                  },
+                  6)
+                .ok());
     CHECK(streamed == whole);
   }
 }
 
-TEST_CASE("item 2: ParallelFor turns exceptions into a Status and keeps the lowest failure") {
+TEST_CASE(
+    "item 2: ParallelFor turns exceptions into a Status and keeps the lowest "
+    "failure") {
   std::atomic<int> ran{0};
   Status s = internal::ParallelFor(100, 4, [&](size_t i) -> Status {
     ++ran;
@@ -237,10 +259,13 @@ TEST_CASE("item 2: ParallelFor turns exceptions into a Status and keeps the lowe
   });
   CHECK(s.code() == ErrorCode::kResourceExhausted);
   CHECK(ran.load() >= 31);
-  CHECK(internal::ParallelFor(0, 4, [](size_t) { return Corrupt("never"); }).ok());
+  CHECK(internal::ParallelFor(0, 4, [](size_t) {
+          return Corrupt("never");
+        }).ok());
 }
 
-// ---- item 3: the file changes under an open handle ------------------------------
+// ---- item 3: the file changes under an open handle
+// ------------------------------
 
 void WriteModel(const std::string& p) {
   auto w = Writer::Create(p, Fast());
@@ -252,7 +277,8 @@ void WriteModel(const std::string& p) {
   REQUIRE(w->Commit().ok());
 }
 
-TEST_CASE("item 3: metadata and tree survive the file being truncated in place") {
+TEST_CASE(
+    "item 3: metadata and tree survive the file being truncated in place") {
   TempDir dir;
   std::string p = dir.File("m.ckpt");
   for (Backend backend : {Backend::kMmap, Backend::kPread}) {
@@ -275,9 +301,11 @@ TEST_CASE("item 3: metadata and tree survive the file being truncated in place")
   }
 }
 
-// ---- item 5: files larger than RAM + swap ------------------------------------
+// ---- item 5: files larger than RAM + swap
+// ------------------------------------
 
-TEST_CASE("item 5: a sparse 64 GiB file opens, with writable views per storage") {
+TEST_CASE(
+    "item 5: a sparse 64 GiB file opens, with writable views per storage") {
   TempDir dir;
   std::string p = dir.File("big.ckpt");
   // 64 GiB in all, more than RAM + swap of the project's 24 GiB machines
@@ -312,12 +340,14 @@ TEST_CASE("item 5: a sparse 64 GiB file opens, with writable views per storage")
   for (size_t i = 0; i < ck->num_storages(); ++i) REQUIRE(ck->Storage(i).ok());
 }
 
-// ---- items 6 and 7: killed saves, permissions, links, long names --------------
+// ---- items 6 and 7: killed saves, permissions, links, long names
+// --------------
 
 // Forks a writer that streams `mib` MiB into `target` (unnamed or named
 // temporary) and stops after `stop_after` MiB, holding its temporary open;
 // returns its pid once it has written that much.
-pid_t SlowWriter(const std::string& target, bool allow_tmpfile, int stop_after) {
+pid_t SlowWriter(const std::string& target, bool allow_tmpfile,
+                 int stop_after) {
   int pipefd[2];
   REQUIRE(::pipe(pipefd) == 0);
   pid_t pid = ::fork();
@@ -354,24 +384,28 @@ TEST_CASE("item 6: a SIGKILLed or SIGTERMed save leaves nothing behind") {
   TempDir dir;
   auto before = SmallFile(dir.File("t.ckpt"));
   for (int sig : {SIGKILL, SIGTERM}) {
-    for (int i = 0; i < 3; ++i) Kill(SlowWriter(dir.File("t.ckpt"), true, 8), sig);
+    for (int i = 0; i < 3; ++i)
+      Kill(SlowWriter(dir.File("t.ckpt"), true, 8), sig);
   }
   CHECK(dir.List() == std::vector<std::string>{"t.ckpt"});
   CHECK(ReadAll(dir.File("t.ckpt")) == before);
 }
 
-TEST_CASE("item 6: without O_TMPFILE the next save sweeps dead writers' temporaries, never a live one's") {
+TEST_CASE(
+    "item 6: without O_TMPFILE the next save sweeps dead writers' temporaries, "
+    "never a live one's") {
   TempDir dir;
   std::string target = dir.File("t.ckpt");
   SmallFile(target);
   // Leftovers of killed writers: two by hand (as older versions left
   // them, no lock), one from a writer killed mid-save.
   const std::string prefix = internal::AtomicFile::TempPrefix("t.ckpt");
-  for (const char* r : {"AAAAAA", "BBBBBB"}) WriteAll(dir.File(prefix + r), Pattern(4096, 1));
+  for (const char* r : {"AAAAAA", "BBBBBB"})
+    WriteAll(dir.File(prefix + r), Pattern(4096, 1));
   Kill(SlowWriter(target, false, 4), SIGKILL);  // its Create swept the two
   CHECK(dir.List().size() == 2);                // target + one stale temporary
   WriteAll(dir.File(prefix + "CCCCCC"), Pattern(4096, 2));
-  pid_t live = SlowWriter(target, false, 2);    // sweeps, then holds its own
+  pid_t live = SlowWriter(target, false, 2);  // sweeps, then holds its own
   auto names = dir.List();
   REQUIRE(names.size() == 2);
   std::string live_temp = names[0] == "t.ckpt" ? names[1] : names[0];
@@ -404,12 +438,15 @@ int ProcUmask() {
   std::ifstream f("/proc/self/status");
   std::string line;
   while (std::getline(f, line)) {
-    if (line.rfind("Umask:", 0) == 0) return std::stoi(line.substr(6), nullptr, 8);
+    if (line.rfind("Umask:", 0) == 0)
+      return std::stoi(line.substr(6), nullptr, 8);
   }
   return -1;
 }
 
-TEST_CASE("item 7: the writer never changes the umask; a new file gets mode & ~umask") {
+TEST_CASE(
+    "item 7: the writer never changes the umask; a new file gets mode & "
+    "~umask") {
   TempDir dir;
   mode_t old = ::umask(027);
   REQUIRE(ProcUmask() == 027);
@@ -448,7 +485,9 @@ TEST_CASE("item 7: the writer never changes the umask; a new file gets mode & ~u
   }
 }
 
-TEST_CASE("item 7: re-saving keeps permission bits; a symlinked target is written through") {
+TEST_CASE(
+    "item 7: re-saving keeps permission bits; a symlinked target is written "
+    "through") {
   TempDir dir;
   std::string p = dir.File("p.ckpt");
   SmallFile(p);
@@ -461,7 +500,8 @@ TEST_CASE("item 7: re-saving keeps permission bits; a symlinked target is writte
   TempDir other;
   std::string real = other.File("real.ckpt");
   SmallFile(real);
-  std::string rel = "../" + other.path().substr(other.path().rfind('/') + 1) + "/real.ckpt";
+  std::string rel =
+      "../" + other.path().substr(other.path().rfind('/') + 1) + "/real.ckpt";
   std::string link = dir.File("link.ckpt");
   REQUIRE(::symlink(rel.c_str(), link.c_str()) == 0);
   {
@@ -505,9 +545,11 @@ TEST_CASE("item 7: a 250-character file name works, in both temporary modes") {
 namespace ckpt::test {
 namespace {
 
-// ---- found by review of the fixes above ------------------------------------------
+// ---- found by review of the fixes above
+// ------------------------------------------
 
-TEST_CASE("item 6: concurrent saves of one target never take each other's file") {
+TEST_CASE(
+    "item 6: concurrent saves of one target never take each other's file") {
   // A save's sweep once unlinked the instant name another save's unnamed
   // inode had at commit (it was not locked): that commit's rename failed.
   TempDir dir;
@@ -537,7 +579,8 @@ TEST_CASE("item 6: the sweep leaves a user's own look-alike files alone") {
   CHECK(dir.List().size() == 3);
 }
 
-TEST_CASE("item 7: a device, FIFO or socket target is refused, never replaced") {
+TEST_CASE(
+    "item 7: a device, FIFO or socket target is refused, never replaced") {
   TempDir dir;
   std::string fifo = dir.File("pipe");
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
@@ -554,17 +597,21 @@ TEST_CASE("item 7: a device, FIFO or socket target is refused, never replaced") 
   ::unlink(fifo.c_str());
 }
 
-TEST_CASE("item 7: a truncated long name still ends on a whole UTF-8 character") {
+TEST_CASE(
+    "item 7: a truncated long name still ends on a whole UTF-8 character") {
   // 2-byte characters so the cut falls inside one.
   std::string base;
   while (base.size() < 300) base += "\xc3\xa9";
   std::string prefix = internal::AtomicFile::TempPrefix(base);
   CHECK(prefix.size() + 6 <= NAME_MAX);
-  std::string kept = prefix.substr(1, prefix.size() - 1 - std::string(".tmp-ckpt").size());
+  std::string kept =
+      prefix.substr(1, prefix.size() - 1 - std::string(".tmp-ckpt").size());
   CHECK(kept.size() % 2 == 0);
 }
 
-TEST_CASE("item 5: copy-on-write views of 70,000 storages stay within the kernel's map limit") {
+TEST_CASE(
+    "item 5: copy-on-write views of 70,000 storages stay within the kernel's "
+    "map limit") {
   // One mapping per storage hit vm.max_map_count (65530) at ~65k storages.
   TempDir dir;
   std::string p = dir.File("many.ckpt");
@@ -574,7 +621,8 @@ TEST_CASE("item 5: copy-on-write views of 70,000 storages stay within the kernel
     for (int i = 0; i < 70000; ++i) {
       float v = static_cast<float>(i);
       REQUIRE(w->PutTensor("t" + std::to_string(i), DType::kFloat32, {1},
-                           std::as_bytes(std::span(&v, 1))).ok());
+                           std::as_bytes(std::span(&v, 1)))
+                  .ok());
     }
     REQUIRE(w->Commit().ok());
   }
@@ -592,13 +640,17 @@ TEST_CASE("item 5: copy-on-write views of 70,000 storages stay within the kernel
   float x = 99;
   std::memcpy(w, &x, 4);
   CHECK(std::memcmp(ck->Storage(5)->data.data(), &x, 4) == 0);  // same pages
-  CHECK(std::memcmp(keep[6].data.data(), &x, 4) != 0);           // its neighbour untouched
+  CHECK(std::memcmp(keep[6].data.data(), &x, 4) !=
+        0);  // its neighbour untouched
 }
 
-TEST_CASE("item 2: the pread backend reports a tensor too large to copy, never aborts") {
+TEST_CASE(
+    "item 2: the pread backend reports a tensor too large to copy, never "
+    "aborts") {
   TempDir dir;
   std::string p = dir.File("big.ckpt");
-  REQUIRE(WriteSparse(p, {uint64_t{64} << 30}).ok());  // more than RAM + swap here
+  REQUIRE(
+      WriteSparse(p, {uint64_t{64} << 30}).ok());  // more than RAM + swap here
   ReadOptions ro;
   ro.backend = Backend::kPread;
   auto ck = Checkpoint::Open(p, ro);
@@ -609,7 +661,9 @@ TEST_CASE("item 2: the pread backend reports a tensor too large to copy, never a
   CHECK(ck->Storage(0).status().code() == ErrorCode::kResourceExhausted);
 }
 
-TEST_CASE("item 3: verify and copies of a file truncated under an open handle are errors, not SIGBUS") {
+TEST_CASE(
+    "item 3: verify and copies of a file truncated under an open handle are "
+    "errors, not SIGBUS") {
   TempDir dir;
   std::string p = dir.File("m.ckpt");
   WriteModel(p);

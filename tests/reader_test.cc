@@ -10,16 +10,20 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
   TempDir dir;
   std::string path = dir.File("many.ckpt");
   std::vector<std::string> names;
-  for (int i = 0; i < 10000; ++i) names.push_back("layer." + std::to_string(i) + ".w");
+  for (int i = 0; i < 10000; ++i)
+    names.push_back("layer." + std::to_string(i) + ".w");
   names.push_back(std::string("nul\0inside", 10));
-  names.push_back("\xf4\x8f\xbf\xbf high code points");  // U+10FFFF (paths are UTF-8, R19)
+  names.push_back(
+      "\xf4\x8f\xbf\xbf high code points");  // U+10FFFF (paths are UTF-8, R19)
   names.push_back("");  // empty key: path "" (like a top-level tensor)
   {
     auto w = Writer::Create(path, Fast());
     REQUIRE(w.ok());
     for (size_t i = 0; i < names.size(); ++i) {
       int32_t v = static_cast<int32_t>(i);
-      REQUIRE(w->PutTensor(names[i], DType::kInt32, {}, std::as_bytes(std::span(&v, 1))).ok());
+      REQUIRE(w->PutTensor(names[i], DType::kInt32, {},
+                           std::as_bytes(std::span(&v, 1)))
+                  .ok());
     }
     REQUIRE(w->Commit().ok());
   }
@@ -30,14 +34,17 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
     auto t = ck->Tensor(names[i]);
     INFO(i);
     REQUIRE(t.ok());
-    CHECK(*reinterpret_cast<const int32_t*>(t->data().data()) == static_cast<int32_t>(i));
+    CHECK(*reinterpret_cast<const int32_t*>(t->data().data()) ==
+          static_cast<int32_t>(i));
     auto index = ck->TensorIndex(names[i]);
     REQUIRE(index.ok());
     CHECK(ck->tensor_info(*index).path == names[i]);
   }
   CHECK(ck->Tensor("layer.10000.w").status().code() == ErrorCode::kNotFound);
-  CHECK(ck->TensorIndex("layer.10000.w").status().code() == ErrorCode::kNotFound);
-  CHECK(ck->Tensor(std::string("nul", 3)).status().code() == ErrorCode::kNotFound);
+  CHECK(ck->TensorIndex("layer.10000.w").status().code() ==
+        ErrorCode::kNotFound);
+  CHECK(ck->Tensor(std::string("nul", 3)).status().code() ==
+        ErrorCode::kNotFound);
   for (size_t i = 1; i < ck->num_tensors(); ++i) {
     CHECK(ck->tensor_info(i - 1).path < ck->tensor_info(i).path);
   }
@@ -98,7 +105,8 @@ TEST_CASE("open errors name the file") {
   WriteAll(dir.File("junk"), std::as_bytes(std::span(text)));
   auto junk = Checkpoint::Open(dir.File("junk"));
   CHECK(junk.status().code() == ErrorCode::kCorrupt);
-  CHECK(junk.status().ToString().find("junk:0: corrupt: bad magic") != std::string::npos);
+  CHECK(junk.status().ToString().find("junk:0: corrupt: bad magic") !=
+        std::string::npos);
 }
 
 TEST_CASE("populate and pread backends read the same bytes as mmap") {
@@ -140,7 +148,8 @@ TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
   {
     auto w = Writer::Create(path, Fast());
     REQUIRE(w.ok());
-    REQUIRE(w->PutTensor("big", DType::kUInt8, {int64_t(big.size())}, big).ok());
+    REQUIRE(
+        w->PutTensor("big", DType::kUInt8, {int64_t(big.size())}, big).ok());
     REQUIRE(w->PutTensor("small", DType::kUInt8, {100}, small).ok());
     REQUIRE(w->Commit().ok());
   }
@@ -157,7 +166,8 @@ TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
       const auto& want = ck->storage_info(i).nbytes == big.size() ? big : small;
       auto view = ck->Storage(i);
       REQUIRE(view.ok());
-      CHECK(std::equal(view->data.begin(), view->data.end(), want.begin(), want.end()));
+      CHECK(std::equal(view->data.begin(), view->data.end(), want.begin(),
+                       want.end()));
       std::vector<std::byte> out(want.size() - 10);
       REQUIRE(ck->ReadStorage(i, 10, out).ok());
       CHECK(std::equal(out.begin(), out.end(), want.begin() + 10));
@@ -169,7 +179,8 @@ TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
     CHECK(ck->Storage(2).status().code() == ErrorCode::kInvalidArgument);
     CHECK(ck->ReadStorage(2, 0, {}).code() == ErrorCode::kInvalidArgument);
     if (cow) {
-      // A private mapping takes writes; the file and other openers never see them.
+      // A private mapping takes writes; the file and other openers never see
+      // them.
       auto view = ck->Storage(0);
       REQUIRE(view.ok());
       auto* p = const_cast<std::byte*>(view->data.data());

@@ -11,7 +11,6 @@ using namespace ckpt::test;
 
 namespace {
 
-
 std::vector<std::byte> Contiguous(const TensorRef& t) {
   std::vector<std::byte> out(static_cast<size_t>(t.info().nbytes()));
   REQUIRE(t.CopyTo(out).ok());
@@ -30,7 +29,8 @@ TEST_CASE("round trip of every dtype, both backends") {
     for (uint8_t c = 1; c <= kMaxDTypeCode; ++c) {
       auto d = static_cast<DType>(c);
       data.push_back(Pattern(DTypeSize(d) * 15, c));
-      REQUIRE(w->PutTensor(std::string(DTypeName(d)), d, {3, 5}, data.back()).ok());
+      REQUIRE(
+          w->PutTensor(std::string(DTypeName(d)), d, {3, 5}, data.back()).ok());
     }
     REQUIRE(w->Commit().ok());
   }
@@ -49,7 +49,8 @@ TEST_CASE("round trip of every dtype, both backends") {
       CHECK(t->shape() == std::vector<int64_t>{3, 5});
       CHECK(t->strides() == std::vector<int64_t>{5, 1});
       REQUIRE(t->data().size() == data[c - 1].size());
-      CHECK(std::equal(t->data().begin(), t->data().end(), data[c - 1].begin()));
+      CHECK(
+          std::equal(t->data().begin(), t->data().end(), data[c - 1].begin()));
       // Zero-copy with mmap: every blob is aligned in the file.
       CHECK(reinterpret_cast<uintptr_t>(t->data().data()) % kMinAlignment == 0);
     }
@@ -65,7 +66,8 @@ TEST_CASE("0-dim, zero-element and huge-dimension tensors") {
     auto w = Writer::Create(path, Fast());
     REQUIRE(w.ok());
     REQUIRE(w->PutTensor("scalar", DType::kFloat64, {},
-                         std::as_bytes(std::span(&scalar, 1))).ok());
+                         std::as_bytes(std::span(&scalar, 1)))
+                .ok());
     REQUIRE(w->PutTensor("empty", DType::kFloat32, {0, 4}, {}).ok());
     // A 2^40-element expanded view of one element (stride 0), as torch's
     // expand() makes: huge shape, 2 bytes of storage.
@@ -116,11 +118,14 @@ TEST_CASE("strided views and shared storages are stored once and kept") {
     REQUIRE(s.ok());
     TensorSpec full{DType::kFloat32, {4, 6}, {}, *s, 0, true, true};
     TensorSpec transposed{DType::kFloat32, {6, 4}, {1, 6}, *s, 0};
-    TensorSpec slice{DType::kFloat32, {2, 3}, {3, 1}, *s, 2};  // base[2:8].view(2,3)
+    TensorSpec slice{
+        DType::kFloat32, {2, 3}, {3, 1}, *s, 2};  // base[2:8].view(2,3)
     TensorSpec tied{DType::kFloat32, {4, 6}, {}, *s, 0};
     std::vector<NodeId> keys, vals;
-    for (auto [name, spec] : {std::pair{"full", full}, {"t", transposed},
-                              {"slice", slice}, {"tied", tied}}) {
+    for (auto [name, spec] : {std::pair{"full", full},
+                              {"t", transposed},
+                              {"slice", slice},
+                              {"tied", tied}}) {
       keys.push_back(w->AddString(name));
       auto n = w->AddTensor(spec);
       REQUIRE(n.ok());
@@ -191,9 +196,12 @@ TEST_CASE("row slices are views of exactly the rows' bytes") {
     CHECK(reinterpret_cast<const int32_t*>(r->data().data())[0] == 70);
     CHECK(ck->TensorRows("m", 0, 0).ok());
     CHECK(ck->TensorRows("m", 100, 100).ok());
-    CHECK(ck->TensorRows("m", 5, 101).status().code() == ErrorCode::kInvalidArgument);
-    CHECK(ck->TensorRows("m", -1, 3).status().code() == ErrorCode::kInvalidArgument);
-    CHECK(ck->TensorRows("m", 4, 3).status().code() == ErrorCode::kInvalidArgument);
+    CHECK(ck->TensorRows("m", 5, 101).status().code() ==
+          ErrorCode::kInvalidArgument);
+    CHECK(ck->TensorRows("m", -1, 3).status().code() ==
+          ErrorCode::kInvalidArgument);
+    CHECK(ck->TensorRows("m", 4, 3).status().code() ==
+          ErrorCode::kInvalidArgument);
     CHECK(ck->TensorRows("nope", 0, 1).status().code() == ErrorCode::kNotFound);
   }
 }
@@ -211,7 +219,10 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
     //  "set": {7}, "fs": frozenset(), "opt": {"state": {0: {"exp_avg": T}}},
     //  (1, "a"): "tuple key", 5: "int key", "w": T}
     std::vector<NodeId> k, v;
-    auto put = [&](NodeId key, NodeId val) { k.push_back(key); v.push_back(val); };
+    auto put = [&](NodeId key, NodeId val) {
+      k.push_back(key);
+      v.push_back(val);
+    };
     put(w->AddString("epoch"), w->AddInt(3));
     put(w->AddString("loss"), w->AddFloat(0.25));
     put(w->AddString("negzero"), w->AddFloat(-0.0));
@@ -219,8 +230,8 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
     put(w->AddString("name"), w->AddString("run/1"));
     put(w->AddString("flag"), w->AddBool(true));
     put(w->AddString("none"), w->AddNone());
-    std::vector<uint8_t> big = {0, 0, 0, 0, 0, 0, 0, 0, 0x40};      // 2^70
-    std::vector<uint8_t> neg = {0, 0, 0, 0, 0, 0, 0, 0, 0xC0};      // -2^70
+    std::vector<uint8_t> big = {0, 0, 0, 0, 0, 0, 0, 0, 0x40};  // 2^70
+    std::vector<uint8_t> neg = {0, 0, 0, 0, 0, 0, 0, 0, 0xC0};  // -2^70
     put(w->AddString("big"), w->AddBigInt(big).value());
     put(w->AddString("neg"), w->AddBigInt(neg).value());
     put(w->AddString("c"), w->AddComplex(1, 2));
@@ -242,11 +253,13 @@ TEST_CASE("every object-tree kind round-trips, with int and tuple keys") {
     NodeId s0_v[] = {w->AddDict(ea_k, ea_v).value()};
     NodeId st_k[] = {w->AddString("state")};
     NodeId st_v[] = {w->AddDict(s0_k, s0_v).value()};
-    put(w->AddString("opt"), w->AddDict(st_k, st_v, "collections.OrderedDict").value());
+    put(w->AddString("opt"),
+        w->AddDict(st_k, st_v, "collections.OrderedDict").value());
     NodeId tk[] = {w->AddInt(1), w->AddString("a")};
     put(w->AddTuple(tk).value(), w->AddString("tuple key"));
     put(w->AddInt(5), w->AddString("int key"));
-    put(w->AddString("w"), w->AddTensor(DType::kFloat32, {1}, Bytes(w2)).value());
+    put(w->AddString("w"),
+        w->AddTensor(DType::kFloat32, {1}, Bytes(w2)).value());
     auto root = w->AddDict(k, v);
     REQUIRE(root.ok());
     REQUIRE(w->SetRoot(*root).ok());
@@ -392,7 +405,8 @@ TEST_CASE("streamed storages hash per chunk across Append boundaries") {
     }
     REQUIRE(w->Append(std::span(data).subspan(pos)).ok());
     REQUIRE(w->EndStorage().ok());
-    TensorSpec spec{DType::kUInt8, {static_cast<int64_t>(data.size())}, {}, *s, 0};
+    TensorSpec spec{
+        DType::kUInt8, {static_cast<int64_t>(data.size())}, {}, *s, 0};
     REQUIRE(w->PutValue("x", w->AddTensor(spec).value()).ok());
     REQUIRE(w->Commit().ok());
   }

@@ -13,10 +13,11 @@
 
 namespace ckpt::test {
 
-// A sparse file of float32 tensors "t0", "t1"... of `sizes` bytes: a real header
-// over data that was never written (holes read as zeros). Checksums of the
-// data are not valid; Open does not read them.
-inline Status WriteSparse(const std::string& path, const std::vector<uint64_t>& sizes) {
+// A sparse file of float32 tensors "t0", "t1"... of `sizes` bytes: a real
+// header over data that was never written (holes read as zeros). Checksums of
+// the data are not valid; Open does not read them.
+inline Status WriteSparse(const std::string& path,
+                          const std::vector<uint64_t>& sizes) {
   const int n = static_cast<int>(sizes.size());
   // Build the header with the writer over tiny storages, then move the
   // storages apart and re-seal.
@@ -25,20 +26,22 @@ inline Status WriteSparse(const std::string& path, const std::vector<uint64_t>& 
     CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(path, Fast()));
     std::vector<float> v(1024, 0.0f);
     for (int i = 0; i < n; ++i) {
-      CKPT_RETURN_IF_ERROR(
-          w.PutTensor("t" + std::to_string(i), DType::kFloat32, {1024}, Bytes(v)));
+      CKPT_RETURN_IF_ERROR(w.PutTensor("t" + std::to_string(i), DType::kFloat32,
+                                       {1024}, Bytes(v)));
     }
     CKPT_RETURN_IF_ERROR(w.Commit());
     small = ReadAll(path);
   }
   uint64_t hoff = GetU64(small, internal::kOffHeaderOffset);
-  auto* h = fb::GetHeader(reinterpret_cast<const uint8_t*>(small.data() + hoff));
+  auto* h =
+      fb::GetHeader(reinterpret_cast<const uint8_t*>(small.data() + hoff));
   fb::HeaderT obj;
   h->UnPackTo(&obj);
   const uint64_t data_offset = GetU64(small, internal::kOffDataOffset);
   const uint64_t chunk = obj.chunk_size;
   uint64_t at = data_offset;
-  if (obj.storages.size() != sizes.size()) return InvalidArgument("storage count");
+  if (obj.storages.size() != sizes.size())
+    return InvalidArgument("storage count");
   for (size_t i = 0; i < sizes.size(); ++i) {
     auto& st = obj.storages[i];
     st->offset = at;

@@ -1,9 +1,8 @@
 // docs/FORMAT.md as another implementer reads it: each rule the spec
 // settles (key forms, key kinds, duplicate keys, UTF-8, devices, set
 // order) has a case here.
-#include <catch2/catch.hpp>
-
 #include <bit>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
 
@@ -67,7 +66,8 @@ std::vector<std::byte> TupleKeyFile(const std::string& path) {
 
 }  // namespace
 
-// ---- 7.3 float keys ------------------------------------------------------------
+// ---- 7.3 float keys
+// ------------------------------------------------------------
 
 TEST_CASE("7.3: float keys are written as Python's repr()") {
   // Bit patterns and Python 3's repr() of each (CPython, float_repr_style
@@ -133,7 +133,8 @@ TEST_CASE("7.3: float keys are written as Python's repr()") {
   CHECK(ck->Verify().ok());
 }
 
-TEST_CASE("7.3 and 9: a file with float keys is stamped 1.1; one without stays 1.0") {
+TEST_CASE(
+    "7.3 and 9: a file with float keys is stamped 1.1; one without stays 1.0") {
   TempDir dir;
   auto plain = Build(dir.File("a.ckpt"), [](Writer& w) -> Result<NodeId> {
     NodeId k[] = {w.AddString("x"), w.AddInt(3)};
@@ -142,7 +143,8 @@ TEST_CASE("7.3 and 9: a file with float keys is stamped 1.1; one without stays 1
   });
   CHECK(StampedMinor(plain) == 0);
   auto nested = Build(dir.File("b.ckpt"), [](Writer& w) -> Result<NodeId> {
-    NodeId t[] = {w.AddString("lr"), w.AddFloat(0.5)};  // a float inside a tuple key
+    NodeId t[] = {w.AddString("lr"),
+                  w.AddFloat(0.5)};  // a float inside a tuple key
     CKPT_ASSIGN_OR_RETURN(NodeId tup, w.AddTuple(t));
     NodeId k[] = {tup};
     NodeId v[] = {w.AddNone()};
@@ -162,28 +164,35 @@ TEST_CASE("7.3 and 9: a file with float keys is stamped 1.1; one without stays 1
   CHECK(internal::FormatDouble(1e-4, FloatKeyForm::kPythonRepr) == "0.0001");
   // 1.0's form: fewest characters, then nearest: whole numbers keep their
   // exact digits (FORMAT.md 7.3 said "the same digits" before).
-  CHECK(internal::FormatDouble(9223372036854775808.0, FloatKeyForm::kCxxToChars1_0) ==
+  CHECK(internal::FormatDouble(9223372036854775808.0,
+                               FloatKeyForm::kCxxToChars1_0) ==
         "9223372036854775808");
-  CHECK(internal::FormatDouble(1180591620717411303424.0, FloatKeyForm::kCxxToChars1_0) ==
+  CHECK(internal::FormatDouble(1180591620717411303424.0,
+                               FloatKeyForm::kCxxToChars1_0) ==
         "1180591620717411303424");
-  CHECK(internal::FormatDouble(123456789012345678.0, FloatKeyForm::kCxxToChars1_0) ==
+  CHECK(internal::FormatDouble(123456789012345678.0,
+                               FloatKeyForm::kCxxToChars1_0) ==
         "123456789012345680");
 }
 
-TEST_CASE("7.3: a 1.0 file's tensor under a float key verifies with the 1.0 path form") {
+TEST_CASE(
+    "7.3: a 1.0 file's tensor under a float key verifies with the 1.0 path "
+    "form") {
   // Written as 1.1 (path "1.0"), then made what a 1.0 writer wrote: path
   // "1" (std::to_chars) and minor 0. Verify (R16) must use the 1.0 form;
   // it used the 1.1 form for every file and refused such files.
   TempDir dir;
   std::vector<float> v = {1, 2};
   auto file = Build(dir.File("f.ckpt"), [&](Writer& w) -> Result<NodeId> {
-    CKPT_ASSIGN_OR_RETURN(NodeId t, w.AddTensor(DType::kFloat32, {2}, Bytes(v)));
+    CKPT_ASSIGN_OR_RETURN(NodeId t,
+                          w.AddTensor(DType::kFloat32, {2}, Bytes(v)));
     NodeId k[] = {w.AddFloat(1.0)};
     NodeId vals[] = {t};
     return w.AddDict(k, vals);
   });
   REQUIRE(StampedMinor(file) == 1);
-  auto old = MutateHeader(file, [](fb::HeaderT& h) { h.tensors[0]->path = "1"; });
+  auto old =
+      MutateHeader(file, [](fb::HeaderT& h) { h.tensors[0]->path = "1"; });
   old[internal::kOffMajor + 2] = std::byte{0};  // minor 0
   SealPreamble(old);
   auto ck = Checkpoint::OpenBuffer(old, "old.ckpt");
@@ -194,9 +203,11 @@ TEST_CASE("7.3: a 1.0 file's tensor under a float key verifies with the 1.0 path
   CHECK(ck->Tensor("1").ok());
 }
 
-// ---- 7.1 / R14 keys, sets, fields ----------------------------------------------
+// ---- 7.1 / R14 keys, sets, fields
+// ----------------------------------------------
 
-TEST_CASE("R14: key kinds are checked at every depth of a tuple or frozenset key") {
+TEST_CASE(
+    "R14: key kinds are checked at every depth of a tuple or frozenset key") {
   TempDir dir;
   // Writer: a tuple key holding a list, a frozenset key holding a tensor.
   RequireError(TryBuild(dir.File("a.ckpt"),
@@ -212,19 +223,21 @@ TEST_CASE("R14: key kinds are checked at every depth of a tuple or frozenset key
                         }),
                ErrorCode::kInvalidArgument,
                "a tuple holding a list cannot be a dict key");
-  RequireError(TryBuild(dir.File("b.ckpt"),
-                        [](Writer& w) -> Result<NodeId> {
-                          CKPT_ASSIGN_OR_RETURN(NodeId t, Scalar(w, 1));
-                          NodeId items[] = {t};
-                          CKPT_ASSIGN_OR_RETURN(NodeId fs, w.AddFrozenSet(items));
-                          return fs;
-                        }),
-               ErrorCode::kInvalidArgument, "a tensor cannot be a frozenset item");
+  RequireError(
+      TryBuild(dir.File("b.ckpt"),
+               [](Writer& w) -> Result<NodeId> {
+                 CKPT_ASSIGN_OR_RETURN(NodeId t, Scalar(w, 1));
+                 NodeId items[] = {t};
+                 CKPT_ASSIGN_OR_RETURN(NodeId fs, w.AddFrozenSet(items));
+                 return fs;
+               }),
+      ErrorCode::kInvalidArgument, "a tensor cannot be a frozenset item");
   // Reader: the tuple key's second item becomes a list (or a dict, or a
   // tensor reference).
   auto f = TupleKeyFile(dir.File("t.ckpt"));
   REQUIRE(OpenBytes(f).ok());
-  for (auto kind : {fb::ValueKind::List, fb::ValueKind::Dict, fb::ValueKind::Set}) {
+  for (auto kind :
+       {fb::ValueKind::List, fb::ValueKind::Dict, fb::ValueKind::Set}) {
     RequireError(OpenBytes(MutateHeader(f,
                                         [&](fb::HeaderT& h) {
                                           h.nodes[1]->kind = kind;
@@ -237,22 +250,32 @@ TEST_CASE("R14: key kinds are checked at every depth of a tuple or frozenset key
                                         h.nodes[1]->kind = fb::ValueKind::List;
                                         h.nodes[1]->int_value = 0;
                                       })),
-               ErrorCode::kCorrupt, "a tuple holding a list cannot be a dict key");
+               ErrorCode::kCorrupt,
+               "a tuple holding a list cannot be a dict key");
 }
 
 TEST_CASE("R14: equal dict keys are refused, with Python's ==") {
   TempDir dir;
   using Maker = std::function<NodeId(Writer&)>;
   const std::vector<std::pair<Maker, Maker>> equal = {
-      {[](Writer& w) { return w.AddString("a"); }, [](Writer& w) { return w.AddString("a"); }},
-      {[](Writer& w) { return w.AddInt(1); }, [](Writer& w) { return w.AddFloat(1.0); }},
-      {[](Writer& w) { return w.AddBool(true); }, [](Writer& w) { return w.AddInt(1); }},
-      {[](Writer& w) { return w.AddBool(false); }, [](Writer& w) { return w.AddFloat(-0.0); }},
-      {[](Writer& w) { return w.AddFloat(0.0); }, [](Writer& w) { return w.AddFloat(-0.0); }},
-      {[](Writer& w) { return w.AddComplex(2, 0); }, [](Writer& w) { return w.AddInt(2); }},
-      {[](Writer& w) { return w.AddComplex(-0.0, 1); }, [](Writer& w) { return w.AddComplex(0, 1); }},
-      {[](Writer& w) { return w.AddFloat(INFINITY); }, [](Writer& w) { return w.AddComplex(INFINITY, 0); }},
-      {[](Writer& w) { return w.AddNone(); }, [](Writer& w) { return w.AddNone(); }},
+      {[](Writer& w) { return w.AddString("a"); },
+       [](Writer& w) { return w.AddString("a"); }},
+      {[](Writer& w) { return w.AddInt(1); },
+       [](Writer& w) { return w.AddFloat(1.0); }},
+      {[](Writer& w) { return w.AddBool(true); },
+       [](Writer& w) { return w.AddInt(1); }},
+      {[](Writer& w) { return w.AddBool(false); },
+       [](Writer& w) { return w.AddFloat(-0.0); }},
+      {[](Writer& w) { return w.AddFloat(0.0); },
+       [](Writer& w) { return w.AddFloat(-0.0); }},
+      {[](Writer& w) { return w.AddComplex(2, 0); },
+       [](Writer& w) { return w.AddInt(2); }},
+      {[](Writer& w) { return w.AddComplex(-0.0, 1); },
+       [](Writer& w) { return w.AddComplex(0, 1); }},
+      {[](Writer& w) { return w.AddFloat(INFINITY); },
+       [](Writer& w) { return w.AddComplex(INFINITY, 0); }},
+      {[](Writer& w) { return w.AddNone(); },
+       [](Writer& w) { return w.AddNone(); }},
       {[](Writer& w) { return w.AddDType(DType::kFloat32).value(); },
        [](Writer& w) { return w.AddDType(DType::kFloat32).value(); }},
       // 2**70 as a big int and as a float.
@@ -282,14 +305,15 @@ TEST_CASE("R14: equal dict keys are refused, with Python's ==") {
   };
   for (size_t c = 0; c < equal.size(); ++c) {
     INFO("pair " << c);
-    RequireError(TryBuild(dir.File("e.ckpt"),
-                          [&](Writer& w) -> Result<NodeId> {
-                            NodeId k[] = {equal[c].first(w), w.AddString("other"),
-                                          equal[c].second(w)};
-                            NodeId v[] = {w.AddInt(0), w.AddInt(1), w.AddInt(2)};
-                            return w.AddDict(k, v);
-                          }),
-                 ErrorCode::kInvalidArgument, "dict keys 0 (");
+    RequireError(
+        TryBuild(dir.File("e.ckpt"),
+                 [&](Writer& w) -> Result<NodeId> {
+                   NodeId k[] = {equal[c].first(w), w.AddString("other"),
+                                 equal[c].second(w)};
+                   NodeId v[] = {w.AddInt(0), w.AddInt(1), w.AddInt(2)};
+                   return w.AddDict(k, v);
+                 }),
+        ErrorCode::kInvalidArgument, "dict keys 0 (");
   }
   // Not equal in Python, so both stay: 1 and "1", b"a" and "a", two NaNs
   // (a NaN equals nothing), (1, 2) and frozenset({1, 2}), 1 and 1.5.
@@ -297,15 +321,10 @@ TEST_CASE("R14: equal dict keys are refused, with Python's ==") {
     NodeId t[] = {w.AddInt(1), w.AddInt(2)};
     NodeId s[] = {w.AddInt(1), w.AddInt(2)};
     uint8_t a = 'a';
-    NodeId k[] = {w.AddInt(1),
-                  w.AddString("1"),
-                  w.AddBytes({&a, 1}),
-                  w.AddString("a"),
-                  w.AddFloat(NAN),
-                  w.AddFloat(NAN),
-                  w.AddTuple(t).value(),
-                  w.AddFrozenSet(s).value(),
-                  w.AddFloat(1.5)};
+    NodeId k[] = {
+        w.AddInt(1),           w.AddString("1"),          w.AddBytes({&a, 1}),
+        w.AddString("a"),      w.AddFloat(NAN),           w.AddFloat(NAN),
+        w.AddTuple(t).value(), w.AddFrozenSet(s).value(), w.AddFloat(1.5)};
     std::vector<NodeId> v;
     for (int i = 0; i < 9; ++i) v.push_back(w.AddInt(i));
     return w.AddDict(k, v);
@@ -330,15 +349,21 @@ TEST_CASE("R14: equal dict keys are refused, with Python's ==") {
     auto w = Writer::Create(dir.File("p.ckpt"), Fast());
     REQUIRE(w.ok());
     float x = 1;
-    REQUIRE(w->PutTensor("w", DType::kFloat32, {}, std::as_bytes(std::span(&x, 1))).ok());
-    REQUIRE(w->PutTensor("w", DType::kFloat32, {}, std::as_bytes(std::span(&x, 1))).ok());
-    RequireError(w->Commit(), ErrorCode::kInvalidArgument, "dict keys 0 ('w') and 1 ('w')");
+    REQUIRE(
+        w->PutTensor("w", DType::kFloat32, {}, std::as_bytes(std::span(&x, 1)))
+            .ok());
+    REQUIRE(
+        w->PutTensor("w", DType::kFloat32, {}, std::as_bytes(std::span(&x, 1)))
+            .ok());
+    RequireError(w->Commit(), ErrorCode::kInvalidArgument,
+                 "dict keys 0 ('w') and 1 ('w')");
   }
 
   // Reader: crafted duplicates of several sorts.
   auto small = SmallFile(dir.File("s.ckpt"));
   // Nodes: "a", tensor a, "b", tensor b, "n", 5, root.
-  RequireError(OpenBytes(MutateHeader(small, [](fb::HeaderT& h) { h.nodes[2]->str_value = "a"; })),
+  RequireError(OpenBytes(MutateHeader(
+                   small, [](fb::HeaderT& h) { h.nodes[2]->str_value = "a"; })),
                ErrorCode::kCorrupt, "dict keys 0 and 1 are equal");
   RequireError(OpenBytes(MutateHeader(small,
                                       [](fb::HeaderT& h) {
@@ -387,7 +412,8 @@ TEST_CASE("R14: set items are restricted like keys: hashable and distinct") {
                                         h.nodes[0]->int_value = 0;
                                       })),
                ErrorCode::kCorrupt, "a list cannot be a set item");
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) { h.nodes[1]->int_value = 1; })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [](fb::HeaderT& h) { h.nodes[1]->int_value = 1; })),
                ErrorCode::kCorrupt, "set items 0 and 1 are equal");
 }
 
@@ -401,18 +427,27 @@ TEST_CASE("R14: fields a kind does not use must be absent or zero") {
     size_t node;
   };
   const Case cases[] = {
-      {"kind int does not use str_value", [](fb::NodeT& n) { n.str_value = "x"; }, 5},
-      {"kind int does not use float_value", [](fb::NodeT& n) { n.float_value = 1.5; }, 5},
-      {"kind int does not use bytes_value", [](fb::NodeT& n) { n.bytes_value = {1}; }, 5},
-      {"kind int does not use type_name", [](fb::NodeT& n) { n.type_name = "numpy.int64"; }, 5},
-      {"kind string does not use int_value", [](fb::NodeT& n) { n.int_value = 3; }, 0},
-      {"kind string does not use imag_value", [](fb::NodeT& n) { n.imag_value = 2; }, 0},
-      {"kind dict does not use int_value", [](fb::NodeT& n) { n.int_value = 1; }, 6},
-      {"kind tensor does not use str_value", [](fb::NodeT& n) { n.str_value = "a"; }, 1},
+      {"kind int does not use str_value",
+       [](fb::NodeT& n) { n.str_value = "x"; }, 5},
+      {"kind int does not use float_value",
+       [](fb::NodeT& n) { n.float_value = 1.5; }, 5},
+      {"kind int does not use bytes_value",
+       [](fb::NodeT& n) { n.bytes_value = {1}; }, 5},
+      {"kind int does not use type_name",
+       [](fb::NodeT& n) { n.type_name = "numpy.int64"; }, 5},
+      {"kind string does not use int_value",
+       [](fb::NodeT& n) { n.int_value = 3; }, 0},
+      {"kind string does not use imag_value",
+       [](fb::NodeT& n) { n.imag_value = 2; }, 0},
+      {"kind dict does not use int_value",
+       [](fb::NodeT& n) { n.int_value = 1; }, 6},
+      {"kind tensor does not use str_value",
+       [](fb::NodeT& n) { n.str_value = "a"; }, 1},
   };
   for (const auto& c : cases) {
     INFO(c.what);
-    RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { c.mutate(*h.nodes[c.node]); })),
+    RequireError(OpenBytes(MutateHeader(
+                     f, [&](fb::HeaderT& h) { c.mutate(*h.nodes[c.node]); })),
                  ErrorCode::kCorrupt, c.what);
   }
   // What the writer itself emits stays legal: -0.0 forces every scalar
@@ -453,12 +488,16 @@ TEST_CASE("absent strings read as their defaults; a device must be present") {
   CHECK(ck->Metadata("k").value().empty());
   CHECK(ck->root().type_name().empty());
 
-  auto dev = Build(dir.File("v.ckpt"), [](Writer& w) { return w.AddDevice("cuda:1"); });
-  RequireError(OpenBytes(MutateHeader(dev, [](fb::HeaderT& h) { h.nodes[0]->str_value.clear(); })),
+  auto dev = Build(dir.File("v.ckpt"),
+                   [](Writer& w) { return w.AddDevice("cuda:1"); });
+  RequireError(OpenBytes(MutateHeader(
+                   dev, [](fb::HeaderT& h) { h.nodes[0]->str_value.clear(); })),
                ErrorCode::kCorrupt, "device without a string");
   auto small = SmallFile(dir.File("s.ckpt"));
-  RequireError(OpenBytes(MutateHeader(small, [](fb::HeaderT& h) { h.storages[0]->device.clear(); })),
-               ErrorCode::kCorrupt, "storage 0: missing device string");
+  RequireError(
+      OpenBytes(MutateHeader(
+          small, [](fb::HeaderT& h) { h.storages[0]->device.clear(); })),
+      ErrorCode::kCorrupt, "storage 0: missing device string");
 }
 
 TEST_CASE("an absent String key reads as \"\" in lookups too") {
@@ -504,12 +543,14 @@ TEST_CASE("R10: a zero element offset in a vector of tables is refused") {
   RequireError(OpenBytes(f), ErrorCode::kCorrupt, "zero offset");
 }
 
-TEST_CASE("8.2: a shape with a 0 size has 0 elements whatever the other sizes") {
+TEST_CASE(
+    "8.2: a shape with a 0 size has 0 elements whatever the other sizes") {
   // [2^33, 2^33, 0] was refused as overflowing while [0, 2^33, 2^33] was
   // accepted: the count depended on the order of multiplication.
   TempDir dir;
-  for (auto shape : {std::vector<int64_t>{int64_t{1} << 33, int64_t{1} << 33, 0},
-                     std::vector<int64_t>{0, int64_t{1} << 33, int64_t{1} << 33}}) {
+  for (auto shape :
+       {std::vector<int64_t>{int64_t{1} << 33, int64_t{1} << 33, 0},
+        std::vector<int64_t>{0, int64_t{1} << 33, int64_t{1} << 33}}) {
     auto w = Writer::Create(dir.File("e.ckpt"), Fast());
     REQUIRE(w.ok());
     auto sid = w->AddStorage(std::span<const std::byte>());
@@ -527,33 +568,35 @@ TEST_CASE("8.2: a shape with a 0 size has 0 elements whatever the other sizes") 
   }
 }
 
-// ---- R19 UTF-8 --------------------------------------------------------------------
+// ---- R19 UTF-8
+// --------------------------------------------------------------------
 
 TEST_CASE("R19: UTF-8 is well-formed or refused") {
   using internal::Utf8Problem;
-  for (std::string ok : {std::string(""), std::string("ascii"), std::string("nul\0in", 6),
-                         std::string("\xc3\xa9"), std::string("\xe2\x82\xac"),
-                         std::string("\xed\x9f\xbf"),         // U+D7FF
-                         std::string("\xee\x80\x80"),         // U+E000
-                         std::string("\xef\xbf\xbe"),         // U+FFFE (a noncharacter, still UTF-8)
-                         std::string("\xf0\x9f\x98\x80"),     // U+1F600
-                         std::string("\xf4\x8f\xbf\xbf")}) {  // U+10FFFF
+  for (std::string ok :
+       {std::string(""), std::string("ascii"), std::string("nul\0in", 6),
+        std::string("\xc3\xa9"), std::string("\xe2\x82\xac"),
+        std::string("\xed\x9f\xbf"),  // U+D7FF
+        std::string("\xee\x80\x80"),  // U+E000
+        std::string("\xef\xbf\xbe"),  // U+FFFE (a noncharacter, still UTF-8)
+        std::string("\xf0\x9f\x98\x80"),     // U+1F600
+        std::string("\xf4\x8f\xbf\xbf")}) {  // U+10FFFF
     INFO(ok);
     CHECK_FALSE(Utf8Problem(ok).has_value());
   }
   const std::pair<std::string, size_t> bad[] = {
       {"\xff", 0},
-      {"ab\x80", 2},                 // lone continuation byte
-      {"\xc0\x80", 0},               // overlong NUL
-      {"\xc1\xbf", 0},               // overlong
-      {"\xe0\x9f\xbf", 0},           // overlong 3-byte
-      {"\xf0\x8f\xbf\xbf", 0},       // overlong 4-byte
-      {"\xed\xa0\x80", 0},           // surrogate U+D800
-      {"x\xed\xbf\xbf", 1},          // surrogate U+DFFF
-      {"\xf4\x90\x80\x80", 0},       // U+110000
+      {"ab\x80", 2},            // lone continuation byte
+      {"\xc0\x80", 0},          // overlong NUL
+      {"\xc1\xbf", 0},          // overlong
+      {"\xe0\x9f\xbf", 0},      // overlong 3-byte
+      {"\xf0\x8f\xbf\xbf", 0},  // overlong 4-byte
+      {"\xed\xa0\x80", 0},      // surrogate U+D800
+      {"x\xed\xbf\xbf", 1},     // surrogate U+DFFF
+      {"\xf4\x90\x80\x80", 0},  // U+110000
       {"\xf5\x80\x80\x80", 0},
-      {"\xe2\x82", 0},               // truncated
-      {"\xe2\x28\xa1", 0},           // bad continuation
+      {"\xe2\x82", 0},      // truncated
+      {"\xe2\x28\xa1", 0},  // bad continuation
       {"ok\xf0\x9f\x98", 2},
   };
   for (const auto& [s, at] : bad) {
@@ -563,45 +606,55 @@ TEST_CASE("R19: UTF-8 is well-formed or refused") {
   }
 }
 
-TEST_CASE("R19: invalid UTF-8 is rejected at open, wherever the format says UTF-8") {
+TEST_CASE(
+    "R19: invalid UTF-8 is rejected at open, wherever the format says UTF-8") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
   const std::string bad = "caf\xc3";  // truncated é
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.nodes[4]->str_value = bad; })),
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { h.nodes[4]->str_value = bad; })),
                ErrorCode::kCorrupt, "string is not valid UTF-8 (byte 3 of 4)");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.nodes.back()->type_name = bad; })),
-               ErrorCode::kCorrupt, "type_name is not valid UTF-8");
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [&](fb::HeaderT& h) { h.nodes.back()->type_name = bad; })),
+      ErrorCode::kCorrupt, "type_name is not valid UTF-8");
   RequireError(OpenBytes(MutateHeader(f,
                                       [&](fb::HeaderT& h) {
-                                        auto kv = std::make_unique<fb::KeyValueT>();
+                                        auto kv =
+                                            std::make_unique<fb::KeyValueT>();
                                         kv->key = bad;
                                         h.metadata.push_back(std::move(kv));
                                       })),
                ErrorCode::kCorrupt, "metadata key 0 is not valid UTF-8");
   RequireError(OpenBytes(MutateHeader(f,
                                       [&](fb::HeaderT& h) {
-                                        auto kv = std::make_unique<fb::KeyValueT>();
+                                        auto kv =
+                                            std::make_unique<fb::KeyValueT>();
                                         kv->key = "k";
                                         kv->value = bad;
                                         h.metadata.push_back(std::move(kv));
                                       })),
                ErrorCode::kCorrupt, "metadata value of 'k' is not valid UTF-8");
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.producer = bad; })),
-               ErrorCode::kCorrupt, "producer is not valid UTF-8");
+  RequireError(
+      OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.producer = bad; })),
+      ErrorCode::kCorrupt, "producer is not valid UTF-8");
   // Tensor "b" renamed to "b\xff" (still sorted after "a"): its path.
-  RequireError(OpenBytes(MutateHeader(f, [&](fb::HeaderT& h) { h.tensors[1]->path = "b\xff"; })),
-               ErrorCode::kCorrupt, "tensor 1: tensor path is not valid UTF-8 (byte 1 of 2)");
+  RequireError(OpenBytes(MutateHeader(
+                   f, [&](fb::HeaderT& h) { h.tensors[1]->path = "b\xff"; })),
+               ErrorCode::kCorrupt,
+               "tensor 1: tensor path is not valid UTF-8 (byte 1 of 2)");
 }
 
 TEST_CASE("R19: the writer refuses invalid UTF-8 instead of writing it") {
   TempDir dir;
   const std::string bad = "\xed\xa0\x80";  // a surrogate
-  RequireError(TryBuild(dir.File("a.ckpt"),
-                        [&](Writer& w) -> Result<NodeId> {
-                          NodeId items[] = {w.AddString("fine"), w.AddString(bad)};
-                          return w.AddList(items);
-                        }),
-               ErrorCode::kInvalidArgument, "the string at '1' is not valid UTF-8");
+  RequireError(
+      TryBuild(dir.File("a.ckpt"),
+               [&](Writer& w) -> Result<NodeId> {
+                 NodeId items[] = {w.AddString("fine"), w.AddString(bad)};
+                 return w.AddList(items);
+               }),
+      ErrorCode::kInvalidArgument, "the string at '1' is not valid UTF-8");
   {
     auto w = Writer::Create(dir.File("b.ckpt"), Fast());
     REQUIRE(w.ok());
@@ -614,21 +667,24 @@ TEST_CASE("R19: the writer refuses invalid UTF-8 instead of writing it") {
     RequireError(w2->SetMetadata(bad, "v"), ErrorCode::kInvalidArgument,
                  "metadata key is not valid UTF-8");
     NodeId d = w2->AddDict({}, {}).value();
-    RequireError(w2->SetTypeName(d, bad), ErrorCode::kInvalidArgument, "not valid UTF-8");
+    RequireError(w2->SetTypeName(d, bad), ErrorCode::kInvalidArgument,
+                 "not valid UTF-8");
   }
   WriteOptions o = Fast();
   o.producer = bad;
-  RequireError(Writer::Create(dir.File("c.ckpt"), o).status(), ErrorCode::kInvalidArgument,
-               "producer is not valid UTF-8");
+  RequireError(Writer::Create(dir.File("c.ckpt"), o).status(),
+               ErrorCode::kInvalidArgument, "producer is not valid UTF-8");
   CHECK(dir.List().empty());  // nothing half-written left behind
 }
 
-// ---- devices ----------------------------------------------------------------------
+// ---- devices
+// ----------------------------------------------------------------------
 
-TEST_CASE("device grammar: TYPE or TYPE:INDEX, no leading zeros, INDEX < 2^31") {
+TEST_CASE(
+    "device grammar: TYPE or TYPE:INDEX, no leading zeros, INDEX < 2^31") {
   using internal::DeviceProblem;
-  for (auto d : {"cpu", "cuda", "cuda:0", "cuda:15", "mps", "meta", "xla:3", "_x1",
-                 "privateuse1", "cuda:2147483647"}) {
+  for (auto d : {"cpu", "cuda", "cuda:0", "cuda:15", "mps", "meta", "xla:3",
+                 "_x1", "privateuse1", "cuda:2147483647"}) {
     INFO(d);
     CHECK_FALSE(DeviceProblem(d).has_value());
   }
@@ -656,26 +712,34 @@ TEST_CASE("device grammar: TYPE or TYPE:INDEX, no leading zeros, INDEX < 2^31") 
   CHECK(DeviceProblem(std::string(65, 'a')).has_value());
 
   TempDir dir;
-  auto f = Build(dir.File("d.ckpt"), [](Writer& w) { return w.AddDevice("cuda:1"); });
-  RequireError(OpenBytes(MutateHeader(f, [](fb::HeaderT& h) { h.nodes[0]->str_value = "cuda:01"; })),
-               ErrorCode::kCorrupt, "leading zero");
+  auto f = Build(dir.File("d.ckpt"),
+                 [](Writer& w) { return w.AddDevice("cuda:1"); });
+  RequireError(
+      OpenBytes(MutateHeader(
+          f, [](fb::HeaderT& h) { h.nodes[0]->str_value = "cuda:01"; })),
+      ErrorCode::kCorrupt, "leading zero");
   RequireError(OpenBytes(MutateHeader(f,
                                       [](fb::HeaderT& h) {
-                                        h.nodes[0]->str_value = "cuda:99999999999999999999";
+                                        h.nodes[0]->str_value =
+                                            "cuda:99999999999999999999";
                                       })),
                ErrorCode::kCorrupt, "above 2^31 - 1");
   auto small = SmallFile(dir.File("s.ckpt"));
-  RequireError(OpenBytes(MutateHeader(small, [](fb::HeaderT& h) { h.storages[0]->device = "cuda:007"; })),
-               ErrorCode::kCorrupt, "storage 0: invalid device string");
+  RequireError(
+      OpenBytes(MutateHeader(
+          small, [](fb::HeaderT& h) { h.storages[0]->device = "cuda:007"; })),
+      ErrorCode::kCorrupt, "storage 0: invalid device string");
   // The writer applies the same grammar.
   auto w = Writer::Create(dir.File("w.ckpt"), Fast());
   REQUIRE(w.ok());
-  RequireError(w->AddDevice("cuda:01").status(), ErrorCode::kInvalidArgument, "leading zero");
-  RequireError(w->BeginStorage(0, "cuda:2147483648").status(), ErrorCode::kInvalidArgument,
-               "above 2^31 - 1");
+  RequireError(w->AddDevice("cuda:01").status(), ErrorCode::kInvalidArgument,
+               "leading zero");
+  RequireError(w->BeginStorage(0, "cuda:2147483648").status(),
+               ErrorCode::kInvalidArgument, "above 2^31 - 1");
 }
 
-// ---- section 8 -------------------------------------------------------------------
+// ---- section 8
+// -------------------------------------------------------------------
 
 TEST_CASE("R13: bool fields of a tensor other than 0 or 1 are rejected") {
   TempDir dir;
@@ -685,15 +749,20 @@ TEST_CASE("R13: bool fields of a tensor other than 0 or 1 are rejected") {
   REQUIRE(OpenBytes(f).ok());
   uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   auto* h = fb::GetHeader(reinterpret_cast<const uint8_t*>(f.data() + hoff));
-  const auto* table = reinterpret_cast<const flatbuffers::Table*>(h->tensors()->Get(0));
+  const auto* table =
+      reinterpret_cast<const flatbuffers::Table*>(h->tensors()->Get(0));
   const uint8_t* field = table->GetAddressOf(fb::Tensor::VT_REQUIRES_GRAD);
   REQUIRE(field != nullptr);
-  f[static_cast<size_t>(reinterpret_cast<const std::byte*>(field) - f.data())] = std::byte{2};
+  f[static_cast<size_t>(reinterpret_cast<const std::byte*>(field) - f.data())] =
+      std::byte{2};
   ResealHeader(f);
-  RequireError(OpenBytes(f), ErrorCode::kCorrupt, "requires_grad byte is 2, neither 0 nor 1");
+  RequireError(OpenBytes(f), ErrorCode::kCorrupt,
+               "requires_grad byte is 2, neither 0 nor 1");
 }
 
-TEST_CASE("R10: 8-byte vector elements must be 8-aligned (the Verifier does not check)") {
+TEST_CASE(
+    "R10: 8-byte vector elements must be 8-aligned (the Verifier does not "
+    "check)") {
   TempDir dir;
   auto f = SmallFile(dir.File("s.ckpt"));
   fb::HeaderT obj = UnpackHeader(f);
@@ -703,7 +772,8 @@ TEST_CASE("R10: 8-byte vector elements must be 8-aligned (the Verifier does not 
   for (size_t pad = 0; pad < 8 && !tried; ++pad) {
     flatbuffers::FlatBufferBuilder fbb;
     std::vector<flatbuffers::Offset<fb::Storage>> st;
-    for (const auto& s : obj.storages) st.push_back(fb::Storage::Pack(fbb, s.get()));
+    for (const auto& s : obj.storages)
+      st.push_back(fb::Storage::Pack(fbb, s.get()));
     std::vector<flatbuffers::Offset<fb::Node>> nd;
     for (const auto& n : obj.nodes) nd.push_back(fb::Node::Pack(fbb, n.get()));
     std::vector<flatbuffers::Offset<fb::Tensor>> ts;
@@ -714,19 +784,25 @@ TEST_CASE("R10: 8-byte vector elements must be 8-aligned (the Verifier does not 
         if (pad) fbb.CreateVector(std::vector<uint8_t>(pad, 0));
         std::vector<uint8_t> raw(8 * t.shape.size());
         std::memcpy(raw.data(), t.shape.data(), raw.size());
-        shape = flatbuffers::Offset<flatbuffers::Vector<int64_t>>(fbb.CreateVector(raw).o);
+        shape = flatbuffers::Offset<flatbuffers::Vector<int64_t>>(
+            fbb.CreateVector(raw).o);
       } else {
         shape = fbb.CreateVector(t.shape);
       }
       auto strides = fbb.CreateVector(t.strides);
-      ts.push_back(fb::CreateTensor(fbb, fbb.CreateString(t.path), t.dtype, shape, strides,
-                                    t.storage, t.storage_offset, t.requires_grad,
-                                    t.is_parameter));
+      ts.push_back(fb::CreateTensor(fbb, fbb.CreateString(t.path), t.dtype,
+                                    shape, strides, t.storage, t.storage_offset,
+                                    t.requires_grad, t.is_parameter));
     }
-    auto h = fb::CreateHeader(fbb, obj.chunk_size, fbb.CreateVector(st), fbb.CreateVector(ts),
-                              fbb.CreateVector(nd), 0, fbb.CreateString(obj.producer));
+    auto h = fb::CreateHeader(fbb, obj.chunk_size, fbb.CreateVector(st),
+                              fbb.CreateVector(ts), fbb.CreateVector(nd), 0,
+                              fbb.CreateString(obj.producer));
     fb::FinishHeaderBuffer(fbb, h);
-    const auto* data = fb::GetHeader(fbb.GetBufferPointer())->tensors()->Get(0)->shape()->data();
+    const auto* data = fb::GetHeader(fbb.GetBufferPointer())
+                           ->tensors()
+                           ->Get(0)
+                           ->shape()
+                           ->data();
     // The builder's buffer starts 8-aligned, as the file's header does.
     if (reinterpret_cast<uintptr_t>(data) % 8 == 0) {
       // Aligned this time: the file is valid, and opens.
@@ -735,7 +811,8 @@ TEST_CASE("R10: 8-byte vector elements must be 8-aligned (the Verifier does not 
     }
     tried = true;
     RequireError(OpenBytes(ReplaceHeader(f, fbb)), ErrorCode::kCorrupt,
-                 "tensor 0's shape or strides has 8-byte elements that are not 8-aligned");
+                 "tensor 0's shape or strides has 8-byte elements that are not "
+                 "8-aligned");
   }
   CHECK(tried);
 }
@@ -761,8 +838,10 @@ TEST_CASE("BigInt: writers store the fewest bytes, readers take 1 to 4096") {
   std::vector<uint8_t> minus1(12, 0xff);
   NodeId items[] = {w->AddBigInt(five).value(), w->AddBigInt(min4096).value(),
                     w->AddBigInt(u64max).value(), w->AddBigInt(minus1).value()};
-  RequireError(w->AddBigInt(big).status(), ErrorCode::kInvalidArgument, "at most 4096");
-  RequireError(w->AddBigInt({}).status(), ErrorCode::kInvalidArgument, "no bytes");
+  RequireError(w->AddBigInt(big).status(), ErrorCode::kInvalidArgument,
+               "at most 4096");
+  RequireError(w->AddBigInt({}).status(), ErrorCode::kInvalidArgument,
+               "no bytes");
   REQUIRE(w->SetRoot(w->AddList(items).value()).ok());
   REQUIRE(w->Commit().ok());
   auto f = ReadAll(dir.File("b.ckpt"));
@@ -786,18 +865,22 @@ TEST_CASE("BigInt: writers store the fewest bytes, readers take 1 to 4096") {
   INFO(ck2.status().ToString());
   REQUIRE(ck2.ok());
   CHECK(ck2->Get("0").value().BigIntToDecimal() == "7");
-  RequireError(OpenBytes(MutateHeader(g, [](fb::HeaderT& h) { h.nodes[0]->bytes_value.push_back(0); })),
-               ErrorCode::kCorrupt, "big int of 4097 bytes");
+  RequireError(
+      OpenBytes(MutateHeader(
+          g, [](fb::HeaderT& h) { h.nodes[0]->bytes_value.push_back(0); })),
+      ErrorCode::kCorrupt, "big int of 4097 bytes");
 }
 
-TEST_CASE("empty blobs: offsets never decrease, an empty blob may end the data") {
+TEST_CASE(
+    "empty blobs: offsets never decrease, an empty blob may end the data") {
   TempDir dir;
   auto w = Writer::Create(dir.File("e.ckpt"), Fast());
   REQUIRE(w.ok());
   std::vector<std::byte> three(3, std::byte{1});
   std::vector<NodeId> items;
-  for (auto bytes : {std::span<const std::byte>(), std::span<const std::byte>(),
-                     std::span<const std::byte>(three), std::span<const std::byte>()}) {
+  for (auto bytes :
+       {std::span<const std::byte>(), std::span<const std::byte>(),
+        std::span<const std::byte>(three), std::span<const std::byte>()}) {
     StorageId s = w->AddStorage(bytes).value();
     TensorSpec t;
     t.dtype = DType::kUInt8;
@@ -811,18 +894,23 @@ TEST_CASE("empty blobs: offsets never decrease, an empty blob may end the data")
   INFO(ck.status().ToString());
   REQUIRE(ck.ok());
   REQUIRE(ck->num_storages() == 4);
-  CHECK(ck->storage_info(0).offset == ck->storage_info(1).offset);  // two empty blobs share one
-  CHECK(ck->storage_info(2).offset == ck->storage_info(1).offset);  // so does the next
+  CHECK(ck->storage_info(0).offset ==
+        ck->storage_info(1).offset);  // two empty blobs share one
+  CHECK(ck->storage_info(2).offset ==
+        ck->storage_info(1).offset);  // so does the next
   CHECK(ck->storage_info(3).offset >= ck->storage_info(2).offset + 3);
-  CHECK(ck->storage_info(3).offset == ck->data_offset() + ck->data_size());  // at the very end
+  CHECK(ck->storage_info(3).offset ==
+        ck->data_offset() + ck->data_size());  // at the very end
   CHECK(ck->Verify().ok());
 }
 
-TEST_CASE("R15: metadata is sorted byte-wise (unsigned), as the writer stores it") {
+TEST_CASE(
+    "R15: metadata is sorted byte-wise (unsigned), as the writer stores it") {
   TempDir dir;
   auto w = Writer::Create(dir.File("m.ckpt"), Fast());
   REQUIRE(w.ok());
-  REQUIRE(w->SetMetadata("\xc3\xa9t\xc3\xa9", "summer").ok());  // "été": 0xC3 > 'z'
+  REQUIRE(
+      w->SetMetadata("\xc3\xa9t\xc3\xa9", "summer").ok());  // "été": 0xC3 > 'z'
   REQUIRE(w->SetMetadata("z", "last letter").ok());
   REQUIRE(w->SetMetadata("Z", "upper").ok());
   REQUIRE(w->PutValue("x", w->AddInt(1)).ok());
@@ -838,19 +926,25 @@ TEST_CASE("R15: metadata is sorted byte-wise (unsigned), as the writer stores it
   // Signed-char order would put "été" first: a reader must refuse that.
   RequireError(OpenBytes(MutateHeader(f,
                                       [](fb::HeaderT& h) {
-                                        std::rotate(h.metadata.begin(), h.metadata.begin() + 2,
+                                        std::rotate(h.metadata.begin(),
+                                                    h.metadata.begin() + 2,
                                                     h.metadata.end());
                                       })),
                ErrorCode::kCorrupt, "metadata keys are not sorted");
 }
 
-TEST_CASE("R13: packed dtypes count bytes in the shape, not the values packed") {
+TEST_CASE(
+    "R13: packed dtypes count bytes in the shape, not the values packed") {
   TempDir dir;
   auto w = Writer::Create(dir.File("p.ckpt"), Fast());
   REQUIRE(w.ok());
   std::vector<uint8_t> bytes = {0x12, 0x34, 0x56};  // six float4 values
-  REQUIRE(w->PutTensor("f4", DType::kFloat4E2M1FNx2, {3}, std::as_bytes(std::span(bytes))).ok());
-  CHECK_FALSE(w->PutTensor("f4b", DType::kFloat4E2M1FNx2, {6}, std::as_bytes(std::span(bytes))).ok());
+  REQUIRE(w->PutTensor("f4", DType::kFloat4E2M1FNx2, {3},
+                       std::as_bytes(std::span(bytes)))
+              .ok());
+  CHECK_FALSE(w->PutTensor("f4b", DType::kFloat4E2M1FNx2, {6},
+                           std::as_bytes(std::span(bytes)))
+                  .ok());
   REQUIRE(w->Commit().ok());
   auto ck = Checkpoint::Open(dir.File("p.ckpt"));
   REQUIRE(ck.ok());
@@ -868,13 +962,14 @@ TEST_CASE("R14: depth 1000 is read, 1001 is refused at open") {
     return cur;
   });
   REQUIRE(OpenBytes(f).ok());
-  RequireError(OpenBytes(MutateHeader(f,
-                                      [](fb::HeaderT& h) {
-                                        auto top = std::make_unique<fb::NodeT>();
-                                        top->kind = fb::ValueKind::List;
-                                        top->items = {static_cast<uint32_t>(h.nodes.size() - 1)};
-                                        h.nodes.push_back(std::move(top));
-                                      })),
+  RequireError(OpenBytes(MutateHeader(
+                   f,
+                   [](fb::HeaderT& h) {
+                     auto top = std::make_unique<fb::NodeT>();
+                     top->kind = fb::ValueKind::List;
+                     top->items = {static_cast<uint32_t>(h.nodes.size() - 1)};
+                     h.nodes.push_back(std::move(top));
+                   })),
                ErrorCode::kCorrupt, "nesting deeper than 1000");
   // Tuple keys nest too, and count: a key 1000 tuples deep is too deep.
   RequireError(TryBuild(dir.File("k.ckpt"),
@@ -902,12 +997,16 @@ TEST_CASE("R14: depth 1000 is read, 1001 is refused at open") {
                           NodeId v[] = {w.AddNone()};
                           return w.AddDict(k, v);
                         }),
-               ErrorCode::kInvalidArgument, "a dict key nested deeper than 1000 levels");
+               ErrorCode::kInvalidArgument,
+               "a dict key nested deeper than 1000 levels");
 }
 
-// ---- section 10 ---------------------------------------------------------------------
+// ---- section 10
+// ---------------------------------------------------------------------
 
-TEST_CASE("10: set items are stored in canonical order, so equal sets give equal bytes") {
+TEST_CASE(
+    "10: set items are stored in canonical order, so equal sets give equal "
+    "bytes") {
   TempDir dir;
   // The same set, given in two orders (as two Python processes with
   // different string hash seeds would iterate it).
@@ -947,9 +1046,10 @@ TEST_CASE("10: set items are stored in canonical order, so equal sets give equal
   CHECK(a == b);
   auto ck = Checkpoint::OpenBuffer(a, "a");
   REQUIRE(ck.ok());
-  // Kind codes: None 0 < Bool 1 < Int 2 < Float 4 < String 6 < Bytes 7 < Tuple 9.
-  const char* want[] = {"None", "True", "-5",   "3",    "-1.5",  "0.5",
-                        "B",    "a",    "b",    "0xff", "(1,)", "(1,z)"};
+  // Kind codes: None 0 < Bool 1 < Int 2 < Float 4 < String 6 < Bytes 7 <
+  // Tuple 9.
+  const char* want[] = {"None", "True", "-5", "3",    "-1.5", "0.5",
+                        "B",    "a",    "b",  "0xff", "(1,)", "(1,z)"};
   Value set = ck->Get("set").value();
   REQUIRE(set.size() == 12);
   for (size_t i = 0; i < 12; ++i) {

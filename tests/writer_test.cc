@@ -30,7 +30,8 @@ void RequireOnlyTarget(const TempDir& dir) {
 
 }  // namespace
 
-TEST_CASE("a writer destroyed before Commit leaves the old file and no temporary") {
+TEST_CASE(
+    "a writer destroyed before Commit leaves the old file and no temporary") {
   TempDir dir;
   auto before = Old(dir);
   {
@@ -76,7 +77,8 @@ TEST_CASE("a full disk fails the write cleanly, naming the file") {
   auto before = Old(dir);
   // RLIMIT_FSIZE makes write() fail with EFBIG past the limit: a full disk
   // as far as the writer can tell.
-  struct sigaction ign {}, old_action {};
+  struct sigaction ign {
+  }, old_action{};
   ign.sa_handler = SIG_IGN;
   sigaction(SIGXFSZ, &ign, &old_action);
   rlimit old_limit;
@@ -124,7 +126,8 @@ TEST_CASE("writer errors for impossible requests") {
   TempDir dir;
   CHECK(Writer::Create(dir.File("no/such/dir/x.ckpt")).status().code() ==
         ErrorCode::kIoError);
-  CHECK(Writer::Create(dir.path()).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(Writer::Create(dir.path()).status().code() ==
+        ErrorCode::kInvalidArgument);
   WriteOptions bad;
   bad.chunk_size = 1000;
   CHECK(Writer::Create(dir.File("x.ckpt"), bad).status().code() ==
@@ -141,26 +144,30 @@ TEST_CASE("writer errors for impossible requests") {
         ErrorCode::kInvalidArgument);
   auto s = w->AddStorage(Bytes(v));
   REQUIRE(s.ok());
-  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {4}, {}, *s, 0}).status().code() ==
-        ErrorCode::kInvalidArgument);  // view past storage
-  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {2}, {1}, *s, 2}).status().code() ==
-        ErrorCode::kInvalidArgument);
-  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {1}, {}, 7, 0}).status().code() ==
-        ErrorCode::kInvalidArgument);  // no such storage
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {4}, {}, *s, 0})
+            .status()
+            .code() == ErrorCode::kInvalidArgument);  // view past storage
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {2}, {1}, *s, 2})
+            .status()
+            .code() == ErrorCode::kInvalidArgument);
+  CHECK(w->AddTensor(TensorSpec{DType::kFloat32, {1}, {}, 7, 0})
+            .status()
+            .code() == ErrorCode::kInvalidArgument);  // no such storage
   // Streaming misuse.
   CHECK(w->Append(Bytes(v)).code() == ErrorCode::kInvalidArgument);
   auto s2 = w->BeginStorage(8);
   REQUIRE(s2.ok());
   CHECK(w->BeginStorage(8).status().code() == ErrorCode::kInvalidArgument);
   CHECK(w->Append(Bytes(v)).code() == ErrorCode::kInvalidArgument);  // 12 > 8
-  CHECK(w->EndStorage().code() == ErrorCode::kInvalidArgument);      // 8 missing
-  CHECK(w->Commit().code() == ErrorCode::kInvalidArgument);          // still open
+  CHECK(w->EndStorage().code() == ErrorCode::kInvalidArgument);  // 8 missing
+  CHECK(w->Commit().code() == ErrorCode::kInvalidArgument);      // still open
   // Tree misuse.
   CHECK(w->AddList(std::vector<NodeId>{12345}).status().code() ==
         ErrorCode::kInvalidArgument);
   NodeId list_key[] = {w->AddList({}).value()};
   NodeId val[] = {w->AddInt(1)};
-  CHECK(w->AddDict(list_key, val).status().code() == ErrorCode::kInvalidArgument);
+  CHECK(w->AddDict(list_key, val).status().code() ==
+        ErrorCode::kInvalidArgument);
   CHECK(w->AddDevice("cuda:").status().code() == ErrorCode::kInvalidArgument);
   CHECK(w->AddBigInt({}).status().code() == ErrorCode::kInvalidArgument);
 }
@@ -187,7 +194,8 @@ TEST_CASE("a node placed twice, or colliding paths, fail Commit") {
     REQUIRE(w->SetRoot(w->AddDict(keys, vals).value()).ok());
     Status s = w->Commit();
     CHECK(s.code() == ErrorCode::kInvalidArgument);
-    CHECK(s.ToString().find("two tensors have the path '1'") != std::string::npos);
+    CHECK(s.ToString().find("two tensors have the path '1'") !=
+          std::string::npos);
   }
   CHECK(TempDir().List().empty());
   CHECK(dir.List().empty());
@@ -226,7 +234,8 @@ TEST_CASE("writer memory stays bounded: it keeps no tensor bytes") {
 TEST_CASE("AppendFromFile copies file to file and hashes the same bytes") {
   TempDir dir;
   std::vector<std::byte> src(3 * (1 << 20) + 123);
-  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 131 + 7);
+  for (size_t i = 0; i < src.size(); ++i)
+    src[i] = static_cast<std::byte>(i * 131 + 7);
   WriteAll(dir.File("src.bin"), src);
   int fd = ::open(dir.File("src.bin").c_str(), O_RDONLY);
   REQUIRE(fd >= 0);
@@ -248,11 +257,15 @@ TEST_CASE("AppendFromFile copies file to file and hashes the same bytes") {
     REQUIRE(s2.ok());
     REQUIRE(w->AppendFromFile(pipefd[0], 0, all.first(4096)).ok());
     REQUIRE(w->EndStorage().ok());
-    CHECK(w->AppendFromFile(-1, 0, all.first(1)).code() == ErrorCode::kInvalidArgument);
+    CHECK(w->AppendFromFile(-1, 0, all.first(1)).code() ==
+          ErrorCode::kInvalidArgument);
     for (StorageId id : {*s, *s2}) {
       int64_t n = id == *s ? static_cast<int64_t>(src.size()) : 4096;
-      REQUIRE(w->PutValue("s" + std::to_string(id),
-                          w->AddTensor(TensorSpec{DType::kUInt8, {n}, {}, id, 0}).value()).ok());
+      REQUIRE(
+          w->PutValue(
+               "s" + std::to_string(id),
+               w->AddTensor(TensorSpec{DType::kUInt8, {n}, {}, id, 0}).value())
+              .ok());
     }
     REQUIRE(w->Commit().ok());
   }

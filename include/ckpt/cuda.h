@@ -137,9 +137,9 @@ Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(
 /// Bytes each request occupies on the device (its view's extent), in order,
 /// for callers that bring their own memory (DeviceLoadOptions::destinations).
 /// With `options.convert`, the converted sizes.
-Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
-                                           std::span<const TensorRequest> requests,
-                                           const DeviceLoadOptions& options = {});
+Result<std::vector<uint64_t>> RequestBytes(
+    const Checkpoint& ck, std::span<const TensorRequest> requests,
+    const DeviceLoadOptions& options = {});
 
 /// Number of CUDA devices, or kCuda saying why there are none.
 Result<int> CudaDeviceCount();

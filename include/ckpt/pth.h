@@ -60,10 +60,10 @@ struct ImportOptions {
 
 /// What a conversion found (or would write, for a dry run).
 struct ImportReport {
-  std::string container;      ///< "zip" or "legacy"
-  size_t tensors = 0;         ///< tensor entries in the object tree
-  size_t storages = 0;        ///< distinct storages (shared ones once)
-  uint64_t storage_bytes = 0; ///< bytes of all storages
+  std::string container;       ///< "zip" or "legacy"
+  size_t tensors = 0;          ///< tensor entries in the object tree
+  size_t storages = 0;         ///< distinct storages (shared ones once)
+  uint64_t storage_bytes = 0;  ///< bytes of all storages
   /// zip only: "checked", "not computed" (all CRC-32 fields zero) or
   /// "skipped" (check_crc off); also the output's `source_crc32` metadata.
   std::string crc32;
@@ -94,8 +94,8 @@ struct DirFileResult {
 };
 
 /// Called before (done = false) and after (done = true) each file.
-using DirProgress =
-    std::function<void(size_t index, size_t total, const DirFileResult& file, bool done)>;
+using DirProgress = std::function<void(size_t index, size_t total,
+                                       const DirFileResult& file, bool done)>;
 
 /// Converts every .pth, .pt and .bin file below `in_dir` (symlinks to
 /// files are read, directory symlinks are not followed) to
@@ -107,16 +107,14 @@ using DirProgress =
 /// are dangling links and inputs that are not regular files. Files are
 /// taken in byte order of their paths. An error Result only when `in_dir`
 /// cannot be listed; each file's outcome is in its DirFileResult.
-Result<std::vector<DirFileResult>> ImportPthDir(const std::string& in_dir,
-                                                const std::string& out_dir,
-                                                const ImportOptions& options = {},
-                                                const DirProgress& progress = {});
+Result<std::vector<DirFileResult>> ImportPthDir(
+    const std::string& in_dir, const std::string& out_dir,
+    const ImportOptions& options = {}, const DirProgress& progress = {});
 
 /// ImportPthDir without writing: the same decisions, CheckPth per file.
 /// With a non-empty `out_dir`, the output paths are checked there too.
-Result<std::vector<DirFileResult>> CheckPthDir(const std::string& in_dir,
-                                               const std::string& out_dir = "",
-                                               const ImportOptions& options = {},
-                                               const DirProgress& progress = {});
+Result<std::vector<DirFileResult>> CheckPthDir(
+    const std::string& in_dir, const std::string& out_dir = "",
+    const ImportOptions& options = {}, const DirProgress& progress = {});
 
 }  // namespace ckpt

@@ -105,7 +105,7 @@ struct StorageView {
 struct StorageInfo {
   uint64_t offset = 0;  ///< absolute byte offset of the blob
   uint64_t nbytes = 0;
-  std::string device;   ///< saved device: "cpu", "cuda:1"...
+  std::string device;  ///< saved device: "cpu", "cuda:1"...
 };
 
 /// A tensor's bytes plus its layout. Holds the file open; cheap to copy.
@@ -304,9 +304,10 @@ class Checkpoint {
   /// tensor's size or strides: mapped pages already passed are released
   /// from this process as it goes, so RSS stays about `piece` plus a few
   /// MiB. Stops at, and returns, the first non-OK status from `sink`.
-  Status StreamTensor(const TensorRef& tensor,
-                      const std::function<Status(std::span<const std::byte>)>& sink,
-                      size_t piece = size_t{1} << 20) const;
+  Status StreamTensor(
+      const TensorRef& tensor,
+      const std::function<Status(std::span<const std::byte>)>& sink,
+      size_t piece = size_t{1} << 20) const;
 
   /// Root of the object tree.
   Value root() const;

@@ -100,7 +100,7 @@ Status ErrnoError(std::string what, int err);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT(runtime/explicit)
+  Result(T value) : v_(std::move(value)) {}        // NOLINT(runtime/explicit)
   Result(Status status) : v_(std::move(status)) {  // NOLINT(runtime/explicit)
     if (std::get<Status>(v_).ok()) {
       v_ = Status(ErrorCode::kInvalidArgument, "Result built from OK Status");
@@ -109,9 +109,7 @@ class [[nodiscard]] Result {
 
   bool ok() const { return std::holds_alternative<T>(v_); }
   /// OK when a value is held.
-  Status status() const {
-    return ok() ? Status::OK() : std::get<Status>(v_);
-  }
+  Status status() const { return ok() ? Status::OK() : std::get<Status>(v_); }
   /// Precondition: ok().
   T& value() & { return std::get<T>(v_); }
   const T& value() const& { return std::get<T>(v_); }
@@ -132,9 +130,9 @@ class [[nodiscard]] Result {
 #define CKPT_CONCAT_(a, b) CKPT_CONCAT_INNER_(a, b)
 
 /// Returns from the enclosing function if `expr` (a Status) is not OK.
-#define CKPT_RETURN_IF_ERROR(expr)             \
-  do {                                         \
-    ::ckpt::Status ckpt_status_ = (expr);      \
+#define CKPT_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::ckpt::Status ckpt_status_ = (expr);        \
     if (!ckpt_status_.ok()) return ckpt_status_; \
   } while (0)
 

@@ -37,12 +37,15 @@ CKPT_HD uint32_t FloatToBits(float f) {
   return u;
 }
 
-CKPT_HD float BF16ToF32(uint16_t h) { return BitsToFloat(static_cast<uint32_t>(h) << 16); }
+CKPT_HD float BF16ToF32(uint16_t h) {
+  return BitsToFloat(static_cast<uint32_t>(h) << 16);
+}
 
 CKPT_HD uint16_t F32ToBF16(float f) {
   uint32_t u = FloatToBits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+    return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);                   // round to nearest even
   return static_cast<uint16_t>(u >> 16);
 }
 
@@ -72,10 +75,13 @@ CKPT_HD uint16_t F32ToF16(float f) {
   uint32_t u = FloatToBits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t abs = u & 0x7FFFFFFFu;
-  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));
-  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to inf
-  if (abs < 0x38800000u) {  // subnormal or zero in half
-    if (abs < 0x33000000u) return static_cast<uint16_t>(sign);  // below half of min subnormal
+  if (abs > 0x7F800000u)
+    return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));
+  if (abs >= 0x477FF000u)
+    return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to inf
+  if (abs < 0x38800000u) {                         // subnormal or zero in half
+    if (abs < 0x33000000u)
+      return static_cast<uint16_t>(sign);  // below half of min subnormal
     uint32_t man = (abs & 0x7FFFFFu) | 0x800000u;
     uint32_t shift = 113u - (abs >> 23) + 13u;
     uint32_t half = man >> shift;
@@ -92,8 +98,12 @@ CKPT_HD uint16_t F32ToF16(float f) {
 }
 
 /// Bytes per element of the source and target of `code`.
-CKPT_HD int SourceSize(int code) { return code == kF32ToBF16 || code == kF32ToF16 ? 4 : 2; }
-CKPT_HD int TargetSize(int code) { return code == kBF16ToF32 || code == kF16ToF32 ? 4 : 2; }
+CKPT_HD int SourceSize(int code) {
+  return code == kF32ToBF16 || code == kF32ToF16 ? 4 : 2;
+}
+CKPT_HD int TargetSize(int code) {
+  return code == kBF16ToF32 || code == kF16ToF32 ? 4 : 2;
+}
 
 /// Converts element i of `src` into `dst`.
 CKPT_HD void ConvertOne(int code, const void* src, void* dst, uint64_t i) {
@@ -102,13 +112,26 @@ CKPT_HD void ConvertOne(int code, const void* src, void* dst, uint64_t i) {
   auto* d16 = static_cast<uint16_t*>(dst);
   auto* d32 = static_cast<float*>(dst);
   switch (code) {
-    case kBF16ToF16: d16[i] = F32ToF16(BF16ToF32(s16[i])); break;
-    case kF16ToBF16: d16[i] = F32ToBF16(F16ToF32(s16[i])); break;
-    case kF32ToBF16: d16[i] = F32ToBF16(s32[i]); break;
-    case kF32ToF16: d16[i] = F32ToF16(s32[i]); break;
-    case kBF16ToF32: d32[i] = BF16ToF32(s16[i]); break;
-    case kF16ToF32: d32[i] = F16ToF32(s16[i]); break;
-    default: break;
+    case kBF16ToF16:
+      d16[i] = F32ToF16(BF16ToF32(s16[i]));
+      break;
+    case kF16ToBF16:
+      d16[i] = F32ToBF16(F16ToF32(s16[i]));
+      break;
+    case kF32ToBF16:
+      d16[i] = F32ToBF16(s32[i]);
+      break;
+    case kF32ToF16:
+      d16[i] = F32ToF16(s32[i]);
+      break;
+    case kBF16ToF32:
+      d32[i] = BF16ToF32(s16[i]);
+      break;
+    case kF16ToF32:
+      d32[i] = F16ToF32(s16[i]);
+      break;
+    default:
+      break;
   }
 }
 
@@ -117,5 +140,5 @@ CKPT_HD void ConvertOne(int code, const void* src, void* dst, uint64_t i) {
 /// Launches the conversion of `n` elements from device `src` to device
 /// `dst` on `stream` (a cudaStream_t). Defined by lib/cuda/convert.cu for the
 /// real runtime and by the test double for tests.
-extern "C" int ckpt_convert_launch(int code, const void* src, void* dst, uint64_t n,
-                                   void* stream);
+extern "C" int ckpt_convert_launch(int code, const void* src, void* dst,
+                                   uint64_t n, void* stream);

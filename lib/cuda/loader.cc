@@ -8,8 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -41,7 +41,8 @@ Result<int> ConversionCode(DType from, const std::map<DType, DType>& convert) {
   if (from == DType::kFloat32 && to == DType::kFloat16) return int{kF32ToF16};
   if (from == DType::kBFloat16 && to == DType::kFloat32) return int{kBF16ToF32};
   if (from == DType::kFloat16 && to == DType::kFloat32) return int{kF16ToF32};
-  return InvalidArgument("no device conversion from " + std::string(DTypeName(from)) + " to " +
+  return InvalidArgument("no device conversion from " +
+                         std::string(DTypeName(from)) + " to " +
                          std::string(DTypeName(to)));
 }
 
@@ -50,27 +51,30 @@ Result<int> ParseDevice(const std::string& d, int count) {
   if (d == "cuda") {
     index = 0;
   } else if (d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
-             d.find_first_not_of("0123456789", 5) == std::string::npos && d.size() < 15) {
+             d.find_first_not_of("0123456789", 5) == std::string::npos &&
+             d.size() < 15) {
     index = std::stoi(d.substr(5));
   } else {
-    return InvalidArgument("device '" + d + "' is not a CUDA device (cuda or cuda:N)");
+    return InvalidArgument("device '" + d +
+                           "' is not a CUDA device (cuda or cuda:N)");
   }
   if (index >= count) {
-    return Status(ErrorCode::kCuda, "device " + d + " does not exist: " +
-                                        std::to_string(count) + " CUDA device(s) present");
+    return Status(ErrorCode::kCuda,
+                  "device " + d + " does not exist: " + std::to_string(count) +
+                      " CUDA device(s) present");
   }
   return index;
 }
 
 struct Item {
   DeviceTensor dt;
-  TensorRef ref;           // host bytes (keeps the file open)
+  TensorRef ref;  // host bytes (keeps the file open)
   uint64_t file_offset = 0;
   uint64_t storage_begin = 0;  // byte offset of the extent within its storage
   int convert = 0;             // conversion code (convert_ref.h), 0 for none
   uint64_t arena_offset = 0;
   cudaEvent_t done = nullptr;
-  int stage = 0;           // 0 queued, 1 copies issued, 2 failed
+  int stage = 0;  // 0 queued, 1 copies issued, 2 failed
 };
 
 class Loader final : public DeviceLoad {
@@ -94,12 +98,13 @@ class Loader final : public DeviceLoad {
     if (!options_.destinations.empty()) {
       if (options_.destinations.size() != items_.size()) {
         return InvalidArgument(std::to_string(options_.destinations.size()) +
-                               " destinations for " + std::to_string(items_.size()) +
-                               " tensors");
+                               " destinations for " +
+                               std::to_string(items_.size()) + " tensors");
       }
       for (size_t i = 0; i < items_.size(); ++i) {
         if (!options_.destinations[i] && items_[i].dt.nbytes) {
-          return InvalidArgument("null destination for tensor '" + items_[i].dt.info.path + "'");
+          return InvalidArgument("null destination for tensor '" +
+                                 items_[i].dt.info.path + "'");
         }
         items_[i].dt.data = options_.destinations[i];
       }
@@ -109,26 +114,30 @@ class Loader final : public DeviceLoad {
     for (auto& it : items_) {
       uint64_t& total = sizes[it.dt.device];
       it.arena_offset = total;
-      total += (it.dt.nbytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+      total += (it.dt.nbytes + kTensorAlignment - 1) / kTensorAlignment *
+               kTensorAlignment;
     }
     if (!options_.destinations.empty()) sizes.clear();  // the caller's memory
     for (auto& [dev, bytes] : sizes) {
       cudaError_t e = cudaSetDevice(dev);
-      if (e != cudaSuccess) return Cuda(e, "cudaSetDevice(" + std::to_string(dev) + ")");
+      if (e != cudaSuccess)
+        return Cuda(e, "cudaSetDevice(" + std::to_string(dev) + ")");
       void* p = nullptr;
       e = cudaMalloc(&p, std::max<uint64_t>(bytes, 1));
       if (e != cudaSuccess) {
-        return Cuda(e, "allocating " + std::to_string(bytes) + " bytes on cuda:" +
-                           std::to_string(dev));
+        return Cuda(e, "allocating " + std::to_string(bytes) +
+                           " bytes on cuda:" + std::to_string(dev));
       }
       arenas_[dev] = p;
     }
     for (auto& it : items_) {
       if (options_.destinations.empty()) {
-        it.dt.data = static_cast<char*>(arenas_[it.dt.device]) + it.arena_offset;
+        it.dt.data =
+            static_cast<char*>(arenas_[it.dt.device]) + it.arena_offset;
       }
       cudaSetDevice(it.dt.device);
-      cudaError_t e = cudaEventCreateWithFlags(&it.done, cudaEventDisableTiming);
+      cudaError_t e =
+          cudaEventCreateWithFlags(&it.done, cudaEventDisableTiming);
       if (e != cudaSuccess) return Cuda(e, "cudaEventCreateWithFlags");
     }
     return Status::OK();
@@ -136,16 +145,20 @@ class Loader final : public DeviceLoad {
 
   void Start() {
     std::map<int, std::vector<size_t>> by_device;
-    for (size_t i = 0; i < items_.size(); ++i) by_device[items_[i].dt.device].push_back(i);
-    unsigned threads = options_.threads ? options_.threads
-                                        : std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
+    for (size_t i = 0; i < items_.size(); ++i)
+      by_device[items_[i].dt.device].push_back(i);
+    unsigned threads =
+        options_.threads
+            ? options_.threads
+            : std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
     queues_.reserve(by_device.size());
     for (auto& [dev, list] : by_device) {
       queues_.push_back(std::make_unique<Queue>());
       Queue* q = queues_.back().get();
       q->device = dev;
       q->items = std::move(list);
-      unsigned n = static_cast<unsigned>(std::min<size_t>(threads, q->items.size()));
+      unsigned n =
+          static_cast<unsigned>(std::min<size_t>(threads, q->items.size()));
       unsigned started = 0;
       try {
         for (; started < std::max(1u, n); ++started) {
@@ -210,21 +223,26 @@ class Loader final : public DeviceLoad {
   std::string strategy() const override {
     if (register_) {
       uint64_t staged = staged_pieces_.load();
-      return staged ? "register (" + std::to_string(staged) + " pieces staged)" : "register";
+      return staged ? "register (" + std::to_string(staged) + " pieces staged)"
+                    : "register";
     }
     if (!direct_) return "staged";
-    return buffered_fallback_ ? "direct (buffered: O_DIRECT refused)" : "direct";
+    return buffered_fallback_ ? "direct (buffered: O_DIRECT refused)"
+                              : "direct";
   }
 
   // kRegister: the mapping's address range, from any item's view.
   Status UseRegister() {
     if (ck_.backend() != Backend::kMmap) {
-      return InvalidArgument("the register strategy needs a checkpoint opened with the mmap backend");
+      return InvalidArgument(
+          "the register strategy needs a checkpoint opened with the mmap "
+          "backend");
     }
     register_ = true;
     for (const auto& it : items_) {
       if (it.ref.data().empty()) continue;
-      map_base_ = reinterpret_cast<uintptr_t>(it.ref.data().data()) - it.file_offset;
+      map_base_ =
+          reinterpret_cast<uintptr_t>(it.ref.data().data()) - it.file_offset;
       break;
     }
     const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -243,18 +261,22 @@ class Loader final : public DeviceLoad {
       auto a = reinterpret_cast<uintptr_t>(d.data()) / page * page;
       uint64_t len = reinterpret_cast<uintptr_t>(d.data()) + d.size() - a;
       vec.assign((len + page - 1) / page, 0);
-      if (::mincore(reinterpret_cast<void*>(a), len, vec.data()) != 0) return 1.0;
+      if (::mincore(reinterpret_cast<void*>(a), len, vec.data()) != 0)
+        return 1.0;
       total += vec.size();
       for (unsigned char v : vec) resident += v & 1;
     }
-    return total ? static_cast<double>(resident) / static_cast<double>(total) : 1.0;
+    return total ? static_cast<double>(resident) / static_cast<double>(total)
+                 : 1.0;
   }
   void UseDirect(bool direct) { direct_ = direct; }
   const DeviceTensor& tensor(size_t i) const override {
     static const DeviceTensor kNone{};
     return i < items_.size() ? items_[i].dt : kNone;
   }
-  void* event(size_t i) const override { return i < items_.size() ? items_[i].done : nullptr; }
+  void* event(size_t i) const override {
+    return i < items_.size() ? items_[i].done : nullptr;
+  }
 
  private:
   struct Queue {
@@ -271,8 +293,9 @@ class Loader final : public DeviceLoad {
 
   Status FailureOf(const Item& it) const {
     if (!first_.ok() && first_.tensor() == it.dt.info.path) return first_;
-    return Status(ErrorCode::kCuda, "not loaded: the load stopped at an earlier error (" +
-                                        first_.ToString() + ")")
+    return Status(ErrorCode::kCuda,
+                  "not loaded: the load stopped at an earlier error (" +
+                      first_.ToString() + ")")
         .WithFile(file_)
         .WithTensor(it.dt.info.path);
   }
@@ -321,13 +344,16 @@ class Loader final : public DeviceLoad {
       if (stream) cudaStreamDestroy(stream);
     };
     cudaError_t e = cudaSetDevice(q.device);
-    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess)
+      e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
     for (int j = 0; j < 2 && e == cudaSuccess; ++j) {
       e = cudaHostAlloc(&buf[j], alloc, cudaHostAllocDefault);
-      if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev[j], cudaEventDisableTiming);
+      if (e == cudaSuccess)
+        e = cudaEventCreateWithFlags(&ev[j], cudaEventDisableTiming);
     }
     if (e != cudaSuccess) {
-      Fail(Cuda(e, "setting up staging on cuda:" + std::to_string(q.device)).WithFile(file_));
+      Fail(Cuda(e, "setting up staging on cuda:" + std::to_string(q.device))
+               .WithFile(file_));
       cleanup();
       FailRest(q);
       return;
@@ -350,13 +376,15 @@ class Loader final : public DeviceLoad {
       // With verification, pieces never straddle a checksum chunk, and each
       // chunk is checked just before its first piece is staged.
       const uint64_t chunk = ck_.chunk_size();
-      const uint64_t base = it.storage_begin;  // extent start within the storage
+      const uint64_t base =
+          it.storage_begin;  // extent start within the storage
       for (uint64_t off = 0; off < bytes.size() && problem.ok();) {
         uint64_t n = std::min<uint64_t>(B, bytes.size() - off);
         const std::byte* host_src = nullptr;
         if (register_) {
           auto a = reinterpret_cast<uintptr_t>(bytes.data() + off);
-          uint64_t window_end = map_base_ + ((a - map_base_) / kWindow + 1) * kWindow;
+          uint64_t window_end =
+              map_base_ + ((a - map_base_) / kWindow + 1) * kWindow;
           n = std::min<uint64_t>(n, window_end - a);
           if (EnsureWindow(a)) {
             host_src = bytes.data() + off;
@@ -369,7 +397,8 @@ class Loader final : public DeviceLoad {
           uint64_t chunk_end = (at / chunk + 1) * chunk;
           n = std::min<uint64_t>(n, chunk_end - at);
           if (off == 0 || at % chunk == 0) {
-            problem = ck_.VerifyStorageRange(it.dt.info.storage, at, at + 1, it.dt.info.path);
+            problem = ck_.VerifyStorageRange(it.dt.info.storage, at, at + 1,
+                                             it.dt.info.path);
             if (!problem.ok()) break;
           }
         }
@@ -394,7 +423,8 @@ class Loader final : public DeviceLoad {
           uint64_t in = static_cast<uint64_t>(convert::SourceSize(it.convert));
           uint64_t out = static_cast<uint64_t>(convert::TargetSize(it.convert));
           return static_cast<cudaError_t>(ckpt_convert_launch(
-              it.convert, scratch, static_cast<char*>(it.dt.data) + off / in * out, n / in, stream));
+              it.convert, scratch,
+              static_cast<char*>(it.dt.data) + off / in * out, n / in, stream));
         };
         if (host_src) {  // page-locked mapping: no staging buffer involved
           e = cudaMemcpyAsync(dst, host_src, n, cudaMemcpyHostToDevice, stream);
@@ -404,7 +434,8 @@ class Loader final : public DeviceLoad {
           const std::byte* src = static_cast<const std::byte*>(buf[j]);
           if (e == cudaSuccess) {
             if (direct_) {
-              auto r = ReadDirect(fd, it.file_offset + off, n, static_cast<std::byte*>(buf[j]));
+              auto r = ReadDirect(fd, it.file_offset + off, n,
+                                  static_cast<std::byte*>(buf[j]));
               if (!r.ok()) {
                 problem = r.status().WithTensor(it.dt.info.path);
                 break;
@@ -429,7 +460,8 @@ class Loader final : public DeviceLoad {
       }
       if (problem.ok()) {
         e = cudaEventRecord(it.done, stream);
-        if (e != cudaSuccess) problem = Cuda(e, "cudaEventRecord").WithTensor(it.dt.info.path);
+        if (e != cudaSuccess)
+          problem = Cuda(e, "cudaEventRecord").WithTensor(it.dt.info.path);
       }
       if (!problem.ok()) {
         Fail(problem);
@@ -441,7 +473,8 @@ class Loader final : public DeviceLoad {
     // Drain: a failed asynchronous copy shows up here at the latest.
     e = cudaStreamSynchronize(stream);
     if (e != cudaSuccess) {
-      Fail(Cuda(e, "asynchronous copy to cuda:" + std::to_string(q.device) + " failed")
+      Fail(Cuda(e, "asynchronous copy to cuda:" + std::to_string(q.device) +
+                       " failed")
                .WithFile(file_));
     }
     cleanup();
@@ -451,16 +484,20 @@ class Loader final : public DeviceLoad {
   // block-aligned superset when `fd` is O_DIRECT; returns where the wanted
   // bytes start in `buf`. Switches `fd` to buffered reads if the kernel
   // refuses a direct read.
-  Result<uint64_t> ReadDirect(int& fd, uint64_t offset, uint64_t n, std::byte* buf) {
+  Result<uint64_t> ReadDirect(int& fd, uint64_t offset, uint64_t n,
+                              std::byte* buf) {
     for (int attempt = 0; attempt < 2; ++attempt) {
       bool direct = (::fcntl(fd, F_GETFL) & O_DIRECT) != 0;
       uint64_t a0 = direct ? offset / kDirectAlign * kDirectAlign : offset;
       uint64_t want = offset + n - a0;
-      uint64_t len = direct ? (want + kDirectAlign - 1) / kDirectAlign * kDirectAlign : want;
+      uint64_t len =
+          direct ? (want + kDirectAlign - 1) / kDirectAlign * kDirectAlign
+                 : want;
       uint64_t got = 0;
       int err = 0;
       while (got < want) {
-        ssize_t r = ::pread(fd, buf + got, len - got, static_cast<off_t>(a0 + got));
+        ssize_t r =
+            ::pread(fd, buf + got, len - got, static_cast<off_t>(a0 + got));
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
           err = errno;
@@ -472,7 +509,8 @@ class Loader final : public DeviceLoad {
       if (got >= want) return offset - a0;
       if (err == EINVAL && direct) {
         int plain = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
-        if (plain < 0) err = errno;
+        if (plain < 0)
+          err = errno;
         else {
           ::close(fd);
           fd = plain;
@@ -485,7 +523,9 @@ class Loader final : public DeviceLoad {
           .WithFile(file_)
           .WithOffset(static_cast<int64_t>(offset));
     }
-    return IoError("read failed").WithFile(file_).WithOffset(static_cast<int64_t>(offset));
+    return IoError("read failed")
+        .WithFile(file_)
+        .WithOffset(static_cast<int64_t>(offset));
   }
 
   void FailRest(Queue& q) {
@@ -529,8 +569,8 @@ class Loader final : public DeviceLoad {
     uint64_t len = std::min<uint64_t>(kWindow, map_end_ - start);
     bool ok = false;
     if (registered_bytes_ + len <= options_.max_registered_bytes) {
-      ok = cudaHostRegister(reinterpret_cast<void*>(start), len, cudaHostRegisterReadOnly) ==
-           cudaSuccess;
+      ok = cudaHostRegister(reinterpret_cast<void*>(start), len,
+                            cudaHostRegisterReadOnly) == cudaSuccess;
       if (!ok) cudaGetLastError();  // a refusal is not an error of the load
       if (ok) registered_bytes_ += len;
     }
@@ -545,7 +585,8 @@ namespace {
 
 // A request's view: rows narrow dim 0. With the mmap backend nothing is read.
 Result<TensorRef> Resolve(const Checkpoint& ck, const TensorRequest& r) {
-  return r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second) : ck.Tensor(r.path);
+  return r.rows ? ck.TensorRows(r.path, r.rows->first, r.rows->second)
+                : ck.Tensor(r.path);
 }
 
 // Bytes a view occupies on the device after conversion `code` (0: none).
@@ -558,14 +599,15 @@ uint64_t DeviceBytes(const TensorRef& ref, int code) {
 
 }  // namespace
 
-Result<std::vector<uint64_t>> RequestBytes(const Checkpoint& ck,
-                                           std::span<const TensorRequest> requests,
-                                           const DeviceLoadOptions& options) {
+Result<std::vector<uint64_t>> RequestBytes(
+    const Checkpoint& ck, std::span<const TensorRequest> requests,
+    const DeviceLoadOptions& options) {
   std::vector<uint64_t> out;
   out.reserve(requests.size());
   for (const auto& r : requests) {
     CKPT_ASSIGN_OR_RETURN(TensorRef ref, Resolve(ck, r));
-    CKPT_ASSIGN_OR_RETURN(int code, ConversionCode(ref.dtype(), options.convert));
+    CKPT_ASSIGN_OR_RETURN(int code,
+                          ConversionCode(ref.dtype(), options.convert));
     out.push_back(DeviceBytes(ref, code));
   }
   return out;
@@ -581,8 +623,10 @@ Result<int> CudaDeviceCount() {
 namespace {
 
 // Starts a load of resolved views (tensors, rows or whole storages).
-Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck, std::vector<TensorRef> refs,
-                                          const DeviceLoadOptions& options, int count) {
+Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck,
+                                          std::vector<TensorRef> refs,
+                                          const DeviceLoadOptions& options,
+                                          int count) {
   std::vector<Item> items;
   items.reserve(refs.size());
   for (auto& ref : refs) {
@@ -590,10 +634,12 @@ Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck, std::vector<Tens
     it.ref = std::move(ref);
     StorageInfo st = ck.storage_info(it.ref.info().storage);
     auto mapped = options.device_map.find(st.device);
-    const std::string& target = mapped != options.device_map.end() ? mapped->second : options.device;
+    const std::string& target =
+        mapped != options.device_map.end() ? mapped->second : options.device;
     CKPT_ASSIGN_OR_RETURN(it.dt.device, ParseDevice(target, count));
     it.dt.info = it.ref.info();
-    CKPT_ASSIGN_OR_RETURN(it.convert, ConversionCode(it.dt.info.dtype, options.convert));
+    CKPT_ASSIGN_OR_RETURN(it.convert,
+                          ConversionCode(it.dt.info.dtype, options.convert));
     it.dt.nbytes = DeviceBytes(it.ref, it.convert);
     if (it.convert) it.dt.info.dtype = options.convert.at(it.dt.info.dtype);
     const size_t elsize = DTypeSize(it.ref.info().dtype);  // the file's dtype
@@ -605,10 +651,18 @@ Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck, std::vector<Tens
   auto loader = std::make_unique<Loader>(ck, options);
   CKPT_RETURN_IF_ERROR(loader->Prepare(std::move(items)));
   switch (options.strategy) {
-    case LoadStrategy::kStaged: loader->UseDirect(false); break;
-    case LoadStrategy::kDirect: loader->UseDirect(true); break;
-    case LoadStrategy::kAuto: loader->UseDirect(loader->ResidentFraction() < 0.9); break;
-    case LoadStrategy::kRegister: CKPT_RETURN_IF_ERROR(loader->UseRegister()); break;
+    case LoadStrategy::kStaged:
+      loader->UseDirect(false);
+      break;
+    case LoadStrategy::kDirect:
+      loader->UseDirect(true);
+      break;
+    case LoadStrategy::kAuto:
+      loader->UseDirect(loader->ResidentFraction() < 0.9);
+      break;
+    case LoadStrategy::kRegister:
+      CKPT_RETURN_IF_ERROR(loader->UseRegister());
+      break;
   }
   loader->Start();
   return std::unique_ptr<DeviceLoad>(std::move(loader));
@@ -616,13 +670,14 @@ Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck, std::vector<Tens
 
 }  // namespace
 
-Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
-                                                 std::span<const TensorRequest> requests,
-                                                 const DeviceLoadOptions& options) {
+Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
+    const Checkpoint& ck, std::span<const TensorRequest> requests,
+    const DeviceLoadOptions& options) {
   CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
   std::vector<TensorRequest> all;
   if (requests.empty()) {
-    for (size_t i = 0; i < ck.num_tensors(); ++i) all.push_back({ck.tensor_info(i).path, {}});
+    for (size_t i = 0; i < ck.num_tensors(); ++i)
+      all.push_back({ck.tensor_info(i).path, {}});
     requests = all;
   }
   std::vector<TensorRef> refs;
@@ -634,11 +689,12 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(const Checkpoint& ck,
   return Start(ck, std::move(refs), options, count);
 }
 
-Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(const Checkpoint& ck,
-                                                         std::span<const size_t> storages,
-                                                         const DeviceLoadOptions& options) {
+Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(
+    const Checkpoint& ck, std::span<const size_t> storages,
+    const DeviceLoadOptions& options) {
   if (!options.convert.empty()) {
-    return InvalidArgument("dtype conversion does not apply to whole storages (untyped bytes)");
+    return InvalidArgument(
+        "dtype conversion does not apply to whole storages (untyped bytes)");
   }
   CKPT_ASSIGN_OR_RETURN(int count, CudaDeviceCount());
   std::vector<TensorRef> refs;

@@ -40,14 +40,15 @@ struct Payload {
 
 struct Loaded {
   // Declared first, destroyed last: breaks reference cycles in the graph.
-  std::unique_ptr<internal::PickleHeap> heap = std::make_unique<internal::PickleHeap>();
+  std::unique_ptr<internal::PickleHeap> heap =
+      std::make_unique<internal::PickleHeap>();
   std::shared_ptr<ByteSource> src;     // mapped: headers and pickles
   std::shared_ptr<ByteSource> stream;  // pread: storage bytes, copied once
   std::optional<ZipArchive> zip;
   std::string prefix;
   bool big_endian = false;
-  bool check_crc = true;   // options' check_crc, off when the archive has none
-  std::string crc_state;   // ImportReport::crc32
+  bool check_crc = true;  // options' check_crc, off when the archive has none
+  std::string crc_state;  // ImportReport::crc32
   internal::PickleLimits pickle_limits;
   std::string container;
   Obj root;
@@ -66,27 +67,30 @@ uint64_t ElementSize(const PyStorage& s) {
 
 // Resolves ('storage', type, key, location, numel[, view_metadata]).
 Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
-  if (pid->kind != K::kTuple || pid->items.empty() || pid->items[0]->kind != K::kStr) {
+  if (pid->kind != K::kTuple || pid->items.empty() ||
+      pid->items[0]->kind != K::kStr) {
     return InvalidArgument("persistent id is not a ('storage', ...) tuple");
   }
   const auto& a = pid->items;
   if (a[0]->s == "module") {
-    return InvalidArgument("a whole nn.Module is pickled here (legacy source-code "
-                           "record); save model.state_dict() instead");
+    return InvalidArgument(
+        "a whole nn.Module is pickled here (legacy source-code "
+        "record); save model.state_dict() instead");
   }
   if (a[0]->s != "storage") {
     return InvalidArgument("persistent id of unknown type '" + a[0]->s + "'");
   }
   if (a.size() != (legacy ? 6u : 5u)) {
-    return InvalidArgument("storage persistent id has " + std::to_string(a.size()) +
-                           " fields");
+    return InvalidArgument("storage persistent id has " +
+                           std::to_string(a.size()) + " fields");
   }
-  if (a[1]->kind != K::kGlobal || a[2]->kind != K::kStr || a[3]->kind != K::kStr ||
-      a[4]->kind != K::kInt || a[4]->i < 0) {
+  if (a[1]->kind != K::kGlobal || a[2]->kind != K::kStr ||
+      a[3]->kind != K::kStr || a[4]->kind != K::kInt || a[4]->i < 0) {
     return InvalidArgument("malformed storage persistent id");
   }
   if (legacy && a[5]->kind != K::kNone) {
-    return InvalidArgument("legacy storage views (view_metadata) are not supported");
+    return InvalidArgument(
+        "legacy storage views (view_metadata) are not supported");
   }
   auto st = std::make_shared<PyStorage>();
   st->key = a[2]->s;
@@ -103,32 +107,36 @@ Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
   if (!IsValidDevice(st->location)) {
     return InvalidArgument("invalid storage location '" + st->location + "'");
   }
-  if (st->key.empty() || st->key.find('/') != std::string::npos || st->key == "." ||
-      st->key == "..") {
+  if (st->key.empty() || st->key.find('/') != std::string::npos ||
+      st->key == "." || st->key == "..") {
     return InvalidArgument("invalid storage key '" + st->key + "'");
   }
   auto it = l.by_key.find(st->key);
   if (it != l.by_key.end()) {
     const PyStorage& old = *it->second;
-    if (old.dtype != st->dtype || old.numel != st->numel || old.untyped != st->untyped) {
-      return InvalidArgument("storage '" + st->key + "' is named with two different "
+    if (old.dtype != st->dtype || old.numel != st->numel ||
+        old.untyped != st->untyped) {
+      return InvalidArgument("storage '" + st->key +
+                             "' is named with two different "
                              "types or sizes");
     }
   } else {
     uint64_t bytes = 0;
-    if (__builtin_mul_overflow(st->numel, ElementSize(*st), &bytes) || bytes > INT64_MAX) {
+    if (__builtin_mul_overflow(st->numel, ElementSize(*st), &bytes) ||
+        bytes > INT64_MAX) {
       return InvalidArgument("storage '" + st->key + "' size overflows");
     }
     if (!legacy) {
       const ZipEntry* e = l.zip->Find(l.prefix + "data/" + st->key);
       if (!e) {
-        return InvalidArgument("storage '" + st->key + "' has no record '" + l.prefix +
-                               "data/" + st->key + "'");
+        return InvalidArgument("storage '" + st->key + "' has no record '" +
+                               l.prefix + "data/" + st->key + "'");
       }
       if (e->size != bytes) {
-        return InvalidArgument("record '" + e->name + "' has " + std::to_string(e->size) +
-                               " bytes; its storage needs " + std::to_string(bytes) +
-                               (e->size < bytes ? " (truncated)" : ""));
+        return InvalidArgument(
+            "record '" + e->name + "' has " + std::to_string(e->size) +
+            " bytes; its storage needs " + std::to_string(bytes) +
+            (e->size < bytes ? " (truncated)" : ""));
       }
       l.payload[st.get()] = Payload{e, 0};
     }
@@ -144,15 +152,19 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   CKPT_ASSIGN_OR_RETURN(ZipArchive z, ZipArchive::Open(l.src));
   l.zip = std::move(z);
   const auto& entries = l.zip->entries();
-  if (entries.empty()) return Refuse(l, "empty zip archive: not a torch.save checkpoint");
+  if (entries.empty())
+    return Refuse(l, "empty zip archive: not a torch.save checkpoint");
   const std::string& first = entries[0].name;
   auto slash = first.find('/');
   l.prefix = slash == std::string::npos ? "" : first.substr(0, slash + 1);
   bool has_pkl = l.zip->Find(l.prefix + "data.pkl") != nullptr;
   for (const auto& e : entries) {
-    if (e.name == l.prefix + "constants.pkl" || e.name.rfind(l.prefix + "code/", 0) == 0) {
-      return Refuse(l, "TorchScript archive (torch.jit.save): save model.state_dict() "
-                       "with torch.save instead");
+    if (e.name == l.prefix + "constants.pkl" ||
+        e.name.rfind(l.prefix + "code/", 0) == 0) {
+      return Refuse(
+          l,
+          "TorchScript archive (torch.jit.save): save model.state_dict() "
+          "with torch.save instead");
     }
     if (!has_pkl && (e.name.find(".data/extern_modules") != std::string::npos ||
                      e.name.find(".data/version") != std::string::npos)) {
@@ -160,17 +172,21 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
     }
   }
   if (!has_pkl) {
-    return Refuse(l, "zip archive without '" + l.prefix + "data.pkl': not a torch.save checkpoint");
+    return Refuse(l, "zip archive without '" + l.prefix +
+                         "data.pkl': not a torch.save checkpoint");
   }
   // torch 2.x can write archives without CRC-32s (compute_crc32=False):
   // every field zero means "not computed", as torch reads it. From here on
   // ckpt's own checksums protect the data.
   l.check_crc = opt.check_crc && !l.zip->crc32_absent();
-  l.crc_state = !opt.check_crc ? "skipped" : l.check_crc ? "checked" : "not computed";
+  l.crc_state = !opt.check_crc ? "skipped"
+                : l.check_crc  ? "checked"
+                               : "not computed";
   if (const ZipEntry* bo = l.zip->Find(l.prefix + "byteorder")) {
     if (bo->size > 16) {
-      return Refuse(l, "byteorder record of " + std::to_string(bo->size) + " bytes",
-                    static_cast<int64_t>(bo->local_header_offset));
+      return Refuse(
+          l, "byteorder record of " + std::to_string(bo->size) + " bytes",
+          static_cast<int64_t>(bo->local_header_offset));
     }
     CKPT_ASSIGN_OR_RETURN(Bytes b, l.zip->Read(*bo, l.check_crc));
     std::string v(reinterpret_cast<const char*>(b.data.data()), b.data.size());
@@ -185,9 +201,11 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   // Checked against the declared size before anything is inflated: a
   // deflated pickle of a few MiB can claim a GiB.
   if (pkl->size > opt.limits.max_pickle_bytes) {
-    return Refuse(l, "'" + pkl->name + "' is " + std::to_string(pkl->size) +
-                         " bytes, more than the " + std::to_string(opt.limits.max_pickle_bytes) +
-                         "-byte pickle limit (max_pickle_bytes)",
+    return Refuse(l,
+                  "'" + pkl->name + "' is " + std::to_string(pkl->size) +
+                      " bytes, more than the " +
+                      std::to_string(opt.limits.max_pickle_bytes) +
+                      "-byte pickle limit (max_pickle_bytes)",
                   static_cast<int64_t>(pkl->local_header_offset));
   }
   CKPT_ASSIGN_OR_RETURN(Bytes data, l.zip->Read(*pkl, l.check_crc));
@@ -199,8 +217,8 @@ Status LoadZip(Loaded& l, const ImportOptions& opt) {
   size_t used = 0;
   auto r = internal::Unpickle(
       data.data, l.prefix + "data.pkl", base,
-      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used, l.heap.get(),
-      l.pickle_limits);
+      [&](const Obj& pid) { return LoadStorage(l, pid, false); }, &used,
+      l.heap.get(), l.pickle_limits);
   if (!r.ok()) return r.status().WithFile(l.src->name());
   l.root = *r;
   l.container = "zip";
@@ -218,8 +236,9 @@ Status LoadLegacy(Loaded& l) {
     size_t used = 0;
     auto r = internal::Unpickle(
         rest, std::string("legacy ") + what, static_cast<int64_t>(at),
-        with_pids ? internal::PersistentLoad(
-                        [&](const Obj& pid) { return LoadStorage(l, pid, true); })
+        with_pids ? internal::PersistentLoad([&](const Obj& pid) {
+          return LoadStorage(l, pid, true);
+        })
                   : internal::PersistentLoad(),
         &used, l.heap.get(), l.pickle_limits);
     if (!r.ok()) return r.status().WithFile(src.name());
@@ -229,11 +248,15 @@ Status LoadLegacy(Loaded& l) {
   };
   auto magic = next("magic number", false);
   // The magic is the int 0x1950a86a20f9469cfc6c (10 bytes LE).
-  static const uint8_t kMagicLE[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};
+  static const uint8_t kMagicLE[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9,
+                                     0x20, 0x6a, 0xa8, 0x50, 0x19};
   if (!magic.ok() || (*magic)->kind != K::kBigInt ||
-      (*magic)->bytes != std::vector<uint8_t>(std::begin(kMagicLE), std::end(kMagicLE))) {
-    return Refuse(l, "not a torch.save file (neither a zip archive nor a legacy "
-                     "pickle with torch's magic number)", 0);
+      (*magic)->bytes !=
+          std::vector<uint8_t>(std::begin(kMagicLE), std::end(kMagicLE))) {
+    return Refuse(l,
+                  "not a torch.save file (neither a zip archive nor a legacy "
+                  "pickle with torch's magic number)",
+                  0);
   }
   CKPT_ASSIGN_OR_RETURN(Obj proto, next("protocol version", false));
   if (proto->kind != K::kInt || proto->i != 1001) {
@@ -242,29 +265,36 @@ Status LoadLegacy(Loaded& l) {
   CKPT_ASSIGN_OR_RETURN(Obj sys_info, next("sys_info", false));
   CKPT_ASSIGN_OR_RETURN(l.root, next("object", true));
   CKPT_ASSIGN_OR_RETURN(Obj keys, next("storage keys", false));
-  if (keys->kind != K::kList) return Refuse(l, "legacy storage key list is not a list");
+  if (keys->kind != K::kList)
+    return Refuse(l, "legacy storage key list is not a list");
   for (const auto& k : keys->items) {
     if (k->kind != K::kStr) return Refuse(l, "legacy storage key is not a str");
     auto it = l.by_key.find(k->s);
     if (it == l.by_key.end()) {
-      return Refuse(l, "legacy storage '" + k->s + "' is not used by the object");
+      return Refuse(l,
+                    "legacy storage '" + k->s + "' is not used by the object");
     }
     const PyStorage& st = *it->second;
     if (rest.size() < 8) {
       return Corrupt("legacy storage '" + k->s + "': truncated before its size")
-          .WithFile(src.name()).WithOffset(static_cast<int64_t>(at));
+          .WithFile(src.name())
+          .WithOffset(static_cast<int64_t>(at));
     }
     uint64_t count = 0;
     std::memcpy(&count, rest.data(), 8);
     if (count != st.numel) {
-      return Corrupt("legacy storage '" + k->s + "' holds " + std::to_string(count) +
-                     " elements, its persistent id says " + std::to_string(st.numel))
-          .WithFile(src.name()).WithOffset(static_cast<int64_t>(at));
+      return Corrupt("legacy storage '" + k->s + "' holds " +
+                     std::to_string(count) +
+                     " elements, its persistent id says " +
+                     std::to_string(st.numel))
+          .WithFile(src.name())
+          .WithOffset(static_cast<int64_t>(at));
     }
     uint64_t bytes = count * ElementSize(st);
     if (rest.size() - 8 < bytes) {
       return Corrupt("legacy storage '" + k->s + "' is truncated")
-          .WithFile(src.name()).WithOffset(static_cast<int64_t>(at));
+          .WithFile(src.name())
+          .WithOffset(static_cast<int64_t>(at));
     }
     l.payload[&st] = Payload{nullptr, at + 8};
     rest = rest.subspan(static_cast<size_t>(8 + bytes));
@@ -294,9 +324,10 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   // entry of ~100 bytes makes ~4.5 KiB of objects): allow the fixed budget
   // or a bounded multiple of the input, so a big state dict imports and a
   // small hostile file still cannot amplify itself.
-  l.pickle_limits.max_memory = std::max(
-      opt.limits.max_pickle_memory,
-      kMemoryPerInputByte * std::min(l.src->size(), opt.limits.max_pickle_bytes));
+  l.pickle_limits.max_memory =
+      std::max(opt.limits.max_pickle_memory,
+               kMemoryPerInputByte *
+                   std::min(l.src->size(), opt.limits.max_pickle_bytes));
   // Storages are read with pread into one reused buffer: memory stays
   // bounded (no multi-GiB mapping resident) and no page is faulted twice.
   ReadOptions pread;
@@ -312,10 +343,13 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   if (starts("PK\x03\x04")) {
     CKPT_RETURN_IF_ERROR(LoadZip(l, opt));
   } else if (starts("ustar", 257)) {
-    return Refuse(l, "tar checkpoint from torch < 0.4: re-save it with a newer torch", 0);
+    return Refuse(
+        l, "tar checkpoint from torch < 0.4: re-save it with a newer torch", 0);
   } else if (starts("PYTORCH1")) {
     return Refuse(l, "PYTORCH1 preview-release archive is not supported", 0);
-  } else if (starts(std::string_view("\x89" "CKPT", 5))) {
+  } else if (starts(std::string_view("\x89"
+                                     "CKPT",
+                                     5))) {
     return Refuse(l, "this is already a ckpt file", 0);
   } else if (head_len > 0 && static_cast<uint8_t>(head.data[0]) == 0x80) {
     CKPT_RETURN_IF_ERROR(LoadLegacy(l));
@@ -337,28 +371,37 @@ struct Plan {
 
 size_t SwapUnit(DType d) {
   size_t w = DTypeSize(d);
-  return d == DType::kComplex32 || d == DType::kComplex64 || d == DType::kComplex128 ? w / 2 : w;
+  return d == DType::kComplex32 || d == DType::kComplex64 ||
+                 d == DType::kComplex128
+             ? w / 2
+             : w;
 }
 
 Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
   struct Count {
     uint64_t nodes = 0, tensors = 0, bytes = 0;
   };
-  auto add = [](uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; };
+  auto add = [](uint64_t a, uint64_t b) {
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+  };
   auto check = [&](const Count& c) -> Status {
     if (c.tensors > lim.max_tensor_refs) {
-      return Refuse(l, "the object expands to more than " + std::to_string(lim.max_tensor_refs) +
-                           " tensor references (memo reuse repeats them; limit max_tensor_refs)");
+      return Refuse(l, "the object expands to more than " +
+                           std::to_string(lim.max_tensor_refs) +
+                           " tensor references (memo reuse repeats them; limit "
+                           "max_tensor_refs)");
     }
     if (c.nodes > lim.max_nodes) {
-      return Refuse(l, "the object expands to more than " + std::to_string(lim.max_nodes) +
+      return Refuse(l, "the object expands to more than " +
+                           std::to_string(lim.max_nodes) +
                            " nodes (memo reuse repeats them; limit max_nodes)");
     }
     if (c.bytes > lim.max_expanded_bytes) {
-      return Refuse(l, "the object expands to more than " +
-                           std::to_string(lim.max_expanded_bytes) +
-                           " bytes of strings and bytes (memo reuse repeats them; limit "
-                           "max_expanded_bytes)");
+      return Refuse(
+          l, "the object expands to more than " +
+                 std::to_string(lim.max_expanded_bytes) +
+                 " bytes of strings and bytes (memo reuse repeats them; limit "
+                 "max_expanded_bytes)");
     }
     return Status::OK();
   };
@@ -376,20 +419,25 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
     Count c;
     c.nodes = 1;
     switch (o.kind) {
-      case K::kStr: case K::kBytes: case K::kBigInt:
+      case K::kStr:
+      case K::kBytes:
+      case K::kBigInt:
         c.bytes = std::max(o.s.size(), o.bytes.size());
         break;
-      case K::kTensor: case K::kStorage: {
+      case K::kTensor:
+      case K::kStorage: {
         c.tensors = 1;
         const auto& st = o.kind == K::kTensor ? o.tensor->storage : o.storage;
         DType d = o.kind == K::kTensor ? o.tensor->dtype : o.storage->dtype;
         if (l.big_endian && !st->inline_data) {
           auto [it, fresh] = plan->swap.emplace(st.get(), d);
           if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
-            return Refuse(l, "big-endian storage '" + st->key + "' is viewed as " +
-                                 std::string(DTypeName(it->second)) + " and as " +
-                                 std::string(DTypeName(d)) +
-                                 ": elements of different widths cannot both be byte-swapped");
+            return Refuse(l, "big-endian storage '" + st->key +
+                                 "' is viewed as " +
+                                 std::string(DTypeName(it->second)) +
+                                 " and as " + std::string(DTypeName(d)) +
+                                 ": elements of different widths cannot both "
+                                 "be byte-swapped");
           }
         }
         break;
@@ -400,14 +448,21 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
     return c;
   };
   auto child_of = [](const PyObj& o, size_t i) -> const PyObj* {
-    if (o.kind == K::kDict) return (i % 2 ? o.items[i / 2] : o.keys[i / 2]).get();
+    if (o.kind == K::kDict)
+      return (i % 2 ? o.items[i / 2] : o.keys[i / 2]).get();
     return o.items[i].get();
   };
   auto nchildren = [](const PyObj& o) {
     switch (o.kind) {
-      case K::kDict: return 2 * std::min(o.items.size(), o.keys.size());
-      case K::kList: case K::kTuple: case K::kSet: case K::kFrozenSet: return o.items.size();
-      default: return size_t{0};
+      case K::kDict:
+        return 2 * std::min(o.items.size(), o.keys.size());
+      case K::kList:
+      case K::kTuple:
+      case K::kSet:
+      case K::kFrozenSet:
+        return o.items.size();
+      default:
+        return size_t{0};
     }
   };
   std::vector<Frame> stack;
@@ -451,23 +506,41 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
 // The ValueKind a PyObj is written as (for the key rules).
 std::optional<ValueKind> WrittenKind(K k) {
   switch (k) {
-    case K::kNone: return ValueKind::kNone;
-    case K::kBool: return ValueKind::kBool;
-    case K::kInt: return ValueKind::kInt;
-    case K::kBigInt: return ValueKind::kBigInt;
-    case K::kFloat: return ValueKind::kFloat;
-    case K::kComplex: return ValueKind::kComplex;
-    case K::kStr: return ValueKind::kString;
-    case K::kBytes: return ValueKind::kBytes;
-    case K::kList: return ValueKind::kList;
-    case K::kTuple: return ValueKind::kTuple;
-    case K::kDict: return ValueKind::kDict;
-    case K::kSet: return ValueKind::kSet;
-    case K::kFrozenSet: return ValueKind::kFrozenSet;
-    case K::kStorage: case K::kTensor: return ValueKind::kTensor;
-    case K::kDType: return ValueKind::kDType;
-    case K::kDevice: return ValueKind::kDevice;
-    default: return std::nullopt;
+    case K::kNone:
+      return ValueKind::kNone;
+    case K::kBool:
+      return ValueKind::kBool;
+    case K::kInt:
+      return ValueKind::kInt;
+    case K::kBigInt:
+      return ValueKind::kBigInt;
+    case K::kFloat:
+      return ValueKind::kFloat;
+    case K::kComplex:
+      return ValueKind::kComplex;
+    case K::kStr:
+      return ValueKind::kString;
+    case K::kBytes:
+      return ValueKind::kBytes;
+    case K::kList:
+      return ValueKind::kList;
+    case K::kTuple:
+      return ValueKind::kTuple;
+    case K::kDict:
+      return ValueKind::kDict;
+    case K::kSet:
+      return ValueKind::kSet;
+    case K::kFrozenSet:
+      return ValueKind::kFrozenSet;
+    case K::kStorage:
+    case K::kTensor:
+      return ValueKind::kTensor;
+    case K::kDType:
+      return ValueKind::kDType;
+    case K::kDevice:
+      return ValueKind::kDevice;
+    default:
+      return std::nullopt;
   }
 }
 
@@ -508,9 +581,10 @@ class Emitter {
         plan_(plan),
         w_(w),
         opt_(opt),
-        path_budget_(std::min(opt.limits.max_expanded_bytes,
-                              std::max<uint64_t>(kMinPathBudget,
-                                                 kPathBytesPerInputByte * l.src->size()))) {}
+        path_budget_(std::min(
+            opt.limits.max_expanded_bytes,
+            std::max<uint64_t>(kMinPathBudget,
+                               kPathBytesPerInputByte * l.src->size()))) {}
 
   /// Emits `o` at path_ (the path of `o`). The same walk and the same
   /// checks run with and without a writer: a dry run decides what a
@@ -532,11 +606,11 @@ class Emitter {
   const Plan& plan_;
   Writer* w_;  // nullptr for a dry run
   const ImportOptions& opt_;
-  std::string path_;          // of the node being emitted
+  std::string path_;  // of the node being emitted
   static constexpr uint64_t kMinPathBudget = 32ull << 20;
   static constexpr uint64_t kPathBytesPerInputByte = 16;
   uint64_t path_budget_;
-  uint64_t path_bytes_ = 0;   // path bytes of every node so far
+  uint64_t path_bytes_ = 0;                  // path bytes of every node so far
   std::unordered_set<const PyObj*> key_ok_;  // objects CheckKey accepted
   std::unordered_set<std::string> tensor_paths_;
   std::unordered_map<const PyStorage*, StorageId> written_;
@@ -597,7 +671,8 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
       CKPT_ASSIGN_OR_RETURN(start, l_.zip->PayloadOffset(*p.entry));
     }
     uint32_t crc = 0;
-    const bool direct = !l_.big_endian && l_.src->zero_copy() && l_.stream->fd() >= 0;
+    const bool direct =
+        !l_.big_endian && l_.src->zero_copy() && l_.stream->fd() >= 0;
     for (uint64_t off = 0; off < bytes; off += kPieceBytes) {
       uint64_t n = std::min(kPieceBytes, bytes - off);
       std::span<const std::byte> piece;
@@ -631,7 +706,8 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
       if (direct) l_.src->Release(start + off, n);
     }
     if (p.entry && l_.check_crc && crc != p.entry->crc32) {
-      return ChecksumMismatch("zip: record '" + p.entry->name + "': CRC-32 mismatch")
+      return ChecksumMismatch("zip: record '" + p.entry->name +
+                              "': CRC-32 mismatch")
           .WithFile(l_.src->name())
           .WithOffset(static_cast<int64_t>(start));
     }
@@ -657,8 +733,9 @@ Status Emitter::CheckKey(const Obj& key, const char* role) {
     auto kind = WrittenKind(k->kind);
     if (!kind || !internal::IsKeyKind(*kind)) {
       for (const PyObj* x : seen) key_ok_.erase(x);
-      return Fail(InvalidArgument("a " + std::string(kind ? ValueKindName(*kind) : "?") +
-                                  (inner ? " inside a tuple" : "") + " cannot be " + role));
+      return Fail(InvalidArgument(
+          "a " + std::string(kind ? ValueKindName(*kind) : "?") +
+          (inner ? " inside a tuple" : "") + " cannot be " + role));
     }
     if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
       if (todo.size() + k->items.size() > opt_.limits.max_nodes) {
@@ -699,7 +776,8 @@ Result<uint32_t> Emitter::ClassOf(const PyObj& o, int depth) {
 
 // Indices of the items of a set or frozenset as Python holds them: the
 // first of each group of equal items (set.add keeps the one it has).
-Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set, int depth) {
+Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set,
+                                                   int depth) {
   std::vector<size_t> keep;
   std::unordered_set<uint32_t> seen;
   for (size_t i = 0; i < set.items.size(); ++i) {
@@ -720,21 +798,22 @@ Result<NodeId> Emitter::EmitTensor(const Obj& o) {
     t->strides = {1};
   }
   if (!tensor_paths_.insert(path_).second) {
-    return Fail(InvalidArgument("two tensors have the path '" + path_ +
-                                "' (keys with the same path form, e.g. 1 and \"1\", in one dict)"));
+    return Fail(InvalidArgument(
+        "two tensors have the path '" + path_ +
+        "' (keys with the same path form, e.g. 1 and \"1\", in one dict)"));
   }
   // The writer's view check, before the storage's bytes are streamed.
-  if (auto problem = internal::ViewProblem(static_cast<uint8_t>(t->dtype), t->shape, t->strides,
-                                           t->offset,
-                                           t->storage->numel * ElementSize(*t->storage))) {
+  if (auto problem = internal::ViewProblem(
+          static_cast<uint8_t>(t->dtype), t->shape, t->strides, t->offset,
+          t->storage->numel * ElementSize(*t->storage))) {
     return Fail(InvalidArgument("bad tensor view: " + *problem));
   }
   report.tensors++;
   auto sid = WriteStorage(t->storage);
   if (!sid.ok()) return Fail(sid.status());
   if (!w_) return NodeId{0};
-  TensorSpec spec{t->dtype, t->shape, t->strides, *sid, t->offset,
-                  t->requires_grad, t->is_parameter};
+  TensorSpec spec{t->dtype,  t->shape,         t->strides,     *sid,
+                  t->offset, t->requires_grad, t->is_parameter};
   auto n = w_->AddTensor(spec);
   if (!n.ok()) return Fail(n.status());
   if (t->numpy) {
@@ -795,11 +874,21 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
   if (!w_) return NodeId{0};
   Result<NodeId> r = NodeId{0};
   switch (o->kind) {
-    case K::kList: r = w_->AddList(items); break;
-    case K::kTuple: r = w_->AddTuple(items); break;
-    case K::kSet: r = w_->AddSet(items); break;
-    case K::kFrozenSet: r = w_->AddFrozenSet(items); break;
-    default: r = w_->AddDict(keys, items, o->s2); break;
+    case K::kList:
+      r = w_->AddList(items);
+      break;
+    case K::kTuple:
+      r = w_->AddTuple(items);
+      break;
+    case K::kSet:
+      r = w_->AddSet(items);
+      break;
+    case K::kFrozenSet:
+      r = w_->AddFrozenSet(items);
+      break;
+    default:
+      r = w_->AddDict(keys, items, o->s2);
+      break;
   }
   if (!r.ok()) return Fail(r.status());
   return r;
@@ -814,39 +903,48 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
   // their sum (a long key under a deep or wide tree multiplies it).
   path_bytes_ += path_.size() + 1;
   if (path_bytes_ > path_budget_) {
-    return Fail(InvalidArgument("the paths of the tree take more than " +
-                                std::to_string(path_budget_) +
-                                " bytes (limit: max_expanded_bytes, or 16 bytes per input "
-                                "byte and at least 32 MiB)"));
+    return Fail(InvalidArgument(
+        "the paths of the tree take more than " + std::to_string(path_budget_) +
+        " bytes (limit: max_expanded_bytes, or 16 bytes per input "
+        "byte and at least 32 MiB)"));
   }
   Writer* w = w_;
   switch (o->kind) {
-    case K::kNone: return w ? w->AddNone() : NodeId{0};
-    case K::kBool: return w ? w->AddBool(o->i != 0) : NodeId{0};
-    case K::kInt: return w ? w->AddInt(o->i) : NodeId{0};
+    case K::kNone:
+      return w ? w->AddNone() : NodeId{0};
+    case K::kBool:
+      return w ? w->AddBool(o->i != 0) : NodeId{0};
+    case K::kInt:
+      return w ? w->AddInt(o->i) : NodeId{0};
     case K::kBigInt: {
       if (o->bytes.empty() || o->bytes.size() > 4096) {
-        return Fail(InvalidArgument("integer of " + std::to_string(o->bytes.size()) + " bytes"));
+        return Fail(InvalidArgument(
+            "integer of " + std::to_string(o->bytes.size()) + " bytes"));
       }
       if (!w) return NodeId{0};
       auto r = w->AddBigInt(o->bytes);
       if (!r.ok()) return Fail(r.status());
       return r;
     }
-    case K::kFloat: return w ? w->AddFloat(o->f) : NodeId{0};
-    case K::kComplex: return w ? w->AddComplex(o->f, o->im) : NodeId{0};
+    case K::kFloat:
+      return w ? w->AddFloat(o->f) : NodeId{0};
+    case K::kComplex:
+      return w ? w->AddComplex(o->f, o->im) : NodeId{0};
     case K::kStr:
       if (o->i == internal::kPy2Undecodable) {
-        return Fail(InvalidArgument(
-            "a Python 2 str that is not UTF-8 ('" + o->s.substr(0, 40) +
-            "' as latin-1); torch.load reads it only with encoding='latin1': convert with "
-            "--encoding latin1"));
+        return Fail(InvalidArgument("a Python 2 str that is not UTF-8 ('" +
+                                    o->s.substr(0, 40) +
+                                    "' as latin-1); torch.load reads it only "
+                                    "with encoding='latin1': convert with "
+                                    "--encoding latin1"));
       }
       return w ? w->AddString(o->s) : NodeId{0};
-    case K::kBytes: return w ? w->AddBytes(o->bytes) : NodeId{0};
+    case K::kBytes:
+      return w ? w->AddBytes(o->bytes) : NodeId{0};
     case K::kDType: {
       if (!IsKnownDType(static_cast<uint8_t>(o->i))) {
-        return Fail(InvalidArgument("unsupported dtype code " + std::to_string(o->i)));
+        return Fail(
+            InvalidArgument("unsupported dtype code " + std::to_string(o->i)));
       }
       if (!w) return NodeId{0};
       auto r = w->AddDType(static_cast<DType>(o->i));
@@ -854,7 +952,8 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
       return r;
     }
     case K::kDevice: {
-      if (!IsValidDevice(o->s)) return Fail(InvalidArgument("invalid device '" + o->s + "'"));
+      if (!IsValidDevice(o->s))
+        return Fail(InvalidArgument("invalid device '" + o->s + "'"));
       if (!w) return NodeId{0};
       auto r = w->AddDevice(o->s);
       if (!r.ok()) return Fail(r.status());
@@ -870,10 +969,11 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
     case K::kDict:
       return EmitContainer(o, depth);
     case K::kGlobal:
-      return Fail(InvalidArgument("a class or function object ('" + o->s + "." + o->s2 +
-                                  "') cannot be stored"));
+      return Fail(InvalidArgument("a class or function object ('" + o->s + "." +
+                                  o->s2 + "') cannot be stored"));
     case K::kNpDType:
-      return Fail(InvalidArgument("a bare numpy dtype object cannot be stored"));
+      return Fail(
+          InvalidArgument("a bare numpy dtype object cannot be stored"));
     case K::kNpArray:
       return Fail(InvalidArgument("an incomplete numpy array"));
   }
@@ -888,7 +988,8 @@ Result<ImportReport> Run(const std::string& in, const std::string* out,
   std::optional<Writer> w;
   if (out) {
     WriteOptions wo = opt.write;
-    if (wo.producer == "ckpt") wo.producer = "pth2ckpt (ckpt " + std::string(VersionString()) + ")";
+    if (wo.producer == "ckpt")
+      wo.producer = "pth2ckpt (ckpt " + std::string(VersionString()) + ")";
     CKPT_ASSIGN_OR_RETURN(Writer writer, Writer::Create(*out, wo));
     w.emplace(std::move(writer));
   }
@@ -898,12 +999,14 @@ Result<ImportReport> Run(const std::string& in, const std::string* out,
   e.report.crc32 = l.crc_state;
   if (w) {
     CKPT_RETURN_IF_ERROR(w->SetRoot(root));
-    CKPT_RETURN_IF_ERROR(w->SetMetadata("source_format", "torch.save " + l.container));
+    CKPT_RETURN_IF_ERROR(
+        w->SetMetadata("source_format", "torch.save " + l.container));
     if (!l.crc_state.empty()) {
       CKPT_RETURN_IF_ERROR(w->SetMetadata(
-          "source_crc32", l.crc_state == "not computed"
-                              ? "not computed (every CRC-32 field of the archive is zero)"
-                              : l.crc_state));
+          "source_crc32",
+          l.crc_state == "not computed"
+              ? "not computed (every CRC-32 field of the archive is zero)"
+              : l.crc_state));
     }
     Status s = w->Commit();
     if (!s.ok()) return s.WithFile(*out);
@@ -918,11 +1021,10 @@ Result<ImportReport> ImportPth(const std::string& in, const std::string& out,
   return Run(in, &out, options);
 }
 
-Result<ImportReport> CheckPth(const std::string& in, const ImportOptions& options) {
+Result<ImportReport> CheckPth(const std::string& in,
+                              const ImportOptions& options) {
   return Run(in, nullptr, options);
 }
-
-
 
 namespace {
 
@@ -930,7 +1032,8 @@ namespace fs = std::filesystem;
 
 // The inputs below `in_dir`, each with the output path it would get and,
 // where one applies, the reason it is refused before it is read.
-std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_dir,
+std::vector<DirFileResult> PlanDir(const fs::path& in_dir,
+                                   const fs::path& out_dir,
                                    std::error_code& ec) {
   std::vector<std::pair<DirFileResult, fs::path>> found;
   fs::recursive_directory_iterator it(in_dir, fs::directory_options::none, ec);
@@ -947,33 +1050,40 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
     if (fs::is_symlink(ls)) {
       const fs::file_status ts = fs::status(p, e2);
       if (!fs::exists(ts)) {
-        r.status = NotFound("dangling symlink: its target '" +
-                            fs::read_symlink(p, e2).string() + "' does not exist")
-                       .WithFile(full);
+        r.status =
+            NotFound("dangling symlink: its target '" +
+                     fs::read_symlink(p, e2).string() + "' does not exist")
+                .WithFile(full);
       } else if (fs::is_directory(ts)) {
         continue;  // directory links are not followed
       } else if (!fs::is_regular_file(ts)) {
-        r.status = InvalidArgument("symlink to something that is not a regular file").WithFile(full);
+        r.status =
+            InvalidArgument("symlink to something that is not a regular file")
+                .WithFile(full);
       }
     } else if (fs::is_directory(ls)) {
       continue;
     } else if (!fs::is_regular_file(ls)) {
-      r.status = InvalidArgument("not a regular file (device, FIFO or socket)").WithFile(full);
+      r.status = InvalidArgument("not a regular file (device, FIFO or socket)")
+                     .WithFile(full);
     }
     found.emplace_back(std::move(r), p);
   }
   if (ec) return {};
-  std::sort(found.begin(), found.end(),
-            [](const auto& a, const auto& b) { return a.first.input < b.first.input; });
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) {
+    return a.first.input < b.first.input;
+  });
   std::unordered_map<std::string, std::string> claimed;  // output -> input
   // Directories the run creates for its outputs (every parent below
   // out_dir of an output not refused yet): an output named like one of
   // them would be refused by whichever conversion comes second, so the
   // plan refuses it up front, and a dry run says the same as a run.
-  std::unordered_map<std::string, std::string> needed_dirs;  // dir -> an input needing it
+  std::unordered_map<std::string, std::string>
+      needed_dirs;  // dir -> an input needing it
   for (const auto& [r, p] : found) {
     if (!r.status.ok()) continue;
-    for (fs::path d = fs::path(r.input).parent_path(); !d.empty(); d = d.parent_path()) {
+    for (fs::path d = fs::path(r.input).parent_path(); !d.empty();
+         d = d.parent_path()) {
       needed_dirs.emplace(d.generic_string(), r.input);
     }
   }
@@ -987,18 +1097,22 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
     dst.replace_extension(".ckpt");
     r.output = dst.generic_string();
     if (r.status.ok() && escapes) {
-      r.status = InvalidArgument("path '" + r.input + "' is not below the input directory")
+      r.status = InvalidArgument("path '" + r.input +
+                                 "' is not below the input directory")
                      .WithFile(full);
     }
-    if (auto d = needed_dirs.find(r.output); r.status.ok() && d != needed_dirs.end()) {
-      r.status = InvalidArgument("its output '" + r.output + "' is also a directory the outputs of '" +
+    if (auto d = needed_dirs.find(r.output);
+        r.status.ok() && d != needed_dirs.end()) {
+      r.status = InvalidArgument("its output '" + r.output +
+                                 "' is also a directory the outputs of '" +
                                  d->second + "' go in; rename one of them")
                      .WithFile(full);
     }
     auto [c, fresh] = claimed.emplace(r.output, r.input);
     if (r.status.ok() && !fresh) {
-      r.status = InvalidArgument("its output '" + r.output + "' is already the output of '" +
-                                 c->second + "'; rename one of them")
+      r.status = InvalidArgument("its output '" + r.output +
+                                 "' is already the output of '" + c->second +
+                                 "'; rename one of them")
                      .WithFile(full);
     }
     if (r.status.ok() && !out_dir.empty()) {
@@ -1012,27 +1126,32 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
         const fs::file_status st = fs::symlink_status(cur, e2);
         if (!fs::exists(st)) break;
         if (fs::is_symlink(st)) {
-          r.status = InvalidArgument("its output path goes through the symlink '" +
-                                     cur.lexically_relative(out_dir).generic_string() +
-                                     "' in the output directory, which is not followed")
+          r.status = InvalidArgument(
+                         "its output path goes through the symlink '" +
+                         cur.lexically_relative(out_dir).generic_string() +
+                         "' in the output directory, which is not followed")
                          .WithFile(full);
           break;
         }
         if (!fs::is_directory(st)) {
-          r.status = InvalidArgument("'" + cur.lexically_relative(out_dir).generic_string() +
-                                     "' in the output directory is not a directory")
-                         .WithFile(full);
+          r.status =
+              InvalidArgument("'" +
+                              cur.lexically_relative(out_dir).generic_string() +
+                              "' in the output directory is not a directory")
+                  .WithFile(full);
           break;
         }
       }
       const fs::file_status st = fs::symlink_status(out_dir / dst, e2);
       if (r.status.ok() && fs::is_symlink(st)) {
-        r.status = InvalidArgument("its output '" + r.output +
-                                   "' is a symlink in the output directory; not written "
-                                   "through")
+        r.status = InvalidArgument(
+                       "its output '" + r.output +
+                       "' is a symlink in the output directory; not written "
+                       "through")
                        .WithFile(full);
       } else if (r.status.ok() && fs::exists(st) && !fs::is_regular_file(st)) {
-        r.status = InvalidArgument("its output '" + r.output + "' exists and is not a file")
+        r.status = InvalidArgument("its output '" + r.output +
+                                   "' exists and is not a file")
                        .WithFile(full);
       }
     }
@@ -1041,7 +1160,8 @@ std::vector<DirFileResult> PlanDir(const fs::path& in_dir, const fs::path& out_d
   return out;
 }
 
-Result<std::vector<DirFileResult>> RunDir(const std::string& in_dir, const std::string& out_dir,
+Result<std::vector<DirFileResult>> RunDir(const std::string& in_dir,
+                                          const std::string& out_dir,
                                           bool write, const ImportOptions& opt,
                                           const DirProgress& progress) {
   std::error_code ec;
@@ -1049,7 +1169,9 @@ Result<std::vector<DirFileResult>> RunDir(const std::string& in_dir, const std::
     return InvalidArgument("not a directory").WithFile(in_dir);
   }
   std::vector<DirFileResult> files = PlanDir(in_dir, out_dir, ec);
-  if (ec) return IoError("cannot list the directory: " + ec.message()).WithFile(in_dir);
+  if (ec)
+    return IoError("cannot list the directory: " + ec.message())
+        .WithFile(in_dir);
   const fs::path in(in_dir), out(out_dir);
   for (size_t i = 0; i < files.size(); ++i) {
     DirFileResult& f = files[i];
@@ -1060,8 +1182,9 @@ Result<std::vector<DirFileResult>> RunDir(const std::string& in_dir, const std::
       if (write) {
         const fs::path dst = out / f.output;
         fs::create_directories(dst.parent_path(), ec);
-        r = ec ? Result<ImportReport>(IoError("cannot create directory: " + ec.message())
-                                          .WithFile(dst.parent_path().string()))
+        r = ec ? Result<ImportReport>(
+                     IoError("cannot create directory: " + ec.message())
+                         .WithFile(dst.parent_path().string()))
                : ImportPth(src, dst.string(), opt);
       } else {
         r = CheckPth(src, opt);

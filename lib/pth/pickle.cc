@@ -12,15 +12,22 @@ namespace ckpt::internal {
 
 std::optional<DType> StorageClassDType(const std::string& name) {
   static const std::map<std::string, DType> kClasses = {
-      {"DoubleStorage", DType::kFloat64},       {"FloatStorage", DType::kFloat32},
-      {"HalfStorage", DType::kFloat16},         {"BFloat16Storage", DType::kBFloat16},
-      {"LongStorage", DType::kInt64},           {"IntStorage", DType::kInt32},
-      {"ShortStorage", DType::kInt16},          {"CharStorage", DType::kInt8},
-      {"ByteStorage", DType::kUInt8},           {"BoolStorage", DType::kBool},
+      {"DoubleStorage", DType::kFloat64},
+      {"FloatStorage", DType::kFloat32},
+      {"HalfStorage", DType::kFloat16},
+      {"BFloat16Storage", DType::kBFloat16},
+      {"LongStorage", DType::kInt64},
+      {"IntStorage", DType::kInt32},
+      {"ShortStorage", DType::kInt16},
+      {"CharStorage", DType::kInt8},
+      {"ByteStorage", DType::kUInt8},
+      {"BoolStorage", DType::kBool},
       {"ComplexFloatStorage", DType::kComplex64},
       {"ComplexDoubleStorage", DType::kComplex128},
-      {"QInt8Storage", DType::kQInt8},          {"QUInt8Storage", DType::kQUInt8},
-      {"QInt32Storage", DType::kQInt32},        {"QUInt4x2Storage", DType::kQUInt4x2},
+      {"QInt8Storage", DType::kQInt8},
+      {"QUInt8Storage", DType::kQUInt8},
+      {"QInt32Storage", DType::kQInt32},
+      {"QUInt4x2Storage", DType::kQUInt4x2},
       {"QUInt2x4Storage", DType::kQUInt2x4},
   };
   auto it = kClasses.find(name);
@@ -109,9 +116,12 @@ std::string RefusalReason(const std::string& m, const std::string& n) {
     if (n == "_rebuild_meta_tensor_no_storage") {
       return "meta tensors have no data to convert";
     }
-    if (n == "_rebuild_wrapper_subclass") return "tensor subclasses without data are not supported";
-    if (n == "_rebuild_nested_tensor") return "nested tensors are not supported";
-    if (n == "_rebuild_device_tensor_from_numpy" || n == "_rebuild_xla_tensor") {
+    if (n == "_rebuild_wrapper_subclass")
+      return "tensor subclasses without data are not supported";
+    if (n == "_rebuild_nested_tensor")
+      return "nested tensors are not supported";
+    if (n == "_rebuild_device_tensor_from_numpy" ||
+        n == "_rebuild_xla_tensor") {
       return "XLA/ORT device tensors are not supported";
     }
   }
@@ -125,9 +135,11 @@ std::string RefusalReason(const std::string& m, const std::string& n) {
       (m.rfind("torch.nn", 0) == 0 && n != "Parameter")) {
     return "a whole nn.Module is pickled here; save model.state_dict() instead";
   }
-  if (m.rfind("__torch__", 0) == 0) return "TorchScript objects are not supported";
+  if (m.rfind("__torch__", 0) == 0)
+    return "TorchScript objects are not supported";
   if (m == "__main__") {
-    return "custom class '__main__." + n + "' cannot be converted without running its code";
+    return "custom class '__main__." + n +
+           "' cannot be converted without running its code";
   }
   return "";
 }
@@ -189,19 +201,25 @@ std::string Utf8Problem(std::span<const std::byte> b, bool* surrogate) {
       ++i;
       continue;
     }
-    size_t len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3
-                 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-    auto where = [&] { return " at byte " + std::to_string(i) + " of the string"; };
+    size_t len = c >= 0xC2 && c <= 0xDF   ? 2
+                 : c >= 0xE0 && c <= 0xEF ? 3
+                 : c >= 0xF0 && c <= 0xF4 ? 4
+                                          : 0;
+    auto where = [&] {
+      return " at byte " + std::to_string(i) + " of the string";
+    };
     if (len == 0) return "invalid UTF-8 start byte" + where();
     if (n - i < len) return "invalid UTF-8: truncated sequence" + where();
     for (size_t k = 1; k < len; ++k) {
-      if ((at(i + k) & 0xC0) != 0x80) return "invalid UTF-8 continuation byte" + where();
+      if ((at(i + k) & 0xC0) != 0x80)
+        return "invalid UTF-8 continuation byte" + where();
     }
     uint8_t c1 = at(i + 1);
     if ((c == 0xE0 && c1 < 0xA0) || (c == 0xF0 && c1 < 0x90)) {
       return "invalid UTF-8: overlong encoding" + where();
     }
-    if (c == 0xF4 && c1 >= 0x90) return "invalid UTF-8: code point above U+10FFFF" + where();
+    if (c == 0xF4 && c1 >= 0x90)
+      return "invalid UTF-8: code point above U+10FFFF" + where();
     if (c == 0xED && c1 >= 0xA0) {
       *surrogate = true;
       return "lone surrogate (U+D800..U+DFFF)" + where() +
@@ -240,8 +258,8 @@ std::optional<std::vector<uint8_t>> Utf8ToLatin1(const std::string& text) {
       out.push_back(c);
       ++i;
     } else if ((c & 0xE0) == 0xC0 && i + 1 < text.size() && c <= 0xC3) {
-      out.push_back(static_cast<uint8_t>(((c & 0x1F) << 6) |
-                                         (static_cast<uint8_t>(text[i + 1]) & 0x3F)));
+      out.push_back(static_cast<uint8_t>(
+          ((c & 0x1F) << 6) | (static_cast<uint8_t>(text[i + 1]) & 0x3F)));
       i += 2;
     } else {
       return std::nullopt;
@@ -261,11 +279,13 @@ std::optional<std::vector<uint8_t>> StrBytes(const PyObj& o) {
 // float8_e3m4, bits32...): an unknown one is an unsupported dtype, not a
 // forbidden callable.
 bool LooksLikeDType(const std::string& n) {
-  for (const char* p : {"float", "bfloat", "uint", "int", "complex", "bits", "qint", "quint"}) {
+  for (const char* p :
+       {"float", "bfloat", "uint", "int", "complex", "bits", "qint", "quint"}) {
     size_t len = std::strlen(p);
     if (n.size() > len && n.compare(0, len, p) == 0 &&
         std::isdigit(static_cast<unsigned char>(n[len]))) {
-      return n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_") == std::string::npos;
+      return n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_") ==
+             std::string::npos;
     }
   }
   return false;
@@ -273,26 +293,46 @@ bool LooksLikeDType(const std::string& n) {
 
 const char* KindName(K k) {
   switch (k) {
-    case K::kNone: return "None";
-    case K::kBool: return "bool";
-    case K::kInt: return "int";
-    case K::kBigInt: return "int";
-    case K::kFloat: return "float";
-    case K::kComplex: return "complex";
-    case K::kStr: return "str";
-    case K::kBytes: return "bytes";
-    case K::kList: return "list";
-    case K::kTuple: return "tuple";
-    case K::kDict: return "dict";
-    case K::kSet: return "set";
-    case K::kFrozenSet: return "frozenset";
-    case K::kGlobal: return "global";
-    case K::kStorage: return "storage";
-    case K::kTensor: return "tensor";
-    case K::kDType: return "dtype";
-    case K::kDevice: return "device";
-    case K::kNpDType: return "numpy dtype";
-    case K::kNpArray: return "numpy array";
+    case K::kNone:
+      return "None";
+    case K::kBool:
+      return "bool";
+    case K::kInt:
+      return "int";
+    case K::kBigInt:
+      return "int";
+    case K::kFloat:
+      return "float";
+    case K::kComplex:
+      return "complex";
+    case K::kStr:
+      return "str";
+    case K::kBytes:
+      return "bytes";
+    case K::kList:
+      return "list";
+    case K::kTuple:
+      return "tuple";
+    case K::kDict:
+      return "dict";
+    case K::kSet:
+      return "set";
+    case K::kFrozenSet:
+      return "frozenset";
+    case K::kGlobal:
+      return "global";
+    case K::kStorage:
+      return "storage";
+    case K::kTensor:
+      return "tensor";
+    case K::kDType:
+      return "dtype";
+    case K::kDevice:
+      return "device";
+    case K::kNpDType:
+      return "numpy dtype";
+    case K::kNpArray:
+      return "numpy array";
   }
   return "?";
 }
@@ -302,8 +342,12 @@ class Machine {
   Machine(std::span<const std::byte> data, const std::string& where,
           int64_t file_offset, const PersistentLoad& pl, PickleHeap* heap,
           const PickleLimits& limits)
-      : d_(data), where_(where), file_offset_(file_offset), pl_(pl),
-        heap_(heap), lim_(limits) {}
+      : d_(data),
+        where_(where),
+        file_offset_(file_offset),
+        pl_(pl),
+        heap_(heap),
+        lim_(limits) {}
 
   Result<Obj> Run(size_t* consumed);
 
@@ -316,15 +360,17 @@ class Machine {
     }
     return s;
   }
-  Status Bad(const std::string& msg) const { return Fail(ErrorCode::kCorrupt, msg); }
+  Status Bad(const std::string& msg) const {
+    return Fail(ErrorCode::kCorrupt, msg);
+  }
   Status Refuse(const std::string& msg) const {
     return Fail(ErrorCode::kInvalidArgument, msg);
   }
 
   Result<std::span<const std::byte>> Take(uint64_t n) {
     if (n > d_.size() - pos_) {
-      return Bad("truncated pickle: needs " + std::to_string(n) + " more bytes, " +
-                 std::to_string(d_.size() - pos_) + " left");
+      return Bad("truncated pickle: needs " + std::to_string(n) +
+                 " more bytes, " + std::to_string(d_.size() - pos_) + " left");
     }
     auto s = d_.subspan(pos_, static_cast<size_t>(n));
     pos_ += static_cast<size_t>(n);
@@ -339,26 +385,33 @@ class Machine {
   Result<std::string> Line() {
     size_t start = pos_;
     while (pos_ < d_.size() && d_[pos_] != std::byte{'\n'}) ++pos_;
-    if (pos_ >= d_.size()) return Bad("truncated pickle: unterminated text line");
-    std::string s(reinterpret_cast<const char*>(d_.data() + start), pos_ - start);
+    if (pos_ >= d_.size())
+      return Bad("truncated pickle: unterminated text line");
+    std::string s(reinterpret_cast<const char*>(d_.data() + start),
+                  pos_ - start);
     ++pos_;
     return s;
   }
 
   Status Push(Obj o) {
     if (stack_.size() >= lim_.max_stack) {
-      return Refuse("pickle stack too deep (limit " + std::to_string(lim_.max_stack) +
-                    " items)");
+      return Refuse("pickle stack too deep (limit " +
+                    std::to_string(lim_.max_stack) + " items)");
     }
     if (++objects_ > lim_.max_objects) {
-      return Refuse("too many objects in pickle (limit " + std::to_string(lim_.max_objects) + ")");
+      return Refuse("too many objects in pickle (limit " +
+                    std::to_string(lim_.max_objects) + ")");
     }
     // A new object (nobody else holds it yet) is charged once; a memo
     // reuse costs only its stack slot.
     uint64_t cost = o->charged ? 0 : Cost(*o);
     o->charged = true;
     switch (o->kind) {  // anything that can hold a reference
-      case K::kList: case K::kTuple: case K::kDict: case K::kSet: case K::kFrozenSet:
+      case K::kList:
+      case K::kTuple:
+      case K::kDict:
+      case K::kSet:
+      case K::kFrozenSet:
         if (cost) {
           heap_->Track(o);
           cost += 2 * sizeof(Obj);
@@ -384,9 +437,11 @@ class Machine {
     if (o.keys.capacity()) c += o.keys.capacity() * sizeof(Obj) + kMalloc;
     if (o.tensor) {
       c += sizeof(PyTensor) + 16 + 3 * kMalloc +
-           (o.tensor->shape.capacity() + o.tensor->strides.capacity()) * sizeof(int64_t);
+           (o.tensor->shape.capacity() + o.tensor->strides.capacity()) *
+               sizeof(int64_t);
       if (o.tensor->storage && o.tensor->storage->inline_data) {
-        c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() + 4 * kMalloc;
+        c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() +
+             4 * kMalloc;
       }
     }
     return c;
@@ -394,10 +449,11 @@ class Machine {
   // Adds `n` bytes and checks the total, stack and memo included.
   Status Charge(uint64_t n) {
     memory_ += n;
-    uint64_t total = memory_ + stack_.capacity() * sizeof(Obj) + memo_.size() * 64 +
-                     marks_.capacity() * sizeof(size_t);
+    uint64_t total = memory_ + stack_.capacity() * sizeof(Obj) +
+                     memo_.size() * 64 + marks_.capacity() * sizeof(size_t);
     if (total > lim_.max_memory) {
-      return Refuse("pickle objects take more than " + std::to_string(lim_.max_memory) +
+      return Refuse("pickle objects take more than " +
+                    std::to_string(lim_.max_memory) +
                     " bytes of memory (limit max_pickle_memory)");
     }
     return Status::OK();
@@ -413,8 +469,9 @@ class Machine {
     if (marks_.empty()) return Bad("no MARK on the stack");
     size_t m = marks_.back();
     marks_.pop_back();
-    std::vector<Obj> items(std::make_move_iterator(stack_.begin() + static_cast<long>(m)),
-                           std::make_move_iterator(stack_.end()));
+    std::vector<Obj> items(
+        std::make_move_iterator(stack_.begin() + static_cast<long>(m)),
+        std::make_move_iterator(stack_.end()));
     stack_.resize(m);
     return items;
   }
@@ -425,7 +482,8 @@ class Machine {
 
   Status Memo(uint64_t idx) {
     if (memo_.size() >= lim_.max_memo && !memo_.count(idx)) {
-      return Bad("memo grows past " + std::to_string(lim_.max_memo) + " entries");
+      return Bad("memo grows past " + std::to_string(lim_.max_memo) +
+                 " entries");
     }
     CKPT_ASSIGN_OR_RETURN(Obj top, Top());
     memo_[idx] = top;
@@ -433,7 +491,8 @@ class Machine {
   }
   Status MemoGet(uint64_t idx) {
     auto it = memo_.find(idx);
-    if (it == memo_.end()) return Bad("memo index " + std::to_string(idx) + " was never set");
+    if (it == memo_.end())
+      return Bad("memo index " + std::to_string(idx) + " was never set");
     return Push(it->second);
   }
 
@@ -443,8 +502,9 @@ class Machine {
       return o;
     }
     if (b.size() > lim_.max_long_bytes) {
-      return Refuse("integer of " + std::to_string(b.size()) + " bytes (limit " +
-                    std::to_string(lim_.max_long_bytes) + ")");
+      return Refuse("integer of " + std::to_string(b.size()) +
+                    " bytes (limit " + std::to_string(lim_.max_long_bytes) +
+                    ")");
     }
     // Trim redundant sign bytes.
     size_t n = b.size();
@@ -469,14 +529,16 @@ class Machine {
       return o;
     }
     auto o = Make(K::kBigInt);
-    for (size_t i = 0; i < n; ++i) o->bytes.push_back(static_cast<uint8_t>(b[i]));
+    for (size_t i = 0; i < n; ++i)
+      o->bytes.push_back(static_cast<uint8_t>(b[i]));
     return o;
   }
 
   Result<Obj> IntFromText(std::string text) {
     if (!text.empty() && text.back() == 'L') text.pop_back();
     bool neg = !text.empty() && text[0] == '-';
-    std::string digits = text.substr(neg || (!text.empty() && text[0] == '+') ? 1 : 0);
+    std::string digits =
+        text.substr(neg || (!text.empty() && text[0] == '+') ? 1 : 0);
     if (digits.empty() || digits.size() > 160 ||
         digits.find_first_not_of("0123456789") != std::string::npos) {
       return Bad("bad integer literal '" + text + "'");
@@ -504,7 +566,8 @@ class Machine {
   Result<Obj> Str(std::span<const std::byte> b) {
     bool surrogate = false;
     if (std::string why = Utf8Problem(b, &surrogate); !why.empty()) {
-      return surrogate ? Refuse("string with a " + why) : Bad("string is not text: " + why);
+      return surrogate ? Refuse("string with a " + why)
+                       : Bad("string is not text: " + why);
     }
     auto o = Make(K::kStr);
     o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
@@ -551,13 +614,16 @@ class Machine {
   // Argument helpers.
   Result<int64_t> AsInt(const Obj& o, const char* what) {
     if (o->kind == K::kInt || o->kind == K::kBool) return o->i;
-    return Refuse(std::string(what) + " must be an int, got " + KindName(o->kind));
+    return Refuse(std::string(what) + " must be an int, got " +
+                  KindName(o->kind));
   }
   Result<std::vector<int64_t>> AsInts(const Obj& o, const char* what) {
     if (o->kind != K::kTuple && o->kind != K::kList) {
-      return Refuse(std::string(what) + " must be a tuple of ints, got " + KindName(o->kind));
+      return Refuse(std::string(what) + " must be a tuple of ints, got " +
+                    KindName(o->kind));
     }
-    if (o->items.size() > kMaxRank) return Refuse(std::string(what) + " has more than 64 dims");
+    if (o->items.size() > kMaxRank)
+      return Refuse(std::string(what) + " has more than 64 dims");
     std::vector<int64_t> v;
     for (const auto& x : o->items) {
       CKPT_ASSIGN_OR_RETURN(int64_t i, AsInt(x, what));
@@ -567,7 +633,8 @@ class Machine {
   }
   Result<std::string> AsStr(const Obj& o, const char* what) {
     if (o->kind == K::kStr) return o->s;
-    return Refuse(std::string(what) + " must be a str, got " + KindName(o->kind));
+    return Refuse(std::string(what) + " must be a str, got " +
+                  KindName(o->kind));
   }
   bool IsGlobal(const Obj& o, const char* m, const char* n) const {
     return o->kind == K::kGlobal && o->s == m && o->s2 == n;
@@ -602,13 +669,15 @@ Status Machine::Global(std::string module, std::string name) {
   if (std::string why = RefusalReason(module, name); !why.empty()) {
     return Refuse(why + " (global " + label + ")");
   }
-  if ((module == "torch" || module == "torch.cuda") && StorageClassDType(name)) {
+  if ((module == "torch" || module == "torch.cuda") &&
+      StorageClassDType(name)) {
     auto o = Make(K::kGlobal);
     o->s = "torch";
     o->s2 = name;
     return Push(o);
   }
-  if (module == "torch.storage" && (name == "UntypedStorage" || name == "_UntypedStorage")) {
+  if (module == "torch.storage" &&
+      (name == "UntypedStorage" || name == "_UntypedStorage")) {
     auto o = Make(K::kGlobal);
     o->s = "torch.storage";
     o->s2 = "UntypedStorage";
@@ -629,14 +698,16 @@ Status Machine::Global(std::string module, std::string name) {
                     " is not a dtype this version of ckpt knows)");
     }
     if (name.size() > 7 && name.compare(name.size() - 7, 7, "Storage") == 0 &&
-        name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") ==
+        name.find_first_not_of(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") ==
             std::string::npos) {
       return Refuse("unsupported storage type " + module + "." + name);
     }
   }
   if (!Callables().count({module, name})) {
     return Refuse("forbidden global " + label +
-                  ": not on the allowlist of torch.save checkpoint types; nothing was run");
+                  ": not on the allowlist of torch.save checkpoint types; "
+                  "nothing was run");
   }
   auto o = Make(K::kGlobal);
   o->s = module;
@@ -646,7 +717,8 @@ Status Machine::Global(std::string module, std::string name) {
 
 Result<Obj> Machine::RebuildTensor(const std::vector<Obj>& a, bool v3) {
   if (a[0]->kind != K::kStorage) {
-    return Refuse(std::string("tensor rebuild expects a storage, got ") + KindName(a[0]->kind));
+    return Refuse(std::string("tensor rebuild expects a storage, got ") +
+                  KindName(a[0]->kind));
   }
   auto t = std::make_shared<PyTensor>();
   t->storage = a[0]->storage;
@@ -665,7 +737,8 @@ Result<Obj> Machine::RebuildTensor(const std::vector<Obj>& a, bool v3) {
     return Refuse("tensor with backward hooks cannot be converted");
   }
   if (v3) {
-    if (a[6]->kind != K::kDType) return Refuse("_rebuild_tensor_v3 expects a dtype");
+    if (a[6]->kind != K::kDType)
+      return Refuse("_rebuild_tensor_v3 expects a dtype");
     t->dtype = static_cast<DType>(a[6]->i);
     if (!t->storage->untyped) {
       return Refuse("_rebuild_tensor_v3 on a typed storage");
@@ -678,11 +751,16 @@ Result<Obj> Machine::RebuildTensor(const std::vector<Obj>& a, bool v3) {
   return o;
 }
 
-Result<Obj> Machine::NumpyArray(const Obj& dtype, const std::vector<int64_t>& shape,
-                                bool fortran, std::span<const uint8_t> data) {
-  if (dtype->kind != K::kNpDType) return Refuse("numpy array without a numpy dtype");
+Result<Obj> Machine::NumpyArray(const Obj& dtype,
+                                const std::vector<int64_t>& shape, bool fortran,
+                                std::span<const uint8_t> data) {
+  if (dtype->kind != K::kNpDType)
+    return Refuse("numpy array without a numpy dtype");
   auto np = NumpyType(dtype->s);
-  if (!np) return Refuse("numpy dtype '" + dtype->s + "' cannot be converted (object, string or structured arrays are not supported)");
+  if (!np)
+    return Refuse("numpy dtype '" + dtype->s +
+                  "' cannot be converted (object, string or structured arrays "
+                  "are not supported)");
   uint64_t n = 1;
   for (int64_t s : shape) {
     if (s < 0 || __builtin_mul_overflow(n, static_cast<uint64_t>(s), &n)) {
@@ -698,7 +776,8 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype, const std::vector<int64_t>& sh
   st->dtype = np->dtype;
   st->numel = n;
   st->inline_data = std::make_shared<std::vector<std::byte>>(data.size());
-  if (!data.empty()) std::memcpy(st->inline_data->data(), data.data(), data.size());
+  if (!data.empty())
+    std::memcpy(st->inline_data->data(), data.data(), data.size());
   if (dtype->s2 == ">") SwapElements(*st->inline_data, np->dtype);
   auto t = std::make_shared<PyTensor>();
   t->storage = st;
@@ -723,10 +802,14 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype, const std::vector<int64_t>& sh
   return o;
 }
 
-Result<Obj> Machine::NumpyScalar(const Obj& dtype, std::span<const uint8_t> data) {
-  if (dtype->kind != K::kNpDType) return Refuse("numpy scalar without a numpy dtype");
+Result<Obj> Machine::NumpyScalar(const Obj& dtype,
+                                 std::span<const uint8_t> data) {
+  if (dtype->kind != K::kNpDType)
+    return Refuse("numpy scalar without a numpy dtype");
   auto np = NumpyType(dtype->s);
-  if (!np || data.size() != np->size) return Refuse("numpy scalar of dtype '" + dtype->s + "' cannot be converted");
+  if (!np || data.size() != np->size)
+    return Refuse("numpy scalar of dtype '" + dtype->s +
+                  "' cannot be converted");
   std::vector<uint8_t> v(data.begin(), data.end());
   if (dtype->s2 == ">") {
     SwapElements(std::as_writable_bytes(std::span(v)), np->dtype);
@@ -740,14 +823,21 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype, std::span<const uint8_t> data
     case DType::kFloat16: {
       uint16_t h = rd(uint16_t{});
       int e = (h >> 10) & 31, m = h & 1023;
-      double val = e == 0 ? std::ldexp(m, -24)
-                          : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(m + 1024, e - 25);
+      double val = e == 0    ? std::ldexp(m, -24)
+                   : e == 31 ? (m ? NAN : INFINITY)
+                             : std::ldexp(m + 1024, e - 25);
       o = Make(K::kFloat);
       o->f = (h & 0x8000) ? -val : val;
       break;
     }
-    case DType::kFloat32: o = Make(K::kFloat); o->f = rd(float{}); break;
-    case DType::kFloat64: o = Make(K::kFloat); o->f = rd(double{}); break;
+    case DType::kFloat32:
+      o = Make(K::kFloat);
+      o->f = rd(float{});
+      break;
+    case DType::kFloat64:
+      o = Make(K::kFloat);
+      o->f = rd(double{});
+      break;
     case DType::kComplex64: {
       o = Make(K::kComplex);
       float re, im;
@@ -762,14 +852,18 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype, std::span<const uint8_t> data
       std::memcpy(&o->f, v.data(), 8);
       std::memcpy(&o->im, v.data() + 8, 8);
       break;
-    case DType::kBool: o = Make(K::kBool); o->i = v[0] != 0; break;
+    case DType::kBool:
+      o = Make(K::kBool);
+      o->i = v[0] != 0;
+      break;
     case DType::kUInt64: {
       std::vector<std::byte> le(9, std::byte{0});
       std::memcpy(le.data(), v.data(), 8);
       return IntFromLE(le);
     }
     default: {  // signed ints and smaller unsigned ints
-      bool is_signed = np->dtype == DType::kInt8 || np->dtype == DType::kInt16 ||
+      bool is_signed = np->dtype == DType::kInt8 ||
+                       np->dtype == DType::kInt16 ||
                        np->dtype == DType::kInt32 || np->dtype == DType::kInt64;
       std::vector<std::byte> le(v.size() + 1, std::byte{0});
       std::memcpy(le.data(), v.data(), v.size());
@@ -790,16 +884,18 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     ~Depth() { --d; }
   } depth_guard(call_depth_);
   if (fn->kind != K::kGlobal) {
-    return Refuse(std::string("REDUCE on a ") + KindName(fn->kind) + ", not a callable");
+    return Refuse(std::string("REDUCE on a ") + KindName(fn->kind) +
+                  ", not a callable");
   }
-  if (args_obj->kind != K::kTuple) return Bad("REDUCE arguments are not a tuple");
+  if (args_obj->kind != K::kTuple)
+    return Bad("REDUCE arguments are not a tuple");
   const std::vector<Obj>& a = args_obj->items;
   const std::string& m = fn->s;
   const std::string& n = fn->s2;
   auto need = [&](size_t lo, size_t hi) -> Status {
     if (a.size() < lo || a.size() > hi) {
-      return Refuse("'" + m + "." + n + "' called with " + std::to_string(a.size()) +
-                    " arguments");
+      return Refuse("'" + m + "." + n + "' called with " +
+                    std::to_string(a.size()) + " arguments");
     }
     return Status::OK();
   };
@@ -818,7 +914,8 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     }
     if (n == "_rebuild_parameter" || n == "_rebuild_parameter_with_state") {
       CKPT_RETURN_IF_ERROR(n == "_rebuild_parameter" ? need(3, 3) : need(4, 4));
-      if (a[0]->kind != K::kTensor) return Refuse("Parameter data is not a tensor");
+      if (a[0]->kind != K::kTensor)
+        return Refuse("Parameter data is not a tensor");
       if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
       auto t = std::make_shared<PyTensor>(*a[0]->tensor);
       t->is_parameter = true;
@@ -834,11 +931,13 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     if (!param && !IsGlobal(a[1], "torch", "Tensor")) {
       return Refuse("tensor subclass cannot be converted");
     }
-    if (!(a[3]->kind == K::kNone || (a[3]->kind == K::kDict && a[3]->items.empty()))) {
+    if (!(a[3]->kind == K::kNone ||
+          (a[3]->kind == K::kDict && a[3]->items.empty()))) {
       return Refuse("tensor with extra Python attributes cannot be converted");
     }
     CKPT_ASSIGN_OR_RETURN(Obj r, Call(a[0], a[2]));
-    if (r->kind != K::kTensor) return Refuse("_rebuild_from_type_v2 did not build a tensor");
+    if (r->kind != K::kTensor)
+      return Refuse("_rebuild_from_type_v2 did not build a tensor");
     if (param) {
       auto t = std::make_shared<PyTensor>(*r->tensor);
       t->is_parameter = true;
@@ -853,11 +952,13 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     d->s2 = "collections.OrderedDict";
     if (a.size() == 1) {
       if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
-        return Refuse("OrderedDict() of a " + std::string(KindName(a[0]->kind)));
+        return Refuse("OrderedDict() of a " +
+                      std::string(KindName(a[0]->kind)));
       }
       for (const auto& pair : a[0]->items) {
         // Python 3 writes (key, value) tuples, Python 2.7 [key, value] lists.
-        if ((pair->kind != K::kTuple && pair->kind != K::kList) || pair->items.size() != 2) {
+        if ((pair->kind != K::kTuple && pair->kind != K::kList) ||
+            pair->items.size() != 2) {
           return Refuse("OrderedDict() items must be pairs");
         }
         d->keys.push_back(pair->items[0]);
@@ -890,11 +991,13 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
     CKPT_RETURN_IF_ERROR(AsStr(a[0], "_codecs.encode text").status());
     if (a.size() == 2) {
       CKPT_ASSIGN_OR_RETURN(std::string enc, AsStr(a[1], "encoding"));
-      if (enc != "latin1" && enc != "latin-1") return Refuse("_codecs.encode with encoding '" + enc + "'");
+      if (enc != "latin1" && enc != "latin-1")
+        return Refuse("_codecs.encode with encoding '" + enc + "'");
     }
     // The str holds code points 0..255; each is one byte.
     auto raw = StrBytes(*a[0]);
-    if (!raw) return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
+    if (!raw)
+      return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
     auto o = Make(K::kBytes);
     o->bytes = std::move(*raw);
     return o;
@@ -955,7 +1058,8 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   }
   if (m == "numpy.core.multiarray" && n == "_reconstruct") {
     CKPT_RETURN_IF_ERROR(need(3, 3));
-    if (!IsGlobal(a[0], "numpy", "ndarray")) return Refuse("numpy _reconstruct of a non-ndarray class");
+    if (!IsGlobal(a[0], "numpy", "ndarray"))
+      return Refuse("numpy _reconstruct of a non-ndarray class");
     return Make(K::kNpArray);
   }
   if (m == "numpy" && n == "dtype") {
@@ -968,12 +1072,14 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   }
   if (m == "numpy.core.multiarray" && n == "scalar") {
     CKPT_RETURN_IF_ERROR(need(2, 2));
-    if (a[1]->kind != K::kBytes) return Refuse("numpy scalar data is not bytes");
+    if (a[1]->kind != K::kBytes)
+      return Refuse("numpy scalar data is not bytes");
     return NumpyScalar(a[0], a[1]->bytes);
   }
   if (m == "numpy.core.numeric" && n == "_frombuffer") {
     CKPT_RETURN_IF_ERROR(need(4, 4));
-    if (a[0]->kind != K::kBytes) return Refuse("numpy _frombuffer data is not bytes");
+    if (a[0]->kind != K::kBytes)
+      return Refuse("numpy _frombuffer data is not bytes");
     CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(a[2], "numpy shape"));
     CKPT_ASSIGN_OR_RETURN(std::string order, AsStr(a[3], "numpy order"));
     return NumpyArray(a[1], shape, order == "F", a[0]->bytes);
@@ -985,15 +1091,18 @@ Status Machine::Build(const Obj& target, const Obj& state) {
   switch (target->kind) {
     case K::kDict:
       if (target->s2 == "argparse.Namespace") {
-        if (state->kind != K::kDict) return Refuse("Namespace state is not a dict");
+        if (state->kind != K::kDict)
+          return Refuse("Namespace state is not a dict");
         target->keys = state->keys;
         target->items = state->items;
         return Status::OK();
       }
       // OrderedDict attributes such as a state_dict's `_metadata` (module
       // version numbers) are not items; they are dropped.
-      if (state->kind != K::kDict && state->kind != K::kNone && state->kind != K::kTuple) {
-        return Refuse("BUILD state of a dict is a " + std::string(KindName(state->kind)));
+      if (state->kind != K::kDict && state->kind != K::kNone &&
+          state->kind != K::kTuple) {
+        return Refuse("BUILD state of a dict is a " +
+                      std::string(KindName(state->kind)));
       }
       return Status::OK();
     case K::kNpDType:
@@ -1012,7 +1121,8 @@ Status Machine::Build(const Obj& target, const Obj& state) {
       }
       const auto& s = state->items;
       CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(s[1], "numpy shape"));
-      if (s[3]->kind != K::kBool) return Refuse("numpy fortran flag is not a bool");
+      if (s[3]->kind != K::kBool)
+        return Refuse("numpy fortran flag is not a bool");
       std::vector<uint8_t> data;
       if (s[4]->kind == K::kBytes) {
         data = s[4]->bytes;
@@ -1024,13 +1134,15 @@ Status Machine::Build(const Obj& target, const Obj& state) {
       } else {
         return Refuse("numpy object arrays cannot be converted");
       }
-      CKPT_ASSIGN_OR_RETURN(Obj arr, NumpyArray(s[2], shape, s[3]->i != 0, data));
+      CKPT_ASSIGN_OR_RETURN(Obj arr,
+                            NumpyArray(s[2], shape, s[3]->i != 0, data));
       target->kind = K::kTensor;
       target->tensor = arr->tensor;
       return Status::OK();
     }
     case K::kTensor:
-      if (state->kind == K::kNone || (state->kind == K::kDict && state->items.empty())) {
+      if (state->kind == K::kNone ||
+          (state->kind == K::kDict && state->items.empty())) {
         return Status::OK();
       }
       return Refuse("tensor with extra Python attributes cannot be converted");
@@ -1051,7 +1163,9 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 0x80: {  // PROTO
         CKPT_ASSIGN_OR_RETURN(uint64_t v, U(1));
         if (op_at_ != 0) return Bad("PROTO not at the start");
-        if (v > 5) return Refuse("pickle protocol " + std::to_string(v) + " is newer than 5");
+        if (v > 5)
+          return Refuse("pickle protocol " + std::to_string(v) +
+                        " is newer than 5");
         proto_ = static_cast<int>(v);
         break;
       }
@@ -1062,17 +1176,23 @@ Result<Obj> Machine::Run(size_t* consumed) {
       }
       case '.': {  // STOP
         if (stack_.size() != 1 || !marks_.empty()) {
-          return Bad("STOP with " + std::to_string(stack_.size()) + " items on the stack");
+          return Bad("STOP with " + std::to_string(stack_.size()) +
+                     " items on the stack");
         }
         *consumed = pos_;
         return stack_.back();
       }
       case '(':
-        if (marks_.size() >= lim_.max_marks) return Bad("too many nested MARKs");
+        if (marks_.size() >= lim_.max_marks)
+          return Bad("too many nested MARKs");
         marks_.push_back(stack_.size());
         break;
-      case '0': CKPT_RETURN_IF_ERROR(Pop().status()); break;
-      case '1': CKPT_RETURN_IF_ERROR(PopMark().status()); break;
+      case '0':
+        CKPT_RETURN_IF_ERROR(Pop().status());
+        break;
+      case '1':
+        CKPT_RETURN_IF_ERROR(PopMark().status());
+        break;
       case '2': {
         CKPT_ASSIGN_OR_RETURN(Obj t, Top());
         CKPT_RETURN_IF_ERROR(Push(t));
@@ -1093,11 +1213,29 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Global(module->s, name->s));
         break;
       }
-      case 'q': { CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1)); CKPT_RETURN_IF_ERROR(Memo(i)); break; }
-      case 'r': { CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4)); CKPT_RETURN_IF_ERROR(Memo(i)); break; }
-      case 0x94: CKPT_RETURN_IF_ERROR(Memo(memo_.size())); break;
-      case 'h': { CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1)); CKPT_RETURN_IF_ERROR(MemoGet(i)); break; }
-      case 'j': { CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4)); CKPT_RETURN_IF_ERROR(MemoGet(i)); break; }
+      case 'q': {
+        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1));
+        CKPT_RETURN_IF_ERROR(Memo(i));
+        break;
+      }
+      case 'r': {
+        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4));
+        CKPT_RETURN_IF_ERROR(Memo(i));
+        break;
+      }
+      case 0x94:
+        CKPT_RETURN_IF_ERROR(Memo(memo_.size()));
+        break;
+      case 'h': {
+        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1));
+        CKPT_RETURN_IF_ERROR(MemoGet(i));
+        break;
+      }
+      case 'j': {
+        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4));
+        CKPT_RETURN_IF_ERROR(MemoGet(i));
+        break;
+      }
       case 'p': {  // PUT (text)
         CKPT_ASSIGN_OR_RETURN(std::string l, Line());
         CKPT_ASSIGN_OR_RETURN(Obj i, IntFromText(l));
@@ -1112,14 +1250,17 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(MemoGet(static_cast<uint64_t>(i->i)));
         break;
       }
-      case 't': case 'l': {  // TUPLE, LIST (from mark)
+      case 't':
+      case 'l': {  // TUPLE, LIST (from mark)
         CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
         auto o = Make(op == 't' ? K::kTuple : K::kList);
         o->items = std::move(items);
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 0x85: case 0x86: case 0x87: {  // TUPLE1..3
+      case 0x85:
+      case 0x86:
+      case 0x87: {  // TUPLE1..3
         size_t n = op - 0x84u;
         auto o = Make(K::kTuple);
         o->items.resize(n);
@@ -1129,10 +1270,18 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case ')': CKPT_RETURN_IF_ERROR(Push(Make(K::kTuple))); break;
-      case ']': CKPT_RETURN_IF_ERROR(Push(Make(K::kList))); break;
-      case '}': CKPT_RETURN_IF_ERROR(Push(Make(K::kDict))); break;
-      case 0x8f: CKPT_RETURN_IF_ERROR(Push(Make(K::kSet))); break;
+      case ')':
+        CKPT_RETURN_IF_ERROR(Push(Make(K::kTuple)));
+        break;
+      case ']':
+        CKPT_RETURN_IF_ERROR(Push(Make(K::kList)));
+        break;
+      case '}':
+        CKPT_RETURN_IF_ERROR(Push(Make(K::kDict)));
+        break;
+      case 0x8f:
+        CKPT_RETURN_IF_ERROR(Push(Make(K::kSet)));
+        break;
       case 'd': {  // DICT (from mark)
         CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
         if (items.size() % 2) return Bad("DICT with an odd number of items");
@@ -1147,16 +1296,20 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 'a': {  // APPEND
         CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
         CKPT_ASSIGN_OR_RETURN(Obj l, Top());
-        if (l->kind != K::kList) return Refuse(std::string("APPEND to a ") + KindName(l->kind));
+        if (l->kind != K::kList)
+          return Refuse(std::string("APPEND to a ") + KindName(l->kind));
         l->items.push_back(std::move(v));
         CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj)));
         break;
       }
-      case 'e': case 0x90: {  // APPENDS, ADDITEMS
+      case 'e':
+      case 0x90: {  // APPENDS, ADDITEMS
         CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
         CKPT_ASSIGN_OR_RETURN(Obj l, Top());
         K want = op == 'e' ? K::kList : K::kSet;
-        if (l->kind != want) return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") + " to a " + KindName(l->kind));
+        if (l->kind != want)
+          return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") +
+                        " to a " + KindName(l->kind));
         for (auto& it : items) l->items.push_back(std::move(it));
         CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj) * items.size()));
         break;
@@ -1172,7 +1325,8 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
         CKPT_ASSIGN_OR_RETURN(Obj k, Pop());
         CKPT_ASSIGN_OR_RETURN(Obj d, Top());
-        if (d->kind != K::kDict) return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
+        if (d->kind != K::kDict)
+          return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
         d->keys.push_back(std::move(k));
         d->items.push_back(std::move(v));
         CKPT_RETURN_IF_ERROR(Charge(4 * sizeof(Obj)));
@@ -1181,8 +1335,10 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 'u': {  // SETITEMS
         CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
         CKPT_ASSIGN_OR_RETURN(Obj d, Top());
-        if (d->kind != K::kDict) return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
-        if (items.size() % 2) return Bad("SETITEMS with an odd number of items");
+        if (d->kind != K::kDict)
+          return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
+        if (items.size() % 2)
+          return Bad("SETITEMS with an odd number of items");
         for (size_t k = 0; k < items.size(); k += 2) {
           d->keys.push_back(std::move(items[k]));
           d->items.push_back(std::move(items[k + 1]));
@@ -1197,16 +1353,19 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 'K': case 'M': {
+      case 'K':
+      case 'M': {
         CKPT_ASSIGN_OR_RETURN(uint64_t v, U(op == 'K' ? 1 : 2));
         auto o = Make(K::kInt);
         o->i = static_cast<int64_t>(v);
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 0x8a: case 0x8b: {  // LONG1, LONG4
+      case 0x8a:
+      case 0x8b: {  // LONG1, LONG4
         CKPT_ASSIGN_OR_RETURN(uint64_t n, U(op == 0x8a ? 1 : 4));
-        if (op == 0x8b && (n & 0x80000000u)) return Bad("negative LONG4 length");
+        if (op == 0x8b && (n & 0x80000000u))
+          return Bad("negative LONG4 length");
         if (n > lim_.max_long_bytes) {
           return Refuse("integer of " + std::to_string(n) + " bytes (limit " +
                         std::to_string(lim_.max_long_bytes) + ")");
@@ -1216,7 +1375,8 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 'I': case 'L': {  // INT, LONG (text)
+      case 'I':
+      case 'L': {  // INT, LONG (text)
         CKPT_ASSIGN_OR_RETURN(std::string l, Line());
         if (op == 'I' && (l == "01" || l == "00")) {
           auto o = Make(K::kBool);
@@ -1231,7 +1391,8 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 'G': {  // BINFLOAT, big-endian
         CKPT_ASSIGN_OR_RETURN(auto b, Take(8));
         uint64_t bits = 0;
-        for (int k = 0; k < 8; ++k) bits = (bits << 8) | static_cast<uint64_t>(b[k]);
+        for (int k = 0; k < 8; ++k)
+          bits = (bits << 8) | static_cast<uint64_t>(b[k]);
         auto o = Make(K::kFloat);
         std::memcpy(&o->f, &bits, 8);
         CKPT_RETURN_IF_ERROR(Push(o));
@@ -1246,16 +1407,25 @@ Result<Obj> Machine::Run(size_t* consumed) {
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 'X': case 0x8c: case 0x8d: case 'T': case 'U': {  // strings
+      case 'X':
+      case 0x8c:
+      case 0x8d:
+      case 'T':
+      case 'U': {  // strings
         int w = op == 0x8c || op == 'U' ? 1 : op == 0x8d ? 8 : 4;
         CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
-        if (op == 'T' && (n & 0x80000000u)) return Bad("negative BINSTRING length");
+        if (op == 'T' && (n & 0x80000000u))
+          return Bad("negative BINSTRING length");
         CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
-        CKPT_ASSIGN_OR_RETURN(Obj o, op == 'T' || op == 'U' ? Py2Str(b) : Str(b));
+        CKPT_ASSIGN_OR_RETURN(Obj o,
+                              op == 'T' || op == 'U' ? Py2Str(b) : Str(b));
         CKPT_RETURN_IF_ERROR(Push(o));
         break;
       }
-      case 'B': case 'C': case 0x8e: case 0x96: {  // bytes, bytearray
+      case 'B':
+      case 'C':
+      case 0x8e:
+      case 0x96: {  // bytes, bytearray
         int w = op == 'C' ? 1 : op == 'B' ? 4 : 8;
         CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
         CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
@@ -1265,8 +1435,13 @@ Result<Obj> Machine::Run(size_t* consumed) {
       }
       // None, True and False are immutable here: one object each, so a
       // pickle of millions of them costs stack slots, not objects.
-      case 'N': CKPT_RETURN_IF_ERROR(Push(Singleton(K::kNone, 0))); break;
-      case 0x88: case 0x89: CKPT_RETURN_IF_ERROR(Push(Singleton(K::kBool, op == 0x88))); break;
+      case 'N':
+        CKPT_RETURN_IF_ERROR(Push(Singleton(K::kNone, 0)));
+        break;
+      case 0x88:
+      case 0x89:
+        CKPT_RETURN_IF_ERROR(Push(Singleton(K::kBool, op == 0x88)));
+        break;
       case 'R': {  // REDUCE
         CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
         CKPT_ASSIGN_OR_RETURN(Obj fn, Pop());
@@ -1287,8 +1462,9 @@ Result<Obj> Machine::Run(size_t* consumed) {
           CKPT_RETURN_IF_ERROR(Push(d));
         } else {
           return Refuse(std::string("NEWOBJ of ") +
-                        (cls->kind == K::kGlobal ? "'" + cls->s + "." + cls->s2 + "'"
-                                                 : std::string(KindName(cls->kind))));
+                        (cls->kind == K::kGlobal
+                             ? "'" + cls->s + "." + cls->s2 + "'"
+                             : std::string(KindName(cls->kind))));
         }
         break;
       }
@@ -1309,15 +1485,25 @@ Result<Obj> Machine::Run(size_t* consumed) {
         break;
       }
       case 'P':
-        return Refuse("text persistent id (pickle protocol 0); torch cannot load these "
-                      "files either: re-save with torch.save's default protocol");
-      case 'S': case 'V':
+        return Refuse(
+            "text persistent id (pickle protocol 0); torch cannot load these "
+            "files either: re-save with torch.save's default protocol");
+      case 'S':
+      case 'V':
         return Refuse("text-mode (protocol 0) strings are not supported");
-      case 'i': case 'o': case 0x92: case 0x82: case 0x83: case 0x84: case 0x97: case 0x98: {
+      case 'i':
+      case 'o':
+      case 0x92:
+      case 0x82:
+      case 0x83:
+      case 0x84:
+      case 0x97:
+      case 0x98: {
         static const std::map<uint8_t, const char*> kNames = {
-            {'i', "INST"}, {'o', "OBJ"}, {0x92, "NEWOBJ_EX"}, {0x82, "EXT1"},
-            {0x83, "EXT2"}, {0x84, "EXT4"}, {0x97, "NEXT_BUFFER"},
-            {0x98, "READONLY_BUFFER"}};
+            {'i', "INST"},         {'o', "OBJ"},
+            {0x92, "NEWOBJ_EX"},   {0x82, "EXT1"},
+            {0x83, "EXT2"},        {0x84, "EXT4"},
+            {0x97, "NEXT_BUFFER"}, {0x98, "READONLY_BUFFER"}};
         return Refuse(std::string("pickle opcode ") + kNames.at(op) +
                       " is not allowed in a checkpoint");
       }

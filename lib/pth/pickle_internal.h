@@ -8,8 +8,8 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -46,26 +46,37 @@ struct PyTensor {
 
 struct PyObj {
   enum class K {
-    kNone, kBool, kInt, kBigInt, kFloat, kComplex, kStr, kBytes,
-    kList, kTuple, kDict, kSet, kFrozenSet,
-    kGlobal,      // an allowlisted callable or class: s = module, s2 = name
-    kStorage,     // a storage by itself
+    kNone,
+    kBool,
+    kInt,
+    kBigInt,
+    kFloat,
+    kComplex,
+    kStr,
+    kBytes,
+    kList,
+    kTuple,
+    kDict,
+    kSet,
+    kFrozenSet,
+    kGlobal,   // an allowlisted callable or class: s = module, s2 = name
+    kStorage,  // a storage by itself
     kTensor,
-    kDType,       // torch dtype (i = code)
-    kDevice,      // s
-    kNpDType,     // numpy dtype under construction: s = code, s2 = byte order
-    kNpArray,     // numpy ndarray under construction
+    kDType,    // torch dtype (i = code)
+    kDevice,   // s
+    kNpDType,  // numpy dtype under construction: s = code, s2 = byte order
+    kNpArray,  // numpy ndarray under construction
   };
   K kind = K::kNone;
   int64_t i = 0;
   double f = 0, im = 0;
-  std::string s, s2;               // s2: also a Dict's class tag
-  std::vector<uint8_t> bytes;     // Bytes, BigInt (LE two's complement)
-  std::vector<Obj> items;         // List/Tuple/Set elements, Dict values
-  std::vector<Obj> keys;          // Dict keys
+  std::string s, s2;           // s2: also a Dict's class tag
+  std::vector<uint8_t> bytes;  // Bytes, BigInt (LE two's complement)
+  std::vector<Obj> items;      // List/Tuple/Set elements, Dict values
+  std::vector<Obj> keys;       // Dict keys
   std::shared_ptr<PyStorage> storage;
   std::shared_ptr<PyTensor> tensor;
-  bool charged = false;           // counted in the pickle's memory budget
+  bool charged = false;  // counted in the pickle's memory budget
 
   PyObj() = default;
   PyObj(const PyObj&) = delete;

@@ -60,7 +60,8 @@ struct EndRecord {
                         // the zip64 end record
 };
 
-Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd, const std::byte* e) {
+Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd,
+                                const std::byte* e) {
   EndRecord r;
   r.eocd = eocd;
   r.cd_end = eocd;
@@ -86,7 +87,8 @@ Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd, const std:
       return r;
     }
   }
-  if (r.count == 0xFFFF || r.cd_size == 0xFFFFFFFF || r.cd_offset == 0xFFFFFFFF) {
+  if (r.count == 0xFFFF || r.cd_size == 0xFFFFFFFF ||
+      r.cd_offset == 0xFFFFFFFF) {
     return Bad(src, eocd, "saturated end record without a zip64 locator");
   }
   return r;
@@ -107,10 +109,12 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
   CKPT_ASSIGN_OR_RETURN(Bytes tail, src.Read(size - tail_len, tail_len));
   std::optional<EndRecord> end;
   Status first_error;  // of the candidate closest to the end
-  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0 && !end; --i) {
+  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0 && !end;
+       --i) {
     const std::byte* p = tail.data.data() + i;
     if (LE(p, 4) != kEocdSig) continue;
-    const uint64_t rec_end = static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2);
+    const uint64_t rec_end =
+        static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2);
     if (rec_end > tail_len) continue;
     const bool exact = rec_end == tail_len;
     const uint64_t eocd = size - tail_len + static_cast<uint64_t>(i);
@@ -126,9 +130,10 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
     } else if (in_file && r->cd_offset + r->cd_size == r->cd_end) {
       end = *r;  // a consistent record followed by appended bytes
     } else if (first_error.ok()) {
-      first_error = Bad(src, eocd, "central directory [" + std::to_string(r->cd_offset) +
-                                       ", +" + std::to_string(r->cd_size) +
-                                       ") outside the file");
+      first_error =
+          Bad(src, eocd,
+              "central directory [" + std::to_string(r->cd_offset) + ", +" +
+                  std::to_string(r->cd_size) + ") outside the file");
     }
   }
   if (!end) {
@@ -136,10 +141,12 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
     return Bad(src, size, "no end-of-central-directory record (truncated?)");
   }
   const uint64_t eocd = end->eocd;
-  const uint64_t count = end->count, cd_size = end->cd_size, cd_offset = end->cd_offset;
+  const uint64_t count = end->count, cd_size = end->cd_size,
+                 cd_offset = end->cd_offset;
   if (count > kMaxEntries) {
-    return Bad(src, eocd, std::to_string(count) + " entries (limit " +
-                              std::to_string(kMaxEntries) + ")");
+    return Bad(src, eocd,
+               std::to_string(count) + " entries (limit " +
+                   std::to_string(kMaxEntries) + ")");
   }
   // 3. Central directory.
   CKPT_ASSIGN_OR_RETURN(Bytes cd, src.Read(cd_offset, cd_size));
@@ -151,7 +158,8 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
     const uint64_t at = cd_offset + pos;
     if (cd_size - pos < 46) return Bad(src, at, "central directory truncated");
     const std::byte* c = cd.data.data() + pos;
-    if (LE(c, 4) != kCentralSig) return Bad(src, at, "bad central directory signature");
+    if (LE(c, 4) != kCentralSig)
+      return Bad(src, at, "bad central directory signature");
     ZipEntry ent;
     ent.flags = static_cast<uint16_t>(LE(c + 8, 2));
     ent.method = static_cast<uint16_t>(LE(c + 10, 2));
@@ -162,12 +170,14 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
              comment_len = LE(c + 32, 2);
     ent.local_header_offset = LE(c + 42, 4);
     uint64_t rec = 46 + name_len + extra_len + comment_len;
-    if (cd_size - pos < rec) return Bad(src, at, "central directory entry truncated");
+    if (cd_size - pos < rec)
+      return Bad(src, at, "central directory entry truncated");
     if (name_len > kMaxNameBytes) return Bad(src, at, "entry name too long");
     name_bytes += name_len;
     if (name_bytes > kMaxAllNameBytes) {
-      return Bad(src, at, "entry names exceed " + std::to_string(kMaxAllNameBytes) +
-                              " bytes in all (limit)");
+      return Bad(src, at,
+                 "entry names exceed " + std::to_string(kMaxAllNameBytes) +
+                     " bytes in all (limit)");
     }
     ent.name.assign(reinterpret_cast<const char*>(c + 46), name_len);
     // zip64 extra field (id 1): only the saturated fields, in order.
@@ -175,7 +185,8 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
     uint64_t xpos = 0;
     while (xpos + 4 <= extra_len) {
       uint64_t id = LE(x + xpos, 2), len = LE(x + xpos + 2, 2);
-      if (xpos + 4 + len > extra_len) return Bad(src, at, "extra field overruns its entry");
+      if (xpos + 4 + len > extra_len)
+        return Bad(src, at, "extra field overruns its entry");
       if (id == 1) {
         const std::byte* v = x + xpos + 4;
         uint64_t vlen = len;
@@ -198,7 +209,8 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
       return Bad(src, at, "duplicate entry '" + ent.name + "'");
     }
     if (!InFile(src, ent.local_header_offset, 30)) {
-      return Bad(src, at, "entry '" + ent.name + "': local header outside the file");
+      return Bad(src, at,
+                 "entry '" + ent.name + "': local header outside the file");
     }
     z.entries_.push_back(std::move(ent));
     pos += rec;
@@ -232,47 +244,57 @@ Result<uint64_t> ZipArchive::PayloadOffset(const ZipEntry& e) const {
   uint64_t name_len = LE(p + 26, 2), extra_len = LE(p + 28, 2);
   uint64_t payload = e.local_header_offset + 30 + name_len + extra_len;
   if (!InFile(src, e.local_header_offset + 30, name_len)) {
-    return Bad(src, e.local_header_offset, "entry '" + e.name + "': truncated local header");
-  }
-  CKPT_ASSIGN_OR_RETURN(Bytes n, src.Read(e.local_header_offset + 30, name_len));
-  if (std::string_view(reinterpret_cast<const char*>(n.data.data()), name_len) != e.name) {
     return Bad(src, e.local_header_offset,
-               "entry '" + e.name + "': local name differs from the central directory");
+               "entry '" + e.name + "': truncated local header");
+  }
+  CKPT_ASSIGN_OR_RETURN(Bytes n,
+                        src.Read(e.local_header_offset + 30, name_len));
+  if (std::string_view(reinterpret_cast<const char*>(n.data.data()),
+                       name_len) != e.name) {
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name +
+                   "': local name differs from the central directory");
   }
   if (!InFile(src, payload, e.compressed_size)) {
-    return Bad(src, payload, "entry '" + e.name + "': payload of " +
-                                 std::to_string(e.compressed_size) +
-                                 " bytes runs past the end of the file (truncated?)");
+    return Bad(src, payload,
+               "entry '" + e.name + "': payload of " +
+                   std::to_string(e.compressed_size) +
+                   " bytes runs past the end of the file (truncated?)");
   }
   return payload;
 }
 
 Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
   const ByteSource& src = *source_;
-  if (e.flags & 1) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is encrypted");
+  if (e.flags & 1)
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "' is encrypted");
   CKPT_ASSIGN_OR_RETURN(uint64_t payload, PayloadOffset(e));
   Bytes out;
   if (e.method == 0) {
     if (e.compressed_size != e.size) {
-      return Bad(src, payload, "stored entry '" + e.name + "' with different sizes");
+      return Bad(src, payload,
+                 "stored entry '" + e.name + "' with different sizes");
     }
     CKPT_ASSIGN_OR_RETURN(out, src.Read(payload, e.size));
   } else if (e.method == 8) {
     CKPT_RETURN_IF_ERROR(CheckRatio(e, payload));  // before sizing the buffer
     auto buf = std::shared_ptr<std::byte[]>(new std::byte[e.size ? e.size : 1]);
     uint64_t filled = 0;
-    CKPT_RETURN_IF_ERROR(Inflate(e, false, static_cast<size_t>(std::max<uint64_t>(e.size, 1)),
-                                 [&](std::span<const std::byte> piece) {
-                                   std::memcpy(buf.get() + filled, piece.data(), piece.size());
-                                   filled += piece.size();
-                                   return Status::OK();
-                                 }));
+    CKPT_RETURN_IF_ERROR(
+        Inflate(e, false, static_cast<size_t>(std::max<uint64_t>(e.size, 1)),
+                [&](std::span<const std::byte> piece) {
+                  std::memcpy(buf.get() + filled, piece.data(), piece.size());
+                  filled += piece.size();
+                  return Status::OK();
+                }));
     out.data = {buf.get(), static_cast<size_t>(e.size)};
     out.owner = buf;
   } else {
     return Bad(src, e.local_header_offset,
                "entry '" + e.name + "' uses compression method " +
-                   std::to_string(e.method) + " (only stored and deflate are supported)");
+                   std::to_string(e.method) +
+                   " (only stored and deflate are supported)");
   }
   if (check_crc) {
     uint32_t crc = Crc32(0, out.data);
@@ -289,22 +311,29 @@ Result<Bytes> ZipArchive::Read(const ZipEntry& e, bool check_crc) const {
 // (a zip bomb) and must not size an allocation or drive the output.
 Status ZipArchive::CheckRatio(const ZipEntry& e, uint64_t payload) const {
   if (e.size / 1032 > e.compressed_size + 1) {
-    return Bad(*source_, payload, "entry '" + e.name + "' claims " + std::to_string(e.size) +
-                                      " bytes from " + std::to_string(e.compressed_size) +
-                                      " compressed: impossible ratio");
+    return Bad(*source_, payload,
+               "entry '" + e.name + "' claims " + std::to_string(e.size) +
+                   " bytes from " + std::to_string(e.compressed_size) +
+                   " compressed: impossible ratio");
   }
   return Status::OK();
 }
 
-Status ZipArchive::Inflate(const ZipEntry& e, bool check_crc, size_t piece,
-                           const std::function<Status(std::span<const std::byte>)>& sink) const {
+Status ZipArchive::Inflate(
+    const ZipEntry& e, bool check_crc, size_t piece,
+    const std::function<Status(std::span<const std::byte>)>& sink) const {
   const ByteSource& src = *source_;
-  if (e.method != 8) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is not deflated");
-  if (e.flags & 1) return Bad(src, e.local_header_offset, "entry '" + e.name + "' is encrypted");
+  if (e.method != 8)
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "' is not deflated");
+  if (e.flags & 1)
+    return Bad(src, e.local_header_offset,
+               "entry '" + e.name + "' is encrypted");
   CKPT_ASSIGN_OR_RETURN(uint64_t payload, PayloadOffset(e));
   CKPT_RETURN_IF_ERROR(CheckRatio(e, payload));
   CKPT_ASSIGN_OR_RETURN(Bytes in, src.Read(payload, e.compressed_size));
-  std::vector<std::byte> buf(std::min<uint64_t>(piece, std::max<uint64_t>(e.size, 1)));
+  std::vector<std::byte> buf(
+      std::min<uint64_t>(piece, std::max<uint64_t>(e.size, 1)));
   z_stream zs{};
   if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) {
     return IoError("zlib: inflateInit2 failed").WithFile(src.name());
@@ -319,8 +348,10 @@ Status ZipArchive::Inflate(const ZipEntry& e, bool check_crc, size_t piece,
   size_t fill = 0;
   int rc = Z_OK;
   auto corrupt = [&] {
-    return Bad(src, payload, "entry '" + e.name + "': deflate data is corrupt or does not " +
-                                 "inflate to its declared " + std::to_string(e.size) + " bytes");
+    return Bad(src, payload,
+               "entry '" + e.name + "': deflate data is corrupt or does not " +
+                   "inflate to its declared " + std::to_string(e.size) +
+                   " bytes");
   };
   while (rc != Z_STREAM_END) {
     auto ni = static_cast<uInt>(std::min<uint64_t>(in_left, 1u << 30));
@@ -343,7 +374,8 @@ Status ZipArchive::Inflate(const ZipEntry& e, bool check_crc, size_t piece,
     if (rc != Z_OK && rc != Z_STREAM_END) return corrupt();
     size_t got = static_cast<size_t>(room - zs.avail_out);
     in_left -= ni - zs.avail_in;
-    if (got == 0 && ni - zs.avail_in == 0 && rc != Z_STREAM_END) return corrupt();  // stuck
+    if (got == 0 && ni - zs.avail_in == 0 && rc != Z_STREAM_END)
+      return corrupt();  // stuck
     fill += got;
     produced += got;
     if (fill == buf.size() || rc == Z_STREAM_END) {

@@ -55,8 +55,9 @@ class ZipArchive {
   /// multiple of `piece`'s alignment except the last), calling `sink` for
   /// each, so memory stays bounded whatever the entry's size. Checks the
   /// total size, and the CRC-32 unless `check_crc` is false.
-  Status Inflate(const ZipEntry& e, bool check_crc, size_t piece,
-                 const std::function<Status(std::span<const std::byte>)>& sink) const;
+  Status Inflate(
+      const ZipEntry& e, bool check_crc, size_t piece,
+      const std::function<Status(std::span<const std::byte>)>& sink) const;
 
   const ByteSource& source() const { return *source_; }
 

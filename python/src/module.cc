@@ -10,7 +10,6 @@
 // its code, with the library's message (file, offset, tensor).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-
 #include <signal.h>
 #include <sys/mman.h>
 
@@ -25,8 +24,8 @@
 #include <vector>
 
 #include "ckpt/ckpt.h"
-#include "ckpt/pth.h"
 #include "ckpt/cli.h"
+#include "ckpt/pth.h"
 #ifdef CKPT_WITH_CUDA
 #include "ckpt/cuda.h"
 #endif
@@ -35,7 +34,8 @@ namespace py = pybind11;
 
 namespace {
 
-// ---- errors ------------------------------------------------------------------
+// ---- errors
+// ------------------------------------------------------------------
 
 struct StatusError {
   ckpt::Status status;
@@ -58,36 +58,49 @@ T Take(ckpt::Result<T> r) {
 
 const char* ErrorClass(ckpt::ErrorCode code) {
   switch (code) {
-    case ckpt::ErrorCode::kIoError: return "CkptIOError";
-    case ckpt::ErrorCode::kNotFound: return "NotFoundError";
-    case ckpt::ErrorCode::kCorrupt: return "FormatError";
-    case ckpt::ErrorCode::kUnsupportedVersion: return "UnsupportedError";
-    case ckpt::ErrorCode::kInvalidArgument: return "InvalidArgumentError";
-    case ckpt::ErrorCode::kChecksumMismatch: return "ChecksumError";
-    case ckpt::ErrorCode::kCuda: return "CudaError";
-    case ckpt::ErrorCode::kResourceExhausted: return "ResourceExhaustedError";
-    default: return "CkptError";
+    case ckpt::ErrorCode::kIoError:
+      return "CkptIOError";
+    case ckpt::ErrorCode::kNotFound:
+      return "NotFoundError";
+    case ckpt::ErrorCode::kCorrupt:
+      return "FormatError";
+    case ckpt::ErrorCode::kUnsupportedVersion:
+      return "UnsupportedError";
+    case ckpt::ErrorCode::kInvalidArgument:
+      return "InvalidArgumentError";
+    case ckpt::ErrorCode::kChecksumMismatch:
+      return "ChecksumError";
+    case ckpt::ErrorCode::kCuda:
+      return "CudaError";
+    case ckpt::ErrorCode::kResourceExhausted:
+      return "ResourceExhaustedError";
+    default:
+      return "CkptError";
   }
 }
 
 // Text from a file (or a message quoting it) as a Python str, whatever
 // its bytes: invalid UTF-8 is shown escaped, never raised.
 py::str Lenient(std::string_view s) {
-  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "backslashreplace");
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()),
+                                     "backslashreplace");
   if (!o) throw py::error_already_set();
   return py::reinterpret_steal<py::str>(o);
 }
 
 // A string the format says is UTF-8, as a Python str; invalid UTF-8 is a
 // FormatError naming the file and what the string is.
-py::str Utf8(std::string_view s, const std::string& file, const std::string& what) {
-  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
+py::str Utf8(std::string_view s, const std::string& file,
+             const std::string& what) {
+  PyObject* o =
+      PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
   if (o) return py::reinterpret_steal<py::str>(o);
   PyErr_Clear();
   Throw(ckpt::Corrupt(what + " is not valid UTF-8").WithFile(file));
 }
 
-// ---- buffers -----------------------------------------------------------------
+// ---- buffers
+// -----------------------------------------------------------------
 
 // Bytes plus their owner, exported through the buffer protocol. A torch
 // tensor or numpy array made from it keeps it (and so the mapping) alive.
@@ -99,7 +112,8 @@ struct Region {
   py::object keep;  // the Python bytes a buffer-backed Reader reads from
 };
 
-std::span<const std::byte> ReadableBytes(const py::buffer& b, py::buffer_info& info) {
+std::span<const std::byte> ReadableBytes(const py::buffer& b,
+                                         py::buffer_info& info) {
   info = b.request();
   if (info.ndim > 1) {
     // Only C-contiguous data has a flat byte view: check it.
@@ -110,7 +124,8 @@ std::span<const std::byte> ReadableBytes(const py::buffer& b, py::buffer_info& i
       }
       expect *= info.shape[d];
     }
-  } else if (info.ndim == 1 && info.shape[0] > 1 && info.strides[0] != info.itemsize) {
+  } else if (info.ndim == 1 && info.shape[0] > 1 &&
+             info.strides[0] != info.itemsize) {
     throw py::value_error("buffer is not contiguous");
   }
   return {static_cast<const std::byte*>(info.ptr),
@@ -130,15 +145,18 @@ void AdviseHugePages(std::byte* p, uint64_t n) {
   }
 }
 
-// ---- Reader ------------------------------------------------------------------
+// ---- Reader
+// ------------------------------------------------------------------
 
 class Reader {
  public:
-  Reader(const std::string& path, bool copy_on_write) : writable_(copy_on_write) {
+  Reader(const std::string& path, bool copy_on_write)
+      : writable_(copy_on_write) {
     ckpt::ReadOptions o;
     o.copy_on_write = copy_on_write;
     py::gil_scoped_release nogil;
-    ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::Open(path, o)));
+    ck_ = std::make_unique<ckpt::Checkpoint>(
+        Take(ckpt::Checkpoint::Open(path, o)));
   }
 
   // Over an immutable bytes object (kept alive by the Reader and by every
@@ -146,8 +164,10 @@ class Reader {
   // it (the stream's file name, or "<stream>").
   Reader(py::bytes data, const std::string& name) : keep_(data) {
     std::string_view v = data;
-    std::span<const std::byte> bytes{reinterpret_cast<const std::byte*>(v.data()), v.size()};
-    ck_ = std::make_unique<ckpt::Checkpoint>(Take(ckpt::Checkpoint::OpenBuffer(bytes, name)));
+    std::span<const std::byte> bytes{
+        reinterpret_cast<const std::byte*>(v.data()), v.size()};
+    ck_ = std::make_unique<ckpt::Checkpoint>(
+        Take(ckpt::Checkpoint::OpenBuffer(bytes, name)));
   }
 
   const ckpt::Checkpoint& ck() const { return *ck_; }
@@ -156,7 +176,8 @@ class Reader {
     py::dict d;
     for (auto& [k, v] : ck_->metadata()) {
       d[Utf8(k, ck_->path(), "a metadata key")] =
-          Utf8(v, ck_->path(), "the metadata value of '" + EscapedForMessage(k) + "'");
+          Utf8(v, ck_->path(),
+               "the metadata value of '" + EscapedForMessage(k) + "'");
     }
     return d;
   }
@@ -164,7 +185,8 @@ class Reader {
   static py::tuple Ints(const std::vector<int64_t>& v) {
     py::tuple t(v.size());
     for (size_t i = 0; i < v.size(); ++i) {
-      PyTuple_SET_ITEM(t.ptr(), static_cast<ssize_t>(i), PyLong_FromLongLong(v[i]));
+      PyTuple_SET_ITEM(t.ptr(), static_cast<ssize_t>(i),
+                       PyLong_FromLongLong(v[i]));
     }
     return t;
   }
@@ -172,8 +194,9 @@ class Reader {
   // (path, dtype code, shape, strides, storage, storage_offset,
   //  requires_grad, is_parameter): the tuple the Python side unpacks.
   py::tuple InfoTuple(const ckpt::TensorInfo& t) const {
-    return py::make_tuple(Utf8(t.path, ck_->path(), "a tensor path"), static_cast<int>(t.dtype),
-                          Ints(t.shape), Ints(t.strides), t.storage, t.storage_offset,
+    return py::make_tuple(Utf8(t.path, ck_->path(), "a tensor path"),
+                          static_cast<int>(t.dtype), Ints(t.shape),
+                          Ints(t.strides), t.storage, t.storage_offset,
                           t.requires_grad, t.is_parameter);
   }
 
@@ -185,29 +208,35 @@ class Reader {
 
   py::list Tensors() const {
     py::list out;
-    for (size_t i = 0; i < ck_->num_tensors(); ++i) out.append(InfoTuple(ck_->tensor_info(i)));
+    for (size_t i = 0; i < ck_->num_tensors(); ++i)
+      out.append(InfoTuple(ck_->tensor_info(i)));
     return out;
   }
 
   py::tuple TensorAt(size_t index) const {
-    if (index >= ck_->num_tensors()) throw py::index_error("tensor index out of range");
+    if (index >= ck_->num_tensors())
+      throw py::index_error("tensor index out of range");
     return InfoTuple(ck_->tensor_info(index));
   }
 
   py::tuple StorageAt(size_t index) const {
-    if (index >= ck_->num_storages()) throw py::index_error("storage index out of range");
+    if (index >= ck_->num_storages())
+      throw py::index_error("storage index out of range");
     auto s = ck_->storage_info(index);
-    return py::make_tuple(s.offset, s.nbytes,
-                          Utf8(s.device, ck_->path(),
-                               "the device of storage " + std::to_string(index)));
+    return py::make_tuple(
+        s.offset, s.nbytes,
+        Utf8(s.device, ck_->path(),
+             "the device of storage " + std::to_string(index)));
   }
 
-  size_t TensorIndex(const std::string& path) const { return Take(ck_->TensorIndex(path)); }
+  size_t TensorIndex(const std::string& path) const {
+    return Take(ck_->TensorIndex(path));
+  }
 
   Region StorageRegion(size_t index) const {
     auto v = Take(ck_->Storage(index));
-    return Region{const_cast<std::byte*>(v.data.data()), v.data.size(), writable_,
-                  std::move(v.owner), keep_};
+    return Region{const_cast<std::byte*>(v.data.data()), v.data.size(),
+                  writable_, std::move(v.owner), keep_};
   }
 
   // Rows [begin, end) of dim 0 of a tensor: the tensor's table entry with
@@ -219,9 +248,11 @@ class Reader {
 
   // Copies storages into caller buffers with pread, `threads` at a time,
   // in 8 MiB pieces, without the GIL.
-  void ReadStorages(const std::vector<size_t>& indices, const std::vector<py::buffer>& outs,
+  void ReadStorages(const std::vector<size_t>& indices,
+                    const std::vector<py::buffer>& outs,
                     unsigned threads) const {
-    if (indices.size() != outs.size()) throw py::value_error("one buffer per storage");
+    if (indices.size() != outs.size())
+      throw py::value_error("one buffer per storage");
     struct Piece {
       size_t storage;
       uint64_t offset;
@@ -234,19 +265,25 @@ class Reader {
     for (size_t i = 0; i < outs.size(); ++i) {
       infos.push_back(outs[i].request(true));
       auto& info = infos.back();
-      if (info.ndim != 1 || info.itemsize != 1 || (info.shape[0] > 1 && info.strides[0] != 1)) {
+      if (info.ndim != 1 || info.itemsize != 1 ||
+          (info.shape[0] > 1 && info.strides[0] != 1)) {
         throw py::value_error("storage buffers must be contiguous bytes");
       }
       if (indices[i] >= ck_->num_storages() ||
-          static_cast<uint64_t>(info.shape[0]) != ck_->storage_info(indices[i]).nbytes) {
-        throw py::value_error("buffer " + std::to_string(i) + " does not match storage " +
+          static_cast<uint64_t>(info.shape[0]) !=
+              ck_->storage_info(indices[i]).nbytes) {
+        throw py::value_error("buffer " + std::to_string(i) +
+                              " does not match storage " +
                               std::to_string(indices[i]));
       }
       auto* p = static_cast<std::byte*>(info.ptr);
       uint64_t n = static_cast<uint64_t>(info.shape[0]);
       AdviseHugePages(p, n);
       for (uint64_t off = 0; off < n; off += kPiece) {
-        pieces.push_back({indices[i], off, {p + off, static_cast<size_t>(std::min(kPiece, n - off))}});
+        pieces.push_back(
+            {indices[i],
+             off,
+             {p + off, static_cast<size_t>(std::min(kPiece, n - off))}});
       }
     }
     py::gil_scoped_release nogil;
@@ -255,7 +292,8 @@ class Reader {
     ckpt::Status first;
     auto work = [&] {
       for (size_t k; (k = next.fetch_add(1)) < pieces.size();) {
-        ckpt::Status s = ck_->ReadStorage(pieces[k].storage, pieces[k].offset, pieces[k].out);
+        ckpt::Status s = ck_->ReadStorage(pieces[k].storage, pieces[k].offset,
+                                          pieces[k].out);
         if (!s.ok()) {
           std::lock_guard<std::mutex> lock(mu);
           if (first.ok()) first = s;
@@ -263,7 +301,8 @@ class Reader {
         }
       }
     };
-    unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
+    unsigned n = std::max(
+        1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
     std::vector<std::thread> pool;
     for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
     work();
@@ -284,7 +323,8 @@ class Reader {
   // on_device(str, where, offset) (the tree path and the node's byte
   // offset, for messages).
   py::object Tree(const std::string& path, const py::function& on_tensor,
-                  const py::function& on_dtype, const py::function& on_device) const {
+                  const py::function& on_dtype,
+                  const py::function& on_device) const {
     ckpt::Value v = Node(path);
     Builder b{on_tensor,
               on_dtype,
@@ -305,9 +345,12 @@ class Reader {
 
   uint64_t FileSize() const { return ck_->file_size(); }
   std::string Path() const { return ck_->path(); }
-  py::str Producer() const { return Utf8(ck_->producer(), ck_->path(), "the producer string"); }
+  py::str Producer() const {
+    return Utf8(ck_->producer(), ck_->path(), "the producer string");
+  }
   std::string Version() const {
-    return std::to_string(ck_->format_major()) + "." + std::to_string(ck_->format_minor());
+    return std::to_string(ck_->format_major()) + "." +
+           std::to_string(ck_->format_minor());
   }
 
  private:
@@ -352,9 +395,11 @@ class Reader {
 
     struct Frame {
       ckpt::Value v;
-      size_t next = 0;  // next step: items, or for a dict key 0, value 0, key 1...
-      py::object out;   // list, or dict for dicts; items of tuples and sets go in a list
-      py::object key;   // a dict's key waiting for its value
+      size_t next =
+          0;  // next step: items, or for a dict key 0, value 0, key 1...
+      py::object out;  // list, or dict for dicts; items of tuples and sets go
+                       // in a list
+      py::object key;  // a dict's key waiting for its value
     };
     std::vector<Frame> stack;
 
@@ -387,8 +432,9 @@ class Reader {
       const Frame& f = stack.back();
       if (!child || f.next == 0) return f.v;
       size_t s = f.next - 1;
-      return f.v.kind() == K::kDict ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
-                                    : f.v.item(s);
+      return f.v.kind() == K::kDict
+                 ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
+                 : f.v.item(s);
     }
 
     [[noreturn]] void Fail(const std::string& what, bool child) const {
@@ -399,7 +445,8 @@ class Reader {
 
     // A Python exception our own building raised (unhashable, bad text):
     // replaced by a FormatError saying where.
-    [[noreturn]] void FailFromPython(const std::string& what, bool child) const {
+    [[noreturn]] void FailFromPython(const std::string& what,
+                                     bool child) const {
       py::error_already_set e;  // fetches and clears the Python error
       std::string why = py::str(e.value()).cast<std::string>();
       Fail(what + " (" + why + ")", child);
@@ -407,37 +454,48 @@ class Reader {
 
     py::object Scalar(const ckpt::Value& v) {
       switch (v.kind()) {
-        case K::kNone: return py::none();
-        case K::kBool: return py::bool_(v.as_bool());
-        case K::kInt: return py::int_(v.as_int());
+        case K::kNone:
+          return py::none();
+        case K::kBool:
+          return py::bool_(v.as_bool());
+        case K::kInt:
+          return py::int_(v.as_int());
         case K::kBigInt: {
           auto b = v.as_bytes();
           py::bytes raw(reinterpret_cast<const char*>(b.data()), b.size());
           return int_from_bytes(raw, "little", py::arg("signed") = true);
         }
-        case K::kFloat: return py::float_(v.as_float());
+        case K::kFloat:
+          return py::float_(v.as_float());
         case K::kComplex: {
           auto c = v.as_complex();
-          return py::reinterpret_steal<py::object>(PyComplex_FromDoubles(c.real(), c.imag()));
+          return py::reinterpret_steal<py::object>(
+              PyComplex_FromDoubles(c.real(), c.imag()));
         }
-        case K::kString: return Text(v.as_string(), "a string");
+        case K::kString:
+          return Text(v.as_string(), "a string");
         case K::kBytes: {
           auto b = v.as_bytes();
           return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
         }
         case K::kTensor:
-          return on_tensor(Take(v.tensor_index()), Text(v.type_name(), "a tensor's type name"));
-        case K::kDType: return on_dtype(static_cast<int>(v.as_dtype()));
+          return on_tensor(Take(v.tensor_index()),
+                           Text(v.type_name(), "a tensor's type name"));
+        case K::kDType:
+          return on_dtype(static_cast<int>(v.as_dtype()));
         case K::kDevice:
-          return on_device(Text(v.as_string(), "a device string"), Lenient(Where(true)),
-                           v.file_offset());
+          return on_device(Text(v.as_string(), "a device string"),
+                           Lenient(Where(true)), v.file_offset());
         default:
-          Fail("unknown node kind " + std::to_string(static_cast<int>(v.kind())), true);
+          Fail(
+              "unknown node kind " + std::to_string(static_cast<int>(v.kind())),
+              true);
       }
     }
 
     py::object Text(std::string_view s, const char* what) {
-      PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
+      PyObject* o = PyUnicode_DecodeUTF8(
+          s.data(), static_cast<ssize_t>(s.size()), "strict");
       if (!o) FailFromPython(std::string(what) + " is not valid UTF-8", true);
       return py::reinterpret_steal<py::object>(o);
     }
@@ -445,7 +503,8 @@ class Reader {
     void Open(const ckpt::Value& v) {
       Frame f{v, 0, py::object(), py::object()};
       if (v.kind() == K::kDict) {
-        f.out = v.type_name() == "collections.OrderedDict" ? ordered_dict() : py::dict();
+        f.out = v.type_name() == "collections.OrderedDict" ? ordered_dict()
+                                                           : py::dict();
       } else {
         f.out = py::list();
       }
@@ -456,7 +515,8 @@ class Reader {
     py::object Close() {
       Frame& f = stack.back();
       switch (f.v.kind()) {
-        case K::kList: return f.out;
+        case K::kList:
+          return f.out;
         case K::kTuple: {
           PyObject* t = PyList_AsTuple(f.out.ptr());
           if (!t) throw py::error_already_set();
@@ -464,8 +524,11 @@ class Reader {
         }
         case K::kSet:
         case K::kFrozenSet: {
-          PyObject* s = f.v.kind() == K::kSet ? PySet_New(f.out.ptr()) : PyFrozenSet_New(f.out.ptr());
-          if (!s) FailFromPython("a set holds an item Python cannot put in a set", false);
+          PyObject* s = f.v.kind() == K::kSet ? PySet_New(f.out.ptr())
+                                              : PyFrozenSet_New(f.out.ptr());
+          if (!s)
+            FailFromPython("a set holds an item Python cannot put in a set",
+                           false);
           return py::reinterpret_steal<py::object>(s);
         }
         case K::kDict: {
@@ -487,7 +550,8 @@ class Reader {
     void Deliver(py::object obj) {
       Frame& f = stack.back();
       if (f.v.kind() != K::kDict) {
-        if (PyList_Append(f.out.ptr(), obj.ptr()) != 0) throw py::error_already_set();
+        if (PyList_Append(f.out.ptr(), obj.ptr()) != 0)
+          throw py::error_already_set();
         return;
       }
       if ((f.next - 1) % 2 == 0) {
@@ -516,11 +580,13 @@ class Reader {
           continue;
         }
         size_t s = f.next++;
-        ckpt::Value child = f.v.kind() == K::kDict
-                                ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
-                                : f.v.item(s);
+        ckpt::Value child =
+            f.v.kind() == K::kDict
+                ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
+                : f.v.item(s);
         if (child.is_container()) {
-          if (stack.size() >= ckpt::kMaxTreeDepth) Fail("nested too deeply", true);
+          if (stack.size() >= ckpt::kMaxTreeDepth)
+            Fail("nested too deeply", true);
           Open(child);  // invalidates f
         } else {
           Deliver(Scalar(child));
@@ -534,11 +600,13 @@ class Reader {
   py::object keep_;
 };
 
-// ---- Writer ------------------------------------------------------------------
+// ---- Writer
+// ------------------------------------------------------------------
 
 class PyWriter {
  public:
-  PyWriter(const std::string& path, bool sync, uint64_t chunk_size, const std::string& producer) {
+  PyWriter(const std::string& path, bool sync, uint64_t chunk_size,
+           const std::string& producer) {
     ckpt::WriteOptions o;
     o.sync = sync;
     if (chunk_size) o.chunk_size = chunk_size;
@@ -568,8 +636,9 @@ class PyWriter {
   }
   void EndStorage() { Check(w().EndStorage()); }
 
-  uint32_t AddTensor(int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides,
-                     uint32_t storage, int64_t offset, bool requires_grad, bool is_parameter) {
+  uint32_t AddTensor(int dtype, std::vector<int64_t> shape,
+                     std::vector<int64_t> strides, uint32_t storage,
+                     int64_t offset, bool requires_grad, bool is_parameter) {
     ckpt::TensorSpec s;
     s.dtype = static_cast<ckpt::DType>(dtype);
     s.shape = std::move(shape);
@@ -583,7 +652,8 @@ class PyWriter {
 
   uint32_t AddBigInt(const py::bytes& le) {
     std::string_view s = le;
-    return Take(w().AddBigInt({reinterpret_cast<const uint8_t*>(s.data()), s.size()}));
+    return Take(
+        w().AddBigInt({reinterpret_cast<const uint8_t*>(s.data()), s.size()}));
   }
   uint32_t AddBytes(const py::bytes& b) {
     std::string_view s = b;
@@ -606,7 +676,8 @@ class PyWriter {
   std::unique_ptr<ckpt::Writer> w_;
 };
 
-// ---- SIGINT around a commit ---------------------------------------------------
+// ---- SIGINT around a commit
+// ---------------------------------------------------
 
 // Holds SIGINT back while a save commits (rename, fsyncs): a Ctrl-C then
 // cannot surface as KeyboardInterrupt from a save whose file is already in
@@ -626,11 +697,13 @@ class SigintDeferral {
     // by the handler just restored, inside our destructor, and be lost.
     py::module_ sig = py::module_::import("_signal");
     py::module_ threading = py::module_::import("threading");
-    if (!threading.attr("current_thread")().is(threading.attr("main_thread")())) return;
+    if (!threading.attr("current_thread")().is(threading.attr("main_thread")()))
+      return;
     py::object old = sig.attr("getsignal")(SIGINT);
     if (old.is_none() || !PyCallable_Check(old.ptr())) return;
     auto pending = pending_;
-    py::cpp_function record([pending](py::handle, py::handle) { *pending = true; });
+    py::cpp_function record(
+        [pending](py::handle, py::handle) { *pending = true; });
     set_ = sig.attr("signal");
     set_(SIGINT, record);
     old_ = std::move(old);
@@ -644,7 +717,8 @@ class SigintDeferral {
     try {
       Release();
     } catch (py::error_already_set& e) {
-      e.discard_as_unraisable("ckpt: restoring the SIGINT handler after a save");
+      e.discard_as_unraisable(
+          "ckpt: restoring the SIGINT handler after a save");
     }
   }
 
@@ -682,10 +756,13 @@ PYBIND11_MODULE(_ckpt, m) {
       if (p) std::rethrow_exception(p);
     } catch (const StatusError& e) {
       py::object errors = py::module_::import("ckpt._errors");
-      py::object cls = errors.attr(e.python_class ? e.python_class : ErrorClass(e.status.code()));
+      py::object cls = errors.attr(
+          e.python_class ? e.python_class : ErrorClass(e.status.code()));
       py::object exc = cls(Lenient(e.status.ToString()));
       int err = e.status.sys_errno();
-      if (err != 0 && py::isinstance(exc, py::module_::import("builtins").attr("OSError"))) {
+      if (err != 0 &&
+          py::isinstance(exc,
+                         py::module_::import("builtins").attr("OSError"))) {
         exc.attr("errno") = err;  // str(exc) stays the message naming the file
       }
       PyErr_SetObject(cls.ptr(), exc.ptr());
@@ -694,12 +771,14 @@ PYBIND11_MODULE(_ckpt, m) {
 
   py::class_<Region>(m, "Region", py::buffer_protocol())
       .def_buffer([](Region& r) {
-        return py::buffer_info(r.data, 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {static_cast<ssize_t>(r.size)}, {static_cast<ssize_t>(1)},
-                               !r.writable);
+        return py::buffer_info(r.data, 1,
+                               py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<ssize_t>(r.size)},
+                               {static_cast<ssize_t>(1)}, !r.writable);
       })
       .def("__len__", [](const Region& r) { return r.size; })
-      .def_property_readonly("writable", [](const Region& r) { return r.writable; });
+      .def_property_readonly("writable",
+                             [](const Region& r) { return r.writable; });
 
   py::class_<Reader>(m, "Reader")
       .def(py::init<const std::string&, bool>(), py::arg("path"),
@@ -714,21 +793,24 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("storage", &Reader::StorageAt)
       .def("storage_region", &Reader::StorageRegion)
       .def("rows", &Reader::Rows)
-      .def("read_storages", &Reader::ReadStorages, py::arg("indices"), py::arg("buffers"),
-           py::arg("threads") = 4)
+      .def("read_storages", &Reader::ReadStorages, py::arg("indices"),
+           py::arg("buffers"), py::arg("threads") = 4)
       .def("verify", &Reader::Verify, py::arg("threads") = 0)
       .def("tree", &Reader::Tree)
       .def("kind", &Reader::Kind)
-      .def_property_readonly("num_tensors", [](const Reader& r) { return r.ck().num_tensors(); })
-      .def_property_readonly("num_storages", [](const Reader& r) { return r.ck().num_storages(); })
+      .def_property_readonly(
+          "num_tensors", [](const Reader& r) { return r.ck().num_tensors(); })
+      .def_property_readonly(
+          "num_storages", [](const Reader& r) { return r.ck().num_storages(); })
       .def_property_readonly("file_size", &Reader::FileSize)
       .def_property_readonly("path", &Reader::Path)
       .def_property_readonly("producer", &Reader::Producer)
       .def_property_readonly("format_version", &Reader::Version);
 
   py::class_<PyWriter>(m, "Writer")
-      .def(py::init<const std::string&, bool, uint64_t, const std::string&>(), py::arg("path"),
-           py::arg("sync") = true, py::arg("chunk_size") = 0, py::arg("producer") = "ckpt")
+      .def(py::init<const std::string&, bool, uint64_t, const std::string&>(),
+           py::arg("path"), py::arg("sync") = true, py::arg("chunk_size") = 0,
+           py::arg("producer") = "ckpt")
       .def("add_storage", &PyWriter::AddStorage)
       .def("begin_storage", &PyWriter::BeginStorage)
       .def("append", &PyWriter::Append)
@@ -739,20 +821,51 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("add_int", [](PyWriter& w, int64_t v) { return w.w().AddInt(v); })
       .def("add_bigint", &PyWriter::AddBigInt)
       .def("add_float", [](PyWriter& w, double v) { return w.w().AddFloat(v); })
-      .def("add_complex", [](PyWriter& w, double re, double im) { return w.w().AddComplex(re, im); })
-      .def("add_string", [](PyWriter& w, const std::string& s) { return w.w().AddString(s); })
+      .def("add_complex", [](PyWriter& w, double re,
+                             double im) { return w.w().AddComplex(re, im); })
+      .def("add_string",
+           [](PyWriter& w, const std::string& s) { return w.w().AddString(s); })
       .def("add_bytes", &PyWriter::AddBytes)
-      .def("add_dtype", [](PyWriter& w, int code) { return Take(w.w().AddDType(static_cast<ckpt::DType>(code))); })
-      .def("add_device", [](PyWriter& w, const std::string& d) { return Take(w.w().AddDevice(d)); })
-      .def("add_list", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddList(ids)); })
-      .def("add_tuple", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddTuple(ids)); })
-      .def("add_set", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddSet(ids)); })
-      .def("add_frozenset", [](PyWriter& w, const std::vector<uint32_t>& ids) { return Take(w.w().AddFrozenSet(ids)); })
-      .def("add_dict", [](PyWriter& w, const std::vector<uint32_t>& keys, const std::vector<uint32_t>& values,
-                          const std::string& type_name) { return Take(w.w().AddDict(keys, values, type_name)); })
-      .def("set_type_name", [](PyWriter& w, uint32_t node, const std::string& t) { Check(w.w().SetTypeName(node, t)); })
-      .def("set_root", [](PyWriter& w, uint32_t node) { Check(w.w().SetRoot(node)); })
-      .def("set_metadata", [](PyWriter& w, const std::string& k, const std::string& v) { Check(w.w().SetMetadata(k, v)); })
+      .def("add_dtype",
+           [](PyWriter& w, int code) {
+             return Take(w.w().AddDType(static_cast<ckpt::DType>(code)));
+           })
+      .def("add_device",
+           [](PyWriter& w, const std::string& d) {
+             return Take(w.w().AddDevice(d));
+           })
+      .def("add_list",
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
+             return Take(w.w().AddList(ids));
+           })
+      .def("add_tuple",
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
+             return Take(w.w().AddTuple(ids));
+           })
+      .def("add_set",
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
+             return Take(w.w().AddSet(ids));
+           })
+      .def("add_frozenset",
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
+             return Take(w.w().AddFrozenSet(ids));
+           })
+      .def("add_dict",
+           [](PyWriter& w, const std::vector<uint32_t>& keys,
+              const std::vector<uint32_t>& values,
+              const std::string& type_name) {
+             return Take(w.w().AddDict(keys, values, type_name));
+           })
+      .def("set_type_name",
+           [](PyWriter& w, uint32_t node, const std::string& t) {
+             Check(w.w().SetTypeName(node, t));
+           })
+      .def("set_root",
+           [](PyWriter& w, uint32_t node) { Check(w.w().SetRoot(node)); })
+      .def("set_metadata",
+           [](PyWriter& w, const std::string& k, const std::string& v) {
+             Check(w.w().SetMetadata(k, v));
+           })
       .def("commit", &PyWriter::Commit)
       .def("abort", &PyWriter::Abort);
 
@@ -760,7 +873,8 @@ PYBIND11_MODULE(_ckpt, m) {
     py::list out;
     for (int code = 1; code <= ckpt::kMaxDTypeCode; ++code) {
       auto d = static_cast<ckpt::DType>(code);
-      out.append(py::make_tuple(code, std::string(ckpt::DTypeName(d)), ckpt::DTypeSize(d)));
+      out.append(py::make_tuple(code, std::string(ckpt::DTypeName(d)),
+                                ckpt::DTypeSize(d)));
     }
     return out;
   });
@@ -768,23 +882,28 @@ PYBIND11_MODULE(_ckpt, m) {
   // The importer's refusals (a global off the allowlist, an object it does
   // not convert) are PickleRefusedError, also a pickle.UnpicklingError, as
   // torch.load(weights_only=True) raises for them.
-  m.def("import_pth", [](const std::string& in, const std::string& out, bool sync,
-                         const std::string& encoding) {
-    ckpt::ImportOptions o;
-    o.write.sync = sync;
-    o.encoding = encoding;
-    ckpt::Result<ckpt::ImportReport> r = ckpt::ImportReport{};
-    {
-      py::gil_scoped_release nogil;
-      r = ckpt::ImportPth(in, out, o);
-    }
-    if (!r.ok()) {
-      StatusError e{r.status()};
-      if (e.status.code() == ckpt::ErrorCode::kInvalidArgument) e.python_class = "PickleRefusedError";
-      throw e;
-    }
-    return r->tensors;
-  }, py::arg("src"), py::arg("dst"), py::arg("sync") = true, py::arg("encoding") = "utf-8");
+  m.def(
+      "import_pth",
+      [](const std::string& in, const std::string& out, bool sync,
+         const std::string& encoding) {
+        ckpt::ImportOptions o;
+        o.write.sync = sync;
+        o.encoding = encoding;
+        ckpt::Result<ckpt::ImportReport> r = ckpt::ImportReport{};
+        {
+          py::gil_scoped_release nogil;
+          r = ckpt::ImportPth(in, out, o);
+        }
+        if (!r.ok()) {
+          StatusError e{r.status()};
+          if (e.status.code() == ckpt::ErrorCode::kInvalidArgument)
+            e.python_class = "PickleRefusedError";
+          throw e;
+        }
+        return r->tensors;
+      },
+      py::arg("src"), py::arg("dst"), py::arg("sync") = true,
+      py::arg("encoding") = "utf-8");
 
   py::class_<SigintDeferral>(m, "SigintDeferral")
       .def(py::init<>())
@@ -819,21 +938,25 @@ PYBIND11_MODULE(_ckpt, m) {
 #ifdef CKPT_WITH_CUDA
   // Whole storages into device memory the caller (torch) allocated, by the
   // C++ GPU loader; returns the strategy that ran.
-  m.def("load_storages_to_device", [](const Reader& r, const std::vector<size_t>& storages,
-                                      const std::vector<uintptr_t>& pointers, int device) {
-    if (storages.size() != pointers.size()) throw py::value_error("one pointer per storage");
-    ckpt::DeviceLoadOptions o;
-    o.device = "cuda:" + std::to_string(device);
-    for (uintptr_t p : pointers) o.destinations.push_back(reinterpret_cast<void*>(p));
-    py::gil_scoped_release nogil;
-    auto load = Take(ckpt::LoadStoragesToDevice(r.ck(), storages, o));
-    Check(load->Wait());
-    return load->strategy();
-  });
+  m.def("load_storages_to_device",
+        [](const Reader& r, const std::vector<size_t>& storages,
+           const std::vector<uintptr_t>& pointers, int device) {
+          if (storages.size() != pointers.size())
+            throw py::value_error("one pointer per storage");
+          ckpt::DeviceLoadOptions o;
+          o.device = "cuda:" + std::to_string(device);
+          for (uintptr_t p : pointers)
+            o.destinations.push_back(reinterpret_cast<void*>(p));
+          py::gil_scoped_release nogil;
+          auto load = Take(ckpt::LoadStoragesToDevice(r.ck(), storages, o));
+          Check(load->Wait());
+          return load->strategy();
+        });
   m.attr("has_gpu_loader") = true;
 #else
   m.attr("has_gpu_loader") = false;
 #endif
-  m.attr("format_version") = py::make_tuple(ckpt::kFormatMajor, ckpt::kFormatMinor);
+  m.attr("format_version") =
+      py::make_tuple(ckpt::kFormatMajor, ckpt::kFormatMinor);
   m.attr("version") = std::string(ckpt::VersionString());
 }

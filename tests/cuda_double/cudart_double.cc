@@ -18,7 +18,8 @@
 
 namespace {
 
-constexpr size_t kGuard = 256;  // also keeps payloads 256-byte aligned, as cudaMalloc does
+constexpr size_t kGuard =
+    256;  // also keeps payloads 256-byte aligned, as cudaMalloc does
 constexpr unsigned char kGuardByte = 0xCD;
 
 struct DeviceAlloc {
@@ -93,8 +94,8 @@ bool IsPinned(const void* p, size_t n) {
 struct CUevent_st {
   std::mutex mu;
   std::condition_variable cv;
-  uint64_t recorded = 0;   // generations recorded
-  uint64_t completed = 0;  // generations completed
+  uint64_t recorded = 0;            // generations recorded
+  uint64_t completed = 0;           // generations completed
   cudaError_t error = cudaSuccess;  // a failure of work before the event
   int device = 0;
 };
@@ -124,7 +125,8 @@ struct CUstream_st {
       {
         std::lock_guard<std::mutex> g(S().mu);
         delay = S().config.max_delay_us
-                    ? static_cast<unsigned>(S().rng() % (S().config.max_delay_us + 1))
+                    ? static_cast<unsigned>(S().rng() %
+                                            (S().config.max_delay_us + 1))
                     : 0;
       }
       if (delay) std::this_thread::sleep_for(std::chrono::microseconds(delay));
@@ -200,7 +202,8 @@ cudaError_t cudaGetDeviceCount(int* count) {
 cudaError_t cudaSetDevice(int device) {
   std::lock_guard<std::mutex> g(S().mu);
   if (S().config.no_driver) return Ret(cudaErrorInsufficientDriver);
-  if (device < 0 || device >= S().config.devices) return Ret(cudaErrorInvalidDevice);
+  if (device < 0 || device >= S().config.devices)
+    return Ret(cudaErrorInvalidDevice);
   t_device = device;
   return cudaSuccess;
 }
@@ -218,17 +221,28 @@ cudaError_t cudaGetLastError(void) {
 
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorNotReady: return "device not ready";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
-    case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-    default: return "unknown error";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorNotReady:
+      return "device not ready";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered";
+    case cudaErrorHostMemoryAlreadyRegistered:
+      return "part or all of the requested memory range is already mapped";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+    default:
+      return "unknown error";
   }
 }
 
@@ -276,7 +290,8 @@ cudaError_t cudaHostAlloc(void** p, size_t size, unsigned int /*flags*/) {
   auto& s = S();
   std::lock_guard<std::mutex> g(s.mu);
   if (s.config.no_driver) return Ret(cudaErrorInsufficientDriver);
-  if (s.host_allocs++ == s.config.fail_host_alloc_at) return Ret(cudaErrorMemoryAllocation);
+  if (s.host_allocs++ == s.config.fail_host_alloc_at)
+    return Ret(cudaErrorMemoryAllocation);
   *p = std::aligned_alloc(4096, (size + 4095) / 4096 * 4096);
   if (!*p) return Ret(cudaErrorMemoryAllocation);
   s.host[reinterpret_cast<uintptr_t>(*p)] = {size, true};
@@ -287,7 +302,8 @@ cudaError_t cudaFreeHost(void* p) {
   auto& s = S();
   std::lock_guard<std::mutex> g(s.mu);
   auto it = s.host.find(reinterpret_cast<uintptr_t>(p));
-  if (it == s.host.end() || !it->second.allocated) return Ret(cudaErrorInvalidValue);
+  if (it == s.host.end() || !it->second.allocated)
+    return Ret(cudaErrorInvalidValue);
   std::free(p);
   s.host.erase(it);
   return cudaSuccess;
@@ -298,7 +314,8 @@ cudaError_t cudaHostRegister(void* p, size_t size, unsigned int /*flags*/) {
   std::lock_guard<std::mutex> g(s.mu);
   auto a = reinterpret_cast<uintptr_t>(p);
   for (auto& [q, h] : s.host) {
-    if (a < q + h.size && q < a + size) return Ret(cudaErrorHostMemoryAlreadyRegistered);
+    if (a < q + h.size && q < a + size)
+      return Ret(cudaErrorHostMemoryAlreadyRegistered);
   }
   s.host[a] = {size, false};
   return cudaSuccess;
@@ -308,12 +325,14 @@ cudaError_t cudaHostUnregister(void* p) {
   auto& s = S();
   std::lock_guard<std::mutex> g(s.mu);
   auto it = s.host.find(reinterpret_cast<uintptr_t>(p));
-  if (it == s.host.end() || it->second.allocated) return Ret(cudaErrorInvalidValue);
+  if (it == s.host.end() || it->second.allocated)
+    return Ret(cudaErrorInvalidValue);
   s.host.erase(it);
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int /*flags*/) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream,
+                                      unsigned int /*flags*/) {
   {
     std::lock_guard<std::mutex> g(S().mu);
     if (S().config.no_driver) return Ret(cudaErrorInsufficientDriver);
@@ -406,8 +425,8 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   return Ret(e->error);
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcpyKind kind,
-                            cudaStream_t st) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n,
+                            enum cudaMemcpyKind kind, cudaStream_t st) {
   if (!st) return Ret(cudaErrorInvalidValue);
   auto& s = S();
   bool pinned;
@@ -467,20 +486,23 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
 // lib/cuda/convert.cu, run on the host in stream order.
 #include "cuda/convert_ref.h"
 
-extern "C" int ckpt_convert_launch(int code, const void* src, void* dst, uint64_t n,
-                                   void* stream) {
+extern "C" int ckpt_convert_launch(int code, const void* src, void* dst,
+                                   uint64_t n, void* stream) {
   auto* st = static_cast<cudaStream_t>(stream);
   {
     std::lock_guard<std::mutex> g(S().mu);
-    const DeviceAlloc* s = FindDevice(src, n * static_cast<size_t>(ckpt::convert::SourceSize(code)));
-    const DeviceAlloc* d = FindDevice(dst, n * static_cast<size_t>(ckpt::convert::TargetSize(code)));
+    const DeviceAlloc* s = FindDevice(
+        src, n * static_cast<size_t>(ckpt::convert::SourceSize(code)));
+    const DeviceAlloc* d = FindDevice(
+        dst, n * static_cast<size_t>(ckpt::convert::TargetSize(code)));
     if (!s || !d || s->device != st->device || d->device != st->device) {
       S().stats.bad_copies++;
       return cudaErrorInvalidValue;
     }
   }
   st->Enqueue([=] {
-    for (uint64_t i = 0; i < n; ++i) ckpt::convert::ConvertOne(code, src, dst, i);
+    for (uint64_t i = 0; i < n; ++i)
+      ckpt::convert::ConvertOne(code, src, dst, i);
     std::lock_guard<std::mutex> g(S().mu);
     S().stats.kernels++;
   });

@@ -62,9 +62,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     // Any view, however large (stride 0), streams its first pieces.
     int pieces = 0;
-    (void)ck->StreamTensor(*t, [&](std::span<const std::byte>) {
-      return ++pieces < 3 ? ckpt::Status::OK() : ckpt::InvalidArgument("enough");
-    }, 4096);
+    (void)ck->StreamTensor(
+        *t,
+        [&](std::span<const std::byte>) {
+          return ++pieces < 3 ? ckpt::Status::OK()
+                              : ckpt::InvalidArgument("enough");
+        },
+        4096);
     std::vector<std::byte> window(16);
     (void)t->CopyTo(window, t->info().nbytes() / 2);
     if (!t->shape().empty() && t->shape()[0] > 0) {
@@ -75,7 +79,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   for (size_t i = 0; i < ck->num_storages(); ++i) {
     (void)ck->Storage(i);
-    std::vector<std::byte> head(std::min<uint64_t>(64, ck->storage_info(i).nbytes));
+    std::vector<std::byte> head(
+        std::min<uint64_t>(64, ck->storage_info(i).nbytes));
     (void)ck->ReadStorage(i, 0, head);
   }
   (void)ck->metadata();

@@ -30,7 +30,8 @@ void DirectoryCase(const uint8_t* data, size_t size) {
   fs::create_directories(victim, ec);
   {
     std::ofstream f(in / "sub" / "a.pth", std::ios::binary);
-    f.write(reinterpret_cast<const char*>(data + 1), static_cast<std::streamsize>(size - 1));
+    f.write(reinterpret_cast<const char*>(data + 1),
+            static_cast<std::streamsize>(size - 1));
   }
   const uint8_t bits = data[0];
   if (bits & 2) fs::create_symlink("sub/a.pth", in / "link.bin", ec);

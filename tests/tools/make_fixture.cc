@@ -6,11 +6,11 @@
 //                                    each over holes (no data written)
 #include <ckpt/ckpt.h>
 
-#include "sparse_fixture.h"
-
 #include <cstdio>
 #include <string>
 #include <vector>
+
+#include "sparse_fixture.h"
 
 int main(int argc, char** argv) {
   if (argc >= 4 && std::string(argv[1]) == "sparse") {
@@ -21,11 +21,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc != 4 || std::string(argv[1]) != "expand") {
-    std::fprintf(stderr, "usage: make_fixture expand OUT VALUE | sparse OUT GIB...\n");
+    std::fprintf(stderr,
+                 "usage: make_fixture expand OUT VALUE | sparse OUT GIB...\n");
     return 2;
   }
   auto w = ckpt::Writer::Create(argv[2]);
-  if (!w.ok()) return std::fprintf(stderr, "%s\n", w.status().ToString().c_str()), 1;
+  if (!w.ok())
+    return std::fprintf(stderr, "%s\n", w.status().ToString().c_str()), 1;
   std::vector<float> one = {std::stof(argv[3])};
   auto sid = w->AddStorage(std::as_bytes(std::span(one)), "cpu");
   ckpt::Status s = sid.status();
@@ -39,7 +41,9 @@ int main(int argc, char** argv) {
     s = t.status();
     if (s.ok()) s = w->PutValue("e", *t);
   }
-  if (s.ok()) s = w->PutTensor("-0", ckpt::DType::kFloat32, {1}, std::as_bytes(std::span(one)));
+  if (s.ok())
+    s = w->PutTensor("-0", ckpt::DType::kFloat32, {1},
+                     std::as_bytes(std::span(one)));
   if (s.ok()) s = w->Commit();
   if (!s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
   return 0;

@@ -46,7 +46,8 @@ const char* kMainHelp =
     "  verify FILE                  check structure and every checksum\n"
     "  diff A B                     tensors and values that differ\n"
     "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
-    "  load FILE [--device D] ...   load tensors to a GPU (or cpu) and time it\n"
+    "  load FILE [--device D] ...   load tensors to a GPU (or cpu) and time "
+    "it\n"
     "\n"
     "Run 'ckpt <command> --help' for details. Exit status: 0 success,\n"
     "1 failure (message on stderr), 2 usage error.\n";
@@ -100,16 +101,19 @@ const char* kImportHelp =
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
-    "                 [--strategy auto|staged|direct|register] [--threads N] [--verify]\n"
+    "                 [--strategy auto|staged|direct|register] [--threads N] "
+    "[--verify]\n"
     "\n"
-    "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) of\n"
+    "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) "
+    "of\n"
     "dim 0 of each) into GPU memory through pinned staging buffers, or into\n"
     "host memory with --device cpu, and prints the time and GB/s. Staged\n"
     "fills the buffers from the page cache (warm files), direct with O_DIRECT\n"
     "reads (cold files), register page-locks the mapping and copies from it;\n"
     "auto picks staged or direct by how much of the data is cached.\n"
     "--verify checks the checksum of every chunk the tensors lie in, as it\n"
-    "reads or stages them (a damaged chunk fails the load, naming the tensor).\n"
+    "reads or stages them (a damaged chunk fails the load, naming the "
+    "tensor).\n"
     "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n";
 
 int Usage(const char* help, const std::string& problem) {
@@ -142,10 +146,12 @@ std::string Dims(const std::vector<int64_t>& v) {
 
 // Calls `fn(path, value)` for every node that is not a container or tensor,
 // and for empty containers, in tree order.
-void ForEachLeaf(const Value& v, const std::string& path, bool at_root,
-                 const std::function<void(const std::string&, const Value&)>& fn) {
+void ForEachLeaf(
+    const Value& v, const std::string& path, bool at_root,
+    const std::function<void(const std::string&, const Value&)>& fn) {
   auto child = [&](const std::string& seg) {
-    return (at_root ? std::string() : path + "/") + ckpt::EscapePathSegment(seg);
+    return (at_root ? std::string() : path + "/") +
+           ckpt::EscapePathSegment(seg);
   };
   if (v.kind() == ValueKind::kTensor) return;
   if (!v.is_container() || v.size() == 0) {
@@ -165,7 +171,8 @@ std::string ValueJson(const Value& v) {
   return s;
 }
 
-// ---- inspect ------------------------------------------------------------------
+// ---- inspect
+// ------------------------------------------------------------------
 
 int Inspect(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kInspectHelp), kExitOk;
@@ -274,7 +281,8 @@ int Inspect(const std::vector<std::string>& args) {
     if (t.is_parameter) flags += " parameter";
     if (t.requires_grad) flags += " requires_grad";
     if (!t.is_contiguous()) flags += " strides=" + Dims(t.strides);
-    if (t.storage_offset) flags += " offset=" + std::to_string(t.storage_offset);
+    if (t.storage_offset)
+      flags += " offset=" + std::to_string(t.storage_offset);
     std::string device = ck->storage_info(t.storage).device;
     out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
            std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
@@ -291,7 +299,8 @@ int Inspect(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
-// ---- cat ------------------------------------------------------------------------
+// ---- cat
+// ------------------------------------------------------------------------
 
 bool ParseInt(std::string_view s, int64_t* out) {
   if (s.empty()) return false;
@@ -323,8 +332,9 @@ int Cat(const std::vector<std::string>& args) {
       rows = args[i].substr(7);
       has_rows = true;
     } else if (args[i].size() > 1 && args[i][0] == '-') {
-      return Usage(kCatHelp, "unknown option '" + args[i] +
-                                 "' (put '--' before a PATH that starts with '-')");
+      return Usage(kCatHelp,
+                   "unknown option '" + args[i] +
+                       "' (put '--' before a PATH that starts with '-')");
     } else {
       pos.push_back(args[i]);
     }
@@ -339,12 +349,13 @@ int Cat(const std::vector<std::string>& args) {
     auto info = ck->FindTensor(pos[1]);
     if (!info.ok()) return Fail(info.status());
     if (info->shape.empty()) {
-      return Fail(ckpt::InvalidArgument("--rows on a 0-dim tensor")
-                      .WithTensor(pos[1]));
+      return Fail(
+          ckpt::InvalidArgument("--rows on a 0-dim tensor").WithTensor(pos[1]));
     }
     int64_t a = 0, b = info->shape[0];
     std::string as = rows.substr(0, colon), bs = rows.substr(colon + 1);
-    if ((!as.empty() && !ParseInt(as, &a)) || (!bs.empty() && !ParseInt(bs, &b))) {
+    if ((!as.empty() && !ParseInt(as, &a)) ||
+        (!bs.empty() && !ParseInt(bs, &b))) {
       return Usage(kCatHelp, "--rows takes integers A:B, got '" + rows + "'");
     }
     t = ck->TensorRows(pos[1], a, b);
@@ -356,7 +367,8 @@ int Cat(const std::vector<std::string>& args) {
   // strides (a stride-0 view of 2^40 elements starts flowing at once).
   Status s = ck->StreamTensor(*t, [](std::span<const std::byte> piece) {
     if (std::fwrite(piece.data(), 1, piece.size(), stdout) != piece.size()) {
-      return ckpt::IoError(std::string("writing to stdout: ") + std::strerror(errno));
+      return ckpt::IoError(std::string("writing to stdout: ") +
+                           std::strerror(errno));
     }
     return Status::OK();
   });
@@ -368,7 +380,8 @@ int Cat(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
-// ---- get ------------------------------------------------------------------------
+// ---- get
+// ------------------------------------------------------------------------
 
 int Get(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kGetHelp), kExitOk;
@@ -381,7 +394,8 @@ int Get(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
-// ---- verify ---------------------------------------------------------------------
+// ---- verify
+// ---------------------------------------------------------------------
 
 int Verify(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kVerifyHelp), kExitOk;
@@ -393,11 +407,13 @@ int Verify(const std::vector<std::string>& args) {
     if (!options_done && args[i] == "--") {
       options_done = true;
     } else if (options_done) {
-      if (!file.empty()) return Usage(kVerifyHelp, "unexpected argument '" + args[i] + "'");
+      if (!file.empty())
+        return Usage(kVerifyHelp, "unexpected argument '" + args[i] + "'");
       file = args[i];
     } else if (args[i] == "--threads") {
       int64_t n = 0;
-      if (i + 1 >= args.size() || !ParseInt(args[i + 1], &n) || n < 1 || n > 1024) {
+      if (i + 1 >= args.size() || !ParseInt(args[i + 1], &n) || n < 1 ||
+          n > 1024) {
         return Usage(kVerifyHelp, "--threads takes a number in 1..1024");
       }
       vo.threads = static_cast<unsigned>(n);
@@ -418,13 +434,16 @@ int Verify(const std::vector<std::string>& args) {
   if (!ck.ok()) return Fail(ck.status());
   Status s = ck->Verify(vo);
   if (!s.ok()) return Fail(s);
-  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double sec =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+          .count();
   std::printf("%s: OK (%zu tensors, %s checked in %.3f s)\n", file.c_str(),
               ck->num_tensors(), HumanBytes(ck->file_size()).c_str(), sec);
   return kExitOk;
 }
 
-// ---- diff -----------------------------------------------------------------------
+// ---- diff
+// -----------------------------------------------------------------------
 
 // How many elements of two tensors of one dtype and shape differ, in
 // bounded memory. Views laid out alike are compared in place, each stored
@@ -465,15 +484,19 @@ ckpt::Result<uint64_t> DifferingElements(const ckpt::TensorRef& a,
   }
   constexpr size_t kPiece = 1 << 20;
   const uint64_t total = a.info().nbytes();
-  std::vector<std::byte> pa(static_cast<size_t>(std::min<uint64_t>(kPiece, total))), pb(pa.size());
+  std::vector<std::byte> pa(
+      static_cast<size_t>(std::min<uint64_t>(kPiece, total))),
+      pb(pa.size());
   uint64_t n = 0;
   for (uint64_t off = 0; off < total; off += kPiece) {
-    const size_t len = static_cast<size_t>(std::min<uint64_t>(kPiece, total - off));
+    const size_t len =
+        static_cast<size_t>(std::min<uint64_t>(kPiece, total - off));
     std::span<std::byte> sa(pa.data(), len), sb(pb.data(), len);
     CKPT_RETURN_IF_ERROR(a.CopyTo(sa, off));
     CKPT_RETURN_IF_ERROR(b.CopyTo(sb, off));
     if (std::memcmp(sa.data(), sb.data(), len) == 0) continue;
-    for (size_t k = 0; k < len; k += el) n += std::memcmp(&sa[k], &sb[k], el) != 0;
+    for (size_t k = 0; k < len; k += el)
+      n += std::memcmp(&sa[k], &sb[k], el) != 0;
   }
   return n;
 }
@@ -511,8 +534,9 @@ int Diff(const std::vector<std::string>& args) {
     ++i;
     ++j;
     if (ta.dtype != tb.dtype) {
-      note('~', ta.path, "dtype " + std::string(ckpt::DTypeName(ta.dtype)) +
-                             " -> " + std::string(ckpt::DTypeName(tb.dtype)));
+      note('~', ta.path,
+           "dtype " + std::string(ckpt::DTypeName(ta.dtype)) + " -> " +
+               std::string(ckpt::DTypeName(tb.dtype)));
       continue;
     }
     if (ta.shape != tb.shape) {
@@ -526,8 +550,9 @@ int Diff(const std::vector<std::string>& args) {
     auto differing = DifferingElements(*ra, *rb);
     if (!differing.ok()) return Fail(differing.status()), kExitTrouble;
     if (*differing > 0) {
-      note('~', ta.path, std::to_string(*differing) + " of " +
-                             std::to_string(ta.numel()) + " elements differ");
+      note('~', ta.path,
+           std::to_string(*differing) + " of " + std::to_string(ta.numel()) +
+               " elements differ");
     } else if (ta.requires_grad != tb.requires_grad ||
                ta.is_parameter != tb.is_parameter) {
       note('~', ta.path, "requires_grad/parameter flags differ");
@@ -558,7 +583,8 @@ int Diff(const std::vector<std::string>& args) {
   return differences ? 1 : kExitOk;
 }
 
-// ---- import ---------------------------------------------------------------------
+// ---- import
+// ---------------------------------------------------------------------
 
 int Import(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kImportHelp), kExitOk;
@@ -579,12 +605,14 @@ int Import(const std::vector<std::string>& args) {
   if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
   if (!r.ok()) return Fail(r.status());
-  std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n", pos[0].c_str(),
-              pos[1].c_str(), r->tensors, r->storages, r->container.c_str());
+  std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n",
+              pos[0].c_str(), pos[1].c_str(), r->tensors, r->storages,
+              r->container.c_str());
   return kExitOk;
 }
 
-// ---- load -----------------------------------------------------------------------
+// ---- load
+// -----------------------------------------------------------------------
 
 int Load(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kLoadHelp), kExitOk;
@@ -604,14 +632,17 @@ int Load(const std::vector<std::string>& args) {
       device = *v;
     } else if (a == "--strategy") {
       auto v = value();
-      if (!v || (*v != "auto" && *v != "staged" && *v != "direct" && *v != "register")) {
-        return Usage(kLoadHelp, "--strategy takes auto, staged, direct or register");
+      if (!v || (*v != "auto" && *v != "staged" && *v != "direct" &&
+                 *v != "register")) {
+        return Usage(kLoadHelp,
+                     "--strategy takes auto, staged, direct or register");
       }
       strategy = *v;
     } else if (a == "--threads") {
       auto v = value();
       int64_t n = 0;
-      if (!v || !ParseInt(*v, &n) || n < 1 || n > 256) return Usage(kLoadHelp, "--threads takes 1..256");
+      if (!v || !ParseInt(*v, &n) || n < 1 || n > 256)
+        return Usage(kLoadHelp, "--threads takes 1..256");
       threads = static_cast<unsigned>(n);
     } else if (a == "--rows") {
       auto v = value();
@@ -625,7 +656,8 @@ int Load(const std::vector<std::string>& args) {
     } else if (a == "--verify") {
       verify = true;
     } else if (a == "--paths") {
-      while (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0) paths.push_back(args[++i]);
+      while (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0)
+        paths.push_back(args[++i]);
     } else if (!a.empty() && a[0] == '-') {
       return Usage(kLoadHelp, "unknown option '" + a + "'");
     } else if (file.empty()) {
@@ -643,14 +675,16 @@ int Load(const std::vector<std::string>& args) {
   auto ck = Checkpoint::Open(file, ro);
   if (!ck.ok()) return Fail(ck.status());
   if (paths.empty()) {
-    for (size_t i = 0; i < ck->num_tensors(); ++i) paths.push_back(ck->tensor_info(i).path);
+    for (size_t i = 0; i < ck->num_tensors(); ++i)
+      paths.push_back(ck->tensor_info(i).path);
   }
   uint64_t bytes = 0;
   size_t count = paths.size();
   if (device == "cpu") {
     std::vector<std::vector<std::byte>> keep;
     for (const auto& p : paths) {
-      auto t = rows ? ck->TensorRows(p, rows->first, rows->second) : ck->Tensor(p);
+      auto t =
+          rows ? ck->TensorRows(p, rows->first, rows->second) : ck->Tensor(p);
       if (!t.ok()) return Fail(t.status());
       keep.emplace_back(static_cast<size_t>(t->info().nbytes()));
       Status s = t->CopyTo(keep.back());
@@ -673,15 +707,21 @@ int Load(const std::vector<std::string>& args) {
     if (!load.ok()) return Fail(load.status());
     Status s = (*load)->Wait();
     if (!s.ok()) return Fail(s);
-    for (size_t i = 0; i < (*load)->size(); ++i) bytes += (*load)->tensor(i).nbytes;
+    for (size_t i = 0; i < (*load)->size(); ++i)
+      bytes += (*load)->tensor(i).nbytes;
     device += ", " + (*load)->strategy();
 #else
-    return Fail(ckpt::InvalidArgument("this ckpt was built without the CUDA toolkit; only --device cpu works"));
+    return Fail(
+        ckpt::InvalidArgument("this ckpt was built without the CUDA toolkit; "
+                              "only --device cpu works"));
 #endif
   }
-  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double sec =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+          .count();
   std::printf("loaded %zu tensors, %s to %s in %.4f s (%.2f GB/s)\n", count,
-              HumanBytes(bytes).c_str(), device.c_str(), sec, sec > 0 ? bytes / sec / 1e9 : 0.0);
+              HumanBytes(bytes).c_str(), device.c_str(), sec,
+              sec > 0 ? bytes / sec / 1e9 : 0.0);
   return kExitOk;
 }
 
@@ -698,8 +738,9 @@ int Dispatch(int argc, char** argv) {
     return kExitOk;
   }
   if (cmd == "--version") {
-    std::printf("ckpt %s (format %u.%u)\n", std::string(ckpt::VersionString()).c_str(),
-                ckpt::kFormatMajor, ckpt::kFormatMinor);
+    std::printf("ckpt %s (format %u.%u)\n",
+                std::string(ckpt::VersionString()).c_str(), ckpt::kFormatMajor,
+                ckpt::kFormatMinor);
     return kExitOk;
   }
   if (cmd == "inspect") return Inspect(args);

@@ -11,8 +11,11 @@ namespace {
 // Length of the valid UTF-8 sequence at s[i], or 0 if invalid.
 size_t Utf8Len(std::string_view s, size_t i) {
   auto c = static_cast<unsigned char>(s[i]);
-  size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3
-                                            : (c >> 3) == 30 ? 4 : 0;
+  size_t n = c < 0x80         ? 1
+             : (c >> 5) == 6  ? 2
+             : (c >> 4) == 14 ? 3
+             : (c >> 3) == 30 ? 4
+                              : 0;
   if (n == 0 || i + n > s.size()) return 0;
   for (size_t k = 1; k < n; ++k) {
     if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
@@ -33,9 +36,15 @@ void AppendJsonString(std::string& out, std::string_view s) {
     } else if (c < 0x20) {
       char buf[8];
       switch (c) {
-        case '\n': out += "\\n"; break;
-        case '\t': out += "\\t"; break;
-        case '\r': out += "\\r"; break;
+        case '\n':
+          out += "\\n";
+          break;
+        case '\t':
+          out += "\\t";
+          break;
+        case '\r':
+          out += "\\r";
+          break;
         default:
           std::snprintf(buf, sizeof buf, "\\u%04x", c);
           out += buf;
@@ -86,11 +95,19 @@ void AppendShape(std::string& out, const std::vector<int64_t>& v) {
 
 void AppendValueJson(std::string& out, const Value& v) {
   switch (v.kind()) {
-    case ValueKind::kNone: out += "null"; return;
-    case ValueKind::kBool: out += v.as_bool() ? "true" : "false"; return;
+    case ValueKind::kNone:
+      out += "null";
+      return;
+    case ValueKind::kBool:
+      out += v.as_bool() ? "true" : "false";
+      return;
     case ValueKind::kInt:
-    case ValueKind::kBigInt: out += v.BigIntToDecimal(); return;
-    case ValueKind::kFloat: AppendJsonDouble(out, v.as_float()); return;
+    case ValueKind::kBigInt:
+      out += v.BigIntToDecimal();
+      return;
+    case ValueKind::kFloat:
+      AppendJsonDouble(out, v.as_float());
+      return;
     case ValueKind::kComplex:
       out += "{\"$complex\": [";
       AppendJsonDouble(out, v.as_complex().real());
@@ -99,8 +116,12 @@ void AppendValueJson(std::string& out, const Value& v) {
       out += "]}";
       return;
     case ValueKind::kString:
-    case ValueKind::kDevice: AppendJsonString(out, v.as_string()); return;
-    case ValueKind::kDType: AppendJsonString(out, DTypeName(v.as_dtype())); return;
+    case ValueKind::kDevice:
+      AppendJsonString(out, v.as_string());
+      return;
+    case ValueKind::kDType:
+      AppendJsonString(out, DTypeName(v.as_dtype()));
+      return;
     case ValueKind::kBytes: {
       static const char* hex = "0123456789abcdef";
       out += "{\"$bytes\": \"";

@@ -44,28 +44,33 @@ const char* kHelp =
     "  --encoding ENC    Python 2 str values: utf-8 (default, as torch.load)\n"
     "                    or latin1 (as torch.load(..., encoding='latin1'))\n"
     "  --max-pickle-mib N   refuse pickles larger than N MiB (default 32)\n"
-    "  --max-memory-mib N   memory the pickle's objects may take (default 192)\n"
+    "  --max-memory-mib N   memory the pickle's objects may take (default "
+    "192)\n"
     "  --no-sync         do not fsync the output (faster; not crash-safe)\n"
     "  -h, --help        this text\n"
     "\n"
     "Exit status: 0 converted, 1 refused or failed, 2 usage error.\n";
 
 std::string Describe(const ckpt::ImportReport& r) {
-  std::string s = std::to_string(r.tensors) + " tensors, " + std::to_string(r.storages) +
-                  " storages, " + ckpt::tool::HumanBytes(r.storage_bytes) + " (" + r.container +
+  std::string s = std::to_string(r.tensors) + " tensors, " +
+                  std::to_string(r.storages) + " storages, " +
+                  ckpt::tool::HumanBytes(r.storage_bytes) + " (" + r.container +
                   " format)";
-  if (r.crc32 == "not computed") s += "; CRC-32: not computed by the writer (all fields zero)";
+  if (r.crc32 == "not computed")
+    s += "; CRC-32: not computed by the writer (all fields zero)";
   if (r.crc32 == "skipped") s += "; CRC-32: not checked (--no-crc)";
   return s;
 }
 
 int ConvertDir(const std::string& in, const std::string& out, bool dry,
                const ckpt::ImportOptions& opt) {
-  auto progress = [&](size_t i, size_t n, const ckpt::DirFileResult& f, bool done) {
+  auto progress = [&](size_t i, size_t n, const ckpt::DirFileResult& f,
+                      bool done) {
     if (!done) {
       std::printf("[%zu/%zu] %s ... ", i + 1, n, f.input.c_str());
     } else if (f.status.ok()) {
-      std::printf("%s: %s\n", dry ? "would convert" : "ok", Describe(f.report).c_str());
+      std::printf("%s: %s\n", dry ? "would convert" : "ok",
+                  Describe(f.report).c_str());
     } else {
       std::printf("refused\n");
     }
@@ -87,11 +92,12 @@ int ConvertDir(const std::string& in, const std::string& out, bool dry,
       ++refused;
     }
   }
-  std::printf("%s %zu of %zu files (%s)", dry ? "would convert" : "converted", ok, r->size(),
-              ckpt::tool::HumanBytes(bytes).c_str());
+  std::printf("%s %zu of %zu files (%s)", dry ? "would convert" : "converted",
+              ok, r->size(), ckpt::tool::HumanBytes(bytes).c_str());
   std::printf(refused == 0 ? "\n" : "; refused %zu:\n", refused);
   for (const auto& f : *r) {
-    if (!f.status.ok()) std::printf("  %s: %s\n", f.input.c_str(), f.status.ToString().c_str());
+    if (!f.status.ok())
+      std::printf("  %s: %s\n", f.input.c_str(), f.status.ToString().c_str());
   }
   return refused == 0 ? 0 : 1;
 }
@@ -114,10 +120,13 @@ int main(int argc, char** argv) {
     } else if (a == "--no-sync") {
       opt.write.sync = false;
     } else if (a == "--encoding" || a.rfind("--encoding=", 0) == 0) {
-      std::string v = a.size() > 10 ? a.substr(11) : (i + 1 < argc ? argv[++i] : "");
+      std::string v =
+          a.size() > 10 ? a.substr(11) : (i + 1 < argc ? argv[++i] : "");
       if (v != "utf-8" && v != "utf8" && v != "latin1" && v != "latin-1") {
-        std::fprintf(stderr, "pth2ckpt: --encoding takes utf-8 or latin1, not '%s'\n\n%s",
-                     v.c_str(), kHelp);
+        std::fprintf(
+            stderr,
+            "pth2ckpt: --encoding takes utf-8 or latin1, not '%s'\n\n%s",
+            v.c_str(), kHelp);
         return 2;
       }
       opt.encoding = v;
@@ -126,16 +135,19 @@ int main(int argc, char** argv) {
       const char* v = i + 1 < argc ? argv[++i] : "";
       unsigned long long n = std::strtoull(v, &end, 10);
       if (*v == '\0' || *end != '\0' || n == 0 || n > (1ull << 20)) {
-        std::fprintf(stderr, "pth2ckpt: %s takes a number of MiB (1..1048576), not '%s'\n",
-                     a.c_str(), v);
+        std::fprintf(
+            stderr,
+            "pth2ckpt: %s takes a number of MiB (1..1048576), not '%s'\n",
+            a.c_str(), v);
         return 2;
       }
-      (a == "--max-pickle-mib" ? opt.limits.max_pickle_bytes : opt.limits.max_pickle_memory) =
-          n << 20;
+      (a == "--max-pickle-mib" ? opt.limits.max_pickle_bytes
+                               : opt.limits.max_pickle_memory) = n << 20;
     } else if (a == "--") {
       for (++i; i < argc; ++i) pos.push_back(argv[i]);
     } else if (a.size() > 1 && a[0] == '-') {
-      std::fprintf(stderr, "pth2ckpt: unknown option '%s'\n\n%s", a.c_str(), kHelp);
+      std::fprintf(stderr, "pth2ckpt: unknown option '%s'\n\n%s", a.c_str(),
+                   kHelp);
       return 2;
     } else {
       pos.push_back(a);
@@ -143,17 +155,20 @@ int main(int argc, char** argv) {
   }
   std::error_code ec;
   const bool dir = !pos.empty() && fs::is_directory(pos[0], ec);
-  const bool usage_ok = dry ? (pos.size() == 1 || (dir && pos.size() == 2)) : pos.size() == 2;
+  const bool usage_ok =
+      dry ? (pos.size() == 1 || (dir && pos.size() == 2)) : pos.size() == 2;
   if (!usage_ok) {
     std::fprintf(stderr, "pth2ckpt: %s\n\n%s",
-                 dry ? "--dry-run takes one input (or DIR_IN [DIR_OUT])" : "need IN and OUT",
+                 dry ? "--dry-run takes one input (or DIR_IN [DIR_OUT])"
+                     : "need IN and OUT",
                  kHelp);
     return 2;
   }
   if (dir) {
-    if (pos.size() == 2 && fs::exists(pos[1], ec) && !fs::is_directory(pos[1], ec)) {
-      std::fprintf(stderr, "pth2ckpt: %s is a directory but %s is not\n", pos[0].c_str(),
-                   pos[1].c_str());
+    if (pos.size() == 2 && fs::exists(pos[1], ec) &&
+        !fs::is_directory(pos[1], ec)) {
+      std::fprintf(stderr, "pth2ckpt: %s is a directory but %s is not\n",
+                   pos[0].c_str(), pos[1].c_str());
       return 2;
     }
     return ConvertDir(pos[0], pos.size() == 2 ? pos[1] : "", dry, opt);
@@ -161,7 +176,8 @@ int main(int argc, char** argv) {
   if (dry) {
     auto r = ckpt::CheckPth(pos[0], opt);
     if (!r.ok()) {
-      std::fprintf(stderr, "pth2ckpt: refused: %s\n", r.status().ToString().c_str());
+      std::fprintf(stderr, "pth2ckpt: refused: %s\n",
+                   r.status().ToString().c_str());
       return 1;
     }
     std::printf("%s: would convert %s\n", pos[0].c_str(), Describe(*r).c_str());
@@ -170,10 +186,13 @@ int main(int argc, char** argv) {
   auto t0 = std::chrono::steady_clock::now();
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
   if (!r.ok()) {
-    std::fprintf(stderr, "pth2ckpt: refused: %s\n", r.status().ToString().c_str());
+    std::fprintf(stderr, "pth2ckpt: refused: %s\n",
+                 r.status().ToString().c_str());
     return 1;
   }
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+          .count();
   std::printf("%s -> %s: %s in %.3f s\n", pos[0].c_str(), pos[1].c_str(),
               Describe(*r).c_str(), s);
   return 0;
