@@ -347,7 +347,9 @@ int Cpu(int argc, char** argv) {
 
   std::printf("%-18s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
   for (const auto& r : rows) {
-    double gbps = r.bytes && r.seconds > 0 ? r.bytes / r.seconds / 1e9 : 0;
+    double gbps = r.bytes && r.seconds > 0
+                      ? static_cast<double>(r.bytes) / r.seconds / 1e9
+                      : 0;
     std::printf("%-18s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
                 static_cast<unsigned long long>(r.bytes), gbps);
   }

@@ -171,7 +171,7 @@ int GpuBench(int argc, char** argv) {
   for (const auto& r : rows) {
     std::printf("%-26s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
                 (unsigned long long)r.bytes,
-                r.bytes ? r.bytes / r.seconds / 1e9 : 0.0);
+                r.bytes ? static_cast<double>(r.bytes) / r.seconds / 1e9 : 0.0);
   }
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");

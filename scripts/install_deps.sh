@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(cmake g++ clang libflatbuffers-dev flatbuffers-compiler libxxhash-dev
+PKGS=(cmake g++ clang clang-format libflatbuffers-dev flatbuffers-compiler libxxhash-dev
       libboost-dev catch2 pybind11-dev python3-dev python3-venv python3-torch
       python3-numpy zlib1g-dev libopenmpi-dev time)
 missing=()

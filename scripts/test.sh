@@ -10,6 +10,9 @@ jobs=$(nproc)
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
+echo "== format (.clang-format)"
+scripts/check_format.sh
+
 echo "== build (warnings are errors) and test"
 cmake -S . -B build-test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_WERROR=ON >/dev/null
 cmake --build build-test -j"$jobs"

@@ -140,7 +140,7 @@ TEST_CASE("R10: a header that is not a valid FlatBuffer is rejected") {
   uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
   // Flip bits and re-seal the checksum, so only the Verifier stands guard.
   for (size_t i = hoff; i < f.size(); ++i) {
-    for (uint8_t bit : {0x01, 0x80}) {
+    for (uint8_t bit : {uint8_t{0x01}, uint8_t{0x80}}) {
       auto g = f;
       g[i] ^= std::byte{bit};
       PutU64(g, internal::kOffHeaderHash,

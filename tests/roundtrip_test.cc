@@ -154,8 +154,8 @@ TEST_CASE("strided views and shared storages are stored once and kept") {
   CHECK_FALSE(t->is_contiguous());
   auto tc = Contiguous(*t);
   const float* f = reinterpret_cast<const float*>(tc.data());
-  for (int i = 0; i < 6; ++i) {
-    for (int j = 0; j < 4; ++j) CHECK(f[i * 4 + j] == base[j * 6 + i]);
+  for (size_t i = 0; i < 6; ++i) {
+    for (size_t j = 0; j < 4; ++j) CHECK(f[i * 4 + j] == base[j * 6 + i]);
   }
   auto sl = ck->Tensor("slice");
   REQUIRE(sl.ok());
@@ -167,8 +167,8 @@ TEST_CASE("strided views and shared storages are stored once and kept") {
   REQUIRE(r.ok());
   auto rc = Contiguous(*r);
   const float* h = reinterpret_cast<const float*>(rc.data());
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 4; ++j) CHECK(h[i * 4 + j] == base[j * 6 + 2 + i]);
+  for (size_t i = 0; i < 2; ++i) {
+    for (size_t j = 0; j < 4; ++j) CHECK(h[i * 4 + j] == base[j * 6 + 2 + i]);
   }
   CHECK(ck->Verify().ok());
 }

@@ -5,6 +5,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "bytes_internal.h"
 #include "pickle_internal.h"
 #include "tree_internal.h"
 
@@ -378,9 +379,7 @@ class Machine {
   }
   Result<uint64_t> U(int n) {
     CKPT_ASSIGN_OR_RETURN(auto b, Take(static_cast<uint64_t>(n)));
-    uint64_t v = 0;
-    for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(b[i]) << (8 * i);
-    return v;
+    return LoadLE(b.data(), static_cast<size_t>(n));
   }
   Result<std::string> Line() {
     size_t start = pos_;
@@ -1391,8 +1390,7 @@ Result<Obj> Machine::Run(size_t* consumed) {
       case 'G': {  // BINFLOAT, big-endian
         CKPT_ASSIGN_OR_RETURN(auto b, Take(8));
         uint64_t bits = 0;
-        for (int k = 0; k < 8; ++k)
-          bits = (bits << 8) | static_cast<uint64_t>(b[k]);
+        for (std::byte x : b) bits = (bits << 8) | static_cast<uint64_t>(x);
         auto o = Make(K::kFloat);
         std::memcpy(&o->f, &bits, 8);
         CKPT_RETURN_IF_ERROR(Push(o));

@@ -118,7 +118,7 @@ std::span<const std::byte> ReadableBytes(const py::buffer& b,
   if (info.ndim > 1) {
     // Only C-contiguous data has a flat byte view: check it.
     ssize_t expect = info.itemsize;
-    for (ssize_t d = info.ndim; d-- > 0;) {
+    for (size_t d = static_cast<size_t>(info.ndim); d-- > 0;) {
       if (info.shape[d] != 1 && info.strides[d] != expect) {
         throw py::value_error("buffer is not C-contiguous");
       }
@@ -357,7 +357,8 @@ class Reader {
   // A string from the file, made printable for an error message.
   static std::string EscapedForMessage(std::string_view s) {
     std::string out;
-    for (unsigned char c : s) {
+    for (char ch : s) {
+      const auto c = static_cast<unsigned char>(ch);
       if (c >= 0x20 && c < 0x7f) {
         out += static_cast<char>(c);
       } else {

@@ -721,7 +721,7 @@ int Load(const std::vector<std::string>& args) {
           .count();
   std::printf("loaded %zu tensors, %s to %s in %.4f s (%.2f GB/s)\n", count,
               HumanBytes(bytes).c_str(), device.c_str(), sec,
-              sec > 0 ? bytes / sec / 1e9 : 0.0);
+              sec > 0 ? static_cast<double>(bytes) / sec / 1e9 : 0.0);
   return kExitOk;
 }
 
