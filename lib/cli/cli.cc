@@ -1,6 +1,7 @@
 // ckpt: inspect, extract, verify and compare ckpt files. The commands live
-// here, as CliMain(), so the executable (main.cc) and the Python binding
-// (`python -m ckpt`) run the same code.
+// here, in the ckpt_cli library, as CliMain(), so the executable
+// (tools/ckpt/main.cc) and the Python binding (`python -m ckpt`) run the
+// same code.
 // Thin: parses arguments and calls the public library. Contract (DESIGN.md):
 // errors go to stderr, usage errors exit 2, every command has --help.
 #include <ckpt/ckpt.h>
@@ -21,7 +22,7 @@
 #include <vector>
 
 #include "cli.h"
-#include "common/human.h"
+#include "human.h"
 #include "json.h"
 
 namespace {

@@ -1,5 +1,6 @@
-// The ckpt command line as a function, shared by the executable and the
-// Python binding.
+// The ckpt command line as a function (the ckpt_cli library, lib/cli/),
+// shared by the executable (tools/ckpt) and the Python binding
+// (`python -m ckpt`). Include it as "cli/cli.h".
 #pragma once
 
 namespace ckpt::tool {

@@ -1,4 +1,5 @@
-// Small formatting helpers shared by the command-line tools.
+// Small formatting helpers shared by the CLI library (lib/cli) and the
+// command-line tools.
 #pragma once
 
 #include <cstdint>

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "common/human.h"
+#include "cli/human.h"
 
 namespace fs = std::filesystem;
 
