@@ -222,4 +222,69 @@ std::optional<std::string> DeviceProblem(std::string_view d) {
 }
 
 }  // namespace internal
+namespace internal {
+
+std::optional<std::string> ViewProblem(uint8_t dtype_code,
+                                       std::span<const int64_t> shape,
+                                       std::span<const int64_t> strides,
+                                       int64_t storage_offset,
+                                       uint64_t storage_nbytes) {
+  if (!IsKnownDType(dtype_code)) {
+    return "unknown dtype code " + std::to_string(dtype_code);
+  }
+  const size_t rank = shape.size();
+  if (rank > kMaxRank) return "rank " + std::to_string(rank) + " > 64";
+  if (strides.size() != rank) {
+    return "shape has " + std::to_string(rank) + " dims but strides " +
+           std::to_string(strides.size());
+  }
+  if (storage_offset < 0) return std::string("negative storage offset");
+  const uint64_t elsize = DTypeSize(static_cast<DType>(dtype_code));
+  // The element count: 0 when any size is 0 (whatever the others are),
+  // else the product of the sizes, which must fit 64 bits - the same
+  // answer in any order of multiplication (FORMAT.md 8.2).
+  uint64_t numel = 1;
+  bool empty = false;
+  for (size_t d = 0; d < rank; ++d) {
+    if (shape[d] < 0) return "negative size in dim " + std::to_string(d);
+    if (strides[d] < 0) return "negative stride in dim " + std::to_string(d);
+    empty = empty || shape[d] == 0;
+  }
+  for (size_t d = 0; d < rank && !empty; ++d) {
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]),
+                               &numel)) {
+      return std::string("element count overflows 64 bits");
+    }
+  }
+  if (empty) numel = 0;
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(numel, elsize, &bytes) || bytes > INT64_MAX) {
+    return std::string("byte size overflows 63 bits");
+  }
+  uint64_t last = static_cast<uint64_t>(storage_offset), need = 0;
+  if (numel > 0) {
+    for (size_t d = 0; d < rank; ++d) {
+      uint64_t span = 0;
+      if (__builtin_mul_overflow(static_cast<uint64_t>(shape[d] - 1),
+                                 static_cast<uint64_t>(strides[d]), &span) ||
+          __builtin_add_overflow(last, span, &last)) {
+        return std::string("extent overflows 64 bits");
+      }
+    }
+    if (__builtin_add_overflow(last, uint64_t{1}, &last)) {
+      return std::string("extent overflows 64 bits");
+    }
+  }
+  if (__builtin_mul_overflow(last, elsize, &need)) {
+    return std::string("extent overflows 64 bits");
+  }
+  if (need > storage_nbytes) {
+    return "view needs " + std::to_string(need) + " bytes of its storage, " +
+           "which has " + std::to_string(storage_nbytes);
+  }
+  return std::nullopt;
+}
+
+}  // namespace internal
+
 }  // namespace ckpt

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -20,5 +22,14 @@ std::optional<size_t> Utf8Problem(std::string_view s);
 /// in [0, 2^31 - 1] without leading zeros, at most 64 characters), or
 /// nullopt when it is valid.
 std::optional<std::string> DeviceProblem(std::string_view device);
+
+/// Why a view (dtype, shape, strides in elements, offset in elements) does
+/// not fit a storage of `storage_nbytes`, or nullopt when it fits. Checked
+/// arithmetic throughout; shared by the reader (R13) and the writer.
+std::optional<std::string> ViewProblem(uint8_t dtype_code,
+                                       std::span<const int64_t> shape,
+                                       std::span<const int64_t> strides,
+                                       int64_t storage_offset,
+                                       uint64_t storage_nbytes);
 
 }  // namespace ckpt::internal

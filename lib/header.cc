@@ -4,9 +4,9 @@
 #include <string>
 #include <vector>
 
+#include "bytes_internal.h"
 #include "checksum_internal.h"
 #include "ckpt/format.h"
-#include "ckpt/reader.h"
 #include "header_internal.h"
 #include "tree_internal.h"
 
@@ -18,22 +18,12 @@ static_assert(static_cast<uint8_t>(DType::kBFloat16) ==
 static_assert(static_cast<uint8_t>(DType::kBits4x2) ==
               static_cast<uint8_t>(fb::DType::bits4x2));
 static_assert(kMaxDTypeCode == static_cast<uint8_t>(fb::DType::MAX));
-static_assert(static_cast<uint8_t>(ValueKind::kDevice) ==
-              static_cast<uint8_t>(fb::ValueKind::MAX));
+static_assert(kMaxValueKindCode == static_cast<uint8_t>(fb::ValueKind::MAX),
+              "kValueKinds (format.h) and schema/ckpt.fbs disagree");
 static_assert(static_cast<uint8_t>(ValueKind::kTensor) ==
               static_cast<uint8_t>(fb::ValueKind::Tensor));
 
 namespace {
-
-void PutLE(std::byte* p, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-
-uint64_t GetLE(const std::byte* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
 
 Status At(Status s, uint64_t offset) {
   return s.WithOffset(static_cast<int64_t>(offset));
@@ -48,15 +38,15 @@ bool AddOverflows(uint64_t a, uint64_t b, uint64_t* out) {
 std::array<std::byte, 64> EncodePreamble(const Preamble& p) {
   std::array<std::byte, 64> b{};
   std::memcpy(b.data(), kMagic.data(), kMagic.size());
-  PutLE(&b[kOffMajor], p.major, 2);
-  PutLE(&b[kOffMajor + 2], p.minor, 2);
-  PutLE(&b[kOffFlags], p.flags, 4);
-  PutLE(&b[kOffDataOffset], p.data_offset, 8);
-  PutLE(&b[kOffDataSize], p.data_size, 8);
-  PutLE(&b[kOffHeaderOffset], p.header_offset, 8);
-  PutLE(&b[kOffHeaderSize], p.header_size, 8);
-  PutLE(&b[kOffHeaderHash], p.header_hash, 8);
-  PutLE(&b[kOffSelfHash], Xxh3({b.data(), kOffSelfHash}), 8);
+  StoreLE(&b[kOffMajor], p.major, 2);
+  StoreLE(&b[kOffMajor + 2], p.minor, 2);
+  StoreLE(&b[kOffFlags], p.flags, 4);
+  StoreLE(&b[kOffDataOffset], p.data_offset, 8);
+  StoreLE(&b[kOffDataSize], p.data_size, 8);
+  StoreLE(&b[kOffHeaderOffset], p.header_offset, 8);
+  StoreLE(&b[kOffHeaderSize], p.header_size, 8);
+  StoreLE(&b[kOffHeaderHash], p.header_hash, 8);
+  StoreLE(&b[kOffSelfHash], Xxh3({b.data(), kOffSelfHash}), 8);
   return b;
 }
 
@@ -89,8 +79,8 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
     return At(Corrupt("bad magic: not a ckpt file"), 0);
   }
   Preamble p;
-  p.major = static_cast<uint16_t>(GetLE(b + kOffMajor, 2));
-  p.minor = static_cast<uint16_t>(GetLE(b + kOffMajor + 2, 2));
+  p.major = static_cast<uint16_t>(LoadLE(b + kOffMajor, 2));
+  p.minor = static_cast<uint16_t>(LoadLE(b + kOffMajor + 2, 2));
   // R3: major version. Checked before the checksum so a future layout gets
   // a version message, not a checksum one.
   if (p.major == 0 || p.major > kFormatMajor) {
@@ -107,7 +97,7 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
     return At(UnsupportedVersion(msg), kOffMajor);
   }
   // R4: preamble checksum, so every field below is what the writer wrote.
-  uint64_t self = GetLE(b + kOffSelfHash, 8);
+  uint64_t self = LoadLE(b + kOffSelfHash, 8);
   uint64_t computed = Xxh3({b, kOffSelfHash});
   if (self != computed) {
     return At(
@@ -116,17 +106,17 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
         kOffSelfHash);
   }
   // R5: flags. None are defined in version 1.
-  p.flags = static_cast<uint32_t>(GetLE(b + kOffFlags, 4));
+  p.flags = static_cast<uint32_t>(LoadLE(b + kOffFlags, 4));
   if (p.flags != 0) {
     return At(UnsupportedVersion("unknown preamble flags 0x" +
                                  HashToHex(p.flags).substr(8)),
               kOffFlags);
   }
-  p.data_offset = GetLE(b + kOffDataOffset, 8);
-  p.data_size = GetLE(b + kOffDataSize, 8);
-  p.header_offset = GetLE(b + kOffHeaderOffset, 8);
-  p.header_size = GetLE(b + kOffHeaderSize, 8);
-  p.header_hash = GetLE(b + kOffHeaderHash, 8);
+  p.data_offset = LoadLE(b + kOffDataOffset, 8);
+  p.data_size = LoadLE(b + kOffDataSize, 8);
+  p.header_offset = LoadLE(b + kOffHeaderOffset, 8);
+  p.header_size = LoadLE(b + kOffHeaderSize, 8);
+  p.header_hash = LoadLE(b + kOffHeaderHash, 8);
   // R6: data section on a page boundary, after the preamble.
   if (p.data_offset < kPreambleBytes || p.data_offset % kPageBytes != 0) {
     return At(Corrupt("data offset " + std::to_string(p.data_offset) +
@@ -182,71 +172,6 @@ bool ZeroElement(const flatbuffers::Vector<flatbuffers::Offset<T>>* v) {
   }
   return false;
 }
-
-}  // namespace
-
-std::optional<std::string> ViewProblem(uint8_t dtype_code,
-                                       std::span<const int64_t> shape,
-                                       std::span<const int64_t> strides,
-                                       int64_t storage_offset,
-                                       uint64_t storage_nbytes) {
-  if (!IsKnownDType(dtype_code)) {
-    return "unknown dtype code " + std::to_string(dtype_code);
-  }
-  const size_t rank = shape.size();
-  if (rank > kMaxRank) return "rank " + std::to_string(rank) + " > 64";
-  if (strides.size() != rank) {
-    return "shape has " + std::to_string(rank) + " dims but strides " +
-           std::to_string(strides.size());
-  }
-  if (storage_offset < 0) return std::string("negative storage offset");
-  const uint64_t elsize = DTypeSize(static_cast<DType>(dtype_code));
-  // The element count: 0 when any size is 0 (whatever the others are),
-  // else the product of the sizes, which must fit 64 bits - the same
-  // answer in any order of multiplication (FORMAT.md 8.2).
-  uint64_t numel = 1;
-  bool empty = false;
-  for (size_t d = 0; d < rank; ++d) {
-    if (shape[d] < 0) return "negative size in dim " + std::to_string(d);
-    if (strides[d] < 0) return "negative stride in dim " + std::to_string(d);
-    empty = empty || shape[d] == 0;
-  }
-  for (size_t d = 0; d < rank && !empty; ++d) {
-    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[d]),
-                               &numel)) {
-      return std::string("element count overflows 64 bits");
-    }
-  }
-  if (empty) numel = 0;
-  uint64_t bytes = 0;
-  if (__builtin_mul_overflow(numel, elsize, &bytes) || bytes > INT64_MAX) {
-    return std::string("byte size overflows 63 bits");
-  }
-  uint64_t last = static_cast<uint64_t>(storage_offset), need = 0;
-  if (numel > 0) {
-    for (size_t d = 0; d < rank; ++d) {
-      uint64_t span = 0;
-      if (__builtin_mul_overflow(static_cast<uint64_t>(shape[d] - 1),
-                                 static_cast<uint64_t>(strides[d]), &span) ||
-          AddOverflows(last, span, &last)) {
-        return std::string("extent overflows 64 bits");
-      }
-    }
-    if (AddOverflows(last, 1, &last)) {
-      return std::string("extent overflows 64 bits");
-    }
-  }
-  if (__builtin_mul_overflow(last, elsize, &need)) {
-    return std::string("extent overflows 64 bits");
-  }
-  if (need > storage_nbytes) {
-    return "view needs " + std::to_string(need) + " bytes of its storage, " +
-           "which has " + std::to_string(storage_nbytes);
-  }
-  return std::nullopt;
-}
-
-namespace {
 
 using flatbuffers::uoffset_t;
 
@@ -409,19 +334,6 @@ Status CheckWideVectorsAligned(const fb::Header& h, const Preamble& p) {
 bool HasKeys(const fb::Node& n) { return n.keys() && n.keys()->size() > 0; }
 bool HasItems(const fb::Node& n) { return n.items() && n.items()->size() > 0; }
 
-KeyNode Describe(const fb::Node& n) {
-  KeyNode k;
-  k.kind = static_cast<ValueKind>(n.kind());
-  k.int_value = n.int_value();
-  k.float_value = n.float_value();
-  k.imag_value = n.imag_value();
-  if (n.str_value()) k.str = n.str_value()->string_view();
-  if (n.bytes_value())
-    k.bytes = {n.bytes_value()->data(), n.bytes_value()->size()};
-  k.num_items = n.items() ? n.items()->size() : 0;
-  return k;
-}
-
 // Equality classes (KeyClasses) of the nodes that are dict keys or set
 // items, or inside one, computed when a parent first asks: most nodes of a
 // tree are never keys, and classifying them all would make open several
@@ -451,9 +363,9 @@ class LazyClasses {
         }
         items.push_back(ic);
       }
-      if (ok) r = classes_.Classify(Describe(*n), items);
+      if (ok) r = classes_.Classify(DescribeNode(*n), items);
     } else if (IsKeyKind(k)) {
-      r = classes_.Classify(Describe(*n), {});
+      r = classes_.Classify(DescribeNode(*n), {});
     } else {
       why_[c] = k;
     }
@@ -506,66 +418,28 @@ class LazyClasses {
   std::vector<ValueKind> why_;
 };
 
-// Which fields each kind uses (docs/FORMAT.md 7.1); every other field must
-// be absent or hold its default (0, +0.0, empty).
-struct FieldUse {
-  bool int_value = false, float_value = false, imag_value = false;
-  bool str_value = false, bytes_value = false, type_name = false;
-};
-FieldUse FieldsOf(ValueKind k) {
-  FieldUse u;
-  switch (k) {
-    case ValueKind::kBool:
-    case ValueKind::kInt:
-    case ValueKind::kDType:
-      u.int_value = true;
-      break;
-    case ValueKind::kTensor:
-      u.int_value = u.type_name = true;
-      break;
-    case ValueKind::kBigInt:
-    case ValueKind::kBytes:
-      u.bytes_value = true;
-      break;
-    case ValueKind::kFloat:
-      u.float_value = true;
-      break;
-    case ValueKind::kComplex:
-      u.float_value = u.imag_value = true;
-      break;
-    case ValueKind::kString:
-    case ValueKind::kDevice:
-      u.str_value = true;
-      break;
-    case ValueKind::kDict:
-      u.type_name = true;
-      break;
-    default:
-      break;
-  }
-  return u;
-}
-
 // R14, second part: fields a kind does not use are absent (or default).
 std::optional<std::string> UnusedFieldProblem(const fb::Node& n, ValueKind k) {
-  const FieldUse u = FieldsOf(k);
   auto bits = [](double v) { return std::bit_cast<uint64_t>(v); };
-  const char* field = nullptr;
-  if (!u.int_value && n.int_value() != 0) {
-    field = "int_value";
-  } else if (!u.float_value && bits(n.float_value()) != 0) {
-    field = "float_value";
-  } else if (!u.imag_value && bits(n.imag_value()) != 0) {
-    field = "imag_value";
-  } else if (!u.str_value && n.str_value() && n.str_value()->size() > 0) {
-    field = "str_value";
-  } else if (!u.bytes_value && n.bytes_value() && n.bytes_value()->size() > 0) {
-    field = "bytes_value";
-  } else if (!u.type_name && n.type_name() && n.type_name()->size() > 0) {
-    field = "type_name";
+  auto len = [](const auto* v) -> size_t { return v ? v->size() : 0; };
+  // Each field with whether it holds anything, checked in schema order.
+  const std::pair<NodeField, bool> set[] = {
+      {kFieldInt, n.int_value() != 0},
+      {kFieldFloat, bits(n.float_value()) != 0},
+      {kFieldImag, bits(n.imag_value()) != 0},
+      {kFieldStr, len(n.str_value()) > 0},
+      {kFieldBytes, len(n.bytes_value()) > 0},
+      {kFieldItems, len(n.items()) > 0},
+      {kFieldKeys, len(n.keys()) > 0},
+      {kFieldTypeName, len(n.type_name()) > 0},
+  };
+  for (const auto& [field, present] : set) {
+    if (present && !KindUsesField(k, field)) {
+      return "kind " + std::string(ValueKindName(k)) + " does not use " +
+             std::string(NodeFieldName(field));
+    }
   }
-  if (!field) return std::nullopt;
-  return "kind " + std::string(ValueKindName(k)) + " does not use " + field;
+  return std::nullopt;
 }
 
 // R14: the object tree is a tree: kinds known, children before parents,
@@ -597,11 +471,10 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
       return fail(i, "unknown kind " + std::to_string(kind));
     }
     auto vk = static_cast<ValueKind>(kind);
-    bool container = vk == ValueKind::kList || vk == ValueKind::kTuple ||
-                     vk == ValueKind::kDict || vk == ValueKind::kSet ||
-                     vk == ValueKind::kFrozenSet;
-    if (!container && HasItems(*node)) return fail(i, "scalar with items");
-    if (vk != ValueKind::kDict && HasKeys(*node)) {
+    if (!KindUsesField(vk, kFieldItems) && HasItems(*node)) {
+      return fail(i, "scalar with items");
+    }
+    if (!KindUsesField(vk, kFieldKeys) && HasKeys(*node)) {
       return fail(i, "keys on a node that is not a dict");
     }
     if (vk == ValueKind::kDict) {
@@ -824,6 +697,19 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
     }
   }
   return h;
+}
+
+KeyNode DescribeNode(const fb::Node& n) {
+  KeyNode k;
+  k.kind = static_cast<ValueKind>(n.kind());
+  k.int_value = n.int_value();
+  k.float_value = n.float_value();
+  k.imag_value = n.imag_value();
+  if (n.str_value()) k.str = n.str_value()->string_view();
+  if (n.bytes_value())
+    k.bytes = {n.bytes_value()->data(), n.bytes_value()->size()};
+  k.num_items = n.items() ? n.items()->size() : 0;
+  return k;
 }
 
 }  // namespace ckpt::internal

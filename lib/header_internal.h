@@ -14,6 +14,7 @@
 #include "ckpt/status.h"
 #include "ckpt_generated.h"
 #include "format_internal.h"
+#include "tree_internal.h"
 
 namespace ckpt::internal {
 
@@ -53,13 +54,8 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
 Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                                          const Preamble& p);
 
-/// Why a view (dtype, shape, strides in elements, offset in elements) does
-/// not fit a storage of `storage_nbytes`, or nullopt when it fits. Checked
-/// arithmetic throughout; shared by the reader (R13) and the writer.
-std::optional<std::string> ViewProblem(uint8_t dtype_code,
-                                       std::span<const int64_t> shape,
-                                       std::span<const int64_t> strides,
-                                       int64_t storage_offset,
-                                       uint64_t storage_nbytes);
+/// The fields of a verified header's node, as the key grammar
+/// (tree_internal.h) reads them: the one fb::Node -> KeyNode mapping.
+KeyNode DescribeNode(const fb::Node& n);
 
 }  // namespace ckpt::internal

@@ -12,44 +12,6 @@
 
 namespace ckpt {
 
-std::string_view ValueKindName(ValueKind kind) {
-  switch (kind) {
-    case ValueKind::kNone:
-      return "none";
-    case ValueKind::kBool:
-      return "bool";
-    case ValueKind::kInt:
-      return "int";
-    case ValueKind::kBigInt:
-      return "bigint";
-    case ValueKind::kFloat:
-      return "float";
-    case ValueKind::kComplex:
-      return "complex";
-    case ValueKind::kString:
-      return "string";
-    case ValueKind::kBytes:
-      return "bytes";
-    case ValueKind::kList:
-      return "list";
-    case ValueKind::kTuple:
-      return "tuple";
-    case ValueKind::kDict:
-      return "dict";
-    case ValueKind::kSet:
-      return "set";
-    case ValueKind::kFrozenSet:
-      return "frozenset";
-    case ValueKind::kTensor:
-      return "tensor";
-    case ValueKind::kDType:
-      return "dtype";
-    case ValueKind::kDevice:
-      return "device";
-  }
-  return "unknown";
-}
-
 // ---- TensorInfo
 // ---------------------------------------------------------------
 
@@ -293,20 +255,7 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     return v;
   }
 
-  KeyNode Describe(uint32_t i) const {
-    const fb::Node* n = node(i);
-    KeyNode k;
-    k.kind = static_cast<ValueKind>(n->kind());
-    k.int_value = n->int_value();
-    k.float_value = n->float_value();
-    k.imag_value = n->imag_value();
-    if (n->str_value()) k.str = n->str_value()->string_view();
-    if (n->bytes_value()) {
-      k.bytes = {n->bytes_value()->data(), n->bytes_value()->size()};
-    }
-    k.num_items = n->items() ? n->items()->size() : 0;
-    return k;
-  }
+  KeyNode Describe(uint32_t i) const { return DescribeNode(*node(i)); }
 
   // In the float form of the file's minor version (1.0 files keep theirs).
   std::string KeySegment(uint32_t i) const {
@@ -337,18 +286,7 @@ const fb::Node* N(const std::shared_ptr<const internal::CheckpointImpl>& impl,
 ValueKind Value::kind() const {
   return static_cast<ValueKind>(N(impl_, node_)->kind());
 }
-bool Value::is_container() const {
-  switch (kind()) {
-    case ValueKind::kList:
-    case ValueKind::kTuple:
-    case ValueKind::kDict:
-    case ValueKind::kSet:
-    case ValueKind::kFrozenSet:
-      return true;
-    default:
-      return false;
-  }
-}
+bool Value::is_container() const { return IsContainer(kind()); }
 bool Value::as_bool() const {
   return kind() == ValueKind::kBool && N(impl_, node_)->int_value() != 0;
 }
@@ -514,7 +452,10 @@ Result<std::shared_ptr<internal::CheckpointImpl>> OpenImpl(
 
 Result<Checkpoint> Checkpoint::Open(const std::string& path,
                                     const ReadOptions& options) {
-  CKPT_ASSIGN_OR_RETURN(auto source, internal::OpenSource(path, options));
+  CKPT_ASSIGN_OR_RETURN(
+      auto source,
+      internal::OpenSource(path, {.pread = options.backend == Backend::kPread,
+                                  .populate = options.populate}));
   CKPT_ASSIGN_OR_RETURN(auto impl, OpenImpl(std::move(source), options));
   return Checkpoint(std::move(impl));
 }

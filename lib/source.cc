@@ -206,7 +206,7 @@ class BorrowedSource final : public ByteSource {
 }  // namespace
 
 Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
-                                               const ReadOptions& options) {
+                                               const SourceOptions& options) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoStatus("cannot open", path, errno);
   struct stat st;
@@ -220,7 +220,7 @@ Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
     return IoError("not a regular file").WithFile(path);
   }
   auto size = static_cast<uint64_t>(st.st_size);
-  if (options.backend == Backend::kPread || size == 0) {
+  if (options.pread || size == 0) {
     // An empty file cannot be mapped; the pread source reports it as too
     // short like any other truncated file.
     return std::shared_ptr<ByteSource>(

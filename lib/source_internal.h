@@ -8,7 +8,6 @@
 #include <span>
 #include <string>
 
-#include "ckpt/reader.h"
 #include "ckpt/status.h"
 
 namespace ckpt::internal {
@@ -60,8 +59,15 @@ class ByteSource : public std::enable_shared_from_this<ByteSource> {
 
 /// Opens `path` with the backend of `options`. kNotFound / kIoError naming
 /// the path.
+/// How OpenSource reads: through a read-only shared mapping (optionally
+/// populated now), or with pread on a descriptor.
+struct SourceOptions {
+  bool pread = false;
+  bool populate = false;
+};
+
 Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
-                                               const ReadOptions& options);
+                                               const SourceOptions& options);
 /// Borrows a buffer.
 std::shared_ptr<ByteSource> BufferSource(std::span<const std::byte> bytes,
                                          std::string name);

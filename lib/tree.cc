@@ -9,19 +9,6 @@
 
 namespace ckpt::internal {
 
-bool IsKeyKind(ValueKind kind) {
-  switch (kind) {
-    case ValueKind::kList:
-    case ValueKind::kDict:
-    case ValueKind::kSet:
-    case ValueKind::kTensor:
-      return false;
-    default:
-      return static_cast<uint8_t>(kind) <=
-             static_cast<uint8_t>(ValueKind::kDevice);
-  }
-}
-
 namespace {
 
 // Python's float_repr_style 'short' (Python/pystrtod.c, format code 'r'):

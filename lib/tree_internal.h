@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "ckpt/reader.h"
+#include "ckpt/format.h"
 
 namespace ckpt::internal {
 
@@ -28,11 +28,6 @@ struct KeyNode {
   std::span<const uint8_t> bytes;
   size_t num_items = 0;
 };
-
-/// True for the kinds a dict key or set item may have at its top level:
-/// everything but List, Dict, Set and Tensor. Tuple and FrozenSet keys must
-/// also hold only such kinds, at every depth (KeyClasses checks that).
-bool IsKeyKind(ValueKind kind);
 
 /// How Float (and Complex) keys are written in paths. Format 1.0 used
 /// C++'s std::to_chars (`1` for 1.0); 1.1 uses Python's repr() (`1.0`),

@@ -9,7 +9,6 @@
 
 #include "atomic_file.h"
 #include "checksum_internal.h"
-#include "ckpt/reader.h"
 #include "header_internal.h"
 #include "tree_internal.h"
 

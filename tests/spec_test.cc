@@ -1058,3 +1058,67 @@ TEST_CASE(
   }
   CHECK(ck->Tensor("(x,y)").ok());
 }
+
+TEST_CASE(
+    "kValueKinds: one row per schema kind, named as the schema names it") {
+  // The table in format.h drives the reader's checks; the schema's enum is
+  // the format. Their codes are static_asserted in lib/header.cc; here the
+  // names too (the schema's, lower-cased).
+  REQUIRE(kValueKinds.size() == static_cast<size_t>(fb::ValueKind::MAX) + 1);
+  for (const auto& row : kValueKinds) {
+    std::string schema =
+        fb::EnumNameValueKind(static_cast<fb::ValueKind>(row.kind));
+    for (char& c : schema) c = static_cast<char>(std::tolower(c));
+    CHECK(std::string(row.name) == schema);
+    CHECK(ValueKindFromCode(static_cast<uint8_t>(row.kind)) == row.kind);
+    // Containers hold items; only containers do.
+    CHECK(row.container == ((row.fields & kFieldItems) != 0));
+  }
+  CHECK_FALSE(ValueKindFromCode(kMaxValueKindCode + 1).has_value());
+  CHECK(ValueKindName(static_cast<ValueKind>(200)) == "unknown");
+}
+
+TEST_CASE(
+    "R14: every field a kind's row does not list is refused, for every kind") {
+  // Walks the whole table: for each kind, a node of that kind carrying
+  // each field the table says it does not use must fail to open, naming
+  // the kind and the field. Node 5 of SmallFile is the Int 5, a leaf under
+  // the root dict, so the kind can change without breaking the tree.
+  TempDir dir;
+  auto f = SmallFile(dir.File("s.ckpt"));
+  const std::pair<NodeField, std::function<void(fb::NodeT&)>> fields[] = {
+      {kFieldInt, [](fb::NodeT& n) { n.int_value = 7; }},
+      {kFieldFloat, [](fb::NodeT& n) { n.float_value = 0.5; }},
+      {kFieldImag, [](fb::NodeT& n) { n.imag_value = 0.5; }},
+      {kFieldStr, [](fb::NodeT& n) { n.str_value = "z"; }},
+      {kFieldBytes, [](fb::NodeT& n) { n.bytes_value = {1}; }},
+      {kFieldTypeName, [](fb::NodeT& n) { n.type_name = "x.Y"; }},
+  };
+  int refused = 0;
+  for (const auto& row : kValueKinds) {
+    // A Tensor node must name an unreferenced tensor: the case above
+    // covers its unused fields on a real tensor node.
+    if (row.kind == ValueKind::kTensor) continue;
+    for (const auto& [field, set] : fields) {
+      if (row.fields & field) continue;
+      INFO(std::string(row.name) + " with " +
+           std::string(NodeFieldName(field)));
+      auto bytes = MutateHeader(f, [&](fb::HeaderT& h) {
+        fb::NodeT& n = *h.nodes[5];
+        n = fb::NodeT();
+        n.kind = static_cast<fb::ValueKind>(row.kind);
+        // The kind's own fields hold legal values so that only the
+        // unused one can be what is refused.
+        if (row.kind == ValueKind::kBigInt) n.bytes_value = {1};
+        if (row.kind == ValueKind::kDevice) n.str_value = "cpu";
+        if (row.kind == ValueKind::kDType) n.int_value = 1;
+        set(n);
+      });
+      RequireError(OpenBytes(bytes), ErrorCode::kCorrupt,
+                   "kind " + std::string(row.name) + " does not use " +
+                       std::string(NodeFieldName(field)));
+      ++refused;
+    }
+  }
+  CHECK(refused > 40);
+}

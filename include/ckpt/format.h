@@ -146,6 +146,148 @@ std::optional<DType> DTypeFromName(std::string_view name);
 /// True for codes 1..kMaxDTypeCode.
 bool IsKnownDType(uint8_t code);
 
+// ---- Node kinds of the object tree (docs/FORMAT.md section 7) ----------
+//
+// One row per kind: adding a kind is this table, schema/ckpt.fbs's
+// ValueKind enum (lib/header.cc static_asserts that they agree) and
+// FORMAT.md. The reader's checks (R14: fields, keys, containers), the
+// writer's builders, `ckpt`'s JSON, the Python binding and the .pth
+// importer all read their facts from here.
+
+/// Kind of a node in the object tree (schema/ckpt.fbs ValueKind).
+enum class ValueKind : uint8_t {
+  kNone = 0,
+  kBool = 1,
+  kInt = 2,
+  kBigInt = 3,
+  kFloat = 4,
+  kComplex = 5,
+  kString = 6,
+  kBytes = 7,
+  kList = 8,
+  kTuple = 9,
+  kDict = 10,
+  kSet = 11,
+  kFrozenSet = 12,
+  kTensor = 13,
+  kDType = 14,
+  kDevice = 15,
+};
+inline constexpr uint8_t kMaxValueKindCode = 15;
+
+/// The fields of schema/ckpt.fbs's Node, as bits: which ones a kind uses.
+/// Every field a kind does not use must be absent or hold its default
+/// (FORMAT.md R14).
+enum NodeField : uint8_t {
+  kFieldInt = 1 << 0,       ///< int_value
+  kFieldFloat = 1 << 1,     ///< float_value
+  kFieldImag = 1 << 2,      ///< imag_value
+  kFieldStr = 1 << 3,       ///< str_value
+  kFieldBytes = 1 << 4,     ///< bytes_value
+  kFieldItems = 1 << 5,     ///< items
+  kFieldKeys = 1 << 6,      ///< keys (parallel to items)
+  kFieldTypeName = 1 << 7,  ///< type_name (a class tag)
+};
+
+/// The schema's name of `field` ("int_value", ..., "type_name").
+constexpr std::string_view NodeFieldName(NodeField field) {
+  switch (field) {
+    case kFieldInt:
+      return "int_value";
+    case kFieldFloat:
+      return "float_value";
+    case kFieldImag:
+      return "imag_value";
+    case kFieldStr:
+      return "str_value";
+    case kFieldBytes:
+      return "bytes_value";
+    case kFieldItems:
+      return "items";
+    case kFieldKeys:
+      return "keys";
+    case kFieldTypeName:
+      return "type_name";
+  }
+  return "?";
+}
+
+/// What a kind is, in one row.
+struct ValueKindTraits {
+  ValueKind kind;
+  /// Lower-case name: `ckpt ls`, `File.kind()`, error messages.
+  std::string_view name;
+  /// Holds child nodes in `items` (List, Tuple, Dict, Set, FrozenSet).
+  bool container;
+  /// May be a dict key or a set item (R14). Tuple and FrozenSet only when
+  /// every item they hold may be one too.
+  bool hashable;
+  /// NodeField bits this kind uses.
+  uint8_t fields;
+};
+
+inline constexpr std::array<ValueKindTraits, kMaxValueKindCode + 1>
+    kValueKinds = {{
+        {ValueKind::kNone, "none", false, true, 0},
+        {ValueKind::kBool, "bool", false, true, kFieldInt},
+        {ValueKind::kInt, "int", false, true, kFieldInt},
+        {ValueKind::kBigInt, "bigint", false, true, kFieldBytes},
+        {ValueKind::kFloat, "float", false, true, kFieldFloat},
+        {ValueKind::kComplex, "complex", false, true, kFieldFloat | kFieldImag},
+        {ValueKind::kString, "string", false, true, kFieldStr},
+        {ValueKind::kBytes, "bytes", false, true, kFieldBytes},
+        {ValueKind::kList, "list", true, false, kFieldItems},
+        {ValueKind::kTuple, "tuple", true, true, kFieldItems},
+        {ValueKind::kDict, "dict", true, false,
+         kFieldItems | kFieldKeys | kFieldTypeName},
+        {ValueKind::kSet, "set", true, false, kFieldItems},
+        {ValueKind::kFrozenSet, "frozenset", true, true, kFieldItems},
+        {ValueKind::kTensor, "tensor", false, false,
+         kFieldInt | kFieldTypeName},
+        {ValueKind::kDType, "dtype", false, true, kFieldInt},
+        {ValueKind::kDevice, "device", false, true, kFieldStr},
+    }};
+
+constexpr bool ValueKindRowsInOrder() {
+  for (size_t i = 0; i < kValueKinds.size(); ++i) {
+    if (static_cast<size_t>(kValueKinds[i].kind) != i) return false;
+  }
+  return true;
+}
+static_assert(ValueKindRowsInOrder(), "kValueKinds row i must be kind i");
+
+/// The kind with code `code`, or nullopt past kMaxValueKindCode.
+constexpr std::optional<ValueKind> ValueKindFromCode(uint8_t code) {
+  if (code > kMaxValueKindCode) return std::nullopt;
+  return static_cast<ValueKind>(code);
+}
+/// The row of `kind` (which must be a known kind).
+constexpr const ValueKindTraits& TraitsOf(ValueKind kind) {
+  return kValueKinds[static_cast<size_t>(kind)];
+}
+/// "none", "bool", ..., "device"; "unknown" for a code past the table.
+constexpr std::string_view ValueKindName(ValueKind kind) {
+  return static_cast<uint8_t>(kind) <= kMaxValueKindCode
+             ? TraitsOf(kind).name
+             : std::string_view("unknown");
+}
+/// List, Tuple, Dict, Set, FrozenSet.
+constexpr bool IsContainer(ValueKind kind) {
+  return static_cast<uint8_t>(kind) <= kMaxValueKindCode &&
+         TraitsOf(kind).container;
+}
+/// A kind that may be a dict key or set item by itself (Tuple and
+/// FrozenSet: only when all their items may be; see R14).
+constexpr bool IsKeyKind(ValueKind kind) {
+  return static_cast<uint8_t>(kind) <= kMaxValueKindCode &&
+         TraitsOf(kind).hashable;
+}
+/// True when `kind` uses `field` (a NodeField bit).
+constexpr bool KindUsesField(ValueKind kind, NodeField field) {
+  return static_cast<uint8_t>(kind) <= kMaxValueKindCode &&
+         (TraitsOf(kind).fields & field) != 0;
+}
+
 /// Escapes one path segment (RFC 6901): '~' -> "~0", '/' -> "~1".
 std::string EscapePathSegment(std::string_view segment);
 /// Joins escaped segments with '/'.

@@ -142,27 +142,6 @@ class TensorRef {
   std::shared_ptr<const void> owner_;
 };
 
-/// Node kinds of the object tree; codes equal schema/ckpt.fbs's ValueKind.
-enum class ValueKind : uint8_t {
-  kNone = 0,
-  kBool = 1,
-  kInt = 2,
-  kBigInt = 3,
-  kFloat = 4,
-  kComplex = 5,
-  kString = 6,
-  kBytes = 7,
-  kList = 8,
-  kTuple = 9,
-  kDict = 10,
-  kSet = 11,
-  kFrozenSet = 12,
-  kTensor = 13,
-  kDType = 14,
-  kDevice = 15,
-};
-std::string_view ValueKindName(ValueKind kind);
-
 /// A node of the object tree. Holds the file open; cheap to copy.
 /// Accessors for the wrong kind return a zero value ("", 0, empty); check
 /// kind() first. Strings and byte spans point into the header and stay

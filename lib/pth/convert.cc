@@ -319,7 +319,7 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
   }
   l.pickle_limits.py2_latin1 = enc == "latin1" || enc == "latin-1";
   l.pickle_limits.max_bytes = opt.limits.max_pickle_bytes;
-  CKPT_ASSIGN_OR_RETURN(l.src, internal::OpenSource(in, ReadOptions{}));
+  CKPT_ASSIGN_OR_RETURN(l.src, internal::OpenSource(in, {}));
   // Real checkpoints need ~45 bytes of objects per pickle byte (a tensor
   // entry of ~100 bytes makes ~4.5 KiB of objects): allow the fixed budget
   // or a bounded multiple of the input, so a big state dict imports and a
@@ -330,9 +330,8 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
                    std::min(l.src->size(), opt.limits.max_pickle_bytes));
   // Storages are read with pread into one reused buffer: memory stays
   // bounded (no multi-GiB mapping resident) and no page is faulted twice.
-  ReadOptions pread;
-  pread.backend = Backend::kPread;
-  CKPT_ASSIGN_OR_RETURN(l.stream, internal::OpenSource(in, pread));
+  CKPT_ASSIGN_OR_RETURN(l.stream,
+                        internal::OpenSource(in, {.pread = true}));
   const ByteSource& src = *l.src;
   uint64_t head_len = std::min<uint64_t>(src.size(), 512);
   CKPT_ASSIGN_OR_RETURN(Bytes head, src.Read(0, head_len));
@@ -731,7 +730,7 @@ Status Emitter::CheckKey(const Obj& key, const char* role) {
     if (!key_ok_.insert(k).second) continue;  // checked (or being checked)
     seen.push_back(k);
     auto kind = WrittenKind(k->kind);
-    if (!kind || !internal::IsKeyKind(*kind)) {
+    if (!kind || !IsKeyKind(*kind)) {
       for (const PyObj* x : seen) key_ok_.erase(x);
       return Fail(InvalidArgument(
           "a " + std::string(kind ? ValueKindName(*kind) : "?") +
