@@ -41,63 +41,60 @@ struct StatusError {
   ckpt::Status status;
   // The Python class to raise when it is not the one the code maps to
   // (the importer's refusals are also pickle.UnpicklingError).
-  const char *python_class = nullptr;
+  const char* python_class = nullptr;
 };
 
-[[noreturn]] void Throw(const ckpt::Status &s) { throw StatusError{s}; }
+[[noreturn]] void Throw(const ckpt::Status& s) { throw StatusError{s}; }
 
-void Check(const ckpt::Status &s) {
-  if (!s.ok())
-    Throw(s);
+void Check(const ckpt::Status& s) {
+  if (!s.ok()) Throw(s);
 }
 
-template <typename T> T Take(ckpt::Result<T> r) {
-  if (!r.ok())
-    Throw(r.status());
+template <typename T>
+T Take(ckpt::Result<T> r) {
+  if (!r.ok()) Throw(r.status());
   return std::move(*r);
 }
 
-const char *ErrorClass(ckpt::ErrorCode code) {
+const char* ErrorClass(ckpt::ErrorCode code) {
   switch (code) {
-  case ckpt::ErrorCode::kIoError:
-    return "CkptIOError";
-  case ckpt::ErrorCode::kNotFound:
-    return "NotFoundError";
-  case ckpt::ErrorCode::kCorrupt:
-    return "FormatError";
-  case ckpt::ErrorCode::kUnsupportedVersion:
-    return "UnsupportedError";
-  case ckpt::ErrorCode::kInvalidArgument:
-    return "InvalidArgumentError";
-  case ckpt::ErrorCode::kChecksumMismatch:
-    return "ChecksumError";
-  case ckpt::ErrorCode::kCuda:
-    return "CudaError";
-  case ckpt::ErrorCode::kResourceExhausted:
-    return "ResourceExhaustedError";
-  default:
-    return "CkptError";
+    case ckpt::ErrorCode::kIoError:
+      return "CkptIOError";
+    case ckpt::ErrorCode::kNotFound:
+      return "NotFoundError";
+    case ckpt::ErrorCode::kCorrupt:
+      return "FormatError";
+    case ckpt::ErrorCode::kUnsupportedVersion:
+      return "UnsupportedError";
+    case ckpt::ErrorCode::kInvalidArgument:
+      return "InvalidArgumentError";
+    case ckpt::ErrorCode::kChecksumMismatch:
+      return "ChecksumError";
+    case ckpt::ErrorCode::kCuda:
+      return "CudaError";
+    case ckpt::ErrorCode::kResourceExhausted:
+      return "ResourceExhaustedError";
+    default:
+      return "CkptError";
   }
 }
 
 // Text from a file (or a message quoting it) as a Python str, whatever
 // its bytes: invalid UTF-8 is shown escaped, never raised.
 py::str Lenient(std::string_view s) {
-  PyObject *o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()),
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()),
                                      "backslashreplace");
-  if (!o)
-    throw py::error_already_set();
+  if (!o) throw py::error_already_set();
   return py::reinterpret_steal<py::str>(o);
 }
 
 // A string the format says is UTF-8, as a Python str; invalid UTF-8 is a
 // FormatError naming the file and what the string is.
-py::str Utf8(std::string_view s, const std::string &file,
-             const std::string &what) {
-  PyObject *o =
+py::str Utf8(std::string_view s, const std::string& file,
+             const std::string& what) {
+  PyObject* o =
       PyUnicode_DecodeUTF8(s.data(), static_cast<ssize_t>(s.size()), "strict");
-  if (o)
-    return py::reinterpret_steal<py::str>(o);
+  if (o) return py::reinterpret_steal<py::str>(o);
   PyErr_Clear();
   Throw(ckpt::Corrupt(what + " is not valid UTF-8").WithFile(file));
 }
@@ -108,15 +105,15 @@ py::str Utf8(std::string_view s, const std::string &file,
 // Bytes plus their owner, exported through the buffer protocol. A torch
 // tensor or numpy array made from it keeps it (and so the mapping) alive.
 struct Region {
-  std::byte *data = nullptr;
+  std::byte* data = nullptr;
   size_t size = 0;
   bool writable = false;
   std::shared_ptr<const void> owner;
-  py::object keep; // the Python bytes a buffer-backed Reader reads from
+  py::object keep;  // the Python bytes a buffer-backed Reader reads from
 };
 
-std::span<const std::byte> ReadableBytes(const py::buffer &b,
-                                         py::buffer_info &info) {
+std::span<const std::byte> ReadableBytes(const py::buffer& b,
+                                         py::buffer_info& info) {
   info = b.request();
   if (info.ndim > 1) {
     // Only C-contiguous data has a flat byte view: check it.
@@ -131,7 +128,7 @@ std::span<const std::byte> ReadableBytes(const py::buffer &b,
              info.strides[0] != info.itemsize) {
     throw py::value_error("buffer is not contiguous");
   }
-  return {static_cast<const std::byte *>(info.ptr),
+  return {static_cast<const std::byte*>(info.ptr),
           static_cast<size_t>(info.size * info.itemsize)};
 }
 
@@ -139,12 +136,12 @@ std::span<const std::byte> ReadableBytes(const py::buffer &b,
 // which dominates a copy from the page cache; with transparent huge pages
 // in "madvise" mode, asking for them makes it one fault per 2 MiB. Advice
 // only: harmless where THP is off or the range is not eligible.
-void AdviseHugePages(std::byte *p, uint64_t n) {
+void AdviseHugePages(std::byte* p, uint64_t n) {
   constexpr uintptr_t kHuge = 2u << 20;
   auto begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   auto end = (reinterpret_cast<uintptr_t>(p) + n) & ~(kHuge - 1);
   if (end > begin) {
-    ::madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);
+    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
   }
 }
 
@@ -152,8 +149,8 @@ void AdviseHugePages(std::byte *p, uint64_t n) {
 // ------------------------------------------------------------------
 
 class Reader {
-public:
-  Reader(const std::string &path, bool copy_on_write)
+ public:
+  Reader(const std::string& path, bool copy_on_write)
       : writable_(copy_on_write) {
     ckpt::ReadOptions o;
     o.copy_on_write = copy_on_write;
@@ -165,19 +162,19 @@ public:
   // Over an immutable bytes object (kept alive by the Reader and by every
   // Region taken from it); views are read-only. `name` is what errors call
   // it (the stream's file name, or "<stream>").
-  Reader(py::bytes data, const std::string &name) : keep_(data) {
+  Reader(py::bytes data, const std::string& name) : keep_(data) {
     std::string_view v = data;
     std::span<const std::byte> bytes{
-        reinterpret_cast<const std::byte *>(v.data()), v.size()};
+        reinterpret_cast<const std::byte*>(v.data()), v.size()};
     ck_ = std::make_unique<ckpt::Checkpoint>(
         Take(ckpt::Checkpoint::OpenBuffer(bytes, name)));
   }
 
-  const ckpt::Checkpoint &ck() const { return *ck_; }
+  const ckpt::Checkpoint& ck() const { return *ck_; }
 
   py::dict Metadata() const {
     py::dict d;
-    for (auto &[k, v] : ck_->metadata()) {
+    for (auto& [k, v] : ck_->metadata()) {
       d[Utf8(k, ck_->path(), "a metadata key")] =
           Utf8(v, ck_->path(),
                "the metadata value of '" + EscapedForMessage(k) + "'");
@@ -185,7 +182,7 @@ public:
     return d;
   }
 
-  static py::tuple Ints(const std::vector<int64_t> &v) {
+  static py::tuple Ints(const std::vector<int64_t>& v) {
     py::tuple t(v.size());
     for (size_t i = 0; i < v.size(); ++i) {
       PyTuple_SET_ITEM(t.ptr(), static_cast<ssize_t>(i),
@@ -196,7 +193,7 @@ public:
 
   // (path, dtype code, shape, strides, storage, storage_offset,
   //  requires_grad, is_parameter): the tuple the Python side unpacks.
-  py::tuple InfoTuple(const ckpt::TensorInfo &t) const {
+  py::tuple InfoTuple(const ckpt::TensorInfo& t) const {
     return py::make_tuple(Utf8(t.path, ck_->path(), "a tensor path"),
                           static_cast<int>(t.dtype), Ints(t.shape),
                           Ints(t.strides), t.storage, t.storage_offset,
@@ -205,8 +202,7 @@ public:
 
   py::list Storages() const {
     py::list out;
-    for (size_t i = 0; i < ck_->num_storages(); ++i)
-      out.append(StorageAt(i));
+    for (size_t i = 0; i < ck_->num_storages(); ++i) out.append(StorageAt(i));
     return out;
   }
 
@@ -233,27 +229,27 @@ public:
              "the device of storage " + std::to_string(index)));
   }
 
-  size_t TensorIndex(const std::string &path) const {
+  size_t TensorIndex(const std::string& path) const {
     return Take(ck_->TensorIndex(path));
   }
 
   Region StorageRegion(size_t index) const {
     auto v = Take(ck_->Storage(index));
-    return Region{const_cast<std::byte *>(v.data.data()), v.data.size(),
+    return Region{const_cast<std::byte*>(v.data.data()), v.data.size(),
                   writable_, std::move(v.owner), keep_};
   }
 
   // Rows [begin, end) of dim 0 of a tensor: the tensor's table entry with
   // the offset and shape of the rows.
-  py::tuple Rows(const std::string &path, int64_t begin, int64_t end) const {
+  py::tuple Rows(const std::string& path, int64_t begin, int64_t end) const {
     auto ref = Take(ck_->TensorRows(path, begin, end));
     return InfoTuple(ref.info());
   }
 
   // Copies storages into caller buffers with pread, `threads` at a time,
   // in 8 MiB pieces, without the GIL.
-  void ReadStorages(const std::vector<size_t> &indices,
-                    const std::vector<py::buffer> &outs,
+  void ReadStorages(const std::vector<size_t>& indices,
+                    const std::vector<py::buffer>& outs,
                     unsigned threads) const {
     if (indices.size() != outs.size())
       throw py::value_error("one buffer per storage");
@@ -268,7 +264,7 @@ public:
     constexpr uint64_t kPiece = 8ull << 20;
     for (size_t i = 0; i < outs.size(); ++i) {
       infos.push_back(outs[i].request(true));
-      auto &info = infos.back();
+      auto& info = infos.back();
       if (info.ndim != 1 || info.itemsize != 1 ||
           (info.shape[0] > 1 && info.strides[0] != 1)) {
         throw py::value_error("storage buffers must be contiguous bytes");
@@ -280,7 +276,7 @@ public:
                               " does not match storage " +
                               std::to_string(indices[i]));
       }
-      auto *p = static_cast<std::byte *>(info.ptr);
+      auto* p = static_cast<std::byte*>(info.ptr);
       uint64_t n = static_cast<uint64_t>(info.shape[0]);
       AdviseHugePages(p, n);
       for (uint64_t off = 0; off < n; off += kPiece) {
@@ -300,8 +296,7 @@ public:
                                           pieces[k].out);
         if (!s.ok()) {
           std::lock_guard<std::mutex> lock(mu);
-          if (first.ok())
-            first = s;
+          if (first.ok()) first = s;
           next = pieces.size();
         }
       }
@@ -309,11 +304,9 @@ public:
     unsigned n = std::max(
         1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
     std::vector<std::thread> pool;
-    for (unsigned t = 1; t < n; ++t)
-      pool.emplace_back(work);
+    for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
     work();
-    for (auto &t : pool)
-      t.join();
+    for (auto& t : pool) t.join();
     if (!first.ok()) {
       py::gil_scoped_acquire gil;
       Throw(first);
@@ -329,9 +322,9 @@ public:
   // on_tensor(index, type_name), dtypes on_dtype(code), devices
   // on_device(str, where, offset) (the tree path and the node's byte
   // offset, for messages).
-  py::object Tree(const std::string &path, const py::function &on_tensor,
-                  const py::function &on_dtype,
-                  const py::function &on_device) const {
+  py::object Tree(const std::string& path, const py::function& on_tensor,
+                  const py::function& on_dtype,
+                  const py::function& on_device) const {
     ckpt::Value v = Node(path);
     Builder b{on_tensor,
               on_dtype,
@@ -346,7 +339,7 @@ public:
     return b.Build(v);
   }
 
-  std::string Kind(const std::string &path) const {
+  std::string Kind(const std::string& path) const {
     return std::string(ckpt::ValueKindName(Node(path).kind()));
   }
 
@@ -360,7 +353,7 @@ public:
            std::to_string(ck_->format_minor());
   }
 
-private:
+ private:
   // A string from the file, made printable for an error message.
   static std::string EscapedForMessage(std::string_view s) {
     std::string out;
@@ -378,7 +371,7 @@ private:
   }
 
   // The node at a tree path; "" is the root.
-  ckpt::Value Node(const std::string &path) const {
+  ckpt::Value Node(const std::string& path) const {
     return path.empty() ? ck_->root() : Take(ck_->Get(path));
   }
 
@@ -389,36 +382,35 @@ private:
   // unhashable, invalid UTF-8, a device torch refuses) is a FormatError
   // naming the file and the tree path.
   struct Builder {
-    const py::function &on_tensor;
-    const py::function &on_dtype;
-    const py::function &on_device;
+    const py::function& on_tensor;
+    const py::function& on_dtype;
+    const py::function& on_device;
     py::object ordered_dict;
     py::object namespace_;
     py::object int_from_bytes;
     std::string file;
-    std::string base; // the tree path of the node being built
-    ckpt::Value root; // the node Build() was given
+    std::string base;  // the tree path of the node being built
+    ckpt::Value root;  // the node Build() was given
 
     using K = ckpt::ValueKind;
 
     struct Frame {
       ckpt::Value v;
       size_t next =
-          0; // next step: items, or for a dict key 0, value 0, key 1...
-      py::object out; // list, or dict for dicts; items of tuples and sets go
-                      // in a list
-      py::object key; // a dict's key waiting for its value
+          0;  // next step: items, or for a dict key 0, value 0, key 1...
+      py::object out;  // list, or dict for dicts; items of tuples and sets go
+                       // in a list
+      py::object key;  // a dict's key waiting for its value
     };
     std::vector<Frame> stack;
 
-    static size_t Steps(const Frame &f) {
+    static size_t Steps(const Frame& f) {
       return f.v.kind() == K::kDict ? 2 * f.v.size() : f.v.size();
     }
 
     // The tree path of the child taken at step `s` of frame `f`.
-    static std::string Segment(const Frame &f, size_t s) {
-      if (f.v.kind() != K::kDict)
-        return std::to_string(s);
+    static std::string Segment(const Frame& f, size_t s) {
+      if (f.v.kind() != K::kDict) return std::to_string(s);
       std::string key = EscapedForMessage(f.v.key(s / 2).KeySegment());
       return s % 2 == 0 ? "<key " + key + ">" : key;
     }
@@ -427,10 +419,8 @@ private:
       std::string p = base;
       for (size_t k = 0; k < stack.size(); ++k) {
         bool last = k + 1 == stack.size();
-        if (last && !child)
-          break;
-        if (!p.empty())
-          p += "/";
+        if (last && !child) break;
+        if (!p.empty()) p += "/";
         p += Segment(stack[k], stack[k].next - 1);
       }
       return p.empty() ? "<root>" : p;
@@ -439,18 +429,16 @@ private:
     // The node a failure is about: the child being built, or the open
     // container on top.
     ckpt::Value Culprit(bool child) const {
-      if (stack.empty())
-        return root;
-      const Frame &f = stack.back();
-      if (!child || f.next == 0)
-        return f.v;
+      if (stack.empty()) return root;
+      const Frame& f = stack.back();
+      if (!child || f.next == 0) return f.v;
       size_t s = f.next - 1;
       return f.v.kind() == K::kDict
                  ? (s % 2 == 0 ? f.v.key(s / 2) : f.v.item(s / 2))
                  : f.v.item(s);
     }
 
-    [[noreturn]] void Fail(const std::string &what, bool child) const {
+    [[noreturn]] void Fail(const std::string& what, bool child) const {
       Throw(ckpt::Corrupt("tree path '" + Where(child) + "': " + what)
                 .WithFile(file)
                 .WithOffset(Culprit(child).file_offset()));
@@ -458,62 +446,62 @@ private:
 
     // A Python exception our own building raised (unhashable, bad text):
     // replaced by a FormatError saying where.
-    [[noreturn]] void FailFromPython(const std::string &what,
+    [[noreturn]] void FailFromPython(const std::string& what,
                                      bool child) const {
-      py::error_already_set e; // fetches and clears the Python error
+      py::error_already_set e;  // fetches and clears the Python error
       std::string why = py::str(e.value()).cast<std::string>();
       Fail(what + " (" + why + ")", child);
     }
 
-    py::object Scalar(const ckpt::Value &v) {
+    py::object Scalar(const ckpt::Value& v) {
       switch (v.kind()) {
-      case K::kNone:
-        return py::none();
-      case K::kBool:
-        return py::bool_(v.as_bool());
-      case K::kInt:
-        return py::int_(v.as_int());
-      case K::kBigInt: {
-        auto b = v.as_bytes();
-        py::bytes raw(reinterpret_cast<const char *>(b.data()), b.size());
-        return int_from_bytes(raw, "little", py::arg("signed") = true);
-      }
-      case K::kFloat:
-        return py::float_(v.as_float());
-      case K::kComplex: {
-        auto c = v.as_complex();
-        return py::reinterpret_steal<py::object>(
-            PyComplex_FromDoubles(c.real(), c.imag()));
-      }
-      case K::kString:
-        return Text(v.as_string(), "a string");
-      case K::kBytes: {
-        auto b = v.as_bytes();
-        return py::bytes(reinterpret_cast<const char *>(b.data()), b.size());
-      }
-      case K::kTensor:
-        return on_tensor(Take(v.tensor_index()),
-                         Text(v.type_name(), "a tensor's type name"));
-      case K::kDType:
-        return on_dtype(static_cast<int>(v.as_dtype()));
-      case K::kDevice:
-        return on_device(Text(v.as_string(), "a device string"),
-                         Lenient(Where(true)), v.file_offset());
-      default:
-        Fail("unknown node kind " + std::to_string(static_cast<int>(v.kind())),
-             true);
+        case K::kNone:
+          return py::none();
+        case K::kBool:
+          return py::bool_(v.as_bool());
+        case K::kInt:
+          return py::int_(v.as_int());
+        case K::kBigInt: {
+          auto b = v.as_bytes();
+          py::bytes raw(reinterpret_cast<const char*>(b.data()), b.size());
+          return int_from_bytes(raw, "little", py::arg("signed") = true);
+        }
+        case K::kFloat:
+          return py::float_(v.as_float());
+        case K::kComplex: {
+          auto c = v.as_complex();
+          return py::reinterpret_steal<py::object>(
+              PyComplex_FromDoubles(c.real(), c.imag()));
+        }
+        case K::kString:
+          return Text(v.as_string(), "a string");
+        case K::kBytes: {
+          auto b = v.as_bytes();
+          return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+        }
+        case K::kTensor:
+          return on_tensor(Take(v.tensor_index()),
+                           Text(v.type_name(), "a tensor's type name"));
+        case K::kDType:
+          return on_dtype(static_cast<int>(v.as_dtype()));
+        case K::kDevice:
+          return on_device(Text(v.as_string(), "a device string"),
+                           Lenient(Where(true)), v.file_offset());
+        default:
+          Fail(
+              "unknown node kind " + std::to_string(static_cast<int>(v.kind())),
+              true);
       }
     }
 
-    py::object Text(std::string_view s, const char *what) {
-      PyObject *o = PyUnicode_DecodeUTF8(
+    py::object Text(std::string_view s, const char* what) {
+      PyObject* o = PyUnicode_DecodeUTF8(
           s.data(), static_cast<ssize_t>(s.size()), "strict");
-      if (!o)
-        FailFromPython(std::string(what) + " is not valid UTF-8", true);
+      if (!o) FailFromPython(std::string(what) + " is not valid UTF-8", true);
       return py::reinterpret_steal<py::object>(o);
     }
 
-    void Open(const ckpt::Value &v) {
+    void Open(const ckpt::Value& v) {
       Frame f{v, 0, py::object(), py::object()};
       if (v.kind() == K::kDict) {
         f.out = v.type_name() == "collections.OrderedDict" ? ordered_dict()
@@ -526,44 +514,42 @@ private:
 
     // The finished container of the top frame.
     py::object Close() {
-      Frame &f = stack.back();
+      Frame& f = stack.back();
       switch (f.v.kind()) {
-      case K::kList:
-        return f.out;
-      case K::kTuple: {
-        PyObject *t = PyList_AsTuple(f.out.ptr());
-        if (!t)
-          throw py::error_already_set();
-        return py::reinterpret_steal<py::object>(t);
-      }
-      case K::kSet:
-      case K::kFrozenSet: {
-        PyObject *s = f.v.kind() == K::kSet ? PySet_New(f.out.ptr())
-                                            : PyFrozenSet_New(f.out.ptr());
-        if (!s)
-          FailFromPython("a set holds an item Python cannot put in a set",
-                         false);
-        return py::reinterpret_steal<py::object>(s);
-      }
-      case K::kDict: {
-        if (f.v.type_name() != "argparse.Namespace")
+        case K::kList:
           return f.out;
-        py::object ns = namespace_();
-        for (auto item : py::reinterpret_borrow<py::dict>(f.out)) {
-          if (!py::isinstance<py::str>(item.first)) {
-            Fail("an argparse.Namespace with a key that is not a str", false);
-          }
-          py::setattr(ns, item.first, item.second);
+        case K::kTuple: {
+          PyObject* t = PyList_AsTuple(f.out.ptr());
+          if (!t) throw py::error_already_set();
+          return py::reinterpret_steal<py::object>(t);
         }
-        return ns;
-      }
-      default:
-        Fail("not a container", false);
+        case K::kSet:
+        case K::kFrozenSet: {
+          PyObject* s = f.v.kind() == K::kSet ? PySet_New(f.out.ptr())
+                                              : PyFrozenSet_New(f.out.ptr());
+          if (!s)
+            FailFromPython("a set holds an item Python cannot put in a set",
+                           false);
+          return py::reinterpret_steal<py::object>(s);
+        }
+        case K::kDict: {
+          if (f.v.type_name() != "argparse.Namespace") return f.out;
+          py::object ns = namespace_();
+          for (auto item : py::reinterpret_borrow<py::dict>(f.out)) {
+            if (!py::isinstance<py::str>(item.first)) {
+              Fail("an argparse.Namespace with a key that is not a str", false);
+            }
+            py::setattr(ns, item.first, item.second);
+          }
+          return ns;
+        }
+        default:
+          Fail("not a container", false);
       }
     }
 
     void Deliver(py::object obj) {
-      Frame &f = stack.back();
+      Frame& f = stack.back();
       if (f.v.kind() != K::kDict) {
         if (PyList_Append(f.out.ptr(), obj.ptr()) != 0)
           throw py::error_already_set();
@@ -581,18 +567,16 @@ private:
       f.key = py::object();
     }
 
-    py::object Build(const ckpt::Value &top) {
+    py::object Build(const ckpt::Value& top) {
       root = top;
-      if (!root.is_container())
-        return Scalar(root);
+      if (!root.is_container()) return Scalar(root);
       Open(root);
       for (;;) {
-        Frame &f = stack.back();
+        Frame& f = stack.back();
         if (f.next == Steps(f)) {
           py::object done = Close();
           stack.pop_back();
-          if (stack.empty())
-            return done;
+          if (stack.empty()) return done;
           Deliver(std::move(done));
           continue;
         }
@@ -604,7 +588,7 @@ private:
         if (child.is_container()) {
           if (stack.size() >= ckpt::kMaxTreeDepth)
             Fail("nested too deeply", true);
-          Open(child); // invalidates f
+          Open(child);  // invalidates f
         } else {
           Deliver(Scalar(child));
         }
@@ -621,33 +605,31 @@ private:
 // ------------------------------------------------------------------
 
 class PyWriter {
-public:
-  PyWriter(const std::string &path, bool sync, uint64_t chunk_size,
-           const std::string &producer) {
+ public:
+  PyWriter(const std::string& path, bool sync, uint64_t chunk_size,
+           const std::string& producer) {
     ckpt::WriteOptions o;
     o.sync = sync;
-    if (chunk_size)
-      o.chunk_size = chunk_size;
+    if (chunk_size) o.chunk_size = chunk_size;
     o.producer = producer;
     w_ = std::make_unique<ckpt::Writer>(Take(ckpt::Writer::Create(path, o)));
   }
 
-  ckpt::Writer &w() {
-    if (!w_)
-      throw py::value_error("the writer is closed");
+  ckpt::Writer& w() {
+    if (!w_) throw py::value_error("the writer is closed");
     return *w_;
   }
 
-  uint32_t AddStorage(const py::buffer &b, const std::string &device) {
+  uint32_t AddStorage(const py::buffer& b, const std::string& device) {
     py::buffer_info info;
     auto bytes = ReadableBytes(b, info);
     py::gil_scoped_release nogil;
     return Take(w().AddStorage(bytes, device));
   }
-  uint32_t BeginStorage(uint64_t nbytes, const std::string &device) {
+  uint32_t BeginStorage(uint64_t nbytes, const std::string& device) {
     return Take(w().BeginStorage(nbytes, device));
   }
-  void Append(const py::buffer &b) {
+  void Append(const py::buffer& b) {
     py::buffer_info info;
     auto bytes = ReadableBytes(b, info);
     py::gil_scoped_release nogil;
@@ -669,15 +651,14 @@ public:
     return Take(w().AddTensor(s));
   }
 
-  uint32_t AddBigInt(const py::bytes &le) {
+  uint32_t AddBigInt(const py::bytes& le) {
     std::string_view s = le;
     return Take(
-        w().AddBigInt({reinterpret_cast<const uint8_t *>(s.data()), s.size()}));
+        w().AddBigInt({reinterpret_cast<const uint8_t*>(s.data()), s.size()}));
   }
-  uint32_t AddBytes(const py::bytes &b) {
+  uint32_t AddBytes(const py::bytes& b) {
     std::string_view s = b;
-    return w().AddBytes(
-        {reinterpret_cast<const uint8_t *>(s.data()), s.size()});
+    return w().AddBytes({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
   }
 
   void Commit() {
@@ -688,12 +669,11 @@ public:
     w_.reset();
   }
   void Abort() {
-    if (w_)
-      w_->Abort();
+    if (w_) w_->Abort();
     w_.reset();
   }
 
-private:
+ private:
   std::unique_ptr<ckpt::Writer> w_;
 };
 
@@ -711,7 +691,7 @@ private:
 // thread (signals only reach the main thread's handlers) or when SIGINT's
 // handler is not a Python callable (SIG_IGN, SIG_DFL, set from C).
 class SigintDeferral {
-public:
+ public:
   SigintDeferral() {
     // _signal's C functions, not signal.py's wrappers: after the wrapper
     // swaps handlers it runs Python code, where a SIGINT would be handled
@@ -721,8 +701,7 @@ public:
     if (!threading.attr("current_thread")().is(threading.attr("main_thread")()))
       return;
     py::object old = sig.attr("getsignal")(SIGINT);
-    if (old.is_none() || !PyCallable_Check(old.ptr()))
-      return;
+    if (old.is_none() || !PyCallable_Check(old.ptr())) return;
     auto pending = pending_;
     py::cpp_function record(
         [pending](py::handle, py::handle) { *pending = true; });
@@ -730,24 +709,22 @@ public:
     set_(SIGINT, record);
     old_ = std::move(old);
   }
-  SigintDeferral(const SigintDeferral &) = delete;
-  SigintDeferral &operator=(const SigintDeferral &) = delete;
+  SigintDeferral(const SigintDeferral&) = delete;
+  SigintDeferral& operator=(const SigintDeferral&) = delete;
 
   ~SigintDeferral() {
-    if (!old_)
-      return;
-    py::error_scope keep; // an exception in flight stays as it is
+    if (!old_) return;
+    py::error_scope keep;  // an exception in flight stays as it is
     try {
       Release();
-    } catch (py::error_already_set &e) {
+    } catch (py::error_already_set& e) {
       e.discard_as_unraisable(
           "ckpt: restoring the SIGINT handler after a save");
     }
   }
 
   void Release() {
-    if (!old_)
-      return;
+    if (!old_) return;
     py::object old = std::move(old_);
     old_ = py::object();
     // _signal.signal() first runs the handlers of signals already pending
@@ -764,22 +741,21 @@ public:
   bool active() const { return static_cast<bool>(old_); }
   bool pending() const { return *pending_; }
 
-private:
+ private:
   std::shared_ptr<bool> pending_ = std::make_shared<bool>(false);
-  py::object set_; // _signal.signal
+  py::object set_;  // _signal.signal
   py::object old_;
 };
 
-} // namespace
+}  // namespace
 
 PYBIND11_MODULE(_ckpt, m) {
   m.doc() = "ckpt C++ core (use the ckpt package, not this module)";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
-      if (p)
-        std::rethrow_exception(p);
-    } catch (const StatusError &e) {
+      if (p) std::rethrow_exception(p);
+    } catch (const StatusError& e) {
       py::object errors = py::module_::import("ckpt._errors");
       py::object cls = errors.attr(
           e.python_class ? e.python_class : ErrorClass(e.status.code()));
@@ -788,27 +764,27 @@ PYBIND11_MODULE(_ckpt, m) {
       if (err != 0 &&
           py::isinstance(exc,
                          py::module_::import("builtins").attr("OSError"))) {
-        exc.attr("errno") = err; // str(exc) stays the message naming the file
+        exc.attr("errno") = err;  // str(exc) stays the message naming the file
       }
       PyErr_SetObject(cls.ptr(), exc.ptr());
     }
   });
 
   py::class_<Region>(m, "Region", py::buffer_protocol())
-      .def_buffer([](Region &r) {
+      .def_buffer([](Region& r) {
         return py::buffer_info(r.data, 1,
                                py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<ssize_t>(r.size)},
                                {static_cast<ssize_t>(1)}, !r.writable);
       })
-      .def("__len__", [](const Region &r) { return r.size; })
+      .def("__len__", [](const Region& r) { return r.size; })
       .def_property_readonly("writable",
-                             [](const Region &r) { return r.writable; });
+                             [](const Region& r) { return r.writable; });
 
   py::class_<Reader>(m, "Reader")
-      .def(py::init<const std::string &, bool>(), py::arg("path"),
+      .def(py::init<const std::string&, bool>(), py::arg("path"),
            py::arg("copy_on_write") = true)
-      .def(py::init<py::bytes, const std::string &>(), py::arg("data"),
+      .def(py::init<py::bytes, const std::string&>(), py::arg("data"),
            py::arg("name") = "<bytes>")
       .def("metadata", &Reader::Metadata)
       .def("storages", &Reader::Storages)
@@ -824,16 +800,16 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("tree", &Reader::Tree)
       .def("kind", &Reader::Kind)
       .def_property_readonly(
-          "num_tensors", [](const Reader &r) { return r.ck().num_tensors(); })
+          "num_tensors", [](const Reader& r) { return r.ck().num_tensors(); })
       .def_property_readonly(
-          "num_storages", [](const Reader &r) { return r.ck().num_storages(); })
+          "num_storages", [](const Reader& r) { return r.ck().num_storages(); })
       .def_property_readonly("file_size", &Reader::FileSize)
       .def_property_readonly("path", &Reader::Path)
       .def_property_readonly("producer", &Reader::Producer)
       .def_property_readonly("format_version", &Reader::Version);
 
   py::class_<PyWriter>(m, "Writer")
-      .def(py::init<const std::string &, bool, uint64_t, const std::string &>(),
+      .def(py::init<const std::string&, bool, uint64_t, const std::string&>(),
            py::arg("path"), py::arg("sync") = true, py::arg("chunk_size") = 0,
            py::arg("producer") = "ckpt")
       .def("add_storage", &PyWriter::AddStorage)
@@ -841,54 +817,54 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("append", &PyWriter::Append)
       .def("end_storage", &PyWriter::EndStorage)
       .def("add_tensor", &PyWriter::AddTensor)
-      .def("add_none", [](PyWriter &w) { return w.w().AddNone(); })
-      .def("add_bool", [](PyWriter &w, bool v) { return w.w().AddBool(v); })
-      .def("add_int", [](PyWriter &w, int64_t v) { return w.w().AddInt(v); })
+      .def("add_none", [](PyWriter& w) { return w.w().AddNone(); })
+      .def("add_bool", [](PyWriter& w, bool v) { return w.w().AddBool(v); })
+      .def("add_int", [](PyWriter& w, int64_t v) { return w.w().AddInt(v); })
       .def("add_bigint", &PyWriter::AddBigInt)
-      .def("add_float", [](PyWriter &w, double v) { return w.w().AddFloat(v); })
-      .def("add_complex", [](PyWriter &w, double re,
+      .def("add_float", [](PyWriter& w, double v) { return w.w().AddFloat(v); })
+      .def("add_complex", [](PyWriter& w, double re,
                              double im) { return w.w().AddComplex(re, im); })
       .def("add_string",
-           [](PyWriter &w, const std::string &s) { return w.w().AddString(s); })
+           [](PyWriter& w, const std::string& s) { return w.w().AddString(s); })
       .def("add_bytes", &PyWriter::AddBytes)
       .def("add_dtype",
-           [](PyWriter &w, int code) {
+           [](PyWriter& w, int code) {
              return Take(w.w().AddDType(static_cast<ckpt::DType>(code)));
            })
       .def("add_device",
-           [](PyWriter &w, const std::string &d) {
+           [](PyWriter& w, const std::string& d) {
              return Take(w.w().AddDevice(d));
            })
       .def("add_list",
-           [](PyWriter &w, const std::vector<uint32_t> &ids) {
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
              return Take(w.w().AddList(ids));
            })
       .def("add_tuple",
-           [](PyWriter &w, const std::vector<uint32_t> &ids) {
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
              return Take(w.w().AddTuple(ids));
            })
       .def("add_set",
-           [](PyWriter &w, const std::vector<uint32_t> &ids) {
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
              return Take(w.w().AddSet(ids));
            })
       .def("add_frozenset",
-           [](PyWriter &w, const std::vector<uint32_t> &ids) {
+           [](PyWriter& w, const std::vector<uint32_t>& ids) {
              return Take(w.w().AddFrozenSet(ids));
            })
       .def("add_dict",
-           [](PyWriter &w, const std::vector<uint32_t> &keys,
-              const std::vector<uint32_t> &values,
-              const std::string &type_name) {
+           [](PyWriter& w, const std::vector<uint32_t>& keys,
+              const std::vector<uint32_t>& values,
+              const std::string& type_name) {
              return Take(w.w().AddDict(keys, values, type_name));
            })
       .def("set_type_name",
-           [](PyWriter &w, uint32_t node, const std::string &t) {
+           [](PyWriter& w, uint32_t node, const std::string& t) {
              Check(w.w().SetTypeName(node, t));
            })
       .def("set_root",
-           [](PyWriter &w, uint32_t node) { Check(w.w().SetRoot(node)); })
+           [](PyWriter& w, uint32_t node) { Check(w.w().SetRoot(node)); })
       .def("set_metadata",
-           [](PyWriter &w, const std::string &k, const std::string &v) {
+           [](PyWriter& w, const std::string& k, const std::string& v) {
              Check(w.w().SetMetadata(k, v));
            })
       .def("commit", &PyWriter::Commit)
@@ -909,8 +885,8 @@ PYBIND11_MODULE(_ckpt, m) {
   // torch.load(weights_only=True) raises for them.
   m.def(
       "import_pth",
-      [](const std::string &in, const std::string &out, bool sync,
-         const std::string &encoding) {
+      [](const std::string& in, const std::string& out, bool sync,
+         const std::string& encoding) {
         ckpt::ImportOptions o;
         o.write.sync = sync;
         o.encoding = encoding;
@@ -938,18 +914,17 @@ PYBIND11_MODULE(_ckpt, m) {
 
   // XXH3-64 (seed 0) of a buffer: the format's checksum (docs/FORMAT.md 2),
   // for tools and tests that build or check files byte by byte.
-  m.def("xxh3_64", [](const py::buffer &b) {
+  m.def("xxh3_64", [](const py::buffer& b) {
     py::buffer_info info;
     auto bytes = ReadableBytes(b, info);
     return ckpt::Checksum(bytes);
   });
   m.attr("max_tree_depth") = ckpt::kMaxTreeDepth;
 
-  m.def("cli_main", [](const std::vector<std::string> &args) {
+  m.def("cli_main", [](const std::vector<std::string>& args) {
     std::vector<std::string> copy = args;
-    std::vector<char *> argv;
-    for (auto &a : copy)
-      argv.push_back(a.data());
+    std::vector<char*> argv;
+    for (auto& a : copy) argv.push_back(a.data());
     argv.push_back(nullptr);
     int rc;
     {
@@ -965,14 +940,14 @@ PYBIND11_MODULE(_ckpt, m) {
   // Whole storages into device memory the caller (torch) allocated, by the
   // C++ GPU loader; returns the strategy that ran.
   m.def("load_storages_to_device",
-        [](const Reader &r, const std::vector<size_t> &storages,
-           const std::vector<uintptr_t> &pointers, int device) {
+        [](const Reader& r, const std::vector<size_t>& storages,
+           const std::vector<uintptr_t>& pointers, int device) {
           if (storages.size() != pointers.size())
             throw py::value_error("one pointer per storage");
           ckpt::DeviceLoadOptions o;
           o.device = "cuda:" + std::to_string(device);
           for (uintptr_t p : pointers)
-            o.destinations.push_back(reinterpret_cast<void *>(p));
+            o.destinations.push_back(reinterpret_cast<void*>(p));
           py::gil_scoped_release nogil;
           auto load = Take(ckpt::LoadStoragesToDevice(r.ck(), storages, o));
           Check(load->Wait());
