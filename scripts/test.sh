@@ -25,6 +25,12 @@ cmake --install build-test --prefix "$prefix" >/dev/null
 cmake -S tests/install -B build-consumer -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build build-consumer -j"$jobs"
 build-consumer/consumer "$prefix/consumer.ckpt"
+# Where the toolkit was found, the loader through ckpt::cuda (77: no GPU).
+if [ -x build-consumer/consumer_cuda ]; then
+  rc=0
+  build-consumer/consumer_cuda "$prefix/consumer_cuda.ckpt" || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 77 ] || { echo "consumer_cuda failed ($rc)" >&2; exit 1; }
+fi
 rm -rf "$prefix"
 echo "install: 1 passed, 0 failed"
 
