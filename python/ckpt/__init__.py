@@ -22,8 +22,10 @@ from .manager import CheckpointInfo, CheckpointManager
 __version__ = _ckpt.version
 FORMAT_VERSION = _ckpt.format_version
 
+# `open` stays out of __all__: `from ckpt import *` must not shadow the
+# builtin open(); use it as ckpt.open.
 __all__ = [
-    "save", "load", "open", "File", "rng", "CheckpointManager", "CheckpointInfo",
+    "save", "load", "File", "rng", "CheckpointManager", "CheckpointInfo",
     "convert", "import_pth", "save_safetensors", "flatten",
     "CkptError", "FormatError", "ChecksumError", "UnsupportedError", "NotFoundError",
     "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",

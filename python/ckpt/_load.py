@@ -134,8 +134,8 @@ class _Loader:
         self.r = reader
         self.name = name or reader.path  # what errors call the file
         self.gpu_loader = gpu_loader
-        self._storages = None  # [(offset, nbytes, device)], read when first needed
-        self._tensors = None   # [(path, code, shape, strides, sid, off, rg, param)]
+        self._storages = None  # [_ckpt.StorageRecord], read when first needed
+        self._tensors = None   # [_ckpt.TensorRecord], read when first needed
         self.map_location = map_location
         self.mmap = mmap
         self.threads = threads
@@ -168,7 +168,7 @@ class _Loader:
         """Copies storages into new CPU memory: one batched, parallel pread."""
         sids = [s for s in sids if s not in self.host]
         if sids:
-            bufs = [torch.empty(self.storage(s)[1], dtype=torch.uint8) for s in sids]
+            bufs = [torch.empty(self.storage(s).nbytes, dtype=torch.uint8) for s in sids]
             self.r.read_storages(sids, [b.numpy() for b in bufs], self.threads)
             for s, b in zip(sids, bufs):
                 self.host[s] = (b, True)
@@ -183,13 +183,13 @@ class _Loader:
 
     def materialize(self, sids):
         sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
-        targets = {s: self._target(self.storage(s)[2]) for s in sids}
+        targets = {s: self._target(self.storage(s).device) for s in sids}
         if not self.mmap:
             self._copy_to_host([s for s in sids if targets[s] == "cpu"])
         where = self.name
         to_gpu = {}  # device -> storages for the C++ GPU loader
         for s in sids:
-            target, saved = targets[s], self.storage(s)[2]
+            target, saved = targets[s], self.storage(s).device
             if target is None:  # a callable map_location
                 cpu = _untyped(self._host(s, copy=not self.mmap))
                 out = self.map_location(cpu, saved)
@@ -201,7 +201,7 @@ class _Loader:
                     continue
             dev = _check_device(target, saved, where)
             if dev.type == "meta":  # shapes only: nothing is read
-                self.placed[s] = _untyped(torch.empty(self.storage(s)[1], dtype=torch.uint8,
+                self.placed[s] = _untyped(torch.empty(self.storage(s).nbytes, dtype=torch.uint8,
                                                       device="meta"))
             elif dev.type == "cpu":
                 self.placed[s] = _untyped(self._host(s, copy=not self.mmap))
@@ -221,7 +221,7 @@ class _Loader:
             raise CudaError("this build of ckpt has no GPU loader (built without the "
                             "CUDA toolkit); load without gpu_loader=True")
         dev = torch.device("cuda", index)
-        bufs = [torch.empty(max(1, self.storage(s)[1]), dtype=torch.uint8, device=dev)
+        bufs = [torch.empty(max(1, self.storage(s).nbytes), dtype=torch.uint8, device=dev)
                 for s in sids]
         # Memory the caching allocator hands back may still be in use by
         # queued kernels on torch's stream; the loader writes from its own.
@@ -232,25 +232,32 @@ class _Loader:
 
     # -- the tree ---------------------------------------------------------------
     def on_tensor(self, idx, type_name):
-        path, code, shape, strides, sid, off, rg, param = self.tensor(idx)
-        if type_name == "numpy.ndarray" and code in CODE_TO_NUMPY:
+        rec = self.tensor(idx)
+        sid = rec.storage
+        if type_name == "numpy.ndarray" and rec.dtype in CODE_TO_NUMPY:
             host = self._host(sid, copy=not self.mmap)
             owned = self.host[sid][1]
             buf = host.numpy()
             if not owned:
                 buf = buf.copy()  # never hand out an array over read-only pages
-            dt = CODE_TO_NUMPY[code]
-            return np.ndarray(shape, dt, buffer=buf, offset=off * dt.itemsize,
-                              strides=[s * dt.itemsize for s in strides])
-        if sid not in self.placed:
-            self.materialize([sid])
-        dtype = CODE_TO_TORCH.get(code) or torch_dtype(code, f"{self.name}: tensor '{path}'")
-        t = view(self.placed[sid], dtype, off, shape, strides)
-        if param:
-            return torch.nn.Parameter(t, requires_grad=rg)
-        if rg:
+            dt = CODE_TO_NUMPY[rec.dtype]
+            return np.ndarray(rec.shape, dt, buffer=buf, offset=rec.storage_offset * dt.itemsize,
+                              strides=[s * dt.itemsize for s in rec.strides])
+        t = self.view(rec)
+        if rec.is_parameter:
+            return torch.nn.Parameter(t, requires_grad=rec.requires_grad)
+        if rec.requires_grad:
             t.requires_grad_(True)
         return t
+
+    def view(self, rec):
+        """The CPU or device tensor a TensorRecord describes, its storage
+        placed first if it is not yet."""
+        if rec.storage not in self.placed:
+            self.materialize([rec.storage])
+        dtype = CODE_TO_TORCH.get(rec.dtype) or \
+            torch_dtype(rec.dtype, f"{self.name}: tensor '{rec.path}'")
+        return view(self.placed[rec.storage], dtype, rec.storage_offset, rec.shape, rec.strides)
 
     def on_dtype(self, code):
         return torch_dtype(code, f"{self.name}: a dtype in the tree")
@@ -263,10 +270,11 @@ class _Loader:
         if self._storages is None:  # a (sub-)tree load needs the whole table
             self._storages = self.r.storages()
         if path:
-            under = [t for t in self.tensors if t[0] == path or t[0].startswith(path + "/")]
+            under = [t for t in self.tensors
+                     if t.path == path or t.path.startswith(path + "/")]
         else:
             under = self.tensors
-        self.materialize([t[4] for t in under])
+        self.materialize([t.storage for t in under])
         return self.r.tree(path, self.on_tensor, self.on_dtype, self.on_device)
 
 
@@ -411,9 +419,9 @@ class _Slice:
     def __init__(self, file, path):
         self._f = file
         self._path = path
-        info = file._info(path)
-        self.shape = tuple(info[2])
-        self.dtype = torch_dtype(info[1], f"{file.path}: tensor '{path}'")
+        rec = file._record(path)
+        self.shape = rec.shape
+        self.dtype = torch_dtype(rec.dtype, f"{file.path}: tensor '{path}'")
 
     def __getitem__(self, index):
         rest = ()
@@ -456,7 +464,6 @@ class File:
         self._path = os.fspath(path)
         self._r = _open_reader(self._path, mmap=True)
         self._cpu = _Loader(self._r, "cpu", mmap=True)
-        self._index = None
 
     # -- lifetime ---------------------------------------------------------------
     def __enter__(self):
@@ -475,14 +482,14 @@ class File:
         return self._r
 
     # -- tensors ----------------------------------------------------------------
-    def _info(self, path):
+    def _record(self, path):
         r = self._reader()
         return self._cpu.tensor(r.tensor_index(path))
 
     def keys(self):
         """Every tensor path, sorted (DESIGN.md path contract)."""
         self._reader()
-        return [t[0] for t in self._cpu.tensors]
+        return [t.path for t in self._cpu.tensors]
 
     def __iter__(self):
         return iter(self.keys())
@@ -492,7 +499,7 @@ class File:
 
     def __contains__(self, path):
         try:
-            self._info(path)
+            self._record(path)
             return True
         except KeyError:
             return False
@@ -505,11 +512,7 @@ class File:
         return self[path]
 
     def _rows(self, path, a, b):
-        info = self._reader().rows(path, a, b)
-        _, code, shape, strides, sid, off, _, _ = info
-        self._cpu.materialize([sid])
-        return view(self._cpu.placed[sid], torch_dtype(code, f"{self._path}: tensor '{path}'"),
-                    off, shape, strides)
+        return self._cpu.view(self._reader().rows(path, a, b))
 
     def get_slice(self, path):
         return _Slice(self, path)

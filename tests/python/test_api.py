@@ -1,5 +1,6 @@
 """ckpt.save / ckpt.load / ckpt.open: fidelity, errors, atomicity."""
 import argparse
+import builtins
 import collections
 import math
 import os
@@ -425,6 +426,59 @@ class OpenFile(TempDirCase):
         with self.assertRaises(ValueError):
             f.keys()
         self.assertTrue(torch.equal(t, self.emb))  # views outlive the handle
+
+
+class Records(TempDirCase):
+    """The binding's tables: named, read-only records (issue 11 item 9)."""
+
+    def test_tensor_and_storage_records_are_named(self):
+        p = self.path("r.ckpt")
+        base = torch.arange(12.0)
+        w = torch.nn.Parameter(torch.zeros(2, 3), requires_grad=False)
+        ckpt.save({"a": base[2:].reshape(2, 5), "b": base, "w": w,
+                   "g": torch.ones(4, dtype=torch.float16).requires_grad_()}, p)
+        r = _ckpt.Reader(p)
+        recs = r.tensors()
+        self.assertEqual([t.path for t in recs], ["a", "b", "g", "w"])
+        a = recs[0]
+        self.assertIsInstance(a, _ckpt.TensorRecord)
+        self.assertEqual((a.shape, a.strides, a.storage_offset), ((2, 5), (5, 1), 2))
+        self.assertEqual(a.storage, recs[1].storage)
+        self.assertEqual(a.dtype, ckpt._dtypes.TORCH_TO_CODE[torch.float32])
+        self.assertEqual((a.requires_grad, a.is_parameter), (False, False))
+        self.assertEqual((recs[2].requires_grad, recs[2].is_parameter), (True, False))
+        self.assertEqual((recs[3].requires_grad, recs[3].is_parameter), (False, True))
+        self.assertEqual(r.tensor(r.tensor_index("w")), recs[3])
+        with self.assertRaises(AttributeError):
+            a.shape = (10,)
+        with self.assertRaises(IndexError):
+            r.tensor(len(recs))
+        rows = r.rows("a", 1, 2)
+        self.assertIsInstance(rows, _ckpt.TensorRecord)
+        self.assertEqual((rows.path, rows.shape, rows.storage_offset), ("a", (1, 5), 7))
+        storages = r.storages()
+        self.assertEqual(len(storages), 3)
+        s = storages[a.storage]
+        self.assertIsInstance(s, _ckpt.StorageRecord)
+        self.assertEqual((s.nbytes, s.device), (48, "cpu"))
+        self.assertEqual(r.storage(a.storage), s)
+        self.assertEqual(s.offset % 64, 0)
+        with self.assertRaises(IndexError):
+            r.storage(3)
+
+
+class PackageNamespace(unittest.TestCase):
+    def test_star_import_keeps_the_builtin_open(self):
+        # `open` was in __all__: `from ckpt import *` replaced open().
+        ns = {}
+        exec("from ckpt import *", ns)  # noqa: S102 - the statement under test
+        self.assertNotIn("open", ns)
+        self.assertIs(eval("open", ns), builtins.open)  # noqa: S307
+        for name in ckpt.__all__:
+            self.assertIs(ns[name], getattr(ckpt, name))
+        self.assertIn("save", ns)
+        self.assertIs(ckpt.open, ckpt._load.open)
+        self.assertTrue(callable(ckpt.open))
 
 
 class Interop(TempDirCase):
