@@ -106,12 +106,9 @@ std::string EscapePathSegment(std::string_view segment) {
 }
 
 std::string JoinPath(const std::vector<std::string>& raw_segments) {
-  std::string out;
-  for (size_t i = 0; i < raw_segments.size(); ++i) {
-    if (i) out += '/';
-    out += EscapePathSegment(raw_segments[i]);
-  }
-  return out;
+  PathBuilder b;
+  for (const auto& seg : raw_segments) b.Push(seg);
+  return b.path();
 }
 
 Result<std::vector<std::string>> SplitPath(std::string_view path) {

@@ -650,16 +650,15 @@ Value Checkpoint::root() const {
 Result<Value> Checkpoint::Get(std::string_view path) const {
   CKPT_ASSIGN_OR_RETURN(auto segments, SplitPath(path));
   Value v = root();
-  std::string walked;
+  PathBuilder walked;
   for (const auto& seg : segments) {
     auto child = v.Child(seg);
     if (!child.ok()) {
-      return child.status().WithContext(walked.empty() ? "at the root"
-                                                       : "at '" + walked + "'");
+      return child.status().WithContext(
+          walked.depth() == 0 ? "at the root" : "at '" + walked.path() + "'");
     }
     v = *child;
-    if (!walked.empty()) walked += '/';
-    walked += EscapePathSegment(seg);
+    walked.Push(seg);
   }
   return v;
 }
@@ -700,9 +699,7 @@ Status CheckpointImpl::VerifyTreePaths() const {
     stack.pop_back();
     const fb::Node* n = node(f.node);
     auto child_path = [&](const std::string& seg) {
-      std::string p = f.path;
-      if (!p.empty() || f.node != h->nodes()->size() - 1) p += '/';
-      return p + EscapePathSegment(seg);
+      return PathBuilder::Child(f.path, f.node == h->nodes()->size() - 1, seg);
     };
     switch (static_cast<ValueKind>(n->kind())) {
       case ValueKind::kTensor: {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "format_internal.h"
 #include "tree_internal.h"
 
 namespace ckpt::internal {
@@ -417,4 +418,136 @@ int CompareHashable(uint32_t a, uint32_t b,
   }
 }
 
+// ---- the public key segment ------------------------------------------------
+
+namespace {
+
+// A PathKey tree laid out as numbered nodes, children first, for the
+// id-based key grammar above.
+struct FlatKey {
+  std::vector<const PathKey*> node;
+  std::vector<std::vector<uint32_t>> items;
+};
+
+Status KeyProblem(const std::string& what) {
+  return InvalidArgument("dict key: " + what);
+}
+
+// Checks one node of a key for what a file could not hold.
+Status CheckKeyNode(const PathKey& k) {
+  if (!IsKeyKind(k.kind)) {
+    return KeyProblem("a " + std::string(ValueKindName(k.kind)) +
+                      " cannot be a dict key");
+  }
+  switch (k.kind) {
+    case ValueKind::kBool:
+      if (k.int_value != 0 && k.int_value != 1) {
+        return KeyProblem("bool value is neither 0 nor 1");
+      }
+      break;
+    case ValueKind::kBigInt:
+      if (k.bytes.empty() || k.bytes.size() > 4096) {
+        return KeyProblem("big int of " + std::to_string(k.bytes.size()) +
+                          " bytes (1..4096 allowed)");
+      }
+      break;
+    case ValueKind::kString:
+      if (auto at = Utf8Problem(k.text)) {
+        return KeyProblem("invalid UTF-8 at byte " + std::to_string(*at));
+      }
+      break;
+    case ValueKind::kDevice:
+      if (auto why = DeviceProblem(k.text)) {
+        return KeyProblem("invalid device string: " + *why);
+      }
+      break;
+    case ValueKind::kDType:
+      if (k.int_value < 1 || k.int_value > kMaxDTypeCode ||
+          !IsKnownDType(static_cast<uint8_t>(k.int_value))) {
+        return KeyProblem("unknown dtype code " + std::to_string(k.int_value));
+      }
+      break;
+    default:
+      break;
+  }
+  if (!KindUsesField(k.kind, kFieldItems) && !k.items.empty()) {
+    return KeyProblem("a " + std::string(ValueKindName(k.kind)) +
+                      " has no items");
+  }
+  return Status::OK();
+}
+
+Result<FlatKey> Flatten(const PathKey& key) {
+  FlatKey f;
+  // Iterative post-order: a hostile caller may nest a key 10^6 deep.
+  struct Frame {
+    const PathKey* key;
+    size_t next = 0;
+    std::vector<uint32_t> kids;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({&key, 0, {}});
+  while (!stack.empty()) {
+    Frame& top = stack.back();
+    if (top.next == 0) {
+      if (stack.size() > kMaxTreeDepth) {
+        return KeyProblem("nested deeper than " +
+                          std::to_string(kMaxTreeDepth));
+      }
+      CKPT_RETURN_IF_ERROR(CheckKeyNode(*top.key));
+    }
+    if (top.next < top.key->items.size()) {
+      const PathKey* child = &top.key->items[top.next++];
+      stack.push_back({child, 0, {}});
+      continue;
+    }
+    Frame done = std::move(stack.back());
+    stack.pop_back();
+    const auto id = static_cast<uint32_t>(f.node.size());
+    f.node.push_back(done.key);
+    f.items.push_back(std::move(done.kids));
+    if (!stack.empty()) stack.back().kids.push_back(id);
+  }
+  return f;
+}
+
+KeyNode DescribeKey(const PathKey& k, size_t num_items) {
+  KeyNode n;
+  n.kind = k.kind;
+  n.int_value = k.int_value;
+  n.float_value = k.float_value;
+  n.imag_value = k.imag_value;
+  n.str = k.text;
+  n.bytes = k.bytes;
+  n.num_items = num_items;
+  return n;
+}
+
+}  // namespace
+
 }  // namespace ckpt::internal
+
+namespace ckpt {
+
+Result<std::string> KeySegment(const PathKey& key) {
+  using internal::KeyNode;
+  CKPT_ASSIGN_OR_RETURN(internal::FlatKey f, internal::Flatten(key));
+  auto get = [&](uint32_t id) {
+    return internal::DescribeKey(*f.node[id], f.items[id].size());
+  };
+  auto item = [&](uint32_t id, size_t i) { return f.items[id][i]; };
+  // A FrozenSet's items in the canonical order the writer stores them in
+  // (FORMAT.md 10), so equal sets have one form. Children come first, so
+  // the items of an inner set are already sorted when it is compared.
+  for (uint32_t id = 0; id < f.node.size(); ++id) {
+    if (f.node[id]->kind != ValueKind::kFrozenSet) continue;
+    std::stable_sort(f.items[id].begin(), f.items[id].end(),
+                     [&](uint32_t a, uint32_t b) {
+                       return internal::CompareHashable(a, b, get, item) < 0;
+                     });
+  }
+  return internal::KeySegmentOf(static_cast<uint32_t>(f.node.size() - 1), get,
+                                item, internal::FloatKeyForm::kPythonRepr);
+}
+
+}  // namespace ckpt

@@ -507,7 +507,7 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     const bool in_key = f.in_key;
     const bool at_root = f.node == root;
     auto child_path = [&](const std::string& seg) {
-      return (at_root ? std::string() : path + "/") + EscapePathSegment(seg);
+      return PathBuilder::Child(path, at_root, seg);
     };
     // Pushed in reverse so children are numbered in their natural order;
     // keys and values of a dict are interleaved (key, value, key, ...).

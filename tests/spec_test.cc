@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
+#include <set>
 
 #include "catch_util.h"
 #include "craft.h"
@@ -1121,4 +1122,192 @@ TEST_CASE(
     }
   }
   CHECK(refused > 40);
+}
+
+namespace {
+PathKey K(ValueKind kind) {
+  PathKey k;
+  k.kind = kind;
+  return k;
+}
+PathKey KInt(int64_t v) {
+  PathKey k = K(ValueKind::kInt);
+  k.int_value = v;
+  return k;
+}
+PathKey KStr(std::string s) {
+  PathKey k = K(ValueKind::kString);
+  k.text = std::move(s);
+  return k;
+}
+PathKey KFloat(double v) {
+  PathKey k = K(ValueKind::kFloat);
+  k.float_value = v;
+  return k;
+}
+PathKey KSeq(ValueKind kind, std::vector<PathKey> items) {
+  PathKey k = K(kind);
+  k.items = std::move(items);
+  return k;
+}
+}  // namespace
+
+TEST_CASE("7.2: PathBuilder joins segments as FORMAT.md says") {
+  PathBuilder b;
+  CHECK(b.path().empty());
+  CHECK(b.depth() == 0);
+  b.Push("model");
+  b.Push("fc/w~");
+  CHECK(b.path() == "model/fc~1w~0");
+  b.Pop();
+  b.Push("0");
+  CHECK(b.path() == "model/0");
+  b.Pop();
+  b.Pop();
+  b.Pop();  // no-op at the root
+  CHECK(b.path().empty());
+  // A root key "" has the empty path; its child's path starts with '/'.
+  b.Push("");
+  CHECK(b.path().empty());
+  CHECK(b.depth() == 1);
+  b.Push("a");
+  CHECK(b.path() == "/a");
+  CHECK(PathBuilder::Child("", true, "a") == "a");
+  CHECK(PathBuilder::Child("", false, "a") == "/a");
+  CHECK(JoinPath({"", "a"}) == "/a");
+}
+
+TEST_CASE("7.3: KeySegment gives each key the form the writer gives it") {
+  PathKey big = K(ValueKind::kBigInt);
+  big.bytes = {0, 0, 0, 0, 0, 0, 0, 0, 0x40};  // 2^70
+  PathKey cplx = K(ValueKind::kComplex);
+  cplx.float_value = 1.0;
+  cplx.imag_value = -2.5;
+  PathKey bytes = K(ValueKind::kBytes);
+  bytes.bytes = {0x00, 0xff};
+  PathKey yes = K(ValueKind::kBool);
+  yes.int_value = 1;
+  PathKey dt = K(ValueKind::kDType);
+  dt.int_value = static_cast<int64_t>(DType::kBFloat16);
+  PathKey dev = K(ValueKind::kDevice);
+  dev.text = "cuda:1";
+  const std::pair<PathKey, std::string> cases[] = {
+      {KStr("fc.weight"), "fc.weight"},
+      {KInt(-3), "-3"},
+      {big, "1180591620717411303424"},
+      {KFloat(1.0), "1.0"},
+      {KFloat(1e20), "1e+20"},
+      {cplx, "complex(1.0,-2.5)"},
+      {bytes, "0x00ff"},
+      {yes, "True"},
+      {K(ValueKind::kNone), "None"},
+      {dt, "bfloat16"},
+      {dev, "cuda:1"},
+      {KSeq(ValueKind::kTuple, {KInt(1), KStr("a")}), "(1,a)"},
+      {KSeq(ValueKind::kTuple, {KInt(1)}), "(1,)"},
+      {KSeq(ValueKind::kTuple, {}), "()"},
+      // Canonical order, whatever order the caller lists them in.
+      {KSeq(ValueKind::kFrozenSet, {KInt(2), KInt(1)}), "(1,2)"},
+      {KSeq(ValueKind::kTuple,
+            {KSeq(ValueKind::kFrozenSet, {KStr("b"), KStr("a")}), KInt(0)}),
+       "((a,b),0)"},
+  };
+  for (const auto& [key, form] : cases) {
+    INFO(form);
+    auto seg = KeySegment(key);
+    INFO(seg.status().ToString());
+    REQUIRE(seg.ok());
+    CHECK(*seg == form);
+  }
+  // The same keys through the writer: the file's tensor paths are what
+  // KeySegment + PathBuilder say (the reader checks R16 on open).
+  TempDir dir;
+  auto f = Build(dir.File("k.ckpt"), [&](Writer& w) -> Result<NodeId> {
+    std::vector<NodeId> keys, values;
+    float x = 1;
+    auto bytes_of = std::as_bytes(std::span<const float>(&x, 1));
+    NodeId set_items[] = {w.AddInt(2), w.AddInt(1)};
+    CKPT_ASSIGN_OR_RETURN(NodeId fs, w.AddFrozenSet(set_items));
+    NodeId tup_items[] = {w.AddInt(1), w.AddString("a")};
+    CKPT_ASSIGN_OR_RETURN(NodeId tup, w.AddTuple(tup_items));
+    keys = {fs, tup, w.AddFloat(1.0)};
+    for (size_t i = 0; i < keys.size(); ++i) {
+      CKPT_ASSIGN_OR_RETURN(StorageId st, w.AddStorage(bytes_of));
+      CKPT_ASSIGN_OR_RETURN(NodeId t, w.AddTensor(TensorSpec{
+                                          .dtype = DType::kFloat32,
+                                          .shape = {1},
+                                          .strides = {1},
+                                          .storage = st,
+                                      }));
+      values.push_back(t);
+    }
+    NodeId inner_key = w.AddString("m");
+    CKPT_ASSIGN_OR_RETURN(NodeId inner, w.AddDict(keys, values));
+    NodeId outer_keys[] = {inner_key};
+    NodeId outer_values[] = {inner};
+    return w.AddDict(outer_keys, outer_values);
+  });
+  auto ck = Checkpoint::OpenBuffer(f, "k.ckpt");
+  INFO(ck.status().ToString());
+  REQUIRE(ck.ok());
+  std::set<std::string> paths;
+  for (size_t i = 0; i < ck->num_tensors(); ++i) {
+    paths.insert(ck->tensor_info(i).path);
+  }
+  std::set<std::string> expect;
+  for (const PathKey& k :
+       {KSeq(ValueKind::kFrozenSet, {KInt(1), KInt(2)}),
+        KSeq(ValueKind::kTuple, {KInt(1), KStr("a")}), KFloat(1.0)}) {
+    PathBuilder b;
+    b.Push("m");
+    b.Push(KeySegment(k).value());
+    expect.insert(b.path());
+  }
+  CHECK(paths == expect);
+}
+
+TEST_CASE("7.3: KeySegment refuses keys a file cannot hold") {
+  PathKey bad_utf8 = KStr("\xff");
+  PathKey bad_dev = K(ValueKind::kDevice);
+  bad_dev.text = "cuda:01";
+  PathKey bad_dtype = K(ValueKind::kDType);
+  bad_dtype.int_value = 200;
+  PathKey empty_big = K(ValueKind::kBigInt);
+  PathKey deep = KInt(0);
+  for (int i = 0; i < 1001; ++i) deep = KSeq(ValueKind::kTuple, {deep});
+  const std::pair<PathKey, std::string> cases[] = {
+      {K(ValueKind::kList), "a list cannot be a dict key"},
+      {K(ValueKind::kDict), "a dict cannot be a dict key"},
+      {K(ValueKind::kTensor), "a tensor cannot be a dict key"},
+      {KSeq(ValueKind::kTuple, {KInt(1), K(ValueKind::kSet)}),
+       "a set cannot be a dict key"},
+      {bad_utf8, "invalid UTF-8"},
+      {bad_dev, "invalid device string"},
+      {bad_dtype, "unknown dtype code 200"},
+      {empty_big, "big int of 0 bytes"},
+      {KSeq(ValueKind::kString, {KInt(1)}), "a string has no items"},
+      {deep, "nested deeper than 1000"},
+  };
+  for (const auto& [key, why] : cases) {
+    INFO(why);
+    RequireError(KeySegment(key).status(), ErrorCode::kInvalidArgument, why);
+  }
+}
+
+TEST_CASE("Get names the walked path in errors, also under a key \"\"") {
+  TempDir dir;
+  auto f = Build(dir.File("e.ckpt"), [](Writer& w) -> Result<NodeId> {
+    NodeId ik[] = {w.AddString("a")};
+    NodeId iv[] = {w.AddInt(1)};
+    CKPT_ASSIGN_OR_RETURN(NodeId inner, w.AddDict(ik, iv));
+    NodeId ok[] = {w.AddString("")};
+    NodeId ov[] = {inner};
+    return w.AddDict(ok, ov);
+  });
+  auto ck = Checkpoint::OpenBuffer(f, "e.ckpt");
+  REQUIRE(ck.ok());
+  REQUIRE(ck->Get("/a").ok());
+  // Below the entry "" (path ""), not at the root.
+  RequireError(ck->Get("/b").status(), ErrorCode::kNotFound, "at ''");
+  RequireError(ck->Get("b").status(), ErrorCode::kNotFound, "at the root");
 }

@@ -290,11 +290,79 @@ constexpr bool KindUsesField(ValueKind kind, NodeField field) {
 
 /// Escapes one path segment (RFC 6901): '~' -> "~0", '/' -> "~1".
 std::string EscapePathSegment(std::string_view segment);
-/// Joins escaped segments with '/'.
+/// Joins raw segments into a path (PathBuilder's rules).
 std::string JoinPath(const std::vector<std::string>& raw_segments);
 /// Splits a path into unescaped segments; the empty path has no segments.
 /// kInvalidArgument for a '~' not followed by '0' or '1'.
 Result<std::vector<std::string>> SplitPath(std::string_view path);
+
+/// Builds tensor paths (docs/FORMAT.md 7.2) one segment at a time: a
+/// node's path is its segments from the root, each escaped
+/// (EscapePathSegment) and joined with '/', so the root's children have no
+/// leading '/' and the root's path is empty. The one place in ckpt where
+/// paths are joined: the writer, the reader's checks and lookups, the .pth
+/// importer, the CLI and the Python package (through the binding) use it.
+class PathBuilder {
+ public:
+  /// Enters the child `segment` (raw, unescaped) of the current node.
+  void Push(std::string_view segment) {
+    marks_.push_back(path_.size());
+    path_ = Child(path_, marks_.size() == 1, segment);
+  }
+  /// Leaves the current node for its parent; no-op at the root.
+  void Pop() {
+    if (marks_.empty()) return;
+    path_.resize(marks_.back());
+    marks_.pop_back();
+  }
+  /// The current node's path ("" at the root).
+  const std::string& path() const { return path_; }
+  /// Segments between the root and the current node.
+  size_t depth() const { return marks_.size(); }
+
+  /// The path of child `segment` (raw) of the node at `parent`; for walks
+  /// that keep one path per stack frame. `parent_is_root`: `parent` is the
+  /// root (whose children's paths have no leading '/'; a child of a node
+  /// whose path is "" because its key was "" does).
+  static std::string Child(std::string_view parent, bool parent_is_root,
+                           std::string_view segment) {
+    std::string out;
+    if (!parent_is_root) {
+      out.reserve(parent.size() + 1 + segment.size());
+      out.append(parent);
+      out += '/';
+    }
+    out += EscapePathSegment(segment);
+    return out;
+  }
+
+ private:
+  std::string path_;
+  std::vector<size_t> marks_;
+};
+
+/// A dict key, described for KeySegment: the value of a node of a
+/// hashable kind (docs/FORMAT.md 7.1), with its items for Tuple and
+/// FrozenSet keys.
+struct PathKey {
+  ValueKind kind = ValueKind::kNone;
+  int64_t int_value = 0;   ///< Bool (0/1), Int, DType code
+  double float_value = 0;  ///< Float; real part of Complex
+  double imag_value = 0;   ///< imaginary part of Complex
+  std::string text;        ///< String (UTF-8), Device
+  /// Bytes; BigInt as little-endian two's complement (1..4096 bytes).
+  std::vector<uint8_t> bytes;
+  std::vector<PathKey> items;  ///< Tuple, FrozenSet
+};
+
+/// The path form of a dict key (docs/FORMAT.md 7.3), unescaped: what the
+/// key's entry is named in tensor paths, as the writer names it (floats as
+/// Python's repr(); a FrozenSet's items in canonical order). Pass it to
+/// PathBuilder::Push. kInvalidArgument for a key a file cannot hold: a kind
+/// that is not hashable (List, Dict, Set, Tensor, also inside a Tuple or
+/// FrozenSet), invalid UTF-8, an unknown dtype code, a bad device string, a
+/// BigInt of 0 or more than 4096 bytes, nesting deeper than kMaxTreeDepth.
+Result<std::string> KeySegment(const PathKey& key);
 
 /// The format's checksum (XXH3-64, seed 0) of `bytes`: what the preamble,
 /// header and chunk hashes hold (docs/FORMAT.md section 2). For tools that
