@@ -1,8 +1,10 @@
+#include <algorithm>
+#include <array>
+#include <bit>
 #include <cctype>
-#include <charconv>
 #include <cmath>
 #include <cstring>
-#include <set>
+#include <string_view>
 #include <unordered_map>
 
 #include "bytes_internal.h"
@@ -72,77 +74,6 @@ std::string CanonicalModule(std::string m) {
   if (m == "copy_reg") return "copyreg";
   if (m.rfind("numpy._core", 0) == 0) return "numpy.core" + m.substr(11);
   return m;
-}
-
-// Exact (module, name) pairs that REDUCE/NEWOBJ may apply.
-const std::set<std::pair<std::string, std::string>>& Callables() {
-  static const auto* s = new std::set<std::pair<std::string, std::string>>{
-      {"torch._utils", "_rebuild_tensor"},
-      {"torch._utils", "_rebuild_tensor_v2"},
-      {"torch._utils", "_rebuild_tensor_v3"},
-      {"torch._utils", "_rebuild_parameter"},
-      {"torch._utils", "_rebuild_parameter_with_state"},
-      {"torch._tensor", "_rebuild_from_type_v2"},
-      {"torch", "Size"},
-      {"torch", "device"},
-      {"torch", "Tensor"},
-      {"torch.nn.parameter", "Parameter"},
-      {"collections", "OrderedDict"},
-      {"_codecs", "encode"},
-      {"builtins", "set"},
-      {"builtins", "frozenset"},
-      {"builtins", "complex"},
-      {"builtins", "slice"},
-      {"builtins", "bytes"},
-      {"builtins", "bytearray"},
-      {"numpy.core.multiarray", "_reconstruct"},
-      {"numpy.core.multiarray", "scalar"},
-      {"numpy.core.numeric", "_frombuffer"},
-      {"numpy", "ndarray"},
-      {"numpy", "dtype"},
-      {"argparse", "Namespace"},
-      {"copyreg", "_reconstructor"},  // protocols 0-1: plain objects
-      {"builtins", "object"},         // only as _reconstructor's base
-  };
-  return *s;
-}
-
-// Globals refused with a reason more useful than "forbidden".
-std::string RefusalReason(const std::string& m, const std::string& n) {
-  if (m == "torch._utils") {
-    if (n == "_rebuild_qtensor") return "quantized tensors are not supported";
-    if (n == "_rebuild_sparse_tensor" || n == "_rebuild_sparse_csr_tensor") {
-      return "sparse tensors are not supported";
-    }
-    if (n == "_rebuild_meta_tensor_no_storage") {
-      return "meta tensors have no data to convert";
-    }
-    if (n == "_rebuild_wrapper_subclass")
-      return "tensor subclasses without data are not supported";
-    if (n == "_rebuild_nested_tensor")
-      return "nested tensors are not supported";
-    if (n == "_rebuild_device_tensor_from_numpy" ||
-        n == "_rebuild_xla_tensor") {
-      return "XLA/ORT device tensors are not supported";
-    }
-  }
-  if (m == "torch.serialization" && n == "_get_layout") {
-    return "sparse tensors are not supported";
-  }
-  if (m == "torch.storage" && n == "_load_from_bytes") {
-    return "a torch.save file nested inside the pickle is not supported";
-  }
-  if (m.rfind("torch.nn.modules", 0) == 0 ||
-      (m.rfind("torch.nn", 0) == 0 && n != "Parameter")) {
-    return "a whole nn.Module is pickled here; save model.state_dict() instead";
-  }
-  if (m.rfind("__torch__", 0) == 0)
-    return "TorchScript objects are not supported";
-  if (m == "__main__") {
-    return "custom class '__main__." + n +
-           "' cannot be converted without running its code";
-  }
-  return "";
 }
 
 struct NpType {
@@ -338,6 +269,45 @@ const char* KindName(K k) {
   return "?";
 }
 
+class Machine;
+
+// What REDUCE or NEWOBJ of an allowlisted global does with its arguments
+// (already checked against the row's arity), and what BUILD does with the
+// state of an object that row made.
+struct GlobalRow;
+using CallFn = Result<Obj> (Machine::*)(const GlobalRow& row,
+                                        std::span<const Obj> args);
+using BuildFn = Status (Machine::*)(PyObj& target, const Obj& state);
+
+// One row of the allowlist: every global the reader knows, allowed or
+// refused with its reason. GLOBAL/STACK_GLOBAL find the first matching row
+// (is it allowed? which refusal text?), and REDUCE, NEWOBJ and BUILD
+// dispatch to its handlers. A name no row matches is refused as
+// "forbidden", naming what its module does allow.
+struct GlobalRow {
+  std::string_view module;  // exact; "torch.nn*": any module with that prefix
+  std::string_view name;    // exact; "*": any name
+  // Allowed rows: what each opcode applied to the global does. An allowed
+  // row with no handler is a class only used as an argument
+  // (numpy.ndarray to _reconstruct, torch.Tensor to _rebuild_from_type_v2).
+  CallFn reduce = nullptr;
+  uint8_t min_args = 0, max_args = 0;  // REDUCE's argument count
+  CallFn newobj = nullptr;             // NEWOBJ (its arguments are unused)
+  BuildFn build = nullptr;             // BUILD on what reduce/newobj made
+  bool refused = false;
+  // Refused rows: why ("" = the generic "forbidden" text). "%" stands for
+  // "module.name".
+  std::string_view reason = {};
+};
+
+bool RowMatches(const GlobalRow& r, std::string_view m, std::string_view n) {
+  const bool module_ok =
+      r.module.ends_with('*')
+          ? m.starts_with(r.module.substr(0, r.module.size() - 1))
+          : m == r.module;
+  return module_ok && (r.name == "*" || n == r.name);
+}
+
 class Machine {
  public:
   Machine(std::span<const std::byte> data, const std::string& where,
@@ -353,6 +323,16 @@ class Machine {
   Result<Obj> Run(size_t* consumed);
 
  private:
+  using Op = Status (Machine::*)(uint8_t op);
+  struct OpRow {
+    uint8_t code;
+    const char* name;
+    Op fn;
+  };
+  static std::span<const GlobalRow> Allowlist();
+  static std::span<const OpRow> Opcodes();
+  static const std::array<Op, 256>& OpTable();
+
   // Errors name the stream and byte offset of the opcode being run.
   Status Fail(ErrorCode code, const std::string& msg) const {
     Status s(code, msg + " at " + where_ + "+" + std::to_string(op_at_));
@@ -368,6 +348,7 @@ class Machine {
     return Fail(ErrorCode::kInvalidArgument, msg);
   }
 
+  // ---- reading the opcode stream
   Result<std::span<const std::byte>> Take(uint64_t n) {
     if (n > d_.size() - pos_) {
       return Bad("truncated pickle: needs " + std::to_string(n) +
@@ -392,71 +373,10 @@ class Machine {
     return s;
   }
 
-  Status Push(Obj o) {
-    if (stack_.size() >= lim_.max_stack) {
-      return Refuse("pickle stack too deep (limit " +
-                    std::to_string(lim_.max_stack) + " items)");
-    }
-    if (++objects_ > lim_.max_objects) {
-      return Refuse("too many objects in pickle (limit " +
-                    std::to_string(lim_.max_objects) + ")");
-    }
-    // A new object (nobody else holds it yet) is charged once; a memo
-    // reuse costs only its stack slot.
-    uint64_t cost = o->charged ? 0 : Cost(*o);
-    o->charged = true;
-    switch (o->kind) {  // anything that can hold a reference
-      case K::kList:
-      case K::kTuple:
-      case K::kDict:
-      case K::kSet:
-      case K::kFrozenSet:
-        if (cost) {
-          heap_->Track(o);
-          cost += 2 * sizeof(Obj);
-        }
-        break;
-      default:
-        break;
-    }
-    stack_.push_back(std::move(o));
-    return Charge(cost);
-  }
-
-  // Memory of one object as allocated: the node and its control block,
-  // heap-held strings and vectors, tensors and inline numpy data.
-  static uint64_t Cost(const PyObj& o) {
-    constexpr uint64_t kMalloc = 16;  // per-allocation overhead
-    auto str = [](const std::string& x) -> uint64_t {
-      return x.capacity() > 15 ? x.capacity() + 1 + kMalloc : 0;
-    };
-    uint64_t c = sizeof(PyObj) + 16 + kMalloc + str(o.s) + str(o.s2);
-    if (o.bytes.capacity()) c += o.bytes.capacity() + kMalloc;
-    if (o.items.capacity()) c += o.items.capacity() * sizeof(Obj) + kMalloc;
-    if (o.keys.capacity()) c += o.keys.capacity() * sizeof(Obj) + kMalloc;
-    if (o.tensor) {
-      c += sizeof(PyTensor) + 16 + 3 * kMalloc +
-           (o.tensor->shape.capacity() + o.tensor->strides.capacity()) *
-               sizeof(int64_t);
-      if (o.tensor->storage && o.tensor->storage->inline_data) {
-        c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() +
-             4 * kMalloc;
-      }
-    }
-    return c;
-  }
-  // Adds `n` bytes and checks the total, stack and memo included.
-  Status Charge(uint64_t n) {
-    memory_ += n;
-    uint64_t total = memory_ + stack_.capacity() * sizeof(Obj) +
-                     memo_.size() * 64 + marks_.capacity() * sizeof(size_t);
-    if (total > lim_.max_memory) {
-      return Refuse("pickle objects take more than " +
-                    std::to_string(lim_.max_memory) +
-                    " bytes of memory (limit max_pickle_memory)");
-    }
-    return Status::OK();
-  }
+  // ---- stack, marks, memo and the memory budget
+  Status Push(Obj o);
+  static uint64_t Cost(const PyObj& o);
+  Status Charge(uint64_t n);
   Result<Obj> Pop() {
     if (stack_.size() <= Floor()) return Bad("pickle stack underflow");
     Obj o = std::move(stack_.back());
@@ -464,139 +384,20 @@ class Machine {
     return o;
   }
   size_t Floor() const { return marks_.empty() ? 0 : marks_.back(); }
-  Result<std::vector<Obj>> PopMark() {
-    if (marks_.empty()) return Bad("no MARK on the stack");
-    size_t m = marks_.back();
-    marks_.pop_back();
-    std::vector<Obj> items(
-        std::make_move_iterator(stack_.begin() + static_cast<long>(m)),
-        std::make_move_iterator(stack_.end()));
-    stack_.resize(m);
-    return items;
-  }
+  Result<std::vector<Obj>> PopMark();
   Result<Obj> Top() {
     if (stack_.size() <= Floor()) return Bad("pickle stack underflow");
     return stack_.back();
   }
+  Status Memo(uint64_t idx);
+  Status MemoGet(uint64_t idx);
 
-  Status Memo(uint64_t idx) {
-    if (memo_.size() >= lim_.max_memo && !memo_.count(idx)) {
-      return Bad("memo grows past " + std::to_string(lim_.max_memo) +
-                 " entries");
-    }
-    CKPT_ASSIGN_OR_RETURN(Obj top, Top());
-    memo_[idx] = top;
-    return Charge(0);
-  }
-  Status MemoGet(uint64_t idx) {
-    auto it = memo_.find(idx);
-    if (it == memo_.end())
-      return Bad("memo index " + std::to_string(idx) + " was never set");
-    return Push(it->second);
-  }
-
-  Result<Obj> IntFromLE(std::span<const std::byte> b) {
-    if (b.empty()) {
-      auto o = Make(K::kInt);
-      return o;
-    }
-    if (b.size() > lim_.max_long_bytes) {
-      return Refuse("integer of " + std::to_string(b.size()) +
-                    " bytes (limit " + std::to_string(lim_.max_long_bytes) +
-                    ")");
-    }
-    // Trim redundant sign bytes.
-    size_t n = b.size();
-    bool neg = (static_cast<uint8_t>(b[n - 1]) & 0x80) != 0;
-    while (n > 1) {
-      auto top = static_cast<uint8_t>(b[n - 1]);
-      auto next = static_cast<uint8_t>(b[n - 2]);
-      if ((top == 0x00 && !(next & 0x80)) || (top == 0xFF && (next & 0x80))) {
-        --n;
-      } else {
-        break;
-      }
-    }
-    if (n <= 8) {
-      uint64_t v = neg ? ~uint64_t{0} : 0;
-      for (size_t i = 0; i < n; ++i) {
-        v &= ~(uint64_t{0xFF} << (8 * i));
-        v |= static_cast<uint64_t>(static_cast<uint8_t>(b[i])) << (8 * i);
-      }
-      auto o = Make(K::kInt);
-      o->i = static_cast<int64_t>(v);
-      return o;
-    }
-    auto o = Make(K::kBigInt);
-    for (size_t i = 0; i < n; ++i)
-      o->bytes.push_back(static_cast<uint8_t>(b[i]));
-    return o;
-  }
-
-  Result<Obj> IntFromText(std::string text) {
-    if (!text.empty() && text.back() == 'L') text.pop_back();
-    bool neg = !text.empty() && text[0] == '-';
-    std::string digits =
-        text.substr(neg || (!text.empty() && text[0] == '+') ? 1 : 0);
-    if (digits.empty() || digits.size() > 160 ||
-        digits.find_first_not_of("0123456789") != std::string::npos) {
-      return Bad("bad integer literal '" + text + "'");
-    }
-    // Little-endian magnitude by repeated multiply-add.
-    std::vector<uint8_t> mag(1, 0);
-    for (char c : digits) {
-      unsigned carry = static_cast<unsigned>(c - '0');
-      for (auto& byte : mag) {
-        unsigned v = byte * 10u + carry;
-        byte = static_cast<uint8_t>(v);
-        carry = v >> 8;
-      }
-      if (carry) mag.push_back(static_cast<uint8_t>(carry));
-    }
-    mag.push_back(0);  // room for the sign bit
-    if (neg) NegateTwosComplement(mag);
-    std::vector<std::byte> le(mag.size());
-    std::memcpy(le.data(), mag.data(), mag.size());
-    return IntFromLE(le);
-  }
-
-  // Text (BINUNICODE...): UTF-8, refused where Python's pickle refuses it
-  // (UnicodeDecodeError) and for surrogates, which a ckpt string cannot hold.
-  Result<Obj> Str(std::span<const std::byte> b) {
-    bool surrogate = false;
-    if (std::string why = Utf8Problem(b, &surrogate); !why.empty()) {
-      return surrogate ? Refuse("string with a " + why)
-                       : Bad("string is not text: " + why);
-    }
-    auto o = Make(K::kStr);
-    o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
-    return o;
-  }
-  // A Python 2 str (BINSTRING, SHORT_BINSTRING): decoded as torch.load's
-  // `encoding` decodes it; its bytes are kept for numpy array data.
-  Result<Obj> Py2Str(std::span<const std::byte> b) {
-    auto o = Make(K::kStr);
-    o->i = kPy2Str;
-    o->bytes.resize(b.size());
-    if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
-    bool surrogate = false;
-    if (lim_.py2_latin1) {
-      o->s = Latin1ToUtf8(b);
-    } else if (Utf8Problem(b, &surrogate).empty()) {
-      o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
-    } else {
-      o->s = Latin1ToUtf8(b);  // for messages; refused if used as text
-      o->i = kPy2Undecodable;
-    }
-    return o;
-  }
-  Result<Obj> BytesObj(std::span<const std::byte> b) {
-    auto o = Make(K::kBytes);
-    o->bytes.resize(b.size());
-    if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
-    return o;
-  }
-
+  // ---- scalar values
+  Result<Obj> IntFromLE(std::span<const std::byte> b);
+  Result<Obj> IntFromText(std::string text);
+  Result<Obj> Str(std::span<const std::byte> b);
+  Result<Obj> Py2Str(std::span<const std::byte> b);
+  Result<Obj> BytesObj(std::span<const std::byte> b);
   Obj Singleton(K k, int64_t v) {
     Obj& slot = k == K::kNone ? none_ : v ? true_ : false_;
     if (!slot) {
@@ -606,9 +407,82 @@ class Machine {
     return slot;
   }
 
+  // ---- opcode handlers, one per family (Opcodes() maps codes to them)
+  Status OpProto(uint8_t op);
+  Status OpFrame(uint8_t op);
+  Status OpStop(uint8_t op);
+  Status OpMark(uint8_t op);
+  Status OpPop(uint8_t op);
+  Status OpPopMark(uint8_t op);
+  Status OpDup(uint8_t op);
+  Status OpGlobal(uint8_t op);
+  Status OpStackGlobal(uint8_t op);
+  Status OpPut(uint8_t op);
+  Status OpGet(uint8_t op);
+  Status OpTextMemo(uint8_t op);
+  Status OpSequence(uint8_t op);
+  Status OpTupleN(uint8_t op);
+  Status OpEmpty(uint8_t op);
+  Status OpDict(uint8_t op);
+  Status OpAppend(uint8_t op);
+  Status OpAppends(uint8_t op);
+  Status OpFrozenSet(uint8_t op);
+  Status OpSetItem(uint8_t op);
+  Status OpSetItems(uint8_t op);
+  Status OpBinInt(uint8_t op);
+  Status OpLong(uint8_t op);
+  Status OpTextInt(uint8_t op);
+  Status OpBinFloat(uint8_t op);
+  Status OpTextFloat(uint8_t op);
+  Status OpString(uint8_t op);
+  Status OpBytes(uint8_t op);
+  Status OpSingleton(uint8_t op);
+  Status OpReduce(uint8_t op);
+  Status OpNewObj(uint8_t op);
+  Status OpBuild(uint8_t op);
+  Status OpBinPersId(uint8_t op);
+  Status OpTextPersId(uint8_t op);
+  Status OpTextString(uint8_t op);
+  Status OpForbidden(uint8_t op);
+  Status OpUnknown(uint8_t op);
+
+  // ---- globals and what they construct
   Status Global(std::string module, std::string name);
+  Result<Obj> DataGlobal(const std::string& module, const std::string& name);
+  const GlobalRow* RowOf(const PyObj& fn) const {
+    return fn.kind == K::kGlobal && fn.row ? &Allowlist()[fn.row - 1u]
+                                           : nullptr;
+  }
+  Result<Obj> Apply(CallFn fn, const GlobalRow& row, std::span<const Obj> a);
   Result<Obj> Call(const Obj& fn, const Obj& args);
-  Status Build(const Obj& target, const Obj& state);
+  Status Build(PyObj& target, const Obj& state);
+
+  // REDUCE handlers (the rows of Allowlist()).
+  Result<Obj> CallRebuildTensor(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallRebuildTensorV3(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallRebuildParameter(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallRebuildFromType(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallOrderedDict(const GlobalRow& r, std::span<const Obj> a);
+  Result<Obj> CallSize(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallDevice(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallEncode(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallSet(const GlobalRow& r, std::span<const Obj> a);
+  Result<Obj> CallComplex(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallSlice(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallBytes(const GlobalRow& r, std::span<const Obj> a);
+  Result<Obj> CallReconstructor(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallNpReconstruct(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallNpDType(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallNpScalar(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallNpFromBuffer(const GlobalRow&, std::span<const Obj> a);
+  // NEWOBJ handler: a dict tagged with the class (OrderedDict, Namespace).
+  Result<Obj> NewTaggedDict(const GlobalRow& r, std::span<const Obj> a);
+  // BUILD handlers.
+  Status BuildNamespace(PyObj& target, const Obj& state);
+  Status BuildDictAttrs(PyObj& target, const Obj& state);
+  Status BuildNpDType(PyObj& target, const Obj& state);
+  Status BuildNpArray(PyObj& target, const Obj& state);
+  Status BuildTensor(PyObj& target, const Obj& state);
 
   // Argument helpers.
   Result<int64_t> AsInt(const Obj& o, const char* what) {
@@ -639,7 +513,7 @@ class Machine {
     return o->kind == K::kGlobal && o->s == m && o->s2 == n;
   }
 
-  Result<Obj> RebuildTensor(const std::vector<Obj>& a, bool v3);
+  Result<Obj> RebuildTensor(std::span<const Obj> a, bool v3);
   Result<Obj> NumpyArray(const Obj& dtype, const std::vector<int64_t>& shape,
                          bool fortran, std::span<const uint8_t> data);
   Result<Obj> NumpyScalar(const Obj& dtype, std::span<const uint8_t> data);
@@ -652,6 +526,7 @@ class Machine {
   PickleLimits lim_;
   size_t pos_ = 0;
   size_t op_at_ = 0;
+  bool stopped_ = false;  // STOP ran: the top of the stack is the value
   uint64_t objects_ = 0;
   uint64_t memory_ = 0;  // charged by Push/Charge
   int proto_ = 0;
@@ -662,31 +537,185 @@ class Machine {
   Obj none_, true_, false_;
 };
 
+// ---- the allowlist --------------------------------------------------------
+
+std::span<const GlobalRow> Machine::Allowlist() {
+  using M = Machine;
+  static const GlobalRow kRows[] = {
+      // torch's tensor and parameter rebuild functions.
+      {"torch._utils", "_rebuild_tensor", &M::CallRebuildTensor, 4, 4},
+      {"torch._utils", "_rebuild_tensor_v2", &M::CallRebuildTensor, 6, 7},
+      {"torch._utils", "_rebuild_tensor_v3", &M::CallRebuildTensorV3, 7, 8},
+      {"torch._utils", "_rebuild_parameter", &M::CallRebuildParameter, 3, 3},
+      {"torch._utils", "_rebuild_parameter_with_state",
+       &M::CallRebuildParameter, 4, 4},
+      {"torch._tensor", "_rebuild_from_type_v2", &M::CallRebuildFromType, 4, 4},
+      {"torch", "Size", &M::CallSize, 1, 1},
+      {"torch", "device", &M::CallDevice, 1, 2},
+      {"torch", "Tensor"},                  // _rebuild_from_type_v2's class
+      {"torch.nn.parameter", "Parameter"},  // the same, for a Parameter
+      // Containers and values.
+      {"collections", "OrderedDict", &M::CallOrderedDict, 0, 1,
+       &M::NewTaggedDict, &M::BuildDictAttrs},
+      {"argparse", "Namespace", nullptr, 0, 0, &M::NewTaggedDict,
+       &M::BuildNamespace},
+      {"_codecs", "encode", &M::CallEncode, 1, 2},
+      {"builtins", "set", &M::CallSet, 0, 1},
+      {"builtins", "frozenset", &M::CallSet, 0, 1},
+      {"builtins", "complex", &M::CallComplex, 1, 2},
+      {"builtins", "slice", &M::CallSlice, 1, 3},
+      {"builtins", "bytes", &M::CallBytes, 0, 2},
+      {"builtins", "bytearray", &M::CallBytes, 0, 2},
+      // Protocols 0-1 make plain objects as _reconstructor(cls, object,
+      // None); object is only accepted as that base.
+      {"copyreg", "_reconstructor", &M::CallReconstructor, 3, 3},
+      {"builtins", "object"},
+      // numpy arrays, dtypes and scalars.
+      {"numpy.core.multiarray", "_reconstruct", &M::CallNpReconstruct, 3, 3,
+       nullptr, &M::BuildNpArray},
+      {"numpy", "ndarray"},  // _reconstruct's class
+      {"numpy", "dtype", &M::CallNpDType, 1, 3, nullptr, &M::BuildNpDType},
+      {"numpy.core.multiarray", "scalar", &M::CallNpScalar, 2, 2},
+      {"numpy.core.numeric", "_frombuffer", &M::CallNpFromBuffer, 4, 4},
+      // Known names refused with a reason more useful than "forbidden".
+      {.module = "torch._utils",
+       .name = "_rebuild_qtensor",
+       .refused = true,
+       .reason = "quantized tensors are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_sparse_tensor",
+       .refused = true,
+       .reason = "sparse tensors are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_sparse_csr_tensor",
+       .refused = true,
+       .reason = "sparse tensors are not supported"},
+      {.module = "torch.serialization",
+       .name = "_get_layout",
+       .refused = true,
+       .reason = "sparse tensors are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_meta_tensor_no_storage",
+       .refused = true,
+       .reason = "meta tensors have no data to convert"},
+      {.module = "torch._utils",
+       .name = "_rebuild_wrapper_subclass",
+       .refused = true,
+       .reason = "tensor subclasses without data are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_nested_tensor",
+       .refused = true,
+       .reason = "nested tensors are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_device_tensor_from_numpy",
+       .refused = true,
+       .reason = "XLA/ORT device tensors are not supported"},
+      {.module = "torch._utils",
+       .name = "_rebuild_xla_tensor",
+       .refused = true,
+       .reason = "XLA/ORT device tensors are not supported"},
+      {.module = "torch.storage",
+       .name = "_load_from_bytes",
+       .refused = true,
+       .reason = "a torch.save file nested inside the pickle is not supported"},
+      {.module = "torch.nn.modules*",
+       .name = "*",
+       .refused = true,
+       .reason = "a whole nn.Module is pickled here; save model.state_dict() "
+                 "instead"},
+      // A Parameter spelled under another torch.nn module is not a module:
+      // plainly forbidden.
+      {.module = "torch.nn*", .name = "Parameter", .refused = true},
+      {.module = "torch.nn*",
+       .name = "*",
+       .refused = true,
+       .reason = "a whole nn.Module is pickled here; save model.state_dict() "
+                 "instead"},
+      {.module = "__torch__*",
+       .name = "*",
+       .refused = true,
+       .reason = "TorchScript objects are not supported"},
+      {.module = "__main__",
+       .name = "*",
+       .refused = true,
+       .reason = "custom class '%' cannot be converted without running its "
+                 "code"},
+  };
+  return kRows;
+}
+
+const GlobalRow* FindRow(std::span<const GlobalRow> rows, std::string_view m,
+                         std::string_view n) {
+  for (const GlobalRow& r : rows) {
+    if (RowMatches(r, m, n)) return &r;
+  }
+  return nullptr;
+}
+
+// "forbidden global ..." for a name no row allows, listing what its module
+// does allow, so a near miss (a newer torch's _rebuild_tensor_v4) says
+// what this reader knows.
+std::string ForbiddenText(std::span<const GlobalRow> rows,
+                          const std::string& module, const std::string& label) {
+  std::string allowed;
+  for (const GlobalRow& r : rows) {
+    if (r.refused || r.module != module) continue;
+    allowed += (allowed.empty() ? "" : ", ") + std::string(r.name);
+  }
+  std::string msg = "forbidden global " + label +
+                    ": not on the allowlist of torch.save checkpoint types";
+  if (!allowed.empty()) msg += " (" + module + " allows " + allowed + ")";
+  return msg + "; nothing was run";
+}
+
 Status Machine::Global(std::string module, std::string name) {
   module = CanonicalModule(std::move(module));
-  std::string label = "'" + module + " " + name + "'";
-  if (std::string why = RefusalReason(module, name); !why.empty()) {
+  const std::string label = "'" + module + " " + name + "'";
+  const std::span<const GlobalRow> rows = Allowlist();
+  const GlobalRow* row = FindRow(rows, module, name);
+  if (row && row->refused) {
+    if (row->reason.empty()) return Refuse(ForbiddenText(rows, module, label));
+    std::string why(row->reason);
+    if (auto at = why.find('%'); at != std::string::npos) {
+      why.replace(at, 1, module + "." + name);
+    }
     return Refuse(why + " (global " + label + ")");
   }
+  if (!row) {
+    CKPT_ASSIGN_OR_RETURN(Obj data, DataGlobal(module, name));
+    if (!data) return Refuse(ForbiddenText(rows, module, label));
+    return Push(std::move(data));
+  }
+  auto o = Make(K::kGlobal);
+  o->s = module;
+  o->s2 = name;
+  o->row = static_cast<uint16_t>(row - rows.data() + 1);
+  return Push(o);
+}
+
+// Globals that name data, not code: torch's storage classes (persistent
+// ids) and dtypes. nullptr when `name` is none of them.
+Result<Obj> Machine::DataGlobal(const std::string& module,
+                                const std::string& name) {
   if ((module == "torch" || module == "torch.cuda") &&
       StorageClassDType(name)) {
     auto o = Make(K::kGlobal);
     o->s = "torch";
     o->s2 = name;
-    return Push(o);
+    return o;
   }
   if (module == "torch.storage" &&
       (name == "UntypedStorage" || name == "_UntypedStorage")) {
     auto o = Make(K::kGlobal);
     o->s = "torch.storage";
     o->s2 = "UntypedStorage";
-    return Push(o);
+    return o;
   }
   if (module == "torch") {
     if (auto d = DTypeFromName(name)) {
       auto o = Make(K::kDType);
       o->i = static_cast<int64_t>(*d);
-      return Push(o);
+      return o;
     }
   }
   if (module == "torch" || module == "torch.cuda") {
@@ -703,18 +732,334 @@ Status Machine::Global(std::string module, std::string name) {
       return Refuse("unsupported storage type " + module + "." + name);
     }
   }
-  if (!Callables().count({module, name})) {
-    return Refuse("forbidden global " + label +
-                  ": not on the allowlist of torch.save checkpoint types; "
-                  "nothing was run");
-  }
-  auto o = Make(K::kGlobal);
-  o->s = module;
-  o->s2 = name;
-  return Push(o);
+  return Obj();
 }
 
-Result<Obj> Machine::RebuildTensor(const std::vector<Obj>& a, bool v3) {
+// ---- stack, memo and the memory budget ------------------------------------
+
+Status Machine::Push(Obj o) {
+  if (stack_.size() >= lim_.max_stack) {
+    return Refuse("pickle stack too deep (limit " +
+                  std::to_string(lim_.max_stack) + " items)");
+  }
+  if (++objects_ > lim_.max_objects) {
+    return Refuse("too many objects in pickle (limit " +
+                  std::to_string(lim_.max_objects) + ")");
+  }
+  // A new object (nobody else holds it yet) is charged once; a memo
+  // reuse costs only its stack slot.
+  uint64_t cost = o->charged ? 0 : Cost(*o);
+  o->charged = true;
+  switch (o->kind) {  // anything that can hold a reference
+    case K::kList:
+    case K::kTuple:
+    case K::kDict:
+    case K::kSet:
+    case K::kFrozenSet:
+      if (cost) {
+        heap_->Track(o);
+        cost += 2 * sizeof(Obj);
+      }
+      break;
+    default:
+      break;
+  }
+  stack_.push_back(std::move(o));
+  return Charge(cost);
+}
+
+// Memory of one object as allocated: the node and its control block,
+// heap-held strings and vectors, tensors and inline numpy data.
+uint64_t Machine::Cost(const PyObj& o) {
+  constexpr uint64_t kMalloc = 16;  // per-allocation overhead
+  auto str = [](const std::string& x) -> uint64_t {
+    return x.capacity() > 15 ? x.capacity() + 1 + kMalloc : 0;
+  };
+  uint64_t c = sizeof(PyObj) + 16 + kMalloc + str(o.s) + str(o.s2);
+  if (o.bytes.capacity()) c += o.bytes.capacity() + kMalloc;
+  if (o.items.capacity()) c += o.items.capacity() * sizeof(Obj) + kMalloc;
+  if (o.keys.capacity()) c += o.keys.capacity() * sizeof(Obj) + kMalloc;
+  if (o.tensor) {
+    c += sizeof(PyTensor) + 16 + 3 * kMalloc +
+         (o.tensor->shape.capacity() + o.tensor->strides.capacity()) *
+             sizeof(int64_t);
+    if (o.tensor->storage && o.tensor->storage->inline_data) {
+      c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() +
+           4 * kMalloc;
+    }
+  }
+  return c;
+}
+
+// Adds `n` bytes and checks the total, stack and memo included.
+Status Machine::Charge(uint64_t n) {
+  memory_ += n;
+  uint64_t total = memory_ + stack_.capacity() * sizeof(Obj) +
+                   memo_.size() * 64 + marks_.capacity() * sizeof(size_t);
+  if (total > lim_.max_memory) {
+    return Refuse("pickle objects take more than " +
+                  std::to_string(lim_.max_memory) +
+                  " bytes of memory (limit max_pickle_memory)");
+  }
+  return Status::OK();
+}
+
+Result<std::vector<Obj>> Machine::PopMark() {
+  if (marks_.empty()) return Bad("no MARK on the stack");
+  size_t m = marks_.back();
+  marks_.pop_back();
+  std::vector<Obj> items(
+      std::make_move_iterator(stack_.begin() + static_cast<long>(m)),
+      std::make_move_iterator(stack_.end()));
+  stack_.resize(m);
+  return items;
+}
+
+Status Machine::Memo(uint64_t idx) {
+  if (memo_.size() >= lim_.max_memo && !memo_.count(idx)) {
+    return Bad("memo grows past " + std::to_string(lim_.max_memo) + " entries");
+  }
+  CKPT_ASSIGN_OR_RETURN(Obj top, Top());
+  memo_[idx] = top;
+  return Charge(0);
+}
+
+Status Machine::MemoGet(uint64_t idx) {
+  auto it = memo_.find(idx);
+  if (it == memo_.end())
+    return Bad("memo index " + std::to_string(idx) + " was never set");
+  return Push(it->second);
+}
+
+// ---- scalar values ----------------------------------------------------------
+
+Result<Obj> Machine::IntFromLE(std::span<const std::byte> b) {
+  if (b.empty()) return Make(K::kInt);
+  if (b.size() > lim_.max_long_bytes) {
+    return Refuse("integer of " + std::to_string(b.size()) + " bytes (limit " +
+                  std::to_string(lim_.max_long_bytes) + ")");
+  }
+  // Trim redundant sign bytes.
+  size_t n = b.size();
+  bool neg = (static_cast<uint8_t>(b[n - 1]) & 0x80) != 0;
+  while (n > 1) {
+    auto top = static_cast<uint8_t>(b[n - 1]);
+    auto next = static_cast<uint8_t>(b[n - 2]);
+    if ((top == 0x00 && !(next & 0x80)) || (top == 0xFF && (next & 0x80))) {
+      --n;
+    } else {
+      break;
+    }
+  }
+  if (n <= 8) {
+    uint64_t v = LoadLE(b.data(), n);
+    if (neg && n < 8) v |= ~uint64_t{0} << (8 * n);  // sign-extend
+    auto o = Make(K::kInt);
+    o->i = static_cast<int64_t>(v);
+    return o;
+  }
+  auto o = Make(K::kBigInt);
+  for (size_t i = 0; i < n; ++i) o->bytes.push_back(static_cast<uint8_t>(b[i]));
+  return o;
+}
+
+Result<Obj> Machine::IntFromText(std::string text) {
+  if (!text.empty() && text.back() == 'L') text.pop_back();
+  bool neg = !text.empty() && text[0] == '-';
+  std::string digits =
+      text.substr(neg || (!text.empty() && text[0] == '+') ? 1 : 0);
+  if (digits.empty() || digits.size() > 160 ||
+      digits.find_first_not_of("0123456789") != std::string::npos) {
+    return Bad("bad integer literal '" + text + "'");
+  }
+  // Little-endian magnitude by repeated multiply-add.
+  std::vector<uint8_t> mag(1, 0);
+  for (char c : digits) {
+    unsigned carry = static_cast<unsigned>(c - '0');
+    for (auto& byte : mag) {
+      unsigned v = byte * 10u + carry;
+      byte = static_cast<uint8_t>(v);
+      carry = v >> 8;
+    }
+    if (carry) mag.push_back(static_cast<uint8_t>(carry));
+  }
+  mag.push_back(0);  // room for the sign bit
+  if (neg) NegateTwosComplement(mag);
+  return IntFromLE(std::as_bytes(std::span(mag)));
+}
+
+// Text (BINUNICODE...): UTF-8, refused where Python's pickle refuses it
+// (UnicodeDecodeError) and for surrogates, which a ckpt string cannot hold.
+Result<Obj> Machine::Str(std::span<const std::byte> b) {
+  bool surrogate = false;
+  if (std::string why = Utf8Problem(b, &surrogate); !why.empty()) {
+    return surrogate ? Refuse("string with a " + why)
+                     : Bad("string is not text: " + why);
+  }
+  auto o = Make(K::kStr);
+  o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+  return o;
+}
+
+// A Python 2 str (BINSTRING, SHORT_BINSTRING): decoded as torch.load's
+// `encoding` decodes it; its bytes are kept for numpy array data.
+Result<Obj> Machine::Py2Str(std::span<const std::byte> b) {
+  auto o = Make(K::kStr);
+  o->i = kPy2Str;
+  o->bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
+  bool surrogate = false;
+  if (lim_.py2_latin1) {
+    o->s = Latin1ToUtf8(b);
+  } else if (Utf8Problem(b, &surrogate).empty()) {
+    o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+  } else {
+    o->s = Latin1ToUtf8(b);  // for messages; refused if used as text
+    o->i = kPy2Undecodable;
+  }
+  return o;
+}
+
+Result<Obj> Machine::BytesObj(std::span<const std::byte> b) {
+  auto o = Make(K::kBytes);
+  o->bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
+  return o;
+}
+
+// ---- REDUCE, NEWOBJ, BUILD --------------------------------------------------
+
+// Runs a row's handler; what it makes remembers the row when BUILD has
+// something to do for it.
+Result<Obj> Machine::Apply(CallFn fn, const GlobalRow& row,
+                           std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(Obj r, (this->*fn)(row, a));
+  if (row.build) {
+    r->row = static_cast<uint16_t>(&row - Allowlist().data() + 1);
+  }
+  return r;
+}
+
+Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
+  // _rebuild_from_type_v2 calls the function it wraps; one level is all
+  // torch writes, a deep chain is an attack on the stack.
+  if (call_depth_ > 4) return Refuse("nested tensor rebuild calls");
+  struct Depth {
+    int& d;
+    explicit Depth(int& x) : d(++x) {}
+    ~Depth() { --d; }
+  } depth_guard(call_depth_);
+  if (fn->kind != K::kGlobal) {
+    return Refuse(std::string("REDUCE on a ") + KindName(fn->kind) +
+                  ", not a callable");
+  }
+  if (args_obj->kind != K::kTuple)
+    return Bad("REDUCE arguments are not a tuple");
+  const std::vector<Obj>& a = args_obj->items;
+  const GlobalRow* row = RowOf(*fn);
+  if (!row || !row->reduce) {
+    return Refuse("'" + fn->s + "." + fn->s2 + "' cannot be called here");
+  }
+  if (a.size() < row->min_args || a.size() > row->max_args) {
+    return Refuse("'" + fn->s + "." + fn->s2 + "' called with " +
+                  std::to_string(a.size()) + " arguments (it takes " +
+                  std::to_string(row->min_args) +
+                  (row->max_args == row->min_args
+                       ? ""
+                       : " to " + std::to_string(row->max_args)) +
+                  ")");
+  }
+  return Apply(row->reduce, *row, a);
+}
+
+Status Machine::Build(PyObj& target, const Obj& state) {
+  const GlobalRow* maker = target.row && target.kind != K::kGlobal
+                               ? &Allowlist()[target.row - 1u]
+                               : nullptr;
+  if (maker && maker->build) return (this->*maker->build)(target, state);
+  switch (target.kind) {
+    case K::kDict:
+      return BuildDictAttrs(target, state);
+    case K::kTensor:
+      return BuildTensor(target, state);
+    default:
+      return Refuse(std::string("BUILD on a ") + KindName(target.kind));
+  }
+}
+
+Result<Obj> Machine::NewTaggedDict(const GlobalRow& r, std::span<const Obj>) {
+  auto d = Make(K::kDict);
+  d->s2 = std::string(r.module) + "." + std::string(r.name);
+  return d;
+}
+
+Status Machine::BuildNamespace(PyObj& target, const Obj& state) {
+  if (state->kind != K::kDict) return Refuse("Namespace state is not a dict");
+  target.keys = state->keys;
+  target.items = state->items;
+  return Status::OK();
+}
+
+// OrderedDict attributes such as a state_dict's `_metadata` (module version
+// numbers) are not items; they are dropped.
+Status Machine::BuildDictAttrs(PyObj&, const Obj& state) {
+  if (state->kind != K::kDict && state->kind != K::kNone &&
+      state->kind != K::kTuple) {
+    return Refuse("BUILD state of a dict is a " +
+                  std::string(KindName(state->kind)));
+  }
+  return Status::OK();
+}
+
+Status Machine::BuildNpDType(PyObj& target, const Obj& state) {
+  if (state->kind != K::kTuple || state->items.size() < 2 ||
+      state->items[1]->kind != K::kStr) {
+    return Refuse("numpy dtype state is not understood");
+  }
+  target.s2 = state->items[1]->s;
+  if (state->items.size() > 3 && state->items[3]->kind != K::kNone) {
+    return Refuse("structured numpy dtypes are not supported");
+  }
+  return Status::OK();
+}
+
+Status Machine::BuildNpArray(PyObj& target, const Obj& state) {
+  if (state->kind != K::kTuple || state->items.size() != 5) {
+    return Refuse("numpy array state is not understood");
+  }
+  const auto& s = state->items;
+  CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(s[1], "numpy shape"));
+  if (s[3]->kind != K::kBool) return Refuse("numpy fortran flag is not a bool");
+  std::vector<uint8_t> data;
+  if (s[4]->kind == K::kBytes) {
+    data = s[4]->bytes;
+  } else if (s[4]->kind == K::kStr) {
+    // Python 2's str of raw bytes, or latin-1 text (numpy encodes it).
+    auto raw = StrBytes(*s[4]);
+    if (!raw) return Refuse("numpy array data is text above U+00FF");
+    data = std::move(*raw);
+  } else {
+    return Refuse("numpy object arrays cannot be converted");
+  }
+  CKPT_ASSIGN_OR_RETURN(Obj arr, NumpyArray(s[2], shape, s[3]->i != 0, data));
+  target.kind = K::kTensor;
+  target.tensor = arr->tensor;
+  target.row = 0;  // a tensor now: a second BUILD is a tensor's
+  return Status::OK();
+}
+
+Status Machine::BuildTensor(PyObj&, const Obj& state) {
+  if (state->kind == K::kNone ||
+      (state->kind == K::kDict && state->items.empty())) {
+    return Status::OK();
+  }
+  return Refuse("tensor with extra Python attributes cannot be converted");
+}
+
+// ---- REDUCE handlers
+// ----------------------------------------------------------
+
+Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
   if (a[0]->kind != K::kStorage) {
     return Refuse(std::string("tensor rebuild expects a storage, got ") +
                   KindName(a[0]->kind));
@@ -748,6 +1093,184 @@ Result<Obj> Machine::RebuildTensor(const std::vector<Obj>& a, bool v3) {
   auto o = Make(K::kTensor);
   o->tensor = std::move(t);
   return o;
+}
+
+Result<Obj> Machine::CallRebuildTensor(const GlobalRow&,
+                                       std::span<const Obj> a) {
+  return RebuildTensor(a, false);
+}
+
+Result<Obj> Machine::CallRebuildTensorV3(const GlobalRow&,
+                                         std::span<const Obj> a) {
+  return RebuildTensor(a, true);
+}
+
+Result<Obj> Machine::CallRebuildParameter(const GlobalRow&,
+                                          std::span<const Obj> a) {
+  if (a[0]->kind != K::kTensor) return Refuse("Parameter data is not a tensor");
+  if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
+  auto t = std::make_shared<PyTensor>(*a[0]->tensor);
+  t->is_parameter = true;
+  t->requires_grad = a[1]->i != 0;
+  auto o = Make(K::kTensor);
+  o->tensor = std::move(t);
+  return o;
+}
+
+Result<Obj> Machine::CallRebuildFromType(const GlobalRow&,
+                                         std::span<const Obj> a) {
+  bool param = IsGlobal(a[1], "torch.nn.parameter", "Parameter");
+  if (!param && !IsGlobal(a[1], "torch", "Tensor")) {
+    return Refuse("tensor subclass cannot be converted");
+  }
+  if (!(a[3]->kind == K::kNone ||
+        (a[3]->kind == K::kDict && a[3]->items.empty()))) {
+    return Refuse("tensor with extra Python attributes cannot be converted");
+  }
+  CKPT_ASSIGN_OR_RETURN(Obj r, Call(a[0], a[2]));
+  if (r->kind != K::kTensor)
+    return Refuse("_rebuild_from_type_v2 did not build a tensor");
+  if (param) {
+    auto t = std::make_shared<PyTensor>(*r->tensor);
+    t->is_parameter = true;
+    r = Make(K::kTensor);
+    r->tensor = std::move(t);
+  }
+  return r;
+}
+
+Result<Obj> Machine::CallOrderedDict(const GlobalRow& r,
+                                     std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(Obj d, NewTaggedDict(r, {}));
+  if (a.empty()) return d;
+  if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
+    return Refuse("OrderedDict() of a " + std::string(KindName(a[0]->kind)));
+  }
+  for (const auto& pair : a[0]->items) {
+    // Python 3 writes (key, value) tuples, Python 2.7 [key, value] lists.
+    if ((pair->kind != K::kTuple && pair->kind != K::kList) ||
+        pair->items.size() != 2) {
+      return Refuse("OrderedDict() items must be pairs");
+    }
+    d->keys.push_back(pair->items[0]);
+    d->items.push_back(pair->items[1]);
+  }
+  return d;
+}
+
+Result<Obj> Machine::CallSize(const GlobalRow&, std::span<const Obj> a) {
+  CKPT_RETURN_IF_ERROR(AsInts(a[0], "torch.Size").status());
+  auto t = Make(K::kTuple);
+  t->items = a[0]->items;
+  return t;
+}
+
+Result<Obj> Machine::CallDevice(const GlobalRow&, std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(std::string dev, AsStr(a[0], "device type"));
+  if (a.size() == 2 && a[1]->kind != K::kNone) {
+    CKPT_ASSIGN_OR_RETURN(int64_t idx, AsInt(a[1], "device index"));
+    dev += ":" + std::to_string(idx);
+  }
+  if (!IsValidDevice(dev)) return Refuse("invalid device '" + dev + "'");
+  auto o = Make(K::kDevice);
+  o->s = dev;
+  return o;
+}
+
+Result<Obj> Machine::CallEncode(const GlobalRow&, std::span<const Obj> a) {
+  CKPT_RETURN_IF_ERROR(AsStr(a[0], "_codecs.encode text").status());
+  if (a.size() == 2) {
+    CKPT_ASSIGN_OR_RETURN(std::string enc, AsStr(a[1], "encoding"));
+    if (enc != "latin1" && enc != "latin-1")
+      return Refuse("_codecs.encode with encoding '" + enc + "'");
+  }
+  // The str holds code points 0..255; each is one byte.
+  auto raw = StrBytes(*a[0]);
+  if (!raw)
+    return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
+  auto o = Make(K::kBytes);
+  o->bytes = std::move(*raw);
+  return o;
+}
+
+Result<Obj> Machine::CallSet(const GlobalRow& r, std::span<const Obj> a) {
+  auto o = Make(r.name == "set" ? K::kSet : K::kFrozenSet);
+  if (a.size() == 1) {
+    if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
+      return Refuse(std::string(r.name) + "() of a " + KindName(a[0]->kind));
+    }
+    o->items = a[0]->items;
+  }
+  return o;
+}
+
+Result<Obj> Machine::CallComplex(const GlobalRow&, std::span<const Obj> a) {
+  auto num = [&](const Obj& x) -> Result<double> {
+    if (x->kind == K::kFloat) return x->f;
+    if (x->kind == K::kInt) return static_cast<double>(x->i);
+    return Refuse("complex() of a " + std::string(KindName(x->kind)));
+  };
+  auto o = Make(K::kComplex);
+  CKPT_ASSIGN_OR_RETURN(o->f, num(a[0]));
+  if (a.size() == 2) {
+    CKPT_ASSIGN_OR_RETURN(o->im, num(a[1]));
+  }
+  return o;
+}
+
+Result<Obj> Machine::CallSlice(const GlobalRow&, std::span<const Obj> a) {
+  auto o = Make(K::kTuple);  // slice(a, b, c) kept as (a, b, c)
+  o->items.assign(a.begin(), a.end());
+  return o;
+}
+
+Result<Obj> Machine::CallBytes(const GlobalRow& r, std::span<const Obj> a) {
+  if (a.empty()) return Make(K::kBytes);
+  if (a[0]->kind == K::kBytes) return a[0];
+  return Refuse(std::string(r.name) + "() of a " + KindName(a[0]->kind));
+}
+
+// copyreg._reconstructor(cls, object, None) is how protocols 0-1 make a
+// plain object: only classes NEWOBJ may make (the dict-like ones) qualify.
+Result<Obj> Machine::CallReconstructor(const GlobalRow&,
+                                       std::span<const Obj> a) {
+  if (!IsGlobal(a[1], "builtins", "object") || a[2]->kind != K::kNone) {
+    return Refuse("copyreg._reconstructor with an unsupported base or state");
+  }
+  const GlobalRow* cls = RowOf(*a[0]);
+  if (!cls || !cls->newobj) {
+    return Refuse("copyreg._reconstructor of a class that is not allowlisted");
+  }
+  return Apply(cls->newobj, *cls, {});
+}
+
+Result<Obj> Machine::CallNpReconstruct(const GlobalRow&,
+                                       std::span<const Obj> a) {
+  if (!IsGlobal(a[0], "numpy", "ndarray"))
+    return Refuse("numpy _reconstruct of a non-ndarray class");
+  return Make(K::kNpArray);
+}
+
+Result<Obj> Machine::CallNpDType(const GlobalRow&, std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(std::string code, AsStr(a[0], "numpy dtype"));
+  auto o = Make(K::kNpDType);
+  o->s = code;
+  o->s2 = "|";
+  return o;
+}
+
+Result<Obj> Machine::CallNpScalar(const GlobalRow&, std::span<const Obj> a) {
+  if (a[1]->kind != K::kBytes) return Refuse("numpy scalar data is not bytes");
+  return NumpyScalar(a[0], a[1]->bytes);
+}
+
+Result<Obj> Machine::CallNpFromBuffer(const GlobalRow&,
+                                      std::span<const Obj> a) {
+  if (a[0]->kind != K::kBytes)
+    return Refuse("numpy _frombuffer data is not bytes");
+  CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(a[2], "numpy shape"));
+  CKPT_ASSIGN_OR_RETURN(std::string order, AsStr(a[3], "numpy order"));
+  return NumpyArray(a[1], shape, order == "F", a[0]->bytes);
 }
 
 Result<Obj> Machine::NumpyArray(const Obj& dtype,
@@ -809,18 +1332,14 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
   if (!np || data.size() != np->size)
     return Refuse("numpy scalar of dtype '" + dtype->s +
                   "' cannot be converted");
-  std::vector<uint8_t> v(data.begin(), data.end());
-  if (dtype->s2 == ">") {
-    SwapElements(std::as_writable_bytes(std::span(v)), np->dtype);
-  }
-  auto rd = [&](auto x) {
-    std::memcpy(&x, v.data(), sizeof x);
-    return x;
-  };
+  std::vector<std::byte> v(np->size);
+  std::memcpy(v.data(), data.data(), v.size());
+  if (dtype->s2 == ">") SwapElements(v, np->dtype);
+  const std::byte* p = v.data();  // little-endian from here on
   Obj o;
   switch (np->dtype) {
     case DType::kFloat16: {
-      uint16_t h = rd(uint16_t{});
+      auto h = LoadLE<uint16_t>(p);
       int e = (h >> 10) & 31, m = h & 1023;
       double val = e == 0    ? std::ldexp(m, -24)
                    : e == 31 ? (m ? NAN : INFINITY)
@@ -831,326 +1350,438 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
     }
     case DType::kFloat32:
       o = Make(K::kFloat);
-      o->f = rd(float{});
+      o->f = std::bit_cast<float>(LoadLE<uint32_t>(p));
       break;
     case DType::kFloat64:
       o = Make(K::kFloat);
-      o->f = rd(double{});
+      o->f = std::bit_cast<double>(LoadLE<uint64_t>(p));
       break;
-    case DType::kComplex64: {
+    case DType::kComplex64:
       o = Make(K::kComplex);
-      float re, im;
-      std::memcpy(&re, v.data(), 4);
-      std::memcpy(&im, v.data() + 4, 4);
-      o->f = re;
-      o->im = im;
+      o->f = std::bit_cast<float>(LoadLE<uint32_t>(p));
+      o->im = std::bit_cast<float>(LoadLE<uint32_t>(p + 4));
       break;
-    }
     case DType::kComplex128:
       o = Make(K::kComplex);
-      std::memcpy(&o->f, v.data(), 8);
-      std::memcpy(&o->im, v.data() + 8, 8);
+      o->f = std::bit_cast<double>(LoadLE<uint64_t>(p));
+      o->im = std::bit_cast<double>(LoadLE<uint64_t>(p + 8));
       break;
     case DType::kBool:
       o = Make(K::kBool);
-      o->i = v[0] != 0;
+      o->i = v[0] != std::byte{0};
       break;
-    case DType::kUInt64: {
-      std::vector<std::byte> le(9, std::byte{0});
-      std::memcpy(le.data(), v.data(), 8);
-      return IntFromLE(le);
-    }
-    default: {  // signed ints and smaller unsigned ints
+    default: {  // integers: one more byte carries the sign (none: unsigned)
       bool is_signed = np->dtype == DType::kInt8 ||
                        np->dtype == DType::kInt16 ||
                        np->dtype == DType::kInt32 || np->dtype == DType::kInt64;
-      std::vector<std::byte> le(v.size() + 1, std::byte{0});
-      std::memcpy(le.data(), v.data(), v.size());
-      if (is_signed && (v.back() & 0x80)) le.back() = std::byte{0xFF};
-      return IntFromLE(le);
+      v.push_back(is_signed && (static_cast<uint8_t>(v.back()) & 0x80)
+                      ? std::byte{0xFF}
+                      : std::byte{0});
+      return IntFromLE(v);
     }
   }
   return o;
 }
 
-Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
-  // _rebuild_from_type_v2 calls the function it wraps; one level is all
-  // torch writes, a deep chain is an attack on the stack.
-  if (call_depth_ > 4) return Refuse("nested tensor rebuild calls");
-  struct Depth {
-    int& d;
-    explicit Depth(int& x) : d(++x) {}
-    ~Depth() { --d; }
-  } depth_guard(call_depth_);
-  if (fn->kind != K::kGlobal) {
-    return Refuse(std::string("REDUCE on a ") + KindName(fn->kind) +
-                  ", not a callable");
-  }
-  if (args_obj->kind != K::kTuple)
-    return Bad("REDUCE arguments are not a tuple");
-  const std::vector<Obj>& a = args_obj->items;
-  const std::string& m = fn->s;
-  const std::string& n = fn->s2;
-  auto need = [&](size_t lo, size_t hi) -> Status {
-    if (a.size() < lo || a.size() > hi) {
-      return Refuse("'" + m + "." + n + "' called with " +
-                    std::to_string(a.size()) + " arguments");
-    }
-    return Status::OK();
-  };
-  if (m == "torch._utils") {
-    if (n == "_rebuild_tensor_v2") {
-      CKPT_RETURN_IF_ERROR(need(6, 7));
-      return RebuildTensor(a, false);
-    }
-    if (n == "_rebuild_tensor") {
-      CKPT_RETURN_IF_ERROR(need(4, 4));
-      return RebuildTensor(a, false);
-    }
-    if (n == "_rebuild_tensor_v3") {
-      CKPT_RETURN_IF_ERROR(need(7, 8));
-      return RebuildTensor(a, true);
-    }
-    if (n == "_rebuild_parameter" || n == "_rebuild_parameter_with_state") {
-      CKPT_RETURN_IF_ERROR(n == "_rebuild_parameter" ? need(3, 3) : need(4, 4));
-      if (a[0]->kind != K::kTensor)
-        return Refuse("Parameter data is not a tensor");
-      if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
-      auto t = std::make_shared<PyTensor>(*a[0]->tensor);
-      t->is_parameter = true;
-      t->requires_grad = a[1]->i != 0;
-      auto o = Make(K::kTensor);
-      o->tensor = std::move(t);
-      return o;
-    }
-  }
-  if (m == "torch._tensor" && n == "_rebuild_from_type_v2") {
-    CKPT_RETURN_IF_ERROR(need(4, 4));
-    bool param = IsGlobal(a[1], "torch.nn.parameter", "Parameter");
-    if (!param && !IsGlobal(a[1], "torch", "Tensor")) {
-      return Refuse("tensor subclass cannot be converted");
-    }
-    if (!(a[3]->kind == K::kNone ||
-          (a[3]->kind == K::kDict && a[3]->items.empty()))) {
-      return Refuse("tensor with extra Python attributes cannot be converted");
-    }
-    CKPT_ASSIGN_OR_RETURN(Obj r, Call(a[0], a[2]));
-    if (r->kind != K::kTensor)
-      return Refuse("_rebuild_from_type_v2 did not build a tensor");
-    if (param) {
-      auto t = std::make_shared<PyTensor>(*r->tensor);
-      t->is_parameter = true;
-      r = Make(K::kTensor);
-      r->tensor = std::move(t);
-    }
-    return r;
-  }
-  if (m == "collections" && n == "OrderedDict") {
-    CKPT_RETURN_IF_ERROR(need(0, 1));
-    auto d = Make(K::kDict);
-    d->s2 = "collections.OrderedDict";
-    if (a.size() == 1) {
-      if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
-        return Refuse("OrderedDict() of a " +
-                      std::string(KindName(a[0]->kind)));
-      }
-      for (const auto& pair : a[0]->items) {
-        // Python 3 writes (key, value) tuples, Python 2.7 [key, value] lists.
-        if ((pair->kind != K::kTuple && pair->kind != K::kList) ||
-            pair->items.size() != 2) {
-          return Refuse("OrderedDict() items must be pairs");
-        }
-        d->keys.push_back(pair->items[0]);
-        d->items.push_back(pair->items[1]);
-      }
-    }
-    return d;
-  }
-  if (m == "torch" && n == "Size") {
-    CKPT_RETURN_IF_ERROR(need(1, 1));
-    CKPT_ASSIGN_OR_RETURN(auto dims, AsInts(a[0], "torch.Size"));
-    auto t = Make(K::kTuple);
-    t->items = a[0]->items;
-    return t;
-  }
-  if (m == "torch" && n == "device") {
-    CKPT_RETURN_IF_ERROR(need(1, 2));
-    CKPT_ASSIGN_OR_RETURN(std::string dev, AsStr(a[0], "device type"));
-    if (a.size() == 2 && a[1]->kind != K::kNone) {
-      CKPT_ASSIGN_OR_RETURN(int64_t idx, AsInt(a[1], "device index"));
-      dev += ":" + std::to_string(idx);
-    }
-    if (!IsValidDevice(dev)) return Refuse("invalid device '" + dev + "'");
-    auto o = Make(K::kDevice);
-    o->s = dev;
-    return o;
-  }
-  if (m == "_codecs" && n == "encode") {
-    CKPT_RETURN_IF_ERROR(need(1, 2));
-    CKPT_RETURN_IF_ERROR(AsStr(a[0], "_codecs.encode text").status());
-    if (a.size() == 2) {
-      CKPT_ASSIGN_OR_RETURN(std::string enc, AsStr(a[1], "encoding"));
-      if (enc != "latin1" && enc != "latin-1")
-        return Refuse("_codecs.encode with encoding '" + enc + "'");
-    }
-    // The str holds code points 0..255; each is one byte.
-    auto raw = StrBytes(*a[0]);
-    if (!raw)
-      return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
-    auto o = Make(K::kBytes);
-    o->bytes = std::move(*raw);
-    return o;
-  }
-  if (m == "builtins") {
-    if (n == "set" || n == "frozenset") {
-      CKPT_RETURN_IF_ERROR(need(0, 1));
-      auto o = Make(n == "set" ? K::kSet : K::kFrozenSet);
-      if (a.size() == 1) {
-        if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
-          return Refuse(n + "() of a " + KindName(a[0]->kind));
-        }
-        o->items = a[0]->items;
-      }
-      return o;
-    }
-    if (n == "complex") {
-      CKPT_RETURN_IF_ERROR(need(1, 2));
-      auto num = [&](const Obj& x) -> Result<double> {
-        if (x->kind == K::kFloat) return x->f;
-        if (x->kind == K::kInt) return static_cast<double>(x->i);
-        return Refuse("complex() of a " + std::string(KindName(x->kind)));
-      };
-      auto o = Make(K::kComplex);
-      CKPT_ASSIGN_OR_RETURN(o->f, num(a[0]));
-      if (a.size() == 2) {
-        CKPT_ASSIGN_OR_RETURN(o->im, num(a[1]));
-      }
-      return o;
-    }
-    if (n == "slice") {
-      CKPT_RETURN_IF_ERROR(need(1, 3));
-      auto o = Make(K::kTuple);  // slice(a, b, c) kept as (a, b, c)
-      o->items = a;
-      return o;
-    }
-    if (n == "bytes" || n == "bytearray") {
-      CKPT_RETURN_IF_ERROR(need(0, 2));
-      if (a.empty()) return Make(K::kBytes);
-      if (a[0]->kind == K::kBytes) return a[0];
-      return Refuse(n + "() of a " + KindName(a[0]->kind));
-    }
-  }
-  if (m == "copyreg" && n == "_reconstructor") {
-    // copyreg._reconstructor(cls, object, None) is how protocols 0-1 make a
-    // plain object; only the allowlisted dict-like classes are accepted.
-    CKPT_RETURN_IF_ERROR(need(3, 3));
-    if (!IsGlobal(a[1], "builtins", "object") || a[2]->kind != K::kNone) {
-      return Refuse("copyreg._reconstructor with an unsupported base or state");
-    }
-    if (IsGlobal(a[0], "argparse", "Namespace") ||
-        IsGlobal(a[0], "collections", "OrderedDict")) {
-      auto d = Make(K::kDict);
-      d->s2 = a[0]->s + "." + a[0]->s2;
-      return d;
-    }
-    return Refuse("copyreg._reconstructor of a class that is not allowlisted");
-  }
-  if (m == "numpy.core.multiarray" && n == "_reconstruct") {
-    CKPT_RETURN_IF_ERROR(need(3, 3));
-    if (!IsGlobal(a[0], "numpy", "ndarray"))
-      return Refuse("numpy _reconstruct of a non-ndarray class");
-    return Make(K::kNpArray);
-  }
-  if (m == "numpy" && n == "dtype") {
-    CKPT_RETURN_IF_ERROR(need(1, 3));
-    CKPT_ASSIGN_OR_RETURN(std::string code, AsStr(a[0], "numpy dtype"));
-    auto o = Make(K::kNpDType);
-    o->s = code;
-    o->s2 = "|";
-    return o;
-  }
-  if (m == "numpy.core.multiarray" && n == "scalar") {
-    CKPT_RETURN_IF_ERROR(need(2, 2));
-    if (a[1]->kind != K::kBytes)
-      return Refuse("numpy scalar data is not bytes");
-    return NumpyScalar(a[0], a[1]->bytes);
-  }
-  if (m == "numpy.core.numeric" && n == "_frombuffer") {
-    CKPT_RETURN_IF_ERROR(need(4, 4));
-    if (a[0]->kind != K::kBytes)
-      return Refuse("numpy _frombuffer data is not bytes");
-    CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(a[2], "numpy shape"));
-    CKPT_ASSIGN_OR_RETURN(std::string order, AsStr(a[3], "numpy order"));
-    return NumpyArray(a[1], shape, order == "F", a[0]->bytes);
-  }
-  return Refuse("'" + m + "." + n + "' cannot be called here");
+// ---- opcodes
+// ------------------------------------------------------------------
+
+Status Machine::OpProto(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(uint64_t v, U(1));
+  if (op_at_ != 0) return Bad("PROTO not at the start");
+  if (v > 5)
+    return Refuse("pickle protocol " + std::to_string(v) + " is newer than 5");
+  proto_ = static_cast<int>(v);
+  return Status::OK();
 }
 
-Status Machine::Build(const Obj& target, const Obj& state) {
-  switch (target->kind) {
-    case K::kDict:
-      if (target->s2 == "argparse.Namespace") {
-        if (state->kind != K::kDict)
-          return Refuse("Namespace state is not a dict");
-        target->keys = state->keys;
-        target->items = state->items;
-        return Status::OK();
-      }
-      // OrderedDict attributes such as a state_dict's `_metadata` (module
-      // version numbers) are not items; they are dropped.
-      if (state->kind != K::kDict && state->kind != K::kNone &&
-          state->kind != K::kTuple) {
-        return Refuse("BUILD state of a dict is a " +
-                      std::string(KindName(state->kind)));
-      }
-      return Status::OK();
-    case K::kNpDType:
-      if (state->kind != K::kTuple || state->items.size() < 2 ||
-          state->items[1]->kind != K::kStr) {
-        return Refuse("numpy dtype state is not understood");
-      }
-      target->s2 = state->items[1]->s;
-      if (state->items.size() > 3 && state->items[3]->kind != K::kNone) {
-        return Refuse("structured numpy dtypes are not supported");
-      }
-      return Status::OK();
-    case K::kNpArray: {
-      if (state->kind != K::kTuple || state->items.size() != 5) {
-        return Refuse("numpy array state is not understood");
-      }
-      const auto& s = state->items;
-      CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(s[1], "numpy shape"));
-      if (s[3]->kind != K::kBool)
-        return Refuse("numpy fortran flag is not a bool");
-      std::vector<uint8_t> data;
-      if (s[4]->kind == K::kBytes) {
-        data = s[4]->bytes;
-      } else if (s[4]->kind == K::kStr) {
-        // Python 2's str of raw bytes, or latin-1 text (numpy encodes it).
-        auto raw = StrBytes(*s[4]);
-        if (!raw) return Refuse("numpy array data is text above U+00FF");
-        data = std::move(*raw);
-      } else {
-        return Refuse("numpy object arrays cannot be converted");
-      }
-      CKPT_ASSIGN_OR_RETURN(Obj arr,
-                            NumpyArray(s[2], shape, s[3]->i != 0, data));
-      target->kind = K::kTensor;
-      target->tensor = arr->tensor;
-      return Status::OK();
-    }
-    case K::kTensor:
-      if (state->kind == K::kNone ||
-          (state->kind == K::kDict && state->items.empty())) {
-        return Status::OK();
-      }
-      return Refuse("tensor with extra Python attributes cannot be converted");
-    default:
-      return Refuse(std::string("BUILD on a ") + KindName(target->kind));
+Status Machine::OpFrame(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(uint64_t n, U(8));
+  if (n > d_.size() - pos_) return Bad("FRAME longer than the data left");
+  return Status::OK();
+}
+
+Status Machine::OpStop(uint8_t) {
+  if (stack_.size() != 1 || !marks_.empty()) {
+    return Bad("STOP with " + std::to_string(stack_.size()) +
+               " items on the stack");
   }
+  stopped_ = true;
+  return Status::OK();
+}
+
+Status Machine::OpMark(uint8_t) {
+  if (marks_.size() >= lim_.max_marks) return Bad("too many nested MARKs");
+  marks_.push_back(stack_.size());
+  return Status::OK();
+}
+
+Status Machine::OpPop(uint8_t) { return Pop().status(); }
+
+Status Machine::OpPopMark(uint8_t) { return PopMark().status(); }
+
+Status Machine::OpDup(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj t, Top());
+  return Push(std::move(t));
+}
+
+Status Machine::OpGlobal(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(std::string module, Line());
+  CKPT_ASSIGN_OR_RETURN(std::string name, Line());
+  return Global(std::move(module), std::move(name));
+}
+
+Status Machine::OpStackGlobal(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj name, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj module, Pop());
+  if (name->kind != K::kStr || module->kind != K::kStr) {
+    return Refuse("STACK_GLOBAL operands are not strings");
+  }
+  return Global(module->s, name->s);
+}
+
+// BINPUT, LONG_BINPUT, MEMOIZE.
+Status Machine::OpPut(uint8_t op) {
+  if (op == 0x94) return Memo(memo_.size());
+  CKPT_ASSIGN_OR_RETURN(uint64_t i, U(op == 'q' ? 1 : 4));
+  return Memo(i);
+}
+
+// BINGET, LONG_BINGET.
+Status Machine::OpGet(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(uint64_t i, U(op == 'h' ? 1 : 4));
+  return MemoGet(i);
+}
+
+// PUT, GET (protocol 0: the index as a text line).
+Status Machine::OpTextMemo(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(std::string l, Line());
+  CKPT_ASSIGN_OR_RETURN(Obj i, IntFromText(l));
+  const bool put = op == 'p';
+  if (i->kind != K::kInt || i->i < 0)
+    return Bad(put ? "bad PUT index" : "bad GET index");
+  return put ? Memo(static_cast<uint64_t>(i->i))
+             : MemoGet(static_cast<uint64_t>(i->i));
+}
+
+// TUPLE, LIST: the items above the mark.
+Status Machine::OpSequence(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
+  auto o = Make(op == 't' ? K::kTuple : K::kList);
+  o->items = std::move(items);
+  return Push(std::move(o));
+}
+
+// TUPLE1, TUPLE2, TUPLE3.
+Status Machine::OpTupleN(uint8_t op) {
+  size_t n = op - 0x84u;
+  auto o = Make(K::kTuple);
+  o->items.resize(n);
+  for (size_t k = n; k-- > 0;) {
+    CKPT_ASSIGN_OR_RETURN(o->items[k], Pop());
+  }
+  return Push(std::move(o));
+}
+
+// EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET.
+Status Machine::OpEmpty(uint8_t op) {
+  const K k = op == ')'   ? K::kTuple
+              : op == ']' ? K::kList
+              : op == '}' ? K::kDict
+                          : K::kSet;
+  return Push(Make(k));
+}
+
+// DICT: key, value pairs above the mark.
+Status Machine::OpDict(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
+  if (items.size() % 2) return Bad("DICT with an odd number of items");
+  auto o = Make(K::kDict);
+  for (size_t k = 0; k < items.size(); k += 2) {
+    o->keys.push_back(items[k]);
+    o->items.push_back(items[k + 1]);
+  }
+  return Push(std::move(o));
+}
+
+Status Machine::OpAppend(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj l, Top());
+  if (l->kind != K::kList)
+    return Refuse(std::string("APPEND to a ") + KindName(l->kind));
+  l->items.push_back(std::move(v));
+  return Charge(2 * sizeof(Obj));
+}
+
+// APPENDS (to a list), ADDITEMS (to a set).
+Status Machine::OpAppends(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
+  CKPT_ASSIGN_OR_RETURN(Obj l, Top());
+  K want = op == 'e' ? K::kList : K::kSet;
+  if (l->kind != want)
+    return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") + " to a " +
+                  KindName(l->kind));
+  for (auto& it : items) l->items.push_back(std::move(it));
+  return Charge(2 * sizeof(Obj) * items.size());
+}
+
+Status Machine::OpFrozenSet(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
+  auto o = Make(K::kFrozenSet);
+  o->items = std::move(items);
+  return Push(std::move(o));
+}
+
+Status Machine::OpSetItem(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj k, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj d, Top());
+  if (d->kind != K::kDict)
+    return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
+  d->keys.push_back(std::move(k));
+  d->items.push_back(std::move(v));
+  return Charge(4 * sizeof(Obj));
+}
+
+Status Machine::OpSetItems(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
+  CKPT_ASSIGN_OR_RETURN(Obj d, Top());
+  if (d->kind != K::kDict)
+    return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
+  if (items.size() % 2) return Bad("SETITEMS with an odd number of items");
+  for (size_t k = 0; k < items.size(); k += 2) {
+    d->keys.push_back(std::move(items[k]));
+    d->items.push_back(std::move(items[k + 1]));
+  }
+  return Charge(2 * sizeof(Obj) * items.size());
+}
+
+// BININT (signed 4 bytes), BININT1, BININT2 (unsigned).
+Status Machine::OpBinInt(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(uint64_t v, U(op == 'J' ? 4 : op == 'K' ? 1 : 2));
+  auto o = Make(K::kInt);
+  o->i = op == 'J' ? static_cast<int32_t>(static_cast<uint32_t>(v))
+                   : static_cast<int64_t>(v);
+  return Push(std::move(o));
+}
+
+// LONG1, LONG4: a little-endian two's complement integer.
+Status Machine::OpLong(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(uint64_t n, U(op == 0x8a ? 1 : 4));
+  if (op == 0x8b && (n & 0x80000000u)) return Bad("negative LONG4 length");
+  if (n > lim_.max_long_bytes) {
+    return Refuse("integer of " + std::to_string(n) + " bytes (limit " +
+                  std::to_string(lim_.max_long_bytes) + ")");
+  }
+  CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
+  CKPT_ASSIGN_OR_RETURN(Obj o, IntFromLE(b));
+  return Push(std::move(o));
+}
+
+// INT, LONG (text); INT's "01" and "00" are protocol 0's True and False.
+Status Machine::OpTextInt(uint8_t op) {
+  CKPT_ASSIGN_OR_RETURN(std::string l, Line());
+  if (op == 'I' && (l == "01" || l == "00")) {
+    auto o = Make(K::kBool);
+    o->i = l == "01";
+    return Push(std::move(o));
+  }
+  CKPT_ASSIGN_OR_RETURN(Obj o, IntFromText(l));
+  return Push(std::move(o));
+}
+
+// BINFLOAT: an IEEE double, big-endian.
+Status Machine::OpBinFloat(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(auto b, Take(8));
+  auto o = Make(K::kFloat);
+  o->f = std::bit_cast<double>(__builtin_bswap64(LoadLE<uint64_t>(b.data())));
+  return Push(std::move(o));
+}
+
+Status Machine::OpTextFloat(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(std::string l, Line());
+  auto o = Make(K::kFloat);
+  char* end = nullptr;
+  o->f = std::strtod(l.c_str(), &end);
+  if (end == l.c_str() || *end != '\0') return Bad("bad float literal");
+  return Push(std::move(o));
+}
+
+// BINUNICODE, SHORT_BINUNICODE, BINUNICODE8 (text); BINSTRING,
+// SHORT_BINSTRING (Python 2 str).
+Status Machine::OpString(uint8_t op) {
+  int w = op == 0x8c || op == 'U' ? 1 : op == 0x8d ? 8 : 4;
+  CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
+  if (op == 'T' && (n & 0x80000000u)) return Bad("negative BINSTRING length");
+  CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
+  CKPT_ASSIGN_OR_RETURN(Obj o, op == 'T' || op == 'U' ? Py2Str(b) : Str(b));
+  return Push(std::move(o));
+}
+
+// BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8.
+Status Machine::OpBytes(uint8_t op) {
+  int w = op == 'C' ? 1 : op == 'B' ? 4 : 8;
+  CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
+  CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
+  CKPT_ASSIGN_OR_RETURN(Obj o, BytesObj(b));
+  return Push(std::move(o));
+}
+
+// None, True and False are immutable here: one object each, so a pickle of
+// millions of them costs stack slots, not objects.
+Status Machine::OpSingleton(uint8_t op) {
+  return op == 'N' ? Push(Singleton(K::kNone, 0))
+                   : Push(Singleton(K::kBool, op == 0x88));
+}
+
+Status Machine::OpReduce(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj fn, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj r, Call(fn, args));
+  return Push(std::move(r));
+}
+
+Status Machine::OpNewObj(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj cls, Pop());
+  const GlobalRow* row = RowOf(*cls);
+  if (!row || !row->newobj) {
+    return Refuse(std::string("NEWOBJ of ") +
+                  (cls->kind == K::kGlobal ? "'" + cls->s + "." + cls->s2 + "'"
+                                           : std::string(KindName(cls->kind))));
+  }
+  CKPT_ASSIGN_OR_RETURN(Obj o, Apply(row->newobj, *row, {}));
+  return Push(std::move(o));
+}
+
+Status Machine::OpBuild(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj state, Pop());
+  CKPT_ASSIGN_OR_RETURN(Obj target, Top());
+  return Build(*target, state);
+}
+
+Status Machine::OpBinPersId(uint8_t) {
+  CKPT_ASSIGN_OR_RETURN(Obj pid, Pop());
+  if (!pl_) return Refuse("persistent id outside a torch.save archive");
+  auto r = pl_(pid);
+  if (!r.ok()) return Fail(r.status().code(), r.status().message());
+  return Push(*r);
+}
+
+Status Machine::OpTextPersId(uint8_t) {
+  return Refuse(
+      "text persistent id (pickle protocol 0); torch cannot load these "
+      "files either: re-save with torch.save's default protocol");
+}
+
+Status Machine::OpTextString(uint8_t) {
+  return Refuse("text-mode (protocol 0) strings are not supported");
+}
+
+Status Machine::OpForbidden(uint8_t op) {
+  const char* name = "?";
+  for (const OpRow& r : Opcodes()) {
+    if (r.code == op) name = r.name;
+  }
+  return Refuse(std::string("pickle opcode ") + name +
+                " is not allowed in a checkpoint");
+}
+
+Status Machine::OpUnknown(uint8_t op) {
+  char hex[8];
+  std::snprintf(hex, sizeof hex, "0x%02x", op);
+  return Bad(std::string("unknown pickle opcode ") + hex);
+}
+
+std::span<const Machine::OpRow> Machine::Opcodes() {
+  using M = Machine;
+  static constexpr OpRow kRows[] = {
+      {0x80, "PROTO", &M::OpProto},
+      {0x95, "FRAME", &M::OpFrame},
+      {'.', "STOP", &M::OpStop},
+      {'(', "MARK", &M::OpMark},
+      {'0', "POP", &M::OpPop},
+      {'1', "POP_MARK", &M::OpPopMark},
+      {'2', "DUP", &M::OpDup},
+      {'c', "GLOBAL", &M::OpGlobal},
+      {0x93, "STACK_GLOBAL", &M::OpStackGlobal},
+      {'q', "BINPUT", &M::OpPut},
+      {'r', "LONG_BINPUT", &M::OpPut},
+      {0x94, "MEMOIZE", &M::OpPut},
+      {'h', "BINGET", &M::OpGet},
+      {'j', "LONG_BINGET", &M::OpGet},
+      {'p', "PUT", &M::OpTextMemo},
+      {'g', "GET", &M::OpTextMemo},
+      {'t', "TUPLE", &M::OpSequence},
+      {'l', "LIST", &M::OpSequence},
+      {0x85, "TUPLE1", &M::OpTupleN},
+      {0x86, "TUPLE2", &M::OpTupleN},
+      {0x87, "TUPLE3", &M::OpTupleN},
+      {')', "EMPTY_TUPLE", &M::OpEmpty},
+      {']', "EMPTY_LIST", &M::OpEmpty},
+      {'}', "EMPTY_DICT", &M::OpEmpty},
+      {0x8f, "EMPTY_SET", &M::OpEmpty},
+      {'d', "DICT", &M::OpDict},
+      {'a', "APPEND", &M::OpAppend},
+      {'e', "APPENDS", &M::OpAppends},
+      {0x90, "ADDITEMS", &M::OpAppends},
+      {0x91, "FROZENSET", &M::OpFrozenSet},
+      {'s', "SETITEM", &M::OpSetItem},
+      {'u', "SETITEMS", &M::OpSetItems},
+      {'J', "BININT", &M::OpBinInt},
+      {'K', "BININT1", &M::OpBinInt},
+      {'M', "BININT2", &M::OpBinInt},
+      {0x8a, "LONG1", &M::OpLong},
+      {0x8b, "LONG4", &M::OpLong},
+      {'I', "INT", &M::OpTextInt},
+      {'L', "LONG", &M::OpTextInt},
+      {'G', "BINFLOAT", &M::OpBinFloat},
+      {'F', "FLOAT", &M::OpTextFloat},
+      {'X', "BINUNICODE", &M::OpString},
+      {0x8c, "SHORT_BINUNICODE", &M::OpString},
+      {0x8d, "BINUNICODE8", &M::OpString},
+      {'T', "BINSTRING", &M::OpString},
+      {'U', "SHORT_BINSTRING", &M::OpString},
+      {'B', "BINBYTES", &M::OpBytes},
+      {'C', "SHORT_BINBYTES", &M::OpBytes},
+      {0x8e, "BINBYTES8", &M::OpBytes},
+      {0x96, "BYTEARRAY8", &M::OpBytes},
+      {'N', "NONE", &M::OpSingleton},
+      {0x88, "NEWTRUE", &M::OpSingleton},
+      {0x89, "NEWFALSE", &M::OpSingleton},
+      {'R', "REDUCE", &M::OpReduce},
+      {0x81, "NEWOBJ", &M::OpNewObj},
+      {'b', "BUILD", &M::OpBuild},
+      {'Q', "BINPERSID", &M::OpBinPersId},
+      {'P', "PERSID", &M::OpTextPersId},
+      {'S', "STRING", &M::OpTextString},
+      {'V', "UNICODE", &M::OpTextString},
+      // Never in a checkpoint: they construct arbitrary classes or need
+      // out-of-band state.
+      {'i', "INST", &M::OpForbidden},
+      {'o', "OBJ", &M::OpForbidden},
+      {0x92, "NEWOBJ_EX", &M::OpForbidden},
+      {0x82, "EXT1", &M::OpForbidden},
+      {0x83, "EXT2", &M::OpForbidden},
+      {0x84, "EXT4", &M::OpForbidden},
+      {0x97, "NEXT_BUFFER", &M::OpForbidden},
+      {0x98, "READONLY_BUFFER", &M::OpForbidden},
+  };
+  return kRows;
+}
+
+const std::array<Machine::Op, 256>& Machine::OpTable() {
+  static const std::array<Op, 256> kTable = [] {
+    std::array<Op, 256> t;
+    t.fill(&Machine::OpUnknown);
+    for (const OpRow& r : Opcodes()) t[r.code] = r.fn;
+    return t;
+  }();
+  return kTable;
 }
 
 Result<Obj> Machine::Run(size_t* consumed) {
+  const std::array<Op, 256>& ops = OpTable();
   while (pos_ < d_.size()) {
     op_at_ = pos_;
     if (pos_ > lim_.max_bytes) {
@@ -1158,358 +1789,10 @@ Result<Obj> Machine::Run(size_t* consumed) {
                     " bytes (the pickle limit, max_pickle_bytes)");
     }
     auto op = static_cast<uint8_t>(d_[pos_++]);
-    switch (op) {
-      case 0x80: {  // PROTO
-        CKPT_ASSIGN_OR_RETURN(uint64_t v, U(1));
-        if (op_at_ != 0) return Bad("PROTO not at the start");
-        if (v > 5)
-          return Refuse("pickle protocol " + std::to_string(v) +
-                        " is newer than 5");
-        proto_ = static_cast<int>(v);
-        break;
-      }
-      case 0x95: {  // FRAME
-        CKPT_ASSIGN_OR_RETURN(uint64_t n, U(8));
-        if (n > d_.size() - pos_) return Bad("FRAME longer than the data left");
-        break;
-      }
-      case '.': {  // STOP
-        if (stack_.size() != 1 || !marks_.empty()) {
-          return Bad("STOP with " + std::to_string(stack_.size()) +
-                     " items on the stack");
-        }
-        *consumed = pos_;
-        return stack_.back();
-      }
-      case '(':
-        if (marks_.size() >= lim_.max_marks)
-          return Bad("too many nested MARKs");
-        marks_.push_back(stack_.size());
-        break;
-      case '0':
-        CKPT_RETURN_IF_ERROR(Pop().status());
-        break;
-      case '1':
-        CKPT_RETURN_IF_ERROR(PopMark().status());
-        break;
-      case '2': {
-        CKPT_ASSIGN_OR_RETURN(Obj t, Top());
-        CKPT_RETURN_IF_ERROR(Push(t));
-        break;
-      }
-      case 'c': {  // GLOBAL
-        CKPT_ASSIGN_OR_RETURN(std::string module, Line());
-        CKPT_ASSIGN_OR_RETURN(std::string name, Line());
-        CKPT_RETURN_IF_ERROR(Global(module, name));
-        break;
-      }
-      case 0x93: {  // STACK_GLOBAL
-        CKPT_ASSIGN_OR_RETURN(Obj name, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj module, Pop());
-        if (name->kind != K::kStr || module->kind != K::kStr) {
-          return Refuse("STACK_GLOBAL operands are not strings");
-        }
-        CKPT_RETURN_IF_ERROR(Global(module->s, name->s));
-        break;
-      }
-      case 'q': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1));
-        CKPT_RETURN_IF_ERROR(Memo(i));
-        break;
-      }
-      case 'r': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4));
-        CKPT_RETURN_IF_ERROR(Memo(i));
-        break;
-      }
-      case 0x94:
-        CKPT_RETURN_IF_ERROR(Memo(memo_.size()));
-        break;
-      case 'h': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(1));
-        CKPT_RETURN_IF_ERROR(MemoGet(i));
-        break;
-      }
-      case 'j': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t i, U(4));
-        CKPT_RETURN_IF_ERROR(MemoGet(i));
-        break;
-      }
-      case 'p': {  // PUT (text)
-        CKPT_ASSIGN_OR_RETURN(std::string l, Line());
-        CKPT_ASSIGN_OR_RETURN(Obj i, IntFromText(l));
-        if (i->kind != K::kInt || i->i < 0) return Bad("bad PUT index");
-        CKPT_RETURN_IF_ERROR(Memo(static_cast<uint64_t>(i->i)));
-        break;
-      }
-      case 'g': {  // GET (text)
-        CKPT_ASSIGN_OR_RETURN(std::string l, Line());
-        CKPT_ASSIGN_OR_RETURN(Obj i, IntFromText(l));
-        if (i->kind != K::kInt || i->i < 0) return Bad("bad GET index");
-        CKPT_RETURN_IF_ERROR(MemoGet(static_cast<uint64_t>(i->i)));
-        break;
-      }
-      case 't':
-      case 'l': {  // TUPLE, LIST (from mark)
-        CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
-        auto o = Make(op == 't' ? K::kTuple : K::kList);
-        o->items = std::move(items);
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 0x85:
-      case 0x86:
-      case 0x87: {  // TUPLE1..3
-        size_t n = op - 0x84u;
-        auto o = Make(K::kTuple);
-        o->items.resize(n);
-        for (size_t k = n; k-- > 0;) {
-          CKPT_ASSIGN_OR_RETURN(o->items[k], Pop());
-        }
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case ')':
-        CKPT_RETURN_IF_ERROR(Push(Make(K::kTuple)));
-        break;
-      case ']':
-        CKPT_RETURN_IF_ERROR(Push(Make(K::kList)));
-        break;
-      case '}':
-        CKPT_RETURN_IF_ERROR(Push(Make(K::kDict)));
-        break;
-      case 0x8f:
-        CKPT_RETURN_IF_ERROR(Push(Make(K::kSet)));
-        break;
-      case 'd': {  // DICT (from mark)
-        CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
-        if (items.size() % 2) return Bad("DICT with an odd number of items");
-        auto o = Make(K::kDict);
-        for (size_t k = 0; k < items.size(); k += 2) {
-          o->keys.push_back(items[k]);
-          o->items.push_back(items[k + 1]);
-        }
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'a': {  // APPEND
-        CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj l, Top());
-        if (l->kind != K::kList)
-          return Refuse(std::string("APPEND to a ") + KindName(l->kind));
-        l->items.push_back(std::move(v));
-        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj)));
-        break;
-      }
-      case 'e':
-      case 0x90: {  // APPENDS, ADDITEMS
-        CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
-        CKPT_ASSIGN_OR_RETURN(Obj l, Top());
-        K want = op == 'e' ? K::kList : K::kSet;
-        if (l->kind != want)
-          return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") +
-                        " to a " + KindName(l->kind));
-        for (auto& it : items) l->items.push_back(std::move(it));
-        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj) * items.size()));
-        break;
-      }
-      case 0x91: {  // FROZENSET
-        CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
-        auto o = Make(K::kFrozenSet);
-        o->items = std::move(items);
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 's': {  // SETITEM
-        CKPT_ASSIGN_OR_RETURN(Obj v, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj k, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj d, Top());
-        if (d->kind != K::kDict)
-          return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
-        d->keys.push_back(std::move(k));
-        d->items.push_back(std::move(v));
-        CKPT_RETURN_IF_ERROR(Charge(4 * sizeof(Obj)));
-        break;
-      }
-      case 'u': {  // SETITEMS
-        CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
-        CKPT_ASSIGN_OR_RETURN(Obj d, Top());
-        if (d->kind != K::kDict)
-          return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
-        if (items.size() % 2)
-          return Bad("SETITEMS with an odd number of items");
-        for (size_t k = 0; k < items.size(); k += 2) {
-          d->keys.push_back(std::move(items[k]));
-          d->items.push_back(std::move(items[k + 1]));
-        }
-        CKPT_RETURN_IF_ERROR(Charge(2 * sizeof(Obj) * items.size()));
-        break;
-      }
-      case 'J': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t v, U(4));
-        auto o = Make(K::kInt);
-        o->i = static_cast<int32_t>(static_cast<uint32_t>(v));
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'K':
-      case 'M': {
-        CKPT_ASSIGN_OR_RETURN(uint64_t v, U(op == 'K' ? 1 : 2));
-        auto o = Make(K::kInt);
-        o->i = static_cast<int64_t>(v);
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 0x8a:
-      case 0x8b: {  // LONG1, LONG4
-        CKPT_ASSIGN_OR_RETURN(uint64_t n, U(op == 0x8a ? 1 : 4));
-        if (op == 0x8b && (n & 0x80000000u))
-          return Bad("negative LONG4 length");
-        if (n > lim_.max_long_bytes) {
-          return Refuse("integer of " + std::to_string(n) + " bytes (limit " +
-                        std::to_string(lim_.max_long_bytes) + ")");
-        }
-        CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
-        CKPT_ASSIGN_OR_RETURN(Obj o, IntFromLE(b));
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'I':
-      case 'L': {  // INT, LONG (text)
-        CKPT_ASSIGN_OR_RETURN(std::string l, Line());
-        if (op == 'I' && (l == "01" || l == "00")) {
-          auto o = Make(K::kBool);
-          o->i = l == "01";
-          CKPT_RETURN_IF_ERROR(Push(o));
-        } else {
-          CKPT_ASSIGN_OR_RETURN(Obj o, IntFromText(l));
-          CKPT_RETURN_IF_ERROR(Push(o));
-        }
-        break;
-      }
-      case 'G': {  // BINFLOAT, big-endian
-        CKPT_ASSIGN_OR_RETURN(auto b, Take(8));
-        uint64_t bits = 0;
-        for (std::byte x : b) bits = (bits << 8) | static_cast<uint64_t>(x);
-        auto o = Make(K::kFloat);
-        std::memcpy(&o->f, &bits, 8);
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'F': {  // FLOAT (text)
-        CKPT_ASSIGN_OR_RETURN(std::string l, Line());
-        auto o = Make(K::kFloat);
-        char* end = nullptr;
-        o->f = std::strtod(l.c_str(), &end);
-        if (end == l.c_str() || *end != '\0') return Bad("bad float literal");
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'X':
-      case 0x8c:
-      case 0x8d:
-      case 'T':
-      case 'U': {  // strings
-        int w = op == 0x8c || op == 'U' ? 1 : op == 0x8d ? 8 : 4;
-        CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
-        if (op == 'T' && (n & 0x80000000u))
-          return Bad("negative BINSTRING length");
-        CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
-        CKPT_ASSIGN_OR_RETURN(Obj o,
-                              op == 'T' || op == 'U' ? Py2Str(b) : Str(b));
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      case 'B':
-      case 'C':
-      case 0x8e:
-      case 0x96: {  // bytes, bytearray
-        int w = op == 'C' ? 1 : op == 'B' ? 4 : 8;
-        CKPT_ASSIGN_OR_RETURN(uint64_t n, U(w));
-        CKPT_ASSIGN_OR_RETURN(auto b, Take(n));
-        CKPT_ASSIGN_OR_RETURN(Obj o, BytesObj(b));
-        CKPT_RETURN_IF_ERROR(Push(o));
-        break;
-      }
-      // None, True and False are immutable here: one object each, so a
-      // pickle of millions of them costs stack slots, not objects.
-      case 'N':
-        CKPT_RETURN_IF_ERROR(Push(Singleton(K::kNone, 0)));
-        break;
-      case 0x88:
-      case 0x89:
-        CKPT_RETURN_IF_ERROR(Push(Singleton(K::kBool, op == 0x88)));
-        break;
-      case 'R': {  // REDUCE
-        CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj fn, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj r, Call(fn, args));
-        CKPT_RETURN_IF_ERROR(Push(r));
-        break;
-      }
-      case 0x81: {  // NEWOBJ
-        CKPT_ASSIGN_OR_RETURN(Obj args, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj cls, Pop());
-        if (IsGlobal(cls, "argparse", "Namespace")) {
-          auto d = Make(K::kDict);
-          d->s2 = "argparse.Namespace";
-          CKPT_RETURN_IF_ERROR(Push(d));
-        } else if (IsGlobal(cls, "collections", "OrderedDict")) {
-          auto d = Make(K::kDict);
-          d->s2 = "collections.OrderedDict";
-          CKPT_RETURN_IF_ERROR(Push(d));
-        } else {
-          return Refuse(std::string("NEWOBJ of ") +
-                        (cls->kind == K::kGlobal
-                             ? "'" + cls->s + "." + cls->s2 + "'"
-                             : std::string(KindName(cls->kind))));
-        }
-        break;
-      }
-      case 'b': {  // BUILD
-        CKPT_ASSIGN_OR_RETURN(Obj state, Pop());
-        CKPT_ASSIGN_OR_RETURN(Obj target, Top());
-        CKPT_RETURN_IF_ERROR(Build(target, state));
-        break;
-      }
-      case 'Q': {  // BINPERSID
-        CKPT_ASSIGN_OR_RETURN(Obj pid, Pop());
-        if (!pl_) return Refuse("persistent id outside a torch.save archive");
-        auto r = pl_(pid);
-        if (!r.ok()) {
-          return Fail(r.status().code(), r.status().message());
-        }
-        CKPT_RETURN_IF_ERROR(Push(*r));
-        break;
-      }
-      case 'P':
-        return Refuse(
-            "text persistent id (pickle protocol 0); torch cannot load these "
-            "files either: re-save with torch.save's default protocol");
-      case 'S':
-      case 'V':
-        return Refuse("text-mode (protocol 0) strings are not supported");
-      case 'i':
-      case 'o':
-      case 0x92:
-      case 0x82:
-      case 0x83:
-      case 0x84:
-      case 0x97:
-      case 0x98: {
-        static const std::map<uint8_t, const char*> kNames = {
-            {'i', "INST"},         {'o', "OBJ"},
-            {0x92, "NEWOBJ_EX"},   {0x82, "EXT1"},
-            {0x83, "EXT2"},        {0x84, "EXT4"},
-            {0x97, "NEXT_BUFFER"}, {0x98, "READONLY_BUFFER"}};
-        return Refuse(std::string("pickle opcode ") + kNames.at(op) +
-                      " is not allowed in a checkpoint");
-      }
-      default: {
-        char hex[8];
-        std::snprintf(hex, sizeof hex, "0x%02x", op);
-        return Bad(std::string("unknown pickle opcode ") + hex);
-      }
+    CKPT_RETURN_IF_ERROR((this->*ops[op])(op));
+    if (stopped_) {
+      *consumed = pos_;
+      return stack_.back();
     }
   }
   op_at_ = pos_;

@@ -76,6 +76,10 @@ struct PyObj {
   std::vector<Obj> keys;       // Dict keys
   std::shared_ptr<PyStorage> storage;
   std::shared_ptr<PyTensor> tensor;
+  /// 1 + the allowlist row that made this object, for BUILD to dispatch
+  /// on (a tagged dict, a numpy dtype or array under construction) and for
+  /// a kGlobal; 0 for anything else.
+  uint16_t row = 0;
   bool charged = false;  // counted in the pickle's memory budget
 
   PyObj() = default;
