@@ -707,3 +707,48 @@ TEST_CASE("whole storages to the device, and into caller memory") {
         ErrorCode::kInvalidArgument);
   RequireNoLeaks();
 }
+
+TEST_CASE(
+    "a load holds its own handle on the file: the caller's Checkpoint may be "
+    "moved or destroyed while it runs") {
+  TempDir dir;
+  std::vector<std::byte> big = Pattern(60000, 3);
+  {
+    WriteOptions wo = Fast();
+    wo.chunk_size = 4096;  // checked chunk by chunk, through the Checkpoint
+    auto w = Writer::Create(dir.File("own.ckpt"), wo);
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("big", DType::kUInt8, {60000}, big).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  DeviceLoadOptions o;
+  o.verify_checksums = true;
+  o.staging_buffer_bytes = 3000;  // many pieces, each after a queued copy
+  std::vector<TensorRequest> req = {{"big", {}}};
+  cuda_double::Config slow;
+  slow.max_delay_us = 3000;  // the load outlasts the caller's handle
+  for (bool destroy : {false, true}) {
+    INFO((destroy ? "destroyed" : "moved from, the new owner destroyed"));
+    cuda_double::Reset(slow);
+    {
+      std::unique_ptr<DeviceLoad> load;
+      {
+        auto ck = std::make_unique<Result<Checkpoint>>(
+            Checkpoint::Open(dir.File("own.ckpt")));
+        REQUIRE((*ck).ok());
+        auto started = LoadToDevice(**ck, req, o);
+        REQUIRE(started.ok());
+        load = std::move(*started);
+        // A moved-from Checkpoint is empty: a load still using it would
+        // fault at its next chunk check; a destroyed one is freed memory.
+        if (!destroy) Checkpoint gone = std::move(**ck);
+        ck.reset();
+      }
+      CHECK_FALSE(load->Ready(0));  // still running: the handle went first
+      REQUIRE(load->Wait().ok());
+      CHECK(OnDevice(load->tensor(0)) == big);
+      CHECK(cuda_double::GetStats().source_mutations == 0);
+    }
+    RequireNoLeaks();
+  }
+}

@@ -116,15 +116,18 @@ class DeviceLoad {
 };
 
 /// Starts loading `requests` (every tensor when empty) from `ck` to the
-/// device(s) chosen by `options`, and returns at once. The Checkpoint must
-/// outlive the returned load. Errors before any copy starts: kCuda (no
-/// driver, no device, bad device index, out of memory), kNotFound (a path),
+/// device(s) chosen by `options`, and returns at once. The load holds its
+/// own handle on the open file (Checkpoint::Share()), so `ck` may be moved
+/// or destroyed while the load runs; the file stays open (and mapped) until
+/// the load is destroyed. Errors before any copy starts: kCuda (no driver,
+/// no device, bad device index, out of memory), kNotFound (a path),
 /// kInvalidArgument (bad rows or options).
 Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
     const Checkpoint& ck, std::span<const TensorRequest> requests,
     const DeviceLoadOptions& options = {});
 
-/// Like LoadToDevice, for whole storages: item i is storage `storages[i]`
+/// Like LoadToDevice (and holding the file the same way), for whole
+/// storages: item i is storage `storages[i]`
 /// as 1-D uint8 bytes (DeviceTensor::info.path "<storage N>"). For callers
 /// that rebuild their own views on the device, sharing each storage as the
 /// file does (the Python binding). `options.destinations`, if given, holds

@@ -79,8 +79,10 @@ struct Item {
 
 class Loader final : public DeviceLoad {
  public:
+  // The load keeps its own handle on the file (as every TensorRef does), so
+  // the caller's Checkpoint may be moved or destroyed while it runs.
   Loader(const Checkpoint& ck, DeviceLoadOptions options)
-      : ck_(ck), file_(ck.path()), options_(std::move(options)) {}
+      : ck_(ck.Share()), file_(ck.path()), options_(std::move(options)) {}
 
   ~Loader() override {
     (void)Wait();
@@ -536,7 +538,7 @@ class Loader final : public DeviceLoad {
     }
   }
 
-  const Checkpoint& ck_;
+  const Checkpoint ck_;
   std::string file_;
   DeviceLoadOptions options_;
   std::vector<Item> items_;
