@@ -13,14 +13,15 @@ import torch
 from . import _ckpt
 from ._dtypes import NUMPY_TO_CODE, TORCH_TO_CODE
 from ._errors import InvalidArgumentError
+from ._kinds import CONTAINER_TYPES, HASHABLE_CONTAINERS, UNHASHABLE_CONTAINERS
 from ._load import _untyped
 
 _PIECE = 64 << 20  # device -> host copies of CUDA storages go in 64 MiB pieces
 _MAX_DEPTH = _ckpt.max_tree_depth  # FORMAT.md R14: nesting depth, root = 1
-_CONTAINER_TYPES = frozenset((list, tuple, set, frozenset, dict, collections.OrderedDict,
-                              argparse.Namespace))
+# Saved as a Dict node with this class tag (FORMAT.md 7.1 type_name).
 _DICT_TAGS = {collections.OrderedDict: "collections.OrderedDict",
               argparse.Namespace: "argparse.Namespace", dict: ""}
+_CONTAINER_TYPES = frozenset(CONTAINER_TYPES) | frozenset(_DICT_TAGS)
 
 
 _REPR = reprlib.Repr()
@@ -246,8 +247,7 @@ class _Saver:
         w = self.w
         if t in _DICT_TAGS:
             return w.add_dict(ids[0::2], ids[1::2], _DICT_TAGS[t])
-        return {list: w.add_list, tuple: w.add_tuple, set: w.add_set,
-                frozenset: w.add_frozenset}[t](ids)
+        return w.add_items(CONTAINER_TYPES[t], ids)
 
 
 def _holds_array(x):
@@ -258,7 +258,7 @@ def _holds_array(x):
         y = todo.pop()
         if isinstance(y, (torch.Tensor, np.ndarray)):
             return True
-        if type(y) in (tuple, frozenset):
+        if type(y) in HASHABLE_CONTAINERS:
             todo.extend(y)
     return False
 
@@ -266,7 +266,7 @@ def _holds_array(x):
 def _dict_children(d, where):
     """A dict's keys and values, alternating, as (child, path segment)."""
     for k, v in d.items():
-        if isinstance(k, (torch.Tensor, np.ndarray, list, dict, set)):
+        if isinstance(k, (torch.Tensor, np.ndarray) + UNHASHABLE_CONTAINERS):
             raise TypeError(f"{where(k)}: a dict key cannot be a {type(k).__name__}")
         if _holds_array(k):
             raise TypeError(f"{where(k)}: a dict key cannot hold a tensor or array")

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -702,6 +703,28 @@ class PyWriter {
     return Take(
         w().AddBigInt({reinterpret_cast<const uint8_t*>(s.data()), s.size()}));
   }
+  // A container of items only (List, Tuple, Set, FrozenSet; Dict has keys
+  // and a class tag: add_dict), by its kind code (value_kinds()).
+  uint32_t AddItems(int code, const std::vector<uint32_t>& items) {
+    using K = ckpt::ValueKind;
+    auto kind = code >= 0 && code <= ckpt::kMaxValueKindCode
+                    ? ckpt::ValueKindFromCode(static_cast<uint8_t>(code))
+                    : std::nullopt;
+    switch (kind.value_or(K::kNone)) {
+      case K::kList:
+        return Take(w().AddList(items));
+      case K::kTuple:
+        return Take(w().AddTuple(items));
+      case K::kSet:
+        return Take(w().AddSet(items));
+      case K::kFrozenSet:
+        return Take(w().AddFrozenSet(items));
+      default:
+        throw py::value_error("add_items: kind " + std::to_string(code) +
+                              " is not a container of items");
+    }
+  }
+
   uint32_t AddBytes(const py::bytes& b) {
     std::string_view s = b;
     return w().AddBytes({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
@@ -884,22 +907,7 @@ PYBIND11_MODULE(_ckpt, m) {
            [](PyWriter& w, const std::string& d) {
              return Take(w.w().AddDevice(d));
            })
-      .def("add_list",
-           [](PyWriter& w, const std::vector<uint32_t>& ids) {
-             return Take(w.w().AddList(ids));
-           })
-      .def("add_tuple",
-           [](PyWriter& w, const std::vector<uint32_t>& ids) {
-             return Take(w.w().AddTuple(ids));
-           })
-      .def("add_set",
-           [](PyWriter& w, const std::vector<uint32_t>& ids) {
-             return Take(w.w().AddSet(ids));
-           })
-      .def("add_frozenset",
-           [](PyWriter& w, const std::vector<uint32_t>& ids) {
-             return Take(w.w().AddFrozenSet(ids));
-           })
+      .def("add_items", &PyWriter::AddItems, py::arg("kind"), py::arg("items"))
       .def("add_dict",
            [](PyWriter& w, const std::vector<uint32_t>& keys,
               const std::vector<uint32_t>& values,
@@ -925,6 +933,18 @@ PYBIND11_MODULE(_ckpt, m) {
       auto d = static_cast<ckpt::DType>(code);
       out.append(py::make_tuple(code, std::string(ckpt::DTypeName(d)),
                                 ckpt::DTypeSize(d)));
+    }
+    return out;
+  });
+
+  // The node kinds of format.h's table: (code, name, container, hashable),
+  // hashable = may be a dict key or set item (tuple and frozenset: when
+  // all they hold may be).
+  m.def("value_kinds", [] {
+    py::list out;
+    for (const ckpt::ValueKindTraits& k : ckpt::kValueKinds) {
+      out.append(py::make_tuple(static_cast<int>(k.kind), std::string(k.name),
+                                k.container, k.hashable));
     }
     return out;
   });

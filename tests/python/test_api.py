@@ -467,6 +467,44 @@ class Records(TempDirCase):
             r.storage(3)
 
 
+class Kinds(TempDirCase):
+    """The node-kind table comes from format.h (issue 11 item 1)."""
+
+    def test_value_kinds_are_the_names_the_reader_reports(self):
+        kinds = _ckpt.value_kinds()
+        self.assertEqual([k[0] for k in kinds], list(range(len(kinds))))
+        by_name = {name: (container, hashable) for _, name, container, hashable in kinds}
+        p = self.path("k.ckpt")
+        values = {"none": None, "bool": True, "int": 3, "bigint": 2 ** 70, "float": 0.5,
+                  "complex": 1j, "string": "s", "bytes": b"b", "list": [1], "tuple": (1,),
+                  "dict": {"a": 1}, "set": {1}, "frozenset": frozenset({1}),
+                  "tensor": torch.ones(1), "dtype": torch.int8,
+                  "device": torch.device("cpu")}
+        self.assertEqual(sorted(values), sorted(by_name))
+        ckpt.save(values, p)
+        with ckpt.open(p) as f:
+            for name in values:
+                self.assertEqual(f.kind(name), name)
+        self.assertEqual({n for n, (c, _) in by_name.items() if c},
+                         {"list", "tuple", "dict", "set", "frozenset"})
+        self.assertEqual({n for n, (_, h) in by_name.items() if not h},
+                         {"list", "dict", "set", "tensor"})
+
+    def test_add_items_takes_only_item_containers(self):
+        code = {name: c for c, name, _, _ in _ckpt.value_kinds()}
+        w = _ckpt.Writer(self.path("i.ckpt"), sync=False)
+        one = w.add_int(1)
+        for name in ("dict", "int", "tensor"):
+            with self.assertRaises(ValueError):
+                w.add_items(code[name], [one])
+        for bad in (-1, 16, 1 << 20):
+            with self.assertRaises(ValueError):
+                w.add_items(bad, [one])
+        w.set_root(w.add_items(code["tuple"], [one, w.add_items(code["list"], [])]))
+        w.commit()
+        self.assertEqual(ckpt.load(self.path("i.ckpt")), (1, []))
+
+
 class PackageNamespace(unittest.TestCase):
     def test_star_import_keeps_the_builtin_open(self):
         # `open` was in __all__: `from ckpt import *` replaced open().
