@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cstring>
 
+#include "bytes_internal.h"
 #include "checksum_internal.h"
 #include "header_internal.h"
 #include "parallel_internal.h"
@@ -586,6 +587,45 @@ Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
         .WithFile(impl_->name());
   }
   return impl_->source->ReadInto(st.offset + begin, out);
+}
+
+Status Checkpoint::ReadStorages(std::span<const StorageRead> reads,
+                                unsigned threads) const {
+  // Checked up front so a bad request copies nothing.
+  for (size_t i = 0; i < reads.size(); ++i) {
+    const StorageRead& r = reads[i];
+    if (r.storage >= num_storages() ||
+        !internal::RangeWithin(r.begin, r.out.size(),
+                               storage_info(r.storage).nbytes)) {
+      return ReadStorage(r.storage, r.begin, r.out)
+          .WithContext("read " + std::to_string(i));
+    }
+  }
+  constexpr uint64_t kPiece = 8ull << 20;
+  struct Piece {
+    size_t read;
+    uint64_t offset;  // within the read
+  };
+  std::vector<Piece> pieces;
+  try {
+    for (size_t i = 0; i < reads.size(); ++i) {
+      for (uint64_t off = 0; off < reads[i].out.size(); off += kPiece) {
+        pieces.push_back({i, off});
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    return ResourceExhausted("cannot plan " + std::to_string(reads.size()) +
+                             " reads")
+        .WithFile(impl_->name());
+  }
+  return internal::ParallelFor(pieces.size(), threads, [&](size_t k) -> Status {
+    const StorageRead& r = reads[pieces[k].read];
+    const uint64_t off = pieces[k].offset;
+    const auto n =
+        static_cast<size_t>(std::min<uint64_t>(kPiece, r.out.size() - off));
+    return ReadStorage(r.storage, r.begin + off,
+                       r.out.subspan(static_cast<size_t>(off), n));
+  });
 }
 
 Status Checkpoint::StreamTensor(

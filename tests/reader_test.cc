@@ -194,3 +194,47 @@ TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
     }
   }
 }
+
+TEST_CASE("ReadStorages copies many ranges in parallel pieces, or nothing") {
+  TempDir dir;
+  std::string path = dir.File("r.ckpt");
+  // 20 MiB: three 8 MiB pieces, so one storage spreads over the threads.
+  auto big = Pattern(20 << 20, 5);
+  auto small = Pattern(1000, 6);
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(
+        w->PutTensor("big", DType::kUInt8, {int64_t(big.size())}, big).ok());
+    REQUIRE(w->PutTensor("small", DType::kUInt8, {1000}, small).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  for (Backend backend : {Backend::kMmap, Backend::kPread}) {
+    ReadOptions ro;
+    ro.backend = backend;
+    auto ck = Checkpoint::Open(path, ro);
+    REQUIRE(ck.ok());
+    size_t ib = ck->storage_info(0).nbytes == big.size() ? 0 : 1;
+    std::vector<std::byte> a(big.size() - 7), b(small.size()), c(0);
+    Checkpoint::StorageRead reads[] = {
+        {ib, 7, a}, {1 - ib, 0, b}, {ib, big.size(), c}};
+    for (unsigned threads : {1u, 3u, 0u}) {
+      std::fill(a.begin(), a.end(), std::byte{0});
+      REQUIRE(ck->ReadStorages(reads, threads).ok());
+      CHECK(std::equal(a.begin(), a.end(), big.begin() + 7));
+      CHECK(std::equal(b.begin(), b.end(), small.begin()));
+    }
+    // One bad range (a byte past the end) and nothing is copied.
+    std::vector<std::byte> over(small.size());
+    std::fill(a.begin(), a.end(), std::byte{0});
+    Checkpoint::StorageRead bad[] = {{ib, 7, a}, {1 - ib, 1, over}};
+    Status s = ck->ReadStorages(bad);
+    CHECK(s.code() == ErrorCode::kInvalidArgument);
+    CHECK(s.ToString().find("read 1") != std::string::npos);
+    CHECK(std::all_of(a.begin(), a.end(),
+                      [](std::byte x) { return x == std::byte{0}; }));
+    Checkpoint::StorageRead missing[] = {{7, 0, {}}};
+    CHECK(ck->ReadStorages(missing).code() == ErrorCode::kInvalidArgument);
+    CHECK(ck->ReadStorages({}).ok());
+  }
+}

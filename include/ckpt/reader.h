@@ -276,6 +276,21 @@ class Checkpoint {
   /// kInvalidArgument for a bad index or range, kIoError naming the offset.
   Status ReadStorage(size_t index, uint64_t begin,
                      std::span<std::byte> out) const;
+  /// One copy for ReadStorages: bytes [begin, begin + out.size()) of
+  /// storage `storage` into `out`.
+  struct StorageRead {
+    size_t storage = 0;
+    uint64_t begin = 0;
+    std::span<std::byte> out;
+  };
+  /// ReadStorage for many ranges at once, `threads` copies at a time (0 =
+  /// all cores), each range cut into 8 MiB pieces so that one big storage
+  /// also spreads over the threads. Every range is checked before anything
+  /// is copied (kInvalidArgument naming the read); otherwise the first
+  /// error by position in `reads`. Never throws; safe to call from several
+  /// threads. What a loader filling freshly allocated tensors calls.
+  Status ReadStorages(std::span<const StorageRead> reads,
+                      unsigned threads = 0) const;
 
   /// Calls `sink` with the elements of `tensor` (a TensorRef of this file)
   /// in row-major contiguous order, little-endian, in pieces of at most
