@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "bytes_internal.h"
 #include "ckpt/pth.h"
 #include "ckpt/reader.h"
 #include "header_internal.h"
@@ -280,8 +281,7 @@ Status LoadLegacy(Loaded& l) {
           .WithFile(src.name())
           .WithOffset(static_cast<int64_t>(at));
     }
-    uint64_t count = 0;
-    std::memcpy(&count, rest.data(), 8);
+    const auto count = internal::LoadLE<uint64_t>(rest.data());
     if (count != st.numel) {
       return Corrupt("legacy storage '" + k->s + "' holds " +
                      std::to_string(count) +
@@ -291,7 +291,7 @@ Status LoadLegacy(Loaded& l) {
           .WithOffset(static_cast<int64_t>(at));
     }
     uint64_t bytes = count * ElementSize(st);
-    if (rest.size() - 8 < bytes) {
+    if (!internal::RangeWithin(8, bytes, rest.size())) {
       return Corrupt("legacy storage '" + k->s + "' is truncated")
           .WithFile(src.name())
           .WithOffset(static_cast<int64_t>(at));
@@ -330,8 +330,7 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
                    std::min(l.src->size(), opt.limits.max_pickle_bytes));
   // Storages are read with pread into one reused buffer: memory stays
   // bounded (no multi-GiB mapping resident) and no page is faulted twice.
-  CKPT_ASSIGN_OR_RETURN(l.stream,
-                        internal::OpenSource(in, {.pread = true}));
+  CKPT_ASSIGN_OR_RETURN(l.stream, internal::OpenSource(in, {.pread = true}));
   const ByteSource& src = *l.src;
   uint64_t head_len = std::min<uint64_t>(src.size(), 512);
   CKPT_ASSIGN_OR_RETURN(Bytes head, src.Read(0, head_len));

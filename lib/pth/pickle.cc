@@ -350,7 +350,7 @@ class Machine {
 
   // ---- reading the opcode stream
   Result<std::span<const std::byte>> Take(uint64_t n) {
-    if (n > d_.size() - pos_) {
+    if (!RangeWithin(pos_, n, d_.size())) {
       return Bad("truncated pickle: needs " + std::to_string(n) +
                  " more bytes, " + std::to_string(d_.size() - pos_) + " left");
     }
@@ -1397,7 +1397,8 @@ Status Machine::OpProto(uint8_t) {
 
 Status Machine::OpFrame(uint8_t) {
   CKPT_ASSIGN_OR_RETURN(uint64_t n, U(8));
-  if (n > d_.size() - pos_) return Bad("FRAME longer than the data left");
+  if (!RangeWithin(pos_, n, d_.size()))
+    return Bad("FRAME longer than the data left");
   return Status::OK();
 }
 

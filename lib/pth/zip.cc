@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 
+#include "bytes_internal.h"
 #include "zip_internal.h"
 
 namespace ckpt::internal {
@@ -20,20 +20,10 @@ constexpr size_t kMaxEntries = 1000000;
 constexpr size_t kMaxNameBytes = 4096;
 constexpr uint64_t kMaxAllNameBytes = 64ull << 20;
 
-uint64_t LE(const std::byte* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
-
 Status Bad(const ByteSource& src, uint64_t offset, std::string msg) {
   return Corrupt("zip: " + std::move(msg))
       .WithFile(src.name())
       .WithOffset(static_cast<int64_t>(offset));
-}
-
-bool InFile(const ByteSource& src, uint64_t off, uint64_t len) {
-  return off <= src.size() && len <= src.size() - off;
 }
 
 }  // namespace
@@ -65,24 +55,24 @@ Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd,
   EndRecord r;
   r.eocd = eocd;
   r.cd_end = eocd;
-  r.count = LE(e + 10, 2);
-  r.cd_size = LE(e + 12, 4);
-  r.cd_offset = LE(e + 16, 4);
+  r.count = LoadLE(e + 10, 2);
+  r.cd_size = LoadLE(e + 12, 4);
+  r.cd_offset = LoadLE(e + 16, 4);
   // zip64: torch always writes the locator; follow it when present.
   if (eocd >= 20) {
     CKPT_ASSIGN_OR_RETURN(Bytes loc, src.Read(eocd - 20, 20));
-    if (LE(loc.data.data(), 4) == kZip64LocatorSig) {
-      uint64_t z64 = LE(loc.data.data() + 8, 8);
-      if (!InFile(src, z64, 56)) {
+    if (LoadLE(loc.data.data(), 4) == kZip64LocatorSig) {
+      uint64_t z64 = LoadLE(loc.data.data() + 8, 8);
+      if (!RangeWithin(z64, 56, src.size())) {
         return Bad(src, eocd - 20, "zip64 end record offset outside the file");
       }
       CKPT_ASSIGN_OR_RETURN(Bytes rec, src.Read(z64, 56));
-      if (LE(rec.data.data(), 4) != kZip64EocdSig) {
+      if (LoadLE(rec.data.data(), 4) != kZip64EocdSig) {
         return Bad(src, z64, "bad zip64 end-of-central-directory signature");
       }
-      r.count = LE(rec.data.data() + 32, 8);
-      r.cd_size = LE(rec.data.data() + 40, 8);
-      r.cd_offset = LE(rec.data.data() + 48, 8);
+      r.count = LoadLE(rec.data.data() + 32, 8);
+      r.cd_size = LoadLE(rec.data.data() + 40, 8);
+      r.cd_offset = LoadLE(rec.data.data() + 48, 8);
       r.cd_end = z64;
       return r;
     }
@@ -94,27 +84,21 @@ Result<EndRecord> ReadEndRecord(const ByteSource& src, uint64_t eocd,
   return r;
 }
 
-}  // namespace
-
-Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
-  const ByteSource& src = *source;
+// 1. End of central directory: scan back over the comment area. The
+// record normally ends the file; when bytes were appended after it (torch
+// still reads such files), take the last record whose central directory
+// ends exactly where the record (or its zip64 record) starts, so a stray
+// signature in the appended bytes is not mistaken for it.
+Result<EndRecord> FindEndRecord(const ByteSource& src) {
   const uint64_t size = src.size();
-  if (size < kEocdBytes) return Bad(src, 0, "file too short for a zip archive");
-  // 1. End of central directory: scan back over the comment area. The
-  // record normally ends the file; when bytes were appended after it (torch
-  // still reads such files), take the last record whose central directory
-  // ends exactly where the record (or its zip64 record) starts, so a stray
-  // signature in the appended bytes is not mistaken for it.
   uint64_t tail_len = std::min<uint64_t>(size, kEocdBytes + kMaxComment);
   CKPT_ASSIGN_OR_RETURN(Bytes tail, src.Read(size - tail_len, tail_len));
-  std::optional<EndRecord> end;
   Status first_error;  // of the candidate closest to the end
-  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0 && !end;
-       --i) {
+  for (int64_t i = static_cast<int64_t>(tail_len - kEocdBytes); i >= 0; --i) {
     const std::byte* p = tail.data.data() + i;
-    if (LE(p, 4) != kEocdSig) continue;
+    if (LoadLE(p, 4) != kEocdSig) continue;
     const uint64_t rec_end =
-        static_cast<uint64_t>(i) + kEocdBytes + LE(p + 20, 2);
+        static_cast<uint64_t>(i) + kEocdBytes + LoadLE(p + 20, 2);
     if (rec_end > tail_len) continue;
     const bool exact = rec_end == tail_len;
     const uint64_t eocd = size - tail_len + static_cast<uint64_t>(i);
@@ -123,93 +107,120 @@ Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
       if (first_error.ok()) first_error = r.status();
       continue;
     }
-    const bool in_file = InFile(src, r->cd_offset, r->cd_size) &&
-                         r->cd_offset + r->cd_size <= r->cd_end;
-    if (exact && in_file) {
-      end = *r;
-    } else if (in_file && r->cd_offset + r->cd_size == r->cd_end) {
-      end = *r;  // a consistent record followed by appended bytes
-    } else if (first_error.ok()) {
+    const bool in_file = RangeWithin(r->cd_offset, r->cd_size, size) &&
+                         RangeWithin(r->cd_offset, r->cd_size, r->cd_end);
+    if (exact && in_file) return *r;
+    if (in_file && r->cd_offset + r->cd_size == r->cd_end) {
+      return *r;  // a consistent record followed by appended bytes
+    }
+    if (first_error.ok()) {
       first_error =
           Bad(src, eocd,
               "central directory [" + std::to_string(r->cd_offset) + ", +" +
                   std::to_string(r->cd_size) + ") outside the file");
     }
   }
-  if (!end) {
-    if (!first_error.ok()) return first_error;
-    return Bad(src, size, "no end-of-central-directory record (truncated?)");
+  if (!first_error.ok()) return first_error;
+  return Bad(src, size, "no end-of-central-directory record (truncated?)");
+}
+
+// The zip64 extra field (id 1) of the entry at `at`: only the saturated
+// fields, in order.
+Status ReadZip64Extra(const ByteSource& src, uint64_t at,
+                      std::span<const std::byte> extra, ZipEntry* ent) {
+  const std::byte* x = extra.data();
+  const uint64_t extra_len = extra.size();
+  uint64_t xpos = 0;
+  while (xpos + 4 <= extra_len) {
+    uint64_t id = LoadLE(x + xpos, 2), len = LoadLE(x + xpos + 2, 2);
+    if (!RangeWithin(xpos + 4, len, extra_len))
+      return Bad(src, at, "extra field overruns its entry");
+    if (id == 1) {
+      const std::byte* v = x + xpos + 4;
+      uint64_t vlen = len;
+      auto take = [&](uint64_t* field) -> bool {
+        if (*field != 0xFFFFFFFF) return true;
+        if (vlen < 8) return false;
+        *field = LoadLE(v, 8);
+        v += 8;
+        vlen -= 8;
+        return true;
+      };
+      if (!take(&ent->size) || !take(&ent->compressed_size) ||
+          !take(&ent->local_header_offset)) {
+        return Bad(src, at, "zip64 extra field too short");
+      }
+    }
+    xpos += 4 + len;
   }
-  const uint64_t eocd = end->eocd;
-  const uint64_t count = end->count, cd_size = end->cd_size,
-                 cd_offset = end->cd_offset;
-  if (count > kMaxEntries) {
-    return Bad(src, eocd,
-               std::to_string(count) + " entries (limit " +
+  return Status::OK();
+}
+
+// The central directory entry at `pos` of `cd` (which starts at file offset
+// `cd_offset`) into `ent`; returns the entry's length. `name_bytes` sums
+// the names read so far.
+Result<uint64_t> ReadCentralEntry(const ByteSource& src,
+                                  std::span<const std::byte> cd,
+                                  uint64_t cd_offset, uint64_t pos,
+                                  uint64_t* name_bytes, ZipEntry* ent) {
+  const uint64_t at = cd_offset + pos;
+  if (cd.size() - pos < 46) return Bad(src, at, "central directory truncated");
+  const std::byte* c = cd.data() + pos;
+  if (LoadLE(c, 4) != kCentralSig)
+    return Bad(src, at, "bad central directory signature");
+  ent->flags = static_cast<uint16_t>(LoadLE(c + 8, 2));
+  ent->method = static_cast<uint16_t>(LoadLE(c + 10, 2));
+  ent->crc32 = static_cast<uint32_t>(LoadLE(c + 16, 4));
+  ent->compressed_size = LoadLE(c + 20, 4);
+  ent->size = LoadLE(c + 24, 4);
+  uint64_t name_len = LoadLE(c + 28, 2), extra_len = LoadLE(c + 30, 2),
+           comment_len = LoadLE(c + 32, 2);
+  ent->local_header_offset = LoadLE(c + 42, 4);
+  uint64_t rec = 46 + name_len + extra_len + comment_len;
+  if (cd.size() - pos < rec)
+    return Bad(src, at, "central directory entry truncated");
+  if (name_len > kMaxNameBytes) return Bad(src, at, "entry name too long");
+  *name_bytes += name_len;
+  if (*name_bytes > kMaxAllNameBytes) {
+    return Bad(src, at,
+               "entry names exceed " + std::to_string(kMaxAllNameBytes) +
+                   " bytes in all (limit)");
+  }
+  ent->name.assign(reinterpret_cast<const char*>(c + 46), name_len);
+  CKPT_RETURN_IF_ERROR(ReadZip64Extra(
+      src, at, {c + 46 + name_len, static_cast<size_t>(extra_len)}, ent));
+  return rec;
+}
+
+}  // namespace
+
+Result<ZipArchive> ZipArchive::Open(std::shared_ptr<ByteSource> source) {
+  const ByteSource& src = *source;
+  if (src.size() < kEocdBytes)
+    return Bad(src, 0, "file too short for a zip archive");
+  CKPT_ASSIGN_OR_RETURN(EndRecord end, FindEndRecord(src));
+  if (end.count > kMaxEntries) {
+    return Bad(src, end.eocd,
+               std::to_string(end.count) + " entries (limit " +
                    std::to_string(kMaxEntries) + ")");
   }
-  // 3. Central directory.
-  CKPT_ASSIGN_OR_RETURN(Bytes cd, src.Read(cd_offset, cd_size));
+  // The central directory.
+  CKPT_ASSIGN_OR_RETURN(Bytes cd, src.Read(end.cd_offset, end.cd_size));
   ZipArchive z;
   z.source_ = std::move(source);
-  z.entries_.reserve(static_cast<size_t>(count));
+  z.entries_.reserve(static_cast<size_t>(end.count));
   uint64_t pos = 0, name_bytes = 0;
-  for (uint64_t i = 0; i < count; ++i) {
-    const uint64_t at = cd_offset + pos;
-    if (cd_size - pos < 46) return Bad(src, at, "central directory truncated");
-    const std::byte* c = cd.data.data() + pos;
-    if (LE(c, 4) != kCentralSig)
-      return Bad(src, at, "bad central directory signature");
+  for (uint64_t i = 0; i < end.count; ++i) {
     ZipEntry ent;
-    ent.flags = static_cast<uint16_t>(LE(c + 8, 2));
-    ent.method = static_cast<uint16_t>(LE(c + 10, 2));
-    ent.crc32 = static_cast<uint32_t>(LE(c + 16, 4));
-    ent.compressed_size = LE(c + 20, 4);
-    ent.size = LE(c + 24, 4);
-    uint64_t name_len = LE(c + 28, 2), extra_len = LE(c + 30, 2),
-             comment_len = LE(c + 32, 2);
-    ent.local_header_offset = LE(c + 42, 4);
-    uint64_t rec = 46 + name_len + extra_len + comment_len;
-    if (cd_size - pos < rec)
-      return Bad(src, at, "central directory entry truncated");
-    if (name_len > kMaxNameBytes) return Bad(src, at, "entry name too long");
-    name_bytes += name_len;
-    if (name_bytes > kMaxAllNameBytes) {
-      return Bad(src, at,
-                 "entry names exceed " + std::to_string(kMaxAllNameBytes) +
-                     " bytes in all (limit)");
-    }
-    ent.name.assign(reinterpret_cast<const char*>(c + 46), name_len);
-    // zip64 extra field (id 1): only the saturated fields, in order.
-    const std::byte* x = c + 46 + name_len;
-    uint64_t xpos = 0;
-    while (xpos + 4 <= extra_len) {
-      uint64_t id = LE(x + xpos, 2), len = LE(x + xpos + 2, 2);
-      if (xpos + 4 + len > extra_len)
-        return Bad(src, at, "extra field overruns its entry");
-      if (id == 1) {
-        const std::byte* v = x + xpos + 4;
-        uint64_t vlen = len;
-        auto take = [&](uint64_t* field) -> bool {
-          if (*field != 0xFFFFFFFF) return true;
-          if (vlen < 8) return false;
-          *field = LE(v, 8);
-          v += 8;
-          vlen -= 8;
-          return true;
-        };
-        if (!take(&ent.size) || !take(&ent.compressed_size) ||
-            !take(&ent.local_header_offset)) {
-          return Bad(src, at, "zip64 extra field too short");
-        }
-      }
-      xpos += 4 + len;
-    }
+    CKPT_ASSIGN_OR_RETURN(
+        uint64_t rec,
+        ReadCentralEntry(src, cd.data, end.cd_offset, pos, &name_bytes, &ent));
     if (!z.index_.emplace(ent.name, z.entries_.size()).second) {
-      return Bad(src, at, "duplicate entry '" + ent.name + "'");
+      return Bad(src, end.cd_offset + pos,
+                 "duplicate entry '" + ent.name + "'");
     }
-    if (!InFile(src, ent.local_header_offset, 30)) {
-      return Bad(src, at,
+    if (!RangeWithin(ent.local_header_offset, 30, src.size())) {
+      return Bad(src, end.cd_offset + pos,
                  "entry '" + ent.name + "': local header outside the file");
     }
     z.entries_.push_back(std::move(ent));
@@ -237,13 +248,13 @@ Result<uint64_t> ZipArchive::PayloadOffset(const ZipEntry& e) const {
   const ByteSource& src = *source_;
   CKPT_ASSIGN_OR_RETURN(Bytes h, src.Read(e.local_header_offset, 30));
   const std::byte* p = h.data.data();
-  if (LE(p, 4) != kLocalSig) {
+  if (LoadLE(p, 4) != kLocalSig) {
     return Bad(src, e.local_header_offset,
                "entry '" + e.name + "': bad local header signature");
   }
-  uint64_t name_len = LE(p + 26, 2), extra_len = LE(p + 28, 2);
+  uint64_t name_len = LoadLE(p + 26, 2), extra_len = LoadLE(p + 28, 2);
   uint64_t payload = e.local_header_offset + 30 + name_len + extra_len;
-  if (!InFile(src, e.local_header_offset + 30, name_len)) {
+  if (!RangeWithin(e.local_header_offset + 30, name_len, src.size())) {
     return Bad(src, e.local_header_offset,
                "entry '" + e.name + "': truncated local header");
   }
@@ -255,7 +266,7 @@ Result<uint64_t> ZipArchive::PayloadOffset(const ZipEntry& e) const {
                "entry '" + e.name +
                    "': local name differs from the central directory");
   }
-  if (!InFile(src, payload, e.compressed_size)) {
+  if (!RangeWithin(payload, e.compressed_size, src.size())) {
     return Bad(src, payload,
                "entry '" + e.name + "': payload of " +
                    std::to_string(e.compressed_size) +
