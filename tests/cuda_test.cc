@@ -752,3 +752,35 @@ TEST_CASE(
     RequireNoLeaks();
   }
 }
+
+TEST_CASE(
+    "a conversion scratch that cannot be allocated fails its tensor, naming "
+    "it") {
+  TempDir dir;
+  std::vector<float> f32(5000, 1.5f);
+  {
+    auto w = Writer::Create(dir.File("s.ckpt"), Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("f32", DType::kFloat32, {5000}, Bytes(f32)).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = Checkpoint::Open(dir.File("s.ckpt"));
+  REQUIRE(ck.ok());
+  cuda_double::Config cfg;
+  cfg.fail_malloc_at = 1;  // the arena is allocation 0, the scratch 1
+  cuda_double::Reset(cfg);
+  DeviceLoadOptions o;
+  o.threads = 1;
+  o.convert = {{DType::kFloat32, DType::kBFloat16}};
+  {
+    auto load = LoadToDevice(*ck, {}, o);
+    REQUIRE(load.ok());
+    Status s = (*load)->Wait();
+    INFO(s.ToString());
+    CHECK(s.code() == ErrorCode::kCuda);
+    CHECK(s.tensor() == "f32");
+    CHECK(s.ToString().find("conversion scratch") != std::string::npos);
+    CHECK_FALSE((*load)->Ready(0));
+  }
+  RequireNoLeaks();
+}

@@ -153,6 +153,12 @@ class Loader final : public DeviceLoad {
         options_.threads
             ? options_.threads
             : std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
+    // Threads of their own, not internal::ParallelFor jobs: LoadToDevice
+    // returns at once and the workers run in the background for the whole
+    // load (ParallelFor blocks its caller until every job is done), each
+    // owns a stream and a pinned ring that it reuses for every item
+    // (ParallelFor's jobs carry no per-thread state), and after a failure
+    // the remaining items are marked failed for WaitTensor, not skipped.
     queues_.reserve(by_device.size());
     for (auto& [dev, list] : by_device) {
       queues_.push_back(std::make_unique<Queue>());
@@ -316,170 +322,226 @@ class Loader final : public DeviceLoad {
     cv_.notify_all();
   }
 
-  // One worker: a stream, two pinned buffers and two events. A buffer is
-  // refilled only after the event recorded behind its last copy completed.
-  void Work(Queue& q) {
+  // One worker's staging resources for the whole load: a stream, two pinned
+  // buffers with an event each (a buffer is refilled only after the event
+  // recorded behind its last copy completed), the descriptor direct reads
+  // use, and the device scratch buffer that pieces to convert land in.
+  struct Staging {
     cudaStream_t stream = nullptr;
     void* buf[2] = {nullptr, nullptr};
     cudaEvent_t ev[2] = {nullptr, nullptr};
-    const uint64_t B = std::max<uint64_t>(options_.staging_buffer_bytes, 4096);
-    // Direct reads fetch the aligned superset of a piece: room for one
-    // block of slack at each end.
-    const uint64_t alloc = direct_ ? B + 2 * kDirectAlign : B;
     int fd = -1;
-    if (direct_) {
-      fd = ::open(file_.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-      if (fd < 0) {  // e.g. tmpfs: fall back to buffered reads
-        buffered_fallback_ = true;
-        fd = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
-      }
-    }
-    void* scratch = nullptr;  // device landing zone for pieces to convert
-    auto cleanup = [&] {
+    void* scratch = nullptr;
+    uint64_t piece = 0;  // bytes per buffer: the longest piece
+    int j = 0;           // the buffer used last
+
+    Staging() = default;
+    Staging(const Staging&) = delete;
+    Staging& operator=(const Staging&) = delete;
+    ~Staging() { Release(); }
+    // Waits for the stream, then frees everything; safe to call twice.
+    void Release() {
       if (stream) cudaStreamSynchronize(stream);
       if (scratch) cudaFree(scratch);
+      scratch = nullptr;
       if (fd >= 0) ::close(fd);
-      for (int j = 0; j < 2; ++j) {
-        if (ev[j]) cudaEventDestroy(ev[j]);
-        if (buf[j]) cudaFreeHost(buf[j]);
+      fd = -1;
+      for (int k = 0; k < 2; ++k) {
+        if (ev[k]) cudaEventDestroy(ev[k]);
+        if (buf[k]) cudaFreeHost(buf[k]);
+        ev[k] = nullptr;
+        buf[k] = nullptr;
       }
       if (stream) cudaStreamDestroy(stream);
-    };
-    cudaError_t e = cudaSetDevice(q.device);
-    if (e == cudaSuccess)
-      e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-    for (int j = 0; j < 2 && e == cudaSuccess; ++j) {
-      e = cudaHostAlloc(&buf[j], alloc, cudaHostAllocDefault);
-      if (e == cudaSuccess)
-        e = cudaEventCreateWithFlags(&ev[j], cudaEventDisableTiming);
+      stream = nullptr;
     }
-    if (e != cudaSuccess) {
-      Fail(Cuda(e, "setting up staging on cuda:" + std::to_string(q.device))
-               .WithFile(file_));
-      cleanup();
+  };
+
+  // A piece of an item: `n` bytes from offset `off` of its view; `pinned`
+  // is where to copy from when the mapping is page-locked there (kRegister),
+  // else null (staged through a ring buffer).
+  struct Piece {
+    uint64_t off = 0;
+    uint64_t n = 0;
+    const std::byte* pinned = nullptr;
+  };
+
+  // One worker (a thread that lives for the whole load, with its own
+  // stream and ring): takes the queue's items one by one until none is
+  // left, then drains its stream.
+  void Work(Queue& q) {
+    Staging st;
+    Status setup = SetUpStaging(st, q.device);
+    if (!setup.ok()) {
+      Fail(setup.WithFile(file_));
+      st.Release();
       FailRest(q);
       return;
     }
-    int j = 0;
-    for (;;) {
-      size_t k = q.next.fetch_add(1);
-      if (k >= q.items.size()) break;
-      Item& it = items_[q.items[k]];
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (stop_) {
-          it.stage = 2;
-          cv_.notify_all();
-          continue;
-        }
-      }
-      std::span<const std::byte> bytes = it.ref.data();
-      Status problem;
-      // With verification, pieces never straddle a checksum chunk, and each
-      // chunk is checked just before its first piece is staged.
-      const uint64_t chunk = ck_.chunk_size();
-      const uint64_t base =
-          it.storage_begin;  // extent start within the storage
-      for (uint64_t off = 0; off < bytes.size() && problem.ok();) {
-        uint64_t n = std::min<uint64_t>(B, bytes.size() - off);
-        const std::byte* host_src = nullptr;
-        if (register_) {
-          auto a = reinterpret_cast<uintptr_t>(bytes.data() + off);
-          uint64_t window_end =
-              map_base_ + ((a - map_base_) / kWindow + 1) * kWindow;
-          n = std::min<uint64_t>(n, window_end - a);
-          if (EnsureWindow(a)) {
-            host_src = bytes.data() + off;
-          } else {
-            staged_pieces_++;
-          }
-        }
-        if (options_.verify_checksums) {
-          uint64_t at = base + off;
-          uint64_t chunk_end = (at / chunk + 1) * chunk;
-          n = std::min<uint64_t>(n, chunk_end - at);
-          if (off == 0 || at % chunk == 0) {
-            problem = ck_.VerifyStorageRange(it.dt.info.storage, at, at + 1,
-                                             it.dt.info.path);
-            if (!problem.ok()) break;
-          }
-        }
-        // Converting tensors land in the scratch buffer; a kernel on the
-        // same stream then writes the converted elements into place (the
-        // next piece's copy into scratch is ordered after it).
-        char* dst = static_cast<char*>(it.dt.data) + off;
-        if (it.convert) {
-          if (!scratch) {
-            e = cudaMalloc(&scratch, B);
-            if (e != cudaSuccess) {
-              problem = Cuda(e, "allocating conversion scratch")
-                            .WithFile(file_)
-                            .WithTensor(it.dt.info.path);
-              break;
-            }
-          }
-          dst = static_cast<char*>(scratch);
-        }
-        auto convert_piece = [&]() -> cudaError_t {
-          if (!it.convert) return cudaSuccess;
-          uint64_t in = static_cast<uint64_t>(convert::SourceSize(it.convert));
-          uint64_t out = static_cast<uint64_t>(convert::TargetSize(it.convert));
-          return static_cast<cudaError_t>(ckpt_convert_launch(
-              it.convert, scratch,
-              static_cast<char*>(it.dt.data) + off / in * out, n / in, stream));
-        };
-        if (host_src) {  // page-locked mapping: no staging buffer involved
-          e = cudaMemcpyAsync(dst, host_src, n, cudaMemcpyHostToDevice, stream);
-        } else {
-          j ^= 1;
-          e = cudaEventSynchronize(ev[j]);
-          const std::byte* src = static_cast<const std::byte*>(buf[j]);
-          if (e == cudaSuccess) {
-            if (direct_) {
-              auto r = ReadDirect(fd, it.file_offset + off, n,
-                                  static_cast<std::byte*>(buf[j]));
-              if (!r.ok()) {
-                problem = r.status().WithTensor(it.dt.info.path);
-                break;
-              }
-              src += *r;
-            } else {
-              std::memcpy(buf[j], bytes.data() + off, n);
-            }
-            e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream);
-          }
-        }
-        if (e == cudaSuccess) e = convert_piece();
-        // The staging buffer may be refilled once this event completes.
-        if (e == cudaSuccess && !host_src) e = cudaEventRecord(ev[j], stream);
-        if (e != cudaSuccess) {
-          problem = Cuda(e, "copy to cuda:" + std::to_string(q.device))
-                        .WithFile(file_)
-                        .WithTensor(it.dt.info.path)
-                        .WithOffset(static_cast<int64_t>(it.file_offset + off));
-        }
-        off += n;
-      }
-      if (problem.ok()) {
-        e = cudaEventRecord(it.done, stream);
-        if (e != cudaSuccess)
-          problem = Cuda(e, "cudaEventRecord").WithTensor(it.dt.info.path);
-      }
+    while (Item* it = NextItem(q)) {
+      Status problem = LoadItem(*it, st);
       if (!problem.ok()) {
         Fail(problem);
-        SetStage(it, 2);
+        SetStage(*it, 2);
         continue;
       }
-      SetStage(it, 1);
+      SetStage(*it, 1);
     }
     // Drain: a failed asynchronous copy shows up here at the latest.
-    e = cudaStreamSynchronize(stream);
+    cudaError_t e = cudaStreamSynchronize(st.stream);
     if (e != cudaSuccess) {
       Fail(Cuda(e, "asynchronous copy to cuda:" + std::to_string(q.device) +
                        " failed")
                .WithFile(file_));
     }
-    cleanup();
+  }
+
+  Status SetUpStaging(Staging& st, int device) {
+    st.piece = std::max<uint64_t>(options_.staging_buffer_bytes, 4096);
+    // Direct reads fetch the aligned superset of a piece: room for one
+    // block of slack at each end.
+    const uint64_t alloc = direct_ ? st.piece + 2 * kDirectAlign : st.piece;
+    if (direct_) {
+      st.fd = ::open(file_.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      if (st.fd < 0) {  // e.g. tmpfs: fall back to buffered reads
+        buffered_fallback_ = true;
+        st.fd = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
+      }
+    }
+    cudaError_t e = cudaSetDevice(device);
+    if (e == cudaSuccess)
+      e = cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
+    for (int k = 0; k < 2 && e == cudaSuccess; ++k) {
+      e = cudaHostAlloc(&st.buf[k], alloc, cudaHostAllocDefault);
+      if (e == cudaSuccess)
+        e = cudaEventCreateWithFlags(&st.ev[k], cudaEventDisableTiming);
+    }
+    if (e != cudaSuccess)
+      return Cuda(e, "setting up staging on cuda:" + std::to_string(device));
+    return Status::OK();
+  }
+
+  // The queue's next item, or null when none is left. After a failure
+  // anywhere in the load, the remaining items are marked failed instead.
+  Item* NextItem(Queue& q) {
+    for (;;) {
+      size_t k = q.next.fetch_add(1);
+      if (k >= q.items.size()) return nullptr;
+      Item& it = items_[q.items[k]];
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!stop_) return &it;
+        it.stage = 2;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  // Issues the copies of one item, piece by piece, and records its event.
+  Status LoadItem(Item& it, Staging& st) {
+    const uint64_t size = it.ref.data().size();
+    for (uint64_t off = 0; off < size;) {
+      CKPT_ASSIGN_OR_RETURN(Piece p, NextPiece(it, off, st.piece));
+      CKPT_RETURN_IF_ERROR(CopyPiece(it, st, p));
+      off += p.n;
+    }
+    cudaError_t e = cudaEventRecord(it.done, st.stream);
+    if (e != cudaSuccess)
+      return Cuda(e, "cudaEventRecord").WithTensor(it.dt.info.path);
+    return Status::OK();
+  }
+
+  // The piece of `it` at `off`: at most `max` bytes, within one registered
+  // window (kRegister) and, with verification, within one checksum chunk;
+  // each chunk is checked just before its first piece is staged.
+  Result<Piece> NextPiece(const Item& it, uint64_t off, uint64_t max) {
+    std::span<const std::byte> bytes = it.ref.data();
+    Piece p{off, std::min<uint64_t>(max, bytes.size() - off), nullptr};
+    if (register_) {
+      auto a = reinterpret_cast<uintptr_t>(bytes.data() + off);
+      uint64_t window_end =
+          map_base_ + ((a - map_base_) / kWindow + 1) * kWindow;
+      p.n = std::min<uint64_t>(p.n, window_end - a);
+      if (EnsureWindow(a)) {
+        p.pinned = bytes.data() + off;
+      } else {
+        staged_pieces_++;
+      }
+    }
+    if (options_.verify_checksums) {
+      const uint64_t chunk = ck_.chunk_size();
+      const uint64_t at = it.storage_begin + off;  // within the storage
+      p.n = std::min<uint64_t>(p.n, (at / chunk + 1) * chunk - at);
+      if (off == 0 || at % chunk == 0) {
+        CKPT_RETURN_IF_ERROR(ck_.VerifyStorageRange(it.dt.info.storage, at,
+                                                    at + 1, it.dt.info.path));
+      }
+    }
+    return p;
+  }
+
+  // Queues piece `p` of `it` on the worker's stream: the copy from the
+  // page-locked mapping or from a refilled ring buffer, then the
+  // conversion kernel if any. Converting tensors land in the scratch
+  // buffer and the kernel writes the converted elements into place (the
+  // next piece's copy into scratch is ordered after it on the stream).
+  Status CopyPiece(Item& it, Staging& st, const Piece& p) {
+    char* dst = static_cast<char*>(it.dt.data) + p.off;
+    if (it.convert) {
+      if (!st.scratch) {
+        cudaError_t e = cudaMalloc(&st.scratch, st.piece);
+        if (e != cudaSuccess) {
+          return Cuda(e, "allocating conversion scratch")
+              .WithFile(file_)
+              .WithTensor(it.dt.info.path);
+        }
+      }
+      dst = static_cast<char*>(st.scratch);
+    }
+    cudaError_t e = cudaSuccess;
+    if (p.pinned) {  // page-locked mapping: no staging buffer involved
+      e = cudaMemcpyAsync(dst, p.pinned, p.n, cudaMemcpyHostToDevice,
+                          st.stream);
+    } else {
+      st.j ^= 1;
+      e = cudaEventSynchronize(st.ev[st.j]);
+      if (e == cudaSuccess) {
+        CKPT_ASSIGN_OR_RETURN(const std::byte* src, FillBuffer(it, st, p));
+        e = cudaMemcpyAsync(dst, src, p.n, cudaMemcpyHostToDevice, st.stream);
+      }
+    }
+    if (e == cudaSuccess && it.convert) {
+      const auto in = static_cast<uint64_t>(convert::SourceSize(it.convert));
+      const auto out = static_cast<uint64_t>(convert::TargetSize(it.convert));
+      e = static_cast<cudaError_t>(
+          ckpt_convert_launch(it.convert, st.scratch,
+                              static_cast<char*>(it.dt.data) + p.off / in * out,
+                              p.n / in, st.stream));
+    }
+    // The staging buffer may be refilled once this event completes.
+    if (e == cudaSuccess && !p.pinned)
+      e = cudaEventRecord(st.ev[st.j], st.stream);
+    if (e != cudaSuccess) {
+      return Cuda(e, "copy to cuda:" + std::to_string(it.dt.device))
+          .WithFile(file_)
+          .WithTensor(it.dt.info.path)
+          .WithOffset(static_cast<int64_t>(it.file_offset + p.off));
+    }
+    return Status::OK();
+  }
+
+  // Fills ring buffer st.j with piece `p` (from the mapping, or by a direct
+  // read); returns where its bytes start in the buffer.
+  Result<const std::byte*> FillBuffer(const Item& it, Staging& st,
+                                      const Piece& p) {
+    auto* buf = static_cast<std::byte*>(st.buf[st.j]);
+    if (!direct_) {
+      std::memcpy(buf, it.ref.data().data() + p.off, p.n);
+      return static_cast<const std::byte*>(buf);
+    }
+    auto r = ReadDirect(st.fd, it.file_offset + p.off, p.n, buf);
+    if (!r.ok()) return r.status().WithTensor(it.dt.info.path);
+    return static_cast<const std::byte*>(buf + *r);
   }
 
   // Reads file bytes [offset, offset+n) into `buf` through `fd`, as the
