@@ -36,6 +36,8 @@ expect_rc 2 "get one arg" "$CKPT" get "$T/a.ckpt"
 # inspect: human and --json with the contract keys.
 expect_rc 0 "inspect" "$CKPT" inspect "$T/a.ckpt"
 grep -q "fc.weight  float32 \[2, 3\]" "$T/out" && ok || bad "inspect lists the tensor"
+grep -q "ckpt format .*producer" "$T/out" && ok || bad "inspect summary line"
+grep -q "^values:" "$T/out" && grep -q "^  epoch = 7$" "$T/out" && ok || bad "inspect lists the values"
 expect_rc 0 "inspect --json" "$CKPT" inspect --json "$T/a.ckpt"
 $PY - "$T/out" <<'PYEOF' && ok || bad "inspect --json content"
 import json, sys
@@ -83,6 +85,8 @@ expect_rc 3 "diff unreadable" "$CKPT" diff "$T/a.ckpt" "$T/none.ckpt"
 # load: to host memory always works; to a GPU either works or says why not.
 expect_rc 0 "load cpu" "$CKPT" load "$T/a.ckpt" --device cpu
 grep -q "loaded 1 tensors" "$T/out" && ok || bad "load cpu output: $(cat "$T/out")"
+expect_rc 0 "load cpu rows" "$CKPT" load "$T/a.ckpt" --device cpu --rows 1:2 --paths fc.weight
+grep -q "loaded 1 tensors, 12 B to cpu" "$T/out" && ok || bad "load cpu --rows output: $(cat "$T/out")"
 "$CKPT" load "$T/a.ckpt" --device cuda:0 >"$T/out" 2>"$T/err"; rc=$?
 if [ "$rc" = 0 ]; then
   grep -q "loaded 1 tensors" "$T/out" && ok || bad "load cuda output"

@@ -175,6 +175,111 @@ std::string ValueJson(const Value& v) {
 // ---- inspect
 // ------------------------------------------------------------------
 
+// `inspect --json`: one object (docs/CLI.md, "JSON forms").
+std::string InspectJson(const std::string& file, const Checkpoint& ck) {
+  std::string out;
+  using ckpt::tool::AppendJsonString;
+  out += "{\"file\": ";
+  AppendJsonString(out, file);
+  out += ", \"file_size\": " + std::to_string(ck.file_size());
+  out += ", \"format_version\": \"" + std::to_string(ck.format_major()) + "." +
+         std::to_string(ck.format_minor()) + "\"";
+  out += ", \"producer\": ";
+  AppendJsonString(out, ck.producer());
+  out += ", \"chunk_size\": " + std::to_string(ck.chunk_size());
+  out += ", \"metadata\": {";
+  bool first = true;
+  for (const auto& [k, v] : ck.metadata()) {
+    if (!first) out += ", ";
+    first = false;
+    AppendJsonString(out, k);
+    out += ": ";
+    AppendJsonString(out, v);
+  }
+  out += "}, \"storages\": [";
+  for (size_t i = 0; i < ck.num_storages(); ++i) {
+    auto s = ck.storage_info(i);
+    if (i) out += ", ";
+    out += "{\"id\": " + std::to_string(i) +
+           ", \"offset\": " + std::to_string(s.offset) +
+           ", \"nbytes\": " + std::to_string(s.nbytes) + ", \"device\": ";
+    AppendJsonString(out, s.device);
+    out += "}";
+  }
+  out += "], \"tensors\": [";
+  for (size_t i = 0; i < ck.num_tensors(); ++i) {
+    auto t = ck.tensor_info(i);
+    if (i) out += ", ";
+    out += "{\"path\": ";
+    AppendJsonString(out, t.path);
+    out += ", \"dtype\": \"" + std::string(ckpt::DTypeName(t.dtype)) + "\"";
+    out += ", \"shape\": " + Dims(t.shape);
+    out += ", \"strides\": " + Dims(t.strides);
+    out += ", \"storage\": " + std::to_string(t.storage);
+    out += ", \"offset\": " + std::to_string(t.storage_offset);
+    out += ", \"nbytes\": " + std::to_string(t.nbytes());
+    out += ", \"device\": ";
+    AppendJsonString(out, ck.storage_info(t.storage).device);
+    out += std::string(", \"requires_grad\": ") +
+           (t.requires_grad ? "true" : "false");
+    out += std::string(", \"is_parameter\": ") +
+           (t.is_parameter ? "true" : "false") + "}";
+  }
+  out += "], \"tree\": ";
+  ckpt::tool::AppendValueJson(out, ck.root());
+  out += "}\n";
+  return out;
+}
+
+// `inspect`: a summary line, metadata, one line per tensor and per value.
+std::string InspectText(const std::string& file, const Checkpoint& ck) {
+  std::string out;
+  uint64_t tensor_bytes = 0;
+  for (size_t i = 0; i < ck.num_tensors(); ++i) {
+    tensor_bytes += ck.tensor_info(i).nbytes();
+  }
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "%s: ckpt format %u.%u, %s, producer \"%.*s\"\n"
+                "  %zu tensors (%s) in %zu storages (%s of data), header %s, "
+                "checksum chunk %s\n",
+                file.c_str(), ck.format_major(), ck.format_minor(),
+                HumanBytes(ck.file_size()).c_str(),
+                static_cast<int>(ck.producer().size()), ck.producer().data(),
+                ck.num_tensors(), HumanBytes(tensor_bytes).c_str(),
+                ck.num_storages(), HumanBytes(ck.data_size()).c_str(),
+                HumanBytes(ck.header_size()).c_str(),
+                HumanBytes(ck.chunk_size()).c_str());
+  out += line;
+  auto md = ck.metadata();
+  if (!md.empty()) {
+    out += "metadata:\n";
+    for (const auto& [k, v] : md) out += "  " + k + " = " + v + "\n";
+  }
+  if (ck.num_tensors()) out += "tensors:\n";
+  for (size_t i = 0; i < ck.num_tensors(); ++i) {
+    auto t = ck.tensor_info(i);
+    std::string flags;
+    if (t.is_parameter) flags += " parameter";
+    if (t.requires_grad) flags += " requires_grad";
+    if (!t.is_contiguous()) flags += " strides=" + Dims(t.strides);
+    if (t.storage_offset)
+      flags += " offset=" + std::to_string(t.storage_offset);
+    std::string device = ck.storage_info(t.storage).device;
+    out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
+           std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
+           HumanBytes(t.nbytes()) + "  storage " + std::to_string(t.storage) +
+           (device == "cpu" ? "" : "  " + device) + flags + "\n";
+  }
+  std::string values;
+  ForEachLeaf(ck.root(), "", true, [&](const std::string& p, const Value& v) {
+    values += "  " + (p.empty() ? std::string("(root)") : p) + " = " +
+              ValueJson(v) + "\n";
+  });
+  if (!values.empty()) out += "values:\n" + values;
+  return out;
+}
+
 int Inspect(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kInspectHelp), kExitOk;
   std::string file;
@@ -197,106 +302,7 @@ int Inspect(const std::vector<std::string>& args) {
   auto ck = Checkpoint::Open(file);
   if (!ck.ok()) return Fail(ck.status());
 
-  std::string out;
-  if (json) {
-    using ckpt::tool::AppendJsonString;
-    out += "{\"file\": ";
-    AppendJsonString(out, file);
-    out += ", \"file_size\": " + std::to_string(ck->file_size());
-    out += ", \"format_version\": \"" + std::to_string(ck->format_major()) +
-           "." + std::to_string(ck->format_minor()) + "\"";
-    out += ", \"producer\": ";
-    AppendJsonString(out, ck->producer());
-    out += ", \"chunk_size\": " + std::to_string(ck->chunk_size());
-    out += ", \"metadata\": {";
-    bool first = true;
-    for (const auto& [k, v] : ck->metadata()) {
-      if (!first) out += ", ";
-      first = false;
-      AppendJsonString(out, k);
-      out += ": ";
-      AppendJsonString(out, v);
-    }
-    out += "}, \"storages\": [";
-    for (size_t i = 0; i < ck->num_storages(); ++i) {
-      auto s = ck->storage_info(i);
-      if (i) out += ", ";
-      out += "{\"id\": " + std::to_string(i) +
-             ", \"offset\": " + std::to_string(s.offset) +
-             ", \"nbytes\": " + std::to_string(s.nbytes) + ", \"device\": ";
-      AppendJsonString(out, s.device);
-      out += "}";
-    }
-    out += "], \"tensors\": [";
-    for (size_t i = 0; i < ck->num_tensors(); ++i) {
-      auto t = ck->tensor_info(i);
-      if (i) out += ", ";
-      out += "{\"path\": ";
-      AppendJsonString(out, t.path);
-      out += ", \"dtype\": \"" + std::string(ckpt::DTypeName(t.dtype)) + "\"";
-      out += ", \"shape\": " + Dims(t.shape);
-      out += ", \"strides\": " + Dims(t.strides);
-      out += ", \"storage\": " + std::to_string(t.storage);
-      out += ", \"offset\": " + std::to_string(t.storage_offset);
-      out += ", \"nbytes\": " + std::to_string(t.nbytes());
-      out += ", \"device\": ";
-      AppendJsonString(out, ck->storage_info(t.storage).device);
-      out += std::string(", \"requires_grad\": ") +
-             (t.requires_grad ? "true" : "false");
-      out += std::string(", \"is_parameter\": ") +
-             (t.is_parameter ? "true" : "false") + "}";
-    }
-    out += "], \"tree\": ";
-    ckpt::tool::AppendValueJson(out, ck->root());
-    out += "}\n";
-    Print(out);
-    return kExitOk;
-  }
-
-  uint64_t tensor_bytes = 0;
-  for (size_t i = 0; i < ck->num_tensors(); ++i) {
-    tensor_bytes += ck->tensor_info(i).nbytes();
-  }
-  char line[512];
-  std::snprintf(line, sizeof line,
-                "%s: ckpt format %u.%u, %s, producer \"%.*s\"\n"
-                "  %zu tensors (%s) in %zu storages (%s of data), header %s, "
-                "checksum chunk %s\n",
-                file.c_str(), ck->format_major(), ck->format_minor(),
-                HumanBytes(ck->file_size()).c_str(),
-                static_cast<int>(ck->producer().size()), ck->producer().data(),
-                ck->num_tensors(), HumanBytes(tensor_bytes).c_str(),
-                ck->num_storages(), HumanBytes(ck->data_size()).c_str(),
-                HumanBytes(ck->header_size()).c_str(),
-                HumanBytes(ck->chunk_size()).c_str());
-  out += line;
-  auto md = ck->metadata();
-  if (!md.empty()) {
-    out += "metadata:\n";
-    for (const auto& [k, v] : md) out += "  " + k + " = " + v + "\n";
-  }
-  if (ck->num_tensors()) out += "tensors:\n";
-  for (size_t i = 0; i < ck->num_tensors(); ++i) {
-    auto t = ck->tensor_info(i);
-    std::string flags;
-    if (t.is_parameter) flags += " parameter";
-    if (t.requires_grad) flags += " requires_grad";
-    if (!t.is_contiguous()) flags += " strides=" + Dims(t.strides);
-    if (t.storage_offset)
-      flags += " offset=" + std::to_string(t.storage_offset);
-    std::string device = ck->storage_info(t.storage).device;
-    out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
-           std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
-           HumanBytes(t.nbytes()) + "  storage " + std::to_string(t.storage) +
-           (device == "cpu" ? "" : "  " + device) + flags + "\n";
-  }
-  std::string values;
-  ForEachLeaf(ck->root(), "", true, [&](const std::string& p, const Value& v) {
-    values += "  " + (p.empty() ? std::string("(root)") : p) + " = " +
-              ValueJson(v) + "\n";
-  });
-  if (!values.empty()) out += "values:\n" + values;
-  Print(out);
+  Print(json ? InspectJson(file, *ck) : InspectText(file, *ck));
   return kExitOk;
 }
 
@@ -615,13 +621,17 @@ int Import(const std::vector<std::string>& args) {
 // ---- load
 // -----------------------------------------------------------------------
 
-int Load(const std::vector<std::string>& args) {
-  if (WantsHelp(args)) return Print(kLoadHelp), kExitOk;
+struct LoadArgs {
   std::string file, device = "cuda:0", strategy = "auto";
   std::vector<std::string> paths;
   std::optional<std::pair<int64_t, int64_t>> rows;
   bool verify = false;
   unsigned threads = 0;
+};
+
+// Parses `ckpt load`'s arguments into `la`; returns the usage problem, or
+// an empty string.
+std::string ParseLoadArgs(const std::vector<std::string>& args, LoadArgs& la) {
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&]() -> const std::string* {
@@ -629,100 +639,120 @@ int Load(const std::vector<std::string>& args) {
     };
     if (a == "--device") {
       auto v = value();
-      if (!v) return Usage(kLoadHelp, "--device needs a value");
-      device = *v;
+      if (!v) return "--device needs a value";
+      la.device = *v;
     } else if (a == "--strategy") {
       auto v = value();
       if (!v || (*v != "auto" && *v != "staged" && *v != "direct" &&
                  *v != "register")) {
-        return Usage(kLoadHelp,
-                     "--strategy takes auto, staged, direct or register");
+        return "--strategy takes auto, staged, direct or register";
       }
-      strategy = *v;
+      la.strategy = *v;
     } else if (a == "--threads") {
       auto v = value();
       int64_t n = 0;
       if (!v || !ParseInt(*v, &n) || n < 1 || n > 256)
-        return Usage(kLoadHelp, "--threads takes 1..256");
-      threads = static_cast<unsigned>(n);
+        return "--threads takes 1..256";
+      la.threads = static_cast<unsigned>(n);
     } else if (a == "--rows") {
       auto v = value();
       auto colon = v ? v->find(':') : std::string::npos;
       int64_t r0 = 0, r1 = 0;
       if (colon == std::string::npos || !ParseInt(v->substr(0, colon), &r0) ||
           !ParseInt(v->substr(colon + 1), &r1)) {
-        return Usage(kLoadHelp, "--rows takes A:B");
+        return "--rows takes A:B";
       }
-      rows = std::pair<int64_t, int64_t>{r0, r1};
+      la.rows = std::pair<int64_t, int64_t>{r0, r1};
     } else if (a == "--verify") {
-      verify = true;
+      la.verify = true;
     } else if (a == "--paths") {
       while (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0)
-        paths.push_back(args[++i]);
+        la.paths.push_back(args[++i]);
     } else if (!a.empty() && a[0] == '-') {
-      return Usage(kLoadHelp, "unknown option '" + a + "'");
-    } else if (file.empty()) {
-      file = a;
+      return "unknown option '" + a + "'";
+    } else if (la.file.empty()) {
+      la.file = a;
     } else {
-      return Usage(kLoadHelp, "unexpected argument '" + a + "'");
+      return "unexpected argument '" + a + "'";
     }
   }
-  if (file.empty()) return Usage(kLoadHelp, "missing FILE");
+  if (la.file.empty()) return "missing FILE";
+  return "";
+}
+
+// `load --device cpu`: copies each tensor into memory of its own; returns
+// the bytes copied.
+ckpt::Result<uint64_t> LoadToHost(const Checkpoint& ck, const LoadArgs& la) {
+  uint64_t bytes = 0;
+  std::vector<std::vector<std::byte>> keep;
+  for (const auto& p : la.paths) {
+    CKPT_ASSIGN_OR_RETURN(
+        ckpt::TensorRef t,
+        la.rows ? ck.TensorRows(p, la.rows->first, la.rows->second)
+                : ck.Tensor(p));
+    keep.emplace_back(static_cast<size_t>(t.info().nbytes()));
+    CKPT_RETURN_IF_ERROR(t.CopyTo(keep.back()));
+    bytes += keep.back().size();
+  }
+  return bytes;
+}
+
+// `load --device cuda:N`: the device loader, waited for; returns the bytes
+// loaded and appends the strategy that ran to `device`.
+ckpt::Result<uint64_t> LoadToGpu(const Checkpoint& ck, const LoadArgs& la,
+                                 std::string& device) {
+#ifdef CKPT_WITH_CUDA
+  std::vector<ckpt::TensorRequest> req;
+  for (const auto& p : la.paths) req.push_back({p, la.rows});
+  ckpt::DeviceLoadOptions o;
+  o.device = la.device;
+  o.threads = la.threads;
+  o.strategy = la.strategy == "staged"     ? ckpt::LoadStrategy::kStaged
+               : la.strategy == "direct"   ? ckpt::LoadStrategy::kDirect
+               : la.strategy == "register" ? ckpt::LoadStrategy::kRegister
+                                           : ckpt::LoadStrategy::kAuto;
+  o.verify_checksums = la.verify;
+  CKPT_ASSIGN_OR_RETURN(auto load, ckpt::LoadToDevice(ck, req, o));
+  CKPT_RETURN_IF_ERROR(load->Wait());
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < load->size(); ++i) bytes += load->tensor(i).nbytes;
+  device += ", " + load->strategy();
+  return bytes;
+#else
+  (void)ck;
+  (void)la;
+  (void)device;
+  return ckpt::InvalidArgument(
+      "this ckpt was built without the CUDA toolkit; only --device cpu works");
+#endif
+}
+
+int Load(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kLoadHelp), kExitOk;
+  LoadArgs la;
+  if (std::string problem = ParseLoadArgs(args, la); !problem.empty())
+    return Usage(kLoadHelp, problem);
   auto t0 = std::chrono::steady_clock::now();
   // --verify checks each checksum chunk as its tensor is read (cpu) or just
   // before it is staged for the GPU: no separate pass over the file.
   ckpt::ReadOptions ro;
-  ro.verify_checksums = verify && device == "cpu";
-  auto ck = Checkpoint::Open(file, ro);
+  ro.verify_checksums = la.verify && la.device == "cpu";
+  auto ck = Checkpoint::Open(la.file, ro);
   if (!ck.ok()) return Fail(ck.status());
-  if (paths.empty()) {
+  if (la.paths.empty()) {
     for (size_t i = 0; i < ck->num_tensors(); ++i)
-      paths.push_back(ck->tensor_info(i).path);
+      la.paths.push_back(ck->tensor_info(i).path);
   }
-  uint64_t bytes = 0;
-  size_t count = paths.size();
-  if (device == "cpu") {
-    std::vector<std::vector<std::byte>> keep;
-    for (const auto& p : paths) {
-      auto t =
-          rows ? ck->TensorRows(p, rows->first, rows->second) : ck->Tensor(p);
-      if (!t.ok()) return Fail(t.status());
-      keep.emplace_back(static_cast<size_t>(t->info().nbytes()));
-      Status s = t->CopyTo(keep.back());
-      if (!s.ok()) return Fail(s);
-      bytes += keep.back().size();
-    }
-  } else {
-#ifdef CKPT_WITH_CUDA
-    std::vector<ckpt::TensorRequest> req;
-    for (const auto& p : paths) req.push_back({p, rows});
-    ckpt::DeviceLoadOptions o;
-    o.device = device;
-    o.threads = threads;
-    o.strategy = strategy == "staged"     ? ckpt::LoadStrategy::kStaged
-                 : strategy == "direct"   ? ckpt::LoadStrategy::kDirect
-                 : strategy == "register" ? ckpt::LoadStrategy::kRegister
-                                          : ckpt::LoadStrategy::kAuto;
-    o.verify_checksums = verify;
-    auto load = ckpt::LoadToDevice(*ck, req, o);
-    if (!load.ok()) return Fail(load.status());
-    Status s = (*load)->Wait();
-    if (!s.ok()) return Fail(s);
-    for (size_t i = 0; i < (*load)->size(); ++i)
-      bytes += (*load)->tensor(i).nbytes;
-    device += ", " + (*load)->strategy();
-#else
-    return Fail(
-        ckpt::InvalidArgument("this ckpt was built without the CUDA toolkit; "
-                              "only --device cpu works"));
-#endif
-  }
+  std::string device = la.device;
+  auto bytes =
+      device == "cpu" ? LoadToHost(*ck, la) : LoadToGpu(*ck, la, device);
+  if (!bytes.ok()) return Fail(bytes.status());
   double sec =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
           .count();
-  std::printf("loaded %zu tensors, %s to %s in %.4f s (%.2f GB/s)\n", count,
-              HumanBytes(bytes).c_str(), device.c_str(), sec,
-              sec > 0 ? static_cast<double>(bytes) / sec / 1e9 : 0.0);
+  std::printf("loaded %zu tensors, %s to %s in %.4f s (%.2f GB/s)\n",
+              la.paths.size(), HumanBytes(*bytes).c_str(), device.c_str(), sec,
+              sec > 0 ? static_cast<double>(*bytes) / sec / 1e9 : 0.0);
   return kExitOk;
 }
 
