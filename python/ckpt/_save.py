@@ -41,6 +41,11 @@ def _where(path):
     return "/".join(_segment(k) for k in path) or "<root>"
 
 
+def device_string(d):
+    """A torch.device as the file writes it: CUDA always with its index."""
+    return f"cuda:{d.index or 0}" if d.type == "cuda" else str(d)
+
+
 def _hint(obj):
     if isinstance(obj, torch.nn.Module):
         return "save model.state_dict() instead, and load it into a new model"
@@ -69,7 +74,7 @@ class _Saver:
     def storage(self, t):
         s = _untyped(t)
         dev = t.device
-        device = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
+        device = device_string(dev)
         key = (device, s.data_ptr(), s.nbytes())
         sid = self.storages.get(key)
         if sid is not None:
@@ -182,9 +187,7 @@ class _Saver:
                 raise TypeError(f"{where(seg)}: dtype {obj} has no ckpt equivalent")
             return w.add_dtype(code)
         if isinstance(obj, torch.device):
-            d = obj
-            return w.add_device(f"cuda:{d.index or 0}" if d.type == "cuda" and d.index is None
-                                else str(d))
+            return w.add_device(device_string(obj))
         raise TypeError(f"{where(seg)}: cannot save an object of type "
                         f"{t.__module__}.{t.__qualname__}: {_hint(obj)}")
 

@@ -1,11 +1,16 @@
 """Moving to and from other formats: .pth (torch.save) and .safetensors."""
+import argparse
 import os
 
+import numpy as np
 import torch
 
 from . import _ckpt
+from ._dtypes import TORCH_TO_CODE
+from ._kinds import CODE as KIND_CODE
 from ._load import (_converted, _Loader, _open_reader, _untyped, renamed_errors,
                     resolve_target, view)
+from ._save import device_string
 
 
 def _load_pth(path, map_location, mmap=False, name=None, encoding="utf-8"):
@@ -53,25 +58,57 @@ def _place_safetensors(out, map_location):
     return moved
 
 
+def _key_object(key):
+    """(kind code, payload) for a dict key the binding does not know (it
+    knows no torch or numpy), as ckpt.save stores it; None: not a key."""
+    if isinstance(key, torch.dtype):
+        code = TORCH_TO_CODE.get(key)
+        return None if code is None else (KIND_CODE["dtype"], code)
+    if isinstance(key, torch.device):
+        return KIND_CODE["device"], device_string(key)
+    for types, kind, as_python in _NUMPY_KEYS:
+        if isinstance(key, types):
+            return KIND_CODE[kind], as_python(key)
+    return None
+
+
+_NUMPY_KEYS = ((np.bool_, "bool", bool), (np.integer, "int", int),
+               (np.floating, "float", float), (np.complexfloating, "complex", complex))
+
+
 def flatten(tree, prefix=""):
     """{tensor path: tensor} for every tensor of a nested dict/list/tuple,
-    with the paths of DESIGN.md ("model/fc.weight", "opt/state/0/exp_avg")."""
-    out = {}
-
-    def esc(k):
-        return str(k).replace("~", "~0").replace("/", "~1")
-
-    def walk(x, path):
-        if isinstance(x, torch.Tensor):
-            out[path] = x
-        elif isinstance(x, dict):
+    named as ckpt.save's file names them (docs/FORMAT.md 7.2: "model/fc.weight",
+    "opt/state/0/exp_avg"; a key's path form, 7.3: (1, 'a') is "(1,a)").
+    `prefix` (a path, not escaped) goes before every path. TypeError or
+    ValueError for a key ckpt.save could not store."""
+    def children(x, path, at_root):
+        if isinstance(x, argparse.Namespace):
+            x = vars(x)
+        if isinstance(x, dict):
             for k, v in x.items():
-                walk(v, f"{path}/{esc(k)}" if path else esc(k))
-        elif isinstance(x, (list, tuple)):
+                yield v, _ckpt.child_path(path, at_root, _ckpt.key_segment(k, _key_object))
+        else:
             for i, v in enumerate(x):
-                walk(v, f"{path}/{i}" if path else str(i))
+                yield v, _ckpt.child_path(path, at_root, str(i))
 
-    walk(tree, prefix)
+    def nested(x):
+        return isinstance(x, (dict, list, tuple, argparse.Namespace))
+
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    out = {}
+    # An explicit stack: any depth ckpt.save takes, under Python's recursion limit.
+    stack = [children(tree, prefix, not prefix)] if nested(tree) else []
+    while stack:
+        for v, path in stack[-1]:
+            if isinstance(v, torch.Tensor):
+                out[path] = v
+            elif nested(v):
+                stack.append(children(v, path, False))
+                break
+        else:
+            stack.pop()
     return out
 
 

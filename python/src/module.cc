@@ -648,6 +648,137 @@ class Reader {
   py::object keep_;
 };
 
+// ---- dict keys as path segments
+// ----------------------------------------------
+
+// A Python dict key as the library's PathKey, for KeySegment: None, bool,
+// int (any size), float, complex, str, bytes/bytearray, tuple, frozenset.
+// Anything else goes to on_object(obj), which returns (kind code, payload)
+// for what this torch-free module cannot recognise (a torch.dtype: dtype
+// code; a torch.device: its string; a numpy scalar: the Python number of
+// its kind), or None when it is no key.
+class KeyConverter {
+  // FORMAT.md 7.1: the largest BigInt. (lib/writer.cc and lib/tree.cc
+  // hold it too; it belongs in format.h.)
+  static constexpr size_t kMaxBigIntBytes = 4096;
+
+ public:
+  explicit KeyConverter(py::object on_object)
+      : on_object_(std::move(on_object)) {}
+
+  ckpt::PathKey Convert(py::handle key, size_t depth = 1) const {
+    using K = ckpt::ValueKind;
+    if (depth > ckpt::kMaxTreeDepth) {
+      throw py::value_error("dict key: nested deeper than " +
+                            std::to_string(ckpt::kMaxTreeDepth) + " levels");
+    }
+    ckpt::PathKey out;
+    PyObject* o = key.ptr();
+    if (o == Py_None) {
+      out.kind = K::kNone;
+    } else if (PyBool_Check(o)) {
+      out.kind = K::kBool;
+      out.int_value = o == Py_True;
+    } else if (PyLong_Check(o)) {
+      Int(key, out);
+    } else if (PyFloat_Check(o)) {
+      out.kind = K::kFloat;
+      out.float_value = PyFloat_AsDouble(o);
+    } else if (PyComplex_Check(o)) {
+      out.kind = K::kComplex;
+      out.float_value = PyComplex_RealAsDouble(o);
+      out.imag_value = PyComplex_ImagAsDouble(o);
+    } else if (PyUnicode_Check(o)) {
+      out.kind = K::kString;
+      Py_ssize_t n = 0;
+      const char* p = PyUnicode_AsUTF8AndSize(o, &n);
+      if (!p) throw py::error_already_set();  // a lone surrogate
+      out.text.assign(p, static_cast<size_t>(n));
+    } else if (PyBytes_Check(o) || PyByteArray_Check(o)) {
+      out.kind = K::kBytes;
+      std::string_view b =
+          PyBytes_Check(o)
+              ? std::string_view(PyBytes_AS_STRING(o),
+                                 static_cast<size_t>(PyBytes_GET_SIZE(o)))
+              : std::string_view(PyByteArray_AS_STRING(o),
+                                 static_cast<size_t>(PyByteArray_GET_SIZE(o)));
+      out.bytes.assign(b.begin(), b.end());
+    } else if (PyTuple_CheckExact(o) || PyFrozenSet_CheckExact(o)) {
+      out.kind = PyTuple_CheckExact(o) ? K::kTuple : K::kFrozenSet;
+      for (py::handle item : key) out.items.push_back(Convert(item, depth + 1));
+    } else {
+      Other(key, out);
+    }
+    return out;
+  }
+
+ private:
+  static void Int(py::handle v, ckpt::PathKey& out) {
+    int overflow = 0;
+    long long i = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (i == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (!overflow) {
+      out.kind = ckpt::ValueKind::kInt;
+      out.int_value = i;
+      return;
+    }
+    // Minimal two's complement, as the writer stores a BigInt.
+    py::int_ n = py::reinterpret_borrow<py::int_>(v);
+    py::object magnitude = overflow > 0 ? py::object(n) : py::object(~n);
+    size_t len = (magnitude.attr("bit_length")().cast<size_t>() + 8) / 8;
+    if (len > kMaxBigIntBytes) {
+      Throw(ckpt::InvalidArgument("dict key: an int of " + std::to_string(len) +
+                                  " bytes; the format holds ints of at most " +
+                                  std::to_string(kMaxBigIntBytes) + " bytes"));
+    }
+    py::bytes le = n.attr("to_bytes")(len, "little", py::arg("signed") = true);
+    std::string_view b = le;
+    out.kind = ckpt::ValueKind::kBigInt;
+    out.bytes.assign(b.begin(), b.end());
+  }
+
+  void Other(py::handle key, ckpt::PathKey& out) const {
+    using K = ckpt::ValueKind;
+    py::object r = on_object_.is_none() ? py::none() : on_object_(key);
+    if (r.is_none()) {
+      throw py::type_error(
+          "dict key: a " +
+          py::str(py::type::handle_of(key).attr("__qualname__"))
+              .cast<std::string>() +
+          " is not a key ckpt can store");
+    }
+    auto [code, payload] = r.cast<std::pair<int, py::object>>();
+    auto kind = code >= 0 && code <= ckpt::kMaxValueKindCode
+                    ? ckpt::ValueKindFromCode(static_cast<uint8_t>(code))
+                    : std::nullopt;
+    switch (kind.value_or(K::kList)) {
+      case K::kDType:
+        out.kind = K::kDType;
+        out.int_value = payload.cast<int64_t>();
+        return;
+      case K::kDevice:
+        out.kind = K::kDevice;
+        out.text = payload.cast<std::string>();
+        return;
+      case K::kBool:
+      case K::kInt:
+      case K::kFloat:
+      case K::kComplex:
+        out = Convert(payload);
+        if (out.kind == *kind || (*kind == K::kInt && out.kind == K::kBigInt)) {
+          return;
+        }
+        break;
+      default:
+        break;
+    }
+    throw py::value_error("key_segment: on_object gave kind " +
+                          std::to_string(code) + " with a payload of another");
+  }
+
+  py::object on_object_;
+};
+
 // ---- Writer
 // ------------------------------------------------------------------
 
@@ -936,6 +1067,29 @@ PYBIND11_MODULE(_ckpt, m) {
     }
     return out;
   });
+
+  // A dict key's path form (FORMAT.md 7.3), as the file names its entry;
+  // on_object: see KeyConverter. TypeError for a key of no storable kind,
+  // InvalidArgumentError for one the format refuses (a list inside, a
+  // BigInt over 4096 bytes...).
+  m.def(
+      "key_segment",
+      [](py::handle key, py::object on_object) {
+        ckpt::PathKey k = KeyConverter(std::move(on_object)).Convert(key);
+        std::string seg = Take(ckpt::KeySegment(k));
+        return Lenient(seg);
+      },
+      py::arg("key"), py::arg("on_object") = py::none());
+  // The path of child `segment` (raw) of the node at `parent`
+  // (ckpt::PathBuilder::Child: '/'-joined, escaped; none before the
+  // root's children).
+  m.def(
+      "child_path",
+      [](std::string_view parent, bool parent_is_root,
+         std::string_view segment) {
+        return ckpt::PathBuilder::Child(parent, parent_is_root, segment);
+      },
+      py::arg("parent"), py::arg("parent_is_root"), py::arg("segment"));
 
   // The node kinds of format.h's table: (code, name, container, hashable),
   // hashable = may be a dict key or set item (tuple and frozenset: when

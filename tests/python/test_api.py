@@ -505,6 +505,48 @@ class Kinds(TempDirCase):
         self.assertEqual(ckpt.load(self.path("i.ckpt")), (1, []))
 
 
+class Flatten(TempDirCase):
+    """ckpt.flatten names tensors as the file does (FORMAT.md 7.2, 7.3)."""
+
+    def test_paths_are_the_files(self):
+        # flatten joined str(key) on its own: (1, 'a') became "(1, 'a')"
+        # where the file says "(1,a)", and a child of the key "" lost its
+        # leading '/'.
+        g = torch.Generator().manual_seed(3)
+
+        def t():
+            return torch.randn(2, generator=g)
+
+        keys = [(1, "a"), 1.5, True, frozenset({3, 1, 2}), frozenset({"b", 1}), None,
+                b"\x00\xff", -3, 2 ** 70, -(2 ** 64), complex(1, -2), 1e20, float("nan"),
+                -2.5, ((1, 2.5), "x", None), (7,), "a/b~c", torch.float16,
+                torch.device("cuda"), torch.device("cpu"), np.int64(9), np.float32(0.25),
+                np.bool_(False)]
+        tree = {"m": {k: t() for k in keys}, "": {"x": t(), "": [t()]},
+                "l": [t(), (t(), {"k": t()})], "s": {"under": {(): t()}}}
+        p = self.path("f.ckpt")
+        ckpt.save(tree, p)
+        flat = ckpt.flatten(tree)
+        with ckpt.open(p) as f:
+            self.assertEqual(sorted(flat), f.keys())
+            for k, v in flat.items():
+                self.assertTrue(torch.equal(f[k], v), k)
+        self.assertIn("m/(1,a)", flat)
+        self.assertIn("m/(1,2,3)", flat)
+        self.assertIn("/x", flat)
+        self.assertIn("m/a~1b~0c", flat)
+        self.assertEqual(len(flat), len(keys) + 6)
+        self.assertEqual(sorted(ckpt.flatten(tree["m"], prefix="p")),
+                         sorted("p/" + k[2:] for k in flat if k.startswith("m/")))
+        self.assertEqual(ckpt.flatten(tree["l"][0]), {"": tree["l"][0]})
+
+    def test_keys_a_file_cannot_hold_are_refused(self):
+        for key in (torch.ones(1), (1, torch.ones(1)), frozenset({(1, 2), object()}),
+                    2 ** 40000, "x\udc00"):
+            with self.assertRaises((TypeError, ValueError)):
+                ckpt.flatten({key: torch.ones(1)})
+
+
 class PackageNamespace(unittest.TestCase):
     def test_star_import_keeps_the_builtin_open(self):
         # `open` was in __all__: `from ckpt import *` replaced open().
