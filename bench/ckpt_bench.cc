@@ -133,64 +133,69 @@ int Synth(int argc, char** argv) {
   return 0;
 }
 
-int Cpu(int argc, char** argv) {
-  if (argc < 1) return Usage();
-  std::string file = argv[0];
+struct CpuArgs {
+  std::string file;
   int repeat = 5;
   std::string json, tmpdir = "/tmp";
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--repeat" && i + 1 < argc) {
-      repeat = std::max(1, std::atoi(argv[++i]));
-    } else if (a == "--json" && i + 1 < argc) {
-      json = argv[++i];
-    } else if (a == "--tmpdir" && i + 1 < argc) {
-      tmpdir = argv[++i];
-    } else {
-      return Usage();
-    }
-  }
-  auto probe = ckpt::Checkpoint::Open(file);
-  if (!probe.ok()) return Die(probe.status());
-  uint64_t file_size = probe->file_size();
-  uint64_t tensor_bytes = 0;
-  size_t largest = 0;
-  for (size_t i = 0; i < probe->num_tensors(); ++i) {
-    auto info = probe->tensor_info(i);
-    tensor_bytes += info.nbytes();
-    if (info.nbytes() > probe->tensor_info(largest).nbytes()) largest = i;
-  }
-  const std::string big = probe->tensor_info(largest).path;
-  const int64_t big_rows = probe->tensor_info(largest).shape.empty()
-                               ? 1
-                               : probe->tensor_info(largest).shape[0];
-  probe = ckpt::Status(ckpt::ErrorCode::kInvalidArgument, "closed");
+};
 
-  std::vector<Row> rows;
+// What the measurements need to know about the file, read once up front.
+struct FileFacts {
+  uint64_t file_size = 0;
+  uint64_t tensor_bytes = 0;
+  std::string big;       // the largest tensor's path
+  int64_t big_rows = 1;  // its dim 0
+};
+
+ckpt::Result<FileFacts> Probe(const std::string& file) {
+  CKPT_ASSIGN_OR_RETURN(ckpt::Checkpoint probe, ckpt::Checkpoint::Open(file));
+  FileFacts f;
+  f.file_size = probe.file_size();
+  size_t largest = 0;
+  for (size_t i = 0; i < probe.num_tensors(); ++i) {
+    auto info = probe.tensor_info(i);
+    f.tensor_bytes += info.nbytes();
+    if (info.nbytes() > probe.tensor_info(largest).nbytes()) largest = i;
+  }
+  f.big = probe.tensor_info(largest).path;
+  const auto& shape = probe.tensor_info(largest).shape;
+  f.big_rows = shape.empty() ? 1 : shape[0];
+  return f;
+}
+
+// The baselines: read() into one reused buffer, and into one allocation
+// of the whole file. The first read warms the page cache.
+void MeasureRaw(const CpuArgs& a, const FileFacts& f, std::vector<Row>& rows) {
   std::vector<std::byte> buf(16 << 20);
   auto raw_read = [&] {
-    int fd = ::open(file.c_str(), O_RDONLY);
+    int fd = ::open(a.file.c_str(), O_RDONLY);
     while (::read(fd, buf.data(), buf.size()) > 0) Touch({buf.data(), 64});
     ::close(fd);
   };
   raw_read();  // warm the page cache
-  rows.push_back({"raw_read", Best(repeat, raw_read), file_size});
-  rows.push_back(
-      {"raw_read_alloc",
-       Best(repeat,
-            [&] {
-              std::vector<std::byte> all(file_size);
-              int fd = ::open(file.c_str(), O_RDONLY);
-              uint64_t done = 0;
-              ssize_t n;
-              while ((n = ::read(fd, all.data() + done, file_size - done)) > 0)
-                done += static_cast<uint64_t>(n);
-              ::close(fd);
-              Touch({all.data(), 64});
-            }),
-       file_size});
+  rows.push_back({"raw_read", Best(a.repeat, raw_read), f.file_size});
+  rows.push_back({"raw_read_alloc",
+                  Best(a.repeat,
+                       [&] {
+                         std::vector<std::byte> all(f.file_size);
+                         int fd = ::open(a.file.c_str(), O_RDONLY);
+                         uint64_t done = 0;
+                         ssize_t n;
+                         while ((n = ::read(fd, all.data() + done,
+                                            f.file_size - done)) > 0)
+                           done += static_cast<uint64_t>(n);
+                         ::close(fd);
+                         Touch({all.data(), 64});
+                       }),
+                  f.file_size});
+}
+
+// Open alone, then open and reach the largest tensor: all of it, its first
+// bytes (time to first tensor: a view, not a copy), and 16 rows of it.
+void MeasureOpen(const CpuArgs& a, const FileFacts& f, std::vector<Row>& rows) {
+  const std::string& file = a.file;
   rows.push_back({"open",
-                  Best(repeat * 4,
+                  Best(a.repeat * 4,
                        [&] {
                          auto ck = ckpt::Checkpoint::Open(file);
                          if (!ck.ok()) std::abort();
@@ -198,39 +203,44 @@ int Cpu(int argc, char** argv) {
                   0});
   uint64_t big_bytes = 0;
   rows.push_back({"open_one_tensor",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          auto ck = ckpt::Checkpoint::Open(file);
-                         auto t = ck->Tensor(big);
+                         auto t = ck->Tensor(f.big);
                          big_bytes = t->data().size();
                          Touch(t->data());
                        }),
                   0});
   rows.back().bytes = big_bytes;
   rows.push_back({"open_one_tensor_view",
-                  Best(repeat * 4,
+                  Best(a.repeat * 4,
                        [&] {
                          auto ck = ckpt::Checkpoint::Open(file);
-                         auto t = ck->Tensor(big);
-                         Touch(t->data().first(
-                             64));  // time to first tensor: a view, not a copy
+                         auto t = ck->Tensor(f.big);
+                         Touch(t->data().first(64));
                        }),
                   0});
   uint64_t slice_bytes = 0;
   rows.push_back({"open_row_slice",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          auto ck = ckpt::Checkpoint::Open(file);
-                         int64_t a = big_rows / 2,
-                                 b = std::min(big_rows, a + 16);
-                         auto t = ck->TensorRows(big, a, b);
+                         int64_t r0 = f.big_rows / 2,
+                                 r1 = std::min(f.big_rows, r0 + 16);
+                         auto t = ck->TensorRows(f.big, r0, r1);
                          slice_bytes = t->data().size();
                          Touch(t->data());
                        }),
                   0});
   rows.back().bytes = slice_bytes;
+}
+
+// Every tensor's bytes reached: mapped with MAP_POPULATE, after Prefetch,
+// faulted in by two threads, and copied by the pread backend.
+void MeasureLoad(const CpuArgs& a, const FileFacts& f, std::vector<Row>& rows) {
+  const std::string& file = a.file;
   rows.push_back({"load_view",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          ckpt::ReadOptions ro;
                          ro.populate = true;
@@ -238,9 +248,9 @@ int Cpu(int argc, char** argv) {
                          for (size_t i = 0; i < ck->num_tensors(); ++i)
                            Touch(ck->TensorAt(i)->data());
                        }),
-                  tensor_bytes});
+                  f.tensor_bytes});
   rows.push_back({"load_prefetch",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          // Checkpoint::Prefetch (parallel MADV_POPULATE_READ),
                          // then touch all.
@@ -249,9 +259,9 @@ int Cpu(int argc, char** argv) {
                          for (size_t i = 0; i < ck->num_tensors(); ++i)
                            Touch(ck->TensorAt(i)->data());
                        }),
-                  tensor_bytes});
+                  f.tensor_bytes});
   rows.push_back({"load_view_2threads",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          // No MAP_POPULATE: two threads fault their halves of
                          // the tensors in.
@@ -267,9 +277,9 @@ int Cpu(int argc, char** argv) {
                          half(0);
                          other.join();
                        }),
-                  tensor_bytes});
+                  f.tensor_bytes});
   rows.push_back({"load_copy",
-                  Best(repeat,
+                  Best(a.repeat,
                        [&] {
                          ckpt::ReadOptions ro;
                          ro.backend = ckpt::Backend::kPread;
@@ -278,73 +288,81 @@ int Cpu(int argc, char** argv) {
                          for (size_t i = 0; i < ck->num_tensors(); ++i)
                            keep.push_back(*ck->TensorAt(i));
                        }),
-                  tensor_bytes});
-  {
-    auto ck = ckpt::Checkpoint::Open(file);
-    rows.push_back({"xxh3_1thread",
-                    Best(repeat,
-                         [&] {
-                           for (size_t i = 0; i < ck->num_tensors(); ++i) {
-                             auto d = ck->TensorAt(i)->data();
-                             g_sink = g_sink + XXH3_64bits(d.data(), d.size());
-                           }
-                         }),
-                    tensor_bytes});
-    rows.push_back({"verify_1thread",
-                    Best(repeat,
-                         [&] {
-                           if (!ck->Verify({1}).ok()) std::abort();
-                         }),
-                    file_size});
-    rows.push_back({"verify",
-                    Best(repeat,
-                         [&] {
-                           if (!ck->Verify().ok()) std::abort();
-                         }),
-                    file_size});
-    // Finish any writeback first, so it does not slow the timed saves.
-    ::sync();
-    std::string out = tmpdir + "/ckpt-bench-save.ckpt";
-    rows.push_back({"save_fsync",
-                    Best(repeat,
-                         [&] {
-                           auto w = ckpt::Writer::Create(out);
-                           if (!w.ok()) std::abort();
-                           std::vector<ckpt::NodeId> k, v;
-                           for (size_t i = 0; i < ck->num_tensors(); ++i) {
-                             auto t = ck->TensorAt(i);
-                             if (!w->PutTensor(t->info().path, t->dtype(),
-                                               t->shape(), t->data())
-                                      .ok())
-                               std::abort();
-                           }
-                           if (!w->Commit().ok()) std::abort();
-                         }),
-                    tensor_bytes});
-    ::unlink(out.c_str());
-    std::string raw = tmpdir + "/ckpt-bench-raw.bin";
-    rows.push_back(
-        {"raw_write_fsync",
-         Best(repeat,
-              [&] {
-                int fd =
-                    ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-                for (size_t i = 0; i < ck->num_tensors(); ++i) {
-                  auto d = ck->TensorAt(i)->data();
-                  size_t done = 0;
-                  while (done < d.size()) {
-                    ssize_t n = ::write(fd, d.data() + done, d.size() - done);
-                    if (n <= 0) std::abort();
-                    done += static_cast<size_t>(n);
-                  }
-                }
-                ::fsync(fd);
-                ::close(fd);
-              }),
-         tensor_bytes});
-    ::unlink(raw.c_str());
-  }
+                  f.tensor_bytes});
+}
 
+// Hashing: XXH3 over every tensor on one thread, Verify on one and on all.
+void MeasureVerify(const CpuArgs& a, const FileFacts& f,
+                   const ckpt::Checkpoint& ck, std::vector<Row>& rows) {
+  rows.push_back({"xxh3_1thread",
+                  Best(a.repeat,
+                       [&] {
+                         for (size_t i = 0; i < ck.num_tensors(); ++i) {
+                           auto d = ck.TensorAt(i)->data();
+                           g_sink = g_sink + XXH3_64bits(d.data(), d.size());
+                         }
+                       }),
+                  f.tensor_bytes});
+  rows.push_back({"verify_1thread",
+                  Best(a.repeat,
+                       [&] {
+                         if (!ck.Verify({1}).ok()) std::abort();
+                       }),
+                  f.file_size});
+  rows.push_back({"verify",
+                  Best(a.repeat,
+                       [&] {
+                         if (!ck.Verify().ok()) std::abort();
+                       }),
+                  f.file_size});
+}
+
+// Saving every tensor with the Writer (fsync'd, atomic), against write()
+// of the same bytes and one fsync.
+void MeasureSave(const CpuArgs& a, const FileFacts& f,
+                 const ckpt::Checkpoint& ck, std::vector<Row>& rows) {
+  // Finish any writeback first, so it does not slow the timed saves.
+  ::sync();
+  std::string out = a.tmpdir + "/ckpt-bench-save.ckpt";
+  rows.push_back({"save_fsync",
+                  Best(a.repeat,
+                       [&] {
+                         auto w = ckpt::Writer::Create(out);
+                         if (!w.ok()) std::abort();
+                         for (size_t i = 0; i < ck.num_tensors(); ++i) {
+                           auto t = ck.TensorAt(i);
+                           if (!w->PutTensor(t->info().path, t->dtype(),
+                                             t->shape(), t->data())
+                                    .ok())
+                             std::abort();
+                         }
+                         if (!w->Commit().ok()) std::abort();
+                       }),
+                  f.tensor_bytes});
+  ::unlink(out.c_str());
+  std::string raw = a.tmpdir + "/ckpt-bench-raw.bin";
+  rows.push_back(
+      {"raw_write_fsync",
+       Best(a.repeat,
+            [&] {
+              int fd = ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+              for (size_t i = 0; i < ck.num_tensors(); ++i) {
+                auto d = ck.TensorAt(i)->data();
+                size_t done = 0;
+                while (done < d.size()) {
+                  ssize_t n = ::write(fd, d.data() + done, d.size() - done);
+                  if (n <= 0) std::abort();
+                  done += static_cast<size_t>(n);
+                }
+              }
+              ::fsync(fd);
+              ::close(fd);
+            }),
+       f.tensor_bytes});
+  ::unlink(raw.c_str());
+}
+
+void PrintRows(const std::vector<Row>& rows) {
   std::printf("%-18s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
   for (const auto& r : rows) {
     double gbps = r.bytes && r.seconds > 0
@@ -353,22 +371,60 @@ int Cpu(int argc, char** argv) {
     std::printf("%-18s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
                 static_cast<unsigned long long>(r.bytes), gbps);
   }
-  if (!json.empty()) {
-    FILE* f = std::fopen(json.c_str(), "w");
-    if (!f) return Die(ckpt::IoError("cannot write " + json));
-    std::fprintf(f,
-                 "{\"file\": \"%s\", \"file_size\": %llu, \"tensors_bytes\": "
-                 "%llu, \"results\": [",
-                 file.c_str(), static_cast<unsigned long long>(file_size),
-                 static_cast<unsigned long long>(tensor_bytes));
-    for (size_t i = 0; i < rows.size(); ++i) {
-      std::fprintf(f,
-                   "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
-                   i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
-                   static_cast<unsigned long long>(rows[i].bytes));
+}
+
+ckpt::Status WriteJson(const std::string& json, const std::string& file,
+                       const FileFacts& f, const std::vector<Row>& rows) {
+  FILE* out = std::fopen(json.c_str(), "w");
+  if (!out) return ckpt::IoError("cannot write " + json);
+  std::fprintf(out,
+               "{\"file\": \"%s\", \"file_size\": %llu, \"tensors_bytes\": "
+               "%llu, \"results\": [",
+               file.c_str(), static_cast<unsigned long long>(f.file_size),
+               static_cast<unsigned long long>(f.tensor_bytes));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::fprintf(out,
+                 "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
+                 i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
+                 static_cast<unsigned long long>(rows[i].bytes));
+  }
+  std::fprintf(out, "]}\n");
+  std::fclose(out);
+  return ckpt::Status::OK();
+}
+
+int Cpu(int argc, char** argv) {
+  if (argc < 1) return Usage();
+  CpuArgs a;
+  a.file = argv[0];
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--repeat" && i + 1 < argc) {
+      a.repeat = std::max(1, std::atoi(argv[++i]));
+    } else if (arg == "--json" && i + 1 < argc) {
+      a.json = argv[++i];
+    } else if (arg == "--tmpdir" && i + 1 < argc) {
+      a.tmpdir = argv[++i];
+    } else {
+      return Usage();
     }
-    std::fprintf(f, "]}\n");
-    std::fclose(f);
+  }
+  auto facts = Probe(a.file);
+  if (!facts.ok()) return Die(facts.status());
+  std::vector<Row> rows;
+  MeasureRaw(a, *facts, rows);
+  MeasureOpen(a, *facts, rows);
+  MeasureLoad(a, *facts, rows);
+  {
+    auto ck = ckpt::Checkpoint::Open(a.file);
+    if (!ck.ok()) return Die(ck.status());
+    MeasureVerify(a, *facts, *ck, rows);
+    MeasureSave(a, *facts, *ck, rows);
+  }
+  PrintRows(rows);
+  if (!a.json.empty()) {
+    ckpt::Status s = WriteJson(a.json, a.file, *facts, rows);
+    if (!s.ok()) return Die(s);
   }
   return 0;
 }

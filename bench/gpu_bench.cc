@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,58 @@ void Check(const ckpt::Status& s) {
   }
 }
 
+struct Row {
+  std::string name;
+  double seconds;
+  uint64_t bytes;
+};
+
+// One pinned cudaMemcpy of `n` bytes, best of `repeat`: the PCIe limit.
+std::optional<Row> PinnedCopy(uint64_t n, int repeat) {
+  void *host = nullptr, *dev = nullptr;
+  if (cudaHostAlloc(&host, n, cudaHostAllocDefault) != cudaSuccess ||
+      cudaMalloc(&dev, n) != cudaSuccess) {
+    std::fprintf(stderr, "ckpt-bench gpu: cannot allocate %llu bytes\n",
+                 (unsigned long long)n);
+    return std::nullopt;
+  }
+  std::memset(host, 1, n);
+  Row row{"pinned_cudaMemcpy",
+          Best(
+              repeat, [] {},
+              [&] { cudaMemcpy(dev, host, n, cudaMemcpyHostToDevice); }),
+          n};
+  cudaFree(dev);
+  cudaFreeHost(host);
+  return row;
+}
+
+// Prints the table, and writes it as JSON when `json` names a file.
+int Report(const std::vector<Row>& rows, const std::string& json,
+           const std::string& file, const std::string& device) {
+  std::printf("%-26s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
+  for (const auto& r : rows) {
+    std::printf("%-26s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
+                (unsigned long long)r.bytes,
+                r.bytes ? static_cast<double>(r.bytes) / r.seconds / 1e9 : 0.0);
+  }
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (!f) return 1;
+    std::fprintf(f, "{\"file\": \"%s\", \"device\": \"%s\", \"results\": [",
+                 file.c_str(), device.c_str());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::fprintf(f,
+                   "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
+                   i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
+                   (unsigned long long)rows[i].bytes);
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int GpuBench(int argc, char** argv) {
@@ -96,32 +149,11 @@ int GpuBench(int argc, char** argv) {
     if (n > ck->tensor_info(largest).nbytes()) largest = i;
     if (dist32(n) < dist32(ck->tensor_info(near32).nbytes())) near32 = i;
   }
-  struct Row {
-    std::string name;
-    double seconds;
-    uint64_t bytes;
-  };
   std::vector<Row> rows;
   // The PCIe limit: one pinned cudaMemcpy of the same number of bytes.
-  {
-    uint64_t n = std::min<uint64_t>(total, 1ull << 30);
-    void *host = nullptr, *dev = nullptr;
-    if (cudaHostAlloc(&host, n, cudaHostAllocDefault) != cudaSuccess ||
-        cudaMalloc(&dev, n) != cudaSuccess) {
-      std::fprintf(stderr, "ckpt-bench gpu: cannot allocate %llu bytes\n",
-                   (unsigned long long)n);
-      return 1;
-    }
-    std::memset(host, 1, n);
-    rows.push_back(
-        {"pinned_cudaMemcpy",
-         Best(
-             repeat, [] {},
-             [&] { cudaMemcpy(dev, host, n, cudaMemcpyHostToDevice); }),
-         n});
-    cudaFree(dev);
-    cudaFreeHost(host);
-  }
+  auto pinned = PinnedCopy(std::min<uint64_t>(total, 1ull << 30), repeat);
+  if (!pinned) return 1;
+  rows.push_back(*pinned);
   auto load = [&](std::vector<ckpt::TensorRequest> req, ckpt::LoadStrategy s) {
     auto c = ckpt::Checkpoint::Open(file);
     Check(c.status());
@@ -167,25 +199,5 @@ int GpuBench(int argc, char** argv) {
                              ckpt::LoadStrategy::kStaged);
                       }),
                   0});
-  std::printf("%-26s %12s %14s %10s\n", "measure", "seconds", "bytes", "GB/s");
-  for (const auto& r : rows) {
-    std::printf("%-26s %12.6f %14llu %10.2f\n", r.name.c_str(), r.seconds,
-                (unsigned long long)r.bytes,
-                r.bytes ? static_cast<double>(r.bytes) / r.seconds / 1e9 : 0.0);
-  }
-  if (!json.empty()) {
-    FILE* f = std::fopen(json.c_str(), "w");
-    if (!f) return 1;
-    std::fprintf(f, "{\"file\": \"%s\", \"device\": \"%s\", \"results\": [",
-                 file.c_str(), device.c_str());
-    for (size_t i = 0; i < rows.size(); ++i) {
-      std::fprintf(f,
-                   "%s{\"name\": \"%s\", \"seconds\": %.9f, \"bytes\": %llu}",
-                   i ? ", " : "", rows[i].name.c_str(), rows[i].seconds,
-                   (unsigned long long)rows[i].bytes);
-    }
-    std::fprintf(f, "]}\n");
-    std::fclose(f);
-  }
-  return 0;
+  return Report(rows, json, file, device);
 }
