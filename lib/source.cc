@@ -13,6 +13,7 @@
 #include <mutex>
 #include <new>
 
+#include "bytes_internal.h"
 #include "source_internal.h"
 
 namespace ckpt::internal {
@@ -56,12 +57,12 @@ class MmapSource final : public ByteSource {
   ~MmapSource() override { ::close(fd_); }
   int fd() const override { return fd_; }
   bool zero_copy() const override { return true; }
-  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+  Result<Bytes> DoRead(uint64_t offset, uint64_t len) const override {
     const auto* base = static_cast<const std::byte*>(region_->get_address());
     return Bytes{{base + offset, static_cast<size_t>(len)}, shared_from_this()};
   }
-  Result<Bytes> ReadWritable(uint64_t offset, uint64_t len) const override {
-    if (len == 0) return Read(offset, len);
+  Result<Bytes> DoReadWritable(uint64_t offset, uint64_t len) const override {
+    if (len == 0) return DoRead(offset, len);
     // Private mappings of 1 GiB windows, made when first asked for: never
     // the whole file at once (a private writable mapping counts against
     // RAM + swap where overcommit is strict), and never one per storage
@@ -103,12 +104,12 @@ class MmapSource final : public ByteSource {
     return Bytes{{base + (offset - it->second.begin), static_cast<size_t>(len)},
                  std::shared_ptr<const void>(keep, keep.get())};
   }
-  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+  Status DoReadInto(uint64_t offset, std::span<std::byte> out) const override {
     // Always through the kernel: no page fault per 4 KiB of the mapping,
     // and a file truncated under us is an error (EOF), not a SIGBUS.
     return PreadFull(fd_, offset, out, name());
   }
-  Status Populate(uint64_t offset, uint64_t len) const override {
+  Status DoPopulate(uint64_t offset, uint64_t len) const override {
     auto* base = static_cast<std::byte*>(region_->get_address());
     uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
     uint64_t begin = offset / page * page;
@@ -131,7 +132,7 @@ class MmapSource final : public ByteSource {
     return Status::OK();
   }
 
-  void Release(uint64_t offset, uint64_t len) const override {
+  void DoRelease(uint64_t offset, uint64_t len) const override {
     // The mapping is shared and read-only: dropping pages loses nothing.
     auto* base = static_cast<std::byte*>(region_->get_address());
     uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -161,7 +162,7 @@ class PreadSource final : public ByteSource {
   ~PreadSource() override { ::close(fd_); }
   int fd() const override { return fd_; }
   bool zero_copy() const override { return false; }
-  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+  Result<Bytes> DoRead(uint64_t offset, uint64_t len) const override {
     // 64-byte aligned so FlatBuffers alignment checks and vector loads hold.
     size_t n = static_cast<size_t>(len);
     auto* raw = new (std::align_val_t(64), std::nothrow) std::byte[n ? n : 1];
@@ -178,7 +179,7 @@ class PreadSource final : public ByteSource {
     CKPT_RETURN_IF_ERROR(PreadFull(fd_, offset, {buf.get(), n}, name()));
     return Bytes{{buf.get(), n}, buf};
   }
-  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+  Status DoReadInto(uint64_t offset, std::span<std::byte> out) const override {
     return PreadFull(fd_, offset, out, name());
   }
 
@@ -191,10 +192,10 @@ class BorrowedSource final : public ByteSource {
   BorrowedSource(std::span<const std::byte> bytes, std::string name)
       : ByteSource(std::move(name), bytes.size()), bytes_(bytes) {}
   bool zero_copy() const override { return true; }
-  Result<Bytes> Read(uint64_t offset, uint64_t len) const override {
+  Result<Bytes> DoRead(uint64_t offset, uint64_t len) const override {
     return Bytes{bytes_.subspan(offset, len), shared_from_this()};
   }
-  Status ReadInto(uint64_t offset, std::span<std::byte> out) const override {
+  Status DoReadInto(uint64_t offset, std::span<std::byte> out) const override {
     std::memcpy(out.data(), bytes_.data() + offset, out.size());
     return Status::OK();
   }
@@ -204,6 +205,15 @@ class BorrowedSource final : public ByteSource {
 };
 
 }  // namespace
+
+Status ByteSource::CheckRange(uint64_t offset, uint64_t len) const {
+  if (RangeWithin(offset, len, size_)) return Status::OK();
+  return Corrupt("bytes [" + std::to_string(offset) + ", +" +
+                 std::to_string(len) + ") lie past the end of the file (" +
+                 std::to_string(size_) + " bytes)")
+      .WithFile(name_)
+      .WithOffset(static_cast<int64_t>(std::min<uint64_t>(offset, INT64_MAX)));
+}
 
 Result<std::shared_ptr<ByteSource>> OpenSource(const std::string& path,
                                                const SourceOptions& options) {

@@ -416,6 +416,20 @@ class WriterImpl {
     std::vector<uint64_t> hashes;
   };
 
+  // The tree as the header stores it (BuildHeader's steps).
+  struct Layout {
+    std::vector<uint32_t> new_index;  // node id -> index in the header
+    std::vector<NodeId> order;        // header order: children first
+    std::vector<std::string> tensor_path;
+    std::vector<uint32_t> by_path;      // tensor ids sorted by path
+    std::vector<uint32_t> tensor_rank;  // tensor id -> index in the header
+  };
+  Result<Layout> LayOutTree(NodeId root);
+  Status NoteNode(const NodeRec& r, const std::string& path, bool in_key);
+  Status RankTensors(Layout& lay) const;
+  flatbuffers::Offset<fb::Node> EncodeNode(flatbuffers::FlatBufferBuilder& fbb,
+                                           const NodeRec& r,
+                                           const Layout& lay) const;
   Result<flatbuffers::DetachedBuffer> BuildHeader(NodeId root);
 
   // The format minor version the file needs: the lowest whose features it
@@ -433,18 +447,19 @@ class WriterImpl {
   Xxh3Stream hasher_;
 };
 
-Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
-  // Post-order walk from the root: renumbers nodes so children precede
-  // parents and the root is last, checks each node is placed once, and
-  // computes every tensor's path.
+// Post-order walk from the root: renumbers nodes so children precede
+// parents and the root is last, checks each node is placed once, each
+// string is UTF-8 and the nesting bounded, computes every tensor's path,
+// and raises the format minor to what the tree needs.
+Result<WriterImpl::Layout> WriterImpl::LayOutTree(NodeId root) {
   const size_t n = nodes_.size();
   constexpr uint32_t kUnseen = UINT32_MAX;
-  std::vector<uint32_t> new_index(n, kUnseen);
+  Layout lay;
+  lay.new_index.assign(n, kUnseen);
+  lay.tensor_path.resize(tensors_.size());
+  lay.order.reserve(n);
   std::vector<uint8_t> entered(n, 0);
-  std::vector<std::string> tensor_path(tensors_.size());
   std::vector<uint8_t> tensor_placed(tensors_.size(), 0);
-  std::vector<NodeId> order;
-  order.reserve(n);
 
   struct Frame {
     NodeId node;
@@ -455,21 +470,20 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
   };
   std::vector<Frame> stack;
   stack.push_back({root, "", 1, false, false});
-  auto placed_twice = [](NodeId id) {
-    return InvalidArgument("node " + std::to_string(id) +
-                           " is placed in the tree more than once; add a "
-                           "separate node for each place");
-  };
   while (!stack.empty()) {
     Frame& f = stack.back();
     const NodeRec& r = nodes_[f.node];
     if (f.expanded) {
-      new_index[f.node] = static_cast<uint32_t>(order.size());
-      order.push_back(f.node);
+      lay.new_index[f.node] = static_cast<uint32_t>(lay.order.size());
+      lay.order.push_back(f.node);
       stack.pop_back();
       continue;
     }
-    if (entered[f.node]) return placed_twice(f.node);
+    if (entered[f.node]) {
+      return InvalidArgument("node " + std::to_string(f.node) +
+                             " is placed in the tree more than once; add a "
+                             "separate node for each place");
+    }
     entered[f.node] = 1;
     f.expanded = true;
     if (f.depth > kMaxTreeDepth) {
@@ -479,49 +493,23 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
     }
     if (r.kind == ValueKind::kTensor) {
       auto t = static_cast<size_t>(r.int_value);
-      tensor_path[t] = f.path;
+      lay.tensor_path[t] = f.path;
       tensor_placed[t] = 1;
-      if (static_cast<uint8_t>(tensors_[t].dtype) > kMaxDTypeCode1_0) {
-        minor_ = std::max<uint16_t>(minor_, 1);
-      }
     }
-    if (r.kind == ValueKind::kString) {
-      if (auto bad = Utf8Problem(r.str)) {
-        return InvalidArgument("the string at '" + f.path +
-                               "' is not valid UTF-8 (byte " +
-                               std::to_string(*bad) + ")");
-      }
-    }
-    if (r.kind == ValueKind::kDType &&
-        static_cast<uint8_t>(r.int_value) > kMaxDTypeCode1_0) {
-      minor_ = std::max<uint16_t>(minor_, 1);
-    }
-    // Float keys are written as Python's repr() since 1.1 (7.3).
-    if (f.in_key &&
-        (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex)) {
-      minor_ = std::max<uint16_t>(minor_, 1);
-    }
+    CKPT_RETURN_IF_ERROR(NoteNode(r, f.path, f.in_key));
     // Copy what the child frames need: push_back may move `f`.
     const std::string path = f.path;
     const uint32_t depth = f.depth;
     const bool in_key = f.in_key;
     const bool at_root = f.node == root;
-    auto child_path = [&](const std::string& seg) {
-      return PathBuilder::Child(path, at_root, seg);
-    };
     // Pushed in reverse so children are numbered in their natural order;
     // keys and values of a dict are interleaved (key, value, key, ...).
-    if (r.kind == ValueKind::kDict) {
-      for (size_t i = r.items.size(); i-- > 0;) {
-        stack.push_back({r.items[i], child_path(KeySegment(r.keys[i])),
-                         depth + 1, false, in_key});
-        stack.push_back({r.keys[i], path, depth + 1, false, true});
-      }
-    } else {
-      for (size_t i = r.items.size(); i-- > 0;) {
-        stack.push_back({r.items[i], child_path(std::to_string(i)), depth + 1,
-                         false, in_key});
-      }
+    for (size_t i = r.items.size(); i-- > 0;) {
+      const bool dict = r.kind == ValueKind::kDict;
+      const std::string seg = dict ? KeySegment(r.keys[i]) : std::to_string(i);
+      stack.push_back({r.items[i], PathBuilder::Child(path, at_root, seg),
+                       depth + 1, false, in_key});
+      if (dict) stack.push_back({r.keys[i], path, depth + 1, false, true});
     }
   }
   for (size_t t = 0; t < tensors_.size(); ++t) {
@@ -530,22 +518,87 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
                              " was added but never placed in the object tree");
     }
   }
-  std::vector<uint32_t> by_path(tensors_.size());
-  for (uint32_t i = 0; i < by_path.size(); ++i) by_path[i] = i;
-  std::sort(by_path.begin(), by_path.end(), [&](uint32_t a, uint32_t b) {
-    return tensor_path[a] < tensor_path[b];
-  });
-  std::vector<uint32_t> tensor_rank(tensors_.size());
-  for (uint32_t i = 0; i < by_path.size(); ++i) {
-    if (i > 0 && tensor_path[by_path[i]] == tensor_path[by_path[i - 1]]) {
-      return InvalidArgument("two tensors have the path '" +
-                             tensor_path[by_path[i]] +
+  return lay;
+}
+
+// What one node asks of the file: valid UTF-8, and the minor version its
+// kind or dtype needs.
+Status WriterImpl::NoteNode(const NodeRec& r, const std::string& path,
+                            bool in_key) {
+  if (r.kind == ValueKind::kString) {
+    if (auto bad = Utf8Problem(r.str)) {
+      return InvalidArgument("the string at '" + path +
+                             "' is not valid UTF-8 (byte " +
+                             std::to_string(*bad) + ")");
+    }
+  }
+  const bool new_dtype =
+      (r.kind == ValueKind::kTensor &&
+       static_cast<uint8_t>(tensors_[static_cast<size_t>(r.int_value)].dtype) >
+           kMaxDTypeCode1_0) ||
+      (r.kind == ValueKind::kDType &&
+       static_cast<uint8_t>(r.int_value) > kMaxDTypeCode1_0);
+  // Float keys are written as Python's repr() since 1.1 (7.3).
+  const bool float_key =
+      in_key && (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex);
+  if (new_dtype || float_key) minor_ = std::max<uint16_t>(minor_, 1);
+  return Status::OK();
+}
+
+// Tensors sorted by path (binary search at open): the rank of each, and
+// the order; two tensors with one path are refused.
+Status WriterImpl::RankTensors(Layout& lay) const {
+  lay.by_path.resize(tensors_.size());
+  for (uint32_t i = 0; i < lay.by_path.size(); ++i) lay.by_path[i] = i;
+  std::sort(lay.by_path.begin(), lay.by_path.end(),
+            [&](uint32_t a, uint32_t b) {
+              return lay.tensor_path[a] < lay.tensor_path[b];
+            });
+  lay.tensor_rank.resize(tensors_.size());
+  for (uint32_t i = 0; i < lay.by_path.size(); ++i) {
+    const std::string& p = lay.tensor_path[lay.by_path[i]];
+    if (i > 0 && p == lay.tensor_path[lay.by_path[i - 1]]) {
+      return InvalidArgument("two tensors have the path '" + p +
                              "' (keys with the same path form, e.g. 1 and "
                              "\"1\", in one dict)");
     }
-    tensor_rank[by_path[i]] = i;
+    lay.tensor_rank[lay.by_path[i]] = i;
   }
+  return Status::OK();
+}
 
+// One node as the schema has it: only the fields its kind uses
+// (kValueKinds), children renumbered.
+flatbuffers::Offset<fb::Node> WriterImpl::EncodeNode(
+    flatbuffers::FlatBufferBuilder& fbb, const NodeRec& r,
+    const Layout& lay) const {
+  std::vector<uint32_t> items, keys;
+  items.reserve(r.items.size());
+  keys.reserve(r.keys.size());
+  for (NodeId c : r.items) items.push_back(lay.new_index[c]);
+  for (NodeId c : r.keys) keys.push_back(lay.new_index[c]);
+  const ValueKind k = r.kind;
+  int64_t int_value = k == ValueKind::kTensor
+                          ? lay.tensor_rank[static_cast<size_t>(r.int_value)]
+                          : r.int_value;
+  auto str = KindUsesField(k, kFieldStr) ? fbb.CreateString(r.str) : 0;
+  auto bytes = KindUsesField(k, kFieldBytes) ? fbb.CreateVector(r.bytes) : 0;
+  auto it = items.empty() ? 0 : fbb.CreateVector(items);
+  auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
+  auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
+  // FlatBuffers omits a field equal to its default, and -0.0 == 0.0:
+  // force the fields of such a node out so the sign survives.
+  fbb.ForceDefaults(std::signbit(r.float_value) || std::signbit(r.imag_value));
+  auto node =
+      fb::CreateNode(fbb, static_cast<fb::ValueKind>(k), int_value,
+                     r.float_value, r.imag_value, str, bytes, it, ks, tn);
+  fbb.ForceDefaults(false);
+  return node;
+}
+
+Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
+  CKPT_ASSIGN_OR_RETURN(Layout lay, LayOutTree(root));
+  CKPT_RETURN_IF_ERROR(RankTensors(lay));
   flatbuffers::FlatBufferBuilder fbb(1 << 16);
   std::vector<flatbuffers::Offset<fb::Storage>> storages;
   storages.reserve(storages_.size());
@@ -556,42 +609,17 @@ Result<flatbuffers::DetachedBuffer> WriterImpl::BuildHeader(NodeId root) {
   }
   std::vector<flatbuffers::Offset<fb::Tensor>> tensors;
   tensors.reserve(tensors_.size());
-  for (uint32_t i : by_path) {
+  for (uint32_t i : lay.by_path) {
     const TensorSpec& t = tensors_[i];
     tensors.push_back(fb::CreateTensor(
-        fbb, fbb.CreateString(tensor_path[i]), static_cast<fb::DType>(t.dtype),
-        fbb.CreateVector(t.shape), fbb.CreateVector(t.strides), t.storage,
-        t.storage_offset, t.requires_grad, t.is_parameter));
+        fbb, fbb.CreateString(lay.tensor_path[i]),
+        static_cast<fb::DType>(t.dtype), fbb.CreateVector(t.shape),
+        fbb.CreateVector(t.strides), t.storage, t.storage_offset,
+        t.requires_grad, t.is_parameter));
   }
   std::vector<flatbuffers::Offset<fb::Node>> nodes;
-  nodes.reserve(order.size());
-  std::vector<uint32_t> items, keys;
-  for (NodeId id : order) {
-    const NodeRec& r = nodes_[id];
-    items.clear();
-    keys.clear();
-    for (NodeId c : r.items) items.push_back(new_index[c]);
-    for (NodeId c : r.keys) keys.push_back(new_index[c]);
-    int64_t int_value = r.kind == ValueKind::kTensor
-                            ? tensor_rank[static_cast<size_t>(r.int_value)]
-                            : r.int_value;
-    bool has_str = r.kind == ValueKind::kString || r.kind == ValueKind::kDevice;
-    bool has_bytes =
-        r.kind == ValueKind::kBytes || r.kind == ValueKind::kBigInt;
-    auto str = has_str ? fbb.CreateString(r.str) : 0;
-    auto bytes = has_bytes ? fbb.CreateVector(r.bytes) : 0;
-    auto it = items.empty() ? 0 : fbb.CreateVector(items);
-    auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
-    auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
-    // FlatBuffers omits a field equal to its default, and -0.0 == 0.0:
-    // force the fields of such a node out so the sign survives.
-    fbb.ForceDefaults(std::signbit(r.float_value) ||
-                      std::signbit(r.imag_value));
-    nodes.push_back(fb::CreateNode(fbb, static_cast<fb::ValueKind>(r.kind),
-                                   int_value, r.float_value, r.imag_value, str,
-                                   bytes, it, ks, tn));
-    fbb.ForceDefaults(false);
-  }
+  nodes.reserve(lay.order.size());
+  for (NodeId id : lay.order) nodes.push_back(EncodeNode(fbb, nodes_[id], lay));
   std::vector<flatbuffers::Offset<fb::KeyValue>> md;
   for (const auto& [k, v] : metadata_) {
     md.push_back(

@@ -1,6 +1,7 @@
 // Lookup, backends, buffers and open errors.
 #include <catch2/catch.hpp>
 
+#include "source_internal.h"
 #include "test_util.h"
 
 using namespace ckpt;
@@ -236,5 +237,48 @@ TEST_CASE("ReadStorages copies many ranges in parallel pieces, or nothing") {
     Checkpoint::StorageRead missing[] = {{7, 0, {}}};
     CHECK(ck->ReadStorages(missing).code() == ErrorCode::kInvalidArgument);
     CHECK(ck->ReadStorages({}).ok());
+  }
+}
+
+TEST_CASE("every ByteSource read checks its range itself, for every backend") {
+  TempDir dir;
+  std::string path = dir.File("b.bin");
+  auto bytes = Pattern(5000, 9);
+  {
+    FILE* f = fopen(path.c_str(), "wb");
+    REQUIRE(f);
+    REQUIRE(fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size());
+    fclose(f);
+  }
+  std::vector<std::shared_ptr<internal::ByteSource>> sources;
+  sources.push_back(internal::BufferSource(bytes, "buf"));
+  for (bool pread : {false, true}) {
+    auto s = internal::OpenSource(path, {.pread = pread});
+    REQUIRE(s.ok());
+    sources.push_back(*s);
+  }
+  for (const auto& src : sources) {
+    INFO(src->name());
+    auto whole = src->Read(0, 5000);
+    REQUIRE(whole.ok());
+    CHECK(whole->data.size() == 5000);
+    CHECK(src->Read(5000, 0).ok());
+    std::vector<std::byte> out(10);
+    // One byte past the end, a start past the end, and an offset + len
+    // that overflows 64 bits: errors naming the file, never a read.
+    for (auto [off, len] : {std::pair<uint64_t, uint64_t>{4991, 10},
+                            {5001, 0},
+                            {UINT64_MAX - 4, 10}}) {
+      auto r = src->Read(off, len);
+      CHECK(r.status().code() == ErrorCode::kCorrupt);
+      CHECK(r.status().ToString().find("past the end") != std::string::npos);
+      CHECK(src->ReadWritable(off, len).status().code() == ErrorCode::kCorrupt);
+      CHECK(src->Populate(off, len).code() == ErrorCode::kCorrupt);
+    }
+    CHECK(src->ReadInto(4991, out).code() == ErrorCode::kCorrupt);
+    REQUIRE(src->ReadInto(4990, out).ok());
+    CHECK(std::equal(out.begin(), out.end(), bytes.begin() + 4990));
+    src->Release(4000, UINT64_MAX);  // cut at the end, no fault
+    src->Release(UINT64_MAX, 1);
   }
 }
