@@ -14,15 +14,12 @@
 #include <signal.h>
 #include <sys/mman.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cstdio>
-#include <cstring>
 #include <memory>
-#include <mutex>
 #include <optional>
+#include <span>
 #include <string>
-#include <thread>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -301,22 +298,17 @@ class Reader {
     return TensorRecordOf(ref.info());
   }
 
-  // Copies storages into caller buffers with pread, `threads` at a time,
-  // in 8 MiB pieces, without the GIL.
+  // Copies storages into caller buffers with pread (Checkpoint::
+  // ReadStorages: `threads` at a time, in 8 MiB pieces), without the GIL.
   void ReadStorages(const std::vector<size_t>& indices,
                     const std::vector<py::buffer>& outs,
                     unsigned threads) const {
     if (indices.size() != outs.size())
       throw py::value_error("one buffer per storage");
-    struct Piece {
-      size_t storage;
-      uint64_t offset;
-      std::span<std::byte> out;
-    };
-    std::vector<py::buffer_info> infos;
+    std::vector<py::buffer_info> infos;  // hold the buffers until done
     infos.reserve(outs.size());
-    std::vector<Piece> pieces;
-    constexpr uint64_t kPiece = 8ull << 20;
+    std::vector<ckpt::Checkpoint::StorageRead> reads;
+    reads.reserve(outs.size());
     for (size_t i = 0; i < outs.size(); ++i) {
       infos.push_back(outs[i].request(true));
       auto& info = infos.back();
@@ -332,40 +324,16 @@ class Reader {
                               std::to_string(indices[i]));
       }
       auto* p = static_cast<std::byte*>(info.ptr);
-      uint64_t n = static_cast<uint64_t>(info.shape[0]);
+      auto n = static_cast<size_t>(info.shape[0]);
       AdviseHugePages(p, n);
-      for (uint64_t off = 0; off < n; off += kPiece) {
-        pieces.push_back(
-            {indices[i],
-             off,
-             {p + off, static_cast<size_t>(std::min(kPiece, n - off))}});
-      }
+      reads.push_back({indices[i], 0, {p, n}});
     }
-    py::gil_scoped_release nogil;
-    std::atomic<size_t> next{0};
-    std::mutex mu;
-    ckpt::Status first;
-    auto work = [&] {
-      for (size_t k; (k = next.fetch_add(1)) < pieces.size();) {
-        ckpt::Status s = ck_->ReadStorage(pieces[k].storage, pieces[k].offset,
-                                          pieces[k].out);
-        if (!s.ok()) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (first.ok()) first = s;
-          next = pieces.size();
-        }
-      }
-    };
-    unsigned n = std::max(
-        1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
-    std::vector<std::thread> pool;
-    for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
-    work();
-    for (auto& t : pool) t.join();
-    if (!first.ok()) {
-      py::gil_scoped_acquire gil;
-      Throw(first);
+    ckpt::Status s;
+    {
+      py::gil_scoped_release nogil;
+      s = ck_->ReadStorages(reads, threads);
     }
+    Check(s);
   }
 
   void Verify(unsigned threads) const {

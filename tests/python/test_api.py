@@ -467,6 +467,33 @@ class Records(TempDirCase):
             r.storage(3)
 
 
+class ReadStorages(TempDirCase):
+    """Reader.read_storages: the batched pread copy ckpt.load uses."""
+
+    def test_copies_match_the_mapping_and_bad_buffers_are_refused(self):
+        p = self.path("s.ckpt")
+        big = torch.arange((9 << 20) // 4, dtype=torch.int32)  # > one 8 MiB piece
+        ckpt.save({"big": big, "small": torch.arange(5.0), "empty": torch.ones(0)}, p)
+        r = _ckpt.Reader(p)
+        sids = list(range(len(r.storages())))
+        for threads in (1, 3):
+            bufs = [np.zeros(r.storage(s).nbytes, np.uint8) for s in sids]
+            r.read_storages(sids, bufs, threads)
+            for s, b in zip(sids, bufs):
+                self.assertEqual(b.tobytes(), bytes(memoryview(r.storage_region(s))))
+        with self.assertRaises(ValueError):
+            r.read_storages([0], [])
+        with self.assertRaises(ValueError):
+            r.read_storages([0], [np.zeros(r.storage(0).nbytes + 1, np.uint8)])
+        with self.assertRaises(ValueError):
+            r.read_storages([len(sids)], [np.zeros(1, np.uint8)])
+        n = r.storage(0).nbytes
+        with self.assertRaises(ValueError):  # not contiguous
+            r.read_storages([0], [np.zeros(2 * n, np.uint8)[::2]])
+        with self.assertRaises((ValueError, BufferError, TypeError)):  # read-only
+            r.read_storages([0], [bytes(n)])
+
+
 class Kinds(TempDirCase):
     """The node-kind table comes from format.h (issue 11 item 1)."""
 
