@@ -150,10 +150,6 @@ std::string Dims(const std::vector<int64_t>& v) {
 void ForEachLeaf(
     const Value& v, const std::string& path, bool at_root,
     const std::function<void(const std::string&, const Value&)>& fn) {
-  auto child = [&](const std::string& seg) {
-    return (at_root ? std::string() : path + "/") +
-           ckpt::EscapePathSegment(seg);
-  };
   if (v.kind() == ValueKind::kTensor) return;
   if (!v.is_container() || v.size() == 0) {
     fn(path, v);
@@ -162,7 +158,8 @@ void ForEachLeaf(
   for (size_t i = 0; i < v.size(); ++i) {
     std::string seg = v.kind() == ValueKind::kDict ? v.key(i).KeySegment()
                                                    : std::to_string(i);
-    ForEachLeaf(v.item(i), child(seg), false, fn);
+    ForEachLeaf(v.item(i), ckpt::PathBuilder::Child(path, at_root, seg), false,
+                fn);
   }
 }
 
