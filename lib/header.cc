@@ -446,114 +446,144 @@ std::optional<std::string> UnusedFieldProblem(const fb::Node& n, ValueKind k) {
 // every node but the root (the last) used exactly once, every tensor
 // referenced exactly once, nesting bounded; dict keys and set items
 // hashable (at every depth) and pairwise unequal (Python's ==); each
-// kind's fields valid and the others empty.
-Status CheckNodes(const fb::Header& h, const Preamble& p) {
-  const auto* nodes = h.nodes();
-  auto fail = [&](uoffset_t i, std::string msg) {
-    return At(Corrupt("tree node " + std::to_string(i) + ": " + msg),
-              p.header_offset);
-  };
-  if (!nodes || nodes->size() == 0) {
-    return At(Corrupt("object tree has no root node"), p.header_offset);
+// kind's fields valid and the others empty. One method per rule, run node
+// by node in file order (children first).
+class TreeChecker {
+ public:
+  TreeChecker(const fb::Header& h, const Preamble& p)
+      : h_(h),
+        p_(p),
+        nodes_(h.nodes()),
+        n_(nodes_->size()),
+        ntensors_(h.tensors() ? h.tensors()->size() : 0),
+        used_(n_, 0),
+        tensor_used_(ntensors_, 0),
+        depth_(n_, 1),
+        lazy_(nodes_) {}
+
+  Status Run() {
+    for (uoffset_t i = 0; i < n_; ++i) {
+      const fb::Node& node = *nodes_->Get(i);
+      CKPT_RETURN_IF_ERROR(CheckShape(i, node));
+      CKPT_RETURN_IF_ERROR(LinkChildren(i, node));
+      CKPT_RETURN_IF_ERROR(CheckKeys(i, node));
+      CKPT_RETURN_IF_ERROR(CheckValue(i, node));
+    }
+    CKPT_RETURN_IF_ERROR(CheckAllUsed());
+    // Field contents last, so a misplaced node is reported by its place.
+    for (uoffset_t i = 0; i < n_; ++i) {
+      const fb::Node& node = *nodes_->Get(i);
+      if (auto problem =
+              UnusedFieldProblem(node, static_cast<ValueKind>(node.kind()))) {
+        return Fail(i, *problem);
+      }
+    }
+    return Status::OK();
   }
-  const uoffset_t n = nodes->size();
-  const uoffset_t ntensors = h.tensors() ? h.tensors()->size() : 0;
-  std::vector<uint8_t> used(n, 0);
-  std::vector<uint8_t> tensor_used(ntensors, 0);
-  std::vector<uint32_t> depth(n, 1);
-  // Equality class of each hashable node (KeyClasses::kUnhashable for the
-  // others) and, for an unhashable one, the kind that makes it so.
-  LazyClasses lazy(nodes);
-  for (uoffset_t i = 0; i < n; ++i) {
-    const fb::Node* node = nodes->Get(i);
-    auto kind = static_cast<uint8_t>(node->kind());
-    if (kind > static_cast<uint8_t>(fb::ValueKind::MAX)) {
-      return fail(i, "unknown kind " + std::to_string(kind));
+
+ private:
+  Status Fail(uoffset_t i, const std::string& msg) const {
+    return At(Corrupt("tree node " + std::to_string(i) + ": " + msg),
+              p_.header_offset);
+  }
+
+  // A known kind, with items and keys only where its row allows them.
+  Status CheckShape(uoffset_t i, const fb::Node& node) const {
+    auto kind = static_cast<uint8_t>(node.kind());
+    if (!ValueKindFromCode(kind)) {
+      return Fail(i, "unknown kind " + std::to_string(kind));
     }
     auto vk = static_cast<ValueKind>(kind);
-    if (!KindUsesField(vk, kFieldItems) && HasItems(*node)) {
-      return fail(i, "scalar with items");
+    if (!KindUsesField(vk, kFieldItems) && HasItems(node)) {
+      return Fail(i, "scalar with items");
     }
-    if (!KindUsesField(vk, kFieldKeys) && HasKeys(*node)) {
-      return fail(i, "keys on a node that is not a dict");
+    if (!KindUsesField(vk, kFieldKeys) && HasKeys(node)) {
+      return Fail(i, "keys on a node that is not a dict");
     }
     if (vk == ValueKind::kDict) {
-      size_t nk = node->keys() ? node->keys()->size() : 0;
-      size_t ni = node->items() ? node->items()->size() : 0;
-      if (nk != ni)
-        return fail(i, "dict with " + std::to_string(nk) + " keys and " +
+      size_t nk = node.keys() ? node.keys()->size() : 0;
+      size_t ni = node.items() ? node.items()->size() : 0;
+      if (nk != ni) {
+        return Fail(i, "dict with " + std::to_string(nk) + " keys and " +
                            std::to_string(ni) + " values");
+      }
     }
+    return Status::OK();
+  }
+
+  // Children precede their parent and have one parent; depth bounded.
+  Status LinkChildren(uoffset_t i, const fb::Node& node) {
     auto visit = [&](uint32_t child) -> Status {
       if (child >= i) {
-        return fail(i, "child " + std::to_string(child) +
+        return Fail(i, "child " + std::to_string(child) +
                            " does not precede its parent");
       }
-      if (used[child]) {
-        return fail(i,
+      if (used_[child]) {
+        return Fail(i,
                     "child " + std::to_string(child) + " already has a parent");
       }
-      used[child] = 1;
-      if (depth[child] + 1 > depth[i]) depth[i] = depth[child] + 1;
+      used_[child] = 1;
+      depth_[i] = std::max(depth_[i], depth_[child] + 1);
       return Status::OK();
     };
-    if (node->items()) {
-      for (uint32_t c : *node->items()) CKPT_RETURN_IF_ERROR(visit(c));
+    for (const auto* ids : {node.items(), node.keys()}) {
+      if (!ids) continue;
+      for (uint32_t c : *ids) CKPT_RETURN_IF_ERROR(visit(c));
     }
-    if (node->keys()) {
-      for (uint32_t c : *node->keys()) CKPT_RETURN_IF_ERROR(visit(c));
+    if (depth_[i] > kMaxTreeDepth) {
+      return Fail(i, "nesting deeper than " + std::to_string(kMaxTreeDepth));
     }
-    if (depth[i] > kMaxTreeDepth) {
-      return fail(i, "nesting deeper than " + std::to_string(kMaxTreeDepth));
-    }
-    // Dict keys, and the items of sets, must be hashable and distinct, as
-    // in Python; a Tuple or FrozenSet is hashable when all it holds is.
-    auto hashable = [&](uint32_t c, const char* role) -> Status {
-      auto ck = static_cast<ValueKind>(nodes->Get(c)->kind());
+    return Status::OK();
+  }
+
+  // Dict keys, and the items of sets, must be hashable and distinct, as
+  // in Python; a Tuple or FrozenSet is hashable when all it holds is.
+  Status CheckKeys(uoffset_t i, const fb::Node& node) {
+    const auto vk = static_cast<ValueKind>(node.kind());
+    const bool dict = vk == ValueKind::kDict;
+    const bool set = vk == ValueKind::kSet || vk == ValueKind::kFrozenSet;
+    const auto* ids = dict ? node.keys() : set ? node.items() : nullptr;
+    if (!ids) return Status::OK();
+    const char* role = dict                    ? "a dict key"
+                       : vk == ValueKind::kSet ? "a set item"
+                                               : "a frozenset item";
+    for (uint32_t c : *ids) {
+      auto ck = static_cast<ValueKind>(nodes_->Get(c)->kind());
       const bool nested =
           ck == ValueKind::kTuple || ck == ValueKind::kFrozenSet;
-      if (nested ? lazy.Of(c) != KeyClasses::kUnhashable : IsKeyKind(ck)) {
-        return Status::OK();
+      if (nested ? lazy_.Of(c) != KeyClasses::kUnhashable : IsKeyKind(ck)) {
+        continue;
       }
-      std::string what = std::string("a ") + std::string(ValueKindName(ck));
-      if (nested)
-        what += " holding a " + std::string(ValueKindName(lazy.why(c)));
-      return fail(i, what + " cannot be " + role);
-    };
-    auto distinct = [&](const flatbuffers::Vector<uint32_t>* ids,
-                        const char* what) -> Status {
-      if (auto dup = lazy.FirstEqual(*ids)) {
-        return fail(i, std::string(what) + " " + std::to_string(dup->first) +
-                           " and " + std::to_string(dup->second) +
-                           " are equal");
+      std::string what = "a " + std::string(ValueKindName(ck));
+      if (nested) {
+        what += " holding a " + std::string(ValueKindName(lazy_.why(c)));
       }
-      return Status::OK();
-    };
-    if (vk == ValueKind::kDict && node->keys()) {
-      for (uint32_t c : *node->keys()) {
-        CKPT_RETURN_IF_ERROR(hashable(c, "a dict key"));
-      }
-      CKPT_RETURN_IF_ERROR(distinct(node->keys(), "dict keys"));
+      return Fail(i, what + " cannot be " + role);
     }
-    if ((vk == ValueKind::kSet || vk == ValueKind::kFrozenSet) &&
-        node->items()) {
-      for (uint32_t c : *node->items()) {
-        CKPT_RETURN_IF_ERROR(hashable(
-            c, vk == ValueKind::kSet ? "a set item" : "a frozenset item"));
-      }
-      CKPT_RETURN_IF_ERROR(distinct(node->items(), "set items"));
+    if (auto dup = lazy_.FirstEqual(*ids)) {
+      return Fail(i, std::string(dict ? "dict keys" : "set items") + " " +
+                         std::to_string(dup->first) + " and " +
+                         std::to_string(dup->second) + " are equal");
     }
+    return Status::OK();
+  }
+
+  // The value of each kind: bool 0/1, BigInt size, UTF-8, dtype code,
+  // device grammar, tensor index used once; type_name UTF-8.
+  Status CheckValue(uoffset_t i, const fb::Node& node_ref) {
+    const fb::Node* node = &node_ref;
+    const auto vk = static_cast<ValueKind>(node->kind());
     switch (vk) {
       case ValueKind::kBool:
         if (node->int_value() != 0 && node->int_value() != 1) {
-          return fail(i, "bool value is neither 0 nor 1");
+          return Fail(i, "bool value is neither 0 nor 1");
         }
         break;
       case ValueKind::kBigInt: {
         size_t nb = node->bytes_value() ? node->bytes_value()->size() : 0;
-        if (nb == 0 || nb > 4096) {
-          return fail(i, "big int of " + std::to_string(nb) +
-                             " bytes (1..4096 allowed)");
+        if (nb == 0 || nb > kMaxBigIntBytes) {
+          return Fail(i, "big int of " + std::to_string(nb) + " bytes (1.." +
+                             std::to_string(kMaxBigIntBytes) + " allowed)");
         }
         break;
       }
@@ -561,32 +591,32 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
         if (node->str_value()) {
           if (auto bad =
                   Utf8Error("string", node->str_value()->string_view())) {
-            return fail(i, *bad);
+            return Fail(i, *bad);
           }
         }
         break;
       case ValueKind::kDType:
         if (node->int_value() < 0 || node->int_value() > 255 ||
             !IsKnownDType(static_cast<uint8_t>(node->int_value()))) {
-          return fail(i, "unknown dtype code");
+          return Fail(i, "unknown dtype code");
         }
         break;
       case ValueKind::kDevice:
-        if (!node->str_value()) return fail(i, "device without a string");
+        if (!node->str_value()) return Fail(i, "device without a string");
         if (auto problem = DeviceProblem(node->str_value()->string_view())) {
-          return fail(i, "invalid device string: " + *problem);
+          return Fail(i, "invalid device string: " + *problem);
         }
         break;
       case ValueKind::kTensor: {
         int64_t t = node->int_value();
-        if (t < 0 || static_cast<uint64_t>(t) >= ntensors) {
-          return fail(i, "tensor index " + std::to_string(t) + " out of range");
+        if (t < 0 || static_cast<uint64_t>(t) >= ntensors_) {
+          return Fail(i, "tensor index " + std::to_string(t) + " out of range");
         }
-        if (tensor_used[static_cast<size_t>(t)]) {
-          return fail(i,
+        if (tensor_used_[static_cast<size_t>(t)]) {
+          return Fail(i,
                       "tensor " + std::to_string(t) + " is referenced twice");
         }
-        tensor_used[static_cast<size_t>(t)] = 1;
+        tensor_used_[static_cast<size_t>(t)] = 1;
         break;
       }
       default:
@@ -594,28 +624,43 @@ Status CheckNodes(const fb::Header& h, const Preamble& p) {
     }
     if (node->type_name()) {
       if (auto bad = Utf8Error("type_name", node->type_name()->string_view())) {
-        return fail(i, *bad);
+        return Fail(i, *bad);
       }
     }
+    return Status::OK();
   }
-  for (uoffset_t i = 0; i + 1 < n; ++i) {
-    if (!used[i]) return fail(i, "not reachable from the root");
-  }
-  for (uoffset_t t = 0; t < ntensors; ++t) {
-    if (!tensor_used[t]) {
-      return At(Corrupt("tensor is not in the object tree"), p.header_offset)
-          .WithTensor(h.tensors()->Get(t)->path()->str());
+
+  Status CheckAllUsed() const {
+    for (uoffset_t i = 0; i + 1 < n_; ++i) {
+      if (!used_[i]) return Fail(i, "not reachable from the root");
     }
-  }
-  // Field contents last, so a misplaced node is reported by its place.
-  for (uoffset_t i = 0; i < n; ++i) {
-    const fb::Node* node = nodes->Get(i);
-    if (auto problem =
-            UnusedFieldProblem(*node, static_cast<ValueKind>(node->kind()))) {
-      return fail(i, *problem);
+    for (uoffset_t t = 0; t < ntensors_; ++t) {
+      if (!tensor_used_[t]) {
+        return At(Corrupt("tensor is not in the object tree"), p_.header_offset)
+            .WithTensor(h_.tensors()->Get(t)->path()->str());
+      }
     }
+    return Status::OK();
   }
-  return Status::OK();
+
+  const fb::Header& h_;
+  const Preamble& p_;
+  const flatbuffers::Vector<flatbuffers::Offset<fb::Node>>* nodes_;
+  const uoffset_t n_;
+  const uoffset_t ntensors_;
+  std::vector<uint8_t> used_;
+  std::vector<uint8_t> tensor_used_;
+  std::vector<uint32_t> depth_;
+  // Equality class of each hashable node (KeyClasses::kUnhashable for the
+  // others) and, for an unhashable one, the kind that makes it so.
+  LazyClasses lazy_;
+};
+
+Status CheckNodes(const fb::Header& h, const Preamble& p) {
+  if (!h.nodes() || h.nodes()->size() == 0) {
+    return At(Corrupt("object tree has no root node"), p.header_offset);
+  }
+  return TreeChecker(h, p).Run();
 }
 
 // R15: metadata keys sorted (byte-wise) and unique; R19 for keys and values.

@@ -579,7 +579,7 @@ Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
         .WithFile(impl_->name());
   }
   StorageInfo st = storage_info(index);
-  if (begin > st.nbytes || out.size() > st.nbytes - begin) {
+  if (!internal::RangeWithin(begin, out.size(), st.nbytes)) {
     return InvalidArgument("range [" + std::to_string(begin) + ", +" +
                            std::to_string(out.size()) + ") outside storage " +
                            std::to_string(index) + " of " +

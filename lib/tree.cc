@@ -446,9 +446,10 @@ Status CheckKeyNode(const PathKey& k) {
       }
       break;
     case ValueKind::kBigInt:
-      if (k.bytes.empty() || k.bytes.size() > 4096) {
+      if (k.bytes.empty() || k.bytes.size() > kMaxBigIntBytes) {
         return KeyProblem("big int of " + std::to_string(k.bytes.size()) +
-                          " bytes (1..4096 allowed)");
+                          " bytes (1.." + std::to_string(kMaxBigIntBytes) +
+                          " allowed)");
       }
       break;
     case ValueKind::kString:

@@ -19,7 +19,6 @@ namespace {
 // Small writes (padding, small blobs, the header) are gathered into one
 // buffer of this size; larger appends go straight from the caller's memory.
 constexpr size_t kWriteBufferBytes = 1u << 20;
-constexpr size_t kMaxBigIntBytes = 4096;
 // The highest dtype code of format 1.0: a file that uses a higher one is
 // stamped 1.1 (docs/FORMAT.md 9).
 constexpr uint8_t kMaxDTypeCode1_0 = 32;
@@ -780,10 +779,11 @@ Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
   // size limit applies, so -(2**32767) (4096 bytes) passes in 4097.
   if (le.empty()) return InvalidArgument("big int with no bytes");
   le = le.first(internal::MinimalTwosComplementSize(le));
-  if (le.size() > internal::kMaxBigIntBytes) {
-    return InvalidArgument(
-        "big int of " + std::to_string(le.size()) +
-        " bytes; the format holds at most 4096 (|v| < 2^32767)");
+  if (le.size() > kMaxBigIntBytes) {
+    return InvalidArgument("big int of " + std::to_string(le.size()) +
+                           " bytes; the format holds at most " +
+                           std::to_string(kMaxBigIntBytes) +
+                           " (|v| < 2^32767)");
   }
   if (le.size() <= 8) {
     uint64_t v = (le.back() & 0x80) ? ~uint64_t{0} : 0;

@@ -81,6 +81,8 @@ inline constexpr uint64_t kMaxChunkBytes = 1ull << 30;
 inline constexpr size_t kMaxRank = 64;
 /// Deepest object-tree nesting accepted (root has depth 1).
 inline constexpr uint32_t kMaxTreeDepth = 1000;
+/// Most bytes of a BigInt node's two's complement (|v| < 2^32767).
+inline constexpr size_t kMaxBigIntBytes = 4096;
 
 /// Element types; codes equal schema/ckpt.fbs's `DType` and never change.
 enum class DType : uint8_t {
