@@ -11,8 +11,7 @@
 
 #include "bytes_internal.h"
 #include "ckpt/pth.h"
-#include "ckpt/reader.h"
-#include "header_internal.h"
+#include "format_internal.h"
 #include "pickle_internal.h"
 #include "source_internal.h"
 #include "tree_internal.h"
@@ -375,34 +374,80 @@ size_t SwapUnit(DType d) {
              : w;
 }
 
+// What one object stands for in the tree as written (memo reuse
+// expanded): nodes, tensor references, bytes of strings, bytes and big
+// ints. Sums saturate.
+struct Count {
+  uint64_t nodes = 0, tensors = 0, bytes = 0;
+  void Add(const Count& o) {
+    auto add = [](uint64_t a, uint64_t b) {
+      return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+    };
+    nodes = add(nodes, o.nodes);
+    tensors = add(tensors, o.tensors);
+    bytes = add(bytes, o.bytes);
+  }
+};
+
+Status CheckCount(const Loaded& l, const ImportLimits& lim, const Count& c) {
+  if (c.tensors > lim.max_tensor_refs) {
+    return Refuse(l, "the object expands to more than " +
+                         std::to_string(lim.max_tensor_refs) +
+                         " tensor references (memo reuse repeats them; limit "
+                         "max_tensor_refs)");
+  }
+  if (c.nodes > lim.max_nodes) {
+    return Refuse(l, "the object expands to more than " +
+                         std::to_string(lim.max_nodes) +
+                         " nodes (memo reuse repeats them; limit max_nodes)");
+  }
+  if (c.bytes > lim.max_expanded_bytes) {
+    return Refuse(
+        l, "the object expands to more than " +
+               std::to_string(lim.max_expanded_bytes) +
+               " bytes of strings and bytes (memo reuse repeats them; limit "
+               "max_expanded_bytes)");
+  }
+  return Status::OK();
+}
+
+// An object's own count (its children are added by the walk), and the
+// element type a big-endian storage is swapped by.
+Result<Count> CountSelf(const Loaded& l, const PyObj& o, Plan* plan) {
+  Count c;
+  c.nodes = 1;
+  switch (o.kind) {
+    case K::kStr:
+    case K::kBytes:
+    case K::kBigInt:
+      c.bytes = std::max(o.s.size(), o.bytes.size());
+      break;
+    case K::kTensor:
+    case K::kStorage: {
+      c.tensors = 1;
+      const auto& st = o.kind == K::kTensor ? o.tensor->storage : o.storage;
+      DType d = o.kind == K::kTensor ? o.tensor->dtype : o.storage->dtype;
+      if (l.big_endian && !st->inline_data) {
+        auto [it, fresh] = plan->swap.emplace(st.get(), d);
+        if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
+          return Refuse(l, "big-endian storage '" + st->key +
+                               "' is viewed as " +
+                               std::string(DTypeName(it->second)) + " and as " +
+                               std::string(DTypeName(d)) +
+                               ": elements of different widths cannot both "
+                               "be byte-swapped");
+        }
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  return c;
+}
+
 Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
-  struct Count {
-    uint64_t nodes = 0, tensors = 0, bytes = 0;
-  };
-  auto add = [](uint64_t a, uint64_t b) {
-    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
-  };
-  auto check = [&](const Count& c) -> Status {
-    if (c.tensors > lim.max_tensor_refs) {
-      return Refuse(l, "the object expands to more than " +
-                           std::to_string(lim.max_tensor_refs) +
-                           " tensor references (memo reuse repeats them; limit "
-                           "max_tensor_refs)");
-    }
-    if (c.nodes > lim.max_nodes) {
-      return Refuse(l, "the object expands to more than " +
-                           std::to_string(lim.max_nodes) +
-                           " nodes (memo reuse repeats them; limit max_nodes)");
-    }
-    if (c.bytes > lim.max_expanded_bytes) {
-      return Refuse(
-          l, "the object expands to more than " +
-                 std::to_string(lim.max_expanded_bytes) +
-                 " bytes of strings and bytes (memo reuse repeats them; limit "
-                 "max_expanded_bytes)");
-    }
-    return Status::OK();
-  };
+  auto check = [&](const Count& c) { return CheckCount(l, lim, c); };
   // Iterative depth-first walk; each distinct object is counted once and
   // its count reused. An edge back to an object being walked (a cycle)
   // counts nothing here: the emitter refuses it, naming its path.
@@ -413,59 +458,19 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
     size_t next = 0;  // children: dict key 0, value 0, key 1, ...; else items
     Count sum;
   };
-  auto self = [&](const PyObj& o) -> Result<Count> {
-    Count c;
-    c.nodes = 1;
-    switch (o.kind) {
-      case K::kStr:
-      case K::kBytes:
-      case K::kBigInt:
-        c.bytes = std::max(o.s.size(), o.bytes.size());
-        break;
-      case K::kTensor:
-      case K::kStorage: {
-        c.tensors = 1;
-        const auto& st = o.kind == K::kTensor ? o.tensor->storage : o.storage;
-        DType d = o.kind == K::kTensor ? o.tensor->dtype : o.storage->dtype;
-        if (l.big_endian && !st->inline_data) {
-          auto [it, fresh] = plan->swap.emplace(st.get(), d);
-          if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
-            return Refuse(l, "big-endian storage '" + st->key +
-                                 "' is viewed as " +
-                                 std::string(DTypeName(it->second)) +
-                                 " and as " + std::string(DTypeName(d)) +
-                                 ": elements of different widths cannot both "
-                                 "be byte-swapped");
-          }
-        }
-        break;
-      }
-      default:
-        break;
-    }
-    return c;
-  };
   auto child_of = [](const PyObj& o, size_t i) -> const PyObj* {
     if (o.kind == K::kDict)
       return (i % 2 ? o.items[i / 2] : o.keys[i / 2]).get();
     return o.items[i].get();
   };
-  auto nchildren = [](const PyObj& o) {
-    switch (o.kind) {
-      case K::kDict:
-        return 2 * std::min(o.items.size(), o.keys.size());
-      case K::kList:
-      case K::kTuple:
-      case K::kSet:
-      case K::kFrozenSet:
-        return o.items.size();
-      default:
-        return size_t{0};
-    }
+  auto nchildren = [](const PyObj& o) -> size_t {
+    if (o.kind == K::kDict) return 2 * std::min(o.items.size(), o.keys.size());
+    const auto kind = internal::TreeKind(o.kind);
+    return kind && IsContainer(*kind) ? o.items.size() : 0;
   };
   std::vector<Frame> stack;
   auto enter = [&](const PyObj* o) -> Status {
-    CKPT_ASSIGN_OR_RETURN(Count c, self(*o));
+    CKPT_ASSIGN_OR_RETURN(Count c, CountSelf(l, *o, plan));
     open.insert(o);
     stack.push_back(Frame{o, 0, c});
     return Status::OK();
@@ -476,9 +481,7 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
     if (f.next < nchildren(*f.o)) {
       const PyObj* c = child_of(*f.o, f.next++);
       if (auto it = done.find(c); it != done.end()) {
-        f.sum.nodes = add(f.sum.nodes, it->second.nodes);
-        f.sum.tensors = add(f.sum.tensors, it->second.tensors);
-        f.sum.bytes = add(f.sum.bytes, it->second.bytes);
+        f.sum.Add(it->second);
         CKPT_RETURN_IF_ERROR(check(f.sum));
       } else if (!open.count(c)) {
         CKPT_RETURN_IF_ERROR(enter(c));
@@ -492,62 +495,17 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
     CKPT_RETURN_IF_ERROR(check(c));
     if (!stack.empty()) {
       Count& p = stack.back().sum;
-      p.nodes = add(p.nodes, c.nodes);
-      p.tensors = add(p.tensors, c.tensors);
-      p.bytes = add(p.bytes, c.bytes);
+      p.Add(c);
       CKPT_RETURN_IF_ERROR(check(p));
     }
   }
   return Status::OK();
 }
 
-// The ValueKind a PyObj is written as (for the key rules).
-std::optional<ValueKind> WrittenKind(K k) {
-  switch (k) {
-    case K::kNone:
-      return ValueKind::kNone;
-    case K::kBool:
-      return ValueKind::kBool;
-    case K::kInt:
-      return ValueKind::kInt;
-    case K::kBigInt:
-      return ValueKind::kBigInt;
-    case K::kFloat:
-      return ValueKind::kFloat;
-    case K::kComplex:
-      return ValueKind::kComplex;
-    case K::kStr:
-      return ValueKind::kString;
-    case K::kBytes:
-      return ValueKind::kBytes;
-    case K::kList:
-      return ValueKind::kList;
-    case K::kTuple:
-      return ValueKind::kTuple;
-    case K::kDict:
-      return ValueKind::kDict;
-    case K::kSet:
-      return ValueKind::kSet;
-    case K::kFrozenSet:
-      return ValueKind::kFrozenSet;
-    case K::kStorage:
-    case K::kTensor:
-      return ValueKind::kTensor;
-    case K::kDType:
-      return ValueKind::kDType;
-    case K::kDevice:
-      return ValueKind::kDevice;
-    default:
-      return std::nullopt;
-  }
-}
-
-// The path segment of a dict key, exactly as the writer forms it
-// (docs/FORMAT.md 7.3), so paths in errors and the duplicate-path check
-// match the file.
+// What the key rules (KeyClasses, KeySegmentOf) need of a PyObj.
 internal::KeyNode Describe(const PyObj& o) {
   internal::KeyNode k;
-  k.kind = WrittenKind(o.kind).value_or(ValueKind::kNone);
+  k.kind = internal::TreeKind(o.kind).value_or(ValueKind::kNone);
   k.int_value = o.i;
   k.float_value = o.f;
   k.imag_value = o.im;
@@ -555,16 +513,6 @@ internal::KeyNode Describe(const PyObj& o) {
   k.bytes = o.bytes;
   k.num_items = o.items.size();
   return k;
-}
-
-std::string KeySegment(const PyObj& key) {
-  std::vector<const PyObj*> ids{&key};
-  return internal::KeySegmentOf(
-      0, [&](uint32_t id) { return Describe(*ids[id]); },
-      [&](uint32_t id, size_t i) {
-        ids.push_back(ids[id]->items[i].get());
-        return static_cast<uint32_t>(ids.size() - 1);
-      });
 }
 
 class Emitter {
@@ -584,19 +532,22 @@ class Emitter {
             std::max<uint64_t>(kMinPathBudget,
                                kPathBytesPerInputByte * l.src->size()))) {}
 
-  /// Emits `o` at path_ (the path of `o`). The same walk and the same
+  /// Emits `o` at paths_.path() (the path of `o`). The same walk and the same
   /// checks run with and without a writer: a dry run decides what a
   /// conversion decides.
   Result<NodeId> Emit(const Obj& o, int depth);
   ImportReport report;
 
  private:
-  Status Fail(Status s) { return s.WithFile(l_.src->name()).WithTensor(path_); }
+  Status Fail(Status s) {
+    return s.WithFile(l_.src->name()).WithTensor(paths_.path());
+  }
   Result<StorageId> WriteStorage(const std::shared_ptr<PyStorage>& st);
   Status Stream(std::span<const std::byte> bytes, DType dtype);
   Status CheckKey(const Obj& key, const char* role);
   Result<uint32_t> ClassOf(const PyObj& o, int depth);
   Result<std::vector<size_t>> DistinctItems(const PyObj& set, int depth);
+  std::string KeySegment(const PyObj& key) const;
   Result<NodeId> EmitTensor(const Obj& o);
   Result<NodeId> EmitContainer(const Obj& o, int depth);
 
@@ -604,7 +555,7 @@ class Emitter {
   const Plan& plan_;
   Writer* w_;  // nullptr for a dry run
   const ImportOptions& opt_;
-  std::string path_;  // of the node being emitted
+  PathBuilder paths_;  // at the node being emitted
   static constexpr uint64_t kMinPathBudget = 32ull << 20;
   static constexpr uint64_t kPathBytesPerInputByte = 16;
   uint64_t path_budget_;
@@ -728,11 +679,13 @@ Status Emitter::CheckKey(const Obj& key, const char* role) {
     todo.pop_back();
     if (!key_ok_.insert(k).second) continue;  // checked (or being checked)
     seen.push_back(k);
-    auto kind = WrittenKind(k->kind);
+    auto kind = internal::TreeKind(k->kind);
     if (!kind || !IsKeyKind(*kind)) {
       for (const PyObj* x : seen) key_ok_.erase(x);
       return Fail(InvalidArgument(
-          "a " + std::string(kind ? ValueKindName(*kind) : "?") +
+          "a " +
+          std::string(kind ? ValueKindName(*kind)
+                           : internal::PyKindName(k->kind)) +
           (inner ? " inside a tuple" : "") + " cannot be " + role));
     }
     if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
@@ -786,6 +739,63 @@ Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set,
   return keep;
 }
 
+// The path segment of a dict key as the file spells it (docs/FORMAT.md
+// 7.3), as ckpt::KeySegment forms it: a frozenset's items once each (as
+// Python holds them) and in canonical order (section 10). `key` passed
+// CheckKey and ClassOf, so every object in it has its class. Each distinct
+// object is described once, so memo reuse costs only the segment's length.
+std::string Emitter::KeySegment(const PyObj& key) const {
+  std::vector<const PyObj*> node;
+  std::vector<std::vector<uint32_t>> kids;  // per id: its items' ids
+  std::unordered_map<const PyObj*, uint32_t> id_of;
+  auto get = [&](uint32_t id) {
+    internal::KeyNode n = Describe(*node[id]);
+    n.num_items = kids[id].size();
+    return n;
+  };
+  auto item = [&](uint32_t id, size_t i) { return kids[id][i]; };
+  // Post-order over distinct objects: an item's ids (and a frozenset's
+  // order) are settled before its container's.
+  struct Frame {
+    const PyObj* o;
+    bool expanded;
+  };
+  std::vector<Frame> todo{{&key, false}};
+  while (!todo.empty()) {
+    Frame f = todo.back();
+    todo.pop_back();
+    if (!f.expanded) {
+      if (!id_of.emplace(f.o, static_cast<uint32_t>(node.size())).second) {
+        continue;
+      }
+      node.push_back(f.o);
+      kids.emplace_back();
+      todo.push_back({f.o, true});
+      for (const auto& x : f.o->items) todo.push_back({x.get(), false});
+      continue;
+    }
+    if (f.o->kind != K::kTuple && f.o->kind != K::kFrozenSet) continue;
+    const uint32_t id = id_of.at(f.o);
+    std::vector<uint32_t> ids;
+    std::unordered_set<uint32_t> seen;  // classes, for a frozenset
+    for (const auto& x : f.o->items) {
+      if (f.o->kind == K::kFrozenSet &&
+          !seen.insert(class_of_.at(x.get())).second) {
+        continue;
+      }
+      ids.push_back(id_of.at(x.get()));
+    }
+    kids[id] = std::move(ids);
+    if (f.o->kind == K::kFrozenSet) {
+      std::stable_sort(kids[id].begin(), kids[id].end(),
+                       [&](uint32_t a, uint32_t b) {
+                         return internal::CompareHashable(a, b, get, item) < 0;
+                       });
+    }
+  }
+  return internal::KeySegmentOf(0, get, item);
+}
+
 Result<NodeId> Emitter::EmitTensor(const Obj& o) {
   std::shared_ptr<internal::PyTensor> t = o->tensor;
   if (o->kind == K::kStorage) {  // a bare storage: a 1-D tensor over it
@@ -795,9 +805,9 @@ Result<NodeId> Emitter::EmitTensor(const Obj& o) {
     t->shape = {static_cast<int64_t>(o->storage->numel)};
     t->strides = {1};
   }
-  if (!tensor_paths_.insert(path_).second) {
+  if (!tensor_paths_.insert(paths_.path()).second) {
     return Fail(InvalidArgument(
-        "two tensors have the path '" + path_ +
+        "two tensors have the path '" + paths_.path() +
         "' (keys with the same path form, e.g. 1 and \"1\", in one dict)"));
   }
   // The writer's view check, before the storage's bytes are streamed.
@@ -849,7 +859,6 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
     for (size_t i = 0; i < o->items.size(); ++i) entries.emplace_back(i, i);
   }
   std::vector<NodeId> keys, items;
-  const size_t mark = path_.size();
   for (size_t j = 0; j < entries.size(); ++j) {
     const auto [ki, vi] = entries[j];
     std::string seg;
@@ -861,10 +870,9 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
     } else {
       seg = std::to_string(j);
     }
-    if (depth > 0) path_ += '/';
-    path_ += EscapePathSegment(seg);
+    paths_.Push(seg);
     auto v = Emit(o->items[vi], depth + 1);
-    path_.resize(mark);
+    paths_.Pop();
     if (!v.ok()) return v.status();
     items.push_back(*v);
   }
@@ -899,7 +907,7 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
   }
   // The writer keeps a path per node while it builds the header: bound
   // their sum (a long key under a deep or wide tree multiplies it).
-  path_bytes_ += path_.size() + 1;
+  path_bytes_ += paths_.path().size() + 1;
   if (path_bytes_ > path_budget_) {
     return Fail(InvalidArgument(
         "the paths of the tree take more than " + std::to_string(path_budget_) +

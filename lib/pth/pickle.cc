@@ -223,51 +223,7 @@ bool LooksLikeDType(const std::string& n) {
   return false;
 }
 
-const char* KindName(K k) {
-  switch (k) {
-    case K::kNone:
-      return "None";
-    case K::kBool:
-      return "bool";
-    case K::kInt:
-      return "int";
-    case K::kBigInt:
-      return "int";
-    case K::kFloat:
-      return "float";
-    case K::kComplex:
-      return "complex";
-    case K::kStr:
-      return "str";
-    case K::kBytes:
-      return "bytes";
-    case K::kList:
-      return "list";
-    case K::kTuple:
-      return "tuple";
-    case K::kDict:
-      return "dict";
-    case K::kSet:
-      return "set";
-    case K::kFrozenSet:
-      return "frozenset";
-    case K::kGlobal:
-      return "global";
-    case K::kStorage:
-      return "storage";
-    case K::kTensor:
-      return "tensor";
-    case K::kDType:
-      return "dtype";
-    case K::kDevice:
-      return "device";
-    case K::kNpDType:
-      return "numpy dtype";
-    case K::kNpArray:
-      return "numpy array";
-  }
-  return "?";
-}
+std::string KindName(K k) { return std::string(PyKindName(k)); }
 
 class Machine;
 

@@ -12,6 +12,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ckpt/format.h"
@@ -44,29 +45,59 @@ struct PyTensor {
   bool numpy = false;  // a numpy array: tagged "numpy.ndarray" in the file
 };
 
+/// What a PyObj is: a node kind of the tree (the same codes as ValueKind,
+/// format.h's kValueKinds table) or one of the importer's own states past
+/// them, which are never written as themselves.
+enum class PyKind : uint8_t {
+  kNone = static_cast<uint8_t>(ValueKind::kNone),
+  kBool = static_cast<uint8_t>(ValueKind::kBool),
+  kInt = static_cast<uint8_t>(ValueKind::kInt),
+  kBigInt = static_cast<uint8_t>(ValueKind::kBigInt),
+  kFloat = static_cast<uint8_t>(ValueKind::kFloat),
+  kComplex = static_cast<uint8_t>(ValueKind::kComplex),
+  kStr = static_cast<uint8_t>(ValueKind::kString),
+  kBytes = static_cast<uint8_t>(ValueKind::kBytes),
+  kList = static_cast<uint8_t>(ValueKind::kList),
+  kTuple = static_cast<uint8_t>(ValueKind::kTuple),
+  kDict = static_cast<uint8_t>(ValueKind::kDict),  // s2: its class tag
+  kSet = static_cast<uint8_t>(ValueKind::kSet),
+  kFrozenSet = static_cast<uint8_t>(ValueKind::kFrozenSet),
+  kTensor = static_cast<uint8_t>(ValueKind::kTensor),
+  kDType = static_cast<uint8_t>(ValueKind::kDType),    // i = code
+  kDevice = static_cast<uint8_t>(ValueKind::kDevice),  // s
+  // Importer-only states.
+  kGlobal = kMaxValueKindCode + 1,  // an allowlisted callable or class:
+                                    // s = module, s2 = name
+  kStorage,  // a storage by itself (written as a 1-D tensor over it)
+  kNpDType,  // numpy dtype under construction: s = code, s2 = byte order
+  kNpArray,  // numpy ndarray under construction
+};
+
+/// The node kind `k` is written as: itself for a tree kind, a tensor for
+/// a bare storage, nullopt for the importer-only states.
+constexpr std::optional<ValueKind> TreeKind(PyKind k) {
+  if (k == PyKind::kStorage) return ValueKind::kTensor;
+  return ValueKindFromCode(static_cast<uint8_t>(k));
+}
+
+/// A kind's name in messages: kValueKinds' name for a tree kind.
+constexpr std::string_view PyKindName(PyKind k) {
+  switch (k) {
+    case PyKind::kGlobal:
+      return "global";
+    case PyKind::kStorage:
+      return "storage";
+    case PyKind::kNpDType:
+      return "numpy dtype";
+    case PyKind::kNpArray:
+      return "numpy array";
+    default:
+      return ValueKindName(static_cast<ValueKind>(k));
+  }
+}
+
 struct PyObj {
-  enum class K {
-    kNone,
-    kBool,
-    kInt,
-    kBigInt,
-    kFloat,
-    kComplex,
-    kStr,
-    kBytes,
-    kList,
-    kTuple,
-    kDict,
-    kSet,
-    kFrozenSet,
-    kGlobal,   // an allowlisted callable or class: s = module, s2 = name
-    kStorage,  // a storage by itself
-    kTensor,
-    kDType,    // torch dtype (i = code)
-    kDevice,   // s
-    kNpDType,  // numpy dtype under construction: s = code, s2 = byte order
-    kNpArray,  // numpy ndarray under construction
-  };
+  using K = PyKind;
   K kind = K::kNone;
   int64_t i = 0;
   double f = 0, im = 0;

@@ -689,6 +689,44 @@ def test_allowlist(tmp):
             ok(f"{got.__module__}.{got.__qualname__}" == tag, f"allowlist: {name}: loads as {got}, not {tag}")
 
 
+# ---- issue 11 item 2: errors name the path the file would have ------------------------
+
+def test_key_paths(tmp):
+    """A refusal under a tuple, float or frozenset key names the tensor path
+    as the file spells it (FORMAT.md 7.3): the same path a conversion of the
+    same tree with a tensor there writes. A frozenset's items are in
+    canonical order and once each (Python holds frozenset((2, 1)) and
+    frozenset(('a', 'a')) as {1, 2} and {'a'})."""
+    d = os.path.join(tmp, "keypaths")
+    os.makedirs(d)
+    keys = {
+        "tuple": b"(K\x01" + _s("a") + b"t",
+        "float": b"G" + struct.pack(">d", 1.0),
+        "tuple_float": b"(G" + struct.pack(">d", 1.5) + b"t",
+        "bytes_in_tuple": b"C\x02\xab\x01\x85",
+        "frozenset_order": b"(K\x02K\x01\x91",
+        "frozenset_dup": b"(" + _s("a") + _s("a") + b"\x91",
+        "frozenset_in_tuple": b"(K\x07(K\x03K\x02K\x03\x91t",
+    }
+    want = {"tuple": "(1,a)/x", "float": "1.0/x", "tuple_float": "(1.5,)/x",
+            "bytes_in_tuple": "(0xab01,)/x", "frozenset_order": "(1,2)/x",
+            "frozenset_dup": "(a,)/x", "frozenset_in_tuple": "(7,(2,3))/x"}
+    for name, key in keys.items():
+        good = os.path.join(d, f"{name}_good.pth")
+        fixtures.torch_like_zip(good, b"\x80\x02}(" + key + b"}" + _s("x") + tensor_leaf("0", 4) + b"su.",
+                                {"0": bytes(16)})
+        r = convert(good, good + ".ckpt")
+        if not ok(r.returncode == 0, f"key paths: {name}: {r.stderr.strip()}"):
+            continue
+        path = info(good + ".ckpt")["tensors"][0]["path"]
+        ok(path == want[name], f"key paths: {name}: the file says {path!r}, expected {want[name]!r}")
+        bad = os.path.join(d, f"{name}_bad.pth")
+        fixtures.torch_like_zip(bad, b"\x80\x02}(" + key + b"}" + _s("x") + _g("torch", "Tensor") + b"su.")
+        for r in (convert(bad, bad + ".ckpt"), dry(bad)):
+            ok(r.returncode == 1 and f"tensor '{path}': a class or function object" in r.stderr,
+               f"key paths: {name}: the error does not name {path!r}: {r.stderr.strip()}")
+
+
 # ---- item 13: archives without CRC-32s ------------------------------------------------------
 
 def test_no_crc(tmp):
@@ -873,6 +911,7 @@ def main():
         test_utf8(tmp)
         test_python2(tmp)
         test_allowlist(tmp)
+        test_key_paths(tmp)
         test_no_crc(tmp)
         test_dtypes(tmp)
         test_trailing(tmp)
