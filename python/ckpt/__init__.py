@@ -13,7 +13,7 @@ from . import _ckpt
 from ._errors import (ChecksumError, CkptError, CkptIOError, CudaError, FormatError,
                       InvalidArgumentError, NotFoundError, PickleRefusedError,
                       ResourceExhaustedError, UnsupportedError)
-from ._load import File, load, open  # noqa: A004 - ckpt.open mirrors safe_open
+from ._load import File, load, open  # noqa: A004,F401 - ckpt.open mirrors safe_open (not in __all__)
 from ._save import save
 from . import rng
 from .interop import convert, flatten, import_pth, save_safetensors

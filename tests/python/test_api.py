@@ -2,7 +2,6 @@
 import argparse
 import builtins
 import collections
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 import ckpt
 from ckpt import _ckpt
-from util import TempDirCase, assert_same, python_env, tensor_bytes
+from util import TempDirCase, assert_same, python_env
 
 
 def every_dtype():

@@ -6,8 +6,6 @@ import os
 import subprocess
 import unittest
 
-import torch
-
 import ckpt
 from util import TempDirCase, build_dir
 

@@ -1,7 +1,6 @@
 """Whole training states: a run killed with SIGKILL at random moments
 resumes bit-identically, a GAN checkpoint round-trips, and
 CheckpointManager keeps, prunes and recovers as documented."""
-import math
 import os
 import random
 import signal

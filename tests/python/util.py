@@ -1,6 +1,5 @@
 """Shared helpers of the Python tests: strict deep comparison, temp dirs."""
 import argparse
-import collections
 import math
 import os
 import shutil
