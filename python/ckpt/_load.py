@@ -14,7 +14,6 @@ from ._dtypes import CODE_TO_NUMPY, CODE_TO_TORCH, torch_dtype as _torch_dtype
 from ._errors import (CkptError, CudaError, FormatError, InvalidArgumentError,
                       UnsupportedError)
 
-CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -52,7 +51,7 @@ def sniff(path):
 
 def sniff_bytes(head):
     """sniff() for the first bytes of a file."""
-    if head.startswith(CKPT_MAGIC):
+    if head.startswith(_ckpt.magic):  # include/ckpt/format.h kMagic
         return "ckpt"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return "pth"

@@ -17,10 +17,11 @@ import json
 import pickletools
 import struct
 
+from . import _ckpt
 from ._errors import FormatError, PickleRefusedError
+from ._load import sniff_bytes
 
 _PIECE = 16 << 20
-_CKPT_MAGIC = b"\x89CKPT\r\n\x1a"
 
 # Storage classes of legacy persistent ids -> bytes per element.
 _ELEMENT_SIZE = {
@@ -89,20 +90,16 @@ def read_record(f, name):
     src = _Source(f, name)
     src._fill(9)
     head = bytes(src.data[:9])
-    if head.startswith(_CKPT_MAGIC):
+    kind = sniff_bytes(head)
+    if kind == "ckpt":
         _ckpt_record(src)
-        return "ckpt", bytes(src.data)
-    if head[:1] == b"\x80":
+    elif kind == "pth" and head[:1] == b"\x80":
         _legacy_record(src)
-        return "pth", bytes(src.data)
-    if head.startswith(b"PK\x03\x04"):
-        src.rest()
-        return "pth", bytes(src.data)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+    elif kind == "safetensors":
         _safetensors_record(src)
-        return "safetensors", bytes(src.data)
-    src.rest()
-    return None, bytes(src.data)
+    else:  # a zip .pth (its end is at the end), or unknown
+        src.rest()
+    return kind, bytes(src.data)
 
 
 def _ckpt_record(src):
@@ -111,7 +108,6 @@ def _ckpt_record(src):
     end = header_offset + header_size
     if end < 64:
         return  # the reader names what is wrong with this preamble
-    from . import _ckpt
     if _ckpt.xxh3_64(bytes(src.data[:56])) != struct.unpack_from("<Q", src.data, 56)[0]:
         return  # a damaged preamble: its length means nothing; the reader says so
     src.exact(end - 64, f"the rest of the ckpt file of {end} bytes")

@@ -262,27 +262,27 @@ class Reader {
   py::list Tensors() const {
     py::list out;
     for (size_t i = 0; i < ck_->num_tensors(); ++i)
-      out.append(TensorRecordOf(ck_->tensor_info(i)));
+      out.append(TensorRecordOf(*ck_->TensorInfoAt(i)));
     return out;
   }
 
   py::object TensorAt(size_t index) const {
     if (index >= ck_->num_tensors())
       throw py::index_error("tensor index out of range");
-    return TensorRecordOf(ck_->tensor_info(index));
+    return TensorRecordOf(Take(ck_->TensorInfoAt(index)));
   }
 
   py::object StorageAt(size_t index) const {
     if (index >= ck_->num_storages())
       throw py::index_error("storage index out of range");
-    auto s = ck_->storage_info(index);
+    auto s = Take(ck_->StorageInfoAt(index));
     return NewRecord(g_storage_record, s.offset, s.nbytes,
                      Utf8(s.device, ck_->path(),
                           "the device of storage " + std::to_string(index)));
   }
 
   size_t TensorIndex(const std::string& path) const {
-    return Take(ck_->TensorIndex(path));
+    return Take(ck_->FindTensor(path)).index;
   }
 
   Region StorageRegion(size_t index) const {
@@ -318,7 +318,7 @@ class Reader {
       }
       if (indices[i] >= ck_->num_storages() ||
           static_cast<uint64_t>(info.shape[0]) !=
-              ck_->storage_info(indices[i]).nbytes) {
+              ck_->StorageInfoAt(indices[i])->nbytes) {
         throw py::value_error("buffer " + std::to_string(i) +
                               " does not match storage " +
                               std::to_string(indices[i]));
@@ -1148,6 +1148,8 @@ PYBIND11_MODULE(_ckpt, m) {
 #else
   m.attr("has_gpu_loader") = false;
 #endif
+  m.attr("magic") = py::bytes(
+      reinterpret_cast<const char*>(ckpt::kMagic.data()), ckpt::kMagic.size());
   m.attr("format_version") =
       py::make_tuple(ckpt::kFormatMajor, ckpt::kFormatMinor);
   m.attr("version") = std::string(ckpt::VersionString());

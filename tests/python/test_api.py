@@ -464,6 +464,9 @@ class Records(TempDirCase):
         self.assertEqual(s.offset % 64, 0)
         with self.assertRaises(IndexError):
             r.storage(3)
+        with open(p, "rb") as fh:
+            self.assertEqual(fh.read(8), _ckpt.magic)
+        self.assertEqual(_ckpt.magic, b"\x89CKPT\r\n\x1a")
 
 
 class ReadStorages(TempDirCase):
