@@ -67,18 +67,19 @@ uint64_t ElementSize(const PyStorage& s) {
 
 // Resolves ('storage', type, key, location, numel[, view_metadata]).
 Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
-  if (pid->kind != K::kTuple || pid->items.empty() ||
-      pid->items[0]->kind != K::kStr) {
+  if (pid->kind != K::kTuple || pid->x().items.empty() ||
+      pid->x().items[0]->kind != K::kStr) {
     return InvalidArgument("persistent id is not a ('storage', ...) tuple");
   }
-  const auto& a = pid->items;
-  if (a[0]->s == "module") {
+  const auto& a = pid->x().items;
+  if (a[0]->x().s == "module") {
     return InvalidArgument(
         "a whole nn.Module is pickled here (legacy source-code "
         "record); save model.state_dict() instead");
   }
-  if (a[0]->s != "storage") {
-    return InvalidArgument("persistent id of unknown type '" + a[0]->s + "'");
+  if (a[0]->x().s != "storage") {
+    return InvalidArgument("persistent id of unknown type '" + a[0]->x().s +
+                           "'");
   }
   if (a.size() != (legacy ? 6u : 5u)) {
     return InvalidArgument("storage persistent id has " +
@@ -93,16 +94,16 @@ Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
         "legacy storage views (view_metadata) are not supported");
   }
   auto st = std::make_shared<PyStorage>();
-  st->key = a[2]->s;
-  st->location = a[3]->s;
+  st->key = a[2]->x().s;
+  st->location = a[3]->x().s;
   st->numel = static_cast<uint64_t>(a[4]->i);
-  if (a[1]->s == "torch.storage") {
+  if (a[1]->x().s == "torch.storage") {
     st->untyped = true;
     st->dtype = DType::kUInt8;
-  } else if (auto d = internal::StorageClassDType(a[1]->s2)) {
+  } else if (auto d = internal::StorageClassDType(a[1]->x().s2)) {
     st->dtype = *d;
   } else {
-    return InvalidArgument("unknown storage type '" + a[1]->s2 + "'");
+    return InvalidArgument("unknown storage type '" + a[1]->x().s2 + "'");
   }
   if (!IsValidDevice(st->location)) {
     return InvalidArgument("invalid storage location '" + st->location + "'");
@@ -144,7 +145,7 @@ Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
   }
   auto o = std::make_shared<PyObj>();
   o->kind = K::kStorage;
-  o->storage = it->second;
+  o->w().storage = it->second;
   return o;
 }
 
@@ -251,7 +252,7 @@ Status LoadLegacy(Loaded& l) {
   static const uint8_t kMagicLE[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9,
                                      0x20, 0x6a, 0xa8, 0x50, 0x19};
   if (!magic.ok() || (*magic)->kind != K::kBigInt ||
-      (*magic)->bytes !=
+      (*magic)->x().bytes !=
           std::vector<uint8_t>(std::begin(kMagicLE), std::end(kMagicLE))) {
     return Refuse(l,
                   "not a torch.save file (neither a zip archive nor a legacy "
@@ -267,22 +268,23 @@ Status LoadLegacy(Loaded& l) {
   CKPT_ASSIGN_OR_RETURN(Obj keys, next("storage keys", false));
   if (keys->kind != K::kList)
     return Refuse(l, "legacy storage key list is not a list");
-  for (const auto& k : keys->items) {
+  for (const auto& k : keys->x().items) {
     if (k->kind != K::kStr) return Refuse(l, "legacy storage key is not a str");
-    auto it = l.by_key.find(k->s);
+    auto it = l.by_key.find(k->x().s);
     if (it == l.by_key.end()) {
-      return Refuse(l,
-                    "legacy storage '" + k->s + "' is not used by the object");
+      return Refuse(
+          l, "legacy storage '" + k->x().s + "' is not used by the object");
     }
     const PyStorage& st = *it->second;
     if (rest.size() < 8) {
-      return Corrupt("legacy storage '" + k->s + "': truncated before its size")
+      return Corrupt("legacy storage '" + k->x().s +
+                     "': truncated before its size")
           .WithFile(src.name())
           .WithOffset(static_cast<int64_t>(at));
     }
     const auto count = internal::LoadLE<uint64_t>(rest.data());
     if (count != st.numel) {
-      return Corrupt("legacy storage '" + k->s + "' holds " +
+      return Corrupt("legacy storage '" + k->x().s + "' holds " +
                      std::to_string(count) +
                      " elements, its persistent id says " +
                      std::to_string(st.numel))
@@ -291,7 +293,7 @@ Status LoadLegacy(Loaded& l) {
     }
     uint64_t bytes = count * ElementSize(st);
     if (!internal::RangeWithin(8, bytes, rest.size())) {
-      return Corrupt("legacy storage '" + k->s + "' is truncated")
+      return Corrupt("legacy storage '" + k->x().s + "' is truncated")
           .WithFile(src.name())
           .WithOffset(static_cast<int64_t>(at));
     }
@@ -420,13 +422,15 @@ Result<Count> CountSelf(const Loaded& l, const PyObj& o, Plan* plan) {
     case K::kStr:
     case K::kBytes:
     case K::kBigInt:
-      c.bytes = std::max(o.s.size(), o.bytes.size());
+      c.bytes = std::max(o.x().s.size(), o.x().bytes.size());
       break;
     case K::kTensor:
     case K::kStorage: {
       c.tensors = 1;
-      const auto& st = o.kind == K::kTensor ? o.tensor->storage : o.storage;
-      DType d = o.kind == K::kTensor ? o.tensor->dtype : o.storage->dtype;
+      const auto& st =
+          o.kind == K::kTensor ? o.x().tensor->storage : o.x().storage;
+      DType d =
+          o.kind == K::kTensor ? o.x().tensor->dtype : o.x().storage->dtype;
       if (l.big_endian && !st->inline_data) {
         auto [it, fresh] = plan->swap.emplace(st.get(), d);
         if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
@@ -460,13 +464,14 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
   };
   auto child_of = [](const PyObj& o, size_t i) -> const PyObj* {
     if (o.kind == K::kDict)
-      return (i % 2 ? o.items[i / 2] : o.keys[i / 2]).get();
-    return o.items[i].get();
+      return (i % 2 ? o.x().items[i / 2] : o.x().keys[i / 2]).get();
+    return o.x().items[i].get();
   };
   auto nchildren = [](const PyObj& o) -> size_t {
-    if (o.kind == K::kDict) return 2 * std::min(o.items.size(), o.keys.size());
+    if (o.kind == K::kDict)
+      return 2 * std::min(o.x().items.size(), o.x().keys.size());
     const auto kind = internal::TreeKind(o.kind);
-    return kind && IsContainer(*kind) ? o.items.size() : 0;
+    return kind && IsContainer(*kind) ? o.x().items.size() : 0;
   };
   std::vector<Frame> stack;
   auto enter = [&](const PyObj* o) -> Status {
@@ -508,10 +513,10 @@ internal::KeyNode Describe(const PyObj& o) {
   k.kind = internal::TreeKind(o.kind).value_or(ValueKind::kNone);
   k.int_value = o.i;
   k.float_value = o.f;
-  k.imag_value = o.im;
-  k.str = o.s;
-  k.bytes = o.bytes;
-  k.num_items = o.items.size();
+  k.imag_value = o.x().im;
+  k.str = o.x().s;
+  k.bytes = o.x().bytes;
+  k.num_items = o.x().items.size();
   return k;
 }
 
@@ -689,11 +694,11 @@ Status Emitter::CheckKey(const Obj& key, const char* role) {
           (inner ? " inside a tuple" : "") + " cannot be " + role));
     }
     if (k->kind == K::kTuple || k->kind == K::kFrozenSet) {
-      if (todo.size() + k->items.size() > opt_.limits.max_nodes) {
+      if (todo.size() + k->x().items.size() > opt_.limits.max_nodes) {
         for (const PyObj* x : seen) key_ok_.erase(x);
         return Fail(InvalidArgument("dict key too large"));
       }
-      for (const auto& x : k->items) todo.emplace_back(x.get(), true);
+      for (const auto& x : k->x().items) todo.emplace_back(x.get(), true);
     }
   }
   return Status::OK();
@@ -711,13 +716,13 @@ Result<uint32_t> Emitter::ClassOf(const PyObj& o, int depth) {
   internal::KeyNode n = Describe(o);
   std::vector<uint32_t> items;
   if (o.kind == K::kTuple) {
-    for (const auto& x : o.items) {
+    for (const auto& x : o.x().items) {
       CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*x, depth + 1));
       items.push_back(c);
     }
   } else if (o.kind == K::kFrozenSet) {
     CKPT_ASSIGN_OR_RETURN(auto keep, DistinctItems(o, depth));
-    for (size_t i : keep) items.push_back(class_of_.at(o.items[i].get()));
+    for (size_t i : keep) items.push_back(class_of_.at(o.x().items[i].get()));
     n.num_items = items.size();
   }
   uint32_t c = classes_.Classify(n, items);
@@ -731,9 +736,9 @@ Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set,
                                                    int depth) {
   std::vector<size_t> keep;
   std::unordered_set<uint32_t> seen;
-  for (size_t i = 0; i < set.items.size(); ++i) {
-    CKPT_RETURN_IF_ERROR(CheckKey(set.items[i], "a set item"));
-    CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*set.items[i], depth + 1));
+  for (size_t i = 0; i < set.x().items.size(); ++i) {
+    CKPT_RETURN_IF_ERROR(CheckKey(set.x().items[i], "a set item"));
+    CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*set.x().items[i], depth + 1));
     if (seen.insert(c).second) keep.push_back(i);
   }
   return keep;
@@ -771,14 +776,14 @@ std::string Emitter::KeySegment(const PyObj& key) const {
       node.push_back(f.o);
       kids.emplace_back();
       todo.push_back({f.o, true});
-      for (const auto& x : f.o->items) todo.push_back({x.get(), false});
+      for (const auto& x : f.o->x().items) todo.push_back({x.get(), false});
       continue;
     }
     if (f.o->kind != K::kTuple && f.o->kind != K::kFrozenSet) continue;
     const uint32_t id = id_of.at(f.o);
     std::vector<uint32_t> ids;
     std::unordered_set<uint32_t> seen;  // classes, for a frozenset
-    for (const auto& x : f.o->items) {
+    for (const auto& x : f.o->x().items) {
       if (f.o->kind == K::kFrozenSet &&
           !seen.insert(class_of_.at(x.get())).second) {
         continue;
@@ -797,12 +802,12 @@ std::string Emitter::KeySegment(const PyObj& key) const {
 }
 
 Result<NodeId> Emitter::EmitTensor(const Obj& o) {
-  std::shared_ptr<internal::PyTensor> t = o->tensor;
+  std::shared_ptr<internal::PyTensor> t = o->x().tensor;
   if (o->kind == K::kStorage) {  // a bare storage: a 1-D tensor over it
     t = std::make_shared<internal::PyTensor>();
-    t->storage = o->storage;
-    t->dtype = o->storage->dtype;
-    t->shape = {static_cast<int64_t>(o->storage->numel)};
+    t->storage = o->x().storage;
+    t->dtype = o->x().storage->dtype;
+    t->shape = {static_cast<int64_t>(o->x().storage->numel)};
     t->strides = {1};
   }
   if (!tensor_paths_.insert(paths_.path()).second) {
@@ -842,9 +847,9 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
   std::vector<std::pair<size_t, size_t>> entries;  // (key index, value index)
   if (o->kind == K::kDict) {
     std::unordered_map<uint32_t, size_t> slot;
-    for (size_t i = 0; i < o->items.size(); ++i) {
-      CKPT_RETURN_IF_ERROR(CheckKey(o->keys[i], "a dict key"));
-      CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*o->keys[i], depth + 1));
+    for (size_t i = 0; i < o->x().items.size(); ++i) {
+      CKPT_RETURN_IF_ERROR(CheckKey(o->x().keys[i], "a dict key"));
+      CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*o->x().keys[i], depth + 1));
       auto [it, fresh] = slot.emplace(c, entries.size());
       if (fresh) {
         entries.emplace_back(i, i);
@@ -856,14 +861,14 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
     CKPT_ASSIGN_OR_RETURN(auto keep, DistinctItems(*o, depth));
     for (size_t i : keep) entries.emplace_back(i, i);
   } else {
-    for (size_t i = 0; i < o->items.size(); ++i) entries.emplace_back(i, i);
+    for (size_t i = 0; i < o->x().items.size(); ++i) entries.emplace_back(i, i);
   }
   std::vector<NodeId> keys, items;
   for (size_t j = 0; j < entries.size(); ++j) {
     const auto [ki, vi] = entries[j];
     std::string seg;
     if (o->kind == K::kDict) {
-      const Obj& key = o->keys[ki];
+      const Obj& key = o->x().keys[ki];
       CKPT_ASSIGN_OR_RETURN(NodeId k, Emit(key, depth + 1));
       keys.push_back(k);
       seg = KeySegment(*key);
@@ -871,7 +876,7 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
       seg = std::to_string(j);
     }
     paths_.Push(seg);
-    auto v = Emit(o->items[vi], depth + 1);
+    auto v = Emit(o->x().items[vi], depth + 1);
     paths_.Pop();
     if (!v.ok()) return v.status();
     items.push_back(*v);
@@ -893,7 +898,7 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
       r = w_->AddFrozenSet(items);
       break;
     default:
-      r = w_->AddDict(keys, items, o->s2);
+      r = w_->AddDict(keys, items, o->x().s2);
       break;
   }
   if (!r.ok()) return Fail(r.status());
@@ -923,30 +928,30 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
     case K::kInt:
       return w ? w->AddInt(o->i) : NodeId{0};
     case K::kBigInt: {
-      if (o->bytes.empty() || o->bytes.size() > 4096) {
+      if (o->x().bytes.empty() || o->x().bytes.size() > 4096) {
         return Fail(InvalidArgument(
-            "integer of " + std::to_string(o->bytes.size()) + " bytes"));
+            "integer of " + std::to_string(o->x().bytes.size()) + " bytes"));
       }
       if (!w) return NodeId{0};
-      auto r = w->AddBigInt(o->bytes);
+      auto r = w->AddBigInt(o->x().bytes);
       if (!r.ok()) return Fail(r.status());
       return r;
     }
     case K::kFloat:
       return w ? w->AddFloat(o->f) : NodeId{0};
     case K::kComplex:
-      return w ? w->AddComplex(o->f, o->im) : NodeId{0};
+      return w ? w->AddComplex(o->f, o->x().im) : NodeId{0};
     case K::kStr:
       if (o->i == internal::kPy2Undecodable) {
         return Fail(InvalidArgument("a Python 2 str that is not UTF-8 ('" +
-                                    o->s.substr(0, 40) +
+                                    o->x().s.substr(0, 40) +
                                     "' as latin-1); torch.load reads it only "
                                     "with encoding='latin1': convert with "
                                     "--encoding latin1"));
       }
-      return w ? w->AddString(o->s) : NodeId{0};
+      return w ? w->AddString(o->x().s) : NodeId{0};
     case K::kBytes:
-      return w ? w->AddBytes(o->bytes) : NodeId{0};
+      return w ? w->AddBytes(o->x().bytes) : NodeId{0};
     case K::kDType: {
       if (!IsKnownDType(static_cast<uint8_t>(o->i))) {
         return Fail(
@@ -958,10 +963,10 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
       return r;
     }
     case K::kDevice: {
-      if (!IsValidDevice(o->s))
-        return Fail(InvalidArgument("invalid device '" + o->s + "'"));
+      if (!IsValidDevice(o->x().s))
+        return Fail(InvalidArgument("invalid device '" + o->x().s + "'"));
       if (!w) return NodeId{0};
-      auto r = w->AddDevice(o->s);
+      auto r = w->AddDevice(o->x().s);
       if (!r.ok()) return Fail(r.status());
       return r;
     }
@@ -975,8 +980,8 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
     case K::kDict:
       return EmitContainer(o, depth);
     case K::kGlobal:
-      return Fail(InvalidArgument("a class or function object ('" + o->s + "." +
-                                  o->s2 + "') cannot be stored"));
+      return Fail(InvalidArgument("a class or function object ('" + o->x().s +
+                                  "." + o->x().s2 + "') cannot be stored"));
     case K::kNpDType:
       return Fail(
           InvalidArgument("a bare numpy dtype object cannot be stored"));

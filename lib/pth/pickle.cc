@@ -38,29 +38,34 @@ std::optional<DType> StorageClassDType(const std::string& name) {
   return it->second;
 }
 
+const PyExt PyObj::kEmpty;
+
 PyObj::~PyObj() {
+  if (!ext_) return;
   std::vector<Obj> pending;
-  auto take = [&pending](std::vector<Obj>& v) {
-    for (auto& c : v) {
-      // Only children this node owns alone die with it.
-      if (c && c.use_count() == 1) pending.push_back(std::move(c));
+  auto take = [&pending](PyObj& o) {
+    if (!o.ext_) return;
+    for (auto* v : {&o.ext_->items, &o.ext_->keys}) {
+      for (auto& c : *v) {
+        // Only children this node owns alone die with it.
+        if (c && c.use_count() == 1) pending.push_back(std::move(c));
+      }
+      v->clear();
     }
-    v.clear();
   };
-  take(items);
-  take(keys);
+  take(*this);
   while (!pending.empty()) {
     Obj o = std::move(pending.back());
     pending.pop_back();
-    take(o->items);
-    take(o->keys);
+    take(*o);
   }  // each `o` is destroyed here with no children left
 }
 
 PickleHeap::~PickleHeap() {
   for (auto& c : containers_) {
-    c->items.clear();
-    c->keys.clear();
+    if (!c->has_ext()) continue;
+    c->w().items.clear();
+    c->w().keys.clear();
   }
 }
 
@@ -116,6 +121,10 @@ namespace {
 Obj Make(K k) {
   auto o = std::make_shared<PyObj>();
   o->kind = k;
+  // A container's children live in its PyExt: made now, so that Push
+  // charges it with the node.
+  const auto tree = TreeKind(k);
+  if (tree && IsContainer(*tree)) o->w();
   return o;
 }
 
@@ -203,8 +212,8 @@ std::optional<std::vector<uint8_t>> Utf8ToLatin1(const std::string& text) {
 // The bytes a str stands for where numpy or _codecs.encode wants bytes: a
 // Python 2 str's own bytes, or a text str's code points 0..255.
 std::optional<std::vector<uint8_t>> StrBytes(const PyObj& o) {
-  if (o.i == kPy2Str || o.i == kPy2Undecodable) return o.bytes;
-  return Utf8ToLatin1(o.s);
+  if (o.i == kPy2Str || o.i == kPy2Undecodable) return o.x().bytes;
+  return Utf8ToLatin1(o.x().s);
 }
 
 // A name in module torch that reads as a dtype (float33, uint9, int128,
@@ -451,22 +460,22 @@ class Machine {
       return Refuse(std::string(what) + " must be a tuple of ints, got " +
                     KindName(o->kind));
     }
-    if (o->items.size() > kMaxRank)
+    if (o->x().items.size() > kMaxRank)
       return Refuse(std::string(what) + " has more than 64 dims");
     std::vector<int64_t> v;
-    for (const auto& x : o->items) {
+    for (const auto& x : o->x().items) {
       CKPT_ASSIGN_OR_RETURN(int64_t i, AsInt(x, what));
       v.push_back(i);
     }
     return v;
   }
   Result<std::string> AsStr(const Obj& o, const char* what) {
-    if (o->kind == K::kStr) return o->s;
+    if (o->kind == K::kStr) return o->x().s;
     return Refuse(std::string(what) + " must be a str, got " +
                   KindName(o->kind));
   }
   bool IsGlobal(const Obj& o, const char* m, const char* n) const {
-    return o->kind == K::kGlobal && o->s == m && o->s2 == n;
+    return o->kind == K::kGlobal && o->x().s == m && o->x().s2 == n;
   }
 
   Result<Obj> RebuildTensor(std::span<const Obj> a, bool v3);
@@ -643,8 +652,8 @@ Status Machine::Global(std::string module, std::string name) {
     return Push(std::move(data));
   }
   auto o = Make(K::kGlobal);
-  o->s = module;
-  o->s2 = name;
+  o->w().s = module;
+  o->w().s2 = name;
   o->row = static_cast<uint16_t>(row - rows.data() + 1);
   return Push(o);
 }
@@ -656,15 +665,15 @@ Result<Obj> Machine::DataGlobal(const std::string& module,
   if ((module == "torch" || module == "torch.cuda") &&
       StorageClassDType(name)) {
     auto o = Make(K::kGlobal);
-    o->s = "torch";
-    o->s2 = name;
+    o->w().s = "torch";
+    o->w().s2 = name;
     return o;
   }
   if (module == "torch.storage" &&
       (name == "UntypedStorage" || name == "_UntypedStorage")) {
     auto o = Make(K::kGlobal);
-    o->s = "torch.storage";
-    o->s2 = "UntypedStorage";
+    o->w().s = "torch.storage";
+    o->w().s2 = "UntypedStorage";
     return o;
   }
   if (module == "torch") {
@@ -731,16 +740,20 @@ uint64_t Machine::Cost(const PyObj& o) {
   auto str = [](const std::string& x) -> uint64_t {
     return x.capacity() > 15 ? x.capacity() + 1 + kMalloc : 0;
   };
-  uint64_t c = sizeof(PyObj) + 16 + kMalloc + str(o.s) + str(o.s2);
-  if (o.bytes.capacity()) c += o.bytes.capacity() + kMalloc;
-  if (o.items.capacity()) c += o.items.capacity() * sizeof(Obj) + kMalloc;
-  if (o.keys.capacity()) c += o.keys.capacity() * sizeof(Obj) + kMalloc;
-  if (o.tensor) {
+  // The node with its shared_ptr control block, in one allocation.
+  uint64_t c = sizeof(PyObj) + 16 + kMalloc;
+  if (!o.has_ext()) return c;
+  const PyExt& x = o.x();
+  c += sizeof(PyExt) + kMalloc + str(x.s) + str(x.s2);
+  if (x.bytes.capacity()) c += x.bytes.capacity() + kMalloc;
+  if (x.items.capacity()) c += x.items.capacity() * sizeof(Obj) + kMalloc;
+  if (x.keys.capacity()) c += x.keys.capacity() * sizeof(Obj) + kMalloc;
+  if (x.tensor) {
     c += sizeof(PyTensor) + 16 + 3 * kMalloc +
-         (o.tensor->shape.capacity() + o.tensor->strides.capacity()) *
+         (x.tensor->shape.capacity() + x.tensor->strides.capacity()) *
              sizeof(int64_t);
-    if (o.tensor->storage && o.tensor->storage->inline_data) {
-      c += sizeof(PyStorage) + o.tensor->storage->inline_data->capacity() +
+    if (x.tensor->storage && x.tensor->storage->inline_data) {
+      c += sizeof(PyStorage) + x.tensor->storage->inline_data->capacity() +
            4 * kMalloc;
     }
   }
@@ -815,7 +828,8 @@ Result<Obj> Machine::IntFromLE(std::span<const std::byte> b) {
     return o;
   }
   auto o = Make(K::kBigInt);
-  for (size_t i = 0; i < n; ++i) o->bytes.push_back(static_cast<uint8_t>(b[i]));
+  for (size_t i = 0; i < n; ++i)
+    o->w().bytes.push_back(static_cast<uint8_t>(b[i]));
   return o;
 }
 
@@ -853,7 +867,7 @@ Result<Obj> Machine::Str(std::span<const std::byte> b) {
                      : Bad("string is not text: " + why);
   }
   auto o = Make(K::kStr);
-  o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+  o->w().s.assign(reinterpret_cast<const char*>(b.data()), b.size());
   return o;
 }
 
@@ -862,15 +876,15 @@ Result<Obj> Machine::Str(std::span<const std::byte> b) {
 Result<Obj> Machine::Py2Str(std::span<const std::byte> b) {
   auto o = Make(K::kStr);
   o->i = kPy2Str;
-  o->bytes.resize(b.size());
-  if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
+  o->w().bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->w().bytes.data(), b.data(), b.size());
   bool surrogate = false;
   if (lim_.py2_latin1) {
-    o->s = Latin1ToUtf8(b);
+    o->w().s = Latin1ToUtf8(b);
   } else if (Utf8Problem(b, &surrogate).empty()) {
-    o->s.assign(reinterpret_cast<const char*>(b.data()), b.size());
+    o->w().s.assign(reinterpret_cast<const char*>(b.data()), b.size());
   } else {
-    o->s = Latin1ToUtf8(b);  // for messages; refused if used as text
+    o->w().s = Latin1ToUtf8(b);  // for messages; refused if used as text
     o->i = kPy2Undecodable;
   }
   return o;
@@ -878,8 +892,8 @@ Result<Obj> Machine::Py2Str(std::span<const std::byte> b) {
 
 Result<Obj> Machine::BytesObj(std::span<const std::byte> b) {
   auto o = Make(K::kBytes);
-  o->bytes.resize(b.size());
-  if (!b.empty()) std::memcpy(o->bytes.data(), b.data(), b.size());
+  o->w().bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->w().bytes.data(), b.data(), b.size());
   return o;
 }
 
@@ -911,13 +925,14 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   }
   if (args_obj->kind != K::kTuple)
     return Bad("REDUCE arguments are not a tuple");
-  const std::vector<Obj>& a = args_obj->items;
+  const std::vector<Obj>& a = args_obj->x().items;
   const GlobalRow* row = RowOf(*fn);
   if (!row || !row->reduce) {
-    return Refuse("'" + fn->s + "." + fn->s2 + "' cannot be called here");
+    return Refuse("'" + fn->x().s + "." + fn->x().s2 +
+                  "' cannot be called here");
   }
   if (a.size() < row->min_args || a.size() > row->max_args) {
-    return Refuse("'" + fn->s + "." + fn->s2 + "' called with " +
+    return Refuse("'" + fn->x().s + "." + fn->x().s2 + "' called with " +
                   std::to_string(a.size()) + " arguments (it takes " +
                   std::to_string(row->min_args) +
                   (row->max_args == row->min_args
@@ -945,15 +960,16 @@ Status Machine::Build(PyObj& target, const Obj& state) {
 
 Result<Obj> Machine::NewTaggedDict(const GlobalRow& r, std::span<const Obj>) {
   auto d = Make(K::kDict);
-  d->s2 = std::string(r.module) + "." + std::string(r.name);
+  d->w().s2 = std::string(r.module) + "." + std::string(r.name);
   return d;
 }
 
 Status Machine::BuildNamespace(PyObj& target, const Obj& state) {
   if (state->kind != K::kDict) return Refuse("Namespace state is not a dict");
-  target.keys = state->keys;
-  target.items = state->items;
-  return Status::OK();
+  target.w().keys = state->x().keys;
+  target.w().items = state->x().items;
+  return Charge((target.x().keys.capacity() + target.x().items.capacity()) *
+                sizeof(Obj));
 }
 
 // OrderedDict attributes such as a state_dict's `_metadata` (module version
@@ -968,27 +984,27 @@ Status Machine::BuildDictAttrs(PyObj&, const Obj& state) {
 }
 
 Status Machine::BuildNpDType(PyObj& target, const Obj& state) {
-  if (state->kind != K::kTuple || state->items.size() < 2 ||
-      state->items[1]->kind != K::kStr) {
+  if (state->kind != K::kTuple || state->x().items.size() < 2 ||
+      state->x().items[1]->kind != K::kStr) {
     return Refuse("numpy dtype state is not understood");
   }
-  target.s2 = state->items[1]->s;
-  if (state->items.size() > 3 && state->items[3]->kind != K::kNone) {
+  target.w().s2 = state->x().items[1]->x().s;
+  if (state->x().items.size() > 3 && state->x().items[3]->kind != K::kNone) {
     return Refuse("structured numpy dtypes are not supported");
   }
   return Status::OK();
 }
 
 Status Machine::BuildNpArray(PyObj& target, const Obj& state) {
-  if (state->kind != K::kTuple || state->items.size() != 5) {
+  if (state->kind != K::kTuple || state->x().items.size() != 5) {
     return Refuse("numpy array state is not understood");
   }
-  const auto& s = state->items;
+  const auto& s = state->x().items;
   CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(s[1], "numpy shape"));
   if (s[3]->kind != K::kBool) return Refuse("numpy fortran flag is not a bool");
   std::vector<uint8_t> data;
   if (s[4]->kind == K::kBytes) {
-    data = s[4]->bytes;
+    data = s[4]->x().bytes;
   } else if (s[4]->kind == K::kStr) {
     // Python 2's str of raw bytes, or latin-1 text (numpy encodes it).
     auto raw = StrBytes(*s[4]);
@@ -999,14 +1015,14 @@ Status Machine::BuildNpArray(PyObj& target, const Obj& state) {
   }
   CKPT_ASSIGN_OR_RETURN(Obj arr, NumpyArray(s[2], shape, s[3]->i != 0, data));
   target.kind = K::kTensor;
-  target.tensor = arr->tensor;
-  target.row = 0;  // a tensor now: a second BUILD is a tensor's
-  return Status::OK();
+  target.w().tensor = arr->x().tensor;
+  target.row = 0;             // a tensor now: a second BUILD is a tensor's
+  return Charge(Cost(*arr));  // the tensor and its copy of the data
 }
 
 Status Machine::BuildTensor(PyObj&, const Obj& state) {
   if (state->kind == K::kNone ||
-      (state->kind == K::kDict && state->items.empty())) {
+      (state->kind == K::kDict && state->x().items.empty())) {
     return Status::OK();
   }
   return Refuse("tensor with extra Python attributes cannot be converted");
@@ -1021,7 +1037,7 @@ Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
                   KindName(a[0]->kind));
   }
   auto t = std::make_shared<PyTensor>();
-  t->storage = a[0]->storage;
+  t->storage = a[0]->x().storage;
   CKPT_ASSIGN_OR_RETURN(t->offset, AsInt(a[1], "storage_offset"));
   CKPT_ASSIGN_OR_RETURN(t->shape, AsInts(a[2], "size"));
   CKPT_ASSIGN_OR_RETURN(t->strides, AsInts(a[3], "stride"));
@@ -1032,7 +1048,7 @@ Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
     if (a[4]->kind != K::kBool) return Refuse("requires_grad must be a bool");
     t->requires_grad = a[4]->i != 0;
   }
-  if (a.size() > 5 && !(a[5]->kind == K::kDict && a[5]->items.empty()) &&
+  if (a.size() > 5 && !(a[5]->kind == K::kDict && a[5]->x().items.empty()) &&
       a[5]->kind != K::kNone) {
     return Refuse("tensor with backward hooks cannot be converted");
   }
@@ -1047,7 +1063,7 @@ Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
     t->dtype = t->storage->dtype;
   }
   auto o = Make(K::kTensor);
-  o->tensor = std::move(t);
+  o->w().tensor = std::move(t);
   return o;
 }
 
@@ -1065,11 +1081,11 @@ Result<Obj> Machine::CallRebuildParameter(const GlobalRow&,
                                           std::span<const Obj> a) {
   if (a[0]->kind != K::kTensor) return Refuse("Parameter data is not a tensor");
   if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
-  auto t = std::make_shared<PyTensor>(*a[0]->tensor);
+  auto t = std::make_shared<PyTensor>(*a[0]->x().tensor);
   t->is_parameter = true;
   t->requires_grad = a[1]->i != 0;
   auto o = Make(K::kTensor);
-  o->tensor = std::move(t);
+  o->w().tensor = std::move(t);
   return o;
 }
 
@@ -1080,17 +1096,17 @@ Result<Obj> Machine::CallRebuildFromType(const GlobalRow&,
     return Refuse("tensor subclass cannot be converted");
   }
   if (!(a[3]->kind == K::kNone ||
-        (a[3]->kind == K::kDict && a[3]->items.empty()))) {
+        (a[3]->kind == K::kDict && a[3]->x().items.empty()))) {
     return Refuse("tensor with extra Python attributes cannot be converted");
   }
   CKPT_ASSIGN_OR_RETURN(Obj r, Call(a[0], a[2]));
   if (r->kind != K::kTensor)
     return Refuse("_rebuild_from_type_v2 did not build a tensor");
   if (param) {
-    auto t = std::make_shared<PyTensor>(*r->tensor);
+    auto t = std::make_shared<PyTensor>(*r->x().tensor);
     t->is_parameter = true;
     r = Make(K::kTensor);
-    r->tensor = std::move(t);
+    r->w().tensor = std::move(t);
   }
   return r;
 }
@@ -1102,14 +1118,14 @@ Result<Obj> Machine::CallOrderedDict(const GlobalRow& r,
   if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
     return Refuse("OrderedDict() of a " + std::string(KindName(a[0]->kind)));
   }
-  for (const auto& pair : a[0]->items) {
+  for (const auto& pair : a[0]->x().items) {
     // Python 3 writes (key, value) tuples, Python 2.7 [key, value] lists.
     if ((pair->kind != K::kTuple && pair->kind != K::kList) ||
-        pair->items.size() != 2) {
+        pair->x().items.size() != 2) {
       return Refuse("OrderedDict() items must be pairs");
     }
-    d->keys.push_back(pair->items[0]);
-    d->items.push_back(pair->items[1]);
+    d->w().keys.push_back(pair->x().items[0]);
+    d->w().items.push_back(pair->x().items[1]);
   }
   return d;
 }
@@ -1117,7 +1133,7 @@ Result<Obj> Machine::CallOrderedDict(const GlobalRow& r,
 Result<Obj> Machine::CallSize(const GlobalRow&, std::span<const Obj> a) {
   CKPT_RETURN_IF_ERROR(AsInts(a[0], "torch.Size").status());
   auto t = Make(K::kTuple);
-  t->items = a[0]->items;
+  t->w().items = a[0]->x().items;
   return t;
 }
 
@@ -1129,7 +1145,7 @@ Result<Obj> Machine::CallDevice(const GlobalRow&, std::span<const Obj> a) {
   }
   if (!IsValidDevice(dev)) return Refuse("invalid device '" + dev + "'");
   auto o = Make(K::kDevice);
-  o->s = dev;
+  o->w().s = dev;
   return o;
 }
 
@@ -1145,7 +1161,7 @@ Result<Obj> Machine::CallEncode(const GlobalRow&, std::span<const Obj> a) {
   if (!raw)
     return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
   auto o = Make(K::kBytes);
-  o->bytes = std::move(*raw);
+  o->w().bytes = std::move(*raw);
   return o;
 }
 
@@ -1155,7 +1171,7 @@ Result<Obj> Machine::CallSet(const GlobalRow& r, std::span<const Obj> a) {
     if (a[0]->kind != K::kList && a[0]->kind != K::kTuple) {
       return Refuse(std::string(r.name) + "() of a " + KindName(a[0]->kind));
     }
-    o->items = a[0]->items;
+    o->w().items = a[0]->x().items;
   }
   return o;
 }
@@ -1169,14 +1185,14 @@ Result<Obj> Machine::CallComplex(const GlobalRow&, std::span<const Obj> a) {
   auto o = Make(K::kComplex);
   CKPT_ASSIGN_OR_RETURN(o->f, num(a[0]));
   if (a.size() == 2) {
-    CKPT_ASSIGN_OR_RETURN(o->im, num(a[1]));
+    CKPT_ASSIGN_OR_RETURN(o->w().im, num(a[1]));
   }
   return o;
 }
 
 Result<Obj> Machine::CallSlice(const GlobalRow&, std::span<const Obj> a) {
   auto o = Make(K::kTuple);  // slice(a, b, c) kept as (a, b, c)
-  o->items.assign(a.begin(), a.end());
+  o->w().items.assign(a.begin(), a.end());
   return o;
 }
 
@@ -1210,14 +1226,14 @@ Result<Obj> Machine::CallNpReconstruct(const GlobalRow&,
 Result<Obj> Machine::CallNpDType(const GlobalRow&, std::span<const Obj> a) {
   CKPT_ASSIGN_OR_RETURN(std::string code, AsStr(a[0], "numpy dtype"));
   auto o = Make(K::kNpDType);
-  o->s = code;
-  o->s2 = "|";
+  o->w().s = code;
+  o->w().s2 = "|";
   return o;
 }
 
 Result<Obj> Machine::CallNpScalar(const GlobalRow&, std::span<const Obj> a) {
   if (a[1]->kind != K::kBytes) return Refuse("numpy scalar data is not bytes");
-  return NumpyScalar(a[0], a[1]->bytes);
+  return NumpyScalar(a[0], a[1]->x().bytes);
 }
 
 Result<Obj> Machine::CallNpFromBuffer(const GlobalRow&,
@@ -1226,7 +1242,7 @@ Result<Obj> Machine::CallNpFromBuffer(const GlobalRow&,
     return Refuse("numpy _frombuffer data is not bytes");
   CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(a[2], "numpy shape"));
   CKPT_ASSIGN_OR_RETURN(std::string order, AsStr(a[3], "numpy order"));
-  return NumpyArray(a[1], shape, order == "F", a[0]->bytes);
+  return NumpyArray(a[1], shape, order == "F", a[0]->x().bytes);
 }
 
 Result<Obj> Machine::NumpyArray(const Obj& dtype,
@@ -1234,9 +1250,9 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype,
                                 std::span<const uint8_t> data) {
   if (dtype->kind != K::kNpDType)
     return Refuse("numpy array without a numpy dtype");
-  auto np = NumpyType(dtype->s);
+  auto np = NumpyType(dtype->x().s);
   if (!np)
-    return Refuse("numpy dtype '" + dtype->s +
+    return Refuse("numpy dtype '" + dtype->x().s +
                   "' cannot be converted (object, string or structured arrays "
                   "are not supported)");
   uint64_t n = 1;
@@ -1256,7 +1272,7 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype,
   st->inline_data = std::make_shared<std::vector<std::byte>>(data.size());
   if (!data.empty())
     std::memcpy(st->inline_data->data(), data.data(), data.size());
-  if (dtype->s2 == ">") SwapElements(*st->inline_data, np->dtype);
+  if (dtype->x().s2 == ">") SwapElements(*st->inline_data, np->dtype);
   auto t = std::make_shared<PyTensor>();
   t->storage = st;
   t->dtype = np->dtype;
@@ -1276,7 +1292,7 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype,
     }
   }
   auto o = Make(K::kTensor);
-  o->tensor = std::move(t);
+  o->w().tensor = std::move(t);
   return o;
 }
 
@@ -1284,13 +1300,13 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
                                  std::span<const uint8_t> data) {
   if (dtype->kind != K::kNpDType)
     return Refuse("numpy scalar without a numpy dtype");
-  auto np = NumpyType(dtype->s);
+  auto np = NumpyType(dtype->x().s);
   if (!np || data.size() != np->size)
-    return Refuse("numpy scalar of dtype '" + dtype->s +
+    return Refuse("numpy scalar of dtype '" + dtype->x().s +
                   "' cannot be converted");
   std::vector<std::byte> v(np->size);
   std::memcpy(v.data(), data.data(), v.size());
-  if (dtype->s2 == ">") SwapElements(v, np->dtype);
+  if (dtype->x().s2 == ">") SwapElements(v, np->dtype);
   const std::byte* p = v.data();  // little-endian from here on
   Obj o;
   switch (np->dtype) {
@@ -1315,12 +1331,12 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
     case DType::kComplex64:
       o = Make(K::kComplex);
       o->f = std::bit_cast<float>(LoadLE<uint32_t>(p));
-      o->im = std::bit_cast<float>(LoadLE<uint32_t>(p + 4));
+      o->w().im = std::bit_cast<float>(LoadLE<uint32_t>(p + 4));
       break;
     case DType::kComplex128:
       o = Make(K::kComplex);
       o->f = std::bit_cast<double>(LoadLE<uint64_t>(p));
-      o->im = std::bit_cast<double>(LoadLE<uint64_t>(p + 8));
+      o->w().im = std::bit_cast<double>(LoadLE<uint64_t>(p + 8));
       break;
     case DType::kBool:
       o = Make(K::kBool);
@@ -1394,7 +1410,7 @@ Status Machine::OpStackGlobal(uint8_t) {
   if (name->kind != K::kStr || module->kind != K::kStr) {
     return Refuse("STACK_GLOBAL operands are not strings");
   }
-  return Global(module->s, name->s);
+  return Global(module->x().s, name->x().s);
 }
 
 // BINPUT, LONG_BINPUT, MEMOIZE.
@@ -1425,7 +1441,7 @@ Status Machine::OpTextMemo(uint8_t op) {
 Status Machine::OpSequence(uint8_t op) {
   CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
   auto o = Make(op == 't' ? K::kTuple : K::kList);
-  o->items = std::move(items);
+  o->w().items = std::move(items);
   return Push(std::move(o));
 }
 
@@ -1433,9 +1449,9 @@ Status Machine::OpSequence(uint8_t op) {
 Status Machine::OpTupleN(uint8_t op) {
   size_t n = op - 0x84u;
   auto o = Make(K::kTuple);
-  o->items.resize(n);
+  o->w().items.resize(n);
   for (size_t k = n; k-- > 0;) {
-    CKPT_ASSIGN_OR_RETURN(o->items[k], Pop());
+    CKPT_ASSIGN_OR_RETURN(o->w().items[k], Pop());
   }
   return Push(std::move(o));
 }
@@ -1455,8 +1471,8 @@ Status Machine::OpDict(uint8_t) {
   if (items.size() % 2) return Bad("DICT with an odd number of items");
   auto o = Make(K::kDict);
   for (size_t k = 0; k < items.size(); k += 2) {
-    o->keys.push_back(items[k]);
-    o->items.push_back(items[k + 1]);
+    o->w().keys.push_back(items[k]);
+    o->w().items.push_back(items[k + 1]);
   }
   return Push(std::move(o));
 }
@@ -1466,7 +1482,7 @@ Status Machine::OpAppend(uint8_t) {
   CKPT_ASSIGN_OR_RETURN(Obj l, Top());
   if (l->kind != K::kList)
     return Refuse(std::string("APPEND to a ") + KindName(l->kind));
-  l->items.push_back(std::move(v));
+  l->w().items.push_back(std::move(v));
   return Charge(2 * sizeof(Obj));
 }
 
@@ -1478,14 +1494,14 @@ Status Machine::OpAppends(uint8_t op) {
   if (l->kind != want)
     return Refuse(std::string(op == 'e' ? "APPENDS" : "ADDITEMS") + " to a " +
                   KindName(l->kind));
-  for (auto& it : items) l->items.push_back(std::move(it));
+  for (auto& it : items) l->w().items.push_back(std::move(it));
   return Charge(2 * sizeof(Obj) * items.size());
 }
 
 Status Machine::OpFrozenSet(uint8_t) {
   CKPT_ASSIGN_OR_RETURN(auto items, PopMark());
   auto o = Make(K::kFrozenSet);
-  o->items = std::move(items);
+  o->w().items = std::move(items);
   return Push(std::move(o));
 }
 
@@ -1495,8 +1511,8 @@ Status Machine::OpSetItem(uint8_t) {
   CKPT_ASSIGN_OR_RETURN(Obj d, Top());
   if (d->kind != K::kDict)
     return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
-  d->keys.push_back(std::move(k));
-  d->items.push_back(std::move(v));
+  d->w().keys.push_back(std::move(k));
+  d->w().items.push_back(std::move(v));
   return Charge(4 * sizeof(Obj));
 }
 
@@ -1507,8 +1523,8 @@ Status Machine::OpSetItems(uint8_t) {
     return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
   if (items.size() % 2) return Bad("SETITEMS with an odd number of items");
   for (size_t k = 0; k < items.size(); k += 2) {
-    d->keys.push_back(std::move(items[k]));
-    d->items.push_back(std::move(items[k + 1]));
+    d->w().keys.push_back(std::move(items[k]));
+    d->w().items.push_back(std::move(items[k + 1]));
   }
   return Charge(2 * sizeof(Obj) * items.size());
 }
@@ -1604,8 +1620,9 @@ Status Machine::OpNewObj(uint8_t) {
   const GlobalRow* row = RowOf(*cls);
   if (!row || !row->newobj) {
     return Refuse(std::string("NEWOBJ of ") +
-                  (cls->kind == K::kGlobal ? "'" + cls->s + "." + cls->s2 + "'"
-                                           : std::string(KindName(cls->kind))));
+                  (cls->kind == K::kGlobal
+                       ? "'" + cls->x().s + "." + cls->x().s2 + "'"
+                       : std::string(KindName(cls->kind))));
   }
   CKPT_ASSIGN_OR_RETURN(Obj o, Apply(row->newobj, *row, {}));
   return Push(std::move(o));
