@@ -423,20 +423,26 @@ class Reader {
       return f.v.kind() == K::kDict ? 2 * f.v.size() : f.v.size();
     }
 
-    // The tree path of the child taken at step `s` of frame `f`.
+    // The segment (raw) of the child taken at step `s` of frame `f`; a key
+    // itself, which has no path of its own, is labelled "<key K>".
     static std::string Segment(const Frame& f, size_t s) {
       if (f.v.kind() != K::kDict) return std::to_string(s);
       std::string key = EscapedForMessage(f.v.key(s / 2).KeySegment());
       return s % 2 == 0 ? "<key " + key + ">" : key;
     }
 
+    // The tree path of the node being built (`child`) or of the open
+    // container on top, as f.get() takes it (PathBuilder: escaped
+    // segments), for messages.
     std::string Where(bool child) const {
       std::string p = base;
+      bool at_root = base.empty();
       for (size_t k = 0; k < stack.size(); ++k) {
         bool last = k + 1 == stack.size();
         if (last && !child) break;
-        if (!p.empty()) p += "/";
-        p += Segment(stack[k], stack[k].next - 1);
+        p = ckpt::PathBuilder::Child(p, at_root,
+                                     Segment(stack[k], stack[k].next - 1));
+        at_root = false;
       }
       return p.empty() ? "<root>" : p;
     }

@@ -496,6 +496,27 @@ class ReadStorages(TempDirCase):
             r.read_storages([0], [bytes(n)])
 
 
+class TreePathsInErrors(TempDirCase):
+    def test_a_tree_error_names_the_path_as_written(self):
+        # The binding joined segments itself: "a/b" was not escaped, and
+        # the child of a key "" lost its '/', so the path named no node.
+        p = self.path("d.ckpt")
+        w = _ckpt.Writer(p, sync=False)
+        code = {name: c for c, name, _, _ in _ckpt.value_kinds()}
+        dev = w.add_items(code["list"], [w.add_device("xyz")])
+        inner = w.add_dict([w.add_string("")], [dev], "")
+        w.set_root(w.add_dict([w.add_string("a/b")], [inner], ""))
+        w.commit()
+        with self.assertRaises(ckpt.FormatError) as cm:
+            ckpt.load(p)
+        self.assertIn("tree path 'a~1b//0'", str(cm.exception))
+        with ckpt.open(p) as f:
+            self.assertEqual(f.kind("a~1b//0"), "device")
+            with self.assertRaises(ckpt.FormatError) as cm:
+                f.get("a~1b/")
+            self.assertIn("tree path 'a~1b//0'", str(cm.exception))
+
+
 class Kinds(TempDirCase):
     """The node-kind table comes from format.h (issue 11 item 1)."""
 
