@@ -153,12 +153,12 @@ ckpt::Result<FileFacts> Probe(const std::string& file) {
   f.file_size = probe.file_size();
   size_t largest = 0;
   for (size_t i = 0; i < probe.num_tensors(); ++i) {
-    auto info = probe.tensor_info(i);
+    auto info = *probe.TensorInfoAt(i);
     f.tensor_bytes += info.nbytes();
-    if (info.nbytes() > probe.tensor_info(largest).nbytes()) largest = i;
+    if (info.nbytes() > probe.TensorInfoAt(largest)->nbytes()) largest = i;
   }
-  f.big = probe.tensor_info(largest).path;
-  const auto& shape = probe.tensor_info(largest).shape;
+  f.big = probe.TensorInfoAt(largest)->path;
+  const std::vector<int64_t> shape = probe.TensorInfoAt(largest)->shape;
   f.big_rows = shape.empty() ? 1 : shape[0];
   return f;
 }

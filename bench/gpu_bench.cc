@@ -144,10 +144,10 @@ int GpuBench(int argc, char** argv) {
     return n > (32u << 20) ? n - (32u << 20) : (32u << 20) - n;
   };
   for (size_t i = 0; i < ck->num_tensors(); ++i) {
-    uint64_t n = ck->tensor_info(i).nbytes();
+    uint64_t n = ck->TensorInfoAt(i)->nbytes();
     total += n;
-    if (n > ck->tensor_info(largest).nbytes()) largest = i;
-    if (dist32(n) < dist32(ck->tensor_info(near32).nbytes())) near32 = i;
+    if (n > ck->TensorInfoAt(largest)->nbytes()) largest = i;
+    if (dist32(n) < dist32(ck->TensorInfoAt(near32)->nbytes())) near32 = i;
   }
   std::vector<Row> rows;
   // The PCIe limit: one pinned cudaMemcpy of the same number of bytes.
@@ -180,15 +180,15 @@ int GpuBench(int argc, char** argv) {
                       repeat, [&] { DropCache(file); }, [&] { Warm(file); }),
                   ck->file_size()});
   Warm(file);
-  std::string p32 = ck->tensor_info(near32).path;
+  std::string p32 = ck->TensorInfoAt(near32)->path;
   rows.push_back({"warm_one_tensor_~32MiB",
                   Best(
                       repeat, [] {},
                       [&] {
                         load({{p32, {}}}, ckpt::LoadStrategy::kStaged);
                       }),
-                  ck->tensor_info(near32).nbytes()});
-  auto big = ck->tensor_info(largest);
+                  ck->TensorInfoAt(near32)->nbytes()});
+  auto big = *ck->TensorInfoAt(largest);
   int64_t r0 = big.shape.empty() ? 0 : big.shape[0] / 2;
   int64_t r1 = big.shape.empty() ? 0 : std::min<int64_t>(big.shape[0], r0 + 16);
   rows.push_back({"warm_row_slice_16_rows",

@@ -14,6 +14,7 @@ namespace {
 struct DTypeEntry {
   std::string_view name;
   size_t size;
+  uint16_t since_minor = 0;  // the format minor that added the code
 };
 
 // Indexed by code. Sizes: one storage element; float4_e2m1fn_x2 and the
@@ -53,25 +54,30 @@ constexpr std::array<DTypeEntry, kMaxDTypeCode + 1> kDTypes = {{
     {"bits2x4", 1},
     {"bits4x2", 1},
     // 1.1: uint1..uint7, int1..int7, one value per byte.
-    {"uint1", 1},
-    {"uint2", 1},
-    {"uint3", 1},
-    {"uint4", 1},
-    {"uint5", 1},
-    {"uint6", 1},
-    {"uint7", 1},
-    {"int1", 1},
-    {"int2", 1},
-    {"int3", 1},
-    {"int4", 1},
-    {"int5", 1},
-    {"int6", 1},
-    {"int7", 1},
+    {"uint1", 1, 1},
+    {"uint2", 1, 1},
+    {"uint3", 1, 1},
+    {"uint4", 1, 1},
+    {"uint5", 1, 1},
+    {"uint6", 1, 1},
+    {"uint7", 1, 1},
+    {"int1", 1, 1},
+    {"int2", 1, 1},
+    {"int3", 1, 1},
+    {"int4", 1, 1},
+    {"int5", 1, 1},
+    {"int6", 1, 1},
+    {"int7", 1, 1},
 }};
 
 }  // namespace
 
 bool IsKnownDType(uint8_t code) { return code >= 1 && code <= kMaxDTypeCode; }
+
+uint16_t DTypeSinceMinor(DType dtype) {
+  auto code = static_cast<uint8_t>(dtype);
+  return IsKnownDType(code) ? kDTypes[code].since_minor : 0;
+}
 
 size_t DTypeSize(DType dtype) {
   auto code = static_cast<uint8_t>(dtype);

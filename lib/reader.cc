@@ -8,6 +8,7 @@
 #include "checksum_internal.h"
 #include "header_internal.h"
 #include "parallel_internal.h"
+#include "reader_internal.h"
 #include "source_internal.h"
 #include "tree_internal.h"
 
@@ -178,7 +179,14 @@ struct CheckpointImpl : std::enable_shared_from_this<CheckpointImpl> {
     info.storage_offset = t->storage_offset();
     info.requires_grad = t->requires_grad();
     info.is_parameter = t->is_parameter();
+    info.index = i;
     return info;
+  }
+
+  // Storage `i`, which the caller has checked exists.
+  StorageInfo StorageInfoOf(uoffset_t i) const {
+    const fb::Storage* s = h->storages()->Get(i);
+    return {s->offset(), s->nbytes(), s->device()->str()};
   }
 
   Result<uoffset_t> Find(std::string_view path) const {
@@ -485,33 +493,32 @@ std::string_view Checkpoint::producer() const {
   return impl_->h->producer() ? impl_->h->producer()->string_view()
                               : std::string_view();
 }
-uint64_t Checkpoint::data_offset() const { return impl_->pre.data_offset; }
-uint64_t Checkpoint::data_size() const { return impl_->pre.data_size; }
-uint64_t Checkpoint::header_offset() const { return impl_->pre.header_offset; }
-uint64_t Checkpoint::header_size() const { return impl_->pre.header_size; }
+Checkpoint::Layout Checkpoint::layout() const {
+  const internal::Preamble& p = impl_->pre;
+  return {p.data_offset, p.data_size, p.header_offset, p.header_size};
+}
 
 size_t Checkpoint::num_tensors() const { return impl_->ntensors(); }
-TensorInfo Checkpoint::tensor_info(size_t index) const {
+Result<TensorInfo> Checkpoint::TensorInfoAt(size_t index) const {
+  if (index >= num_tensors()) {
+    return InvalidArgument("tensor index " + std::to_string(index) +
+                           " out of range (" + std::to_string(num_tensors()) +
+                           " tensors)")
+        .WithFile(impl_->name());
+  }
   return impl_->Info(static_cast<flatbuffers::uoffset_t>(index));
 }
 Result<TensorInfo> Checkpoint::FindTensor(std::string_view path) const {
   CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
   return impl_->Info(i);
 }
-Result<size_t> Checkpoint::TensorIndex(std::string_view path) const {
-  CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
-  return static_cast<size_t>(i);
-}
 Result<TensorRef> Checkpoint::Tensor(std::string_view path) const {
   CKPT_ASSIGN_OR_RETURN(auto i, impl_->Find(path));
   return impl_->Ref(impl_->Info(i));
 }
 Result<TensorRef> Checkpoint::TensorAt(size_t index) const {
-  if (index >= num_tensors()) {
-    return InvalidArgument("tensor index " + std::to_string(index) +
-                           " out of range");
-  }
-  return impl_->Ref(tensor_info(index));
+  CKPT_ASSIGN_OR_RETURN(TensorInfo info, TensorInfoAt(index));
+  return impl_->Ref(std::move(info));
 }
 
 Result<TensorRef> Checkpoint::TensorRows(std::string_view path, int64_t begin,
@@ -536,10 +543,14 @@ Result<TensorRef> Checkpoint::TensorRows(std::string_view path, int64_t begin,
 }
 
 size_t Checkpoint::num_storages() const { return impl_->nstorages(); }
-StorageInfo Checkpoint::storage_info(size_t index) const {
-  const fb::Storage* s =
-      impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(index));
-  return {s->offset(), s->nbytes(), s->device()->str()};
+Result<StorageInfo> Checkpoint::StorageInfoAt(size_t index) const {
+  if (index >= num_storages()) {
+    return InvalidArgument("storage " + std::to_string(index) +
+                           " does not exist (" +
+                           std::to_string(num_storages()) + " storages)")
+        .WithFile(impl_->name());
+  }
+  return impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(index));
 }
 
 Result<StorageView> Checkpoint::Storage(size_t index) const {
@@ -548,27 +559,13 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
                            " does not exist")
         .WithFile(impl_->name());
   }
-  StorageInfo st = storage_info(index);
+  StorageInfo st =
+      impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(index));
   auto b = impl_->options.copy_on_write
                ? impl_->source->ReadWritable(st.offset, st.nbytes)
                : impl_->source->Read(st.offset, st.nbytes);
   if (!b.ok()) return b.status();
   return StorageView{b->data, std::move(b->owner)};
-}
-
-Result<TensorRef> Checkpoint::StorageTensor(size_t index) const {
-  if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) +
-                           " does not exist")
-        .WithFile(impl_->name());
-  }
-  TensorInfo info;
-  info.path = "<storage " + std::to_string(index) + ">";
-  info.dtype = DType::kUInt8;
-  info.shape = {static_cast<int64_t>(storage_info(index).nbytes)};
-  info.strides = {1};
-  info.storage = static_cast<uint32_t>(index);
-  return impl_->Ref(std::move(info));
 }
 
 Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
@@ -578,7 +575,8 @@ Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
                            " does not exist")
         .WithFile(impl_->name());
   }
-  StorageInfo st = storage_info(index);
+  StorageInfo st =
+      impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(index));
   if (!internal::RangeWithin(begin, out.size(), st.nbytes)) {
     return InvalidArgument("range [" + std::to_string(begin) + ", +" +
                            std::to_string(out.size()) + ") outside storage " +
@@ -595,8 +593,10 @@ Status Checkpoint::ReadStorages(std::span<const StorageRead> reads,
   for (size_t i = 0; i < reads.size(); ++i) {
     const StorageRead& r = reads[i];
     if (r.storage >= num_storages() ||
-        !internal::RangeWithin(r.begin, r.out.size(),
-                               storage_info(r.storage).nbytes)) {
+        !internal::RangeWithin(
+            r.begin, r.out.size(),
+            impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(r.storage))
+                .nbytes)) {
       return ReadStorage(r.storage, r.begin, r.out)
           .WithContext("read " + std::to_string(i));
     }
@@ -644,7 +644,10 @@ Status Checkpoint::StreamTensor(
   // the walk passes it (all of it after each piece when the view is
   // strided, since a piece may touch any of its pages).
   const Extent e = ExtentOf(info);
-  const uint64_t file_begin = storage_info(info.storage).offset + e.begin;
+  const uint64_t file_begin =
+      impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(info.storage))
+          .offset +
+      e.begin;
   const uint64_t extent = e.end - e.begin;
   constexpr uint64_t kKeepMapped = 64ull << 20;
   const auto& src = *impl_->source;
@@ -880,24 +883,6 @@ Status CheckpointImpl::VerifyData(unsigned threads) const {
 
 }  // namespace internal
 
-Status Checkpoint::VerifyStorageRange(size_t storage, uint64_t begin,
-                                      uint64_t end,
-                                      const std::string& tensor) const {
-  if (storage >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(storage) +
-                           " does not exist");
-  }
-  const fb::Storage* st =
-      impl_->h->storages()->Get(static_cast<flatbuffers::uoffset_t>(storage));
-  if (begin > end || end > st->nbytes()) {
-    return InvalidArgument("range [" + std::to_string(begin) + ", " +
-                           std::to_string(end) + ") outside storage " +
-                           std::to_string(storage));
-  }
-  return impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage),
-                             begin, end, tensor);
-}
-
 Status Checkpoint::Prefetch(unsigned threads) const {
   const auto& src = *impl_->source;
   if (!src.zero_copy()) return Status::OK();
@@ -917,5 +902,38 @@ Status Checkpoint::Verify(const VerifyOptions& options) const {
   CKPT_RETURN_IF_ERROR(impl_->VerifyTreePaths());
   return impl_->VerifyData(options.threads);
 }
+
+// ---- CheckpointAccess (lib/reader_internal.h) -------------------------------
+
+namespace internal {
+
+Result<TensorRef> CheckpointAccess::StorageTensor(const Checkpoint& ck,
+                                                  size_t index) {
+  CKPT_ASSIGN_OR_RETURN(StorageInfo st, ck.StorageInfoAt(index));
+  TensorInfo info;
+  info.path = "<storage " + std::to_string(index) + ">";
+  info.dtype = DType::kUInt8;
+  info.shape = {static_cast<int64_t>(st.nbytes)};
+  info.strides = {1};
+  info.storage = static_cast<uint32_t>(index);
+  return ck.impl_->Ref(std::move(info));
+}
+
+Status CheckpointAccess::VerifyStorageRange(const Checkpoint& ck,
+                                            size_t storage, uint64_t begin,
+                                            uint64_t end,
+                                            const std::string& tensor) {
+  CKPT_ASSIGN_OR_RETURN(StorageInfo st, ck.StorageInfoAt(storage));
+  if (begin > end || end > st.nbytes) {
+    return InvalidArgument("range [" + std::to_string(begin) + ", " +
+                           std::to_string(end) + ") outside storage " +
+                           std::to_string(storage))
+        .WithFile(ck.impl_->name());
+  }
+  return ck.impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage),
+                                begin, end, tensor);
+}
+
+}  // namespace internal
 
 }  // namespace ckpt

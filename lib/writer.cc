@@ -21,7 +21,6 @@ namespace {
 constexpr size_t kWriteBufferBytes = 1u << 20;
 // The highest dtype code of format 1.0: a file that uses a higher one is
 // stamped 1.1 (docs/FORMAT.md 9).
-constexpr uint8_t kMaxDTypeCode1_0 = 32;
 constexpr uint32_t kClassNotYet = KeyClasses::kUnhashable - 1;
 constexpr uint32_t kClassTooDeep = KeyClasses::kUnhashable - 2;
 // Appends at least this large hash on a second thread while writing.
@@ -531,16 +530,21 @@ Status WriterImpl::NoteNode(const NodeRec& r, const std::string& path,
                              std::to_string(*bad) + ")");
     }
   }
-  const bool new_dtype =
-      (r.kind == ValueKind::kTensor &&
-       static_cast<uint8_t>(tensors_[static_cast<size_t>(r.int_value)].dtype) >
-           kMaxDTypeCode1_0) ||
-      (r.kind == ValueKind::kDType &&
-       static_cast<uint8_t>(r.int_value) > kMaxDTypeCode1_0);
+  // The lowest minor that holds the tree (FORMAT.md 11): each kind's and
+  // dtype's row says which minor added it.
+  uint16_t need = TraitsOf(r.kind).since_minor;
+  if (r.kind == ValueKind::kTensor) {
+    const DType dt = tensors_[static_cast<size_t>(r.int_value)].dtype;
+    need = std::max(need, DTypeSinceMinor(dt));
+  } else if (r.kind == ValueKind::kDType) {
+    need = std::max(need, DTypeSinceMinor(static_cast<DType>(r.int_value)));
+  }
   // Float keys are written as Python's repr() since 1.1 (7.3).
-  const bool float_key =
-      in_key && (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex);
-  if (new_dtype || float_key) minor_ = std::max<uint16_t>(minor_, 1);
+  if (in_key &&
+      (r.kind == ValueKind::kFloat || r.kind == ValueKind::kComplex)) {
+    need = std::max<uint16_t>(need, 1);
+  }
+  minor_ = std::max(minor_, need);
   return Status::OK();
 }
 

@@ -367,7 +367,7 @@ TEST_CASE("R17: verify names the tensor whose data byte was corrupted") {
   auto f = SmallFile(dir.File("s.ckpt"));
   auto ck0 = Checkpoint::OpenBuffer(f, "x");
   REQUIRE(ck0.ok());
-  uint64_t b_off = ck0->storage_info(ck0->FindTensor("b")->storage).offset;
+  uint64_t b_off = ck0->StorageInfoAt(ck0->FindTensor("b")->storage)->offset;
   auto g = f;
   g[b_off + 9] ^= std::byte{4};
   WriteAll(dir.File("bad.ckpt"), g);

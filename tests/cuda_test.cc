@@ -305,8 +305,8 @@ TEST_CASE("checksums verified chunk by chunk while loading") {
   auto bytes = ReadAll(dir.File("v.ckpt"));
   auto ck0 = Checkpoint::OpenBuffer(bytes);
   REQUIRE(ck0.ok());
-  uint64_t off =
-      ck0->storage_info(ck0->FindTensor("big")->storage).offset + 5 * 4096 + 17;
+  uint64_t off = ck0->StorageInfoAt(ck0->FindTensor("big")->storage)->offset +
+                 5 * 4096 + 17;
   bytes[off] ^= std::byte{0x40};
   WriteAll(dir.File("bad.ckpt"), bytes);
   cuda_double::Reset({});
@@ -683,7 +683,7 @@ TEST_CASE("whole storages to the device, and into caller memory") {
   std::vector<void*> mine(storages.size());
   for (size_t i = 0; i < mine.size(); ++i) {
     REQUIRE(cudaMalloc(&mine[i],
-                       std::max<uint64_t>(1, ck->storage_info(i).nbytes)) ==
+                       std::max<uint64_t>(1, ck->StorageInfoAt(i)->nbytes)) ==
             cudaSuccess);
   }
   o.destinations = mine;
@@ -693,7 +693,7 @@ TEST_CASE("whole storages to the device, and into caller memory") {
     REQUIRE((*load)->Wait().ok());
     CHECK((*load)->tensor(0).data == mine[0]);
   }
-  std::vector<std::byte> back(ck->storage_info(0).nbytes);
+  std::vector<std::byte> back(ck->StorageInfoAt(0)->nbytes);
   REQUIRE(cuda_double::ReadDevice(mine[0], back.data(), back.size()));
   CHECK(std::equal(back.begin(), back.end(), ck->Storage(0)->data.begin()));
   for (void* p : mine) REQUIRE(cudaFree(p) == cudaSuccess);

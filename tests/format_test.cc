@@ -81,3 +81,13 @@ TEST_CASE("Status prints file, offset, tensor and message") {
   CHECK(!r.ok());
   CHECK(r.status().code() == ErrorCode::kNotFound);
 }
+
+TEST_CASE("dtype table: the minor version that added each code") {
+  // Format 1.0 had codes 1..32; 1.1 added uint1..uint7 and int1..int7.
+  for (uint8_t c = 1; c <= kMaxDTypeCode; ++c) {
+    INFO(DTypeName(static_cast<DType>(c)));
+    CHECK(DTypeSinceMinor(static_cast<DType>(c)) == (c <= 32 ? 0 : 1));
+  }
+  CHECK(DTypeSinceMinor(DType::kInvalid) == 0);
+  for (const auto& row : kValueKinds) CHECK(row.since_minor == 0);
+}

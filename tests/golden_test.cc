@@ -68,7 +68,7 @@ TEST_CASE("golden v1 file: the reader accepts it and reads its contents") {
   auto b = ck->FindTensor("model/fc.bias");
   REQUIRE(b.ok());
   CHECK(b->dtype == DType::kBFloat16);
-  CHECK(ck->storage_info(b->storage).device == "cuda:1");
+  CHECK(ck->StorageInfoAt(b->storage)->device == "cuda:1");
   CHECK(ck->Get("epoch").value().as_int() == 3);
   CHECK(ck->Get("losses/1").value().as_float() == 1.25);
   CHECK(ck->Get("7").value().kind() == ValueKind::kNone);

@@ -292,7 +292,7 @@ TEST_CASE(
     // Header-only access never touches the file again (SIGBUS before).
     CHECK(ck->Metadata("note").value() == "kept");
     CHECK(ck->Get("epoch")->as_int() == 7);
-    CHECK(ck->tensor_info(0).path == "w");
+    CHECK(ck->TensorInfoAt(0)->path == "w");
     CHECK(ck->FindTensor("w")->shape == std::vector<int64_t>{1 << 20});
     CHECK(ck->root().key(1).as_string() == "epoch");
     // pread reports the missing bytes as an error, never a crash.

@@ -37,17 +37,28 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
     REQUIRE(t.ok());
     CHECK(*reinterpret_cast<const int32_t*>(t->data().data()) ==
           static_cast<int32_t>(i));
-    auto index = ck->TensorIndex(names[i]);
-    REQUIRE(index.ok());
-    CHECK(ck->tensor_info(*index).path == names[i]);
+    auto info = ck->FindTensor(names[i]);
+    REQUIRE(info.ok());
+    CHECK(t->info().index == info->index);
+    CHECK(ck->TensorInfoAt(info->index)->path == names[i]);
+    CHECK(ck->TensorAt(info->index)->info().path == names[i]);
   }
   CHECK(ck->Tensor("layer.10000.w").status().code() == ErrorCode::kNotFound);
-  CHECK(ck->TensorIndex("layer.10000.w").status().code() ==
+  CHECK(ck->FindTensor("layer.10000.w").status().code() ==
         ErrorCode::kNotFound);
+  // Positions past the table are errors, not reads out of bounds.
+  CHECK(ck->TensorInfoAt(ck->num_tensors()).status().code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(ck->TensorAt(ck->num_tensors()).status().code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(ck->StorageInfoAt(ck->num_storages()).status().code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(ck->StorageInfoAt(SIZE_MAX).status().ToString().find(
+            "does not exist") != std::string::npos);
   CHECK(ck->Tensor(std::string("nul", 3)).status().code() ==
         ErrorCode::kNotFound);
   for (size_t i = 1; i < ck->num_tensors(); ++i) {
-    CHECK(ck->tensor_info(i - 1).path < ck->tensor_info(i).path);
+    CHECK(ck->TensorInfoAt(i - 1)->path < ck->TensorInfoAt(i)->path);
   }
   CHECK(ck->Verify().ok());
 }
@@ -67,7 +78,7 @@ TEST_CASE("a top-level tensor has the empty path") {
   auto ck = Checkpoint::Open(path);
   REQUIRE(ck.ok());
   REQUIRE(ck->num_tensors() == 1);
-  CHECK(ck->tensor_info(0).path.empty());
+  CHECK(ck->TensorInfoAt(0)->path.empty());
   CHECK(ck->Tensor("").ok());
   CHECK(ck->root().kind() == ValueKind::kTensor);
   CHECK(ck->Verify().ok());
@@ -164,7 +175,8 @@ TEST_CASE("storage bytes: views, pread copies, and private writable mappings") {
     REQUIRE(ck.ok());
     REQUIRE(ck->num_storages() == 2);
     for (size_t i = 0; i < 2; ++i) {
-      const auto& want = ck->storage_info(i).nbytes == big.size() ? big : small;
+      const auto& want =
+          ck->StorageInfoAt(i)->nbytes == big.size() ? big : small;
       auto view = ck->Storage(i);
       REQUIRE(view.ok());
       CHECK(std::equal(view->data.begin(), view->data.end(), want.begin(),
@@ -215,7 +227,7 @@ TEST_CASE("ReadStorages copies many ranges in parallel pieces, or nothing") {
     ro.backend = backend;
     auto ck = Checkpoint::Open(path, ro);
     REQUIRE(ck.ok());
-    size_t ib = ck->storage_info(0).nbytes == big.size() ? 0 : 1;
+    size_t ib = ck->StorageInfoAt(0)->nbytes == big.size() ? 0 : 1;
     std::vector<std::byte> a(big.size() - 7), b(small.size()), c(0);
     Checkpoint::StorageRead reads[] = {
         {ib, 7, a}, {1 - ib, 0, b}, {ib, big.size(), c}};

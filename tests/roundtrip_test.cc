@@ -139,8 +139,8 @@ TEST_CASE("strided views and shared storages are stored once and kept") {
   auto ck = Checkpoint::Open(path);
   REQUIRE(ck.ok());
   CHECK(ck->num_storages() == 1);
-  CHECK(ck->storage_info(0).nbytes == 24 * 4);
-  CHECK(ck->storage_info(0).device == "cuda:1");
+  CHECK(ck->StorageInfoAt(0)->nbytes == 24 * 4);
+  CHECK(ck->StorageInfoAt(0)->device == "cuda:1");
   auto full = ck->FindTensor("full");
   REQUIRE(full.ok());
   CHECK(full->requires_grad);
@@ -381,8 +381,8 @@ TEST_CASE("output is deterministic: same input, same bytes") {
   CHECK(ReadAll(dir.File("a.ckpt")) == ReadAll(dir.File("b.ckpt")));
   auto ck = Checkpoint::Open(dir.File("a.ckpt"));
   REQUIRE(ck.ok());
-  CHECK(ck->storage_info(0).offset % kPageBytes == 0);
-  CHECK(ck->storage_info(1).offset % kPageBytes == 0);  // after page padding
+  CHECK(ck->StorageInfoAt(0)->offset % kPageBytes == 0);
+  CHECK(ck->StorageInfoAt(1)->offset % kPageBytes == 0);  // after page padding
   CHECK(ck->Verify().ok());
 }
 

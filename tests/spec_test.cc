@@ -564,7 +564,7 @@ TEST_CASE(
     REQUIRE(w->Commit().ok());
     auto ck = Checkpoint::Open(dir.File("e.ckpt"));
     REQUIRE(ck.ok());
-    CHECK(ck->tensor_info(0).numel() == 0);
+    CHECK(ck->TensorInfoAt(0)->numel() == 0);
     CHECK(ck->Verify().ok());
   }
 }
@@ -895,13 +895,13 @@ TEST_CASE(
   INFO(ck.status().ToString());
   REQUIRE(ck.ok());
   REQUIRE(ck->num_storages() == 4);
-  CHECK(ck->storage_info(0).offset ==
-        ck->storage_info(1).offset);  // two empty blobs share one
-  CHECK(ck->storage_info(2).offset ==
-        ck->storage_info(1).offset);  // so does the next
-  CHECK(ck->storage_info(3).offset >= ck->storage_info(2).offset + 3);
-  CHECK(ck->storage_info(3).offset ==
-        ck->data_offset() + ck->data_size());  // at the very end
+  CHECK(ck->StorageInfoAt(0)->offset ==
+        ck->StorageInfoAt(1)->offset);  // two empty blobs share one
+  CHECK(ck->StorageInfoAt(2)->offset ==
+        ck->StorageInfoAt(1)->offset);  // so does the next
+  CHECK(ck->StorageInfoAt(3)->offset >= ck->StorageInfoAt(2)->offset + 3);
+  CHECK(ck->StorageInfoAt(3)->offset ==
+        ck->layout().data_offset + ck->layout().data_size);  // at the very end
   CHECK(ck->Verify().ok());
 }
 
@@ -1252,7 +1252,7 @@ TEST_CASE("7.3: KeySegment gives each key the form the writer gives it") {
   REQUIRE(ck.ok());
   std::set<std::string> paths;
   for (size_t i = 0; i < ck->num_tensors(); ++i) {
-    paths.insert(ck->tensor_info(i).path);
+    paths.insert(ck->TensorInfoAt(i)->path);
   }
   std::set<std::string> expect;
   for (const PathKey& k :

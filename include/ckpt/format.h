@@ -147,6 +147,9 @@ std::string_view DTypeName(DType dtype);
 std::optional<DType> DTypeFromName(std::string_view name);
 /// True for codes 1..kMaxDTypeCode.
 bool IsKnownDType(uint8_t code);
+/// The format minor version (of kFormatMajor) that added `dtype`: a file
+/// holding it says at least this minor (0 for unknown codes).
+uint16_t DTypeSinceMinor(DType dtype);
 
 // ---- Node kinds of the object tree (docs/FORMAT.md section 7) ----------
 //
@@ -226,6 +229,9 @@ struct ValueKindTraits {
   bool hashable;
   /// NodeField bits this kind uses.
   uint8_t fields;
+  /// The format minor version that added the kind: a file holding it says
+  /// at least this minor.
+  uint16_t since_minor = 0;
 };
 
 inline constexpr std::array<ValueKindTraits, kMaxValueKindCode + 1>

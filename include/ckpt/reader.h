@@ -42,6 +42,7 @@ namespace ckpt {
 
 namespace internal {
 struct CheckpointImpl;
+struct CheckpointAccess;
 }  // namespace internal
 
 /// How file bytes are reached.
@@ -88,6 +89,9 @@ struct TensorInfo {
   int64_t storage_offset = 0;    ///< in elements
   bool requires_grad = false;
   bool is_parameter = false;
+  /// Position in the file's tensor table (sorted by path): the `index` of
+  /// TensorInfoAt and TensorAt, and Value::tensor_index().
+  size_t index = 0;
 
   int64_t numel() const;
   /// numel() * element size: the bytes of a contiguous copy.
@@ -200,8 +204,10 @@ struct VerifyOptions {
   unsigned threads = 0;
 };
 
-/// An open ckpt file. Move-only handle; copies share the file (use
-/// Checkpoint::Share()).
+/// An open ckpt file. Move-only handle; Share() gives another handle on the
+/// same open file (the mapping lives until the last handle, TensorRef,
+/// StorageView and Value from it is gone). All const members are safe to
+/// call from several threads at once.
 class Checkpoint {
  public:
   /// Opens `path`, checks the preamble, verifies the header (checksum,
@@ -224,7 +230,9 @@ class Checkpoint {
   Checkpoint& operator=(const Checkpoint&) = delete;
   ~Checkpoint();
 
-  /// Another handle on the same open file.
+  /// Another handle on the same open file, sharing its mapping (no I/O):
+  /// for a component that must keep the file open on its own, as the GPU
+  /// loader does.
   Checkpoint Share() const { return Checkpoint(impl_); }
 
   const std::string& path() const;
@@ -236,40 +244,44 @@ class Checkpoint {
   uint16_t format_minor() const;
   uint64_t chunk_size() const;
   std::string_view producer() const;
-  uint64_t data_offset() const;
-  uint64_t data_size() const;
-  uint64_t header_offset() const;
-  uint64_t header_size() const;
+  /// Where the sections lie (docs/FORMAT.md 2), from the preamble.
+  struct Layout {
+    uint64_t data_offset = 0;  ///< start of the data section
+    uint64_t data_size = 0;
+    uint64_t header_offset = 0;  ///< start of the FlatBuffers header
+    uint64_t header_size = 0;
+  };
+  Layout layout() const;
 
   /// Tensors sorted by path.
   size_t num_tensors() const;
-  TensorInfo tensor_info(size_t index) const;
-  /// O(log n) lookup without parsing. kNotFound if absent.
+  /// What the tensor at position `index` is (no data read): for listing
+  /// every tensor, `for (i < num_tensors()) TensorInfoAt(i)`.
+  /// kInvalidArgument for index >= num_tensors().
+  Result<TensorInfo> TensorInfoAt(size_t index) const;
+  /// What the tensor at `path` is (no data read), by an O(log n) search of
+  /// the sorted table. kNotFound if absent.
   Result<TensorInfo> FindTensor(std::string_view path) const;
-  /// Index of the tensor at `path` in tensor_info() order; kNotFound if
-  /// absent. Same O(log n) lookup.
-  Result<size_t> TensorIndex(std::string_view path) const;
   /// Bytes of the tensor at `path` (zero-copy with kMmap).
   Result<TensorRef> Tensor(std::string_view path) const;
   /// Rows [begin, end) of dim 0 as a tensor of shape (end-begin, ...).
   /// kInvalidArgument for a 0-dim tensor or a range outside [0, shape[0]].
   Result<TensorRef> TensorRows(std::string_view path, int64_t begin,
                                int64_t end) const;
-  /// Same for the tensor at `index` of tensor_info().
+  /// Bytes of the tensor at position `index` (TensorInfo::index).
+  /// kInvalidArgument for index >= num_tensors().
   Result<TensorRef> TensorAt(size_t index) const;
 
   size_t num_storages() const;
-  StorageInfo storage_info(size_t index) const;
+  /// Offset, size and saved device of storage `index` (no data read).
+  /// kInvalidArgument for index >= num_storages().
+  Result<StorageInfo> StorageInfoAt(size_t index) const;
   /// All bytes of storage `index`: a view of the mapping (kMmap), or a copy
   /// owned by the result (kPread). With ReadOptions::copy_on_write the
   /// view's pages may be written (privately; every call for the same
   /// storage returns the same pages). kInvalidArgument for a bad index;
   /// kIoError if the kernel refuses the private mapping.
   Result<StorageView> Storage(size_t index) const;
-  /// Storage `index` as a 1-D uint8 tensor over all its bytes, named
-  /// "<storage N>" (for loaders that move whole storages, so that tensors
-  /// viewing one storage share it again).
-  Result<TensorRef> StorageTensor(size_t index) const;
   /// Copies bytes [begin, begin + out.size()) of storage `index` into
   /// `out` with pread(), which costs no page faults on the mapping: the
   /// fast way to fill freshly allocated memory from a warm or cold file.
@@ -314,13 +326,6 @@ class Checkpoint {
   /// kNotFound if absent.
   Result<std::string> Metadata(std::string_view key) const;
 
-  /// Checks the checksum of every chunk of storage `storage` that overlaps
-  /// bytes [begin, end) of it (a loader calls this just before it copies
-  /// those bytes). kChecksumMismatch naming the tensor path `tensor`, the
-  /// chunk and its byte offset; kInvalidArgument for a bad range.
-  Status VerifyStorageRange(size_t storage, uint64_t begin, uint64_t end,
-                            const std::string& tensor = "") const;
-
   /// Makes the whole data section resident and mapped now, with
   /// `threads` threads (0 = all cores), so later reads of any tensor take
   /// no page faults: a full load into memory without a copy. No-op with the
@@ -334,6 +339,9 @@ class Checkpoint {
   Status Verify(const VerifyOptions& options = {}) const;
 
  private:
+  // What the library's own loaders need beyond this API (whole storages as
+  // tensors, checksums of a range): lib/reader_internal.h.
+  friend struct internal::CheckpointAccess;
   explicit Checkpoint(std::shared_ptr<const internal::CheckpointImpl> impl)
       : impl_(std::move(impl)) {}
   std::shared_ptr<const internal::CheckpointImpl> impl_;

@@ -195,7 +195,7 @@ std::string InspectJson(const std::string& file, const Checkpoint& ck) {
   }
   out += "}, \"storages\": [";
   for (size_t i = 0; i < ck.num_storages(); ++i) {
-    auto s = ck.storage_info(i);
+    auto s = *ck.StorageInfoAt(i);
     if (i) out += ", ";
     out += "{\"id\": " + std::to_string(i) +
            ", \"offset\": " + std::to_string(s.offset) +
@@ -205,7 +205,7 @@ std::string InspectJson(const std::string& file, const Checkpoint& ck) {
   }
   out += "], \"tensors\": [";
   for (size_t i = 0; i < ck.num_tensors(); ++i) {
-    auto t = ck.tensor_info(i);
+    auto t = *ck.TensorInfoAt(i);
     if (i) out += ", ";
     out += "{\"path\": ";
     AppendJsonString(out, t.path);
@@ -216,7 +216,7 @@ std::string InspectJson(const std::string& file, const Checkpoint& ck) {
     out += ", \"offset\": " + std::to_string(t.storage_offset);
     out += ", \"nbytes\": " + std::to_string(t.nbytes());
     out += ", \"device\": ";
-    AppendJsonString(out, ck.storage_info(t.storage).device);
+    AppendJsonString(out, ck.StorageInfoAt(t.storage)->device);
     out += std::string(", \"requires_grad\": ") +
            (t.requires_grad ? "true" : "false");
     out += std::string(", \"is_parameter\": ") +
@@ -233,7 +233,7 @@ std::string InspectText(const std::string& file, const Checkpoint& ck) {
   std::string out;
   uint64_t tensor_bytes = 0;
   for (size_t i = 0; i < ck.num_tensors(); ++i) {
-    tensor_bytes += ck.tensor_info(i).nbytes();
+    tensor_bytes += ck.TensorInfoAt(i)->nbytes();
   }
   char line[512];
   std::snprintf(line, sizeof line,
@@ -244,8 +244,8 @@ std::string InspectText(const std::string& file, const Checkpoint& ck) {
                 HumanBytes(ck.file_size()).c_str(),
                 static_cast<int>(ck.producer().size()), ck.producer().data(),
                 ck.num_tensors(), HumanBytes(tensor_bytes).c_str(),
-                ck.num_storages(), HumanBytes(ck.data_size()).c_str(),
-                HumanBytes(ck.header_size()).c_str(),
+                ck.num_storages(), HumanBytes(ck.layout().data_size).c_str(),
+                HumanBytes(ck.layout().header_size).c_str(),
                 HumanBytes(ck.chunk_size()).c_str());
   out += line;
   auto md = ck.metadata();
@@ -255,14 +255,14 @@ std::string InspectText(const std::string& file, const Checkpoint& ck) {
   }
   if (ck.num_tensors()) out += "tensors:\n";
   for (size_t i = 0; i < ck.num_tensors(); ++i) {
-    auto t = ck.tensor_info(i);
+    auto t = *ck.TensorInfoAt(i);
     std::string flags;
     if (t.is_parameter) flags += " parameter";
     if (t.requires_grad) flags += " requires_grad";
     if (!t.is_contiguous()) flags += " strides=" + Dims(t.strides);
     if (t.storage_offset)
       flags += " offset=" + std::to_string(t.storage_offset);
-    std::string device = ck.storage_info(t.storage).device;
+    std::string device = ck.StorageInfoAt(t.storage)->device;
     out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
            std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
            HumanBytes(t.nbytes()) + "  storage " + std::to_string(t.storage) +
@@ -523,8 +523,8 @@ int Diff(const std::vector<std::string>& args) {
   // Tensors: both lists are sorted by path, so merge.
   size_t i = 0, j = 0;
   while (i < a->num_tensors() || j < b->num_tensors()) {
-    auto ta = i < a->num_tensors() ? a->tensor_info(i) : ckpt::TensorInfo{};
-    auto tb = j < b->num_tensors() ? b->tensor_info(j) : ckpt::TensorInfo{};
+    auto ta = i < a->num_tensors() ? *a->TensorInfoAt(i) : ckpt::TensorInfo{};
+    auto tb = j < b->num_tensors() ? *b->TensorInfoAt(j) : ckpt::TensorInfo{};
     if (j >= b->num_tensors() || (i < a->num_tensors() && ta.path < tb.path)) {
       note('-', ta.path, "tensor only in A");
       ++i;
@@ -738,7 +738,7 @@ int Load(const std::vector<std::string>& args) {
   if (!ck.ok()) return Fail(ck.status());
   if (la.paths.empty()) {
     for (size_t i = 0; i < ck->num_tensors(); ++i)
-      la.paths.push_back(ck->tensor_info(i).path);
+      la.paths.push_back(ck->TensorInfoAt(i)->path);
   }
   std::string device = la.device;
   auto bytes =

@@ -16,6 +16,7 @@
 
 #include "ckpt/cuda.h"
 #include "convert_ref.h"
+#include "reader_internal.h"
 
 namespace ckpt {
 namespace {
@@ -473,8 +474,8 @@ class Loader final : public DeviceLoad {
       const uint64_t at = it.storage_begin + off;  // within the storage
       p.n = std::min<uint64_t>(p.n, (at / chunk + 1) * chunk - at);
       if (off == 0 || at % chunk == 0) {
-        CKPT_RETURN_IF_ERROR(ck_.VerifyStorageRange(it.dt.info.storage, at,
-                                                    at + 1, it.dt.info.path));
+        CKPT_RETURN_IF_ERROR(internal::CheckpointAccess::VerifyStorageRange(
+            ck_, it.dt.info.storage, at, at + 1, it.dt.info.path));
       }
     }
     return p;
@@ -696,7 +697,7 @@ Result<std::unique_ptr<DeviceLoad>> Start(const Checkpoint& ck,
   for (auto& ref : refs) {
     Item it;
     it.ref = std::move(ref);
-    StorageInfo st = ck.storage_info(it.ref.info().storage);
+    StorageInfo st = *ck.StorageInfoAt(it.ref.info().storage);
     auto mapped = options.device_map.find(st.device);
     const std::string& target =
         mapped != options.device_map.end() ? mapped->second : options.device;
@@ -741,7 +742,7 @@ Result<std::unique_ptr<DeviceLoad>> LoadToDevice(
   std::vector<TensorRequest> all;
   if (requests.empty()) {
     for (size_t i = 0; i < ck.num_tensors(); ++i)
-      all.push_back({ck.tensor_info(i).path, {}});
+      all.push_back({ck.TensorInfoAt(i)->path, {}});
     requests = all;
   }
   std::vector<TensorRef> refs;
@@ -764,7 +765,8 @@ Result<std::unique_ptr<DeviceLoad>> LoadStoragesToDevice(
   std::vector<TensorRef> refs;
   refs.reserve(storages.size());
   for (size_t s : storages) {
-    CKPT_ASSIGN_OR_RETURN(TensorRef ref, ck.StorageTensor(s));
+    CKPT_ASSIGN_OR_RETURN(TensorRef ref,
+                          internal::CheckpointAccess::StorageTensor(ck, s));
     refs.push_back(std::move(ref));
   }
   return Start(ck, std::move(refs), options, count);

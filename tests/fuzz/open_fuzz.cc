@@ -75,12 +75,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       (void)ck->TensorRows(t->info().path, 0, 1);
     }
     (void)ck->Get(t->info().path);
-    (void)ck->TensorIndex(t->info().path);
+    (void)ck->FindTensor(t->info().path);
   }
   for (size_t i = 0; i < ck->num_storages(); ++i) {
     (void)ck->Storage(i);
     std::vector<std::byte> head(
-        std::min<uint64_t>(64, ck->storage_info(i).nbytes));
+        std::min<uint64_t>(64, ck->StorageInfoAt(i)->nbytes));
     (void)ck->ReadStorage(i, 0, head);
   }
   (void)ck->metadata();

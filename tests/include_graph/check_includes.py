@@ -34,7 +34,7 @@ LAYERS = [
                 "lib/tree_internal.h", "lib/tree.cc", "lib/checksum*"]),
     ("io", ["lib/source*", "lib/atomic_file*", "lib/parallel*"]),
     ("header", ["lib/header_internal.h", "lib/header.cc"]),
-    ("reader", ["include/ckpt/reader.h", "lib/reader.cc"]),
+    ("reader", ["include/ckpt/reader.h", "lib/reader.cc", "lib/reader_internal.h"]),
     ("writer", ["include/ckpt/writer.h", "lib/writer.cc"]),
     ("umbrella", ["include/ckpt/ckpt.h"]),
     ("cuda", ["include/ckpt/cuda.h", "lib/cuda/*"]),
