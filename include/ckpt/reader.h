@@ -180,7 +180,7 @@ class Value {
 
   /// The tensor a kTensor node refers to.
   Result<TensorInfo> tensor_info() const;
-  /// Its index in Checkpoint::tensor_info() (tensors sorted by path).
+  /// Its index in the tensor table (TensorInfo::index; Checkpoint::TensorAt).
   Result<size_t> tensor_index() const;
   Result<TensorRef> tensor() const;
 
