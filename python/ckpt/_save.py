@@ -13,6 +13,7 @@ import torch
 from . import _ckpt
 from ._dtypes import NUMPY_TO_CODE, TORCH_TO_CODE
 from ._errors import InvalidArgumentError
+from ._kinds import CODE as KIND_CODE
 from ._kinds import CONTAINER_TYPES, HASHABLE_CONTAINERS, UNHASHABLE_CONTAINERS
 from ._load import _untyped
 
@@ -29,16 +30,46 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
 def _segment(key):
-    if isinstance(key, str):
-        return key
-    return _REPR.repr(key)  # bounded: a key may be a tuple nested 999 deep
+    """A path segment for a message: a key's path form (as the file would
+    name it), a bounded repr for what no file can hold."""
+    if not isinstance(key, str):
+        try:
+            key = _ckpt.key_segment(key, key_object)
+        except (TypeError, ValueError):
+            return _REPR.repr(key)  # bounded: a key may be a tuple nested 999 deep
+    if len(key) > 80:
+        key = key[:60] + "..."
+    # A lone surrogate (the error may be about it) is shown escaped.
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _where(path):
+    """The path of a node being saved (raw segments), for messages."""
     if len(path) > 24:  # a deep path: its ends say where
-        return "/".join([_segment(k) for k in path[:10]] + [f"...({len(path) - 20} more)..."] +
-                        [_segment(k) for k in path[-10:]])
-    return "/".join(_segment(k) for k in path) or "<root>"
+        path = path[:10] + [f"...({len(path) - 20} more)..."] + path[-10:]
+    out = ""
+    for i, seg in enumerate(path):
+        out = _ckpt.child_path(out, i == 0, _segment(seg))
+    return out or "<root>"
+
+
+def key_object(key):
+    """(kind code, payload) for a dict key the binding does not know (it
+    knows no torch or numpy), as ckpt.save stores it; None: not a key. The
+    on_object of _ckpt.key_segment."""
+    if isinstance(key, torch.dtype):
+        code = TORCH_TO_CODE.get(key)
+        return None if code is None else (KIND_CODE["dtype"], code)
+    if isinstance(key, torch.device):
+        return KIND_CODE["device"], device_string(key)
+    for types, kind, as_python in _NUMPY_KEYS:
+        if isinstance(key, types):
+            return KIND_CODE[kind], as_python(key)
+    return None
+
+
+_NUMPY_KEYS = ((np.bool_, "bool", bool), (np.integer, "int", int),
+               (np.floating, "float", float), (np.complexfloating, "complex", complex))
 
 
 def device_string(d):

@@ -2,15 +2,12 @@
 import argparse
 import os
 
-import numpy as np
 import torch
 
 from . import _ckpt
-from ._dtypes import TORCH_TO_CODE
-from ._kinds import CODE as KIND_CODE
 from ._load import (_converted, _Loader, _open_reader, _untyped, renamed_errors,
                     resolve_target, view)
-from ._save import device_string
+from ._save import key_object
 
 
 def _load_pth(path, map_location, mmap=False, name=None, encoding="utf-8"):
@@ -58,24 +55,6 @@ def _place_safetensors(out, map_location):
     return moved
 
 
-def _key_object(key):
-    """(kind code, payload) for a dict key the binding does not know (it
-    knows no torch or numpy), as ckpt.save stores it; None: not a key."""
-    if isinstance(key, torch.dtype):
-        code = TORCH_TO_CODE.get(key)
-        return None if code is None else (KIND_CODE["dtype"], code)
-    if isinstance(key, torch.device):
-        return KIND_CODE["device"], device_string(key)
-    for types, kind, as_python in _NUMPY_KEYS:
-        if isinstance(key, types):
-            return KIND_CODE[kind], as_python(key)
-    return None
-
-
-_NUMPY_KEYS = ((np.bool_, "bool", bool), (np.integer, "int", int),
-               (np.floating, "float", float), (np.complexfloating, "complex", complex))
-
-
 def flatten(tree, prefix=""):
     """{tensor path: tensor} for every tensor of a nested dict/list/tuple,
     named as ckpt.save's file names them (docs/FORMAT.md 7.2: "model/fc.weight",
@@ -87,7 +66,7 @@ def flatten(tree, prefix=""):
             x = vars(x)
         if isinstance(x, dict):
             for k, v in x.items():
-                yield v, _ckpt.child_path(path, at_root, _ckpt.key_segment(k, _key_object))
+                yield v, _ckpt.child_path(path, at_root, _ckpt.key_segment(k, key_object))
         else:
             for i, v in enumerate(x):
                 yield v, _ckpt.child_path(path, at_root, str(i))

@@ -517,6 +517,16 @@ class TreePathsInErrors(TempDirCase):
             self.assertIn("tree path 'a~1b//0'", str(cm.exception))
 
 
+    def test_a_refused_save_names_the_path_the_file_would_have(self):
+        # _save.py joined str/repr segments itself: "a/b/(1, 'a')/1".
+        with self.assertRaises(TypeError) as cm:
+            ckpt.save({"a/b": {(1, "a"): [0, lambda: 0]}}, self.path("x.ckpt"))
+        self.assertIn("a~1b/(1,a)/1:", str(cm.exception))
+        with self.assertRaises(TypeError) as cm:  # a key no file holds: its repr
+            ckpt.save({"k": {(1, torch.ones(1)): 1}}, self.path("x.ckpt"))
+        self.assertIn("k/(1, tensor([1.])):", str(cm.exception))
+
+
 class Kinds(TempDirCase):
     """The node-kind table comes from format.h (issue 11 item 1)."""
 
