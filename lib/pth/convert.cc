@@ -100,10 +100,10 @@ Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
   if (a[1]->x().s == "torch.storage") {
     st->untyped = true;
     st->dtype = DType::kUInt8;
-  } else if (auto d = internal::StorageClassDType(a[1]->x().s2)) {
+  } else if (auto d = internal::StorageClassDType(a[1]->x().r().s2)) {
     st->dtype = *d;
   } else {
-    return InvalidArgument("unknown storage type '" + a[1]->x().s2 + "'");
+    return InvalidArgument("unknown storage type '" + a[1]->x().r().s2 + "'");
   }
   if (!IsValidDevice(st->location)) {
     return InvalidArgument("invalid storage location '" + st->location + "'");
@@ -145,7 +145,7 @@ Result<Obj> LoadStorage(Loaded& l, const Obj& pid, bool legacy) {
   }
   auto o = std::make_shared<PyObj>();
   o->kind = K::kStorage;
-  o->w().storage = it->second;
+  o->w().rw().storage = it->second;
   return o;
 }
 
@@ -252,7 +252,7 @@ Status LoadLegacy(Loaded& l) {
   static const uint8_t kMagicLE[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9,
                                      0x20, 0x6a, 0xa8, 0x50, 0x19};
   if (!magic.ok() || (*magic)->kind != K::kBigInt ||
-      (*magic)->x().bytes !=
+      (*magic)->x().r().bytes !=
           std::vector<uint8_t>(std::begin(kMagicLE), std::end(kMagicLE))) {
     return Refuse(l,
                   "not a torch.save file (neither a zip archive nor a legacy "
@@ -422,15 +422,15 @@ Result<Count> CountSelf(const Loaded& l, const PyObj& o, Plan* plan) {
     case K::kStr:
     case K::kBytes:
     case K::kBigInt:
-      c.bytes = std::max(o.x().s.size(), o.x().bytes.size());
+      c.bytes = std::max(o.x().s.size(), o.x().r().bytes.size());
       break;
     case K::kTensor:
     case K::kStorage: {
       c.tensors = 1;
       const auto& st =
-          o.kind == K::kTensor ? o.x().tensor->storage : o.x().storage;
-      DType d =
-          o.kind == K::kTensor ? o.x().tensor->dtype : o.x().storage->dtype;
+          o.kind == K::kTensor ? o.x().r().tensor->storage : o.x().r().storage;
+      DType d = o.kind == K::kTensor ? o.x().r().tensor->dtype
+                                     : o.x().r().storage->dtype;
       if (l.big_endian && !st->inline_data) {
         auto [it, fresh] = plan->swap.emplace(st.get(), d);
         if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
@@ -464,12 +464,12 @@ Status MakePlan(const Loaded& l, const ImportLimits& lim, Plan* plan) {
   };
   auto child_of = [](const PyObj& o, size_t i) -> const PyObj* {
     if (o.kind == K::kDict)
-      return (i % 2 ? o.x().items[i / 2] : o.x().keys[i / 2]).get();
+      return (i % 2 ? o.x().items[i / 2] : o.x().r().keys[i / 2]).get();
     return o.x().items[i].get();
   };
   auto nchildren = [](const PyObj& o) -> size_t {
     if (o.kind == K::kDict)
-      return 2 * std::min(o.x().items.size(), o.x().keys.size());
+      return 2 * std::min(o.x().items.size(), o.x().r().keys.size());
     const auto kind = internal::TreeKind(o.kind);
     return kind && IsContainer(*kind) ? o.x().items.size() : 0;
   };
@@ -513,9 +513,9 @@ internal::KeyNode Describe(const PyObj& o) {
   k.kind = internal::TreeKind(o.kind).value_or(ValueKind::kNone);
   k.int_value = o.i;
   k.float_value = o.f;
-  k.imag_value = o.x().im;
+  k.imag_value = o.x().r().im;
   k.str = o.x().s;
-  k.bytes = o.x().bytes;
+  k.bytes = o.x().r().bytes;
   k.num_items = o.x().items.size();
   return k;
 }
@@ -802,12 +802,12 @@ std::string Emitter::KeySegment(const PyObj& key) const {
 }
 
 Result<NodeId> Emitter::EmitTensor(const Obj& o) {
-  std::shared_ptr<internal::PyTensor> t = o->x().tensor;
+  std::shared_ptr<internal::PyTensor> t = o->x().r().tensor;
   if (o->kind == K::kStorage) {  // a bare storage: a 1-D tensor over it
     t = std::make_shared<internal::PyTensor>();
-    t->storage = o->x().storage;
-    t->dtype = o->x().storage->dtype;
-    t->shape = {static_cast<int64_t>(o->x().storage->numel)};
+    t->storage = o->x().r().storage;
+    t->dtype = o->x().r().storage->dtype;
+    t->shape = {static_cast<int64_t>(o->x().r().storage->numel)};
     t->strides = {1};
   }
   if (!tensor_paths_.insert(paths_.path()).second) {
@@ -848,8 +848,9 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
   if (o->kind == K::kDict) {
     std::unordered_map<uint32_t, size_t> slot;
     for (size_t i = 0; i < o->x().items.size(); ++i) {
-      CKPT_RETURN_IF_ERROR(CheckKey(o->x().keys[i], "a dict key"));
-      CKPT_ASSIGN_OR_RETURN(uint32_t c, ClassOf(*o->x().keys[i], depth + 1));
+      CKPT_RETURN_IF_ERROR(CheckKey(o->x().r().keys[i], "a dict key"));
+      CKPT_ASSIGN_OR_RETURN(uint32_t c,
+                            ClassOf(*o->x().r().keys[i], depth + 1));
       auto [it, fresh] = slot.emplace(c, entries.size());
       if (fresh) {
         entries.emplace_back(i, i);
@@ -868,7 +869,7 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
     const auto [ki, vi] = entries[j];
     std::string seg;
     if (o->kind == K::kDict) {
-      const Obj& key = o->x().keys[ki];
+      const Obj& key = o->x().r().keys[ki];
       CKPT_ASSIGN_OR_RETURN(NodeId k, Emit(key, depth + 1));
       keys.push_back(k);
       seg = KeySegment(*key);
@@ -898,7 +899,7 @@ Result<NodeId> Emitter::EmitContainer(const Obj& o, int depth) {
       r = w_->AddFrozenSet(items);
       break;
     default:
-      r = w_->AddDict(keys, items, o->x().s2);
+      r = w_->AddDict(keys, items, o->x().r().s2);
       break;
   }
   if (!r.ok()) return Fail(r.status());
@@ -928,19 +929,20 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
     case K::kInt:
       return w ? w->AddInt(o->i) : NodeId{0};
     case K::kBigInt: {
-      if (o->x().bytes.empty() || o->x().bytes.size() > 4096) {
-        return Fail(InvalidArgument(
-            "integer of " + std::to_string(o->x().bytes.size()) + " bytes"));
+      if (o->x().r().bytes.empty() || o->x().r().bytes.size() > 4096) {
+        return Fail(InvalidArgument("integer of " +
+                                    std::to_string(o->x().r().bytes.size()) +
+                                    " bytes"));
       }
       if (!w) return NodeId{0};
-      auto r = w->AddBigInt(o->x().bytes);
+      auto r = w->AddBigInt(o->x().r().bytes);
       if (!r.ok()) return Fail(r.status());
       return r;
     }
     case K::kFloat:
       return w ? w->AddFloat(o->f) : NodeId{0};
     case K::kComplex:
-      return w ? w->AddComplex(o->f, o->x().im) : NodeId{0};
+      return w ? w->AddComplex(o->f, o->x().r().im) : NodeId{0};
     case K::kStr:
       if (o->i == internal::kPy2Undecodable) {
         return Fail(InvalidArgument("a Python 2 str that is not UTF-8 ('" +
@@ -951,7 +953,7 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
       }
       return w ? w->AddString(o->x().s) : NodeId{0};
     case K::kBytes:
-      return w ? w->AddBytes(o->x().bytes) : NodeId{0};
+      return w ? w->AddBytes(o->x().r().bytes) : NodeId{0};
     case K::kDType: {
       if (!IsKnownDType(static_cast<uint8_t>(o->i))) {
         return Fail(
@@ -981,7 +983,7 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
       return EmitContainer(o, depth);
     case K::kGlobal:
       return Fail(InvalidArgument("a class or function object ('" + o->x().s +
-                                  "." + o->x().s2 + "') cannot be stored"));
+                                  "." + o->x().r().s2 + "') cannot be stored"));
     case K::kNpDType:
       return Fail(
           InvalidArgument("a bare numpy dtype object cannot be stored"));

@@ -39,13 +39,16 @@ std::optional<DType> StorageClassDType(const std::string& name) {
 }
 
 const PyExt PyObj::kEmpty;
+const PyRare PyExt::kEmpty;
 
 PyObj::~PyObj() {
   if (!ext_) return;
   std::vector<Obj> pending;
   auto take = [&pending](PyObj& o) {
     if (!o.ext_) return;
-    for (auto* v : {&o.ext_->items, &o.ext_->keys}) {
+    std::vector<Obj>* keys = o.ext_->has_rare() ? &o.ext_->rw().keys : nullptr;
+    for (auto* v : {&o.ext_->items, keys}) {
+      if (!v) continue;
       for (auto& c : *v) {
         // Only children this node owns alone die with it.
         if (c && c.use_count() == 1) pending.push_back(std::move(c));
@@ -65,7 +68,7 @@ PickleHeap::~PickleHeap() {
   for (auto& c : containers_) {
     if (!c->has_ext()) continue;
     c->w().items.clear();
-    c->w().keys.clear();
+    if (c->x().has_rare()) c->w().rw().keys.clear();
   }
 }
 
@@ -125,6 +128,7 @@ Obj Make(K k) {
   // charges it with the node.
   const auto tree = TreeKind(k);
   if (tree && IsContainer(*tree)) o->w();
+  if (k == K::kDict) o->w().rw();  // its keys
   return o;
 }
 
@@ -212,7 +216,7 @@ std::optional<std::vector<uint8_t>> Utf8ToLatin1(const std::string& text) {
 // The bytes a str stands for where numpy or _codecs.encode wants bytes: a
 // Python 2 str's own bytes, or a text str's code points 0..255.
 std::optional<std::vector<uint8_t>> StrBytes(const PyObj& o) {
-  if (o.i == kPy2Str || o.i == kPy2Undecodable) return o.x().bytes;
+  if (o.i == kPy2Str || o.i == kPy2Undecodable) return o.x().r().bytes;
   return Utf8ToLatin1(o.x().s);
 }
 
@@ -475,7 +479,7 @@ class Machine {
                   KindName(o->kind));
   }
   bool IsGlobal(const Obj& o, const char* m, const char* n) const {
-    return o->kind == K::kGlobal && o->x().s == m && o->x().s2 == n;
+    return o->kind == K::kGlobal && o->x().s == m && o->x().r().s2 == n;
   }
 
   Result<Obj> RebuildTensor(std::span<const Obj> a, bool v3);
@@ -499,7 +503,7 @@ class Machine {
   std::vector<Obj> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, Obj> memo_;
-  Obj none_, true_, false_;
+  Obj none_, true_, false_, empty_tuple_;
 };
 
 // ---- the allowlist --------------------------------------------------------
@@ -653,7 +657,7 @@ Status Machine::Global(std::string module, std::string name) {
   }
   auto o = Make(K::kGlobal);
   o->w().s = module;
-  o->w().s2 = name;
+  o->w().rw().s2 = name;
   o->row = static_cast<uint16_t>(row - rows.data() + 1);
   return Push(o);
 }
@@ -666,14 +670,14 @@ Result<Obj> Machine::DataGlobal(const std::string& module,
       StorageClassDType(name)) {
     auto o = Make(K::kGlobal);
     o->w().s = "torch";
-    o->w().s2 = name;
+    o->w().rw().s2 = name;
     return o;
   }
   if (module == "torch.storage" &&
       (name == "UntypedStorage" || name == "_UntypedStorage")) {
     auto o = Make(K::kGlobal);
     o->w().s = "torch.storage";
-    o->w().s2 = "UntypedStorage";
+    o->w().rw().s2 = "UntypedStorage";
     return o;
   }
   if (module == "torch") {
@@ -744,16 +748,19 @@ uint64_t Machine::Cost(const PyObj& o) {
   uint64_t c = sizeof(PyObj) + 16 + kMalloc;
   if (!o.has_ext()) return c;
   const PyExt& x = o.x();
-  c += sizeof(PyExt) + kMalloc + str(x.s) + str(x.s2);
-  if (x.bytes.capacity()) c += x.bytes.capacity() + kMalloc;
+  c += sizeof(PyExt) + kMalloc + str(x.s);
   if (x.items.capacity()) c += x.items.capacity() * sizeof(Obj) + kMalloc;
-  if (x.keys.capacity()) c += x.keys.capacity() * sizeof(Obj) + kMalloc;
-  if (x.tensor) {
+  if (!x.has_rare()) return c;
+  const PyRare& r = x.r();
+  c += sizeof(PyRare) + kMalloc + str(r.s2);
+  if (r.bytes.capacity()) c += r.bytes.capacity() + kMalloc;
+  if (r.keys.capacity()) c += r.keys.capacity() * sizeof(Obj) + kMalloc;
+  if (r.tensor) {
     c += sizeof(PyTensor) + 16 + 3 * kMalloc +
-         (x.tensor->shape.capacity() + x.tensor->strides.capacity()) *
+         (r.tensor->shape.capacity() + r.tensor->strides.capacity()) *
              sizeof(int64_t);
-    if (x.tensor->storage && x.tensor->storage->inline_data) {
-      c += sizeof(PyStorage) + x.tensor->storage->inline_data->capacity() +
+    if (r.tensor->storage && r.tensor->storage->inline_data) {
+      c += sizeof(PyStorage) + r.tensor->storage->inline_data->capacity() +
            4 * kMalloc;
     }
   }
@@ -829,7 +836,7 @@ Result<Obj> Machine::IntFromLE(std::span<const std::byte> b) {
   }
   auto o = Make(K::kBigInt);
   for (size_t i = 0; i < n; ++i)
-    o->w().bytes.push_back(static_cast<uint8_t>(b[i]));
+    o->w().rw().bytes.push_back(static_cast<uint8_t>(b[i]));
   return o;
 }
 
@@ -876,8 +883,8 @@ Result<Obj> Machine::Str(std::span<const std::byte> b) {
 Result<Obj> Machine::Py2Str(std::span<const std::byte> b) {
   auto o = Make(K::kStr);
   o->i = kPy2Str;
-  o->w().bytes.resize(b.size());
-  if (!b.empty()) std::memcpy(o->w().bytes.data(), b.data(), b.size());
+  o->w().rw().bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->w().rw().bytes.data(), b.data(), b.size());
   bool surrogate = false;
   if (lim_.py2_latin1) {
     o->w().s = Latin1ToUtf8(b);
@@ -892,8 +899,8 @@ Result<Obj> Machine::Py2Str(std::span<const std::byte> b) {
 
 Result<Obj> Machine::BytesObj(std::span<const std::byte> b) {
   auto o = Make(K::kBytes);
-  o->w().bytes.resize(b.size());
-  if (!b.empty()) std::memcpy(o->w().bytes.data(), b.data(), b.size());
+  o->w().rw().bytes.resize(b.size());
+  if (!b.empty()) std::memcpy(o->w().rw().bytes.data(), b.data(), b.size());
   return o;
 }
 
@@ -928,11 +935,11 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
   const std::vector<Obj>& a = args_obj->x().items;
   const GlobalRow* row = RowOf(*fn);
   if (!row || !row->reduce) {
-    return Refuse("'" + fn->x().s + "." + fn->x().s2 +
+    return Refuse("'" + fn->x().s + "." + fn->x().r().s2 +
                   "' cannot be called here");
   }
   if (a.size() < row->min_args || a.size() > row->max_args) {
-    return Refuse("'" + fn->x().s + "." + fn->x().s2 + "' called with " +
+    return Refuse("'" + fn->x().s + "." + fn->x().r().s2 + "' called with " +
                   std::to_string(a.size()) + " arguments (it takes " +
                   std::to_string(row->min_args) +
                   (row->max_args == row->min_args
@@ -960,15 +967,15 @@ Status Machine::Build(PyObj& target, const Obj& state) {
 
 Result<Obj> Machine::NewTaggedDict(const GlobalRow& r, std::span<const Obj>) {
   auto d = Make(K::kDict);
-  d->w().s2 = std::string(r.module) + "." + std::string(r.name);
+  d->w().rw().s2 = std::string(r.module) + "." + std::string(r.name);
   return d;
 }
 
 Status Machine::BuildNamespace(PyObj& target, const Obj& state) {
   if (state->kind != K::kDict) return Refuse("Namespace state is not a dict");
-  target.w().keys = state->x().keys;
+  target.w().rw().keys = state->x().r().keys;
   target.w().items = state->x().items;
-  return Charge((target.x().keys.capacity() + target.x().items.capacity()) *
+  return Charge((target.x().r().keys.capacity() + target.x().items.capacity()) *
                 sizeof(Obj));
 }
 
@@ -988,7 +995,7 @@ Status Machine::BuildNpDType(PyObj& target, const Obj& state) {
       state->x().items[1]->kind != K::kStr) {
     return Refuse("numpy dtype state is not understood");
   }
-  target.w().s2 = state->x().items[1]->x().s;
+  target.w().rw().s2 = state->x().items[1]->x().s;
   if (state->x().items.size() > 3 && state->x().items[3]->kind != K::kNone) {
     return Refuse("structured numpy dtypes are not supported");
   }
@@ -1004,7 +1011,7 @@ Status Machine::BuildNpArray(PyObj& target, const Obj& state) {
   if (s[3]->kind != K::kBool) return Refuse("numpy fortran flag is not a bool");
   std::vector<uint8_t> data;
   if (s[4]->kind == K::kBytes) {
-    data = s[4]->x().bytes;
+    data = s[4]->x().r().bytes;
   } else if (s[4]->kind == K::kStr) {
     // Python 2's str of raw bytes, or latin-1 text (numpy encodes it).
     auto raw = StrBytes(*s[4]);
@@ -1015,7 +1022,7 @@ Status Machine::BuildNpArray(PyObj& target, const Obj& state) {
   }
   CKPT_ASSIGN_OR_RETURN(Obj arr, NumpyArray(s[2], shape, s[3]->i != 0, data));
   target.kind = K::kTensor;
-  target.w().tensor = arr->x().tensor;
+  target.w().rw().tensor = arr->x().r().tensor;
   target.row = 0;             // a tensor now: a second BUILD is a tensor's
   return Charge(Cost(*arr));  // the tensor and its copy of the data
 }
@@ -1037,7 +1044,7 @@ Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
                   KindName(a[0]->kind));
   }
   auto t = std::make_shared<PyTensor>();
-  t->storage = a[0]->x().storage;
+  t->storage = a[0]->x().r().storage;
   CKPT_ASSIGN_OR_RETURN(t->offset, AsInt(a[1], "storage_offset"));
   CKPT_ASSIGN_OR_RETURN(t->shape, AsInts(a[2], "size"));
   CKPT_ASSIGN_OR_RETURN(t->strides, AsInts(a[3], "stride"));
@@ -1063,7 +1070,7 @@ Result<Obj> Machine::RebuildTensor(std::span<const Obj> a, bool v3) {
     t->dtype = t->storage->dtype;
   }
   auto o = Make(K::kTensor);
-  o->w().tensor = std::move(t);
+  o->w().rw().tensor = std::move(t);
   return o;
 }
 
@@ -1081,11 +1088,11 @@ Result<Obj> Machine::CallRebuildParameter(const GlobalRow&,
                                           std::span<const Obj> a) {
   if (a[0]->kind != K::kTensor) return Refuse("Parameter data is not a tensor");
   if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
-  auto t = std::make_shared<PyTensor>(*a[0]->x().tensor);
+  auto t = std::make_shared<PyTensor>(*a[0]->x().r().tensor);
   t->is_parameter = true;
   t->requires_grad = a[1]->i != 0;
   auto o = Make(K::kTensor);
-  o->w().tensor = std::move(t);
+  o->w().rw().tensor = std::move(t);
   return o;
 }
 
@@ -1103,10 +1110,10 @@ Result<Obj> Machine::CallRebuildFromType(const GlobalRow&,
   if (r->kind != K::kTensor)
     return Refuse("_rebuild_from_type_v2 did not build a tensor");
   if (param) {
-    auto t = std::make_shared<PyTensor>(*r->x().tensor);
+    auto t = std::make_shared<PyTensor>(*r->x().r().tensor);
     t->is_parameter = true;
     r = Make(K::kTensor);
-    r->w().tensor = std::move(t);
+    r->w().rw().tensor = std::move(t);
   }
   return r;
 }
@@ -1124,7 +1131,7 @@ Result<Obj> Machine::CallOrderedDict(const GlobalRow& r,
         pair->x().items.size() != 2) {
       return Refuse("OrderedDict() items must be pairs");
     }
-    d->w().keys.push_back(pair->x().items[0]);
+    d->w().rw().keys.push_back(pair->x().items[0]);
     d->w().items.push_back(pair->x().items[1]);
   }
   return d;
@@ -1161,7 +1168,7 @@ Result<Obj> Machine::CallEncode(const GlobalRow&, std::span<const Obj> a) {
   if (!raw)
     return Refuse("_codecs.encode: character above U+00FF in latin-1 text");
   auto o = Make(K::kBytes);
-  o->w().bytes = std::move(*raw);
+  o->w().rw().bytes = std::move(*raw);
   return o;
 }
 
@@ -1185,7 +1192,7 @@ Result<Obj> Machine::CallComplex(const GlobalRow&, std::span<const Obj> a) {
   auto o = Make(K::kComplex);
   CKPT_ASSIGN_OR_RETURN(o->f, num(a[0]));
   if (a.size() == 2) {
-    CKPT_ASSIGN_OR_RETURN(o->w().im, num(a[1]));
+    CKPT_ASSIGN_OR_RETURN(o->w().rw().im, num(a[1]));
   }
   return o;
 }
@@ -1227,13 +1234,13 @@ Result<Obj> Machine::CallNpDType(const GlobalRow&, std::span<const Obj> a) {
   CKPT_ASSIGN_OR_RETURN(std::string code, AsStr(a[0], "numpy dtype"));
   auto o = Make(K::kNpDType);
   o->w().s = code;
-  o->w().s2 = "|";
+  o->w().rw().s2 = "|";
   return o;
 }
 
 Result<Obj> Machine::CallNpScalar(const GlobalRow&, std::span<const Obj> a) {
   if (a[1]->kind != K::kBytes) return Refuse("numpy scalar data is not bytes");
-  return NumpyScalar(a[0], a[1]->x().bytes);
+  return NumpyScalar(a[0], a[1]->x().r().bytes);
 }
 
 Result<Obj> Machine::CallNpFromBuffer(const GlobalRow&,
@@ -1242,7 +1249,7 @@ Result<Obj> Machine::CallNpFromBuffer(const GlobalRow&,
     return Refuse("numpy _frombuffer data is not bytes");
   CKPT_ASSIGN_OR_RETURN(auto shape, AsInts(a[2], "numpy shape"));
   CKPT_ASSIGN_OR_RETURN(std::string order, AsStr(a[3], "numpy order"));
-  return NumpyArray(a[1], shape, order == "F", a[0]->x().bytes);
+  return NumpyArray(a[1], shape, order == "F", a[0]->x().r().bytes);
 }
 
 Result<Obj> Machine::NumpyArray(const Obj& dtype,
@@ -1272,7 +1279,7 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype,
   st->inline_data = std::make_shared<std::vector<std::byte>>(data.size());
   if (!data.empty())
     std::memcpy(st->inline_data->data(), data.data(), data.size());
-  if (dtype->x().s2 == ">") SwapElements(*st->inline_data, np->dtype);
+  if (dtype->x().r().s2 == ">") SwapElements(*st->inline_data, np->dtype);
   auto t = std::make_shared<PyTensor>();
   t->storage = st;
   t->dtype = np->dtype;
@@ -1292,7 +1299,7 @@ Result<Obj> Machine::NumpyArray(const Obj& dtype,
     }
   }
   auto o = Make(K::kTensor);
-  o->w().tensor = std::move(t);
+  o->w().rw().tensor = std::move(t);
   return o;
 }
 
@@ -1306,7 +1313,7 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
                   "' cannot be converted");
   std::vector<std::byte> v(np->size);
   std::memcpy(v.data(), data.data(), v.size());
-  if (dtype->x().s2 == ">") SwapElements(v, np->dtype);
+  if (dtype->x().r().s2 == ">") SwapElements(v, np->dtype);
   const std::byte* p = v.data();  // little-endian from here on
   Obj o;
   switch (np->dtype) {
@@ -1331,12 +1338,12 @@ Result<Obj> Machine::NumpyScalar(const Obj& dtype,
     case DType::kComplex64:
       o = Make(K::kComplex);
       o->f = std::bit_cast<float>(LoadLE<uint32_t>(p));
-      o->w().im = std::bit_cast<float>(LoadLE<uint32_t>(p + 4));
+      o->w().rw().im = std::bit_cast<float>(LoadLE<uint32_t>(p + 4));
       break;
     case DType::kComplex128:
       o = Make(K::kComplex);
       o->f = std::bit_cast<double>(LoadLE<uint64_t>(p));
-      o->w().im = std::bit_cast<double>(LoadLE<uint64_t>(p + 8));
+      o->w().rw().im = std::bit_cast<double>(LoadLE<uint64_t>(p + 8));
       break;
     case DType::kBool:
       o = Make(K::kBool);
@@ -1458,6 +1465,13 @@ Status Machine::OpTupleN(uint8_t op) {
 
 // EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET.
 Status Machine::OpEmpty(uint8_t op) {
+  // () is immutable and has no identity worth keeping (Python's is a
+  // singleton too): one object, so a tensor's empty argument tuples cost a
+  // stack slot each.
+  if (op == ')') {
+    if (!empty_tuple_) empty_tuple_ = Make(K::kTuple);
+    return Push(empty_tuple_);
+  }
   const K k = op == ')'   ? K::kTuple
               : op == ']' ? K::kList
               : op == '}' ? K::kDict
@@ -1471,7 +1485,7 @@ Status Machine::OpDict(uint8_t) {
   if (items.size() % 2) return Bad("DICT with an odd number of items");
   auto o = Make(K::kDict);
   for (size_t k = 0; k < items.size(); k += 2) {
-    o->w().keys.push_back(items[k]);
+    o->w().rw().keys.push_back(items[k]);
     o->w().items.push_back(items[k + 1]);
   }
   return Push(std::move(o));
@@ -1511,7 +1525,7 @@ Status Machine::OpSetItem(uint8_t) {
   CKPT_ASSIGN_OR_RETURN(Obj d, Top());
   if (d->kind != K::kDict)
     return Refuse(std::string("SETITEM on a ") + KindName(d->kind));
-  d->w().keys.push_back(std::move(k));
+  d->w().rw().keys.push_back(std::move(k));
   d->w().items.push_back(std::move(v));
   return Charge(4 * sizeof(Obj));
 }
@@ -1523,7 +1537,7 @@ Status Machine::OpSetItems(uint8_t) {
     return Refuse(std::string("SETITEMS on a ") + KindName(d->kind));
   if (items.size() % 2) return Bad("SETITEMS with an odd number of items");
   for (size_t k = 0; k < items.size(); k += 2) {
-    d->w().keys.push_back(std::move(items[k]));
+    d->w().rw().keys.push_back(std::move(items[k]));
     d->w().items.push_back(std::move(items[k + 1]));
   }
   return Charge(2 * sizeof(Obj) * items.size());
@@ -1621,7 +1635,7 @@ Status Machine::OpNewObj(uint8_t) {
   if (!row || !row->newobj) {
     return Refuse(std::string("NEWOBJ of ") +
                   (cls->kind == K::kGlobal
-                       ? "'" + cls->x().s + "." + cls->x().s2 + "'"
+                       ? "'" + cls->x().s + "." + cls->x().r().s2 + "'"
                        : std::string(KindName(cls->kind))));
   }
   CKPT_ASSIGN_OR_RETURN(Obj o, Apply(row->newobj, *row, {}));

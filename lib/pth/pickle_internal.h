@@ -96,18 +96,34 @@ constexpr std::string_view PyKindName(PyKind k) {
   }
 }
 
-/// What only some objects have: text, bytes, children, tensors. Held
-/// apart so that a number (most objects of a big pickle) is one small
-/// allocation: a list of 3 M floats took ~330 bytes per float with these
-/// inline.
-struct PyExt {
+/// What few objects have: a class tag, bytes, a dict's keys, tensors.
+struct PyRare {
   double im = 0;               // Complex: imaginary part
-  std::string s, s2;           // s2: also a Dict's class tag
+  std::string s2;              // a Dict's class tag; kGlobal: name; ...
   std::vector<uint8_t> bytes;  // Bytes, BigInt (LE two's complement)
-  std::vector<Obj> items;      // List/Tuple/Set elements, Dict values
   std::vector<Obj> keys;       // Dict keys
   std::shared_ptr<PyStorage> storage;
   std::shared_ptr<PyTensor> tensor;
+};
+
+/// What only some objects have: text and children (the rest, rarer, in
+/// PyRare). Held apart so that a number (most objects of a big pickle) is
+/// one small allocation: a list of 3 M floats took ~330 bytes per float
+/// with all of these inline.
+struct PyExt {
+  std::string s;
+  std::vector<Obj> items;  // List/Tuple/Set elements, Dict values
+
+  const PyRare& r() const { return rare_ ? *rare_ : kEmpty; }
+  PyRare& rw() {
+    if (!rare_) rare_ = std::make_unique<PyRare>();
+    return *rare_;
+  }
+  bool has_rare() const { return rare_ != nullptr; }
+
+ private:
+  static const PyRare kEmpty;
+  std::unique_ptr<PyRare> rare_;
 };
 
 struct PyObj {
