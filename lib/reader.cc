@@ -554,13 +554,7 @@ Result<StorageInfo> Checkpoint::StorageInfoAt(size_t index) const {
 }
 
 Result<StorageView> Checkpoint::Storage(size_t index) const {
-  if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) +
-                           " does not exist")
-        .WithFile(impl_->name());
-  }
-  StorageInfo st =
-      impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(index));
+  CKPT_ASSIGN_OR_RETURN(StorageInfo st, StorageInfoAt(index));
   auto b = impl_->options.copy_on_write
                ? impl_->source->ReadWritable(st.offset, st.nbytes)
                : impl_->source->Read(st.offset, st.nbytes);
@@ -570,13 +564,7 @@ Result<StorageView> Checkpoint::Storage(size_t index) const {
 
 Status Checkpoint::ReadStorage(size_t index, uint64_t begin,
                                std::span<std::byte> out) const {
-  if (index >= num_storages()) {
-    return InvalidArgument("storage " + std::to_string(index) +
-                           " does not exist")
-        .WithFile(impl_->name());
-  }
-  StorageInfo st =
-      impl_->StorageInfoOf(static_cast<flatbuffers::uoffset_t>(index));
+  CKPT_ASSIGN_OR_RETURN(StorageInfo st, StorageInfoAt(index));
   if (!internal::RangeWithin(begin, out.size(), st.nbytes)) {
     return InvalidArgument("range [" + std::to_string(begin) + ", +" +
                            std::to_string(out.size()) + ") outside storage " +

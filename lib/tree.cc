@@ -124,6 +124,18 @@ std::string BigIntDecimal(std::span<const uint8_t> le) {
   return std::string(digits.rbegin(), digits.rend());
 }
 
+KeyNode ViewOf(const NodeValue& v, size_t num_items) {
+  KeyNode n;
+  n.kind = v.kind;
+  n.int_value = v.int_value;
+  n.float_value = v.float_value;
+  n.imag_value = v.imag_value;
+  n.str = v.text;
+  n.bytes = v.bytes;
+  n.num_items = num_items;
+  return n;
+}
+
 std::string KeySegmentOf(uint32_t id,
                          const std::function<KeyNode(uint32_t)>& get,
                          const std::function<uint32_t(uint32_t, size_t)>& item,
@@ -512,18 +524,6 @@ Result<FlatKey> Flatten(const PathKey& key) {
   return f;
 }
 
-KeyNode DescribeKey(const PathKey& k, size_t num_items) {
-  KeyNode n;
-  n.kind = k.kind;
-  n.int_value = k.int_value;
-  n.float_value = k.float_value;
-  n.imag_value = k.imag_value;
-  n.str = k.text;
-  n.bytes = k.bytes;
-  n.num_items = num_items;
-  return n;
-}
-
 }  // namespace
 
 }  // namespace ckpt::internal
@@ -534,7 +534,7 @@ Result<std::string> KeySegment(const PathKey& key) {
   using internal::KeyNode;
   CKPT_ASSIGN_OR_RETURN(internal::FlatKey f, internal::Flatten(key));
   auto get = [&](uint32_t id) {
-    return internal::DescribeKey(*f.node[id], f.items[id].size());
+    return internal::ViewOf(*f.node[id], f.items[id].size());
   };
   auto item = [&](uint32_t id, size_t i) { return f.items[id][i]; };
   // A FrozenSet's items in the canonical order the writer stores them in

@@ -29,6 +29,9 @@ struct KeyNode {
   size_t num_items = 0;
 };
 
+/// The KeyNode view of a node's value (`num_items`: its item count).
+KeyNode ViewOf(const NodeValue& v, size_t num_items);
+
 /// How Float (and Complex) keys are written in paths. Format 1.0 used
 /// C++'s std::to_chars (`1` for 1.0); 1.1 uses Python's repr() (`1.0`),
 /// since keys come from Python dicts. A reader uses the form of the file's

@@ -194,13 +194,8 @@ class WriterImpl {
 
   // ---- nodes
   // --------------------------------------------------------------------
-  struct NodeRec {
-    ValueKind kind = ValueKind::kNone;
-    int64_t int_value = 0;
-    double float_value = 0;
-    double imag_value = 0;
-    std::string str;
-    std::vector<uint8_t> bytes;
+  // A node: its value (format.h's NodeValue), children by id, class tag.
+  struct NodeRec : NodeValue {
     std::vector<NodeId> items;
     std::vector<NodeId> keys;
     std::string type_name;
@@ -211,15 +206,7 @@ class WriterImpl {
   };
 
   static KeyNode Describe(const NodeRec& r) {
-    KeyNode k;
-    k.kind = r.kind;
-    k.int_value = r.int_value;
-    k.float_value = r.float_value;
-    k.imag_value = r.imag_value;
-    k.str = r.str;
-    k.bytes = r.bytes;
-    k.num_items = r.items.size();
-    return k;
+    return ViewOf(r, r.items.size());
   }
   KeyNode DescribeId(uint32_t id) const { return Describe(nodes_[id]); }
   uint32_t ItemOf(uint32_t id, size_t i) const { return nodes_[id].items[i]; }
@@ -295,7 +282,7 @@ class WriterImpl {
     if (all_str) {
       // The common case (state dicts) without building classes.
       auto str = [&](size_t i) -> const std::string& {
-        return nodes_[ids[i]].str;
+        return nodes_[ids[i]].text;
       };
       dup = FirstRepeat(
           ids.size(),
@@ -327,6 +314,14 @@ class WriterImpl {
     return Status::OK();
   }
 
+  // A node without children: `set` fills the fields its kind uses.
+  template <typename Set>
+  NodeId AddValue(ValueKind kind, Set&& set) {
+    NodeRec r;
+    r.kind = kind;
+    set(static_cast<NodeValue&>(r));
+    return Add(std::move(r));
+  }
   Result<NodeId> AddContainer(ValueKind kind, std::span<const NodeId> items,
                               std::span<const NodeId> keys,
                               std::string_view type_name) {
@@ -524,7 +519,7 @@ Result<WriterImpl::Layout> WriterImpl::LayOutTree(NodeId root) {
 Status WriterImpl::NoteNode(const NodeRec& r, const std::string& path,
                             bool in_key) {
   if (r.kind == ValueKind::kString) {
-    if (auto bad = Utf8Problem(r.str)) {
+    if (auto bad = Utf8Problem(r.text)) {
       return InvalidArgument("the string at '" + path +
                              "' is not valid UTF-8 (byte " +
                              std::to_string(*bad) + ")");
@@ -584,7 +579,7 @@ flatbuffers::Offset<fb::Node> WriterImpl::EncodeNode(
   int64_t int_value = k == ValueKind::kTensor
                           ? lay.tensor_rank[static_cast<size_t>(r.int_value)]
                           : r.int_value;
-  auto str = KindUsesField(k, kFieldStr) ? fbb.CreateString(r.str) : 0;
+  auto str = KindUsesField(k, kFieldStr) ? fbb.CreateString(r.text) : 0;
   auto bytes = KindUsesField(k, kFieldBytes) ? fbb.CreateVector(r.bytes) : 0;
   auto it = items.empty() ? 0 : fbb.CreateVector(items);
   auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
@@ -764,18 +759,16 @@ Result<NodeId> Writer::AddTensor(DType dtype, std::vector<int64_t> shape,
   return impl_->AddTensor(spec);
 }
 
-NodeId Writer::AddNone() { return impl_->Add({}); }
+NodeId Writer::AddNone() {
+  return impl_->AddValue(ValueKind::kNone, [](NodeValue&) {});
+}
 NodeId Writer::AddBool(bool v) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kBool;
-  n.int_value = v ? 1 : 0;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kBool,
+                         [&](NodeValue& n) { n.int_value = v ? 1 : 0; });
 }
 NodeId Writer::AddInt(int64_t v) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kInt;
-  n.int_value = v;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kInt,
+                         [&](NodeValue& n) { n.int_value = v; });
 }
 Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
   // Canonical form (docs/FORMAT.md 8): the fewest bytes, and an Int node for
@@ -797,54 +790,43 @@ Result<NodeId> Writer::AddBigInt(std::span<const uint8_t> le) {
     }
     return AddInt(static_cast<int64_t>(v));
   }
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kBigInt;
-  n.bytes.assign(le.begin(), le.end());
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kBigInt, [&](NodeValue& n) {
+    n.bytes.assign(le.begin(), le.end());
+  });
 }
 NodeId Writer::AddFloat(double v) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kFloat;
-  n.float_value = v;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kFloat,
+                         [&](NodeValue& n) { n.float_value = v; });
 }
 NodeId Writer::AddComplex(double re, double im) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kComplex;
-  n.float_value = re;
-  n.imag_value = im;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kComplex, [&](NodeValue& n) {
+    n.float_value = re;
+    n.imag_value = im;
+  });
 }
 NodeId Writer::AddString(std::string_view s) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kString;
-  n.str = s;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kString, [&](NodeValue& n) { n.text = s; });
 }
 NodeId Writer::AddBytes(std::span<const uint8_t> b) {
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kBytes;
-  n.bytes.assign(b.begin(), b.end());
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kBytes, [&](NodeValue& n) {
+    n.bytes.assign(b.begin(), b.end());
+  });
 }
 Result<NodeId> Writer::AddDType(DType dtype) {
   if (!IsKnownDType(static_cast<uint8_t>(dtype))) {
     return InvalidArgument("unknown dtype code " +
                            std::to_string(static_cast<int>(dtype)));
   }
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kDType;
-  n.int_value = static_cast<int64_t>(dtype);
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kDType, [&](NodeValue& n) {
+    n.int_value = static_cast<int64_t>(dtype);
+  });
 }
 Result<NodeId> Writer::AddDevice(std::string_view device) {
   if (auto problem = internal::DeviceProblem(device)) {
     return InvalidArgument("invalid device string: " + *problem);
   }
-  internal::WriterImpl::NodeRec n;
-  n.kind = ValueKind::kDevice;
-  n.str = device;
-  return impl_->Add(std::move(n));
+  return impl_->AddValue(ValueKind::kDevice,
+                         [&](NodeValue& n) { n.text = device; });
 }
 Result<NodeId> Writer::AddList(std::span<const NodeId> items) {
   return impl_->AddContainer(ValueKind::kList, items, {}, "");

@@ -349,17 +349,23 @@ class PathBuilder {
   std::vector<size_t> marks_;
 };
 
-/// A dict key, described for KeySegment: the value of a node of a
-/// hashable kind (docs/FORMAT.md 7.1), with its items for Tuple and
-/// FrozenSet keys.
-struct PathKey {
+/// What a node of the object tree holds besides its children: the
+/// schema's Node fields that carry a value (docs/FORMAT.md 7.1; which ones
+/// a kind uses is its kValueKinds row). The writer keeps one per node;
+/// a PathKey is one with items.
+struct NodeValue {
   ValueKind kind = ValueKind::kNone;
-  int64_t int_value = 0;   ///< Bool (0/1), Int, DType code
+  int64_t int_value = 0;   ///< Bool (0/1), Int, DType code, Tensor index
   double float_value = 0;  ///< Float; real part of Complex
   double imag_value = 0;   ///< imaginary part of Complex
   std::string text;        ///< String (UTF-8), Device
-  /// Bytes; BigInt as little-endian two's complement (1..4096 bytes).
+  /// Bytes; BigInt as little-endian two's complement (1..kMaxBigIntBytes).
   std::vector<uint8_t> bytes;
+};
+
+/// A dict key, described for KeySegment: a value of a hashable kind, with
+/// its items for Tuple and FrozenSet keys.
+struct PathKey : NodeValue {
   std::vector<PathKey> items;  ///< Tuple, FrozenSet
 };
 

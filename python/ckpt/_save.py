@@ -189,10 +189,10 @@ class _Saver:
             # Minimal two's complement: the magnitude's bits plus a sign bit
             # (-(2**k) needs only k + 1 bits, as ~v = 2**k - 1 shows).
             n = ((v if v >= 0 else ~v).bit_length() + 8) // 8
-            if n > 4096:
+            if n > _ckpt.max_bigint_bytes:
                 raise InvalidArgumentError(
                     f"{where(seg)}: an int of {n} bytes; the format holds ints of "
-                    "at most 4096 bytes (-(2**32767) to 2**32767 - 1)")
+                    f"at most {_ckpt.max_bigint_bytes} bytes (-(2**32767) to 2**32767 - 1)")
             return w.add_bigint(v.to_bytes(n, "little", signed=True))
         if isinstance(obj, (float, np.floating)):
             return w.add_float(float(obj))

@@ -634,7 +634,6 @@ class Reader {
 class KeyConverter {
   // FORMAT.md 7.1: the largest BigInt. (lib/writer.cc and lib/tree.cc
   // hold it too; it belongs in format.h.)
-  static constexpr size_t kMaxBigIntBytes = 4096;
 
  public:
   explicit KeyConverter(py::object on_object)
@@ -700,10 +699,11 @@ class KeyConverter {
     py::int_ n = py::reinterpret_borrow<py::int_>(v);
     py::object magnitude = overflow > 0 ? py::object(n) : py::object(~n);
     size_t len = (magnitude.attr("bit_length")().cast<size_t>() + 8) / 8;
-    if (len > kMaxBigIntBytes) {
+    if (len > ckpt::kMaxBigIntBytes) {
       Throw(ckpt::InvalidArgument("dict key: an int of " + std::to_string(len) +
                                   " bytes; the format holds ints of at most " +
-                                  std::to_string(kMaxBigIntBytes) + " bytes"));
+                                  std::to_string(ckpt::kMaxBigIntBytes) +
+                                  " bytes"));
     }
     py::bytes le = n.attr("to_bytes")(len, "little", py::arg("signed") = true);
     std::string_view b = le;
@@ -1045,7 +1045,7 @@ PYBIND11_MODULE(_ckpt, m) {
   // A dict key's path form (FORMAT.md 7.3), as the file names its entry;
   // on_object: see KeyConverter. TypeError for a key of no storable kind,
   // InvalidArgumentError for one the format refuses (a list inside, a
-  // BigInt over 4096 bytes...).
+  // BigInt over kMaxBigIntBytes...).
   m.def(
       "key_segment",
       [](py::handle key, py::object on_object) {
@@ -1068,6 +1068,7 @@ PYBIND11_MODULE(_ckpt, m) {
   // The node kinds of format.h's table: (code, name, container, hashable),
   // hashable = may be a dict key or set item (tuple and frozenset: when
   // all they hold may be).
+  m.attr("max_bigint_bytes") = ckpt::kMaxBigIntBytes;
   m.def("value_kinds", [] {
     py::list out;
     for (const ckpt::ValueKindTraits& k : ckpt::kValueKinds) {
