@@ -194,22 +194,58 @@ class WriterImpl {
 
   // ---- nodes
   // --------------------------------------------------------------------
-  // A node: its value (format.h's NodeValue), children by id, class tag.
-  struct NodeRec : NodeValue {
-    std::vector<NodeId> items;
-    std::vector<NodeId> keys;
-    std::string type_name;
-    // Equality class as a dict key or set item (KeyClasses), computed when
-    // first needed, and for an unhashable node the kind that makes it so.
-    uint32_t cls = kClassNotYet;
+  // A node, in 56 bytes: a converted pickle of millions of numbers makes
+  // millions of them. Children live in one shared array (ids_), and text,
+  // bytes and class tags, which most nodes lack, in a side table
+  // (extras_); a node's value fields are format.h's NodeValue spread out.
+  struct NodeRec {
+    ValueKind kind = ValueKind::kNone;
+    // For an unhashable node, the kind that makes it so.
     ValueKind unhashable_kind = ValueKind::kNone;
+    // Equality class as a dict key or set item (KeyClasses), computed when
+    // first needed.
+    uint32_t cls = kClassNotYet;
+    int64_t int_value = 0;
+    double float_value = 0;
+    double imag_value = 0;
+    uint64_t items_at = 0;  // items: ids_[items_at, +num_items)
+    uint32_t num_items = 0;
+    uint32_t extra = kNoExtra;  // index into extras_
+    // A dict's keys follow its items in ids_.
   };
+  struct Extra {
+    std::string text;
+    std::vector<uint8_t> bytes;
+    std::string type_name;
+  };
+  static constexpr uint32_t kNoExtra = UINT32_MAX;
 
-  static KeyNode Describe(const NodeRec& r) {
-    return ViewOf(r, r.items.size());
+  std::span<const NodeId> Items(const NodeRec& r) const {
+    return {ids_.data() + r.items_at, r.num_items};
+  }
+  std::span<const NodeId> Keys(const NodeRec& r) const {
+    if (r.kind != ValueKind::kDict) return {};
+    return {ids_.data() + r.items_at + r.num_items, r.num_items};
+  }
+  const Extra& ExtraOf(const NodeRec& r) const {
+    static const Extra kNone;
+    return r.extra == kNoExtra ? kNone : extras_[r.extra];
+  }
+  Extra& MutableExtra(NodeRec& r) {
+    if (r.extra == kNoExtra) {
+      r.extra = static_cast<uint32_t>(extras_.size());
+      extras_.emplace_back();
+    }
+    return extras_[r.extra];
+  }
+
+  KeyNode Describe(const NodeRec& r) const {
+    const Extra& x = ExtraOf(r);
+    return KeyNode{r.kind, r.int_value, r.float_value, r.imag_value,
+                   x.text, x.bytes,     r.num_items};
   }
   KeyNode DescribeId(uint32_t id) const { return Describe(nodes_[id]); }
-  uint32_t ItemOf(uint32_t id, size_t i) const { return nodes_[id].items[i]; }
+  uint32_t ItemOf(uint32_t id, size_t i) const { return Items(nodes_[id])[i]; }
 
   std::string KeySegment(NodeId id) const {
     return KeySegmentOf(
@@ -217,8 +253,8 @@ class WriterImpl {
         [this](uint32_t i, size_t k) { return ItemOf(i, k); });
   }
 
-  NodeId Add(NodeRec n) {
-    nodes_.push_back(std::move(n));
+  NodeId Add(const NodeRec& n) {
+    nodes_.push_back(n);
     return static_cast<NodeId>(nodes_.size() - 1);
   }
 
@@ -235,9 +271,9 @@ class WriterImpl {
     uint32_t c = KeyClasses::kUnhashable;
     if (r.kind == ValueKind::kTuple || r.kind == ValueKind::kFrozenSet) {
       std::vector<uint32_t> item_classes;
-      item_classes.reserve(r.items.size());
+      item_classes.reserve(r.num_items);
       bool ok = true;
-      for (NodeId item : r.items) {
+      for (NodeId item : Items(r)) {
         uint32_t ic = ClassOf(item, depth + 1);
         if (ic == kClassTooDeep) return ic;
         if (ic == KeyClasses::kUnhashable) {
@@ -282,7 +318,7 @@ class WriterImpl {
     if (all_str) {
       // The common case (state dicts) without building classes.
       auto str = [&](size_t i) -> const std::string& {
-        return nodes_[ids[i]].text;
+        return ExtraOf(nodes_[ids[i]]).text;
       };
       dup = FirstRepeat(
           ids.size(),
@@ -317,10 +353,20 @@ class WriterImpl {
   // A node without children: `set` fills the fields its kind uses.
   template <typename Set>
   NodeId AddValue(ValueKind kind, Set&& set) {
+    NodeValue v;
+    v.kind = kind;
+    set(v);
     NodeRec r;
     r.kind = kind;
-    set(static_cast<NodeValue&>(r));
-    return Add(std::move(r));
+    r.int_value = v.int_value;
+    r.float_value = v.float_value;
+    r.imag_value = v.imag_value;
+    if (!v.text.empty() || !v.bytes.empty()) {
+      Extra& x = MutableExtra(r);
+      x.text = std::move(v.text);
+      x.bytes = std::move(v.bytes);
+    }
+    return Add(r);
   }
   Result<NodeId> AddContainer(ValueKind kind, std::span<const NodeId> items,
                               std::span<const NodeId> keys,
@@ -338,24 +384,29 @@ class WriterImpl {
       CKPT_RETURN_IF_ERROR(CheckHashableDistinct(
           items, kind == ValueKind::kSet ? "a set item" : "a frozenset item"));
     }
+    if (items.size() > UINT32_MAX) {
+      return InvalidArgument("a container of " + std::to_string(items.size()) +
+                             " items (at most 2^32 - 1)");
+    }
     NodeRec n;
     n.kind = kind;
-    n.items.assign(items.begin(), items.end());
-    n.keys.assign(keys.begin(), keys.end());
-    n.type_name = type_name;
+    n.items_at = ids_.size();
+    n.num_items = static_cast<uint32_t>(items.size());
+    ids_.insert(ids_.end(), items.begin(), items.end());
+    ids_.insert(ids_.end(), keys.begin(), keys.end());
+    if (!type_name.empty()) MutableExtra(n).type_name = type_name;
     if (is_set) {
       // A set has no order of its own (Python's follows per-process string
       // hashes): store its items in the canonical order, so equal sets give
       // equal bytes (docs/FORMAT.md 10).
-      std::stable_sort(
-          n.items.begin(), n.items.end(), [this](NodeId a, NodeId b) {
-            return CompareHashable(
-                       a, b, [this](uint32_t i) { return DescribeId(i); },
-                       [this](uint32_t i, size_t k) { return ItemOf(i, k); }) <
-                   0;
-          });
+      auto first = ids_.begin() + static_cast<std::ptrdiff_t>(n.items_at);
+      std::stable_sort(first, first + n.num_items, [this](NodeId a, NodeId b) {
+        return CompareHashable(
+                   a, b, [this](uint32_t i) { return DescribeId(i); },
+                   [this](uint32_t i, size_t k) { return ItemOf(i, k); }) < 0;
+      });
     }
-    return Add(std::move(n));
+    return Add(n);
   }
 
   Result<NodeId> AddTensor(const TensorSpec& spec) {
@@ -384,7 +435,7 @@ class WriterImpl {
     NodeRec n;
     n.kind = ValueKind::kTensor;
     n.int_value = static_cast<int64_t>(tensors_.size() - 1);
-    return Add(std::move(n));
+    return Add(n);
   }
 
   // ---- commit
@@ -396,6 +447,8 @@ class WriterImpl {
   std::vector<std::pair<NodeId, NodeId>> implicit_root_;
   std::map<std::string, std::string> metadata_;
   std::vector<NodeRec> nodes_;
+  std::vector<NodeId> ids_;    // every node's children (NodeRec::items_at)
+  std::vector<Extra> extras_;  // text, bytes, class tags (NodeRec::extra)
   KeyClasses classes_;
   bool committed_ = false;
   Status failed_;
@@ -454,56 +507,66 @@ Result<WriterImpl::Layout> WriterImpl::LayOutTree(NodeId root) {
   std::vector<uint8_t> entered(n, 0);
   std::vector<uint8_t> tensor_placed(tensors_.size(), 0);
 
+  // One frame per level (children are entered one at a time, so a list of
+  // millions of numbers costs one frame, not one per element). A frame's
+  // `next` counts the child slots done: a dict has two per entry, its key
+  // then its value, so nodes are numbered key, value, key, ..., parent.
   struct Frame {
     NodeId node;
     std::string path;
     uint32_t depth;
-    bool expanded;
     bool in_key;  // the node is, or is inside, a dict key
+    size_t next = 0;
   };
   std::vector<Frame> stack;
-  stack.push_back({root, "", 1, false, false});
+  auto enter = [&](NodeId id, std::string path, uint32_t depth,
+                   bool in_key) -> Status {
+    if (entered[id]) {
+      return InvalidArgument("node " + std::to_string(id) +
+                             " is placed in the tree more than once; add a "
+                             "separate node for each place");
+    }
+    entered[id] = 1;
+    if (depth > kMaxTreeDepth) {
+      return InvalidArgument("object tree nested deeper than " +
+                             std::to_string(kMaxTreeDepth) + " at '" + path +
+                             "'");
+    }
+    const NodeRec& r = nodes_[id];
+    if (r.kind == ValueKind::kTensor) {
+      auto t = static_cast<size_t>(r.int_value);
+      lay.tensor_path[t] = path;
+      tensor_placed[t] = 1;
+    }
+    CKPT_RETURN_IF_ERROR(NoteNode(r, path, in_key));
+    stack.push_back({id, std::move(path), depth, in_key});
+    return Status::OK();
+  };
+  CKPT_RETURN_IF_ERROR(enter(root, "", 1, false));
   while (!stack.empty()) {
     Frame& f = stack.back();
     const NodeRec& r = nodes_[f.node];
-    if (f.expanded) {
+    const bool dict = r.kind == ValueKind::kDict;
+    if (f.next == (dict ? 2 * size_t{r.num_items} : r.num_items)) {
       lay.new_index[f.node] = static_cast<uint32_t>(lay.order.size());
       lay.order.push_back(f.node);
       stack.pop_back();
       continue;
     }
-    if (entered[f.node]) {
-      return InvalidArgument("node " + std::to_string(f.node) +
-                             " is placed in the tree more than once; add a "
-                             "separate node for each place");
-    }
-    entered[f.node] = 1;
-    f.expanded = true;
-    if (f.depth > kMaxTreeDepth) {
-      return InvalidArgument("object tree nested deeper than " +
-                             std::to_string(kMaxTreeDepth) + " at '" + f.path +
-                             "'");
-    }
-    if (r.kind == ValueKind::kTensor) {
-      auto t = static_cast<size_t>(r.int_value);
-      lay.tensor_path[t] = f.path;
-      tensor_placed[t] = 1;
-    }
-    CKPT_RETURN_IF_ERROR(NoteNode(r, f.path, f.in_key));
-    // Copy what the child frames need: push_back may move `f`.
-    const std::string path = f.path;
-    const uint32_t depth = f.depth;
+    const size_t slot = f.next++;
+    const size_t i = dict ? slot / 2 : slot;
+    // Copies: enter() may grow the stack and move `f`.
+    const std::string parent = f.path;
+    const uint32_t depth = f.depth + 1;
     const bool in_key = f.in_key;
     const bool at_root = f.node == root;
-    // Pushed in reverse so children are numbered in their natural order;
-    // keys and values of a dict are interleaved (key, value, key, ...).
-    for (size_t i = r.items.size(); i-- > 0;) {
-      const bool dict = r.kind == ValueKind::kDict;
-      const std::string seg = dict ? KeySegment(r.keys[i]) : std::to_string(i);
-      stack.push_back({r.items[i], PathBuilder::Child(path, at_root, seg),
-                       depth + 1, false, in_key});
-      if (dict) stack.push_back({r.keys[i], path, depth + 1, false, true});
+    if (dict && slot % 2 == 0) {
+      CKPT_RETURN_IF_ERROR(enter(Keys(r)[i], parent, depth, true));
+      continue;
     }
+    const std::string seg = dict ? KeySegment(Keys(r)[i]) : std::to_string(i);
+    CKPT_RETURN_IF_ERROR(enter(
+        Items(r)[i], PathBuilder::Child(parent, at_root, seg), depth, in_key));
   }
   for (size_t t = 0; t < tensors_.size(); ++t) {
     if (!tensor_placed[t]) {
@@ -519,7 +582,7 @@ Result<WriterImpl::Layout> WriterImpl::LayOutTree(NodeId root) {
 Status WriterImpl::NoteNode(const NodeRec& r, const std::string& path,
                             bool in_key) {
   if (r.kind == ValueKind::kString) {
-    if (auto bad = Utf8Problem(r.text)) {
+    if (auto bad = Utf8Problem(ExtraOf(r).text)) {
       return InvalidArgument("the string at '" + path +
                              "' is not valid UTF-8 (byte " +
                              std::to_string(*bad) + ")");
@@ -571,19 +634,20 @@ flatbuffers::Offset<fb::Node> WriterImpl::EncodeNode(
     flatbuffers::FlatBufferBuilder& fbb, const NodeRec& r,
     const Layout& lay) const {
   std::vector<uint32_t> items, keys;
-  items.reserve(r.items.size());
-  keys.reserve(r.keys.size());
-  for (NodeId c : r.items) items.push_back(lay.new_index[c]);
-  for (NodeId c : r.keys) keys.push_back(lay.new_index[c]);
+  items.reserve(r.num_items);
+  keys.reserve(Keys(r).size());
+  for (NodeId c : Items(r)) items.push_back(lay.new_index[c]);
+  for (NodeId c : Keys(r)) keys.push_back(lay.new_index[c]);
+  const Extra& x = ExtraOf(r);
   const ValueKind k = r.kind;
   int64_t int_value = k == ValueKind::kTensor
                           ? lay.tensor_rank[static_cast<size_t>(r.int_value)]
                           : r.int_value;
-  auto str = KindUsesField(k, kFieldStr) ? fbb.CreateString(r.text) : 0;
-  auto bytes = KindUsesField(k, kFieldBytes) ? fbb.CreateVector(r.bytes) : 0;
+  auto str = KindUsesField(k, kFieldStr) ? fbb.CreateString(x.text) : 0;
+  auto bytes = KindUsesField(k, kFieldBytes) ? fbb.CreateVector(x.bytes) : 0;
   auto it = items.empty() ? 0 : fbb.CreateVector(items);
   auto ks = keys.empty() ? 0 : fbb.CreateVector(keys);
-  auto tn = r.type_name.empty() ? 0 : fbb.CreateString(r.type_name);
+  auto tn = x.type_name.empty() ? 0 : fbb.CreateString(x.type_name);
   // FlatBuffers omits a field equal to its default, and -0.0 == 0.0:
   // force the fields of such a node out so the sign survives.
   fbb.ForceDefaults(std::signbit(r.float_value) || std::signbit(r.imag_value));
@@ -863,7 +927,7 @@ Status Writer::SetTypeName(NodeId node, std::string_view type_name) {
     return InvalidArgument("type name is not valid UTF-8 (byte " +
                            std::to_string(*bad) + ")");
   }
-  n.type_name = type_name;
+  impl_->MutableExtra(n).type_name = type_name;
   return Status::OK();
 }
 
