@@ -70,6 +70,19 @@ constexpr std::array<DTypeEntry, kMaxDTypeCode + 1> kDTypes = {{
     {"int7", 1, 1},
 }};
 
+constexpr bool DTypeTableComplete() {
+  for (size_t c = 1; c < kDTypes.size(); ++c) {
+    if (kDTypes[c].name.empty() || kDTypes[c].size == 0 ||
+        kDTypes[c].since_minor > kFormatMinor) {
+      return false;
+    }
+  }
+  return true;
+}
+static_assert(DTypeTableComplete(),
+              "every dtype code 1..kMaxDTypeCode needs a row (name, size, "
+              "minor <= kFormatMinor)");
+
 }  // namespace
 
 bool IsKnownDType(uint8_t code) { return code >= 1 && code <= kMaxDTypeCode; }

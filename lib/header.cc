@@ -619,7 +619,16 @@ class TreeChecker {
         tensor_used_[static_cast<size_t>(t)] = 1;
         break;
       }
-      default:
+      case ValueKind::kNone:  // no value to check
+      case ValueKind::kInt:
+      case ValueKind::kFloat:
+      case ValueKind::kComplex:
+      case ValueKind::kBytes:
+      case ValueKind::kList:
+      case ValueKind::kTuple:
+      case ValueKind::kDict:
+      case ValueKind::kSet:
+      case ValueKind::kFrozenSet:
         break;
     }
     if (node->type_name()) {

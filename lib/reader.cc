@@ -1,5 +1,7 @@
 #include "ckpt/reader.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <charconv>
 #include <cstring>
@@ -904,6 +906,7 @@ Result<TensorRef> CheckpointAccess::StorageTensor(const Checkpoint& ck,
   info.shape = {static_cast<int64_t>(st.nbytes)};
   info.strides = {1};
   info.storage = static_cast<uint32_t>(index);
+  info.index = SIZE_MAX;  // not a tensor of the file's table
   return ck.impl_->Ref(std::move(info));
 }
 
@@ -920,6 +923,26 @@ Status CheckpointAccess::VerifyStorageRange(const Checkpoint& ck,
   }
   return ck.impl_->VerifyChunks(static_cast<flatbuffers::uoffset_t>(storage),
                                 begin, end, tensor);
+}
+
+Result<int> CheckpointAccess::ReopenFile(const Checkpoint& ck, int flags) {
+  const int fd = ck.impl_->source->fd();
+  if (fd < 0) {
+    return IoError(
+               "reading by descriptor needs a checkpoint opened from a "
+               "file (this one is a buffer)")
+        .WithFile(ck.impl_->name());
+  }
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  int again = ::open(self.c_str(), flags | O_RDONLY | O_CLOEXEC);
+  if (again < 0 && errno == ENOENT && (flags & ~O_CLOEXEC) == 0) {
+    again = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  }
+  if (again < 0) {
+    return ErrnoError("cannot reopen the open file", errno)
+        .WithFile(ck.impl_->name());
+  }
+  return again;
 }
 
 }  // namespace internal

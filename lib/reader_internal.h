@@ -13,7 +13,8 @@ namespace ckpt::internal {
 struct CheckpointAccess {
   /// Storage `index` as a 1-D uint8 tensor over all its bytes, named
   /// "<storage N>" (for loaders that move whole storages, so that tensors
-  /// viewing one storage share it again). kInvalidArgument for a bad index.
+  /// viewing one storage share it again), with TensorInfo::index SIZE_MAX.
+  /// kInvalidArgument for a bad index.
   static Result<TensorRef> StorageTensor(const Checkpoint& ck, size_t index);
 
   /// Checks the checksum of every chunk of storage `storage` that overlaps
@@ -23,6 +24,14 @@ struct CheckpointAccess {
   static Status VerifyStorageRange(const Checkpoint& ck, size_t storage,
                                    uint64_t begin, uint64_t end,
                                    const std::string& tensor = "");
+
+  /// A new descriptor of the very file `ck` has open (not of whatever its
+  /// path names now: ckpt's writers replace files by rename), opened
+  /// through /proc/self/fd with `flags` (e.g. O_DIRECT), or a dup() of it
+  /// when /proc is not there and `flags` asks nothing special. The caller
+  /// closes it. kIoError when the file was opened from a buffer or the
+  /// kernel refuses (errno in sys_errno()).
+  static Result<int> ReopenFile(const Checkpoint& ck, int flags);
 };
 
 }  // namespace ckpt::internal

@@ -179,9 +179,15 @@ std::string KeySegmentOf(uint32_t id,
       if (n.num_items == 1) out += ",";
       return out + ")";
     }
-    default:
+    // Not hashable: never a key (a reader or writer refused it first).
+    // Listed, not defaulted, so that a new kind is a -Wswitch warning here.
+    case ValueKind::kList:
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kTensor:
       return "?";
   }
+  return "?";  // a code past the table
 }
 
 // ---- key equality
@@ -305,9 +311,13 @@ uint32_t KeyClasses::Classify(const KeyNode& n,
       }
       return Intern(std::move(s));
     }
-    default:  // List, Dict, Set, Tensor, unknown kinds
+    case ValueKind::kList:
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kTensor:
       return kUnhashable;
   }
+  return kUnhashable;  // a code past the table
 }
 
 std::optional<std::pair<size_t, size_t>> FirstRepeat(
@@ -425,9 +435,15 @@ int CompareHashable(uint32_t a, uint32_t b,
       }
       return Cmp(x.num_items, y.num_items);
     }
-    default:  // None (one value); unhashable kinds are never compared
+    case ValueKind::kNone:  // one value
+      return 0;
+    case ValueKind::kList:  // unhashable kinds are never compared
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kTensor:
       return 0;
   }
+  return 0;
 }
 
 // ---- the public key segment ------------------------------------------------
@@ -480,7 +496,17 @@ Status CheckKeyNode(const PathKey& k) {
         return KeyProblem("unknown dtype code " + std::to_string(k.int_value));
       }
       break;
-    default:
+    case ValueKind::kNone:
+    case ValueKind::kInt:
+    case ValueKind::kFloat:
+    case ValueKind::kComplex:
+    case ValueKind::kBytes:
+    case ValueKind::kList:  // refused above (not hashable)
+    case ValueKind::kTuple:
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kFrozenSet:
+    case ValueKind::kTensor:
       break;
   }
   if (!KindUsesField(k.kind, kFieldItems) && !k.items.empty()) {

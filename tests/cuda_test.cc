@@ -784,3 +784,42 @@ TEST_CASE(
   }
   RequireNoLeaks();
 }
+
+TEST_CASE("direct reads come from the file the Checkpoint has open") {
+  // ckpt saves by rename: after a save over the same path, the path names
+  // a new file. A load from a Checkpoint opened before must still read the
+  // old one (it used to reopen the path), and so must a load whose path
+  // has been deleted.
+  TempDir dir;
+  const std::string path = dir.File("r.ckpt");
+  auto old_bytes = Pattern(70000, 1);
+  auto new_bytes = Pattern(70000, 2);
+  auto write = [&](const std::vector<std::byte>& b) {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(w->PutTensor("t", DType::kUInt8, {70000}, b).ok());
+    REQUIRE(w->Commit().ok());
+  };
+  write(old_bytes);
+  cuda_double::Reset({});
+  {
+    auto ck = Checkpoint::Open(path);
+    REQUIRE(ck.ok());
+    write(new_bytes);  // replaces the path by rename
+    for (bool unlink_too : {false, true}) {
+      if (unlink_too) REQUIRE(::unlink(path.c_str()) == 0);
+      DeviceLoadOptions o;
+      o.strategy = LoadStrategy::kDirect;
+      o.staging_buffer_bytes = 4096;
+      std::vector<TensorRequest> req = {{"t", {}}};
+      auto load = LoadToDevice(*ck, req, o);
+      INFO(load.status().ToString());
+      REQUIRE(load.ok());
+      Status s = (*load)->Wait();
+      INFO(s.ToString());
+      REQUIRE(s.ok());
+      CHECK(OnDevice((*load)->tensor(0)) == old_bytes);
+    }
+  }
+  RequireNoLeaks();
+}

@@ -263,6 +263,13 @@ constexpr bool ValueKindRowsInOrder() {
   return true;
 }
 static_assert(ValueKindRowsInOrder(), "kValueKinds row i must be kind i");
+constexpr bool ValueKindMinorsKnown() {
+  for (const auto& row : kValueKinds) {
+    if (row.since_minor > kFormatMinor) return false;
+  }
+  return true;
+}
+static_assert(ValueKindMinorsKnown(), "a kind's minor exceeds kFormatMinor");
 
 /// The kind with code `code`, or nullopt past kMaxValueKindCode.
 constexpr std::optional<ValueKind> ValueKindFromCode(uint8_t code) {

@@ -90,7 +90,8 @@ struct TensorInfo {
   bool requires_grad = false;
   bool is_parameter = false;
   /// Position in the file's tensor table (sorted by path): the `index` of
-  /// TensorInfoAt and TensorAt, and Value::tensor_index().
+  /// TensorInfoAt and TensorAt, and Value::tensor_index(). SIZE_MAX for
+  /// the whole-storage byte tensors LoadStoragesToDevice makes.
   size_t index = 0;
 
   int64_t numel() const;

@@ -403,11 +403,15 @@ class Loader final : public DeviceLoad {
     // block of slack at each end.
     const uint64_t alloc = direct_ ? st.piece + 2 * kDirectAlign : st.piece;
     if (direct_) {
-      st.fd = ::open(file_.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-      if (st.fd < 0) {  // e.g. tmpfs: fall back to buffered reads
+      // The file the Checkpoint has open, never its path again: the path
+      // may name a newer file by now (saves replace files by rename).
+      auto fd = internal::CheckpointAccess::ReopenFile(ck_, O_DIRECT);
+      if (!fd.ok()) {  // e.g. tmpfs: fall back to buffered reads
         buffered_fallback_ = true;
-        st.fd = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
+        fd = internal::CheckpointAccess::ReopenFile(ck_, 0);
       }
+      if (!fd.ok()) return fd.status();
+      st.fd = *fd;
     }
     cudaError_t e = cudaSetDevice(device);
     if (e == cudaSuccess)
@@ -573,12 +577,12 @@ class Loader final : public DeviceLoad {
       }
       if (got >= want) return offset - a0;
       if (err == EINVAL && direct) {
-        int plain = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
-        if (plain < 0)
-          err = errno;
-        else {
+        auto plain = internal::CheckpointAccess::ReopenFile(ck_, 0);
+        if (!plain.ok()) {
+          err = plain.status().sys_errno();
+        } else {
           ::close(fd);
-          fd = plain;
+          fd = *plain;
           buffered_fallback_ = true;
           continue;
         }

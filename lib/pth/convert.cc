@@ -749,6 +749,10 @@ Result<std::vector<size_t>> Emitter::DistinctItems(const PyObj& set,
 // Python holds them) and in canonical order (section 10). `key` passed
 // CheckKey and ClassOf, so every object in it has its class. Each distinct
 // object is described once, so memo reuse costs only the segment's length.
+// Why not ckpt::KeySegment(PathKey): a pickle's key is a graph (the memo
+// shares objects), and a PathKey is a tree, so building one would expand
+// every shared object; both go through the same grammar (KeySegmentOf) and
+// the same canonical order (CompareHashable).
 std::string Emitter::KeySegment(const PyObj& key) const {
   std::vector<const PyObj*> node;
   std::vector<std::vector<uint32_t>> kids;  // per id: its items' ids
@@ -929,7 +933,8 @@ Result<NodeId> Emitter::Emit(const Obj& o, int depth) {
     case K::kInt:
       return w ? w->AddInt(o->i) : NodeId{0};
     case K::kBigInt: {
-      if (o->x().r().bytes.empty() || o->x().r().bytes.size() > 4096) {
+      if (o->x().r().bytes.empty() ||
+          o->x().r().bytes.size() > kMaxBigIntBytes) {
         return Fail(InvalidArgument("integer of " +
                                     std::to_string(o->x().r().bytes.size()) +
                                     " bytes"));

@@ -369,12 +369,14 @@ class Reader {
   std::string Path() const { return ck_->path(); }
 
  private:
-  // A string from the file, made printable for an error message.
+  // A string from the file, made printable for an error message: control
+  // characters escaped; other bytes kept (the file's strings are UTF-8,
+  // checked at open, so "é" stays "é").
   static std::string EscapedForMessage(std::string_view s) {
     std::string out;
     for (char ch : s) {
       const auto c = static_cast<unsigned char>(ch);
-      if (c >= 0x20 && c < 0x7f) {
+      if (c >= 0x20 && c != 0x7f) {
         out += static_cast<char>(c);
       } else {
         char b[5];
@@ -508,11 +510,17 @@ class Reader {
         case K::kDevice:
           return on_device(Text(v.as_string(), "a device string"),
                            Lenient(Where(true)), v.file_offset());
-        default:
-          Fail(
-              "unknown node kind " + std::to_string(static_cast<int>(v.kind())),
-              true);
+        // Containers are built by the walk, never here; listed (not
+        // defaulted) so a new kind is a -Wswitch error in this switch.
+        case K::kList:
+        case K::kTuple:
+        case K::kDict:
+        case K::kSet:
+        case K::kFrozenSet:
+          break;
       }
+      Fail("unknown node kind " + std::to_string(static_cast<int>(v.kind())),
+           true);
     }
 
     py::object Text(std::string_view s, const char* what) {
@@ -632,9 +640,6 @@ class Reader {
 // code; a torch.device: its string; a numpy scalar: the Python number of
 // its kind), or None when it is no key.
 class KeyConverter {
-  // FORMAT.md 7.1: the largest BigInt. (lib/writer.cc and lib/tree.cc
-  // hold it too; it belongs in format.h.)
-
  public:
   explicit KeyConverter(py::object on_object)
       : on_object_(std::move(on_object)) {}
@@ -680,7 +685,7 @@ class KeyConverter {
       out.kind = PyTuple_CheckExact(o) ? K::kTuple : K::kFrozenSet;
       for (py::handle item : key) out.items.push_back(Convert(item, depth + 1));
     } else {
-      Other(key, out);
+      Other(key, out, depth);
     }
     return out;
   }
@@ -711,7 +716,9 @@ class KeyConverter {
     out.bytes.assign(b.begin(), b.end());
   }
 
-  void Other(py::handle key, ckpt::PathKey& out) const {
+  // `depth` counts on: on_object's payload is converted one level down, so
+  // a callback that hands back its own argument cannot recurse forever.
+  void Other(py::handle key, ckpt::PathKey& out, size_t depth) const {
     using K = ckpt::ValueKind;
     py::object r = on_object_.is_none() ? py::none() : on_object_(key);
     if (r.is_none()) {
@@ -738,7 +745,7 @@ class KeyConverter {
       case K::kInt:
       case K::kFloat:
       case K::kComplex:
-        out = Convert(payload);
+        out = Convert(payload, depth + 1);
         if (out.kind == *kind || (*kind == K::kInt && out.kind == K::kBigInt)) {
           return;
         }

@@ -63,7 +63,7 @@ MAY_USE = {
     # The loader takes reader views; it never decodes the header itself.
     "cuda": ["status", "format", "io", "reader"],
     # The importer writes through the public writer only.
-    "pth": ["schema", "status", "format", "io", "writer:public"],
+    "pth": ["status", "format", "io", "writer:public"],
     # The commands are thin: the public API only.
     "cli": _PUBLIC_API,
     "tools": _PUBLIC_API + ["cli"],
@@ -119,10 +119,10 @@ def is_public(rel):
 
 def resolve(root, rel, kind, target):
     """The repository-relative path an include names, or None if not ours."""
-    if kind == "<":
-        cand = os.path.join("include", target)
-        return cand if os.path.isfile(os.path.join(root, cand)) else None
-    dirs = [os.path.dirname(rel)] + SEARCH_DIRS
+    # Angle includes are searched like quoted ones, minus the including
+    # file's own directory: the build puts lib/ on some include paths, so
+    # `#include <reader_internal.h>` would compile and must be judged too.
+    dirs = ([] if kind == "<" else [os.path.dirname(rel)]) + SEARCH_DIRS
     for d in dirs:
         cand = os.path.normpath(os.path.join(d, target))
         if os.path.isfile(os.path.join(root, cand)):
@@ -248,6 +248,10 @@ def self_test():
         "lib/format_internal.h": "#include <boost/interprocess/sync.hpp>\n",
         # A file nobody placed in the table, and a missing include.
         "lib/stray.cc": '#include "no_such.h"\n',
+        # An internal header reached with angle brackets, and the schema
+        # from the importer.
+        "lib/cli/cli.cc": "#include <header_internal.h>\n",
+        "lib/pth/zip.cc": '#include "ckpt_generated.h"\n',
     }
     expected = [
         "lib/writer.cc:3 includes ckpt/reader.h "
@@ -261,6 +265,10 @@ def self_test():
         "lib/format_internal.h:1 includes boost/interprocess/sync.hpp "
         "(only lib/source.cc may include boost/)",
         "lib/stray.cc: has no layer",
+        "lib/cli/cli.cc:1 includes header_internal.h "
+        "(layer cli may not depend on header)",
+        "lib/pth/zip.cc:1 includes ckpt_generated.h "
+        "(layer pth may not depend on schema)",
     ]
 
     def write(root, tree):
