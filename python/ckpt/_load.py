@@ -198,7 +198,9 @@ class _Loader:
                     self.placed[s] = out.untyped() if hasattr(out, "untyped") and \
                         not isinstance(out, torch.UntypedStorage) else out
                     continue
-            dev = _check_device(target, saved, where)
+            # Errors name the storage's bytes: file, offset, storage.
+            dev = _check_device(target, saved,
+                                f"{where}:{self.storage(s).offset}: storage {s}")
             if dev.type == "meta":  # shapes only: nothing is read
                 self.placed[s] = _untyped(torch.empty(self.storage(s).nbytes, dtype=torch.uint8,
                                                       device="meta"))
@@ -254,12 +256,12 @@ class _Loader:
         placed first if it is not yet."""
         if rec.storage not in self.placed:
             self.materialize([rec.storage])
-        dtype = CODE_TO_TORCH.get(rec.dtype) or \
-            torch_dtype(rec.dtype, f"{self.name}: tensor '{rec.path}'")
+        dtype = CODE_TO_TORCH.get(rec.dtype) or torch_dtype(
+            rec.dtype, f"{self.name}:{self.storage(rec.storage).offset}: tensor '{rec.path}'")
         return view(self.placed[rec.storage], dtype, rec.storage_offset, rec.shape, rec.strides)
 
-    def on_dtype(self, code):
-        return torch_dtype(code, f"{self.name}: a dtype in the tree")
+    def on_dtype(self, code, offset):
+        return torch_dtype(code, f"{self.name}:{offset}: a dtype in the tree")
 
     def on_device(self, s, where, offset):
         return _torch_device(s, f"{self.name}:{offset}", f"tree path '{where}': device")
@@ -420,7 +422,9 @@ class _Slice:
         self._path = path
         rec = file._record(path)
         self.shape = rec.shape
-        self.dtype = torch_dtype(rec.dtype, f"{file.path}: tensor '{path}'")
+        self.dtype = CODE_TO_TORCH.get(rec.dtype) or torch_dtype(
+            rec.dtype,
+            f"{file.path}:{file._reader().storage(rec.storage).offset}: tensor '{path}'")
 
     def __getitem__(self, index):
         rest = ()

@@ -506,7 +506,7 @@ class Reader {
           return on_tensor(Take(v.tensor_index()),
                            Text(v.type_name(), "a tensor's type name"));
         case K::kDType:
-          return on_dtype(static_cast<int>(v.as_dtype()));
+          return on_dtype(static_cast<int>(v.as_dtype()), v.file_offset());
         case K::kDevice:
           return on_device(Text(v.as_string(), "a device string"),
                            Lenient(Where(true)), v.file_offset());
