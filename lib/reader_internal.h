@@ -29,8 +29,9 @@ struct CheckpointAccess {
   /// path names now: ckpt's writers replace files by rename), opened
   /// through /proc/self/fd with `flags` (e.g. O_DIRECT), or a dup() of it
   /// when /proc is not there and `flags` asks nothing special. The caller
-  /// closes it. kIoError when the file was opened from a buffer or the
-  /// kernel refuses (errno in sys_errno()).
+  /// closes it. kIoError when the file was opened from a buffer; when the
+  /// kernel refuses, ErrnoError's code (kNotFound for ENOENT, else
+  /// kIoError) with errno in sys_errno().
   static Result<int> ReopenFile(const Checkpoint& ck, int flags);
 };
 
