@@ -236,14 +236,23 @@ class Checkpoint {
   /// loader does.
   Checkpoint Share() const { return Checkpoint(impl_); }
 
+  // Facts of the open file, read from the verified preamble and header
+  // (no I/O, never fail).
+
+  /// The path given to Open, or OpenBuffer's name: what errors call it.
   const std::string& path() const;
   /// How the bytes are reached (kMmap: TensorRef data points into the
   /// file's mapping).
   Backend backend() const;
+  /// Size in bytes when opened.
   uint64_t file_size() const;
+  /// The format version the file says (docs/FORMAT.md 11).
   uint16_t format_major() const;
   uint16_t format_minor() const;
+  /// Bytes per checksum chunk (a power of two in [4096, 2^30]).
   uint64_t chunk_size() const;
+  /// The writer's free-text producer ("ckpt 0.2.0"); "" if absent. Valid
+  /// while any handle on the file lives.
   std::string_view producer() const;
   /// Where the sections lie (docs/FORMAT.md 2), from the preamble.
   struct Layout {
@@ -273,6 +282,7 @@ class Checkpoint {
   /// kInvalidArgument for index >= num_tensors().
   Result<TensorRef> TensorAt(size_t index) const;
 
+  /// Storages (the blobs tensors view) in offset order.
   size_t num_storages() const;
   /// Offset, size and saved device of storage `index` (no data read).
   /// kInvalidArgument for index >= num_storages().
