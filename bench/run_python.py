@@ -137,7 +137,7 @@ def bench_file(name, obj, workdir, repeat, device):
     some = sorted(ckpt.flatten(obj))[len(ckpt.flatten(obj)) // 2]
     ml = None if device == "cpu" else device
     rows = {}
-    rows["torch.load"] = best_of(lambda: torch.load(pth, map_location=device), repeat)
+    rows["torch.load"] = best_of(lambda: torch.load(pth, map_location=device, weights_only=False), repeat)
     only = " (tensors only)" if flat_only else ""
     if st is not None:
         # safetensors 0.8 serves CPU tensors from a mapping (zero-copy) by

@@ -23,6 +23,11 @@ def tensor_bytes(t):
         t = t.view(torch.int32)
     elif t.dtype == torch.bool:
         t = t.view(torch.uint8)
+    elif t.element_size() == 1 and t.dtype not in (torch.uint8, torch.int8):
+        # float8/float4 and other one-byte types numpy has no type for.
+        t = t.view(torch.uint8)
+    elif t.dtype in (getattr(torch, n, None) for n in ("uint16", "uint32", "uint64")):
+        t = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t.numpy().tobytes()
 
 
