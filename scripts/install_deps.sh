@@ -29,3 +29,12 @@ fi
 np=$(/usr/bin/python3 -c 'import numpy; print(numpy.__version__)')
 .venv/bin/pip install -q --disable-pip-version-check -c <(echo "numpy==$np") \
   -r bench/requirements.txt
+
+# The main target: PyPI's current torch 2.x (with numpy 2.x and the peers)
+# in a venv of its own, made from Debian's python3 so that the module the
+# build makes for it loads there too. ~3 GB, a few minutes the first time.
+if [ ! -x .venv-torch2/bin/python ]; then
+  /usr/bin/python3 -m venv .venv-torch2
+fi
+.venv-torch2/bin/pip install -q --disable-pip-version-check torch numpy \
+  -r bench/requirements.txt

@@ -19,6 +19,42 @@ cmake --build build-test -j"$jobs"
 (cd build-test && ctest --output-on-failure -j"$jobs")
 [ "$quick" = 1 ] && exit 0
 
+echo "== the Python suites and the .pth tests again, under PyPI's torch 2.x"
+t2=.venv-torch2/bin/python
+if [ -x "$t2" ]; then
+  "$t2" -c 'import torch; print("torch", torch.__version__)'
+  root=$PWD
+  for s in test_api test_hardening test_training test_examples test_bigfile; do
+    (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
+      "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||
+      { tail -n 40 "build-test/torch2_$s.log"; echo "torch2 $s: FAILED"; exit 1; }
+    tail -n 1 "build-test/torch2_$s.log"
+  done
+  "$t2" tests/pth/pth_test.py build-test | tail -n 1
+  "$t2" tests/pth/hardening_test.py build-test | tail -n 1
+  echo "torch2: 7 passed, 0 failed"
+else
+  echo "torch2: skipped (no .venv-torch2: scripts/install_deps.sh makes it)"
+fi
+
+echo "== pip: a wheel from this tree (scikit-build-core), installed into a fresh venv"
+if [ -x "$t2" ]; then
+  wh=$(mktemp -d)
+  "$t2" -m pip wheel -q --no-deps --disable-pip-version-check . -w "$wh/dist"
+  "$t2" -m venv "$wh/venv"
+  "$wh/venv/bin/pip" install -q --disable-pip-version-check "$wh"/dist/ckpt-*.whl
+  # Statically linked: no -dev library (zlib, cudart) is needed to run it.
+  if ldd "$wh/venv/bin/ckpt" "$wh"/venv/lib/python*/site-packages/ckpt/_ckpt*.so |
+      grep -E "libz|libcudart"; then
+    echo "pip: the wheel links a shared zlib or cudart"; exit 1
+  fi
+  "$wh/venv/bin/ckpt" verify tests/data/golden_v1.ckpt
+  rm -rf "$wh"
+  echo "pip: 1 passed, 0 failed"
+else
+  echo "pip: skipped (no .venv-torch2)"
+fi
+
 echo "== install, then build a consumer with find_package(ckpt)"
 prefix=$(mktemp -d)
 cmake --install build-test --prefix "$prefix" >/dev/null
