@@ -573,63 +573,19 @@ class TreeChecker {
   Status CheckValue(uoffset_t i, const fb::Node& node_ref) {
     const fb::Node* node = &node_ref;
     const auto vk = static_cast<ValueKind>(node->kind());
-    switch (vk) {
-      case ValueKind::kBool:
-        if (node->int_value() != 0 && node->int_value() != 1) {
-          return Fail(i, "bool value is neither 0 nor 1");
-        }
-        break;
-      case ValueKind::kBigInt: {
-        size_t nb = node->bytes_value() ? node->bytes_value()->size() : 0;
-        if (nb == 0 || nb > kMaxBigIntBytes) {
-          return Fail(i, "big int of " + std::to_string(nb) + " bytes (1.." +
-                             std::to_string(kMaxBigIntBytes) + " allowed)");
-        }
-        break;
+    if (vk == ValueKind::kDevice && !node->str_value()) {
+      return Fail(i, "device without a string");
+    }
+    if (auto why = ValueProblem(DescribeNode(*node))) return Fail(i, *why);
+    if (vk == ValueKind::kTensor) {  // the one rule that needs the header
+      int64_t t = node->int_value();
+      if (t < 0 || static_cast<uint64_t>(t) >= ntensors_) {
+        return Fail(i, "tensor index " + std::to_string(t) + " out of range");
       }
-      case ValueKind::kString:
-        if (node->str_value()) {
-          if (auto bad =
-                  Utf8Error("string", node->str_value()->string_view())) {
-            return Fail(i, *bad);
-          }
-        }
-        break;
-      case ValueKind::kDType:
-        if (node->int_value() < 0 || node->int_value() > 255 ||
-            !IsKnownDType(static_cast<uint8_t>(node->int_value()))) {
-          return Fail(i, "unknown dtype code");
-        }
-        break;
-      case ValueKind::kDevice:
-        if (!node->str_value()) return Fail(i, "device without a string");
-        if (auto problem = DeviceProblem(node->str_value()->string_view())) {
-          return Fail(i, "invalid device string: " + *problem);
-        }
-        break;
-      case ValueKind::kTensor: {
-        int64_t t = node->int_value();
-        if (t < 0 || static_cast<uint64_t>(t) >= ntensors_) {
-          return Fail(i, "tensor index " + std::to_string(t) + " out of range");
-        }
-        if (tensor_used_[static_cast<size_t>(t)]) {
-          return Fail(i,
-                      "tensor " + std::to_string(t) + " is referenced twice");
-        }
-        tensor_used_[static_cast<size_t>(t)] = 1;
-        break;
+      if (tensor_used_[static_cast<size_t>(t)]) {
+        return Fail(i, "tensor " + std::to_string(t) + " is referenced twice");
       }
-      case ValueKind::kNone:  // no value to check
-      case ValueKind::kInt:
-      case ValueKind::kFloat:
-      case ValueKind::kComplex:
-      case ValueKind::kBytes:
-      case ValueKind::kList:
-      case ValueKind::kTuple:
-      case ValueKind::kDict:
-      case ValueKind::kSet:
-      case ValueKind::kFrozenSet:
-        break;
+      tensor_used_[static_cast<size_t>(t)] = 1;
     }
     if (node->type_name()) {
       if (auto bad = Utf8Error("type_name", node->type_name()->string_view())) {

@@ -446,6 +446,53 @@ int CompareHashable(uint32_t a, uint32_t b,
   return 0;
 }
 
+std::optional<std::string> ValueProblem(const KeyNode& n) {
+  switch (n.kind) {
+    case ValueKind::kBool:
+      if (n.int_value != 0 && n.int_value != 1) {
+        return "bool value is neither 0 nor 1";
+      }
+      break;
+    case ValueKind::kBigInt:
+      if (n.bytes.empty() || n.bytes.size() > kMaxBigIntBytes) {
+        return "big int of " + std::to_string(n.bytes.size()) + " bytes (1.." +
+               std::to_string(kMaxBigIntBytes) + " allowed)";
+      }
+      break;
+    case ValueKind::kString:
+      if (auto bad = Utf8Problem(n.str)) {
+        return "string is not valid UTF-8 (byte " + std::to_string(*bad) +
+               " of " + std::to_string(n.str.size()) + ")";
+      }
+      break;
+    case ValueKind::kDType:
+      if (n.int_value < 1 || n.int_value > kMaxDTypeCode ||
+          !IsKnownDType(static_cast<uint8_t>(n.int_value))) {
+        return "unknown dtype code " + std::to_string(n.int_value);
+      }
+      break;
+    case ValueKind::kDevice:
+      if (auto why = DeviceProblem(n.str)) {
+        return "invalid device string: " + *why;
+      }
+      break;
+    // No rule of their own (a Tensor's index is the header's to check).
+    case ValueKind::kNone:
+    case ValueKind::kInt:
+    case ValueKind::kFloat:
+    case ValueKind::kComplex:
+    case ValueKind::kBytes:
+    case ValueKind::kList:
+    case ValueKind::kTuple:
+    case ValueKind::kDict:
+    case ValueKind::kSet:
+    case ValueKind::kFrozenSet:
+    case ValueKind::kTensor:
+      break;
+  }
+  return std::nullopt;
+}
+
 // ---- the public key segment ------------------------------------------------
 
 namespace {
@@ -467,47 +514,8 @@ Status CheckKeyNode(const PathKey& k) {
     return KeyProblem("a " + std::string(ValueKindName(k.kind)) +
                       " cannot be a dict key");
   }
-  switch (k.kind) {
-    case ValueKind::kBool:
-      if (k.int_value != 0 && k.int_value != 1) {
-        return KeyProblem("bool value is neither 0 nor 1");
-      }
-      break;
-    case ValueKind::kBigInt:
-      if (k.bytes.empty() || k.bytes.size() > kMaxBigIntBytes) {
-        return KeyProblem("big int of " + std::to_string(k.bytes.size()) +
-                          " bytes (1.." + std::to_string(kMaxBigIntBytes) +
-                          " allowed)");
-      }
-      break;
-    case ValueKind::kString:
-      if (auto at = Utf8Problem(k.text)) {
-        return KeyProblem("invalid UTF-8 at byte " + std::to_string(*at));
-      }
-      break;
-    case ValueKind::kDevice:
-      if (auto why = DeviceProblem(k.text)) {
-        return KeyProblem("invalid device string: " + *why);
-      }
-      break;
-    case ValueKind::kDType:
-      if (k.int_value < 1 || k.int_value > kMaxDTypeCode ||
-          !IsKnownDType(static_cast<uint8_t>(k.int_value))) {
-        return KeyProblem("unknown dtype code " + std::to_string(k.int_value));
-      }
-      break;
-    case ValueKind::kNone:
-    case ValueKind::kInt:
-    case ValueKind::kFloat:
-    case ValueKind::kComplex:
-    case ValueKind::kBytes:
-    case ValueKind::kList:  // refused above (not hashable)
-    case ValueKind::kTuple:
-    case ValueKind::kDict:
-    case ValueKind::kSet:
-    case ValueKind::kFrozenSet:
-    case ValueKind::kTensor:
-      break;
+  if (auto why = ValueProblem(ViewOf(k, k.items.size()))) {
+    return KeyProblem(*why);
   }
   if (!KindUsesField(k.kind, kFieldItems) && !k.items.empty()) {
     return KeyProblem("a " + std::string(ValueKindName(k.kind)) +

@@ -29,6 +29,13 @@ struct KeyNode {
   size_t num_items = 0;
 };
 
+/// Why a node's value breaks its kind's rule (FORMAT.md R14, R19): a bool
+/// other than 0/1, a BigInt of 0 or more than kMaxBigIntBytes bytes, a
+/// string that is not UTF-8, an unknown dtype code, a device outside the
+/// grammar; nullopt when it keeps them. The one copy of these rules: the
+/// reader's tree check and KeySegment's key check both call it.
+std::optional<std::string> ValueProblem(const KeyNode& n);
+
 /// The KeyNode view of a node's value (`num_items`: its item count).
 KeyNode ViewOf(const NodeValue& v, size_t num_items);
 

@@ -1281,7 +1281,7 @@ TEST_CASE("7.3: KeySegment refuses keys a file cannot hold") {
       {K(ValueKind::kTensor), "a tensor cannot be a dict key"},
       {KSeq(ValueKind::kTuple, {KInt(1), K(ValueKind::kSet)}),
        "a set cannot be a dict key"},
-      {bad_utf8, "invalid UTF-8"},
+      {bad_utf8, "string is not valid UTF-8 (byte 0 of 1)"},
       {bad_dev, "invalid device string"},
       {bad_dtype, "unknown dtype code 200"},
       {empty_big, "big int of 0 bytes"},
