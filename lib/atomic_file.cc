@@ -178,8 +178,13 @@ Status WriteError(const std::string& what, int err) {
 }
 
 Status AtomicFile::Error(const std::string& what, int err) const {
+  return Error(what, err, size_);
+}
+
+Status AtomicFile::Error(const std::string& what, int err,
+                         uint64_t offset) const {
   return WriteError(what, err).WithFile(target_).WithOffset(
-      static_cast<int64_t>(size_));
+      static_cast<int64_t>(offset));
 }
 
 Status AtomicFile::OpenNamed(const std::string& dir, const std::string& prefix,
@@ -290,20 +295,18 @@ AtomicFile& AtomicFile::operator=(AtomicFile&& o) noexcept {
 AtomicFile::~AtomicFile() { Abort(); }
 
 Status AtomicFile::Write(std::span<const std::byte> bytes) {
-  if (fd_ < 0) return IoError("write after close").WithFile(target_);
-  const std::byte* p = bytes.data();
-  size_t left = bytes.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd_, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Error("write failed", errno);
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-    size_ += static_cast<uint64_t>(n);
-  }
+  // pwrite at the end this object tracks, never the descriptor's offset,
+  // so appends and WriteAt's from other threads can interleave.
+  CKPT_RETURN_IF_ERROR(WriteAt(size_, bytes));
+  size_ += bytes.size();
   return Status::OK();
+}
+
+void AtomicFile::StartWriteback(uint64_t offset, uint64_t len) const {
+  if (fd_ >= 0 && len > 0) {
+    (void)::sync_file_range(fd_, static_cast<off_t>(offset),
+                            static_cast<off_t>(len), SYNC_FILE_RANGE_WRITE);
+  }
 }
 
 Status AtomicFile::CopyFrom(int src_fd, uint64_t src_offset, uint64_t len,
@@ -311,9 +314,11 @@ Status AtomicFile::CopyFrom(int src_fd, uint64_t src_offset, uint64_t len,
   *copied = false;
   if (fd_ < 0) return IoError("write after close").WithFile(target_);
   auto in_off = static_cast<loff_t>(src_offset);
+  auto out_off = static_cast<loff_t>(size_);
   uint64_t done = 0;
   while (done < len) {
-    ssize_t n = ::copy_file_range(src_fd, &in_off, fd_, nullptr, len - done, 0);
+    ssize_t n =
+        ::copy_file_range(src_fd, &in_off, fd_, &out_off, len - done, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
       // Not supported across these file systems / kernels: the caller
@@ -340,8 +345,10 @@ Status AtomicFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
                          static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return Error("write failed", errno);
+      return Error("write failed", errno, offset + done);
     }
+    // A regular file never takes 0 bytes of a non-empty write; don't spin.
+    if (n == 0) return Error("write failed: no progress", EIO, offset + done);
     done += static_cast<size_t>(n);
   }
   return Status::OK();

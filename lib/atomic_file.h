@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "ckpt/status.h"
 
@@ -40,12 +41,21 @@ class AtomicFile {
   /// Appends at the current end. kIoError (e.g. "No space left on device")
   /// naming the target and offset.
   Status Write(std::span<const std::byte> bytes);
+  /// Moves the end `n` bytes on and returns where those bytes start; the
+  /// caller fills them with WriteAt, from any number of threads at once,
+  /// before Commit (a range left unfilled reads as zeros).
+  uint64_t Reserve(uint64_t n) { return std::exchange(size_, size_ + n); }
+  /// Asks the kernel to start writing `len` bytes at `offset` back to the
+  /// disk now (sync_file_range), so that the fsync at Commit waits for
+  /// less. Advisory: a failure here is reported by that fsync.
+  void StartWriteback(uint64_t offset, uint64_t len) const;
   /// Appends `len` bytes from offset `src_offset` of the file `src_fd`,
   /// copied by the kernel (copy_file_range) without passing through user
   /// memory. Returns false in `*copied` (and OK) when the kernel cannot do
   /// it for these files, having written nothing; kIoError on a real error.
   Status CopyFrom(int src_fd, uint64_t src_offset, uint64_t len, bool* copied);
-  /// Writes at an absolute offset without moving the end.
+  /// Writes at an absolute offset without moving the end. Safe to call
+  /// from several threads at once for disjoint ranges.
   Status WriteAt(uint64_t offset, std::span<const std::byte> bytes);
   uint64_t size() const { return size_; }
 
@@ -64,7 +74,8 @@ class AtomicFile {
 
  private:
   AtomicFile() = default;
-  Status Error(const std::string& what, int err) const;
+  Status Error(const std::string& what, int err) const;  // at size_
+  Status Error(const std::string& what, int err, uint64_t offset) const;
   Status OpenNamed(const std::string& dir, const std::string& prefix,
                    unsigned mode);
   Status Publish();

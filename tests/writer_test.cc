@@ -311,3 +311,115 @@ TEST_CASE("SetTypeName tags tensors and dicts, nothing else") {
   CHECK(ck->Get("b")->type_name().empty());
   CHECK(ck->Verify().ok());
 }
+
+namespace {
+
+// A storage of `src` appended in pieces of the given sizes (the last piece
+// takes the rest), written with `threads`; returns the whole file.
+std::vector<std::byte> WriteInPieces(const TempDir& dir,
+                                     const std::vector<std::byte>& src,
+                                     const std::vector<size_t>& pieces,
+                                     WriteOptions o) {
+  std::string path = dir.File("p" + std::to_string(o.threads) + "_" +
+                              std::to_string(o.chunk_size) + ".ckpt");
+  auto w = Writer::Create(path, o);
+  REQUIRE(w.ok());
+  // A small storage first, so the large one starts at an offset the
+  // buffered path left behind.
+  std::vector<std::byte> small(100, std::byte{5});
+  REQUIRE(w->PutTensor("a", DType::kUInt8, {100}, small).ok());
+  auto s = w->BeginStorage(src.size());
+  REQUIRE(s.ok());
+  std::span<const std::byte> rest(src);
+  for (size_t n : pieces) {
+    n = std::min(n, rest.size());
+    REQUIRE(w->Append(rest.first(n)).ok());
+    rest = rest.subspan(n);
+  }
+  REQUIRE(w->Append(rest).ok());
+  REQUIRE(w->EndStorage().ok());
+  REQUIRE(w->PutValue(
+               "b", w->AddTensor(TensorSpec{DType::kUInt8,
+                                            {static_cast<int64_t>(src.size())},
+                                            {},
+                                            *s,
+                                            0})
+                        .value())
+              .ok());
+  REQUIRE(w->Commit().ok());
+  auto ck = Checkpoint::Open(path);
+  REQUIRE(ck.ok());
+  INFO(path);
+  CHECK(ck->Verify().ok());
+  auto b = ck->Tensor("b");
+  REQUIRE(b.ok());
+  CHECK(std::equal(b->data().begin(), b->data().end(), src.begin(), src.end()));
+  return ReadAll(path);
+}
+
+}  // namespace
+
+TEST_CASE("large appends hashed and written in parallel make the same file") {
+  TempDir dir;
+  // 21 MiB + 77: a partial chunk before, whole chunks, a partial after.
+  std::vector<std::byte> src((21u << 20) + 77);
+  uint64_t x = 88172645463325252ull;
+  for (auto& b : src) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b = static_cast<std::byte>(x);
+  }
+  for (uint64_t chunk :
+       {kDefaultChunkBytes, uint64_t{1} << 16, uint64_t{32} << 20}) {
+    for (const std::vector<size_t>& pieces :
+         {std::vector<size_t>{}, std::vector<size_t>{1000, 20u << 20},
+          std::vector<size_t>{(3u << 20) + 5, 17u << 20, 1}}) {
+      WriteOptions serial = Fast();
+      serial.chunk_size = chunk;
+      serial.threads = 1;
+      auto want = WriteInPieces(dir, src, pieces, serial);
+      for (unsigned threads : {0u, 2u, 3u}) {
+        WriteOptions o = serial;
+        o.threads = threads;
+        o.sync = threads == 3;  // the writeback hints, too
+        INFO("chunk " << chunk << " threads " << threads << " pieces "
+                      << pieces.size());
+        CHECK(WriteInPieces(dir, src, pieces, o) == want);
+      }
+    }
+  }
+}
+
+TEST_CASE("a full disk during a parallel append fails cleanly") {
+  TempDir dir;
+  auto before = Old(dir);
+  struct sigaction ign {
+  }, old_action{};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old_action);
+  rlimit old_limit;
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  rlimit small = old_limit;
+  small.rlim_cur = 20 << 20;  // inside the parallel part of the append
+  setrlimit(RLIMIT_FSIZE, &small);
+  Status s, after;
+  {
+    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+    REQUIRE(w.ok());
+    std::vector<std::byte> big(64 << 20);
+    s = w->PutTensor("big", DType::kUInt8, {64 << 20}, big);
+    if (s.ok()) s = w->Commit();
+    after = w->PutTensor("x", DType::kUInt8, {1}, std::span(big).first(1));
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  sigaction(SIGXFSZ, &old_action, nullptr);
+  INFO(s.ToString());
+  CHECK(s.code() == ErrorCode::kIoError);
+  CHECK(s.file() == dir.File("t.ckpt"));
+  CHECK(s.ToString().find("write failed") != std::string::npos);
+  // The offset named is where the writes stopped: the first failing piece
+  // wrote up to the limit.
+  CHECK(s.offset() == (20 << 20));
+  CHECK(after.code() == ErrorCode::kIoError);  // the writer stays aborted
+  RequireOnlyTarget(dir);
+  CHECK(ReadAll(dir.File("t.ckpt")) == before);
+}
