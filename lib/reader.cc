@@ -501,6 +501,15 @@ Checkpoint::Layout Checkpoint::layout() const {
 }
 
 size_t Checkpoint::num_tensors() const { return impl_->ntensors(); }
+std::vector<std::string_view> Checkpoint::TensorPaths() const {
+  std::vector<std::string_view> out;
+  if (const auto* tensors = impl_->h->tensors()) {
+    out.reserve(tensors->size());
+    for (const fb::Tensor* t : *tensors)
+      out.push_back(t->path()->string_view());
+  }
+  return out;
+}
 Result<TensorInfo> Checkpoint::TensorInfoAt(size_t index) const {
   if (index >= num_tensors()) {
     return InvalidArgument("tensor index " + std::to_string(index) +

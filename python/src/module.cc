@@ -266,6 +266,16 @@ class Reader {
     return out;
   }
 
+  // The tensor paths as str, sorted, without a record per tensor
+  // (File.keys(), safe_open's keys()).
+  py::list Paths() const {
+    std::vector<std::string_view> paths = ck_->TensorPaths();
+    py::list out(paths.size());
+    for (size_t i = 0; i < paths.size(); ++i)
+      out[i] = Utf8(paths[i], ck_->path(), "a tensor path");
+    return out;
+  }
+
   py::object TensorAt(size_t index) const {
     if (index >= ck_->num_tensors())
       throw py::index_error("tensor index out of range");
@@ -978,6 +988,7 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("metadata", &Reader::Metadata)
       .def("storages", &Reader::Storages)
       .def("tensors", &Reader::Tensors)
+      .def("paths", &Reader::Paths)
       .def("tensor_index", &Reader::TensorIndex)
       .def("tensor", &Reader::TensorAt)
       .def("storage", &Reader::StorageAt)
@@ -1091,15 +1102,33 @@ PYBIND11_MODULE(_ckpt, m) {
   m.def(
       "import_pth",
       [](const std::string& in, const std::string& out, bool sync,
-         const std::string& encoding) {
+         const std::string& encoding, const py::object& progress) {
         ckpt::ImportOptions o;
         o.write.sync = sync;
         o.encoding = encoding;
+        // progress(done, total) runs on this thread with the GIL taken
+        // back; an exception from it (KeyboardInterrupt too) stops the
+        // conversion and is raised here. No output is left, unless it came
+        // from the last call, made once the output is committed.
+        std::optional<py::error_already_set> raised;
+        if (!progress.is_none()) {
+          o.progress = [&](uint64_t done, uint64_t total) -> ckpt::Status {
+            py::gil_scoped_acquire gil;
+            try {
+              progress(done, total);
+            } catch (py::error_already_set& e) {
+              raised.emplace(std::move(e));
+              return ckpt::InvalidArgument("stopped by the progress callback");
+            }
+            return ckpt::Status::OK();
+          };
+        }
         ckpt::Result<ckpt::ImportReport> r = ckpt::ImportReport{};
         {
           py::gil_scoped_release nogil;
           r = ckpt::ImportPth(in, out, o);
         }
+        if (raised) throw std::move(*raised);
         if (!r.ok()) {
           StatusError e{r.status()};
           if (e.status.code() == ckpt::ErrorCode::kInvalidArgument)
@@ -1109,7 +1138,7 @@ PYBIND11_MODULE(_ckpt, m) {
         return r->tensors;
       },
       py::arg("src"), py::arg("dst"), py::arg("sync") = true,
-      py::arg("encoding") = "utf-8");
+      py::arg("encoding") = "utf-8", py::arg("progress") = py::none());
 
   py::class_<SigintDeferral>(m, "SigintDeferral")
       .def(py::init<>())
