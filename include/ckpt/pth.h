@@ -43,6 +43,12 @@ struct ImportLimits {
   uint64_t max_expanded_bytes = 256ull << 20;
 };
 
+/// A conversion's progress: `done` of `total` bytes of tensor storage
+/// converted (read, checked and, for ImportPth, written). Return a non-OK
+/// Status to stop the conversion: it then fails with that Status and
+/// writes nothing (a cancelled ImportPth leaves no output, as on any error).
+using ImportProgress = std::function<Status(uint64_t done, uint64_t total)>;
+
 struct ImportOptions {
   /// Check each zip entry's CRC-32. An archive whose CRC-32 fields are all
   /// zero (torch 2.x with compute_crc32=False) is read as "not computed"
@@ -56,6 +62,16 @@ struct ImportOptions {
   std::string encoding = "utf-8";
   ImportLimits limits;
   WriteOptions write;
+  /// Called, when set, on the thread that runs the conversion: once with
+  /// (0, total) after the input is parsed and checked (total: the bytes of
+  /// every distinct storage the file's tensors use), then as storages are
+  /// converted (after each storage and every 64 MiB within a larger one),
+  /// and last with (total, total) once the output is committed (that
+  /// call's Status is ignored: the file is in place). `done` never
+  /// decreases (a value may repeat). Not called for a file refused while
+  /// it is parsed. Unset: no cost. Directory conversions call it per file,
+  /// with that file's bytes. CheckPth (a dry run) calls it as it reads.
+  ImportProgress progress;
 };
 
 /// What a conversion found (or would write, for a dry run).

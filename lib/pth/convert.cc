@@ -31,6 +31,9 @@ using K = PyObj::K;
 
 // Streamed storage pieces: bounded memory for any storage size.
 constexpr uint64_t kPieceBytes = 16ull << 20;
+// ImportOptions::progress is called at most once per this many bytes
+// within a storage: a Python callback takes the GIL for each call.
+constexpr uint64_t kProgressStep = 64ull << 20;
 
 // Where a storage's bytes are in the input.
 struct Payload {
@@ -366,6 +369,10 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
 // is byte-swapped by.
 struct Plan {
   std::unordered_map<const PyStorage*, DType> swap;
+  // Bytes of every distinct storage a tensor or bare storage uses: what
+  // the emitter will stream (ImportOptions::progress's total).
+  uint64_t storage_bytes = 0;
+  std::unordered_set<const PyStorage*> storages;
 };
 
 size_t SwapUnit(DType d) {
@@ -431,6 +438,12 @@ Result<Count> CountSelf(const Loaded& l, const PyObj& o, Plan* plan) {
           o.kind == K::kTensor ? o.x().r().tensor->storage : o.x().r().storage;
       DType d = o.kind == K::kTensor ? o.x().r().tensor->dtype
                                      : o.x().r().storage->dtype;
+      if (plan->storages.insert(st.get()).second) {
+        const uint64_t n = st->numel * ElementSize(*st);
+        plan->storage_bytes = plan->storage_bytes > UINT64_MAX - n
+                                  ? UINT64_MAX
+                                  : plan->storage_bytes + n;
+      }
       if (l.big_endian && !st->inline_data) {
         auto [it, fresh] = plan->swap.emplace(st.get(), d);
         if (!fresh && SwapUnit(it->second) != SwapUnit(d)) {
@@ -541,6 +554,9 @@ class Emitter {
   /// checks run with and without a writer: a dry run decides what a
   /// conversion decides.
   Result<NodeId> Emit(const Obj& o, int depth);
+  /// Adds `n` converted bytes; calls ImportOptions::progress when `flush`
+  /// or when kProgressStep bytes have passed since its last call.
+  Status Progress(uint64_t n, bool flush);
   ImportReport report;
 
  private:
@@ -573,7 +589,20 @@ class Emitter {
   std::unordered_map<const PyObj*, uint32_t> class_of_;
   std::vector<std::byte> swap_;
   std::vector<std::byte> buf_;  // one storage piece at a time
+  uint64_t done_ = 0;           // storage bytes converted so far
+  uint64_t reported_ = 0;       // done_ at the last progress call
 };
+
+Status Emitter::Progress(uint64_t n, bool flush) {
+  if (!opt_.progress) return Status::OK();
+  done_ += n;
+  if (!flush && done_ - reported_ < kProgressStep) return Status::OK();
+  reported_ = done_;
+  // The plan's total bounds done: a count that disagreed would only ever
+  // show as a bar held at 100%, never as one past it.
+  return opt_.progress(std::min(done_, plan_.storage_bytes),
+                       plan_.storage_bytes);
+}
 
 Status Emitter::Stream(std::span<const std::byte> bytes, DType dtype) {
   if (!l_.big_endian) return w_->Append(bytes);
@@ -602,6 +631,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
       CKPT_ASSIGN_OR_RETURN(id, w_->AddStorage(*st->inline_data, "cpu"));
     }
     written_[st.get()] = id;
+    CKPT_RETURN_IF_ERROR(Progress(bytes, true));
     return id;
   }
   const Payload& p = l_.payload.at(st.get());
@@ -617,7 +647,8 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
     CKPT_RETURN_IF_ERROR(l_.zip->Inflate(
         *p.entry, l_.check_crc, static_cast<size_t>(kPieceBytes),
         [&](std::span<const std::byte> piece) {
-          return w_ ? Stream(piece, swap_dtype) : Status::OK();
+          Status s = w_ ? Stream(piece, swap_dtype) : Status::OK();
+          return s.ok() ? Progress(piece.size(), false) : s;
         }));
   } else {
     uint64_t start = p.offset;
@@ -658,6 +689,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
       if (piece_crc.valid()) crc = piece_crc.get();
       CKPT_RETURN_IF_ERROR(s);
       if (direct) l_.src->Release(start + off, n);
+      CKPT_RETURN_IF_ERROR(Progress(n, false));
     }
     if (p.entry && l_.check_crc && crc != p.entry->crc32) {
       return ChecksumMismatch("zip: record '" + p.entry->name +
@@ -668,6 +700,7 @@ Result<StorageId> Emitter::WriteStorage(const std::shared_ptr<PyStorage>& st) {
   }
   if (w_) CKPT_RETURN_IF_ERROR(w_->EndStorage());
   written_[st.get()] = id;
+  CKPT_RETURN_IF_ERROR(Progress(0, true));
   return id;
 }
 
@@ -1011,6 +1044,9 @@ Result<ImportReport> Run(const std::string& in, const std::string* out,
     CKPT_ASSIGN_OR_RETURN(Writer writer, Writer::Create(*out, wo));
     w.emplace(std::move(writer));
   }
+  if (opt.progress) {
+    CKPT_RETURN_IF_ERROR(opt.progress(0, plan.storage_bytes));
+  }
   Emitter e(l, plan, w ? &*w : nullptr, opt);
   CKPT_ASSIGN_OR_RETURN(NodeId root, e.Emit(l.root, 0));
   e.report.container = l.container;
@@ -1028,6 +1064,10 @@ Result<ImportReport> Run(const std::string& in, const std::string* out,
     }
     Status s = w->Commit();
     if (!s.ok()) return s.WithFile(*out);
+  }
+  if (opt.progress) {
+    // The output is committed: a Status returned now is ignored.
+    (void)opt.progress(plan.storage_bytes, plan.storage_bytes);
   }
   return e.report;
 }
