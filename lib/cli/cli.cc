@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "human.h"
 #include "json.h"
+#include "progress.h"
 
 namespace {
 
@@ -94,16 +95,20 @@ const char* kDiffHelp =
     "file cannot be read.\n";
 
 const char* kImportHelp =
-    "usage: ckpt import [--no-crc] IN.pth OUT.ckpt\n"
+    "usage: ckpt import [--no-crc] [--progress|--no-progress] IN.pth "
+    "OUT.ckpt\n"
     "\n"
     "Converts a torch.save file to ckpt without running anything from it;\n"
     "the same as pth2ckpt IN OUT (see pth2ckpt --help). On refusal: exit 1,\n"
-    "the reason on stderr, and no OUT file.\n";
+    "the reason on stderr, and no OUT file. On a terminal (stderr a TTY) a\n"
+    "progress line on stderr shows the bytes converted and GB/s, erased\n"
+    "when done; --progress / --no-progress force it on or off.\n";
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
     "                 [--strategy auto|staged|direct|register] [--threads N] "
     "[--verify]\n"
+    "                 [--progress|--no-progress]\n"
     "\n"
     "Loads tensors (all, or the --paths given; --rows A:B takes rows [A, B) "
     "of\n"
@@ -115,7 +120,10 @@ const char* kLoadHelp =
     "--verify checks the checksum of every chunk the tensors lie in, as it\n"
     "reads or stages them (a damaged chunk fails the load, naming the "
     "tensor).\n"
-    "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n";
+    "Without a usable GPU, --device cuda:N fails with the reason (exit 1).\n"
+    "On a terminal (stderr a TTY) a progress line on stderr shows the bytes\n"
+    "loaded and GB/s, erased before the result is printed; --progress /\n"
+    "--no-progress force it on or off.\n";
 
 int Usage(const char* help, const std::string& problem) {
   std::fprintf(stderr, "ckpt: %s\n\n%s", problem.c_str(), help);
@@ -593,6 +601,7 @@ int Diff(const std::vector<std::string>& args) {
 int Import(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kImportHelp), kExitOk;
   ckpt::ImportOptions opt;
+  ckpt::tool::ProgressMode mode = ckpt::tool::ProgressMode::kAuto;
   std::vector<std::string> pos;
   bool options_done = false;
   for (const auto& a : args) {
@@ -600,6 +609,7 @@ int Import(const std::vector<std::string>& args) {
       options_done = true;
     } else if (!options_done && a == "--no-crc") {
       opt.check_crc = false;
+    } else if (!options_done && ckpt::tool::ParseProgressFlag(a, mode)) {
     } else if (!options_done && a.size() > 1 && a[0] == '-') {
       return Usage(kImportHelp, "unknown option '" + a + "'");
     } else {
@@ -607,7 +617,15 @@ int Import(const std::vector<std::string>& args) {
     }
   }
   if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
+  ckpt::tool::ProgressLine line(mode);
+  if (line.on()) {
+    opt.progress = [&](uint64_t done, uint64_t total) {
+      line.Update(pos[0], done, total);
+      return Status::OK();
+    };
+  }
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
+  line.Clear();
   if (!r.ok()) return Fail(r.status());
   std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n",
               pos[0].c_str(), pos[1].c_str(), r->tensors, r->storages,
@@ -624,6 +642,7 @@ struct LoadArgs {
   std::optional<std::pair<int64_t, int64_t>> rows;
   bool verify = false;
   unsigned threads = 0;
+  ckpt::tool::ProgressMode progress = ckpt::tool::ProgressMode::kAuto;
 };
 
 // Parses `ckpt load`'s arguments into `la`; returns the usage problem, or
@@ -662,6 +681,7 @@ std::string ParseLoadArgs(const std::vector<std::string>& args, LoadArgs& la) {
       la.rows = std::pair<int64_t, int64_t>{r0, r1};
     } else if (a == "--verify") {
       la.verify = true;
+    } else if (ckpt::tool::ParseProgressFlag(a, la.progress)) {
     } else if (a == "--paths") {
       while (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0)
         la.paths.push_back(args[++i]);
@@ -677,19 +697,43 @@ std::string ParseLoadArgs(const std::vector<std::string>& args, LoadArgs& la) {
   return "";
 }
 
+// The progress line moves at least this often within one large tensor.
+constexpr uint64_t kProgressStep = 64ull << 20;
+
 // `load --device cpu`: copies each tensor into memory of its own; returns
 // the bytes copied.
-ckpt::Result<uint64_t> LoadToHost(const Checkpoint& ck, const LoadArgs& la) {
-  uint64_t bytes = 0;
-  std::vector<std::vector<std::byte>> keep;
+ckpt::Result<uint64_t> LoadToHost(const Checkpoint& ck, const LoadArgs& la,
+                                  ckpt::tool::ProgressLine& line) {
+  uint64_t bytes = 0, total = 0;
+  std::vector<ckpt::TensorRef> refs;  // views only: nothing read yet
+  refs.reserve(la.paths.size());
   for (const auto& p : la.paths) {
     CKPT_ASSIGN_OR_RETURN(
         ckpt::TensorRef t,
         la.rows ? ck.TensorRows(p, la.rows->first, la.rows->second)
                 : ck.Tensor(p));
+    total += t.info().nbytes();
+    refs.push_back(std::move(t));
+  }
+  line.Update(la.file, 0, total);
+  std::vector<std::vector<std::byte>> keep;
+  for (const auto& t : refs) {
     keep.emplace_back(static_cast<size_t>(t.info().nbytes()));
-    CKPT_RETURN_IF_ERROR(t.CopyTo(keep.back()));
-    bytes += keep.back().size();
+    std::span<std::byte> out = keep.back();
+    if (!line.on() || la.verify || out.size() <= kProgressStep) {
+      CKPT_RETURN_IF_ERROR(t.CopyTo(out));
+    } else {
+      // Whole 64 MiB windows (a multiple of every element size) so that
+      // the line moves; --verify copies whole tensors, each chunk hashed
+      // once.
+      for (uint64_t b = 0; b < out.size(); b += kProgressStep) {
+        const uint64_t n = std::min<uint64_t>(kProgressStep, out.size() - b);
+        CKPT_RETURN_IF_ERROR(t.CopyTo(out.subspan(b, n), b));
+        line.Update(la.file, bytes + b + n, total);
+      }
+    }
+    bytes += out.size();
+    line.Update(la.file, bytes, total);
   }
   return bytes;
 }
@@ -697,7 +741,8 @@ ckpt::Result<uint64_t> LoadToHost(const Checkpoint& ck, const LoadArgs& la) {
 // `load --device cuda:N`: the device loader, waited for; returns the bytes
 // loaded and appends the strategy that ran to `device`.
 ckpt::Result<uint64_t> LoadToGpu(const Checkpoint& ck, const LoadArgs& la,
-                                 std::string& device) {
+                                 std::string& device,
+                                 ckpt::tool::ProgressLine& line) {
 #ifdef CKPT_WITH_CUDA
   std::vector<ckpt::TensorRequest> req;
   for (const auto& p : la.paths) req.push_back({p, la.rows});
@@ -710,15 +755,26 @@ ckpt::Result<uint64_t> LoadToGpu(const Checkpoint& ck, const LoadArgs& la,
                                            : ckpt::LoadStrategy::kAuto;
   o.verify_checksums = la.verify;
   CKPT_ASSIGN_OR_RETURN(auto load, ckpt::LoadToDevice(ck, req, o));
-  CKPT_RETURN_IF_ERROR(load->Wait());
   uint64_t bytes = 0;
   for (size_t i = 0; i < load->size(); ++i) bytes += load->tensor(i).nbytes;
+  if (line.on()) {
+    // Tensors in request order: a lower bound of what has arrived. A
+    // failed tensor ends the display; Wait() below reports it.
+    line.Update(la.file, 0, bytes);
+    uint64_t done = 0;
+    for (size_t i = 0; i < load->size() && load->WaitTensor(i).ok(); ++i) {
+      done += load->tensor(i).nbytes;
+      line.Update(la.file, done, bytes);
+    }
+  }
+  CKPT_RETURN_IF_ERROR(load->Wait());
   device += ", " + load->strategy();
   return bytes;
 #else
   (void)ck;
   (void)la;
   (void)device;
+  (void)line;
   return ckpt::InvalidArgument(
       "this ckpt was built without the CUDA toolkit; only --device cpu works");
 #endif
@@ -741,8 +797,10 @@ int Load(const std::vector<std::string>& args) {
       la.paths.push_back(ck->TensorInfoAt(i)->path);
   }
   std::string device = la.device;
-  auto bytes =
-      device == "cpu" ? LoadToHost(*ck, la) : LoadToGpu(*ck, la, device);
+  ckpt::tool::ProgressLine line(la.progress);
+  auto bytes = device == "cpu" ? LoadToHost(*ck, la, line)
+                               : LoadToGpu(*ck, la, device, line);
+  line.Clear();
   if (!bytes.ok()) return Fail(bytes.status());
   double sec =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/human.h"
+#include "cli/progress.h"
 
 namespace fs = std::filesystem;
 
@@ -47,6 +48,10 @@ const char* kHelp =
     "  --max-memory-mib N   memory the pickle's objects may take (default "
     "192)\n"
     "  --no-sync         do not fsync the output (faster; not crash-safe)\n"
+    "  --progress, --no-progress\n"
+    "                    show (or not) a progress line on stderr: bytes\n"
+    "                    converted and GB/s, erased when a file is done;\n"
+    "                    default: shown when stderr is a terminal\n"
     "  -h, --help        this text\n"
     "\n"
     "Exit status: 0 converted, 1 refused or failed, 2 usage error.\n";
@@ -62,13 +67,38 @@ std::string Describe(const ckpt::ImportReport& r) {
   return s;
 }
 
+// Reports a file's bytes on `line` (when it is shown) under `label`.
+void ShowBytes(ckpt::ImportOptions& opt, ckpt::tool::ProgressLine& line,
+               const std::string* label) {
+  if (!line.on()) return;
+  opt.progress = [&line, label](uint64_t done, uint64_t total) {
+    line.Update(*label, done, total);
+    return ckpt::Status::OK();
+  };
+}
+
 int ConvertDir(const std::string& in, const std::string& out, bool dry,
-               const ckpt::ImportOptions& opt) {
+               ckpt::ImportOptions opt, ckpt::tool::ProgressLine& line) {
+  // The progress line names the file; its "[i/n] FILE ... " goes to stdout
+  // with the outcome once the line is erased, so stdout's bytes are the
+  // same with or without it.
+  std::string label;
+  ShowBytes(opt, line, &label);
   auto progress = [&](size_t i, size_t n, const ckpt::DirFileResult& f,
                       bool done) {
+    char head[32];
+    std::snprintf(head, sizeof head, "[%zu/%zu] ", i + 1, n);
     if (!done) {
-      std::printf("[%zu/%zu] %s ... ", i + 1, n, f.input.c_str());
-    } else if (f.status.ok()) {
+      label = head + f.input;
+      if (!line.on()) std::printf("%s%s ... ", head, f.input.c_str());
+      std::fflush(stdout);
+      return;
+    }
+    if (line.on()) {
+      line.Clear();
+      std::printf("%s%s ... ", head, f.input.c_str());
+    }
+    if (f.status.ok()) {
       std::printf("%s: %s\n", dry ? "would convert" : "ok",
                   Describe(f.report).c_str());
     } else {
@@ -106,6 +136,7 @@ int ConvertDir(const std::string& in, const std::string& out, bool dry,
 
 int main(int argc, char** argv) {
   ckpt::ImportOptions opt;
+  ckpt::tool::ProgressMode mode = ckpt::tool::ProgressMode::kAuto;
   bool dry = false;
   std::vector<std::string> pos;
   for (int i = 1; i < argc; ++i) {
@@ -119,6 +150,7 @@ int main(int argc, char** argv) {
       opt.check_crc = false;
     } else if (a == "--no-sync") {
       opt.write.sync = false;
+    } else if (ckpt::tool::ParseProgressFlag(a, mode)) {
     } else if (a == "--encoding" || a.rfind("--encoding=", 0) == 0) {
       std::string v =
           a.size() > 10 ? a.substr(11) : (i + 1 < argc ? argv[++i] : "");
@@ -164,6 +196,7 @@ int main(int argc, char** argv) {
                  kHelp);
     return 2;
   }
+  ckpt::tool::ProgressLine line(mode);
   if (dir) {
     if (pos.size() == 2 && fs::exists(pos[1], ec) &&
         !fs::is_directory(pos[1], ec)) {
@@ -171,10 +204,12 @@ int main(int argc, char** argv) {
                    pos[0].c_str(), pos[1].c_str());
       return 2;
     }
-    return ConvertDir(pos[0], pos.size() == 2 ? pos[1] : "", dry, opt);
+    return ConvertDir(pos[0], pos.size() == 2 ? pos[1] : "", dry, opt, line);
   }
+  ShowBytes(opt, line, &pos[0]);
   if (dry) {
     auto r = ckpt::CheckPth(pos[0], opt);
+    line.Clear();
     if (!r.ok()) {
       std::fprintf(stderr, "pth2ckpt: refused: %s\n",
                    r.status().ToString().c_str());
@@ -185,6 +220,7 @@ int main(int argc, char** argv) {
   }
   auto t0 = std::chrono::steady_clock::now();
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
+  line.Clear();
   if (!r.ok()) {
     std::fprintf(stderr, "pth2ckpt: refused: %s\n",
                  r.status().ToString().c_str());
