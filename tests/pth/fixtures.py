@@ -66,6 +66,19 @@ def make_cases():
             t = torch.arange(-3, 3).view(2, 3).to(dt) if dt != torch.uint8 else torch.arange(6, dtype=dt).view(2, 3)
         every[str(dt).replace("torch.", "")] = t
     cases["dtypes"] = every
+    # What torch 2.x adds: unsigned ints, float8 and float4 (torch 1.13 has
+    # none of them; made from bytes: CPU kernels for most are missing).
+    if all(isinstance(getattr(torch, n, None), torch.dtype) for n in TORCH2_DTYPES):
+        g = torch.Generator().manual_seed(5)
+        every2 = {}
+        for n in TORCH2_DTYPES:
+            dt = getattr(torch, n)
+            size = torch.empty(0, dtype=dt).element_size()
+            raw = torch.randint(0, 256, (6 * size,), dtype=torch.uint8, generator=g)
+            raw[:size] = 255  # NaN for the floats, the maximum for the uints
+            every2[n] = raw.view(dt).view(2, 3)
+            every2[n + "_t"] = every2[n].t()  # a view sharing its storage
+        cases["dtypes2"] = every2
 
     # Shapes and views.
     base = torch.arange(24.0)
@@ -106,10 +119,40 @@ def make_cases():
     return cases
 
 
+# The dtypes torch 2.x can save that torch 1.13 cannot (make_cases' "dtypes2").
+TORCH2_DTYPES = ["uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                 "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"]
+
 # (suffix, torch.save keyword arguments)
 MODES = [("zip_p2", {}), ("zip_p1", {"pickle_protocol": 1}), ("zip_p4", {"pickle_protocol": 4}), ("zip_p5", {"pickle_protocol": 5}),
          ("legacy", {"_use_new_zipfile_serialization": False}),
          ("legacy_p4", {"_use_new_zipfile_serialization": False, "pickle_protocol": 4})]
+
+
+# torch >= 2.5's save options (torch.utils.serialization.config.save):
+# (suffix, {option: value}); for the cases in CONFIG_CASES.
+CONFIG_MODES = [("align1", {"storage_alignment": 1}), ("align4096", {"storage_alignment": 4096}),
+                ("nocrc", {"compute_crc32": False}),
+                ("nocrc_align8", {"compute_crc32": False, "storage_alignment": 8})]
+CONFIG_CASES = ("state_dict", "training", "dtypes", "dtypes2", "views", "top_tensor")
+
+
+def save_with_config(obj, path, options):
+    """torch.save with torch.utils.serialization.config.save options set,
+    restored afterwards. False when this torch has no such config."""
+    try:
+        import torch.utils.serialization.config as cfg
+    except ImportError:
+        return False
+    old = {k: getattr(cfg.save, k) for k in options}
+    try:
+        for k, v in options.items():
+            setattr(cfg.save, k, v)
+        torch.save(obj, path)
+    finally:
+        for k, v in old.items():
+            setattr(cfg.save, k, v)
+    return True
 
 
 def rezip(src, dst, method, reverse):
@@ -140,6 +183,10 @@ def write_all(out):
             p = os.path.join(out, f"{name}.{mode}.pth")
             torch.save(obj, p, **kw)
             files.append((p, name))
+        for mode, options in CONFIG_MODES if name in CONFIG_CASES else ():
+            p = os.path.join(out, f"{name}.{mode}.pth")
+            if save_with_config(obj, p, options):
+                files.append((p, name))
     src = os.path.join(out, "training.zip_p2.pth")
     for suffix, method, rev in (("deflate", zipfile.ZIP_DEFLATED, True),
                                 ("stored_unaligned", zipfile.ZIP_STORED, False)):

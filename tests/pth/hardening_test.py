@@ -549,6 +549,7 @@ def test_python2(tmp):
     p = os.path.join(d, "py2_state.pth")
     raw_w = w.numpy().tobytes()
     py2_legacy(p, (obj, None, [("140001", raw_w, 3), ("140002", raw_w, 3)]))
+    # weights_only=False: argparse.Namespace is not on torch's allowlist.
     want = torch.load(p, encoding="latin1", weights_only=False)
     ok(list(want["state_dict"].keys()) == ["fc.weight", "fc.bias"] and want["name"] == "café",
        f"item 12: fixture is not what torch reads: {want}")
@@ -591,6 +592,7 @@ def test_python2(tmp):
     obj3 = b"\x80\x02}q\x00(" + py2_str(b"arr") + nd + b"u."
     p3 = os.path.join(d, "py2_numpy.pth")
     py2_legacy(p3, (obj3, None, []))
+    # weights_only=False: numpy arrays are not on torch's allowlist.
     ok(np.array_equal(torch.load(p3, encoding="latin1", weights_only=False)["arr"], a), "item 12: numpy fixture")
     for enc in ([], ["--encoding", "latin1"]):
         r = convert(p3, p3 + ".ckpt", *enc)
@@ -883,7 +885,7 @@ def test_trailing(tmp):
                        ("fake_eocd", b"PK\x05\x06" + bytes(30)), ("one", b"\n")):
         p = write(os.path.join(d, f"{name}.pth"), data + tail)
         try:
-            t = torch.load(p, weights_only=False)
+            t = torch.load(p, weights_only=True)
             torch_reads = torch.equal(t["w"], obj["w"])
         except Exception:  # noqa: BLE001  (miniz takes the last signature)
             torch_reads = False
