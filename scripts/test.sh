@@ -24,7 +24,8 @@ t2=.venv-torch2/bin/python
 if [ -x "$t2" ]; then
   "$t2" -c 'import torch; print("torch", torch.__version__)'
   root=$PWD
-  for s in test_api test_hardening test_training test_examples test_bigfile; do
+  suites="test_api test_hardening test_training test_examples test_bigfile test_torch2"
+  for s in $suites; do
     (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
       "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||
       { tail -n 40 "build-test/torch2_$s.log"; echo "torch2 $s: FAILED"; exit 1; }
@@ -32,7 +33,7 @@ if [ -x "$t2" ]; then
   done
   "$t2" tests/pth/pth_test.py build-test | tail -n 1
   "$t2" tests/pth/hardening_test.py build-test | tail -n 1
-  echo "torch2: 7 passed, 0 failed"
+  echo "torch2: $(($(wc -w <<< "$suites") + 2)) passed, 0 failed"
 else
   echo "torch2: skipped (no .venv-torch2: scripts/install_deps.sh makes it)"
 fi
