@@ -8,25 +8,74 @@
         rows = f.get_slice("model/emb.weight")[1000:2000]
 
 docs/PYTHON.md describes the whole API.
+
+`import ckpt` imports neither torch nor numpy: the names that need them
+(save, load, open, ...) import their module on first use (PEP 562), so
+`python -m ckpt verify FILE` and the errors work where torch is not
+installed (the wheel is torch-free).
 """
+import importlib
+
 from . import _ckpt
 from ._errors import (ChecksumError, CkptError, CkptIOError, CudaError, FormatError,
                       InvalidArgumentError, NotFoundError, PickleRefusedError,
                       ResourceExhaustedError, UnsupportedError)
-from ._load import File, load, open  # noqa: A004,F401 - ckpt.open mirrors safe_open (not in __all__)
-from ._save import save
-from . import rng
-from .interop import convert, flatten, import_pth, save_safetensors
-from .manager import CheckpointInfo, CheckpointManager
 
 __version__ = _ckpt.version
 FORMAT_VERSION = _ckpt.format_version
+
+# name -> (module, attribute; None: the module itself), imported on first use.
+_LAZY = {
+    "save": ("._save", "save"),
+    "load": ("._load", "load"),
+    "File": ("._load", "File"),
+    "open": ("._compat", "open"),
+    "safe_open": ("._compat", "safe_open"),
+    "save_file": ("._compat", "save_file"),
+    "load_file": ("._compat", "load_file"),
+    "save_model": ("._compat", "save_model"),
+    "load_model": ("._compat", "load_model"),
+    "rng": (".rng", None),
+    "convert": (".interop", "convert"),
+    "flatten": (".interop", "flatten"),
+    "import_pth": (".interop", "import_pth"),
+    "save_safetensors": (".interop", "save_safetensors"),
+    "interop": (".interop", None),
+    "manager": (".manager", None),
+    "CheckpointInfo": (".manager", "CheckpointInfo"),
+    "CheckpointManager": (".manager", "CheckpointManager"),
+}
+
+
+def __getattr__(name):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    try:
+        m = importlib.import_module(module, __name__)
+    except ImportError as e:
+        if e.name in ("torch", "numpy"):
+            raise ImportError(
+                f"ckpt.{name} needs torch and numpy ({e.name} is missing: pip install "
+                "torch); without them ckpt offers its command line (`python -m ckpt`, "
+                "`ckpt`) and its exceptions", name=e.name) from e
+        raise
+    value = m if attr is None else getattr(m, attr)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 # `open` stays out of __all__: `from ckpt import *` must not shadow the
 # builtin open(); use it as ckpt.open.
 __all__ = [
     "save", "load", "File", "rng", "CheckpointManager", "CheckpointInfo",
     "convert", "import_pth", "save_safetensors", "flatten",
+    "safe_open", "save_file", "load_file", "save_model", "load_model",
     "CkptError", "FormatError", "ChecksumError", "UnsupportedError", "NotFoundError",
     "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",
     "ResourceExhaustedError",
