@@ -15,6 +15,7 @@ docs/PYTHON.md describes the whole API.
 installed (the wheel is torch-free).
 """
 import importlib
+import sys
 
 from . import _ckpt
 from ._errors import (ChecksumError, CkptError, CkptIOError, CudaError, FormatError,
@@ -52,7 +53,14 @@ def __getattr__(name):
         module, attr = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    # torch's import nests deeply: a recursion limit lowered after
+    # `import ckpt` (which used to import torch) must not break it.
+    limit = sys.getrecursionlimit()
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
     try:
+        sys.setrecursionlimit(max(limit, depth + 1000))
         m = importlib.import_module(module, __name__)
     except ImportError as e:
         if e.name in ("torch", "numpy"):
@@ -61,6 +69,8 @@ def __getattr__(name):
                 "torch); without them ckpt offers its command line (`python -m ckpt`, "
                 "`ckpt`) and its exceptions", name=e.name) from e
         raise
+    finally:
+        sys.setrecursionlimit(limit)
     value = m if attr is None else getattr(m, attr)
     globals()[name] = value  # later look-ups are plain attribute reads
     return value

@@ -575,6 +575,19 @@ class LazyImport(unittest.TestCase):
                            capture_output=True, text=True, timeout=120)
         self.assertEqual(r.returncode, 0, r.stderr)
 
+    def test_first_use_under_a_lowered_recursion_limit(self):
+        # torch's import nests deeper than 100 frames; `import ckpt` used
+        # to import it, so a limit lowered afterwards must not break it.
+        code = textwrap.dedent('''
+            import sys, ckpt
+            sys.setrecursionlimit(60)
+            ckpt.load_file
+            assert sys.getrecursionlimit() == 60
+            ''')
+        r = subprocess.run([sys.executable, "-c", code], env=python_env(),
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+
     def test_unknown_names_are_attribute_errors(self):
         with self.assertRaises(AttributeError):
             ckpt.no_such_name  # noqa: B018
