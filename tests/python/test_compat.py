@@ -53,10 +53,14 @@ def sample_tensors():
         dt = getattr(torch, name, None)
         if dt is not None and "U" + name[4:] in getattr(st, "_TYPES", {}):
             out[name] = torch.randint(0, 1000, (5,), generator=g).to(dt)
-    for name in ("float8_e4m3fn", "float8_e5m2"):
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
         dt = getattr(torch, name, None)
         if dt is not None:
             out[name] = torch.randn(4, 3, generator=g).to(dt)
+    for name in ("float8_e8m0fnu", "float4_e2m1fn_x2"):  # bit patterns only
+        dt = getattr(torch, name, None)
+        if dt is not None:
+            out[name] = torch.randint(0, 255, (3, 2), generator=g).to(torch.uint8).view(dt)
     return out
 
 
