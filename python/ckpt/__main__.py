@@ -1,5 +1,7 @@
 """python -m ckpt ...: the ckpt command line (inspect, cat, get, verify,
-diff, import, load), the same code as the `ckpt` executable."""
+diff, import, load), the same code as the `ckpt` executable. Needs only
+the compiled module: `import ckpt` imports no torch or numpy, so this runs
+where they are not installed (tests/python/test_compat.py checks it)."""
 import sys
 
 from . import _ckpt

@@ -577,8 +577,9 @@ def _tied_names(state_dict, preferred=()):
         complete = {n for n in names if _complete(state_dict[n])}
         if not complete:
             raise RuntimeError(
-                f"save_model/load_model: the tensors {sorted(names)} share memory but none "
-                "covers its whole storage, so none can stand for the others")
+                f"load_model: the model's tensors {sorted(names)} share memory but none "
+                "covers its whole storage, so none can stand for the others (as "
+                "safetensors refuses them)")
         keep = sorted(complete & preferred)[0] if complete & preferred else sorted(complete)[0]
         out[keep] = [n for n in sorted(names) if n != keep]
     return out

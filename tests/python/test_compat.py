@@ -546,6 +546,27 @@ class OpenAnyKind(CompatCase):
             ckpt.open(p)
         self.assertIn(p, str(e.exception))
 
+    @NEEDS_ST
+    def test_safetensors_package_missing(self):
+        _, paths = self.kinds()
+        code = textwrap.dedent('''
+            import sys
+            sys.modules["safetensors"] = None  # as if not installed
+            import ckpt
+            for call in (ckpt.open, ckpt.safe_open, ckpt.load_file):
+                try:
+                    call(sys.argv[1])
+                except ImportError as e:
+                    assert "needs the safetensors package" in str(e), e
+                else:
+                    raise AssertionError(call)
+            with ckpt.safe_open(sys.argv[2]) as f:  # other kinds do not need it
+                assert f.keys() == ["a/b", "i", "w"], f.keys()
+            ''')
+        r = subprocess.run([sys.executable, "-c", code, paths["st"], paths["ckpt"]],
+                           env=python_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+
     def test_not_a_checkpoint(self):
         p = self.path("junk")
         with open(p, "wb") as out:
