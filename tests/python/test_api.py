@@ -618,7 +618,7 @@ class PackageNamespace(unittest.TestCase):
         for name in ckpt.__all__:
             self.assertIs(ns[name], getattr(ckpt, name))
         self.assertIn("save", ns)
-        self.assertIs(ckpt.open, ckpt._load.open)
+        self.assertIs(ckpt.open, ckpt._compat.open)
         self.assertTrue(callable(ckpt.open))
 
 
