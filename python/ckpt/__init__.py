@@ -48,11 +48,20 @@ _LAZY = {
 }
 
 
+def _submodules():
+    """The package's modules (ckpt._load, ckpt.rng...), which `ckpt.NAME`
+    imports as an eager `from . import` used to make them attributes."""
+    import pkgutil
+    return {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("__")}
+
+
 def __getattr__(name):
-    try:
+    if name in _LAZY:
         module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    elif not name.startswith("__") and name in _submodules():
+        module, attr = "." + name, None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # torch's import nests deeply: a recursion limit lowered after
     # `import ckpt` (which used to import torch) must not break it.
     limit = sys.getrecursionlimit()
@@ -77,7 +86,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _submodules())
 
 
 # `open` stays out of __all__: `from ckpt import *` must not shadow the

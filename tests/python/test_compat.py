@@ -617,8 +617,24 @@ class LazyImport(unittest.TestCase):
         with self.assertRaises(AttributeError):
             ckpt.no_such_name  # noqa: B018
         self.assertFalse(hasattr(ckpt, "no_such_name"))
+        self.assertFalse(hasattr(ckpt, "__no_such_dunder__"))
         for n in ckpt.__all__:
             self.assertIn(n, dir(ckpt))
+
+    def test_submodules_are_attributes_on_first_use(self):
+        # An eager `from . import rng` made every module an attribute;
+        # `ckpt._save.save` after a bare `import ckpt` keeps working.
+        code = textwrap.dedent('''
+            import sys, ckpt
+            assert "_save" in dir(ckpt) and "interop" in dir(ckpt), dir(ckpt)
+            assert "__main__" not in dir(ckpt)
+            assert ckpt._save.save is ckpt.save
+            assert ckpt.rng.get_state
+            assert ckpt._dtypes.CODES
+            ''')
+        r = subprocess.run([sys.executable, "-c", code], env=python_env(),
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
 
     def test_cli_in_a_venv_without_torch(self):
         d = tempfile.mkdtemp(prefix="ckpt-notorch-")
