@@ -1,7 +1,9 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "bytes_internal.h"
@@ -661,19 +663,35 @@ Status CheckMetadata(const fb::Header& h, const Preamble& p) {
   return Status::OK();
 }
 
-}  // namespace
+// Headers at least this large (some 2,500 tensors) are checked on two
+// threads: the checksum beside the FlatBuffers Verifier, then the storage
+// and tensor tables beside the tree. Below it a thread costs more than it
+// saves.
+constexpr size_t kParallelHeaderBytes = 256u << 10;
 
-Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
-                                         const Preamble& p) {
-  // R9: header checksum.
-  uint64_t computed = Xxh3(header);
-  if (computed != p.header_hash) {
-    return At(ChecksumMismatch("header checksum mismatch: stored " +
-                               HashToHex(p.header_hash) + ", computed " +
-                               HashToHex(computed)),
-              p.header_offset);
+// Runs a() and b(), side by side when `parallel` (b on a new thread, or
+// after a when none can start), and returns the first failure in the
+// order a, b: the error a serial check would report. Serially b runs only
+// if a passed.
+template <class A, class B>
+Status FirstFailure(bool parallel, A a, B b) {
+  std::future<Status> other;
+  if (parallel) {
+    try {
+      other = std::async(std::launch::async, b);
+    } catch (const std::system_error&) {
+      // No thread: check serially.
+    }
   }
-  // R10: FlatBuffers structure, with explicit limits.
+  Status first = a();
+  Status second = other.valid() ? other.get() : Status::OK();
+  if (!first.ok()) return first;
+  return other.valid() ? second : b();
+}
+
+// R10: FlatBuffers structure with explicit limits, and what the Verifier
+// leaves out; R11: the checksum chunk size.
+Status CheckStructure(std::span<const std::byte> header, const Preamble& p) {
   const auto* data = reinterpret_cast<const uint8_t*>(header.data());
   flatbuffers::Verifier::Options opts;
   opts.max_depth = 16;  // Header > vector > table > vector: the tree is flat
@@ -706,9 +724,40 @@ Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
                       " is not a power of two in [4096, 2^30]"),
               p.header_offset);
   }
-  CKPT_RETURN_IF_ERROR(CheckStorages(*h, p));
-  CKPT_RETURN_IF_ERROR(CheckTensors(*h, p));
-  CKPT_RETURN_IF_ERROR(CheckNodes(*h, p));
+  return Status::OK();
+}
+
+}  // namespace
+
+Result<const fb::Header*> ValidateHeader(std::span<const std::byte> header,
+                                         const Preamble& p) {
+  const bool parallel = header.size() >= kParallelHeaderBytes;
+  // R9 (header checksum) first, then R10-R11. The Verifier is safe on any
+  // bytes, so it may run while the checksum is computed.
+  Status structure = FirstFailure(
+      parallel,
+      [&]() -> Status {
+        uint64_t computed = Xxh3(header);
+        if (computed == p.header_hash) return Status::OK();
+        return At(ChecksumMismatch("header checksum mismatch: stored " +
+                                   HashToHex(p.header_hash) + ", computed " +
+                                   HashToHex(computed)),
+                  p.header_offset);
+      },
+      [&] { return CheckStructure(header, p); });
+  CKPT_RETURN_IF_ERROR(structure);
+  const fb::Header* h =
+      fb::GetHeader(reinterpret_cast<const uint8_t*>(header.data()));
+  // R12-R13, then R14: each reads only verified fields and bounds-checks
+  // its own indices, so the tree needs nothing the tables establish.
+  Status contents = FirstFailure(
+      parallel,
+      [&]() -> Status {
+        CKPT_RETURN_IF_ERROR(CheckStorages(*h, p));
+        return CheckTensors(*h, p);
+      },
+      [&] { return CheckNodes(*h, p); });
+  CKPT_RETURN_IF_ERROR(contents);
   CKPT_RETURN_IF_ERROR(CheckMetadata(*h, p));
   if (h->producer()) {
     if (auto bad = Utf8Error("producer", h->producer()->string_view())) {

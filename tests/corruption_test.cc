@@ -417,3 +417,58 @@ TEST_CASE("R8: a header size over the cap is refused before it is read") {
   RequireError(s, ErrorCode::kCorrupt, "outside [8, 1073741824]");
   CHECK(s.offset() == internal::kOffHeaderSize);
 }
+
+// Headers of a few thousand tensors are checked on two threads (the
+// checksum beside the Verifier, the tables beside the tree): the error must
+// still be the one a serial check reports first, in rule order.
+TEST_CASE("a large header reports the first failing rule, as a small one") {
+  TempDir dir;
+  const std::string path = dir.File("big.ckpt");
+  {
+    auto w = Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    std::vector<float> v = {1, 2};
+    for (int i = 0; i < 4000; ++i) {
+      char name[32];
+      std::snprintf(name, sizeof name, "layer.%04d.weight", i);
+      REQUIRE(w->PutTensor(name, DType::kFloat32, {2}, Bytes(v)).ok());
+    }
+    REQUIRE(w->Commit().ok());
+  }
+  auto f = ReadAll(path);
+  {
+    auto ck = Checkpoint::Open(path);
+    REQUIRE(ck.ok());
+    REQUIRE(ck->layout().header_size >= (256u << 10));
+  }
+  const uint64_t hoff = GetU64(f, internal::kOffHeaderOffset);
+  // R9 before R10: a flip anywhere is a checksum error, even where it also
+  // breaks the FlatBuffer.
+  for (uint64_t at : {hoff, hoff + 4, hoff + (f.size() - hoff) / 2,
+                      static_cast<uint64_t>(f.size() - 1)}) {
+    auto g = f;
+    g[at] ^= std::byte{0xFF};
+    INFO("byte " << at);
+    CHECK(OpenBytes(g).code() == ErrorCode::kChecksumMismatch);
+  }
+  auto bad_storage = [](fb::HeaderT& h) { h.storages[10]->offset += 1; };
+  auto bad_tensor = [](fb::HeaderT& h) { h.tensors[20]->shape = {5}; };
+  auto bad_tree = [](fb::HeaderT& h) {
+    h.nodes[30]->kind = static_cast<fb::ValueKind>(200);
+  };
+  RequireError(OpenBytes(MutateHeader(f, bad_tree)), ErrorCode::kCorrupt,
+               "unknown kind 200");
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [&](fb::HeaderT& h) {
+                                        bad_tree(h);
+                                        bad_tensor(h);
+                                      })),
+               ErrorCode::kCorrupt, "tensor 20: view needs");
+  RequireError(OpenBytes(MutateHeader(f,
+                                      [&](fb::HeaderT& h) {
+                                        bad_tree(h);
+                                        bad_tensor(h);
+                                        bad_storage(h);
+                                      })),
+               ErrorCode::kCorrupt, "storage 10");
+}
