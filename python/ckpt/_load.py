@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import _ckpt
+from . import _ckpt, _progress
 from ._dtypes import CODE_TO_NUMPY, CODE_TO_TORCH, torch_dtype as _torch_dtype
 from ._errors import (CkptError, CudaError, FormatError, InvalidArgumentError,
                       UnsupportedError)
@@ -180,8 +180,27 @@ class _Loader:
                 self.host[sid] = (_from_region(self.r.storage_region(sid)), self.mmap)
         return self.host[sid][0]
 
-    def materialize(self, sids):
+    def materialize(self, sids, progress=None):
+        """Places storages `sids` (those not placed yet). With a progress
+        reporter, in batches of at least _progress.BATCH bytes, each
+        reported once placed, so that a copying load's bar moves."""
         sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
+        if progress is None:
+            self._materialize(sids)
+            return
+        batch, size = [], 0
+        for s in sids:
+            batch.append(s)
+            size += self.storage(s).nbytes
+            if size >= _progress.BATCH:
+                self._materialize(batch)
+                progress.add(size)
+                batch, size = [], 0
+        if batch:
+            self._materialize(batch)
+            progress.add(size)
+
+    def _materialize(self, sids):
         targets = {s: self._target(self.storage(s).device) for s in sids}
         if not self.mmap:
             self._copy_to_host([s for s in sids if targets[s] == "cpu"])
@@ -266,7 +285,10 @@ class _Loader:
     def on_device(self, s, where, offset):
         return _torch_device(s, f"{self.name}:{offset}", f"tree path '{where}': device")
 
-    def load(self, path=""):
+    def load(self, path="", progress=None, desc="ckpt.load"):
+        """The (sub-)tree at `path`, its storages placed first. `progress`:
+        a progress= argument (_progress.py), or a reporter that earlier
+        work (a conversion) already moved, which this load continues."""
         path = path.strip("/")
         if self._storages is None:  # a (sub-)tree load needs the whole table
             self._storages = self.r.storages()
@@ -275,8 +297,20 @@ class _Loader:
                      if t.path == path or t.path.startswith(path + "/")]
         else:
             under = self.tensors
-        self.materialize([t.storage for t in under])
-        return self.r.tree(path, self.on_tensor, self.on_dtype, self.on_device)
+        sids = [t.storage for t in under]
+        if progress is None or progress is False:
+            self.materialize(sids)
+            return self.r.tree(path, self.on_tensor, self.on_dtype, self.on_device)
+        sids = [s for s in dict.fromkeys(sids) if s not in self.placed]
+        total = sum(self.storage(s).nbytes for s in sids)
+        if isinstance(progress, _progress.Reporter):
+            rep = progress
+            rep.expect(total)
+        else:
+            rep = _progress.reporter(progress, total, _progress.describe(desc, self.name))
+        with rep.closing():
+            self.materialize(sids, rep)
+            return self.r.tree(path, self.on_tensor, self.on_dtype, self.on_device)
 
 
 def _open_reader(path, mmap):
@@ -323,7 +357,7 @@ def _torch_load_compat(weights_only, encoding, pickle_load_args):
 
 
 def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap=None,
-         verify=False, gpu_loader=False, encoding=None, **pickle_load_args):
+         verify=False, gpu_loader=False, encoding=None, progress=False, **pickle_load_args):
     """Reads a whole file back as the object given to ckpt.save.
 
     map_location works as in torch.load: None keeps each tensor's saved
@@ -345,6 +379,14 @@ def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap
     pickled by Python 2: 'utf-8' (the default) or 'latin1' decodes their
     str values.
 
+    progress=True shows a progress bar on stderr (tqdm's if tqdm is
+    installed, else a plain line): bytes of storage placed of the total,
+    and GB/s. A callable progress(done_bytes, total_bytes) is called
+    instead, first with 0, last with done == total, done never
+    decreasing (docs/PYTHON.md "Progress"). A .pth file counts its bytes
+    twice: once converted, once loaded. verify=True's checksum pass comes
+    before and is not counted.
+
     .pth files (torch.save) are converted on the fly by the restricted
     importer, which never runs code from the file (a refusal is a
     ckpt.PickleRefusedError, also a pickle.UnpicklingError);
@@ -357,22 +399,23 @@ def load(path, map_location=None, pickle_module=None, *, weights_only=None, mmap
     _torch_load_compat(weights_only, encoding, pickle_load_args)
     mmap = bool(mmap)
     if hasattr(path, "read"):
-        return _load_stream(path, map_location, verify, encoding)
+        return _load_stream(path, map_location, verify, encoding, progress)
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "pth":
         from .interop import _load_pth
-        return _load_pth(path, map_location, mmap=mmap, encoding=_pth_encoding(encoding))
+        return _load_pth(path, map_location, mmap=mmap, encoding=_pth_encoding(encoding),
+                         progress=progress)
     if kind == "safetensors":
         from .interop import _load_safetensors
-        return _load_safetensors(path, map_location)
+        return _load_safetensors(path, map_location, progress)
     reader = _open_reader(path, mmap)
     if verify:
         reader.verify()
-    return _Loader(reader, map_location, mmap, gpu_loader=gpu_loader).load()
+    return _Loader(reader, map_location, mmap, gpu_loader=gpu_loader).load(progress=progress)
 
 
-def _load_stream(f, map_location, verify, encoding=None):
+def _load_stream(f, map_location, verify, encoding=None, progress=False):
     """load() of a file object (io.BytesIO, an open file...): one record
     read (_records.py), then loaded from memory; tensors are copies."""
     from ._records import read_record, stream_name
@@ -382,17 +425,23 @@ def _load_stream(f, map_location, verify, encoding=None):
         reader = _ckpt.Reader(data, name)
         if verify:
             reader.verify()
-        return _Loader(reader, map_location, mmap=False, name=name).load()
+        return _Loader(reader, map_location, mmap=False, name=name).load(progress=progress)
     if kind == "safetensors":
-        from .interop import _place_safetensors, _safetensors
-        return _place_safetensors(_safetensors().load(data), map_location)
+        from .interop import _place_safetensors, _safetensors, _safetensors_bytes
+        rep = _progress.reporter(progress, _safetensors_bytes(data[:8], len(data)),
+                                 _progress.describe("ckpt.load", name))
+        if rep is None:
+            return _place_safetensors(_safetensors().load(data), map_location)
+        with rep.closing():
+            return _place_safetensors(_safetensors().load(data), map_location)
     if kind == "pth":
         from .interop import _load_pth
         with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
             tmp = os.path.join(d, "stream.pth")
             with builtins.open(tmp, "wb") as out:
                 out.write(data)
-            return _load_pth(tmp, map_location, name=name, encoding=_pth_encoding(encoding))
+            return _load_pth(tmp, map_location, name=name, encoding=_pth_encoding(encoding),
+                             progress=progress)
     raise FormatError(f"{name}: not a ckpt, .pth or .safetensors file")
 
 
@@ -530,14 +579,15 @@ class File:
         return r.tree(path, self._cpu.on_tensor, self._cpu.on_dtype, self._cpu.on_device)
 
     def load(self, prefix="", device=None, *, map_location=None, mmap=False,
-             gpu_loader=False):
+             gpu_loader=False, progress=False):
         """The sub-tree at `prefix` with its tensors copied to `device`
         (or placed by map_location, as in ckpt.load). Slashes around the
-        prefix are ignored ("model/" is "model")."""
+        prefix are ignored ("model/" is "model"). progress= as in
+        ckpt.load."""
         if device is not None and map_location is not None:
             raise ValueError("pass device or map_location, not both")
         ml = device if device is not None else map_location
-        return _Loader(self._reader(), ml, mmap, gpu_loader=gpu_loader).load(prefix)
+        return _Loader(self._reader(), ml, mmap, gpu_loader=gpu_loader).load(prefix, progress)
 
     def kind(self, path=""):
         """The node kind at a path (taken as written, as get()): 'dict',
@@ -564,9 +614,10 @@ def open(path):  # noqa: A001 - the public name mirrors safetensors.safe_open
 
 
 @contextlib.contextmanager
-def _converted(path, sync=False, encoding="utf-8"):
-    """A temporary ckpt file converted from a .pth, removed afterwards."""
+def _converted(path, sync=False, encoding="utf-8", progress=None):
+    """A temporary ckpt file converted from a .pth, removed afterwards.
+    `progress`: None or the importer's callable(done, total)."""
     with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
         out = os.path.join(d, "converted.ckpt")
-        _ckpt.import_pth(path, out, sync, encoding)
+        _ckpt.import_pth(path, out, sync, encoding, progress)
         yield out

@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import torch
 
-from . import _ckpt
+from . import _ckpt, _progress
 from ._dtypes import NUMPY_TO_CODE, TORCH_TO_CODE
 from ._errors import InvalidArgumentError
 from ._kinds import CODE as KIND_CODE
@@ -95,8 +95,9 @@ def _hint(obj):
 
 
 class _Saver:
-    def __init__(self, writer):
+    def __init__(self, writer, progress=None):
         self.w = writer
+        self.progress = progress  # a _progress.Reporter, or None
         self.storages = {}   # (device, data_ptr, nbytes) -> storage id
         self.keep = []       # storages stay alive so their addresses stay unique
         self.open = set()    # ids of containers on the current path (cycles)
@@ -119,6 +120,8 @@ class _Saver:
             for off in range(0, nbytes, _PIECE):
                 self.w.append(flat[off:off + _PIECE].cpu().numpy())
             self.w.end_storage()
+        if self.progress is not None:
+            self.progress.add(nbytes)
         self.storages[key] = sid
         self.keep.append(s)
         return sid
@@ -162,6 +165,8 @@ class _Saver:
             flat = a
         strides = [s // a.itemsize for s in a.strides]
         sid = self.w.add_storage(flat.reshape(-1).view(np.uint8), "cpu")
+        if self.progress is not None:
+            self.progress.add(a.nbytes)
         node = self.w.add_tensor(code, list(a.shape), strides, sid, 0, False, False)
         self.w.set_type_name(node, "numpy.ndarray")
         return node
@@ -311,8 +316,42 @@ def _dict_children(d, where):
 _NO_SEGMENT = object()
 
 
-def save(obj, path, metadata=None, *, sync=True, pickle_module=None, pickle_protocol=None,
-         _use_new_zipfile_serialization=None, _disable_byteorder_record=None):
+def _storage_bytes(root):
+    """The bytes a save of `root` writes for its tensors and arrays (the
+    progress total): each tensor storage once, keyed as _Saver.storage
+    keys it; every array. Never raises: what save() refuses, it skips.
+    Each container is walked once, so an array under a container that
+    appears twice counts once (the bar then reaches 100% a little early)."""
+    total = 0
+    seen_storage, seen = set(), set()
+    todo = [root]
+    while todo:
+        x = todo.pop()
+        t = type(x)
+        if t in (torch.Tensor, torch.nn.Parameter):
+            if x.layout != torch.strided or x.is_quantized or x.device.type not in ("cpu", "cuda"):
+                continue
+            s = _untyped(x)
+            key = (device_string(x.device), s.data_ptr(), s.nbytes())
+            if key not in seen_storage:
+                seen_storage.add(key)
+                total += s.nbytes()
+        elif t is np.ndarray:
+            total += x.nbytes
+        elif t in _CONTAINER_TYPES and id(x) not in seen:
+            seen.add(id(x))
+            if t is argparse.Namespace:
+                x = vars(x)
+            if isinstance(x, dict):
+                todo.extend(x.values())
+            elif t not in (set, frozenset):  # a set cannot hold arrays
+                todo.extend(x)
+    return total
+
+
+def save(obj, path, metadata=None, *, sync=True, progress=False, pickle_module=None,
+         pickle_protocol=None, _use_new_zipfile_serialization=None,
+         _disable_byteorder_record=None):
     """Writes `obj` to `path` atomically (a temporary file, fsync, rename).
 
     `obj` is any nesting of dict (str, int, tuple... keys), list, tuple,
@@ -326,6 +365,12 @@ def save(obj, path, metadata=None, *, sync=True, pickle_module=None, pickle_prot
     be a writable binary file object (io.BytesIO...): the file is built
     aside, then copied into it.
 
+    progress=True shows a progress bar on stderr (tqdm's if installed,
+    else a plain line) of the storage bytes written, with GB/s; a
+    callable progress(done_bytes, total_bytes) is called instead (per
+    storage, first with 0, last with done == total once the file is
+    committed). docs/PYTHON.md "Progress".
+
     A Ctrl-C (SIGINT) that comes while the file is being committed is held
     back and delivered once save() has returned: a KeyboardInterrupt out of
     save() means nothing was written (the old file is intact).
@@ -336,13 +381,13 @@ def save(obj, path, metadata=None, *, sync=True, pickle_module=None, pickle_prot
     """
     del pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record
     if hasattr(path, "write"):
-        _save_stream(obj, path, metadata)
+        _save_stream(obj, path, metadata, progress)
         return
     # Holds SIGINT from the commit until this frame is gone (see _save_file).
-    _deferred = _save_file(obj, path, metadata, sync)  # noqa: F841
+    _deferred = _save_file(obj, path, metadata, sync, progress)  # noqa: F841
 
 
-def _save_file(obj, path, metadata, sync):
+def _save_file(obj, path, metadata, sync, progress=False, desc=None):
     """Saves to a path; returns the SigintDeferral taken for the commit,
     which holds SIGINT back until the caller drops it (normally as its
     frame is freed on return), so an interrupt cannot land between a
@@ -352,26 +397,41 @@ def _save_file(obj, path, metadata, sync):
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata must be a dict of str to str")
+    _progress.check(progress)
     w = _ckpt.Writer(path, sync=sync, producer=f"ckpt-python {_ckpt.version}")
-    deferred = None
+    deferred = rep = None
     try:
-        saver = _Saver(w)
+        if progress is not None and progress is not False:
+            rep = _progress.reporter(progress, _storage_bytes(obj),
+                                     desc or _progress.describe("ckpt.save", path))
+        saver = _Saver(w, rep)
         w.set_root(saver.tree(obj))
         for k, v in (metadata or {}).items():
             w.set_metadata(k, v)
         deferred = _ckpt.SigintDeferral()
         w.commit()
-        return deferred
     except BaseException:
         w.abort()
+        if rep is not None:
+            rep.abandon()
         if deferred is not None:
             deferred.release()  # nothing was written: the interrupt may come now
         raise
+    if rep is not None:
+        # The file is in place. Should the sink raise now, SIGINT is let
+        # go first: the traceback would keep this frame, and `deferred`
+        # with it, alive.
+        try:
+            rep.close()
+        except BaseException:
+            deferred.release()
+            raise
+    return deferred
 
 
-def _save_stream(obj, f, metadata):
+def _save_stream(obj, f, metadata, progress=False):
     with tempfile.TemporaryDirectory(prefix="ckpt-", dir=os.environ.get("CKPT_TMPDIR")) as d:
         tmp = os.path.join(d, "stream.ckpt")
-        save(obj, tmp, metadata, sync=False)
+        save(obj, tmp, metadata, sync=False, progress=progress)
         with open(tmp, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)

@@ -4,28 +4,84 @@ import os
 
 import torch
 
-from . import _ckpt
+from . import _ckpt, _progress
 from ._load import (_converted, _Loader, _open_reader, _untyped, renamed_errors,
                     resolve_target, view)
 from ._save import key_object
 
 
-def _load_pth(path, map_location, mmap=False, name=None, encoding="utf-8"):
+class _TwoPass:
+    """One progress report over a conversion and what follows it: the
+    importer's (done, total) calls move the first part; the Reporter is
+    made at its first call, expecting as many bytes again for the second
+    (a load of the converted file; `second=False`: none)."""
+
+    def __init__(self, progress, desc, second=True):
+        self.progress, self.desc, self.second = progress, desc, second
+        self.rep = None
+
+    def __call__(self, done, total):
+        if self.rep is None:
+            self.rep = _progress.reporter(self.progress, total * (2 if self.second else 1),
+                                          self.desc)
+        self.rep.at(done)
+
+    def reporter(self):
+        """The Reporter for the second part (made now if the importer never
+        called: a file without storages)."""
+        if self.rep is None:
+            self.rep = _progress.reporter(self.progress, 0, self.desc)
+        return self.rep
+
+    def abandon(self):
+        if self.rep is not None:
+            self.rep.abandon()
+
+
+def _load_pth(path, map_location, mmap=False, name=None, encoding="utf-8", progress=False):
     # The restricted importer (lib/pth) reads the pickle without running it;
     # anything outside its allowlist is refused with the name it found.
     # Errors name the user's file (`name`), never the temporary ones.
     name = name or path
     names = {path: name}
-    with renamed_errors(names), _converted(path, encoding=encoding) as tmp:
-        names[tmp] = name
-        reader = _open_reader(tmp, mmap)  # the mapping outlives the file's name
-        return _Loader(reader, map_location, mmap, name=name).load()
+    two = None
+    if progress is not None and progress is not False:
+        _progress.check(progress)
+        two = _TwoPass(progress, _progress.describe("ckpt.load", name))
+    try:
+        with renamed_errors(names), _converted(path, encoding=encoding, progress=two) as tmp:
+            names[tmp] = name
+            reader = _open_reader(tmp, mmap)  # the mapping outlives the file's name
+            loader = _Loader(reader, map_location, mmap, name=name)
+            return loader.load(progress=two.reporter() if two else None)
+    except BaseException:
+        if two is not None:
+            two.abandon()
+        raise
 
 
-def import_pth(src, dst, *, sync=True):
+def import_pth(src, dst, *, sync=True, progress=False):
     """Converts a torch.save file to a ckpt file (like `pth2ckpt SRC DST`).
-    Returns the number of tensors."""
-    return _ckpt.import_pth(os.fspath(src), os.fspath(dst), sync)
+    Returns the number of tensors. progress= as in ckpt.load: True for a
+    bar, or a callable(done_bytes, total_bytes) (bytes of storage
+    converted)."""
+    return _import_pth(src, dst, sync, progress, "ckpt.import_pth")
+
+
+def _import_pth(src, dst, sync, progress, what):
+    two = None
+    if progress is not None and progress is not False:
+        _progress.check(progress)
+        two = _TwoPass(progress, _progress.describe(what, src), second=False)
+    try:
+        n = _ckpt.import_pth(os.fspath(src), os.fspath(dst), sync, "utf-8", two)
+    except BaseException:
+        if two is not None:
+            two.abandon()
+        raise
+    if two is not None:
+        two.reporter().close()
+    return n
 
 
 def _safetensors():
@@ -37,8 +93,22 @@ def _safetensors():
     return st
 
 
-def _load_safetensors(path, map_location):
-    return _place_safetensors(_safetensors().load_file(path, device="cpu"), map_location)
+def _safetensors_bytes(head, size):
+    """The bytes after a safetensors header (its tensors), from the file's
+    first 8 bytes (the header's length) and its size."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    return max(0, size - 8 - n)
+
+
+def _load_safetensors(path, map_location, progress=False):
+    if progress is None or progress is False:
+        return _place_safetensors(_safetensors().load_file(path, device="cpu"), map_location)
+    # safetensors reads the file in one call: the bar moves at its end.
+    with open(path, "rb") as f:
+        total = _safetensors_bytes(f.read(8), os.fstat(f.fileno()).st_size)
+    rep = _progress.reporter(progress, total, _progress.describe("ckpt.load", path))
+    with rep.closing():
+        return _place_safetensors(_safetensors().load_file(path, device="cpu"), map_location)
 
 
 def _place_safetensors(out, map_location):
@@ -111,18 +181,22 @@ def save_safetensors(tree, path, metadata=None):
     st.save_file(flat, os.fspath(path), metadata=metadata)
 
 
-def convert(src, dst, *, sync=True):
-    """Converts a .pth or .safetensors file to ckpt."""
+def convert(src, dst, *, sync=True, progress=False):
+    """Converts a .pth or .safetensors file to ckpt. progress= as in
+    ckpt.load (for a .safetensors file: the bytes written)."""
     from . import _load, _save
     src, dst = os.fspath(src), os.fspath(dst)
+    _progress.check(progress)
     kind = _load.sniff(src)
     if kind == "pth":
-        return import_pth(src, dst, sync=sync)
+        return _import_pth(src, dst, sync, progress, "ckpt.convert")
     if kind == "safetensors":
         st = _safetensors()
         with st.safe_open(src, framework="pt") as f:
             meta = f.metadata()
         tensors = st.load_file(src)
-        _save.save(tensors, dst, metadata=meta, sync=sync)
+        # As save() does: SIGINT held from the commit until this returns.
+        _deferred = _save._save_file(tensors, dst, meta, sync, progress,  # noqa: F841
+                                     _progress.describe("ckpt.convert", src))
         return len(tensors)
     raise ValueError(f"{src}: neither a .pth nor a .safetensors file")

@@ -97,10 +97,10 @@ class CheckpointManager:
     def path_for(self, step):
         return os.path.join(self.directory, f"step-{step:010d}.ckpt")
 
-    def save(self, state, step, metrics=None, metadata=None):
+    def save(self, state, step, metrics=None, metadata=None, *, progress=False):
         """Saves `state` as checkpoint `step` (durable when this returns),
         then prunes. `metrics` is a dict of numbers stored with it. Returns
-        its CheckpointInfo."""
+        its CheckpointInfo. progress= as in ckpt.save."""
         step = int(step)
         if step < 0:
             raise ValueError("step must be >= 0")
@@ -117,7 +117,7 @@ class CheckpointManager:
         path = self.path_for(step)
         # SIGINT stays held from the commit until this method returns, so an
         # interrupt cannot split the save from its pruning (see _save_file).
-        _deferred = _save_file(state, path, meta, True)  # noqa: F841
+        _deferred = _save_file(state, path, meta, True, progress)  # noqa: F841
         info = CheckpointInfo(step, path, metrics, seq)
         self._prune(info)
         return info
@@ -174,7 +174,9 @@ class CheckpointManager:
         return ranked[0] if ranked else None
 
     def load_latest(self, map_location=None, **kwargs):
-        """ckpt.load of latest(), or None when there is none yet."""
+        """ckpt.load of latest(), or None when there is none yet. Keywords
+        go to ckpt.load: progress=True shows a bar of the bytes loaded, a
+        callable progress(done, total) is called instead."""
         info = self.latest()
         return None if info is None else _load(info.path, map_location, **kwargs)
 
