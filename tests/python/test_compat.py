@@ -494,8 +494,11 @@ class OpenAnyKind(CompatCase):
                         f.verify()
                 else:
                     f.verify()
+                kept = f["w"]
             with self.assertRaises(ValueError, msg=kind):
                 f.keys()
+            del f
+            assert_same(self, tensors["w"], kept, f"{kind}: a view after close()")
             # ckpt.load and File.load agree on every kind.
             loaded = ckpt.load(p)
             for k in tensors:
