@@ -115,5 +115,81 @@ expect_rc 2 "cat -0 without --" "$CKPT" cat "$T/x.ckpt" -0
 grep -q "put '--' before" "$T/err" && ok || bad "cat -0 hint: $(cat "$T/err")"
 expect_rc 0 "inspect -- FILE" "$CKPT" inspect -- "$T/x.ckpt"
 
+# Progress lines (lib/cli/progress.h): on stderr, only on a terminal
+# (or with --progress), erased before the result; stdout is unchanged.
+PTH2CKPT=${4:-$(dirname "$CKPT")/pth2ckpt}
+on_tty() {  # on_tty OUT ERR CMD...: CMD with stderr on a pseudo-terminal
+  $PY - "$@" <<'PYEOF'
+import os, pty, subprocess, sys
+out, err, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+m, s = pty.openpty()
+with open(out, "wb") as o:
+    p = subprocess.Popen(cmd, stdout=o, stderr=s, stdin=subprocess.DEVNULL)
+os.close(s)
+buf = b""
+while True:
+    try:
+        b = os.read(m, 65536)
+    except OSError:  # EIO: the child closed the terminal
+        break
+    if not b:
+        break
+    buf += b
+rc = p.wait()
+open(err, "wb").write(buf)
+sys.exit(rc)
+PYEOF
+}
+expect_rc 0 "load cpu, piped" "$CKPT" load "$T/a.ckpt" --device cpu
+[ ! -s "$T/err" ] && ok || bad "load piped: stderr not empty: $(cat "$T/err")"
+on_tty "$T/out" "$T/err" "$CKPT" load "$T/a.ckpt" --device cpu && ok || bad "load on a tty: exit $?"
+grep -q "100%" "$T/err" && grep -q "a.ckpt  24 B / 24 B" "$T/err" && ok || bad "load on a tty: no progress line: $(cat -v "$T/err")"
+grep -q "^loaded 1 tensors, 24 B to cpu in " "$T/out" && ! grep -q $'\r' "$T/out" && ok || bad "load on a tty: stdout $(cat -v "$T/out")"
+on_tty "$T/out" "$T/err" "$CKPT" load "$T/a.ckpt" --device cpu --no-progress && ok || bad "load --no-progress on a tty"
+[ ! -s "$T/err" ] && ok || bad "load --no-progress on a tty: stderr $(cat -v "$T/err")"
+expect_rc 0 "load --progress, piped" "$CKPT" load "$T/a.ckpt" --device cpu --progress
+grep -q "100%" "$T/err" && ok || bad "load --progress piped: stderr $(cat -v "$T/err")"
+if [ -x "$PTH2CKPT" ]; then
+  # torch-free .pth files: the zip layout torch 2.x writes (v3 rebuild).
+  mkdir -p "$T/pin/sub"
+  $PY - "$T/pin" <<'PYEOF' || bad "pth fixtures"
+import struct, sys, zipfile
+def g(m, n): return b"c" + m.encode() + b"\n" + n.encode() + b"\n"
+def s(x): b = x.encode(); return b"X" + struct.pack("<I", len(b)) + b
+def i(n): return b"J" + struct.pack("<i", n)
+def pth(path, n):
+    raw = struct.pack("<%df" % n, *range(n))
+    pid = b"(" + s("storage") + g("torch.storage", "UntypedStorage") + s("0") + s("cpu") + i(len(raw)) + b"t"
+    pkl = (b"\x80\x02}(" + s("w") + g("torch._utils", "_rebuild_tensor_v3") + b"(" + pid + b"Q" + i(0) +
+           b"(" + i(n) + b"t(" + i(1) + b"t\x89" + g("collections", "OrderedDict") + b")R" +
+           g("torch", "float32") + b"tRu.")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", raw)
+        z.writestr("archive/version", "3\n")
+pth(sys.argv[1] + "/a.pth", 1024)
+pth(sys.argv[1] + "/sub/b.pt", 300000)
+open(sys.argv[1] + "/bad.pth", "wb").write(b"junk")
+PYEOF
+  expect_rc 1 "pth2ckpt DIR, piped" "$PTH2CKPT" --no-sync "$T/pin" "$T/pout1"
+  [ ! -s "$T/err" ] && ok || bad "pth2ckpt DIR piped: stderr $(cat -v "$T/err")"
+  cp "$T/out" "$T/dir_piped"
+  grep -q "^\[3/3\] sub/b.pt ... ok: 1 tensors, 1 storages, 1.1 MiB (zip format)$" "$T/dir_piped" && ok || bad "pth2ckpt DIR: $(cat "$T/dir_piped")"
+  on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync "$T/pin" "$T/pout2"; rc=$?
+  [ "$rc" = 1 ] && ok || bad "pth2ckpt DIR on a tty: exit $rc"
+  cmp -s "$T/out" "$T/dir_piped" && ok || bad "pth2ckpt DIR on a tty: stdout differs: $(cat -v "$T/out")"
+  grep -q "\[3/3\] sub/b.pt  1.1 MiB / 1.1 MiB  100%" "$T/err" && grep -q "\[1/3\] a.pth" "$T/err" && ok || bad "pth2ckpt DIR on a tty: progress $(cat -v "$T/err")"
+  on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync --no-progress "$T/pin" "$T/pout3"
+  [ ! -s "$T/err" ] && cmp -s "$T/out" "$T/dir_piped" && ok || bad "pth2ckpt DIR --no-progress on a tty: $(cat -v "$T/err")"
+  on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync "$T/pin/a.pth" "$T/one.ckpt" && ok || bad "pth2ckpt FILE on a tty"
+  grep -q "a.pth  4.0 KiB / 4.0 KiB  100%" "$T/err" && ok || bad "pth2ckpt FILE on a tty: $(cat -v "$T/err")"
+  expect_rc 0 "ckpt import --progress" "$CKPT" import --progress "$T/pin/a.pth" "$T/two.ckpt"
+  grep -q "100%" "$T/err" && ok || bad "ckpt import --progress: $(cat -v "$T/err")"
+  expect_rc 0 "ckpt import, piped" "$CKPT" import "$T/pin/a.pth" "$T/three.ckpt"
+  [ ! -s "$T/err" ] && ok || bad "ckpt import piped: stderr $(cat -v "$T/err")"
+else
+  echo "SKIP: progress of pth2ckpt ($PTH2CKPT not built)"
+fi
+
 echo "cli: $passes passed, $fails failed"
 [ "$fails" = 0 ]
