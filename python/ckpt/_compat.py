@@ -57,7 +57,7 @@ def _unescape(segment):
 def _name(path):
     """The safe_open name of a tensor path: a one-segment path is a key of
     the root dict, given back as the key; a nested path stays as written."""
-    return path if "/" in path else _unescape(path)
+    return path if "/" in path or "~" not in path else _unescape(path)
 
 
 # -- ckpt.open ----------------------------------------------------------------------
@@ -395,7 +395,12 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
 
     def keys(self):
         """The tensor names, sorted."""
-        return sorted(_name(p) for p in self._file().keys())
+        f = self._file()
+        if isinstance(f, SafetensorsFile):
+            return sorted(_name(p) for p in f.keys())
+        with _errors(f):
+            paths = f._reader().paths()  # str only, no records: fast on 10k tensors
+        return sorted(_name(p) for p in paths)
 
     def offset_keys(self):
         """The tensor names in the order of their bytes in the file."""
