@@ -1,0 +1,83 @@
+// Boxes of a tensor and the byte runs that copy one box's elements out of
+// another's: the geometry under sharded checkpoints (a chunk saved by one
+// rank is a box of the global tensor; a rank that loads asks for a box)
+// and under slicing a tensor for tensor-parallel ranks.
+//
+// Both boxes' bytes are row-major and dense (C order, no gaps). The copy
+// of their intersection is described by one RunPattern of at most
+// ndim - 1 strided dims around a contiguous run, never by a list with one
+// entry per row: planning a load is O(ndim) per pair of boxes whatever
+// their sizes, and the pattern maps onto one cudaMemcpy2DAsync when it has
+// at most one strided dim.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ckpt/status.h"
+
+namespace ckpt {
+
+/// The elements offsets[d] <= i[d] < offsets[d] + sizes[d] of a tensor,
+/// in every dim d. A 0-d tensor's box has no dims and holds one element.
+struct Box {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> sizes;
+
+  size_t ndim() const { return sizes.size(); }
+  /// Elements in the box (1 for 0-d; 0 when some size is 0). Valid boxes
+  /// only (see BoxProblem).
+  int64_t numel() const;
+  bool operator==(const Box&) const = default;
+};
+
+/// Why `b` is not a valid box inside a tensor of `shape` (offsets and
+/// sizes of the tensor's rank, sizes >= 0, inside the shape, element
+/// count and byte size of `elem_size`-byte elements within int64), or
+/// nullopt. `elem_size` 0 skips the byte check.
+std::optional<std::string> BoxProblem(const Box& b,
+                                      const std::vector<int64_t>& shape,
+                                      uint64_t elem_size = 0);
+
+/// The common elements of two boxes of the same rank; nullopt when they
+/// share none (a box with a zero size shares nothing). Ranks must match.
+std::optional<Box> Intersect(const Box& a, const Box& b);
+
+/// Copies between two dense row-major buffers: runs of `length` bytes, one
+/// for each multi-index j with 0 <= j[d] < counts[d], the run j going from
+/// byte src + sum(j[d] * src_strides[d]) of the source to byte
+/// dst + sum(j[d] * dst_strides[d]) of the destination. No strided dims:
+/// one run. Strided dims are outermost first, so runs come in increasing
+/// source (and destination) order.
+struct RunPattern {
+  uint64_t src = 0;
+  uint64_t dst = 0;
+  uint64_t length = 0;
+  std::vector<uint64_t> counts;
+  std::vector<uint64_t> src_strides;
+  std::vector<uint64_t> dst_strides;
+
+  uint64_t runs() const;  ///< product of counts
+  uint64_t bytes() const { return runs() * length; }
+  bool operator==(const RunPattern&) const = default;
+};
+
+/// The pattern copying the elements `from` and `to` share from `from`'s
+/// dense row-major bytes into `to`'s (boxes of one tensor, elements of
+/// `elem_size` bytes): the contiguous run spans every inner dim that both
+/// boxes hold whole, and dims where the intersection is one element wide
+/// are folded away. nullopt when the boxes share no element.
+/// kInvalidArgument when the ranks differ, elem_size is 0 or a size is
+/// negative; byte counts are assumed to fit (BoxProblem checks that).
+Result<std::optional<RunPattern>> CopyRuns(const Box& from, const Box& to,
+                                           uint64_t elem_size);
+
+/// Calls fn(src, dst, length) for each run of `p`, in increasing order.
+void ForEachRun(
+    const RunPattern& p,
+    const std::function<void(uint64_t src, uint64_t dst, uint64_t length)>& fn);
+
+}  // namespace ckpt

@@ -1,0 +1,158 @@
+#include "ckpt/box.h"
+
+#include <algorithm>
+
+namespace ckpt {
+
+int64_t Box::numel() const {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  return n;
+}
+
+uint64_t RunPattern::runs() const {
+  uint64_t n = 1;
+  for (uint64_t c : counts) n *= c;
+  return n;
+}
+
+std::optional<std::string> BoxProblem(const Box& b,
+                                      const std::vector<int64_t>& shape,
+                                      uint64_t elem_size) {
+  if (b.offsets.size() != shape.size() || b.sizes.size() != shape.size()) {
+    return "a box of " + std::to_string(b.offsets.size()) + " offsets and " +
+           std::to_string(b.sizes.size()) + " sizes in a tensor of " +
+           std::to_string(shape.size()) + " dims";
+  }
+  int64_t numel = 1;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    const int64_t off = b.offsets[d], size = b.sizes[d];
+    const std::string dim = "dim " + std::to_string(d) + ": ";
+    if (off < 0 || size < 0) {
+      return dim + "offset " + std::to_string(off) + " and size " +
+             std::to_string(size) + " must not be negative";
+    }
+    // off + size <= shape[d], written so that it cannot overflow.
+    if (shape[d] < 0 || off > shape[d] || size > shape[d] - off) {
+      return dim + "[" + std::to_string(off) + ", +" + std::to_string(size) +
+             ") is outside the tensor's " + std::to_string(shape[d]);
+    }
+    if (size != 0 && numel > INT64_MAX / size) {
+      return "the box's element count overflows int64";
+    }
+    numel *= size;
+  }
+  if (elem_size > 0 && static_cast<uint64_t>(numel) >
+                           static_cast<uint64_t>(INT64_MAX) / elem_size) {
+    return "the box's byte size overflows int64";
+  }
+  return std::nullopt;
+}
+
+std::optional<Box> Intersect(const Box& a, const Box& b) {
+  Box out;
+  const size_t n = a.ndim();
+  out.offsets.resize(n);
+  out.sizes.resize(n);
+  for (size_t d = 0; d < n; ++d) {
+    int64_t lo = std::max(a.offsets[d], b.offsets[d]);
+    int64_t hi = std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d]);
+    if (lo >= hi) return std::nullopt;
+    out.offsets[d] = lo;
+    out.sizes[d] = hi - lo;
+  }
+  return out;
+}
+
+Result<std::optional<RunPattern>> CopyRuns(const Box& from, const Box& to,
+                                           uint64_t elem_size) {
+  const size_t n = from.ndim();
+  if (from.offsets.size() != n || to.sizes.size() != n ||
+      to.offsets.size() != n) {
+    return InvalidArgument("boxes of different ranks (" + std::to_string(n) +
+                           " and " + std::to_string(to.ndim()) + " dims)");
+  }
+  if (elem_size == 0) return InvalidArgument("element size 0");
+  for (size_t d = 0; d < n; ++d) {
+    if (from.sizes[d] < 0 || to.sizes[d] < 0) {
+      return InvalidArgument("a box has a negative size in dim " +
+                             std::to_string(d));
+    }
+  }
+  std::optional<Box> common = Intersect(from, to);
+  if (!common) return std::optional<RunPattern>();
+  const Box& in = *common;
+  RunPattern p;
+  p.length = elem_size;
+  if (n == 0) return std::optional<RunPattern>(p);
+  // Row-major element strides of both buffers.
+  std::vector<uint64_t> fs(n), ts(n);
+  uint64_t f = 1, t = 1;
+  for (size_t d = n; d-- > 0;) {
+    fs[d] = f;
+    ts[d] = t;
+    f *= static_cast<uint64_t>(from.sizes[d]);
+    t *= static_cast<uint64_t>(to.sizes[d]);
+  }
+  for (size_t d = 0; d < n; ++d) {
+    p.src += static_cast<uint64_t>(in.offsets[d] - from.offsets[d]) * fs[d] *
+             elem_size;
+    p.dst += static_cast<uint64_t>(in.offsets[d] - to.offsets[d]) * ts[d] *
+             elem_size;
+  }
+  // The run covers dim k and every dim after it, which both boxes hold
+  // whole: the smallest such k.
+  size_t k = n - 1;
+  auto whole = [&](size_t d) {
+    return in.sizes[d] == from.sizes[d] && in.sizes[d] == to.sizes[d];
+  };
+  while (k > 0 && whole(k)) --k;
+  p.length = static_cast<uint64_t>(in.sizes[k]) * fs[k] * elem_size;
+  for (size_t d = 0; d < k; ++d) {
+    if (in.sizes[d] == 1) continue;  // one step: folds into src and dst
+    const uint64_t count = static_cast<uint64_t>(in.sizes[d]);
+    const uint64_t ss = fs[d] * elem_size, ds = ts[d] * elem_size;
+    // The previous strided dim steps over this one whole in both buffers:
+    // one dim of count * its count steps.
+    if (!p.counts.empty() && p.src_strides.back() == count * ss &&
+        p.dst_strides.back() == count * ds) {
+      p.counts.back() *= count;
+      p.src_strides.back() = ss;
+      p.dst_strides.back() = ds;
+      continue;
+    }
+    p.counts.push_back(count);
+    p.src_strides.push_back(ss);
+    p.dst_strides.push_back(ds);
+  }
+  return std::optional<RunPattern>(std::move(p));
+}
+
+void ForEachRun(const RunPattern& p,
+                const std::function<void(uint64_t, uint64_t, uint64_t)>& fn) {
+  const size_t n = p.counts.size();
+  for (uint64_t c : p.counts) {
+    if (c == 0) return;
+  }
+  std::vector<uint64_t> j(n, 0);
+  uint64_t src = p.src, dst = p.dst;
+  for (;;) {
+    fn(src, dst, p.length);
+    // Odometer over j, innermost dim fastest.
+    size_t d = n;
+    for (;;) {
+      if (d == 0) return;
+      --d;
+      if (++j[d] < p.counts[d]) {
+        src += p.src_strides[d];
+        dst += p.dst_strides[d];
+        break;
+      }
+      src -= (p.counts[d] - 1) * p.src_strides[d];
+      dst -= (p.counts[d] - 1) * p.dst_strides[d];
+      j[d] = 0;
+    }
+  }
+}
+
+}  // namespace ckpt
