@@ -1,27 +1,32 @@
 #!/usr/bin/env python3
-"""Python benchmark: ckpt.load / ckpt.open against torch.load and safetensors.
+"""Python benchmark: ckpt against torch.save/torch.load and safetensors, same run.
 
-Two files, each written by every peer from the same tensors, in the same run:
-  state_dict  an LLM-like float32 state dict (--total-mb, default 1 GiB)
-  training    a training checkpoint: model + Adam moments + step, epoch,
-              loss history and RNG state (safetensors cannot hold it: only
-              its tensors are written there, flattened)
-Each load is timed best of --repeat with the page cache warm, as
-"load + touch": every page of every tensor read once after loading, so lazy
-(mmap) loaders pay for their reads as eager ones do. Prints ratios, writes
-JSON. CPU only here; on a GPU host --device cuda adds loads to the GPU.
+Files, each written by every contender from the same tensors:
+  state_dict  an LLM-like bfloat16 state dict (--total-mb, default 1 GiB)
+  training    a full training checkpoint: bf16 model, fp32 Adam moments and
+              steps, param groups, scheduler, epoch, loss history, RNG state
+              (safetensors cannot hold it: only its tensors, flattened)
+  many        10,000 small tensors (for opening a file with many names)
+Loads are timed with the page cache warm as "load + touch": every byte of
+every returned tensor is read once (summed as 64-bit words), so lazy (mmap)
+loaders pay for their page faults as copying ones pay for their copies.
+Each figure is the best and the median of --repeat rounds after one untimed
+round; ratios use the best. Saves drain writeback (sync) before each round.
+The targets of issue 12 are printed with the measured ratios at the end.
 
-Run from the project's venv:  .venv/bin/python bench/run_python.py
+    PYTHONPATH=build/python:python .venv-torch2/bin/python bench/run_python.py
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 try:
+    import safetensors
     import safetensors.torch as st
 except ImportError:
     st = None
@@ -31,39 +36,54 @@ import ckpt
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_cpu import fsync_path, warm  # noqa: E402
 
+HAS_MMAP = "mmap" in torch.load.__code__.co_varnames
+HAS_PREAD = st is not None and "backend" in st.load_file.__code__.co_varnames
+
+
+def nbytes(t):
+    return t.numel() * t.element_size()  # Debian's torch 1.13 has no Tensor.nbytes
+
+
+def touch_tensor(t):
+    """Reads every byte of t (64-bit words where the size allows)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return 0
+    b = t.detach().reshape(-1).view(torch.uint8) if t.is_contiguous() else \
+        t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if b.numel() % 8 == 0:
+        return int(b.view(torch.int64).sum())
+    return int(b.sum())
+
 
 def touch(tree):
-    """Reads every byte of every tensor (as inference reads every weight)."""
-    total = 0.0
-    for t in ckpt.flatten(tree).values():
-        if t.numel():
-            total += float(t.sum())
-    return total
+    return sum(touch_tensor(t) for t in ckpt.flatten(tree).values())
 
 
-def state_dict(total_mb, seed=0):
-    """GPT-like layers of float32 weights until total_mb is reached."""
+def state_dict(total_mb, dtype=torch.bfloat16, seed=0):
+    """GPT-like layers (d=2048; d=256 below 64 MiB) until total_mb is reached."""
     g = torch.Generator().manual_seed(seed)
-    d = 1024
-    sd, i, size = {}, 0, 0
-    sd["embed.weight"] = torch.randn(8192, d, generator=g)
-    size += sd["embed.weight"].numel() * 4
+    d, vocab, size = (2048, 16384, 0) if total_mb >= 64 else (256, 1024, 0)
+    sd = {"embed.weight": torch.randn(vocab, d, generator=g).to(dtype)}
+    size += nbytes(sd["embed.weight"])
+    i = 0
     while size < total_mb * 2**20:
         for name, shape in ((f"h.{i}.attn.qkv.weight", (3 * d, d)), (f"h.{i}.attn.qkv.bias", (3 * d,)),
                             (f"h.{i}.attn.proj.weight", (d, d)), (f"h.{i}.ln1.weight", (d,)),
-                            (f"h.{i}.ln1.bias", (d,)), (f"h.{i}.mlp.fc.weight", (4 * d, d)),
+                            (f"h.{i}.mlp.fc.weight", (4 * d, d)),
                             (f"h.{i}.mlp.proj.weight", (d, 4 * d)), (f"h.{i}.ln2.weight", (d,))):
-            sd[name] = torch.randn(*shape, generator=g)
-            size += sd[name].numel() * 4
+            sd[name] = torch.randn(*shape, generator=g).to(dtype)
+            size += nbytes(sd[name])
         i += 1
     return sd
 
 
-def training_state(model_mb):
-    sd = state_dict(model_mb, seed=1)
+def training_state(total_mb):
+    """A bf16 model of total_mb / 5 with fp32 Adam moments (4/5)."""
+    sd = state_dict(total_mb / 5, seed=1)
     params = list(sd.values())
-    opt_state = {i: {"step": torch.tensor(1000.0), "exp_avg": torch.randn_like(p),
-                     "exp_avg_sq": torch.rand_like(p)} for i, p in enumerate(params)}
+    opt_state = {i: {"step": torch.tensor(1000.0),
+                     "exp_avg": torch.randn(p.shape), "exp_avg_sq": torch.rand(p.shape)}
+                 for i, p in enumerate(params)}
     return {"model": sd,
             "optimizer": {"state": opt_state,
                           "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8,
@@ -74,96 +94,216 @@ def training_state(model_mb):
             "rng": ckpt.rng.get_state()}
 
 
-def best_of(fn, repeat):
-    """(load seconds, load + read-every-byte seconds), each the best of
-    `repeat` runs after one untimed warm-up run."""
-    touch(fn())
-    load = total = float("inf")
+def many_tensors(n=10000):
+    return {f"layers.{i // 10}.w{i % 10}": torch.full((16, 16), float(i)) for i in range(n)}
+
+
+def timed(fn, repeat, before=None):
+    """(best, median) seconds of fn() over `repeat` rounds after one untimed
+    round; before() runs untimed ahead of each round."""
+    if before:
+        before()
+    fn()
+    times = []
     for _ in range(repeat):
+        if before:
+            before()
         t0 = time.perf_counter()
-        out = fn()
-        t1 = time.perf_counter()
-        touch(out)
-        t2 = time.perf_counter()
-        load, total = min(load, t1 - t0), min(total, t2 - t0)
-        del out
-    return load, total
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
 
 
-def bench_save(obj, workdir, repeat):
-    """Seconds to write obj, best of `repeat`, each peer without and with
-    fsync (ckpt.save fsyncs the file and its directory when sync=True)."""
-    out = os.path.join(workdir, "save.out")
-    flat = {k: v.contiguous() for k, v in ckpt.flatten(obj).items()} if st else None
-
-    def timed(fn, sync):
-        best = float("inf")
-        for _ in range(repeat):
-            if os.path.exists(out):
-                os.unlink(out)
-            os.sync()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                fsync_path(out)
-            best = min(best, time.perf_counter() - t0)
-        os.unlink(out)
-        return best
-    rows = {
-        "torch.save": timed(lambda: torch.save(obj, out), False),
-        "ckpt.save(sync=False)": timed(lambda: ckpt.save(obj, out, sync=False), False),
-        "torch.save + fsync": timed(lambda: torch.save(obj, out), True),
-        "ckpt.save (fsync, atomic rename)": timed(lambda: ckpt.save(obj, out), False),
-    }
-    if st is not None:
-        rows["safetensors save_file (tensors only)"] = timed(lambda: st.save_file(flat, out), False)
-    return rows
+def raw_read_touched(path):
+    """read() of the whole file into new memory, every byte then summed."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(buf)
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    return touch_tensor(t[: t.numel() // 8 * 8])
 
 
-def bench_file(name, obj, workdir, repeat, device):
-    pth = os.path.join(workdir, f"{name}.pth")
-    ck = os.path.join(workdir, f"{name}.ckpt")
-    sft = os.path.join(workdir, f"{name}.safetensors")
-    flat_only = name != "state_dict"
+def load_rows(name, obj, workdir, repeat, device):
+    """{contender: (best, median)} for loading `obj`'s file every way."""
+    pth, ck, sft = (os.path.join(workdir, f"{name}.{e}") for e in ("pth", "ckpt", "safetensors"))
     torch.save(obj, pth)
     ckpt.save(obj, ck, sync=False)
     if st is not None:
         ckpt.save_safetensors(obj, sft)
-    nbytes = os.path.getsize(ck)
-    os.sync()  # no writeback of the new files during the timings
+    os.sync()
     for p in (pth, ck, sft):
         if os.path.exists(p):
             warm(p)
-    some = sorted(ckpt.flatten(obj))[len(ckpt.flatten(obj)) // 2]
+    flat = ckpt.flatten(obj)
+    some = sorted(flat)[len(flat) // 2]  # a middle-sized one, as in earlier runs
     ml = None if device == "cpu" else device
+    only = " (tensors only)" if name == "training" else ""
     rows = {}
-    rows["torch.load"] = best_of(lambda: torch.load(pth, map_location=device, weights_only=False), repeat)
-    only = " (tensors only)" if flat_only else ""
-    if st is not None:
-        # safetensors 0.8 serves CPU tensors from a mapping (zero-copy) by
-        # default, or copies them with backend="pread".
-        rows["safetensors load_file" + only] = best_of(
-            lambda: st.load_file(sft, device=device), repeat)
-        if device == "cpu" and "backend" in st.load_file.__code__.co_varnames:
-            rows["safetensors load_file(pread)" + only] = best_of(
-                lambda: st.load_file(sft, device=device, backend="pread"), repeat)
-    rows["ckpt.load"] = best_of(lambda: ckpt.load(ck, map_location=ml), repeat)
-    if device == "cpu":
-        rows["ckpt.load(mmap=True)"] = best_of(lambda: ckpt.load(ck, mmap=True), repeat)
 
-    def one():
+    def run(label, fn):
+        rows[label] = timed(lambda: touch(fn()), repeat)
+
+    if device == "cpu":
+        rows["read() of the .ckpt file"] = timed(lambda: raw_read_touched(ck), repeat)
+    # weights_only=True (torch 2.6+'s default) where it reads the file; the
+    # training state holds numpy's RNG state, which it refuses.
+    wo = True
+    try:
+        torch.load(pth, weights_only=True)
+    except Exception:  # pickle.UnpicklingError
+        wo = False
+        print(f"  ({name}: torch.load(weights_only=True) refuses this file; "
+              "timing torch.load with weights_only=False)")
+    run("torch.load", lambda: torch.load(pth, map_location=device, weights_only=wo))
+    if HAS_MMAP and device == "cpu":
+        run("torch.load(mmap=True)", lambda: torch.load(pth, mmap=True, weights_only=wo))
+    if st is not None:
+        run("safetensors load_file" + only, lambda: st.load_file(sft, device=device))
+        if HAS_PREAD and device == "cpu":
+            run("safetensors load_file(pread)" + only,
+                lambda: st.load_file(sft, device=device, backend="pread"))
+    run("ckpt.load", lambda: ckpt.load(ck, map_location=ml))
+    if device == "cpu":
+        run("ckpt.load(mmap=True)", lambda: ckpt.load(ck, mmap=True))
+
+    def ck_one():
         with ckpt.open(ck) as f:
             return {"t": f[some] if device == "cpu" else f[some].to(device)}
-    rows["ckpt.open + one tensor"] = best_of(one, repeat)
+    run("ckpt.open + one tensor", ck_one)
+    if HAS_MMAP and device == "cpu":
+        run("torch.load(mmap=True) + one tensor",
+            lambda: {"t": ckpt.flatten(torch.load(pth, mmap=True, weights_only=wo))[some]})
     if st is not None:
         def st_one():
             with st.safe_open(sft, framework="pt", device=device) as f:
                 return {"t": f.get_tensor(some)}
-        rows["safe_open + one tensor"] = best_of(st_one, repeat)
+        run("safe_open + one tensor", st_one)
     for p in (pth, ck, sft):
         if os.path.exists(p):
             os.unlink(p)
-    return nbytes, rows
+    return rows, some
+
+
+def open_rows(workdir, repeat):
+    """Opening a 10,000-tensor file: open alone, open + keys(), open + one."""
+    obj = many_tensors()
+    ck, sft = os.path.join(workdir, "many.ckpt"), os.path.join(workdir, "many.safetensors")
+    ckpt.save(obj, ck, sync=False)
+    if st is not None:
+        st.save_file(obj, sft)
+    name = "layers.500.w5"
+    rows = {}
+
+    def ck_open():
+        with ckpt.open(ck):
+            pass
+
+    def ck_keys():
+        with ckpt.open(ck) as f:
+            return len(f.keys())
+
+    def ck_one():
+        with ckpt.open(ck) as f:
+            return touch_tensor(f[name])
+    rows["ckpt.open"] = timed(ck_open, repeat * 20)
+    rows["ckpt.open + keys()"] = timed(ck_keys, repeat * 20)
+    rows["ckpt.open + one tensor"] = timed(ck_one, repeat * 20)
+    if st is not None:
+        def st_open():
+            with st.safe_open(sft, framework="pt"):
+                pass
+
+        def st_keys():
+            with st.safe_open(sft, framework="pt") as f:
+                return len(f.keys())
+
+        def st_one():
+            with st.safe_open(sft, framework="pt") as f:
+                return touch_tensor(f.get_tensor(name))
+        rows["safe_open"] = timed(st_open, repeat * 20)
+        rows["safe_open + keys()"] = timed(st_keys, repeat * 20)
+        rows["safe_open + one tensor"] = timed(st_one, repeat * 20)
+    for p in (ck, sft):
+        if os.path.exists(p):
+            os.unlink(p)
+    return rows
+
+
+def save_rows(name, obj, workdir, repeat):
+    """Seconds to write obj, each contender without and with fsync (ckpt.save
+    with sync=True fsyncs the file and its directory and renames)."""
+    out = os.path.join(workdir, "save.out")
+    flat = {k: v.contiguous() for k, v in ckpt.flatten(obj).items()}
+
+    def clean():
+        if os.path.exists(out):
+            os.unlink(out)
+        os.sync()
+
+    def synced(fn):
+        def f():
+            fn()
+            fsync_path(out)
+        return f
+    rows = {
+        "torch.save": timed(lambda: torch.save(obj, out), repeat, clean),
+        "ckpt.save(sync=False)": timed(lambda: ckpt.save(obj, out, sync=False), repeat, clean),
+        "torch.save + fsync": timed(synced(lambda: torch.save(obj, out)), repeat, clean),
+        "ckpt.save (fsync, atomic rename)": timed(lambda: ckpt.save(obj, out), repeat, clean),
+    }
+    if st is not None:
+        only = " (tensors only)" if name == "training" else ""
+        rows["safetensors save_file" + only] = timed(lambda: st.save_file(flat, out), repeat, clean)
+        rows["safetensors save_file + fsync" + only] = timed(
+            synced(lambda: st.save_file(flat, out)), repeat, clean)
+    clean()
+    return rows
+
+
+def ratio(rows, peer, ours):
+    if peer in rows and ours in rows:
+        return rows[peer][0] / rows[ours][0]
+    return None
+
+
+TARGETS = [
+    # (file, section, peer, ours, target, what)
+    ("state_dict", "load", "torch.load", "ckpt.load", 1.5, "ckpt.load (copies) vs torch.load"),
+    ("state_dict", "load", "read() of the .ckpt file", "ckpt.load", 1.0,
+     "ckpt.load (copies) vs raw read() of the file"),
+    ("state_dict", "load", "safetensors load_file(pread)", "ckpt.load", 1.5,
+     "ckpt.load (copies) vs safetensors load_file(backend='pread')"),
+    ("state_dict", "load", "torch.load(mmap=True)", "ckpt.load(mmap=True)", 1.5,
+     "ckpt.load(mmap=True) vs torch.load(mmap=True, weights_only=True)"),
+    ("state_dict", "load", "safetensors load_file", "ckpt.load(mmap=True)", 1.2,
+     "ckpt.load(mmap=True) vs safetensors load_file (mapped)"),
+    ("state_dict", "load", "torch.load(mmap=True) + one tensor", "ckpt.open + one tensor", 20,
+     "ckpt.open + one tensor vs torch.load(mmap=True) + it"),
+    ("state_dict", "load", "safe_open + one tensor", "ckpt.open + one tensor", 1.5,
+     "ckpt.open + one tensor vs safe_open + get_tensor"),
+    ("many", "open", "safe_open", "ckpt.open", 5, "ckpt.open vs safe_open, 10,000 tensors"),
+    ("many", "open", "safe_open + keys()", "ckpt.open + keys()", 5,
+     "ckpt.open + keys() vs safe_open + keys(), 10,000 tensors"),
+    ("state_dict", "save", "safetensors save_file", "ckpt.save(sync=False)", 1.2,
+     "ckpt.save (checksums, no fsync) vs safetensors save_file"),
+    ("state_dict", "save", "torch.save", "ckpt.save(sync=False)", 1.5,
+     "ckpt.save (checksums, no fsync) vs torch.save"),
+    ("state_dict", "save", "safetensors save_file + fsync", "ckpt.save (fsync, atomic rename)", 1.0,
+     "ckpt.save (fsync, rename, dir fsync) vs save_file + fsync"),
+    ("training", "load", "torch.load", "ckpt.load", 1.5, "training: ckpt.load vs torch.load"),
+    ("training", "load", "torch.load(mmap=True)", "ckpt.load(mmap=True)", 1.5,
+     "training: ckpt.load(mmap=True) vs torch.load(mmap=True)"),
+    ("training", "save", "torch.save", "ckpt.save(sync=False)", 1.5,
+     "training: ckpt.save vs torch.save, no fsync"),
+]
+
+
+def print_rows(title, rows, size=None):
+    print(f"\n{title}")
+    print(f"  {'':44s} {'best s':>9s} {'median s':>9s}" + (f" {'GB/s':>6s}" if size else ""))
+    for k, (best, med) in rows.items():
+        gbs = f" {size / best / 1e9:6.2f}" if size else ""
+        print(f"  {k:44s} {best:9.4f} {med:9.4f}{gbs}")
 
 
 def main():
@@ -177,35 +317,43 @@ def main():
     os.makedirs(a.workdir, exist_ok=True)
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    versions = {"torch": torch.__version__, "ckpt": ckpt.__version__,
+                "safetensors": safetensors.__version__ if st else None,
+                "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
     if st is None:
         print("safetensors is not installed: its rows are missing", file=sys.stderr)
-    print("torch", torch.__version__, "| torch.load(mmap=True):",
-          "yes" if "mmap" in torch.load.__code__.co_varnames else "not in this torch")
-    report = {"device": a.device, "torch": torch.__version__, "repeat": a.repeat, "files": {}}
+    if not HAS_MMAP:
+        print("torch.load has no mmap=True in this torch: its rows are missing", file=sys.stderr)
+    report = {"device": a.device, "versions": versions, "repeat": a.repeat, "files": {}}
+    results = {}
     for name, make in (("state_dict", lambda: state_dict(a.total_mb)),
-                       ("training", lambda: training_state(a.total_mb / 3))):
+                       ("training", lambda: training_state(a.total_mb))):
         obj = make()
-        nbytes, rows = bench_file(name, obj, a.workdir, a.repeat, a.device)
-        base = rows["torch.load"][1]
-        print(f"\n{name}: {nbytes / 2**20:.0f} MiB, {a.device}, best of {a.repeat}, warm cache")
-        print(f"  {'':38s} {'load s':>8s} {'+read all s':>11s} {'GB/s':>6s} {'vs torch.load':>13s}")
-        for k, (ld, tot) in rows.items():
-            print(f"  {k:38s} {ld:8.4f} {tot:11.4f} {nbytes / tot / 1e9:6.2f} {base / tot:12.1f}x")
-        c = rows["ckpt.load"][1]
-        for k, v in rows.items():
-            if k.startswith("safetensors load_file"):
-                print(f"  ckpt.load vs {k}: {v[1] / c:.2f}x (load + read all)")
-        if "ckpt.load(mmap=True)" in rows:
-            print(f"  ckpt.load(mmap=True) vs torch.load: {base / rows['ckpt.load(mmap=True)'][1]:.2f}x")
-        saves = bench_save(obj, a.workdir, min(a.repeat, 3))
-        print(f"  saving, best of {min(a.repeat, 3)}:")
-        for k, v in saves.items():
-            print(f"  {k:38s} {v:8.4f} s {nbytes / v / 1e9:6.2f} GB/s")
-        print(f"  ckpt.save vs torch.save: {saves['torch.save'] / saves['ckpt.save(sync=False)']:.2f}x "
-              f"without fsync, {saves['torch.save + fsync'] / saves['ckpt.save (fsync, atomic rename)']:.2f}x "
-              "with")
-        report["files"][name] = {"bytes": nbytes, "seconds": rows, "save_seconds": saves}
+        total = sum(nbytes(t) for t in ckpt.flatten(obj).values())
+        load, some = load_rows(name, obj, a.workdir, a.repeat, a.device)
+        print_rows(f"{name}: {total / 2**20:.0f} MiB of tensors, {len(ckpt.flatten(obj))} tensors, "
+                   f"load + touch every byte, {a.device}, best/median of {a.repeat}, warm cache "
+                   f"(one tensor: '{some}')", load, total)
+        save = save_rows(name, obj, a.workdir, a.repeat) if a.device == "cpu" else {}
+        if save:
+            print_rows(f"{name}: saving, writeback drained before each round", save, total)
+        results[name] = {"load": load, "save": save}
+        report["files"][name] = {"bytes": total, "load_seconds": load, "save_seconds": save}
         del obj
+    if a.device == "cpu":
+        results["many"] = {"open": open_rows(a.workdir, a.repeat)}
+        print_rows(f"many: 10,000 tensors of 1 KiB, best/median of {a.repeat * 20}",
+                   results["many"]["open"])
+        report["files"]["many"] = {"open_seconds": results["many"]["open"]}
+    print("\ntargets (ratio = peer's best time / ckpt's best time):")
+    report["targets"] = []
+    for file, section, peer, ours, target, what in TARGETS:
+        r = ratio(results.get(file, {}).get(section, {}), peer, ours)
+        met = "n/a" if r is None else ("yes" if r >= target else "NO")
+        shown = "  -  " if r is None else f"{r:5.2f}"
+        print(f"  {what:66s} {shown}x  target >= {target:g}x  {met}")
+        report["targets"].append({"what": what, "ratio": r, "target": target, "met": met})
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"\nwrote {a.json}")
