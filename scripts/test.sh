@@ -38,6 +38,18 @@ else
   echo "torch2: skipped (no .venv-torch2: scripts/install_deps.sh makes it)"
 fi
 
+echo "== scripts/gpu_check.sh --double: the GPU check's steps against the CUDA-runtime double"
+if [ -x build-test/tests/cuda_real_test_double ]; then
+  gout=$(mktemp -d)
+  scripts/gpu_check.sh --double --build build-test --out "$gout" > "$gout/log" ||
+    { cat "$gout/log" "$gout/gpu_check_double.txt"; exit 1; }
+  tail -n 2 "$gout/log"
+  rm -rf "$gout"
+  echo "gpu_check: 1 passed, 0 failed"
+else
+  echo "gpu_check: skipped (no CUDA toolkit: the loader is not built)"
+fi
+
 echo "== pip: pip install -e . and a wheel from this tree (scikit-build-core)"
 # One build tree (build-pip/, pyproject's build-dir) serves both, built
 # without build isolation by a venv holding exactly the build-system
