@@ -36,5 +36,7 @@ np=$(/usr/bin/python3 -c 'import numpy; print(numpy.__version__)')
 if [ ! -x .venv-torch2/bin/python ]; then
   /usr/bin/python3 -m venv .venv-torch2
 fi
-.venv-torch2/bin/pip install -q --disable-pip-version-check torch numpy \
+# tqdm only here: the progress tests take its path under torch 2.x and the
+# plain line under .venv, which lacks it.
+.venv-torch2/bin/pip install -q --disable-pip-version-check torch numpy tqdm \
   -r bench/requirements.txt
