@@ -6,9 +6,10 @@ Every API with a `progress=` keyword takes:
   redrawn with a carriage return; bytes done of the total and GB/s;
 - a callable progress(done_bytes, total_bytes), for other UIs: called
   from the thread that does the work, first with done = 0, then as
-  storages are read or written (per storage, or per batch of at least
-  64 MiB), last with done == total; done never decreases (a value may
-  repeat). An exception from it stops the work and propagates.
+  storages are read or written (per storage or per batch of at least
+  64 MiB, but no more often than every 1/256 of the total), last with
+  done == total; done never decreases and a (done, total) pair never
+  repeats. An exception from it stops the work and propagates.
 """
 import contextlib
 import os
@@ -18,6 +19,10 @@ import time
 # Work is reported in batches of at least this many bytes (a copying load
 # splits its parallel read into such batches so that the bar moves).
 BATCH = 64 << 20
+# ...and told to the sink at most this many times per job (plus first and
+# last), however many storages it has: 10,000 small tensors make 10,000
+# add()s but only this many calls into tqdm or the user's function.
+STEPS = 256
 
 
 def check(progress):
@@ -49,32 +54,42 @@ class Reporter:
     total and never the same (done, total) twice in a row."""
 
     def __init__(self, sink, total):
-        self.sink, self.total, self.done = sink, int(total), 0
+        self.sink, self.done = sink, 0
+        self._set_total(total)
         self._last = None  # the (done, total) last told
         self._closed = False
         self._tell()
+
+    def _set_total(self, total):
+        self.total = int(total)
+        self._step = max(1, self.total // STEPS)
+        self._next = 0  # tell the sink once done reaches this (or the total)
 
     def _tell(self):
         now = (min(self.done, self.total), self.total)
         if now != self._last:
             self._last = now
+            self._next = now[0] + self._step
             self.sink(*now)
 
     def add(self, n):
-        self.done += int(n)
-        self._tell()
+        self.done += n
+        if self.done >= self._next or self.done >= self.total:
+            self._tell()
 
     def at(self, done):
         """Sets done (a count from C++'s own progress calls); never lowers it."""
         if done > self.done:
-            self.done = int(done)
-        self._tell()
+            self.done = done
+        if self.done >= self._next or self.done >= self.total:
+            self._tell()
 
     def expect(self, n):
         """The work left is n bytes from here: total = done + n (the second
         part of a two-part job, such as a .pth load's load after its
         conversion)."""
-        self.total = self.done + int(n)
+        self._set_total(self.done + n)
+        self._next = self.done  # the first add() of the new part is told
 
     @contextlib.contextmanager
     def closing(self):

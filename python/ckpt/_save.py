@@ -318,24 +318,29 @@ _NO_SEGMENT = object()
 
 def _storage_bytes(root):
     """The bytes a save of `root` writes for its tensors and arrays (the
-    progress total): each tensor storage once, keyed as _Saver.storage
-    keys it; every array. Never raises: what save() refuses, it skips.
-    Each container is walked once, so an array under a container that
-    appears twice counts once (the bar then reaches 100% a little early)."""
+    progress total): each tensor storage once, as _Saver.storage stores
+    it; every array. Never raises: what save() refuses, it counts or
+    skips (save() then fails anyway). Each container is walked once, so
+    an array under a container that appears twice counts once (the bar
+    then reaches 100% a little early). ~0.6 us a tensor."""
     total = 0
     seen_storage, seen = set(), set()
+    tensor_types, strided = (torch.Tensor, torch.nn.Parameter), torch.strided
     todo = [root]
     while todo:
         x = todo.pop()
         t = type(x)
-        if t in (torch.Tensor, torch.nn.Parameter):
-            if x.layout != torch.strided or x.is_quantized or x.device.type not in ("cpu", "cuda"):
+        if t in tensor_types:
+            if x.layout is not strided:
                 continue
-            s = _untyped(x)
-            key = (device_string(x.device), s.data_ptr(), s.nbytes())
+            try:
+                st = _untyped(x)
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = (st.data_ptr(), st.nbytes(), st.device)
             if key not in seen_storage:
                 seen_storage.add(key)
-                total += s.nbytes()
+                total += key[1]
         elif t is np.ndarray:
             total += x.nbytes
         elif t in _CONTAINER_TYPES and id(x) not in seen:
@@ -367,9 +372,9 @@ def save(obj, path, metadata=None, *, sync=True, progress=False, pickle_module=N
 
     progress=True shows a progress bar on stderr (tqdm's if installed,
     else a plain line) of the storage bytes written, with GB/s; a
-    callable progress(done_bytes, total_bytes) is called instead (per
-    storage, first with 0, last with done == total once the file is
-    committed). docs/PYTHON.md "Progress".
+    callable progress(done_bytes, total_bytes) is called instead (as
+    storages are written, first with 0, last with done == total once the
+    file is committed). docs/PYTHON.md "Progress".
 
     A Ctrl-C (SIGINT) that comes while the file is being committed is held
     back and delivered once save() has returned: a KeyboardInterrupt out of
