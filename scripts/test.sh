@@ -24,7 +24,8 @@ t2=.venv-torch2/bin/python
 if [ -x "$t2" ]; then
   "$t2" -c 'import torch; print("torch", torch.__version__)'
   root=$PWD
-  suites="test_api test_hardening test_training test_examples test_bigfile test_torch2"
+  suites="test_api test_hardening test_training test_examples test_bigfile test_torch2
+          test_compat test_progress"
   for s in $suites; do
     (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
       "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||
@@ -107,6 +108,10 @@ PYEOF
     echo "pip: the wheel links a shared zlib or cudart"; exit 1
   fi
   "$wh/venv/bin/ckpt" verify tests/data/golden_v1.ckpt
+  # That venv has no torch: `python -m ckpt verify` needs none (lazy imports).
+  "$wh/venv/bin/python" -c 'import importlib.util as u; assert u.find_spec("torch") is None' ||
+    { echo "pip: the wheel's venv has torch"; exit 1; }
+  "$wh/venv/bin/python" -m ckpt verify tests/data/golden_v1.ckpt
   rm -rf "$wh"
   echo "pip wheel: 1 passed, 0 failed ($((SECONDS - t0)) s)"
 else
