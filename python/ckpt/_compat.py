@@ -69,12 +69,15 @@ def open(path):  # noqa: A001 - the public name mirrors safetensors.safe_open
     A .pth is converted once into a temporary ckpt file (mapped, then
     unlinked); a .safetensors file is read through its own mapping."""
     path = os.fspath(path)
-    kind = sniff(path)  # FileNotFoundError / IsADirectoryError come from here
-    if kind == "pth":
-        return PthFile(path)
-    if kind == "safetensors":
-        return SafetensorsFile(path)
-    return File(path)  # a ckpt file, or the FormatError for anything else
+    try:
+        return File(path)  # a ckpt file: opened without a sniff first
+    except FormatError:
+        kind = sniff(path)
+        if kind == "pth":
+            return PthFile(path)
+        if kind == "safetensors":
+            return SafetensorsFile(path)
+        raise  # not a ckpt file, or a damaged one
 
 
 def _renaming(method):
