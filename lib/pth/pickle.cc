@@ -220,6 +220,18 @@ std::optional<std::vector<uint8_t>> StrBytes(const PyObj& o) {
   return Utf8ToLatin1(o.x().s);
 }
 
+// A Python object state that sets nothing: None or {}, or the
+// (__dict__, slots) pair torch's _get_obj_state gives, each None or {}.
+bool EmptyState(const Obj& state) {
+  auto empty = [](const Obj& o) {
+    return o->kind == K::kNone || (o->kind == K::kDict && o->x().items.empty());
+  };
+  if (state->kind == K::kTuple && state->x().items.size() == 2) {
+    return empty(state->x().items[0]) && empty(state->x().items[1]);
+  }
+  return empty(state);
+}
+
 // A name in module torch that reads as a dtype (float33, uint9, int128,
 // float8_e3m4, bits32...): an unknown one is an unsupported dtype, not a
 // forbidden callable.
@@ -1088,6 +1100,13 @@ Result<Obj> Machine::CallRebuildParameter(const GlobalRow&,
                                           std::span<const Obj> a) {
   if (a[0]->kind != K::kTensor) return Refuse("Parameter data is not a tensor");
   if (a[1]->kind != K::kBool) return Refuse("requires_grad must be a bool");
+  // _rebuild_parameter_with_state's 4th argument: the Parameter's Python
+  // attributes (torch 2.x pickles them: __dict__, or (__dict__, slots)).
+  // The format has no place for them; dropping them would lose data
+  // silently, so they are refused as a plain tensor's are (BuildTensor).
+  if (a.size() > 3 && !EmptyState(a[3])) {
+    return Refuse("Parameter with extra Python attributes cannot be converted");
+  }
   auto t = std::make_shared<PyTensor>(*a[0]->x().r().tensor);
   t->is_parameter = true;
   t->requires_grad = a[1]->i != 0;

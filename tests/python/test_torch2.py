@@ -249,6 +249,40 @@ class SafeGlobals(TempDirCase):
         self.assertIn("'collections Counter'", str(cm.exception))
 
 
+@needs_torch2
+class TensorAttributes(TempDirCase):
+    """torch 2.x pickles a Parameter's Python attributes
+    (_rebuild_parameter_with_state; torch 1.13 drops them at save): the
+    importer refuses them as it refuses a plain tensor's, never drops them
+    silently."""
+
+    def test_parameter_with_attributes_is_refused(self):
+        p = torch.nn.Parameter(torch.ones(2))
+        p.tensor_model_parallel = True  # as Megatron tags its parameters
+        f = self.path("param_attr.pth")
+        torch.save({"p": p}, f)
+        back = torch.load(f, weights_only=True)["p"]
+        self.assertTrue(back.tensor_model_parallel)  # torch keeps it
+        for load in (lambda: ckpt.load(f), lambda: ckpt.import_pth(f, self.path("x.ckpt"))):
+            with self.assertRaises(ckpt.PickleRefusedError) as cm:
+                load()
+            self.assertIn("extra Python attributes", str(cm.exception))
+        self.assertFalse(os.path.exists(self.path("x.ckpt")))
+        # Without attributes it is a Parameter as before.
+        torch.save({"p": torch.nn.Parameter(torch.ones(2))}, f)
+        self.assertIsInstance(ckpt.load(f)["p"], torch.nn.Parameter)
+
+    def test_tensor_with_attributes_is_refused(self):
+        t = torch.ones(3)
+        t.note = "x"
+        f = self.path("tensor_attr.pth")
+        torch.save({"t": t}, f)
+        self.assertEqual(torch.load(f, weights_only=True)["t"].note, "x")
+        with self.assertRaises(ckpt.PickleRefusedError) as cm:
+            ckpt.load(f)
+        self.assertIn("extra Python attributes", str(cm.exception))
+
+
 # ---- torch.save's serialization options -------------------------------------------------------
 
 @unittest.skipIf(ser_config is None, f"torch {torch.__version__} has no "
