@@ -42,8 +42,8 @@ class AtomicFile {
   /// naming the target and offset.
   Status Write(std::span<const std::byte> bytes);
   /// Moves the end `n` bytes on and returns where those bytes start; the
-  /// caller fills them with WriteAt, from any number of threads at once,
-  /// before Commit (a range left unfilled reads as zeros).
+  /// caller fills them all with WriteAt, from any number of threads at
+  /// once, before Commit (Commit does not extend the file to size()).
   uint64_t Reserve(uint64_t n) { return std::exchange(size_, size_ + n); }
   /// Asks the kernel to start writing `len` bytes at `offset` back to the
   /// disk now (sync_file_range), so that the fsync at Commit waits for

@@ -501,7 +501,7 @@ Checkpoint::Layout Checkpoint::layout() const {
 }
 
 size_t Checkpoint::num_tensors() const { return impl_->ntensors(); }
-std::vector<std::string_view> Checkpoint::TensorPaths() const {
+std::vector<std::string_view> Checkpoint::TensorPaths() const& {
   std::vector<std::string_view> out;
   if (const auto* tensors = impl_->h->tensors()) {
     out.reserve(tensors->size());

@@ -60,6 +60,12 @@ TEST_CASE("lookup by path among 10,000 tensors, including odd paths") {
   for (size_t i = 1; i < ck->num_tensors(); ++i) {
     CHECK(ck->TensorInfoAt(i - 1)->path < ck->TensorInfoAt(i)->path);
   }
+  // TensorPaths lists the same names in the same order, without records.
+  std::vector<std::string_view> paths = ck->TensorPaths();
+  REQUIRE(paths.size() == ck->num_tensors());
+  for (size_t i = 0; i < paths.size(); ++i) {
+    CHECK(paths[i] == ck->TensorInfoAt(i)->path);
+  }
   CHECK(ck->Verify().ok());
 }
 

@@ -267,8 +267,9 @@ class Checkpoint {
   size_t num_tensors() const;
   /// Every tensor path, sorted (the table's order): views into the header,
   /// valid while this Checkpoint (or a Share() of it) lives. The cheap way
-  /// to list names: no TensorInfo is built.
-  std::vector<std::string_view> TensorPaths() const;
+  /// to list names: no TensorInfo is built. Not on a temporary Checkpoint.
+  std::vector<std::string_view> TensorPaths() const&;
+  std::vector<std::string_view> TensorPaths() const&& = delete;
   /// What the tensor at position `index` is (no data read): for listing
   /// every tensor, `for (i < num_tensors()) TensorInfoAt(i)`.
   /// kInvalidArgument for index >= num_tensors().

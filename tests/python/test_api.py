@@ -590,6 +590,8 @@ class Flatten(TempDirCase):
         flat = ckpt.flatten(tree)
         with ckpt.open(p) as f:
             self.assertEqual(sorted(flat), f.keys())
+            # keys() comes from Reader.paths(): the records' paths, in order.
+            self.assertEqual(f.keys(), [r.path for r in f._reader().tensors()])
             for k, v in flat.items():
                 self.assertTrue(torch.equal(f[k], v), k)
         self.assertIn("m/(1,a)", flat)
