@@ -615,8 +615,18 @@ def save_model(model, filename, metadata=None, force_contiguous=True, *, sync=Tr
     save_file(state_dict, filename, metadata=metadata, sync=sync)
 
 
-def _same_memory(a, b):
-    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+def _placed_alike(file_sd, model_sd, keep, name):
+    """Whether the file's tensor `name` views the file's `keep` as the
+    model's `name` views the model's `keep`: one storage, the same byte
+    offset between them, the same shape and strides. load_state_dict then
+    copies into the model's view what it already copied with `keep`, so
+    the model ends up holding the file's values."""
+    a, b = file_sd[name], file_sd[keep]
+    ma, mb = model_sd[name], model_sd[keep]
+    return (a.device == b.device and _storage_key(a) == _storage_key(b)
+            and a.data_ptr() - b.data_ptr() == ma.data_ptr() - mb.data_ptr()
+            and a.element_size() == ma.element_size()
+            and a.shape == ma.shape and a.stride() == ma.stride())
 
 
 def load_model(model, filename, strict=True, device="cpu", *, backend="mmap"):
@@ -626,11 +636,13 @@ def load_model(model, filename, strict=True, device="cpu", *, backend="mmap"):
     unexpected, a list of the file's names the model did not take. A tied
     name the file lacks (safetensors' save_model drops all but one) is not
     missing; a tied name the file holds as a separate tensor is unexpected,
-    as in safetensors; one it holds sharing memory with the kept name (as
-    ckpt.save_model writes it) is neither. strict=True raises RuntimeError
+    as in safetensors; one it holds sharing memory with the kept name at
+    the place the model's does (as ckpt.save_model writes it: a tied
+    weight, a buffer viewing part of another) is neither. strict=True raises RuntimeError
     (torch's message form) when either is non-empty."""
     state_dict = load_file(filename, device=device, backend=backend)
-    tied = _tied_names(model.state_dict(), preferred=state_dict.keys())
+    model_sd = model.state_dict()
+    tied = _tied_names(model_sd, preferred=state_dict.keys())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = set(missing)
     for keep, names in tied.items():
@@ -638,7 +650,7 @@ def load_model(model, filename, strict=True, device="cpu", *, backend="mmap"):
             if n in missing:
                 missing.remove(n)
             elif not (n in state_dict and keep in state_dict
-                      and _same_memory(state_dict[n], state_dict[keep])):
+                      and _placed_alike(state_dict, model_sd, keep, n)):
                 unexpected.append(n)
     if strict and (missing or unexpected):
         error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"

@@ -425,6 +425,30 @@ class Models(CompatCase):
                             msgs.append(str(e))
                     self.assertEqual(msgs[0], msgs[1], what)
 
+    def test_buffer_viewing_another_buffer(self):
+        # A buffer that is a view inside another (part = full[2:5]): the
+        # file holds both names sharing memory as in the model, so neither
+        # is missing or unexpected, and the values land in the model.
+        class W(torch.nn.Module):
+            def __init__(self, at=2):
+                super().__init__()
+                self.register_buffer("full", torch.zeros(12))
+                self.register_buffer("part", self.full[at:at + 3])
+
+        src = W()
+        src.full.copy_(torch.arange(12.0) * 3)
+        paths = self.both(src)
+        for kind, p in paths.items():
+            fresh = W()
+            self.assertEqual(ckpt.load_model(fresh, p), st.load_model(W(), paths["st"]), kind)
+            assert_same(self, src.full, fresh.full, kind)
+            self.assertEqual(fresh.part.tolist(), [6.0, 9.0, 12.0], kind)
+            self.assertEqual(fresh.part.data_ptr() - fresh.full.data_ptr(), 8, kind)
+        # The same names at another offset in the model: loading the file's
+        # part would overwrite other values of full, so it is unexpected.
+        fresh = W(at=3)
+        self.assertEqual(ckpt.load_model(fresh, paths["ckpt"], strict=False), (set(), ["part"]))
+
     def test_force_contiguous(self):
         model = torch.nn.Linear(3, 2)
         model.register_buffer("tbuf", torch.arange(6.0).reshape(2, 3).t())
