@@ -332,6 +332,24 @@ class SaveOptions(TempDirCase):
                     want = "not computed" if not opts.get("compute_crc32", True) else "checked"
                     self.assertIn(want, f.metadata.get("source_crc32", ""), f.metadata)
 
+    def test_skip_data_file_is_refused(self):
+        # torch.serialization.skip_data() (2.5+) writes the pickle but not the
+        # tensor bytes (their records hold whatever was on disk, CRC-32 0):
+        # torch.load gives uninitialized tensors, ckpt must not convert that
+        # into a checkpoint that passes verify.
+        if not hasattr(torch.serialization, "skip_data"):
+            self.skipTest(f"torch {torch.__version__} has no serialization.skip_data")
+        p = self.path("skip.pth")
+        with torch.serialization.skip_data():
+            torch.save({"w": torch.ones(4)}, p)
+        self.assertEqual(torch.load(p, weights_only=True)["w"].shape, (4,))
+        out = self.path("skip.ckpt")
+        for load in (lambda: ckpt.load(p), lambda: ckpt.import_pth(p, out)):
+            with self.assertRaises(ckpt.CkptError) as cm:
+                load()
+            self.assertIn("CRC-32", str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
 
 # ---- torch.compile and meta-device models -------------------------------------------------
 
