@@ -70,13 +70,16 @@ Result<Preamble> DecodePreamble(std::span<const std::byte> bytes,
                         "file?); convert it with pth2ckpt"),
                 0);
     }
-    if (static_cast<char>(b[0]) == '\x80') {
+    // A safetensors header length may begin with 0x80, a pickle's PROTO:
+    // the '{' after the 8-byte length decides first.
+    if (static_cast<char>(b[8]) == '{') {
+      return At(Corrupt("bad magic: this looks like a safetensors file"), 0);
+    }
+    if (static_cast<uint8_t>(b[0]) == 0x80 && static_cast<uint8_t>(b[1]) >= 2 &&
+        static_cast<uint8_t>(b[1]) <= 5) {
       return At(Corrupt("bad magic: this looks like a pickle (legacy .pth?); "
                         "convert it with pth2ckpt"),
                 0);
-    }
-    if (static_cast<char>(b[8]) == '{') {
-      return At(Corrupt("bad magic: this looks like a safetensors file"), 0);
     }
     return At(Corrupt("bad magic: not a ckpt file"), 0);
   }

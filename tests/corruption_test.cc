@@ -34,6 +34,12 @@ TEST_CASE("R2: bad magic is rejected, naming likely formats") {
                "crafted:0: corrupt: bad magic");
   std::memcpy(g.data(), "PK\x03\x04", 4);
   RequireError(OpenBytes(g), ErrorCode::kCorrupt, "pth2ckpt");
+  // A pickle (legacy .pth) starts 0x80 <protocol 2..5>; a safetensors file
+  // starts with its header length, whose first byte may be 0x80 too.
+  std::memcpy(g.data(), "\x80\x02\x8a\x0al\xfc\x9c", 7);
+  RequireError(OpenBytes(g), ErrorCode::kCorrupt, "looks like a pickle");
+  std::memcpy(g.data(), "\x80\x00\x04\x00\x00\x00\x00\x00{", 9);
+  RequireError(OpenBytes(g), ErrorCode::kCorrupt, "safetensors");
 }
 
 TEST_CASE("R3: a newer major version is refused naming both versions") {

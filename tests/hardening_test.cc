@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "atomic_file.h"
+#include "ckpt/pth.h"
 #include "craft.h"
 #include "parallel_internal.h"
 #include "sparse_fixture.h"
@@ -676,4 +677,28 @@ TEST_CASE(
 }
 
 }  // namespace
+}  // namespace ckpt::test
+
+namespace ckpt::test {
+
+// A safetensors header length whose first byte is 0x80 (a header of 0x80 +
+// 256k bytes) looks like a pickle's PROTO: the importer must name the file
+// a safetensors file, not fail inside the pickle reader.
+TEST_CASE("the importer names a safetensors file whose first byte is 0x80") {
+  TempDir dir;
+  std::string header =
+      "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+  header.resize(0x80, ' ');
+  std::vector<std::byte> f(8);
+  f[0] = std::byte{0x80};
+  for (char c : header) f.push_back(static_cast<std::byte>(c));
+  f.resize(f.size() + 4);  // the tensor's 4 bytes
+  WriteAll(dir.File("odd.pth"), f);
+  auto r = ImportPth(dir.File("odd.pth"), dir.File("odd.ckpt"));
+  REQUIRE_FALSE(r.ok());
+  INFO(r.status().ToString());
+  CHECK(r.status().ToString().find("safetensors file") != std::string::npos);
+  CHECK_FALSE(std::ifstream(dir.File("odd.ckpt")).good());
+}
+
 }  // namespace ckpt::test

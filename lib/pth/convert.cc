@@ -353,6 +353,13 @@ Result<Loaded> Load(const std::string& in, const ImportOptions& opt) {
                                      "CKPT",
                                      5))) {
     return Refuse(l, "this is already a ckpt file", 0);
+  } else if (head_len >= 9 && static_cast<char>(head.data[8]) == '{') {
+    // Before the pickle test: a safetensors header length may begin with
+    // 0x80, which is also a pickle's PROTO opcode.
+    return Refuse(l,
+                  "this is a safetensors file, not a torch.save file "
+                  "(ckpt.convert or ckpt.load read it)",
+                  0);
   } else if (head_len > 0 && static_cast<uint8_t>(head.data[0]) == 0x80) {
     CKPT_RETURN_IF_ERROR(LoadLegacy(l));
   } else {

@@ -55,10 +55,13 @@ def sniff_bytes(head):
     """sniff() for the first bytes of a file."""
     if head.startswith(_ckpt.magic):  # include/ckpt/format.h kMagic
         return "ckpt"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pth"
+    # safetensors before pickle: its 8-byte header length may begin with
+    # 0x80 (a header of 0x80 + 256k bytes), a pickle's PROTO opcode.
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
         return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in
+                                           (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pth"
     return None
 
 

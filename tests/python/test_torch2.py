@@ -137,7 +137,6 @@ class NewDtypes(TempDirCase):
             same_bits(self, t, direct[name], f"ckpt.load(.safetensors) {name}")
 
     @unittest.skipIf(st is None, "safetensors is not installed")
-    @unittest.expectedFailure  # until _load.sniff_bytes is fixed (helper-status.md)
     def test_sniff_safetensors_header_length_0x80(self):
         # A safetensors header of 0x80 + 256k bytes starts the file with
         # 0x80, a pickle's PROTO opcode: sniff_bytes takes it for a legacy
