@@ -608,25 +608,67 @@ def save_model(model, filename, metadata=None, force_contiguous=True, *, sync=Tr
     dropped and no metadata entry records one; ckpt.load and load_file give
     the whole state dict back, tied tensors sharing memory again.
     force_contiguous=True (safetensors 0.8's default) packs non-contiguous
-    tensors first; with False their strides are stored as they are."""
+    tensors first, one copy per tensor however many names it has; a tensor
+    that other names view differently (w and w.t()) keeps its strides, so
+    the tie survives. With False strides are stored as they are."""
     state_dict = model.state_dict()
     if force_contiguous:
-        state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+        state_dict = _packed(state_dict)
     save_file(state_dict, filename, metadata=metadata, sync=sync)
+
+
+def _view_key(t):
+    return (t.dtype, t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _packed(state_dict):
+    """force_contiguous: each non-contiguous tensor as one contiguous copy,
+    shared by every name of that tensor (a tie stays a tie). A tensor whose
+    storage other names view differently (w and w.t()) is kept as it is:
+    packing it would part it from them, and ckpt stores strides."""
+    def storage(t):
+        key = _storage_key(t)
+        return key if key[1] != 0 else ("alone", id(t))  # meta, empty: no sharing
+
+    views = {}
+    for v in state_dict.values():
+        views.setdefault(storage(v), set()).add(_view_key(v))
+    copies = {}
+    out = {}
+    for k, v in state_dict.items():
+        where = storage(v)
+        if v.is_contiguous() or len(views[where]) > 1:
+            out[k] = v
+            continue
+        key = (where, _view_key(v))
+        if key not in copies:
+            copies[key] = v.contiguous()
+        out[k] = copies[key]
+    return out
+
+
+def _same_view(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _placed_alike(file_sd, model_sd, keep, name):
     """Whether the file's tensor `name` views the file's `keep` as the
-    model's `name` views the model's `keep`: one storage, the same byte
-    offset between them, the same shape and strides. load_state_dict then
-    copies into the model's view what it already copied with `keep`, so
-    the model ends up holding the file's values."""
+    model's `name` views the model's `keep`: one storage, and either the
+    same tensor in both (a tie; its strides may differ from the model's
+    after force_contiguous) or the same byte offset between them with the
+    same shapes and strides (a buffer viewing part of another).
+    load_state_dict then copies into the model's view what it already
+    copied with `keep`, so the model ends up holding the file's values."""
     a, b = file_sd[name], file_sd[keep]
     ma, mb = model_sd[name], model_sd[keep]
-    return (a.device == b.device and _storage_key(a) == _storage_key(b)
-            and a.data_ptr() - b.data_ptr() == ma.data_ptr() - mb.data_ptr()
-            and a.element_size() == ma.element_size()
-            and a.shape == ma.shape and a.stride() == ma.stride())
+    if a.device != b.device or _storage_key(a) != _storage_key(b):
+        return False
+    if _same_view(a, b) and _same_view(ma, mb):
+        return True
+    return (a.data_ptr() - b.data_ptr() == ma.data_ptr() - mb.data_ptr()
+            and a.element_size() == ma.element_size() == b.element_size()
+            == mb.element_size() and a.shape == ma.shape and a.stride() == ma.stride()
+            and b.stride() == mb.stride())
 
 
 def load_model(model, filename, strict=True, device="cpu", *, backend="mmap"):

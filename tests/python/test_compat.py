@@ -469,6 +469,38 @@ class Models(CompatCase):
             self.assertEqual(f.metadata(), {"arch": "tied"})
 
 
+class ModelTies(CompatCase):
+    """save_model/load_model cases safetensors cannot save, run without it."""
+
+    def test_force_contiguous_keeps_ties(self):
+        # One non-contiguous Parameter under two names: packed once, so the
+        # file's two names share memory as the model's do. safetensors
+        # cannot save this model at all (its _end_ptr views it as 1-d).
+        class T(torch.nn.Module):
+            def __init__(self, extra=False):
+                super().__init__()
+                self.a, self.b = torch.nn.Module(), torch.nn.Module()
+                w = torch.nn.Parameter(torch.randn(4, 3).t())
+                self.a.w = self.b.w = w
+                if extra:  # another view of the same storage, contiguous
+                    self.register_buffer("base", w.detach().t())
+
+        for extra in (False, True):
+            src = T(extra)
+            p = self.path("t.ckpt")
+            ckpt.save_model(src, p)
+            got = ckpt.load_file(p)
+            self.assertEqual(got["a.w"].data_ptr(), got["b.w"].data_ptr(), extra)
+            fresh = T(extra)
+            self.assertEqual(ckpt.load_model(fresh, p), (set(), []), extra)
+            assert_same(self, src.a.w.detach(), fresh.a.w.detach(), extra)
+            self.assertIs(fresh.a.w, fresh.b.w)
+            if not extra:
+                self.assertTrue(got["a.w"].is_contiguous())
+            else:  # packing w would part it from base: ties win, strides kept
+                self.assertEqual(got["a.w"].stride(), (1, 3))
+
+
 class OpenAnyKind(CompatCase):
     """ckpt.open of ckpt, .pth and .safetensors files: one File API."""
 
