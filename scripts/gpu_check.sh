@@ -157,7 +157,9 @@ build_all() {
   else
     cmake -S . -B "$build"
   fi
-  if ! cmake --build "$build" --target help | grep -q cuda_real_test; then
+  local targets_known
+  targets_known=$(cmake --build "$build" --target help)  # whole: grep -q would cut the pipe
+  if ! grep -q cuda_real_test <<< "$targets_known"; then
     echo "no CUDA toolkit found (nvcc): the device loader is not built"
     return 2
   fi
@@ -229,6 +231,10 @@ PYEOF
   }
   run_step "bench/run_gpu.py" 240 "$work/run_gpu.log" run_gpu
   rm -rf "$work/run_gpu"
+else
+  for n in cuda_real_test "CUDA Python tests" "ckpt-bench gpu" bench/run_gpu.py; do
+    steps+=("$n|not run|0|the build failed")
+  done
 fi
 
 # ---- the report ---------------------------------------------------------------------
