@@ -54,10 +54,25 @@ def _unescape(segment):
     return segment.replace("~1", "/").replace("~0", "~")
 
 
-def _name(path):
-    """The safe_open name of a tensor path: a one-segment path is a key of
-    the root dict, given back as the key; a nested path stays as written."""
-    return path if "/" in path or "~" not in path else _unescape(path)
+def _names(paths):
+    """The safe_open names of tensor paths, in their order: a one-segment
+    path is a key of the root dict, given back as the key; a nested path
+    stays as written. A key whose unescaped form is also a nested path of
+    the file ({"a/b": t1, "a": {"b": t2}}: paths a~1b and a/b) keeps its
+    escaped form ("a~1b"), so names stay unique and "a/b" is the nested one."""
+    out, every = [], None
+    for p in paths:
+        if "/" in p or "~" not in p:
+            out.append(p)
+            continue
+        name = _unescape(p)
+        if "/" in name:
+            if every is None:
+                every = set(paths)
+            if name in every:
+                name = p
+        out.append(name)
+    return out
 
 
 # -- ckpt.open ----------------------------------------------------------------------
@@ -386,11 +401,13 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
         tensor (a key of the root dict), else the name as a path."""
         f = self._file()
         if isinstance(name, str):
+            if "/" in name and name in f:  # a nested path: its only spelling (_names)
+                return name
             p = _escape(name)
             if p in f:
                 return p
-            if "/" in name and name in f:  # a nested path (see _name)
-                return name
+            if "~1" in name and name in f and _unescape(name) in f:
+                return name  # a key that keeps its escaped form (_names)
         return self._missing(name)
 
     def _missing(self, name):
@@ -400,14 +417,14 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
         """The tensor names, sorted."""
         f = self._file()
         if isinstance(f, SafetensorsFile):
-            return sorted(_name(p) for p in f.keys())
+            return sorted(_names(f.keys()))
         with _errors(f):
             paths = f._reader().paths()  # str only, no records: fast on 10k tensors
-        return sorted(_name(p) for p in paths)
+        return sorted(_names(paths))
 
     def offset_keys(self):
         """The tensor names in the order of their bytes in the file."""
-        return [_name(p) for p in _offset_paths(self._file())]
+        return _names(_offset_paths(self._file()))
 
     def metadata(self):
         """The file's metadata (str -> str), or None when it has none."""
@@ -447,9 +464,9 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
     def get_tensors(self):
         """Every tensor as {name: tensor}, in file order (load_file's result)."""
         f = self._file()
-        out = {_name(p): t for p, t in _tensors(f, torch.device("cpu") if
-                                                self._framework == "numpy" else self._device,
-                                                self._mmap).items()}
+        tensors = _tensors(f, torch.device("cpu") if self._framework == "numpy"
+                           else self._device, self._mmap)
+        out = dict(zip(_names(list(tensors)), tensors.values()))
         if self._framework == "numpy":
             out = {k: t.numpy() for k, t in out.items()}
         return out

@@ -214,6 +214,25 @@ class SafeOpen(CompatCase):
             assert_same(self, tree["model"]["x/y"], f.get_tensor("model/x~1y"))
         self.assertEqual(sorted(ckpt.load_file(p)), ["model/fc.weight", "model/x~1y", "top"])
 
+    def test_a_key_colliding_with_a_nested_path(self):
+        # {"a/b": t1, "a": {"b": t2}}: paths a~1b and a/b. The key keeps its
+        # escaped form, so every name is unique and reaches its tensor.
+        p = self.path("c.ckpt")
+        t1, t2 = torch.ones(2), torch.zeros(3)
+        ckpt.save({"a/b": t1, "a": {"b": t2}, "c/d": torch.arange(2)}, p)
+        with ckpt.safe_open(p) as f:
+            self.assertEqual(f.keys(), ["a/b", "a~1b", "c/d"])
+            self.assertEqual(sorted(f.offset_keys()), f.keys())
+            assert_same(self, t2, f.get_tensor("a/b"))
+            assert_same(self, t1, f.get_tensor("a~1b"))
+            assert_same(self, t1, f.get_slice("a~1b")[:])
+            got = f.get_tensors()
+        self.assertEqual(sorted(got), ["a/b", "a~1b", "c/d"])
+        assert_same(self, t2, got["a/b"])
+        assert_same(self, t1, got["a~1b"])
+        assert_same(self, torch.arange(2), got["c/d"])
+        self.assertEqual(sorted(ckpt.load_file(p)), ["a/b", "a~1b", "c/d"])
+
     def test_parameters_come_back_as_plain_tensors(self):
         p = self.path("p.ckpt")
         w = torch.nn.Parameter(torch.randn(3))
