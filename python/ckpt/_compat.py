@@ -427,8 +427,14 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
         return _names(_offset_paths(self._file()))
 
     def metadata(self):
-        """The file's metadata (str -> str), or None when it has none."""
-        m = self._file().metadata
+        """The file's metadata (str -> str), or None when it has none. A
+        .safetensors file's as safetensors gives it ({} when saved with
+        metadata={}); a ckpt file stores {} as none."""
+        f = self._file()
+        if isinstance(f, SafetensorsFile):
+            m = f._st.metadata()
+            return None if m is None else dict(m)
+        m = f.metadata
         return dict(m) if m else None
 
     # -- tensors ------------------------------------------------------------------------

@@ -157,6 +157,14 @@ class SafeOpen(CompatCase):
                 with ckpt.safe_open(p) as f:
                     self.assertIsNone(f.metadata())
 
+    def test_empty_metadata_of_a_safetensors_file(self):
+        # safetensors tells metadata={} from none; ckpt stores {} as none.
+        p = self.path("e.safetensors")
+        st.save_file({"x": torch.ones(1)}, p, metadata={})
+        with safetensors.safe_open(p, framework="pt") as ref, ckpt.safe_open(p) as f:
+            self.assertEqual(ref.metadata(), {})
+            self.assertEqual(f.metadata(), ref.metadata())
+
     def test_slicing_as_safetensors(self):
         big = torch.arange(120, dtype=torch.float32).reshape(6, 4, 5)
         tensors = {"w": big, "s": torch.tensor(2.5), "e": torch.zeros(0, 3),
