@@ -346,9 +346,14 @@ def _device(device, where):
             raise CudaError(f"{where}: device '{d}' asks for CUDA device {d.index}, but this "
                             f"machine has {torch.cuda.device_count()} CUDA device(s); pass "
                             "device='cuda:0'")
-    elif d.type not in ("cpu", "meta"):
-        raise CudaError(f"{where}: cannot place tensors on device '{d}'; pass device='cpu' "
-                        "or a CUDA device")
+    elif d.type == "cpu":
+        if d.index not in (None, 0):  # torch takes "cpu:1" for the CPU; safetensors refuses it
+            raise InvalidArgumentError(f"{where}: device '{d}': there is one CPU device; "
+                                       "pass device='cpu' (or 'cuda:N' for a GPU)")
+    elif d.type != "meta":
+        raise UnsupportedError(f"{where}: ckpt cannot place tensors on device '{d}' (it "
+                               "places them on 'cpu', 'meta' or CUDA devices); pass "
+                               f"device='cpu' and move them with .to('{d}')")
     return d
 
 
@@ -362,7 +367,9 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
 
     framework "pt" gives torch tensors, "numpy" (or "np") numpy arrays.
     device is "cpu", "cuda", "cuda:N", a CUDA index (int) or "meta";
-    CUDA missing is a ckpt.CudaError when opening. CPU tensors are zero-copy
+    CUDA missing is a ckpt.CudaError when opening, another device type
+    ("mps", "xpu"...) a ckpt.UnsupportedError, "cpu:1" an
+    InvalidArgumentError. CPU tensors are zero-copy
     views of a private mapping of the file, as safetensors' are of its
     mapping. backend ("mmap" or "pread") is accepted for safetensors'
     signature; reads are through the mapping either way.

@@ -268,6 +268,27 @@ class SafeOpen(CompatCase):
         with self.assertRaises(ckpt.FormatError):
             ckpt.safe_open(junk)
 
+    def test_devices_ckpt_cannot_place_on(self):
+        _, paths = self.files(tensors={"x": torch.ones(2, 3)})
+        for device in ("mps", "xla", "xpu"):
+            for p in (paths["ckpt"], paths["st"]):
+                with self.assertRaises(ckpt.UnsupportedError, msg=device) as e:
+                    ckpt.safe_open(p, device=device)
+                self.assertIn(f"'{device}'", str(e.exception))
+                self.assertIn("device='cpu'", str(e.exception))
+                with self.assertRaises(ckpt.UnsupportedError, msg=device):
+                    ckpt.load_file(p, device=device)
+        # torch takes "cpu:1" for the one CPU; safetensors refuses it, and
+        # ckpt too (a typo for "cuda:1"?). "cpu:0" is torch's name of the CPU.
+        self.assertEqual(torch.device("cpu:1").type, "cpu")
+        self.assertEqual(outcome(lambda: safetensors.safe_open(paths["st"], framework="pt",
+                                                               device="cpu:1"))[0], "raises")
+        for device in ("cpu:1", torch.device("cpu", 2)):
+            with self.assertRaisesRegex(ckpt.InvalidArgumentError, "one CPU device"):
+                ckpt.safe_open(paths["ckpt"], device=device)
+        with ckpt.safe_open(paths["ckpt"], device="cpu:0") as f:
+            self.assertEqual(f.get_tensor("x").device.type, "cpu")
+
     def test_devices(self):
         _, paths = self.files(tensors={"x": torch.ones(2, 3)})
         with ckpt.safe_open(paths["ckpt"], device="meta") as f:
