@@ -369,10 +369,10 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
     device is "cpu", "cuda", "cuda:N", a CUDA index (int) or "meta";
     CUDA missing is a ckpt.CudaError when opening, another device type
     ("mps", "xpu"...) a ckpt.UnsupportedError, "cpu:1" an
-    InvalidArgumentError. CPU tensors are zero-copy
-    views of a private mapping of the file, as safetensors' are of its
-    mapping. backend ("mmap" or "pread") is accepted for safetensors'
-    signature; reads are through the mapping either way.
+    InvalidArgumentError. With backend="mmap" (the default) CPU tensors
+    are zero-copy views of a private mapping of the file, as safetensors'
+    are of its mapping; with "pread" each get_tensor, get_slice[...] and
+    get_tensors gives copies of its own, as safetensors' pread does.
     """
 
     def __init__(self, filename, framework="pt", device="cpu", *, backend="mmap"):
@@ -446,8 +446,13 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
 
     # -- tensors ------------------------------------------------------------------------
     def _out(self, t):
-        if self._framework == "numpy":
-            return t.numpy()
+        """A CPU view of the mapping, as the caller asked for it: a copy of
+        its own with backend="pread" (as safetensors' pread reads give),
+        a numpy array, or moved to the device."""
+        if self._framework == "numpy" or self._device.type == "cpu":
+            if not self._mmap:
+                t = t.clone()
+            return t.numpy() if self._framework == "numpy" else t
         return _to(t, self._device)
 
     def _view(self, name):

@@ -331,6 +331,23 @@ class SaveLoadFile(CompatCase):
             ckpt.load_file(p, backend="mmap")["x"][1] = 1  # stays in this process
             self.assertEqual(ckpt.load_file(p)["x"].tolist(), [0, 0, 0, 0])
 
+    def test_backends_of_get_tensor_as_safetensors(self):
+        # safetensors' "pread" gives every get_tensor its own copy; "mmap"
+        # gives views of one mapping (a write shows in the next get).
+        _, paths = self.files(tensors={"x": torch.zeros(6)})
+        def writes_show(opener, p, backend):
+            with opener(p, framework="pt", backend=backend) as f:
+                f.get_tensor("x")[0] = 1
+                f.get_slice("x")[1:3][0] = 1
+                return f.get_tensor("x")[:2].tolist()
+        for backend in ("mmap", "pread"):
+            want = writes_show(safetensors.safe_open, paths["st"], backend)
+            self.assertEqual(want, [1, 1] if backend == "mmap" else [0, 0])
+            for kind, p in paths.items():
+                self.assertEqual(writes_show(ckpt.safe_open, p, backend), want,
+                                 f"{kind} {backend}")
+                self.assertEqual(ckpt.load_file(p)["x"].tolist(), [0] * 6, kind)
+
     def test_save_file_refuses_what_safetensors_refuses(self):
         t = torch.ones(2)
         bad = [
