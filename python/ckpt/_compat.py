@@ -365,7 +365,11 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
                 t = f.get_tensor(name)
             rows = f.get_slice("embed.weight")[:, :128]
 
-    framework "pt" gives torch tensors, "numpy" (or "np") numpy arrays.
+    framework "pt" gives torch tensors, "numpy" (or "np") numpy arrays;
+    another ("tf", "jax"...) is an InvalidArgumentError at open (safetensors
+    fails at the first get_tensor). A missing name is a ckpt.NotFoundError
+    (a KeyError; safetensors raises its SafetensorError), a name that is
+    not a str a TypeError.
     device is "cpu", "cuda", "cuda:N", a CUDA index (int) or "meta";
     CUDA missing is a ckpt.CudaError when opening, another device type
     ("mps", "xpu"...) a ckpt.UnsupportedError, "cpu:1" an
@@ -407,14 +411,15 @@ class safe_open:  # noqa: N801 - safetensors' name, for a drop-in import
         """The tensor path of a name: its escaped form when that is a
         tensor (a key of the root dict), else the name as a path."""
         f = self._file()
-        if isinstance(name, str):
-            if "/" in name and name in f:  # a nested path: its only spelling (_names)
-                return name
-            p = _escape(name)
-            if p in f:
-                return p
-            if "~1" in name and name in f and _unescape(name) in f:
-                return name  # a key that keeps its escaped form (_names)
+        if not isinstance(name, str):  # safetensors' TypeError too
+            raise TypeError(f"tensor names are str, not {type(name).__name__} ({name!r})")
+        if "/" in name and name in f:  # a nested path: its only spelling (_names)
+            return name
+        p = _escape(name)
+        if p in f:
+            return p
+        if "~1" in name and name in f and _unescape(name) in f:
+            return name  # a key that keeps its escaped form (_names)
         return self._missing(name)
 
     def _missing(self, name):

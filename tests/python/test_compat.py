@@ -197,13 +197,21 @@ class SafeOpen(CompatCase):
         _, paths = self.files(tensors={"x": torch.ones(2), "a/b": torch.zeros(1)})
         for kind, p in paths.items():
             f = ckpt.safe_open(p)
-            for bad in ("nope", "a~1b", "x/", 3):
+            for bad in ("nope", "a~1b", "x/"):
                 with self.assertRaises(KeyError, msg=f"{kind} {bad!r}") as e:
                     f.get_tensor(bad)
                 self.assertIsInstance(e.exception, ckpt.NotFoundError)
                 self.assertIn(p, str(e.exception))
                 with self.assertRaises(ckpt.NotFoundError):
                     f.get_slice(bad)
+            # A name that is not a str: a TypeError, as in safetensors.
+            with safetensors.safe_open(paths["st"], framework="pt") as ref:
+                for bad in (3, None, b"x"):
+                    for call in ("get_tensor", "get_slice"):
+                        self.assertSameOutcome(outcome(lambda: getattr(f, call)(bad)),
+                                               outcome(lambda: getattr(ref, call)(bad)),
+                                               f"{kind} {call}({bad!r})")
+                        self.assertRaises(TypeError, getattr(f, call), bad)
             with f:
                 pass
             for call in (f.keys, f.metadata, f.offset_keys, lambda: f.get_tensor("x"),
