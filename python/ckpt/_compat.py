@@ -287,7 +287,7 @@ def _offset_paths(f):
     if isinstance(f, SafetensorsFile):
         return f._offset_paths()
     with _errors(f):
-        r = f._reader()
+        f._reader()  # ValueError when closed
         storages = f._cpu.storages
         tensors = f._cpu.tensors
         return [t.path for t in sorted(
