@@ -522,6 +522,25 @@ class Models(CompatCase):
         fresh = W(at=3)
         self.assertEqual(ckpt.load_model(fresh, paths["ckpt"], strict=False), (set(), ["part"]))
 
+    def test_disjoint_views_where_safetensors_refuses_the_model(self):
+        # docs/PYTHON.md: where ckpt's load_model differs from safetensors'.
+        class D(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                base = torch.arange(12.0)
+                self.register_buffer("a", base[:6])
+                self.register_buffer("b", base[6:])
+
+        p = self.path("d.safetensors")
+        ckpt.save_safetensors(D().state_dict(), p)
+        self.assertEqual(outcome(lambda: st.load_model(D(), p))[0], "raises")
+        self.assertEqual(outcome(lambda: st.save_model(D(), self.path("x.st")))[0], "raises")
+        fresh = D()
+        fresh.a.zero_()
+        fresh.b.zero_()
+        self.assertEqual(ckpt.load_model(fresh, p), (set(), []))
+        self.assertEqual(fresh.b.tolist(), [6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+
     def test_force_contiguous(self):
         model = torch.nn.Linear(3, 2)
         model.register_buffer("tbuf", torch.arange(6.0).reshape(2, 3).t())
