@@ -12,7 +12,10 @@ docs/PYTHON.md describes the whole API.
 `import ckpt` imports neither torch nor numpy: the names that need them
 (save, load, open, ...) import their module on first use (PEP 562), so
 `python -m ckpt verify FILE` and the errors work where torch is not
-installed (the wheel is torch-free).
+installed (the wheel is torch-free). There, dir(ckpt) and `from ckpt
+import *` hold only what loads, and using a name that needs torch raises
+an ImportError saying so - hasattr(ckpt, "save") too, since Python cannot
+make one exception both an ImportError and an AttributeError.
 """
 import importlib
 import sys
@@ -55,7 +58,24 @@ def _submodules():
     return {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("__")}
 
 
+_DEPS_FOUND = None
+
+
+def _deps_found():
+    """Whether torch and numpy can be imported (found, not imported)."""
+    global _DEPS_FOUND  # noqa: PLW0603 - a cache
+    if _DEPS_FOUND is None:
+        from importlib.util import find_spec
+        _DEPS_FOUND = all(find_spec(m) is not None for m in ("torch", "numpy"))
+    return _DEPS_FOUND
+
+
 def __getattr__(name):
+    if name == "__all__":
+        # Without torch `from ckpt import *` exports what loads there.
+        value = _ALL if _deps_found() else [n for n in _ALL if n not in _LAZY]
+        globals()[name] = value
+        return value
     if name in _LAZY:
         module, attr = _LAZY[name]
     elif not name.startswith("__") and name in _submodules():
@@ -86,12 +106,19 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | _submodules())
+    """The names ckpt has, without importing torch. Without torch, only
+    those that load there (the exceptions, the version...), so
+    inspect.getmembers(ckpt) and pydoc work."""
+    names = set(globals()) | {"__all__"}
+    if _deps_found():
+        names |= set(_LAZY) | _submodules()
+    return sorted(names)
 
 
 # `open` stays out of __all__: `from ckpt import *` must not shadow the
-# builtin open(); use it as ckpt.open.
-__all__ = [
+# builtin open(); use it as ckpt.open. ckpt.__all__ is this list, less the
+# names that need torch where torch is not installed (see __getattr__).
+_ALL = [
     "save", "load", "File", "rng", "CheckpointManager", "CheckpointInfo",
     "convert", "import_pth", "save_safetensors", "flatten",
     "safe_open", "save_file", "load_file", "save_model", "load_model",

@@ -729,12 +729,24 @@ class OpenAnyKind(CompatCase):
 
 
 CHILD_NO_TORCH = """
+import importlib.util
 import sys
 import ckpt
 assert "torch" not in sys.modules and "numpy" not in sys.modules, sorted(sys.modules)
 names = dir(ckpt)
-for n in ckpt.__all__ + ["open", "safe_open", "load_file", "__version__", "FORMAT_VERSION"]:
+exported = ckpt.__all__
+have_torch = all(importlib.util.find_spec(m) for m in ("torch", "numpy"))
+lazy = ["open", "safe_open", "load_file", "save", "load", "CheckpointManager", "_save"]
+for n in ["__version__", "FORMAT_VERSION", "FormatError", "CkptError"]:
     assert n in names, n
+for n in ["FormatError", "CkptError", "CudaError"]:
+    assert n in exported, n
+for n in exported + lazy:
+    # Without torch, dir() and __all__ hold only what loads: `from ckpt
+    # import *`, inspect.getmembers and pydoc work there.
+    assert (n in names) == (have_torch or n not in lazy), n
+    assert n.startswith("_") or n == "open" or (n in exported) == (n in names), n
+assert "torch" not in sys.modules and "numpy" not in sys.modules, sorted(sys.modules)
 assert issubclass(ckpt.FormatError, ckpt.CkptError)
 print(ckpt.__version__)
 """
@@ -814,6 +826,21 @@ class LazyImport(unittest.TestCase):
                     assert "needs torch and numpy" in str(e), e
                 else:
                     raise AssertionError("ckpt.save without torch")
+                import inspect
+                members = dict(inspect.getmembers(ckpt))
+                assert "FormatError" in members and "save" not in members, sorted(members)
+                space = {}
+                exec("from ckpt import *", space)
+                assert "FormatError" in space and "save" not in space, sorted(space)
+                # Python cannot make one exception both an ImportError and an
+                # AttributeError (their layouts conflict): hasattr raises the
+                # ImportError, documented in docs/PYTHON.md.
+                try:
+                    hasattr(ckpt, "load")
+                except ImportError as e:
+                    assert "needs torch and numpy" in str(e), e
+                else:
+                    raise AssertionError("hasattr(ckpt, 'load') without torch")
                 """)
             r = subprocess.run([py, "-c", code], env=env, capture_output=True, text=True,
                                timeout=120)
