@@ -71,11 +71,6 @@ def _deps_found():
 
 
 def __getattr__(name):
-    if name == "__all__":
-        # Without torch `from ckpt import *` exports what loads there.
-        value = _ALL if _deps_found() else [n for n in _ALL if n not in _LAZY]
-        globals()[name] = value
-        return value
     if name in _LAZY:
         module, attr = _LAZY[name]
     elif not name.startswith("__") and name in _submodules():
@@ -109,16 +104,15 @@ def __dir__():
     """The names ckpt has, without importing torch. Without torch, only
     those that load there (the exceptions, the version...), so
     inspect.getmembers(ckpt) and pydoc work."""
-    names = set(globals()) | {"__all__"}
+    names = set(globals())
     if _deps_found():
         names |= set(_LAZY) | _submodules()
     return sorted(names)
 
 
 # `open` stays out of __all__: `from ckpt import *` must not shadow the
-# builtin open(); use it as ckpt.open. ckpt.__all__ is this list, less the
-# names that need torch where torch is not installed (see __getattr__).
-_ALL = [
+# builtin open(); use it as ckpt.open.
+__all__ = [
     "save", "load", "File", "rng", "CheckpointManager", "CheckpointInfo",
     "convert", "import_pth", "save_safetensors", "flatten",
     "safe_open", "save_file", "load_file", "save_model", "load_model",
@@ -126,3 +120,5 @@ _ALL = [
     "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",
     "ResourceExhaustedError",
 ]
+if not _deps_found():  # without torch, `from ckpt import *` exports what loads there
+    __all__[:] = [n for n in __all__ if n not in _LAZY]
