@@ -28,8 +28,7 @@ import torch
 from ._dtypes import CODES, TORCH_TO_CODE
 from ._errors import (CudaError, FormatError, InvalidArgumentError, NotFoundError,
                       UnsupportedError)
-from ._load import (File, _converted, _Loader, _open_reader, _Slice, renamed_errors,
-                    sniff)
+from ._load import File, _converted, _Loader, _open_reader, renamed_errors, sniff
 
 # ckpt dtype name -> safetensors' dtype code (safetensors' Dtype, 0.8).
 # A dtype safetensors has no code for (complex128, complex32, quantized)
