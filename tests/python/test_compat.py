@@ -412,6 +412,13 @@ class SaveLoadFile(CompatCase):
         self.assertEqual(ckpt.load_file(p), {})
 
 
+class ViewingBuffer(torch.nn.Module):
+    def __init__(self, at=2):
+        super().__init__()
+        self.register_buffer("full", torch.zeros(12))
+        self.register_buffer("part", self.full[at:at + 3])
+
+
 class TiedLM(torch.nn.Module):
     def __init__(self, tied=True, extra=False):
         super().__init__()
@@ -502,12 +509,7 @@ class Models(CompatCase):
         # A buffer that is a view inside another (part = full[2:5]): the
         # file holds both names sharing memory as in the model, so neither
         # is missing or unexpected, and the values land in the model.
-        class W(torch.nn.Module):
-            def __init__(self, at=2):
-                super().__init__()
-                self.register_buffer("full", torch.zeros(12))
-                self.register_buffer("part", self.full[at:at + 3])
-
+        W = ViewingBuffer
         src = W()
         src.full.copy_(torch.arange(12.0) * 3)
         paths = self.both(src)
@@ -563,6 +565,19 @@ class Models(CompatCase):
 
 class ModelTies(CompatCase):
     """save_model/load_model cases safetensors cannot save, run without it."""
+
+    def test_buffer_viewing_another_buffer_every_backend(self):
+        src = ViewingBuffer()
+        src.full.copy_(torch.arange(12.0) * 3)
+        p = self.path("v.ckpt")
+        ckpt.save_model(src, p)
+        for backend in ("mmap", "pread"):
+            fresh = ViewingBuffer()
+            self.assertEqual(ckpt.load_model(fresh, p, backend=backend), (set(), []), backend)
+            assert_same(self, src.full, fresh.full, backend)
+            self.assertEqual(fresh.part.tolist(), [6.0, 9.0, 12.0], backend)
+            self.assertEqual(ckpt.load_model(ViewingBuffer(at=3), p, strict=False,
+                                             backend=backend), (set(), ["part"]), backend)
 
     def test_force_contiguous_keeps_ties(self):
         # One non-contiguous Parameter under two names: packed once, so the
