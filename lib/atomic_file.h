@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <utility>
 
 #include "ckpt/status.h"
 
@@ -41,10 +40,6 @@ class AtomicFile {
   /// Appends at the current end. kIoError (e.g. "No space left on device")
   /// naming the target and offset.
   Status Write(std::span<const std::byte> bytes);
-  /// Moves the end `n` bytes on and returns where those bytes start; the
-  /// caller fills them all with WriteAt, from any number of threads at
-  /// once, before Commit (Commit does not extend the file to size()).
-  uint64_t Reserve(uint64_t n) { return std::exchange(size_, size_ + n); }
   /// Asks the kernel to start writing `len` bytes at `offset` back to the
   /// disk now (sync_file_range), so that the fsync at Commit waits for
   /// less. Advisory: a failure here is reported by that fsync.

@@ -6,12 +6,10 @@
 #include <future>
 #include <map>
 #include <optional>
-#include <thread>
 
 #include "atomic_file.h"
 #include "checksum_internal.h"
 #include "header_internal.h"
-#include "parallel_internal.h"
 #include "tree_internal.h"
 
 namespace ckpt {
@@ -27,13 +25,9 @@ constexpr uint32_t kClassNotYet = KeyClasses::kUnhashable - 1;
 constexpr uint32_t kClassTooDeep = KeyClasses::kUnhashable - 2;
 // Appends at least this large hash on a second thread while writing.
 constexpr size_t kOverlapHashBytes = 1u << 20;
-// Appends of at least two such pieces are hashed and written by several
-// threads, each taking a piece of whole chunks (at least one chunk).
-constexpr size_t kParallelPieceBytes = 8u << 20;
 // With sync, writeback is started every time this much more is written,
 // so that the fsync at Commit waits for the tail only.
 constexpr uint64_t kWritebackBytes = 16u << 20;
-constexpr unsigned kMaxWriteThreads = 8;
 }  // namespace
 
 class WriterImpl {
@@ -167,10 +161,6 @@ class WriterImpl {
       }
       return Write(bytes);
     };
-    if (fd < 0 && bytes.size() >= 2 * kParallelPieceBytes &&
-        options_.threads != 1) {
-      return Fail(AppendParallel(bytes));
-    }
     if (bytes.size() < kOverlapHashBytes) {
       Hash(bytes);
       return Fail(write());
@@ -182,64 +172,6 @@ class WriterImpl {
     Status s = write();
     hashing.get();
     return Fail(s);
-  }
-
-  // A large append: the chunk the hasher is in is finished here, then the
-  // whole chunks go to ParallelFor, each task hashing its piece and
-  // pwrite-ing it at its own offset (checksums and writes of different
-  // pieces run side by side on every core, never one after the other), and
-  // the last partial chunk is fed to the streaming hasher as usual.
-  Status AppendParallel(std::span<const std::byte> bytes) {
-    const uint64_t chunk = options_.chunk_size;
-    size_t head = in_chunk_ == 0 ? 0
-                                 : static_cast<size_t>(std::min<uint64_t>(
-                                       bytes.size(), chunk - in_chunk_));
-    if (head > 0) {
-      Hash(bytes.first(head));
-      CKPT_RETURN_IF_ERROR(Write(bytes.first(head)));
-    }
-    std::span<const std::byte> rest = bytes.subspan(head);
-    const uint64_t nchunks = rest.size() / chunk;
-    if (nchunks > 0) {
-      CKPT_RETURN_IF_ERROR(Flush());
-      const uint64_t per = std::max<uint64_t>(1, kParallelPieceBytes / chunk);
-      const uint64_t tasks = (nchunks + per - 1) / per;
-      const uint64_t whole = nchunks * chunk;
-      const uint64_t base = file_.Reserve(whole);
-      std::vector<uint64_t>& hashes = storages_.back().hashes;
-      const size_t first = hashes.size();
-      hashes.resize(first + static_cast<size_t>(nchunks));
-      unsigned threads =
-          options_.threads
-              ? options_.threads
-              : std::min(kMaxWriteThreads, std::thread::hardware_concurrency());
-      Status s = ParallelFor(
-          static_cast<size_t>(tasks), threads, [&](size_t t) -> Status {
-            uint64_t c0 = t * per;
-            uint64_t c1 = std::min(nchunks, c0 + per);
-            for (uint64_t c = c0; c < c1; ++c) {
-              hashes[first + static_cast<size_t>(c)] = Xxh3(rest.subspan(
-                  static_cast<size_t>(c * chunk), static_cast<size_t>(chunk)));
-            }
-            std::span<const std::byte> piece =
-                rest.subspan(static_cast<size_t>(c0 * chunk),
-                             static_cast<size_t>((c1 - c0) * chunk));
-            CKPT_RETURN_IF_ERROR(file_.WriteAt(base + c0 * chunk, piece));
-            if (options_.sync) {
-              file_.StartWriteback(base + c0 * chunk, piece.size());
-            }
-            return Status::OK();
-          });
-      CKPT_RETURN_IF_ERROR(s);
-      pos_ += whole;
-      kicked_ = pos_;
-      rest = rest.subspan(static_cast<size_t>(whole));
-    }
-    if (!rest.empty()) {
-      Hash(rest);
-      CKPT_RETURN_IF_ERROR(Write(rest));
-    }
-    return Status::OK();
   }
 
   // Feeds the open storage's bytes to the hasher in chunk-sized pieces, so

@@ -53,10 +53,6 @@ struct WriteOptions {
   std::string producer = "ckpt";
   /// Permission bits of the new file, before the umask.
   unsigned mode = 0666;
-  /// Threads that checksum and write a large storage side by side, each
-  /// taking whole chunks (0: one per core, at most 8; 1: the calling
-  /// thread hashes while one other writes).
-  unsigned threads = 0;
 };
 
 using NodeId = uint32_t;
