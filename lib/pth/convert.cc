@@ -605,10 +605,11 @@ Status Emitter::Progress(uint64_t n, bool flush) {
   done_ += n;
   if (!flush && done_ - reported_ < kProgressStep) return Status::OK();
   reported_ = done_;
-  // The plan's total bounds done: a count that disagreed would only ever
-  // show as a bar held at 100%, never as one past it.
-  return opt_.progress(std::min(done_, plan_.storage_bytes),
-                       plan_.storage_bytes);
+  // done == total is told only once the output is committed (Run's last
+  // call), so a sink that says "saved" at 100% is right; the plan's total
+  // bounds done below that.
+  const uint64_t total = plan_.storage_bytes;
+  return opt_.progress(std::min(done_, total > 0 ? total - 1 : 0), total);
 }
 
 Status Emitter::Stream(std::span<const std::byte> bytes, DType dtype) {

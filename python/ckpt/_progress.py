@@ -8,7 +8,8 @@ Every API with a `progress=` keyword takes:
   from the thread that does the work, first with done = 0, then as
   storages are read or written (per storage or per batch of at least
   64 MiB, but no more often than every 1/256 of the total), last with
-  done == total; done never decreases and a (done, total) pair never
+  done == total once the work is finished (a save: its file committed),
+  never before; done never decreases and a (done, total) pair never
   repeats. An exception from it stops the work and propagates.
 """
 import contextlib
@@ -66,7 +67,10 @@ class Reporter:
         self._next = 0  # tell the sink once done reaches this (or the total)
 
     def _tell(self):
-        now = (min(self.done, self.total), self.total)
+        # done == total only from close(): for a save, once the file is
+        # committed, so a sink that logs "saved" at 100% is right.
+        cap = self.total if self._closed else max(0, self.total - 1)
+        now = (min(self.done, cap), self.total)
         if now != self._last:
             self._last = now
             self._next = now[0] + self._step

@@ -213,6 +213,35 @@ class CallableProgress(TempDirCase):
         with self.assertRaises(Stop):
             ckpt.load(src, progress=stop_after_start)
 
+    def test_done_equals_total_only_once_the_file_is_in_place(self):
+        # A sink that logs "saved" at 100% must be right: (total, total)
+        # comes after the commit, so raising there leaves the file.
+        seen = []
+
+        def at_total(done, total):
+            if done == total and total:
+                seen.append(os.path.exists(target))
+                raise KeyboardInterrupt  # what a user's Ctrl-C at 100% is
+
+        for name, run in (
+                ("save", lambda t: ckpt.save(state(), t, progress=at_total)),
+                ("import_pth", lambda t: ckpt.import_pth(src, t, progress=at_total))):
+            src = self.path("b.pth")
+            torch.save({"w": torch.randn(3 * MiB)}, src)
+            target = self.path(f"{name}.ckpt")
+            seen.clear()
+            with self.assertRaises(KeyboardInterrupt):
+                run(target)
+            self.assertEqual(seen, [True], name)
+            self.assertTrue(ckpt.open(target).keys(), name)
+        # A save refused after its last storage (a value ckpt cannot hold)
+        # never reports 100%.
+        calls = Calls()
+        with self.assertRaises(TypeError):
+            ckpt.save({"a": torch.ones(1 << 20), "z": object()}, self.path("x.ckpt"),
+                      progress=calls)
+        self.assertTrue(all(d < t for d, t in calls.calls if t), calls.calls)
+
     def test_bad_argument(self):
         p = self.path("a.ckpt")
         for bad in ("yes", 1.5, object()):
