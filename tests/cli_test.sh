@@ -169,16 +169,19 @@ def pth(path, n):
         z.writestr("archive/version", "3\n")
 pth(sys.argv[1] + "/a.pth", 1024)
 pth(sys.argv[1] + "/sub/b.pt", 300000)
+# A name longer than the line's label: the [i/n] counter must stay whole.
+pth(sys.argv[1] + "/sub/zz_a_very_long_file_name_for_the_progress_line.pt", 16)
 open(sys.argv[1] + "/bad.pth", "wb").write(b"junk")
 PYEOF
   expect_rc 1 "pth2ckpt DIR, piped" "$PTH2CKPT" --no-sync "$T/pin" "$T/pout1"
   [ ! -s "$T/err" ] && ok || bad "pth2ckpt DIR piped: stderr $(cat -v "$T/err")"
   cp "$T/out" "$T/dir_piped"
-  grep -q "^\[3/3\] sub/b.pt ... ok: 1 tensors, 1 storages, 1.1 MiB (zip format)$" "$T/dir_piped" && ok || bad "pth2ckpt DIR: $(cat "$T/dir_piped")"
+  grep -q "^\[3/4\] sub/b.pt ... ok: 1 tensors, 1 storages, 1.1 MiB (zip format)$" "$T/dir_piped" && ok || bad "pth2ckpt DIR: $(cat "$T/dir_piped")"
   on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync "$T/pin" "$T/pout2"; rc=$?
   [ "$rc" = 1 ] && ok || bad "pth2ckpt DIR on a tty: exit $rc"
   cmp -s "$T/out" "$T/dir_piped" && ok || bad "pth2ckpt DIR on a tty: stdout differs: $(cat -v "$T/out")"
-  grep -q "\[3/3\] sub/b.pt  1.1 MiB / 1.1 MiB  100%" "$T/err" && grep -q "\[1/3\] a.pth" "$T/err" && ok || bad "pth2ckpt DIR on a tty: progress $(cat -v "$T/err")"
+  grep -q "\[3/4\] sub/b.pt  1.1 MiB / 1.1 MiB  100%" "$T/err" && grep -q "\[1/4\] a.pth" "$T/err" && ok || bad "pth2ckpt DIR on a tty: progress $(cat -v "$T/err")"
+  grep -q "\[4/4\] \.\.\.[a-z_]*line.pt  64 B / 64 B  100%" "$T/err" && ok || bad "pth2ckpt DIR on a tty: a long name's counter $(cat -v "$T/err")"
   on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync --no-progress "$T/pin" "$T/pout3"
   [ ! -s "$T/err" ] && cmp -s "$T/out" "$T/dir_piped" && ok || bad "pth2ckpt DIR --no-progress on a tty: $(cat -v "$T/err")"
   on_tty "$T/out" "$T/err" "$PTH2CKPT" --no-sync "$T/pin/a.pth" "$T/one.ckpt" && ok || bad "pth2ckpt FILE on a tty"

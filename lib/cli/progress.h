@@ -106,16 +106,25 @@ class ProgressLine {
   }
 
  private:
-  // Labels are file names: keep the line within ~80 columns.
-  static std::string Shorten(const std::string& s) {
+  // Labels are file names: keep the line within ~80 columns. A leading
+  // "[i/n] " counter (pth2ckpt DIR) is kept whole; the name is shortened.
+  static std::string Shorten(const std::string& label) {
     constexpr size_t kMax = 40;
-    if (s.size() <= kMax) return s;
-    size_t from = s.size() - (kMax - 3);
+    if (label.size() <= kMax) return label;
+    std::string head;
+    std::string s = label;
+    if (size_t close = label.find("] ");
+        label[0] == '[' && close != std::string::npos && close < 24) {
+      head = label.substr(0, close + 2);
+      s = label.substr(close + 2);
+    }
+    size_t keep = kMax > head.size() + 3 ? kMax - head.size() - 3 : 8;
+    size_t from = s.size() - keep;
     // Never start inside a UTF-8 sequence.
     while (from < s.size() &&
            (static_cast<unsigned char>(s[from]) & 0xC0) == 0x80)
       ++from;
-    return "..." + s.substr(from);
+    return head + "..." + s.substr(from);
   }
 
   bool on_;
