@@ -198,6 +198,10 @@ int GpuBench(int argc, char** argv) {
                         load({{big.path, std::pair<int64_t, int64_t>{r0, r1}}},
                              ckpt::LoadStrategy::kStaged);
                       }),
-                  0});
+                  // The slice's bytes: (r1 - r0) rows of the row size.
+                  big.shape.empty() || big.shape[0] == 0
+                      ? 0
+                      : big.nbytes() / static_cast<uint64_t>(big.shape[0]) *
+                            static_cast<uint64_t>(r1 - r0)});
   return Report(rows, json, file, device);
 }

@@ -14,8 +14,9 @@
 #   scripts/gpu_check.sh [--torch-wheels DIR] [--python PY] [--build DIR]
 #                        [--out DIR] [--budget SECONDS] [--double]
 #
-#   --torch-wheels DIR  make a venv and install torch (and numpy, safetensors,
-#                       pybind11 where DIR has them) from DIR, offline
+#   --torch-wheels DIR  make a venv and install torch and numpy (and
+#                       safetensors, pybind11 where DIR has them) from DIR,
+#                       offline (`pip download torch numpy -d DIR` fills it)
 #   --python PY         the Python that has torch (default: the build's, else
 #                       .venv-torch2/bin/python, else python3)
 #   --build DIR         build directory (default build-gpu; an existing one
@@ -56,8 +57,11 @@ if [ "$double" = 0 ]; then
     say "no NVIDIA GPU here (nvidia-smi not found); --double runs the same steps against the CUDA-runtime test double"
     exit 77
   fi
-  if ! nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
-    say "no NVIDIA GPU here (nvidia-smi -L: $(nvidia-smi -L 2>&1 | head -n 1)); --double runs the same steps against the CUDA-runtime test double"
+  # Whole output first: `nvidia-smi -L | grep -q` under pipefail fails with
+  # SIGPIPE when a second line (a MIG instance, a second GPU) comes late.
+  gpus=$(nvidia-smi -L 2>&1)
+  if ! grep -q "^GPU " <<< "$gpus"; then
+    say "no NVIDIA GPU here (nvidia-smi -L: $(head -n 1 <<< "$gpus")); --double runs the same steps against the CUDA-runtime test double"
     exit 77
   fi
 fi
@@ -121,7 +125,10 @@ if [ -n "$wheels" ]; then
     done
     "$venv/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$wheels" $pkgs
   }
-  run_step "torch from $wheels" 180 "$work/venv.log" make_venv
+  if ! run_step "torch from $wheels" 180 "$work/venv.log" make_venv; then
+    say "cannot install torch from $wheels: $(tail -n 1 "$work/venv.log")"
+    exit 2
+  fi
   py="$venv/bin/python"
 elif [ -z "$py" ] && [ -f "$build/CMakeCache.txt" ]; then
   # The interpreter the build's module is for (CMakeLists.txt picks it).
@@ -138,6 +145,10 @@ esac
 torch_info=$("$py" -c 'import torch, sys
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, sees a GPU: {torch.cuda.is_available()}), Python {sys.version.split()[0]}")' 2>&1 | tail -n 1)
 say "$py: $torch_info"
+if ! "$py" -c 'import torch, numpy' 2>/dev/null; then
+  say "$py has no torch and numpy ($torch_info): pass --python PY (a Python that has both) or --torch-wheels DIR"
+  exit 2
+fi
 
 # ---- 2. build -------------------------------------------------------------------------
 if [ "$double" = 1 ]; then
@@ -155,16 +166,22 @@ build_all() {
       -DCKPT_BUILD_PYTHON=ON -DCKPT_BUILD_TOOLS=ON -DCKPT_BUILD_EXAMPLES=OFF \
       -DPython_EXECUTABLE="$py" "${extra[@]}"
   else
-    cmake -S . -B "$build"
+    # Reused, but for this run's Python: the module must import there.
+    cmake -S . -B "$build" -DPython_EXECUTABLE="$py"
   fi
-  local targets_known
+  local targets_known want=$targets
   targets_known=$(cmake --build "$build" --target help)  # whole: grep -q would cut the pipe
   if ! grep -q cuda_real_test <<< "$targets_known"; then
     echo "no CUDA toolkit found (nvcc): the device loader is not built"
     return 2
   fi
-  cmake --build "$build" -j"$(nproc)" --target $targets
-  echo "built $targets"
+  if ! grep -q "ckpt_python" <<< "$targets_known"; then
+    # No pybind11 for this Python: the C++ checks still run.
+    want=${want/ ckpt_python/}
+    touch "$work/no_python_module"
+  fi
+  cmake --build "$build" -j"$(nproc)" --target $want
+  echo "built $want"
 }
 run_step "build ($targets)" 300 "$work/build.log" build_all
 built=$?
@@ -206,7 +223,12 @@ print(f"python cuda: {r.testsRun - len(r.skipped) - len(r.failures) - len(r.erro
 sys.exit(0 if r.wasSuccessful() else 1)
 PYEOF
   }
-  run_step "CUDA Python tests" 120 "$work/python.log" cuda_py_tests
+  no_module="the Python module was not built (CMake found no pybind11 for $py)"
+  if [ -e "$work/no_python_module" ]; then
+    steps+=("CUDA Python tests|skipped|0|$no_module")
+  else
+    run_step "CUDA Python tests" 120 "$work/python.log" cuda_py_tests
+  fi
 
   # ---- 5. ckpt-bench gpu --------------------------------------------------------------
   bench_gpu() {
@@ -229,7 +251,11 @@ PYEOF
     grep -q "^SKIP" "$work/run_gpu.raw" && return 77
     return $rc
   }
-  run_step "bench/run_gpu.py" 240 "$work/run_gpu.log" run_gpu
+  if [ -e "$work/no_python_module" ]; then
+    steps+=("bench/run_gpu.py|skipped|0|$no_module")
+  else
+    run_step "bench/run_gpu.py" 240 "$work/run_gpu.log" run_gpu
+  fi
   rm -rf "$work/run_gpu"
 else
   for n in cuda_real_test "CUDA Python tests" "ckpt-bench gpu" bench/run_gpu.py; do
