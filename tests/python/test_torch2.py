@@ -136,6 +136,10 @@ class NewDtypes(TempDirCase):
             same_bits(self, t, got[name], f"convert {name}")
             same_bits(self, t, direct[name], f"ckpt.load(.safetensors) {name}")
 
+
+
+# Not a torch 2.x feature: runs under every torch (outside @needs_dtypes).
+class Sniffing(TempDirCase):
     @unittest.skipIf(st is None, "safetensors is not installed")
     def test_sniff_safetensors_header_length_0x80(self):
         # A safetensors header of 0x80 + 256k bytes starts the file with
@@ -275,6 +279,7 @@ class TensorAttributes(TempDirCase):
                 load()
             self.assertIn("extra Python attributes", str(cm.exception))
         self.assertFalse(os.path.exists(self.path("x.ckpt")))
+        self.assertNoTemporaries()
         # Without attributes it is a Parameter as before.
         torch.save({"p": torch.nn.Parameter(torch.ones(2))}, f)
         self.assertIsInstance(ckpt.load(f)["p"], torch.nn.Parameter)
