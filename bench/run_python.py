@@ -178,6 +178,14 @@ def load_rows(name, obj, workdir, repeat, device):
             with st.safe_open(sft, framework="pt", device=device) as f:
                 return {"t": f.get_tensor(some)}
         run("safe_open + one tensor", st_one)
+    if device == "cpu":
+        # Time to the first tensor: the view only, its bytes not read.
+        rows["ckpt.open + one tensor (view, untouched)"] = timed(ck_one, repeat * 4)
+        if HAS_MMAP:
+            rows["torch.load(mmap=True) + it (view, untouched)"] = timed(
+                lambda: torch.load(pth, mmap=True, weights_only=wo), repeat * 4)
+        if st is not None:
+            rows["safe_open + get_tensor (view, untouched)"] = timed(st_one, repeat * 4)
     for p in (pth, ck, sft):
         if os.path.exists(p):
             os.unlink(p)
@@ -281,6 +289,12 @@ TARGETS = [
      "ckpt.open + one tensor vs torch.load(mmap=True) + it"),
     ("state_dict", "load", "safe_open + one tensor", "ckpt.open + one tensor", 1.5,
      "ckpt.open + one tensor vs safe_open + get_tensor"),
+    ("state_dict", "load", "torch.load(mmap=True) + it (view, untouched)",
+     "ckpt.open + one tensor (view, untouched)", 20,
+     "same, time to the view (bytes not read) vs torch.load(mmap=True)"),
+    ("state_dict", "load", "safe_open + get_tensor (view, untouched)",
+     "ckpt.open + one tensor (view, untouched)", 1.5,
+     "same, time to the view (bytes not read) vs safe_open + get_tensor"),
     ("many", "open", "safe_open", "ckpt.open", 5, "ckpt.open vs safe_open, 10,000 tensors"),
     ("many", "open", "safe_open + keys()", "ckpt.open + keys()", 5,
      "ckpt.open + keys() vs safe_open + keys(), 10,000 tensors"),
@@ -312,7 +326,7 @@ def main():
     ap.add_argument("--total-mb", type=float, default=1024)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default="bench/results/python.json")
+    ap.add_argument("--json", default="bench/results/python_torch2.json")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
