@@ -73,35 +73,43 @@ TEST_CASE("Abort and a failed Commit leave the old file and no temporary") {
 }
 
 TEST_CASE("a full disk fails the write cleanly, naming the file") {
-  TempDir dir;
-  auto before = Old(dir);
   // RLIMIT_FSIZE makes write() fail with EFBIG past the limit: a full disk
-  // as far as the writer can tell.
-  struct sigaction ign {
-  }, old_action{};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old_action);
-  rlimit old_limit;
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  rlimit small = old_limit;
-  small.rlim_cur = 1 << 20;
-  setrlimit(RLIMIT_FSIZE, &small);
-  Status s;
-  {
-    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
-    REQUIRE(w.ok());
-    std::vector<std::byte> big(4 << 20);
-    s = w->PutTensor("big", DType::kUInt8, {4 << 20}, big);
-    if (s.ok()) s = w->Commit();
+  // as far as the writer can tell. A 4 MiB tensor past a 1 MiB limit, and
+  // a 64 MiB one (written straight from the caller's memory while a
+  // second thread hashes it) past 20 MiB.
+  for (auto [limit, size] : {std::pair<int, int>{1 << 20, 4 << 20},
+                             std::pair<int, int>{20 << 20, 64 << 20}}) {
+    TempDir dir;
+    auto before = Old(dir);
+    struct sigaction ign {
+    }, old_action{};
+    ign.sa_handler = SIG_IGN;
+    sigaction(SIGXFSZ, &ign, &old_action);
+    rlimit old_limit;
+    getrlimit(RLIMIT_FSIZE, &old_limit);
+    rlimit small = old_limit;
+    small.rlim_cur = static_cast<rlim_t>(limit);
+    setrlimit(RLIMIT_FSIZE, &small);
+    Status s, after;
+    {
+      auto w = Writer::Create(dir.File("t.ckpt"), Fast());
+      REQUIRE(w.ok());
+      std::vector<std::byte> big(static_cast<size_t>(size));
+      s = w->PutTensor("big", DType::kUInt8, {size}, big);
+      if (s.ok()) s = w->Commit();
+      after = w->PutTensor("x", DType::kUInt8, {1}, std::span(big).first(1));
+    }
+    setrlimit(RLIMIT_FSIZE, &old_limit);
+    sigaction(SIGXFSZ, &old_action, nullptr);
+    INFO(s.ToString());
+    CHECK(s.code() == ErrorCode::kIoError);
+    CHECK(s.file() == dir.File("t.ckpt"));
+    CHECK(s.ToString().find("write failed") != std::string::npos);
+    CHECK(s.offset() == limit);                  // where the write stopped
+    CHECK(after.code() == ErrorCode::kIoError);  // the writer stays aborted
+    RequireOnlyTarget(dir);
+    CHECK(ReadAll(dir.File("t.ckpt")) == before);
   }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  sigaction(SIGXFSZ, &old_action, nullptr);
-  INFO(s.ToString());
-  CHECK(s.code() == ErrorCode::kIoError);
-  CHECK(s.file() == dir.File("t.ckpt"));
-  CHECK(s.ToString().find("write failed") != std::string::npos);
-  RequireOnlyTarget(dir);
-  CHECK(ReadAll(dir.File("t.ckpt")) == before);
 }
 
 TEST_CASE("Commit replaces the target atomically with normal permissions") {
@@ -384,38 +392,4 @@ TEST_CASE("appends in odd pieces make the same file as one append") {
       }
     }
   }
-}
-
-TEST_CASE("a full disk in the middle of a large append fails cleanly") {
-  TempDir dir;
-  auto before = Old(dir);
-  struct sigaction ign {
-  }, old_action{};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old_action);
-  rlimit old_limit;
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  rlimit small = old_limit;
-  small.rlim_cur = 20 << 20;  // inside the 64 MiB append
-  setrlimit(RLIMIT_FSIZE, &small);
-  Status s, after;
-  {
-    auto w = Writer::Create(dir.File("t.ckpt"), Fast());
-    REQUIRE(w.ok());
-    std::vector<std::byte> big(64 << 20);
-    s = w->PutTensor("big", DType::kUInt8, {64 << 20}, big);
-    if (s.ok()) s = w->Commit();
-    after = w->PutTensor("x", DType::kUInt8, {1}, std::span(big).first(1));
-  }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  sigaction(SIGXFSZ, &old_action, nullptr);
-  INFO(s.ToString());
-  CHECK(s.code() == ErrorCode::kIoError);
-  CHECK(s.file() == dir.File("t.ckpt"));
-  CHECK(s.ToString().find("write failed") != std::string::npos);
-  // The offset named is where the write stopped: at the limit.
-  CHECK(s.offset() == (20 << 20));
-  CHECK(after.code() == ErrorCode::kIoError);  // the writer stays aborted
-  RequireOnlyTarget(dir);
-  CHECK(ReadAll(dir.File("t.ckpt")) == before);
 }
