@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     a = ap.parse_args()
     d = a.dir or tempfile.mkdtemp(prefix="ckpt-example-")
+    os.makedirs(d, exist_ok=True)
     path = os.path.join(d, "model.ckpt")
 
     # --- training side: save the weights (atomic: a crash never leaves half a file)

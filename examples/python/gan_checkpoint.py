@@ -16,7 +16,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
     a = ap.parse_args()
-    path = os.path.join(a.dir or tempfile.mkdtemp(prefix="ckpt-example-"), "gan.ckpt")
+    d = a.dir or tempfile.mkdtemp(prefix="ckpt-example-")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "gan.ckpt")
 
     torch.manual_seed(0)
     G = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
