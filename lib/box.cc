@@ -128,6 +128,150 @@ Result<std::optional<RunPattern>> CopyRuns(const Box& from, const Box& to,
   return std::optional<RunPattern>(std::move(p));
 }
 
+namespace {
+
+bool Meets(const Box& a, const Box& b) {
+  for (size_t d = 0; d < a.ndim(); ++d) {
+    if (std::max(a.offsets[d], b.offsets[d]) >=
+        std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<BoxIndex> BoxIndex::Build(std::vector<Box> chunks) {
+  BoxIndex ix;
+  ix.ndim_ = chunks.empty() ? 0 : chunks[0].ndim();
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Box& b = chunks[i];
+    if (b.ndim() != ix.ndim_ || b.offsets.size() != ix.ndim_) {
+      return InvalidArgument("chunk " + std::to_string(i) + " has " +
+                             std::to_string(b.ndim()) + " dims, chunk 0 " +
+                             std::to_string(ix.ndim_));
+    }
+    for (int64_t n : b.sizes) {
+      if (n < 0) {
+        return InvalidArgument("chunk " + std::to_string(i) +
+                               " has a negative size");
+      }
+    }
+  }
+  ix.chunks_ = std::move(chunks);
+  std::vector<size_t> live;
+  for (size_t i = 0; i < ix.chunks_.size(); ++i) {
+    if (ix.chunks_[i].numel() > 0) live.push_back(i);
+  }
+  // A grid: per-dim cuts whose cells number the live chunks, each chunk
+  // exactly one cell.
+  ix.cuts_.assign(ix.ndim_, {});
+  for (size_t d = 0; d < ix.ndim_; ++d) {
+    auto& c = ix.cuts_[d];
+    for (size_t i : live) {
+      c.push_back(ix.chunks_[i].offsets[d]);
+      c.push_back(ix.chunks_[i].offsets[d] + ix.chunks_[i].sizes[d]);
+    }
+    std::sort(c.begin(), c.end());
+    c.erase(std::unique(c.begin(), c.end()), c.end());
+  }
+  uint64_t cells = live.empty() ? 0 : 1;
+  for (size_t d = 0; d < ix.ndim_ && cells <= live.size(); ++d) {
+    cells *= ix.cuts_[d].size() - 1;
+  }
+  ix.grid_ = cells == live.size();
+  if (ix.grid_) {
+    ix.cell_chunk_.assign(static_cast<size_t>(cells), SIZE_MAX);
+    for (size_t i : live) {
+      const Box& b = ix.chunks_[i];
+      size_t cell = 0;
+      for (size_t d = 0; d < ix.ndim_ && ix.grid_; ++d) {
+        const auto& c = ix.cuts_[d];
+        size_t at = static_cast<size_t>(
+            std::lower_bound(c.begin(), c.end(), b.offsets[d]) - c.begin());
+        // One cell wide: its end is the next cut.
+        ix.grid_ = c[at + 1] == b.offsets[d] + b.sizes[d];
+        cell = cell * (c.size() - 1) + at;
+      }
+      if (!ix.grid_ || ix.cell_chunk_[cell] != SIZE_MAX) {
+        ix.grid_ = false;  // a chunk spans cells, or two share one
+        break;
+      }
+      ix.cell_chunk_[cell] = i;
+    }
+  }
+  if (!ix.grid_) {
+    ix.cuts_.clear();
+    ix.cell_chunk_.clear();
+    ix.by_start_ = live;
+    auto start = [&](size_t i) {
+      return ix.ndim_ ? ix.chunks_[i].offsets[0] : int64_t{0};
+    };
+    std::stable_sort(ix.by_start_.begin(), ix.by_start_.end(),
+                     [&](size_t a, size_t b) { return start(a) < start(b); });
+    int64_t m = INT64_MIN;
+    for (size_t i : ix.by_start_) {
+      if (ix.ndim_) m = std::max(m, start(i) + ix.chunks_[i].sizes[0]);
+      ix.prefix_end_.push_back(ix.ndim_ ? m : INT64_MAX);
+    }
+  }
+  return ix;
+}
+
+std::vector<size_t> BoxIndex::Overlapping(const Box& want) const {
+  std::vector<size_t> out;
+  if (want.ndim() != ndim_ || want.numel() == 0) return out;
+  if (grid_) {
+    if (cell_chunk_.empty()) return out;
+    // The range of cells in each dim, then every cell of their product.
+    std::vector<size_t> lo(ndim_), hi(ndim_);
+    for (size_t d = 0; d < ndim_; ++d) {
+      const auto& c = cuts_[d];
+      const int64_t a = want.offsets[d], b = want.offsets[d] + want.sizes[d];
+      auto first = std::upper_bound(c.begin(), c.end(), a);
+      lo[d] =
+          first == c.begin() ? 0 : static_cast<size_t>(first - c.begin()) - 1;
+      hi[d] = static_cast<size_t>(std::lower_bound(c.begin(), c.end(), b) -
+                                  c.begin());
+      hi[d] = std::min(hi[d], c.size() - 1);
+      if (lo[d] >= hi[d]) return out;
+    }
+    std::vector<size_t> j = lo;
+    for (;;) {
+      size_t cell = 0;
+      for (size_t d = 0; d < ndim_; ++d)
+        cell = cell * (cuts_[d].size() - 1) + j[d];
+      size_t i = cell_chunk_[cell];
+      if (i != SIZE_MAX && Meets(chunks_[i], want)) out.push_back(i);
+      size_t d = ndim_;
+      for (;;) {
+        if (d == 0) {
+          std::sort(out.begin(), out.end());
+          return out;
+        }
+        --d;
+        if (++j[d] < hi[d]) break;
+        j[d] = lo[d];
+      }
+    }
+  }
+  // Sorted by dim-0 start: skip the prefix whose ends all lie before the
+  // wanted start, stop at the first start past the wanted end.
+  const int64_t a = ndim_ ? want.offsets[0] : 0;
+  const int64_t b = ndim_ ? want.offsets[0] + want.sizes[0] : 1;
+  size_t k = static_cast<size_t>(
+      std::upper_bound(prefix_end_.begin(), prefix_end_.end(), a) -
+      prefix_end_.begin());
+  for (; k < by_start_.size(); ++k) {
+    size_t i = by_start_[k];
+    if (ndim_ && chunks_[i].offsets[0] >= b) break;
+    if (Meets(chunks_[i], want)) out.push_back(i);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 void ForEachRun(const RunPattern& p,
                 const std::function<void(uint64_t, uint64_t, uint64_t)>& fn) {
   const size_t n = p.counts.size();

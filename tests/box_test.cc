@@ -166,3 +166,99 @@ TEST_CASE("bad boxes are refused with what is wrong") {
   CHECK(has(BoxProblem({{0}, {INT64_MAX / 2}}, {INT64_MAX}, 4), "byte size"));
   CHECK_FALSE(BoxProblem({{1, 0}, {3, 0}}, {4, 0}).has_value());
 }
+
+namespace {
+
+// Cut points 0 = c0 < c1 < ... = n of one dim, some cells possibly empty
+// (uneven shardings: 6 rows on 4 ranks leaves one with none).
+std::vector<int64_t> RandomCuts(std::mt19937_64& rng, int64_t n) {
+  std::vector<int64_t> c = {0};
+  int parts = 1 + static_cast<int>(rng() % 4);
+  for (int i = 1; i < parts; ++i)
+    c.push_back(std::uniform_int_distribution<int64_t>(0, n)(rng));
+  c.push_back(n);
+  std::sort(c.begin(), c.end());
+  return c;
+}
+
+std::vector<size_t> BruteOverlaps(const std::vector<Box>& chunks,
+                                  const Box& want) {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    auto r = CopyRuns(chunks[i], want, 1);
+    if (r.ok() && r->has_value()) out.push_back(i);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the chunk index finds exactly the chunks a box meets") {
+  std::mt19937_64 rng(7);
+  int grids = 0, others = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const size_t ndim = static_cast<size_t>(trial % 4);  // 0-d to 3-d
+    std::vector<int64_t> shape;
+    for (size_t d = 0; d < ndim; ++d)
+      shape.push_back(std::uniform_int_distribution<int64_t>(0, 9)(rng));
+    // A grid of chunks from per-dim cuts, in a shuffled (rank) order.
+    std::vector<std::vector<int64_t>> cuts;
+    for (int64_t n : shape) cuts.push_back(RandomCuts(rng, n));
+    std::vector<Box> chunks;
+    std::vector<size_t> j(ndim, 0);
+    for (bool more = true; more;) {
+      Box b;
+      for (size_t d = 0; d < ndim; ++d) {
+        b.offsets.push_back(cuts[d][j[d]]);
+        b.sizes.push_back(cuts[d][j[d] + 1] - cuts[d][j[d]]);
+      }
+      chunks.push_back(b);
+      more = false;
+      for (size_t d = ndim; d-- > 0;) {
+        if (++j[d] + 1 < cuts[d].size()) {
+          more = true;
+          break;
+        }
+        j[d] = 0;
+      }
+    }
+    // Every third layout is not a grid: two neighbouring cells merged.
+    if (trial % 3 == 2 && ndim > 0 && chunks.size() >= 2) {
+      for (size_t a = 0; a + 1 < chunks.size(); ++a) {
+        Box& x = chunks[a];
+        const Box& y = chunks[a + 1];
+        bool row = true;
+        for (size_t d = 0; d + 1 < ndim; ++d)
+          row = row && x.offsets[d] == y.offsets[d] && x.sizes[d] == y.sizes[d];
+        if (row &&
+            x.offsets[ndim - 1] + x.sizes[ndim - 1] == y.offsets[ndim - 1] &&
+            x.numel() > 0 && y.numel() > 0) {
+          x.sizes[ndim - 1] += y.sizes[ndim - 1];
+          chunks.erase(chunks.begin() + static_cast<std::ptrdiff_t>(a + 1));
+          break;
+        }
+      }
+    }
+    std::shuffle(chunks.begin(), chunks.end(), rng);
+    auto ix = BoxIndex::Build(chunks);
+    REQUIRE(ix.ok());
+    (ix->is_grid() ? grids : others)++;
+    for (int q = 0; q < 20; ++q) {
+      Box want = RandomBox(rng, shape);
+      INFO("trial " << trial << " query " << q);
+      CHECK(ix->Overlapping(want) == BruteOverlaps(chunks, want));
+    }
+  }
+  CHECK(grids > 1000);
+  CHECK(others > 100);
+}
+
+TEST_CASE("the chunk index refuses mixed ranks") {
+  CHECK(BoxIndex::Build({{{0}, {2}}, {{0, 0}, {2, 2}}}).status().code() ==
+        ErrorCode::kInvalidArgument);
+  CHECK(BoxIndex::Build({{{0}, {-2}}}).status().code() ==
+        ErrorCode::kInvalidArgument);
+  auto empty = BoxIndex::Build({});
+  REQUIRE(empty.ok());
+  CHECK(empty->Overlapping({}).empty());
+}

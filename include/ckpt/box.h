@@ -75,6 +75,43 @@ struct RunPattern {
 Result<std::optional<RunPattern>> CopyRuns(const Box& from, const Box& to,
                                            uint64_t elem_size);
 
+/// The chunks of one tensor (boxes saved by different ranks), indexed to
+/// find the ones a wanted box shares elements with, without testing every
+/// chunk: planning a load stays O(log C + k) for C chunks of which k meet
+/// the request, as DCP's pairwise test of every chunk is not.
+class BoxIndex {
+ public:
+  /// Indexes `chunks` (one rank each; zero-size boxes allowed and never
+  /// met). Chunks that tile a grid (each the cell between consecutive cut
+  /// points of every dim: row, column, 2-D and uneven shardings) are found
+  /// by bisecting the cuts; any other layout by its dim-0 ranges.
+  /// Overlaps between chunks are not checked here. kInvalidArgument when
+  /// the ranks differ or a size is negative.
+  static Result<BoxIndex> Build(std::vector<Box> chunks);
+
+  /// Indices (into the chunks given to Build) of those sharing at least
+  /// one element with `want`, ascending. `want` must have their rank.
+  std::vector<size_t> Overlapping(const Box& want) const;
+
+  /// True when the chunks were found to tile a grid.
+  bool is_grid() const { return grid_; }
+  size_t size() const { return chunks_.size(); }
+
+ private:
+  BoxIndex() = default;
+  std::vector<Box> chunks_;
+  size_t ndim_ = 0;
+  bool grid_ = false;
+  // Grid: the cut points of each dim, and the chunk of each cell (row-major
+  // over the cells), SIZE_MAX for none.
+  std::vector<std::vector<int64_t>> cuts_;
+  std::vector<size_t> cell_chunk_;
+  // Otherwise: non-empty chunks sorted by dim-0 offset, with the largest
+  // dim-0 end of each prefix (to bisect where overlaps can begin).
+  std::vector<size_t> by_start_;
+  std::vector<int64_t> prefix_end_;
+};
+
 /// Calls fn(src, dst, length) for each run of `p`, in increasing order.
 void ForEachRun(
     const RunPattern& p,
