@@ -295,8 +295,8 @@ AtomicFile& AtomicFile::operator=(AtomicFile&& o) noexcept {
 AtomicFile::~AtomicFile() { Abort(); }
 
 Status AtomicFile::Write(std::span<const std::byte> bytes) {
-  // pwrite at the end this object tracks, never the descriptor's offset,
-  // so appends and WriteAt's from other threads can interleave.
+  // pwrite at the end this object tracks, never the descriptor's offset:
+  // one position (size_) for Write, WriteAt and CopyFrom alike.
   CKPT_RETURN_IF_ERROR(WriteAt(size_, bytes));
   size_ += bytes.size();
   return Status::OK();

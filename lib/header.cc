@@ -676,6 +676,9 @@ constexpr size_t kParallelHeaderBytes = 256u << 10;
 // this one, which keeps its warm heap for b's allocations; serially when
 // no thread can start), and returns the first failure in the order a, b:
 // the error a serial check would report. Serially b runs only if a passed.
+// Not ParallelFor: its threads take indices in whatever order they start,
+// and the tree check on a fresh thread's cold heap made a 10,000-tensor
+// open 2.5 ms instead of 1.25 ms.
 template <class A, class B>
 Status FirstFailure(bool parallel, A a, B b) {
   std::future<Status> first;

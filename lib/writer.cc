@@ -19,8 +19,6 @@ namespace {
 // Small writes (padding, small blobs, the header) are gathered into one
 // buffer of this size; larger appends go straight from the caller's memory.
 constexpr size_t kWriteBufferBytes = 1u << 20;
-// The highest dtype code of format 1.0: a file that uses a higher one is
-// stamped 1.1 (docs/FORMAT.md 9).
 constexpr uint32_t kClassNotYet = KeyClasses::kUnhashable - 1;
 constexpr uint32_t kClassTooDeep = KeyClasses::kUnhashable - 2;
 // Appends at least this large hash on a second thread while writing.
