@@ -66,7 +66,7 @@ MAY_USE = {
     # The loader takes reader views; it never decodes the header itself.
     "cuda": ["status", "format", "io", "reader"],
     # The importer writes through the public writer only.
-    "pth": ["status", "format", "io", "writer:public"],
+    "pth": ["status", "box", "format", "io", "writer:public"],
     # The commands are thin: the public API only.
     "cli": _PUBLIC_API,
     "tools": _PUBLIC_API + ["cli"],
