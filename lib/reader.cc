@@ -497,7 +497,8 @@ std::string_view Checkpoint::producer() const {
 }
 Checkpoint::Layout Checkpoint::layout() const {
   const internal::Preamble& p = impl_->pre;
-  return {p.data_offset, p.data_size, p.header_offset, p.header_size};
+  return {p.data_offset, p.data_size, p.header_offset, p.header_size,
+          p.header_hash};
 }
 
 size_t Checkpoint::num_tensors() const { return impl_->ntensors(); }

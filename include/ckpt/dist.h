@@ -7,7 +7,8 @@
 //
 //   ckpt::dist::SelfComm comm;
 //   std::vector<ckpt::dist::Chunk> mine = {...};   // boxes of global tensors
-//   CKPT_ASSIGN_OR_RETURN(auto info, ckpt::dist::Save(comm, "run/step-200", mine));
+//   CKPT_ASSIGN_OR_RETURN(auto info, ckpt::dist::Save(comm, "run/step-200",
+//   mine));
 //
 // or, to add trees (the state dict's structure and non-tensor values, and
 // each rank's own state such as its RNG), in two phases:
@@ -26,8 +27,8 @@
 //
 // Loading, on every rank:
 //
-//   CKPT_ASSIGN_OR_RETURN(auto ck, ckpt::dist::ShardedCheckpoint::Open(comm, dir));
-//   std::vector<ckpt::dist::Want> wants = {{"model/w", box, out_bytes}};
+//   CKPT_ASSIGN_OR_RETURN(auto ck, ckpt::dist::ShardedCheckpoint::Open(comm,
+//   dir)); std::vector<ckpt::dist::Want> wants = {{"model/w", box, out_bytes}};
 //   CKPT_ASSIGN_OR_RETURN(auto plan, ck.Plan(wants));
 //   CKPT_ASSIGN_OR_RETURN(auto stats, ck.Execute(plan));
 //
@@ -136,8 +137,7 @@ struct SaveOptions {
 /// temporary directory (and `dir`'s parent) if needed. kInvalidArgument
 /// for a bad rank or a `dir` without a name; kIoError (directory not
 /// writable) naming the directory.
-Result<std::string> ShardPath(const std::string& dir, int rank,
-                              int world_size);
+Result<std::string> ShardPath(const std::string& dir, int rank, int world_size);
 
 /// Adds one chunk to a shard file being written: its part (ReplicaPart) as
 /// a contiguous tensor plus its place in the global tensor. Returns the
@@ -157,8 +157,7 @@ Result<NodeId> AddGlobalTensor(Writer& w);
 /// the file's metadata.
 Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
                     std::optional<NodeId> globals,
-                    std::optional<NodeId> rank_local, int rank,
-                    int world_size);
+                    std::optional<NodeId> rank_local, int rank, int world_size);
 
 struct CommitInfo {
   std::string path;          ///< the committed directory
@@ -221,8 +220,8 @@ struct Manifest {
   uint16_t version_major = 1;
   uint16_t version_minor = 0;
   uint32_t world_size = 0;
-  uint32_t globals_file = 0;          ///< file holding the globals tree
-  std::vector<ShardFileInfo> files;   ///< in rank order
+  uint32_t globals_file = 0;              ///< file holding the globals tree
+  std::vector<ShardFileInfo> files;       ///< in rank order
   std::vector<GlobalTensorInfo> tensors;  ///< sorted by path
   std::vector<std::pair<std::string, std::string>> metadata;  ///< by key
   std::string producer;
@@ -273,8 +272,8 @@ struct LoadOptions {
 };
 
 struct LoadStats {
-  uint64_t bytes_needed = 0;  ///< bytes of the boxes asked for
-  uint64_t bytes_read = 0;    ///< bytes read from shard files for them
+  uint64_t bytes_needed = 0;    ///< bytes of the boxes asked for
+  uint64_t bytes_read = 0;      ///< bytes read from shard files for them
   uint64_t bytes_verified = 0;  ///< bytes hashed (verify on)
   uint64_t runs = 0;            ///< contiguous reads
   uint32_t files_opened = 0;
@@ -329,6 +328,8 @@ class ShardedCheckpoint {
  private:
   struct Impl;
   explicit ShardedCheckpoint(std::unique_ptr<Impl> impl);
+  static Result<ShardedCheckpoint> FromBytes(std::span<const std::byte> bytes,
+                                             const std::string& dir);
   std::unique_ptr<Impl> impl_;
 };
 
@@ -351,8 +352,7 @@ using ShardDimFn = std::function<int(const TensorInfo&)>;
 /// checkpoint `dir` of `world_size` ranks, cut as `dim_of` says (0-d and
 /// tensors that cannot be cut go replicated), with `in`'s tree as the
 /// globals tree. For tensor-parallel inference layouts.
-Status ShardFile(const Checkpoint& in, const std::string& dir,
-                 int world_size, const ShardDimFn& dim_of,
-                 const SaveOptions& options = {});
+Status ShardFile(const Checkpoint& in, const std::string& dir, int world_size,
+                 const ShardDimFn& dim_of, const SaveOptions& options = {});
 
 }  // namespace ckpt::dist

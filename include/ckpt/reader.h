@@ -260,6 +260,9 @@ class Checkpoint {
     uint64_t data_size = 0;
     uint64_t header_offset = 0;  ///< start of the FlatBuffers header
     uint64_t header_size = 0;
+    /// XXH3-64 of the header, as the preamble holds it (verified at
+    /// open): what pins a shard file in a sharded checkpoint's manifest.
+    uint64_t header_xxh3 = 0;
   };
   Layout layout() const;
 

@@ -1,0 +1,578 @@
+// Saving a sharded checkpoint: shard files (ShardPath, AddChunk,
+// SetShardRoot), the commit (CommitSave: reports, checks, manifest, one
+// rename), and Save over both. docs/SHARDED.md 6 is the protocol.
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "atomic_file.h"
+#include "checksum_internal.h"
+#include "ckpt/dist.h"
+#include "ckpt/reader.h"
+#include "ckpt/writer.h"
+#include "dist/manifest_internal.h"
+
+namespace ckpt::dist {
+
+namespace fs = std::filesystem;
+
+namespace internal {
+
+namespace {
+std::atomic<FaultHook> g_fault_hook{nullptr};
+}  // namespace
+
+void SetFaultHook(FaultHook hook) { g_fault_hook.store(hook); }
+void Fault(const char* phase, int rank) {
+  if (FaultHook h = g_fault_hook.load()) h(phase, rank);
+}
+
+std::string ShardName(int rank, int world_size) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "shard-%05d-of-%05d.ckpt", rank, world_size);
+  return buf;
+}
+
+Result<std::string> TempDirOf(const std::string& dir) {
+  fs::path d(dir);
+  if (!d.empty() && d.filename().empty()) d = d.parent_path();  // "a/b/"
+  const std::string name = d.filename().string();
+  if (name.empty() || name == "." || name == "..") {
+    return InvalidArgument("a sharded checkpoint needs a directory name: '" +
+                           dir + "'");
+  }
+  fs::path parent = d.parent_path();
+  if (parent.empty()) parent = ".";
+  return (parent / ("." + name + ".tmp")).string();
+}
+
+}  // namespace internal
+
+namespace {
+
+using internal::ShardName;
+using internal::TempDirOf;
+
+constexpr std::string_view kPlaceholderTag = "ckpt.dist.GlobalTensor";
+
+Status SyncDir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("open directory " + dir, errno).WithFile(dir);
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return ErrnoError("fsync directory " + dir, err).WithFile(dir);
+  return Status::OK();
+}
+
+std::string ParentOf(const std::string& dir) {
+  fs::path d(dir);
+  if (!d.empty() && d.filename().empty()) d = d.parent_path();
+  fs::path parent = d.parent_path();
+  return parent.empty() ? "." : parent.string();
+}
+
+std::string CleanDir(const std::string& dir) {
+  fs::path d(dir);
+  if (!d.empty() && d.filename().empty()) d = d.parent_path();
+  return d.string();
+}
+
+Status CheckRank(int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size) {
+    return InvalidArgument("rank " + std::to_string(rank) +
+                           " is not in a group of " +
+                           std::to_string(world_size));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+// ---- shard files -------------------------------------------------------
+
+std::optional<Box> ReplicaPart(std::string_view path, const Box& box,
+                               uint32_t index, uint32_t count) {
+  if (count == 0 || index >= count) return std::nullopt;
+  if (box.ndim() == 0) {
+    const uint64_t h = ckpt::internal::Xxh3(std::as_bytes(std::span(path)));
+    if (h % count != index) return std::nullopt;
+    return box;
+  }
+  if (box.numel() == 0) {
+    // Nothing to split: replica 0 declares the (empty) chunk.
+    if (index != 0) return std::nullopt;
+    return box;
+  }
+  const auto rows = static_cast<uint64_t>(box.sizes[0]);
+  const uint64_t base = rows / count, extra = rows % count;
+  const uint64_t begin = index * base + std::min<uint64_t>(index, extra);
+  const uint64_t len = base + (index < extra ? 1 : 0);
+  if (len == 0) return std::nullopt;
+  Box part = box;
+  part.offsets[0] += static_cast<int64_t>(begin);
+  part.sizes[0] = static_cast<int64_t>(len);
+  return part;
+}
+
+Result<std::string> ShardPath(const std::string& dir, int rank,
+                              int world_size) {
+  CKPT_RETURN_IF_ERROR(CheckRank(rank, world_size));
+  CKPT_ASSIGN_OR_RETURN(std::string temp, TempDirOf(dir));
+  std::error_code ec;
+  fs::create_directories(ParentOf(dir), ec);
+  if (ec) {
+    return ErrnoError("create directory " + ParentOf(dir), ec.value())
+        .WithFile(ParentOf(dir));
+  }
+  if (::mkdir(temp.c_str(), 0777) != 0 && errno != EEXIST) {
+    return ErrnoError("create directory " + temp, errno).WithFile(temp);
+  }
+  struct stat st {};
+  if (::stat(temp.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return IoError(temp + " exists and is not a directory").WithFile(temp);
+  }
+  return (fs::path(temp) / ShardName(rank, world_size)).string();
+}
+
+Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c) {
+  auto bad = [&](const std::string& what) {
+    return InvalidArgument("chunk of '" + c.path + "': " + what)
+        .WithTensor(c.path);
+  };
+  const size_t elem = DTypeSize(c.dtype);
+  if (elem == 0) return bad("unknown dtype");
+  if (auto p = BoxProblem(c.box, c.global_shape, elem)) return bad(*p);
+  const uint64_t nbytes = static_cast<uint64_t>(c.box.numel()) * elem;
+  if (c.data.size() != nbytes) {
+    return bad("data has " + std::to_string(c.data.size()) +
+               " bytes; the box " + internal::BoxString(c.box) + " needs " +
+               std::to_string(nbytes));
+  }
+  if (c.replica_count == 0 || c.replica_index >= c.replica_count) {
+    return bad("replica " + std::to_string(c.replica_index) + " of " +
+               std::to_string(c.replica_count));
+  }
+  std::optional<Box> part =
+      ReplicaPart(c.path, c.box, c.replica_index, c.replica_count);
+  if (!part) return std::optional<NodeId>();
+  // The part is rows of the box: a contiguous byte range of its data.
+  std::span<const std::byte> bytes = c.data;
+  if (c.box.ndim() > 0 && part->numel() > 0) {
+    const uint64_t row = nbytes / static_cast<uint64_t>(c.box.sizes[0]);
+    const auto first =
+        static_cast<uint64_t>(part->offsets[0] - c.box.offsets[0]);
+    bytes = c.data.subspan(first * row,
+                           static_cast<uint64_t>(part->sizes[0]) * row);
+  }
+  CKPT_ASSIGN_OR_RETURN(NodeId data, w.AddTensor(c.dtype, part->sizes, bytes));
+  auto ints = [&](const std::vector<int64_t>& v) -> Result<NodeId> {
+    std::vector<NodeId> items;
+    for (int64_t x : v) items.push_back(w.AddInt(x));
+    return w.AddTuple(items);
+  };
+  CKPT_ASSIGN_OR_RETURN(NodeId shape, ints(c.global_shape));
+  CKPT_ASSIGN_OR_RETURN(NodeId offsets, ints(part->offsets));
+  const NodeId keys[] = {w.AddString("path"), w.AddString("shape"),
+                         w.AddString("offsets"), w.AddString("data")};
+  const NodeId values[] = {w.AddString(c.path), shape, offsets, data};
+  CKPT_ASSIGN_OR_RETURN(NodeId dict, w.AddDict(keys, values));
+  return std::optional<NodeId>(dict);
+}
+
+Result<NodeId> AddGlobalTensor(Writer& w) {
+  return w.AddDict({}, {}, kPlaceholderTag);
+}
+
+Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
+                    std::optional<NodeId> globals,
+                    std::optional<NodeId> rank_local, int rank,
+                    int world_size) {
+  CKPT_RETURN_IF_ERROR(CheckRank(rank, world_size));
+  CKPT_ASSIGN_OR_RETURN(NodeId list, w.AddList(chunks));
+  std::vector<NodeId> keys = {w.AddString("chunks")};
+  std::vector<NodeId> values = {list};
+  if (globals) {
+    keys.push_back(w.AddString("globals"));
+    values.push_back(*globals);
+  }
+  if (rank_local) {
+    keys.push_back(w.AddString("rank_local"));
+    values.push_back(*rank_local);
+  }
+  CKPT_ASSIGN_OR_RETURN(NodeId root, w.AddDict(keys, values));
+  CKPT_RETURN_IF_ERROR(w.SetRoot(root));
+  CKPT_RETURN_IF_ERROR(w.SetMetadata("ckpt.dist.rank", std::to_string(rank)));
+  return w.SetMetadata("ckpt.dist.world_size", std::to_string(world_size));
+}
+
+// ---- commit ------------------------------------------------------------
+
+namespace {
+
+// Reads back this rank's committed shard file: its pin and its chunks, as
+// the tree SetShardRoot wrote says (docs/SHARDED.md 3).
+Result<internal::RankReport> Describe(const std::string& path, int rank,
+                                      int world) {
+  internal::RankReport r;
+  r.rank = static_cast<uint32_t>(rank);
+  r.world_size = static_cast<uint32_t>(world);
+  CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(path));
+  auto bad = [&](const std::string& what) {
+    return Corrupt("shard file: " + what).WithFile(path);
+  };
+  auto meta_rank = ck.Metadata("ckpt.dist.rank");
+  auto meta_world = ck.Metadata("ckpt.dist.world_size");
+  if (!meta_rank.ok() || !meta_world.ok() ||
+      *meta_rank != std::to_string(rank) ||
+      *meta_world != std::to_string(world)) {
+    return bad("its metadata does not say rank " + std::to_string(rank) +
+               " of " + std::to_string(world) +
+               " (not written by "
+               "SetShardRoot for this rank?)");
+  }
+  r.file = {fs::path(path).filename().string(), ck.file_size(),
+            ck.layout().header_xxh3, static_cast<uint32_t>(rank)};
+  Value root = ck.root();
+  r.has_globals = root.Child("globals").ok();
+  CKPT_ASSIGN_OR_RETURN(Value chunks, root.Child("chunks"));
+  if (chunks.kind() != ValueKind::kList) return bad("'chunks' is not a list");
+  std::map<std::string, size_t> index;
+  auto ints = [&](const Value& v, std::vector<int64_t>* out) {
+    if (v.kind() != ValueKind::kTuple) return false;
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v.item(i).kind() != ValueKind::kInt) return false;
+      out->push_back(v.item(i).as_int());
+    }
+    return true;
+  };
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    Value c = chunks.item(i);
+    auto p = c.Child("path");
+    auto shape = c.Child("shape");
+    auto offs = c.Child("offsets");
+    auto data = c.Child("data");
+    GlobalTensorInfo t;
+    ChunkInfo ci;
+    if (!p.ok() || p->kind() != ValueKind::kString || !shape.ok() ||
+        !ints(*shape, &t.shape) || !offs.ok() ||
+        !ints(*offs, &ci.box.offsets) || !data.ok() ||
+        data->kind() != ValueKind::kTensor) {
+      return bad("chunk " + std::to_string(i) +
+                 " is not a dict of path, "
+                 "shape, offsets and data");
+    }
+    t.path = std::string(p->as_string());
+    CKPT_ASSIGN_OR_RETURN(TensorInfo ti, data->tensor_info());
+    if (!ti.is_contiguous() || ti.shape.size() != t.shape.size()) {
+      return bad("chunk " + std::to_string(i) + " of '" + t.path +
+                 "' is not a contiguous tensor of its rank");
+    }
+    CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(ti.storage));
+    t.dtype = ti.dtype;
+    ci.box.sizes = ti.shape;
+    ci.offset = si.offset +
+                static_cast<uint64_t>(ti.storage_offset) * DTypeSize(ti.dtype);
+    ci.length = ti.nbytes();
+    ci.file = 0;
+    auto [it, fresh] = index.emplace(t.path, r.tensors.size());
+    if (fresh) {
+      r.tensors.push_back(std::move(t));
+    } else if (r.tensors[it->second].dtype != t.dtype ||
+               r.tensors[it->second].shape != t.shape) {
+      return bad("two chunks of '" + t.path +
+                 "' disagree on its dtype or global shape");
+    }
+    r.tensors[it->second].chunks.push_back(std::move(ci));
+  }
+  return r;
+}
+
+std::string Describe(const GlobalTensorInfo& t) {
+  std::string s(DTypeName(t.dtype));
+  s += " [";
+  for (size_t d = 0; d < t.shape.size(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.shape[d]);
+  }
+  return s + "]";
+}
+
+// The coordinator's half: reports in rank order -> manifest -> commit.
+Result<CommitInfo> Finalize(const std::string& dir,
+                            std::vector<internal::RankReport> reports,
+                            int coordinator, const SaveOptions& o) {
+  const int world = static_cast<int>(reports.size());
+  CKPT_ASSIGN_OR_RETURN(std::string temp, TempDirOf(dir));
+  std::vector<Status> per_rank;
+  for (const auto& r : reports) {
+    Status s = r.status;
+    if (s.ok() && r.world_size != static_cast<uint32_t>(world)) {
+      s = InvalidArgument("it saved for a group of " +
+                          std::to_string(r.world_size) + " ranks, not " +
+                          std::to_string(world));
+    }
+    if (s.ok() && r.file.name != ShardName(static_cast<int>(r.rank), world)) {
+      s = InvalidArgument("its shard file is named '" + r.file.name + "'");
+    }
+    per_rank.push_back(s);
+  }
+  CKPT_RETURN_IF_ERROR(internal::FirstRankFailure(per_rank, world));
+
+  Manifest m;
+  m.world_size = static_cast<uint32_t>(world);
+  m.globals_file = static_cast<uint32_t>(coordinator);
+  for (int r = world - 1; r >= 0; --r) {
+    if (reports[static_cast<size_t>(r)].has_globals) {
+      m.globals_file = static_cast<uint32_t>(r);
+    }
+  }
+  m.producer = "ckpt " + std::string(VersionString());
+  std::map<std::string, std::pair<GlobalTensorInfo, uint32_t>> tensors;
+  for (auto& r : reports) {
+    m.files.push_back(r.file);
+    for (auto& t : r.tensors) {
+      auto [it, fresh] = tensors.try_emplace(t.path);
+      GlobalTensorInfo& g = it->second.first;
+      if (fresh) {
+        g.path = t.path;
+        g.dtype = t.dtype;
+        g.shape = t.shape;
+        it->second.second = r.rank;
+      } else if (g.dtype != t.dtype || g.shape != t.shape) {
+        return InvalidArgument("tensor '" + t.path + "': rank " +
+                               std::to_string(it->second.second) +
+                               " saves it as " + Describe(g) + ", rank " +
+                               std::to_string(r.rank) + " as " + Describe(t))
+            .WithTensor(t.path);
+      }
+      for (auto& c : t.chunks) {
+        if (c.box.numel() == 0) continue;  // declared the tensor only
+        c.file = r.rank;
+        g.chunks.push_back(std::move(c));
+      }
+    }
+  }
+  for (auto& [path, entry] : tensors) {
+    // Chunks in box order, so the manifest does not depend on rank timing.
+    std::sort(entry.first.chunks.begin(), entry.first.chunks.end(),
+              [](const ChunkInfo& a, const ChunkInfo& b) {
+                return a.box.offsets < b.box.offsets;
+              });
+    m.tensors.push_back(std::move(entry.first));
+  }
+  std::map<std::string, std::string> meta(o.metadata.begin(), o.metadata.end());
+  m.metadata.assign(meta.begin(), meta.end());
+  Status bad = internal::CheckManifest(m, dir);
+  if (!bad.ok()) {
+    // The ranks' chunks do not fit together: a caller's mistake.
+    return Status(ErrorCode::kInvalidArgument,
+                  "the ranks' chunks do not make a valid checkpoint: " +
+                      bad.message())
+        .WithFile(CleanDir(dir))
+        .WithTensor(bad.tensor());
+  }
+  CKPT_ASSIGN_OR_RETURN(std::vector<std::byte> bytes,
+                        internal::EncodeManifest(m));
+
+  // Sweep what the manifest does not name (leftovers of a crashed attempt:
+  // shards of another world size, writers' temporaries).
+  std::set<std::string> named;
+  for (const auto& f : m.files) named.insert(f.name);
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(temp, ec)) {
+    if (!named.count(e.path().filename().string()))
+      fs::remove_all(e.path(), ec);
+  }
+  internal::Fault("before_manifest", coordinator);
+  {
+    const std::string mpath = (fs::path(temp) / kManifestName).string();
+    CKPT_ASSIGN_OR_RETURN(auto f,
+                          ckpt::internal::AtomicFile::Create(mpath, 0666));
+    CKPT_RETURN_IF_ERROR(f.Write(bytes));
+    CKPT_RETURN_IF_ERROR(f.Commit(o.write.sync));  // fsyncs the file and temp
+  }
+  if (o.write.sync) {
+    // Every shard's directory entry is durable too (each writer fsynced
+    // the directory after its own rename; this covers them all at once).
+    CKPT_RETURN_IF_ERROR(SyncDir(temp));
+  }
+  internal::Fault("before_rename", coordinator);
+  const std::string target = CleanDir(dir);
+  struct stat st {};
+  if (::lstat(target.c_str(), &st) == 0) {
+    if (!o.overwrite) {
+      return InvalidArgument(target + " exists (pass overwrite to replace it)")
+          .WithFile(target);
+    }
+    if (!S_ISDIR(st.st_mode) || !IsShardedCheckpoint(target)) {
+      return InvalidArgument(target +
+                             " exists and is not a sharded "
+                             "checkpoint; refusing to replace it")
+          .WithFile(target);
+    }
+    // One atomic exchange: the new directory takes the name, the old one
+    // lands at the temporary name and is removed after.
+    if (::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, target.c_str(),
+                    RENAME_EXCHANGE) != 0) {
+      return ErrnoError("exchange " + temp + " with " + target, errno)
+          .WithFile(target);
+    }
+  } else if (::rename(temp.c_str(), target.c_str()) != 0) {
+    return ErrnoError("rename " + temp + " to " + target, errno)
+        .WithFile(target);
+  }
+  if (o.write.sync) CKPT_RETURN_IF_ERROR(SyncDir(ParentOf(dir)));
+  internal::Fault("after_rename", coordinator);
+  if (o.overwrite) fs::remove_all(temp, ec);  // the old checkpoint, if any
+
+  CommitInfo info;
+  info.path = target;
+  info.files = static_cast<uint32_t>(m.files.size());
+  info.total_bytes = bytes.size();
+  for (const auto& f : m.files) info.total_bytes += f.size;
+  info.tensors = m.tensors.size();
+  for (const auto& t : m.tensors) info.chunks += t.chunks.size();
+  return info;
+}
+
+// Removes the temporary directory of a failed save, unless the commit
+// already made it visible (then there is none).
+void Discard(const std::string& dir) {
+  auto temp = TempDirOf(dir);
+  if (!temp.ok()) return;
+  std::error_code ec;
+  fs::remove_all(*temp, ec);
+}
+
+}  // namespace
+
+Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
+                              const Status& local, const SaveOptions& o) {
+  const int rank = comm.rank(), world = comm.size();
+  if (o.coordinator < 0 || o.coordinator >= world) {
+    // Every rank sees the same options and fails alike, without a
+    // collective that could not complete.
+    return InvalidArgument("coordinator " + std::to_string(o.coordinator) +
+                           " outside the group of " + std::to_string(world));
+  }
+  internal::Fault("committing", rank);
+  internal::RankReport report;
+  report.rank = static_cast<uint32_t>(rank);
+  report.world_size = static_cast<uint32_t>(world);
+  report.status = local;
+  if (local.ok()) {
+    auto path = ShardPath(dir, rank, world);
+    Result<internal::RankReport> r =
+        path.ok() ? Describe(*path, rank, world)
+                  : Result<internal::RankReport>(path.status());
+    if (r.ok()) {
+      report = std::move(*r);
+    } else {
+      report.status = r.status();
+    }
+  }
+  CKPT_ASSIGN_OR_RETURN(
+      auto all, comm.Gather(o.coordinator, internal::EncodeReport(report)));
+  std::vector<std::byte> outcome;
+  if (rank == o.coordinator) {
+    Result<CommitInfo> result = [&]() -> Result<CommitInfo> {
+      if (all.size() != static_cast<size_t>(world)) {
+        return IoError("gathered " + std::to_string(all.size()) +
+                       " reports from a group of " + std::to_string(world));
+      }
+      std::vector<internal::RankReport> reports;
+      for (size_t r = 0; r < all.size(); ++r) {
+        auto rep = internal::DecodeReport(all[r], static_cast<uint32_t>(r));
+        if (!rep.ok()) {
+          internal::RankReport failed;
+          failed.rank = static_cast<uint32_t>(r);
+          failed.status = rep.status();
+          reports.push_back(std::move(failed));
+        } else {
+          reports.push_back(std::move(*rep));
+        }
+      }
+      return Finalize(dir, std::move(reports), o.coordinator, o);
+    }();
+    if (!result.ok()) Discard(dir);
+    outcome = internal::EncodeOutcome(result);
+  }
+  CKPT_ASSIGN_OR_RETURN(auto got, comm.Broadcast(o.coordinator, outcome));
+  return internal::DecodeOutcome(got, CleanDir(dir));
+}
+
+Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
+                                 const SaveOptions& o) {
+  if (world_size < 1) return InvalidArgument("world size must be >= 1");
+  if (o.coordinator < 0 || o.coordinator >= world_size) {
+    return InvalidArgument("coordinator outside the group");
+  }
+  std::vector<internal::RankReport> reports;
+  for (int r = 0; r < world_size; ++r) {
+    auto path = ShardPath(dir, r, world_size);
+    Result<internal::RankReport> rep =
+        path.ok() ? Describe(*path, r, world_size)
+                  : Result<internal::RankReport>(path.status());
+    if (rep.ok()) {
+      reports.push_back(std::move(*rep));
+    } else {
+      internal::RankReport failed;
+      failed.rank = static_cast<uint32_t>(r);
+      failed.world_size = static_cast<uint32_t>(world_size);
+      failed.status = rep.status();
+      reports.push_back(std::move(failed));
+    }
+  }
+  auto result = Finalize(dir, std::move(reports), o.coordinator, o);
+  if (!result.ok()) Discard(dir);
+  return result;
+}
+
+Result<CommitInfo> Save(Comm& comm, const std::string& dir,
+                        std::span<const Chunk> chunks, const SaveOptions& o,
+                        const TreeBuilder& globals,
+                        const TreeBuilder& rank_local) {
+  const int rank = comm.rank(), world = comm.size();
+  Status local = [&]() -> Status {
+    struct stat st {};
+    if (!o.overwrite && ::lstat(CleanDir(dir).c_str(), &st) == 0) {
+      return InvalidArgument(CleanDir(dir) +
+                             " exists (pass overwrite to replace it)")
+          .WithFile(CleanDir(dir));
+    }
+    CKPT_ASSIGN_OR_RETURN(std::string shard, ShardPath(dir, rank, world));
+    CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(shard, o.write));
+    std::vector<NodeId> nodes;
+    for (const Chunk& c : chunks) {
+      CKPT_ASSIGN_OR_RETURN(std::optional<NodeId> n, AddChunk(w, c));
+      if (n) nodes.push_back(*n);
+    }
+    std::optional<NodeId> g, l;
+    if (globals && rank == o.coordinator) {
+      CKPT_ASSIGN_OR_RETURN(NodeId n, globals(w));
+      g = n;
+    }
+    if (rank_local) {
+      CKPT_ASSIGN_OR_RETURN(NodeId n, rank_local(w));
+      l = n;
+    }
+    CKPT_RETURN_IF_ERROR(SetShardRoot(w, nodes, g, l, rank, world));
+    return w.Commit();
+  }();
+  return CommitSave(comm, dir, local, o);
+}
+
+}  // namespace ckpt::dist
