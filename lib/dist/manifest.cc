@@ -90,7 +90,7 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
   Box whole{std::vector<int64_t>(t.shape.size(), 0), t.shape};
   if (auto p = BoxProblem(whole, t.shape, elem)) return fail("shape: " + *p);
   const int64_t numel = whole.numel();
-  int64_t covered = 0;
+  int64_t covered = 0;  // saturates at numel + 1
   std::vector<Box> boxes;
   boxes.reserve(t.chunks.size());
   for (size_t i = 0; i < t.chunks.size(); ++i) {
@@ -118,30 +118,26 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
                   ", +" + std::to_string(c.length) + ") run past the file's " +
                   std::to_string(m.files[c.file].size) + " bytes");
     }
-    covered += n;  // each n <= numel, and the sum is checked as it grows
-    if (covered > numel) break;
+    covered = n > numel - covered ? numel + 1 : covered + n;
     boxes.push_back(c.box);
   }
   // M12: the chunks tile the shape: pairwise disjoint, and as many
   // elements as the tensor has. BoxIndex finds each chunk's overlaps
-  // without testing every pair.
-  if (covered <= numel) {
-    CKPT_ASSIGN_OR_RETURN(BoxIndex index, BoxIndex::Build(boxes));
-    for (size_t i = 0; i < boxes.size(); ++i) {
-      for (size_t j : index.Overlapping(boxes[i])) {
-        if (j != i) {
-          return fail("chunks overlap: " + ChunkName(t, std::min(i, j), m) +
-                      " and " + ChunkName(t, std::max(i, j), m));
-        }
+  // without testing every pair; the first overlap ends the search.
+  CKPT_ASSIGN_OR_RETURN(BoxIndex index, BoxIndex::Build(boxes));
+  for (size_t i = 0; i < boxes.size(); ++i) {
+    for (size_t j : index.Overlapping(boxes[i])) {
+      if (j != i) {
+        return fail("chunks overlap: " + ChunkName(t, std::min(i, j), m) +
+                    " and " + ChunkName(t, std::max(i, j), m));
       }
     }
   }
   if (covered != numel) {
+    // (Disjoint boxes inside the shape cannot hold more than it.)
     return fail("chunks hold " + std::to_string(covered) + " elements of " +
                 std::to_string(numel) +
-                (covered < numel ? " (a hole: some elements were saved by "
-                                   "no rank)"
-                                 : " (some elements were saved twice)"));
+                " (a hole: some elements were saved by no rank)");
   }
   return Status::OK();
 }
@@ -316,7 +312,8 @@ std::vector<T> Vec(const flatbuffers::Vector<T>* v) {
 // Verifier checks only the 4-byte length prefix; FORMAT.md R10 likewise).
 template <typename T>
 bool Misaligned(const flatbuffers::Vector<T>* v) {
-  return v && reinterpret_cast<uintptr_t>(v->data()) % alignof(int64_t) != 0;
+  return v && v->size() > 0 &&
+         reinterpret_cast<uintptr_t>(v->data()) % alignof(int64_t) != 0;
 }
 
 template <typename T>
@@ -385,6 +382,10 @@ flatbuffers::Verifier::Options VerifierOptions(size_t size) {
 Result<std::vector<std::byte>> EncodeManifest(const Manifest& m) {
   Status bad = CheckManifest(m, "manifest");
   if (!bad.ok()) return InvalidArgument(bad.ToString());
+  return SerializeManifest(m);
+}
+
+std::vector<std::byte> SerializeManifest(const Manifest& m) {
   FlatBufferBuilder b(1024);
   std::vector<Offset<fbm::ShardFile>> files;
   for (const auto& f : m.files) files.push_back(BuildFile(b, f));
@@ -401,20 +402,23 @@ Result<std::vector<std::byte>> EncodeManifest(const Manifest& m) {
   auto to = b.CreateVector(tensors);
   auto mo = b.CreateVector(meta);
   auto po = b.CreateString(m.producer);
-  auto root = fbm::CreateManifest(b, kManifestMajor, kManifestMinor,
+  auto root = fbm::CreateManifest(b, m.version_major, m.version_minor,
                                   m.world_size, m.globals_file, fo, to, mo, po);
   fbm::FinishManifestBuffer(b, root);
+  return SealManifest(
+      {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()});
+}
 
-  std::vector<std::byte> out(kManifestPreambleBytes + b.GetSize());
-  std::memcpy(out.data() + kManifestPreambleBytes, b.GetBufferPointer(),
-              b.GetSize());
+std::vector<std::byte> SealManifest(std::span<const std::byte> fb) {
+  std::vector<std::byte> out(kManifestPreambleBytes + fb.size());
+  std::memcpy(out.data() + kManifestPreambleBytes, fb.data(), fb.size());
   std::byte* p = out.data();
   std::memcpy(p, kManifestMagic.data(), 8);
   StoreLE(p + 8, kManifestMajor, 2);
   StoreLE(p + 10, kManifestMinor, 2);
   StoreLE(p + 12, 0, 4);  // flags
-  StoreLE(p + 16, b.GetSize(), 8);
-  StoreLE(p + 24, Xxh3({out.data() + kManifestPreambleBytes, b.GetSize()}), 8);
+  StoreLE(p + 16, fb.size(), 8);
+  StoreLE(p + 24, Xxh3(fb), 8);
   StoreLE(p + 32, 0, 8);  // reserved
   StoreLE(p + 40, Xxh3({p, 40}), 8);
   return out;

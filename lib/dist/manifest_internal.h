@@ -30,6 +30,12 @@ Status CheckManifest(const Manifest& m, const std::string& name);
 /// Preamble + FlatBuffers bytes of a manifest that CheckManifest accepts
 /// (kInvalidArgument with its problem otherwise).
 Result<std::vector<std::byte>> EncodeManifest(const Manifest& m);
+/// The same bytes without the checks: for tests that need a manifest
+/// breaking one rule, sealed with valid checksums.
+std::vector<std::byte> SerializeManifest(const Manifest& m);
+/// A preamble with valid checksums around FlatBuffers bytes (any bytes:
+/// for tests of the Verifier rules).
+std::vector<std::byte> SealManifest(std::span<const std::byte> flatbuffer);
 
 /// Every rule of SHARDED.md 5: preamble, checksums, Verifier, semantics.
 /// Errors are kCorrupt / kUnsupportedVersion / kChecksumMismatch naming

@@ -1,0 +1,551 @@
+// Sharded checkpoints in one process: the manifest's rules (each refused
+// by name), the commit (CommitWritten plays N ranks), planning and reads
+// against the reference contents, pins, leftovers and overwrite.
+// tests/mpi/ runs the same protocol across real MPI ranks.
+#include "ckpt/dist.h"
+
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <random>
+
+#include "bytes_internal.h"
+#include "checksum_internal.h"
+#include "dist/manifest_internal.h"
+#include "dist_reference.h"
+#include "test_util.h"
+
+using namespace ckpt;
+using namespace ckpt::dist;
+using ckpt::test::ChunkBlock;
+using ckpt::test::ReferenceBox;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Dir {
+  std::string path;
+  Dir() : path(ckpt::test::TempDir().path()) {}
+  ~Dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+// (TempDir's directory is made and removed by its constructor and
+// destructor; Dir keeps only a fresh unique name and removes the tree.)
+
+struct Spec {
+  std::string path;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+// One rank's chunks of `spec` split on dim 0 across `world` ranks.
+Chunk RowChunk(const Spec& s, int rank, int world,
+               std::vector<std::vector<std::byte>>* keep) {
+  Box box{std::vector<int64_t>(s.shape.size(), 0), s.shape};
+  if (!s.shape.empty()) {
+    auto [b, n] = ChunkBlock(s.shape[0], rank, world);
+    box.offsets[0] = b;
+    box.sizes[0] = n;
+  }
+  keep->push_back(ReferenceBox(s.path, s.dtype, s.shape, box));
+  Chunk c{s.path, s.dtype, s.shape, box, keep->back()};
+  if (s.shape.empty()) {  // a 0-d tensor: every rank holds it, replicated
+    c.replica_index = static_cast<uint32_t>(rank);
+    c.replica_count = static_cast<uint32_t>(world);
+  }
+  return c;
+}
+
+// Writes rank `rank`'s shard of a save of `specs` row-split over `world`.
+void WriteShard(const std::string& dir, const std::vector<Spec>& specs,
+                int rank, int world, bool globals = true) {
+  auto shard = ShardPath(dir, rank, world);
+  REQUIRE(shard.ok());
+  auto w = Writer::Create(*shard, ckpt::test::Fast());
+  REQUIRE(w.ok());
+  std::vector<std::vector<std::byte>> keep;
+  keep.reserve(specs.size());
+  std::vector<NodeId> nodes;
+  for (const auto& s : specs) {
+    auto n = AddChunk(*w, RowChunk(s, rank, world, &keep));
+    REQUIRE(n.ok());
+    if (*n) nodes.push_back(**n);
+  }
+  std::optional<NodeId> g;
+  if (globals && rank == 0) {
+    std::vector<NodeId> keys, values;
+    for (const auto& s : specs) {
+      keys.push_back(w->AddString(s.path));
+      values.push_back(*AddGlobalTensor(*w));
+    }
+    keys.push_back(w->AddString("epoch"));
+    values.push_back(w->AddInt(7));
+    g = *w->AddDict(keys, values);
+  }
+  REQUIRE(SetShardRoot(*w, nodes, g, std::nullopt, rank, world).ok());
+  REQUIRE(w->Commit().ok());
+}
+
+SaveOptions FastSave() {
+  SaveOptions o;
+  o.write.sync = false;
+  return o;
+}
+
+const std::vector<Spec> kSpecs = {
+    {"b", DType::kBool, {7}},        {"e", DType::kFloat32, {0, 3}},
+    {"h", DType::kBFloat16, {6, 6}}, {"i", DType::kInt64, {4, 6}},
+    {"s", DType::kFloat32, {}},      {"w", DType::kFloat32, {6, 5}},
+};
+
+void CheckBox(const ShardedCheckpoint& ck, const Spec& s, const Box& box,
+              bool verify = false) {
+  std::vector<std::byte> out(static_cast<size_t>(box.numel()) *
+                             DTypeSize(s.dtype));
+  Want w{s.path, box, out};
+  auto plan = ck.Plan(std::span(&w, 1));
+  REQUIRE(plan.ok());
+  LoadOptions lo;
+  lo.verify = verify;
+  auto stats = ck.Execute(*plan, lo);
+  INFO(s.path << " " << dist::internal::BoxString(box));
+  REQUIRE(stats.ok());
+  CHECK(stats->bytes_needed == out.size());
+  CHECK(stats->bytes_read == out.size());  // exactly the runs, verify off
+  CHECK(out == ReferenceBox(s.path, s.dtype, s.shape, box));
+}
+
+Box RandomBox(std::mt19937& rng, const std::vector<int64_t>& shape) {
+  Box b;
+  for (int64_t n : shape) {
+    std::uniform_int_distribution<int64_t> d(0, n);
+    int64_t x = d(rng), y = d(rng);
+    b.offsets.push_back(std::min(x, y));
+    b.sizes.push_back(std::max(x, y) - std::min(x, y));
+  }
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "ReplicaPart splits dim 0 into near-even blocks and gives 0-d whole to one "
+    "replica") {
+  Box box{{2, 0}, {7, 3}};
+  std::vector<int64_t> seen;
+  for (uint32_t i = 0; i < 3; ++i) {
+    auto p = ReplicaPart("w", box, i, 3);
+    REQUIRE(p);
+    CHECK(p->sizes[1] == 3);
+    for (int64_t r = 0; r < p->sizes[0]; ++r) seen.push_back(p->offsets[0] + r);
+  }
+  CHECK(seen == std::vector<int64_t>{2, 3, 4, 5, 6, 7, 8});
+  CHECK(ReplicaPart("w", box, 0, 3)->sizes[0] == 3);  // 7 = 3 + 2 + 2
+  // Fewer rows than replicas: the last ones write nothing.
+  Box two{{0}, {2}};
+  CHECK(ReplicaPart("x", two, 1, 4));
+  CHECK_FALSE(ReplicaPart("x", two, 2, 4));
+  // 0-d: exactly one replica.
+  int writers = 0;
+  for (uint32_t i = 0; i < 5; ++i)
+    writers += ReplicaPart("s", Box{}, i, 5) ? 1 : 0;
+  CHECK(writers == 1);
+  // Empty box: replica 0 declares it, the others write nothing.
+  Box empty{{0, 0}, {0, 3}};
+  CHECK(ReplicaPart("e", empty, 0, 2));
+  CHECK_FALSE(ReplicaPart("e", empty, 1, 2));
+  CHECK_FALSE(ReplicaPart("e", box, 3, 3));  // index out of range
+}
+
+TEST_CASE(
+    "a save by N ranks loads any box bit for bit, reading only the runs "
+    "needed") {
+  for (int world : {1, 2, 3, 4}) {
+    Dir d;
+    const std::string dir = d.path + "/step-1";
+    for (int r = 0; r < world; ++r) WriteShard(dir, kSpecs, r, world);
+    auto info = CommitWritten(dir, world, FastSave());
+    INFO("world " << world << ": " << info.status().ToString());
+    REQUIRE(info.ok());
+    CHECK(info->files == static_cast<uint32_t>(world));
+    CHECK(info->tensors == kSpecs.size());
+    CHECK_FALSE(fs::exists(d.path + "/.step-1.tmp"));
+    auto ck = ShardedCheckpoint::Open(dir);
+    REQUIRE(ck.ok());
+    CHECK(ck->manifest().world_size == static_cast<uint32_t>(world));
+    // Empty tensors are in the manifest with no chunks.
+    REQUIRE(ck->manifest().Find("e"));
+    CHECK(ck->manifest().Find("e")->chunks.empty());
+    std::mt19937 rng(static_cast<unsigned>(world));
+    for (const auto& s : kSpecs) {
+      CheckBox(*ck, s, Box{std::vector<int64_t>(s.shape.size(), 0), s.shape});
+      for (int k = 0; k < 20; ++k) CheckBox(*ck, s, RandomBox(rng, s.shape));
+      CheckBox(*ck, s, RandomBox(rng, s.shape), /*verify=*/true);
+    }
+    REQUIRE(ck->Verify().ok());
+  }
+}
+
+TEST_CASE("Save on SelfComm with replicated chunks and Read's zero-copy view") {
+  Dir d;
+  const std::string dir = d.path + "/one";
+  SelfComm comm;
+  std::vector<std::vector<std::byte>> keep;
+  std::vector<Chunk> chunks;
+  for (const auto& s : kSpecs) chunks.push_back(RowChunk(s, 0, 1, &keep));
+  auto info = Save(comm, dir, chunks, FastSave());
+  REQUIRE(info.ok());
+  auto ck = ShardedCheckpoint::Open(dir);
+  REQUIRE(ck.ok());
+  // Rows of a row-major chunk are one run: a view into the mapping.
+  auto v = ck->Read("w", Box{{1, 0}, {3, 5}});
+  REQUIRE(v.ok());
+  CHECK(std::vector<std::byte>(v->data.begin(), v->data.end()) ==
+        ReferenceBox("w", DType::kFloat32, {6, 5}, Box{{1, 0}, {3, 5}}));
+  auto shard = ck->OpenShard(0);
+  REQUIRE(shard.ok());
+  const auto* base = static_cast<const std::byte*>(nullptr);
+  (void)base;
+  // A column is many runs: a copy.
+  auto col = ck->Read("w", Box{{0, 2}, {6, 1}});
+  REQUIRE(col.ok());
+  CHECK(std::vector<std::byte>(col->data.begin(), col->data.end()) ==
+        ReferenceBox("w", DType::kFloat32, {6, 5}, Box{{0, 2}, {6, 1}}));
+  // An existing directory is refused without overwrite, replaced with it.
+  auto again = Save(comm, dir, chunks, FastSave());
+  REQUIRE_FALSE(again.ok());
+  CHECK_THAT(again.status().message(), Catch::Contains("exists"));
+  SaveOptions over = FastSave();
+  over.overwrite = true;
+  REQUIRE(Save(comm, dir, chunks, over).ok());
+  CHECK_FALSE(fs::exists(d.path + "/.one.tmp"));
+  REQUIRE(ShardedCheckpoint::Open(dir).ok());
+}
+
+TEST_CASE(
+    "a commit refuses chunks that do not tile their tensor, naming them") {
+  Dir d;
+  const std::string dir = d.path + "/bad";
+  const Spec w{"w", DType::kFloat32, {6, 5}};
+  auto write = [&](int rank, int world, Box box, DType dtype = DType::kFloat32,
+                   std::vector<int64_t> shape = {6, 5}) {
+    auto shard = ShardPath(dir, rank, world);
+    REQUIRE(shard.ok());
+    auto wr = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(wr.ok());
+    auto bytes = ReferenceBox("w", dtype, shape, box);
+    auto n = AddChunk(*wr, Chunk{"w", dtype, shape, box, bytes});
+    REQUIRE(n.ok());
+    std::vector<NodeId> nodes;
+    if (*n) nodes.push_back(**n);
+    REQUIRE(
+        SetShardRoot(*wr, nodes, std::nullopt, std::nullopt, rank, world).ok());
+    REQUIRE(wr->Commit().ok());
+  };
+  SECTION("overlap") {
+    write(0, 2, Box{{0, 0}, {4, 5}});
+    write(1, 2, Box{{3, 0}, {3, 5}});
+    auto r = CommitWritten(dir, 2, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == ErrorCode::kInvalidArgument);
+    CHECK_THAT(r.status().message(), Catch::Contains("chunks overlap"));
+    CHECK_THAT(r.status().message(), Catch::Contains("rank 1"));
+  }
+  SECTION("hole") {
+    write(0, 2, Box{{0, 0}, {2, 5}});
+    write(1, 2, Box{{3, 0}, {3, 5}});
+    auto r = CommitWritten(dir, 2, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(), Catch::Contains("a hole"));
+  }
+  SECTION("dtype disagreement") {
+    write(0, 2, Box{{0, 0}, {3, 5}});
+    write(1, 2, Box{{3, 0}, {3, 5}}, DType::kInt32);
+    auto r = CommitWritten(dir, 2, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(),
+               Catch::Contains("rank 0 saves it as float32 [6, 5]"));
+    CHECK_THAT(r.status().message(), Catch::Contains("rank 1 as int32 [6, 5]"));
+  }
+  SECTION("shape disagreement") {
+    write(0, 2, Box{{0, 0}, {3, 5}});
+    write(1, 2, Box{{3, 0}, {4, 5}}, DType::kFloat32, {7, 5});
+    auto r = CommitWritten(dir, 2, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(), Catch::Contains("[7, 5]"));
+  }
+  SECTION("a rank that wrote nothing") {
+    write(0, 3, Box{{0, 0}, {6, 5}});
+    write(2, 3, Box{{0, 0}, {0, 5}});
+    auto r = CommitWritten(dir, 3, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(), Catch::StartsWith("rank 1 of 3 failed"));
+  }
+  // Nothing became visible, and the temporary directory is gone.
+  CHECK_FALSE(fs::exists(dir));
+  CHECK_FALSE(fs::exists(d.path + "/.bad.tmp"));
+}
+
+TEST_CASE("a commit sweeps leftovers of a crashed attempt") {
+  Dir d;
+  const std::string dir = d.path + "/step-2";
+  // A crashed save on 3 ranks left shards and a writer's temporary.
+  for (int r = 0; r < 3; ++r) WriteShard(dir, kSpecs, r, 3);
+  ckpt::test::WriteAll(
+      d.path + "/.step-2.tmp/.shard-00000-of-00002.ckpt.tmp-abc", {});
+  // The retry runs on 2.
+  for (int r = 0; r < 2; ++r) WriteShard(dir, kSpecs, r, 2);
+  auto info = CommitWritten(dir, 2, FastSave());
+  REQUIRE(info.ok());
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir))
+    names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"MANIFEST.ckptm",
+                                          "shard-00000-of-00002.ckpt",
+                                          "shard-00001-of-00002.ckpt"});
+}
+
+TEST_CASE(
+    "a flipped byte fails a load that reads it, names it, and spares a "
+    "disjoint one") {
+  Dir d;
+  const std::string dir = d.path + "/flip";
+  for (int r = 0; r < 2; ++r) WriteShard(dir, kSpecs, r, 2);
+  REQUIRE(CommitWritten(dir, 2, FastSave()).ok());
+  // Flip a byte of rank 1's chunk of "w" (rows 3..5).
+  auto m = ReadManifest(dir);
+  REQUIRE(m.ok());
+  const ChunkInfo* c = nullptr;
+  for (const auto& ch : m->Find("w")->chunks) {
+    if (ch.file == 1) c = &ch;
+  }
+  REQUIRE(c);
+  const std::string shard = dir + "/" + m->files[1].name;
+  auto bytes = ckpt::test::ReadAll(shard);
+  bytes[c->offset + 3] ^= std::byte{0x10};
+  ckpt::test::WriteAll(shard, bytes);
+  auto ck = ShardedCheckpoint::Open(dir);
+  REQUIRE(ck.ok());
+  const Spec w{"w", DType::kFloat32, {6, 5}};
+  std::vector<std::byte> out(4 * 5 * 4);
+  Want want{"w", Box{{2, 0}, {4, 5}}, out};
+  auto plan = ck->Plan(std::span(&want, 1));
+  REQUIRE(plan.ok());
+  auto r = ck->Execute(*plan);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == ErrorCode::kChecksumMismatch);
+  CHECK(r.status().file() == shard);
+  CHECK(r.status().tensor() == "w");
+  CHECK_THAT(r.status().message(), Catch::Contains("[2:6, 0:5]"));
+  CheckBox(*ck, w, Box{{0, 0}, {3, 5}}, /*verify=*/true);  // rank 0's rows
+  CHECK_FALSE(ck->Verify().ok());
+}
+
+TEST_CASE(
+    "a shard replaced by another save's, or missing, is refused by its pin") {
+  Dir d;
+  for (const char* name : {"a", "b"}) {
+    std::vector<Spec> specs = {
+        {"w", DType::kFloat32, {name[0] == 'a' ? 6 : 8, 5}}};
+    for (int r = 0; r < 2; ++r) WriteShard(d.path + "/" + name, specs, r, 2);
+    REQUIRE(CommitWritten(d.path + "/" + name, 2, FastSave()).ok());
+  }
+  fs::copy_file(d.path + "/b/shard-00001-of-00002.ckpt",
+                d.path + "/a/shard-00001-of-00002.ckpt",
+                fs::copy_options::overwrite_existing);
+  auto ck = ShardedCheckpoint::Open(d.path + "/a");
+  REQUIRE(ck.ok());
+  auto r = ck->Read("w", Box{{5, 0}, {1, 5}});
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(),
+             Catch::Contains("not the one the manifest pins"));
+  CHECK(ck->Read("w", Box{{0, 0}, {2, 5}}).ok());  // rank 0's file is fine
+  fs::remove(d.path + "/a/shard-00001-of-00002.ckpt");
+  auto ck2 = ShardedCheckpoint::Open(d.path + "/a");
+  REQUIRE(ck2.ok());
+  auto r2 = ck2->Read("w", Box{{5, 0}, {1, 5}});
+  REQUIRE_FALSE(r2.ok());
+  CHECK(r2.status().code() == ErrorCode::kNotFound);
+  CHECK_THAT(r2.status().file(), Catch::Contains("shard-00001-of-00002.ckpt"));
+}
+
+TEST_CASE("Open of what is not a committed sharded checkpoint says so") {
+  Dir d;
+  fs::create_directories(d.path + "/plain");
+  auto r = ShardedCheckpoint::Open(d.path + "/plain");
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == ErrorCode::kNotFound);
+  CHECK_THAT(r.status().message(), Catch::Contains("never committed"));
+  CHECK(ShardedCheckpoint::Open(d.path + "/missing").status().code() ==
+        ErrorCode::kNotFound);
+  CHECK_FALSE(IsShardedCheckpoint(d.path + "/plain"));
+}
+
+// ---- the manifest's rules, one hostile manifest each ----------------------
+
+namespace {
+
+Manifest GoodManifest() {
+  Manifest m;
+  m.world_size = 2;
+  m.files = {{"shard-00000-of-00002.ckpt", 10000, 1, 0},
+             {"shard-00001-of-00002.ckpt", 10000, 2, 1}};
+  GlobalTensorInfo t;
+  t.path = "w";
+  t.dtype = DType::kFloat32;
+  t.shape = {4, 3};
+  t.chunks = {{Box{{0, 0}, {2, 3}}, 0, 4096, 24},
+              {Box{{2, 0}, {2, 3}}, 1, 4096, 24}};
+  m.tensors.push_back(t);
+  GlobalTensorInfo s;
+  s.path = "x";
+  s.dtype = DType::kInt64;
+  s.chunks = {{Box{}, 0, 8192, 8}};
+  m.tensors.push_back(s);
+  m.metadata = {{"step", "1"}};
+  return m;
+}
+
+std::string Refusal(const Manifest& m) {
+  auto bytes = dist::internal::SerializeManifest(m);
+  auto r = dist::internal::DecodeManifest(bytes, "M");
+  return r.ok() ? std::string("accepted") : r.status().ToString();
+}
+
+}  // namespace
+
+TEST_CASE("the good manifest round-trips") {
+  Manifest m = GoodManifest();
+  auto bytes = dist::internal::EncodeManifest(m);
+  REQUIRE(bytes.ok());
+  auto back = dist::internal::DecodeManifest(*bytes, "M");
+  REQUIRE(back.ok());
+  CHECK(back->tensors.size() == 2);
+  CHECK(back->tensors[0].chunks[1].box == Box{{2, 0}, {2, 3}});
+  CHECK(back->files[1].header_xxh3 == 2);
+  CHECK(back->metadata == m.metadata);
+}
+
+TEST_CASE("every manifest rule is enforced by name") {
+  struct Case {
+    const char* what;
+    std::function<void(Manifest&)> mutate;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {"world 0",
+       [](Manifest& m) {
+         m.world_size = 0;
+         m.files.clear();
+       },
+       "world size is 0"},
+      {"files != world", [](Manifest& m) { m.world_size = 3; },
+       "but 2 shard files"},
+      {"path in name", [](Manifest& m) { m.files[1].name = "../x"; },
+       "not a plain file name"},
+      {"dot name", [](Manifest& m) { m.files[1].name = ".."; },
+       "not a plain file name"},
+      {"manifest name", [](Manifest& m) { m.files[1].name = "MANIFEST.ckptm"; },
+       "named like the manifest"},
+      {"same name", [](Manifest& m) { m.files[1].name = m.files[0].name; },
+       "two shard files are named"},
+      {"rank order", [](Manifest& m) { m.files[1].rank = 0; }, "rank order"},
+      {"globals file", [](Manifest& m) { m.globals_file = 2; },
+       "globals file 2 of 2"},
+      {"unsorted", [](Manifest& m) { std::swap(m.tensors[0], m.tensors[1]); },
+       "not sorted"},
+      {"repeated", [](Manifest& m) { m.tensors[1].path = "w"; }, "not sorted"},
+      {"dtype",
+       [](Manifest& m) { m.tensors[0].dtype = static_cast<DType>(200); },
+       "unknown dtype code 200"},
+      {"negative dim",
+       [](Manifest& m) {
+         m.tensors[0].shape = {-4, 3};
+       },
+       "shape"},
+      {"box outside",
+       [](Manifest& m) { m.tensors[0].chunks[1].box.offsets[0] = 3; },
+       "chunk 1"},
+      {"empty chunk",
+       [](Manifest& m) { m.tensors[0].chunks[1].box.sizes[0] = 0; },
+       "is empty"},
+      {"length", [](Manifest& m) { m.tensors[0].chunks[1].length = 25; },
+       "has 25 bytes"},
+      {"file index", [](Manifest& m) { m.tensors[0].chunks[1].file = 7; },
+       "names file 7"},
+      {"past file", [](Manifest& m) { m.tensors[0].chunks[1].offset = 9990; },
+       "run past the file"},
+      {"overlap",
+       [](Manifest& m) {
+         m.tensors[0].chunks[1].box = Box{{1, 0}, {2, 3}};
+       },
+       "chunks overlap"},
+      {"hole", [](Manifest& m) { m.tensors[0].chunks.pop_back(); }, "a hole"},
+      {"bytes shared",
+       [](Manifest& m) { m.tensors[1].chunks[0].offset = 4100; },
+       "bytes of two chunks overlap"},
+      {"metadata order",
+       [](Manifest& m) {
+         m.metadata = {{"b", "1"}, {"a", "2"}};
+       },
+       "metadata keys are not sorted"},
+      {"metadata utf8",
+       [](Manifest& m) {
+         m.metadata = {{"a", "\xff"}};
+       },
+       "not valid UTF-8"},
+      {"path utf8", [](Manifest& m) { m.tensors[0].path = "\xc3"; },
+       "not valid UTF-8"},
+  };
+  for (const auto& c : cases) {
+    Manifest m = GoodManifest();
+    c.mutate(m);
+    INFO(c.what);
+    std::string r = Refusal(m);
+    CHECK_THAT(r, Catch::Contains(c.says));
+    CHECK_THAT(r, Catch::Contains("corrupt"));
+  }
+}
+
+TEST_CASE(
+    "manifest bytes: truncations, flips, versions and Verifier failures are "
+    "refused") {
+  auto good = *dist::internal::EncodeManifest(GoodManifest());
+  // Every truncation.
+  for (size_t n = 0; n < good.size(); ++n) {
+    auto r = dist::internal::DecodeManifest(std::span(good).first(n), "M");
+    REQUIRE_FALSE(r.ok());
+  }
+  // Every single-bit flip of every byte.
+  for (size_t i = 0; i < good.size(); ++i) {
+    auto bad = good;
+    bad[i] ^= std::byte{0x04};
+    auto r = dist::internal::DecodeManifest(bad, "M");
+    INFO("byte " << i);
+    REQUIRE_FALSE(r.ok());
+  }
+  // A newer major version is unsupported (with a valid checksum).
+  {
+    auto bad = good;
+    bad[8] = std::byte{2};
+    ckpt::internal::StoreLE(bad.data() + 40,
+                            ckpt::internal::Xxh3({bad.data(), 40}), 8);
+    auto r = dist::internal::DecodeManifest(bad, "M");
+    CHECK(r.status().code() == ErrorCode::kUnsupportedVersion);
+    CHECK_THAT(r.status().message(), Catch::Contains("manifest version 2.0"));
+  }
+  // Sealed garbage reaches the Verifier.
+  std::vector<std::byte> junk(64, std::byte{0x41});
+  auto r =
+      dist::internal::DecodeManifest(dist::internal::SealManifest(junk), "M");
+  CHECK_THAT(r.status().message(), Catch::Contains("FlatBuffers verification"));
+  // A ckpt file is not a manifest.
+  CHECK_THAT(dist::internal::DecodeManifest(std::span(good).subspan(1), "M")
+                 .status()
+                 .message(),
+             Catch::Contains("bad magic"));
+}
