@@ -5,10 +5,15 @@
 // Thin: parses arguments and calls the public library. Contract (DESIGN.md):
 // errors go to stderr, usage errors exit 2, every command has --help.
 #include <ckpt/ckpt.h>
+#include <ckpt/dist.h>
 #include <ckpt/pth.h>
 #ifdef CKPT_WITH_CUDA
 #include <ckpt/cuda.h>
 #endif
+
+#include <fnmatch.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -42,27 +47,39 @@ const char* kMainHelp =
     "usage: ckpt <command> [options]\n"
     "\n"
     "Commands:\n"
-    "  inspect FILE [--json]        summary of tensors, storages, values\n"
+    "  inspect FILE|DIR [--json]    summary of tensors, storages, values\n"
     "  cat FILE PATH [--rows A:B]   raw little-endian elements to stdout\n"
     "  get FILE PATH                the value at PATH in the tree, as JSON\n"
-    "  verify FILE                  check structure and every checksum\n"
+    "  verify FILE|DIR              check structure and every checksum\n"
     "  diff A B                     tensors and values that differ\n"
     "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
     "  load FILE [--device D] ...   load tensors to a GPU (or cpu) and time "
     "it\n"
+    "  consolidate DIR OUT.ckpt     a sharded checkpoint as one ckpt file\n"
+    "  shard IN DIR --ranks N ...   a ckpt file as a sharded checkpoint\n"
+    "\n"
+    "FILE is a ckpt file, DIR a sharded checkpoint (a directory holding\n"
+    "MANIFEST.ckptm and one shard file per rank).\n"
     "\n"
     "Run 'ckpt <command> --help' for details. Exit status: 0 success,\n"
     "1 failure (message on stderr), 2 usage error.\n";
 
 const char* kInspectHelp =
-    "usage: ckpt inspect FILE [--json]\n"
+    "usage: ckpt inspect FILE|DIR [--json]\n"
     "\n"
     "Prints the file's format version, metadata, every tensor (path, dtype,\n"
     "shape, strides, storage id, offset, bytes, saved device) and every\n"
     "non-tensor value. With --json, one JSON object whose \"tensors\" is a\n"
     "list of {path, dtype, shape, strides, storage, offset, nbytes, device}\n"
     "(offset in elements of the storage; tensors sharing a storage have the\n"
-    "same storage id), plus \"storages\", \"metadata\" and \"tree\".\n";
+    "same storage id), plus \"storages\", \"metadata\" and \"tree\".\n"
+    "\n"
+    "For a sharded checkpoint DIR: the manifest's version, world size and\n"
+    "metadata, every shard file (name, rank, size) and every global tensor\n"
+    "(path, dtype, shape, bytes, chunks per rank), and the totals. With\n"
+    "--json, {\"dir\", \"kind\": \"sharded\", \"world_size\", \"files\",\n"
+    "\"tensors\": [{path, dtype, shape, nbytes, chunks, chunks_per_rank,\n"
+    "boxes}], \"totals\", ...} (docs/CLI.md).\n";
 
 const char* kCatHelp =
     "usage: ckpt cat FILE PATH [--rows A:B]\n"
@@ -80,11 +97,41 @@ const char* kGetHelp =
     "path '' is the root.\n";
 
 const char* kVerifyHelp =
-    "usage: ckpt verify FILE [--threads N] [--pread]\n"
+    "usage: ckpt verify FILE|DIR [--threads N] [--pread]\n"
     "\n"
     "Checks the preamble, header and every rule of docs/FORMAT.md, then\n"
     "hashes every data chunk on all cores. Exit 0 when sound; otherwise\n"
-    "exit 1 and the first problem (what, byte offset, tensor) on stderr.\n";
+    "exit 1 and the first problem (what, byte offset, tensor) on stderr.\n"
+    "For a sharded checkpoint DIR: the manifest, every shard file against\n"
+    "the size and header checksum the manifest pins, and every checksum of\n"
+    "every shard, the work split across the threads (--pread is for files).\n";
+
+const char* kConsolidateHelp =
+    "usage: ckpt consolidate DIR OUT.ckpt\n"
+    "\n"
+    "Writes the sharded checkpoint DIR as one ordinary ckpt file: every\n"
+    "global tensor assembled whole at its place in the saved state dict\n"
+    "(without a saved tree: nested dicts of the tensors' paths), the\n"
+    "manifest's metadata as the file's. Streams tensor by tensor in about\n"
+    "64 MiB of memory and checks every checksum it reads; OUT appears only\n"
+    "complete (an existing OUT is replaced atomically). Rank-local state\n"
+    "(each rank's own tree) has no place in one file and is dropped, with a\n"
+    "note on stderr.\n";
+
+const char* kShardHelp =
+    "usage: ckpt shard IN DIR --ranks N [--dim D] [--dim GLOB=D ...] "
+    "[--overwrite]\n"
+    "\n"
+    "Writes the ckpt file IN (or the sharded checkpoint IN, resharded) as\n"
+    "the sharded checkpoint DIR of N ranks, for tensor-parallel layouts:\n"
+    "each tensor cut along dim D into N near-even blocks (rank r the r-th;\n"
+    "the first rows % N blocks one longer), or with D = -1 replicated\n"
+    "(written once, split across the ranks). --dim GLOB=D sets D for the\n"
+    "tensors whose path matches the shell pattern GLOB ('*' also matches\n"
+    "'/'); the first matching one wins, then --dim D, then 0. 0-d tensors\n"
+    "and tensors without dim D go replicated. IN's tree becomes the saved\n"
+    "state dict and its metadata the manifest's. An existing DIR is an\n"
+    "error unless --overwrite (replaced atomically).\n";
 
 const char* kDiffHelp =
     "usage: ckpt diff A B\n"
@@ -175,6 +222,413 @@ std::string ValueJson(const Value& v) {
   std::string s;
   ckpt::tool::AppendValueJson(s, v);
   return s;
+}
+
+bool ParseInt(std::string_view s, int64_t* out) {
+  if (s.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  std::string tmp(s);
+  long long v = std::strtoll(tmp.c_str(), &end, 10);
+  if (errno != 0 || *end != '\0') return false;
+  *out = v;
+  return true;
+}
+
+// ---- sharded checkpoints (directories)
+// ------------------------------------------------------------------------
+
+bool IsDirectory(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+uint64_t FileSize(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+// Opens the sharded checkpoint at `dir`, with a clear message for a
+// directory that is none (no manifest; a DCP directory has ".metadata").
+ckpt::Result<ckpt::dist::ShardedCheckpoint> OpenDir(const std::string& dir) {
+  if (!ckpt::dist::IsShardedCheckpoint(dir) &&
+      ::access((dir + "/.metadata").c_str(), F_OK) != 0) {
+    return ckpt::NotFound("a directory without " +
+                          std::string(ckpt::dist::kManifestName) +
+                          ": not a sharded checkpoint")
+        .WithFile(dir);
+  }
+  return ckpt::dist::ShardedCheckpoint::Open(dir);
+}
+
+// Chunks of `t` held by each rank (the rank that wrote the chunk's file).
+std::vector<uint64_t> ChunksPerRank(const ckpt::dist::Manifest& m,
+                                    const ckpt::dist::GlobalTensorInfo& t) {
+  std::vector<uint64_t> per(m.world_size, 0);
+  for (const auto& c : t.chunks) {
+    if (c.file < m.files.size() && m.files[c.file].rank < per.size())
+      ++per[m.files[c.file].rank];
+  }
+  return per;
+}
+
+std::string Uints(const std::vector<uint64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  return s + "]";
+}
+
+std::string Hex64(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+struct DirTotals {
+  uint64_t tensor_bytes = 0, chunks = 0, shard_bytes = 0, manifest_bytes = 0;
+};
+
+DirTotals TotalsOf(const ckpt::dist::ShardedCheckpoint& ck) {
+  DirTotals t;
+  for (const auto& g : ck.manifest().tensors) {
+    t.tensor_bytes += g.nbytes();
+    t.chunks += g.chunks.size();
+  }
+  for (const auto& f : ck.manifest().files) t.shard_bytes += f.size;
+  t.manifest_bytes =
+      FileSize(ck.dir() + "/" + std::string(ckpt::dist::kManifestName));
+  return t;
+}
+
+// `inspect DIR --json`: one object (docs/CLI.md, "inspect DIR --json").
+std::string InspectDirJson(const ckpt::dist::ShardedCheckpoint& ck) {
+  using ckpt::tool::AppendJsonString;
+  const auto& m = ck.manifest();
+  const DirTotals tot = TotalsOf(ck);
+  std::string out = "{\"dir\": ";
+  AppendJsonString(out, ck.dir());
+  out += ", \"kind\": \"sharded\"";
+  out += ", \"manifest_version\": \"" + std::to_string(m.version_major) + "." +
+         std::to_string(m.version_minor) + "\"";
+  out += ", \"producer\": ";
+  AppendJsonString(out, m.producer);
+  out += ", \"world_size\": " + std::to_string(m.world_size);
+  out += ", \"globals_file\": " + std::to_string(m.globals_file);
+  out += ", \"metadata\": {";
+  for (size_t i = 0; i < m.metadata.size(); ++i) {
+    if (i) out += ", ";
+    AppendJsonString(out, m.metadata[i].first);
+    out += ": ";
+    AppendJsonString(out, m.metadata[i].second);
+  }
+  out += "}, \"files\": [";
+  for (size_t i = 0; i < m.files.size(); ++i) {
+    const auto& f = m.files[i];
+    if (i) out += ", ";
+    out += "{\"index\": " + std::to_string(i) + ", \"name\": ";
+    AppendJsonString(out, f.name);
+    out += ", \"rank\": " + std::to_string(f.rank) +
+           ", \"size\": " + std::to_string(f.size) + ", \"header_xxh3\": \"" +
+           Hex64(f.header_xxh3) + "\"}";
+  }
+  out += "], \"tensors\": [";
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    const auto& t = m.tensors[i];
+    if (i) out += ", ";
+    out += "{\"path\": ";
+    AppendJsonString(out, t.path);
+    out += ", \"dtype\": \"" + std::string(ckpt::DTypeName(t.dtype)) + "\"";
+    out += ", \"shape\": " + Dims(t.shape);
+    out += ", \"nbytes\": " + std::to_string(t.nbytes());
+    out += ", \"chunks\": " + std::to_string(t.chunks.size());
+    out += ", \"chunks_per_rank\": " + Uints(ChunksPerRank(m, t));
+    out += ", \"boxes\": [";
+    for (size_t j = 0; j < t.chunks.size(); ++j) {
+      const auto& c = t.chunks[j];
+      if (j) out += ", ";
+      const uint32_t rank =
+          c.file < m.files.size() ? m.files[c.file].rank : c.file;
+      out += "{\"rank\": " + std::to_string(rank) +
+             ", \"file\": " + std::to_string(c.file) +
+             ", \"offsets\": " + Dims(c.box.offsets) +
+             ", \"sizes\": " + Dims(c.box.sizes) +
+             ", \"offset\": " + std::to_string(c.offset) +
+             ", \"length\": " + std::to_string(c.length) + "}";
+    }
+    out += "]}";
+  }
+  out += "], \"totals\": {\"tensors\": " + std::to_string(m.tensors.size()) +
+         ", \"chunks\": " + std::to_string(tot.chunks) +
+         ", \"tensor_bytes\": " + std::to_string(tot.tensor_bytes) +
+         ", \"files\": " + std::to_string(m.files.size()) +
+         ", \"file_bytes\": " +
+         std::to_string(tot.shard_bytes + tot.manifest_bytes) + "}}\n";
+  return out;
+}
+
+// `inspect DIR`: a summary, metadata, one line per shard file and per
+// global tensor.
+std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck) {
+  const auto& m = ck.manifest();
+  const DirTotals tot = TotalsOf(ck);
+  std::string out;
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "%s: sharded ckpt (manifest %u.%u), %u ranks, %zu files (%s), "
+                "producer \"%s\"\n"
+                "  %zu tensors (%s) in %llu chunks\n",
+                ck.dir().c_str(), m.version_major, m.version_minor,
+                m.world_size, m.files.size(),
+                HumanBytes(tot.shard_bytes + tot.manifest_bytes).c_str(),
+                m.producer.c_str(), m.tensors.size(),
+                HumanBytes(tot.tensor_bytes).c_str(),
+                static_cast<unsigned long long>(tot.chunks));
+  out += line;
+  if (!m.metadata.empty()) {
+    out += "metadata:\n";
+    for (const auto& [k, v] : m.metadata) out += "  " + k + " = " + v + "\n";
+  }
+  if (!m.files.empty()) out += "files:\n";
+  for (size_t i = 0; i < m.files.size(); ++i) {
+    const auto& f = m.files[i];
+    out += "  " + f.name + "  rank " + std::to_string(f.rank) + "  " +
+           HumanBytes(f.size) + (i == m.globals_file ? "  (globals)" : "") +
+           "\n";
+  }
+  if (!m.tensors.empty()) out += "tensors:\n";
+  for (const auto& t : m.tensors) {
+    const auto per = ChunksPerRank(m, t);
+    std::string dist;
+    if (per.size() <= 16) {
+      dist = "chunks per rank " + Uints(per);
+    } else {
+      size_t holding = 0;
+      for (uint64_t n : per) holding += n > 0;
+      dist = std::to_string(t.chunks.size()) + " chunks on " +
+             std::to_string(holding) + " ranks";
+    }
+    out += "  " + (t.path.empty() ? std::string("(root)") : t.path) + "  " +
+           std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
+           HumanBytes(t.nbytes()) + "  " + dist + "\n";
+  }
+  return out;
+}
+
+int InspectDir(const std::string& dir, bool json) {
+  auto ck = OpenDir(dir);
+  if (!ck.ok()) return Fail(ck.status());
+  Print(json ? InspectDirJson(*ck) : InspectDirText(*ck));
+  return kExitOk;
+}
+
+int VerifyDir(const std::string& dir, unsigned threads) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto ck = OpenDir(dir);
+  if (!ck.ok()) return Fail(ck.status());
+  Status s = ck->Verify(threads);
+  if (!s.ok()) return Fail(s);
+  double sec =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+          .count();
+  const DirTotals tot = TotalsOf(*ck);
+  std::printf("%s: OK (%zu tensors in %zu shard files, %s checked in %.3f s)\n",
+              dir.c_str(), ck->manifest().tensors.size(),
+              ck->manifest().files.size(),
+              HumanBytes(tot.shard_bytes + tot.manifest_bytes).c_str(), sec);
+  return kExitOk;
+}
+
+// Ranks whose shard file holds a rank-local tree: state that one file
+// cannot hold, which consolidation drops.
+ckpt::Result<std::vector<uint32_t>> RanksWithLocalState(
+    const ckpt::dist::ShardedCheckpoint& ck) {
+  std::vector<uint32_t> ranks;
+  for (size_t i = 0; i < ck.manifest().files.size(); ++i) {
+    CKPT_ASSIGN_OR_RETURN(Checkpoint shard, ck.OpenShard(i));
+    const Value root = shard.root();
+    if (root.kind() == ValueKind::kDict && root.Child("rank_local").ok())
+      ranks.push_back(ck.manifest().files[i].rank);
+  }
+  return ranks;
+}
+
+int ConsolidateCmd(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kConsolidateHelp), kExitOk;
+  std::vector<std::string> pos;
+  bool options_done = false;
+  for (const auto& a : args) {
+    if (!options_done && a == "--") {
+      options_done = true;
+    } else if (!options_done && a.size() > 1 && a[0] == '-') {
+      return Usage(kConsolidateHelp, "unknown option '" + a + "'");
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() != 2) return Usage(kConsolidateHelp, "need DIR and OUT");
+  if (!IsDirectory(pos[0])) {
+    return Fail(ckpt::InvalidArgument(
+                    "not a directory: consolidate takes a sharded checkpoint "
+                    "directory (a ckpt file is already one file)")
+                    .WithFile(pos[0]));
+  }
+  auto ck = OpenDir(pos[0]);
+  if (!ck.ok()) return Fail(ck.status());
+  auto dropped = RanksWithLocalState(*ck);
+  if (!dropped.ok()) return Fail(dropped.status());
+  Status s = ckpt::dist::Consolidate(pos[0], pos[1]);
+  if (!s.ok()) return Fail(s);
+  if (!dropped->empty()) {
+    std::string list;
+    for (size_t i = 0; i < dropped->size() && i < 8; ++i)
+      list += (i ? ", " : "") + std::to_string((*dropped)[i]);
+    if (dropped->size() > 8) list += ", ...";
+    std::fprintf(stderr,
+                 "ckpt: note: the rank-local state of %zu rank(s) (%s) is not "
+                 "in %s: one file holds no per-rank state\n",
+                 dropped->size(), list.c_str(), pos[1].c_str());
+  }
+  const DirTotals tot = TotalsOf(*ck);
+  std::printf("%s -> %s: %zu tensors, %s from %u ranks\n", pos[0].c_str(),
+              pos[1].c_str(), ck->manifest().tensors.size(),
+              HumanBytes(tot.tensor_bytes).c_str(), ck->manifest().world_size);
+  return kExitOk;
+}
+
+// One --dim: a GLOB=D rule, or (glob empty) the default D.
+struct DimRule {
+  std::string glob;
+  int dim = 0;
+};
+
+int ShardCmd(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kShardHelp), kExitOk;
+  std::vector<std::string> pos;
+  std::vector<DimRule> rules;
+  std::optional<int> default_dim;
+  int64_t ranks = 0;
+  bool overwrite = false;
+  bool options_done = false;
+  auto parse_dim = [](std::string_view v, int* out) {
+    int64_t d = 0;
+    if (!ParseInt(v, &d) || d < -1 || d >= static_cast<int64_t>(ckpt::kMaxRank))
+      return false;
+    *out = static_cast<int>(d);
+    return true;
+  };
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (options_done) {
+      pos.push_back(a);
+    } else if (a == "--") {
+      options_done = true;
+    } else if (a == "--ranks" || a.rfind("--ranks=", 0) == 0) {
+      std::string v;
+      if (a == "--ranks") {
+        if (i + 1 >= args.size()) return Usage(kShardHelp, "--ranks needs N");
+        v = args[++i];
+      } else {
+        v = a.substr(8);
+      }
+      if (!ParseInt(v, &ranks) || ranks < 1 || ranks > 99999)
+        return Usage(kShardHelp, "--ranks takes a number in 1..99999");
+    } else if (a == "--dim" || a.rfind("--dim=", 0) == 0) {
+      std::string v;
+      if (a == "--dim") {
+        if (i + 1 >= args.size())
+          return Usage(kShardHelp, "--dim needs D or GLOB=D");
+        v = args[++i];
+      } else {
+        v = a.substr(6);
+      }
+      const size_t eq = v.rfind('=');
+      DimRule r;
+      if (eq == std::string::npos) {
+        if (!parse_dim(v, &r.dim))
+          return Usage(kShardHelp,
+                       "--dim takes D (a dim >= 0, or -1 to replicate) or "
+                       "GLOB=D, got '" +
+                           v + "'");
+        if (default_dim) return Usage(kShardHelp, "--dim D given twice");
+        default_dim = r.dim;
+      } else {
+        r.glob = v.substr(0, eq);
+        if (r.glob.empty() || !parse_dim(v.substr(eq + 1), &r.dim))
+          return Usage(kShardHelp,
+                       "--dim GLOB=D takes a pattern and a dim >= 0 or -1, "
+                       "got '" +
+                           v + "'");
+        rules.push_back(std::move(r));
+      }
+    } else if (a == "--overwrite") {
+      overwrite = true;
+    } else if (a.size() > 1 && a[0] == '-') {
+      return Usage(kShardHelp, "unknown option '" + a + "'");
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() != 2) return Usage(kShardHelp, "need IN and DIR");
+  if (ranks == 0) return Usage(kShardHelp, "missing --ranks N");
+
+  // A sharded IN is resharded through a consolidated temporary file
+  // beside DIR (removed whatever happens).
+  std::string in = pos[0], temp;
+  struct Remove {
+    std::string* path;
+    ~Remove() {
+      if (!path->empty()) ::unlink(path->c_str());
+    }
+  } remove_temp{&temp};
+  if (IsDirectory(in)) {
+    auto ck = OpenDir(in);
+    if (!ck.ok()) return Fail(ck.status());
+    std::string out_dir = pos[1];
+    while (out_dir.size() > 1 && out_dir.back() == '/') out_dir.pop_back();
+    const size_t slash = out_dir.rfind('/');
+    const std::string parent = slash == std::string::npos ? "."
+                               : slash == 0               ? ""
+                                            : out_dir.substr(0, slash);
+    temp = parent + "/.ckpt-shard-" + std::to_string(::getpid()) + ".ckpt";
+    ckpt::WriteOptions wo;
+    wo.sync = false;  // a temporary: its durability does not matter
+    Status s = ckpt::dist::Consolidate(in, temp, wo);
+    if (!s.ok()) return Fail(s);
+  }
+  auto ck = Checkpoint::Open(temp.empty() ? in : temp);
+  if (!ck.ok()) return Fail(ck.status());
+  size_t cut = 0, replicated = 0;
+  auto dim_of = [&](const ckpt::TensorInfo& t) {
+    int d = default_dim.value_or(0);
+    for (const auto& r : rules) {
+      if (::fnmatch(r.glob.c_str(), t.path.c_str(), 0) == 0) {
+        d = r.dim;
+        break;
+      }
+    }
+    const bool cuts =
+        d >= 0 && static_cast<size_t>(d) < t.shape.size() && t.numel() > 0;
+    ++(cuts ? cut : replicated);
+    return d;
+  };
+  ckpt::dist::SaveOptions so;
+  so.overwrite = overwrite;
+  Status s =
+      ckpt::dist::ShardFile(*ck, pos[1], static_cast<int>(ranks), dim_of, so);
+  if (!s.ok()) return Fail(s);
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < ck->num_tensors(); ++i)
+    bytes += ck->TensorInfoAt(i)->nbytes();
+  std::printf(
+      "%s -> %s: %zu tensors, %s on %lld ranks (%zu cut, %zu "
+      "replicated)\n",
+      pos[0].c_str(), pos[1].c_str(), ck->num_tensors(),
+      HumanBytes(bytes).c_str(), static_cast<long long>(ranks), cut,
+      replicated);
+  return kExitOk;
 }
 
 // ---- inspect
@@ -304,6 +758,7 @@ int Inspect(const std::vector<std::string>& args) {
     }
   }
   if (file.empty()) return Usage(kInspectHelp, "missing FILE");
+  if (IsDirectory(file)) return InspectDir(file, json);
   auto ck = Checkpoint::Open(file);
   if (!ck.ok()) return Fail(ck.status());
 
@@ -313,17 +768,6 @@ int Inspect(const std::vector<std::string>& args) {
 
 // ---- cat
 // ------------------------------------------------------------------------
-
-bool ParseInt(std::string_view s, int64_t* out) {
-  if (s.empty()) return false;
-  errno = 0;
-  char* end = nullptr;
-  std::string tmp(s);
-  long long v = std::strtoll(tmp.c_str(), &end, 10);
-  if (errno != 0 || *end != '\0') return false;
-  *out = v;
-  return true;
-}
 
 int Cat(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kCatHelp), kExitOk;
@@ -441,6 +885,11 @@ int Verify(const std::vector<std::string>& args) {
     }
   }
   if (file.empty()) return Usage(kVerifyHelp, "missing FILE");
+  if (IsDirectory(file)) {
+    if (ro.backend == ckpt::Backend::kPread)
+      return Usage(kVerifyHelp, "--pread is for files, not directories");
+    return VerifyDir(file, vo.threads);
+  }
   auto t0 = std::chrono::steady_clock::now();
   auto ck = Checkpoint::Open(file, ro);
   if (!ck.ok()) return Fail(ck.status());
@@ -836,6 +1285,8 @@ int Dispatch(int argc, char** argv) {
   if (cmd == "diff") return Diff(args);
   if (cmd == "import") return Import(args);
   if (cmd == "load") return Load(args);
+  if (cmd == "consolidate") return ConsolidateCmd(args);
+  if (cmd == "shard") return ShardCmd(args);
   return Usage(kMainHelp, "unknown command '" + cmd + "'");
 }
 
