@@ -299,7 +299,9 @@ class Machine {
         file_offset_(file_offset),
         pl_(pl),
         heap_(heap),
-        lim_(limits) {}
+        lim_(limits),
+        rows_(limits.profile == PickleProfile::kDcpMetadata ? DcpAllowlist()
+                                                            : Allowlist()) {}
 
   Result<Obj> Run(size_t* consumed);
 
@@ -311,6 +313,8 @@ class Machine {
     Op fn;
   };
   static std::span<const GlobalRow> Allowlist();
+  static std::span<const GlobalRow> DcpAllowlist();
+  bool dcp() const { return lim_.profile == PickleProfile::kDcpMetadata; }
   static std::span<const OpRow> Opcodes();
   static const std::array<Op, 256>& OpTable();
 
@@ -431,8 +435,7 @@ class Machine {
   Status Global(std::string module, std::string name);
   Result<Obj> DataGlobal(const std::string& module, const std::string& name);
   const GlobalRow* RowOf(const PyObj& fn) const {
-    return fn.kind == K::kGlobal && fn.row ? &Allowlist()[fn.row - 1u]
-                                           : nullptr;
+    return fn.kind == K::kGlobal && fn.row ? &rows_[fn.row - 1u] : nullptr;
   }
   Result<Obj> Apply(CallFn fn, const GlobalRow& row, std::span<const Obj> a);
   Result<Obj> Call(const Obj& fn, const Obj& args);
@@ -458,6 +461,12 @@ class Machine {
   Result<Obj> CallNpFromBuffer(const GlobalRow&, std::span<const Obj> a);
   // NEWOBJ handler: a dict tagged with the class (OrderedDict, Namespace).
   Result<Obj> NewTaggedDict(const GlobalRow& r, std::span<const Obj> a);
+  // DCP metadata (DcpAllowlist()).
+  Result<Obj> CallDcpEnum(const GlobalRow& r, std::span<const Obj> a);
+  Result<Obj> CallGetattr(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallLayout(const GlobalRow&, std::span<const Obj> a);
+  Result<Obj> CallPath(const GlobalRow&, std::span<const Obj> a);
+  Status BuildDcpObject(PyObj& target, const Obj& state);
   // BUILD handlers.
   Status BuildNamespace(PyObj& target, const Obj& state);
   Status BuildDictAttrs(PyObj& target, const Obj& state);
@@ -505,6 +514,7 @@ class Machine {
   const PersistentLoad& pl_;
   PickleHeap* heap_;
   PickleLimits lim_;
+  std::span<const GlobalRow> rows_;  // Allowlist() or DcpAllowlist()
   size_t pos_ = 0;
   size_t op_at_ = 0;
   bool stopped_ = false;  // STOP ran: the top of the stack is the value
@@ -625,6 +635,52 @@ std::span<const GlobalRow> Machine::Allowlist() {
   return kRows;
 }
 
+// What torch.distributed.checkpoint pickles into `.metadata` (Metadata
+// and what it holds, filesystem.py's _StorageInfo): each dataclass is a
+// dict tagged "module.Class" with its fields. Nothing else of torch, no
+// tensors or storages: only the dtypes DataGlobal gives.
+std::span<const GlobalRow> Machine::DcpAllowlist() {
+  using M = Machine;
+  static const GlobalRow kRows[] = {
+      {"torch.distributed.checkpoint.metadata", "Metadata", nullptr, 0, 0,
+       &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "TensorStorageMetadata",
+       nullptr, 0, 0, &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "BytesStorageMetadata", nullptr,
+       0, 0, &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "ChunkStorageMetadata", nullptr,
+       0, 0, &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "TensorProperties", nullptr, 0,
+       0, &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "MetadataIndex", nullptr, 0, 0,
+       &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.metadata", "StorageMeta", nullptr, 0, 0,
+       &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed.checkpoint.filesystem", "_StorageInfo", nullptr, 0, 0,
+       &M::NewTaggedDict, &M::BuildDcpObject},
+      // The memory-format enum TensorProperties pickles: by name through
+      // getattr (Python >= 3.11), by value through the class (before).
+      {"torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING",
+       &M::CallDcpEnum, 1, 1},
+      {"builtins", "getattr", &M::CallGetattr, 2, 2},
+      // torch < 2.1 defined TensorProperties in the sharded-tensor module.
+      {"torch.distributed._shard.sharded_tensor.metadata", "TensorProperties",
+       nullptr, 0, 0, &M::NewTaggedDict, &M::BuildDcpObject},
+      {"torch.distributed._shard.sharded_tensor.metadata",
+       "MEM_FORMAT_ENCODING", &M::CallDcpEnum, 1, 1},
+      {"torch", "Size", &M::CallSize, 1, 1},
+      {"torch.serialization", "_get_layout", &M::CallLayout, 1, 1},
+      // StorageMeta.checkpoint_id may be a path object.
+      {"pathlib", "PosixPath", &M::CallPath, 0, 255},
+      {"pathlib", "PurePosixPath", &M::CallPath, 0, 255},
+      {"pathlib", "WindowsPath", &M::CallPath, 0, 255},
+      {"pathlib", "PureWindowsPath", &M::CallPath, 0, 255},
+      {"collections", "OrderedDict", &M::CallOrderedDict, 0, 1,
+       &M::NewTaggedDict, &M::BuildDictAttrs},
+  };
+  return kRows;
+}
+
 const GlobalRow* FindRow(std::span<const GlobalRow> rows, std::string_view m,
                          std::string_view n) {
   for (const GlobalRow& r : rows) {
@@ -637,14 +693,15 @@ const GlobalRow* FindRow(std::span<const GlobalRow> rows, std::string_view m,
 // does allow, so a near miss (a newer torch's _rebuild_tensor_v4) says
 // what this reader knows.
 std::string ForbiddenText(std::span<const GlobalRow> rows,
-                          const std::string& module, const std::string& label) {
+                          const std::string& module, const std::string& label,
+                          const char* types) {
   std::string allowed;
   for (const GlobalRow& r : rows) {
     if (r.refused || r.module != module) continue;
     allowed += (allowed.empty() ? "" : ", ") + std::string(r.name);
   }
-  std::string msg = "forbidden global " + label +
-                    ": not on the allowlist of torch.save checkpoint types";
+  std::string msg =
+      "forbidden global " + label + ": not on the allowlist of " + types;
   if (!allowed.empty()) msg += " (" + module + " allows " + allowed + ")";
   return msg + "; nothing was run";
 }
@@ -652,10 +709,14 @@ std::string ForbiddenText(std::span<const GlobalRow> rows,
 Status Machine::Global(std::string module, std::string name) {
   module = CanonicalModule(std::move(module));
   const std::string label = "'" + module + " " + name + "'";
-  const std::span<const GlobalRow> rows = Allowlist();
+  const std::span<const GlobalRow> rows = rows_;
+  const char* types =
+      dcp() ? "DCP metadata types" : "torch.save checkpoint types";
   const GlobalRow* row = FindRow(rows, module, name);
   if (row && row->refused) {
-    if (row->reason.empty()) return Refuse(ForbiddenText(rows, module, label));
+    if (row->reason.empty()) {
+      return Refuse(ForbiddenText(rows, module, label, types));
+    }
     std::string why(row->reason);
     if (auto at = why.find('%'); at != std::string::npos) {
       why.replace(at, 1, module + "." + name);
@@ -664,7 +725,7 @@ Status Machine::Global(std::string module, std::string name) {
   }
   if (!row) {
     CKPT_ASSIGN_OR_RETURN(Obj data, DataGlobal(module, name));
-    if (!data) return Refuse(ForbiddenText(rows, module, label));
+    if (!data) return Refuse(ForbiddenText(rows, module, label, types));
     return Push(std::move(data));
   }
   auto o = Make(K::kGlobal);
@@ -678,6 +739,20 @@ Status Machine::Global(std::string module, std::string name) {
 // ids) and dtypes. nullptr when `name` is none of them.
 Result<Obj> Machine::DataGlobal(const std::string& module,
                                 const std::string& name) {
+  // DCP metadata names dtypes (TensorProperties), never storages.
+  if (dcp()) {
+    if (module != "torch") return Obj();
+    if (auto d = DTypeFromName(name)) {
+      auto o = Make(K::kDType);
+      o->i = static_cast<int64_t>(*d);
+      return o;
+    }
+    if (LooksLikeDType(name)) {
+      return Refuse("unsupported dtype " + name + " (torch." + name +
+                    " is not a dtype this version of ckpt knows)");
+    }
+    return Obj();
+  }
   if ((module == "torch" || module == "torch.cuda") &&
       StorageClassDType(name)) {
     auto o = Make(K::kGlobal);
@@ -924,7 +999,7 @@ Result<Obj> Machine::Apply(CallFn fn, const GlobalRow& row,
                            std::span<const Obj> a) {
   CKPT_ASSIGN_OR_RETURN(Obj r, (this->*fn)(row, a));
   if (row.build) {
-    r->row = static_cast<uint16_t>(&row - Allowlist().data() + 1);
+    r->row = static_cast<uint16_t>(&row - rows_.data() + 1);
   }
   return r;
 }
@@ -964,7 +1039,7 @@ Result<Obj> Machine::Call(const Obj& fn, const Obj& args_obj) {
 
 Status Machine::Build(PyObj& target, const Obj& state) {
   const GlobalRow* maker = target.row && target.kind != K::kGlobal
-                               ? &Allowlist()[target.row - 1u]
+                               ? &rows_[target.row - 1u]
                                : nullptr;
   if (maker && maker->build) return (this->*maker->build)(target, state);
   switch (target.kind) {
@@ -981,6 +1056,107 @@ Result<Obj> Machine::NewTaggedDict(const GlobalRow& r, std::span<const Obj>) {
   auto d = Make(K::kDict);
   d->w().rw().s2 = std::string(r.module) + "." + std::string(r.name);
   return d;
+}
+
+// ---- DCP metadata -----------------------------------------------------------
+
+namespace {
+// _MEM_FORMAT_ENCODING's members, by value.
+constexpr std::string_view kMemFormats[] = {
+    "TORCH_CONTIGUOUS_FORMAT", "TORCH_CHANNELS_LAST", "TORCH_PRESERVE_FORMAT"};
+// torch.serialization._get_layout's names (torch/serialization.py).
+constexpr std::string_view kLayouts[] = {"torch.strided",    "torch.sparse_coo",
+                                         "torch.sparse_csr", "torch.sparse_csc",
+                                         "torch.sparse_bsr", "torch.sparse_bsc",
+                                         "torch._mkldnn",    "torch.jagged"};
+}  // namespace
+
+Result<Obj> Machine::CallDcpEnum(const GlobalRow& r, std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(int64_t v, AsInt(a[0], "enum value"));
+  if (v < 0 || v >= static_cast<int64_t>(std::size(kMemFormats))) {
+    return Refuse(std::string(r.name) + " has no member of value " +
+                  std::to_string(v));
+  }
+  auto o = Make(K::kStr);
+  o->w().s = std::string(kMemFormats[v]);
+  return o;
+}
+
+Result<Obj> Machine::CallGetattr(const GlobalRow&, std::span<const Obj> a) {
+  const GlobalRow* cls = RowOf(*a[0]);
+  if (!cls || cls->reduce != &Machine::CallDcpEnum) {
+    return Refuse("getattr on a " +
+                  (a[0]->kind == K::kGlobal
+                       ? "'" + a[0]->x().s + "." + a[0]->x().r().s2 + "'"
+                       : KindName(a[0]->kind)) +
+                  ": only members of DCP's enums are read");
+  }
+  CKPT_ASSIGN_OR_RETURN(std::string name, AsStr(a[1], "getattr name"));
+  if (std::find(std::begin(kMemFormats), std::end(kMemFormats), name) ==
+      std::end(kMemFormats)) {
+    return Refuse(std::string(cls->name) + " has no member '" + name + "'");
+  }
+  auto o = Make(K::kStr);
+  o->w().s = std::move(name);
+  return o;
+}
+
+Result<Obj> Machine::CallLayout(const GlobalRow&, std::span<const Obj> a) {
+  CKPT_ASSIGN_OR_RETURN(std::string name, AsStr(a[0], "layout"));
+  if (std::find(std::begin(kLayouts), std::end(kLayouts), name) ==
+      std::end(kLayouts)) {
+    return Refuse("unknown layout '" + name + "'");
+  }
+  auto o = Make(K::kStr);
+  o->w().s = std::move(name);
+  return o;
+}
+
+// PurePath.__reduce__ gives its parts: ("/", "tmp", "x") is "/tmp/x".
+Result<Obj> Machine::CallPath(const GlobalRow&, std::span<const Obj> a) {
+  std::string out;
+  for (const Obj& part : a) {
+    CKPT_ASSIGN_OR_RETURN(std::string p, AsStr(part, "path part"));
+    if (!out.empty() && out.back() != '/' && out.back() != '\\') out += '/';
+    out += p;
+  }
+  auto o = Make(K::kStr);
+  o->w().s = std::move(out);
+  return o;
+}
+
+// A dataclass's BUILD: its __dict__ (a dict of fields), or for
+// TensorProperties the tuple its __getstate__ returns.
+Status Machine::BuildDcpObject(PyObj& target, const Obj& state) {
+  const std::string cls = target.x().r().s2;
+  if (state->kind == K::kDict) {
+    auto& keys = target.w().rw().keys;
+    auto& items = target.w().items;
+    keys.insert(keys.end(), state->x().r().keys.begin(),
+                state->x().r().keys.end());
+    items.insert(items.end(), state->x().items.begin(), state->x().items.end());
+    return Charge(2 * sizeof(Obj) * state->x().items.size());
+  }
+  if (state->kind == K::kTuple && cls.ends_with(".TensorProperties")) {
+    static const char* const kFields[] = {"dtype",         "layout",
+                                          "requires_grad", "memory_format",
+                                          "pin_memory",    "strides"};
+    const auto& v = state->x().items;
+    if (v.size() != 5 && v.size() != 6) {
+      return Refuse("TensorProperties state has " + std::to_string(v.size()) +
+                    " fields (5 or 6 expected)");
+    }
+    for (size_t k = 0; k < v.size(); ++k) {
+      auto key = Make(K::kStr);
+      key->w().s = kFields[k];
+      CKPT_RETURN_IF_ERROR(Charge(Cost(*key)));
+      key->charged = true;
+      target.w().rw().keys.push_back(std::move(key));
+      target.w().items.push_back(v[k]);
+    }
+    return Charge(2 * sizeof(Obj) * v.size());
+  }
+  return Refuse("BUILD state of " + cls + " is a " + KindName(state->kind));
 }
 
 Status Machine::BuildNamespace(PyObj& target, const Obj& state) {

@@ -158,6 +158,19 @@ struct PyObj {
   std::unique_ptr<PyExt> ext_;
 };
 
+/// Which allowlist GLOBAL names are looked up in. A pickle read under one
+/// profile cannot use another's names: a .pth naming DCP's classes is
+/// refused as before, and a DCP `.metadata` cannot rebuild tensors.
+enum class PickleProfile : uint8_t {
+  /// torch.save's data.pkl (Machine::Allowlist()).
+  kTorchSave,
+  /// torch.distributed.checkpoint's `.metadata` (Machine::DcpAllowlist()):
+  /// its dataclasses become dicts tagged "module.Class" holding their
+  /// fields; torch.Size a tuple; dtypes; enum members, layouts and paths
+  /// strings. No persistent ids, storages or tensors.
+  kDcpMetadata,
+};
+
 struct PickleLimits {
   size_t max_memo = 1u << 22;
   size_t max_stack = 1u << 22;
@@ -172,6 +185,9 @@ struct PickleLimits {
   /// Python 2 str (BINSTRING) as latin-1 (torch.load(encoding='latin1'))
   /// instead of UTF-8 (torch.load's default).
   bool py2_latin1 = false;
+  /// The allowlist to use (not a limit, but one more way to narrow what a
+  /// pickle may name).
+  PickleProfile profile = PickleProfile::kTorchSave;
 };
 
 /// PyObj::i of a kStr made from a Python 2 str (BINSTRING): its raw bytes
