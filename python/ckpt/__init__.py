@@ -48,6 +48,7 @@ _LAZY = {
     "manager": (".manager", None),
     "CheckpointInfo": (".manager", "CheckpointInfo"),
     "CheckpointManager": (".manager", "CheckpointManager"),
+    "distributed": (".distributed", None),
 }
 
 

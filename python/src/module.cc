@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "ckpt/ckpt.h"
+#include "ckpt/dist.h"
 #include "ckpt/pth.h"
 #include "cli/cli.h"
 #ifdef CKPT_WITH_CUDA
@@ -224,6 +226,11 @@ class Reader {
     ck_ = std::make_unique<ckpt::Checkpoint>(
         Take(ckpt::Checkpoint::OpenBuffer(bytes, name)));
   }
+
+  // Over a Checkpoint opened elsewhere (a sharded checkpoint's shard file,
+  // checked against its pin).
+  explicit Reader(ckpt::Checkpoint ck)
+      : ck_(std::make_unique<ckpt::Checkpoint>(std::move(ck))) {}
 
   const ckpt::Checkpoint& ck() const { return *ck_; }
 
@@ -868,6 +875,429 @@ class PyWriter {
   std::unique_ptr<ckpt::Writer> w_;
 };
 
+// ---- sharded checkpoints (ckpt/dist.h)
+// -----------------------------------------------
+
+// The collectives of ckpt::dist::Comm carried by Python callables, which
+// ckpt.distributed makes over a torch.distributed gloo group (sizes first,
+// then padded uint8 tensors: never pickled objects):
+//   gather(root, mine: bytes) -> list of buffers on root, [] elsewhere
+//   broadcast(root, data: bytes | None) -> buffer
+// The protocol runs with the GIL released; each collective takes it back
+// for the call. A Python exception from a callable (a peer gone, a
+// timeout) is a kIoError naming the collective, as the interface asks.
+class PyComm final : public ckpt::dist::Comm {
+ public:
+  PyComm(int rank, int size, py::function gather, py::function broadcast)
+      : rank_(rank),
+        size_(size),
+        gather_(std::move(gather)),
+        broadcast_(std::move(broadcast)) {
+    if (size < 1 || rank < 0 || rank >= size)
+      throw py::value_error("Comm: rank " + std::to_string(rank) +
+                            " of a group of " + std::to_string(size));
+  }
+  ~PyComm() override {
+    py::gil_scoped_acquire gil;  // the callables may be freed without it
+    gather_ = py::function();
+    broadcast_ = py::function();
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  ckpt::Result<std::vector<std::vector<std::byte>>> Gather(
+      int root, std::span<const std::byte> mine) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object r = gather_(root, AsBytes(mine));
+      std::vector<std::vector<std::byte>> out;
+      if (rank_ != root) return out;
+      for (py::handle item : r) out.push_back(Copy(item));
+      if (out.size() != static_cast<size_t>(size_)) {
+        return ckpt::IoError("gather: " + std::to_string(out.size()) +
+                             " answers for a group of " +
+                             std::to_string(size_));
+      }
+      return out;
+    } catch (py::error_already_set& e) {
+      return ckpt::IoError("gather over torch.distributed failed on rank " +
+                           std::to_string(rank_) + ": " + e.what());
+    }
+  }
+
+  ckpt::Result<std::vector<std::byte>> Broadcast(
+      int root, std::span<const std::byte> bytes) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object arg =
+          rank_ == root ? py::object(AsBytes(bytes)) : py::object(py::none());
+      return Copy(broadcast_(root, arg));
+    } catch (py::error_already_set& e) {
+      return ckpt::IoError("broadcast over torch.distributed failed on rank " +
+                           std::to_string(rank_) + ": " + e.what());
+    }
+  }
+
+ private:
+  static py::bytes AsBytes(std::span<const std::byte> b) {
+    return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+  }
+  static std::vector<std::byte> Copy(py::handle obj) {
+    py::buffer_info info;
+    auto bytes = ReadableBytes(py::reinterpret_borrow<py::buffer>(obj), info);
+    return {bytes.begin(), bytes.end()};
+  }
+
+  int rank_;
+  int size_;
+  py::function gather_;
+  py::function broadcast_;
+};
+
+// A rank's local outcome from Python: None (OK) or (class name, message),
+// the class one of ckpt._errors' (its code kept) or any other exception's
+// (kInvalidArgument: the caller's state dict was refused).
+ckpt::Status LocalStatus(const py::object& err) {
+  if (err.is_none()) return ckpt::Status::OK();
+  auto [cls, msg] = err.cast<std::pair<std::string, std::string>>();
+  using E = ckpt::ErrorCode;
+  for (E code : {E::kIoError, E::kNotFound, E::kCorrupt, E::kUnsupportedVersion,
+                 E::kInvalidArgument, E::kChecksumMismatch, E::kCuda,
+                 E::kResourceExhausted}) {
+    if (cls == ErrorClass(code)) return ckpt::Status(code, msg);
+  }
+  return ckpt::InvalidArgument(msg);
+}
+
+ckpt::Box BoxOf(std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
+  if (offsets.size() != sizes.size())
+    throw py::value_error("a box needs as many offsets as sizes");
+  return ckpt::Box{std::move(offsets), std::move(sizes)};
+}
+
+py::tuple Ints(const std::vector<int64_t>& v) { return Reader::Ints(v); }
+
+py::dict CommitInfoDict(const ckpt::dist::CommitInfo& c) {
+  py::dict d;
+  d["path"] = Lenient(c.path);
+  d["total_bytes"] = c.total_bytes;
+  d["files"] = c.files;
+  d["tensors"] = c.tensors;
+  d["chunks"] = c.chunks;
+  return d;
+}
+
+ckpt::dist::SaveOptions SaveOptionsOf(int coordinator, bool overwrite,
+                                      bool sync, const py::dict& metadata) {
+  ckpt::dist::SaveOptions o;
+  o.coordinator = coordinator;
+  o.overwrite = overwrite;
+  o.write.sync = sync;
+  o.write.producer = "ckpt-python " + std::string(ckpt::VersionString());
+  for (auto item : metadata) {
+    o.metadata.emplace_back(item.first.cast<std::string>(),
+                            item.second.cast<std::string>());
+  }
+  return o;
+}
+
+// The manifest as plain Python values (ckpt.distributed makes its
+// dataclasses of them): strings from the file are checked UTF-8.
+py::dict ManifestDict(const ckpt::dist::Manifest& m, const std::string& dir) {
+  const std::string file = dir + "/" + std::string(ckpt::dist::kManifestName);
+  py::dict d;
+  d["version"] = py::make_tuple(m.version_major, m.version_minor);
+  d["world_size"] = m.world_size;
+  d["globals_file"] = m.globals_file;
+  d["producer"] = Utf8(m.producer, file, "the producer");
+  py::list files;
+  for (const auto& f : m.files) {
+    py::dict e;
+    e["name"] = Utf8(f.name, file, "a shard file name");
+    e["size"] = f.size;
+    e["header_xxh3"] = f.header_xxh3;
+    e["rank"] = f.rank;
+    files.append(e);
+  }
+  d["files"] = files;
+  py::list tensors;
+  for (const auto& t : m.tensors) {
+    py::list chunks;
+    for (const auto& c : t.chunks) {
+      chunks.append(py::make_tuple(Ints(c.box.offsets), Ints(c.box.sizes),
+                                   c.file, c.offset, c.length));
+    }
+    tensors.append(py::make_tuple(Utf8(t.path, file, "a tensor path"),
+                                  static_cast<int>(t.dtype), Ints(t.shape),
+                                  chunks));
+  }
+  d["tensors"] = tensors;
+  py::dict meta;
+  for (const auto& [k, v] : m.metadata) {
+    meta[Utf8(k, file, "a metadata key")] = Utf8(v, file, "a metadata value");
+  }
+  d["metadata"] = meta;
+  return d;
+}
+
+py::dict LoadStatsDict(const ckpt::dist::LoadStats& s) {
+  py::dict d;
+  d["bytes_needed"] = s.bytes_needed;
+  d["bytes_read"] = s.bytes_read;
+  d["bytes_verified"] = s.bytes_verified;
+  d["runs"] = s.runs;
+  d["files_opened"] = s.files_opened;
+  return d;
+}
+
+// An open sharded checkpoint; collective to open when given a Comm.
+class PySharded {
+ public:
+  PySharded(const std::string& dir, PyComm* comm, int coordinator) {
+    py::gil_scoped_release nogil;
+    ck_ = std::make_unique<ckpt::dist::ShardedCheckpoint>(
+        Take(comm ? ckpt::dist::ShardedCheckpoint::Open(*comm, dir, coordinator)
+                  : ckpt::dist::ShardedCheckpoint::Open(dir)));
+  }
+
+  const ckpt::dist::ShardedCheckpoint& ck() const { return *ck_; }
+
+  // Plans and reads the wants (path, offsets, sizes, writable buffer of
+  // the box's bytes) into their buffers, the GIL released. Local: the
+  // caller agrees on the outcome across ranks.
+  py::dict Load(const py::list& wants, bool verify, unsigned threads) const {
+    std::vector<py::buffer_info> infos;  // hold the buffers until done
+    infos.reserve(wants.size());
+    std::vector<ckpt::dist::Want> ws;
+    ws.reserve(wants.size());
+    for (py::handle item : wants) {
+      auto t = item.cast<py::tuple>();
+      if (t.size() != 4)
+        throw py::value_error("a want is (path, offsets, sizes, buffer)");
+      infos.push_back(t[3].cast<py::buffer>().request(true));
+      auto& info = infos.back();
+      if (info.ndim != 1 || info.itemsize != 1 ||
+          (info.shape[0] > 1 && info.strides[0] != 1)) {
+        throw py::value_error("want buffers must be contiguous bytes");
+      }
+      auto* p = static_cast<std::byte*>(info.ptr);
+      auto n = static_cast<size_t>(info.shape[0]);
+      AdviseHugePages(p, n);
+      ws.push_back({t[0].cast<std::string>(),
+                    BoxOf(t[1].cast<std::vector<int64_t>>(),
+                          t[2].cast<std::vector<int64_t>>()),
+                    {p, n}});
+    }
+    ckpt::dist::LoadOptions o;
+    o.verify = verify;
+    o.threads = threads;
+    ckpt::Result<ckpt::dist::LoadStats> r = ckpt::dist::LoadStats{};
+    {
+      py::gil_scoped_release nogil;
+      auto plan = ck_->Plan(ws);
+      r = plan.ok() ? ck_->Execute(*plan, o)
+                    : ckpt::Result<ckpt::dist::LoadStats>(plan.status());
+    }
+    return LoadStatsDict(Take(std::move(r)));
+  }
+
+  Region Read(const std::string& path, std::vector<int64_t> offsets,
+              std::vector<int64_t> sizes, bool verify) const {
+    ckpt::dist::LoadOptions o;
+    o.verify = verify;
+    ckpt::Box box = BoxOf(std::move(offsets), std::move(sizes));
+    ckpt::Result<ckpt::StorageView> v = ckpt::StorageView{};
+    {
+      py::gil_scoped_release nogil;
+      v = ck_->Read(path, box, o);
+    }
+    auto view = Take(std::move(v));
+    // A view of the mapping is read-only; a buffer the result owns too
+    // (the caller copies out of it or keeps it as is).
+    return Region{const_cast<std::byte*>(view.data.data()), view.data.size(),
+                  false, std::move(view.owner), py::object()};
+  }
+
+  Reader OpenShard(size_t index) const {
+    py::gil_scoped_release nogil;
+    return Reader(Take(ck_->OpenShard(index)));
+  }
+
+  void Verify(unsigned threads) const {
+    py::gil_scoped_release nogil;
+    Check(ck_->Verify(threads));
+  }
+
+ private:
+  std::unique_ptr<ckpt::dist::ShardedCheckpoint> ck_;
+};
+
+void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
+  py::class_<PyComm>(m, "DistComm")
+      .def(py::init<int, int, py::function, py::function>(), py::arg("rank"),
+           py::arg("size"), py::arg("gather"), py::arg("broadcast"))
+      .def_property_readonly("rank", &PyComm::rank)
+      .def_property_readonly("size", &PyComm::size);
+
+  // Shard files: chunks (their ReplicaPart, contiguous), the globals
+  // tree's placeholders and the root of docs/SHARDED.md 3.
+  writer
+      .def(
+          "add_chunk",
+          [](PyWriter& w, const std::string& path, int dtype,
+             std::vector<int64_t> global_shape, std::vector<int64_t> offsets,
+             std::vector<int64_t> sizes, const py::buffer& data,
+             uint32_t replica_index,
+             uint32_t replica_count) -> std::optional<uint32_t> {
+            py::buffer_info info;
+            ckpt::dist::Chunk c;
+            c.path = path;
+            c.dtype = static_cast<ckpt::DType>(dtype);
+            c.global_shape = std::move(global_shape);
+            c.box = BoxOf(std::move(offsets), std::move(sizes));
+            c.data = ReadableBytes(data, info);
+            c.replica_index = replica_index;
+            c.replica_count = replica_count;
+            ckpt::Result<std::optional<ckpt::NodeId>> r =
+                std::optional<ckpt::NodeId>();
+            {
+              py::gil_scoped_release nogil;
+              r = ckpt::dist::AddChunk(w.w(), c);
+            }
+            return Take(std::move(r));
+          },
+          py::arg("path"), py::arg("dtype"), py::arg("global_shape"),
+          py::arg("offsets"), py::arg("sizes"), py::arg("data"),
+          py::arg("replica_index") = 0, py::arg("replica_count") = 1)
+      .def("add_global_tensor",
+           [](PyWriter& w) { return Take(ckpt::dist::AddGlobalTensor(w.w())); })
+      .def(
+          "set_shard_root",
+          [](PyWriter& w, const std::vector<uint32_t>& chunks,
+             std::optional<uint32_t> globals,
+             std::optional<uint32_t> rank_local, int rank, int world_size) {
+            Check(ckpt::dist::SetShardRoot(w.w(), chunks, globals, rank_local,
+                                           rank, world_size));
+          },
+          py::arg("chunks"), py::arg("globals"), py::arg("rank_local"),
+          py::arg("rank"), py::arg("world_size"));
+
+  m.def(
+      "dist_shard_path",
+      [](const std::string& dir, int rank, int world_size) {
+        return Take(ckpt::dist::ShardPath(dir, rank, world_size));
+      },
+      py::arg("dir"), py::arg("rank"), py::arg("world_size"));
+
+  // Collective: `error` is this rank's outcome (None or (class, message)).
+  m.def(
+      "dist_commit_save",
+      [](PyComm& comm, const std::string& dir, const py::object& error,
+         int coordinator, bool overwrite, bool sync, const py::dict& metadata) {
+        ckpt::Status local = LocalStatus(error);
+        auto o = SaveOptionsOf(coordinator, overwrite, sync, metadata);
+        ckpt::Result<ckpt::dist::CommitInfo> r = ckpt::dist::CommitInfo{};
+        {
+          py::gil_scoped_release nogil;
+          r = ckpt::dist::CommitSave(comm, dir, local, o);
+        }
+        return CommitInfoDict(Take(std::move(r)));
+      },
+      py::arg("comm"), py::arg("dir"), py::arg("error"),
+      py::arg("coordinator") = 0, py::arg("overwrite") = false,
+      py::arg("sync") = true, py::arg("metadata") = py::dict());
+
+  m.def(
+      "dist_agree",
+      [](PyComm& comm, const py::object& error, int root) {
+        ckpt::Status local = LocalStatus(error);
+        ckpt::Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ckpt::dist::Agree(comm, local, root);
+        }
+        Check(s);
+      },
+      py::arg("comm"), py::arg("error"), py::arg("root") = 0);
+
+  m.def(
+      "dist_replica_part",
+      [](const std::string& path, std::vector<int64_t> offsets,
+         std::vector<int64_t> sizes, uint32_t index,
+         uint32_t count) -> std::optional<py::tuple> {
+        auto b = ckpt::dist::ReplicaPart(
+            path, BoxOf(std::move(offsets), std::move(sizes)), index, count);
+        if (!b) return std::nullopt;
+        return py::make_tuple(Ints(b->offsets), Ints(b->sizes));
+      },
+      py::arg("path"), py::arg("offsets"), py::arg("sizes"), py::arg("index"),
+      py::arg("count"));
+
+  m.def("is_sharded_checkpoint", [](const std::string& path) {
+    return ckpt::dist::IsShardedCheckpoint(path);
+  });
+  m.def("dist_read_manifest", [](const std::string& dir) {
+    ckpt::Result<ckpt::dist::Manifest> r = ckpt::dist::Manifest{};
+    {
+      py::gil_scoped_release nogil;
+      r = ckpt::dist::ReadManifest(dir);
+    }
+    return ManifestDict(Take(std::move(r)), dir);
+  });
+
+  py::class_<PySharded>(m, "ShardedCheckpoint")
+      .def(py::init<const std::string&, PyComm*, int>(), py::arg("dir"),
+           py::arg("comm") = nullptr, py::arg("coordinator") = 0)
+      .def_property_readonly("dir",
+                             [](const PySharded& s) { return s.ck().dir(); })
+      .def("manifest",
+           [](const PySharded& s) {
+             return ManifestDict(s.ck().manifest(), s.ck().dir());
+           })
+      .def("load", &PySharded::Load, py::arg("wants"), py::arg("verify") = true,
+           py::arg("threads") = 0)
+      .def("read", &PySharded::Read, py::arg("path"), py::arg("offsets"),
+           py::arg("sizes"), py::arg("verify") = true)
+      .def("open_shard", &PySharded::OpenShard, py::arg("index"))
+      .def("shard_file_path",
+           [](const PySharded& s, size_t i) { return s.ck().ShardFilePath(i); })
+      .def("verify", &PySharded::Verify, py::arg("threads") = 0);
+
+  m.def(
+      "dist_consolidate",
+      [](const std::string& dir, const std::string& out, bool sync) {
+        ckpt::WriteOptions o;
+        o.sync = sync;
+        o.producer = "ckpt-python " + std::string(ckpt::VersionString());
+        py::gil_scoped_release nogil;
+        Check(ckpt::dist::Consolidate(dir, out, o));
+      },
+      py::arg("dir"), py::arg("out"), py::arg("sync") = true);
+
+  // dims: tensor path -> the dim to cut, -1 replicated; paths it does not
+  // name get `default_dim` (the caller decides in Python first, so no
+  // callback can fail halfway through the save).
+  m.def(
+      "dist_shard_file",
+      [](const std::string& in, const std::string& dir, int world_size,
+         const std::map<std::string, int>& dims, int default_dim,
+         bool overwrite, bool sync) {
+        ckpt::dist::SaveOptions o = SaveOptionsOf(0, overwrite, sync, {});
+        ckpt::dist::ShardDimFn fn = [&](const ckpt::TensorInfo& t) {
+          auto it = dims.find(t.path);
+          return it == dims.end() ? default_dim : it->second;
+        };
+        py::gil_scoped_release nogil;
+        ckpt::Checkpoint ck = Take(ckpt::Checkpoint::Open(in));
+        Check(ckpt::dist::ShardFile(ck, dir, world_size, fn, o));
+      },
+      py::arg("src"), py::arg("dir"), py::arg("world_size"),
+      py::arg("dims") = std::map<std::string, int>(),
+      py::arg("default_dim") = 0, py::arg("overwrite") = false,
+      py::arg("sync") = true);
+}
+
 // ---- SIGINT around a commit
 // ---------------------------------------------------
 
@@ -1003,7 +1433,8 @@ PYBIND11_MODULE(_ckpt, m) {
           "num_tensors", [](const Reader& r) { return r.ck().num_tensors(); })
       .def_property_readonly("path", &Reader::Path);
 
-  py::class_<PyWriter>(m, "Writer")
+  py::class_<PyWriter> writer(m, "Writer");
+  writer
       .def(py::init<const std::string&, bool, uint64_t, const std::string&>(),
            py::arg("path"), py::arg("sync") = true, py::arg("chunk_size") = 0,
            py::arg("producer") = "ckpt")
@@ -1049,6 +1480,7 @@ PYBIND11_MODULE(_ckpt, m) {
            })
       .def("commit", &PyWriter::Commit)
       .def("abort", &PyWriter::Abort);
+  BindDist(m, writer);
 
   m.def("dtypes", [] {
     py::list out;

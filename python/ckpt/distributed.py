@@ -1,0 +1,830 @@
+"""ckpt.distributed: sharded checkpoints over torch.distributed.
+
+Every rank of a process group saves its own pieces of the state dict in
+parallel, one ordinary ckpt file each, plus a manifest indexing them; any
+number of ranks loads them back, each reading only the bytes of the boxes
+its tensors hold (resharding). Shaped like torch.distributed.checkpoint:
+
+    import ckpt.distributed as cdist
+    cdist.save(state_dict, checkpoint_id="run/step-200")
+    cdist.load(state_dict, checkpoint_id="run/step-200")   # in place
+    h = cdist.async_save(state_dict, checkpoint_id="run/step-300")
+    ...                       # the state dict may change from here on
+    h.result()                # CommitInfo, or the error on every rank
+
+Values of the state dict:
+  * a plain tensor (or numpy array) is replicated: every rank holds the
+    whole tensor. It is saved once, its rows split across the ranks
+    (ckpt::dist::ReplicaPart); every rank loads it whole.
+  * Chunk(local, global_shape, offsets) is one box of a global tensor
+    (FSDP, tensor parallelism); with replica_index/replica_count when
+    several ranks hold the same box.
+  * a DTensor (torch 2.x) with Shard/Replicate placements: its box comes
+    from torch's compute_local_shape_and_global_offset, Replicate mesh
+    dims make replicas.
+  * RankLocal(obj): this rank's own state (RNG, data-loader position),
+    saved in the rank's shard; loading it needs the same world size.
+  * anything else ckpt.save stores (numbers, str, dtypes, containers...)
+    goes in the globals tree, written once by the coordinator.
+
+Collectives run on a dedicated gloo group (made once per process group)
+and move bytes as uint8 tensors, sizes first: nothing is pickled. The
+protocol (writing, validation, manifest, the one commit rename, planning
+and reading byte runs) is the C++ library's (include/ckpt/dist.h,
+docs/SHARDED.md); this module maps torch objects onto it.
+docs/PYTHON.md "Sharded checkpoints" describes the API.
+"""
+import argparse
+import collections
+import dataclasses
+import os
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import _ckpt
+from ._dtypes import CODE_TO_TORCH, CODES, NUMPY_TO_CODE, TORCH_TO_CODE
+from ._errors import CkptError, InvalidArgumentError, NotFoundError
+from ._load import _Loader
+from ._save import _Saver, key_object
+
+try:  # torch >= 2.4 (public); 2.0-2.3 had it under torch.distributed._tensor
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor._utils import (
+        compute_local_shape_and_global_offset as _local_box)
+except ImportError:  # torch 1.13: no DTensor
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor
+        from torch.distributed._tensor._utils import (
+            compute_local_shape_and_global_offset as _local_box)
+    except ImportError:
+        _DTensor = _local_box = None
+
+__all__ = ["save", "load", "async_save", "read_manifest", "Chunk", "RankLocal",
+           "AsyncSave", "CommitInfo", "Manifest", "TensorMeta", "ChunkMeta",
+           "consolidate", "shard", "verify", "HAS_DTENSOR"]
+
+HAS_DTENSOR = _DTensor is not None
+
+# The class tag of the globals tree's marker where a RankLocal value sat
+# (its value is in the rank's "rank_local" tree, keyed by this path).
+_RANK_LOCAL_TAG = "ckpt.dist.RankLocal"
+
+
+# ---- values -----------------------------------------------------------------
+
+class Chunk:
+    """One box of a global tensor, as this rank holds it: `local` is the
+    box's elements (any strides, any device), `global_shape` the whole
+    tensor's shape and `offsets` where the box starts in it. A box held
+    by several ranks (replicas) gives each of them replica_index
+    0..replica_count-1 and the same box: its bytes are then written once,
+    split across them. load() fills `local` in place."""
+
+    __slots__ = ("local", "global_shape", "offsets", "replica_index", "replica_count")
+
+    def __init__(self, local, global_shape, offsets, replica_index=None, replica_count=None):
+        if not isinstance(local, torch.Tensor):
+            raise TypeError(f"Chunk: local must be a torch.Tensor, not {type(local).__name__}")
+        global_shape = tuple(int(d) for d in global_shape)
+        offsets = tuple(int(o) for o in offsets)
+        if len(global_shape) != local.dim() or len(offsets) != local.dim():
+            raise InvalidArgumentError(
+                f"Chunk: a {local.dim()}-d local tensor needs {local.dim()} dims of "
+                f"global_shape and offsets, got {global_shape} and {offsets}")
+        for d, (o, n, g) in enumerate(zip(offsets, local.shape, global_shape)):
+            if o < 0 or g < 0 or o + n > g:
+                raise InvalidArgumentError(
+                    f"Chunk: dim {d}: the box [{o}, {o + n}) is outside the global "
+                    f"shape {global_shape}")
+        if (replica_index is None) != (replica_count is None):
+            raise InvalidArgumentError("Chunk: give both replica_index and replica_count, or neither")
+        replica_index = 0 if replica_index is None else int(replica_index)
+        replica_count = 1 if replica_count is None else int(replica_count)
+        if not 0 <= replica_index < replica_count:
+            raise InvalidArgumentError(
+                f"Chunk: replica_index {replica_index} of replica_count {replica_count}")
+        self.local = local
+        self.global_shape = global_shape
+        self.offsets = offsets
+        self.replica_index = replica_index
+        self.replica_count = replica_count
+
+    def __repr__(self):
+        return (f"Chunk(local={tuple(self.local.shape)} {self.local.dtype}, global_shape="
+                f"{self.global_shape}, offsets={self.offsets}, replica "
+                f"{self.replica_index}/{self.replica_count})")
+
+
+class RankLocal:
+    """A value that belongs to this rank alone (its RNG state, its
+    data-loader position): saved in the rank's own shard file under the
+    value's path, and loaded back only at the same world size (else
+    load() raises naming the keys and both sizes). load() replaces
+    `.value` with what this rank saved."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return f"RankLocal({self.value!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitInfo:
+    """What a save committed (every rank gets the same)."""
+    path: str
+    total_bytes: int
+    files: int
+    tensors: int
+    chunks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMeta:
+    """A saved box of a global tensor: in shard file `file` (an index into
+    Manifest.files) at byte `offset`, `length` bytes, row-major."""
+    offsets: tuple
+    sizes: tuple
+    file: int
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    path: str
+    dtype: object  # torch.dtype, or the format's dtype name when torch has none
+    shape: tuple
+    chunks: tuple  # of ChunkMeta, tiling shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A sharded checkpoint's manifest (docs/SHARDED.md), validated."""
+    version: tuple
+    world_size: int
+    globals_file: int
+    files: tuple  # of dicts: name, size, header_xxh3, rank
+    tensors: dict  # path -> TensorMeta, sorted by path
+    metadata: dict
+    producer: str
+
+
+def _manifest(d):
+    tensors = {}
+    for path, code, shape, chunks in d["tensors"]:
+        dtype = CODE_TO_TORCH.get(code) or CODES.get(code, (f"code {code}",))[0]
+        tensors[path] = TensorMeta(path, dtype, tuple(shape),
+                                   tuple(ChunkMeta(*c) for c in chunks))
+    return Manifest(tuple(d["version"]), d["world_size"], d["globals_file"],
+                    tuple(d["files"]), tensors, dict(d["metadata"]), d["producer"])
+
+
+def read_manifest(checkpoint_id):
+    """The Manifest of the sharded checkpoint directory `checkpoint_id`
+    (read and validated alone; no shard file is opened, no group needed)."""
+    return _manifest(_ckpt.dist_read_manifest(os.fspath(checkpoint_id)))
+
+
+# ---- collectives ------------------------------------------------------------
+
+_GROUPS = {}  # (id of the process group or None, purpose) -> (the group, gloo group)
+_GROUPS_LOCK = threading.Lock()
+try:
+    import inspect as _inspect
+    _LOCAL_SYNC = "use_local_synchronization" in _inspect.signature(dist.new_group).parameters
+except (TypeError, ValueError):  # pragma: no cover
+    _LOCAL_SYNC = False
+
+
+def _group_ranks(pg):
+    """The global ranks of a group, by group rank."""
+    if pg is None or pg is dist.group.WORLD:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(pg))
+
+
+def _gloo_group(process_group, purpose):
+    """The gloo group the protocol of `purpose` ("sync", "async") runs on
+    for `process_group`'s ranks. The whole world (process_group None): a
+    dedicated gloo group per purpose, made on first use. A gloo group
+    given: itself for "sync" (its caller's thread is the one saving). Any
+    other: a new gloo group of its ranks. torch.distributed.new_group is
+    collective over the default group unless torch has
+    use_local_synchronization (2.x), with which only the members take
+    part: under torch 1.13 the first save/load with a given non-gloo
+    process group, and the first async_save with any given group, must
+    happen on every process."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError(
+            "ckpt.distributed needs torch.distributed initialized "
+            "(torch.distributed.init_process_group)")
+    world = process_group is None or process_group is dist.group.WORLD
+    if not world and purpose == "sync" and dist.get_backend(process_group) == "gloo":
+        return process_group
+    key = (None if world else id(process_group), purpose)
+    with _GROUPS_LOCK:
+        entry = _GROUPS.get(key)
+        if entry is None or entry[0] is not process_group:
+            if world:
+                group = dist.new_group(backend="gloo")
+            else:
+                kwargs = {}
+                if _LOCAL_SYNC:
+                    kwargs["use_local_synchronization"] = True
+                group = dist.new_group(ranks=_group_ranks(process_group), backend="gloo",
+                                       **kwargs)
+            entry = (process_group, group)
+            _GROUPS[key] = entry
+    return entry[1]
+
+
+class _Comm:
+    """A ckpt::dist::Comm (the binding's DistComm) over a gloo group:
+    gather and broadcast of bytes as uint8 tensors, sizes first."""
+
+    def __init__(self, process_group, purpose):
+        self.group = _gloo_group(process_group, purpose)
+        self.ranks = _group_ranks(process_group)
+        me = dist.get_rank()
+        if me not in self.ranks:
+            raise InvalidArgumentError(f"rank {me} is not in the process group {self.ranks}")
+        self.rank, self.size = self.ranks.index(me), len(self.ranks)
+        self.c = _ckpt.DistComm(self.rank, self.size, self._gather, self._broadcast)
+
+    @staticmethod
+    def _tensor(data, n):
+        t = torch.zeros(max(n, 1), dtype=torch.uint8)
+        if data:
+            t[:len(data)] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+        return t
+
+    def _gather(self, root, mine):
+        size = torch.tensor([len(mine)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(sizes, size, group=self.group)
+        sizes = [int(s.item()) for s in sizes]
+        n = max(sizes)
+        buf = self._tensor(mine, n)
+        if self.rank == root:
+            outs = [torch.empty(max(n, 1), dtype=torch.uint8) for _ in range(self.size)]
+            dist.gather(buf, gather_list=outs, dst=self.ranks[root], group=self.group)
+            return [o[:k].numpy() for o, k in zip(outs, sizes)]
+        dist.gather(buf, dst=self.ranks[root], group=self.group)
+        return []
+
+    def _broadcast(self, root, data):
+        mine = self.rank == root
+        size = torch.tensor([len(data) if mine else 0], dtype=torch.int64)
+        dist.broadcast(size, src=self.ranks[root], group=self.group)
+        n = int(size.item())
+        if n == 0:
+            return b""
+        buf = self._tensor(data, n) if mine else torch.empty(n, dtype=torch.uint8)
+        dist.broadcast(buf, src=self.ranks[root], group=self.group)
+        return buf.numpy()
+
+
+def _error(e):
+    """A Python exception as a rank's local outcome for the binding."""
+    if isinstance(e, CkptError):
+        return type(e).__name__, str(e)
+    return type(e).__name__, f"{type(e).__name__}: {e}"
+
+
+# ---- the state dict's leaves --------------------------------------------------
+
+_DICTS = (dict, collections.OrderedDict)
+
+
+def _kind(v):
+    if isinstance(v, RankLocal):
+        return "local"
+    if isinstance(v, Chunk):
+        return "chunk"
+    if _DTensor is not None and isinstance(v, _DTensor):
+        return "dtensor"
+    if isinstance(v, torch.Tensor):
+        return "tensor"
+    if type(v) is np.ndarray:
+        return "array"
+    return None
+
+
+def _children(x):
+    """(key, value, raw path segment) of a container's children, or None
+    for a leaf."""
+    t = type(x)
+    if t in _DICTS or t is argparse.Namespace:
+        d = vars(x) if t is argparse.Namespace else x
+        return [(k, v, k if isinstance(k, str) else _ckpt.key_segment(k, key_object))
+                for k, v in d.items()]
+    if t in (list, tuple):
+        return [(i, v, str(i)) for i, v in enumerate(x)]
+    return None
+
+
+def _leaves(state_dict):
+    """(path, kind, value) of every tensor-like value and RankLocal in the
+    state dict, in order; paths as the file names them (DESIGN.md)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, not {type(state_dict).__name__}")
+    out, stack = [], [("", True, state_dict)]
+    while stack:
+        path, root, x = stack.pop()
+        k = _kind(x)
+        if k is not None:
+            out.append((path, k, x))
+            continue
+        kids = _children(x)
+        if kids is None:
+            continue
+        stack.extend(reversed([(_ckpt.child_path(path, root, seg), False, v)
+                               for _, v, seg in kids]))
+    return out
+
+
+def _code(dtype, path):
+    code = TORCH_TO_CODE.get(dtype) if isinstance(dtype, torch.dtype) else NUMPY_TO_CODE.get(dtype)
+    if code is None:
+        raise TypeError(f"{path}: dtype {dtype} has no ckpt equivalent")
+    return code
+
+
+@dataclasses.dataclass
+class _Piece:
+    """One box of one global tensor on this rank: what add_chunk gets, and
+    the tensor load() fills."""
+    path: str
+    dtype: object       # torch.dtype
+    global_shape: tuple
+    offsets: tuple
+    local: torch.Tensor  # the box's elements as the caller holds them
+    replica_index: int
+    replica_count: int
+
+
+def _dtensor_piece(path, t):
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    for p in placements:
+        if not (p.is_replicate() or (p.is_shard() and type(p).__name__ == "Shard")):
+            raise TypeError(f"{path}: cannot save a DTensor placed {p}: Shard(dim) and "
+                            "Replicate() placements only (reduce Partial ones first)")
+    coord = mesh.get_coordinate()
+    if coord is None:  # this rank is not in the tensor's mesh
+        return None
+    local_shape, offsets = _local_box(t.shape, mesh, placements)
+    local = t._local_tensor if hasattr(t, "_local_tensor") else t.to_local()
+    if tuple(local.shape) != tuple(local_shape):
+        raise InvalidArgumentError(
+            f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placement "
+            f"says {tuple(local_shape)} (padded shards are not supported)")
+    index, count = 0, 1
+    for d, p in enumerate(placements):
+        if p.is_replicate():
+            index, count = index * mesh.size(d) + coord[d], count * mesh.size(d)
+    return _Piece(path, t.dtype, tuple(t.shape), tuple(offsets), local, index, count)
+
+
+def _pieces(leaves, rank, size):
+    """The _Piece of every tensor-like leaf this rank holds."""
+    out = []
+    for path, kind, v in leaves:
+        if kind == "local":
+            continue
+        if kind == "chunk":
+            t = v.local
+            _code(t.dtype, path)
+            out.append(_Piece(path, t.dtype, v.global_shape, v.offsets, t,
+                              v.replica_index, v.replica_count))
+        elif kind == "dtensor":
+            p = _dtensor_piece(path, v)
+            if p is not None:
+                _code(p.dtype, path)
+                out.append(p)
+        else:
+            t = torch.from_numpy(v) if kind == "array" else v
+            if kind == "tensor" and type(t) not in (torch.Tensor, torch.nn.Parameter):
+                raise TypeError(f"{path}: cannot save a {type(t).__qualname__} (a tensor "
+                                "subclass); save a plain tensor, a Chunk or a DTensor")
+            _code(t.dtype, path)
+            out.append(_Piece(path, t.dtype, tuple(t.shape), (0,) * t.dim(), t, rank, size))
+    return out
+
+
+def _contiguous_cpu(t):
+    if t.layout != torch.strided or t.is_quantized:
+        raise TypeError("only dense (strided, non-quantized) tensors can be saved")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t.to("cpu").contiguous()
+
+
+def _as_bytes(t):
+    """A contiguous CPU tensor's bytes as a numpy uint8 array (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+# ---- saving ---------------------------------------------------------------------
+
+class _Placeholder:
+    """Where a tensor-like value sits in a staged copy of the globals tree."""
+    __slots__ = ()
+
+
+class _LocalMarker:
+    """Where a RankLocal value sits in a staged copy of the globals tree."""
+    __slots__ = ()
+
+
+_PLACEHOLDER, _LOCAL = _Placeholder(), _LocalMarker()
+
+
+class _GlobalsSaver(_Saver):
+    """ckpt.save's tree writer, with each tensor-like value replaced by the
+    global tensor placeholder and each RankLocal by its marker."""
+
+    def leaf(self, obj, where, seg):
+        if obj is _LOCAL or isinstance(obj, RankLocal):
+            return self.w.add_dict([], [], _RANK_LOCAL_TAG)
+        if obj is _PLACEHOLDER or _kind(obj) is not None:
+            return self.w.add_global_tensor()
+        return super().leaf(obj, where, seg)
+
+
+def _snapshot(x, stage):
+    """A copy of the state dict's containers, tensor-like values replaced
+    by _PLACEHOLDER and RankLocals by _LOCAL; leaves kept, except that
+    `stage` copies tensors and arrays (for rank-local values). The state
+    dict may then change while the copy is written."""
+    k = _kind(x)
+    if k == "local":
+        return _LOCAL
+    if k is not None:
+        return _PLACEHOLDER if stage is None else stage(x)
+    t = type(x)
+    if t in _DICTS:
+        return t((key, _snapshot(v, stage)) for key, v in x.items())
+    if t is argparse.Namespace:
+        return argparse.Namespace(**{key: _snapshot(v, stage) for key, v in vars(x).items()})
+    if t in (list, tuple):
+        return t(_snapshot(v, stage) for v in x)
+    if t in (set, frozenset, bytearray):
+        return t(x)
+    return x
+
+
+def _staging_copy(t):
+    """A copy of a tensor in host memory (pinned when CUDA is there) that
+    nothing else references: the caller may change the original."""
+    pin = torch.cuda.is_available()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    with torch.no_grad():
+        out.copy_(t.detach(), non_blocking=pin and t.is_cuda)
+    return out
+
+
+def _stage_value(x):
+    """A rank-local value with its tensors and arrays copied."""
+    k = _kind(x)
+    if k == "tensor":
+        return _staging_copy(x) if type(x) is torch.Tensor else torch.nn.Parameter(
+            _staging_copy(x), requires_grad=x.requires_grad)
+    if k == "array":
+        return x.copy()
+    if k is not None:
+        raise TypeError("a RankLocal value cannot hold a Chunk, a DTensor or a RankLocal")
+    return _snapshot(x, _stage_value) if _children(x) is not None else x
+
+
+class _Staged:
+    """What a rank writes, taken from the state dict: its pieces (bytes
+    ready), the globals tree copy (coordinator) and its rank-local values."""
+
+    def __init__(self, state_dict, comm, coordinator, copy):
+        leaves = _leaves(state_dict)
+        self.pieces = _pieces(leaves, comm.rank, comm.size)
+        self.data = []
+        for p in self.pieces:
+            t = p.local
+            if copy:
+                t = _staging_copy(t)
+            else:
+                t = _contiguous_cpu(t)
+            self.data.append(t)
+        if copy and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device -> host copies
+        self.globals = _snapshot(state_dict, None) if comm.rank == coordinator else None
+        self.rank_local = {path: (_stage_value(v.value) if copy else v.value)
+                           for path, kind, v in leaves if kind == "local"}
+
+
+def _write_shard(staged, checkpoint_id, comm, sync):
+    """Writes this rank's shard file at ShardPath; raises on failure."""
+    path = _ckpt.dist_shard_path(checkpoint_id, comm.rank, comm.size)
+    w = _ckpt.Writer(path, sync=sync, producer=f"ckpt-python {_ckpt.version}")
+    try:
+        chunks = []
+        for p, t in zip(staged.pieces, staged.data):
+            node = w.add_chunk(p.path, _code(p.dtype, p.path), list(p.global_shape),
+                               list(p.offsets), list(t.shape), _as_bytes(t),
+                               p.replica_index, p.replica_count)
+            if node is not None:
+                chunks.append(node)
+        globals_node = None
+        if staged.globals is not None:
+            globals_node = _GlobalsSaver(w).tree(staged.globals)
+        local_node = None
+        if staged.rank_local:
+            local_node = _Saver(w).tree(staged.rank_local)
+        w.set_shard_root(chunks, globals_node, local_node, comm.rank, comm.size)
+        w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _check_metadata(metadata):
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must be a dict of str to str")
+    return metadata
+
+
+def _commit(comm, checkpoint_id, err, coordinator, overwrite, sync, metadata, cause=None):
+    try:
+        info = _ckpt.dist_commit_save(comm.c, checkpoint_id, err, coordinator,
+                                      overwrite, sync, metadata)
+    except CkptError as e:
+        raise e from cause
+    return CommitInfo(**info)
+
+
+def save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0, *,
+         overwrite=False, sync=True, metadata=None):
+    """Saves `state_dict` as the sharded checkpoint directory
+    `checkpoint_id`, collectively: every rank of `process_group` (default:
+    all) calls it with its own values. The directory appears complete
+    (one rename, by the coordinator) or not at all; every rank returns the
+    same CommitInfo or raises the same error, naming the first rank that
+    failed and why. `overwrite` replaces an existing directory atomically;
+    sync=False skips the fsyncs (tests); `metadata` is str -> str kept in
+    the manifest."""
+    checkpoint_id = os.fspath(checkpoint_id)
+    metadata = _check_metadata(metadata)
+    comm = _Comm(process_group, "sync")
+    err = cause = None
+    try:
+        _write_shard(_Staged(state_dict, comm, coordinator_rank, copy=False),
+                     checkpoint_id, comm, sync)
+    except Exception as e:  # every rank must reach the commit, failed or not
+        err, cause = _error(e), e
+    return _commit(comm, checkpoint_id, err, coordinator_rank, overwrite, sync, metadata, cause)
+
+
+class AsyncSave:
+    """A save in progress (async_save): staged already; written and
+    committed by a background thread."""
+
+    def __init__(self):
+        self._thread = None
+        self._info = None
+        self._exc = None
+
+    def staged(self):
+        """True: the state dict's values were copied when async_save
+        returned, so the caller may change them (the next optimizer step)."""
+        return True
+
+    def done(self):
+        return self._thread is None or not self._thread.is_alive()
+
+    def result(self, timeout=None):
+        """The CommitInfo once committed, or the save's error (the same on
+        every rank). TimeoutError if still running after `timeout` s."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the save is still running after {timeout} s")
+        if self._exc is not None:
+            raise self._exc
+        return self._info
+
+    def _run(self, staged, checkpoint_id, comm, coordinator, overwrite, sync, metadata, err,
+             cause):
+        try:
+            if err is None:
+                try:
+                    _write_shard(staged, checkpoint_id, comm, sync)
+                except Exception as e:
+                    err, cause = _error(e), e
+            self._info = _commit(comm, checkpoint_id, err, coordinator, overwrite, sync,
+                                 metadata, cause)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._exc = e
+
+
+_INFLIGHT = None  # the last AsyncSave started by this process
+_INFLIGHT_LOCK = threading.Lock()
+
+
+def async_save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0, *,
+               overwrite=False, sync=True, metadata=None):
+    """save() in the background: copies every tensor of `state_dict` (CPU
+    ones too) into host staging memory (pinned when CUDA is available) and
+    a copy of its structure, then returns an AsyncSave; a thread writes
+    this rank's shard and commits on a gloo group of its own, so its
+    collectives never interleave with the caller's. Once it returns, the
+    state dict may change. A second async_save first waits for the one
+    before. Errors (of any rank) are raised by result() on every rank."""
+    global _INFLIGHT  # noqa: PLW0603 - one save in flight per process
+    checkpoint_id = os.fspath(checkpoint_id)
+    metadata = _check_metadata(metadata)
+    with _INFLIGHT_LOCK:
+        if _INFLIGHT is not None:
+            _INFLIGHT._thread.join()  # its error stays for its own result()
+        comm = _Comm(process_group, "async")
+        staged = err = cause = None
+        try:
+            staged = _Staged(state_dict, comm, coordinator_rank, copy=True)
+        except Exception as e:  # the thread still takes part in the commit
+            err, cause = _error(e), e
+        h = AsyncSave()
+        h._thread = threading.Thread(
+            target=h._run, name="ckpt.distributed.async_save",
+            args=(staged, checkpoint_id, comm, coordinator_rank, overwrite, sync, metadata,
+                  err, cause))
+        h._thread.start()
+        _INFLIGHT = h
+    return h
+
+
+# ---- loading ----------------------------------------------------------------------
+
+def _agree(comm, err, cause):
+    try:
+        _ckpt.dist_agree(comm.c, err, 0)
+    except CkptError as e:
+        raise e from cause
+
+
+def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=0,
+         coordinator_rank=0):
+    """Loads the sharded checkpoint `checkpoint_id` into `state_dict` in
+    place, collectively. Each tensor-like value is filled with its box of
+    the saved global tensor, whatever the sharding it was saved with
+    (plain tensors whole, Chunk and DTensor their box): only the byte runs
+    of those boxes are read. Other values are replaced by the saved ones;
+    RankLocal values get this rank's `.value` (same world size only).
+    Dtype and global shape must match the saved tensor's. Every rank
+    raises the same error when one fails. `verify` checks the checksum
+    blocks the reads touch. Returns a dict of the load's byte counts
+    (bytes_needed, bytes_read...)."""
+    checkpoint_id = os.fspath(checkpoint_id)
+    comm = _Comm(process_group, "sync")
+    ck = _ckpt.ShardedCheckpoint(checkpoint_id, comm.c, coordinator_rank)  # collective
+    err = cause = stats = None
+    try:
+        stats, fill = _read_pieces(ck, state_dict, comm, verify, threads)
+        _load_trees(ck, state_dict, comm)
+    except Exception as e:
+        err, cause = _error(e), e
+    _agree(comm, err, cause)
+    with torch.no_grad():
+        for dst, src in fill:
+            dst.copy_(src)
+    return stats
+
+
+def _read_pieces(ck, state_dict, comm, verify, threads):
+    manifest = _manifest(ck.manifest())
+    leaves = _leaves(state_dict)
+    wants, fill = [], []
+    for p in _pieces(leaves, comm.rank, comm.size):
+        meta = manifest.tensors.get(p.path)
+        if meta is None:
+            raise NotFoundError(f"{ck.dir}: no tensor '{p.path}' in the checkpoint")
+        if meta.dtype != p.dtype:
+            raise InvalidArgumentError(
+                f"{ck.dir}: tensor '{p.path}' was saved as {meta.dtype}, the state dict "
+                f"holds {p.dtype}")
+        if tuple(meta.shape) != tuple(p.global_shape):
+            raise InvalidArgumentError(
+                f"{ck.dir}: tensor '{p.path}' was saved with shape {tuple(meta.shape)}, "
+                f"the state dict's is {tuple(p.global_shape)}")
+        t = p.local
+        if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided \
+                and not (t.is_conj() or t.is_neg()):
+            buf = t.detach()
+        else:
+            buf = torch.empty(t.shape, dtype=t.dtype)
+            fill.append((t, buf))
+        wants.append((p.path, list(p.offsets), list(t.shape), _as_bytes(buf)))
+    stats = ck.load(wants, verify, threads)
+    return stats, fill
+
+
+def _load_trees(ck, state_dict, comm):
+    """The non-tensor values (globals tree) and this rank's RankLocal values."""
+    manifest = ck.manifest()
+    locals_ = [(path, v) for path, kind, v in _leaves(state_dict) if kind == "local"]
+    if locals_:
+        saved = manifest["world_size"]
+        if saved != comm.size:
+            keys = ", ".join(repr(p) for p, _ in locals_)
+            raise InvalidArgumentError(
+                f"{ck.dir}: rank-local state ({keys}) was saved by {saved} ranks; it cannot "
+                f"be loaded on {comm.size} (load it at world size {saved}, or drop the "
+                "RankLocal values from the state dict)")
+        index = next((i for i, f in enumerate(manifest["files"]) if f["rank"] == comm.rank),
+                     None)
+        if index is None:
+            raise NotFoundError(f"{ck.dir}: no shard file of rank {comm.rank}")
+        reader = ck.open_shard(index)
+        saved_local = _Loader(reader).load("rank_local") if _has(reader, "rank_local") else {}
+        for path, rl in locals_:
+            if path not in saved_local:
+                raise NotFoundError(f"{ck.shard_file_path(index)}: no rank-local value "
+                                    f"'{path}'")
+            rl.value = saved_local[path]
+    reader = ck.open_shard(manifest["globals_file"])
+    saved = _Loader(reader).load("globals") if _has(reader, "globals") else {}
+    _merge(state_dict, saved, "", True, ck.shard_file_path(manifest["globals_file"]))
+
+
+def _has(reader, path):
+    try:
+        reader.kind(path)
+    except NotFoundError:
+        return False
+    return True
+
+
+def _holds_tensors(x):
+    if _kind(x) is not None:
+        return True
+    kids = _children(x)
+    return kids is not None and any(_holds_tensors(v) for _, v, _ in kids)
+
+
+def _merge(dst, src, path, root, file):
+    """Puts the saved non-tensor values of `src` into the containers of
+    `dst`, in place; containers holding tensors are walked, not replaced."""
+    kids = _children(dst)
+    for key, v, seg in kids:
+        if _kind(v) is not None:
+            continue
+        child = _ckpt.child_path(path, root, seg)
+        if isinstance(src, (dict, argparse.Namespace)):
+            s = vars(src) if isinstance(src, argparse.Namespace) else src
+            found, saved = key in s, s.get(key)
+        else:
+            found = isinstance(src, (list, tuple)) and key < len(src)
+            saved = src[key] if found else None
+        if not found:
+            raise NotFoundError(f"{file}: no value '{child}' in the checkpoint's globals tree")
+        if _holds_tensors(v):
+            if _children(saved) is None:
+                raise InvalidArgumentError(
+                    f"{file}: '{child}' is a {type(saved).__name__} in the checkpoint, a "
+                    f"{type(v).__name__} holding tensors in the state dict")
+            _merge(v, saved, child, False, file)
+        elif type(dst) is tuple:
+            pass  # immutable: its non-tensor items stay as they are
+        elif type(dst) is argparse.Namespace:
+            setattr(dst, key, saved)
+        else:
+            dst[key] = saved
+
+
+# ---- whole files <-> sharded directories ---------------------------------------
+
+def consolidate(checkpoint_id, out, *, sync=True):
+    """Writes the sharded checkpoint as one ordinary ckpt file `out`
+    (ckpt.load reads it): each global tensor whole where it sat in the
+    state dict. One process, no group."""
+    _ckpt.dist_consolidate(os.fspath(checkpoint_id), os.fspath(out), sync)
+
+
+def shard(src, checkpoint_id, world_size, dim=0, *, overwrite=False, sync=True):
+    """Writes the ckpt file `src` as a sharded checkpoint of `world_size`
+    ranks, each tensor cut along `dim` (an int, or a dict of tensor path ->
+    dim; -1 = replicated); tensors that cannot be cut go replicated. One
+    process, no group."""
+    dims, default = ({}, int(dim)) if isinstance(dim, int) else (dict(dim), 0)
+    _ckpt.dist_shard_file(os.fspath(src), os.fspath(checkpoint_id), int(world_size),
+                          dims, default, overwrite, sync)
+
+
+def verify(checkpoint_id, threads=0):
+    """Checks the manifest, every shard file against its pin and every
+    checksum; raises the first problem. One process, no group."""
+    _ckpt.ShardedCheckpoint(os.fspath(checkpoint_id)).verify(threads)
+

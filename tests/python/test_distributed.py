@@ -1,0 +1,507 @@
+"""ckpt.distributed under torch.distributed gloo: spawned processes
+(file:// init, start method "spawn"), each loaded box compared BIT FOR BIT
+with the box cut from a single-process reference built from the same seed.
+
+One pool of 4 processes runs every scenario (spawning costs seconds per
+process on 2 cores); each scenario ends with a barrier, records per rank
+"ok" or its traceback, and the test methods read those records. Groups of
+1-3 ranks are gloo subgroups of the 4 made up front in every process.
+DTensor scenarios need torch 2.x and are skipped, visibly, under 1.13.
+"""
+import datetime
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+import unittest
+
+import torch
+import torch.multiprocessing as mp
+
+from util import tensor_bytes
+
+WORLD = 4
+TIMEOUT_S = 240  # the whole pool; a hung collective fails at 60 s instead
+
+# ---- the reference: the same values in every process ---------------------
+
+# name -> (shape, dtype)
+TENSORS = {
+    "w_even": ((8, 5), torch.float32),      # dim 0: even on 1, 2, 4 ranks
+    "w_uneven": ((6, 3), torch.int64),      # dim 0: 6 rows on 4 ranks, one empty
+    "w_col": ((4, 7), torch.bfloat16),      # dim 1
+    "w_grid": ((4, 6), torch.float32),      # 2x2 grid when 4 ranks save
+    "mask": ((3, 4), torch.bool),           # replicated
+    "scalar": ((), torch.float32),          # 0-d, replicated
+    "empty": ((0, 4), torch.float32),       # empty, replicated
+}
+# 0-d and empty tensors have a scenario of their own (sc_zero_d_and_empty).
+EDGE = ("scalar", "empty")
+MAIN = tuple(n for n in TENSORS if n not in EDGE)
+LAYOUT = {"w_even": 0, "w_uneven": 0, "w_col": 1, "w_grid": "grid",
+          "mask": None, "scalar": None, "empty": None}
+
+
+def reference(name):
+    shape, dtype = TENSORS[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)) * 7919)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype == torch.int64:
+        return torch.randint(-2**62, 2**62, shape, generator=g, dtype=torch.int64)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def split(n, parts, i):
+    """[start, end) of part i of n cut in `parts` (ceil-sized blocks, as
+    torch.chunk and DTensor's Shard: trailing parts may be empty)."""
+    size = -(-n // parts) if parts else n
+    start = min(i * size, n)
+    return start, min(start + size, n)
+
+
+def box(name, rank, world, layout=None):
+    """(offsets, sizes) of rank's box of tensor `name` on `world` ranks."""
+    shape = TENSORS[name][0]
+    layout = LAYOUT[name] if layout is None else layout
+    offsets, sizes = [0] * len(shape), list(shape)
+    if layout == "grid" and world == 4:
+        for d, i in ((0, rank // 2), (1, rank % 2)):
+            a, b = split(shape[d], 2, i)
+            offsets[d], sizes[d] = a, b - a
+    elif layout in (0, 1):
+        a, b = split(shape[layout], world, rank)
+        offsets[layout], sizes[layout] = a, b - a
+    elif layout == "grid":  # not 4 ranks: rows
+        a, b = split(shape[0], world, rank)
+        offsets[0], sizes[0] = a, b - a
+    return offsets, sizes
+
+
+def cut(t, offsets, sizes):
+    for d, (o, n) in enumerate(zip(offsets, sizes)):
+        t = t.narrow(d, o, n)
+    return t.contiguous()
+
+
+def state_dict(cdist, rank, world, fill=True, layouts=None, names=MAIN):
+    """The state dict rank `rank` of `world` holds: its boxes (zeros when
+    not `fill`, to be loaded into) and some non-tensor values."""
+    layouts = layouts or {}
+    sd = {"model": {}, "step": 7 if fill else 0, "name": "run" if fill else "",
+          "opt": {"lr": 0.1 if fill else 0.0, "betas": (0.9, 0.99) if fill else (0, 0)}}
+    for name in names:
+        shape, dtype = TENSORS[name]
+        layout = layouts.get(name, LAYOUT[name])
+        ref = reference(name)
+        if layout is None:
+            sd["model"][name] = ref.clone() if fill else torch.zeros(shape, dtype=dtype)
+            continue
+        offsets, sizes = box(name, rank, world, layout)
+        local = cut(ref, offsets, sizes) if fill else torch.zeros(sizes, dtype=dtype)
+        sd["model"][name] = cdist.Chunk(local, shape, offsets)
+    return sd
+
+
+def check_loaded(sd, rank, world, layouts=None, names=MAIN):
+    layouts = layouts or {}
+    for name in names:
+        layout = layouts.get(name, LAYOUT[name])
+        v = sd["model"][name]
+        ref = reference(name)
+        if layout is None:
+            got, want = v, ref
+        else:
+            offsets, sizes = box(name, rank, world, layout)
+            got, want = v.local, cut(ref, offsets, sizes)
+        assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), \
+            (name, got.dtype, got.shape, want.dtype, want.shape)
+        assert tensor_bytes(got) == tensor_bytes(want), f"{name}: values differ"
+    assert sd["step"] == 7 and sd["name"] == "run", sd
+    assert sd["opt"] == {"lr": 0.1, "betas": (0.9, 0.99)}, sd["opt"]
+
+
+# ---- scenarios (run on every rank of the pool) -------------------------------
+
+def _reshard_matrix(ctx, names, tag):
+    cdist, rank = ctx.cdist, ctx.rank
+    for n in range(1, WORLD + 1):
+        d = os.path.join(ctx.tmp, f"{tag}-{n}")
+        if rank < n:
+            info = cdist.save(state_dict(cdist, rank, n, names=names), d, ctx.groups[n],
+                              sync=False)
+            assert info.files == n and info.tensors == len(names), info
+        ctx.barrier()
+        for m in range(1, WORLD + 1):
+            if rank < m:
+                sd = state_dict(cdist, rank, m, fill=False, names=names)
+                stats = cdist.load(sd, d, ctx.groups[m], verify=False)
+                check_loaded(sd, rank, m, names=names)
+                assert stats["bytes_read"] == stats["bytes_needed"], stats
+            ctx.barrier()
+
+
+def sc_reshard(ctx):
+    """Save on N, load on M, N and M in {1, 2, 3, 4}; dim 0 even and uneven,
+    dim 1, grid, replicated; f32/bf16/i64/bool."""
+    _reshard_matrix(ctx, MAIN, "reshard")
+
+
+def sc_zero_d_and_empty(ctx):
+    """The same matrix for a 0-d and an empty tensor (replicated)."""
+    _reshard_matrix(ctx, EDGE, "edge")
+
+
+def sc_dim0_to_dim1(ctx):
+    """Rows saved, columns loaded (and columns saved, rows loaded)."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "rows")
+    cdist.save(state_dict(cdist, rank, WORLD), d, sync=False)
+    flipped = {"w_even": 1, "w_uneven": 1, "w_col": 0, "w_grid": 1}
+    for m in (2, 3):
+        if rank < m:
+            sd = state_dict(cdist, rank, m, fill=False, layouts=flipped)
+            stats = cdist.load(sd, d, ctx.groups[m], verify=True)
+            check_loaded(sd, rank, m, flipped)
+            assert stats["bytes_needed"] <= stats["bytes_read"], stats
+        ctx.barrier()
+
+
+def sc_replicas(ctx):
+    """FSDP x replica: 2 shards of rows, each held by 2 ranks; the bytes
+    are written once (the shard files hold the tensor's bytes once)."""
+    cdist, rank = ctx.cdist, ctx.rank
+    ref = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    shard, replica = rank // 2, rank % 2
+    a, b = split(40, 2, shard)
+    d = os.path.join(ctx.tmp, "replicas")
+    info = cdist.save({"w": cdist.Chunk(ref[a:b].clone(), (40, 6), (a, 0), replica, 2),
+                       "ddp": ref.clone()}, d, sync=False)
+    assert info.tensors == 2, info
+    md = cdist.read_manifest(d)
+    for path in ("w", "ddp"):
+        chunk_bytes = sum(c.length for c in md.tensors[path].chunks)
+        assert chunk_bytes == ref.numel() * 4, (path, chunk_bytes)
+    if rank < 3:
+        lo, hi = split(40, 3, rank)
+        sd = {"w": cdist.Chunk(torch.zeros(hi - lo, 6), (40, 6), (lo, 0)),
+              "ddp": torch.zeros(40, 6)}
+        cdist.load(sd, d, ctx.groups[3])
+        assert torch.equal(sd["w"].local, ref[lo:hi]) and torch.equal(sd["ddp"], ref)
+    ctx.barrier()
+
+
+def sc_rank_local(ctx):
+    """RankLocal values come back per rank at the same world size; at
+    another one the error names the keys and both sizes, on every rank."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "local")
+    cdist.save({"w": torch.ones(3), "rng": cdist.RankLocal({"seed": rank, "t": torch.full(
+        (2,), float(rank))})}, d, sync=False)
+    sd = {"w": torch.zeros(3), "rng": cdist.RankLocal(None)}
+    cdist.load(sd, d)
+    assert sd["rng"].value["seed"] == rank and torch.equal(
+        sd["rng"].value["t"], torch.full((2,), float(rank))), sd["rng"]
+    if rank < 2:
+        try:
+            cdist.load({"w": torch.zeros(3), "rng": cdist.RankLocal(None)}, d, ctx.groups[2])
+        except ctx.ckpt.InvalidArgumentError as e:
+            assert "'rng'" in str(e) and "4 ranks" in str(e) and "on 2" in str(e), str(e)
+        else:
+            raise AssertionError("rank-local state loaded at another world size")
+    ctx.barrier()
+
+
+def sc_failure(ctx):
+    """One rank raising inside save: every rank gets the error naming it,
+    no directory appears (nor its temporary)."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "failed")
+    sd = {"w": torch.ones(4), "mine": cdist.RankLocal(lambda: 0 if rank == 2 else rank)}
+    if rank != 2:
+        sd["mine"] = cdist.RankLocal(rank)
+    try:
+        cdist.save(sd, d, sync=False)
+    except ctx.ckpt.CkptError as e:
+        assert "rank 2" in str(e) and "cannot save" in str(e), str(e)
+    else:
+        raise AssertionError("save succeeded although rank 2 failed")
+    ctx.barrier()
+    assert not os.path.exists(d), os.listdir(ctx.tmp)
+    assert not any(n.startswith(".failed") for n in os.listdir(ctx.tmp)), os.listdir(ctx.tmp)
+    ctx.barrier()  # every rank looked before the next save makes the temporary again
+    # The next save of the same directory works.
+    sd["mine"] = cdist.RankLocal(rank)
+    cdist.save(sd, d, sync=False)
+    ctx.barrier()
+
+
+def sc_async(ctx):
+    """Tensors mutated right after async_save returns are saved with their
+    pre-mutation values; a second async_save waits for the first."""
+    cdist, rank = ctx.cdist, ctx.rank
+    a, b = split(8, WORLD, rank)
+    ref = reference("w_even")
+    sd = {"w": cdist.Chunk(ref[a:b].clone(), (8, 5), (a, 0)), "rep": ref.clone(), "step": 1,
+          "rl": cdist.RankLocal(torch.full((3,), float(rank)))}
+    d1, d2 = os.path.join(ctx.tmp, "async-1"), os.path.join(ctx.tmp, "async-2")
+    h1 = cdist.async_save(sd, d1, sync=False)
+    assert h1.staged()
+    with torch.no_grad():  # the next optimizer step
+        sd["w"].local.add_(1)
+        sd["rep"].mul_(-1)
+        sd["rl"].value.add_(100)
+    sd["step"] = 2
+    h2 = cdist.async_save(sd, d2, sync=False)
+    assert h1.done(), "the second async_save did not wait for the first"
+    i1, i2 = h1.result(), h2.result()
+    assert i1.path.endswith("async-1") and i2.path.endswith("async-2"), (i1, i2)
+    for d, delta, step in ((d1, 0, 1), (d2, 1, 2)):
+        got = {"w": cdist.Chunk(torch.zeros(b - a, 5), (8, 5), (a, 0)), "rep": torch.zeros(8, 5),
+               "step": 0, "rl": cdist.RankLocal(None)}
+        cdist.load(got, d)
+        assert torch.equal(got["w"].local, ref[a:b] + delta), d
+        assert torch.equal(got["rep"], ref * (1 if delta == 0 else -1)), d
+        assert got["step"] == step, got["step"]
+        assert torch.equal(got["rl"].value, torch.full((3,), float(rank) + 100 * delta)), d
+    ctx.barrier()
+
+
+def sc_async_failure(ctx):
+    """An error of one rank inside async_save reaches result() on every rank."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "async-failed")
+    sd = {"w": torch.ones(2), "x": cdist.RankLocal(object() if rank == 1 else 1)}
+    h = cdist.async_save(sd, d, sync=False)
+    try:
+        h.result()
+    except ctx.ckpt.CkptError as e:
+        assert "rank 1" in str(e), str(e)
+    else:
+        raise AssertionError("async save succeeded although rank 1 failed")
+    ctx.barrier()
+    assert not os.path.exists(d)
+
+
+def sc_consolidate(ctx):
+    """The sharded directory as one ordinary file: whole tensors where
+    they sat, the non-tensor values with them."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "reshard-4")  # sc_reshard's 4-rank save
+    if rank == 0:
+        out = os.path.join(ctx.tmp, "whole.ckpt")
+        cdist.consolidate(d, out, sync=False)
+        whole = ctx.ckpt.load(out)
+        for name in MAIN:
+            assert tensor_bytes(whole["model"][name]) == tensor_bytes(reference(name)), name
+        assert whole["step"] == 7 and whole["opt"]["betas"] == (0.9, 0.99), whole
+        cdist.verify(d)
+        md = cdist.read_manifest(d)
+        assert md.world_size == 4 and sorted(md.tensors) == sorted(
+            f"model/{n}" for n in MAIN), md.tensors.keys()
+        assert md.tensors["model/w_grid"].shape == (4, 6)
+        assert len(md.tensors["model/w_grid"].chunks) == 4
+    ctx.barrier()
+
+
+def sc_dtensor(ctx):
+    """DTensor Shard/Replicate on 1-D and 2-D meshes: saved on one layout,
+    loaded on others and as Chunks."""
+    if not ctx.cdist.HAS_DTENSOR:
+        return "skipped"
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    cdist, rank = ctx.cdist, ctx.rank
+    mesh1 = init_device_mesh("cpu", (WORLD,))
+    mesh2 = init_device_mesh("cpu", (2, 2))
+    ref = {"a": reference("w_uneven"), "b": reference("w_even"), "c": reference("w_col")}
+    sd = {"a": distribute_tensor(ref["a"], mesh1, [Shard(0)]),
+          "b": distribute_tensor(ref["b"], mesh2, [Shard(0), Shard(1)]),
+          "c": distribute_tensor(ref["c"], mesh2, [Replicate(), Shard(1)])}
+    d = os.path.join(ctx.tmp, "dtensor")
+    info = cdist.save(sd, d, sync=False)
+    md = cdist.read_manifest(d)
+    # The Replicate() mesh dim's two replicas split each column block by
+    # rows: every byte written once, by both of them.
+    c = md.tensors["c"]
+    assert sum(ch.length for ch in c.chunks) == ref["c"].numel() * 2, c
+    assert len({ch.file for ch in c.chunks}) == 4, c
+    assert info.tensors == 3
+    layouts = [
+        {"a": (mesh1, [Shard(1)]), "b": (mesh1, [Replicate()]), "c": (mesh2, [Shard(0), Shard(1)])},
+        {"a": (mesh2, [Shard(1), Shard(0)]), "b": (mesh2, [Replicate(), Shard(0)]),
+         "c": (mesh1, [Shard(0)])},
+    ]
+    for lay in layouts:
+        got = {k: distribute_tensor(torch.zeros_like(ref[k]), m, p) for k, (m, p) in lay.items()}
+        cdist.load(got, d)
+        for k in got:
+            assert tensor_bytes(got[k].full_tensor()) == tensor_bytes(ref[k]), (k, lay[k])
+    # Plain Chunks read what DTensors wrote.
+    if rank < 3:
+        lo, hi = split(8, 3, rank)
+        got = {"b": cdist.Chunk(torch.zeros(hi - lo, 5), (8, 5), (lo, 0))}
+        cdist.load(got, d, ctx.groups[3])
+        assert torch.equal(got["b"].local, ref["b"][lo:hi])
+    ctx.barrier()
+    return None
+
+
+SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_rank_local, sc_failure,
+             sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
+             sc_zero_d_and_empty]  # last: a failing scenario ends its rank's run
+
+
+class _Ctx:
+    pass
+
+
+def _worker(rank, world, init_file, tmp, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    import ckpt
+    import ckpt.distributed as cdist
+    ctx = _Ctx()
+    ctx.rank, ctx.tmp, ctx.ckpt, ctx.cdist = rank, tmp, ckpt, cdist
+    # Every process makes every subgroup, in the same order (new_group is
+    # collective over the default group).
+    ctx.groups = {n: dist.new_group(list(range(n)), backend="gloo") for n in range(1, world)}
+    ctx.groups[world] = None
+    ctx.barrier = dist.barrier
+    for sc in SCENARIOS:
+        try:
+            r = sc(ctx) or "ok"
+        except BaseException:  # noqa: BLE001 - recorded for the test method
+            r = traceback.format_exc()
+        with open(os.path.join(out, f"{sc.__name__}.{rank}"), "w") as f:
+            f.write(r)
+        if r not in ("ok", "skipped"):
+            # The others may wait in a collective this rank will not make:
+            # its exit closes their connections, so they fail at once too
+            # (instead of at the 60 s timeout), each recording where.
+            os._exit(1)
+    dist.destroy_process_group()
+
+
+def _pool(base):
+    """Runs the pool (in a process of its own, whose __main__ is this file:
+    spawned children re-import the parent's __main__, and run.py's would
+    run the whole suite again). Exit 0 when every worker ended."""
+    import time
+    tmp, out = os.path.join(base, "ck"), os.path.join(base, "out")
+    spawn = mp.get_context("spawn")
+    procs = [spawn.Process(target=_worker, args=(r, WORLD, os.path.join(base, "init"), tmp, out))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    late = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in late:
+        procs[r].kill()
+        print(f"rank {r} ran past {TIMEOUT_S} s", file=sys.stderr)
+    return 1 if late or any(p.exitcode for p in procs) else 0
+
+
+_RESULTS = None  # scenario -> [record of each rank]
+_POOL_ERROR = None
+
+
+def setUpModule():
+    global _RESULTS, _POOL_ERROR  # noqa: PLW0603
+    import subprocess
+    base = tempfile.mkdtemp(prefix="ckpt-dist-")
+    out = os.path.join(base, "out")
+    os.makedirs(os.path.join(base, "ck"))
+    os.makedirs(out)
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--pool", base],
+                           capture_output=True, text=True, timeout=TIMEOUT_S + 60)
+        if r.returncode != 0:
+            _POOL_ERROR = f"exit {r.returncode}: {r.stderr[-4000:]}"
+        _RESULTS = {}
+        for sc in SCENARIOS:
+            recs = []
+            for rank in range(WORLD):
+                p = os.path.join(out, f"{sc.__name__}.{rank}")
+                recs.append(open(p).read() if os.path.exists(p) else f"rank {rank}: no record")
+            _RESULTS[sc.__name__] = recs
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class DistributedTest(unittest.TestCase):
+    def check(self, name):
+        recs = _RESULTS[name]
+        if all(r == "skipped" for r in recs):
+            self.skipTest(f"torch {torch.__version__} has no DTensor")
+        bad = [f"rank {i}:\n{r}" for i, r in enumerate(recs) if r != "ok"]
+        if bad:
+            self.fail("\n".join(bad) + (f"\npool: {_POOL_ERROR}" if _POOL_ERROR else ""))
+
+    def test_reshard_n_to_m(self):
+        self.check("sc_reshard")
+
+    def test_reshard_zero_d_and_empty(self):
+        self.check("sc_zero_d_and_empty")
+
+    def test_dim0_saved_dim1_loaded(self):
+        self.check("sc_dim0_to_dim1")
+
+    def test_replicas_written_once(self):
+        self.check("sc_replicas")
+
+    def test_rank_local(self):
+        self.check("sc_rank_local")
+
+    def test_one_rank_failing(self):
+        self.check("sc_failure")
+
+    def test_async_save(self):
+        self.check("sc_async")
+
+    def test_async_failure(self):
+        self.check("sc_async_failure")
+
+    def test_consolidate_and_manifest(self):
+        self.check("sc_consolidate")
+
+    def test_dtensor(self):
+        self.check("sc_dtensor")
+
+
+class LocalTest(unittest.TestCase):
+    """What needs no group."""
+
+    def test_chunk_checks_its_box(self):
+        import ckpt
+        import ckpt.distributed as cdist
+        with self.assertRaises(ckpt.InvalidArgumentError):
+            cdist.Chunk(torch.zeros(3, 2), (4, 2), (2, 0))
+        with self.assertRaises(ckpt.InvalidArgumentError):
+            cdist.Chunk(torch.zeros(3), (4, 2), (0,))
+        with self.assertRaises(ckpt.InvalidArgumentError):
+            cdist.Chunk(torch.zeros(3), (3,), (0,), replica_index=2, replica_count=2)
+        c = cdist.Chunk(torch.zeros(0, 2), (4, 2), (4, 0))
+        self.assertEqual(c.replica_count, 1)
+
+    def test_lazy_attribute(self):
+        import ckpt
+        self.assertIs(ckpt.distributed, sys.modules["ckpt.distributed"])
+
+    def test_save_without_a_group_is_refused(self):
+        import ckpt
+        import ckpt.distributed as cdist
+        if torch.distributed.is_initialized():
+            self.skipTest("a group is initialized")
+        with self.assertRaises(ckpt.InvalidArgumentError):
+            cdist.save({"w": torch.zeros(1)}, tempfile.gettempdir() + "/never")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--pool"]:
+        sys.exit(_pool(sys.argv[2]))
+    unittest.main()
