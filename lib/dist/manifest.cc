@@ -436,7 +436,7 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> bytes,
   if (std::memcmp(p, kManifestMagic.data(), 8) != 0) {
     return At(Corrupt("bad magic: not a ckpt manifest"), name, 0);
   }
-  // M3 before trusting any field.
+  // M2: the preamble checksum, before any other field is trusted.
   uint64_t stored = LoadLE(p + 40, 8);
   uint64_t computed = Xxh3({p, 40});
   if (stored != computed) {
@@ -445,7 +445,7 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> bytes,
                                HashToHex(computed)),
               name, 40);
   }
-  // M2: versions and flags.
+  // M3: versions, flags, reserved bytes.
   const auto major = static_cast<uint16_t>(LoadLE(p + 8, 2));
   const auto minor = static_cast<uint16_t>(LoadLE(p + 10, 2));
   if (major != kManifestMajor) {
@@ -473,7 +473,7 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> bytes,
               name, 16);
   }
   auto body = bytes.subspan(kManifestPreambleBytes);
-  // M5.
+  // M5: the checksum of the FlatBuffers bytes.
   stored = LoadLE(p + 24, 8);
   computed = Xxh3(body);
   if (stored != computed) {
