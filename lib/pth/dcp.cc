@@ -118,6 +118,233 @@ Status Rebase(const Status& s, const std::string& path, uint64_t base,
                         std::max<int64_t>(s.offset(), 0));
 }
 
+// ---- safetensors headers (SAFETENSORS-format .distcp files) ---------------
+
+// A JSON value, as much of JSON as a safetensors header uses.
+struct Json {
+  enum Kind { kNull, kBool, kNumber, kString, kArray, kObject } kind = kNull;
+  bool is_int = false;  // kNumber: an integer that fits int64
+  int64_t i = 0;
+  std::string s;
+  std::vector<Json> items;                          // kArray
+  std::vector<std::pair<std::string, Json>> pairs;  // kObject
+  const Json* Get(std::string_view key) const {
+    for (const auto& [k, v] : pairs) {
+      if (k == key) return &v;
+    }
+    return nullptr;
+  }
+};
+
+class JsonParser {
+ public:
+  explicit JsonParser(std::string_view text) : t_(text) {}
+  // The whole text as one value; the error says the byte where it failed.
+  Result<Json> Parse() {
+    CKPT_ASSIGN_OR_RETURN(Json v, Value(0));
+    Space();
+    if (p_ != t_.size()) return Fail("text after the value");
+    return v;
+  }
+
+ private:
+  Status Fail(const std::string& why) const {
+    return Corrupt("safetensors header: " + why + " at byte " +
+                   std::to_string(p_));
+  }
+  void Space() {
+    while (p_ < t_.size() && (t_[p_] == ' ' || t_[p_] == '\t' ||
+                              t_[p_] == '\n' || t_[p_] == '\r')) {
+      ++p_;
+    }
+  }
+  bool Eat(char c) {
+    Space();
+    if (p_ < t_.size() && t_[p_] == c) {
+      ++p_;
+      return true;
+    }
+    return false;
+  }
+  Result<Json> Value(int depth) {
+    if (depth > 64) return Fail("nesting deeper than 64");
+    Space();
+    if (p_ >= t_.size()) return Fail("truncated");
+    Json v;
+    const char c = t_[p_];
+    if (c == '{') {
+      ++p_;
+      v.kind = Json::kObject;
+      if (Eat('}')) return v;
+      do {
+        Space();
+        CKPT_ASSIGN_OR_RETURN(std::string k, String());
+        if (!Eat(':')) return Fail("':' expected");
+        CKPT_ASSIGN_OR_RETURN(Json x, Value(depth + 1));
+        v.pairs.emplace_back(std::move(k), std::move(x));
+      } while (Eat(','));
+      if (!Eat('}')) return Fail("'}' expected");
+    } else if (c == '[') {
+      ++p_;
+      v.kind = Json::kArray;
+      if (Eat(']')) return v;
+      do {
+        CKPT_ASSIGN_OR_RETURN(Json x, Value(depth + 1));
+        v.items.push_back(std::move(x));
+      } while (Eat(','));
+      if (!Eat(']')) return Fail("']' expected");
+    } else if (c == '"') {
+      v.kind = Json::kString;
+      CKPT_ASSIGN_OR_RETURN(v.s, String());
+    } else if (t_.substr(p_, 4) == "true" || t_.substr(p_, 4) == "null") {
+      v.kind = t_[p_] == 't' ? Json::kBool : Json::kNull;
+      p_ += 4;
+    } else if (t_.substr(p_, 5) == "false") {
+      v.kind = Json::kBool;
+      p_ += 5;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+      v.kind = Json::kNumber;
+      const size_t start = p_;
+      if (t_[p_] == '-') ++p_;
+      bool digits = p_ < t_.size();
+      while (p_ < t_.size() && std::strchr("0123456789.eE+-", t_[p_])) {
+        if (!(t_[p_] >= '0' && t_[p_] <= '9')) digits = false;
+        ++p_;
+      }
+      const std::string num(t_.substr(start, p_ - start));
+      if (digits && num != "-" && num.size() <= 18) {
+        v.is_int = true;
+        v.i = std::stoll(num);
+      }
+    } else {
+      return Fail("unexpected character");
+    }
+    return v;
+  }
+  Result<std::string> String() {
+    if (p_ >= t_.size() || t_[p_] != '"') return Fail("string expected");
+    ++p_;
+    std::string out;
+    while (true) {
+      if (p_ >= t_.size()) return Fail("unterminated string");
+      const char c = t_[p_++];
+      if (c == '"') return out;
+      if (static_cast<unsigned char>(c) < 0x20) {
+        return Fail("control character in a string");
+      }
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (p_ >= t_.size()) return Fail("unterminated escape");
+      const char e = t_[p_++];
+      switch (e) {
+        case '"':
+        case '\\':
+        case '/':
+          out += e;
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
+        case 'u': {
+          CKPT_ASSIGN_OR_RETURN(uint32_t cp, Hex4());
+          if (cp >= 0xD800 && cp < 0xDC00) {
+            if (t_.substr(p_, 2) != "\\u") return Fail("lone surrogate");
+            p_ += 2;
+            CKPT_ASSIGN_OR_RETURN(uint32_t lo, Hex4());
+            if (lo < 0xDC00 || lo >= 0xE000) return Fail("lone surrogate");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+          } else if (cp >= 0xDC00 && cp < 0xE000) {
+            return Fail("lone surrogate");
+          }
+          AppendUtf8(out, cp);
+          break;
+        }
+        default:
+          return Fail("unknown escape");
+      }
+    }
+  }
+  Result<uint32_t> Hex4() {
+    if (p_ + 4 > t_.size()) return Fail("truncated \\u escape");
+    uint32_t v = 0;
+    for (int k = 0; k < 4; ++k) {
+      const char h = t_[p_++];
+      v <<= 4;
+      if (h >= '0' && h <= '9') {
+        v |= static_cast<uint32_t>(h - '0');
+      } else if (h >= 'a' && h <= 'f') {
+        v |= static_cast<uint32_t>(h - 'a' + 10);
+      } else if (h >= 'A' && h <= 'F') {
+        v |= static_cast<uint32_t>(h - 'A' + 10);
+      } else {
+        return Fail("bad \\u escape");
+      }
+    }
+    return v;
+  }
+  static void AppendUtf8(std::string& out, uint32_t cp) {
+    auto put = [&](uint32_t b) { out += static_cast<char>(b); };
+    if (cp < 0x80) {
+      put(cp);
+    } else if (cp < 0x800) {
+      put(0xC0 | (cp >> 6));
+      put(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      put(0xE0 | (cp >> 12));
+      put(0x80 | ((cp >> 6) & 0x3F));
+      put(0x80 | (cp & 0x3F));
+    } else {
+      put(0xF0 | (cp >> 18));
+      put(0x80 | ((cp >> 12) & 0x3F));
+      put(0x80 | ((cp >> 6) & 0x3F));
+      put(0x80 | (cp & 0x3F));
+    }
+  }
+
+  std::string_view t_;
+  size_t p_ = 0;
+};
+
+// safetensors' dtype names -> ckpt's.
+std::optional<DType> SafetensorsDType(const std::string& name) {
+  static const std::map<std::string, std::string_view> kNames = {
+      {"F64", "float64"},         {"F32", "float32"},
+      {"F16", "float16"},         {"BF16", "bfloat16"},
+      {"I64", "int64"},           {"I32", "int32"},
+      {"I16", "int16"},           {"I8", "int8"},
+      {"U64", "uint64"},          {"U32", "uint32"},
+      {"U16", "uint16"},          {"U8", "uint8"},
+      {"BOOL", "bool"},           {"F8_E4M3", "float8_e4m3fn"},
+      {"F8_E5M2", "float8_e5m2"}, {"C64", "complex64"}};
+  auto it = kNames.find(name);
+  if (it == kNames.end()) return std::nullopt;
+  return DTypeFromName(it->second);
+}
+
+// One safetensors blob of a .distcp file: its header and where its data
+// starts (absolute).
+struct SafetensorsBlob {
+  Json header;
+  uint64_t data_start = 0;
+  uint64_t data_size = 0;
+};
+
+constexpr uint64_t kMaxSafetensorsHeader = 100ull << 20;
+
 struct StorageLoc {
   std::string file;
   uint64_t offset = 0, length = 0;
@@ -143,6 +370,8 @@ class DcpReader {
                             const StorageKey& key);
   Status ReadTensor(const std::string& fqn, const PyObj& md, DcpIndex* out);
   Status LocateChunk(const std::string& fqn, DType dtype, DcpChunk* chunk);
+  Status LocateSafetensors(const std::string& fqn, const std::string& what,
+                           DType dtype, const StorageLoc& loc, DcpChunk* chunk);
   Status CheckCoverage(const DcpTensor& t) const;
 
   std::string dir_;
@@ -150,6 +379,7 @@ class DcpReader {
   std::map<StorageKey, StorageLoc> storage_;
   std::map<std::string, std::string> planner_paths_;
   std::map<std::string, std::shared_ptr<ByteSource>> files_;
+  std::map<std::pair<std::string, uint64_t>, SafetensorsBlob> blobs_;
 };
 
 Result<std::shared_ptr<ByteSource>> DcpReader::File(const std::string& name) {
@@ -304,27 +534,20 @@ Status DcpReader::LocateChunk(const std::string& fqn, DType dtype,
     return std::move(s).WithFile(path).WithOffset(
         static_cast<int64_t>(loc.offset + at));
   };
-  if (loc.length >= 8) {
-    CKPT_ASSIGN_OR_RETURN(
-        Bytes head, src->Read(loc.offset, std::min<uint64_t>(loc.length, 9)));
-    const auto* h = reinterpret_cast<const unsigned char*>(head.data.data());
-    if (std::memcmp(h, "PK\x03\x04", 4) != 0) {
-      if (head.data.size() >= 9 && h[8] == '{') {
-        return fail(InvalidArgument(
-                        what + ": the item is a safetensors header "
-                               "(FileSystemWriter serialization_format="
-                               "SAFETENSORS), whose .metadata offsets do not "
-                               "locate the tensors; torch's FileSystemReader "
-                               "cannot read it either"),
-                    0);
-      }
-      return fail(Corrupt(what + ": the item is not a torch.save archive "
-                                 "(no zip local header)"),
-                  0);
-    }
-  } else {
-    return fail(Corrupt(what + ": the item of " + std::to_string(loc.length) +
-                        " bytes is too short for a torch.save archive"),
+  // A torch.save archive (zip) of the item's length, or a safetensors
+  // blob whose header (8-byte length, then '{') starts at the offset and
+  // runs past the item (which is only the tensor's bytes).
+  CKPT_ASSIGN_OR_RETURN(
+      Bytes head,
+      src->Read(loc.offset, std::min<uint64_t>(src->size() - loc.offset, 9)));
+  const auto* h = reinterpret_cast<const unsigned char*>(head.data.data());
+  if (head.data.size() == 9 && std::memcmp(h, "PK\x03\x04", 4) != 0 &&
+      h[8] == '{') {
+    return LocateSafetensors(fqn, what, dtype, loc, chunk);
+  }
+  if (loc.length < 4 || std::memcmp(h, "PK\x03\x04", 4) != 0) {
+    return fail(Corrupt(what + ": the item is not a torch.save archive "
+                               "(no zip local header)"),
                 0);
   }
   auto window = std::make_shared<WindowSource>(src, loc.offset, loc.length);
@@ -486,6 +709,105 @@ Status DcpReader::LocateChunk(const std::string& fqn, DType dtype,
   auto payload = zip.PayloadOffset(rec);
   if (!payload.ok()) return Rebase(payload.status(), path, loc.offset, what);
   chunk->offset = loc.offset + *payload + first_byte;
+  chunk->length = bytes;
+  return Status::OK();
+}
+
+// FileSystemWriter(serialization_format=SAFETENSORS) writes each file's
+// tensors as one safetensors blob after its byte items, keyed by fqn (one
+// chunk per fqn per file), and gives every tensor item the blob's start
+// as its offset: the blob's header locates the chunk.
+Status DcpReader::LocateSafetensors(const std::string& fqn,
+                                    const std::string& what, DType dtype,
+                                    const StorageLoc& loc, DcpChunk* chunk) {
+  CKPT_ASSIGN_OR_RETURN(auto src, File(loc.file));
+  const std::string path = dir_ + "/" + loc.file;
+  auto at = [&](Status s, uint64_t off) {
+    return std::move(s).WithFile(path).WithOffset(static_cast<int64_t>(off));
+  };
+  auto key = std::make_pair(loc.file, loc.offset);
+  auto it = blobs_.find(key);
+  if (it == blobs_.end()) {
+    CKPT_ASSIGN_OR_RETURN(Bytes len8, src->Read(loc.offset, 8));
+    const auto n = LoadLE<uint64_t>(len8.data.data());
+    if (n > kMaxSafetensorsHeader ||
+        !RangeWithin(loc.offset + 8, n, src->size())) {
+      return at(Corrupt(what + ": safetensors header of " + std::to_string(n) +
+                        " bytes does not fit in the file"),
+                loc.offset);
+    }
+    CKPT_ASSIGN_OR_RETURN(Bytes text, src->Read(loc.offset + 8, n));
+    auto header =
+        JsonParser(
+            std::string_view(reinterpret_cast<const char*>(text.data.data()),
+                             text.data.size()))
+            .Parse();
+    if (!header.ok()) {
+      return at(Corrupt(what + ": " + header.status().message()),
+                loc.offset + 8);
+    }
+    if (header->kind != Json::kObject) {
+      return at(Corrupt(what + ": safetensors header is not an object"),
+                loc.offset + 8);
+    }
+    SafetensorsBlob blob;
+    blob.header = std::move(*header);
+    blob.data_start = loc.offset + 8 + n;
+    blob.data_size = src->size() - blob.data_start;
+    it = blobs_.emplace(key, std::move(blob)).first;
+  }
+  const SafetensorsBlob& blob = it->second;
+  const uint64_t hdr = loc.offset + 8;
+  const Json* e = blob.header.Get(fqn);
+  if (!e || e->kind != Json::kObject) {
+    return at(
+        Corrupt(what + ": the safetensors header has no entry " + Quote(fqn)),
+        hdr);
+  }
+  const Json* dt = e->Get("dtype");
+  const Json* shape = e->Get("shape");
+  const Json* offs = e->Get("data_offsets");
+  if (!dt || dt->kind != Json::kString || !shape ||
+      shape->kind != Json::kArray || !offs || offs->kind != Json::kArray ||
+      offs->items.size() != 2 || !offs->items[0].is_int ||
+      !offs->items[1].is_int) {
+    return at(Corrupt(what + ": safetensors entry " + Quote(fqn) +
+                      " lacks dtype, shape or data_offsets"),
+              hdr);
+  }
+  auto d = SafetensorsDType(dt->s);
+  if (!d || *d != dtype) {
+    return at(
+        InvalidArgument(what + ": the safetensors entry holds " + dt->s +
+                        ", .metadata says " + std::string(DTypeName(dtype))),
+        hdr);
+  }
+  std::vector<int64_t> dims;
+  for (const auto& x : shape->items) {
+    if (!x.is_int) {
+      return at(Corrupt(what + ": safetensors shape is not integers"), hdr);
+    }
+    dims.push_back(x.i);
+  }
+  if (dims != chunk->box.sizes) {
+    return at(InvalidArgument(what + ": the safetensors entry has shape " +
+                              IntsText(dims) + ", the chunk sizes " +
+                              IntsText(chunk->box.sizes)),
+              hdr);
+  }
+  const int64_t b = offs->items[0].i, end = offs->items[1].i;
+  const uint64_t bytes =
+      static_cast<uint64_t>(chunk->box.numel()) * DTypeSize(dtype);
+  if (b < 0 || end < b || static_cast<uint64_t>(end - b) != bytes ||
+      !RangeWithin(static_cast<uint64_t>(b), bytes, blob.data_size)) {
+    return at(
+        Corrupt(what + ": safetensors data_offsets [" + std::to_string(b) +
+                ", " + std::to_string(end) + ") do not hold " +
+                std::to_string(bytes) + " bytes inside the file"),
+        hdr);
+  }
+  chunk->file = loc.file;
+  chunk->offset = blob.data_start + static_cast<uint64_t>(b);
   chunk->length = bytes;
   return Status::OK();
 }

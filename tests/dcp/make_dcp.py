@@ -48,7 +48,16 @@ def write_ref(out, tensors):
             f.write(f"{fqn}\t{path}\t{dtype}\t{shape}\t{name}\n")
 
 
-def single(out):
+def writer(out, fmt):
+    """None: dcp.save's default (TORCH_SAVE items); else a FileSystemWriter
+    with serialization_format=SAFETENSORS."""
+    if fmt is None:
+        return None
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+    return FileSystemWriter(out, serialization_format=SerializationFormat.SAFETENSORS)
+
+
+def single(out, fmt=None):
     g = torch.Generator().manual_seed(1)
     model = {
         "w": torch.randn(3, 4, generator=g),
@@ -62,7 +71,7 @@ def single(out):
     sd = {"model": model, "opt": {"step": 7, "lr": 0.125, "name": "adam"},
           "lst": [1, torch.arange(3, dtype=torch.int64)],
           "a/b": torch.ones(2)}
-    dcp.save(sd, checkpoint_id=out)
+    dcp.save(sd, checkpoint_id=out, storage_writer=writer(out, fmt))
     refs = {f"model.{k}": (f"model/{k}", v) for k, v in model.items()}
     refs["lst.1"] = ("lst/1", sd["lst"][1])
     refs["a/b"] = ("a~1b", sd["a/b"])
@@ -84,7 +93,7 @@ def full_tensors(world):
     return t
 
 
-def rank_main(rank, world, init, out):
+def rank_main(rank, world, init, out, fmt):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -102,16 +111,16 @@ def rank_main(rank, world, init, out):
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2))
         sd["grid"] = distribute_tensor(t["grid"], mesh2, [Shard(0), Shard(1)])
-    dcp.save(sd, checkpoint_id=out)
+    dcp.save(sd, checkpoint_id=out, storage_writer=writer(out, fmt))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def multi(out, world):
+def multi(out, world, fmt=None):
     fd, init = tempfile.mkstemp(prefix="dcp-init-")
     os.close(fd)
     os.unlink(init)
-    mp.start_processes(rank_main, args=(world, "file://" + init, out),
+    mp.start_processes(rank_main, args=(world, "file://" + init, out, fmt),
                        nprocs=world, start_method="spawn")
     t = full_tensors(world)
     refs = {k: (k, v) for k, v in t.items() if k not in ("mask", "plain")}
@@ -220,14 +229,14 @@ def variants(out):
         replace_item(d, md, "t", saved({"x": 1}), "nt.distcp")
     make("notensor", notensor, "not a tensor")
 
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
-    d = os.path.join(out, "variants", "safetensors")
-    try:
-        dcp.save({"t": t}, storage_writer=FileSystemWriter(
-            d, serialization_format=SerializationFormat.SAFETENSORS))
-        expect.append(("safetensors", "SAFETENSORS"))
-    except Exception as e:  # an older torch without the option
-        print("make_dcp: no SAFETENSORS variant:", e)
+    # A SAFETENSORS-format file whose header gives a tensor one byte more.
+    d = os.path.join(out, "variants", "st_offsets")
+    dcp.save({"t": t}, storage_writer=writer(d, "safetensors"))
+    f = os.path.join(d, "__0_0.distcp")
+    raw = open(f, "rb").read()
+    assert raw.count(b'"data_offsets":[0,96]') == 1
+    open(f, "wb").write(raw.replace(b'"data_offsets":[0,96]', b'"data_offsets":[0,97]'))
+    expect.append(("st_offsets", "data_offsets [0, 97)"))
     with open(os.path.join(out, "variants", "expect.txt"), "w") as f:
         for name, why in expect:
             f.write(f"{name}\t{why}\n")
@@ -281,6 +290,9 @@ def main():
     single(os.path.join(out, "single"))
     for w in (2, 4):
         multi(os.path.join(out, f"ranks{w}"), w)
+    # SAFETENSORS-format files (FileSystemWriter serialization_format).
+    single(os.path.join(out, "single_st"), "safetensors")
+    multi(os.path.join(out, "ranks2_st"), 2, "safetensors")
     variants(out)
     hostile(out)
     print("make_dcp: wrote", out)
