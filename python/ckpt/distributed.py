@@ -64,7 +64,7 @@ except ImportError:  # torch 1.13: no DTensor
 
 __all__ = ["save", "load", "async_save", "read_manifest", "Chunk", "RankLocal",
            "AsyncSave", "CommitInfo", "Manifest", "TensorMeta", "ChunkMeta",
-           "consolidate", "shard", "verify", "HAS_DTENSOR"]
+           "consolidate", "shard", "read", "verify", "HAS_DTENSOR"]
 
 HAS_DTENSOR = _DTensor is not None
 
@@ -690,24 +690,41 @@ def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=
     checkpoint_id = os.fspath(checkpoint_id)
     comm = _Comm(process_group, "sync")
     ck = _ckpt.ShardedCheckpoint(checkpoint_id, comm.c, coordinator_rank)  # collective
+    # Two agreements: the first after every check (dtypes, shapes, keys),
+    # so a state dict one rank got wrong leaves every rank's untouched;
+    # the second after the reads (I/O, checksums).
     err = cause = stats = None
     try:
-        stats, fill = _read_pieces(ck, state_dict, comm, verify, threads)
-        _load_trees(ck, state_dict, comm)
+        wants, fill = _plan_pieces(ck, state_dict, comm)
+        assign = _plan_trees(ck, state_dict, comm)
+    except Exception as e:
+        err, cause = _error(e), e
+    _agree(comm, err, cause)
+    try:
+        stats = ck.load(wants, verify, threads)
     except Exception as e:
         err, cause = _error(e), e
     _agree(comm, err, cause)
     with torch.no_grad():
         for dst, src in fill:
             dst.copy_(src)
+    for container, key, value in assign:
+        if type(container) is argparse.Namespace:
+            setattr(container, key, value)
+        elif isinstance(container, RankLocal):
+            container.value = value
+        else:
+            container[key] = value
     return stats
 
 
-def _read_pieces(ck, state_dict, comm, verify, threads):
+def _plan_pieces(ck, state_dict, comm):
+    """The wants (path, offsets, sizes, destination bytes) of the state
+    dict's tensors, checked against the manifest, and the (tensor,
+    buffer) pairs to copy once read (tensors not contiguous on the CPU)."""
     manifest = _manifest(ck.manifest())
-    leaves = _leaves(state_dict)
     wants, fill = [], []
-    for p in _pieces(leaves, comm.rank, comm.size):
+    for p in _pieces(_leaves(state_dict), comm.rank, comm.size):
         meta = manifest.tensors.get(p.path)
         if meta is None:
             raise NotFoundError(f"{ck.dir}: no tensor '{p.path}' in the checkpoint")
@@ -727,13 +744,15 @@ def _read_pieces(ck, state_dict, comm, verify, threads):
             buf = torch.empty(t.shape, dtype=t.dtype)
             fill.append((t, buf))
         wants.append((p.path, list(p.offsets), list(t.shape), _as_bytes(buf)))
-    stats = ck.load(wants, verify, threads)
-    return stats, fill
+    return wants, fill
 
 
-def _load_trees(ck, state_dict, comm):
-    """The non-tensor values (globals tree) and this rank's RankLocal values."""
+def _plan_trees(ck, state_dict, comm):
+    """(container, key, value) of each non-tensor value of the state dict
+    (from the globals tree) and each RankLocal (container the RankLocal,
+    from this rank's shard), to set once every rank has checked."""
     manifest = ck.manifest()
+    assign = []
     locals_ = [(path, v) for path, kind, v in _leaves(state_dict) if kind == "local"]
     if locals_:
         saved = manifest["world_size"]
@@ -753,10 +772,11 @@ def _load_trees(ck, state_dict, comm):
             if path not in saved_local:
                 raise NotFoundError(f"{ck.shard_file_path(index)}: no rank-local value "
                                     f"'{path}'")
-            rl.value = saved_local[path]
+            assign.append((rl, None, saved_local[path]))
     reader = ck.open_shard(manifest["globals_file"])
     saved = _Loader(reader).load("globals") if _has(reader, "globals") else {}
-    _merge(state_dict, saved, "", True, ck.shard_file_path(manifest["globals_file"]))
+    _merge(state_dict, saved, "", True, ck.shard_file_path(manifest["globals_file"]), assign)
+    return assign
 
 
 def _has(reader, path):
@@ -774,11 +794,11 @@ def _holds_tensors(x):
     return kids is not None and any(_holds_tensors(v) for _, v, _ in kids)
 
 
-def _merge(dst, src, path, root, file):
-    """Puts the saved non-tensor values of `src` into the containers of
-    `dst`, in place; containers holding tensors are walked, not replaced."""
-    kids = _children(dst)
-    for key, v, seg in kids:
+def _merge(dst, src, path, root, file, assign):
+    """Adds to `assign` the saved non-tensor values of `src` for the
+    containers of `dst`; containers holding tensors are walked, not
+    replaced."""
+    for key, v, seg in _children(dst):
         if _kind(v) is not None:
             continue
         child = _ckpt.child_path(path, root, seg)
@@ -795,13 +815,9 @@ def _merge(dst, src, path, root, file):
                 raise InvalidArgumentError(
                     f"{file}: '{child}' is a {type(saved).__name__} in the checkpoint, a "
                     f"{type(v).__name__} holding tensors in the state dict")
-            _merge(v, saved, child, False, file)
-        elif type(dst) is tuple:
-            pass  # immutable: its non-tensor items stay as they are
-        elif type(dst) is argparse.Namespace:
-            setattr(dst, key, saved)
-        else:
-            dst[key] = saved
+            _merge(v, saved, child, False, file, assign)
+        elif type(dst) is not tuple:  # a tuple's non-tensor items stay as they are
+            assign.append((dst, key, saved))
 
 
 # ---- whole files <-> sharded directories ---------------------------------------
@@ -821,6 +837,29 @@ def shard(src, checkpoint_id, world_size, dim=0, *, overwrite=False, sync=True):
     dims, default = ({}, int(dim)) if isinstance(dim, int) else (dict(dim), 0)
     _ckpt.dist_shard_file(os.fspath(src), os.fspath(checkpoint_id), int(world_size),
                           dims, default, overwrite, sync)
+
+
+def read(checkpoint_id, path, offsets=None, sizes=None, *, verify=True):
+    """The box (offsets, sizes; default: all) of global tensor `path` as a
+    new CPU tensor, read from only the byte runs it needs. One process, no
+    group (ckpt::dist::ShardedCheckpoint::Read)."""
+    ck = _ckpt.ShardedCheckpoint(os.fspath(checkpoint_id))
+    meta = _manifest(ck.manifest()).tensors.get(path)
+    if meta is None:
+        raise NotFoundError(f"{ck.dir}: no tensor '{path}' in the checkpoint")
+    if not isinstance(meta.dtype, torch.dtype):
+        raise TypeError(f"{ck.dir}: tensor '{path}': dtype {meta.dtype} has no torch "
+                        f"equivalent in torch {torch.__version__}")
+    offsets = [0] * len(meta.shape) if offsets is None else [int(o) for o in offsets]
+    if sizes is None:
+        sizes = [n - o for n, o in zip(meta.shape, offsets)]
+    sizes = [int(n) for n in sizes]
+    region = ck.read(path, offsets, sizes, verify)
+    out = torch.empty(sizes, dtype=meta.dtype)
+    if len(region):
+        src = np.frombuffer(memoryview(region), dtype=np.uint8)
+        _as_bytes(out)[:] = src
+    return out
 
 
 def verify(checkpoint_id, threads=0):

@@ -16,6 +16,7 @@ import tempfile
 import traceback
 import unittest
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -177,8 +178,8 @@ def sc_replicas(ctx):
     a, b = split(40, 2, shard)
     d = os.path.join(ctx.tmp, "replicas")
     info = cdist.save({"w": cdist.Chunk(ref[a:b].clone(), (40, 6), (a, 0), replica, 2),
-                       "ddp": ref.clone()}, d, sync=False)
-    assert info.tensors == 2, info
+                       "ddp": ref.clone(), "arr": np.arange(10, dtype=np.int16)}, d, sync=False)
+    assert info.tensors == 3, info
     md = cdist.read_manifest(d)
     for path in ("w", "ddp"):
         chunk_bytes = sum(c.length for c in md.tensors[path].chunks)
@@ -186,9 +187,10 @@ def sc_replicas(ctx):
     if rank < 3:
         lo, hi = split(40, 3, rank)
         sd = {"w": cdist.Chunk(torch.zeros(hi - lo, 6), (40, 6), (lo, 0)),
-              "ddp": torch.zeros(40, 6)}
+              "ddp": torch.zeros(40, 6), "arr": np.zeros(10, dtype=np.int16)}
         cdist.load(sd, d, ctx.groups[3])
         assert torch.equal(sd["w"].local, ref[lo:hi]) and torch.equal(sd["ddp"], ref)
+        assert (sd["arr"] == np.arange(10)).all(), sd["arr"]
     ctx.barrier()
 
 
@@ -234,6 +236,30 @@ def sc_failure(ctx):
     # The next save of the same directory works.
     sd["mine"] = cdist.RankLocal(rank)
     cdist.save(sd, d, sync=False)
+    ctx.barrier()
+
+
+def sc_load_mismatch(ctx):
+    """One rank's state dict disagreeing with the checkpoint (dtype, then
+    shape, then a missing tensor): every rank raises, naming that rank and
+    the tensor; nothing was copied into the others' tensors."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "replicas")  # sc_replicas's save
+    cases = [({"ddp": torch.zeros(40, 6, dtype=torch.float64)}, "was saved as torch.float32"),
+             ({"ddp": torch.zeros(40, 7)}, "was saved with shape (40, 6)"),
+             ({"nope": torch.zeros(1)}, "no tensor 'nope'")]
+    for bad, why in cases:
+        sd = {"ddp": torch.zeros(40, 6)}
+        if rank == 1:
+            sd = bad
+        try:
+            cdist.load(sd, d)
+        except ctx.ckpt.CkptError as e:
+            assert "rank 1" in str(e) and why in str(e), str(e)
+        else:
+            raise AssertionError(f"loaded although rank 1's state dict is wrong ({why})")
+        if rank != 1:
+            assert not sd["ddp"].any(), "copied into a tensor although the load failed"
     ctx.barrier()
 
 
@@ -302,6 +328,17 @@ def sc_consolidate(ctx):
             f"model/{n}" for n in MAIN), md.tensors.keys()
         assert md.tensors["model/w_grid"].shape == (4, 6)
         assert len(md.tensors["model/w_grid"].chunks) == 4
+        # A box across the grid's four chunks, and a whole tensor, alone.
+        got = cdist.read(d, "model/w_grid", (1, 2), (2, 3))
+        assert tensor_bytes(got) == tensor_bytes(reference("w_grid")[1:3, 2:5]), got
+        got = cdist.read(d, "model/w_col")
+        assert tensor_bytes(got) == tensor_bytes(reference("w_col"))
+        try:
+            cdist.read(d, "model/nope")
+        except ctx.ckpt.NotFoundError as e:
+            assert "model/nope" in str(e), str(e)
+        else:
+            raise AssertionError("read a tensor that is not there")
     ctx.barrier()
 
 
@@ -348,7 +385,8 @@ def sc_dtensor(ctx):
     return None
 
 
-SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_rank_local, sc_failure,
+SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_load_mismatch, sc_rank_local,
+             sc_failure,
              sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
              sc_zero_d_and_empty]  # last: a failing scenario ends its rank's run
 
@@ -453,6 +491,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_replicas_written_once(self):
         self.check("sc_replicas")
+
+    def test_load_mismatch_on_one_rank(self):
+        self.check("sc_load_mismatch")
 
     def test_rank_local(self):
         self.check("sc_rank_local")
