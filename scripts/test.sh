@@ -16,6 +16,11 @@ scripts/check_format.sh
 echo "== build (warnings are errors) and test"
 cmake -S . -B build-test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_WERROR=ON >/dev/null
 cmake --build build-test -j"$jobs"
+# DCP checkpoints written by PyPI's torch, for the DCP reader's tests.
+if [ -x .venv-torch2/bin/python ]; then
+  rm -rf build-test/dcp-fixtures
+  .venv-torch2/bin/python tests/dcp/make_dcp.py build-test/dcp-fixtures | tail -n 1
+fi
 (cd build-test && ctest --output-on-failure -j"$jobs")
 [ "$quick" = 1 ] && exit 0
 
@@ -25,7 +30,7 @@ if [ -x "$t2" ]; then
   "$t2" -c 'import torch; print("torch", torch.__version__)'
   root=$PWD
   suites="test_api test_hardening test_training test_examples test_bigfile test_torch2
-          test_compat test_progress test_distributed"
+          test_compat test_progress test_distributed test_manager"
   for s in $suites; do
     (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
       "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||
@@ -157,14 +162,14 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each"
+  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests 30 s"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz
+  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz manifest_fuzz
   corpus=$(mktemp -d)
   trap 'rm -rf "$corpus"' EXIT
-  mkdir -p "$corpus/ckpt" "$corpus/pth"
+  mkdir -p "$corpus/ckpt" "$corpus/pth" "$corpus/manifest"
   cp tests/data/*.ckpt "$corpus/ckpt/"
   # A stride-0 view of 2^40 elements: walks must stream, never allocate it.
   build-test/tests/make_fixture expand "$corpus/ckpt/expand.ckpt" 1.5
@@ -185,7 +190,15 @@ PYEOF
     build-fuzz/${t%%:*} -max_total_time=60 -max_len=65536 -rss_limit_mb=2048 \
       -print_final_stats=0 "$corpus/${t##*:}" 2>&1 | tail -n 1
   done
-  echo "fuzz: 2 passed, 0 failed"
+  # Seeds for the manifest fuzzer: manifests of a file sharded 1 to 3 ways.
+  for n in 1 3; do
+    build-test/ckpt shard tests/data/golden_v1.ckpt "$corpus/s$n" --ranks "$n" >/dev/null &&
+      cp "$corpus/s$n/MANIFEST.ckptm" "$corpus/manifest/$n.ckptm" ||
+      echo "(ckpt shard failed: manifest fuzzer starts without seeds)"
+  done
+  build-fuzz/manifest_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
+    -print_final_stats=0 "$corpus/manifest" 2>&1 | tail -n 1
+  echo "fuzz: 3 passed, 0 failed"
 else
   echo "fuzz: skipped (clang++ not found)"
 fi

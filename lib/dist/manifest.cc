@@ -382,7 +382,10 @@ flatbuffers::Verifier::Options VerifierOptions(size_t size) {
 Result<std::vector<std::byte>> EncodeManifest(const Manifest& m) {
   Status bad = CheckManifest(m, "manifest");
   if (!bad.ok()) return InvalidArgument(bad.ToString());
-  return SerializeManifest(m);
+  Manifest now = m;  // written as the version this library writes
+  now.version_major = kManifestMajor;
+  now.version_minor = kManifestMinor;
+  return SerializeManifest(now);
 }
 
 std::vector<std::byte> SerializeManifest(const Manifest& m) {
@@ -406,16 +409,18 @@ std::vector<std::byte> SerializeManifest(const Manifest& m) {
                                   m.world_size, m.globals_file, fo, to, mo, po);
   fbm::FinishManifestBuffer(b, root);
   return SealManifest(
-      {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()});
+      {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()},
+      m.version_major, m.version_minor);
 }
 
-std::vector<std::byte> SealManifest(std::span<const std::byte> fb) {
+std::vector<std::byte> SealManifest(std::span<const std::byte> fb,
+                                    uint16_t major, uint16_t minor) {
   std::vector<std::byte> out(kManifestPreambleBytes + fb.size());
   std::memcpy(out.data() + kManifestPreambleBytes, fb.data(), fb.size());
   std::byte* p = out.data();
   std::memcpy(p, kManifestMagic.data(), 8);
-  StoreLE(p + 8, kManifestMajor, 2);
-  StoreLE(p + 10, kManifestMinor, 2);
+  StoreLE(p + 8, major, 2);
+  StoreLE(p + 10, minor, 2);
   StoreLE(p + 12, 0, 4);  // flags
   StoreLE(p + 16, fb.size(), 8);
   StoreLE(p + 24, Xxh3(fb), 8);

@@ -35,7 +35,9 @@ Result<std::vector<std::byte>> EncodeManifest(const Manifest& m);
 std::vector<std::byte> SerializeManifest(const Manifest& m);
 /// A preamble with valid checksums around FlatBuffers bytes (any bytes:
 /// for tests of the Verifier rules).
-std::vector<std::byte> SealManifest(std::span<const std::byte> flatbuffer);
+std::vector<std::byte> SealManifest(std::span<const std::byte> flatbuffer,
+                                    uint16_t major = kManifestMajor,
+                                    uint16_t minor = kManifestMinor);
 
 /// Every rule of SHARDED.md 5: preamble, checksums, Verifier, semantics.
 /// Errors are kCorrupt / kUnsupportedVersion / kChecksumMismatch naming
