@@ -645,8 +645,13 @@ Status DcpReader::LocateChunk(const std::string& fqn, DType dtype,
                 pkl->local_header_offset);
   }
   const PyTensor& t = *r.x().r().tensor;
+  auto rit = t.storage ? records.find(t.storage->key) : records.end();
+  if (rit == records.end()) {
+    return fail(Corrupt(what + ": the item's tensor has no storage record"),
+                pkl->local_header_offset);
+  }
   const PyStorage& st = *t.storage;
-  const ZipEntry& rec = *records.at(st.key);
+  const ZipEntry& rec = *rit->second;
   const uint64_t at = rec.local_header_offset;
   if (t.dtype != dtype) {
     return fail(

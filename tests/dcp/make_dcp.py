@@ -6,6 +6,10 @@ Run with a torch 2.x python: make_dcp.py OUT. Under OUT:
   ranks2/ ranks4/  spawned gloo processes (file:// init), DTensors sharded
                  by rows, by columns (uneven: 6 rows on 4 ranks), a 2x2
                  grid (4 ranks), replicated DTensors and plain tensors
+  single_st/ ranks2_st/  the same as SAFETENSORS-format files
+                 (FileSystemWriter serialization_format=SAFETENSORS)
+  per_item/      single/'s state dict, one file per item
+                 (FileSystemWriter single_file_per_rank=False)
   <dir>/ref.txt  one line per tensor: fqn TAB path TAB dtype TAB shape
                  (comma-separated) TAB file of its full raw bytes (C order)
   variants/NAME/ a copy of a small DCP dir with one thing changed that the
@@ -49,11 +53,14 @@ def write_ref(out, tensors):
 
 
 def writer(out, fmt):
-    """None: dcp.save's default (TORCH_SAVE items); else a FileSystemWriter
-    with serialization_format=SAFETENSORS."""
+    """None: dcp.save's default (TORCH_SAVE items, one file per rank);
+    "safetensors": serialization_format=SAFETENSORS; "per_item": one file
+    per item."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
     if fmt is None:
         return None
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+    if fmt == "per_item":
+        return FileSystemWriter(out, single_file_per_rank=False)
     return FileSystemWriter(out, serialization_format=SerializationFormat.SAFETENSORS)
 
 
@@ -278,6 +285,17 @@ def hostile(out):
         with open(os.path.join(h, "getattr.metadata"), "wb") as g:
             g.write(raw)
         f.write("getattr\tgetattr on a 'torch.Size'\n")
+        # getattr on DCP's enum, but not for one of its members.
+        raw = (b"\x80\x02cbuiltins\ngetattr\n"
+               b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
+               b"X\t\x00\x00\x00__class__\x86R.")
+        with open(os.path.join(h, "enum_attr.metadata"), "wb") as g:
+            g.write(raw)
+        f.write("enum_attr\t_MEM_FORMAT_ENCODING has no member '__class__'\n")
+        # A storage class: data in a .pth, nothing DCP metadata holds.
+        with open(os.path.join(h, "storage.metadata"), "wb") as g:
+            g.write(b"\x80\x02ctorch\nFloatStorage\n.")
+        f.write("storage\tforbidden global 'torch FloatStorage'\n")
     torch.save({"md": load_md(os.path.join(out, "single"))},
                os.path.join(h, "dcp_class.pth"))
 
@@ -293,6 +311,7 @@ def main():
     # SAFETENSORS-format files (FileSystemWriter serialization_format).
     single(os.path.join(out, "single_st"), "safetensors")
     multi(os.path.join(out, "ranks2_st"), 2, "safetensors")
+    single(os.path.join(out, "per_item"), "per_item")
     variants(out)
     hostile(out)
     print("make_dcp: wrote", out)
