@@ -480,14 +480,36 @@ def _snapshot(x, stage):
     return x
 
 
-def _staging_copy(t):
+# Staging buffers of the last async_save, free once it finished, reused
+# by the next (async saves run one at a time): pinned memory is slow to
+# allocate and fresh pages fault on first write, so a training loop's
+# saves copy into memory already mapped. (dtype, shape) -> [tensor].
+_STAGING = {}
+_STAGING_LOCK = threading.Lock()
+
+
+def _staging_copy(t, pool=None):
     """A copy of a tensor in host memory (pinned when CUDA is there) that
-    nothing else references: the caller may change the original."""
+    nothing else references: the caller may change the original. From
+    `pool` (a _STAGING) when it has a buffer of that dtype and shape."""
     pin = torch.cuda.is_available()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    out = None
+    if pool is not None:
+        free = pool.get((t.dtype, tuple(t.shape)))
+        if free:
+            out = free.pop()
+    if out is None:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
     with torch.no_grad():
         out.copy_(t.detach(), non_blocking=pin and t.is_cuda)
     return out
+
+
+def _release_staging(buffers):
+    with _STAGING_LOCK:
+        _STAGING.clear()  # what the last save did not need goes
+        for b in buffers:
+            _STAGING.setdefault((b.dtype, tuple(b.shape)), []).append(b)
 
 
 def _stage_value(x):
@@ -511,13 +533,11 @@ class _Staged:
         leaves = _leaves(state_dict)
         self.pieces = _pieces(leaves, comm.rank, comm.size)
         self.data = []
+        if copy:
+            with _STAGING_LOCK:
+                pool = {k: list(v) for k, v in _STAGING.items()}
         for p in self.pieces:
-            t = p.local
-            if copy:
-                t = _staging_copy(t)
-            else:
-                t = _contiguous_cpu(t)
-            self.data.append(t)
+            self.data.append(_staging_copy(p.local, pool) if copy else _contiguous_cpu(p.local))
         if copy and torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device -> host copies
         self.globals = _snapshot(state_dict, None) if comm.rank == coordinator else None
@@ -629,6 +649,9 @@ class AsyncSave:
                                  metadata, cause)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._exc = e
+        finally:
+            if staged is not None:
+                _release_staging(staged.data)
 
 
 _INFLIGHT = None  # the last AsyncSave started by this process

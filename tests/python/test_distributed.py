@@ -158,7 +158,12 @@ def sc_dim0_to_dim1(ctx):
     """Rows saved, columns loaded (and columns saved, rows loaded)."""
     cdist, rank = ctx.cdist, ctx.rank
     d = os.path.join(ctx.tmp, "rows")
-    cdist.save(state_dict(cdist, rank, WORLD), d, sync=False)
+    # Coordinator 3 writes the globals tree, the manifest and commits.
+    cdist.save(state_dict(cdist, rank, WORLD), d, coordinator_rank=3, sync=False,
+               metadata={"step": "200"})
+    md = cdist.read_manifest(d)
+    assert md.metadata.get("step") == "200", md.metadata
+    assert md.files[md.globals_file]["rank"] == 3, (md.globals_file, md.files)
     flipped = {"w_even": 1, "w_uneven": 1, "w_col": 0, "w_grid": 1}
     for m in (2, 3):
         if rank < m:
@@ -212,6 +217,18 @@ def sc_rank_local(ctx):
             assert "'rng'" in str(e) and "4 ranks" in str(e) and "on 2" in str(e), str(e)
         else:
             raise AssertionError("rank-local state loaded at another world size")
+    ctx.barrier()
+    # An existing directory is refused on every rank, or replaced whole.
+    try:
+        cdist.save({"w": torch.ones(3)}, d, sync=False)
+    except ctx.ckpt.CkptError as e:
+        assert d in str(e), str(e)
+    else:
+        raise AssertionError("saved over an existing checkpoint without overwrite")
+    cdist.save({"w": torch.full((3,), 2.0)}, d, overwrite=True, sync=False)
+    sd = {"w": torch.zeros(3)}
+    cdist.load(sd, d)
+    assert torch.equal(sd["w"], torch.full((3,), 2.0)), sd
     ctx.barrier()
 
 
@@ -282,6 +299,11 @@ def sc_async(ctx):
     h2 = cdist.async_save(sd, d2, sync=False)
     assert h1.done(), "the second async_save did not wait for the first"
     i1, i2 = h1.result(), h2.result()
+    # The second save staged into the first one's buffers (same shapes).
+    ptrs = {b.data_ptr() for bufs in cdist._STAGING.values() for b in bufs}
+    h3 = cdist.async_save(sd, os.path.join(ctx.tmp, "async-3"), sync=False)
+    h3.result()
+    assert ptrs and ptrs == {b.data_ptr() for bufs in cdist._STAGING.values() for b in bufs}
     assert i1.path.endswith("async-1") and i2.path.endswith("async-2"), (i1, i2)
     for d, delta, step in ((d1, 0, 1), (d2, 1, 2)):
         got = {"w": cdist.Chunk(torch.zeros(b - a, 5), (8, 5), (a, 0)), "rep": torch.zeros(8, 5),
