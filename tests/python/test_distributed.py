@@ -8,6 +8,8 @@ process on 2 cores); each scenario ends with a barrier, records per rank
 1-3 ranks are gloo subgroups of the 4 made up front in every process.
 DTensor scenarios need torch 2.x and are skipped, visibly, under 1.13.
 """
+import argparse
+import collections
 import datetime
 import os
 import shutil
@@ -256,6 +258,38 @@ def sc_failure(ctx):
     ctx.barrier()
 
 
+def _optimizer_like(fill):
+    z = (lambda t: t) if fill else torch.zeros_like
+    return {"opt": {"state": {0: {"exp_avg": z(torch.arange(3.0)), "step": 4 if fill else 0},
+                              1: {"exp_avg": z(torch.full((2,), 2.0))}},
+                    "param_groups": [{"lr": 0.1 if fill else 0.0, "params": [0, 1] if fill else []}]},
+            "ns": argparse.Namespace(a=1 if fill else 0, t=z(torch.arange(3))),
+            "tup": (z(torch.ones(2)), "x" if fill else "y"),
+            "od": collections.OrderedDict(b=2 if fill else 0, a=z(torch.ones(1))),
+            "a/b": z(torch.ones(1)), "dtype": torch.float16 if fill else None}
+
+
+def sc_structures(ctx):
+    """An optimizer-like state dict (int keys), a Namespace, a tuple, an
+    OrderedDict, a key with '/': tensors filled in place, other values
+    replaced (a tuple's own items stay), paths as ckpt.save gives them."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "structures")
+    if rank < 2:
+        cdist.save(_optimizer_like(True), d, ctx.groups[2], sync=False)
+    ctx.barrier()
+    if rank < 3:
+        got = _optimizer_like(False)
+        cdist.load(got, d, ctx.groups[3])
+        want = _optimizer_like(True)
+        want["tup"] = (want["tup"][0], "y")
+        assert repr(got) == repr(want), (got, want)
+        assert type(got["od"]) is collections.OrderedDict and type(got["ns"]) is argparse.Namespace
+        names = ctx.ckpt.flatten(_optimizer_like(True))
+        assert sorted(cdist.read_manifest(d).tensors) == sorted(names), names
+    ctx.barrier()
+
+
 def sc_load_mismatch(ctx):
     """One rank's state dict disagreeing with the checkpoint (dtype, then
     shape, then a missing tensor): every rank raises, naming that rank and
@@ -407,7 +441,8 @@ def sc_dtensor(ctx):
     return None
 
 
-SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_load_mismatch, sc_rank_local,
+SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
+             sc_rank_local,
              sc_failure,
              sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
              sc_zero_d_and_empty]  # last: a failing scenario ends its rank's run
@@ -513,6 +548,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_replicas_written_once(self):
         self.check("sc_replicas")
+
+    def test_structures(self):
+        self.check("sc_structures")
 
     def test_load_mismatch_on_one_rank(self):
         self.check("sc_load_mismatch")
