@@ -599,14 +599,14 @@ def save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0, *,
     sync=False skips the fsyncs (tests); `metadata` is str -> str kept in
     the manifest."""
     checkpoint_id = os.fspath(checkpoint_id)
-    metadata = _check_metadata(metadata)
     comm = _Comm(process_group, "sync")
     err = cause = None
-    try:
+    try:  # every rank must reach the commit, failed or not
+        metadata = _check_metadata(metadata)
         _write_shard(_Staged(state_dict, comm, coordinator_rank, copy=False),
                      checkpoint_id, comm, sync)
-    except Exception as e:  # every rank must reach the commit, failed or not
-        err, cause = _error(e), e
+    except Exception as e:
+        err, cause, metadata = _error(e), e, {}
     return _commit(comm, checkpoint_id, err, coordinator_rank, overwrite, sync, metadata, cause)
 
 
@@ -669,16 +669,16 @@ def async_save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0
     before. Errors (of any rank) are raised by result() on every rank."""
     global _INFLIGHT  # noqa: PLW0603 - one save in flight per process
     checkpoint_id = os.fspath(checkpoint_id)
-    metadata = _check_metadata(metadata)
     with _INFLIGHT_LOCK:
         if _INFLIGHT is not None:
             _INFLIGHT._thread.join()  # its error stays for its own result()
         comm = _Comm(process_group, "async")
         staged = err = cause = None
         try:
+            metadata = _check_metadata(metadata)
             staged = _Staged(state_dict, comm, coordinator_rank, copy=True)
         except Exception as e:  # the thread still takes part in the commit
-            err, cause = _error(e), e
+            err, cause, metadata = _error(e), e, {}
         h = AsyncSave()
         h._thread = threading.Thread(
             target=h._run, name="ckpt.distributed.async_save",
