@@ -105,12 +105,37 @@ PYEOF
   [ "$("$CKPT" get "$T/c$n.ckpt" layers/1/k)" = 3 ] && ok || bad "nested values come back ($n)"
 done
 
+# cat and get read a sharded DIR directly, as they read a file.
+same_tensors "$T/in.ckpt" "$T/s3" "cat DIR on 3 ranks"
+expect_rc 0 "cat DIR --rows" "$CKPT" cat "$T/s4" model/w --rows 1:5
+"$CKPT" cat "$T/in.ckpt" model/w --rows 1:5 | cmp -s - "$T/out" && ok || bad "cat DIR --rows bytes"
+expect_rc 0 "cat DIR --rows :0" "$CKPT" cat "$T/s4" model/w --rows 3:3
+[ ! -s "$T/out" ] && ok || bad "cat DIR empty rows"
+expect_rc 1 "cat DIR rows out of range" "$CKPT" cat "$T/s4" model/w --rows 0:7
+grep -q "model/w" "$T/err" && ok || bad "cat DIR rows error names the tensor"
+expect_rc 1 "cat DIR --rows on 0-d" "$CKPT" cat "$T/s4" scale --rows 0:1
+expect_rc 2 "cat DIR bad --rows" "$CKPT" cat "$T/s4" model/w --rows x
+expect_rc 1 "cat DIR missing tensor" "$CKPT" cat "$T/s4" nope
+grep -q "'nope'" "$T/err" && ok || bad "cat DIR names the missing tensor"
+[ "$("$CKPT" get "$T/s4" epoch)" = 7 ] && ok || bad "get DIR value"
+[ "$("$CKPT" get "$T/s4" opt/betas)" = "[0.9, 0.99]" ] && ok || bad "get DIR nested: $("$CKPT" get "$T/s4" opt/betas)"
+[ "$("$CKPT" get "$T/s4" model/w)" = "$("$CKPT" get "$T/in.ckpt" model/w)" ] && ok || bad "get DIR shows a global tensor as a file does: $("$CKPT" get "$T/s4" model/w)"
+[ "$("$CKPT" get "$T/s4" layers)" = "$("$CKPT" get "$T/in.ckpt" layers)" ] && ok || bad "get DIR container with a tensor: $("$CKPT" get "$T/s4" layers)"
+expect_rc 1 "get DIR missing path" "$CKPT" get "$T/s4" nope/x
+"$CKPT" inspect --json "$T/s4" | $PY -c '
+import json, sys
+d = json.load(sys.stdin); t = d["tree"]
+assert t["epoch"] == 7 and t["model"]["w"] == {"$tensor": "model/w", "dtype": "float32", "shape": [6, 4]}, t
+assert t["a/b"]["$tensor"] == "a~1b", t' && ok || bad "inspect --json DIR tree"
+
 # inspect DIR, human form.
 expect_rc 0 "inspect DIR" "$CKPT" inspect "$T/s4"
 grep -q "sharded ckpt (manifest .*), 4 ranks, 4 files" "$T/out" && ok || bad "inspect DIR summary: $(head -1 "$T/out")"
 grep -q "^  model/w  float32 \[6, 4\]  96 B  chunks per rank \[1, 1, 1, 1\]$" "$T/out" && ok || bad "inspect DIR tensor line: $(grep model/w "$T/out")"
 grep -q "^  shard-00000-of-00004.ckpt  rank 0 " "$T/out" && ok || bad "inspect DIR file line"
 grep -q "^  note = fixture$" "$T/out" && ok || bad "inspect DIR metadata (the input's)"
+grep -q "^values:" "$T/out" && grep -q "^  epoch = 7$" "$T/out" && grep -q "^  layers/1/k = 3$" "$T/out" && ok || bad "inspect DIR lists the values"
+grep -q "^  model/w = " "$T/out" && bad "inspect DIR lists a placeholder as a value" || ok
 
 # --dim GLOB=D and replication.
 expect_rc 0 "shard --dim GLOB=D" "$CKPT" shard "$T/in.ckpt" "$T/tp" --ranks 2 --dim 'model/*=1' --dim -1
@@ -190,6 +215,14 @@ cp -r "$T/s4" "$T/other"
 "$CKPT" shard "$T/in.ckpt" "$T/s4x" --ranks 4 --dim 1 >/dev/null
 cp "$T/s4x/shard-00001-of-00004.ckpt" "$T/other/shard-00001-of-00004.ckpt"
 expect_rc 1 "verify another save's shard" "$CKPT" verify "$T/other"
+
+# A tensor larger than cat's 16 MiB box, cut on its last dim: rows are
+# read in boxes of dim 1 from both shards.
+"$FIX" big "$T/big.ckpt"
+expect_rc 0 "shard big" "$CKPT" shard "$T/big.ckpt" "$T/bigd" --ranks 2 --dim 2
+cmp -s <("$CKPT" cat "$T/big.ckpt" big) <("$CKPT" cat "$T/bigd" big) && ok || bad "cat DIR of a large tensor"
+cmp -s <("$CKPT" cat "$T/big.ckpt" big --rows 1:2) <("$CKPT" cat "$T/bigd" big --rows 1:2) && ok || bad "cat DIR --rows of a large tensor"
+rm -rf "$T/big.ckpt" "$T/bigd"
 
 # Files keep working as before.
 expect_rc 0 "verify FILE" "$CKPT" verify "$T/in.ckpt"

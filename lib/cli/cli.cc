@@ -48,8 +48,8 @@ const char* kMainHelp =
     "\n"
     "Commands:\n"
     "  inspect FILE|DIR [--json]    summary of tensors, storages, values\n"
-    "  cat FILE PATH [--rows A:B]   raw little-endian elements to stdout\n"
-    "  get FILE PATH                the value at PATH in the tree, as JSON\n"
+    "  cat FILE|DIR PATH [--rows A:B]  raw little-endian elements to stdout\n"
+    "  get FILE|DIR PATH            the value at PATH in the tree, as JSON\n"
     "  verify FILE|DIR              check structure and every checksum\n"
     "  diff A B                     tensors and values that differ\n"
     "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
@@ -82,19 +82,21 @@ const char* kInspectHelp =
     "boxes}], \"totals\", ...} (docs/CLI.md).\n";
 
 const char* kCatHelp =
-    "usage: ckpt cat FILE PATH [--rows A:B]\n"
+    "usage: ckpt cat FILE|DIR PATH [--rows A:B]\n"
     "\n"
     "Writes the elements of the tensor at PATH to stdout in row-major\n"
     "contiguous order, little-endian. --rows A:B writes only rows [A, B) of\n"
-    "dim 0 (A or B may be omitted: ':B', 'A:').\n";
+    "dim 0 (A or B may be omitted: ':B', 'A:'). For a sharded checkpoint\n"
+    "DIR, the global tensor at PATH, read from the shards that hold it.\n";
 
 const char* kGetHelp =
-    "usage: ckpt get FILE PATH\n"
+    "usage: ckpt get FILE|DIR PATH\n"
     "\n"
     "Prints the value at PATH in the object tree as JSON: scalars (int,\n"
     "float, string, bool, null) as themselves; containers as arrays and\n"
     "objects; tensors as {\"$tensor\": path, \"dtype\", \"shape\"}. The empty\n"
-    "path '' is the root.\n";
+    "path '' is the root. For a sharded checkpoint DIR, the value in the\n"
+    "saved state dict; its global tensors show as {\"$tensor\": ...} too.\n";
 
 const char* kVerifyHelp =
     "usage: ckpt verify FILE|DIR [--threads N] [--pread]\n"
@@ -303,8 +305,47 @@ DirTotals TotalsOf(const ckpt::dist::ShardedCheckpoint& ck) {
   return t;
 }
 
+// A global tensor's placeholder in a globals tree (docs/SHARDED.md 3).
+bool IsPlaceholder(const Value& v) {
+  return v.kind() == ValueKind::kDict && v.size() == 0 &&
+         v.type_name() == "ckpt.dist.GlobalTensor";
+}
+
+// Shows placeholders in JSON as the tensors they stand for, in the form a
+// file's tensors take: {"$tensor": path, "dtype", "shape"}.
+ckpt::tool::ValueJsonHook PlaceholderJson(const ckpt::dist::Manifest& m) {
+  return [&m](std::string& out, const Value& v, const std::string& path) {
+    if (!IsPlaceholder(v)) return false;
+    const auto* t = m.Find(path);
+    out += "{\"$tensor\": ";
+    ckpt::tool::AppendJsonString(out, path);
+    if (t != nullptr) {
+      out += ", \"dtype\": \"" + std::string(ckpt::DTypeName(t->dtype)) +
+             "\", \"shape\": " + Dims(t->shape);
+    }
+    out += "}";
+    return true;
+  };
+}
+
+// The globals tree (the saved state dict's structure and values), or
+// nullopt when no rank wrote one.
+ckpt::Result<std::optional<Value>> GlobalsOf(
+    const ckpt::dist::ShardedCheckpoint& ck) {
+  const auto& m = ck.manifest();
+  if (m.globals_file >= m.files.size()) return std::optional<Value>();
+  CKPT_ASSIGN_OR_RETURN(Checkpoint g, ck.OpenShard(m.globals_file));
+  // A Value keeps its file open by itself.
+  if (g.root().kind() == ValueKind::kDict) {
+    if (auto v = g.root().Child("globals"); v.ok())
+      return std::optional<Value>(*v);
+  }
+  return std::optional<Value>();
+}
+
 // `inspect DIR --json`: one object (docs/CLI.md, "inspect DIR --json").
-std::string InspectDirJson(const ckpt::dist::ShardedCheckpoint& ck) {
+std::string InspectDirJson(const ckpt::dist::ShardedCheckpoint& ck,
+                           const std::optional<Value>& globals) {
   using ckpt::tool::AppendJsonString;
   const auto& m = ck.manifest();
   const DirTotals tot = TotalsOf(ck);
@@ -365,13 +406,21 @@ std::string InspectDirJson(const ckpt::dist::ShardedCheckpoint& ck) {
          ", \"tensor_bytes\": " + std::to_string(tot.tensor_bytes) +
          ", \"files\": " + std::to_string(m.files.size()) +
          ", \"file_bytes\": " +
-         std::to_string(tot.shard_bytes + tot.manifest_bytes) + "}}\n";
+         std::to_string(tot.shard_bytes + tot.manifest_bytes) + "}";
+  out += ", \"tree\": ";
+  if (globals) {
+    ckpt::tool::AppendValueJson(out, *globals, "", true, PlaceholderJson(m));
+  } else {
+    out += "null";
+  }
+  out += "}\n";
   return out;
 }
 
 // `inspect DIR`: a summary, metadata, one line per shard file and per
 // global tensor.
-std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck) {
+std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck,
+                           const std::optional<Value>& globals) {
   const auto& m = ck.manifest();
   const DirTotals tot = TotalsOf(ck);
   std::string out;
@@ -414,13 +463,24 @@ std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck) {
            std::string(ckpt::DTypeName(t.dtype)) + " " + Dims(t.shape) + "  " +
            HumanBytes(t.nbytes()) + "  " + dist + "\n";
   }
+  std::string values;
+  if (globals) {
+    ForEachLeaf(*globals, "", true, [&](const std::string& p, const Value& v) {
+      if (IsPlaceholder(v)) return;
+      values += "  " + (p.empty() ? std::string("(root)") : p) + " = " +
+                ValueJson(v) + "\n";
+    });
+  }
+  if (!values.empty()) out += "values:\n" + values;
   return out;
 }
 
 int InspectDir(const std::string& dir, bool json) {
   auto ck = OpenDir(dir);
   if (!ck.ok()) return Fail(ck.status());
-  Print(json ? InspectDirJson(*ck) : InspectDirText(*ck));
+  auto globals = GlobalsOf(*ck);
+  if (!globals.ok()) return Fail(globals.status());
+  Print(json ? InspectDirJson(*ck, *globals) : InspectDirText(*ck, *globals));
   return kExitOk;
 }
 
@@ -769,6 +829,123 @@ int Inspect(const std::vector<std::string>& args) {
 // ---- cat
 // ------------------------------------------------------------------------
 
+// `cat DIR PATH [--rows A:B]`: the global tensor's rows, read box by box
+// (about 16 MiB each) from the shards that hold them, in row-major order.
+int CatDir(const std::string& dir, const std::string& path,
+           std::optional<std::string> rows) {
+  auto ck = OpenDir(dir);
+  if (!ck.ok()) return Fail(ck.status());
+  const auto* t = ck->manifest().Find(path);
+  if (t == nullptr) {
+    return Fail(
+        ckpt::NotFound("no such global tensor").WithFile(dir).WithTensor(path));
+  }
+  const size_t ndim = t->shape.size();
+  int64_t a = 0, b = ndim ? t->shape[0] : 1;
+  if (rows) {
+    if (ndim == 0) {
+      return Fail(
+          ckpt::InvalidArgument("--rows on a 0-dim tensor").WithTensor(path));
+    }
+    const size_t colon = rows->find(':');
+    const std::string as = rows->substr(0, colon),
+                      bs = colon == std::string::npos ? ""
+                                                      : rows->substr(colon + 1);
+    if (colon == std::string::npos || (!as.empty() && !ParseInt(as, &a)) ||
+        (!bs.empty() && !ParseInt(bs, &b))) {
+      return Usage(kCatHelp, "--rows takes integers A:B, got '" + *rows + "'");
+    }
+    if (a < 0 || b < a || b > t->shape[0]) {
+      return Fail(ckpt::InvalidArgument("rows " + std::to_string(a) + ":" +
+                                        std::to_string(b) + " outside [0, " +
+                                        std::to_string(t->shape[0]) + "]")
+                      .WithTensor(path));
+    }
+  }
+  const uint64_t el = ckpt::DTypeSize(t->dtype);
+  uint64_t row_bytes = el;  // one index of dim 0
+  for (size_t d = 1; d < ndim; ++d)
+    row_bytes *= static_cast<uint64_t>(t->shape[d]);
+  if (row_bytes == 0 || a == b) return kExitOk;
+  // Whole rows per box where they fit; one row, dim 1 in blocks, where a
+  // row is larger (then rows are walked one at a time).
+  constexpr uint64_t kBox = 16u << 20;
+  ckpt::Box box;
+  box.offsets.assign(ndim, 0);
+  box.sizes = t->shape;
+  const int64_t step =
+      static_cast<int64_t>(std::max<uint64_t>(1, kBox / row_bytes));
+  const bool split_rows = ndim >= 2 && row_bytes > kBox;
+  const uint64_t inner = split_rows
+                             ? row_bytes / static_cast<uint64_t>(t->shape[1])
+                             : row_bytes;  // one index of dim 1
+  const int64_t step1 =
+      split_rows ? static_cast<int64_t>(std::max<uint64_t>(1, kBox / inner))
+                 : 0;
+  std::vector<std::byte> buf;
+  for (int64_t r = a; r < b;) {
+    int64_t c = 0;
+    do {
+      if (ndim > 0) {
+        box.offsets[0] = r;
+        box.sizes[0] = split_rows ? 1 : std::min(step, b - r);
+      }
+      if (split_rows) {
+        box.offsets[1] = c;
+        box.sizes[1] = std::min(step1, t->shape[1] - c);
+      }
+      buf.resize(static_cast<size_t>(box.numel()) * el);
+      ckpt::dist::Want want{path, box, buf};
+      auto plan = ck->Plan(std::span<const ckpt::dist::Want>(&want, 1));
+      if (!plan.ok()) return Fail(plan.status());
+      auto stats = ck->Execute(*plan);
+      if (!stats.ok()) return Fail(stats.status());
+      if (std::fwrite(buf.data(), 1, buf.size(), stdout) != buf.size()) {
+        return Fail(ckpt::IoError(std::string("writing to stdout: ") +
+                                  std::strerror(errno)));
+      }
+      c += split_rows ? box.sizes[1] : 0;
+    } while (split_rows && c < t->shape[1]);
+    r += ndim > 0 ? box.sizes[0] : 1;
+  }
+  if (std::fflush(stdout) != 0) {
+    return Fail(ckpt::IoError(std::string("writing to stdout: ") +
+                              std::strerror(errno)));
+  }
+  return kExitOk;
+}
+
+// `get DIR PATH`: the value at PATH in the saved state dict (the globals
+// tree), global tensors shown as {"$tensor": path, "dtype", "shape"}.
+int GetDir(const std::string& dir, const std::string& path) {
+  auto ck = OpenDir(dir);
+  if (!ck.ok()) return Fail(ck.status());
+  auto globals = GlobalsOf(*ck);
+  if (!globals.ok()) return Fail(globals.status());
+  if (!*globals) {
+    return Fail(ckpt::NotFound("the checkpoint was saved without a tree (no "
+                               "values; its tensors are listed by inspect)")
+                    .WithFile(dir));
+  }
+  auto segs = ckpt::SplitPath(path);
+  if (!segs.ok()) return Fail(segs.status());
+  Value v = **globals;
+  for (const auto& seg : *segs) {
+    auto c = v.Child(seg);
+    if (!c.ok()) {
+      return Fail(ckpt::NotFound("no such path in the saved tree")
+                      .WithFile(dir)
+                      .WithTensor(path));
+    }
+    v = *c;
+  }
+  std::string out;
+  ckpt::tool::AppendValueJson(out, v, ckpt::JoinPath(*segs), segs->empty(),
+                              PlaceholderJson(ck->manifest()));
+  Print(out + "\n");
+  return kExitOk;
+}
+
 int Cat(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kCatHelp), kExitOk;
   std::vector<std::string> pos;
@@ -796,6 +973,10 @@ int Cat(const std::vector<std::string>& args) {
     }
   }
   if (pos.size() != 2) return Usage(kCatHelp, "need FILE and PATH");
+  if (IsDirectory(pos[0])) {
+    return CatDir(pos[0], pos[1],
+                  has_rows ? std::optional<std::string>(rows) : std::nullopt);
+  }
   auto ck = Checkpoint::Open(pos[0]);
   if (!ck.ok()) return Fail(ck.status());
   ckpt::Result<ckpt::TensorRef> t = ckpt::TensorRef();
@@ -842,6 +1023,7 @@ int Cat(const std::vector<std::string>& args) {
 int Get(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kGetHelp), kExitOk;
   if (args.size() != 2) return Usage(kGetHelp, "need FILE and PATH");
+  if (IsDirectory(args[0])) return GetDir(args[0], args[1]);
   auto ck = Checkpoint::Open(args[0]);
   if (!ck.ok()) return Fail(ck.status());
   auto v = ck->Get(args[1]);

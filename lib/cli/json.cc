@@ -94,6 +94,12 @@ void AppendShape(std::string& out, const std::vector<int64_t>& v) {
 }  // namespace
 
 void AppendValueJson(std::string& out, const Value& v) {
+  AppendValueJson(out, v, "", true, {});
+}
+
+void AppendValueJson(std::string& out, const Value& v, const std::string& path,
+                     bool at_root, const ValueJsonHook& hook) {
+  if (hook && hook(out, v, path)) return;
   switch (v.kind()) {
     case ValueKind::kNone:
       out += "null";
@@ -151,9 +157,12 @@ void AppendValueJson(std::string& out, const Value& v) {
       out += '{';
       for (size_t i = 0; i < v.size(); ++i) {
         if (i) out += ", ";
-        AppendJsonString(out, v.key(i).KeySegment());
+        const std::string seg = v.key(i).KeySegment();
+        AppendJsonString(out, seg);
         out += ": ";
-        AppendValueJson(out, v.item(i));
+        AppendValueJson(out, v.item(i),
+                        hook ? PathBuilder::Child(path, at_root, seg) : "",
+                        false, hook);
       }
       out += '}';
       return;
@@ -164,7 +173,10 @@ void AppendValueJson(std::string& out, const Value& v) {
       out += '[';
       for (size_t i = 0; i < v.size(); ++i) {
         if (i) out += ", ";
-        AppendValueJson(out, v.item(i));
+        AppendValueJson(
+            out, v.item(i),
+            hook ? PathBuilder::Child(path, at_root, std::to_string(i)) : "",
+            false, hook);
       }
       out += ']';
       return;

@@ -3,6 +3,7 @@
 
 #include <ckpt/reader.h>
 
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -22,5 +23,18 @@ void AppendJsonDouble(std::string& out, double v);
 /// {"$bytes": hex}, complex as {"$complex": [re, im]}, big ints as bare
 /// integers.
 void AppendValueJson(std::string& out, const Value& v);
+
+/// Writes node `v`, at tree path `path`, its own way and returns true, or
+/// returns false to leave it to AppendValueJson: how a caller shows some
+/// nodes differently (a sharded checkpoint's placeholders as the tensors
+/// they stand for).
+using ValueJsonHook = std::function<bool(std::string& out, const Value& v,
+                                         const std::string& path)>;
+
+/// AppendValueJson of `v` at `path` (`at_root`: `v` is the tree's root,
+/// whose children's paths have no leading '/'), asking `hook` first at
+/// every node.
+void AppendValueJson(std::string& out, const Value& v, const std::string& path,
+                     bool at_root, const ValueJsonHook& hook);
 
 }  // namespace ckpt::tool
