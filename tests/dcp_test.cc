@@ -137,7 +137,8 @@ TEST_CASE("dcp: chunks of single-process and multi-rank saves match") {
   const std::string fx = Fixtures();
   if (fx.empty()) return;
   for (const char* name :
-       {"single", "ranks2", "ranks4", "single_st", "ranks2_st", "per_item"}) {
+       {"single", "ranks2", "ranks4", "single_st", "ranks2_st", "per_item",
+        "proto2", "proto5", "enum_by_value"}) {
     SECTION(name) { CheckAgainstReference(fx + "/" + name); }
   }
 }

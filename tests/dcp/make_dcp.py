@@ -10,6 +10,9 @@ Run with a torch 2.x python: make_dcp.py OUT. Under OUT:
                  (FileSystemWriter serialization_format=SAFETENSORS)
   per_item/      single/'s state dict, one file per item
                  (FileSystemWriter single_file_per_rank=False)
+  proto2/ proto5/ enum_by_value/  single/ with .metadata pickled again:
+                 protocols 2 and 5, and the memory-format enum as Python
+                 < 3.11 pickles it (the class called with its value)
   <dir>/ref.txt  one line per tensor: fqn TAB path TAB dtype TAB shape
                  (comma-separated) TAB file of its full raw bytes (C order)
   variants/NAME/ a copy of a small DCP dir with one thing changed that the
@@ -165,6 +168,28 @@ def saved(obj):
     return b.getvalue()
 
 
+def reencoded(out):
+    src = os.path.join(out, "single")
+    md = load_md(src)
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    class ByValue(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, _MEM_FORMAT_ENCODING):
+                return type(obj), (obj.value,)
+            return NotImplemented
+
+    for name, dump in (("proto2", lambda f: pickle.dump(md, f, protocol=2)),
+                       ("proto5", lambda f: pickle.dump(md, f, protocol=5)),
+                       ("enum_by_value", lambda f: ByValue(f, protocol=4).dump(md))):
+        d = os.path.join(out, name)
+        shutil.copytree(src, d)
+        with open(os.path.join(d, ".metadata"), "wb") as f:
+            dump(f)
+    raw = open(os.path.join(out, "enum_by_value", ".metadata"), "rb").read()
+    assert b"getattr" not in raw
+
+
 def variants(out):
     base = os.path.join(out, "variants", "_base")
     dcp.save({"t": torch.arange(24, dtype=torch.float32).reshape(4, 6),
@@ -311,7 +336,8 @@ def main():
     # SAFETENSORS-format files (FileSystemWriter serialization_format).
     single(os.path.join(out, "single_st"), "safetensors")
     multi(os.path.join(out, "ranks2_st"), 2, "safetensors")
-    single(os.path.join(out, "per_item"), "per_item")
+    single(os.path.abspath(os.path.join(out, "per_item")), "per_item")
+    reencoded(out)
     variants(out)
     hostile(out)
     print("make_dcp: wrote", out)
