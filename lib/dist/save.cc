@@ -402,12 +402,9 @@ Result<CommitInfo> Finalize(const std::string& dir,
     CKPT_ASSIGN_OR_RETURN(auto f,
                           ckpt::internal::AtomicFile::Create(mpath, 0666));
     CKPT_RETURN_IF_ERROR(f.Write(bytes));
-    CKPT_RETURN_IF_ERROR(f.Commit(o.write.sync));  // fsyncs the file and temp
-  }
-  if (o.write.sync) {
-    // Every shard's directory entry is durable too (each writer fsynced
-    // the directory after its own rename; this covers them all at once).
-    CKPT_RETURN_IF_ERROR(SyncDir(temp));
+    // fsyncs the manifest and then the temporary directory, which makes
+    // every entry in it durable (each shard's writer fsynced it as well).
+    CKPT_RETURN_IF_ERROR(f.Commit(o.write.sync));
   }
   internal::Fault("before_rename", coordinator);
   const std::string target = CleanDir(dir);
