@@ -206,6 +206,11 @@ rm "$T/miss/shard-00001-of-00004.ckpt"
 expect_rc 1 "verify a missing shard" "$CKPT" verify "$T/miss"
 grep -q "shard-00001-of-00004.ckpt" "$T/err" && ok || bad "missing: names the shard: $(cat "$T/err")"
 
+cp -r "$T/s4" "$T/noglob"
+rm "$T/noglob/shard-00000-of-00004.ckpt"  # the one holding the saved tree
+expect_rc 1 "inspect DIR without its globals shard" "$CKPT" inspect "$T/noglob"
+grep -q "sharded ckpt" "$T/out" && grep -q "shard-00000-of-00004.ckpt" "$T/err" && ok || bad "inspect DIR shows the manifest and names the missing shard"
+
 cp -r "$T/s4" "$T/swap"
 cp "$T/swap/shard-00000-of-00004.ckpt" "$T/swap/shard-00003-of-00004.ckpt"
 expect_rc 1 "verify a swapped shard" "$CKPT" verify "$T/swap"

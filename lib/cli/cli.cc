@@ -478,9 +478,13 @@ std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck,
 int InspectDir(const std::string& dir, bool json) {
   auto ck = OpenDir(dir);
   if (!ck.ok()) return Fail(ck.status());
+  // The manifest is shown even when the shard holding the saved tree
+  // cannot be read (then exit 1, with why): what verify would name.
   auto globals = GlobalsOf(*ck);
+  const std::optional<Value> tree =
+      globals.ok() ? *globals : std::optional<Value>();
+  Print(json ? InspectDirJson(*ck, tree) : InspectDirText(*ck, tree));
   if (!globals.ok()) return Fail(globals.status());
-  Print(json ? InspectDirJson(*ck, *globals) : InspectDirText(*ck, *globals));
   return kExitOk;
 }
 
