@@ -128,6 +128,15 @@ d = json.load(sys.stdin); t = d["tree"]
 assert t["epoch"] == 7 and t["model"]["w"] == {"$tensor": "model/w", "dtype": "float32", "shape": [6, 4]}, t
 assert t["a/b"]["$tensor"] == "a~1b", t' && ok || bad "inspect --json DIR tree"
 
+# diff compares a DIR as its consolidation (a temporary in $TMPDIR).
+mkdir "$T/tmpd"
+expect_rc 0 "diff FILE DIR" env TMPDIR="$T/tmpd" "$CKPT" diff "$T/in.ckpt" "$T/s3"
+expect_rc 0 "diff DIR DIR (other ranks)" env TMPDIR="$T/tmpd" "$CKPT" diff "$T/s4" "$T/s1"
+expect_rc 1 "diff DIR FILE that differ" env TMPDIR="$T/tmpd" "$CKPT" diff "$T/s4" "$T/np.ckpt"
+grep -q "^- model/w: tensor only in A$" "$T/out" && ok || bad "diff DIR lists the differences: $(cat "$T/out")"
+expect_rc 3 "diff a missing DIR" env TMPDIR="$T/tmpd" "$CKPT" diff "$T/s4" "$T/nope"
+[ -z "$(ls -A "$T/tmpd")" ] && ok || bad "diff left a temporary: $(ls -A "$T/tmpd")"
+
 # inspect DIR, human form.
 expect_rc 0 "inspect DIR" "$CKPT" inspect "$T/s4"
 grep -q "sharded ckpt (manifest .*), 4 ranks, 4 files" "$T/out" && ok || bad "inspect DIR summary: $(head -1 "$T/out")"

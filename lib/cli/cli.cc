@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -141,7 +142,9 @@ const char* kDiffHelp =
     "Lists tensors and values present in only one file ('-' only in A,\n"
     "'+' only in B) or different ('~': dtype, shape or bytes; value).\n"
     "Exit 0 when the contents are the same, 1 when they differ, 3 when a\n"
-    "file cannot be read.\n";
+    "file cannot be read. A or B may be a sharded checkpoint DIR: its\n"
+    "consolidation (written to a temporary file in $TMPDIR, removed after)\n"
+    "is compared.\n";
 
 const char* kImportHelp =
     "usage: ckpt import [--no-crc] [--progress|--no-progress] IN.pth "
@@ -1152,9 +1155,28 @@ int Diff(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kDiffHelp), kExitOk;
   if (args.size() != 2) return Usage(kDiffHelp, "need two files");
   constexpr int kExitTrouble = 3;
-  auto a = Checkpoint::Open(args[0]);
+  // A sharded DIR is compared as the one file it consolidates to.
+  struct Temps {
+    std::vector<std::string> paths;
+    ~Temps() {
+      for (const auto& p : paths) ::unlink(p.c_str());
+    }
+  } temps;
+  auto open = [&](const std::string& path) -> ckpt::Result<Checkpoint> {
+    if (!IsDirectory(path)) return Checkpoint::Open(path);
+    const char* tmp = std::getenv("TMPDIR");
+    std::string t = std::string(tmp && *tmp ? tmp : "/tmp") + "/ckpt-diff-" +
+                    std::to_string(::getpid()) + "-" +
+                    std::to_string(temps.paths.size()) + ".ckpt";
+    ckpt::WriteOptions wo;
+    wo.sync = false;  // a temporary
+    temps.paths.push_back(t);
+    CKPT_RETURN_IF_ERROR(ckpt::dist::Consolidate(path, t, wo));
+    return Checkpoint::Open(t);
+  };
+  auto a = open(args[0]);
   if (!a.ok()) return Fail(a.status()), kExitTrouble;
-  auto b = Checkpoint::Open(args[1]);
+  auto b = open(args[1]);
   if (!b.ok()) return Fail(b.status()), kExitTrouble;
   std::string out;
   int differences = 0;
