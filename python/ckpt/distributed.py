@@ -605,9 +605,14 @@ def save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0, *,
         metadata = _check_metadata(metadata)
         _write_shard(_Staged(state_dict, comm, coordinator_rank, copy=False),
                      checkpoint_id, comm, sync)
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: the others must not wait forever
         err, cause, metadata = _error(e), e, {}
-    return _commit(comm, checkpoint_id, err, coordinator_rank, overwrite, sync, metadata, cause)
+    try:
+        return _commit(comm, checkpoint_id, err, coordinator_rank, overwrite, sync, metadata,
+                       cause)
+    finally:
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause  # an interrupt stays one, once every rank has the error
 
 
 class AsyncSave:
@@ -695,6 +700,8 @@ def _agree(comm, err, cause):
     try:
         _ckpt.dist_agree(comm.c, err, 0)
     except CkptError as e:
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause from None  # an interrupt stays one, once every rank has the error
         raise e from cause
 
 
@@ -720,12 +727,12 @@ def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=
     try:
         wants, fill = _plan_pieces(ck, state_dict, comm)
         assign = _plan_trees(ck, state_dict, comm)
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: the others must not wait forever
         err, cause = _error(e), e
     _agree(comm, err, cause)
     try:
         stats = ck.load(wants, verify, threads)
-    except Exception as e:
+    except BaseException as e:
         err, cause = _error(e), e
     _agree(comm, err, cause)
     with torch.no_grad():

@@ -5,7 +5,12 @@
 //           storage bytes (zero-copy buffers or pread copies with the GIL
 //           released), and the object tree built into Python objects with
 //           callbacks for tensors, dtypes and devices.
-//   Writer  the streaming atomic writer, node by node.
+//   Writer  the streaming atomic writer, node by node (and a shard
+//           file's chunks, placeholders and root, ckpt/dist.h).
+//   DistComm, ShardedCheckpoint, dist_*  sharded checkpoints: the
+//           protocol of ckpt/dist.h with its collectives carried by
+//           Python callables (ckpt.distributed's torch.distributed gloo
+//           group), the C++ work done with the GIL released.
 //   import_pth, cli_main, dtypes, xxh3_64, SigintDeferral, format_version.
 // Every ckpt::Status error becomes an exception of ckpt._errors, chosen by
 // its code, with the library's message (file, offset, tensor).
@@ -897,12 +902,6 @@ class PyComm final : public ckpt::dist::Comm {
       throw py::value_error("Comm: rank " + std::to_string(rank) +
                             " of a group of " + std::to_string(size));
   }
-  ~PyComm() override {
-    py::gil_scoped_acquire gil;  // the callables may be freed without it
-    gather_ = py::function();
-    broadcast_ = py::function();
-  }
-
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 

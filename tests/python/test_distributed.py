@@ -234,6 +234,14 @@ def sc_rank_local(ctx):
     ctx.barrier()
 
 
+class _Interrupting:
+    """Raises KeyboardInterrupt when ckpt.save looks at it (as a Ctrl-C
+    during a save would arrive)."""
+
+    def __getattr__(self, name):
+        raise KeyboardInterrupt
+
+
 def sc_failure(ctx):
     """One rank raising inside save: every rank gets the error naming it,
     no directory appears (nor its temporary)."""
@@ -256,6 +264,20 @@ def sc_failure(ctx):
     sd["mine"] = cdist.RankLocal(rank)
     cdist.save(sd, d, sync=False)
     ctx.barrier()
+    # A KeyboardInterrupt on rank 3 stays one there; the others get the
+    # error naming it instead of waiting for rank 3 forever.
+    d2 = os.path.join(ctx.tmp, "interrupted")
+    sd = {"w": torch.ones(4), "mine": cdist.RankLocal(_Interrupting() if rank == 3 else rank)}
+    try:
+        cdist.save(sd, d2, sync=False)
+    except KeyboardInterrupt:
+        assert rank == 3
+    except ctx.ckpt.CkptError as e:
+        assert rank != 3 and "rank 3" in str(e) and "KeyboardInterrupt" in str(e), str(e)
+    else:
+        raise AssertionError("save succeeded although rank 3 was interrupted")
+    ctx.barrier()
+    assert not os.path.exists(d2)
 
 
 def _optimizer_like(fill):
