@@ -126,11 +126,13 @@ struct Json {
   bool is_int = false;  // kNumber: an integer that fits int64
   int64_t i = 0;
   std::string s;
-  std::vector<Json> items;                          // kArray
-  std::vector<std::pair<std::string, Json>> pairs;  // kObject
+  std::vector<Json> items;  // kArray elements; kObject values
+  // kObject keys, one per item (vector<pair<string, Json>> would need Json
+  // complete here).
+  std::vector<std::string> keys;
   const Json* Get(std::string_view key) const {
-    for (const auto& [k, v] : pairs) {
-      if (k == key) return &v;
+    for (size_t k = 0; k < keys.size() && k < items.size(); ++k) {
+      if (keys[k] == key) return &items[k];
     }
     return nullptr;
   }
@@ -181,7 +183,8 @@ class JsonParser {
         CKPT_ASSIGN_OR_RETURN(std::string k, String());
         if (!Eat(':')) return Fail("':' expected");
         CKPT_ASSIGN_OR_RETURN(Json x, Value(depth + 1));
-        v.pairs.emplace_back(std::move(k), std::move(x));
+        v.keys.push_back(std::move(k));
+        v.items.push_back(std::move(x));
       } while (Eat(','));
       if (!Eat('}')) return Fail("'}' expected");
     } else if (c == '[') {
