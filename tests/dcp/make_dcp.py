@@ -80,11 +80,15 @@ def single(out, fmt=None):
     }
     sd = {"model": model, "opt": {"step": 7, "lr": 0.125, "name": "adam"},
           "lst": [1, torch.arange(3, dtype=torch.int64)],
-          "a/b": torch.ones(2)}
+          "a/b": torch.ones(2),
+          # An optimizer's int-keyed state (planner_data has the key as '0').
+          "optim": {"state": {0: {"exp_avg": torch.full((2, 2), 3.0)}}}}
     dcp.save(sd, checkpoint_id=out, storage_writer=writer(out, fmt))
     refs = {f"model.{k}": (f"model/{k}", v) for k, v in model.items()}
     refs["lst.1"] = ("lst/1", sd["lst"][1])
     refs["a/b"] = ("a~1b", sd["a/b"])
+    refs["optim.state.0.exp_avg"] = ("optim/state/0/exp_avg",
+                                     sd["optim"]["state"][0]["exp_avg"])
     write_ref(out, refs)
 
 
