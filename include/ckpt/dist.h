@@ -302,6 +302,11 @@ class ShardedCheckpoint {
   /// of its size). kNotFound naming a missing path; kInvalidArgument for a
   /// bad box or buffer. O(log C + k) per want.
   Result<ReadPlan> Plan(std::span<const Want> wants) const;
+  /// The copies Plan() makes for one box, with no destination: for
+  /// loaders that bring their own memory (LoadBoxesToDevice). `dst`
+  /// offsets are into the box's dense row-major bytes; `want` is 0.
+  Result<std::vector<ReadPlan::Copy>> PlanBox(std::string_view path,
+                                              const Box& box) const;
   /// Reads what `plan` says into the wants' buffers. Errors name the file,
   /// offset, tensor and box (a checksum mismatch in a chunk a read
   /// touches; a shard file missing, truncated or not the one the manifest

@@ -236,25 +236,42 @@ Result<ShardedCheckpoint> ShardedCheckpoint::FromBytes(
   return ShardedCheckpoint(std::move(impl));
 }
 
-Result<ReadPlan> ShardedCheckpoint::Plan(std::span<const Want> wants) const {
+Result<std::vector<ReadPlan::Copy>> ShardedCheckpoint::PlanBox(
+    std::string_view path, const Box& box) const {
   const Manifest& m = impl_->m;
+  const GlobalTensorInfo* t = m.Find(path);
+  if (!t) {
+    return NotFound("no tensor '" + std::string(path) + "' in the checkpoint")
+        .WithFile(impl_->dir)
+        .WithTensor(std::string(path));
+  }
+  const size_t elem = DTypeSize(t->dtype);
+  if (auto p = BoxProblem(box, t->shape, elem)) {
+    return InvalidArgument("wanted box " + internal::BoxString(box) + ": " + *p)
+        .WithTensor(std::string(path));
+  }
+  std::vector<ReadPlan::Copy> copies;
+  const size_t ti = static_cast<size_t>(t - m.tensors.data());
+  for (size_t c : impl_->index[ti].Overlapping(box)) {
+    const ChunkInfo& chunk = t->chunks[c];
+    CKPT_ASSIGN_OR_RETURN(std::optional<RunPattern> p,
+                          CopyRuns(chunk.box, box, elem));
+    if (!p) continue;
+    p->src += chunk.offset;
+    copies.push_back({0, chunk.file, *p});
+  }
+  return copies;
+}
+
+Result<ReadPlan> ShardedCheckpoint::Plan(std::span<const Want> wants) const {
   ReadPlan plan;
   plan.wants.assign(wants.begin(), wants.end());
   for (size_t w = 0; w < wants.size(); ++w) {
     const Want& want = wants[w];
-    const GlobalTensorInfo* t = m.Find(want.path);
-    if (!t) {
-      return NotFound("no tensor '" + want.path + "' in the checkpoint")
-          .WithFile(impl_->dir)
-          .WithTensor(want.path);
-    }
-    const size_t elem = DTypeSize(t->dtype);
-    if (auto p = BoxProblem(want.box, t->shape, elem)) {
-      return InvalidArgument("wanted box " + internal::BoxString(want.box) +
-                             ": " + *p)
-          .WithTensor(want.path);
-    }
-    const uint64_t bytes = static_cast<uint64_t>(want.box.numel()) * elem;
+    CKPT_ASSIGN_OR_RETURN(auto copies, PlanBox(want.path, want.box));
+    const GlobalTensorInfo* t = impl_->m.Find(want.path);
+    const uint64_t bytes =
+        static_cast<uint64_t>(want.box.numel()) * DTypeSize(t->dtype);
     if (want.out.size() != bytes) {
       return InvalidArgument("buffer of " + std::to_string(want.out.size()) +
                              " bytes for box " + internal::BoxString(want.box) +
@@ -262,14 +279,9 @@ Result<ReadPlan> ShardedCheckpoint::Plan(std::span<const Want> wants) const {
           .WithTensor(want.path);
     }
     plan.bytes_needed += bytes;
-    const size_t ti = static_cast<size_t>(t - m.tensors.data());
-    for (size_t c : impl_->index[ti].Overlapping(want.box)) {
-      const ChunkInfo& chunk = t->chunks[c];
-      CKPT_ASSIGN_OR_RETURN(std::optional<RunPattern> p,
-                            CopyRuns(chunk.box, want.box, elem));
-      if (!p) continue;
-      p->src += chunk.offset;
-      plan.copies.push_back({static_cast<uint32_t>(w), chunk.file, *p});
+    for (auto& c : copies) {
+      c.want = static_cast<uint32_t>(w);
+      plan.copies.push_back(std::move(c));
     }
   }
   std::sort(plan.copies.begin(), plan.copies.end(),

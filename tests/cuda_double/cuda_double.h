@@ -29,6 +29,8 @@ struct Stats {
   uint64_t async_copies = 0;     ///< queued H2D/D2D copies executed
   uint64_t pageable_copies = 0;  ///< copies from unpinned host memory
   uint64_t bytes_h2d = 0;
+  uint64_t d2d_copies = 0;  ///< device-to-device copies (1-D and 2-D) executed
+  uint64_t bytes_d2d = 0;
   uint64_t source_mutations = 0;  ///< a copy's source changed before it ran
   uint64_t bad_copies = 0;        ///< out-of-bounds / wrong-device / wrong kind
   uint64_t peak_in_flight = 0;    ///< queued but not executed copies

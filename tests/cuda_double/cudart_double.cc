@@ -425,9 +425,53 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   return Ret(e->error);
 }
 
+// Device to device: both ranges inside live allocations of the stream's
+// device, `height` rows of `width` bytes at the pitches given.
+cudaError_t DeviceToDevice(void* dst, size_t dpitch, const void* src,
+                           size_t spitch, size_t width, size_t height,
+                           cudaStream_t st) {
+  if (!st || width > dpitch || width > spitch)
+    return Ret(cudaErrorInvalidValue);
+  if (width == 0 || height == 0) return cudaSuccess;
+  auto& s = S();
+  {
+    std::lock_guard<std::mutex> g(s.mu);
+    const DeviceAlloc* d = FindDevice(dst, dpitch * (height - 1) + width);
+    const DeviceAlloc* r = FindDevice(src, spitch * (height - 1) + width);
+    if (!d || !r || d->device != st->device || r->device != st->device) {
+      s.stats.bad_copies++;
+      return Ret(cudaErrorInvalidValue);
+    }
+  }
+  st->Enqueue([=] {
+    for (size_t i = 0; i < height; ++i) {
+      std::memmove(static_cast<unsigned char*>(dst) + i * dpitch,
+                   static_cast<const unsigned char*>(src) + i * spitch, width);
+    }
+    std::lock_guard<std::mutex> g(S().mu);
+    S().stats.async_copies++;
+    S().stats.d2d_copies++;
+    S().stats.bytes_d2d += width * height;
+  });
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src,
+                              size_t spitch, size_t width, size_t height,
+                              enum cudaMemcpyKind kind, cudaStream_t st) {
+  if (kind != cudaMemcpyDeviceToDevice) {
+    S().stats.bad_copies++;  // the loader makes 2-D copies on the device only
+    return Ret(cudaErrorInvalidValue);
+  }
+  return DeviceToDevice(dst, dpitch, src, spitch, width, height, st);
+}
+
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n,
                             enum cudaMemcpyKind kind, cudaStream_t st) {
   if (!st) return Ret(cudaErrorInvalidValue);
+  if (kind == cudaMemcpyDeviceToDevice) {
+    return DeviceToDevice(dst, n, src, n, n, 1, st);
+  }
   auto& s = S();
   bool pinned;
   int index;

@@ -40,6 +40,8 @@ LAYERS = [
     ("reader", ["include/ckpt/reader.h", "lib/reader.cc", "lib/reader_internal.h"]),
     ("writer", ["include/ckpt/writer.h", "lib/writer.cc"]),
     ("umbrella", ["include/ckpt/ckpt.h"]),
+    # Sharded boxes to a GPU: the device loader over the sharded reader.
+    ("dist_cuda", ["include/ckpt/dist_cuda.h", "lib/cuda/dist_device.cc"]),
     ("cuda", ["include/ckpt/cuda.h", "lib/cuda/*"]),
     ("pth", ["include/ckpt/pth.h", "lib/pth/*"]),
     # MPI before dist: the one public header that includes a third-party
@@ -57,7 +59,7 @@ LAYERS = [
 # other; nothing includes a layer above it).
 _PUBLIC_API = ["status:public", "box:public", "format:public", "reader:public",
                "writer:public", "umbrella:public", "cuda:public",
-               "pth:public", "dist:public"]
+               "pth:public", "dist:public", "dist_cuda:public"]
 MAY_USE = {
     "schema": [],
     "status": [],
@@ -78,6 +80,8 @@ MAY_USE = {
     # public reader and writer, plus the helpers loaders share (checked
     # storage ranges: reader_internal.h) and the DCP index (lib/pth).
     "manifest_schema": [],
+    "dist_cuda": ["status", "box", "format", "reader:public",
+                  "writer:public", "cuda:public", "dist:public"],
     "dist": ["manifest_schema", "status", "box", "format", "io", "reader",
              "writer:public", "pth"],
     "mpi": ["status", "box", "format", "reader:public", "writer:public",
