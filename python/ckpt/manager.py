@@ -11,8 +11,8 @@ highest in the directory), and pruning goes by that order, not by step:
 after a rollback (resuming from step 5 while steps 8-10 exist) the new
 step-6 file is the newest and is kept, whatever its number. Old
 checkpoints are removed only after the new one is durable, and the save
-just made is never removed. One manager (one process) writes a directory
-at a time.
+just made is never removed. One manager (one process; for sharded steps
+one process group, whose coordinator prunes) writes a directory at a time.
 
 Sharded steps (save_sharded, ckpt.distributed) are directories
 `step-<step>` holding a manifest (docs/SHARDED.md), written by every rank
