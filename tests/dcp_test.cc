@@ -164,7 +164,11 @@ TEST_CASE("dcp: sharding layouts as saved") {
     // Replicated: saved once, by one rank.
     CHECK(by["repl"]->chunks.size() == 1);
     CHECK(by["nested/plain"]->chunks.size() == 1);
-    if (world == 4) CHECK(by["grid"]->chunks.size() == 4);
+    if (world == 4) {
+      CHECK(by["grid"]->chunks.size() == 4);
+      // Replicas of a row block: saved once each.
+      CHECK(by["hsdp"]->chunks.size() == 2);
+    }
     CHECK(idx->files.size() == static_cast<size_t>(world));
     // The one non-tensor value, located as a torch.save'd object.
     REQUIRE(idx->objects.size() == 1);

@@ -5,7 +5,8 @@ Run with a torch 2.x python: make_dcp.py OUT. Under OUT:
                  empty, non-tensor values (BytesStorageMetadata items)
   ranks2/ ranks4/  spawned gloo processes (file:// init), DTensors sharded
                  by rows, by columns (uneven: 6 rows on 4 ranks), a 2x2
-                 grid (4 ranks), replicated DTensors and plain tensors
+                 grid and HSDP (replicate x shard) on a 2x2 mesh (4 ranks),
+                 replicated DTensors and plain tensors
   single_st/ ranks2_st/  the same as SAFETENSORS-format files
                  (FileSystemWriter serialization_format=SAFETENSORS)
   per_item/      single/'s state dict, one file per item
@@ -104,6 +105,7 @@ def full_tensors(world):
     }
     if world == 4:
         t["grid"] = torch.randn(6, 8, generator=g)
+        t["hsdp"] = torch.randn(4, 3, generator=g).to(torch.bfloat16)
     return t
 
 
@@ -125,6 +127,8 @@ def rank_main(rank, world, init, out, fmt):
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2))
         sd["grid"] = distribute_tensor(t["grid"], mesh2, [Shard(0), Shard(1)])
+        # FSDP x replicas (HSDP): each row block held by two ranks.
+        sd["hsdp"] = distribute_tensor(t["hsdp"], mesh2, [Replicate(), Shard(0)])
     dcp.save(sd, checkpoint_id=out, storage_writer=writer(out, fmt))
     dist.barrier()
     dist.destroy_process_group()
