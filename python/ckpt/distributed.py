@@ -144,15 +144,11 @@ class CommitInfo:
     chunks: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkMeta:
+class ChunkMeta(collections.namedtuple("ChunkMeta", "offsets sizes file offset length")):
     """A saved box of a global tensor: in shard file `file` (an index into
-    Manifest.files) at byte `offset`, `length` bytes, row-major."""
-    offsets: tuple
-    sizes: tuple
-    file: int
-    offset: int
-    length: int
+    Manifest.files) at byte `offset`, `length` bytes, row-major. (A named
+    tuple: a manifest may hold millions.)"""
+    __slots__ = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +176,7 @@ def _manifest(d):
     for path, code, shape, chunks in d["tensors"]:
         dtype = CODE_TO_TORCH.get(code) or CODES.get(code, (f"code {code}",))[0]
         tensors[path] = TensorMeta(path, dtype, tuple(shape),
-                                   tuple(ChunkMeta(*c) for c in chunks))
+                                   tuple(map(ChunkMeta._make, chunks)))
     return Manifest(tuple(d["version"]), d["world_size"], d["globals_file"],
                     tuple(d["files"]), tensors, dict(d["metadata"]), d["producer"])
 
@@ -725,8 +721,9 @@ def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=
     # the second after the reads (I/O, checksums).
     err = cause = stats = None
     try:
-        wants, fill = _plan_pieces(ck, state_dict, comm)
-        assign = _plan_trees(ck, state_dict, comm)
+        summary, leaves = ck.summary(), _leaves(state_dict)
+        wants, fill = _plan_pieces(ck, summary, leaves, comm)
+        assign = _plan_trees(ck, summary, leaves, state_dict, comm)
     except BaseException as e:  # KeyboardInterrupt too: the others must not wait forever
         err, cause = _error(e), e
     _agree(comm, err, cause)
@@ -748,23 +745,25 @@ def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=
     return stats
 
 
-def _plan_pieces(ck, state_dict, comm):
+def _plan_pieces(ck, summary, leaves, comm):
     """The wants (path, offsets, sizes, destination bytes) of the state
     dict's tensors, checked against the manifest, and the (tensor,
     buffer) pairs to copy once read (tensors not contiguous on the CPU)."""
-    manifest = _manifest(ck.manifest())
+    saved = summary["tensors"]
     wants, fill = [], []
-    for p in _pieces(_leaves(state_dict), comm.rank, comm.size):
-        meta = manifest.tensors.get(p.path)
+    for p in _pieces(leaves, comm.rank, comm.size):
+        meta = saved.get(p.path)
         if meta is None:
             raise NotFoundError(f"{ck.dir}: no tensor '{p.path}' in the checkpoint")
-        if meta.dtype != p.dtype:
+        code, shape = meta
+        if TORCH_TO_CODE.get(p.dtype) != code:
+            dtype = CODE_TO_TORCH.get(code) or CODES.get(code, (f"code {code}",))[0]
             raise InvalidArgumentError(
-                f"{ck.dir}: tensor '{p.path}' was saved as {meta.dtype}, the state dict "
+                f"{ck.dir}: tensor '{p.path}' was saved as {dtype}, the state dict "
                 f"holds {p.dtype}")
-        if tuple(meta.shape) != tuple(p.global_shape):
+        if tuple(shape) != tuple(p.global_shape):
             raise InvalidArgumentError(
-                f"{ck.dir}: tensor '{p.path}' was saved with shape {tuple(meta.shape)}, "
+                f"{ck.dir}: tensor '{p.path}' was saved with shape {tuple(shape)}, "
                 f"the state dict's is {tuple(p.global_shape)}")
         t = p.local
         if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided \
@@ -777,23 +776,21 @@ def _plan_pieces(ck, state_dict, comm):
     return wants, fill
 
 
-def _plan_trees(ck, state_dict, comm):
+def _plan_trees(ck, summary, leaves, state_dict, comm):
     """(container, key, value) of each non-tensor value of the state dict
     (from the globals tree) and each RankLocal (container the RankLocal,
     from this rank's shard), to set once every rank has checked."""
-    manifest = ck.manifest()
     assign = []
-    locals_ = [(path, v) for path, kind, v in _leaves(state_dict) if kind == "local"]
+    locals_ = [(path, v) for path, kind, v in leaves if kind == "local"]
     if locals_:
-        saved = manifest["world_size"]
+        saved = summary["world_size"]
         if saved != comm.size:
             keys = ", ".join(repr(p) for p, _ in locals_)
             raise InvalidArgumentError(
                 f"{ck.dir}: rank-local state ({keys}) was saved by {saved} ranks; it cannot "
                 f"be loaded on {comm.size} (load it at world size {saved}, or drop the "
                 "RankLocal values from the state dict)")
-        index = next((i for i, f in enumerate(manifest["files"]) if f["rank"] == comm.rank),
-                     None)
+        index = next((i for i, r in enumerate(summary["file_ranks"]) if r == comm.rank), None)
         if index is None:
             raise NotFoundError(f"{ck.dir}: no shard file of rank {comm.rank}")
         reader = ck.open_shard(index)
@@ -803,9 +800,9 @@ def _plan_trees(ck, state_dict, comm):
                 raise NotFoundError(f"{ck.shard_file_path(index)}: no rank-local value "
                                     f"'{path}'")
             assign.append((rl, None, saved_local[path]))
-    reader = ck.open_shard(manifest["globals_file"])
+    reader = ck.open_shard(summary["globals_file"])
     saved = _Loader(reader).load("globals") if _has(reader, "globals") else {}
-    _merge(state_dict, saved, "", True, ck.shard_file_path(manifest["globals_file"]), assign)
+    _merge(state_dict, saved, "", True, ck.shard_file_path(summary["globals_file"]), assign)
     return assign
 
 
@@ -874,18 +871,20 @@ def read(checkpoint_id, path, offsets=None, sizes=None, *, verify=True):
     new CPU tensor, read from only the byte runs it needs. One process, no
     group (ckpt::dist::ShardedCheckpoint::Read)."""
     ck = _ckpt.ShardedCheckpoint(os.fspath(checkpoint_id))
-    meta = _manifest(ck.manifest()).tensors.get(path)
+    meta = ck.summary()["tensors"].get(path)
     if meta is None:
         raise NotFoundError(f"{ck.dir}: no tensor '{path}' in the checkpoint")
-    if not isinstance(meta.dtype, torch.dtype):
-        raise TypeError(f"{ck.dir}: tensor '{path}': dtype {meta.dtype} has no torch "
-                        f"equivalent in torch {torch.__version__}")
-    offsets = [0] * len(meta.shape) if offsets is None else [int(o) for o in offsets]
+    code, shape = meta
+    dtype = CODE_TO_TORCH.get(code)
+    if dtype is None:
+        raise TypeError(f"{ck.dir}: tensor '{path}': dtype {CODES.get(code, (code,))[0]} "
+                        f"has no torch equivalent in torch {torch.__version__}")
+    offsets = [0] * len(shape) if offsets is None else [int(o) for o in offsets]
     if sizes is None:
-        sizes = [n - o for n, o in zip(meta.shape, offsets)]
+        sizes = [n - o for n, o in zip(shape, offsets)]
     sizes = [int(n) for n in sizes]
     region = ck.read(path, offsets, sizes, verify)
-    out = torch.empty(sizes, dtype=meta.dtype)
+    out = torch.empty(sizes, dtype=dtype)
     if len(region):
         src = np.frombuffer(memoryview(region), dtype=np.uint8)
         _as_bytes(out)[:] = src

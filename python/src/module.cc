@@ -1254,6 +1254,27 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
            [](const PySharded& s) {
              return ManifestDict(s.ck().manifest(), s.ck().dir());
            })
+      // What a load checks, without the chunks: world_size, globals_file,
+      // files (rank of each) and tensors {path: (dtype code, shape)}.
+      .def("summary",
+           [](const PySharded& s) {
+             const auto& mf = s.ck().manifest();
+             const std::string file =
+                 s.ck().dir() + "/" + std::string(ckpt::dist::kManifestName);
+             py::dict d;
+             d["world_size"] = mf.world_size;
+             d["globals_file"] = mf.globals_file;
+             py::list ranks;
+             for (const auto& f : mf.files) ranks.append(f.rank);
+             d["file_ranks"] = ranks;
+             py::dict tensors;
+             for (const auto& t : mf.tensors) {
+               tensors[Utf8(t.path, file, "a tensor path")] =
+                   py::make_tuple(static_cast<int>(t.dtype), Ints(t.shape));
+             }
+             d["tensors"] = tensors;
+             return d;
+           })
       .def("load", &PySharded::Load, py::arg("wants"), py::arg("verify") = true,
            py::arg("threads") = 0)
       .def("read", &PySharded::Read, py::arg("path"), py::arg("offsets"),
