@@ -38,12 +38,16 @@ TENSORS = {
     "mask": ((3, 4), torch.bool),           # replicated
     "scalar": ((), torch.float32),          # 0-d, replicated
     "empty": ((0, 4), torch.float32),       # empty, replicated
+    "scalar_chunk": ((), torch.int64),      # 0-d Chunk, every rank a replica
+    "empty_rows": ((0, 3), torch.bfloat16),  # empty, Chunks of 0 rows on dim 0
+    "bool_chunk": ((5,), torch.bool),       # 1-d bool on dim 0 (4 ranks: 2, 2, 1, 0)
 }
 # 0-d and empty tensors have a scenario of their own (sc_zero_d_and_empty).
-EDGE = ("scalar", "empty")
+EDGE = ("scalar", "empty", "scalar_chunk", "empty_rows", "bool_chunk")
 MAIN = tuple(n for n in TENSORS if n not in EDGE)
 LAYOUT = {"w_even": 0, "w_uneven": 0, "w_col": 1, "w_grid": "grid",
-          "mask": None, "scalar": None, "empty": None}
+          "mask": None, "scalar": None, "empty": None, "scalar_chunk": "replicas",
+          "empty_rows": 0, "bool_chunk": 0}
 
 
 def reference(name):
@@ -103,7 +107,10 @@ def state_dict(cdist, rank, world, fill=True, layouts=None, names=MAIN):
             continue
         offsets, sizes = box(name, rank, world, layout)
         local = cut(ref, offsets, sizes) if fill else torch.zeros(sizes, dtype=dtype)
-        sd["model"][name] = cdist.Chunk(local, shape, offsets)
+        if layout == "replicas":  # the whole tensor, declared held by every rank
+            sd["model"][name] = cdist.Chunk(local, shape, offsets, rank, world)
+        else:
+            sd["model"][name] = cdist.Chunk(local, shape, offsets)
     return sd
 
 
