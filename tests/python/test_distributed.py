@@ -343,6 +343,33 @@ def sc_load_mismatch(ctx):
     ctx.barrier()
 
 
+def sc_flipped_byte(ctx):
+    """A flipped byte fails every load that reads it, on every rank (a
+    ChecksumError naming the rank), and not a load of another tensor."""
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "flipped")
+    cdist.save({"a": torch.arange(64.0), "b": torch.ones(64)}, d, sync=False)
+    md = cdist.read_manifest(d)
+    if rank == 0:
+        c = md.tensors["a"].chunks[0]
+        with open(os.path.join(d, md.files[c.file]["name"]), "r+b") as f:
+            f.seek(c.offset + 1)
+            byte = f.read(1)
+            f.seek(c.offset + 1)
+            f.write(bytes([byte[0] ^ 0x10]))
+    ctx.barrier()
+    try:
+        cdist.load({"a": torch.zeros(64), "b": torch.zeros(64)}, d)
+    except ctx.ckpt.ChecksumError as e:
+        assert "rank 0" in str(e), str(e)
+    else:
+        raise AssertionError("loaded a tensor with a flipped byte")
+    sd = {"b": torch.zeros(64)}
+    cdist.load(sd, d)
+    assert torch.equal(sd["b"], torch.ones(64))
+    ctx.barrier()
+
+
 def sc_async(ctx):
     """Tensors mutated right after async_save returns are saved with their
     pre-mutation values; a second async_save waits for the first."""
@@ -471,7 +498,7 @@ def sc_dtensor(ctx):
 
 
 SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
-             sc_rank_local,
+             sc_rank_local, sc_flipped_byte,
              sc_failure,
              sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
              sc_zero_d_and_empty]  # last: a failing scenario ends its rank's run
@@ -583,6 +610,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_load_mismatch_on_one_rank(self):
         self.check("sc_load_mismatch")
+
+    def test_flipped_byte(self):
+        self.check("sc_flipped_byte")
 
     def test_rank_local(self):
         self.check("sc_rank_local")
