@@ -7,8 +7,11 @@
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "bytes_internal.h"
 #include "checksum_internal.h"
@@ -548,4 +551,106 @@ TEST_CASE(
                  .status()
                  .message(),
              Catch::Contains("bad magic"));
+}
+
+// ---- DCP directories (written by PyPI's torch: tests/dcp/make_dcp.py) -----
+
+namespace {
+
+// The box `b` of a dense row-major tensor `full` of `shape`.
+std::vector<std::byte> Slice(const std::vector<std::byte>& full,
+                             const std::vector<int64_t>& shape, const Box& b,
+                             size_t elem) {
+  std::vector<std::byte> out(static_cast<size_t>(b.numel()) * elem);
+  Box whole{std::vector<int64_t>(shape.size(), 0), shape};
+  auto p = CopyRuns(whole, b, elem);
+  REQUIRE(p.ok());
+  if (*p) {
+    ForEachRun(**p, [&](uint64_t s, uint64_t d, uint64_t n) {
+      std::memcpy(out.data() + d, full.data() + s, n);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "DCP directories load through ShardedCheckpoint by byte ranges, bit for "
+    "bit") {
+  const char* root = std::getenv("CKPT_DCP_FIXTURES");
+  if (!root || !fs::exists(root)) {
+    WARN(
+        "CKPT_DCP_FIXTURES not set (scripts/test.sh makes them with PyPI "
+        "torch): skipped");
+    return;
+  }
+  int dirs = 0;
+  for (const char* name :
+       {"single", "single_st", "ranks2", "ranks2_st", "ranks4", "per_item",
+        "proto2", "proto5", "enum_by_value"}) {
+    const std::string dir = std::string(root) + "/" + name;
+    if (!fs::exists(dir + "/ref.txt")) continue;
+    INFO(dir);
+    ++dirs;
+    CHECK_FALSE(IsShardedCheckpoint(dir));
+    auto ck = ShardedCheckpoint::Open(dir);
+    REQUIRE(ck.ok());
+    SelfComm comm;
+    REQUIRE(ShardedCheckpoint::Open(comm, dir).ok());
+    std::ifstream ref(dir + "/ref.txt");
+    std::string line;
+    std::mt19937 rng(3);
+    int tensors = 0;
+    while (std::getline(ref, line)) {
+      std::vector<std::string> f;
+      std::stringstream ss(line);
+      for (std::string x; std::getline(ss, x, '\t');) f.push_back(x);
+      REQUIRE(f.size() == 5);
+      const GlobalTensorInfo* t = ck->manifest().Find(f[1]);
+      INFO(f[1]);
+      REQUIRE(t);
+      CHECK(DTypeName(t->dtype) == f[2]);
+      const auto full = ckpt::test::ReadAll(dir + "/" + f[4]);
+      REQUIRE(full.size() == t->nbytes());
+      const size_t elem = DTypeSize(t->dtype);
+      for (int k = 0; k < 6; ++k) {
+        Box b = k == 0 ? Box{std::vector<int64_t>(t->shape.size(), 0), t->shape}
+                       : RandomBox(rng, t->shape);
+        std::vector<std::byte> out(static_cast<size_t>(b.numel()) * elem);
+        Want w{t->path, b, out};
+        auto plan = ck->Plan(std::span(&w, 1));
+        REQUIRE(plan.ok());
+        auto st = ck->Execute(*plan);
+        REQUIRE(st.ok());
+        CHECK(st->bytes_read == st->bytes_needed);
+        CHECK(out == Slice(full, t->shape, b, elem));
+      }
+      ++tensors;
+    }
+    CHECK(tensors > 0);
+    CHECK(ck->Verify().ok());
+    auto shard = ck->OpenShard(0);
+    CHECK(shard.status().code() == ErrorCode::kInvalidArgument);
+  }
+  CHECK(dirs >= 5);
+}
+
+TEST_CASE(
+    "a hostile DCP .metadata is refused by the sharded reader, naming the "
+    "global") {
+  const char* root = std::getenv("CKPT_DCP_FIXTURES");
+  if (!root || !fs::exists(std::string(root) + "/hostile")) {
+    WARN("CKPT_DCP_FIXTURES not set: skipped");
+    return;
+  }
+  Dir d;
+  const std::string dir = d.path + "/evil";
+  fs::create_directories(dir);
+  fs::copy_file(std::string(root) + "/hostile/os_system.metadata",
+                dir + "/.metadata");
+  auto r = ShardedCheckpoint::Open(dir);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(), Catch::Contains("system"));
+  CHECK_THAT(r.status().message(), Catch::Contains("not on the allowlist"));
 }

@@ -334,7 +334,9 @@ class ShardedCheckpoint {
   struct Impl;
   explicit ShardedCheckpoint(std::unique_ptr<Impl> impl);
   static Result<ShardedCheckpoint> FromBytes(std::span<const std::byte> bytes,
-                                             const std::string& dir);
+                                             const std::string& dir, bool dcp);
+  Result<LoadStats> ExecuteRaw(const ReadPlan& plan,
+                               const LoadOptions& options) const;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -9,7 +9,9 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <tuple>
@@ -20,6 +22,7 @@
 #include "ckpt/reader.h"
 #include "dist/manifest_internal.h"
 #include "parallel_internal.h"
+#include "pth/dcp_internal.h"
 #include "reader_internal.h"
 
 namespace ckpt::dist {
@@ -82,13 +85,80 @@ Result<std::vector<std::byte>> ReadManifestBytes(const std::string& dir) {
   return bytes;
 }
 
-// An open shard file and where its storages lie.
+// An open shard file and where its storages lie; for a DCP directory, a
+// raw descriptor of one of its .distcp files.
 struct Shard {
   explicit Shard(Checkpoint c) : ck(std::move(c)) {}
-  Checkpoint ck;
+  explicit Shard(int raw_fd) : fd(raw_fd) {}
+  Shard(const Shard&) = delete;
+  Shard& operator=(const Shard&) = delete;
+  ~Shard() {
+    if (fd >= 0) ::close(fd);
+  }
+  std::optional<Checkpoint> ck;
+  int fd = -1;
   std::vector<uint64_t> starts;  // storage offsets, ascending
   std::vector<uint64_t> ends;
 };
+
+// pread of exactly out.size() bytes at `offset`, or kIoError naming it.
+Status PreadAll(int fd, std::span<std::byte> out, uint64_t offset,
+                const std::string& name) {
+  for (uint64_t done = 0; done < out.size();) {
+    ssize_t n = ::pread(fd, out.data() + done, out.size() - done,
+                        static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return ErrnoError("read " + name, n < 0 ? errno : EIO)
+          .WithFile(name)
+          .WithOffset(static_cast<int64_t>(offset + done));
+    }
+    done += static_cast<uint64_t>(n);
+  }
+  return Status::OK();
+}
+
+// A DCP directory's index as a manifest: one "file" per .distcp, pinned
+// by size only (DCP has no checksums), chunks as DCP's .metadata locates
+// them. Checked by the same rules as a ckpt manifest.
+Result<std::vector<std::byte>> DcpManifestBytes(const std::string& dir) {
+  CKPT_ASSIGN_OR_RETURN(ckpt::internal::DcpIndex index,
+                        ckpt::internal::ReadDcpDirectory(dir));
+  Manifest m;
+  std::map<std::string, uint32_t> file_index;
+  for (const std::string& f : index.files) {
+    const std::string path = (fs::path(dir) / f).string();
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      return ErrnoError("stat " + path, errno).WithFile(path);
+    }
+    file_index[f] = static_cast<uint32_t>(m.files.size());
+    m.files.push_back({f, static_cast<uint64_t>(st.st_size), 0,
+                       static_cast<uint32_t>(m.files.size())});
+  }
+  if (m.files.empty()) {
+    return InvalidArgument("DCP checkpoint " + dir + " holds no data files")
+        .WithFile(dir);
+  }
+  m.world_size = static_cast<uint32_t>(m.files.size());
+  m.producer = "torch.distributed.checkpoint";
+  if (!index.version.empty()) m.metadata = {{"dcp.version", index.version}};
+  for (const auto& t : index.tensors) {
+    GlobalTensorInfo g;
+    g.path = t.path;
+    g.dtype = t.dtype;
+    g.shape = t.shape;
+    for (const auto& c : t.chunks) {
+      if (c.box.numel() == 0) continue;
+      g.chunks.push_back({c.box, file_index.at(c.file), c.offset, c.length});
+    }
+    m.tensors.push_back(std::move(g));
+  }
+  Status bad =
+      internal::CheckManifest(m, (fs::path(dir) / ".metadata").string());
+  if (!bad.ok()) return bad;
+  return internal::SerializeManifest(m);
+}
 
 // The last byte a pattern reads from its source, plus one.
 uint64_t SourceEnd(const RunPattern& p) {
@@ -108,6 +178,7 @@ constexpr uint64_t kPreadMinBytes = 64 << 10;
 struct ShardedCheckpoint::Impl {
   std::string dir;
   Manifest m;
+  bool dcp = false;             // a DCP directory read through its .metadata
   std::vector<BoxIndex> index;  // per tensor
   mutable std::mutex mu;
   mutable std::vector<std::shared_ptr<const Shard>> shards;
@@ -126,6 +197,22 @@ Result<std::shared_ptr<const Shard>> ShardedCheckpoint::Impl::Open(
   }
   const ShardFileInfo& f = m.files[i];
   const std::string path = (fs::path(dir) / f.name).string();
+  if (dcp) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ErrnoError("open " + path, errno).WithFile(path);
+    auto s = std::make_shared<Shard>(fd);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != f.size) {
+      return Corrupt(
+                 "DCP data file changed size since the checkpoint was "
+                 "opened (" +
+                 std::to_string(f.size) + " bytes then)")
+          .WithFile(path);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (!shards[i]) shards[i] = std::move(s);
+    return shards[i];
+  }
   CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(path));
   // S1-S2: the very file the manifest pins.
   if (ck.file_size() != f.size || ck.layout().header_xxh3 != f.header_xxh3) {
@@ -139,8 +226,8 @@ Result<std::shared_ptr<const Shard>> ShardedCheckpoint::Impl::Open(
         .WithFile(path);
   }
   auto s = std::make_shared<Shard>(std::move(ck));
-  for (size_t k = 0; k < s->ck.num_storages(); ++k) {
-    CKPT_ASSIGN_OR_RETURN(StorageInfo si, s->ck.StorageInfoAt(k));
+  for (size_t k = 0; k < s->ck->num_storages(); ++k) {
+    CKPT_ASSIGN_OR_RETURN(StorageInfo si, s->ck->StorageInfoAt(k));
     s->starts.push_back(si.offset);
     s->ends.push_back(si.offset + si.nbytes);
   }
@@ -175,14 +262,35 @@ const std::string& ShardedCheckpoint::dir() const { return impl_->dir; }
 const Manifest& ShardedCheckpoint::manifest() const { return impl_->m; }
 
 Result<Manifest> ReadManifest(const std::string& dir) {
+  if (!IsShardedCheckpoint(dir) && ckpt::internal::IsDcpDirectory(dir)) {
+    CKPT_ASSIGN_OR_RETURN(auto bytes, DcpManifestBytes(dir));
+    return internal::DecodeManifest(bytes,
+                                    (fs::path(dir) / ".metadata").string());
+  }
   CKPT_ASSIGN_OR_RETURN(auto bytes, ReadManifestBytes(dir));
   return internal::DecodeManifest(bytes,
                                   (fs::path(dir) / kManifestName).string());
 }
 
-Result<ShardedCheckpoint> ShardedCheckpoint::Open(const std::string& dir) {
+namespace {
+
+// The index of `dir` as manifest bytes, and whether it came from a DCP
+// directory's .metadata (a directory with a manifest is never DCP).
+Result<std::pair<std::vector<std::byte>, bool>> IndexBytes(
+    const std::string& dir) {
+  if (!IsShardedCheckpoint(dir) && ckpt::internal::IsDcpDirectory(dir)) {
+    CKPT_ASSIGN_OR_RETURN(auto bytes, DcpManifestBytes(dir));
+    return std::make_pair(std::move(bytes), true);
+  }
   CKPT_ASSIGN_OR_RETURN(auto bytes, ReadManifestBytes(dir));
-  return FromBytes(bytes, dir);
+  return std::make_pair(std::move(bytes), false);
+}
+
+}  // namespace
+
+Result<ShardedCheckpoint> ShardedCheckpoint::Open(const std::string& dir) {
+  CKPT_ASSIGN_OR_RETURN(auto index, IndexBytes(dir));
+  return FromBytes(index.first, dir, index.second);
 }
 
 Result<ShardedCheckpoint> ShardedCheckpoint::Open(Comm& comm,
@@ -193,36 +301,39 @@ Result<ShardedCheckpoint> ShardedCheckpoint::Open(Comm& comm,
                            " outside the group of " +
                            std::to_string(comm.size()));
   }
-  // One reader of the manifest (the coordinator), one byte of verdict in
-  // front: 0 and the manifest, or 1 and the Status of its failure.
+  // One reader of the index (the coordinator), one byte of verdict in
+  // front: 0 and a manifest, 2 and a DCP directory's index as a manifest,
+  // or 1 and the Status of its failure.
   std::vector<std::byte> msg;
   if (comm.rank() == coordinator) {
-    auto bytes = ReadManifestBytes(dir);
-    if (bytes.ok()) {
-      msg.reserve(bytes->size() + 1);
-      msg.push_back(std::byte{0});
-      msg.insert(msg.end(), bytes->begin(), bytes->end());
+    auto index = IndexBytes(dir);
+    if (index.ok()) {
+      msg.reserve(index->first.size() + 1);
+      msg.push_back(std::byte{index->second ? uint8_t{2} : uint8_t{0}});
+      msg.insert(msg.end(), index->first.begin(), index->first.end());
     } else {
       msg.push_back(std::byte{1});
-      auto s = internal::EncodeStatus(bytes.status());
+      auto s = internal::EncodeStatus(index.status());
       msg.insert(msg.end(), s.begin(), s.end());
     }
   }
   CKPT_ASSIGN_OR_RETURN(auto got, comm.Broadcast(coordinator, msg));
   if (got.empty()) return IoError("empty manifest broadcast").WithFile(dir);
-  if (got[0] != std::byte{0}) {
+  if (got[0] == std::byte{1}) {
     return internal::DecodeStatus(std::span(got).subspan(1));
   }
-  return FromBytes(std::span(got).subspan(1), dir);
+  return FromBytes(std::span(got).subspan(1), dir, got[0] == std::byte{2});
 }
 
 Result<ShardedCheckpoint> ShardedCheckpoint::FromBytes(
-    std::span<const std::byte> bytes, const std::string& dir) {
-  CKPT_ASSIGN_OR_RETURN(Manifest m,
-                        internal::DecodeManifest(
-                            bytes, (fs::path(dir) / kManifestName).string()));
+    std::span<const std::byte> bytes, const std::string& dir, bool dcp) {
+  const std::string name = (fs::path(dir) / (dcp ? std::string(".metadata")
+                                                 : std::string(kManifestName)))
+                               .string();
+  CKPT_ASSIGN_OR_RETURN(Manifest m, internal::DecodeManifest(bytes, name));
   auto impl = std::make_unique<ShardedCheckpoint::Impl>();
   impl->dir = dir;
+  impl->dcp = dcp;
   impl->index.reserve(m.tensors.size());
   for (const auto& t : m.tensors) {
     std::vector<Box> boxes;
@@ -297,6 +408,7 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
   LoadStats stats;
   stats.bytes_needed = plan.bytes_needed;
   const Manifest& m = impl_->m;
+  if (impl_->dcp) return ExecuteRaw(plan, o);
   // Open the files the plan touches; find each copy's storage.
   std::vector<std::shared_ptr<const Shard>> open(m.files.size());
   std::vector<size_t> storage(plan.copies.size());
@@ -325,7 +437,7 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
     for (size_t i = 0; i < plan.copies.size(); ++i) {
       const ReadPlan::Copy& c = plan.copies[i];
       const Shard& s = *open[c.file];
-      const uint64_t cs = s.ck.chunk_size();
+      const uint64_t cs = s.ck->chunk_size();
       const uint64_t base = s.starts[storage[i]];
       ForEachRun(c.runs, [&](uint64_t src, uint64_t, uint64_t len) {
         for (uint64_t k = (src - base) / cs; k * cs < src - base + len; ++k) {
@@ -340,12 +452,12 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
         todo.size(), o.threads, [&](size_t j) -> Status {
           auto [file, st, k, copy] = todo[j];
           const Shard& s = *open[file];
-          const uint64_t cs = s.ck.chunk_size();
+          const uint64_t cs = s.ck->chunk_size();
           const uint64_t size = s.ends[st] - s.starts[st];
           const uint64_t end = std::min(size, (k + 1) * cs);
           hashed[j] = end - k * cs;
           Status r = ckpt::internal::CheckpointAccess::VerifyStorageRange(
-              s.ck, st, k * cs, end, plan.wants[plan.copies[copy].want].path);
+              *s.ck, st, k * cs, end, plan.wants[plan.copies[copy].want].path);
           return r.ok() ? r : r.WithContext(where(copy));
         });
     CKPT_RETURN_IF_ERROR(v);
@@ -370,7 +482,7 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
             {storage[i], src - base, out.subspan(dst, len)});
       });
     } else {
-      CKPT_ASSIGN_OR_RETURN(StorageView view, s.ck.Storage(storage[i]));
+      CKPT_ASSIGN_OR_RETURN(StorageView view, s.ck->Storage(storage[i]));
       ForEachRun(c.runs, [&](uint64_t src, uint64_t dst, uint64_t len) {
         if (!bad.ok()) return;
         if (dst > out.size() || len > out.size() - dst) {
@@ -386,9 +498,46 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
   }
   for (size_t f = 0; f < reads.size(); ++f) {
     if (reads[f].empty()) continue;
-    Status s = open[f]->ck.ReadStorages(reads[f], o.threads);
+    Status s = open[f]->ck->ReadStorages(reads[f], o.threads);
     CKPT_RETURN_IF_ERROR(s);
   }
+  return stats;
+}
+
+Result<LoadStats> ShardedCheckpoint::ExecuteRaw(const ReadPlan& plan,
+                                                const LoadOptions& o) const {
+  // DCP's .distcp files: no checksums to verify, so pread every run.
+  LoadStats stats;
+  stats.bytes_needed = plan.bytes_needed;
+  std::vector<std::shared_ptr<const Shard>> open(impl_->m.files.size());
+  for (const ReadPlan::Copy& c : plan.copies) {
+    if (c.file >= open.size() || c.want >= plan.wants.size()) {
+      return InvalidArgument("a read plan from another checkpoint");
+    }
+    if (!open[c.file]) {
+      CKPT_ASSIGN_OR_RETURN(open[c.file], impl_->Open(c.file));
+      ++stats.files_opened;
+    }
+    stats.runs += c.runs.runs();
+    stats.bytes_read += c.runs.bytes();
+  }
+  Status st = ckpt::internal::ParallelFor(
+      plan.copies.size(), o.threads, [&](size_t i) -> Status {
+        const ReadPlan::Copy& c = plan.copies[i];
+        std::span<std::byte> out = plan.wants[c.want].out;
+        const std::string name = ShardFilePath(c.file);
+        Status bad;
+        ForEachRun(c.runs, [&](uint64_t src, uint64_t dst, uint64_t len) {
+          if (!bad.ok()) return;
+          if (dst > out.size() || len > out.size() - dst) {
+            bad = InvalidArgument("a read plan run outside its buffer");
+            return;
+          }
+          bad = PreadAll(open[c.file]->fd, out.subspan(dst, len), src, name);
+        });
+        return bad;
+      });
+  CKPT_RETURN_IF_ERROR(st);
   return stats;
 }
 
@@ -410,7 +559,7 @@ Result<StorageView> ShardedCheckpoint::Read(std::string_view path,
   // Zero copy when one run of one chunk holds the whole box.
   const size_t ti = static_cast<size_t>(t - impl_->m.tensors.data());
   auto hits = impl_->index[ti].Overlapping(box);
-  if (hits.size() == 1 && bytes > 0) {
+  if (hits.size() == 1 && bytes > 0 && !impl_->dcp) {
     const ChunkInfo& c = t->chunks[hits[0]];
     CKPT_ASSIGN_OR_RETURN(std::optional<RunPattern> p,
                           CopyRuns(c.box, box, elem));
@@ -423,9 +572,9 @@ Result<StorageView> ShardedCheckpoint::Read(std::string_view path,
       if (o.verify) {
         CKPT_RETURN_IF_ERROR(
             ckpt::internal::CheckpointAccess::VerifyStorageRange(
-                shard->ck, st, begin, begin + bytes, std::string(path)));
+                *shard->ck, st, begin, begin + bytes, std::string(path)));
       }
-      CKPT_ASSIGN_OR_RETURN(StorageView view, shard->ck.Storage(st));
+      CKPT_ASSIGN_OR_RETURN(StorageView view, shard->ck->Storage(st));
       view.data = view.data.subspan(begin, bytes);
       return view;
     }
@@ -445,8 +594,14 @@ Result<Checkpoint> ShardedCheckpoint::OpenShard(size_t index) const {
     return InvalidArgument("shard file " + std::to_string(index) + " of " +
                            std::to_string(impl_->m.files.size()));
   }
+  if (impl_->dcp) {
+    return InvalidArgument(
+               "a DCP checkpoint has no ckpt shard files (and so no trees: "
+               "its non-tensor values are torch.save'd objects)")
+        .WithFile(impl_->dir);
+  }
   CKPT_ASSIGN_OR_RETURN(auto shard, impl_->Open(index));
-  return shard->ck.Share();
+  return shard->ck->Share();
 }
 
 std::string ShardedCheckpoint::ShardFilePath(size_t index) const {
@@ -458,8 +613,10 @@ Status ShardedCheckpoint::Verify(unsigned threads) const {
   const Manifest& m = impl_->m;
   for (size_t f = 0; f < m.files.size(); ++f) {
     CKPT_ASSIGN_OR_RETURN(auto shard, impl_->Open(f));
-    CKPT_RETURN_IF_ERROR(shard->ck.Verify({threads}));
+    // A DCP file has no checksums: its size is all there is to check.
+    if (shard->ck) CKPT_RETURN_IF_ERROR(shard->ck->Verify({threads}));
   }
+  if (impl_->dcp) return Status::OK();
   for (const auto& t : m.tensors) {
     for (const auto& c : t.chunks) {
       CKPT_ASSIGN_OR_RETURN(auto shard, impl_->Open(c.file));
