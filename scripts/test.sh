@@ -162,11 +162,11 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests 30 s"
+  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests and DCP .metadata 30 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz manifest_fuzz
+  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz manifest_fuzz dcp_fuzz
   corpus=$(mktemp -d)
   trap 'rm -rf "$corpus"' EXIT
   mkdir -p "$corpus/ckpt" "$corpus/pth" "$corpus/manifest"
@@ -198,7 +198,13 @@ PYEOF
   done
   build-fuzz/manifest_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
     -print_final_stats=0 "$corpus/manifest" 2>&1 | tail -n 1
-  echo "fuzz: 3 passed, 0 failed"
+  # Seeds for the DCP fuzzer: .metadata files torch wrote (fixtures above).
+  mkdir -p "$corpus/dcp"
+  python3 tests/dcp/fuzz_seeds.py build-test/dcp-fixtures "$corpus/dcp" ||
+    echo "(no DCP fixtures: the DCP fuzzer starts without seeds)"
+  build-fuzz/dcp_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
+    -print_final_stats=0 "$corpus/dcp" 2>&1 | tail -n 1
+  echo "fuzz: 4 passed, 0 failed"
 else
   echo "fuzz: skipped (clang++ not found)"
 fi
