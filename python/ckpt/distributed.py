@@ -534,11 +534,11 @@ class _Staged:
                 pool = {k: list(v) for k, v in _STAGING.items()}
         for p in self.pieces:
             self.data.append(_staging_copy(p.local, pool) if copy else _contiguous_cpu(p.local))
-        if copy and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device -> host copies
         self.globals = _snapshot(state_dict, None) if comm.rank == coordinator else None
         self.rank_local = {path: (_stage_value(v.value) if copy else v.value)
                            for path, kind, v in leaves if kind == "local"}
+        if copy and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device -> host copies, all of them
 
 
 def _write_shard(staged, checkpoint_id, comm, sync):
@@ -782,6 +782,14 @@ def _plan_trees(ck, summary, leaves, state_dict, comm):
     from this rank's shard), to set once every rank has checked."""
     assign = []
     locals_ = [(path, v) for path, kind, v in leaves if kind == "local"]
+    if _is_dcp(ck.dir):
+        # torch.distributed.checkpoint's own directory: its non-tensor
+        # values are pickles, never run here; they stay as they are.
+        if locals_:
+            raise InvalidArgumentError(
+                f"{ck.dir}: a torch.distributed.checkpoint directory holds no rank-local "
+                f"state ({', '.join(repr(p) for p, _ in locals_)})")
+        return assign
     if locals_:
         saved = summary["world_size"]
         if saved != comm.size:
@@ -804,6 +812,13 @@ def _plan_trees(ck, summary, leaves, state_dict, comm):
     saved = _Loader(reader).load("globals") if _has(reader, "globals") else {}
     _merge(state_dict, saved, "", True, ck.shard_file_path(summary["globals_file"]), assign)
     return assign
+
+
+def _is_dcp(path):
+    """True for a torch.distributed.checkpoint directory (its .metadata,
+    no ckpt manifest), which ShardedCheckpoint reads by byte ranges."""
+    return (not os.path.exists(os.path.join(path, "MANIFEST.ckptm"))
+            and os.path.exists(os.path.join(path, ".metadata")))
 
 
 def _has(reader, path):

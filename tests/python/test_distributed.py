@@ -497,11 +497,39 @@ def sc_dtensor(ctx):
     return None
 
 
+def sc_dcp(ctx):
+    """A torch.distributed.checkpoint directory saved on 4 ranks (DTensor
+    rows, a replicated tensor) loads on 3 as Chunks, bit for bit, its
+    .metadata never unpickled; its non-tensor values stay as they are."""
+    if not ctx.cdist.HAS_DTENSOR:
+        return "skipped"
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    cdist, rank = ctx.cdist, ctx.rank
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rows, rep = reference("w_uneven"), reference("w_col")
+    d = os.path.join(ctx.tmp, "dcp")
+    dcp.save({"rows": distribute_tensor(rows, mesh, [Shard(0)]), "rep": rep.clone(), "step": 3},
+             checkpoint_id=d)
+    ctx.barrier()
+    if rank < 3:
+        lo, hi = split(6, 3, rank)
+        sd = {"rows": cdist.Chunk(torch.zeros(hi - lo, 3, dtype=torch.int64), (6, 3), (lo, 0)),
+              "rep": torch.zeros(4, 7, dtype=torch.bfloat16), "step": 0}
+        cdist.load(sd, d, ctx.groups[3])
+        assert tensor_bytes(sd["rows"].local) == tensor_bytes(rows[lo:hi])
+        assert tensor_bytes(sd["rep"]) == tensor_bytes(rep)
+        assert sd["step"] == 0, sd["step"]
+    ctx.barrier()
+    return None
+
+
 SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
              sc_rank_local, sc_flipped_byte,
              sc_failure,
              sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
-             sc_zero_d_and_empty]  # last: a failing scenario ends its rank's run
+             sc_zero_d_and_empty, sc_dcp]  # last: a failing scenario ends its rank's run
 
 
 class _Ctx:
@@ -631,6 +659,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_dtensor(self):
         self.check("sc_dtensor")
+
+    def test_dcp_directory(self):
+        self.check("sc_dcp")
 
 
 class LocalTest(unittest.TestCase):
