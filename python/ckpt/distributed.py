@@ -261,6 +261,8 @@ class _Comm:
         return t
 
     def _gather(self, root, mine):
+        if self.size == 1:
+            return [mine]
         size = torch.tensor([len(mine)], dtype=torch.int64)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
         dist.all_gather(sizes, size, group=self.group)
@@ -275,6 +277,8 @@ class _Comm:
         return []
 
     def _broadcast(self, root, data):
+        if self.size == 1:
+            return data
         mine = self.rank == root
         size = torch.tensor([len(data) if mine else 0], dtype=torch.int64)
         dist.broadcast(size, src=self.ranks[root], group=self.group)

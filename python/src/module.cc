@@ -921,7 +921,7 @@ class PyComm final : public ckpt::dist::Comm {
       return out;
     } catch (py::error_already_set& e) {
       return ckpt::IoError("gather over torch.distributed failed on rank " +
-                           std::to_string(rank_) + ": " + e.what());
+                           std::to_string(rank_) + ": " + Describe(e));
     }
   }
 
@@ -934,11 +934,16 @@ class PyComm final : public ckpt::dist::Comm {
       return Copy(broadcast_(root, arg));
     } catch (py::error_already_set& e) {
       return ckpt::IoError("broadcast over torch.distributed failed on rank " +
-                           std::to_string(rank_) + ": " + e.what());
+                           std::to_string(rank_) + ": " + Describe(e));
     }
   }
 
  private:
+  // "RuntimeError: message", without the traceback e.what() appends.
+  static std::string Describe(const py::error_already_set& e) {
+    std::string type = py::str(e.type().attr("__name__")).cast<std::string>();
+    return type + ": " + py::str(e.value()).cast<std::string>();
+  }
   static py::bytes AsBytes(std::span<const std::byte> b) {
     return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
   }
