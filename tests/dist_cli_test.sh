@@ -238,6 +238,16 @@ cmp -s <("$CKPT" cat "$T/big.ckpt" big) <("$CKPT" cat "$T/bigd" big) && ok || ba
 cmp -s <("$CKPT" cat "$T/big.ckpt" big --rows 1:2) <("$CKPT" cat "$T/bigd" big --rows 1:2) && ok || bad "cat DIR --rows of a large tensor"
 rm -rf "$T/big.ckpt" "$T/bigd"
 
+# Rank-local state has no place in one file: consolidate drops it and
+# says so on stderr.
+"$FIX" ranklocal "$T/rl" || bad "ranklocal fixture"
+expect_rc 0 "consolidate with rank-local state" "$CKPT" consolidate "$T/rl" "$T/rl.ckpt"
+grep -q "note: the rank-local state of 2 rank(s) (0, 1) is not in" "$T/err" && ok || bad "rank-local note: $(cat "$T/err")"
+[ "$("$CKPT" get "$T/rl.ckpt" '')" = '{"w": {"$tensor": "w", "dtype": "float32", "shape": [4, 2]}, "epoch": 3}' ] && ok || bad "rank-local: the saved tree alone: $("$CKPT" get "$T/rl.ckpt" '')"
+"$CKPT" cat "$T/rl.ckpt" w | $PY -c "import struct,sys; v=struct.unpack('<8f', sys.stdin.buffer.read()); assert v==tuple(range(8)), v" && ok || bad "rank-local: tensor bytes"
+expect_rc 0 "consolidate without rank-local state" "$CKPT" consolidate "$T/s2" "$T/c2b.ckpt"
+[ ! -s "$T/err" ] && ok || bad "no note without rank-local state: $(cat "$T/err")"
+
 # Files keep working as before.
 expect_rc 0 "verify FILE" "$CKPT" verify "$T/in.ckpt"
 expect_rc 0 "inspect FILE" "$CKPT" inspect "$T/in.ckpt"

@@ -337,7 +337,10 @@ ckpt::tool::ValueJsonHook PlaceholderJson(const ckpt::dist::Manifest& m) {
 ckpt::Result<std::optional<Value>> GlobalsOf(
     const ckpt::dist::ShardedCheckpoint& ck) {
   const auto& m = ck.manifest();
-  if (m.globals_file >= m.files.size()) return std::optional<Value>();
+  // A DCP directory (no MANIFEST.ckptm) holds no ckpt trees.
+  if (!ckpt::dist::IsShardedCheckpoint(ck.dir()) ||
+      m.globals_file >= m.files.size())
+    return std::optional<Value>();
   CKPT_ASSIGN_OR_RETURN(Checkpoint g, ck.OpenShard(m.globals_file));
   // A Value keeps its file open by itself.
   if (g.root().kind() == ValueKind::kDict) {
@@ -514,6 +517,7 @@ int VerifyDir(const std::string& dir, unsigned threads) {
 ckpt::Result<std::vector<uint32_t>> RanksWithLocalState(
     const ckpt::dist::ShardedCheckpoint& ck) {
   std::vector<uint32_t> ranks;
+  if (!ckpt::dist::IsShardedCheckpoint(ck.dir())) return ranks;  // DCP
   for (size_t i = 0; i < ck.manifest().files.size(); ++i) {
     CKPT_ASSIGN_OR_RETURN(Checkpoint shard, ck.OpenShard(i));
     const Value root = shard.root();

@@ -288,10 +288,11 @@ Status Consolidate(const std::string& dir, const std::string& out,
   }
   buf = {};
 
-  // The globals tree, when a rank wrote one.
+  // The globals tree, when a rank wrote one. A DCP directory (no
+  // MANIFEST.ckptm: its .metadata read as a manifest) has no ckpt trees.
   std::optional<Checkpoint> gfile;
   std::optional<Value> globals;
-  if (m.globals_file < m.files.size()) {
+  if (IsShardedCheckpoint(dir) && m.globals_file < m.files.size()) {
     CKPT_ASSIGN_OR_RETURN(Checkpoint g, ck.OpenShard(m.globals_file));
     if (g.root().kind() == ValueKind::kDict) {
       if (auto v = g.root().Child("globals"); v.ok()) globals = *v;
