@@ -189,7 +189,9 @@ def read_manifest(checkpoint_id):
 
 # ---- collectives ------------------------------------------------------------
 
-_GROUPS = {}  # (id of the process group or None, purpose) -> (the group, gloo group)
+# (id of the process group or None, purpose) -> (the group, its gloo group,
+# the default group it was made under)
+_GROUPS = {}
 _GROUPS_LOCK = threading.Lock()
 try:
     import inspect as _inspect
@@ -223,10 +225,13 @@ def _gloo_group(process_group, purpose):
     world = process_group is None or process_group is dist.group.WORLD
     if not world and purpose == "sync" and dist.get_backend(process_group) == "gloo":
         return process_group
+    # The default group is part of the key: after destroy_process_group()
+    # and a new init_process_group() the old gloo groups are gone.
+    default = dist.distributed_c10d._get_default_group()
     key = (None if world else id(process_group), purpose)
     with _GROUPS_LOCK:
         entry = _GROUPS.get(key)
-        if entry is None or entry[0] is not process_group:
+        if entry is None or entry[0] is not process_group or entry[2] is not default:
             if world:
                 group = dist.new_group(backend="gloo")
             else:
@@ -235,7 +240,7 @@ def _gloo_group(process_group, purpose):
                     kwargs["use_local_synchronization"] = True
                 group = dist.new_group(ranks=_group_ranks(process_group), backend="gloo",
                                        **kwargs)
-            entry = (process_group, group)
+            entry = (process_group, group, default)
             _GROUPS[key] = entry
     return entry[1]
 

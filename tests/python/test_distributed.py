@@ -525,11 +525,34 @@ def sc_dcp(ctx):
     return None
 
 
+def sc_reinit(ctx):
+    """After destroy_process_group() and a new init_process_group(), saves
+    and loads make their gloo groups again (the old ones are gone). Last:
+    the pool's subgroups die with the old default group."""
+    import torch.distributed as dist
+    cdist, rank = ctx.cdist, ctx.rank
+    d = os.path.join(ctx.tmp, "before-reinit")
+    cdist.save({"w": torch.ones(4)}, d, sync=False)
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{ctx.tmp}/init-again", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    d = os.path.join(ctx.tmp, "after-reinit")
+    cdist.save({"w": torch.full((4,), 2.0)}, d, sync=False)
+    sd = {"w": torch.zeros(4)}
+    cdist.load(sd, d)
+    assert torch.equal(sd["w"], torch.full((4,), 2.0)), sd
+    h = cdist.async_save({"w": torch.full((4,), 3.0)}, os.path.join(ctx.tmp, "async-reinit"),
+                         sync=False)
+    h.result()
+    ctx.barrier()
+
+
 SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
              sc_rank_local, sc_flipped_byte,
              sc_failure,
              sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
-             sc_zero_d_and_empty, sc_dcp]  # last: a failing scenario ends its rank's run
+             sc_zero_d_and_empty, sc_dcp,  # late: a failing scenario ends its rank's run
+             sc_reinit]  # the very last: it replaces the default group
 
 
 class _Ctx:
@@ -659,6 +682,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_dtensor(self):
         self.check("sc_dtensor")
+
+    def test_groups_after_reinit(self):
+        self.check("sc_reinit")
 
     def test_dcp_directory(self):
         self.check("sc_dcp")
