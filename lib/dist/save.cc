@@ -384,8 +384,10 @@ Result<CommitInfo> Finalize(const std::string& dir,
         .WithFile(CleanDir(dir))
         .WithTensor(bad.tensor());
   }
-  CKPT_ASSIGN_OR_RETURN(std::vector<std::byte> bytes,
-                        internal::EncodeManifest(m));
+  // Checked above: serialize without checking it again.
+  m.version_major = internal::kManifestMajor;
+  m.version_minor = internal::kManifestMinor;
+  std::vector<std::byte> bytes = internal::SerializeManifest(m);
 
   // Sweep what the manifest does not name (leftovers of a crashed attempt:
   // shards of another world size, writers' temporaries).
