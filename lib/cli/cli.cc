@@ -293,6 +293,17 @@ std::string Hex64(uint64_t v) {
   return buf;
 }
 
+// A DCP directory (torch.distributed.checkpoint): its .metadata stands in
+// for the manifest; it has no ckpt trees and no checksums.
+bool IsDcp(const ckpt::dist::ShardedCheckpoint& ck) {
+  return !ckpt::dist::IsShardedCheckpoint(ck.dir());
+}
+
+// The index file: MANIFEST.ckptm, or a DCP directory's .metadata.
+std::string IndexName(const ckpt::dist::ShardedCheckpoint& ck) {
+  return IsDcp(ck) ? ".metadata" : std::string(ckpt::dist::kManifestName);
+}
+
 struct DirTotals {
   uint64_t tensor_bytes = 0, chunks = 0, shard_bytes = 0, manifest_bytes = 0;
 };
@@ -304,8 +315,7 @@ DirTotals TotalsOf(const ckpt::dist::ShardedCheckpoint& ck) {
     t.chunks += g.chunks.size();
   }
   for (const auto& f : ck.manifest().files) t.shard_bytes += f.size;
-  t.manifest_bytes =
-      FileSize(ck.dir() + "/" + std::string(ckpt::dist::kManifestName));
+  t.manifest_bytes = FileSize(ck.dir() + "/" + IndexName(ck));
   return t;
 }
 
@@ -358,7 +368,7 @@ std::string InspectDirJson(const ckpt::dist::ShardedCheckpoint& ck,
   const DirTotals tot = TotalsOf(ck);
   std::string out = "{\"dir\": ";
   AppendJsonString(out, ck.dir());
-  out += ", \"kind\": \"sharded\"";
+  out += IsDcp(ck) ? ", \"kind\": \"dcp\"" : ", \"kind\": \"sharded\"";
   out += ", \"manifest_version\": \"" + std::to_string(m.version_major) + "." +
          std::to_string(m.version_minor) + "\"";
   out += ", \"producer\": ";
@@ -432,12 +442,14 @@ std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck,
   const DirTotals tot = TotalsOf(ck);
   std::string out;
   char line[512];
+  const std::string kind =
+      IsDcp(ck) ? "DCP checkpoint (torch.distributed.checkpoint .metadata)"
+                : "sharded ckpt (manifest " + std::to_string(m.version_major) +
+                      "." + std::to_string(m.version_minor) + ")";
   std::snprintf(line, sizeof line,
-                "%s: sharded ckpt (manifest %u.%u), %u ranks, %zu files (%s), "
-                "producer \"%s\"\n"
+                "%s: %s, %u ranks, %zu files (%s), producer \"%s\"\n"
                 "  %zu tensors (%s) in %llu chunks\n",
-                ck.dir().c_str(), m.version_major, m.version_minor,
-                m.world_size, m.files.size(),
+                ck.dir().c_str(), kind.c_str(), m.world_size, m.files.size(),
                 HumanBytes(tot.shard_bytes + tot.manifest_bytes).c_str(),
                 m.producer.c_str(), m.tensors.size(),
                 HumanBytes(tot.tensor_bytes).c_str(),
@@ -451,8 +463,8 @@ std::string InspectDirText(const ckpt::dist::ShardedCheckpoint& ck,
   for (size_t i = 0; i < m.files.size(); ++i) {
     const auto& f = m.files[i];
     out += "  " + f.name + "  rank " + std::to_string(f.rank) + "  " +
-           HumanBytes(f.size) + (i == m.globals_file ? "  (globals)" : "") +
-           "\n";
+           HumanBytes(f.size) +
+           (i == m.globals_file && globals ? "  (globals)" : "") + "\n";
   }
   if (!m.tensors.empty()) out += "tensors:\n";
   for (const auto& t : m.tensors) {
@@ -505,6 +517,16 @@ int VerifyDir(const std::string& dir, unsigned threads) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
           .count();
   const DirTotals tot = TotalsOf(*ck);
+  if (IsDcp(*ck)) {
+    // Nothing to hash: DCP stores no checksums, only what its .metadata
+    // implies about each file was checked.
+    std::printf(
+        "%s: OK (DCP: %zu tensors in %zu files, %s; .metadata and file sizes "
+        "checked, DCP stores no checksums; %.3f s)\n",
+        dir.c_str(), ck->manifest().tensors.size(), ck->manifest().files.size(),
+        HumanBytes(tot.shard_bytes + tot.manifest_bytes).c_str(), sec);
+    return kExitOk;
+  }
   std::printf("%s: OK (%zu tensors in %zu shard files, %s checked in %.3f s)\n",
               dir.c_str(), ck->manifest().tensors.size(),
               ck->manifest().files.size(),
