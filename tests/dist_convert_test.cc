@@ -4,9 +4,13 @@
 // is written.
 #include <ckpt/ckpt.h>
 #include <ckpt/dist.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -394,4 +398,34 @@ TEST_CASE("Consolidate streams a tensor larger than its block in boxes",
   REQUIRE(a->data().size() == b->data().size());
   CHECK(std::memcmp(a->data().data(), b->data().data(), a->data().size()) == 0);
   CHECK(RowMajor(*in, "small") == RowMajor(*back, "small"));
+}
+
+TEST_CASE("A sharding that fails midway leaves nothing behind",
+          "[dist][convert]") {
+  // The file-size limit makes a shard's write fail (EFBIG) once the first
+  // MiB is written: in a child process, so the limit stays there.
+  Scratch s;
+  REQUIRE(ckpt::test::WriteDistFixture(s.File("big.ckpt"), "big").ok());
+  const std::string dir = s.File("d");
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim = {1u << 20, 1u << 20};
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+    auto in = Checkpoint::Open(s.File("big.ckpt"));
+    if (!in.ok()) ::_exit(10);
+    Status st = ShardFile(
+        *in, dir, 2, [](const TensorInfo&) { return 0; }, FastSave());
+    if (st.ok()) ::_exit(11);
+    if (st.code() != ErrorCode::kIoError) ::_exit(12);
+    if (st.ToString().find("shard 0 of 2") == std::string::npos) ::_exit(13);
+    ::_exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK_FALSE(fs::exists(dir));
+  CHECK(NoTemporaries(s.t.path()));
 }
