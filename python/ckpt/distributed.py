@@ -64,7 +64,7 @@ except ImportError:  # torch 1.13: no DTensor
 
 __all__ = ["save", "load", "async_save", "read_manifest", "Chunk", "RankLocal",
            "AsyncSave", "CommitInfo", "Manifest", "TensorMeta", "ChunkMeta",
-           "consolidate", "shard", "read", "verify", "HAS_DTENSOR"]
+           "consolidate", "shard", "read", "verify", "prepare", "HAS_DTENSOR"]
 
 HAS_DTENSOR = _DTensor is not None
 
@@ -189,15 +189,10 @@ def read_manifest(checkpoint_id):
 
 # ---- collectives ------------------------------------------------------------
 
-# (id of the process group or None, purpose) -> (the group, its gloo group,
-# the default group it was made under)
+# (global ranks of the process group or None for the world, purpose) ->
+# (the default group it was made under, the gloo group)
 _GROUPS = {}
 _GROUPS_LOCK = threading.Lock()
-try:
-    import inspect as _inspect
-    _LOCAL_SYNC = "use_local_synchronization" in _inspect.signature(dist.new_group).parameters
-except (TypeError, ValueError):  # pragma: no cover
-    _LOCAL_SYNC = False
 
 
 def _group_ranks(pg):
@@ -212,37 +207,74 @@ def _gloo_group(process_group, purpose):
     for `process_group`'s ranks. The whole world (process_group None): a
     dedicated gloo group per purpose, made on first use. A gloo group
     given: itself for "sync" (its caller's thread is the one saving). Any
-    other: a new gloo group of its ranks. torch.distributed.new_group is
-    collective over the default group unless torch has
-    use_local_synchronization (2.x), with which only the members take
-    part: under torch 1.13 the first save/load with a given non-gloo
-    process group, and the first async_save with any given group, must
-    happen on every process."""
+    other: a new gloo group of its ranks, made on first use or by
+    prepare(). torch.distributed.new_group is collective over the default
+    group, so that first use must happen on every process; prepare() lets
+    the non-members take part without saving. (use_local_synchronization
+    would let only the members take part, but advances torch's group
+    counter on them alone, so the next ordinary new_group would get
+    different names on different ranks.)"""
+    _check_initialized()
+    world = process_group is None or process_group is dist.group.WORLD
+    if not world and purpose == "sync" and dist.get_backend(process_group) == "gloo":
+        return process_group
+    return _made_group(None if world else tuple(_group_ranks(process_group)), purpose)
+
+
+def _check_initialized():
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError(
             "ckpt.distributed needs torch.distributed initialized "
             "(torch.distributed.init_process_group)")
-    world = process_group is None or process_group is dist.group.WORLD
-    if not world and purpose == "sync" and dist.get_backend(process_group) == "gloo":
-        return process_group
-    # The default group is part of the key: after destroy_process_group()
-    # and a new init_process_group() the old gloo groups are gone.
+
+
+def _made_group(ranks, purpose):
+    """The gloo group of `purpose` over the global ranks `ranks` (None: the
+    world), made now if this default group has none yet. Keyed by ranks,
+    not by group object, so that prepare() on a non-member (which holds no
+    group object) makes the same groups in the same order as the members.
+    The default group is part of the key: after destroy_process_group()
+    and a new init_process_group() the old gloo groups are gone."""
     default = dist.distributed_c10d._get_default_group()
-    key = (None if world else id(process_group), purpose)
+    key = (ranks, purpose)
     with _GROUPS_LOCK:
         entry = _GROUPS.get(key)
-        if entry is None or entry[0] is not process_group or entry[2] is not default:
-            if world:
+        if entry is None or entry[0] is not default:
+            if ranks is None:
                 group = dist.new_group(backend="gloo")
             else:
-                kwargs = {}
-                if _LOCAL_SYNC:
-                    kwargs["use_local_synchronization"] = True
-                group = dist.new_group(ranks=_group_ranks(process_group), backend="gloo",
-                                       **kwargs)
-            entry = (process_group, group, default)
+                group = dist.new_group(ranks=list(ranks), backend="gloo")
+            entry = (default, group)
             _GROUPS[key] = entry
     return entry[1]
+
+
+def prepare(process_group=None, *, ranks=None):
+    """Makes the gloo groups ckpt.distributed uses for a process group now:
+    `process_group` on its members, or `ranks` (its global ranks, in group
+    order) anywhere. Collective over the default group, as
+    torch.distributed.new_group is: call it on every process, members or
+    not (a non-member holds no group object: it passes `ranks`).
+    Afterwards only the members call save, load and async_save with the
+    group. Without it, the first such call (for a non-gloo group; for
+    async_save, any group but the world) must be made on every process."""
+    _check_initialized()
+    if ranks is None:
+        if process_group is not None and process_group is not dist.group.WORLD and \
+                process_group is dist.GroupMember.NON_GROUP_MEMBER:
+            raise InvalidArgumentError(
+                "ckpt.distributed.prepare: this process is not a member of the group; "
+                "pass the group's global ranks: prepare(ranks=[...])")
+        ranks = None if process_group is None or process_group is dist.group.WORLD \
+            else tuple(_group_ranks(process_group))
+    else:
+        ranks = tuple(int(r) for r in ranks)
+        if process_group is not None and tuple(_group_ranks(process_group)) != ranks:
+            raise InvalidArgumentError(
+                f"ckpt.distributed.prepare: ranks {list(ranks)} are not the group's "
+                f"{_group_ranks(process_group)}")
+    for purpose in ("sync", "async"):
+        _made_group(ranks, purpose)
 
 
 class _Comm:

@@ -454,6 +454,34 @@ def sc_consolidate(ctx):
     ctx.barrier()
 
 
+def sc_subgroup_async(ctx):
+    """async_save and load by the members of a 2-rank group alone, once
+    prepare() made its gloo groups on every process; the world's next
+    groups (sc_dtensor's meshes) are still made alike on every rank."""
+    cdist, rank = ctx.cdist, ctx.rank
+    g = ctx.groups[2]
+    if rank < 2:
+        cdist.prepare(g)
+    else:  # a non-member holds no group object: it names the ranks
+        try:
+            cdist.prepare(g)
+            raise AssertionError("prepare(NON_GROUP_MEMBER) passed")
+        except ctx.ckpt.InvalidArgumentError as e:
+            assert "not a member" in str(e), e
+        cdist.prepare(ranks=[0, 1])
+    d = os.path.join(ctx.tmp, "subgroup-async")
+    if rank < 2:
+        a, b = split(8, 2, rank)
+        ref = reference("w_even")
+        h = cdist.async_save({"w": cdist.Chunk(ref[a:b].clone(), (8, 5), (a, 0))}, d, g,
+                             sync=False)
+        h.result()
+        sd = {"w": torch.zeros(8, 5)}
+        cdist.load(sd, d, g)
+        assert torch.equal(sd["w"], ref)
+    ctx.barrier()
+
+
 def sc_dtensor(ctx):
     """DTensor Shard/Replicate on 1-D and 2-D meshes: saved on one layout,
     loaded on others and as Chunks."""
@@ -550,7 +578,7 @@ def sc_reinit(ctx):
 SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
              sc_rank_local, sc_flipped_byte,
              sc_failure,
-             sc_async, sc_async_failure, sc_consolidate, sc_dtensor,
+             sc_async, sc_async_failure, sc_consolidate, sc_subgroup_async, sc_dtensor,
              sc_zero_d_and_empty, sc_dcp,  # late: a failing scenario ends its rank's run
              sc_reinit]  # the very last: it replaces the default group
 
@@ -682,6 +710,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_dtensor(self):
         self.check("sc_dtensor")
+
+    def test_subgroup_async(self):
+        self.check("sc_subgroup_async")
 
     def test_groups_after_reinit(self):
         self.check("sc_reinit")
