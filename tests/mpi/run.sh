@@ -73,8 +73,28 @@ for i in $(seq 1 "$kills"); do
   victims=$(pgrep -P "$launcher" 2>/dev/null; pgrep -f "dist_mpi_test save $k/step-$i\$" 2>/dev/null)
   victim=$(echo "$victims" | shuf -n 1)
   kill -9 "${victim:-$launcher}" 2>/dev/null
+  # A killed save must end (mpirun takes the job down): one still running
+  # after 120 s is a hang, named with where its processes wait.
+  for _ in $(seq 1 1200); do kill -0 "$launcher" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$launcher" 2>/dev/null; then
+    echo "kill $i (pid ${victim:-$launcher}): the save still runs after 120 s"
+    for p in $(pgrep -P "$launcher") $(pgrep -f "dist_mpi_test save $k/step-$i\$"); do
+      echo "-- $(ps -o pid=,stat=,cmd= -p "$p") wchan $(cat "/proc/$p/wchan" 2>/dev/null)"
+      command -v gdb > /dev/null && gdb -batch -p "$p" -ex "thread apply all bt 8" 2>/dev/null | grep "^#"
+    done
+    pkill -9 -f "dist_mpi_test save $k/" ; kill -9 "$launcher"
+    fail "a save killed by kill -9 hung"
+  fi
   wait "$launcher" 2>/dev/null
 done
+# Ranks whose mpirun was the one killed must end too (Open MPI busy-polls:
+# an orphan left spinning would starve every later test on 2 cores).
+for _ in $(seq 1 100); do pgrep -f "dist_mpi_test save $k/" > /dev/null || break; sleep 0.1; done
+if pgrep -f "dist_mpi_test save $k/" > /dev/null; then
+  ps -o pid=,ppid=,stat=,etime=,cmd= -p "$(pgrep -d, -f "dist_mpi_test save $k/")"
+  pkill -9 -f "dist_mpi_test save $k/"
+  fail "ranks outlived their save's mpirun by 10 s"
+fi
 visible=0
 for d in "$k"/step-*; do
   n=${d##*-}
