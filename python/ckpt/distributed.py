@@ -679,13 +679,18 @@ class AsyncSave:
             raise self._exc
         return self._info
 
-    def _run(self, staged, checkpoint_id, comm, coordinator, overwrite, sync, metadata, err,
-             cause):
+    def _run(self, prev, staged, checkpoint_id, comm, coordinator, overwrite, sync, metadata,
+             err, cause):
         try:
+            if prev is not None:
+                # Returns at once unless async_save's own join was
+                # interrupted: the previous commit must end before this
+                # one's collectives start on the same group.
+                prev._thread.join()
             if err is None:
                 try:
                     _write_shard(staged, checkpoint_id, comm, sync)
-                except Exception as e:
+                except BaseException as e:  # every rank must reach the commit
                     err, cause = _error(e), e
             self._info = _commit(comm, checkpoint_id, err, coordinator, overwrite, sync,
                                  metadata, cause)
@@ -708,26 +713,37 @@ def async_save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0
     this rank's shard and commits on a gloo group of its own, so its
     collectives never interleave with the caller's. Once it returns, the
     state dict may change. A second async_save first waits for the one
-    before. Errors (of any rank) are raised by result() on every rank."""
+    before. Errors (of any rank) are raised by result() on every rank.
+    A KeyboardInterrupt (or another BaseException) while staging, or
+    while waiting for the save before, is raised here once the thread has
+    been started with it as this rank's error, as save() does: the other
+    ranks' result() raise it, naming this rank, instead of waiting for
+    this rank until the gloo timeout."""
     global _INFLIGHT  # noqa: PLW0603 - one save in flight per process
     checkpoint_id = os.fspath(checkpoint_id)
     with _INFLIGHT_LOCK:
-        if _INFLIGHT is not None:
-            _INFLIGHT._thread.join()  # its error stays for its own result()
+        prev = _INFLIGHT
         comm = _Comm(process_group, "async")
         staged = err = cause = None
         try:
+            if prev is not None:
+                prev._thread.join()  # its error stays for its own result()
             metadata = _check_metadata(metadata)
             staged = _Staged(state_dict, comm, coordinator_rank, copy=True)
-        except Exception as e:  # the thread still takes part in the commit
-            err, cause, metadata = _error(e), e, {}
+        except BaseException as e:  # KeyboardInterrupt too: the thread still takes part
+            err, cause, metadata = _error(e), e, {}  # in the commit, or the others wait
         h = AsyncSave()
         h._thread = threading.Thread(
             target=h._run, name="ckpt.distributed.async_save",
-            args=(staged, checkpoint_id, comm, coordinator_rank, overwrite, sync, metadata,
-                  err, cause))
+            args=(prev, staged, checkpoint_id, comm, coordinator_rank, overwrite, sync,
+                  metadata, err, cause))
         h._thread.start()
         _INFLIGHT = h
+    if cause is not None and not isinstance(cause, Exception):
+        # An interrupt stays one, once the thread carries it to the commit
+        # (every other rank's result() raises it, naming this rank; the
+        # next async_save here waits for that thread).
+        raise cause
     return h
 
 

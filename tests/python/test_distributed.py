@@ -482,6 +482,62 @@ def sc_subgroup_async(ctx):
     ctx.barrier()
 
 
+class _InterruptedCopy(torch.Tensor):
+    """A tensor whose copy is interrupted: detach(), which staging calls
+    first, raises KeyboardInterrupt (as a Ctrl-C arriving while
+    async_save copies it would)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.detach:
+            raise KeyboardInterrupt
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def sc_async_interrupted(ctx):
+    """A KeyboardInterrupt on rank 3 while async_save stages (its second
+    tensor of three) stays one there, raised once its thread has taken the
+    error to the commit: every other rank's result() raises promptly,
+    naming rank 3, instead of waiting for it until the gloo timeout. No
+    directory appears; the next async_save and save work on every rank."""
+    cdist, rank = ctx.cdist, ctx.rank
+    a, b = split(8, WORLD, rank)
+    ref = reference("w_even")
+    local = ref[a:b].clone()
+    if rank == 3:
+        local = local.as_subclass(_InterruptedCopy)
+    sd = {"first": torch.ones(3), "w": cdist.Chunk(local, (8, 5), (a, 0)),
+          "last": torch.full((2,), 2.0), "step": 5}
+    d = os.path.join(ctx.tmp, "async-interrupted")
+    try:
+        h = cdist.async_save(sd, d, sync=False)
+    except KeyboardInterrupt:
+        assert rank == 3
+        h = cdist._INFLIGHT  # the thread that took the interrupt to the commit
+    else:
+        assert rank != 3, "async_save staged a tensor whose copy was interrupted"
+    try:
+        h.result(timeout=30)  # the commit takes well under a second
+    except ctx.ckpt.CkptError as e:
+        assert "rank 3" in str(e) and "KeyboardInterrupt" in str(e), str(e)
+    else:
+        raise AssertionError("async save succeeded although rank 3 was interrupted")
+    ctx.barrier()
+    assert not os.path.exists(d), os.listdir(ctx.tmp)
+    ctx.barrier()  # every rank looked before the next save makes the temporary again
+    sd["w"] = cdist.Chunk(ref[a:b].clone(), (8, 5), (a, 0))
+    info = cdist.async_save(sd, d, sync=False).result(timeout=60)
+    assert info.path.endswith("async-interrupted") and info.tensors == 3, info
+    d2 = os.path.join(ctx.tmp, "after-interrupt")
+    cdist.save(sd, d2, sync=False)
+    for path in (d, d2):
+        got = {"first": torch.zeros(3), "w": torch.zeros(8, 5), "last": torch.zeros(2), "step": 0}
+        cdist.load(got, path)
+        assert torch.equal(got["w"], ref) and torch.equal(got["first"], torch.ones(3)), path
+        assert torch.equal(got["last"], torch.full((2,), 2.0)) and got["step"] == 5, got
+    ctx.barrier()
+
+
 def sc_dtensor(ctx):
     """DTensor Shard/Replicate on 1-D and 2-D meshes: saved on one layout,
     loaded on others and as Chunks."""
@@ -578,7 +634,8 @@ def sc_reinit(ctx):
 SCENARIOS = [sc_reshard, sc_dim0_to_dim1, sc_replicas, sc_structures, sc_load_mismatch,
              sc_rank_local, sc_flipped_byte,
              sc_failure,
-             sc_async, sc_async_failure, sc_consolidate, sc_subgroup_async, sc_dtensor,
+             sc_async, sc_async_failure, sc_consolidate, sc_subgroup_async,
+             sc_async_interrupted, sc_dtensor,
              sc_zero_d_and_empty, sc_dcp,  # late: a failing scenario ends its rank's run
              sc_reinit]  # the very last: it replaces the default group
 
@@ -713,6 +770,9 @@ class DistributedTest(unittest.TestCase):
 
     def test_subgroup_async(self):
         self.check("sc_subgroup_async")
+
+    def test_async_interrupted_while_staging(self):
+        self.check("sc_async_interrupted")
 
     def test_groups_after_reinit(self):
         self.check("sc_reinit")
