@@ -205,14 +205,27 @@ Result<BoxIndex> BoxIndex::Build(std::vector<Box> chunks) {
     ix.cuts_.clear();
     ix.cell_chunk_.clear();
     ix.by_start_ = live;
+    // Sweep the dim whose chunks start at the most distinct offsets: a
+    // column sharding by dim 1, a row sharding by dim 0.
+    size_t most = 0;
+    for (size_t d = 0; d < ix.ndim_; ++d) {
+      std::vector<int64_t> starts;
+      starts.reserve(live.size());
+      for (size_t i : live) starts.push_back(ix.chunks_[i].offsets[d]);
+      std::sort(starts.begin(), starts.end());
+      const size_t distinct = static_cast<size_t>(
+          std::unique(starts.begin(), starts.end()) - starts.begin());
+      if (distinct > most) most = distinct, ix.sweep_ = d;
+    }
+    const size_t w = ix.sweep_;
     auto start = [&](size_t i) {
-      return ix.ndim_ ? ix.chunks_[i].offsets[0] : int64_t{0};
+      return ix.ndim_ ? ix.chunks_[i].offsets[w] : int64_t{0};
     };
     std::stable_sort(ix.by_start_.begin(), ix.by_start_.end(),
                      [&](size_t a, size_t b) { return start(a) < start(b); });
     int64_t m = INT64_MIN;
     for (size_t i : ix.by_start_) {
-      if (ix.ndim_) m = std::max(m, start(i) + ix.chunks_[i].sizes[0]);
+      if (ix.ndim_) m = std::max(m, start(i) + ix.chunks_[i].sizes[w]);
       ix.prefix_end_.push_back(ix.ndim_ ? m : INT64_MAX);
     }
   }
@@ -256,20 +269,56 @@ std::vector<size_t> BoxIndex::Overlapping(const Box& want) const {
       }
     }
   }
-  // Sorted by dim-0 start: skip the prefix whose ends all lie before the
-  // wanted start, stop at the first start past the wanted end.
-  const int64_t a = ndim_ ? want.offsets[0] : 0;
-  const int64_t b = ndim_ ? want.offsets[0] + want.sizes[0] : 1;
+  // Sorted by start in the sweep dim: skip the prefix whose ends all lie
+  // before the wanted start, stop at the first start past the wanted end.
+  const int64_t a = ndim_ ? want.offsets[sweep_] : 0;
+  const int64_t b = ndim_ ? want.offsets[sweep_] + want.sizes[sweep_] : 1;
   size_t k = static_cast<size_t>(
       std::upper_bound(prefix_end_.begin(), prefix_end_.end(), a) -
       prefix_end_.begin());
   for (; k < by_start_.size(); ++k) {
     size_t i = by_start_[k];
-    if (ndim_ && chunks_[i].offsets[0] >= b) break;
+    if (ndim_ && chunks_[i].offsets[sweep_] >= b) break;
     if (Meets(chunks_[i], want)) out.push_back(i);
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+Result<std::optional<std::pair<size_t, size_t>>> BoxIndex::FirstOverlap(
+    uint64_t max_tests) const {
+  using Pair = std::pair<size_t, size_t>;
+  // Each chunk exactly one cell of the grid, no two in one cell.
+  if (grid_) return std::optional<Pair>();
+  // Along the sweep dim, in start order: the chunks still open (end past
+  // the current start) are the only ones the next chunk can meet.
+  std::vector<std::pair<int64_t, size_t>> open;  // min-heap of (end, chunk)
+  auto later = [](const auto& x, const auto& y) { return x.first > y.first; };
+  uint64_t tests = 0;
+  for (size_t i : by_start_) {
+    const Box& c = chunks_[i];
+    const int64_t start = ndim_ ? c.offsets[sweep_] : 0;
+    while (!open.empty() && open.front().first <= start) {
+      std::pop_heap(open.begin(), open.end(), later);
+      open.pop_back();
+    }
+    tests += open.size();
+    if (tests > max_tests) {
+      return Status(ErrorCode::kResourceExhausted,
+                    "the chunks' layout needs more than " +
+                        std::to_string(max_tests) +
+                        " comparisons to check that no two overlap");
+    }
+    for (const auto& [end, j] : open) {
+      if (Meets(chunks_[j], c)) {
+        return std::optional<Pair>(Pair(std::min(i, j), std::max(i, j)));
+      }
+    }
+    // 0-d chunks all meet: the first one stays open forever.
+    open.emplace_back(ndim_ ? start + c.sizes[sweep_] : INT64_MAX, i);
+    std::push_heap(open.begin(), open.end(), later);
+  }
+  return std::optional<Pair>();
 }
 
 void ForEachRun(const RunPattern& p,

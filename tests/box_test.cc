@@ -262,3 +262,85 @@ TEST_CASE("the chunk index refuses mixed ranks") {
   REQUIRE(empty.ok());
   CHECK(empty->Overlapping({}).empty());
 }
+
+namespace {
+bool Share(const Box& a, const Box& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  for (size_t d = 0; d < a.ndim(); ++d) {
+    if (a.offsets[d] + a.sizes[d] <= b.offsets[d] ||
+        b.offsets[d] + b.sizes[d] <= a.offsets[d])
+      return false;
+  }
+  return true;
+}
+}  // namespace
+
+TEST_CASE("FirstOverlap finds an overlapping pair exactly when one exists") {
+  std::mt19937_64 rng(4711);
+  int with = 0, without = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    const size_t ndim = static_cast<size_t>(trial % 5);  // 0-d to 4-d
+    std::vector<int64_t> shape;
+    for (size_t d = 0; d < ndim; ++d)
+      shape.push_back(std::uniform_int_distribution<int64_t>(1, 6)(rng));
+    std::vector<Box> chunks;
+    const size_t n = 1 + rng() % 6;
+    for (size_t i = 0; i < n; ++i) chunks.push_back(RandomBox(rng, shape));
+    bool any = false;
+    for (size_t i = 0; i < n; ++i)
+      for (size_t j = i + 1; j < n; ++j)
+        any = any || Share(chunks[i], chunks[j]);
+    auto ix = BoxIndex::Build(chunks);
+    REQUIRE(ix.ok());
+    auto got = ix->FirstOverlap(UINT64_MAX);
+    REQUIRE(got.ok());
+    INFO("trial " << trial);
+    REQUIRE(got->has_value() == any);
+    if (any) {
+      auto [i, j] = **got;
+      CHECK(i < j);
+      CHECK(Share(chunks[i], chunks[j]));
+      ++with;
+    } else {
+      ++without;
+    }
+  }
+  CHECK(with > 1000);
+  CHECK(without > 1000);
+}
+
+TEST_CASE("FirstOverlap stays linear on layouts that are not grids") {
+  // Column strips of one row: not a grid along dim 0, swept along dim 1.
+  const int64_t c = 200000;
+  std::vector<Box> strips;
+  for (int64_t i = 0; i < c; ++i) strips.push_back({{0, 2 * i}, {1, 1}});
+  auto ix = BoxIndex::Build(strips);
+  REQUIRE(ix.ok());
+  auto none = ix->FirstOverlap(4 * static_cast<uint64_t>(c));
+  REQUIRE(none.ok());
+  CHECK_FALSE(none->has_value());
+  CHECK(ix->Overlapping({{0, 10}, {1, 3}}) == std::vector<size_t>{5, 6});
+  // Left half in rows, right half in columns: no sweep dim keeps the open
+  // set small. The bound refuses it instead of taking k^2 comparisons.
+  const int64_t k = 4000;
+  std::vector<Box> mixed;
+  for (int64_t i = 0; i < k; ++i) mixed.push_back({{i, 0}, {1, k}});
+  for (int64_t j = 0; j < k; ++j) mixed.push_back({{0, k + j}, {k, 1}});
+  auto mix = BoxIndex::Build(mixed);
+  REQUIRE(mix.ok());
+  CHECK_FALSE(mix->is_grid());
+  auto refused = mix->FirstOverlap(16 * mixed.size());
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.status().code() == ErrorCode::kResourceExhausted);
+  CHECK_THAT(refused.status().message(), Catch::Contains("comparisons"));
+  // A grid is disjoint by construction: no comparisons at all.
+  std::vector<Box> grid;
+  for (int64_t i = 0; i < 300; ++i)
+    for (int64_t j = 0; j < 300; ++j) grid.push_back({{i, j}, {1, 1}});
+  auto g = BoxIndex::Build(grid);
+  REQUIRE(g.ok());
+  CHECK(g->is_grid());
+  auto gn = g->FirstOverlap(0);
+  REQUIRE(gn.ok());
+  CHECK_FALSE(gn->has_value());
+}

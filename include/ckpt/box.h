@@ -15,6 +15,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ckpt/status.h"
@@ -84,7 +85,8 @@ class BoxIndex {
   /// Indexes `chunks` (one rank each; zero-size boxes allowed and never
   /// met). Chunks that tile a grid (each the cell between consecutive cut
   /// points of every dim: row, column, 2-D and uneven shardings) are found
-  /// by bisecting the cuts; any other layout by its dim-0 ranges.
+  /// by bisecting the cuts; any other layout by its ranges along the dim
+  /// where the chunks start at the most distinct offsets.
   /// Overlaps between chunks are not checked here. kInvalidArgument when
   /// the ranks differ or a size is negative.
   static Result<BoxIndex> Build(std::vector<Box> chunks);
@@ -92,6 +94,14 @@ class BoxIndex {
   /// Indices (into the chunks given to Build) of those sharing at least
   /// one element with `want`, ascending. `want` must have their rank.
   std::vector<size_t> Overlapping(const Box& want) const;
+
+  /// The first pair (i < j) of chunks that share an element, or nullopt
+  /// when they are pairwise disjoint. A grid is disjoint by construction;
+  /// any other layout is swept, comparing each chunk with those still
+  /// open along the sweep dim: kResourceExhausted past `max_tests`
+  /// comparisons (a layout too irregular to check in bounded time).
+  Result<std::optional<std::pair<size_t, size_t>>> FirstOverlap(
+      uint64_t max_tests) const;
 
   /// True when the chunks were found to tile a grid.
   bool is_grid() const { return grid_; }
@@ -106,8 +116,10 @@ class BoxIndex {
   // over the cells), SIZE_MAX for none.
   std::vector<std::vector<int64_t>> cuts_;
   std::vector<size_t> cell_chunk_;
-  // Otherwise: non-empty chunks sorted by dim-0 offset, with the largest
-  // dim-0 end of each prefix (to bisect where overlaps can begin).
+  // Otherwise: non-empty chunks sorted by their offset in the sweep dim,
+  // with the largest end in that dim of each prefix (to bisect where
+  // overlaps can begin).
+  size_t sweep_ = 0;
   std::vector<size_t> by_start_;
   std::vector<int64_t> prefix_end_;
 };

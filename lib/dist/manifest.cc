@@ -121,23 +121,27 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
     covered = n > numel - covered ? numel + 1 : covered + n;
     boxes.push_back(c.box);
   }
-  // M12: the chunks tile the shape: pairwise disjoint, and as many
-  // elements as the tensor has. BoxIndex finds each chunk's overlaps
-  // without testing every pair; the first overlap ends the search.
-  CKPT_ASSIGN_OR_RETURN(BoxIndex index, BoxIndex::Build(boxes));
-  for (size_t i = 0; i < boxes.size(); ++i) {
-    for (size_t j : index.Overlapping(boxes[i])) {
-      if (j != i) {
-        return fail("chunks overlap: " + ChunkName(t, std::min(i, j), m) +
-                    " and " + ChunkName(t, std::max(i, j), m));
-      }
-    }
-  }
-  if (covered != numel) {
-    // (Disjoint boxes inside the shape cannot hold more than it.)
+  // M12: the chunks tile the shape: no fewer elements than the tensor has
+  // (O(C), first: a hole is the common mistake), and pairwise disjoint.
+  // A grid is disjoint by construction; any other layout is swept, within
+  // a bound on comparisons so that a hostile manifest cannot make every
+  // rank's open quadratic.
+  if (covered < numel) {
     return fail("chunks hold " + std::to_string(covered) + " elements of " +
                 std::to_string(numel) +
                 " (a hole: some elements were saved by no rank)");
+  }
+  CKPT_ASSIGN_OR_RETURN(BoxIndex index, BoxIndex::Build(boxes));
+  auto overlap = index.FirstOverlap(kMaxOverlapTestsPerChunk * boxes.size() +
+                                    kMinOverlapTests);
+  if (!overlap.ok()) return fail(overlap.status().message());
+  if (overlap->has_value()) {
+    const auto [i, j] = **overlap;
+    return fail("chunks overlap: " + ChunkName(t, i, m) + " and " +
+                ChunkName(t, j, m));
+  }
+  if (covered != numel) {  // disjoint boxes inside the shape cannot
+    return fail("chunks hold more elements than the shape");  // (defensive)
   }
   return Status::OK();
 }
@@ -569,8 +573,9 @@ std::vector<std::byte> EncodeReport(const RankReport& r) {
   std::vector<Offset<fbm::GlobalTensor>> tensors;
   for (const auto& t : r.tensors) tensors.push_back(BuildTensor(b, t));
   auto to = b.CreateVector(tensors);
+  auto dir = b.CreateString(r.dir);
   b.Finish(fbm::CreateRankReport(b, r.rank, r.world_size, st, file, to,
-                                 r.has_globals));
+                                 r.has_globals, dir));
   return Bytes(b);
 }
 
@@ -593,6 +598,7 @@ Result<RankReport> DecodeReport(std::span<const std::byte> bytes,
   r.world_size = fr->world_size();
   r.status = ReadStatus(fr->status());
   r.has_globals = fr->has_globals();
+  r.dir = Str(fr->dir());
   if (const auto* f = fr->file()) {
     r.file = {Str(f->name()), f->size(), f->header_xxh3(), f->rank()};
   }

@@ -525,10 +525,12 @@ _STAGING = {}
 _STAGING_LOCK = threading.Lock()
 
 
-def _staging_copy(t, pool=None):
+def _staging_copy(t, devices, pool=None):
     """A copy of a tensor in host memory (pinned when CUDA is there) that
     nothing else references: the caller may change the original. From
-    `pool` (a _STAGING) when it has a buffer of that dtype and shape."""
+    `pool` (a _STAGING) when it has a buffer of that dtype and shape. A
+    CUDA tensor's copy is non-blocking: its device joins `devices`, which
+    _wait_for_copies waits on before anything reads the copy."""
     pin = torch.cuda.is_available()
     out = None
     if pool is not None:
@@ -537,9 +539,23 @@ def _staging_copy(t, pool=None):
             out = free.pop()
     if out is None:
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    non_blocking = pin and t.is_cuda
     with torch.no_grad():
-        out.copy_(t.detach(), non_blocking=pin and t.is_cuda)
+        out.copy_(t.detach(), non_blocking=non_blocking)
+    if non_blocking:
+        devices.add(t.device)
     return out
+
+
+def _wait_for_copies(devices):
+    """Waits for the non-blocking device -> host copies _staging_copy
+    issued, on every CUDA device they read from. (A bare
+    torch.cuda.synchronize() waits for the current device only: tensors on
+    cuda:1 with cuda:0 current, or one process driving several GPUs, would
+    be written by the thread before their bytes landed, silently, with
+    valid checksums over the wrong bytes.)"""
+    for d in sorted(devices, key=lambda d: d.index):
+        torch.cuda.synchronize(d)  # every stream of d, so every copy issued on it
 
 
 def _release_staging(buffers):
@@ -549,17 +565,20 @@ def _release_staging(buffers):
             _STAGING.setdefault((b.dtype, tuple(b.shape)), []).append(b)
 
 
-def _stage_value(x):
-    """A rank-local value with its tensors and arrays copied."""
+def _stage_value(x, devices):
+    """A rank-local value with its tensors and arrays copied (the CUDA
+    devices copied from added to `devices`)."""
     k = _kind(x)
     if k == "tensor":
-        return _staging_copy(x) if type(x) is torch.Tensor else torch.nn.Parameter(
-            _staging_copy(x), requires_grad=x.requires_grad)
+        return _staging_copy(x, devices) if type(x) is torch.Tensor else torch.nn.Parameter(
+            _staging_copy(x, devices), requires_grad=x.requires_grad)
     if k == "array":
         return x.copy()
     if k is not None:
         raise TypeError("a RankLocal value cannot hold a Chunk, a DTensor or a RankLocal")
-    return _snapshot(x, _stage_value) if _children(x) is not None else x
+    if _children(x) is None:
+        return x
+    return _snapshot(x, lambda v: _stage_value(v, devices))
 
 
 class _Staged:
@@ -570,16 +589,17 @@ class _Staged:
         leaves = _leaves(state_dict)
         self.pieces = _pieces(leaves, comm.rank, comm.size)
         self.data = []
+        devices = set()  # the CUDA devices of the non-blocking copies
         if copy:
             with _STAGING_LOCK:
                 pool = {k: list(v) for k, v in _STAGING.items()}
         for p in self.pieces:
-            self.data.append(_staging_copy(p.local, pool) if copy else _contiguous_cpu(p.local))
+            self.data.append(_staging_copy(p.local, devices, pool) if copy
+                             else _contiguous_cpu(p.local))
         self.globals = _snapshot(state_dict, None) if comm.rank == coordinator else None
-        self.rank_local = {path: (_stage_value(v.value) if copy else v.value)
+        self.rank_local = {path: (_stage_value(v.value, devices) if copy else v.value)
                            for path, kind, v in leaves if kind == "local"}
-        if copy and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device -> host copies, all of them
+        _wait_for_copies(devices)  # pieces and rank-local values, each on its own device
 
 
 def _write_shard(staged, checkpoint_id, comm, sync):
