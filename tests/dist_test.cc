@@ -6,12 +6,14 @@
 
 #include <sys/stat.h>
 
+#include <barrier>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "bytes_internal.h"
 #include "checksum_internal.h"
@@ -653,4 +655,117 @@ TEST_CASE(
   REQUIRE_FALSE(r.ok());
   CHECK_THAT(r.status().message(), Catch::Contains("system"));
   CHECK_THAT(r.status().message(), Catch::Contains("not on the allowlist"));
+}
+
+namespace {
+
+// N ranks as threads of one process, for the protocol cases that
+// CommitWritten (one process playing every rank) cannot play: ranks that
+// disagree. Gather and Broadcast meet at a barrier, as a real group would.
+struct ThreadHub {
+  explicit ThreadHub(int n) : sync(n), slots(static_cast<size_t>(n)) {}
+  std::barrier<> sync;
+  std::vector<std::vector<std::byte>> slots;
+};
+
+class ThreadComm final : public Comm {
+ public:
+  ThreadComm(ThreadHub* hub, int rank) : hub_(hub), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return static_cast<int>(hub_->slots.size()); }
+  Result<std::vector<std::vector<std::byte>>> Gather(
+      int root, std::span<const std::byte> mine) override {
+    hub_->slots[static_cast<size_t>(rank_)].assign(mine.begin(), mine.end());
+    hub_->sync.arrive_and_wait();
+    std::vector<std::vector<std::byte>> all;
+    if (rank_ == root) all = hub_->slots;
+    hub_->sync.arrive_and_wait();
+    return all;
+  }
+  Result<std::vector<std::byte>> Broadcast(
+      int root, std::span<const std::byte> bytes) override {
+    if (rank_ == root) hub_->slots[0].assign(bytes.begin(), bytes.end());
+    hub_->sync.arrive_and_wait();
+    std::vector<std::byte> got = hub_->slots[0];
+    hub_->sync.arrive_and_wait();
+    return got;
+  }
+
+ private:
+  ThreadHub* hub_;
+  int rank_;
+};
+
+// Save of kSpecs row-sharded on `world` threads, rank r to dirs[r].
+std::vector<Result<CommitInfo>> ThreadSave(
+    const std::vector<std::string>& dirs) {
+  const int world = static_cast<int>(dirs.size());
+  ThreadHub hub(world);
+  std::vector<Result<CommitInfo>> out(dirs.size(), IoError("not run"));
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < world; ++r) {
+    ranks.emplace_back([&, r] {
+      ThreadComm comm(&hub, r);
+      std::vector<std::vector<std::byte>> keep;
+      std::vector<Chunk> chunks;
+      for (const auto& s : kSpecs)
+        chunks.push_back(RowChunk(s, r, world, &keep));
+      out[static_cast<size_t>(r)] =
+          Save(comm, dirs[static_cast<size_t>(r)], chunks, FastSave());
+    });
+  }
+  for (auto& t : ranks) t.join();
+  return out;
+}
+
+std::string g_moved_to;  // where the "described" hook moves rank 1's shard
+void MoveRank1Shard(const char* phase, int rank) {
+  if (std::string(phase) != "described" || rank != 1) return;
+  for (const auto& e :
+       fs::recursive_directory_iterator(fs::path(g_moved_to).parent_path())) {
+    if (e.path().filename() == "shard-00001-of-00002.ckpt") {
+      fs::rename(e.path(), g_moved_to);
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("ranks that name different directories: every rank refuses") {
+  Dir d;
+  auto r = ThreadSave({d.path + "/step-1", d.path + "/step-2"});
+  for (size_t i = 0; i < r.size(); ++i) {
+    INFO("rank " << i);
+    REQUIRE_FALSE(r[i].ok());
+    CHECK_THAT(r[i].status().message(), Catch::Contains("rank 1 of 2 failed"));
+    CHECK_THAT(r[i].status().message(), Catch::Contains("step-2"));
+    CHECK_THAT(r[i].status().message(), Catch::Contains("the coordinator to"));
+  }
+  // Nothing visible, nothing left behind by either rank.
+  CHECK(fs::is_empty(d.path));
+  // The same ranks agreeing commit.
+  auto ok = ThreadSave({d.path + "/step-1", d.path + "/step-1"});
+  REQUIRE(ok[0].ok());
+  REQUIRE(ok[1].ok());
+  CHECK(ShardedCheckpoint::Open(d.path + "/step-1").ok());
+}
+
+TEST_CASE("a shard the coordinator cannot find is never committed") {
+  // Rank 1 wrote its shard where the coordinator does not see it (a
+  // node-local disk): the hook moves it away after rank 1 described it.
+  Dir d;
+  fs::create_directories(d.path);
+  g_moved_to = d.path + "/elsewhere.ckpt";
+  dist::internal::SetFaultHook(&MoveRank1Shard);
+  auto r = ThreadSave({d.path + "/step", d.path + "/step"});
+  dist::internal::SetFaultHook(nullptr);
+  for (size_t i = 0; i < r.size(); ++i) {
+    INFO("rank " << i);
+    REQUIRE_FALSE(r[i].ok());
+    CHECK_THAT(r[i].status().message(), Catch::Contains("rank 1 of 2 wrote"));
+    CHECK_THAT(r[i].status().message(), Catch::Contains("does not find it"));
+  }
+  CHECK_FALSE(fs::exists(d.path + "/step"));
+  CHECK_FALSE(fs::exists(d.path + "/.step.tmp"));
 }

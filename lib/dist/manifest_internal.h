@@ -20,8 +20,14 @@ namespace ckpt::dist::internal {
 inline constexpr size_t kManifestPreambleBytes = 48;
 inline constexpr uint16_t kManifestMajor = 1;
 inline constexpr uint16_t kManifestMinor = 0;
-/// Refused above this: a manifest of 10^6 2-D chunks is ~60 MB.
-inline constexpr uint64_t kMaxManifestBytes = uint64_t{1} << 32;
+/// Refused above this (FlatBuffers 2.0 can neither build nor verify 2 GiB;
+/// a manifest of 10^6 2-D chunks is ~60 MB).
+inline constexpr uint64_t kMaxManifestBytes = uint64_t{1} << 30;
+/// M12's bound on box comparisons for layouts that are not a grid: this
+/// many per chunk plus kMinOverlapTests (a row or column sharding needs
+/// about one per chunk).
+inline constexpr uint64_t kMaxOverlapTestsPerChunk = 16;
+inline constexpr uint64_t kMinOverlapTests = uint64_t{1} << 20;
 
 /// The semantic rules of SHARDED.md 5 over a decoded manifest (M6-M14):
 /// why it is not valid, or OK. `name` is what errors call it.
@@ -59,6 +65,8 @@ struct RankReport {
   /// chunks declare a tensor's dtype and shape without bytes.
   std::vector<GlobalTensorInfo> tensors;
   bool has_globals = false;
+  /// The checkpoint directory the rank saved to (CleanDir of its `dir`).
+  std::string dir;
 };
 std::vector<std::byte> EncodeReport(const RankReport& r);
 /// kCorrupt naming `rank` when the bytes are not a report.
@@ -82,8 +90,9 @@ namespace ckpt::dist::internal {
 Status FirstRankFailure(const std::vector<Status>& per_rank, int world);
 
 /// Test builds' fault injection: called at the named phases of a save
-/// ("committing" on every rank as CommitSave starts, "before_manifest",
-/// "before_rename", "after_rename" on the coordinator). Not for users.
+/// ("committing" on every rank as CommitSave starts, "described" on every
+/// rank once its report is made, "before_manifest", "before_rename",
+/// "after_rename" on the coordinator). Not for users.
 using FaultHook = void (*)(const char* phase, int rank);
 void SetFaultHook(FaultHook hook);
 void Fault(const char* phase, int rank);

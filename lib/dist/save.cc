@@ -327,6 +327,12 @@ Result<CommitInfo> Finalize(const std::string& dir,
     if (s.ok() && r.file.name != ShardName(static_cast<int>(r.rank), world)) {
       s = InvalidArgument("its shard file is named '" + r.file.name + "'");
     }
+    if (s.ok() && r.dir != CleanDir(dir)) {
+      // Ranks that name different directories (a per-rank step counter,
+      // a timestamp) would commit a checkpoint missing their shards.
+      s = InvalidArgument("it saved to '" + r.dir + "', the coordinator to '" +
+                          CleanDir(dir) + "'");
+    }
     per_rank.push_back(s);
   }
   CKPT_RETURN_IF_ERROR(internal::FirstRankFailure(per_rank, world));
@@ -389,14 +395,50 @@ Result<CommitInfo> Finalize(const std::string& dir,
   m.version_minor = internal::kManifestMinor;
   std::vector<std::byte> bytes = internal::SerializeManifest(m);
 
+  if (bytes.size() > internal::kMaxManifestBytes) {
+    return Status(ErrorCode::kResourceExhausted,
+                  "the manifest would take " + std::to_string(bytes.size()) +
+                      " bytes, over the limit of " +
+                      std::to_string(internal::kMaxManifestBytes) +
+                      " (too many chunks)")
+        .WithFile(CleanDir(dir));
+  }
+
   // Sweep what the manifest does not name (leftovers of a crashed attempt:
-  // shards of another world size, writers' temporaries).
-  std::set<std::string> named;
-  for (const auto& f : m.files) named.insert(f.name);
+  // shards of another world size, writers' temporaries), and find each
+  // named shard here at the size its rank pinned: ranks that wrote to
+  // another file system (node-local disks) or another directory must not
+  // commit a checkpoint that no one can load.
+  std::map<std::string, uint64_t> found;
+  for (const auto& f : m.files) found.emplace(f.name, UINT64_MAX);
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(temp, ec)) {
-    if (!named.count(e.path().filename().string()))
-      fs::remove_all(e.path(), ec);
+  fs::directory_iterator it(temp, ec), end;
+  if (ec) return ErrnoError("list " + temp, ec.value()).WithFile(temp);
+  for (; it != end; it.increment(ec)) {
+    auto name = it->path().filename().string();
+    auto f = found.find(name);
+    if (f == found.end()) {
+      std::error_code ignored;
+      fs::remove_all(it->path(), ignored);
+    } else {
+      struct stat fst {};
+      if (::lstat(it->path().c_str(), &fst) == 0 && S_ISREG(fst.st_mode))
+        f->second = static_cast<uint64_t>(fst.st_size);
+    }
+  }
+  if (ec) return ErrnoError("list " + temp, ec.value()).WithFile(temp);
+  for (const auto& f : m.files) {
+    const uint64_t size = found[f.name];
+    if (size == f.size) continue;
+    const std::string where = (fs::path(temp) / f.name).string();
+    return IoError("rank " + std::to_string(f.rank) + " of " +
+                   std::to_string(world) + " wrote " + where + " (" +
+                   std::to_string(f.size) + " bytes) but the coordinator " +
+                   (size == UINT64_MAX
+                        ? std::string("does not find it there")
+                        : "finds " + std::to_string(size) + " bytes there") +
+                   " (do the ranks share this file system?)")
+        .WithFile(where);
   }
   internal::Fault("before_manifest", coordinator);
   {
@@ -429,11 +471,28 @@ Result<CommitInfo> Finalize(const std::string& dir,
       return ErrnoError("exchange " + temp + " with " + target, errno)
           .WithFile(target);
     }
-  } else if (::rename(temp.c_str(), target.c_str()) != 0) {
+  } else if (::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, target.c_str(),
+                         RENAME_NOREPLACE) != 0) {
+    // (NOREPLACE: a directory made at `target` since the lstat is not
+    // silently replaced.)
     return ErrnoError("rename " + temp + " to " + target, errno)
         .WithFile(target);
   }
-  if (o.write.sync) CKPT_RETURN_IF_ERROR(SyncDir(ParentOf(dir)));
+  if (o.write.sync) {
+    Status synced = SyncDir(ParentOf(dir));
+    if (!synced.ok()) {
+      // Past the commit point: the checkpoint is complete and visible,
+      // only its durability is in doubt. Said so, not reported as a save
+      // that left nothing behind.
+      return Status(synced.code(),
+                    target +
+                        " is committed and visible, but fsync of its parent "
+                        "directory failed (a power loss may undo the "
+                        "commit): " +
+                        synced.message())
+          .WithFile(target);
+    }
+  }
   internal::Fault("after_rename", coordinator);
   if (o.overwrite) fs::remove_all(temp, ec);  // the old checkpoint, if any
 
@@ -463,7 +522,13 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   const int rank = comm.rank(), world = comm.size();
   if (o.coordinator < 0 || o.coordinator >= world) {
     // Every rank sees the same options and fails alike, without a
-    // collective that could not complete.
+    // collective that could not complete; each removes its own shard (the
+    // last one out, the temporary directory).
+    if (auto path = ShardPath(dir, rank, world); path.ok()) {
+      std::error_code ec;
+      fs::remove(*path, ec);
+      fs::remove(fs::path(*path).parent_path(), ec);  // only when empty
+    }
     return InvalidArgument("coordinator " + std::to_string(o.coordinator) +
                            " outside the group of " + std::to_string(world));
   }
@@ -472,6 +537,7 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   report.rank = static_cast<uint32_t>(rank);
   report.world_size = static_cast<uint32_t>(world);
   report.status = local;
+  report.dir = CleanDir(dir);
   if (local.ok()) {
     auto path = ShardPath(dir, rank, world);
     Result<internal::RankReport> r =
@@ -479,10 +545,12 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
                   : Result<internal::RankReport>(path.status());
     if (r.ok()) {
       report = std::move(*r);
+      report.dir = CleanDir(dir);
     } else {
       report.status = r.status();
     }
   }
+  internal::Fault("described", rank);
   CKPT_ASSIGN_OR_RETURN(
       auto all, comm.Gather(o.coordinator, internal::EncodeReport(report)));
   std::vector<std::byte> outcome;
@@ -504,13 +572,33 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
           reports.push_back(std::move(*rep));
         }
       }
-      return Finalize(dir, std::move(reports), o.coordinator, o);
+      // Whatever the coordinator meets, the others wait for the broadcast
+      // below: no exception may skip it.
+      try {
+        return Finalize(dir, std::move(reports), o.coordinator, o);
+      } catch (const std::exception& e) {
+        return IoError(std::string("the coordinator failed: ") + e.what())
+            .WithFile(CleanDir(dir));
+      } catch (...) {
+        return IoError("the coordinator failed").WithFile(CleanDir(dir));
+      }
     }();
     if (!result.ok()) Discard(dir);
     outcome = internal::EncodeOutcome(result);
   }
   CKPT_ASSIGN_OR_RETURN(auto got, comm.Broadcast(o.coordinator, outcome));
-  return internal::DecodeOutcome(got, CleanDir(dir));
+  Result<CommitInfo> result = internal::DecodeOutcome(got, CleanDir(dir));
+  if (!result.ok() && rank != o.coordinator) {
+    // The coordinator removed its temporary directory; a rank that saved
+    // to another one (the failure may be just that) removes its own shard
+    // there, and the directory once empty.
+    if (auto path = ShardPath(report.dir, rank, world); path.ok()) {
+      std::error_code ec;
+      fs::remove(*path, ec);
+      fs::remove(fs::path(*path).parent_path(), ec);
+    }
+  }
+  return result;
 }
 
 Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
@@ -535,6 +623,7 @@ Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
       reports.push_back(std::move(failed));
     }
   }
+  for (auto& r : reports) r.dir = CleanDir(dir);
   auto result = Finalize(dir, std::move(reports), o.coordinator, o);
   if (!result.ok()) Discard(dir);
   return result;
