@@ -39,9 +39,16 @@ Result<ShardMap> MapShard(const ShardedCheckpoint& ck, size_t file) {
     m.starts.push_back(si.offset);
     m.sizes.push_back(si.nbytes);
   }
+  // The tensor a storage's rows are loaded through: one that views the
+  // whole storage from its first byte, row-major, with non-empty rows (the
+  // row arithmetic below assumes exactly that). A storage with none is not
+  // a chunk's and loads nothing (the error names the offset).
   for (size_t t = 0; t < m.ck.num_tensors(); ++t) {
     CKPT_ASSIGN_OR_RETURN(TensorInfo ti, m.ck.TensorInfoAt(t));
-    if (ti.storage < n && m.tensor_of[ti.storage].empty()) {
+    if (ti.storage >= n || !m.tensor_of[ti.storage].empty()) continue;
+    const bool whole = ti.storage_offset == 0 && ti.is_contiguous() &&
+                       ti.nbytes() == m.sizes[ti.storage] && ti.nbytes() > 0;
+    if (whole) {
       m.tensor_of[ti.storage] = ti.path;
       m.info_of[ti.storage] = ti;
     }
