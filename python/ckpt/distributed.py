@@ -789,13 +789,26 @@ def load(state_dict, checkpoint_id, process_group=None, *, verify=True, threads=
     Dtype and global shape must match the saved tensor's. Every rank
     raises the same error when one fails. `verify` checks the checksum
     blocks the reads touch. Returns a dict of the load's byte counts
-    (bytes_needed, bytes_read...)."""
+    (bytes_needed, bytes_read...).
+
+    On failure: an error found before any tensor byte is read (a missing
+    key, a dtype or global-shape mismatch, rank-local state at another
+    world size, a value missing from or unreadable in the globals tree or
+    the rank's rank-local values), on any rank, leaves every rank's state
+    dict untouched. An error while reading the tensors' bytes (I/O, a
+    checksum mismatch), on any rank, leaves every rank's tensors
+    undefined: contiguous CPU tensors (and numpy arrays) are read into in
+    place, so some may hold the checkpoint's bytes, some their old ones,
+    some a mix (the other tensors and all non-tensor and RankLocal values
+    keep theirs). Load them again before using them."""
     checkpoint_id = os.fspath(checkpoint_id)
     comm = _Comm(process_group, "sync")
     ck = _ckpt.ShardedCheckpoint(checkpoint_id, comm.c, coordinator_rank)  # collective
-    # Two agreements: the first after every check (dtypes, shapes, keys),
-    # so a state dict one rank got wrong leaves every rank's untouched;
-    # the second after the reads (I/O, checksums).
+    # Two agreements: the first after every check (dtypes, shapes, keys)
+    # and the tree reads, so a state dict one rank got wrong leaves every
+    # rank's untouched; the second after the reads (I/O, checksums), which
+    # fill contiguous CPU tensors in place: a failure there leaves them
+    # torn (documented), the rest (fill, assign) is set only after it.
     err = cause = stats = None
     try:
         summary, leaves = ck.summary(), _leaves(state_dict)

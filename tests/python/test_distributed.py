@@ -345,10 +345,13 @@ def sc_load_mismatch(ctx):
 
 def sc_flipped_byte(ctx):
     """A flipped byte fails every load that reads it, on every rank (a
-    ChecksumError naming the rank), and not a load of another tensor."""
+    ChecksumError naming the rank), and not a load of another tensor; the
+    failed load left the state dict's non-tensor and RankLocal values as
+    they were."""
     cdist, rank = ctx.cdist, ctx.rank
     d = os.path.join(ctx.tmp, "flipped")
-    cdist.save({"a": torch.arange(64.0), "b": torch.ones(64)}, d, sync=False)
+    cdist.save({"a": torch.arange(64.0), "b": torch.ones(64), "step": 5,
+                "rl": cdist.RankLocal(rank)}, d, sync=False)
     md = cdist.read_manifest(d)
     if rank == 0:
         c = md.tensors["a"].chunks[0]
@@ -358,12 +361,16 @@ def sc_flipped_byte(ctx):
             f.seek(c.offset + 1)
             f.write(bytes([byte[0] ^ 0x10]))
     ctx.barrier()
+    # The tensors are undefined after a failed read (read in place); the
+    # non-tensor and rank-local values are set only after it succeeded.
+    sd = {"a": torch.zeros(64), "b": torch.zeros(64), "step": 0, "rl": cdist.RankLocal(None)}
     try:
-        cdist.load({"a": torch.zeros(64), "b": torch.zeros(64)}, d)
+        cdist.load(sd, d)
     except ctx.ckpt.ChecksumError as e:
         assert "rank 0" in str(e), str(e)
     else:
         raise AssertionError("loaded a tensor with a flipped byte")
+    assert sd["step"] == 0 and sd["rl"].value is None, sd
     sd = {"b": torch.zeros(64)}
     cdist.load(sd, d)
     assert torch.equal(sd["b"], torch.ones(64))
