@@ -677,6 +677,9 @@ def _worker(rank, world, init_file, tmp, out):
             # (instead of at the 60 s timeout), each recording where.
             os._exit(1)
     dist.destroy_process_group()
+    # torch 2.x's gloo worker threads may drop a tensor's last reference
+    # while Python finalizes, which aborts the process: exit without it.
+    os._exit(0)
 
 
 def _pool(base):
