@@ -707,6 +707,11 @@ class AsyncSave:
                 # interrupted: the previous commit must end before this
                 # one's collectives start on the same group.
                 prev._thread.join()
+            if comm.size > 1:
+                # Writes start once every rank has staged: ranks sharing a
+                # host would otherwise checksum and write while another
+                # rank's caller still waits for its staging copy.
+                dist.barrier(group=comm.group)
             if err is None:
                 try:
                     _write_shard(staged, checkpoint_id, comm, sync)
