@@ -522,12 +522,12 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   const int rank = comm.rank(), world = comm.size();
   if (o.coordinator < 0 || o.coordinator >= world) {
     // Every rank sees the same options and fails alike, without a
-    // collective that could not complete; each removes its own shard (the
-    // last one out, the temporary directory).
+    // collective that could not complete; each removes its own shard
+    // (not the directory: with no barrier, another rank's next save may
+    // already be writing there; the next save of this name sweeps it).
     if (auto path = ShardPath(dir, rank, world); path.ok()) {
       std::error_code ec;
       fs::remove(*path, ec);
-      fs::remove(fs::path(*path).parent_path(), ec);  // only when empty
     }
     return InvalidArgument("coordinator " + std::to_string(o.coordinator) +
                            " outside the group of " + std::to_string(world));
@@ -588,14 +588,21 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   }
   CKPT_ASSIGN_OR_RETURN(auto got, comm.Broadcast(o.coordinator, outcome));
   Result<CommitInfo> result = internal::DecodeOutcome(got, CleanDir(dir));
-  if (!result.ok() && rank != o.coordinator) {
+  if (!result.ok()) {
     // The coordinator removed its temporary directory; a rank that saved
     // to another one (the failure may be just that) removes its own shard
-    // there, and the directory once empty.
-    if (auto path = ShardPath(report.dir, rank, world); path.ok()) {
-      std::error_code ec;
-      fs::remove(*path, ec);
-      fs::remove(fs::path(*path).parent_path(), ec);
+    // there, and the directory once empty. Then a barrier (failures only),
+    // so that no rank's next save starts in a directory another rank is
+    // still cleaning up.
+    if (rank != o.coordinator) {
+      if (auto path = ShardPath(report.dir, rank, world); path.ok()) {
+        std::error_code ec;
+        fs::remove(*path, ec);
+        fs::remove(fs::path(*path).parent_path(), ec);
+      }
+    }
+    if (comm.Gather(o.coordinator, {}).ok()) {
+      (void)comm.Broadcast(o.coordinator, {});
     }
   }
   return result;
