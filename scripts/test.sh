@@ -135,6 +135,12 @@ if [ -x build-consumer/consumer_cuda ]; then
   build-consumer/consumer_cuda "$prefix/consumer_cuda.ckpt" || rc=$?
   [ "$rc" = 0 ] || [ "$rc" = 77 ] || { echo "consumer_cuda failed ($rc)" >&2; exit 1; }
 fi
+# Where MPI was found, the sharded example through ckpt::mpi, on 2 ranks.
+if [ -x build-consumer/consumer_mpi ]; then
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader \
+    OMPI_MCA_btl_vader_single_copy_mechanism=none \
+    mpirun --oversubscribe --bind-to none -np 2 build-consumer/consumer_mpi "$prefix/sharded"
+fi
 rm -rf "$prefix"
 echo "install: 1 passed, 0 failed"
 

@@ -4,10 +4,9 @@
 // application's own messages, and with MPI_ERRORS_RETURN on it, so a
 // failed collective is a Status rather than an abort.
 //
-//   MPI_Init(&argc, &argv);
-//   CKPT_ASSIGN_OR_RETURN(auto comm,
-//   ckpt::dist::MpiComm::Create(MPI_COMM_WORLD)); CKPT_ASSIGN_OR_RETURN(auto
-//   info, ckpt::dist::Save(*comm, dir, chunks));
+// examples/sharded_mpi.cc is a whole program: MPI_Init, then
+// MpiComm::Create(MPI_COMM_WORLD), then Save and ShardedCheckpoint::Open
+// with *comm, the MpiComm destroyed before MPI_Finalize.
 #pragma once
 
 #include <mpi.h>
