@@ -158,3 +158,69 @@ TEST_CASE(
   std::error_code ec;
   fs::remove_all(root, ec);
 }
+
+TEST_CASE(
+    "a chunk stored at an offset into a larger storage loads to the device "
+    "from its own bytes") {
+  // Another writer may keep a chunk's bytes inside a larger storage (S3
+  // allows it): the device path must find them by the tensor's own offset,
+  // as the CPU path does, not assume the storage starts with them.
+  cuda_double::Reset({});
+  const std::string root = ckpt::test::TempDir().path();
+  const std::string dir = root + "/offset";
+  const Spec& s = kSpecs[0];  // w, float32 [6, 5]
+  const Box whole{{0, 0}, {6, 5}};
+  const std::vector<std::byte> ref =
+      ReferenceBox(s.path, s.dtype, s.shape, whole);
+  std::vector<std::byte> storage(7 * sizeof(float), std::byte{0x5a});  // junk
+  storage.insert(storage.end(), ref.begin(), ref.end());
+  {
+    auto shard = ShardPath(dir, 0, 1);
+    REQUIRE(shard.ok());
+    auto w = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    auto sid = w->AddStorage(storage);
+    REQUIRE(sid.ok());
+    TensorSpec spec;
+    spec.dtype = s.dtype;
+    spec.shape = s.shape;
+    spec.storage = *sid;
+    spec.storage_offset = 7;
+    auto data = w->AddTensor(spec);
+    REQUIRE(data.ok());
+    auto ints = [&](const std::vector<int64_t>& v) {
+      std::vector<NodeId> items;
+      for (int64_t x : v) items.push_back(w->AddInt(x));
+      auto t = w->AddTuple(items);
+      REQUIRE(t.ok());
+      return *t;
+    };
+    const NodeId keys[] = {w->AddString("path"), w->AddString("shape"),
+                           w->AddString("offsets"), w->AddString("data")};
+    const NodeId values[] = {w->AddString(s.path), ints(s.shape), ints({0, 0}),
+                             *data};
+    auto chunk = w->AddDict(keys, values);
+    REQUIRE(chunk.ok());
+    const NodeId chunks[] = {*chunk};
+    REQUIRE(SetShardRoot(*w, chunks, std::nullopt, std::nullopt, 0, 1).ok());
+    REQUIRE(w->Commit().ok());
+    SaveOptions o;
+    o.write.sync = false;
+    REQUIRE(CommitWritten(dir, 1, o).ok());
+  }
+  {
+    auto ck = ShardedCheckpoint::Open(dir);
+    REQUIRE(ck.ok());
+    // The CPU path reads by absolute offsets.
+    auto cpu = ck->Read(s.path, Box{{1, 0}, {4, 5}});
+    REQUIRE(cpu.ok());
+    CHECK(std::vector<std::byte>(cpu->data.begin(), cpu->data.end()) ==
+          ReferenceBox(s.path, s.dtype, s.shape, Box{{1, 0}, {4, 5}}));
+    CheckOnDevice(*ck, s, Box{{1, 0}, {4, 5}});  // rows, direct
+    CheckOnDevice(*ck, s, Box{{0, 2}, {6, 3}});  // columns, 2-D copies
+    CheckOnDevice(*ck, s, whole);
+  }
+  CHECK(cuda_double::GetStats().live_device_allocs == 0);
+  std::error_code ec;
+  fs::remove_all(root, ec);
+}

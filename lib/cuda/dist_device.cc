@@ -19,40 +19,52 @@ Status CudaError(const char* what, cudaError_t e) {
                 std::string(what) + " failed: " + cudaGetErrorString(e));
 }
 
-// Where a shard's storages lie and which tensor views each (a chunk's data
-// tensor has a storage of its own, SHARDED.md 3).
+// The shard's row-major tensors, by where their bytes begin in the file: a
+// chunk's bytes are loaded as rows of the tensor whose bytes hold them
+// (ckpt's writer gives each chunk a storage of its own, SHARDED.md 3; a
+// tensor at an offset into a larger storage is found just the same).
 struct ShardMap {
+  struct Span {
+    uint64_t begin = 0, end = 0;  // absolute byte range in the file
+    uint64_t row = 0;             // bytes per row (a 0-d/1-D: all / elem)
+    TensorInfo info;
+  };
   Checkpoint ck;
-  std::vector<uint64_t> starts, sizes;
-  std::vector<std::string> tensor_of;  // per storage
-  std::vector<TensorInfo> info_of;
+  std::vector<Span> spans;  // sorted by begin
+
+  // The tensor holding [b, e), or null. Overlapping views: the latest
+  // beginning at or before b that reaches e, among the 64 nearest.
+  const Span* Holding(uint64_t b, uint64_t e) const {
+    auto it =
+        std::upper_bound(spans.begin(), spans.end(), b,
+                         [](uint64_t x, const Span& s) { return x < s.begin; });
+    for (int k = 0; k < 64 && it != spans.begin(); ++k) {
+      --it;
+      if (it->end >= e) return &*it;
+    }
+    return nullptr;
+  }
 };
 
 Result<ShardMap> MapShard(const ShardedCheckpoint& ck, size_t file) {
   CKPT_ASSIGN_OR_RETURN(Checkpoint c, ck.OpenShard(file));
-  ShardMap m{std::move(c), {}, {}, {}, {}};
-  const size_t n = m.ck.num_storages();
-  m.tensor_of.resize(n);
-  m.info_of.resize(n);
-  for (size_t s = 0; s < n; ++s) {
-    CKPT_ASSIGN_OR_RETURN(StorageInfo si, m.ck.StorageInfoAt(s));
-    m.starts.push_back(si.offset);
-    m.sizes.push_back(si.nbytes);
-  }
-  // The tensor a storage's rows are loaded through: one that views the
-  // whole storage from its first byte, row-major, with non-empty rows (the
-  // row arithmetic below assumes exactly that). A storage with none is not
-  // a chunk's and loads nothing (the error names the offset).
+  ShardMap m{std::move(c), {}};
   for (size_t t = 0; t < m.ck.num_tensors(); ++t) {
     CKPT_ASSIGN_OR_RETURN(TensorInfo ti, m.ck.TensorInfoAt(t));
-    if (ti.storage >= n || !m.tensor_of[ti.storage].empty()) continue;
-    const bool whole = ti.storage_offset == 0 && ti.is_contiguous() &&
-                       ti.nbytes() == m.sizes[ti.storage] && ti.nbytes() > 0;
-    if (whole) {
-      m.tensor_of[ti.storage] = ti.path;
-      m.info_of[ti.storage] = ti;
-    }
+    const uint64_t n = ti.nbytes();
+    if (!ti.is_contiguous() || n == 0) continue;
+    CKPT_ASSIGN_OR_RETURN(StorageInfo si, m.ck.StorageInfoAt(ti.storage));
+    const uint64_t begin =
+        si.offset +
+        static_cast<uint64_t>(ti.storage_offset) * DTypeSize(ti.dtype);
+    const uint64_t row =
+        ti.shape.empty() ? n : n / static_cast<uint64_t>(ti.shape[0]);
+    m.spans.push_back({begin, begin + n, row, std::move(ti)});
   }
+  std::stable_sort(m.spans.begin(), m.spans.end(),
+                   [](const ShardMap::Span& a, const ShardMap::Span& b) {
+                     return a.begin < b.begin;
+                   });
   return m;
 }
 
@@ -142,25 +154,18 @@ Result<LoadStats> LoadBoxesToDevice(const ShardedCheckpoint& ck,
         ++stats.files_opened;
       }
       const ShardMap& sm = it->second;
-      auto up =
-          std::upper_bound(sm.starts.begin(), sm.starts.end(), c.runs.src);
-      const size_t s = static_cast<size_t>(up - sm.starts.begin()) - 1;
-      if (up == sm.starts.begin() || sm.tensor_of[s].empty() ||
-          SourceEnd(c.runs) > sm.starts[s] + sm.sizes[s]) {
+      const ShardMap::Span* span = sm.Holding(c.runs.src, SourceEnd(c.runs));
+      if (!span) {
         return Corrupt("chunk bytes at offset " + std::to_string(c.runs.src) +
-                       " are not one chunk tensor's storage")
+                       " are not the bytes of one row-major tensor")
             .WithFile(ck.ShardFilePath(c.file));
       }
-      const TensorInfo& ti = sm.info_of[s];
-      const uint64_t base = sm.starts[s];
-      // Rows of the chunk tensor (a 0-d or 1-D chunk: its elements).
-      const uint64_t row =
-          ti.shape.empty() || ti.shape[0] == 0
-              ? ti.nbytes()
-              : ti.nbytes() / static_cast<uint64_t>(ti.shape[0]);
-      const uint64_t b = c.runs.src - base, e = SourceEnd(c.runs) - base;
+      const TensorInfo& ti = span->info;
+      const uint64_t row = span->row;
+      const uint64_t b = c.runs.src - span->begin,
+                     e = SourceEnd(c.runs) - span->begin;
       const uint64_t r0 = b / row, r1 = (e + row - 1) / row;
-      TensorRequest req{sm.tensor_of[s], std::nullopt};
+      TensorRequest req{ti.path, std::nullopt};
       if (!ti.shape.empty()) {
         req.rows =
             std::make_pair(static_cast<int64_t>(r0), static_cast<int64_t>(r1));
