@@ -34,10 +34,11 @@ namespace fs = std::filesystem;
 // The fixture directory, or "" (the test then says so and returns).
 std::string Fixtures() {
   const char* d = std::getenv("CKPT_DCP_FIXTURES");
-  if (!d || !*d) {
-    WARN(
-        "CKPT_DCP_FIXTURES is not set: DCP fixture checks skipped "
-        "(tests/dcp/make_dcp.py writes them)");
+  if (!d || !*d || !std::filesystem::is_directory(d)) {
+    WARN("CKPT_DCP_FIXTURES is not set or not a directory ("
+         << (d ? d : "unset")
+         << "): DCP fixture checks skipped (tests/dcp/make_dcp.py writes "
+            "them)");
     return "";
   }
   return d;
