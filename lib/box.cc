@@ -10,6 +10,14 @@ int64_t Box::numel() const {
   return n;
 }
 
+uint64_t RunPattern::src_end() const {
+  uint64_t end = src + length;
+  for (size_t d = 0; d < counts.size(); ++d) {
+    if (counts[d] > 0) end += (counts[d] - 1) * src_strides[d];
+  }
+  return end;
+}
+
 uint64_t RunPattern::runs() const {
   uint64_t n = 1;
   for (uint64_t c : counts) n *= c;

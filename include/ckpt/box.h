@@ -63,6 +63,9 @@ struct RunPattern {
 
   uint64_t runs() const;  ///< product of counts
   uint64_t bytes() const { return runs() * length; }
+  /// One past the last source byte a run reads (src + length when there is
+  /// one run).
+  uint64_t src_end() const;
   bool operator==(const RunPattern&) const = default;
 };
 

@@ -107,14 +107,6 @@ Status RunDeviceCopy(const DeviceCopy& c, cudaStream_t stream) {
   }
 }
 
-uint64_t SourceEnd(const RunPattern& p) {
-  uint64_t end = p.src + p.length;
-  for (size_t d = 0; d < p.counts.size(); ++d) {
-    if (p.counts[d] > 0) end += (p.counts[d] - 1) * p.src_strides[d];
-  }
-  return end;
-}
-
 }  // namespace
 
 Result<LoadStats> LoadBoxesToDevice(const ShardedCheckpoint& ck,
@@ -154,7 +146,7 @@ Result<LoadStats> LoadBoxesToDevice(const ShardedCheckpoint& ck,
         ++stats.files_opened;
       }
       const ShardMap& sm = it->second;
-      const ShardMap::Span* span = sm.Holding(c.runs.src, SourceEnd(c.runs));
+      const ShardMap::Span* span = sm.Holding(c.runs.src, c.runs.src_end());
       if (!span) {
         return Corrupt("chunk bytes at offset " + std::to_string(c.runs.src) +
                        " are not the bytes of one row-major tensor")
@@ -163,7 +155,7 @@ Result<LoadStats> LoadBoxesToDevice(const ShardedCheckpoint& ck,
       const TensorInfo& ti = span->info;
       const uint64_t row = span->row;
       const uint64_t b = c.runs.src - span->begin,
-                     e = SourceEnd(c.runs) - span->begin;
+                     e = c.runs.src_end() - span->begin;
       const uint64_t r0 = b / row, r1 = (e + row - 1) / row;
       TensorRequest req{ti.path, std::nullopt};
       if (!ti.shape.empty()) {

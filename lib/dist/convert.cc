@@ -21,10 +21,6 @@ namespace ckpt::dist {
 
 namespace {
 
-// The class tag of a global tensor's placeholder in the globals tree
-// (docs/SHARDED.md 3): an empty dict carrying it.
-constexpr std::string_view kPlaceholderTag = "ckpt.dist.GlobalTensor";
-
 // Consolidation reads and writes a tensor in boxes of about this many
 // bytes: large enough that each read is one long pread per chunk it meets,
 // small enough that a 100 GB tensor needs 64 MiB of memory, not 100 GB.
@@ -32,7 +28,7 @@ constexpr uint64_t kBlockBytes = uint64_t{64} << 20;
 
 bool IsPlaceholder(const Value& v) {
   return v.kind() == ValueKind::kDict && v.size() == 0 &&
-         v.type_name() == kPlaceholderTag;
+         v.type_name() == internal::kGlobalTensorTag;
 }
 
 // ---- copying a tree from a file into a writer -----------------------------
@@ -120,9 +116,10 @@ Result<NodeId> CopyTree(Writer& w, const Value& v, const std::string& path,
       return w.AddSet(items);
     }
     case ValueKind::kDict: {
-      if (!placeholders && v.type_name() == kPlaceholderTag) {
+      if (!placeholders && v.type_name() == internal::kGlobalTensorTag) {
         return InvalidArgument(
-                   "a dict tagged \"" + std::string(kPlaceholderTag) +
+                   "a dict tagged \"" +
+                   std::string(internal::kGlobalTensorTag) +
                    "\", which sharded checkpoints reserve for the places of "
                    "global tensors, cannot be sharded")
             .WithTensor(path);

@@ -160,15 +160,6 @@ Result<std::vector<std::byte>> DcpManifestBytes(const std::string& dir) {
   return internal::SerializeManifest(m);
 }
 
-// The last byte a pattern reads from its source, plus one.
-uint64_t SourceEnd(const RunPattern& p) {
-  uint64_t end = p.src + p.length;
-  for (size_t d = 0; d < p.counts.size(); ++d) {
-    if (p.counts[d] > 0) end += (p.counts[d] - 1) * p.src_strides[d];
-  }
-  return end;
-}
-
 // Copies smaller than this come from the mapping; larger ones by pread,
 // which costs no page faults on the destination's side of the kernel.
 constexpr uint64_t kPreadMinBytes = 64 << 10;
@@ -184,10 +175,29 @@ struct ShardedCheckpoint::Impl {
   mutable std::vector<std::shared_ptr<const Shard>> shards;
 
   Result<std::shared_ptr<const Shard>> Open(size_t i) const;
+  // The tensor `path`, when `box` is a box of it (kNotFound, or
+  // kInvalidArgument saying what is wrong with the box).
+  Result<const GlobalTensorInfo*> Wanted(std::string_view path,
+                                         const Box& box) const;
   // The storage of shard `s` holding bytes [begin, end), or kCorrupt.
   Result<size_t> StorageOf(const Shard& s, size_t file, uint64_t begin,
                            uint64_t end) const;
 };
+
+Result<const GlobalTensorInfo*> ShardedCheckpoint::Impl::Wanted(
+    std::string_view path, const Box& box) const {
+  const GlobalTensorInfo* t = m.Find(path);
+  if (!t) {
+    return NotFound("no tensor '" + std::string(path) + "' in the checkpoint")
+        .WithFile(dir)
+        .WithTensor(std::string(path));
+  }
+  if (auto p = BoxProblem(box, t->shape, DTypeSize(t->dtype))) {
+    return InvalidArgument("wanted box " + internal::BoxString(box) + ": " + *p)
+        .WithTensor(std::string(path));
+  }
+  return t;
+}
 
 Result<std::shared_ptr<const Shard>> ShardedCheckpoint::Impl::Open(
     size_t i) const {
@@ -360,17 +370,8 @@ Result<ShardedCheckpoint> ShardedCheckpoint::FromBytes(
 Result<std::vector<ReadPlan::Copy>> ShardedCheckpoint::PlanBox(
     std::string_view path, const Box& box) const {
   const Manifest& m = impl_->m;
-  const GlobalTensorInfo* t = m.Find(path);
-  if (!t) {
-    return NotFound("no tensor '" + std::string(path) + "' in the checkpoint")
-        .WithFile(impl_->dir)
-        .WithTensor(std::string(path));
-  }
+  CKPT_ASSIGN_OR_RETURN(const GlobalTensorInfo* t, impl_->Wanted(path, box));
   const size_t elem = DTypeSize(t->dtype);
-  if (auto p = BoxProblem(box, t->shape, elem)) {
-    return InvalidArgument("wanted box " + internal::BoxString(box) + ": " + *p)
-        .WithTensor(std::string(path));
-  }
   std::vector<ReadPlan::Copy> copies;
   const size_t ti = static_cast<size_t>(t - m.tensors.data());
   for (size_t c : impl_->index[ti].Overlapping(box)) {
@@ -433,7 +434,7 @@ Result<LoadStats> ShardedCheckpoint::Execute(const ReadPlan& plan,
     }
     CKPT_ASSIGN_OR_RETURN(
         storage[i],
-        impl_->StorageOf(*open[c.file], c.file, c.runs.src, SourceEnd(c.runs)));
+        impl_->StorageOf(*open[c.file], c.file, c.runs.src, c.runs.src_end()));
   }
   auto where = [&](size_t i) {
     const ReadPlan::Copy& c = plan.copies[i];
@@ -554,17 +555,8 @@ Result<LoadStats> ShardedCheckpoint::ExecuteRaw(const ReadPlan& plan,
 Result<StorageView> ShardedCheckpoint::Read(std::string_view path,
                                             const Box& box,
                                             const LoadOptions& o) const {
-  const GlobalTensorInfo* t = impl_->m.Find(path);
-  if (!t) {
-    return NotFound("no tensor '" + std::string(path) + "' in the checkpoint")
-        .WithFile(impl_->dir)
-        .WithTensor(std::string(path));
-  }
+  CKPT_ASSIGN_OR_RETURN(const GlobalTensorInfo* t, impl_->Wanted(path, box));
   const size_t elem = DTypeSize(t->dtype);
-  if (auto p = BoxProblem(box, t->shape, elem)) {
-    return InvalidArgument("wanted box " + internal::BoxString(box) + ": " + *p)
-        .WithTensor(std::string(path));
-  }
   const uint64_t bytes = static_cast<uint64_t>(box.numel()) * elem;
   // Zero copy when one run of one chunk holds the whole box.
   const size_t ti = static_cast<size_t>(t - impl_->m.tensors.data());

@@ -8,6 +8,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ckpt/dist.h"
@@ -96,6 +97,11 @@ Status FirstRankFailure(const std::vector<Status>& per_rank, int world);
 using FaultHook = void (*)(const char* phase, int rank);
 void SetFaultHook(FaultHook hook);
 void Fault(const char* phase, int rank);
+
+/// The class tag of a global tensor's placeholder in the globals tree
+/// (docs/SHARDED.md 3): an empty dict carrying it (AddGlobalTensor, which
+/// the Python package calls too).
+inline constexpr std::string_view kGlobalTensorTag = "ckpt.dist.GlobalTensor";
 
 /// "shard-RRRRR-of-WWWWW.ckpt".
 std::string ShardName(int rank, int world_size);

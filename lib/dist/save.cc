@@ -65,8 +65,6 @@ namespace {
 using internal::ShardName;
 using internal::TempDirOf;
 
-constexpr std::string_view kPlaceholderTag = "ckpt.dist.GlobalTensor";
-
 Status SyncDir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return ErrnoError("open directory " + dir, errno).WithFile(dir);
@@ -193,7 +191,7 @@ Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c) {
 }
 
 Result<NodeId> AddGlobalTensor(Writer& w) {
-  return w.AddDict({}, {}, kPlaceholderTag);
+  return w.AddDict({}, {}, internal::kGlobalTensorTag);
 }
 
 Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
