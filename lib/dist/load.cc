@@ -316,17 +316,8 @@ Result<ShardedCheckpoint> ShardedCheckpoint::Open(Comm& comm,
   // or 1 and the Status of its failure.
   std::vector<std::byte> msg;
   if (comm.rank() == coordinator) {
-    // No exception may skip the broadcast the others wait in.
-    auto index = [&]() -> Result<std::pair<std::vector<std::byte>, bool>> {
-      try {
-        return IndexBytes(dir);
-      } catch (const std::exception& e) {
-        return IoError(std::string("reading the index failed: ") + e.what())
-            .WithFile(dir);
-      } catch (...) {
-        return IoError("reading the index failed").WithFile(dir);
-      }
-    }();
+    auto index = internal::Guarded("reading the index", dir,
+                                   [&] { return IndexBytes(dir); });
     if (index.ok()) {
       msg.reserve(index->first.size() + 1);
       msg.push_back(std::byte{index->second ? uint8_t{2} : uint8_t{0}});

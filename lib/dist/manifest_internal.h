@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <span>
 #include <string>
@@ -102,6 +103,22 @@ void Fault(const char* phase, int rank);
 /// (docs/SHARDED.md 3): an empty dict carrying it (AddGlobalTensor, which
 /// the Python package calls too).
 inline constexpr std::string_view kGlobalTensorTag = "ckpt.dist.GlobalTensor";
+
+/// f() (a Result) with any exception it throws returned as the IoError
+/// "<what> failed: ...": for the coordinator's work between two
+/// collectives, which no exception may skip (the others would wait in the
+/// broadcast forever).
+template <class F>
+auto Guarded(const std::string& what, const std::string& file, F&& f)
+    -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return IoError(what + " failed: " + e.what()).WithFile(file);
+  } catch (...) {
+    return IoError(what + " failed").WithFile(file);
+  }
+}
 
 /// "shard-RRRRR-of-WWWWW.ckpt".
 std::string ShardName(int rank, int world_size);

@@ -535,7 +535,6 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   report.rank = static_cast<uint32_t>(rank);
   report.world_size = static_cast<uint32_t>(world);
   report.status = local;
-  report.dir = CleanDir(dir);
   if (local.ok()) {
     auto path = ShardPath(dir, rank, world);
     Result<internal::RankReport> r =
@@ -543,11 +542,11 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
                   : Result<internal::RankReport>(path.status());
     if (r.ok()) {
       report = std::move(*r);
-      report.dir = CleanDir(dir);
     } else {
       report.status = r.status();
     }
   }
+  report.dir = CleanDir(dir);
   internal::Fault("described", rank);
   CKPT_ASSIGN_OR_RETURN(
       auto all, comm.Gather(o.coordinator, internal::EncodeReport(report)));
@@ -570,16 +569,9 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
           reports.push_back(std::move(*rep));
         }
       }
-      // Whatever the coordinator meets, the others wait for the broadcast
-      // below: no exception may skip it.
-      try {
+      return internal::Guarded("the coordinator", CleanDir(dir), [&] {
         return Finalize(dir, std::move(reports), o.coordinator, o);
-      } catch (const std::exception& e) {
-        return IoError(std::string("the coordinator failed: ") + e.what())
-            .WithFile(CleanDir(dir));
-      } catch (...) {
-        return IoError("the coordinator failed").WithFile(CleanDir(dir));
-      }
+      });
     }();
     if (!result.ok()) Discard(dir);
     outcome = internal::EncodeOutcome(result);
