@@ -215,10 +215,18 @@ def _gloo_group(process_group, purpose):
     counter on them alone, so the next ordinary new_group would get
     different names on different ranks.)"""
     _check_initialized()
-    world = process_group is None or process_group is dist.group.WORLD
-    if not world and purpose == "sync" and dist.get_backend(process_group) == "gloo":
+    ranks = _ranks_key(process_group)
+    if ranks is not None and purpose == "sync" and dist.get_backend(process_group) == "gloo":
         return process_group
-    return _made_group(None if world else tuple(_group_ranks(process_group)), purpose)
+    return _made_group(ranks, purpose)
+
+
+def _ranks_key(process_group):
+    """What _made_group keys a group's gloo groups by: None for the world,
+    else its global ranks."""
+    if process_group is None or process_group is dist.group.WORLD:
+        return None
+    return tuple(_group_ranks(process_group))
 
 
 def _check_initialized():
@@ -260,13 +268,11 @@ def prepare(process_group=None, *, ranks=None):
     async_save, any group but the world) must be made on every process."""
     _check_initialized()
     if ranks is None:
-        if process_group is not None and process_group is not dist.group.WORLD and \
-                process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        if process_group is dist.GroupMember.NON_GROUP_MEMBER:
             raise InvalidArgumentError(
                 "ckpt.distributed.prepare: this process is not a member of the group; "
                 "pass the group's global ranks: prepare(ranks=[...])")
-        ranks = None if process_group is None or process_group is dist.group.WORLD \
-            else tuple(_group_ranks(process_group))
+        ranks = _ranks_key(process_group)
     else:
         ranks = tuple(int(r) for r in ranks)
         if process_group is not None and tuple(_group_ranks(process_group)) != ranks:
