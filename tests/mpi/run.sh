@@ -76,6 +76,14 @@ for i in $(seq 1 "$kills"); do
   # A killed save must end (mpirun takes the job down): one still running
   # after 120 s is a hang, named with where its processes wait.
   for _ in $(seq 1 1200); do kill -0 "$launcher" 2>/dev/null || break; sleep 0.1; done
+  ranks="^[^ ]*dist_mpi_test save $k/step-$i\$"  # the ranks, not mpirun
+  if kill -0 "$launcher" 2>/dev/null && ! pgrep -f "$ranks" > /dev/null; then
+    # Every rank is gone and only mpirun is left, stuck in Open MPI's own
+    # PMIx finalize (seen once in ~200 kills: pmix_rte_finalize waiting on
+    # a mutex). Not this protocol's hang: end it and go on.
+    echo "kill $i: mpirun hung in its own finalize after its ranks ended; killed"
+    pkill -9 -P "$launcher" 2>/dev/null; kill -9 "$launcher" 2>/dev/null
+  fi
   if kill -0 "$launcher" 2>/dev/null; then
     echo "kill $i (pid ${victim:-$launcher}): the save still runs after 120 s"
     for p in $(pgrep -P "$launcher") $(pgrep -f "dist_mpi_test save $k/step-$i\$"); do
@@ -89,10 +97,11 @@ for i in $(seq 1 "$kills"); do
 done
 # Ranks whose mpirun was the one killed must end too (Open MPI busy-polls:
 # an orphan left spinning would starve every later test on 2 cores).
-for _ in $(seq 1 100); do pgrep -f "dist_mpi_test save $k/" > /dev/null || break; sleep 0.1; done
-if pgrep -f "dist_mpi_test save $k/" > /dev/null; then
-  ps -o pid=,ppid=,stat=,etime=,cmd= -p "$(pgrep -d, -f "dist_mpi_test save $k/")"
-  pkill -9 -f "dist_mpi_test save $k/"
+left="^[^ ]*dist_mpi_test save $k/"
+for _ in $(seq 1 100); do pgrep -f "$left" > /dev/null || break; sleep 0.1; done
+if pgrep -f "$left" > /dev/null; then
+  ps -o pid=,ppid=,stat=,etime=,cmd= -p "$(pgrep -d, -f "$left")"
+  pkill -9 -f "$left"
   fail "ranks outlived their save's mpirun by 10 s"
 fi
 visible=0
