@@ -35,14 +35,16 @@ std::optional<std::string> BoxProblem(const Box& b,
   int64_t numel = 1;
   for (size_t d = 0; d < shape.size(); ++d) {
     const int64_t off = b.offsets[d], size = b.sizes[d];
-    const std::string dim = "dim " + std::to_string(d) + ": ";
+    // (Built only on failure: this runs for every chunk of every save,
+    // plan and manifest check.)
+    auto dim = [d] { return "dim " + std::to_string(d) + ": "; };
     if (off < 0 || size < 0) {
-      return dim + "offset " + std::to_string(off) + " and size " +
+      return dim() + "offset " + std::to_string(off) + " and size " +
              std::to_string(size) + " must not be negative";
     }
     // off + size <= shape[d], written so that it cannot overflow.
     if (shape[d] < 0 || off > shape[d] || size > shape[d] - off) {
-      return dim + "[" + std::to_string(off) + ", +" + std::to_string(size) +
+      return dim() + "[" + std::to_string(off) + ", +" + std::to_string(size) +
              ") is outside the tensor's " + std::to_string(shape[d]);
     }
     if (size != 0 && numel > INT64_MAX / size) {

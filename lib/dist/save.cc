@@ -15,6 +15,7 @@
 #include <set>
 #include <string>
 #include <system_error>
+#include <unordered_map>
 #include <vector>
 
 #include "atomic_file.h"
@@ -247,7 +248,9 @@ Result<internal::RankReport> Describe(const std::string& path, int rank,
   r.has_globals = root.Child("globals").ok();
   CKPT_ASSIGN_OR_RETURN(Value chunks, root.Child("chunks"));
   if (chunks.kind() != ValueKind::kList) return bad("'chunks' is not a list");
-  std::map<std::string, size_t> index;
+  // Paths viewed in the mapped header, which `ck` keeps alive.
+  std::unordered_map<std::string_view, size_t> index;
+  index.reserve(chunks.size());
   auto ints = [&](const Value& v, std::vector<int64_t>* out) {
     if (v.kind() != ValueKind::kTuple) return false;
     for (size_t i = 0; i < v.size(); ++i) {
@@ -285,7 +288,7 @@ Result<internal::RankReport> Describe(const std::string& path, int rank,
                 static_cast<uint64_t>(ti.storage_offset) * DTypeSize(ti.dtype);
     ci.length = ti.nbytes();
     ci.file = 0;
-    auto [it, fresh] = index.emplace(t.path, r.tensors.size());
+    auto [it, fresh] = index.emplace(p->as_string(), r.tensors.size());
     if (fresh) {
       r.tensors.push_back(std::move(t));
     } else if (r.tensors[it->second].dtype != t.dtype ||
@@ -344,38 +347,52 @@ Result<CommitInfo> Finalize(const std::string& dir,
     }
   }
   m.producer = "ckpt " + std::string(VersionString());
-  std::map<std::string, std::pair<GlobalTensorInfo, uint32_t>> tensors;
+  // Merge by path, moving each rank's entries (10^4 tensors x N ranks at
+  // every commit: no copies, no tree of strings).
+  size_t upper = 0;
+  for (const auto& r : reports) upper += r.tensors.size();
+  m.tensors.reserve(upper);  // never reallocated below: `by_path` views paths
+  std::vector<uint32_t> first_rank;
+  first_rank.reserve(upper);
+  std::unordered_map<std::string_view, size_t> by_path;
+  by_path.reserve(upper);
   for (auto& r : reports) {
     m.files.push_back(r.file);
     for (auto& t : r.tensors) {
-      auto [it, fresh] = tensors.try_emplace(t.path);
-      GlobalTensorInfo& g = it->second.first;
-      if (fresh) {
-        g.path = t.path;
-        g.dtype = t.dtype;
-        g.shape = t.shape;
-        it->second.second = r.rank;
-      } else if (g.dtype != t.dtype || g.shape != t.shape) {
+      for (auto& c : t.chunks) c.file = r.rank;
+      // (Zero-size chunks declared the tensor only.)
+      std::erase_if(t.chunks,
+                    [](const ChunkInfo& c) { return c.box.numel() == 0; });
+      auto it = by_path.find(t.path);
+      if (it == by_path.end()) {
+        m.tensors.push_back(std::move(t));
+        first_rank.push_back(r.rank);
+        by_path.emplace(m.tensors.back().path, m.tensors.size() - 1);
+        continue;
+      }
+      GlobalTensorInfo& g = m.tensors[it->second];
+      if (g.dtype != t.dtype || g.shape != t.shape) {
         return InvalidArgument("tensor '" + t.path + "': rank " +
-                               std::to_string(it->second.second) +
+                               std::to_string(first_rank[it->second]) +
                                " saves it as " + Describe(g) + ", rank " +
                                std::to_string(r.rank) + " as " + Describe(t))
             .WithTensor(t.path);
       }
-      for (auto& c : t.chunks) {
-        if (c.box.numel() == 0) continue;  // declared the tensor only
-        c.file = r.rank;
-        g.chunks.push_back(std::move(c));
-      }
+      g.chunks.insert(g.chunks.end(), std::make_move_iterator(t.chunks.begin()),
+                      std::make_move_iterator(t.chunks.end()));
     }
   }
-  for (auto& [path, entry] : tensors) {
+  by_path.clear();
+  std::sort(m.tensors.begin(), m.tensors.end(),
+            [](const GlobalTensorInfo& a, const GlobalTensorInfo& b) {
+              return a.path < b.path;
+            });
+  for (auto& t : m.tensors) {
     // Chunks in box order, so the manifest does not depend on rank timing.
-    std::sort(entry.first.chunks.begin(), entry.first.chunks.end(),
+    std::sort(t.chunks.begin(), t.chunks.end(),
               [](const ChunkInfo& a, const ChunkInfo& b) {
                 return a.box.offsets < b.box.offsets;
               });
-    m.tensors.push_back(std::move(entry.first));
   }
   std::map<std::string, std::string> meta(o.metadata.begin(), o.metadata.end());
   m.metadata.assign(meta.begin(), meta.end());
