@@ -8,14 +8,15 @@ round, page cache warm, every figure the slowest rank's:
 
   save on N   raw write()+fsync of each rank's bytes, a file per rank;
               ckpt.distributed.save (fsync on); DCP dcp.save (FileSystemWriter,
-              fsync on); ckpt.distributed.async_save until it returns (staged)
+              fsync on); dcp.save with ckpt as its storage plug-in
+              (ckpt.dcp.Writer, fsync on); ckpt.distributed.async_save until it returns (staged)
               beside a copy of the rank's tensors into buffers made once
               (the memcpy floor; async_save reuses its staging buffers)
   load on M   the last save loaded by M ranks into DTensors sharded on dim 0
               (a reshard when M != N) and on dim 1: bytes read (the ranks'
               /proc/self/io rchar, summed) over the bytes their shards hold,
-              for ckpt.distributed.load (verify off) and dcp.load; for ckpt
-              also its LoadStats (pread bytes + bytes copied from the
+              for ckpt.distributed.load (verify off), dcp.load, and dcp.load
+              with ckpt.dcp.Reader (verify off); for ckpt also its LoadStats (pread bytes + bytes copied from the
               mapping, which rchar does not count)
 
   .venv-torch2/bin/python bench/run_dist.py [--total-mb 512] [--repeat 5]
@@ -102,6 +103,7 @@ def save_phase(rank, world, init, args, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
+    import ckpt.dcp
     import ckpt.distributed as cdist
     mesh = init_device_mesh("cpu", (world,))
     rows = args.rows
@@ -124,6 +126,8 @@ def save_phase(rank, world, init, args, out):
         dcp_dir = os.path.join(out, f"dcp-n{world}-{rep}")
         r["ckpt"] = timed(lambda: cdist.save(sd, checkpoint_id=ck_dir))
         r["dcp"] = timed(lambda: dcp.save(sd, checkpoint_id=dcp_dir))
+        plugin_dir = os.path.join(out, f"plugin-n{world}-{rep}")
+        r["plugin"] = timed(lambda: dcp.save(sd, storage_writer=ckpt.dcp.Writer(plugin_dir)))
         handle = []
         async_dir = os.path.join(out, f"async-n{world}-{rep}")
         r["async"] = timed(lambda: handle.append(cdist.async_save(sd, checkpoint_id=async_dir)))
@@ -140,6 +144,7 @@ def save_phase(rank, world, init, args, out):
             if rep < args.repeat:
                 shutil.rmtree(ck_dir)
                 shutil.rmtree(dcp_dir)
+                shutil.rmtree(plugin_dir)
         dist.barrier()
     if rank == 0:
         gb = nbytes * world / 1e9
@@ -148,12 +153,15 @@ def save_phase(rank, world, init, args, out):
         for k, label in (("raw", "raw write()+fsync, a file per rank"),
                          ("ckpt", "ckpt.distributed.save"),
                          ("dcp", "dcp.save (FileSystemWriter)"),
+                         ("plugin", "dcp.save (ckpt.dcp.Writer)"),
                          ("async", "ckpt.distributed.async_save, until it returns"),
                          ("memcpy", "copy of the rank's tensors into buffers")):
             print(f"  {label:<48} {best[k]:7.3f} s  {gb / best[k]:6.2f} GB/s")
         print(f"  ckpt save / raw: {best['raw'] / best['ckpt']:.2f} of raw bandwidth "
               f"(target >= 0.90)")
         print(f"  ckpt save vs dcp.save: {best['dcp'] / best['ckpt']:.2f}x (target >= 1.3)")
+        print(f"  dcp.save with ckpt.dcp.Writer vs FileSystemWriter: "
+              f"{best['dcp'] / best['plugin']:.2f}x")
         print(f"  async blocking / memcpy: {best['async'] / best['memcpy']:.2f} "
               f"(target <= 1.2)")
     _exit()
@@ -164,16 +172,19 @@ def load_phase(rank, world, init, args, out, saved):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
+    import ckpt.dcp
     import ckpt.distributed as cdist
     mesh = init_device_mesh("cpu", (world,))
+    plugin_dir = os.path.join(out, f"plugin-n{saved}-{args.repeat}")
     ck_dir = os.path.join(out, f"ckpt-n{saved}-{args.repeat}")
     dcp_dir = os.path.join(out, f"dcp-n{saved}-{args.repeat}")
     for placement, what in ((0, "dim 0"), (1, "dim 1")):
         res = {}
-        stats = []
+        stats, reader = [], ckpt.dcp.Reader(plugin_dir, verify=False)
         for name, fn in (("ckpt", lambda sd: stats.append(
                               cdist.load(sd, checkpoint_id=ck_dir, verify=False))),
-                         ("dcp", lambda sd: dcp.load(sd, checkpoint_id=dcp_dir))):
+                         ("dcp", lambda sd: dcp.load(sd, checkpoint_id=dcp_dir)),
+                         ("plugin", lambda sd: dcp.load(sd, storage_reader=reader))):
             sd = state(mesh, args.rows, placement, fill=False)
             need = local_bytes(sd)
             dist.barrier()
@@ -197,11 +208,14 @@ def load_phase(rank, world, init, args, out, saved):
         # the mapping (small runs; rchar does not see those).
         st = stats[-1]
         lib = total(st["bytes_read"]) / total(st["bytes_needed"])
+        plug = total(reader.stats["bytes_read"]) / total(reader.stats["bytes_needed"])
         if rank == 0:
             print(f"load of a {saved}-rank save on {world} ranks, sharded on {what}: "
                   f"read / needed: ckpt {lib:.4f} by LoadStats, {res['ckpt'][0]:.4f} by "
                   f"rchar ({res['ckpt'][1]:.3f} s); dcp {res['dcp'][0]:.4f} by rchar "
-                  f"({res['dcp'][1]:.3f} s)")
+                  f"({res['dcp'][1]:.3f} s); dcp.load with ckpt.dcp.Reader "
+                  f"{plug:.4f} by LoadStats, {res['plugin'][0]:.4f} by rchar "
+                  f"({res['plugin'][1]:.3f} s)")
     _exit()
 
 

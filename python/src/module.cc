@@ -1212,6 +1212,25 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
       py::arg("coordinator") = 0, py::arg("overwrite") = false,
       py::arg("sync") = true, py::arg("metadata") = py::dict());
 
+  // The commit of shard files that ranks wrote and reported elsewhere
+  // (ckpt.dcp.Writer.finish: DCP gathers the ranks' results itself and
+  // calls it on its coordinator alone).
+  m.def(
+      "dist_commit_written",
+      [](const std::string& dir, int world_size, int coordinator,
+         bool overwrite, bool sync, const py::dict& metadata) {
+        auto o = SaveOptionsOf(coordinator, overwrite, sync, metadata);
+        ckpt::Result<ckpt::dist::CommitInfo> r = ckpt::dist::CommitInfo{};
+        {
+          py::gil_scoped_release nogil;
+          r = ckpt::dist::CommitWritten(dir, world_size, o);
+        }
+        return CommitInfoDict(Take(std::move(r)));
+      },
+      py::arg("dir"), py::arg("world_size"), py::arg("coordinator") = 0,
+      py::arg("overwrite") = false, py::arg("sync") = true,
+      py::arg("metadata") = py::dict());
+
   m.def(
       "dist_agree",
       [](PyComm& comm, const py::object& error, int root) {

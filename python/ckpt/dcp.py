@@ -1,0 +1,518 @@
+"""ckpt as a storage plug-in of torch.distributed.checkpoint (DCP).
+
+    import torch.distributed.checkpoint as dcp
+    import ckpt.dcp
+    dcp.save(state_dict, storage_writer=ckpt.dcp.Writer("ckpt/step-100"))
+    dcp.load(state_dict, storage_reader=ckpt.dcp.Reader("ckpt/step-100"))
+
+DCP's planners (the default one, FSDP2's and DTensor state dicts,
+torch.distributed.checkpoint.state_dict's helpers) decide what each rank
+writes and reads; these classes decide how. What they write is a ckpt
+sharded checkpoint (docs/SHARDED.md): a shard file per rank holding that
+rank's chunks, and a manifest, committed by one rename with every fsync
+durability needs, so a crash mid-save leaves the previous checkpoint, never
+half of a new one. DCP's metadata is stored typed, as JSON in the manifest
+(docs/INTEGRATIONS.md): opening a checkpoint unpickles nothing. A load reads
+the byte runs of exactly the boxes its ReadItems name (DCP's FileSystemReader
+reads each stored item whole and narrows it), and the directory also loads
+with ckpt.distributed.load, consolidates with `ckpt consolidate`, and
+inspects with `ckpt inspect`.
+
+Non-tensor values are the planner's business: DCP's planners hand them to
+the writer as torch.save bytes and unpickle them at load with torch.load
+(weights_only by default since torch 2.6); they are stored as those bytes,
+in the shard file of the rank that wrote them.
+
+Needs torch 2.4 or later (DCP's StorageMeta and checkpoint ids).
+"""
+import dataclasses
+import io
+import json
+import os
+import uuid
+
+import torch
+import torch.distributed.checkpoint as _dcp
+from torch.distributed.checkpoint import metadata as _md
+from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.futures import Future
+
+from . import _ckpt
+from ._errors import FormatError, InvalidArgumentError, NotFoundError
+from ._load import _Loader
+from ._save import _Saver
+from .distributed import _as_bytes, _code, _contiguous_cpu, _manifest
+
+__all__ = ["Writer", "Reader", "METADATA_KEY"]
+
+if not hasattr(_md, "StorageMeta"):  # pragma: no cover - torch < 2.4
+    raise ImportError(f"ckpt.dcp needs torch 2.4 or later (this is torch {torch.__version__})")
+
+#: The manifest metadata key holding DCP's metadata, as JSON.
+METADATA_KEY = "torch.dcp.metadata"
+_FORMAT = "ckpt.dcp/1"
+#: Where a shard file's rank-local tree holds the rank's non-tensor items.
+_BYTES_KEY = "torch.dcp.bytes"
+#: Host memory a read stages at once for tensors it cannot read in place.
+_STAGE_BYTES = 256 << 20
+
+
+# ---- DCP's metadata <-> JSON (no pickle either way) -------------------------
+
+def _encode(x, where):
+    """Planner and storage data (Any, by DCP's contract) as tagged JSON:
+    what the default planners put there (dicts, tuples of str and int,
+    torch.Size) round-trips; anything else is refused, by name."""
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, torch.Size):
+        return {"size": [int(v) for v in x]}
+    if isinstance(x, tuple):
+        return {"tuple": [_encode(v, where) for v in x]}
+    if isinstance(x, list):
+        return {"list": [_encode(v, where) for v in x]}
+    if isinstance(x, dict):
+        return {"dict": [[_encode(k, where), _encode(v, where)] for k, v in x.items()]}
+    raise TypeError(f"{where}: a {type(x).__qualname__} cannot be stored without pickle "
+                    "(ckpt.dcp keeps None, bool, int, float, str, tuples, lists, dicts "
+                    "and torch.Size)")
+
+
+def _decode(x, where):
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, dict) and len(x) == 1:
+        (tag, v), = x.items()
+        if tag == "size" and isinstance(v, list) and all(type(i) is int for i in v):
+            return torch.Size(v)
+        if tag == "tuple" and isinstance(v, list):
+            return tuple(_decode(i, where) for i in v)
+        if tag == "list" and isinstance(v, list):
+            return [_decode(i, where) for i in v]
+        if tag == "dict" and isinstance(v, list) and all(
+                isinstance(p, list) and len(p) == 2 for p in v):
+            return {_decode(k, where): _decode(i, where) for k, i in v}
+    raise FormatError(f"{where}: not a value ckpt.dcp writes: {json.dumps(x)[:200]}")
+
+
+def _torch_attr(name, kind, where):
+    """torch.<name> when it is a `kind` (dtype, layout, memory_format)."""
+    if not isinstance(name, str) or not name.startswith("torch."):
+        raise FormatError(f"{where}: {name!r} is not a torch {kind.__name__}")
+    v = getattr(torch, name[len("torch."):], None)
+    if not isinstance(v, kind):
+        raise FormatError(f"{where}: {name!r} is not a torch {kind.__name__}")
+    return v
+
+
+def _metadata_json(metadata, byte_files):
+    tensors, byte_items = {}, {}
+    for fqn, m in metadata.state_dict_metadata.items():
+        if isinstance(m, _md.TensorStorageMetadata):
+            p = m.properties
+            tensors[fqn] = {
+                "dtype": str(p.dtype), "layout": str(p.layout),
+                "requires_grad": bool(p.requires_grad),
+                "memory_format": str(p.memory_format), "pin_memory": bool(p.pin_memory),
+                "strides": None if getattr(p, "strides", None) is None
+                else [int(s) for s in p.strides],
+            }
+        elif isinstance(m, _md.BytesStorageMetadata):
+            if fqn not in byte_files:
+                raise InvalidArgumentError(f"DCP metadata names bytes '{fqn}' that no rank wrote")
+            byte_items[fqn] = byte_files[fqn]
+        else:
+            raise TypeError(f"{fqn}: DCP storage metadata {type(m).__qualname__} is not "
+                            "supported by ckpt.dcp")
+    sm = metadata.storage_meta
+    doc = {
+        "format": _FORMAT,
+        "version": metadata.version if hasattr(metadata, "version") else None,
+        "tensors": tensors,
+        "bytes": byte_items,
+        "planner_data": _encode(metadata.planner_data, "the planner's data"),
+        "storage_meta": None if sm is None else {
+            "checkpoint_id": None if sm.checkpoint_id is None else os.fspath(sm.checkpoint_id),
+            "save_id": sm.save_id, "load_id": sm.load_id, "modules": list(sm.modules)},
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def _metadata_from(manifest, where):
+    """DCP's Metadata from a manifest: the tensors (dtype, global shape,
+    chunks) from its tensor table, the rest from METADATA_KEY; a sharded
+    checkpoint that ckpt.distributed saved (no METADATA_KEY) gives its
+    tensors with default properties. Returns (Metadata, {bytes fqn: file})."""
+    raw = manifest.metadata.get(METADATA_KEY)
+    doc = {"format": _FORMAT, "tensors": {}, "bytes": {}, "planner_data": None,
+           "storage_meta": None, "version": None}
+    if raw is not None:
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise FormatError(f"{where}: {METADATA_KEY} is not JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise FormatError(f"{where}: {METADATA_KEY} is not {_FORMAT} metadata")
+    props, byte_files = doc.get("tensors"), doc.get("bytes")
+    if not isinstance(props, dict) or not isinstance(byte_files, dict):
+        raise FormatError(f"{where}: {METADATA_KEY} lacks its tensors or bytes table")
+    sdm = {}
+    for path, t in manifest.tensors.items():
+        dtype = t.dtype
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidArgumentError(f"{where}: tensor '{path}' is {dtype}, which this "
+                                       f"torch ({torch.__version__}) has no type for")
+        p = props.get(path, {})
+        here = f"{where}: tensor '{path}'"
+        if p and _torch_attr(p.get("dtype"), torch.dtype, here) != dtype:
+            raise FormatError(f"{here}: DCP's metadata says {p.get('dtype')}, the manifest "
+                               f"{dtype}")
+        strides = p.get("strides")
+        tp = _md.TensorProperties(
+            dtype=dtype,
+            layout=_torch_attr(p.get("layout", "torch.strided"), torch.layout, here),
+            requires_grad=bool(p.get("requires_grad", False)),
+            memory_format=_torch_attr(p.get("memory_format", "torch.contiguous_format"),
+                                      torch.memory_format, here),
+            pin_memory=bool(p.get("pin_memory", False)))
+        if strides is not None and hasattr(tp, "strides"):
+            tp.strides = tuple(int(s) for s in strides)
+        chunks = [_md.ChunkStorageMetadata(offsets=torch.Size(c.offsets),
+                                           sizes=torch.Size(c.sizes)) for c in t.chunks]
+        if not chunks and 0 in t.shape:  # an empty tensor: DCP lists one empty chunk
+            chunks = [_md.ChunkStorageMetadata(offsets=torch.Size([0] * len(t.shape)),
+                                               sizes=torch.Size(t.shape))]
+        sdm[path] = _md.TensorStorageMetadata(properties=tp, size=torch.Size(t.shape),
+                                              chunks=chunks)
+    missing = sorted(set(props) - set(sdm))
+    if missing:
+        raise FormatError(f"{where}: DCP's metadata names tensors the manifest does not "
+                           f"hold: {', '.join(missing[:5])}")
+    files = len(manifest.files)
+    for fqn, f in byte_files.items():
+        if fqn in sdm:
+            raise FormatError(f"{where}: '{fqn}' is both a tensor and bytes")
+        if type(f) is not int or not 0 <= f < files:
+            raise FormatError(f"{where}: bytes '{fqn}' name file {f!r} of {files}")
+        sdm[fqn] = _md.BytesStorageMetadata()
+    sm = doc.get("storage_meta")
+    storage_meta = None
+    if sm is not None:
+        if not isinstance(sm, dict):
+            raise FormatError(f"{where}: storage_meta is not a table")
+        storage_meta = _md.StorageMeta(checkpoint_id=sm.get("checkpoint_id"),
+                                       save_id=sm.get("save_id"), load_id=sm.get("load_id"),
+                                       modules=list(sm.get("modules") or []))
+    md = _md.Metadata(state_dict_metadata=sdm,
+                      planner_data=_decode(doc.get("planner_data"), where),
+                      storage_meta=storage_meta)
+    if doc.get("version") is not None and hasattr(md, "version"):
+        md.version = doc["version"]
+    return md, byte_files
+
+
+def _check_id(checkpoint_id):
+    try:
+        return os.fspath(checkpoint_id)
+    except TypeError:
+        raise TypeError(f"checkpoint_id must be a path, not {type(checkpoint_id).__qualname__}") \
+            from None
+
+
+def _done(value):
+    f = Future()
+    f.set_result(value)
+    return f
+
+
+# ---- writing ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _ShardOf:
+    """What prepare_global_plan tells each rank: its shard of how many."""
+    rank: int
+    world_size: int
+
+
+class Writer(_dcp.StorageWriter):
+    """A DCP StorageWriter that writes a ckpt sharded checkpoint directory.
+
+    `path` (or dcp.save's checkpoint_id) is the directory. `overwrite`
+    (default True, like FileSystemWriter) replaces an existing ckpt sharded
+    checkpoint there by one atomic exchange once the new one is complete;
+    anything else at that path is refused. `sync=False` skips the fsyncs
+    (tests, scratch runs: a crash may then lose the checkpoint)."""
+
+    def __init__(self, path=None, *, overwrite=True, sync=True):
+        super().__init__()
+        self.path = None if path is None else _check_id(path)
+        self.overwrite, self.sync = bool(overwrite), bool(sync)
+        self.save_id = None
+        self.is_coordinator = False
+        self._byte_files = {}
+        self.reset(path)
+
+    # DCP calls these in this order: reset, set_up_storage_writer,
+    # prepare_local_plan, (coordinator) prepare_global_plan, write_data,
+    # (coordinator) finish.
+    def reset(self, checkpoint_id=None):
+        if checkpoint_id is not None:
+            self.path = _check_id(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+
+    @property
+    def checkpoint_id(self):
+        return self.path
+
+    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
+        if kwargs.get("use_collectives", True) is False:
+            raise InvalidArgumentError(
+                "ckpt.dcp.Writer commits one directory for all ranks: it needs DCP's "
+                "collectives (use_collectives=True)")
+        if self.path is None:
+            raise InvalidArgumentError("ckpt.dcp.Writer: no checkpoint directory (pass "
+                                       "path, or dcp.save's checkpoint_id)")
+        self.is_coordinator = bool(is_coordinator)
+
+    def prepare_local_plan(self, plan):
+        return plan
+
+    def prepare_global_plan(self, plans):
+        n = len(plans)
+        return [dataclasses.replace(p, storage_data=_ShardOf(r, n)) for r, p in enumerate(plans)]
+
+    def write_data(self, plan, planner):
+        shard = plan.storage_data
+        if not isinstance(shard, _ShardOf):
+            raise InvalidArgumentError("ckpt.dcp.Writer: the plan was not prepared by its "
+                                       "prepare_global_plan")
+        if not self.overwrite and os.path.lexists(self.path):
+            raise InvalidArgumentError(f"{self.path} exists (pass overwrite=True to replace it)")
+        path = _ckpt.dist_shard_path(self.path, shard.rank, shard.world_size)
+        w = _ckpt.Writer(path, sync=self.sync, producer=f"ckpt-python {_ckpt.version} (dcp)")
+        results, chunks, byte_items = [], [], {}
+        try:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                fqn = item.index.fqn
+                if item.type == WriteItemType.BYTE_IO:
+                    b = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                    byte_items[fqn] = torch.frombuffer(bytearray(b), dtype=torch.uint8) \
+                        if b else torch.empty(0, dtype=torch.uint8)
+                    size = len(b)
+                else:
+                    t = _contiguous_cpu(data)
+                    td = item.tensor_data
+                    offsets, sizes = list(td.chunk.offsets), list(td.chunk.sizes)
+                    if list(t.shape) != sizes:
+                        raise InvalidArgumentError(
+                            f"{fqn}: the planner resolved a tensor of shape {tuple(t.shape)} "
+                            f"for a chunk of {tuple(sizes)}")
+                    node = w.add_chunk(fqn, _code(t.dtype, fqn), list(td.size), offsets, sizes,
+                                       _as_bytes(t))
+                    if node is not None:
+                        chunks.append(node)
+                    size = t.numel() * t.element_size()
+                results.append(_dcp.storage.WriteResult(
+                    index=item.index, size_in_bytes=size, storage_data=shard.rank))
+            local = _Saver(w).tree({_BYTES_KEY: byte_items}) if byte_items else None
+            w.set_shard_root(chunks, None, local, shard.rank, shard.world_size)
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
+        return _done(results)
+
+    def finish(self, metadata, results):
+        """The commit (coordinator only, after every rank's write_data):
+        checks the ranks' shard files, writes the manifest with DCP's
+        metadata in it, and renames the directory into place."""
+        world = len(results)
+        byte_files = {}
+        for rank_results in results:
+            for wr in rank_results:
+                if isinstance(metadata.state_dict_metadata.get(wr.index.fqn),
+                              _md.BytesStorageMetadata):
+                    byte_files[wr.index.fqn] = wr.storage_data
+        doc = _metadata_json(metadata, byte_files)
+        _ckpt.dist_commit_written(self.path, world, 0, self.overwrite, self.sync,
+                                  {METADATA_KEY: doc})
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        try:
+            p = os.fspath(checkpoint_id)
+        except TypeError:
+            return False
+        return not os.path.isfile(p)
+
+    def storage_meta(self):
+        return _md.StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+
+# ---- reading ---------------------------------------------------------------
+
+class Reader(_dcp.StorageReader):
+    """A DCP StorageReader of ckpt sharded checkpoint directories (those
+    Writer made, and those ckpt.distributed.save made: their tensors).
+
+    Each rank reads the byte runs of the boxes its load plan names, sorted
+    and coalesced by file offset; `verify` (default True) checks the
+    checksum blocks those runs touch. `stats` holds the byte counts of the
+    last read_data (bytes_needed, bytes_read...)."""
+
+    def __init__(self, path=None, *, verify=True, threads=0):
+        super().__init__()
+        self.path = None if path is None else _check_id(path)
+        self.verify, self.threads = bool(verify), int(threads)
+        self.load_id = None
+        self.stats = {}
+        self._ck = self._manifest = self._byte_files = None
+        self.reset(path)
+
+    def reset(self, checkpoint_id=None):
+        if checkpoint_id is not None:
+            self.path = _check_id(checkpoint_id)
+        self.load_id = uuid.uuid4().hex
+        self._ck = self._manifest = self._byte_files = None
+        self.stats = {}
+
+    @property
+    def checkpoint_id(self):
+        return self.path
+
+    def _open(self):
+        if self._ck is None:
+            if self.path is None:
+                raise InvalidArgumentError("ckpt.dcp.Reader: no checkpoint directory (pass "
+                                           "path, or dcp.load's checkpoint_id)")
+            if not _ckpt.is_sharded_checkpoint(self.path):
+                if os.path.exists(os.path.join(self.path, ".metadata")):
+                    raise InvalidArgumentError(
+                        f"{self.path} is a torch.distributed.checkpoint directory of "
+                        "FileSystemWriter: load it with DCP's FileSystemReader, or with "
+                        "ckpt.distributed.load (which never unpickles its .metadata)")
+                raise NotFoundError(f"{self.path}: not a ckpt sharded checkpoint (no manifest)")
+            self._ck = _ckpt.ShardedCheckpoint(self.path)
+            self._manifest = _manifest(self._ck.manifest())
+        return self._ck
+
+    def read_metadata(self, *args, **kwargs):
+        if kwargs.get("rank") is not None:
+            # DCP's fallback to per-rank metadata: there is none, only the manifest.
+            raise NotFoundError(f"{self.path}: a ckpt checkpoint has one manifest, no "
+                                "per-rank metadata")
+        ck = self._open()
+        self._open()
+        md, self._byte_files = _metadata_from(self._manifest,
+                                              os.path.join(self.path, "MANIFEST.ckptm"))
+        return md
+
+    def set_up_storage_reader(self, metadata, is_coordinator, *args, **kwargs):
+        self._open()
+        if self._byte_files is None:
+            self.read_metadata()
+
+    def prepare_local_plan(self, plan):
+        return plan
+
+    def prepare_global_plan(self, plans):
+        return plans
+
+    def read_data(self, plan, planner):
+        ck = self._open()
+        if self._byte_files is None:
+            self.read_metadata()
+        stats = {}
+        tensors = [r for r in plan.items if r.type != LoadItemType.BYTE_IO]
+        byte_reads = [r for r in plan.items if r.type == LoadItemType.BYTE_IO]
+        # Tensors in groups of at most _STAGE_BYTES of staging: a destination
+        # that is a contiguous CPU tensor of the stored dtype is read into in
+        # place; any other (a strided view, another device) through a buffer.
+        group, staged = [], 0
+        for r in tensors:
+            group.append(r)
+            staged += _numel(r.lengths) * 8
+            if staged >= _STAGE_BYTES:
+                self._read_tensors(ck, group, planner, stats)
+                group, staged = [], 0
+        if group:
+            self._read_tensors(ck, group, planner, stats)
+        if byte_reads:
+            self._read_bytes(ck, byte_reads, planner)
+        self.stats = stats
+        return _done(None)
+
+    def _read_tensors(self, ck, reads, planner, stats):
+        wants, todo = [], []
+        for r in reads:
+            fqn = r.storage_index.fqn
+            base = r.storage_index.offset
+            if base is None:
+                raise InvalidArgumentError(f"{fqn}: a tensor read without its chunk's offsets")
+            offsets = [int(b) + int(o) for b, o in zip(base, r.storage_offsets)]
+            sizes = [int(n) for n in r.lengths]
+            dst = planner.resolve_tensor(r).detach()
+            if tuple(dst.shape) != tuple(sizes):
+                raise InvalidArgumentError(
+                    f"{fqn}: the planner resolved a tensor of shape {tuple(dst.shape)} for a "
+                    f"read of {tuple(sizes)}")
+            dtype = self._dtype(fqn)
+            if dst.device.type == "cpu" and dst.dtype == dtype and dst.is_contiguous() \
+                    and dst.layout == torch.strided and not (dst.is_conj() or dst.is_neg()):
+                buf = dst
+            else:
+                buf = torch.empty(sizes, dtype=dtype)
+            wants.append((fqn, offsets, sizes, _as_bytes(buf)))
+            todo.append((r, dst, buf))
+        got = ck.load(wants, self.verify, self.threads)
+        for k, v in got.items():
+            if isinstance(v, (int, float)):
+                stats[k] = stats.get(k, 0) + v
+        for r, dst, buf in todo:
+            if buf is not dst:
+                dst.copy_(buf)
+            planner.commit_tensor(r, dst)
+
+    def _dtype(self, fqn):
+        t = self._manifest.tensors.get(fqn)
+        if t is None:
+            raise NotFoundError(f"{self.path}: no tensor '{fqn}' in the checkpoint")
+        return t.dtype
+
+    def _read_bytes(self, ck, reads, planner):
+        by_file = {}
+        for r in reads:
+            fqn = r.storage_index.fqn
+            f = self._byte_files.get(fqn)
+            if f is None:
+                raise NotFoundError(f"{self.path}: no bytes '{fqn}' in the checkpoint")
+            by_file.setdefault(f, []).append(r)
+        for f, rs in sorted(by_file.items()):
+            reader = ck.open_shard(f)
+            where = ck.shard_file_path(f)
+            try:
+                saved = _Loader(reader).load(f"rank_local/{_BYTES_KEY}")
+            except NotFoundError:
+                raise FormatError(f"{where}: the manifest says it holds DCP bytes; it holds "
+                                   "none") from None
+            for r in rs:
+                fqn = r.storage_index.fqn
+                t = saved.get(fqn) if isinstance(saved, dict) else None
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+                    raise FormatError(f"{where}: no bytes '{fqn}' in its rank-local tree")
+                planner.load_bytes(r, io.BytesIO(t.numpy().tobytes()))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        try:
+            return _ckpt.is_sharded_checkpoint(os.fspath(checkpoint_id))
+        except TypeError:
+            return False
+
+
+def _numel(sizes):
+    n = 1
+    for s in sizes:
+        n *= int(s)
+    return n
