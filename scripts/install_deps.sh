@@ -40,3 +40,6 @@ fi
 # plain line under .venv, which lacks it.
 .venv-torch2/bin/pip install -q --disable-pip-version-check torch numpy tqdm \
   -r bench/requirements.txt
+# The frameworks of docs/INTEGRATIONS.md (Lightning, Hugging Face), pinned.
+.venv-torch2/bin/pip install -q --disable-pip-version-check \
+  -r tests/requirements-integrations.txt

@@ -30,7 +30,8 @@ if [ -x "$t2" ]; then
   "$t2" -c 'import torch; print("torch", torch.__version__)'
   root=$PWD
   suites="test_api test_hardening test_training test_examples test_bigfile test_torch2
-          test_compat test_progress test_distributed test_manager test_dcp_plugin"
+          test_compat test_progress test_distributed test_manager test_dcp_plugin
+          test_lightning"
   for s in $suites; do
     (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
       "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||

@@ -2,18 +2,14 @@
 resumes bit-identically, a GAN checkpoint round-trips, and
 CheckpointManager keeps, prunes and recovers as documented."""
 import os
-import random
-import signal
 import subprocess
 import sys
-import threading
-import time
 import unittest
 
 import torch
 
 import ckpt
-from util import TempDirCase, assert_same, python_env
+from util import TempDirCase, assert_same, kill_until_done, python_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "resumable_train.py")
@@ -33,68 +29,19 @@ class KillAndResume(TempDirCase):
         run_to_end(self.path("reference"), ref_out)
 
         seed = int(os.environ.get("CKPT_KILL_SEED", "20261123"))
-        rnd = random.Random(seed)
         directory, out = self.path("killed"), self.path("killed.ckpt")
         os.makedirs(directory)
-        log, mid_save_hits, kills = [], 0, 0
-        for attempt in range(40):
-            mode = ["mid-save", "between", "random"][attempt % 3] if kills < 9 else "none"
-            ahead = rnd.randrange(2)  # kill in the first or second epoch after a start
-            p = subprocess.Popen([sys.executable, SCRIPT, directory, str(EPOCHS), out],
-                                 env=python_env(), stdout=subprocess.PIPE, text=True)
-            delay = rnd.uniform(0, 0.15)
-            killed, start, timer = False, None, None
-            saves = {}  # epoch -> "begun" / "ended", from the child's output
 
-            def note(word, at):
-                if word == "SAVE_BEGIN":
-                    saves[at] = "begun"
-                elif word == "SAVE_END":
-                    saves[at] = "ended"
-            for line in p.stdout:
-                word, _, n = line.strip().partition(" ")
-                at = int(n) if n.isdigit() else -1
-                note(word, at)
-                if word == "START":
-                    start, target = at, at + ahead
-                    if mode == "random":  # any instant of training or saving
-                        timer = threading.Timer(delay, p.send_signal, (signal.SIGKILL,))
-                        timer.start()
-                elif (mode == "mid-save" and word == "SAVE_BEGIN" and at >= target) or \
-                        (mode == "between" and word == "SAVE_END" and at >= target):
-                    if mode == "mid-save":
-                        time.sleep(rnd.uniform(0, 0.005))
-                    p.send_signal(signal.SIGKILL)
-                    break
-            rc = p.wait()
-            if timer is not None:
-                timer.cancel()
-            killed = rc == -signal.SIGKILL
-            for line in p.stdout:  # what it printed before it died
-                word, _, n = line.strip().partition(" ")
-                note(word, int(n) if n.isdigit() else -1)
-            p.stdout.close()
-            if killed:
-                kills += 1
-                # Inside a save: it began one and never said it ended. (The
-                # writer's unnamed O_TMPFILE inode leaves no temporary to see.)
-                inside = "begun" in saves.values()
-                mid_save_hits += inside
-                temps = [n for n in os.listdir(directory) if ".tmp-" in n]
-                log.append(f"{mode} (start {start}, +{ahead}): killed"
-                           f"{' inside a save' if inside else ''}, temporaries {temps}")
-                # Whatever the moment, latest() is a complete checkpoint.
-                latest = ckpt.CheckpointManager(directory, keep_last=2).latest()
-                if latest is not None:
-                    state = ckpt.load(latest.path)
-                    self.assertEqual(state["epoch"], latest.step)
-                    self.assertEqual(len(state["losses"]), latest.step + 1)
-                continue
-            log.append(f"{mode}: finished rc={rc}")
-            self.assertEqual(rc, 0, "\n".join(log))
-            break
-        else:
-            self.fail("the run never finished:\n" + "\n".join(log))
+        def after_kill():
+            # Whatever the moment, latest() is a complete checkpoint. (The
+            # writer's unnamed O_TMPFILE inode leaves no temporary to see.)
+            latest = ckpt.CheckpointManager(directory, keep_last=2).latest()
+            if latest is not None:
+                state = ckpt.load(latest.path)
+                self.assertEqual(state["epoch"], latest.step)
+                self.assertEqual(len(state["losses"]), latest.step + 1)
+        kills, mid_save_hits, log = kill_until_done(
+            [sys.executable, SCRIPT, directory, str(EPOCHS), out], directory, seed, after_kill)
 
         msg = f"seed {seed}:\n" + "\n".join(log)
         self.assertGreaterEqual(kills, 5, msg)

@@ -91,3 +91,72 @@ def python_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
+
+
+def kill_until_done(argv, directory, seed, after_kill=None, max_kills=9, attempts=40):
+    """Runs `argv` (a training script that resumes from `directory`) again
+    and again, killing it with SIGKILL at random moments, until it runs to
+    the end. The script prints "START [n]" once it has resumed (n: the
+    first epoch it runs), "SAVE_BEGIN n" / "SAVE_END n" around each save.
+    Kills rotate through three kinds: a few ms into a save, right after
+    one, and at a random instant; `after_kill()` runs after each kill
+    (check what the directory holds then). Returns (kills, kills that
+    landed inside a save, log lines)."""
+    import random
+    import signal
+    import subprocess
+    import threading
+    import time
+    rnd = random.Random(seed)
+    log, mid_save_hits, kills = [], 0, 0
+    for attempt in range(attempts):
+        mode = ["mid-save", "between", "random"][attempt % 3] if kills < max_kills else "none"
+        ahead = rnd.randrange(2)  # kill in the first or second epoch after a start
+        p = subprocess.Popen(argv, env=python_env(), stdout=subprocess.PIPE, text=True)
+        delay = rnd.uniform(0, 0.15)
+        start, target, timer = None, None, None
+        saves = {}  # epoch -> "begun" / "ended", from the child's output
+
+        def note(word, at):
+            if word == "SAVE_BEGIN":
+                saves[at] = "begun"
+            elif word == "SAVE_END":
+                saves[at] = "ended"
+        for line in p.stdout:
+            word, _, n = line.strip().partition(" ")
+            at = int(n) if n.isdigit() else -1
+            note(word, at)
+            if word == "START":
+                start, target = at, at + ahead
+                if mode == "random":  # any instant of training or saving
+                    timer = threading.Timer(delay, p.send_signal, (signal.SIGKILL,))
+                    timer.start()
+            elif (mode == "mid-save" and word == "SAVE_BEGIN" and at >= target) or \
+                    (mode == "between" and word == "SAVE_END" and at >= target):
+                if mode == "mid-save":
+                    time.sleep(rnd.uniform(0, 0.005))
+                p.send_signal(signal.SIGKILL)
+                break
+        rc = p.wait()
+        if timer is not None:
+            timer.cancel()
+        for line in p.stdout:  # what it printed before it died
+            word, _, n = line.strip().partition(" ")
+            note(word, int(n) if n.isdigit() else -1)
+        p.stdout.close()
+        if rc == -signal.SIGKILL:
+            kills += 1
+            # Inside a save: it began one and never said it ended.
+            inside = "begun" in saves.values()
+            mid_save_hits += inside
+            temps = [n for n in os.listdir(directory) if ".tmp-" in n]
+            log.append(f"{mode} (start {start}, +{ahead}): killed"
+                       f"{' inside a save' if inside else ''}, temporaries {temps}")
+            if after_kill is not None:
+                after_kill()
+            continue
+        log.append(f"{mode}: finished rc={rc}")
+        if rc != 0:
+            raise AssertionError("\n".join(log))
+        return kills, mid_save_hits, log
+    raise AssertionError("the run never finished:\n" + "\n".join(log))

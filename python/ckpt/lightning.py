@@ -1,0 +1,91 @@
+"""ckpt as Lightning's checkpoint format: a CheckpointIO plug-in.
+
+    import lightning as L
+    from ckpt.lightning import CkptCheckpointIO
+    trainer = L.Trainer(plugins=[CkptCheckpointIO()],
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(save_last=True)])
+    trainer.fit(model)                      # .ckpt files in ckpt's format
+    trainer.fit(model, ckpt_path="last")    # resumes from them
+
+Every checkpoint Lightning writes (ModelCheckpoint's top-k and last,
+trainer.save_checkpoint) becomes a ckpt file: committed atomically with
+fsyncs (a crash mid-save leaves the previous file), checksummed, and loaded
+without unpickling anything, whatever `weights_only` says: the model,
+optimizer, scheduler and loop state are stored as typed values, and a value
+ckpt cannot hold is refused at save time, by its path in the checkpoint.
+"""
+import os
+
+from ._load import load as _load
+from ._save import save as _save
+from .rng import get_state as get_rng_state
+from .rng import set_state as set_rng_state
+
+try:  # the unified package, then the standalone one
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch.callbacks import Callback as _Callback
+except ImportError:  # pragma: no cover - depends on what is installed
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+    from pytorch_lightning.callbacks import Callback as _Callback
+
+__all__ = ["CkptCheckpointIO", "RngState"]
+
+
+class CkptCheckpointIO(CheckpointIO):
+    """Saves and loads Lightning checkpoints as ckpt files.
+
+    `sync` (default True) fsyncs each file and its directory before the
+    save returns; `metadata` (str -> str) goes into every file's metadata.
+    `storage_options` of Trainer.save_checkpoint may be a dict with a
+    "metadata" entry for that file alone."""
+
+    def __init__(self, *, sync=True, metadata=None):
+        super().__init__()
+        self.sync = bool(sync)
+        self.metadata = dict(metadata or {})
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        meta = dict(self.metadata)
+        if storage_options is not None:
+            if not isinstance(storage_options, dict) or set(storage_options) - {"metadata"}:
+                raise TypeError("CkptCheckpointIO takes storage_options={'metadata': {str: "
+                                f"str}}, not {storage_options!r}")
+            meta.update(storage_options.get("metadata") or {})
+        path = os.fspath(path)
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        _save(checkpoint, path, metadata=meta or None, sync=self.sync)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Loads a ckpt file, or a .pth one that TorchCheckpointIO wrote
+        before the switch (through ckpt's restricted importer). Neither
+        runs code from the file, so `weights_only` changes nothing."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return _load(path, map_location=map_location)
+
+    def remove_checkpoint(self, path):
+        path = os.fspath(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            import shutil
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+
+class RngState(_Callback):
+    """Saves every random generator a run draws from (python, numpy, torch
+    CPU and CUDA: ckpt.rng) in each checkpoint and restores them on
+    resume, so that shuffling, dropout and augmentation after a resume draw
+    what an uninterrupted run would have drawn. (Lightning itself does not
+    save them.) Set num_sanity_val_steps=0 for a bit-identical resume: a
+    sanity check draws from torch's generator after the restore."""
+
+    def state_dict(self):
+        return {"rng": get_rng_state()}
+
+    def load_state_dict(self, state_dict):
+        set_rng_state(state_dict["rng"])
