@@ -228,6 +228,24 @@ TEST_CASE("Save on SelfComm with replicated chunks and Read's zero-copy view") {
   REQUIRE(Save(comm, dir, chunks, over).ok());
   CHECK_FALSE(fs::exists(d.path + "/.one.tmp"));
   REQUIRE(ShardedCheckpoint::Open(dir).ok());
+  // An empty directory made ahead is replaced, with or without overwrite;
+  // a directory holding anything that is not a checkpoint never is.
+  const std::string made = d.path + "/made-ahead";
+  fs::create_directories(made);
+  REQUIRE(Save(comm, made, chunks, FastSave()).ok());
+  REQUIRE(ShardedCheckpoint::Open(made).ok());
+  const std::string foreign = d.path + "/foreign";
+  fs::create_directories(foreign);
+  std::ofstream(foreign + "/notes.txt") << "mine";
+  for (bool overwrite : {false, true}) {
+    SaveOptions o = FastSave();
+    o.overwrite = overwrite;
+    auto r = Save(comm, foreign, chunks, o);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(),
+               Catch::Contains(overwrite ? "not a sharded" : "exists"));
+    CHECK(fs::exists(foreign + "/notes.txt"));
+  }
 }
 
 TEST_CASE(

@@ -122,8 +122,11 @@ std::optional<Box> ReplicaPart(std::string_view path, const Box& box,
 struct SaveOptions {
   /// The rank that validates, writes the manifest and commits.
   int coordinator = 0;
-  /// Replace an existing `dir` atomically (renameat2 RENAME_EXCHANGE, then
-  /// the old directory is removed). Off: an existing `dir` is an error.
+  /// Replace an existing sharded checkpoint at `dir` atomically (renameat2
+  /// RENAME_EXCHANGE, then the old directory is removed, whatever else it
+  /// held). Off: an existing `dir` is an error. Either way an empty
+  /// directory at `dir` is replaced (one rename), and anything that is
+  /// not a sharded checkpoint is never replaced.
   bool overwrite = false;
   /// Options of the shard files Save writes (sync off is for tests only:
   /// it gives up durability, for the manifest and directories too).

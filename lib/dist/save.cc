@@ -89,6 +89,14 @@ std::string CleanDir(const std::string& dir) {
   return d.string();
 }
 
+// An empty directory at the target (made ahead of the save, as DCP's users
+// do) holds nothing to lose: a plain rename replaces it atomically.
+bool IsEmptyDir(const std::string& path) {
+  std::error_code ec;
+  return fs::is_directory(fs::symlink_status(path, ec)) &&
+         fs::is_empty(path, ec) && !ec;
+}
+
 Status CheckRank(int rank, int world_size) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return InvalidArgument("rank " + std::to_string(rank) +
@@ -468,7 +476,15 @@ Result<CommitInfo> Finalize(const std::string& dir,
   internal::Fault("before_rename", coordinator);
   const std::string target = CleanDir(dir);
   struct stat st {};
-  if (::lstat(target.c_str(), &st) == 0) {
+  if (IsEmptyDir(target)) {
+    // (rename(2) fails, ENOTEMPTY, if something appeared in it since.)
+    if (::rename(temp.c_str(), target.c_str()) != 0) {
+      return ErrnoError(
+                 "rename " + temp + " over the empty directory " + target,
+                 errno)
+          .WithFile(target);
+    }
+  } else if (::lstat(target.c_str(), &st) == 0) {
     if (!o.overwrite) {
       return InvalidArgument(target + " exists (pass overwrite to replace it)")
           .WithFile(target);
@@ -650,7 +666,8 @@ Result<CommitInfo> Save(Comm& comm, const std::string& dir,
   const int rank = comm.rank(), world = comm.size();
   Status local = [&]() -> Status {
     struct stat st {};
-    if (!o.overwrite && ::lstat(CleanDir(dir).c_str(), &st) == 0) {
+    if (!o.overwrite && ::lstat(CleanDir(dir).c_str(), &st) == 0 &&
+        !IsEmptyDir(CleanDir(dir))) {
       return InvalidArgument(CleanDir(dir) +
                              " exists (pass overwrite to replace it)")
           .WithFile(CleanDir(dir));

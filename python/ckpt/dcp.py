@@ -18,10 +18,19 @@ reads each stored item whole and narrows it), and the directory also loads
 with ckpt.distributed.load, consolidates with `ckpt consolidate`, and
 inspects with `ckpt inspect`.
 
-Non-tensor values are the planner's business: DCP's planners hand them to
-the writer as torch.save bytes and unpickle them at load with torch.load
-(weights_only by default since torch 2.6); they are stored as those bytes,
-in the shard file of the rank that wrote them.
+Non-tensor values (an epoch, a learning rate, param_groups) reach the
+writer as torch.save bytes, and DCP's DefaultLoadPlanner unpickles what the
+reader hands back with torch.load(weights_only=False): storing those bytes
+would let a hostile checkpoint run code at load. ckpt.dcp stores them typed
+instead: at save, ckpt's restricted importer (which never runs code) turns
+each into plain values, in the rank-local tree of the shard file of the
+rank that wrote it, and a value holding an object of another class is
+refused then, by its key; at load, the reader hands the planner a pickle it
+makes itself from those plain values. No byte of the file is unpickled.
+
+A failed dcp.save (one rank's error) leaves the hidden `.NAME.tmp`
+directory beside the target, as DCP calls no storage hook on failure; the
+next save to the same name sweeps it. The target is never touched.
 
 Needs torch 2.4 or later (DCP's StorageMeta and checkpoint ids).
 """
@@ -32,27 +41,34 @@ import os
 import uuid
 
 import torch
-import torch.distributed.checkpoint as _dcp
-from torch.distributed.checkpoint import metadata as _md
-from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
-from torch.futures import Future
+
+try:
+    import torch.distributed.checkpoint as _dcp
+    from torch.distributed.checkpoint import metadata as _md
+    from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+    from torch.futures import Future
+    _md.StorageMeta  # noqa: B018 - torch 2.4+
+except Exception as e:  # noqa: BLE001 - torch 1.13's DCP fails with ValueError on 3.11
+    raise ImportError(f"ckpt.dcp needs torch 2.4 or later's torch.distributed.checkpoint "
+                      f"(this is torch {torch.__version__}: {e})") from None
 
 from . import _ckpt
-from ._errors import FormatError, InvalidArgumentError, NotFoundError
+from ._errors import FormatError, InvalidArgumentError, NotFoundError, PickleRefusedError
 from ._load import _Loader
+from ._load import load as _ckpt_load
 from ._save import _Saver
 from .distributed import _as_bytes, _code, _contiguous_cpu, _manifest
 
 __all__ = ["Writer", "Reader", "METADATA_KEY"]
 
-if not hasattr(_md, "StorageMeta"):  # pragma: no cover - torch < 2.4
-    raise ImportError(f"ckpt.dcp needs torch 2.4 or later (this is torch {torch.__version__})")
-
 #: The manifest metadata key holding DCP's metadata, as JSON.
 METADATA_KEY = "torch.dcp.metadata"
 _FORMAT = "ckpt.dcp/1"
-#: Where a shard file's rank-local tree holds the rank's non-tensor items.
-_BYTES_KEY = "torch.dcp.bytes"
+#: Where a shard file's rank-local tree holds the rank's non-tensor items,
+#: typed: {fqn: value}.
+_VALUES_KEY = "torch.dcp.values"
+#: DCP's format version, as FileSystemWriter records it.
+_DCP_VERSION = "1.0.0"
 #: Host memory a read stages at once for tensors it cannot read in place.
 _STAGE_BYTES = 256 << 20
 
@@ -138,45 +154,63 @@ def _metadata_json(metadata, byte_files):
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
+def _field(table, key, kinds, default, where):
+    """table[key] when it is one of `kinds` (None allowed where default is
+    None), else FormatError naming it."""
+    v = table.get(key, default)
+    if v is None and default is None:
+        return None
+    if type(v) not in kinds:
+        raise FormatError(f"{where}: '{key}' is {json.dumps(v)[:80]}, not "
+                          f"{' or '.join(k.__name__ for k in kinds)}")
+    return v
+
+
 def _metadata_from(manifest, where):
     """DCP's Metadata from a manifest: the tensors (dtype, global shape,
     chunks) from its tensor table, the rest from METADATA_KEY; a sharded
     checkpoint that ckpt.distributed saved (no METADATA_KEY) gives its
-    tensors with default properties. Returns (Metadata, {bytes fqn: file})."""
+    tensors with default properties. Returns (Metadata, {value fqn: file}).
+    Anything in METADATA_KEY that ckpt.dcp does not write is a FormatError
+    naming `where`."""
     raw = manifest.metadata.get(METADATA_KEY)
-    doc = {"format": _FORMAT, "tensors": {}, "bytes": {}, "planner_data": None,
-           "storage_meta": None, "version": None}
-    if raw is not None:
+    if raw is None:
+        doc = {"format": _FORMAT, "tensors": {}, "bytes": {},
+               # What DCP's default planner would record for flat keys.
+               "planner_data": _encode({p: (p,) for p in manifest.tensors}, where)}
+    else:
         try:
             doc = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"{where}: {METADATA_KEY} is not JSON ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise FormatError(f"{where}: {METADATA_KEY} is not {_FORMAT} metadata")
-    props, byte_files = doc.get("tensors"), doc.get("bytes")
-    if not isinstance(props, dict) or not isinstance(byte_files, dict):
-        raise FormatError(f"{where}: {METADATA_KEY} lacks its tensors or bytes table")
+    props = _field(doc, "tensors", (dict,), {}, where)
+    byte_files = _field(doc, "bytes", (dict,), {}, where)
     sdm = {}
     for path, t in manifest.tensors.items():
         dtype = t.dtype
         if not isinstance(dtype, torch.dtype):
             raise InvalidArgumentError(f"{where}: tensor '{path}' is {dtype}, which this "
                                        f"torch ({torch.__version__}) has no type for")
-        p = props.get(path, {})
         here = f"{where}: tensor '{path}'"
+        p = _field(props, path, (dict,), {}, here)
         if p and _torch_attr(p.get("dtype"), torch.dtype, here) != dtype:
             raise FormatError(f"{here}: DCP's metadata says {p.get('dtype')}, the manifest "
-                               f"{dtype}")
-        strides = p.get("strides")
+                              f"{dtype}")
         tp = _md.TensorProperties(
             dtype=dtype,
             layout=_torch_attr(p.get("layout", "torch.strided"), torch.layout, here),
-            requires_grad=bool(p.get("requires_grad", False)),
+            requires_grad=_field(p, "requires_grad", (bool,), False, here),
             memory_format=_torch_attr(p.get("memory_format", "torch.contiguous_format"),
                                       torch.memory_format, here),
-            pin_memory=bool(p.get("pin_memory", False)))
-        if strides is not None and hasattr(tp, "strides"):
-            tp.strides = tuple(int(s) for s in strides)
+            pin_memory=_field(p, "pin_memory", (bool,), False, here))
+        strides = _field(p, "strides", (list,), None, here)
+        if strides is not None:
+            if not all(type(x) is int for x in strides):
+                raise FormatError(f"{here}: strides {json.dumps(strides)[:80]} are not ints")
+            if hasattr(tp, "strides"):
+                tp.strides = tuple(strides)
         chunks = [_md.ChunkStorageMetadata(offsets=torch.Size(c.offsets),
                                            sizes=torch.Size(c.sizes)) for c in t.chunks]
         if not chunks and 0 in t.shape:  # an empty tensor: DCP lists one empty chunk
@@ -187,28 +221,51 @@ def _metadata_from(manifest, where):
     missing = sorted(set(props) - set(sdm))
     if missing:
         raise FormatError(f"{where}: DCP's metadata names tensors the manifest does not "
-                           f"hold: {', '.join(missing[:5])}")
+                          f"hold: {', '.join(missing[:5])}")
     files = len(manifest.files)
     for fqn, f in byte_files.items():
         if fqn in sdm:
             raise FormatError(f"{where}: '{fqn}' is both a tensor and bytes")
         if type(f) is not int or not 0 <= f < files:
-            raise FormatError(f"{where}: bytes '{fqn}' name file {f!r} of {files}")
+            raise FormatError(f"{where}: bytes '{fqn}' name file {json.dumps(f)[:40]} of "
+                              f"{files}")
         sdm[fqn] = _md.BytesStorageMetadata()
-    sm = doc.get("storage_meta")
+    sm = _field(doc, "storage_meta", (dict,), None, where)
     storage_meta = None
     if sm is not None:
-        if not isinstance(sm, dict):
-            raise FormatError(f"{where}: storage_meta is not a table")
-        storage_meta = _md.StorageMeta(checkpoint_id=sm.get("checkpoint_id"),
-                                       save_id=sm.get("save_id"), load_id=sm.get("load_id"),
-                                       modules=list(sm.get("modules") or []))
-    md = _md.Metadata(state_dict_metadata=sdm,
-                      planner_data=_decode(doc.get("planner_data"), where),
+        here = f"{where}: storage_meta"
+        modules = _field(sm, "modules", (list,), [], here)
+        if not all(type(m) is str for m in modules):
+            raise FormatError(f"{here}: 'modules' are not strings")
+        storage_meta = _md.StorageMeta(
+            checkpoint_id=_field(sm, "checkpoint_id", (str,), None, here),
+            save_id=_field(sm, "save_id", (str,), None, here),
+            load_id=_field(sm, "load_id", (str,), None, here), modules=modules)
+    try:
+        planner_data = _decode(doc.get("planner_data"), where)
+    except (TypeError, RecursionError) as e:  # an unhashable key, nesting too deep
+        raise FormatError(f"{where}: the planner's data does not decode ({e})") from None
+    md = _md.Metadata(state_dict_metadata=sdm, planner_data=planner_data,
                       storage_meta=storage_meta)
-    if doc.get("version") is not None and hasattr(md, "version"):
-        md.version = doc["version"]
+    version = _field(doc, "version", (str,), None, where)
+    if version is not None and hasattr(md, "version"):
+        md.version = version
     return md, byte_files
+
+
+def _typed(b, fqn):
+    """The value a torch.save stream holds, read by ckpt's restricted
+    importer (plain values only; nothing in the stream runs)."""
+    try:
+        return _ckpt_load(io.BytesIO(b))
+    except PickleRefusedError as e:
+        raise InvalidArgumentError(
+            f"{fqn}: ckpt.dcp stores non-tensor values as plain data, and this one holds "
+            f"what a load would have to run code for ({e}); give the state dict plain "
+            "values (numbers, str, lists, dicts, tensors)") from None
+    except FormatError as e:
+        raise InvalidArgumentError(f"{fqn}: the planner's bytes are not a torch.save "
+                                   f"stream ({e})") from None
 
 
 def _check_id(checkpoint_id):
@@ -278,6 +335,18 @@ class Writer(_dcp.StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans):
+        # Before any rank writes (an error here reaches every rank): what is
+        # at the target must be replaceable.
+        if os.path.lexists(self.path):
+            empty = os.path.isdir(self.path) and not os.path.islink(self.path) \
+                and not os.listdir(self.path)
+            if not empty and not self.overwrite:
+                raise InvalidArgumentError(f"{self.path} exists (pass overwrite=True to "
+                                           "replace it)")
+            if not empty and not _ckpt.is_sharded_checkpoint(self.path):
+                raise InvalidArgumentError(
+                    f"{self.path} exists and is not a ckpt sharded checkpoint; refusing to "
+                    "replace it (an empty directory would do)")
         n = len(plans)
         return [dataclasses.replace(p, storage_data=_ShardOf(r, n)) for r, p in enumerate(plans)]
 
@@ -286,8 +355,6 @@ class Writer(_dcp.StorageWriter):
         if not isinstance(shard, _ShardOf):
             raise InvalidArgumentError("ckpt.dcp.Writer: the plan was not prepared by its "
                                        "prepare_global_plan")
-        if not self.overwrite and os.path.lexists(self.path):
-            raise InvalidArgumentError(f"{self.path} exists (pass overwrite=True to replace it)")
         path = _ckpt.dist_shard_path(self.path, shard.rank, shard.world_size)
         w = _ckpt.Writer(path, sync=self.sync, producer=f"ckpt-python {_ckpt.version} (dcp)")
         results, chunks, byte_items = [], [], {}
@@ -297,8 +364,7 @@ class Writer(_dcp.StorageWriter):
                 fqn = item.index.fqn
                 if item.type == WriteItemType.BYTE_IO:
                     b = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
-                    byte_items[fqn] = torch.frombuffer(bytearray(b), dtype=torch.uint8) \
-                        if b else torch.empty(0, dtype=torch.uint8)
+                    byte_items[fqn] = _typed(b, fqn)
                     size = len(b)
                 else:
                     t = _contiguous_cpu(data)
@@ -315,7 +381,7 @@ class Writer(_dcp.StorageWriter):
                     size = t.numel() * t.element_size()
                 results.append(_dcp.storage.WriteResult(
                     index=item.index, size_in_bytes=size, storage_data=shard.rank))
-            local = _Saver(w).tree({_BYTES_KEY: byte_items}) if byte_items else None
+            local = _Saver(w).tree({_VALUES_KEY: byte_items}) if byte_items else None
             w.set_shard_root(chunks, None, local, shard.rank, shard.world_size)
             w.commit()
         except BaseException:
@@ -334,6 +400,8 @@ class Writer(_dcp.StorageWriter):
                 if isinstance(metadata.state_dict_metadata.get(wr.index.fqn),
                               _md.BytesStorageMetadata):
                     byte_files[wr.index.fqn] = wr.storage_data
+        metadata.version = _DCP_VERSION  # (DCP's planner leaves both to the storage)
+        metadata.storage_meta = self.storage_meta()
         doc = _metadata_json(metadata, byte_files)
         _ckpt.dist_commit_written(self.path, world, 0, self.overwrite, self.sync,
                                   {METADATA_KEY: doc})
@@ -403,6 +471,7 @@ class Reader(_dcp.StorageReader):
             raise NotFoundError(f"{self.path}: a ckpt checkpoint has one manifest, no "
                                 "per-rank metadata")
         ck = self._open()
+        self._ck = None  # a Reader used again reads the checkpoint there now
         self._open()
         md, self._byte_files = _metadata_from(self._manifest,
                                               os.path.join(self.path, "MANIFEST.ckptm"))
@@ -486,22 +555,30 @@ class Reader(_dcp.StorageReader):
             fqn = r.storage_index.fqn
             f = self._byte_files.get(fqn)
             if f is None:
-                raise NotFoundError(f"{self.path}: no bytes '{fqn}' in the checkpoint")
+                raise NotFoundError(f"{self.path}: no value '{fqn}' in the checkpoint")
             by_file.setdefault(f, []).append(r)
+        missing = object()
         for f, rs in sorted(by_file.items()):
             reader = ck.open_shard(f)
             where = ck.shard_file_path(f)
             try:
-                saved = _Loader(reader).load(f"rank_local/{_BYTES_KEY}")
+                saved = _Loader(reader).load(f"rank_local/{_VALUES_KEY}")
             except NotFoundError:
-                raise FormatError(f"{where}: the manifest says it holds DCP bytes; it holds "
-                                   "none") from None
+                saved = None
+            if not isinstance(saved, dict):
+                raise FormatError(f"{where}: the manifest says it holds DCP values; it holds "
+                                  "none")
             for r in rs:
-                fqn = r.storage_index.fqn
-                t = saved.get(fqn) if isinstance(saved, dict) else None
-                if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
-                    raise FormatError(f"{where}: no bytes '{fqn}' in its rank-local tree")
-                planner.load_bytes(r, io.BytesIO(t.numpy().tobytes()))
+                value = saved.get(r.storage_index.fqn, missing)
+                if value is missing:
+                    raise FormatError(f"{where}: no value '{r.storage_index.fqn}' in its "
+                                      "rank-local tree")
+                # The planner unpickles what it gets: a pickle made here, of
+                # the plain values just read, never bytes from the file.
+                buf = io.BytesIO()
+                torch.save(value, buf)
+                buf.seek(0)
+                planner.load_bytes(r, buf)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):

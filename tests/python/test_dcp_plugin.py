@@ -35,7 +35,7 @@ try:
     import torch.distributed.checkpoint as _dcp  # noqa: F401
     from torch.distributed.checkpoint.metadata import StorageMeta  # noqa: F401
     HAVE = True
-except ImportError:
+except Exception:  # noqa: BLE001 - 1.13's fsdp does not even import on Python 3.11
     HAVE = False
 
 
@@ -47,6 +47,10 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
                                torch.nn.Linear(10, 7), torch.nn.Tanh(),
                                torch.nn.Linear(7, 3))
+
+
+class Opaque:
+    """An object a torch.save pickle holds by reference to its class."""
 
 
 def _batch(step):
@@ -128,6 +132,7 @@ def _same(a, b, what):
 def phase_train(rank, world, base):
     """4 ranks: K steps, both saves, J more steps; the failure and async
     cases on the same group."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     import ckpt.dcp
     model, opt = _setup(world)
@@ -140,7 +145,8 @@ def phase_train(rank, world, base):
         _save_bytes(at_k, f"{base}/at_k.pt")
 
     # One rank failing mid-write: dcp.save raises on every rank, and the
-    # directory keeps the checkpoint it had.
+    # directory keeps the checkpoint it had; the next save there sweeps the
+    # failed one's hidden leftovers.
     class Failing(ckpt.dcp.Writer):
         def write_data(self, plan, planner):
             if rank == 2:
@@ -150,24 +156,79 @@ def phase_train(rank, world, base):
 
                     def resolve_data(self, item):
                         self.n += 1
-                        if self.n == 2:
+                        if self.n == 1:
                             raise OSError(28, "No space left on device (injected)")
                         return planner.resolve_data(item)
                 return super().write_data(plan, P())
             return super().write_data(plan, planner)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+
+    def rows(v):  # every rank holds a part, so rank 2 has items to fail on
+        return distribute_tensor(torch.full((8,), v), mesh, [Shard(0)])
+    fail = f"{base}/fail"
+    dcp.save({"x": rows(0.0), "epoch": K}, storage_writer=ckpt.dcp.Writer(fail, sync=False))
     try:
-        dcp.save(_state(model, opt, epoch=99), storage_writer=Failing(f"{base}/ckpt"))
+        dcp.save({"x": rows(9.0), "epoch": 99}, storage_writer=Failing(fail))
     except dcp.api.CheckpointException as e:  # (a BaseException)
         assert "No space left on device (injected)" in str(e), e
     else:
         raise AssertionError("a save with a failing rank returned")
-    # (phase_resume finds epoch K there, not 99.)
+    kept = {"x": torch.zeros(8), "epoch": -1}
+    dcp.load(kept, storage_reader=ckpt.dcp.Reader(fail))
+    assert kept["epoch"] == K and torch.equal(kept["x"], torch.zeros(8)), kept
+    dist.barrier()
+    assert os.path.isdir(f"{base}/.fail.tmp")  # documented: DCP has no failure hook
+    dist.barrier()
+    dcp.save({"x": torch.ones(8), "epoch": 5}, storage_writer=ckpt.dcp.Writer(fail, sync=False))
+    assert not os.path.exists(f"{base}/.fail.tmp")
 
-    # async_save: the state at step K, while training goes on.
-    fut = dcp.async_save(_state(model, opt, epoch=K),
+    # A Reader used again, with no checkpoint_id, reads what is there now.
+    reader = ckpt.dcp.Reader(fail)
+    got = {"x": torch.zeros(8), "epoch": -1}
+    dcp.load(got, storage_reader=reader)
+    assert got["epoch"] == 5
+    dcp.save({"x": torch.full((8,), 2.0), "epoch": 6},
+             storage_writer=ckpt.dcp.Writer(fail, sync=False))
+    dcp.load(got, storage_reader=reader)
+    assert got["epoch"] == 6 and torch.equal(got["x"], torch.full((8,), 2.0)), got
+
+    # What is at the target is checked before any rank writes.
+    os.makedirs(f"{base}/ahead", exist_ok=True)  # empty: replaced
+    dcp.save({"x": torch.ones(2)}, storage_writer=ckpt.dcp.Writer(f"{base}/ahead", sync=False))
+    if rank == 0:
+        os.makedirs(f"{base}/foreign")
+        open(f"{base}/foreign/notes.txt", "w").close()
+    dist.barrier()
+    for target, w, says in ((f"{base}/foreign", ckpt.dcp.Writer(f"{base}/foreign"),
+                             "not a ckpt sharded checkpoint"),
+                            (fail, ckpt.dcp.Writer(fail, overwrite=False), "exists")):
+        try:
+            dcp.save({"x": torch.ones(2)}, storage_writer=w)
+        except dcp.api.CheckpointException as e:
+            assert says in str(e), e
+        else:
+            raise AssertionError(f"a save over {target} returned")
+    assert os.path.exists(f"{base}/foreign/notes.txt")
+    assert not os.path.exists(f"{base}/.foreign.tmp")  # refused before any write
+
+    # A value that would need code to load is refused at save, by its key.
+    try:
+        dcp.save({"x": torch.ones(2), "obj": Opaque()},
+                 storage_writer=ckpt.dcp.Writer(f"{base}/opaque", sync=False))
+    except dcp.api.CheckpointException as e:
+        assert "obj: ckpt.dcp stores non-tensor values as plain data" in str(e), e
+    else:
+        raise AssertionError("a save of an object returned")
+
+    # async_save: the state at step K, while training goes on (its own gloo
+    # group, as DCP advises: the training's collectives run meanwhile).
+    pg = dist.new_group(backend="gloo")
+    fut = dcp.async_save(_state(model, opt, epoch=K), process_group=pg,
                          storage_writer=ckpt.dcp.Writer(f"{base}/async", sync=False))
-    fut.result()
     _train(model, opt, range(K, K + J), rank, world)
+    fut.result()
     end = _full(model, opt)
     if rank == 0:
         _save_bytes(end, f"{base}/end4.pt")
@@ -186,6 +247,18 @@ def phase_resume(rank, world, base):
     import torch.distributed.checkpoint as dcp
     import ckpt.dcp
     at_k = torch.load(f"{base}/at_k.pt", weights_only=True)
+    if rank == 0:
+        # Non-tensor values are typed values in a shard's rank-local tree
+        # (no pickle in the files); DCP's metadata records where and what.
+        import glob
+        values = {}
+        for f in sorted(glob.glob(f"{base}/ckpt/shard-*.ckpt")):
+            values.update(ckpt.load(f).get("rank_local", {}).get("torch.dcp.values", {}))
+        assert values["extra.epoch"] == K and values["extra.note"] == "mid-run", values
+        assert type(values["extra.epoch"]) is int
+        md = ckpt.dcp.Reader(f"{base}/ckpt").read_metadata()
+        assert md.storage_meta.checkpoint_id == f"{base}/ckpt", md.storage_meta
+        assert md.version == "1.0.0", md.version
     ends = {}
     for name, reader in (("ckpt", ckpt.dcp.Reader(f"{base}/ckpt")),
                          ("fs", dcp.FileSystemReader(f"{base}/fs")),
@@ -199,6 +272,18 @@ def phase_resume(rank, world, base):
             assert st["bytes_read"] == st["bytes_needed"], st
         _train(model, opt, range(K, K + J), rank, world)
         ends[name] = _full(model, opt)
+    # The saved weights into DTensors sharded on dim 1 (strided local
+    # views: read through a buffer) and into float64 ones (converted).
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    for dtype in (torch.float32, torch.float64):
+        sd = {"model": {k[len("model/"):]: distribute_tensor(torch.zeros(v.shape, dtype=dtype),
+                                                             mesh, [Shard(v.dim() - 1)])
+                        for k, v in at_k.items() if k.startswith("model/")}}
+        dcp.load(sd, storage_reader=ckpt.dcp.Reader(f"{base}/ckpt"))
+        for k, v in sd["model"].items():
+            assert torch.equal(v.full_tensor(), at_k[f"model/{k}"].to(dtype)), (dtype, k)
     _same(ends["fs"], ends["ckpt"], f"ckpt vs FileSystemReader resume on {world} ranks")
     _same(ends["ckpt"], ends["async"], f"async_save resume on {world} ranks")
     end4 = torch.load(f"{base}/end4.pt", weights_only=True)
@@ -331,6 +416,19 @@ class MetadataTest(unittest.TestCase):
             good.replace('"bytes":{}', '"bytes":{"x":5}'): "name file 5",
             good.replace('"planner_data":null', '"planner_data":{"eval":"os.system"}'):
                 "not a value ckpt.dcp writes",
+            good.replace('"planner_data":null', '"planner_data":{"dict":[[{"list":[]},1]]}'):
+                "does not decode",
+            good.replace('"planner_data":null', '"planner_data":' + '{"list":[' * 5000 +
+                         ']}' * 5000): "not JSON",
+            good.replace('"tensors":{}', '"tensors":{"w":"x"}'): "not dict",
+            good.replace('"tensors":{}', '"tensors":{"w":{"dtype":"torch.float32",'
+                         '"strides":["2",1]}}'): "are not ints",
+            good.replace('"tensors":{}', '"tensors":{"w":{"dtype":"torch.float32",'
+                         '"requires_grad":"false"}}'): "'requires_grad'",
+            good.replace('"storage_meta":null', '"storage_meta":{"modules":"abc"}'):
+                "'modules'",
+            good.replace('"storage_meta":null', '"storage_meta":null,"version":3'):
+                "'version'",
         }
         for doc, says in cases.items():
             with self.subTest(doc=doc[:60]):
