@@ -49,6 +49,7 @@ _LAZY = {
     "CheckpointInfo": (".manager", "CheckpointInfo"),
     "CheckpointManager": (".manager", "CheckpointManager"),
     "distributed": (".distributed", None),
+    "iter_weights": (".serving", "iter_weights"),
 }
 
 
@@ -115,7 +116,7 @@ def __dir__():
 # builtin open(); use it as ckpt.open.
 __all__ = [
     "save", "load", "File", "rng", "CheckpointManager", "CheckpointInfo",
-    "convert", "import_pth", "save_safetensors", "flatten",
+    "convert", "import_pth", "save_safetensors", "flatten", "iter_weights",
     "safe_open", "save_file", "load_file", "save_model", "load_model",
     "CkptError", "FormatError", "ChecksumError", "UnsupportedError", "NotFoundError",
     "InvalidArgumentError", "PickleRefusedError", "CkptIOError", "CudaError",

@@ -358,6 +358,42 @@ class Reader {
     Check(s);
   }
 
+  // Byte ranges of storages into buffers, one pread each (ReadStorages):
+  // for loaders that read parts of tensors (ckpt.serving's slices).
+  // Returns the bytes read.
+  uint64_t ReadRanges(const std::vector<size_t>& storages,
+                      const std::vector<uint64_t>& begins,
+                      const std::vector<py::buffer>& outs,
+                      unsigned threads) const {
+    if (storages.size() != outs.size() || begins.size() != outs.size())
+      throw py::value_error("one storage and one begin per buffer");
+    std::vector<py::buffer_info> infos;  // hold the buffers until done
+    infos.reserve(outs.size());
+    std::vector<ckpt::Checkpoint::StorageRead> reads;
+    reads.reserve(outs.size());
+    uint64_t total = 0;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      infos.push_back(outs[i].request(true));
+      auto& info = infos.back();
+      if (info.ndim != 1 || info.itemsize != 1 ||
+          (info.shape[0] > 1 && info.strides[0] != 1)) {
+        throw py::value_error("range buffers must be contiguous bytes");
+      }
+      const auto n = static_cast<size_t>(info.shape[0]);
+      // ReadStorages checks every range against its storage first.
+      reads.push_back(
+          {storages[i], begins[i], {static_cast<std::byte*>(info.ptr), n}});
+      total += n;
+    }
+    ckpt::Status s;
+    {
+      py::gil_scoped_release nogil;
+      s = ck_->ReadStorages(reads, threads);
+    }
+    Check(s);
+    return total;
+  }
+
   void Verify(unsigned threads) const {
     py::gil_scoped_release nogil;
     Check(ck_->Verify(ckpt::VerifyOptions{threads}));
@@ -1470,6 +1506,8 @@ PYBIND11_MODULE(_ckpt, m) {
       .def("rows", &Reader::Rows)
       .def("read_storages", &Reader::ReadStorages, py::arg("indices"),
            py::arg("buffers"), py::arg("threads") = 4)
+      .def("read_ranges", &Reader::ReadRanges, py::arg("storages"),
+           py::arg("begins"), py::arg("buffers"), py::arg("threads") = 4)
       .def("verify", &Reader::Verify, py::arg("threads") = 0)
       .def("tree", &Reader::Tree)
       .def("kind", &Reader::Kind)
