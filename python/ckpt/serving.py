@@ -22,7 +22,7 @@ import torch
 
 from ._dtypes import CODES, torch_dtype
 from ._errors import InvalidArgumentError, UnsupportedError
-from ._load import _open_reader
+from ._load import _from_region, _open_reader
 
 __all__ = ["iter_weights"]
 
@@ -68,6 +68,15 @@ def _ranges(shape, elem, dim, lo, hi):
     return [(o * row + lo * inner, run) for o in range(outer)]
 
 
+#: Runs shorter than this are copied from the file's mapping instead of
+#: read one pread each (the sharded loader's rule, lib/dist/load.cc): a
+#: column slice of narrow rows would otherwise cost a syscall per row.
+_MIN_PREAD = 64 << 10
+#: Reads are issued for this many bytes of tensors at once (one
+#: ReadStorages call, its threads spread over them), then yielded.
+_BATCH = 64 << 20
+
+
 def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, threads=4,
                  stats=None):
     """Yields (name, tensor) for every tensor of the ckpt file `path`, in
@@ -80,11 +89,16 @@ def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, th
     fnmatch patterns to dims (the first match wins; no match: whole). A
     split dim must divide by tp_size (as vLLM's parallel layers require).
 
-    Each tensor is the caller's: CPU memory filled by pread (pinned when
-    `device` is a CUDA device, then copied there), never a view of the
-    file. A `stats` dict, when given, gets bytes_needed (the slices' bytes)
-    and bytes_read (what the reads asked the kernel for) added to it.
-    Tensors that are not row-major in the file are read whole and sliced.
+    Each tensor is the caller's: CPU memory (pinned when `device` is a
+    CUDA device, then copied there), never a view of the file. Whole
+    tensors and row slices are read by pread of their one byte range; a
+    slice on a later dim by pread of each row's run, or, for runs under
+    64 KiB, copied run by run from the file's mapping (touching only the
+    pages the runs lie in). A `stats` dict, when given, gets added to it
+    bytes_needed (the slices' bytes), bytes_read (all bytes the loader
+    read: pread and mapping copies) and bytes_mapped (those it copied from
+    the mapping, which /proc/self/io's rchar does not count). Tensors that
+    are not row-major in the file are read whole, then sliced.
     """
     if not (isinstance(tp_size, int) and tp_size >= 1 and isinstance(tp_rank, int)
             and 0 <= tp_rank < tp_size):
@@ -97,60 +111,97 @@ def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, th
     if os.path.isdir(path):
         raise UnsupportedError(f"{path} is a directory: iter_weights reads one ckpt file "
                                "(`ckpt consolidate` makes one of a sharded checkpoint)")
-    r = _open_reader(path, mmap=False)
+    r = _open_reader(path, mmap=True)
     storages = r.storages()
     tensors = sorted(r.tensors(), key=lambda t: (
         storages[t.storage].offset + t.storage_offset * CODES[t.dtype][1], t.path))
-    if stats is not None:
-        stats.setdefault("bytes_needed", 0)
-        stats.setdefault("bytes_read", 0)
-    for t in tensors:
-        shape = list(t.shape)
-        dim = rule(t.path, tuple(shape))
-        dtype = torch_dtype(t.dtype)
-        elem = CODES[t.dtype][1]
-        # No split: the whole of dim 0 (a 0-d tensor: its one element).
-        split, lo, hi = dim, 0, (shape[0] if shape else 1)
-        if dim is not None:
-            if type(dim) is not int or not -len(shape) <= dim < len(shape):
-                raise InvalidArgumentError(f"{path}: tensor '{t.path}' of shape "
-                                           f"{tuple(shape)} has no dim {dim!r}")
-            split = dim % len(shape)
-            if shape[split] % tp_size:
-                raise InvalidArgumentError(
-                    f"{path}: tensor '{t.path}' has {shape[split]} along dim {split}, which "
-                    f"does not divide by tp_size {tp_size}")
-            part = shape[split] // tp_size
-            lo, hi = tp_rank * part, (tp_rank + 1) * part
-        out_shape = list(shape)
-        if split is not None:
-            out_shape[split] = hi - lo
-        row_major = _row_major(shape) == list(t.strides)
-        if row_major:
-            out = torch.empty(out_shape, dtype=dtype, pin_memory=pin)
-            runs = _ranges(shape, elem, split or 0, lo, hi)
-            base = t.storage_offset * elem
-            flat = out.reshape(-1).view(torch.uint8) if out.numel() else None
-            bufs, begins, at = [], [], 0
-            for first, n in runs:
-                bufs.append(flat[at:at + n].numpy())
-                begins.append(base + first)
-                at += n
-            got = r.read_ranges([t.storage] * len(bufs), begins, bufs, threads) if bufs else 0
-        else:
-            # Not row-major (a transposed view saved as is): the whole
-            # storage span of the tensor, then the slice.
-            whole = _whole(r, t, storages, threads)
-            got = whole.numel() * elem
-            out = whole.narrow(split, lo, hi - lo).contiguous() if split is not None else whole
-            if pin:
-                out = out.pin_memory()
+    counts = {"bytes_needed": 0, "bytes_read": 0, "bytes_mapped": 0}
+    batch, size = [], 0
+    try:
+        for t in tensors:
+            batch.append(_plan(r, t, storages, rule, tp_rank, tp_size, pin, path))
+            size += batch[-1][1].numel() * batch[-1][1].element_size()
+            if size >= _BATCH:
+                yield from _run(r, batch, device, pin, threads, counts)
+                batch, size = [], 0
+        yield from _run(r, batch, device, pin, threads, counts)
+    finally:
         if stats is not None:
-            stats["bytes_needed"] += out.numel() * elem
-            stats["bytes_read"] += got
-        if device.type != "cpu":
-            out = out.to(device, non_blocking=pin)
-        yield t.path, out
+            for k, v in counts.items():
+                stats[k] = stats.get(k, 0) + v
+
+
+def _plan(r, t, storages, rule, tp_rank, tp_size, pin, path):
+    """(name, out tensor, pread ranges [(storage, begin, length)], a
+    function copying what is not read by pread, bytes it copies)."""
+    shape = list(t.shape)
+    dim = rule(t.path, tuple(shape))
+    dtype = torch_dtype(t.dtype)
+    elem = CODES[t.dtype][1]
+    # No split: the whole of dim 0 (a 0-d tensor: its one element).
+    split, lo, hi = dim, 0, (shape[0] if shape else 1)
+    if dim is not None:
+        if type(dim) is not int or not -len(shape) <= dim < len(shape):
+            raise InvalidArgumentError(f"{path}: tensor '{t.path}' of shape "
+                                       f"{tuple(shape)} has no dim {dim!r}")
+        split = dim % len(shape)
+        if shape[split] % tp_size:
+            raise InvalidArgumentError(
+                f"{path}: tensor '{t.path}' has {shape[split]} along dim {split}, which "
+                f"does not divide by tp_size {tp_size}")
+        part = shape[split] // tp_size
+        lo, hi = tp_rank * part, (tp_rank + 1) * part
+    out_shape = list(shape)
+    if split is not None:
+        out_shape[split] = hi - lo
+    out = torch.empty(out_shape, dtype=dtype, pin_memory=pin)
+    if _row_major(shape) != list(t.strides):
+        # Not row-major (a transposed view saved as is): read the storage
+        # whole, then take the slice.
+        def copy_whole():
+            whole = _whole(r, t, storages)
+            out.copy_(whole.narrow(split, lo, hi - lo) if split is not None else whole)
+        n = storages[t.storage].nbytes
+        return t.path, out, [], copy_whole, n
+    runs = _ranges(shape, elem, split or 0, lo, hi)
+    base = t.storage_offset * elem
+    if runs and (len(runs) == 1 or runs[0][1] >= _MIN_PREAD):
+        return t.path, out, [(t.storage, base + a, n) for a, n in runs], None, 0
+
+    def copy_mapped():
+        view = _from_region(r.storage_region(t.storage))
+        full = view[base:base + _numel(shape) * elem].view(dtype).view(shape)
+        out.copy_(full.narrow(split, lo, hi - lo))
+    return t.path, out, [], copy_mapped, out.numel() * elem
+
+
+def _run(r, batch, device, pin, threads, counts):
+    """Reads a batch of planned tensors, then yields them."""
+    sids, begins, bufs = [], [], []
+    for _, out, ranges, _, _ in batch:
+        flat = out.reshape(-1).view(torch.uint8) if out.numel() else None
+        at = 0
+        for sid, begin, n in ranges:
+            sids.append(sid)
+            begins.append(begin)
+            bufs.append(flat[at:at + n].numpy())
+            at += n
+    if bufs:
+        counts["bytes_read"] += r.read_ranges(sids, begins, bufs, threads)
+    for name, out, _, copy, copied in batch:
+        if copy is not None:
+            copy()
+            counts["bytes_read"] += copied
+            counts["bytes_mapped"] += copied
+        counts["bytes_needed"] += out.numel() * out.element_size()
+        yield name, (out.to(device, non_blocking=pin) if device.type != "cpu" else out)
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _row_major(shape):
@@ -161,10 +212,9 @@ def _row_major(shape):
     return list(reversed(strides))
 
 
-def _whole(r, t, storages, threads):
-    """A non-row-major tensor read whole: its storage bytes, then viewed."""
-    nbytes = storages[t.storage].nbytes
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    r.read_storages([t.storage], [buf.numpy()], threads)
+def _whole(r, t, storages):
+    """A non-row-major tensor read whole: its storage's bytes, viewed."""
+    buf = torch.empty(storages[t.storage].nbytes, dtype=torch.uint8)
+    r.read_storages([t.storage], [buf.numpy()], 1)
     dtype = torch_dtype(t.dtype)
-    return buf.view(dtype).as_strided(list(t.shape), list(t.strides), t.storage_offset).clone()
+    return buf.view(dtype).as_strided(list(t.shape), list(t.strides), t.storage_offset)
