@@ -1301,6 +1301,14 @@ int Import(const std::vector<std::string>& args) {
     }
   }
   if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
+  if (IsDirectory(pos[0])) {
+    // (Its safetensors shards need the safetensors package: ckpt.hf.)
+    return Fail(Status(ckpt::ErrorCode::kInvalidArgument,
+                       pos[0] +
+                           " is a directory: a Hugging Face save_pretrained "
+                           "directory imports with `python -m ckpt import " +
+                           pos[0] + " " + pos[1] + "` (ckpt.hf)"));
+  }
   ckpt::tool::ProgressLine line(mode);
   if (line.on()) {
     opt.progress = [&](uint64_t done, uint64_t total) {

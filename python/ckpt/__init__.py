@@ -50,6 +50,7 @@ _LAZY = {
     "CheckpointManager": (".manager", "CheckpointManager"),
     "distributed": (".distributed", None),
     "iter_weights": (".serving", "iter_weights"),
+    "hf": (".hf", None),
 }
 
 
