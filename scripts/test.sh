@@ -31,7 +31,7 @@ if [ -x "$t2" ]; then
   root=$PWD
   suites="test_api test_hardening test_training test_examples test_bigfile test_torch2
           test_compat test_progress test_distributed test_manager test_dcp_plugin
-          test_lightning test_serving test_hf"
+          test_lightning test_serving test_hf test_integrations_doc"
   for s in $suites; do
     (cd tests/python && PYTHONPATH="$root/build-test/python:$root/python" \
       "$root/$t2" run.py "$s" > "$root/build-test/torch2_$s.log" 2>&1) ||
