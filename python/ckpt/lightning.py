@@ -57,10 +57,12 @@ class CkptCheckpointIO(CheckpointIO):
             os.makedirs(parent, exist_ok=True)
         _save(checkpoint, path, metadata=meta or None, sync=self.sync)
 
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
+    def load_checkpoint(self, path, map_location="cpu", weights_only=None):
         """Loads a ckpt file, or a .pth one that TorchCheckpointIO wrote
         before the switch (through ckpt's restricted importer). Neither
-        runs code from the file, so `weights_only` changes nothing."""
+        runs code from the file, so `weights_only` changes nothing. Tensors
+        land on the CPU unless map_location says otherwise, as with
+        TorchCheckpointIO (Lightning's strategy moves them after)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")

@@ -171,7 +171,7 @@ def _plan(r, t, storages, rule, tp_rank, tp_size, pin, path):
     def copy_mapped():
         view = _from_region(r.storage_region(t.storage))
         full = view[base:base + _numel(shape) * elem].view(dtype).view(shape)
-        out.copy_(full.narrow(split, lo, hi - lo))
+        out.copy_(full.narrow(split, lo, hi - lo) if split is not None else full)
     return t.path, out, [], copy_mapped, out.numel() * elem
 
 

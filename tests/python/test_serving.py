@@ -88,15 +88,17 @@ class IterWeightsTest(TempDirCase):
 
     def test_rule_as_a_callable_and_non_row_major_tensors(self):
         t = torch.randn(6, 8).t()  # saved with its strides: read whole, then sliced
-        ckpt.save({"t": t, "v": torch.arange(12)}, self.path("odd.ckpt"))
+        ckpt.save({"t": t, "v": torch.arange(12), "e": torch.empty(0, 4)},
+                  self.path("odd.ckpt"))
 
         def rule(name, shape):
-            return 1 if name == "t" else 0
+            return {"t": 1, "v": 0}.get(name)
         for rank in range(2):
             got = dict(ckpt.iter_weights(self.path("odd.ckpt"), tp_rank=rank, tp_size=2,
                                          shard_dim=rule))
             self.assertTrue(torch.equal(got["t"], t[:, rank * 3:(rank + 1) * 3]))
             self.assertTrue(torch.equal(got["v"], torch.arange(12)[rank * 6:(rank + 1) * 6]))
+            self.assertEqual(tuple(got["e"].shape), (0, 4))  # empty, unsplit
 
     def test_bad_requests_say_what_and_where(self):
         cases = [
