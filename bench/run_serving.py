@@ -28,18 +28,11 @@ import time
 import torch
 
 import ckpt
+from run_dist import rchar  # (bench/ is the script's directory)
 
 RULE = {"*.q_proj.weight": 0, "*.k_proj.weight": 0, "*.v_proj.weight": 0,
         "*.gate_proj.weight": 0, "*.up_proj.weight": 0,
         "*.o_proj.weight": 1, "*.down_proj.weight": 1}
-
-
-def rchar():
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
 
 
 def model(total_mb):
