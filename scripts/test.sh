@@ -174,11 +174,12 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests and DCP .metadata 30 s each"
+  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests, DCP .metadata and safetensors headers 30 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz manifest_fuzz dcp_fuzz
+  cmake --build build-fuzz -j"$jobs" --target open_fuzz pth_fuzz manifest_fuzz dcp_fuzz \
+    safetensors_fuzz
   corpus=$(mktemp -d)
   trap 'rm -rf "$corpus"' EXIT
   mkdir -p "$corpus/ckpt" "$corpus/pth" "$corpus/manifest"
@@ -216,7 +217,24 @@ PYEOF
     echo "(no DCP fixtures: the DCP fuzzer starts without seeds)"
   build-fuzz/dcp_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
     -print_final_stats=0 "$corpus/dcp" 2>&1 | tail -n 1
-  echo "fuzz: 4 passed, 0 failed"
+  # Seeds for the safetensors fuzzer: small valid files (a shape, two
+  # dtypes, metadata, an empty tensor).
+  mkdir -p "$corpus/st"
+  python3 - "$corpus/st" <<'PYEOF'
+import json, struct, sys
+for i, h in enumerate([
+        {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}},
+        {"__metadata__": {"format": "pt"},
+         "w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]},
+         "e": {"dtype": "I64", "shape": [0, 5], "data_offsets": [8, 8]}}]):
+    text = json.dumps(h).encode()
+    end = max(v["data_offsets"][1] for k, v in h.items() if k != "__metadata__")
+    open(f"{sys.argv[1]}/{i}.safetensors", "wb").write(
+        struct.pack("<Q", len(text)) + text + bytes(range(end)))
+PYEOF
+  build-fuzz/safetensors_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
+    -print_final_stats=0 "$corpus/st" 2>&1 | tail -n 1
+  echo "fuzz: 5 passed, 0 failed"
 else
   echo "fuzz: skipped (clang++ not found)"
 fi

@@ -6,6 +6,7 @@
 // errors go to stderr, usage errors exit 2, every command has --help.
 #include <ckpt/ckpt.h>
 #include <ckpt/dist.h>
+#include <ckpt/hf.h>
 #include <ckpt/pth.h>
 #ifdef CKPT_WITH_CUDA
 #include <ckpt/cuda.h>
@@ -54,7 +55,11 @@ const char* kMainHelp =
     "  get FILE|DIR PATH            the value at PATH in the tree, as JSON\n"
     "  verify FILE|DIR              check structure and every checksum\n"
     "  diff A B                     tensors and values that differ\n"
-    "  import IN.pth OUT.ckpt       convert a torch.save file (as pth2ckpt)\n"
+    "  import IN.pth|DIR OUT.ckpt   convert a torch.save file (as pth2ckpt)\n"
+    "                               or a Hugging Face save_pretrained DIR\n"
+    "  export-hf IN.ckpt DIR [--max-shard-size 5GB]\n"
+    "                               a flat state dict as save_pretrained\n"
+    "                               safetensors (model.safetensors, shards)\n"
     "  load FILE [--device D] ...   load tensors to a GPU (or cpu) and time "
     "it\n"
     "  consolidate DIR OUT.ckpt     a sharded checkpoint as one ckpt file\n"
@@ -148,14 +153,35 @@ const char* kDiffHelp =
     "is compared.\n";
 
 const char* kImportHelp =
-    "usage: ckpt import [--no-crc] [--progress|--no-progress] IN.pth "
+    "usage: ckpt import [--no-crc] [--progress|--no-progress] IN.pth|DIR "
     "OUT.ckpt\n"
     "\n"
     "Converts a torch.save file to ckpt without running anything from it;\n"
     "the same as pth2ckpt IN OUT (see pth2ckpt --help). On refusal: exit 1,\n"
     "the reason on stderr, and no OUT file. On a terminal (stderr a TTY) a\n"
     "progress line on stderr shows the bytes converted and GB/s, erased\n"
-    "when done; --progress / --no-progress force it on or off.\n";
+    "when done; --progress / --no-progress force it on or off.\n"
+    "\n"
+    "A directory DIR is read as Hugging Face's save_pretrained layout\n"
+    "(model.safetensors, or its shards and model.safetensors.index.json,\n"
+    "or pytorch_model.bin or its shards and index, taken in the order\n"
+    "transformers looks for them): OUT gets every tensor as one flat dict\n"
+    "and config.json's text as the metadata \"hf.config\". Every header,\n"
+    "size and index entry is checked before anything is written.\n";
+
+const char* kExportHfHelp =
+    "usage: ckpt export-hf IN.ckpt DIR [--max-shard-size SIZE]\n"
+    "\n"
+    "Writes the tensors of IN.ckpt (a flat state dict, as `ckpt import DIR`\n"
+    "makes) to DIR, created if missing, in Hugging Face's save_pretrained\n"
+    "layout: model.safetensors, or shards of at most SIZE bytes of tensors\n"
+    "(default 5GB; 500MB, 2GiB, or a byte count) named\n"
+    "model-00001-of-0000N.safetensors with model.safetensors.index.json;\n"
+    "config.json from IN's \"hf.config\" metadata. Every file is complete\n"
+    "before any is renamed into place, and the weight files of an earlier\n"
+    "export that this one does not write are removed. Non-tensor values are\n"
+    "left out (a note on stderr says how many). Exit 1 with the reason on\n"
+    "stderr for a nested tree or a dtype safetensors cannot name.\n";
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
@@ -1301,14 +1327,6 @@ int Import(const std::vector<std::string>& args) {
     }
   }
   if (pos.size() != 2) return Usage(kImportHelp, "need IN and OUT");
-  if (IsDirectory(pos[0])) {
-    // (Its safetensors shards need the safetensors package: ckpt.hf.)
-    return Fail(Status(ckpt::ErrorCode::kInvalidArgument,
-                       pos[0] +
-                           " is a directory: a Hugging Face save_pretrained "
-                           "directory imports with `python -m ckpt import " +
-                           pos[0] + " " + pos[1] + "` (ckpt.hf)"));
-  }
   ckpt::tool::ProgressLine line(mode);
   if (line.on()) {
     opt.progress = [&](uint64_t done, uint64_t total) {
@@ -1316,12 +1334,61 @@ int Import(const std::vector<std::string>& args) {
       return Status::OK();
     };
   }
+  if (IsDirectory(pos[0])) {
+    auto r = ckpt::ImportHfDir(pos[0], pos[1], opt);
+    line.Clear();
+    if (!r.ok()) return Fail(r.status());
+    std::printf(
+        "%s -> %s: %zu tensors, %s from %zu %s file%s "
+        "(Hugging Face save_pretrained)\n",
+        pos[0].c_str(), pos[1].c_str(), r->tensors,
+        HumanBytes(r->tensor_bytes).c_str(), r->files.size(), r->layout.c_str(),
+        r->files.size() == 1 ? "" : "s");
+    return kExitOk;
+  }
   auto r = ckpt::ImportPth(pos[0], pos[1], opt);
   line.Clear();
   if (!r.ok()) return Fail(r.status());
   std::printf("%s -> %s: %zu tensors, %zu storages (%s format)\n",
               pos[0].c_str(), pos[1].c_str(), r->tensors, r->storages,
               r->container.c_str());
+  return kExitOk;
+}
+
+// ---- export-hf
+// ------------------------------------------------------------------
+
+int ExportHfCmd(const std::vector<std::string>& args) {
+  if (WantsHelp(args)) return Print(kExportHfHelp), kExitOk;
+  ckpt::HfExportOptions opt;
+  std::vector<std::string> pos;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--max-shard-size") {
+      if (i + 1 >= args.size()) {
+        return Usage(kExportHfHelp, "--max-shard-size needs a SIZE");
+      }
+      auto n = ckpt::ParseByteSize(args[++i]);
+      if (!n.ok()) return Usage(kExportHfHelp, n.status().message());
+      opt.max_shard_bytes = *n;
+    } else if (args[i].size() > 1 && args[i][0] == '-') {
+      return Usage(kExportHfHelp, "unknown option '" + args[i] + "'");
+    } else {
+      pos.push_back(args[i]);
+    }
+  }
+  if (pos.size() != 2) return Usage(kExportHfHelp, "need IN.ckpt and DIR");
+  size_t dropped = 0;
+  auto r = ckpt::ExportHf(pos[0], pos[1], opt, &dropped);
+  if (!r.ok()) return Fail(r.status());
+  if (dropped) {
+    std::fprintf(stderr,
+                 "ckpt: note: %zu non-tensor value%s of %s left out "
+                 "(safetensors holds tensors only)\n",
+                 dropped, dropped == 1 ? "" : "s", pos[0].c_str());
+  }
+  std::printf("%s -> %s: %zu files\n", pos[0].c_str(), pos[1].c_str(),
+              r->size());
+  for (const auto& f : *r) std::printf("  %s\n", f.c_str());
   return kExitOk;
 }
 
@@ -1527,6 +1594,7 @@ int Dispatch(int argc, char** argv) {
   if (cmd == "verify") return Verify(args);
   if (cmd == "diff") return Diff(args);
   if (cmd == "import") return Import(args);
+  if (cmd == "export-hf") return ExportHfCmd(args);
   if (cmd == "load") return Load(args);
   if (cmd == "consolidate") return ConsolidateCmd(args);
   if (cmd == "shard") return ShardCmd(args);

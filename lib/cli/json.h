@@ -7,11 +7,12 @@
 #include <string>
 #include <string_view>
 
+#include "json_internal.h"
+
 namespace ckpt::tool {
 
-/// Appends `s` as a JSON string literal (UTF-8 passed through, control
-/// characters escaped; invalid UTF-8 bytes become U+FFFD).
-void AppendJsonString(std::string& out, std::string_view s);
+/// (The one JSON string writer, shared with the library's HF export.)
+using ::ckpt::internal::AppendJsonString;
 
 /// Appends a double as JSON; NaN and infinities are written as NaN,
 /// Infinity, -Infinity, as Python's json module does.

@@ -6,17 +6,19 @@
 
 A save_pretrained directory holds `model.safetensors`, or shards named by
 `model.safetensors.index.json`, or (older) `pytorch_model.bin` or its
-shards with `pytorch_model.bin.index.json`, beside `config.json`. Import
-writes one ckpt file of the flat state dict, the config in its metadata
-("hf.config"): safetensors files are read with the safetensors package,
-.bin pickles through ckpt's restricted importer (nothing in them runs).
-Export writes the safetensors layout transformers and accelerate read,
-each file atomically. `python -m ckpt import DIR OUT.ckpt` and
-`python -m ckpt export-hf IN.ckpt DIR` do the same from the shell.
+shards with `pytorch_model.bin.index.json`, beside `config.json`; they are
+taken in that order, transformers' own. Import and export are the C++
+library's (ckpt/hf.h), the same code as `ckpt import DIR OUT.ckpt` and
+`ckpt export-hf IN.ckpt DIR`: import writes one ckpt file of the flat
+state dict, the config in its metadata ("hf.config"), every safetensors
+header checked as safetensors checks it and .bin pickles read by ckpt's
+restricted importer (nothing in them runs); export writes the safetensors
+layout transformers and accelerate read, every file complete before any
+is renamed into place, an earlier export's stale weight files removed.
+Neither needs the safetensors package; load_into of a directory does.
 """
 import json
 import os
-import re
 
 import torch
 
@@ -51,14 +53,16 @@ def _files(src):
     if not os.path.isdir(src):
         raise NotFoundError(f"{src}: not a directory (a save_pretrained directory holds "
                             "model.safetensors or pytorch_model.bin)")
-    for index, kind in ((_ST_INDEX, "safetensors"), (_BIN_INDEX, "bin")):
-        if os.path.exists(os.path.join(src, index)):
-            path, wm = _index(src, index)
-            names = sorted(set(wm.values()))
-            return kind, [os.path.join(src, n) for n in names], path, wm
-    for single, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
-        if os.path.exists(os.path.join(src, single)):
-            return kind, [os.path.join(src, single)], None, None
+    # transformers' order (and ImportHfDir's): a single file before an index.
+    for name, kind in (("model.safetensors", "safetensors"), (_ST_INDEX, "safetensors"),
+                       ("pytorch_model.bin", "bin"), (_BIN_INDEX, "bin")):
+        if not os.path.isfile(os.path.join(src, name)):
+            continue
+        if not name.endswith(".json"):
+            return kind, [os.path.join(src, name)], None, None
+        path, wm = _index(src, name)
+        names = sorted(set(wm.values()))
+        return kind, [os.path.join(src, n) for n in names], path, wm
     raise NotFoundError(f"{src}: no model.safetensors, {_ST_INDEX}, pytorch_model.bin or "
                         f"{_BIN_INDEX}")
 
@@ -114,107 +118,32 @@ def state_dict(src):
 def import_pretrained(src, dst, *, sync=True):
     """Writes the save_pretrained directory `src` as the ckpt file `dst`
     (atomically). Returns the number of tensors."""
-    from ._save import save
-    sd, meta = state_dict(os.fspath(src))
-    save(sd, os.fspath(dst), metadata=meta, sync=sync)
-    return len(sd)
+    from . import _ckpt
+    return _ckpt.import_hf(os.fspath(src), os.fspath(dst), sync)
 
 
 def _size(s):
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(s), re.IGNORECASE)
-    if not m:
+    from . import _ckpt
+    if isinstance(s, bool) or not isinstance(s, (int, str)):
         raise InvalidArgumentError(f"max_shard_size {s!r}: a byte count or '5GB', '500MiB'")
-    n, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(n * scale)
+    if isinstance(s, int):
+        if s <= 0:
+            raise InvalidArgumentError(f"max_shard_size {s!r} must be positive")
+        return s
+    return _ckpt.parse_byte_size(s)
 
 
-def _write_atomic(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def export_pretrained(src, dst_dir, *, max_shard_size="5GB"):
+def export_pretrained(src, dst_dir, *, max_shard_size="5GB", sync=True):
     """Writes the tensors of the ckpt file `src` (a flat state dict, as
     import_pretrained makes) to `dst_dir` in the save_pretrained safetensors
     layout: model.safetensors, or shards of at most max_shard_size ("5GB",
     "500MiB", bytes) named model-00001-of-0000N.safetensors with
     model.safetensors.index.json; config.json from the file's "hf.config".
-    Returns the list of files written."""
-    from ._load import File
-    from .interop import _safetensors
-    _safetensors()  # ImportError naming the package when it is missing
-    from safetensors.torch import save_file
-    limit = _size(max_shard_size)
-    if limit <= 0:
-        raise InvalidArgumentError(f"max_shard_size {max_shard_size!r} must be positive")
-    f = File(os.fspath(src))
-    names = f.keys()
-    tensors = {}
-    for n in names:
-        if "/" in n:
-            raise InvalidArgumentError(f"{src}: tensor '{n}' is nested; export takes a flat "
-                                       "state dict (import_pretrained's, or ckpt.flatten's)")
-        tensors[n] = f[n]
-    meta = f.metadata or {}
-    # Shards in name order, each up to the limit (one tensor over it alone).
-    shards, cur, size = [], {}, 0
-    for n in sorted(tensors):
-        nb = tensors[n].numel() * tensors[n].element_size()
-        if cur and size + nb > limit:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[n] = tensors[n]
-        size += nb
-    if cur or not shards:
-        shards.append(cur)
-    os.makedirs(dst_dir, exist_ok=True)
-    written, seen = [], set()
-
-    def owned(t):
-        # safetensors refuses tensors sharing memory (tied weights).
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            return t.clone()
-        seen.add(key)
-        return t.contiguous()
-    st_meta = {"format": "pt"}
-    if len(shards) == 1:
-        path = os.path.join(dst_dir, "model.safetensors")
-        part = {k: owned(v) for k, v in shards[0].items()}
-        _write_atomic(path, lambda p: save_file(part, p, metadata=st_meta))
-        written.append(path)
-    else:
-        wm, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            part = {k: owned(v) for k, v in shard.items()}
-            path = os.path.join(dst_dir, name)
-            _write_atomic(path, lambda p: save_file(part, p, metadata=st_meta))
-            written.append(path)
-            for k, v in shard.items():
-                wm[k] = name
-                total += v.numel() * v.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}
-        path = os.path.join(dst_dir, _ST_INDEX)
-        _write_atomic(path, lambda p: open(p, "w").write(json.dumps(index, indent=2) + "\n"))
-        written.append(path)
-    if CONFIG_KEY in meta:
-        path = os.path.join(dst_dir, "config.json")
-        _write_atomic(path, lambda p: open(p, "w", encoding="utf-8").write(meta[CONFIG_KEY]))
-        written.append(path)
-    return written
+    Non-tensor values are left out. Returns the list of files written."""
+    from . import _ckpt
+    files, _dropped = _ckpt.export_hf(os.fspath(src), os.fspath(dst_dir),
+                                      _size(max_shard_size), sync)
+    return files
 
 
 def load_into(model, src, *, strict=True):
@@ -232,15 +161,20 @@ def load_into(model, src, *, strict=True):
     result = model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    # What the file lacks is fine only when tied to what it has; anything
-    # still on the meta device is not loaded.
-    left = [n for n, t in list(model.named_parameters(remove_duplicate=False)) +
-            list(model.named_buffers(remove_duplicate=False)) if t.is_meta]
-    if strict and (left or result.unexpected_keys):
+    # What the file lacks is fine only when tied to what it has (the same
+    # tensor after tie_weights); anything else missing is not loaded -
+    # left on the meta device, or, on a real model, left at its init.
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    loaded = {id(named[k]) for k in sd if k in named}
+    left = [n for n, t in named.items() if t.is_meta]
+    untied = [k for k in result.missing_keys
+              if k in named and id(named[k]) not in loaded and k not in left]
+    if strict and (left or untied or result.unexpected_keys):
         hint = (" (buffers outside the state dict, such as rotary inv_freq, stay on the meta "
                 "device: build the model with accelerate's init_empty_weights(), which keeps "
                 "buffers real)") if left and not set(left) & set(result.missing_keys) else ""
         raise InvalidArgumentError(
-            f"{src}: does not fit the model: not loaded {left[:5]}, unexpected "
+            f"{src}: does not fit the model: not loaded {(left + untied)[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}{hint}")
     return model

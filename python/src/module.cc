@@ -31,6 +31,7 @@
 
 #include "ckpt/ckpt.h"
 #include "ckpt/dist.h"
+#include "ckpt/hf.h"
 #include "ckpt/pth.h"
 #include "cli/cli.h"
 #ifdef CKPT_WITH_CUDA
@@ -1653,6 +1654,52 @@ PYBIND11_MODULE(_ckpt, m) {
       },
       py::arg("src"), py::arg("dst"), py::arg("sync") = true,
       py::arg("encoding") = "utf-8", py::arg("progress") = py::none());
+
+  // Hugging Face save_pretrained directories (ckpt/hf.h), for ckpt.hf.
+  m.def(
+      "import_hf",
+      [](const std::string& dir, const std::string& out, bool sync) {
+        ckpt::ImportOptions o;
+        o.write.sync = sync;
+        ckpt::Result<ckpt::HfImportReport> r = ckpt::HfImportReport{};
+        {
+          py::gil_scoped_release nogil;
+          r = ckpt::ImportHfDir(dir, out, o);
+        }
+        if (!r.ok()) {
+          // A .bin shard the restricted importer refused, as import_pth.
+          StatusError e{r.status()};
+          if (e.status.code() == ckpt::ErrorCode::kInvalidArgument &&
+              std::string_view(e.status.file()).ends_with(".bin"))
+            e.python_class = "PickleRefusedError";
+          throw e;
+        }
+        return r->tensors;
+      },
+      py::arg("dir"), py::arg("dst"), py::arg("sync") = true);
+  m.def(
+      "export_hf",
+      [](const std::string& in, const std::string& dir, uint64_t max_shard,
+         bool sync) {
+        ckpt::HfExportOptions o;
+        o.max_shard_bytes = max_shard;
+        o.sync = sync;
+        ckpt::Result<std::vector<std::string>> r = std::vector<std::string>{};
+        size_t dropped = 0;
+        {
+          py::gil_scoped_release nogil;
+          r = ckpt::ExportHf(in, dir, o, &dropped);
+        }
+        if (!r.ok()) Throw(r.status());
+        return py::make_tuple(*r, dropped);
+      },
+      py::arg("src"), py::arg("dir"), py::arg("max_shard_bytes"),
+      py::arg("sync") = true);
+  m.def("parse_byte_size", [](const std::string& text) {
+    auto r = ckpt::ParseByteSize(text);
+    if (!r.ok()) Throw(r.status());
+    return *r;
+  });
 
   py::class_<SigintDeferral>(m, "SigintDeferral")
       .def(py::init<>())

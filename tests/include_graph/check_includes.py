@@ -36,6 +36,9 @@ LAYERS = [
                 "lib/format_internal.h", "lib/bytes_internal.h",
                 "lib/tree_internal.h", "lib/tree.cc", "lib/checksum*"]),
     ("io", ["lib/source*", "lib/atomic_file*", "lib/parallel*"]),
+    # The strict JSON reader for files from elsewhere, and the one JSON
+    # string writer.
+    ("json", ["lib/json.cc", "lib/json_internal.h"]),
     ("header", ["lib/header_internal.h", "lib/header.cc"]),
     ("reader", ["include/ckpt/reader.h", "lib/reader.cc", "lib/reader_internal.h"]),
     ("writer", ["include/ckpt/writer.h", "lib/writer.cc"]),
@@ -44,6 +47,8 @@ LAYERS = [
     ("dist_cuda", ["include/ckpt/dist_cuda.h", "lib/cuda/dist_device.cc"]),
     ("cuda", ["include/ckpt/cuda.h", "lib/cuda/*"]),
     ("pth", ["include/ckpt/pth.h", "lib/pth/*"]),
+    # Hugging Face save_pretrained directories (safetensors) <-> ckpt.
+    ("hf", ["include/ckpt/hf.h", "lib/hf/*"]),
     # MPI before dist: the one public header that includes a third-party
     # one (mpi.h), in its own target (ckpt::mpi).
     ("mpi", ["include/ckpt/mpi.h", "lib/dist/mpi_comm.cc"]),
@@ -59,7 +64,7 @@ LAYERS = [
 # other; nothing includes a layer above it).
 _PUBLIC_API = ["status:public", "box:public", "format:public", "reader:public",
                "writer:public", "umbrella:public", "cuda:public",
-               "pth:public", "dist:public", "dist_cuda:public"]
+               "pth:public", "dist:public", "dist_cuda:public", "hf:public"]
 MAY_USE = {
     "schema": [],
     "status": [],
@@ -75,6 +80,11 @@ MAY_USE = {
     "cuda": ["status", "format", "io", "reader"],
     # The importer writes through the public writer only.
     "pth": ["status", "box", "format", "io", "writer:public"],
+    "json": ["status", "format"],
+    # Reads and writes ckpt files through the public reader and writer,
+    # .bin shards through the public importer.
+    "hf": ["status", "format", "io", "json", "reader:public", "writer:public",
+           "pth:public"],
     # The commands are thin: the public API only.
     # Sharded checkpoints are ordinary files read and written through the
     # public reader and writer, plus the helpers loaders share (checked
@@ -86,7 +96,8 @@ MAY_USE = {
              "writer:public", "pth"],
     "mpi": ["status", "box", "format", "reader:public", "writer:public",
             "dist:public"],
-    "cli": _PUBLIC_API,
+    # (json: the one JSON string writer.)
+    "cli": _PUBLIC_API + ["json"],
     "tools": _PUBLIC_API + ["cli"],
     "python": _PUBLIC_API + ["cli"],
 }

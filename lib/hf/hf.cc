@@ -1,0 +1,808 @@
+// Hugging Face save_pretrained directories to and from ckpt (ckpt/hf.h).
+#include "ckpt/hf.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <unordered_map>
+
+#include "atomic_file.h"
+#include "bytes_internal.h"
+#include "ckpt/reader.h"
+#include "ckpt/writer.h"
+#include "json_internal.h"
+#include "safetensors_internal.h"
+#include "source_internal.h"
+
+namespace ckpt {
+namespace internal {
+namespace {
+
+struct StDType {
+  const char* name;
+  DType dtype;
+};
+// safetensors' dtype names (safetensors/src/tensor.rs, Dtype). F4, F6_*
+// and the packed ones have no ckpt type and are refused by name.
+constexpr StDType kStDTypes[] = {
+    {"BOOL", DType::kBool},
+    {"U8", DType::kUInt8},
+    {"I8", DType::kInt8},
+    {"I16", DType::kInt16},
+    {"U16", DType::kUInt16},
+    {"I32", DType::kInt32},
+    {"U32", DType::kUInt32},
+    {"I64", DType::kInt64},
+    {"U64", DType::kUInt64},
+    {"F16", DType::kFloat16},
+    {"BF16", DType::kBFloat16},
+    {"F32", DType::kFloat32},
+    {"F64", DType::kFloat64},
+    {"C64", DType::kComplex64},
+    {"F8_E4M3", DType::kFloat8E4M3FN},
+    {"F8_E5M2", DType::kFloat8E5M2},
+    {"F8_E8M0", DType::kFloat8E8M0FNU},
+};
+
+Status Bad(const std::string& what, uint64_t json_offset) {
+  return Corrupt("safetensors header: " + what + " (JSON byte " +
+                 std::to_string(json_offset) + ")");
+}
+
+}  // namespace
+
+std::optional<std::string_view> SafetensorsDTypeName(DType dtype) {
+  for (const auto& d : kStDTypes) {
+    if (d.dtype == dtype) return d.name;
+  }
+  return std::nullopt;
+}
+
+Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header,
+                                                 uint64_t file_size) {
+  if (header.empty() || header[0] != '{') {
+    return Corrupt("safetensors header: does not start with '{'");
+  }
+  CKPT_ASSIGN_OR_RETURN(JsonValue doc, ParseJson(header));
+  if (!doc.is_object()) return Bad("not a JSON object", 0);
+  SafetensorsHeader h;
+  h.data_start = 8 + header.size();
+  if (file_size < h.data_start) {
+    return Corrupt("safetensors header: runs past the end of the file");
+  }
+  const uint64_t data_size = file_size - h.data_start;
+  for (auto& [name, v] : doc.members) {
+    if (name == "__metadata__") {
+      if (!v.is_object()) return Bad("__metadata__ is not an object", v.offset);
+      for (auto& [k, mv] : v.members) {
+        if (!mv.is_string()) {
+          return Bad("__metadata__ '" + k + "' is not a string", mv.offset);
+        }
+        h.metadata.emplace_back(k, std::move(mv.text));
+      }
+      continue;
+    }
+    const std::string where = "tensor '" + name + "'";
+    if (!v.is_object()) return Bad(where + " is not an object", v.offset);
+    const JsonValue* dt = v.Find("dtype");
+    const JsonValue* shape = v.Find("shape");
+    const JsonValue* offs = v.Find("data_offsets");
+    if (!dt || !dt->is_string() || !shape || !shape->is_array() || !offs ||
+        !offs->is_array()) {
+      return Bad(where + " lacks a string dtype, a shape list or data_offsets",
+                 v.offset);
+    }
+    SafetensorsEntry e;
+    e.name = name;
+    for (const auto& d : kStDTypes) {
+      if (dt->text == d.name) e.dtype = d.dtype;
+    }
+    if (e.dtype == DType::kInvalid) {
+      static const std::set<std::string> kKnownElsewhere = {
+          "F4", "F6_E2M3", "F6_E3M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
+      if (kKnownElsewhere.count(dt->text)) {
+        return InvalidArgument("safetensors: " + where + " has dtype " +
+                               dt->text + ", which ckpt cannot hold");
+      }
+      return Bad(where + " has unknown dtype \"" + dt->text + "\"", dt->offset);
+    }
+    // numel * element size, every product checked against 2^63.
+    uint64_t bytes = DTypeSize(e.dtype);
+    for (const JsonValue& d : shape->items) {
+      auto n = d.AsUint64();
+      if (!n || *n > static_cast<uint64_t>(INT64_MAX)) {
+        return Bad(where + ": shape entries must be integers 0..2^63-1",
+                   d.offset);
+      }
+      if (*n != 0 && bytes > static_cast<uint64_t>(INT64_MAX) / *n) {
+        return Bad(where + ": shape's size overflows", d.offset);
+      }
+      bytes *= *n;
+      e.shape.push_back(static_cast<int64_t>(*n));
+    }
+    if (e.shape.size() > kMaxRank) {
+      return Bad(
+          where + " has more than " + std::to_string(kMaxRank) + " dimensions",
+          shape->offset);
+    }
+    std::optional<uint64_t> b, en;
+    if (offs->items.size() == 2) {
+      b = offs->items[0].AsUint64();
+      en = offs->items[1].AsUint64();
+    }
+    if (!b || !en || *en < *b) {
+      return Bad(where + ": data_offsets must be two integers [begin, end]",
+                 offs->offset);
+    }
+    if (*en - *b != bytes) {
+      return Bad(where + ": data_offsets [" + std::to_string(*b) + ", " +
+                     std::to_string(*en) + ") hold " +
+                     std::to_string(*en - *b) + " bytes, its shape " +
+                     std::to_string(bytes),
+                 offs->offset);
+    }
+    e.begin = *b;
+    e.end = *en;
+    h.tensors.push_back(std::move(e));
+  }
+  // Back to back from 0 to the end, as safetensors' validate() demands.
+  std::stable_sort(
+      h.tensors.begin(), h.tensors.end(), [](const auto& a, const auto& b) {
+        return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+      });
+  uint64_t at = 0;
+  for (const auto& e : h.tensors) {
+    if (e.begin != at) {
+      return Corrupt("safetensors header: tensor '" + e.name +
+                     "' starts at data byte " + std::to_string(e.begin) +
+                     ", not " + std::to_string(at) +
+                     " (ranges must be back to back)");
+    }
+    at = e.end;
+  }
+  if (at != data_size) {
+    return Corrupt("safetensors header: the tensors' ranges end at data byte " +
+                   std::to_string(at) + ", the file's data at " +
+                   std::to_string(data_size));
+  }
+  return h;
+}
+
+}  // namespace internal
+
+namespace {
+
+using internal::JsonValue;
+
+constexpr uint64_t kPiece = 64ull << 20;
+// An index or config.json: as large as a safetensors header may be.
+constexpr uint64_t kMaxJsonFile = kMaxSafetensorsHeader;
+
+std::string Join(const std::string& dir, const std::string& name) {
+  return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+bool IsFile(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// The whole of a small text file (an index, config.json), at most `cap`.
+Result<std::string> ReadText(const std::string& path, uint64_t cap) {
+  CKPT_ASSIGN_OR_RETURN(auto src, internal::OpenSource(path, {.pread = true}));
+  if (src->size() > cap) {
+    return Corrupt("larger than " + std::to_string(cap) + " bytes")
+        .WithFile(path);
+  }
+  std::string text(static_cast<size_t>(src->size()), '\0');
+  CKPT_RETURN_IF_ERROR(src->ReadInto(
+      0, std::as_writable_bytes(std::span(text.data(), text.size()))));
+  return text;
+}
+
+struct Layout {
+  std::string kind;                               // "safetensors" or "bin"
+  std::string index;                              // path of the index, or empty
+  std::vector<std::string> files;                 // names in `dir`, sorted
+  std::map<std::string, std::string> weight_map;  // tensor -> file name
+};
+
+Result<Layout> FindLayout(const std::string& dir) {
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return NotFound(dir +
+                    ": not a directory (a save_pretrained directory holds "
+                    "model.safetensors or pytorch_model.bin)");
+  }
+  // transformers' order (modeling_utils: SAFE_WEIGHTS_NAME first).
+  const std::pair<const char*, const char*> kOrder[] = {
+      {"model.safetensors", "safetensors"},
+      {"model.safetensors.index.json", "safetensors"},
+      {"pytorch_model.bin", "bin"},
+      {"pytorch_model.bin.index.json", "bin"}};
+  for (const auto& [name, kind] : kOrder) {
+    const std::string path = Join(dir, name);
+    if (!IsFile(path)) continue;
+    Layout l;
+    l.kind = kind;
+    if (std::string_view(name).ends_with(".json")) {
+      l.index = path;
+      CKPT_ASSIGN_OR_RETURN(std::string text, ReadText(path, kMaxJsonFile));
+      auto doc = internal::ParseJson(text);
+      if (!doc.ok()) return doc.status().WithFile(path);
+      const JsonValue* wm =
+          doc->is_object() ? doc->Find("weight_map") : nullptr;
+      if (!wm || !wm->is_object()) {
+        return Corrupt("no weight_map of tensor names to file names")
+            .WithFile(path);
+      }
+      std::set<std::string> files;
+      for (const auto& [k, v] : wm->members) {
+        if (!v.is_string() || v.text.empty() || v.text == "." ||
+            v.text == ".." || v.text.find('/') != std::string::npos ||
+            v.text.find('\0') != std::string::npos) {
+          return Corrupt(
+                     "'" + k + "' names " +
+                     (v.is_string() ? "file \"" + v.text + "\"" : "no file") +
+                     ", not a file in " + dir)
+              .WithFile(path)
+              .WithOffset(static_cast<int64_t>(v.offset));
+        }
+        l.weight_map[k] = v.text;
+        files.insert(v.text);
+      }
+      l.files.assign(files.begin(), files.end());
+      for (const auto& f : l.files) {
+        if (!IsFile(Join(dir, f))) {
+          return NotFound("names " + f + ", which is not a file in " + dir)
+              .WithFile(path);
+        }
+      }
+    } else {
+      l.files = {name};
+    }
+    return l;
+  }
+  return NotFound(dir +
+                  ": no model.safetensors, model.safetensors.index.json, "
+                  "pytorch_model.bin or pytorch_model.bin.index.json");
+}
+
+struct StFile {
+  std::string path;
+  std::shared_ptr<internal::ByteSource> map, stream;
+  internal::SafetensorsHeader header;
+};
+
+Result<StFile> OpenSafetensors(const std::string& path) {
+  StFile f;
+  f.path = path;
+  CKPT_ASSIGN_OR_RETURN(f.stream, internal::OpenSource(path, {.pread = true}));
+  CKPT_ASSIGN_OR_RETURN(f.map, internal::OpenSource(path, {}));
+  const uint64_t size = f.stream->size();
+  if (size < 8) {
+    return Corrupt("safetensors: " + std::to_string(size) +
+                   " bytes, shorter than the 8-byte header size")
+        .WithFile(path);
+  }
+  std::byte n8[8];
+  CKPT_RETURN_IF_ERROR(f.stream->ReadInto(0, n8));
+  const uint64_t n = internal::LoadLE<uint64_t>(n8);
+  if (n > kMaxSafetensorsHeader) {
+    return Corrupt("safetensors: header of " + std::to_string(n) +
+                   " bytes, over the limit of " +
+                   std::to_string(kMaxSafetensorsHeader))
+        .WithFile(path);
+  }
+  if (n > size - 8) {
+    return Corrupt("safetensors: header of " + std::to_string(n) +
+                   " bytes runs past the end of the file (" +
+                   std::to_string(size) + " bytes)")
+        .WithFile(path)
+        .WithOffset(8);
+  }
+  std::string text(static_cast<size_t>(n), '\0');
+  CKPT_RETURN_IF_ERROR(f.stream->ReadInto(
+      8, std::as_writable_bytes(std::span(text.data(), text.size()))));
+  auto h = internal::ParseSafetensorsHeader(text, size);
+  if (!h.ok()) return h.status().WithFile(path);
+  f.header = std::move(*h);
+  return f;
+}
+
+// Copies [offset, offset + n) of `src` (mapped) / `fd` into the open
+// storage of `w`, by the kernel where it can.
+Status CopyRange(Writer& w, const internal::ByteSource& map, int fd,
+                 uint64_t offset, uint64_t n) {
+  for (uint64_t off = 0; off < n; off += kPiece) {
+    const uint64_t len = std::min(kPiece, n - off);
+    CKPT_RETURN_IF_ERROR(map.Populate(offset + off, len));
+    CKPT_ASSIGN_OR_RETURN(internal::Bytes view, map.Read(offset + off, len));
+    CKPT_RETURN_IF_ERROR(w.AppendFromFile(fd, offset + off, view.data));
+    map.Release(offset + off, len);
+  }
+  return Status::OK();
+}
+
+struct Progress {
+  const ImportProgress& cb;
+  uint64_t done = 0, total = 0;
+  Status Add(uint64_t n) {
+    done += n;
+    return cb ? cb(done, total) : Status::OK();
+  }
+};
+
+Status ImportSafetensors(Writer& w, const std::vector<StFile>& files,
+                         Progress& progress, HfImportReport& report) {
+  for (const auto& f : files) {
+    for (const auto& e : f.header.tensors) {
+      CKPT_ASSIGN_OR_RETURN(StorageId sid, w.BeginStorage(e.end - e.begin));
+      Status s = CopyRange(w, *f.map, f.stream->fd(),
+                           f.header.data_start + e.begin, e.end - e.begin);
+      if (!s.ok()) return s.WithFile(f.path).WithTensor(e.name);
+      CKPT_RETURN_IF_ERROR(w.EndStorage());
+      TensorSpec spec;
+      spec.dtype = e.dtype;
+      spec.shape = e.shape;
+      spec.storage = sid;
+      CKPT_ASSIGN_OR_RETURN(NodeId node, w.AddTensor(spec));
+      CKPT_RETURN_IF_ERROR(w.PutValue(e.name, node));
+      report.tensors++;
+      report.tensor_bytes += e.end - e.begin;
+      CKPT_RETURN_IF_ERROR(progress.Add(e.end - e.begin));
+    }
+    for (const auto& [k, v] : f.header.metadata) {
+      CKPT_RETURN_IF_ERROR(w.SetMetadata(k, v));
+    }
+  }
+  return Status::OK();
+}
+
+// A .bin shard: converted by the restricted importer to a temporary ckpt
+// file beside `out` (unlinked as soon as it is open), whose flat dict is
+// then copied in, shared storages (tied weights) kept shared.
+Status ImportBinShard(Writer& w, const std::string& path,
+                      const std::string& out, size_t shard_index,
+                      const Layout& l, const ImportOptions& options,
+                      std::map<std::string, std::string>& where,
+                      Progress& progress, HfImportReport& report) {
+  const size_t slash = out.rfind('/');
+  const std::string tmp =
+      (slash == std::string::npos ? std::string() : out.substr(0, slash + 1)) +
+      "." + out.substr(slash == std::string::npos ? 0 : slash + 1) + ".bin" +
+      std::to_string(shard_index) + "-" + std::to_string(::getpid()) + ".tmp";
+  ImportOptions o = options;
+  o.progress = nullptr;
+  o.write.sync = false;
+  CKPT_RETURN_IF_ERROR(ImportPth(path, tmp, o).status());
+  auto ck = Checkpoint::Open(tmp);
+  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  const int open_errno = errno;
+  ::unlink(tmp.c_str());
+  if (!ck.ok()) {
+    if (fd >= 0) ::close(fd);
+    return ck.status();
+  }
+  if (fd < 0) return ErrnoError("open " + tmp, open_errno);
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
+  const Value root = ck->root();
+  if (root.kind() != ValueKind::kDict) {
+    return InvalidArgument("not a state dict (a dict of name -> tensor)")
+        .WithFile(path);
+  }
+  std::unordered_map<uint32_t, StorageId> storages;
+  for (size_t i = 0; i < root.size(); ++i) {
+    const Value key = root.key(i), item = root.item(i);
+    if (key.kind() != ValueKind::kString || item.kind() != ValueKind::kTensor) {
+      return InvalidArgument("not a state dict of tensors: entry " +
+                             key.KeySegment() + " is not a named tensor")
+          .WithFile(path);
+    }
+    const std::string name(key.as_string());
+    if (!where.emplace(name, path).second) {
+      return Corrupt("tensor '" + name + "' is in both " + where[name] +
+                     " and " + path);
+    }
+    if (!l.weight_map.empty()) {
+      auto it = l.weight_map.find(name);
+      const std::string base = path.substr(path.rfind('/') + 1);
+      if (it == l.weight_map.end() || it->second != base) {
+        return Corrupt("holds '" + name + "', which " + l.index +
+                       (it == l.weight_map.end() ? " does not name"
+                                                 : " places in " + it->second))
+            .WithFile(path);
+      }
+    }
+    CKPT_ASSIGN_OR_RETURN(TensorInfo info, item.tensor_info());
+    auto sit = storages.find(info.storage);
+    if (sit == storages.end()) {
+      CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck->StorageInfoAt(info.storage));
+      CKPT_ASSIGN_OR_RETURN(StorageId sid,
+                            w.BeginStorage(si.nbytes, si.device));
+      CKPT_ASSIGN_OR_RETURN(StorageView view, ck->Storage(info.storage));
+      for (uint64_t off = 0; off < si.nbytes; off += kPiece) {
+        const uint64_t n = std::min(kPiece, si.nbytes - off);
+        CKPT_RETURN_IF_ERROR(
+            w.AppendFromFile(fd, si.offset + off,
+                             view.data.subspan(static_cast<size_t>(off),
+                                               static_cast<size_t>(n))));
+      }
+      CKPT_RETURN_IF_ERROR(w.EndStorage());
+      sit = storages.emplace(info.storage, sid).first;
+      report.tensor_bytes += si.nbytes;
+      CKPT_RETURN_IF_ERROR(progress.Add(si.nbytes));
+    }
+    TensorSpec spec;
+    spec.dtype = info.dtype;
+    spec.shape = info.shape;
+    spec.strides = info.strides;
+    spec.storage = sit->second;
+    spec.storage_offset = info.storage_offset;
+    spec.requires_grad = info.requires_grad;
+    spec.is_parameter = info.is_parameter;
+    CKPT_ASSIGN_OR_RETURN(NodeId node, w.AddTensor(spec));
+    CKPT_RETURN_IF_ERROR(w.PutValue(name, node));
+    report.tensors++;
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Result<HfImportReport> ImportHfDir(const std::string& dir,
+                                   const std::string& out,
+                                   const ImportOptions& options) {
+  CKPT_ASSIGN_OR_RETURN(Layout l, FindLayout(dir));
+  HfImportReport report;
+  report.layout = l.kind;
+  Progress progress{options.progress};
+  // Every safetensors header is read and checked before anything is
+  // written, against the index too.
+  std::vector<StFile> st;
+  if (l.kind == "safetensors") {
+    std::map<std::string, std::string> where;
+    for (const auto& name : l.files) {
+      const std::string path = Join(dir, name);
+      CKPT_ASSIGN_OR_RETURN(StFile f, OpenSafetensors(path));
+      for (const auto& e : f.header.tensors) {
+        if (!where.emplace(e.name, name).second) {
+          return Corrupt("tensor '" + e.name + "' is in both " + where[e.name] +
+                         " and " + name)
+              .WithFile(dir);
+        }
+        if (!l.weight_map.empty()) {
+          auto it = l.weight_map.find(e.name);
+          if (it == l.weight_map.end() || it->second != name) {
+            return Corrupt("holds '" + e.name + "', which " +
+                           l.index.substr(l.index.rfind('/') + 1) +
+                           (it == l.weight_map.end()
+                                ? " does not name"
+                                : " places in " + it->second))
+                .WithFile(path);
+          }
+        }
+        progress.total += e.end - e.begin;
+      }
+      st.push_back(std::move(f));
+    }
+    for (const auto& [k, v] : l.weight_map) {
+      if (!where.count(k)) {
+        return Corrupt("names tensor '" + k + "', which " + v +
+                       " does not hold")
+            .WithFile(l.index);
+      }
+    }
+  } else {
+    for (const auto& name : l.files) {
+      struct stat sb;
+      if (::stat(Join(dir, name).c_str(), &sb) == 0) {
+        progress.total += static_cast<uint64_t>(sb.st_size);
+      }
+    }
+  }
+  std::string config;
+  const std::string config_path = Join(dir, "config.json");
+  if (IsFile(config_path)) {
+    CKPT_ASSIGN_OR_RETURN(config, ReadText(config_path, kMaxJsonFile));
+    auto doc = internal::ParseJson(config);
+    if (!doc.ok()) return doc.status().WithFile(config_path);
+  }
+  CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(out, options.write));
+  if (progress.cb) CKPT_RETURN_IF_ERROR(progress.cb(0, progress.total));
+  if (l.kind == "safetensors") {
+    CKPT_RETURN_IF_ERROR(ImportSafetensors(w, st, progress, report));
+  } else {
+    std::map<std::string, std::string> where;
+    for (size_t i = 0; i < l.files.size(); ++i) {
+      CKPT_RETURN_IF_ERROR(ImportBinShard(w, Join(dir, l.files[i]), out, i, l,
+                                          options, where, progress, report));
+    }
+    for (const auto& [k, v] : l.weight_map) {
+      if (!where.count(k)) {
+        return Corrupt("names tensor '" + k + "', which " + v +
+                       " does not hold")
+            .WithFile(l.index);
+      }
+    }
+  }
+  for (const auto& f : l.files) report.files.push_back(Join(dir, f));
+  if (!config.empty()) {
+    CKPT_RETURN_IF_ERROR(w.SetMetadata(kHfConfigKey, config));
+  }
+  CKPT_RETURN_IF_ERROR(w.Commit());
+  if (progress.cb) (void)progress.cb(progress.total, progress.total);
+  return report;
+}
+
+// ---- export ------------------------------------------------------------
+
+Result<uint64_t> ParseByteSize(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && text[i] == ' ') ++i;
+  const size_t num_start = i;
+  while (i < text.size() &&
+         ((text[i] >= '0' && text[i] <= '9') || text[i] == '.')) {
+    ++i;
+  }
+  const std::string num = text.substr(num_start, i - num_start);
+  while (i < text.size() && text[i] == ' ') ++i;
+  std::string unit = text.substr(i);
+  while (!unit.empty() && unit.back() == ' ') unit.pop_back();
+  for (auto& c : unit) c = static_cast<char>(std::toupper(c));
+  static const std::map<std::string, double> kUnits = {
+      {"", 1},
+      {"B", 1},
+      {"KB", 1e3},
+      {"MB", 1e6},
+      {"GB", 1e9},
+      {"TB", 1e12},
+      {"KIB", 1024.0},
+      {"MIB", 1048576.0},
+      {"GIB", 1073741824.0},
+      {"TIB", 1099511627776.0}};
+  auto u = kUnits.find(unit);
+  char* end = nullptr;
+  const double v = num.empty() ? 0 : std::strtod(num.c_str(), &end);
+  if (num.empty() || end != num.c_str() + num.size() || u == kUnits.end() ||
+      std::count(num.begin(), num.end(), '.') > 1) {
+    return InvalidArgument("size '" + text +
+                           "': a byte count, or a number with KB, MB, GB, "
+                           "TB, KiB, MiB, GiB or TiB ('5GB', '500MiB')");
+  }
+  const double bytes = v * u->second;
+  if (!(bytes >= 1) || bytes > 9.2e18) {
+    return InvalidArgument("size '" + text + "' must be at least one byte");
+  }
+  return static_cast<uint64_t>(bytes);
+}
+
+namespace {
+
+struct ExportTensor {
+  std::string name;
+  TensorRef ref;
+  std::string_view dtype;
+};
+
+void AppendUint(std::string& out, uint64_t v) { out += std::to_string(v); }
+
+// The header of one safetensors file: "__metadata__" first, then tensors
+// in the order given, back to back; padded with spaces to a multiple of 8
+// so that the data starts aligned (as safetensors' serializer does).
+std::string StHeader(const std::vector<const ExportTensor*>& tensors) {
+  std::string h = "{\"__metadata__\":{\"format\":\"pt\"}";
+  uint64_t at = 0;
+  for (const ExportTensor* t : tensors) {
+    h += ',';
+    internal::AppendJsonString(h, t->name);
+    h += ":{\"dtype\":\"";
+    h += t->dtype;
+    h += "\",\"shape\":[";
+    for (size_t i = 0; i < t->ref.shape().size(); ++i) {
+      if (i) h += ',';
+      AppendUint(h, static_cast<uint64_t>(t->ref.shape()[i]));
+    }
+    h += "],\"data_offsets\":[";
+    AppendUint(h, at);
+    h += ',';
+    at += t->ref.info().nbytes();
+    AppendUint(h, at);
+    h += "]}";
+  }
+  h += '}';
+  while ((8 + h.size()) % 8 != 0) h += ' ';
+  return h;
+}
+
+Status WriteText(internal::AtomicFile& f, std::string_view s) {
+  return f.Write(std::as_bytes(std::span(s.data(), s.size())));
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> ExportHf(const std::string& in,
+                                          const std::string& dir,
+                                          const HfExportOptions& options,
+                                          size_t* dropped) {
+  if (options.max_shard_bytes == 0) {
+    return InvalidArgument("max shard size must be positive");
+  }
+  CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(in));
+  const Value root = ck.root();
+  if (root.kind() != ValueKind::kDict) {
+    return InvalidArgument(
+               "not a state dict: export takes a flat dict of name -> tensor")
+        .WithFile(in);
+  }
+  std::vector<ExportTensor> tensors;
+  size_t skipped = 0;
+  for (size_t i = 0; i < root.size(); ++i) {
+    const Value key = root.key(i), item = root.item(i);
+    if (item.kind() != ValueKind::kTensor) {
+      if (item.is_container()) {
+        // A nested dict of tensors would lose its structure: refuse it.
+        std::vector<Value> todo = {item};
+        while (!todo.empty()) {
+          Value v = todo.back();
+          todo.pop_back();
+          if (v.kind() == ValueKind::kTensor) {
+            return InvalidArgument(
+                       "tensor '" + std::string(v.tensor_info()->path) +
+                       "' is nested; export takes a flat state dict "
+                       "(ImportHfDir's, or ckpt.flatten's)")
+                .WithFile(in);
+          }
+          for (size_t k = 0; v.is_container() && k < v.size(); ++k)
+            todo.push_back(v.item(k));
+        }
+      }
+      skipped++;
+      continue;
+    }
+    if (key.kind() != ValueKind::kString) {
+      return InvalidArgument("tensor key " + key.KeySegment() +
+                             " is not a string")
+          .WithFile(in);
+    }
+    CKPT_ASSIGN_OR_RETURN(TensorRef ref, item.tensor());
+    auto st = internal::SafetensorsDTypeName(ref.dtype());
+    if (!st) {
+      return InvalidArgument("dtype " + std::string(DTypeName(ref.dtype())) +
+                             " has no safetensors name")
+          .WithFile(in)
+          .WithTensor(std::string(key.as_string()));
+    }
+    tensors.push_back({std::string(key.as_string()), std::move(ref), *st});
+  }
+  if (dropped) *dropped = skipped;
+  std::sort(tensors.begin(), tensors.end(),
+            [](const auto& a, const auto& b) { return a.name < b.name; });
+  // Shards in name order, each up to the limit (a larger tensor alone).
+  std::vector<std::vector<const ExportTensor*>> shards(1);
+  uint64_t size = 0, total = 0;
+  for (const auto& t : tensors) {
+    const uint64_t nb = t.ref.info().nbytes();
+    if (!shards.back().empty() && size + nb > options.max_shard_bytes) {
+      shards.emplace_back();
+      size = 0;
+    }
+    shards.back().push_back(&t);
+    size += nb;
+    total += nb;
+  }
+  if (::mkdir(dir.c_str(), 0777) != 0 && errno != EEXIST) {
+    return ErrnoError("cannot create directory " + dir, errno);
+  }
+  struct stat dst;
+  if (::stat(dir.c_str(), &dst) != 0 || !S_ISDIR(dst.st_mode)) {
+    return InvalidArgument(dir + " is not a directory");
+  }
+  // Every file complete (unnamed until commit) before any is published.
+  std::vector<std::pair<std::string, internal::AtomicFile>> files;
+  std::vector<std::string> names;
+  const size_t n = shards.size();
+  char buf[64];
+  for (size_t i = 0; i < n; ++i) {
+    if (n == 1) {
+      names.push_back("model.safetensors");
+    } else {
+      std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1,
+                    n);
+      names.push_back(buf);
+    }
+    const std::string path = Join(dir, names.back());
+    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
+    const std::string header = StHeader(shards[i]);
+    std::byte n8[8];
+    internal::StoreLE(n8, header.size(), 8);
+    CKPT_RETURN_IF_ERROR(f.Write(n8));
+    CKPT_RETURN_IF_ERROR(WriteText(f, header));
+    for (const ExportTensor* t : shards[i]) {
+      Status s = ck.StreamTensor(
+          t->ref,
+          [&](std::span<const std::byte> piece) { return f.Write(piece); },
+          size_t{8} << 20);
+      if (!s.ok()) return s.WithTensor(t->name);
+    }
+    files.emplace_back(path, std::move(f));
+  }
+  if (n > 1) {
+    std::string idx =
+        "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total) +
+        "\n  },\n  \"weight_map\": {";
+    bool first = true;
+    for (size_t i = 0; i < n; ++i) {
+      for (const ExportTensor* t : shards[i]) {
+        idx += first ? "\n    " : ",\n    ";
+        first = false;
+        internal::AppendJsonString(idx, t->name);
+        idx += ": ";
+        internal::AppendJsonString(idx, names[i]);
+      }
+    }
+    idx += "\n  }\n}\n";
+    // (Tensors are in name order across the shards, so the weight_map is
+    // sorted as transformers writes it.)
+    const std::string path = Join(dir, "model.safetensors.index.json");
+    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
+    CKPT_RETURN_IF_ERROR(WriteText(f, idx));
+    files.emplace_back(path, std::move(f));
+  }
+  if (auto config = ck.Metadata(kHfConfigKey); config.ok()) {
+    const std::string path = Join(dir, "config.json");
+    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
+    CKPT_RETURN_IF_ERROR(WriteText(f, *config));
+    files.emplace_back(path, std::move(f));
+  }
+  std::vector<std::string> written;
+  for (auto& [path, f] : files) {
+    CKPT_RETURN_IF_ERROR(f.Commit(options.sync));
+    written.push_back(path);
+  }
+  // An earlier export's weight files that this one does not have.
+  std::set<std::string> keep(names.begin(), names.end());
+  if (n > 1) keep.insert("model.safetensors.index.json");
+  std::vector<std::string> stale = {"model.safetensors",
+                                    "model.safetensors.index.json"};
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      std::string name = e->d_name;
+      unsigned a = 0, b = 0;
+      char tail[32] = {0};
+      if (std::sscanf(name.c_str(), "model-%5u-of-%5u.%20s", &a, &b, tail) ==
+              3 &&
+          std::string(tail) == "safetensors") {
+        stale.push_back(name);
+      }
+    }
+    ::closedir(d);
+  }
+  bool removed = false;
+  for (const auto& name : stale) {
+    if (keep.count(name)) continue;
+    if (::unlink(Join(dir, name).c_str()) == 0) removed = true;
+  }
+  if (removed && options.sync) {
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      (void)::fsync(dfd);
+      ::close(dfd);
+    }
+  }
+  return written;
+}
+
+}  // namespace ckpt
