@@ -31,6 +31,20 @@ except ImportError:  # pragma: no cover - depends on what is installed
 __all__ = ["CkptCheckpointIO", "RngState"]
 
 
+def _local(path):
+    """`path` as a local file name; a URL (s3://, gs://, hdfs://...) is
+    refused up front, where torch's CheckpointIO would hand it to fsspec:
+    ckpt writes and maps local files only."""
+    path = os.fspath(path)
+    if "://" in path:
+        from ._errors import InvalidArgumentError
+        raise InvalidArgumentError(
+            f"{path}: CkptCheckpointIO writes local files only (ckpt maps them); use a local "
+            "or mounted directory for ModelCheckpoint(dirpath=...), or Lightning's default "
+            "TorchCheckpointIO for remote storage")
+    return path
+
+
 class CkptCheckpointIO(CheckpointIO):
     """Saves and loads Lightning checkpoints as ckpt files.
 
@@ -51,7 +65,7 @@ class CkptCheckpointIO(CheckpointIO):
                 raise TypeError("CkptCheckpointIO takes storage_options={'metadata': {str: "
                                 f"str}}, not {storage_options!r}")
             meta.update(storage_options.get("metadata") or {})
-        path = os.fspath(path)
+        path = _local(path)
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
@@ -63,13 +77,13 @@ class CkptCheckpointIO(CheckpointIO):
         runs code from the file, so `weights_only` changes nothing. Tensors
         land on the CPU unless map_location says otherwise, as with
         TorchCheckpointIO (Lightning's strategy moves them after)."""
-        path = os.fspath(path)
+        path = _local(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return _load(path, map_location=map_location)
 
     def remove_checkpoint(self, path):
-        path = os.fspath(path)
+        path = _local(path)
         if os.path.isdir(path) and not os.path.islink(path):
             import shutil
             shutil.rmtree(path)
@@ -77,17 +91,43 @@ class CkptCheckpointIO(CheckpointIO):
             os.unlink(path)
 
 
-
 class RngState(_Callback):
     """Saves every random generator a run draws from (python, numpy, torch
     CPU and CUDA: ckpt.rng) in each checkpoint and restores them on
     resume, so that shuffling, dropout and augmentation after a resume draw
     what an uninterrupted run would have drawn. (Lightning itself does not
-    save them.) Set num_sanity_val_steps=0 for a bit-identical resume: a
-    sanity check draws from torch's generator after the restore."""
+    save them.) Under DDP each rank's generators are gathered into the one
+    checkpoint rank 0 writes, and each rank gets its own back on resume (a
+    resume on another number of ranks: ranks past the saved count get rank
+    0's, with a warning). Set num_sanity_val_steps=0 for a bit-identical
+    resume: a sanity check draws from torch's generator after the restore."""
+
+    @staticmethod
+    def _world():
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist, dist.get_rank(), dist.get_world_size()
+        return None, 0, 1
 
     def state_dict(self):
-        return {"rng": get_rng_state()}
+        # Lightning builds the checkpoint on every rank (rank 0 writes it),
+        # so this gather is a collective all ranks reach.
+        state = get_rng_state()
+        dist, _, world = self._world()
+        if dist is None or world == 1:
+            return {"rng": state}
+        states = [None] * world
+        dist.all_gather_object(states, state)
+        return {"rng": states[0], "rng_per_rank": states}
 
     def load_state_dict(self, state_dict):
+        per = state_dict.get("rng_per_rank")
+        _, rank, world = self._world()
+        if per is not None and rank < len(per):
+            set_rng_state(per[rank])
+            return
+        if per is not None:
+            import warnings
+            warnings.warn(f"RngState: the checkpoint holds {len(per)} ranks' generators, this "
+                          f"is rank {rank} of {world}: it resumes with rank 0's")
         set_rng_state(state_dict["rng"])

@@ -4,7 +4,11 @@ from ckpt_path="last" when started again. tests/python/test_lightning.py
 kills it with SIGKILL at random moments and requires the end state to be
 bit-identical to an uninterrupted run.
 
-    python lightning_train.py DIR EPOCHS OUT
+    python lightning_train.py DIR EPOCHS OUT [RANKS]
+
+With RANKS > 1: DDP on that many CPU processes (gloo), each rank seeded
+apart (seed + rank), so that each draws its own dropout masks and only a
+per-rank restore of the generators resumes bit-identically.
 
 Prints START, SAVE_BEGIN n / SAVE_END n around each save and DONE.
 """
@@ -30,6 +34,13 @@ class Noisy(L.LightningModule):
         # Checkpoint ballast, so that a kill can land inside a save.
         self.register_buffer("ballast", torch.zeros(2 << 20))
 
+    def on_train_start(self):
+        # DDP reseeds every rank alike (seed_everything's seed) in its
+        # setup; a fresh run then seeds each apart (restored runs keep
+        # their restored generators: global_step > 0).
+        if self.trainer.world_size > 1 and self.trainer.global_step == 0:
+            torch.manual_seed(100 + self.global_rank)
+
     def training_step(self, batch, i):
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
@@ -50,7 +61,7 @@ class Announced(CkptCheckpointIO):
         print(f"SAVE_END {checkpoint['epoch']}", flush=True)
 
 
-def main(directory, epochs, out):
+def main(directory, epochs, out, ranks=1):
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
@@ -59,8 +70,9 @@ def main(directory, epochs, out):
     data = torch.utils.data.TensorDataset(x, y)
     train = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
     val = torch.utils.data.DataLoader(data, batch_size=64)
+    ddp = dict(devices=ranks, strategy="ddp", num_nodes=1) if ranks > 1 else dict(devices=1)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+        max_epochs=epochs, accelerator="cpu", logger=False, **ddp,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         plugins=[Announced()],
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_top_k=2,
@@ -69,6 +81,8 @@ def main(directory, epochs, out):
     print("START", flush=True)
     model = Noisy()
     trainer.fit(model, train, val, ckpt_path="last")
+    if trainer.global_rank != 0:
+        return
     opt = trainer.optimizers[0]
     ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
@@ -77,6 +91,7 @@ def main(directory, epochs, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3],
+         int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     sys.stdout.flush()
     os._exit(0)

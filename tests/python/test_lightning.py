@@ -23,8 +23,9 @@ SCRIPT = os.path.join(HERE, "lightning_train.py")
 EPOCHS = 6
 
 
-def run(directory, epochs, out):
-    r = subprocess.run([sys.executable, SCRIPT, directory, str(epochs), out], env=python_env(),
+def run(directory, epochs, out, ranks=1):
+    r = subprocess.run([sys.executable, SCRIPT, directory, str(epochs), out, str(ranks)],
+                       env=python_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout
@@ -67,6 +68,19 @@ class LightningTest(TempDirCase):
         self.assertIn("START", log)
         assert_same(self, ckpt.load(self.ref_out), ckpt.load(out))
 
+    def test_ddp_ranks_each_resume_their_own_generators(self):
+        # Two DDP ranks seeded apart draw different dropout masks; a resume
+        # that gave rank 1 rank 0's generators would diverge from the run
+        # that never stopped.
+        ref = self.path("ref.ckpt")
+        run(self.path("ref"), 4, ref, ranks=2)
+        d, out = self.path("ck"), self.path("end.ckpt")
+        run(d, 2, self.path("half.ckpt"), ranks=2)
+        state = ckpt.load(os.path.join(d, "last.ckpt"))
+        self.assertEqual(len(state["callbacks"]["RngState"]["rng_per_rank"]), 2)
+        run(d, 4, out, ranks=2)
+        assert_same(self, ckpt.load(ref), ckpt.load(out))
+
     def test_sigkill_at_random_moments_resumes_bit_identically(self):
         seed = int(os.environ.get("CKPT_KILL_SEED", "20261202"))
         d, out = self.path("killed"), self.path("killed.ckpt")
@@ -106,3 +120,16 @@ class LightningTest(TempDirCase):
         io.remove_checkpoint(self.path("m.ckpt"))
         self.assertFalse(os.path.exists(self.path("m.ckpt")))
         io.remove_checkpoint(self.path("m.ckpt"))  # already gone: no error
+        # A remote URL is refused, not written to a local "s3:" directory.
+        here = os.getcwd()
+        os.chdir(self.dir)
+        try:
+            for call in (lambda: io.save_checkpoint({"a": 1}, "s3://bucket/run/last.ckpt"),
+                         lambda: io.load_checkpoint("gs://bucket/last.ckpt"),
+                         lambda: io.remove_checkpoint("s3://bucket/run/last.ckpt")):
+                with self.assertRaises(ckpt.InvalidArgumentError) as cm:
+                    call()
+                self.assertIn("writes local files only", str(cm.exception))
+            self.assertEqual(os.listdir(self.dir), ["old.ckpt"])
+        finally:
+            os.chdir(here)
