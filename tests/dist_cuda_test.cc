@@ -224,3 +224,80 @@ TEST_CASE(
   std::error_code ec;
   fs::remove_all(root, ec);
 }
+
+TEST_CASE(
+    "one ckpt file opened as a one-rank sharded checkpoint loads column "
+    "slices to the device by 2-D copies, tied and offset tensors included") {
+  // What ckpt.iter_weights does for a tensor-parallel rank on a GPU.
+  cuda_double::Reset({});
+  ckpt::test::TempDir tmp;
+  const std::string file = tmp.File("model.ckpt");
+  const Spec& s = kSpecs[0];  // w, float32 [6, 5]
+  const Box whole{{0, 0}, {6, 5}};
+  const std::vector<std::byte> ref =
+      ReferenceBox(s.path, s.dtype, s.shape, whole);
+  {
+    auto w = Writer::Create(file, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    REQUIRE(
+        w->PutTensor("a.first", DType::kUInt8, {3}, ckpt::test::Pattern(3, 1))
+            .ok());
+    std::vector<std::byte> storage(2 * sizeof(float), std::byte{0x5a});
+    storage.insert(storage.end(), ref.begin(), ref.end());
+    auto sid = w->AddStorage(storage);
+    REQUIRE(sid.ok());
+    TensorSpec spec;
+    spec.dtype = s.dtype;
+    spec.shape = s.shape;
+    spec.storage = *sid;
+    spec.storage_offset = 2;
+    for (const char* name : {"w", "w.tied"}) {  // two tensors, one storage
+      auto t = w->AddTensor(spec);
+      REQUIRE(t.ok());
+      REQUIRE(w->PutValue(name, *t).ok());
+    }
+    spec.shape = {5, 6};
+    spec.strides = {1, 5};  // a transpose saved as is: no chunk
+    auto t = w->AddTensor(spec);
+    REQUIRE(t.ok());
+    REQUIRE(w->PutValue("w.t", *t).ok());
+    REQUIRE(w->Commit().ok());
+  }
+  {
+    auto ck = ShardedCheckpoint::OpenFile(file);
+    REQUIRE(ck.ok());
+    CHECK(ck->manifest().world_size == 1);
+    CHECK(ck->manifest().Find("w.t") == nullptr);
+    REQUIRE(ck->manifest().Find("w.tied") != nullptr);
+    for (const char* name : {"w", "w.tied"}) {
+      Spec named = s;
+      named.path = name;
+      const Box cols{{0, 1}, {6, 2}};
+      const size_t bytes = 6 * 2 * sizeof(float);
+      void* dev = nullptr;
+      REQUIRE(cudaMalloc(&dev, bytes) == cudaSuccess);
+      DeviceWant want{name, cols, dev};
+      DeviceLoadOptions o;
+      o.verify_checksums = true;
+      auto st = LoadBoxesToDevice(*ck, std::span(&want, 1), o);
+      REQUIRE(st.ok());
+      std::vector<std::byte> got(bytes);
+      REQUIRE(cuda_double::ReadDevice(dev, got.data(), bytes));
+      CHECK(got == ReferenceBox(s.path, s.dtype, s.shape, cols));
+      REQUIRE(cudaFree(dev) == cudaSuccess);
+      // The host loader reads the same box from the same index.
+      std::vector<std::byte> host(bytes);
+      Want hw{name, cols, host};
+      auto plan = ck->Plan(std::span(&hw, 1));
+      REQUIRE(plan.ok());
+      REQUIRE(ck->Execute(*plan).ok());
+      CHECK(host == got);
+    }
+    CHECK(cuda_double::GetStats().d2d_copies > 0);
+    CHECK(cuda_double::GetStats().bad_copies == 0);
+  }
+  auto st = cuda_double::GetStats();
+  CHECK(st.live_device_allocs == 0);
+  CHECK(st.live_pinned == 0);
+  CHECK(st.live_streams == 0);
+}

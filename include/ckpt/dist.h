@@ -293,6 +293,12 @@ class ShardedCheckpoint {
                                         int coordinator = 0);
   /// One process: no group.
   static Result<ShardedCheckpoint> Open(const std::string& dir);
+  /// One ordinary ckpt file seen as a sharded checkpoint of one rank, so
+  /// that the box loaders (Plan/Execute, LoadBoxesToDevice) read slices of
+  /// its tensors: each row-major tensor is one chunk, where its bytes lie
+  /// in the file; tensors stored as views in another layout (a transpose
+  /// saved as is) are not in its manifest. OpenShard(0) is the file.
+  static Result<ShardedCheckpoint> OpenFile(const std::string& path);
 
   ShardedCheckpoint(ShardedCheckpoint&&) noexcept;
   ShardedCheckpoint& operator=(ShardedCheckpoint&&) noexcept;

@@ -336,6 +336,58 @@ Result<ShardedCheckpoint> ShardedCheckpoint::Open(Comm& comm,
   return FromBytes(std::span(got).subspan(1), dir, got[0] == std::byte{2});
 }
 
+Result<ShardedCheckpoint> ShardedCheckpoint::OpenFile(const std::string& path) {
+  CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(path));
+  const fs::path p(path);
+  Manifest m;
+  m.world_size = 1;
+  m.files.push_back(
+      {p.filename().string(), ck.file_size(), ck.layout().header_xxh3, 0});
+  m.producer = std::string(ck.producer());
+  m.metadata = ck.metadata();
+  auto shard = std::make_shared<Shard>(ck.Share());
+  for (size_t k = 0; k < ck.num_storages(); ++k) {
+    CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(k));
+    shard->starts.push_back(si.offset);
+    shard->ends.push_back(si.offset + si.nbytes);
+  }
+  // Each row-major tensor is one chunk where its bytes lie; views in
+  // another layout have no place in a manifest and are left out. Tensors
+  // sharing a storage (tied weights) may share bytes: built here from a
+  // checked file, this index is not held to M13, which only a manifest
+  // read from disk must meet.
+  m.tensors.reserve(ck.num_tensors());
+  for (size_t i = 0; i < ck.num_tensors(); ++i) {
+    CKPT_ASSIGN_OR_RETURN(TensorInfo t, ck.TensorInfoAt(i));
+    if (!t.is_contiguous()) continue;
+    GlobalTensorInfo g;
+    g.path = std::move(t.path);
+    g.dtype = t.dtype;
+    g.shape = t.shape;
+    if (t.numel() > 0) {
+      CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(t.storage));
+      Box whole{std::vector<int64_t>(t.shape.size(), 0), t.shape};
+      g.chunks.push_back({std::move(whole), 0,
+                          si.offset + static_cast<uint64_t>(t.storage_offset) *
+                                          DTypeSize(t.dtype),
+                          t.nbytes()});
+    }
+    m.tensors.push_back(std::move(g));
+  }
+  auto impl = std::make_unique<ShardedCheckpoint::Impl>();
+  impl->dir = p.has_parent_path() ? p.parent_path().string() : ".";
+  impl->index.reserve(m.tensors.size());
+  for (const auto& t : m.tensors) {
+    std::vector<Box> boxes;
+    for (const auto& c : t.chunks) boxes.push_back(c.box);
+    CKPT_ASSIGN_OR_RETURN(BoxIndex bi, BoxIndex::Build(std::move(boxes)));
+    impl->index.push_back(std::move(bi));
+  }
+  impl->shards = {std::move(shard)};
+  impl->m = std::move(m);
+  return ShardedCheckpoint(std::move(impl));
+}
+
 Result<ShardedCheckpoint> ShardedCheckpoint::FromBytes(
     std::span<const std::byte> bytes, const std::string& dir, bool dcp) {
   const std::string name = (fs::path(dir) / (dcp ? std::string(".metadata")

@@ -14,12 +14,21 @@ row of the dims before it, so a column slice reads only its columns' bytes
 (and, when each row's run spans pages, only their pages). Every range is
 read with pread into memory the caller owns: no view of a mapping outlives
 the call, and nothing else of the file is touched.
+
+On a CUDA device (with the C++ GPU loader built in) the slices go through
+ckpt's device loader: the file is opened as a one-rank sharded checkpoint
+and each tensor's box loaded by LoadBoxesToDevice - row runs through the
+pinned staging ring straight into the tensor, column slices with one
+cudaMemcpy2DAsync per strided pattern. A sharded checkpoint directory
+works the same way, on the CPU too: each rank reads only the chunks its
+boxes overlap.
 """
 import fnmatch
 import os
 
 import torch
 
+from . import _ckpt
 from ._dtypes import CODES, torch_dtype
 from ._errors import InvalidArgumentError, UnsupportedError
 from ._load import _from_region, _open_reader
@@ -108,16 +117,29 @@ def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, th
     device = torch.device(device)
     pin = device.type == "cuda"
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise UnsupportedError(f"{path} is a directory: iter_weights reads one ckpt file "
-                               "(`ckpt consolidate` makes one of a sharded checkpoint)")
-    r = _open_reader(path, mmap=True)
-    storages = r.storages()
-    tensors = sorted(r.tensors(), key=lambda t: (
-        storages[t.storage].offset + t.storage_offset * CODES[t.dtype][1], t.path))
     counts = {"bytes_needed": 0, "bytes_read": 0, "bytes_mapped": 0}
-    batch, size = [], 0
     try:
+        if os.path.isdir(path):
+            if not _ckpt.is_sharded_checkpoint(path):
+                raise UnsupportedError(f"{path} is a directory but not a sharded checkpoint "
+                                       "(no MANIFEST.ckptm): iter_weights reads a ckpt file "
+                                       "or a sharded checkpoint directory")
+            yield from _boxes(_ckpt.ShardedCheckpoint(path), None, device, rule, tp_rank,
+                              tp_size, threads, counts, path)
+            return
+        r = _open_reader(path, mmap=True)
+        storages = r.storages()
+        tensors = sorted(r.tensors(), key=lambda t: (
+            storages[t.storage].offset + t.storage_offset * CODES[t.dtype][1], t.path))
+        if device.type == "cuda" and _ckpt.has_gpu_loader:
+            # Row-major tensors by the device loader, the rest (views in
+            # another layout, not in the one-rank index) as on the CPU.
+            sc = _ckpt.ShardedCheckpoint.open_file(path)
+            indexed = {t[0] for t in sc.manifest()["tensors"]}
+            yield from _boxes(sc, [t for t in tensors if t.path in indexed], device, rule,
+                              tp_rank, tp_size, threads, counts, path)
+            tensors = [t for t in tensors if t.path not in indexed]
+        batch, size = [], 0
         for t in tensors:
             batch.append(_plan(r, t, storages, rule, tp_rank, tp_size, pin, path))
             size += batch[-1][1].numel() * batch[-1][1].element_size()
@@ -131,26 +153,80 @@ def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, th
                 stats[k] = stats.get(k, 0) + v
 
 
+def _split(path, name, shape, rule, tp_rank, tp_size):
+    """(dim or None, lo, hi): this rank's part of `shape` as the rule says."""
+    dim = rule(name, tuple(shape))
+    if dim is None:
+        return None, 0, (shape[0] if shape else 1)
+    if type(dim) is not int or not -len(shape) <= dim < len(shape):
+        raise InvalidArgumentError(f"{path}: tensor '{name}' of shape "
+                                   f"{tuple(shape)} has no dim {dim!r}")
+    split = dim % len(shape)
+    if shape[split] % tp_size:
+        raise InvalidArgumentError(
+            f"{path}: tensor '{name}' has {shape[split]} along dim {split}, which "
+            f"does not divide by tp_size {tp_size}")
+    part = shape[split] // tp_size
+    return split, tp_rank * part, (tp_rank + 1) * part
+
+
+def _boxes(sc, tensors, device, rule, tp_rank, tp_size, threads, counts, path):
+    """The slices of a sharded checkpoint's (or a one-rank file index's)
+    tensors as boxes, loaded a batch at a time: into CPU tensors by the
+    host loader, or into device tensors by LoadBoxesToDevice. `tensors`
+    (reader tensors, in file order) picks and orders them; None: all of
+    the manifest's, by where their first chunk lies."""
+    m = sc.manifest()
+    info = {name: (code, shape, chunks) for name, code, shape, chunks in m["tensors"]}
+    if tensors is None:
+        names = sorted(info, key=lambda n: (min(((c[2], c[3]) for c in info[n][2]),
+                                                default=(0, 0)), n))
+    else:
+        names = [t.path for t in tensors]
+    # Without the C++ GPU loader: pinned host tensors, then one copy each.
+    gpu = device.type == "cuda" and _ckpt.has_gpu_loader
+    staged = device.type == "cuda" and not gpu
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if gpu else 0)
+    batch, size = [], 0
+
+    def flush():
+        wants = [w for _, _, w in batch if w is not None]
+        if wants:
+            got = (sc.load_to_device(wants, index, False, threads) if gpu
+                   else sc.load(wants, False, threads))
+            counts["bytes_read"] += got["bytes_read"]
+        for name, out, _ in batch:
+            counts["bytes_needed"] += out.numel() * out.element_size()
+            yield name, (out.to(device, non_blocking=True) if staged else out)
+    for name in names:
+        code, shape, _ = info[name]
+        shape = list(shape)
+        split, lo, hi = _split(path, name, shape, rule, tp_rank, tp_size)
+        offsets, sizes = [0] * len(shape), list(shape)
+        if split is not None:
+            offsets[split], sizes[split] = lo, hi - lo
+        out = (torch.empty(sizes, dtype=torch_dtype(code), device=device) if gpu else
+               torch.empty(sizes, dtype=torch_dtype(code), pin_memory=staged))
+        want = None
+        if out.numel():
+            buf = out.data_ptr() if gpu else out.reshape(-1).view(torch.uint8).numpy()
+            want = (name, offsets, sizes, buf)
+        batch.append((name, out, want))
+        size += out.numel() * out.element_size()
+        if size >= _BATCH:
+            yield from flush()
+            batch, size = [], 0
+    yield from flush()
+
+
 def _plan(r, t, storages, rule, tp_rank, tp_size, pin, path):
     """(name, out tensor, pread ranges [(storage, begin, length)], a
     function copying what is not read by pread, bytes it copies)."""
     shape = list(t.shape)
-    dim = rule(t.path, tuple(shape))
+    split, lo, hi = _split(path, t.path, shape, rule, tp_rank, tp_size)
     dtype = torch_dtype(t.dtype)
     elem = CODES[t.dtype][1]
-    # No split: the whole of dim 0 (a 0-d tensor: its one element).
-    split, lo, hi = dim, 0, (shape[0] if shape else 1)
-    if dim is not None:
-        if type(dim) is not int or not -len(shape) <= dim < len(shape):
-            raise InvalidArgumentError(f"{path}: tensor '{t.path}' of shape "
-                                       f"{tuple(shape)} has no dim {dim!r}")
-        split = dim % len(shape)
-        if shape[split] % tp_size:
-            raise InvalidArgumentError(
-                f"{path}: tensor '{t.path}' has {shape[split]} along dim {split}, which "
-                f"does not divide by tp_size {tp_size}")
-        part = shape[split] // tp_size
-        lo, hi = tp_rank * part, (tp_rank + 1) * part
     out_shape = list(shape)
     if split is not None:
         out_shape[split] = hi - lo

@@ -36,6 +36,7 @@
 #include "cli/cli.h"
 #ifdef CKPT_WITH_CUDA
 #include "ckpt/cuda.h"
+#include "ckpt/dist_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -1102,7 +1103,51 @@ class PySharded {
                   : ckpt::dist::ShardedCheckpoint::Open(dir)));
   }
 
+  explicit PySharded(ckpt::dist::ShardedCheckpoint ck)
+      : ck_(std::make_unique<ckpt::dist::ShardedCheckpoint>(std::move(ck))) {}
+
+  // One ckpt file as a one-rank sharded checkpoint (OpenFile).
+  static PySharded OpenFile(const std::string& path) {
+    ckpt::Result<ckpt::dist::ShardedCheckpoint> r =
+        ckpt::Status(ckpt::ErrorCode::kInvalidArgument, "unset");
+    {
+      py::gil_scoped_release nogil;
+      r = ckpt::dist::ShardedCheckpoint::OpenFile(path);
+    }
+    return PySharded(Take(std::move(r)));
+  }
+
   const ckpt::dist::ShardedCheckpoint& ck() const { return *ck_; }
+
+#ifdef CKPT_WITH_CUDA
+  // The wants (path, offsets, sizes, device pointer of the box's dense
+  // row-major bytes) by LoadBoxesToDevice: row runs through the pinned
+  // ring, column slices with one cudaMemcpy2DAsync per strided pattern.
+  py::dict LoadToDevice(const py::list& wants, int device, bool verify,
+                        unsigned threads) const {
+    std::vector<ckpt::dist::DeviceWant> ws;
+    ws.reserve(wants.size());
+    for (py::handle item : wants) {
+      auto t = item.cast<py::tuple>();
+      if (t.size() != 4)
+        throw py::value_error("a want is (path, offsets, sizes, pointer)");
+      ws.push_back({t[0].cast<std::string>(),
+                    BoxOf(t[1].cast<std::vector<int64_t>>(),
+                          t[2].cast<std::vector<int64_t>>()),
+                    reinterpret_cast<void*>(t[3].cast<uintptr_t>())});
+    }
+    ckpt::DeviceLoadOptions o;
+    o.device = "cuda:" + std::to_string(device);
+    o.verify_checksums = verify;
+    o.threads = threads;
+    ckpt::Result<ckpt::dist::LoadStats> r = ckpt::dist::LoadStats{};
+    {
+      py::gil_scoped_release nogil;
+      r = ckpt::dist::LoadBoxesToDevice(*ck_, ws, o);
+    }
+    return LoadStatsDict(Take(std::move(r)));
+  }
+#endif
 
   // Plans and reads the wants (path, offsets, sizes, writable buffer of
   // the box's bytes) into their buffers, the GIL released. Local: the
@@ -1336,8 +1381,13 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
              d["tensors"] = tensors;
              return d;
            })
+      .def_static("open_file", &PySharded::OpenFile, py::arg("path"))
       .def("load", &PySharded::Load, py::arg("wants"), py::arg("verify") = true,
            py::arg("threads") = 0)
+#ifdef CKPT_WITH_CUDA
+      .def("load_to_device", &PySharded::LoadToDevice, py::arg("wants"),
+           py::arg("device"), py::arg("verify") = false, py::arg("threads") = 0)
+#endif
       .def("read", &PySharded::Read, py::arg("path"), py::arg("offsets"),
            py::arg("sizes"), py::arg("verify") = true)
       .def("open_shard", &PySharded::OpenShard, py::arg("index"))

@@ -77,6 +77,34 @@ class IterWeightsTest(TempDirCase):
                     for p in parts[name]:
                         self.assertEqual(tensor_bytes(p), tensor_bytes(self.full[name]))
 
+    def test_a_sharded_checkpoint_directory_streams_the_same_slices(self):
+        # Saved by 3 ranks cut on dim 0 (near-even: rows % 3 != 0 for some),
+        # read back by tp sizes that do not match: each rank reads only the
+        # chunk bytes its boxes overlap.
+        import subprocess
+        import sys
+        from util import python_env
+        d = self.path("sharded")
+        r = subprocess.run([sys.executable, "-m", "ckpt", "shard", self.file, d, "--ranks", "3"],
+                           env=python_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for n in (1, 2, 4):
+            parts = {name: [] for name in WEIGHTS}
+            for rank in range(n):
+                stats = {}
+                for name, t in ckpt.iter_weights(d, tp_rank=rank, tp_size=n, shard_dim=RULE,
+                                                 stats=stats):
+                    parts[name].append(t)
+                    self.assertIsNone(t._base)
+                share = sum(
+                    self.full[k].numel() * self.full[k].element_size() // (n if dd is not None else 1)
+                    for k, (_, _, dd) in WEIGHTS.items())
+                self.assertEqual(stats["bytes_needed"], share)
+                self.assertEqual(stats["bytes_read"], share, (n, rank, stats))
+            for name, (_, _, dd) in WEIGHTS.items():
+                got = torch.cat(parts[name], dd) if dd is not None else parts[name][0]
+                self.assertEqual(tensor_bytes(got), tensor_bytes(self.full[name]), (n, name))
+
     def test_yielded_tensors_are_the_callers(self):
         first = dict(ckpt.iter_weights(self.file, tp_rank=1, tp_size=2, shard_dim=RULE))
         for t in first.values():
@@ -115,8 +143,9 @@ class IterWeightsTest(TempDirCase):
                 self.assertIn(says, str(cm.exception))
         with self.assertRaises(FileNotFoundError):
             list(ckpt.iter_weights(self.path("missing.ckpt")))
-        with self.assertRaises(ckpt.UnsupportedError):
+        with self.assertRaises(ckpt.UnsupportedError) as cm:
             list(ckpt.iter_weights(self.dir))
+        self.assertIn("not a sharded checkpoint", str(cm.exception))
         torch.save({"w": torch.ones(2)}, self.path("old.pth"))
         with self.assertRaises(ckpt.FormatError) as cm:
             list(ckpt.iter_weights(self.path("old.pth")))
@@ -125,6 +154,9 @@ class IterWeightsTest(TempDirCase):
     @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device here (scripts/gpu_check.sh "
                          "runs this where one is)")
     def test_slices_land_on_the_device(self):
+        from ckpt import _ckpt
+        self.assertTrue(_ckpt.has_gpu_loader, "a CUDA device, but ckpt was built without the "
+                        "CUDA toolkit: slices would be staged on the host")
         for rank in range(2):
             for name, t in ckpt.iter_weights(self.file, device="cuda", tp_rank=rank,
                                              tp_size=2, shard_dim=RULE):
