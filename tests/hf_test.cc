@@ -53,9 +53,10 @@ ckpt::ImportOptions FastImport() {
   return o;
 }
 
-const char* kTwo = R"({"__metadata__":{"format":"pt"},)"
-                   R"("b":{"dtype":"F32","shape":[2,3],"data_offsets":[8,32]},)"
-                   R"("a":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}})";
+const char* kTwo =
+    R"({"__metadata__":{"format":"pt","trained_on":"tiny \"set\""},)"
+    R"("b":{"dtype":"F32","shape":[2,3],"data_offsets":[8,32]},)"
+    R"("a":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}})";
 
 TEST_CASE("json: strict RFC 8259, bounded, exact integers", "[hf]") {
   using ckpt::internal::ParseJson;
@@ -131,6 +132,9 @@ TEST_CASE("hf: a safetensors file imports, exports and reads back equal",
   REQUIRE(h.ok());
   REQUIRE(h->tensors.size() == 2);
   CHECK(h->tensors[0].name == "a");  // name order
+  // The metadata goes back as it came (config.json aside).
+  CHECK(h->metadata == std::vector<std::pair<std::string, std::string>>{
+                           {"format", "pt"}, {"trained_on", "tiny \"set\""}});
   CHECK(std::memcmp(bytes.data() + 8 + n, data.data(), 32) == 0);
   CHECK(ReadAll(dst.File("config.json")).size() == 22);
 }

@@ -60,7 +60,9 @@ struct HfExportOptions {
 /// ImportHfDir makes) to the directory `dir` (created if missing) as
 /// safetensors: model.safetensors, or model-0000i-of-0000N.safetensors
 /// shards in name order and model.safetensors.index.json; config.json
-/// from the kHfConfigKey metadata. Every file is written in full before
+/// from the kHfConfigKey metadata, the file's other string metadata as
+/// every safetensors file's __metadata__ ("format": "pt" added when
+/// absent, as transformers expects). Every file is written in full before
 /// any is published; then each is renamed into place (shards before the
 /// index) and the weight files of an earlier export that the new set does
 /// not have (model.safetensors, model-*-of-*.safetensors, the index) are

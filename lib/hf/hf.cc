@@ -599,11 +599,21 @@ struct ExportTensor {
 
 void AppendUint(std::string& out, uint64_t v) { out += std::to_string(v); }
 
-// The header of one safetensors file: "__metadata__" first, then tensors
+// The header of one safetensors file: "__metadata__" first (the string
+// metadata, sorted), then tensors
 // in the order given, back to back; padded with spaces to a multiple of 8
 // so that the data starts aligned (as safetensors' serializer does).
-std::string StHeader(const std::vector<const ExportTensor*>& tensors) {
-  std::string h = "{\"__metadata__\":{\"format\":\"pt\"}";
+std::string StHeader(
+    const std::vector<const ExportTensor*>& tensors,
+    const std::vector<std::pair<std::string, std::string>>& metadata) {
+  std::string h = "{\"__metadata__\":{";
+  for (size_t i = 0; i < metadata.size(); ++i) {
+    if (i) h += ',';
+    internal::AppendJsonString(h, metadata[i].first);
+    h += ':';
+    internal::AppendJsonString(h, metadata[i].second);
+  }
+  h += '}';
   uint64_t at = 0;
   for (const ExportTensor* t : tensors) {
     h += ',';
@@ -710,6 +720,18 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
   if (::stat(dir.c_str(), &dst) != 0 || !S_ISDIR(dst.st_mode)) {
     return InvalidArgument(dir + " is not a directory");
   }
+  // The file's string metadata back as __metadata__ (what import kept of
+  // the safetensors files'), config.json aside; "format": "pt" unless the
+  // file says otherwise (transformers checks it).
+  std::vector<std::pair<std::string, std::string>> st_meta;
+  bool has_format = false;
+  for (auto& [k, v] : ck.metadata()) {
+    if (k == kHfConfigKey) continue;
+    has_format |= k == "format";
+    st_meta.emplace_back(k, v);
+  }
+  if (!has_format) st_meta.emplace_back("format", "pt");
+  std::sort(st_meta.begin(), st_meta.end());
   // Every file complete (unnamed until commit) before any is published.
   std::vector<std::pair<std::string, internal::AtomicFile>> files;
   std::vector<std::string> names;
@@ -725,7 +747,7 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
     }
     const std::string path = Join(dir, names.back());
     CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
-    const std::string header = StHeader(shards[i]);
+    const std::string header = StHeader(shards[i], st_meta);
     std::byte n8[8];
     internal::StoreLE(n8, header.size(), 8);
     CKPT_RETURN_IF_ERROR(f.Write(n8));

@@ -13,6 +13,12 @@ fsyncs (a crash mid-save leaves the previous file), checksummed, and loaded
 without unpickling anything, whatever `weights_only` says: the model,
 optimizer, scheduler and loop state are stored as typed values, and a value
 ckpt cannot hold is refused at save time, by its path in the checkpoint.
+
+Lightning reads checkpoints through the plug-in only inside a Trainer.
+`LightningModule.load_from_checkpoint` (and strategies that checkpoint on
+their own, FSDPStrategy's sharded state and DeepSpeed) call torch.load,
+which cannot read a ckpt file: use `ckpt.lightning.load_from_checkpoint
+(Model, path)` for the former.
 """
 import os
 
@@ -28,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
     from pytorch_lightning.callbacks import Callback as _Callback
 
-__all__ = ["CkptCheckpointIO", "RngState"]
+__all__ = ["CkptCheckpointIO", "RngState", "load_from_checkpoint"]
 
 
 def _local(path):
@@ -89,6 +95,26 @@ class CkptCheckpointIO(CheckpointIO):
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.unlink(path)
+
+
+def load_from_checkpoint(cls, path, map_location="cpu", strict=None, **kwargs):
+    """`cls.load_from_checkpoint(path, ...)` for a checkpoint CkptCheckpointIO
+    wrote (cls a LightningModule or LightningDataModule subclass): the
+    model built from the saved hyperparameters (kwargs override them) with
+    its state dict loaded, the way Lightning's own does it (its checkpoint
+    migration and hparams rules, which live in lightning.pytorch.core.saving
+    and are called here), the file read by ckpt instead of torch.load."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.core.saving import _load_state
+    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+    path = _local(path)
+    checkpoint = _pl_migrate_checkpoint(_load(path, map_location=map_location),
+                                        checkpoint_path=path)
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
+    if issubclass(cls, pl.LightningDataModule):
+        return _load_state(cls, checkpoint, **kwargs)
+    return _load_state(cls, checkpoint, strict=strict, **kwargs)
 
 
 class RngState(_Callback):

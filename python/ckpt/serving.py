@@ -24,6 +24,7 @@ works the same way, on the CPU too: each rank reads only the chunks its
 boxes overlap.
 """
 import fnmatch
+import operator
 import os
 
 import torch
@@ -158,6 +159,11 @@ def _split(path, name, shape, rule, tp_rank, tp_size):
     dim = rule(name, tuple(shape))
     if dim is None:
         return None, 0, (shape[0] if shape else 1)
+    if not isinstance(dim, bool):
+        try:  # an int, or anything that is one (numpy.int64, a 0-d tensor)
+            dim = operator.index(dim)
+        except TypeError:
+            pass
     if type(dim) is not int or not -len(shape) <= dim < len(shape):
         raise InvalidArgumentError(f"{path}: tensor '{name}' of shape "
                                    f"{tuple(shape)} has no dim {dim!r}")

@@ -61,6 +61,26 @@ class LightningTest(TempDirCase):
             self.assertIn("rng", state["callbacks"]["RngState"])
             self.assertEqual(state["hyper_parameters"]["lr"], 1e-2)
 
+    def test_load_from_checkpoint_builds_the_module_from_a_ckpt_file(self):
+        # LightningModule.load_from_checkpoint calls torch.load, which
+        # cannot read a ckpt file; ckpt.lightning.load_from_checkpoint can.
+        import torch
+        from ckpt.lightning import load_from_checkpoint
+        sys.path.insert(0, HERE)
+        from lightning_train import Noisy
+        d, out = self.path("ck"), self.path("end.ckpt")
+        run(d, 1, out)
+        last = os.path.join(d, "last.ckpt")
+        with self.assertRaises(Exception):
+            Noisy.load_from_checkpoint(last)
+        m = load_from_checkpoint(Noisy, last)
+        self.assertIsInstance(m, Noisy)
+        self.assertEqual(m.hparams.lr, 1e-2)
+        want = ckpt.load(out)["model"]
+        for k, v in m.state_dict().items():
+            self.assertTrue(torch.equal(v, want[k]), k)
+        self.assertEqual(load_from_checkpoint(Noisy, last, lr=0.5).hparams.lr, 0.5)
+
     def test_stop_and_resume_from_last_is_bit_identical(self):
         d, out = self.path("ck"), self.path("end.ckpt")
         run(d, 3, self.path("half.ckpt"))

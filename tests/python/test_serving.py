@@ -4,12 +4,18 @@ together equal each full tensor bit for bit, and the bytes it reads
 (counted by the loader, and by the kernel in /proc/self/io rchar) are the
 rank's share: exactly for row-major tensors, within 2% by rchar."""
 import os
+import sys
 import unittest
 
 import torch
 
 import ckpt
 from util import TempDirCase, tensor_bytes
+
+# The one reader of /proc/self/io, shared with the serving benchmark.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "bench"))
+from run_dist import rchar  # noqa: E402
 
 # name -> (shape, dtype, dim split across ranks or None)
 WEIGHTS = {
@@ -21,14 +27,6 @@ WEIGHTS = {
     "lm_head.scale": ((), torch.float32, None),                         # 0-d
 }
 RULE = {"*.q_proj.weight": 0, "*.o_proj.weight": 1, "*.experts": 1, "embed_tokens.*": 0}
-
-
-def rchar():
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
 
 
 class IterWeightsTest(TempDirCase):
@@ -119,8 +117,10 @@ class IterWeightsTest(TempDirCase):
         ckpt.save({"t": t, "v": torch.arange(12), "e": torch.empty(0, 4)},
                   self.path("odd.ckpt"))
 
-        def rule(name, shape):
-            return {"t": 1, "v": 0}.get(name)
+        import numpy
+
+        def rule(name, shape):  # numpy ints count as dims (operator.index)
+            return {"t": numpy.int64(1), "v": 0}.get(name)
         for rank in range(2):
             got = dict(ckpt.iter_weights(self.path("odd.ckpt"), tp_rank=rank, tp_size=2,
                                          shard_dim=rule))
@@ -135,6 +135,7 @@ class IterWeightsTest(TempDirCase):
              "does not divide by tp_size 3"),
             (dict(shard_dim={"*": 5}), ckpt.InvalidArgumentError, "has no dim 5"),
             (dict(shard_dim=[0]), TypeError, "shard_dim must be"),
+            (dict(shard_dim={"*": 0.0}), ckpt.InvalidArgumentError, "has no dim 0.0"),
         ]
         for kwargs, exc, says in cases:
             with self.subTest(kwargs=kwargs):
