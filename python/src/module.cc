@@ -65,6 +65,19 @@ T Take(ckpt::Result<T> r) {
   return std::move(*r);
 }
 
+// The bytes of a buffer a caller hands in to be filled (request(true)
+// already made): one-dimensional, of bytes, contiguous; else ValueError
+// naming `what`.
+std::span<std::byte> WritableBytes(const py::buffer_info& info,
+                                   const char* what) {
+  if (info.ndim != 1 || info.itemsize != 1 ||
+      (info.shape[0] > 1 && info.strides[0] != 1)) {
+    throw py::value_error(std::string(what) + " must be contiguous bytes");
+  }
+  return {static_cast<std::byte*>(info.ptr),
+          static_cast<size_t>(info.shape[0])};
+}
+
 const char* ErrorClass(ckpt::ErrorCode code) {
   switch (code) {
     case ckpt::ErrorCode::kIoError:
@@ -335,22 +348,15 @@ class Reader {
     reads.reserve(outs.size());
     for (size_t i = 0; i < outs.size(); ++i) {
       infos.push_back(outs[i].request(true));
-      auto& info = infos.back();
-      if (info.ndim != 1 || info.itemsize != 1 ||
-          (info.shape[0] > 1 && info.strides[0] != 1)) {
-        throw py::value_error("storage buffers must be contiguous bytes");
-      }
+      std::span<std::byte> out = WritableBytes(infos.back(), "storage buffers");
       if (indices[i] >= ck_->num_storages() ||
-          static_cast<uint64_t>(info.shape[0]) !=
-              ck_->StorageInfoAt(indices[i])->nbytes) {
+          out.size() != ck_->StorageInfoAt(indices[i])->nbytes) {
         throw py::value_error("buffer " + std::to_string(i) +
                               " does not match storage " +
                               std::to_string(indices[i]));
       }
-      auto* p = static_cast<std::byte*>(info.ptr);
-      auto n = static_cast<size_t>(info.shape[0]);
-      AdviseHugePages(p, n);
-      reads.push_back({indices[i], 0, {p, n}});
+      AdviseHugePages(out.data(), out.size());
+      reads.push_back({indices[i], 0, out});
     }
     ckpt::Status s;
     {
@@ -376,16 +382,10 @@ class Reader {
     uint64_t total = 0;
     for (size_t i = 0; i < outs.size(); ++i) {
       infos.push_back(outs[i].request(true));
-      auto& info = infos.back();
-      if (info.ndim != 1 || info.itemsize != 1 ||
-          (info.shape[0] > 1 && info.strides[0] != 1)) {
-        throw py::value_error("range buffers must be contiguous bytes");
-      }
-      const auto n = static_cast<size_t>(info.shape[0]);
+      std::span<std::byte> out = WritableBytes(infos.back(), "range buffers");
       // ReadStorages checks every range against its storage first.
-      reads.push_back(
-          {storages[i], begins[i], {static_cast<std::byte*>(info.ptr), n}});
-      total += n;
+      reads.push_back({storages[i], begins[i], out});
+      total += out.size();
     }
     ckpt::Status s;
     {
@@ -1162,18 +1162,12 @@ class PySharded {
       if (t.size() != 4)
         throw py::value_error("a want is (path, offsets, sizes, buffer)");
       infos.push_back(t[3].cast<py::buffer>().request(true));
-      auto& info = infos.back();
-      if (info.ndim != 1 || info.itemsize != 1 ||
-          (info.shape[0] > 1 && info.strides[0] != 1)) {
-        throw py::value_error("want buffers must be contiguous bytes");
-      }
-      auto* p = static_cast<std::byte*>(info.ptr);
-      auto n = static_cast<size_t>(info.shape[0]);
-      AdviseHugePages(p, n);
+      std::span<std::byte> out = WritableBytes(infos.back(), "want buffers");
+      AdviseHugePages(out.data(), out.size());
       ws.push_back({t[0].cast<std::string>(),
                     BoxOf(t[1].cast<std::vector<int64_t>>(),
                           t[2].cast<std::vector<int64_t>>()),
-                    {p, n}});
+                    out});
     }
     ckpt::dist::LoadOptions o;
     o.verify = verify;
