@@ -189,20 +189,22 @@ int main(int argc, char** argv) {
     double t_save = Timed([&] {
       const std::string shard =
           Take(ShardPath(step, g_rank, g_world), "ShardPath");
+      ShardRecord record;  // what the commit takes instead of a read-back
       Status local = [&]() -> Status {
         CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(shard));
         std::vector<NodeId> nodes;
         for (const auto& c : chunks) {
-          CKPT_ASSIGN_OR_RETURN(auto n, AddChunk(w, c));
+          CKPT_ASSIGN_OR_RETURN(auto n, AddChunk(w, c, &record));
           nodes.push_back(*n);
         }
         CKPT_RETURN_IF_ERROR(SetShardRoot(w, nodes, std::nullopt, std::nullopt,
-                                          g_rank, g_world));
-        return w.Commit();
+                                          g_rank, g_world, &record));
+        CKPT_RETURN_IF_ERROR(w.Commit());
+        return record.Seal(w);
       }();
       MPI_Barrier(MPI_COMM_WORLD);  // every shard is on disk
       const double t1 = Now();
-      Take(CommitSave(*comm, step, local), "CommitSave");
+      Take(CommitSave(*comm, step, local, {}, &record), "CommitSave");
       t_commit = Now() - t1;
     });
     // same-N load into fresh buffers, verify off and on.

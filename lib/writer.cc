@@ -457,6 +457,13 @@ class WriterImpl {
   // ----------------------------------------------------------------------
   Status Commit();
 
+  Result<uint64_t> StorageOffset(StorageId id) const {
+    if (id >= storages_.size()) {
+      return InvalidArgument("no storage " + std::to_string(id));
+    }
+    return storages_[id].offset;
+  }
+
   WriteOptions& options() { return options_; }
   std::optional<NodeId> root_;
   std::vector<std::pair<NodeId, NodeId>> implicit_root_;
@@ -466,6 +473,7 @@ class WriterImpl {
   std::vector<Extra> extras_;  // text, bytes, class tags (NodeRec::extra)
   KeyClasses classes_;
   bool committed_ = false;
+  uint64_t committed_size_ = 0, committed_header_xxh3_ = 0;
   Status failed_;
   uint64_t pos_ = 0;
   uint64_t kicked_ = 0;  // writeback was started for [0, kicked_)
@@ -755,6 +763,8 @@ Status WriterImpl::Commit() {
   CKPT_RETURN_IF_ERROR(Fail(file_.WriteAt(0, pre)));
   CKPT_RETURN_IF_ERROR(Fail(file_.Commit(options_.sync)));
   committed_ = true;
+  committed_size_ = pos_;
+  committed_header_xxh3_ = p.header_hash;
   return Status::OK();
 }
 
@@ -999,5 +1009,14 @@ void Writer::Abort() {
 }
 
 uint64_t Writer::bytes_written() const { return impl_->pos_; }
+
+Result<uint64_t> Writer::StorageOffset(StorageId id) const {
+  return impl_->StorageOffset(id);
+}
+
+std::optional<Writer::Committed> Writer::committed() const {
+  if (!impl_->committed_) return std::nullopt;
+  return Committed{impl_->committed_size_, impl_->committed_header_xxh3_};
+}
 
 }  // namespace ckpt

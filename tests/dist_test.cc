@@ -787,3 +787,113 @@ TEST_CASE("a shard the coordinator cannot find is never committed") {
   CHECK_FALSE(fs::exists(d.path + "/step"));
   CHECK_FALSE(fs::exists(d.path + "/.step.tmp"));
 }
+
+TEST_CASE(
+    "a shard's record gives the commit the report reading the file back "
+    "would, and a wrong one fails the save") {
+  // Two chunks of one tensor on one rank, a zero-size one, a 0-d one: the
+  // manifests committed from a record and from the file read back agree.
+  Dir d;
+  SelfComm comm;
+  std::vector<std::vector<std::byte>> keep;
+  std::vector<Chunk> chunks;
+  for (const auto& s : kSpecs) chunks.push_back(RowChunk(s, 0, 1, &keep));
+  // "w" again, as two row blocks instead of one.
+  chunks.erase(std::remove_if(chunks.begin(), chunks.end(),
+                              [](const Chunk& c) { return c.path == "w"; }),
+               chunks.end());
+  for (auto [b, n] : {std::pair<int64_t, int64_t>{0, 2}, {2, 4}}) {
+    Box box{{b, 0}, {n, 5}};
+    keep.push_back(ReferenceBox("w", DType::kFloat32, {6, 5}, box));
+    chunks.push_back({"w", DType::kFloat32, {6, 5}, box, keep.back()});
+  }
+  auto write = [&](const std::string& dir, ShardRecord* record) -> Status {
+    CKPT_ASSIGN_OR_RETURN(std::string shard, ShardPath(dir, 0, 1));
+    CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(shard, ckpt::test::Fast()));
+    std::vector<NodeId> nodes;
+    for (const auto& c : chunks) {
+      CKPT_ASSIGN_OR_RETURN(auto n, AddChunk(w, c, record));
+      if (n) nodes.push_back(*n);
+    }
+    CKPT_RETURN_IF_ERROR(
+        SetShardRoot(w, nodes, std::nullopt, std::nullopt, 0, 1, record));
+    CKPT_RETURN_IF_ERROR(w.Commit());
+    return record ? record->Seal(w) : Status::OK();
+  };
+  ShardRecord record;
+  REQUIRE(write(d.path + "/rec", &record).ok());
+  CHECK(record.sealed());
+  REQUIRE(CommitSave(comm, d.path + "/rec", Status::OK(), FastSave(), &record)
+              .ok());
+  REQUIRE(write(d.path + "/back", nullptr).ok());
+  REQUIRE(CommitSave(comm, d.path + "/back", Status::OK(), FastSave()).ok());
+  auto a = ReadManifest(d.path + "/rec");
+  auto b = ReadManifest(d.path + "/back");
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  REQUIRE(a->files.size() == 1);
+  CHECK(a->files[0].size == b->files[0].size);
+  CHECK(a->files[0].header_xxh3 == b->files[0].header_xxh3);
+  REQUIRE(a->tensors.size() == b->tensors.size());
+  for (size_t i = 0; i < a->tensors.size(); ++i) {
+    const auto& x = a->tensors[i];
+    const auto& y = b->tensors[i];
+    INFO(x.path);
+    CHECK(x.path == y.path);
+    CHECK(x.dtype == y.dtype);
+    CHECK(x.shape == y.shape);
+    REQUIRE(x.chunks.size() == y.chunks.size());
+    for (size_t k = 0; k < x.chunks.size(); ++k) {
+      CHECK(x.chunks[k].box.offsets == y.chunks[k].box.offsets);
+      CHECK(x.chunks[k].box.sizes == y.chunks[k].box.sizes);
+      CHECK(x.chunks[k].offset == y.chunks[k].offset);
+      CHECK(x.chunks[k].length == y.chunks[k].length);
+    }
+  }
+  auto ck = ShardedCheckpoint::Open(d.path + "/rec");
+  REQUIRE(ck.ok());
+  for (const auto& s : kSpecs) {
+    CheckBox(*ck, s, Box{std::vector<int64_t>(s.shape.size(), 0), s.shape},
+             true);
+  }
+
+  // An unsealed record, and one whose chunks SetShardRoot does not match.
+  ShardRecord unsealed;
+  {
+    auto shard = ShardPath(d.path + "/unsealed", 0, 1);
+    REQUIRE(shard.ok());
+    auto w = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    auto n = AddChunk(*w, chunks[0], &unsealed);
+    REQUIRE(n.ok());
+    std::vector<NodeId> nodes = {**n};
+    REQUIRE(SetShardRoot(*w, nodes, std::nullopt, std::nullopt, 0, 1, &unsealed)
+                .ok());
+    REQUIRE(w->Commit().ok());
+  }
+  auto r = CommitSave(comm, d.path + "/unsealed", Status::OK(), FastSave(),
+                      &unsealed);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().ToString(), Catch::Contains("not sealed"));
+  CHECK_FALSE(fs::exists(d.path + "/unsealed"));
+  ShardRecord partial;
+  {
+    auto shard = ShardPath(d.path + "/partial", 0, 1);
+    REQUIRE(shard.ok());
+    auto w = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    REQUIRE(AddChunk(*w, chunks[0], &partial).ok());
+    REQUIRE(AddChunk(*w, chunks[1], &partial).ok());
+    auto bad = SetShardRoot(*w, {}, std::nullopt, std::nullopt, 0, 1, &partial);
+    CHECK_THAT(bad.ToString(), Catch::Contains("the record holds 2"));
+    // A chunk of a known path with another global shape.
+    Chunk other = chunks[0];
+    other.global_shape = {99};
+    other.box = Box{{0}, {0}};
+    other.data = {};
+    auto dup = AddChunk(*w, other, &partial);
+    REQUIRE_FALSE(dup.ok());
+    CHECK_THAT(dup.status().ToString(),
+               Catch::Contains("another dtype or global shape"));
+  }
+}

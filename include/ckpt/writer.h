@@ -29,6 +29,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -172,6 +173,18 @@ class Writer {
 
   /// Bytes written to the temporary file so far.
   uint64_t bytes_written() const;
+
+  /// The absolute byte offset at which storage `id` lies in the file (the
+  /// offset a reader's StorageInfo gives once it is committed), known from
+  /// BeginStorage()/AddStorage() on. kInvalidArgument for an unknown id.
+  Result<uint64_t> StorageOffset(StorageId id) const;
+  /// After a successful Commit(): the file's size and its header checksum
+  /// (the preamble's XXH3-64 of the header), as a reader of it finds them.
+  struct Committed {
+    uint64_t file_size = 0;
+    uint64_t header_xxh3 = 0;
+  };
+  std::optional<Committed> committed() const;
 
  private:
   explicit Writer(std::unique_ptr<internal::WriterImpl> impl);

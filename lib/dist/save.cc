@@ -154,7 +154,55 @@ Result<std::string> ShardPath(const std::string& dir, int rank,
   return (fs::path(temp) / ShardName(rank, world_size)).string();
 }
 
-Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c) {
+// ---- the record of a shard being written ---------------------------------
+
+struct ShardRecord::Impl {
+  struct Pending {
+    size_t tensor;  // index into report.tensors
+    StorageId storage;
+    Box box;
+    uint64_t length;
+  };
+  internal::RankReport report;  // tensors and chunks (offsets at Seal)
+  std::unordered_map<std::string, size_t> by_path;
+  std::vector<Pending> chunks;
+  bool rooted = false;
+  bool sealed = false;
+};
+
+struct ShardRecordAccess {
+  using Impl = ShardRecord::Impl;
+  static Impl& Of(ShardRecord& r) { return *r.impl_; }
+  static const Impl& Of(const ShardRecord& r) { return *r.impl_; }
+};
+
+ShardRecord::ShardRecord() : impl_(std::make_unique<Impl>()) {}
+ShardRecord::ShardRecord(ShardRecord&&) noexcept = default;
+ShardRecord& ShardRecord::operator=(ShardRecord&&) noexcept = default;
+ShardRecord::~ShardRecord() = default;
+bool ShardRecord::sealed() const { return impl_ && impl_->sealed; }
+
+Status ShardRecord::Seal(const Writer& w) {
+  if (!impl_ || !impl_->rooted) {
+    return InvalidArgument("ShardRecord::Seal before SetShardRoot recorded it");
+  }
+  auto done = w.committed();
+  if (!done) return InvalidArgument("ShardRecord::Seal before Writer::Commit");
+  internal::RankReport& r = impl_->report;
+  for (const auto& c : impl_->chunks) {
+    CKPT_ASSIGN_OR_RETURN(uint64_t offset, w.StorageOffset(c.storage));
+    r.tensors[c.tensor].chunks.push_back({c.box, 0, offset, c.length});
+  }
+  impl_->chunks.clear();
+  impl_->by_path.clear();
+  r.file.size = done->file_size;
+  r.file.header_xxh3 = done->header_xxh3;
+  impl_->sealed = true;
+  return Status::OK();
+}
+
+Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c,
+                                       ShardRecord* record) {
   auto bad = [&](const std::string& what) {
     return InvalidArgument("chunk of '" + c.path + "': " + what)
         .WithTensor(c.path);
@@ -184,7 +232,31 @@ Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c) {
     bytes = c.data.subspan(first * row,
                            static_cast<uint64_t>(part->sizes[0]) * row);
   }
-  CKPT_ASSIGN_OR_RETURN(NodeId data, w.AddTensor(c.dtype, part->sizes, bytes));
+  ShardRecordAccess::Impl* rec =
+      record ? &ShardRecordAccess::Of(*record) : nullptr;
+  size_t tensor = 0;
+  if (rec) {
+    if (rec->rooted) return bad("added after SetShardRoot");
+    auto [it, fresh] = rec->by_path.emplace(c.path, rec->report.tensors.size());
+    if (fresh) {
+      GlobalTensorInfo g;
+      g.path = c.path;
+      g.dtype = c.dtype;
+      g.shape = c.global_shape;
+      rec->report.tensors.push_back(std::move(g));
+    } else if (rec->report.tensors[it->second].dtype != c.dtype ||
+               rec->report.tensors[it->second].shape != c.global_shape) {
+      return bad("an earlier chunk of it has another dtype or global shape");
+    }
+    tensor = it->second;
+  }
+  CKPT_ASSIGN_OR_RETURN(StorageId storage, w.AddStorage(bytes));
+  TensorSpec spec;
+  spec.dtype = c.dtype;
+  spec.shape = part->sizes;
+  spec.storage = storage;
+  CKPT_ASSIGN_OR_RETURN(NodeId data, w.AddTensor(spec));
+  if (rec) rec->chunks.push_back({tensor, storage, *part, bytes.size()});
   auto ints = [&](const std::vector<int64_t>& v) -> Result<NodeId> {
     std::vector<NodeId> items;
     for (int64_t x : v) items.push_back(w.AddInt(x));
@@ -205,9 +277,25 @@ Result<NodeId> AddGlobalTensor(Writer& w) {
 
 Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
                     std::optional<NodeId> globals,
-                    std::optional<NodeId> rank_local, int rank,
-                    int world_size) {
+                    std::optional<NodeId> rank_local, int rank, int world_size,
+                    ShardRecord* record) {
   CKPT_RETURN_IF_ERROR(CheckRank(rank, world_size));
+  if (record) {
+    ShardRecordAccess::Impl& rec = ShardRecordAccess::Of(*record);
+    if (rec.chunks.size() != chunks.size()) {
+      return InvalidArgument(
+          "SetShardRoot: " + std::to_string(chunks.size()) +
+          " chunk nodes, but the record holds " +
+          std::to_string(rec.chunks.size()) +
+          " (give every chunk AddChunk returned, and only those)");
+    }
+    rec.report.rank = static_cast<uint32_t>(rank);
+    rec.report.world_size = static_cast<uint32_t>(world_size);
+    rec.report.file = {ShardName(rank, world_size), 0, 0,
+                       static_cast<uint32_t>(rank)};
+    rec.report.has_globals = globals.has_value();
+    rec.rooted = true;
+  }
   CKPT_ASSIGN_OR_RETURN(NodeId list, w.AddList(chunks));
   std::vector<NodeId> keys = {w.AddString("chunks")};
   std::vector<NodeId> values = {list};
@@ -549,7 +637,8 @@ void Discard(const std::string& dir) {
 }  // namespace
 
 Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
-                              const Status& local, const SaveOptions& o) {
+                              const Status& local, const SaveOptions& o,
+                              const ShardRecord* record) {
   const int rank = comm.rank(), world = comm.size();
   if (o.coordinator < 0 || o.coordinator >= world) {
     // Every rank sees the same options and fails alike, without a
@@ -568,7 +657,24 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   report.rank = static_cast<uint32_t>(rank);
   report.world_size = static_cast<uint32_t>(world);
   report.status = local;
-  if (local.ok()) {
+  if (local.ok() && record) {
+    const ShardRecordAccess::Impl& rec = ShardRecordAccess::Of(*record);
+    if (!rec.sealed) {
+      report.status = InvalidArgument(
+          "the shard's record was not sealed (ShardRecord::Seal after the "
+          "Writer's Commit)");
+    } else if (rec.report.rank != report.rank ||
+               rec.report.world_size != report.world_size) {
+      report.status = InvalidArgument("the shard's record is of rank " +
+                                      std::to_string(rec.report.rank) + " of " +
+                                      std::to_string(rec.report.world_size));
+    } else {
+      // (The coordinator checks each file's size on disk against it.)
+      report.file = rec.report.file;
+      report.tensors = rec.report.tensors;
+      report.has_globals = rec.report.has_globals;
+    }
+  } else if (local.ok()) {
     auto path = ShardPath(dir, rank, world);
     Result<internal::RankReport> r =
         path.ok() ? Describe(*path, rank, world)
@@ -664,6 +770,7 @@ Result<CommitInfo> Save(Comm& comm, const std::string& dir,
                         const TreeBuilder& globals,
                         const TreeBuilder& rank_local) {
   const int rank = comm.rank(), world = comm.size();
+  ShardRecord record;
   Status local = [&]() -> Status {
     struct stat st {};
     if (!o.overwrite && ::lstat(CleanDir(dir).c_str(), &st) == 0 &&
@@ -676,7 +783,7 @@ Result<CommitInfo> Save(Comm& comm, const std::string& dir,
     CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(shard, o.write));
     std::vector<NodeId> nodes;
     for (const Chunk& c : chunks) {
-      CKPT_ASSIGN_OR_RETURN(std::optional<NodeId> n, AddChunk(w, c));
+      CKPT_ASSIGN_OR_RETURN(std::optional<NodeId> n, AddChunk(w, c, &record));
       if (n) nodes.push_back(*n);
     }
     std::optional<NodeId> g, l;
@@ -688,10 +795,11 @@ Result<CommitInfo> Save(Comm& comm, const std::string& dir,
       CKPT_ASSIGN_OR_RETURN(NodeId n, rank_local(w));
       l = n;
     }
-    CKPT_RETURN_IF_ERROR(SetShardRoot(w, nodes, g, l, rank, world));
-    return w.Commit();
+    CKPT_RETURN_IF_ERROR(SetShardRoot(w, nodes, g, l, rank, world, &record));
+    CKPT_RETURN_IF_ERROR(w.Commit());
+    return record.Seal(w);
   }();
-  return CommitSave(comm, dir, local, o);
+  return CommitSave(comm, dir, local, o, &record);
 }
 
 }  // namespace ckpt::dist

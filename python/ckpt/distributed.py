@@ -609,7 +609,9 @@ class _Staged:
 
 
 def _write_shard(staged, checkpoint_id, comm, sync):
-    """Writes this rank's shard file at ShardPath; raises on failure."""
+    """Writes this rank's shard file at ShardPath and returns its (closed)
+    writer, whose record of the shard the commit takes; raises on
+    failure."""
     path = _ckpt.dist_shard_path(checkpoint_id, comm.rank, comm.size)
     w = _ckpt.Writer(path, sync=sync, producer=f"ckpt-python {_ckpt.version}")
     try:
@@ -631,6 +633,7 @@ def _write_shard(staged, checkpoint_id, comm, sync):
     except BaseException:
         w.abort()
         raise
+    return w
 
 
 def _check_metadata(metadata):
@@ -642,10 +645,12 @@ def _check_metadata(metadata):
     return metadata
 
 
-def _commit(comm, checkpoint_id, err, coordinator, overwrite, sync, metadata, cause=None):
+def _commit(comm, checkpoint_id, err, coordinator, overwrite, sync, metadata, cause=None,
+            writer=None):
     try:
         info = _ckpt.dist_commit_save(comm.c, checkpoint_id, err, coordinator,
-                                      overwrite, sync, metadata)
+                                      overwrite, sync, metadata,
+                                      writer if err is None else None)
     except CkptError as e:
         raise e from cause
     return CommitInfo(**info)
@@ -663,16 +668,16 @@ def save(state_dict, checkpoint_id, process_group=None, coordinator_rank=0, *,
     the manifest."""
     checkpoint_id = os.fspath(checkpoint_id)
     comm = _Comm(process_group, "sync")
-    err = cause = None
+    err = cause = writer = None
     try:  # every rank must reach the commit, failed or not
         metadata = _check_metadata(metadata)
-        _write_shard(_Staged(state_dict, comm, coordinator_rank, copy=False),
-                     checkpoint_id, comm, sync)
+        writer = _write_shard(_Staged(state_dict, comm, coordinator_rank, copy=False),
+                              checkpoint_id, comm, sync)
     except BaseException as e:  # KeyboardInterrupt too: the others must not wait forever
         err, cause, metadata = _error(e), e, {}
     try:
         return _commit(comm, checkpoint_id, err, coordinator_rank, overwrite, sync, metadata,
-                       cause)
+                       cause, writer)
     finally:
         if cause is not None and not isinstance(cause, Exception):
             raise cause  # an interrupt stays one, once every rank has the error
@@ -718,13 +723,14 @@ class AsyncSave:
                 # host would otherwise checksum and write while another
                 # rank's caller still waits for its staging copy.
                 dist.barrier(group=comm.group)
+            writer = None
             if err is None:
                 try:
-                    _write_shard(staged, checkpoint_id, comm, sync)
+                    writer = _write_shard(staged, checkpoint_id, comm, sync)
                 except BaseException as e:  # every rank must reach the commit
                     err, cause = _error(e), e
             self._info = _commit(comm, checkpoint_id, err, coordinator, overwrite, sync,
-                                 metadata, cause)
+                                 metadata, cause, writer)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._exc = e
         finally:

@@ -906,16 +906,28 @@ class PyWriter {
     {
       py::gil_scoped_release nogil;
       Check(w().Commit());
+      // A shard file's record, for the commit of the save (CommitSave).
+      if (record_) Check(record_->Seal(w()));
     }
     w_.reset();
   }
   void Abort() {
     if (w_) w_->Abort();
     w_.reset();
+    record_.reset();
+  }
+
+  // What add_chunk / set_shard_root record of a shard file, made at the
+  // first chunk; outlives the writer (dist_commit_save takes it).
+  ckpt::dist::ShardRecord* record(bool create) {
+    if (!record_ && create)
+      record_ = std::make_unique<ckpt::dist::ShardRecord>();
+    return record_.get();
   }
 
  private:
   std::unique_ptr<ckpt::Writer> w_;
+  std::unique_ptr<ckpt::dist::ShardRecord> record_;
 };
 
 // ---- sharded checkpoints (ckpt/dist.h)
@@ -1243,7 +1255,7 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
                 std::optional<ckpt::NodeId>();
             {
               py::gil_scoped_release nogil;
-              r = ckpt::dist::AddChunk(w.w(), c);
+              r = ckpt::dist::AddChunk(w.w(), c, w.record(true));
             }
             return Take(std::move(r));
           },
@@ -1258,7 +1270,7 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
              std::optional<uint32_t> globals,
              std::optional<uint32_t> rank_local, int rank, int world_size) {
             Check(ckpt::dist::SetShardRoot(w.w(), chunks, globals, rank_local,
-                                           rank, world_size));
+                                           rank, world_size, w.record(true)));
           },
           py::arg("chunks"), py::arg("globals"), py::arg("rank_local"),
           py::arg("rank"), py::arg("world_size"));
@@ -1274,19 +1286,25 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
   m.def(
       "dist_commit_save",
       [](PyComm& comm, const std::string& dir, const py::object& error,
-         int coordinator, bool overwrite, bool sync, const py::dict& metadata) {
+         int coordinator, bool overwrite, bool sync, const py::dict& metadata,
+         PyWriter* shard) {
         ckpt::Status local = LocalStatus(error);
         auto o = SaveOptionsOf(coordinator, overwrite, sync, metadata);
+        // The shard's writer, committed: its record stands for reading
+        // the file back.
+        const ckpt::dist::ShardRecord* record =
+            shard ? shard->record(false) : nullptr;
         ckpt::Result<ckpt::dist::CommitInfo> r = ckpt::dist::CommitInfo{};
         {
           py::gil_scoped_release nogil;
-          r = ckpt::dist::CommitSave(comm, dir, local, o);
+          r = ckpt::dist::CommitSave(comm, dir, local, o, record);
         }
         return CommitInfoDict(Take(std::move(r)));
       },
       py::arg("comm"), py::arg("dir"), py::arg("error"),
       py::arg("coordinator") = 0, py::arg("overwrite") = false,
-      py::arg("sync") = true, py::arg("metadata") = py::dict());
+      py::arg("sync") = true, py::arg("metadata") = py::dict(),
+      py::arg("writer") = nullptr);
 
   // The commit of shard files that ranks wrote and reported elsewhere
   // (ckpt.dcp.Writer.finish: DCP gathers the ranks' results itself and
