@@ -10,8 +10,8 @@ namespace {
 
 class JsonParser {
  public:
-  JsonParser(std::string_view s, int max_depth)
-      : s_(s), max_depth_(max_depth) {}
+  JsonParser(std::string_view s, int max_depth, uint64_t max_values)
+      : s_(s), max_depth_(max_depth), max_values_(max_values) {}
 
   Result<JsonValue> Document() {
     JsonValue v;
@@ -38,6 +38,11 @@ class JsonParser {
   }
 
   Status Value(JsonValue& v, int depth) {
+    // Each value costs ~100 bytes parsed: a bound on values is a bound on
+    // memory, whatever the text (a 100 MB array of 0s is 50 M values).
+    if (++values_ > max_values_) {
+      return Error("more than " + std::to_string(max_values_) + " values");
+    }
     SkipSpace();
     if (i_ >= s_.size()) return Error("unexpected end of text");
     v.offset = i_;
@@ -263,6 +268,8 @@ class JsonParser {
 
   std::string_view s_;
   int max_depth_;
+  uint64_t max_values_;
+  uint64_t values_ = 0;
   size_t i_ = 0;
 };
 
@@ -289,8 +296,9 @@ std::optional<uint64_t> JsonValue::AsUint64() const {
   return v;
 }
 
-Result<JsonValue> ParseJson(std::string_view text, int max_depth) {
-  return JsonParser(text, max_depth).Document();
+Result<JsonValue> ParseJson(std::string_view text, int max_depth,
+                            uint64_t max_values) {
+  return JsonParser(text, max_depth, max_values).Document();
 }
 
 namespace {

@@ -54,8 +54,11 @@ struct JsonMember {
 /// Parses `text` as one JSON value with surrounding whitespace. kCorrupt
 /// naming what is wrong and its byte offset (relative to `text`): bad
 /// syntax, invalid UTF-8 or a lone surrogate, a duplicate key, nesting
-/// deeper than `max_depth`, or anything after the value.
-Result<JsonValue> ParseJson(std::string_view text, int max_depth = 64);
+/// deeper than `max_depth`, more than `max_values` values in all (each
+/// takes ~100 bytes parsed: the default bounds memory near 400 MiB, some
+/// 400k tensors of a safetensors header), or anything after the value.
+Result<JsonValue> ParseJson(std::string_view text, int max_depth = 64,
+                            uint64_t max_values = uint64_t{4} << 20);
 
 /// Appends `s` as a JSON string literal (UTF-8 passed through, control
 /// characters escaped; invalid UTF-8 bytes become U+FFFD).

@@ -3,8 +3,10 @@
 // hostile, imported, exported and read back. (tests/python/test_hf.py
 // runs the same code on directories transformers itself writes.)
 #include <ckpt/hf.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
@@ -165,7 +167,7 @@ TEST_CASE("hf: hostile safetensors headers are refused by name", "[hf]") {
        St(hdr(R"({"dtype":"F7","shape":[8],"data_offsets":[0,8]})"), d8),
        "unknown dtype \"F7\""},
       {"f4", St(hdr(R"({"dtype":"F4","shape":[16],"data_offsets":[0,8]})"), d8),
-       "F4, which ckpt cannot hold", ErrorCode::kInvalidArgument},
+       "F4, a sub-byte type ckpt does not import", ErrorCode::kInvalidArgument},
       {"size mismatch",
        St(hdr(R"({"dtype":"F32","shape":[3],"data_offsets":[0,8]})"), d8),
        "hold 8 bytes, its shape 12"},
@@ -364,6 +366,144 @@ TEST_CASE("hf: byte sizes", "[hf]") {
     INFO(bad);
     CHECK_FALSE(ckpt::ParseByteSize(bad).ok());
   }
+}
+
+}  // namespace
+
+namespace {
+
+std::vector<std::string> Names(const std::string& dir) {
+  std::vector<std::string> v;
+  for (const auto& e : fs::directory_iterator(dir))
+    v.push_back(e.path().filename().string());
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+TEST_CASE("hf: what the adversarial review found", "[hf]") {
+  TempDir work;
+  ckpt::HfExportOptions eo;
+  eo.sync = false;
+  auto one = [&](const std::string& name, DType dt, size_t n) {
+    const std::string path = work.File(name + ".ckpt");
+    auto w = ckpt::Writer::Create(path, Fast());
+    REQUIRE(w.ok());
+    REQUIRE(
+        w->PutTensor(name, dt, {static_cast<int64_t>(n)}, Pattern(n, 3)).ok());
+    REQUIRE(w->Commit().ok());
+    return path;
+  };
+  SECTION("a tensor named __metadata__ is refused, not written twice") {
+    auto r = ckpt::ExportHf(one("__metadata__", DType::kUInt8, 4),
+                            work.File("out"), eo);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().tensor() == "__metadata__");
+  }
+  SECTION("the FNUZ float8s round-trip") {
+    for (DType dt : {DType::kFloat8E4M3FNUZ, DType::kFloat8E5M2FNUZ}) {
+      const std::string out = work.File("fnuz");
+      REQUIRE(ckpt::ExportHf(one("f", dt, 4), out, eo).ok());
+      auto back = ckpt::ImportHfDir(out, work.File("back.ckpt"), FastImport());
+      REQUIRE(back.ok());
+      CHECK(Checkpoint::Open(work.File("back.ckpt"))->Tensor("f")->dtype() ==
+            dt);
+      fs::remove_all(out);
+    }
+  }
+  SECTION("a damaged byte is not exported; nothing is published") {
+    const std::string path = one("w", DType::kUInt8, 1 << 16);
+    auto ck = Checkpoint::Open(path);
+    REQUIRE(ck.ok());
+    const uint64_t at = ck->StorageInfoAt(0)->offset + 100;
+    auto bytes = ReadAll(path);
+    bytes[at] ^= std::byte{1};
+    WriteAll(path, bytes);
+    const std::string out = work.File("bad");
+    auto r = ckpt::ExportHf(path, out, eo);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == ErrorCode::kChecksumMismatch);
+    CHECK((!fs::exists(out) || Names(out).empty()));  // no temporary either
+    fs::remove_all(out);
+  }
+  SECTION("OUT may not be one of its inputs") {
+    const std::string out = work.File("dir");
+    REQUIRE(ckpt::ExportHf(one("w", DType::kUInt8, 8), out, eo).ok());
+    auto r = ckpt::ImportHfDir(out, out + "/model.safetensors", FastImport());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("is the input"));
+    CHECK(ckpt::ImportHfDir(out, out + "/x.ckpt", FastImport()).ok());
+    fs::remove_all(out);
+  }
+  SECTION("a model.safetensors that is not a file is named, not skipped") {
+    const std::string dir = work.File("odd");
+    fs::create_directories(dir + "/model.safetensors");
+    auto r = ckpt::ImportHfDir(dir, work.File("o.ckpt"), FastImport());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("not a regular file"));
+    CHECK_THAT(r.status().file(), Catch::EndsWith("model.safetensors"));
+    fs::remove_all(dir);
+  }
+  SECTION("a __metadata__ entry may not pose as config.json") {
+    const std::string dir = work.File("poison");
+    fs::create_directories(dir);
+    Put(dir + "/model.safetensors",
+        St(R"({"__metadata__":{"hf.config":"evil"},)"
+           R"("w":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}})",
+           Pattern(8, 1)));
+    auto r = ckpt::ImportHfDir(dir, work.File("p.ckpt"), FastImport());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("'hf.config'"));
+    fs::remove_all(dir);
+  }
+  SECTION("only exact shard names are swept; a killed export's temporary is") {
+    const std::string out = work.File("sweep");
+    fs::create_directories(out + "/.ckpt-export-dead");
+    PutText(out + "/model-7-of-9.safetensors", "mine");
+    PutText(out + "/model-00001-of-00009.safetensors", "stale");
+    REQUIRE(ckpt::ExportHf(one("w", DType::kUInt8, 8), out, eo).ok());
+    CHECK(Names(out) == std::vector<std::string>{"model-7-of-9.safetensors",
+                                                 "model.safetensors"});
+    fs::remove_all(out);
+  }
+  SECTION("thousands of shards need no descriptor each") {
+    // 300 one-tensor shards under a limit of 64 descriptors.
+    const std::string path = work.File("many.ckpt");
+    {
+      auto w = ckpt::Writer::Create(path, Fast());
+      REQUIRE(w.ok());
+      for (int i = 0; i < 300; ++i) {
+        REQUIRE(w->PutTensor("t" + std::to_string(1000 + i), DType::kUInt8,
+                             {16}, Pattern(16, static_cast<unsigned>(i)))
+                    .ok());
+      }
+      REQUIRE(w->Commit().ok());
+    }
+    struct rlimit old;
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+    struct rlimit low = old;
+    low.rlim_cur = 64;
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+    eo.max_shard_bytes = 16;
+    const std::string out = work.File("manyout");
+    auto e = ckpt::ExportHf(path, out, eo);
+    auto i = ckpt::ImportHfDir(out, work.File("many2.ckpt"), FastImport());
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+    REQUIRE(e.ok());
+    CHECK(e->size() == 301);
+    REQUIRE(i.ok());
+    CHECK(i->tensors == 300);
+    fs::remove_all(out);
+  }
+}
+
+TEST_CASE("json: a bound on values bounds memory", "[hf]") {
+  std::string many = "[";
+  for (int i = 0; i < 1000; ++i) many += i ? ",0" : "0";
+  many += "]";
+  CHECK(ckpt::internal::ParseJson(many, 64, 1001).ok());
+  auto r = ckpt::internal::ParseJson(many, 64, 1000);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(), Catch::Contains("more than 1000 values"));
 }
 
 }  // namespace

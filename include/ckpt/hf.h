@@ -54,6 +54,9 @@ struct HfExportOptions {
   uint64_t max_shard_bytes = 5'000'000'000;
   /// fsync each file and the directory (crash safety).
   bool sync = true;
+  /// Check every checksum of the tensors as they are read (safetensors
+  /// keeps none: a damaged byte exported would be for good).
+  bool verify = true;
 };
 
 /// Writes the tensors of the ckpt file `in` (a flat state dict, as
@@ -62,13 +65,17 @@ struct HfExportOptions {
 /// shards in name order and model.safetensors.index.json; config.json
 /// from the kHfConfigKey metadata, the file's other string metadata as
 /// every safetensors file's __metadata__ ("format": "pt" added when
-/// absent, as transformers expects). Every file is written in full before
-/// any is published; then each is renamed into place (shards before the
-/// index) and the weight files of an earlier export that the new set does
-/// not have (model.safetensors, model-*-of-*.safetensors, the index) are
-/// removed, so transformers never finds a stale one first. Returns the
+/// absent, as transformers expects). Every file is written whole in a
+/// temporary directory inside `dir` (".ckpt-export-*", under flock; one
+/// left by a killed export is removed by the next) before any is renamed
+/// into place, shards before the index; the weight files of an earlier
+/// export that the new set lacks (model.safetensors, model-NNNNN-of-
+/// NNNNN.safetensors, the index) are removed, an old model.safetensors
+/// before a new index appears, so transformers never reads stale weights.
+/// Checksums are checked as tensors are read (options.verify). Returns the
 /// paths written. kInvalidArgument for a nested tree (a tensor path with
-/// '/') or a dtype safetensors has no name for, naming the tensor;
+/// '/'), a tensor named __metadata__ or a dtype safetensors has no name
+/// for, naming the tensor; kChecksumMismatch for a damaged chunk;
 /// non-tensor values are left out (their count is in `dropped`).
 Result<std::vector<std::string>> ExportHf(const std::string& in,
                                           const std::string& dir,

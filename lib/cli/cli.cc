@@ -170,18 +170,20 @@ const char* kImportHelp =
     "size and index entry is checked before anything is written.\n";
 
 const char* kExportHfHelp =
-    "usage: ckpt export-hf IN.ckpt DIR [--max-shard-size SIZE]\n"
+    "usage: ckpt export-hf IN.ckpt DIR [--max-shard-size SIZE] [--no-verify]\n"
     "\n"
     "Writes the tensors of IN.ckpt (a flat state dict, as `ckpt import DIR`\n"
     "makes) to DIR, created if missing, in Hugging Face's save_pretrained\n"
     "layout: model.safetensors, or shards of at most SIZE bytes of tensors\n"
     "(default 5GB; 500MB, 2GiB, or a byte count) named\n"
     "model-00001-of-0000N.safetensors with model.safetensors.index.json;\n"
-    "config.json from IN's \"hf.config\" metadata. Every file is complete\n"
-    "before any is renamed into place, and the weight files of an earlier\n"
-    "export that this one does not write are removed. Non-tensor values are\n"
-    "left out (a note on stderr says how many). Exit 1 with the reason on\n"
-    "stderr for a nested tree or a dtype safetensors cannot name.\n";
+    "config.json from IN's \"hf.config\" metadata. Every file is written\n"
+    "whole before any is renamed into place, and the weight files of an\n"
+    "earlier export that this one does not write are removed. Every\n"
+    "checksum of IN is checked as it is read (safetensors keeps none);\n"
+    "--no-verify skips that. Non-tensor values are left out (a note on\n"
+    "stderr says how many). Exit 1 with the reason on stderr for a nested\n"
+    "tree, a damaged chunk or a dtype safetensors cannot name.\n";
 
 const char* kLoadHelp =
     "usage: ckpt load FILE [--device cuda:N|cpu] [--paths P...] [--rows A:B]\n"
@@ -1362,18 +1364,30 @@ int ExportHfCmd(const std::vector<std::string>& args) {
   if (WantsHelp(args)) return Print(kExportHfHelp), kExitOk;
   ckpt::HfExportOptions opt;
   std::vector<std::string> pos;
+  bool options_done = false;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--max-shard-size") {
+    const std::string& a = args[i];
+    std::optional<std::string> size;
+    if (!options_done && a == "--") {
+      options_done = true;
+    } else if (!options_done && a == "--max-shard-size") {
       if (i + 1 >= args.size()) {
         return Usage(kExportHfHelp, "--max-shard-size needs a SIZE");
       }
-      auto n = ckpt::ParseByteSize(args[++i]);
+      size = args[++i];
+    } else if (!options_done && a.rfind("--max-shard-size=", 0) == 0) {
+      size = a.substr(std::string("--max-shard-size=").size());
+    } else if (!options_done && a == "--no-verify") {
+      opt.verify = false;
+    } else if (!options_done && a.size() > 1 && a[0] == '-') {
+      return Usage(kExportHfHelp, "unknown option '" + a + "'");
+    } else {
+      pos.push_back(a);
+    }
+    if (size) {
+      auto n = ckpt::ParseByteSize(*size);
       if (!n.ok()) return Usage(kExportHfHelp, n.status().message());
       opt.max_shard_bytes = *n;
-    } else if (args[i].size() > 1 && args[i][0] == '-') {
-      return Usage(kExportHfHelp, "unknown option '" + args[i] + "'");
-    } else {
-      pos.push_back(args[i]);
     }
   }
   if (pos.size() != 2) return Usage(kExportHfHelp, "need IN.ckpt and DIR");

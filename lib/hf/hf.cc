@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <unordered_map>
@@ -51,6 +53,8 @@ constexpr StDType kStDTypes[] = {
     {"F8_E4M3", DType::kFloat8E4M3FN},
     {"F8_E5M2", DType::kFloat8E5M2},
     {"F8_E8M0", DType::kFloat8E8M0FNU},
+    {"F8_E4M3FNUZ", DType::kFloat8E4M3FNUZ},
+    {"F8_E5M2FNUZ", DType::kFloat8E5M2FNUZ},
 };
 
 Status Bad(const std::string& what, uint64_t json_offset) {
@@ -107,11 +111,14 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header,
       if (dt->text == d.name) e.dtype = d.dtype;
     }
     if (e.dtype == DType::kInvalid) {
-      static const std::set<std::string> kKnownElsewhere = {
-          "F4", "F6_E2M3", "F6_E3M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
-      if (kKnownElsewhere.count(dt->text)) {
+      // Sub-byte floats: safetensors' shape counts elements, torch's
+      // float4_e2m1fn_x2 (ckpt's) bytes of two; F6 torch has no type for.
+      static const std::set<std::string> kSubByte = {"F4", "F6_E2M3",
+                                                     "F6_E3M2"};
+      if (kSubByte.count(dt->text)) {
         return InvalidArgument("safetensors: " + where + " has dtype " +
-                               dt->text + ", which ckpt cannot hold");
+                               dt->text +
+                               ", a sub-byte type ckpt does not import");
       }
       return Bad(where + " has unknown dtype \"" + dt->text + "\"", dt->offset);
     }
@@ -191,9 +198,23 @@ std::string Join(const std::string& dir, const std::string& name) {
   return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
 }
 
-bool IsFile(const std::string& path) {
+// Whether `path` is a regular file (following symlinks): false when
+// nothing is there; an error naming it when something else is (a
+// directory, a FIFO that a read would block on, a dangling link).
+Result<bool> RegularFile(const std::string& path) {
   struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISREG(st.st_mode)) return true;
+    return InvalidArgument("not a regular file (a directory, FIFO or device)")
+        .WithFile(path);
+  }
+  const int err = errno;
+  struct stat lst;
+  if (err == ENOENT && ::lstat(path.c_str(), &lst) == 0) {
+    return NotFound("a symlink to nothing").WithFile(path);
+  }
+  if (err == ENOENT) return false;
+  return ErrnoError("stat " + path, err).WithFile(path);
 }
 
 // The whole of a small text file (an index, config.json), at most `cap`.
@@ -231,7 +252,8 @@ Result<Layout> FindLayout(const std::string& dir) {
       {"pytorch_model.bin.index.json", "bin"}};
   for (const auto& [name, kind] : kOrder) {
     const std::string path = Join(dir, name);
-    if (!IsFile(path)) continue;
+    CKPT_ASSIGN_OR_RETURN(bool present, RegularFile(path));
+    if (!present) continue;
     Layout l;
     l.kind = kind;
     if (std::string_view(name).ends_with(".json")) {
@@ -250,10 +272,10 @@ Result<Layout> FindLayout(const std::string& dir) {
         if (!v.is_string() || v.text.empty() || v.text == "." ||
             v.text == ".." || v.text.find('/') != std::string::npos ||
             v.text.find('\0') != std::string::npos) {
-          return Corrupt(
-                     "'" + k + "' names " +
-                     (v.is_string() ? "file \"" + v.text + "\"" : "no file") +
-                     ", not a file in " + dir)
+          return Corrupt("'" + k + "' names " +
+                         (v.is_string() ? "file \"" + v.text + "\""
+                                        : std::string("no file")) +
+                         ", not a file in " + dir)
               .WithFile(path)
               .WithOffset(static_cast<int64_t>(v.offset));
         }
@@ -262,7 +284,9 @@ Result<Layout> FindLayout(const std::string& dir) {
       }
       l.files.assign(files.begin(), files.end());
       for (const auto& f : l.files) {
-        if (!IsFile(Join(dir, f))) {
+        auto regular = RegularFile(Join(dir, f));
+        if (!regular.ok()) return regular.status();
+        if (!*regular) {
           return NotFound("names " + f + ", which is not a file in " + dir)
               .WithFile(path);
         }
@@ -287,7 +311,6 @@ Result<StFile> OpenSafetensors(const std::string& path) {
   StFile f;
   f.path = path;
   CKPT_ASSIGN_OR_RETURN(f.stream, internal::OpenSource(path, {.pread = true}));
-  CKPT_ASSIGN_OR_RETURN(f.map, internal::OpenSource(path, {}));
   const uint64_t size = f.stream->size();
   if (size < 8) {
     return Corrupt("safetensors: " + std::to_string(size) +
@@ -342,28 +365,34 @@ struct Progress {
   }
 };
 
-Status ImportSafetensors(Writer& w, const std::vector<StFile>& files,
+// A shard's tensors into `w`. The file is opened (mapped) only now, one
+// at a time - a model of thousands of shards must not hold thousands of
+// descriptors - and its header read again: it must be the one checked
+// in the first pass.
+Status ImportSafetensors(Writer& w, const std::string& path,
+                         const internal::SafetensorsHeader& checked,
                          Progress& progress, HfImportReport& report) {
-  for (const auto& f : files) {
-    for (const auto& e : f.header.tensors) {
-      CKPT_ASSIGN_OR_RETURN(StorageId sid, w.BeginStorage(e.end - e.begin));
-      Status s = CopyRange(w, *f.map, f.stream->fd(),
-                           f.header.data_start + e.begin, e.end - e.begin);
-      if (!s.ok()) return s.WithFile(f.path).WithTensor(e.name);
-      CKPT_RETURN_IF_ERROR(w.EndStorage());
-      TensorSpec spec;
-      spec.dtype = e.dtype;
-      spec.shape = e.shape;
-      spec.storage = sid;
-      CKPT_ASSIGN_OR_RETURN(NodeId node, w.AddTensor(spec));
-      CKPT_RETURN_IF_ERROR(w.PutValue(e.name, node));
-      report.tensors++;
-      report.tensor_bytes += e.end - e.begin;
-      CKPT_RETURN_IF_ERROR(progress.Add(e.end - e.begin));
-    }
-    for (const auto& [k, v] : f.header.metadata) {
-      CKPT_RETURN_IF_ERROR(w.SetMetadata(k, v));
-    }
+  CKPT_ASSIGN_OR_RETURN(StFile f, OpenSafetensors(path));
+  if (f.header.data_start != checked.data_start ||
+      f.header.tensors.size() != checked.tensors.size()) {
+    return Corrupt("changed while it was imported").WithFile(path);
+  }
+  CKPT_ASSIGN_OR_RETURN(f.map, internal::OpenSource(path, {}));
+  for (const auto& e : f.header.tensors) {
+    CKPT_ASSIGN_OR_RETURN(StorageId sid, w.BeginStorage(e.end - e.begin));
+    Status s = CopyRange(w, *f.map, f.stream->fd(),
+                         f.header.data_start + e.begin, e.end - e.begin);
+    if (!s.ok()) return s.WithFile(f.path).WithTensor(e.name);
+    CKPT_RETURN_IF_ERROR(w.EndStorage());
+    TensorSpec spec;
+    spec.dtype = e.dtype;
+    spec.shape = e.shape;
+    spec.storage = sid;
+    CKPT_ASSIGN_OR_RETURN(NodeId node, w.AddTensor(spec));
+    CKPT_RETURN_IF_ERROR(w.PutValue(e.name, node));
+    report.tensors++;
+    report.tensor_bytes += e.end - e.begin;
+    CKPT_RETURN_IF_ERROR(progress.Add(e.end - e.begin));
   }
   return Status::OK();
 }
@@ -376,11 +405,12 @@ Status ImportBinShard(Writer& w, const std::string& path,
                       const Layout& l, const ImportOptions& options,
                       std::map<std::string, std::string>& where,
                       Progress& progress, HfImportReport& report) {
+  // (A short name: OUT's own may already be near NAME_MAX.)
   const size_t slash = out.rfind('/');
   const std::string tmp =
       (slash == std::string::npos ? std::string() : out.substr(0, slash + 1)) +
-      "." + out.substr(slash == std::string::npos ? 0 : slash + 1) + ".bin" +
-      std::to_string(shard_index) + "-" + std::to_string(::getpid()) + ".tmp";
+      ".ckpt-hfbin-" + std::to_string(::getpid()) + "-" +
+      std::to_string(shard_index) + ".tmp";
   ImportOptions o = options;
   o.progress = nullptr;
   o.write.sync = false;
@@ -460,6 +490,23 @@ Status ImportBinShard(Writer& w, const std::string& path,
   return Status::OK();
 }
 
+// OUT must not be one of the files it is made from (an existing OUT is
+// replaced only at the commit, but the import would read a file it is
+// about to replace).
+Status NotAnInput(const std::string& out, const std::vector<std::string>& in) {
+  struct stat o;
+  if (::stat(out.c_str(), &o) != 0) return Status::OK();
+  for (const auto& path : in) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0 && st.st_dev == o.st_dev &&
+        st.st_ino == o.st_ino) {
+      return InvalidArgument("the output " + out + " is the input " + path)
+          .WithFile(out);
+    }
+  }
+  return Status::OK();
+}
+
 }  // namespace
 
 Result<HfImportReport> ImportHfDir(const std::string& dir,
@@ -469,9 +516,13 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
   HfImportReport report;
   report.layout = l.kind;
   Progress progress{options.progress};
+  std::vector<std::string> inputs;
+  for (const auto& f : l.files) inputs.push_back(Join(dir, f));
+  if (!l.index.empty()) inputs.push_back(l.index);
   // Every safetensors header is read and checked before anything is
-  // written, against the index too.
-  std::vector<StFile> st;
+  // written, against the index too; the files are closed again.
+  std::vector<internal::SafetensorsHeader> headers;
+  std::vector<std::pair<std::string, std::string>> meta;
   if (l.kind == "safetensors") {
     std::map<std::string, std::string> where;
     for (const auto& name : l.files) {
@@ -496,7 +547,16 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
         }
         progress.total += e.end - e.begin;
       }
-      st.push_back(std::move(f));
+      for (auto& [k, v] : f.header.metadata) {
+        if (k == kHfConfigKey) {
+          // The key that holds config.json: a file may not set it.
+          return Corrupt("__metadata__ sets '" + std::string(kHfConfigKey) +
+                         "', the key ckpt keeps config.json under")
+              .WithFile(path);
+        }
+        meta.emplace_back(k, v);
+      }
+      headers.push_back(std::move(f.header));
     }
     for (const auto& [k, v] : l.weight_map) {
       if (!where.count(k)) {
@@ -515,15 +575,23 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
   }
   std::string config;
   const std::string config_path = Join(dir, "config.json");
-  if (IsFile(config_path)) {
+  CKPT_ASSIGN_OR_RETURN(bool has_config, RegularFile(config_path));
+  if (has_config) {
+    inputs.push_back(config_path);
     CKPT_ASSIGN_OR_RETURN(config, ReadText(config_path, kMaxJsonFile));
     auto doc = internal::ParseJson(config);
     if (!doc.ok()) return doc.status().WithFile(config_path);
   }
+  CKPT_RETURN_IF_ERROR(NotAnInput(out, inputs));
   CKPT_ASSIGN_OR_RETURN(Writer w, Writer::Create(out, options.write));
   if (progress.cb) CKPT_RETURN_IF_ERROR(progress.cb(0, progress.total));
   if (l.kind == "safetensors") {
-    CKPT_RETURN_IF_ERROR(ImportSafetensors(w, st, progress, report));
+    for (size_t i = 0; i < l.files.size(); ++i) {
+      CKPT_RETURN_IF_ERROR(ImportSafetensors(w, Join(dir, l.files[i]),
+                                             headers[i], progress, report));
+    }
+    // (A key in several shards: the last file's value, as ckpt.hf's.)
+    for (const auto& [k, v] : meta) CKPT_RETURN_IF_ERROR(w.SetMetadata(k, v));
   } else {
     std::map<std::string, std::string> where;
     for (size_t i = 0; i < l.files.size(); ++i) {
@@ -584,7 +652,8 @@ Result<uint64_t> ParseByteSize(const std::string& text) {
   }
   const double bytes = v * u->second;
   if (!(bytes >= 1) || bytes > 9.2e18) {
-    return InvalidArgument("size '" + text + "' must be at least one byte");
+    return InvalidArgument("size '" + text +
+                           "' must be between one byte and 9.2e18 bytes");
   }
   return static_cast<uint64_t>(bytes);
 }
@@ -600,9 +669,9 @@ struct ExportTensor {
 void AppendUint(std::string& out, uint64_t v) { out += std::to_string(v); }
 
 // The header of one safetensors file: "__metadata__" first (the string
-// metadata, sorted), then tensors
-// in the order given, back to back; padded with spaces to a multiple of 8
-// so that the data starts aligned (as safetensors' serializer does).
+// metadata, sorted), then tensors in the order given, back to back; padded with
+// spaces to a multiple of 8 so that the data starts aligned (as safetensors'
+// serializer does).
 std::string StHeader(
     const std::vector<const ExportTensor*>& tensors,
     const std::vector<std::pair<std::string, std::string>>& metadata) {
@@ -637,8 +706,141 @@ std::string StHeader(
   return h;
 }
 
-Status WriteText(internal::AtomicFile& f, std::string_view s) {
-  return f.Write(std::as_bytes(std::span(s.data(), s.size())));
+// A file written whole into the export's temporary directory and closed
+// (thousands of shards must not hold thousands of descriptors).
+class TempOut {
+ public:
+  static Result<TempOut> Create(const std::string& path) {
+    int fd =
+        ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0) return ErrnoError("create " + path, errno).WithFile(path);
+    return TempOut(path, fd);
+  }
+  TempOut(TempOut&& o) noexcept : path_(std::move(o.path_)), fd_(o.fd_) {
+    o.fd_ = -1;
+  }
+  ~TempOut() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Status Write(std::span<const std::byte> b) {
+    for (size_t done = 0; done < b.size();) {
+      ssize_t n = ::write(fd_, b.data() + done, b.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        return ErrnoError("write " + path_, n < 0 ? errno : EIO)
+            .WithFile(path_)
+            .WithOffset(static_cast<int64_t>(at_ + done));
+      }
+      done += static_cast<size_t>(n);
+    }
+    at_ += b.size();
+    return Status::OK();
+  }
+  Status Write(std::string_view s) {
+    return Write(std::as_bytes(std::span(s.data(), s.size())));
+  }
+  Status Close(bool sync) {
+    if (sync && ::fsync(fd_) != 0) {
+      return ErrnoError("fsync " + path_, errno).WithFile(path_);
+    }
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) {
+      return ErrnoError("close " + path_, errno).WithFile(path_);
+    }
+    return Status::OK();
+  }
+
+ private:
+  TempOut(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  std::string path_;
+  int fd_ = -1;
+  uint64_t at_ = 0;
+};
+
+Status SyncDirectory(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return ErrnoError("open " + dir, errno).WithFile(dir);
+  const int rc = ::fsync(dfd);
+  const int err = errno;
+  ::close(dfd);
+  if (rc != 0) return ErrnoError("fsync " + dir, err).WithFile(dir);
+  return Status::OK();
+}
+
+constexpr std::string_view kTempPrefix = ".ckpt-export-";
+
+// The export's temporary directory inside `dir`, held under flock() while
+// it lives; earlier ones whose exporter is gone (their lock is free) are
+// removed first, never a live exporter's.
+class TempDir {
+ public:
+  static Result<TempDir> Create(const std::string& dir) {
+    if (DIR* d = ::opendir(dir.c_str())) {
+      std::vector<std::string> old;
+      while (dirent* e = ::readdir(d)) {
+        if (std::string_view(e->d_name).starts_with(kTempPrefix)) {
+          old.push_back(Join(dir, e->d_name));
+        }
+      }
+      ::closedir(d);
+      for (const auto& o : old) {
+        int fd = ::open(o.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) continue;
+        if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+          std::error_code ec;
+          std::filesystem::remove_all(o, ec);
+        }
+        ::close(fd);
+      }
+    }
+    std::string tmpl = Join(dir, std::string(kTempPrefix) + "XXXXXX");
+    if (!::mkdtemp(tmpl.data())) {
+      return ErrnoError("create a temporary directory in " + dir, errno)
+          .WithFile(dir);
+    }
+    int fd = ::open(tmpl.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || ::flock(fd, LOCK_EX) != 0) {
+      const int err = errno;
+      if (fd >= 0) ::close(fd);
+      ::rmdir(tmpl.c_str());
+      return ErrnoError("lock " + tmpl, err).WithFile(tmpl);
+    }
+    return TempDir(tmpl, fd);
+  }
+  TempDir(TempDir&& o) noexcept : path_(std::move(o.path_)), fd_(o.fd_) {
+    o.fd_ = -1;
+  }
+  ~TempDir() {
+    if (fd_ < 0) return;
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+    ::close(fd_);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  TempDir(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  std::string path_;
+  int fd_ = -1;
+};
+
+// "model-00001-of-00003.safetensors": five digits, five digits, exactly.
+bool IsShardName(std::string_view n) {
+  constexpr std::string_view kHead = "model-", kMid = "-of-",
+                             kTail = ".safetensors";
+  if (n.size() != kHead.size() + 5 + kMid.size() + 5 + kTail.size()) {
+    return false;
+  }
+  auto digits = [&](size_t at) {
+    for (size_t i = at; i < at + 5; ++i) {
+      if (n[i] < '0' || n[i] > '9') return false;
+    }
+    return true;
+  };
+  return n.starts_with(kHead) && digits(kHead.size()) &&
+         n.substr(kHead.size() + 5, kMid.size()) == kMid &&
+         digits(kHead.size() + 5 + kMid.size()) && n.ends_with(kTail);
 }
 
 }  // namespace
@@ -650,7 +852,11 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
   if (options.max_shard_bytes == 0) {
     return InvalidArgument("max shard size must be positive");
   }
-  CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(in));
+  // Checksums checked as the tensors stream out: safetensors keeps none,
+  // so a damaged byte exported would be for good.
+  ReadOptions ro;
+  ro.verify_checksums = options.verify;
+  CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(in, ro));
   const Value root = ck.root();
   if (root.kind() != ValueKind::kDict) {
     return InvalidArgument(
@@ -687,6 +893,13 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
                              " is not a string")
           .WithFile(in);
     }
+    if (key.as_string() == "__metadata__") {
+      return InvalidArgument(
+                 "a tensor named __metadata__: safetensors keeps its "
+                 "metadata under that name")
+          .WithFile(in)
+          .WithTensor("__metadata__");
+    }
     CKPT_ASSIGN_OR_RETURN(TensorRef ref, item.tensor());
     auto st = internal::SafetensorsDTypeName(ref.dtype());
     if (!st) {
@@ -713,12 +926,13 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
     size += nb;
     total += nb;
   }
-  if (::mkdir(dir.c_str(), 0777) != 0 && errno != EEXIST) {
-    return ErrnoError("cannot create directory " + dir, errno);
-  }
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
   struct stat dst;
   if (::stat(dir.c_str(), &dst) != 0 || !S_ISDIR(dst.st_mode)) {
-    return InvalidArgument(dir + " is not a directory");
+    return (ec ? ErrnoError("cannot create directory " + dir, ec.value())
+               : InvalidArgument(dir + " is not a directory"))
+        .WithFile(dir);
   }
   // The file's string metadata back as __metadata__ (what import kept of
   // the safetensors files'), config.json aside; "format": "pt" unless the
@@ -732,9 +946,11 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
   }
   if (!has_format) st_meta.emplace_back("format", "pt");
   std::sort(st_meta.begin(), st_meta.end());
-  // Every file complete (unnamed until commit) before any is published.
-  std::vector<std::pair<std::string, internal::AtomicFile>> files;
-  std::vector<std::string> names;
+
+  // Every file written whole and closed in a temporary directory before
+  // any is renamed into place.
+  CKPT_ASSIGN_OR_RETURN(TempDir temp, TempDir::Create(dir));
+  std::vector<std::string> names;  // in the order they are published
   const size_t n = shards.size();
   char buf[64];
   for (size_t i = 0; i < n; ++i) {
@@ -745,13 +961,13 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
                     n);
       names.push_back(buf);
     }
-    const std::string path = Join(dir, names.back());
-    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
+    CKPT_ASSIGN_OR_RETURN(TempOut f,
+                          TempOut::Create(Join(temp.path(), names.back())));
     const std::string header = StHeader(shards[i], st_meta);
     std::byte n8[8];
     internal::StoreLE(n8, header.size(), 8);
     CKPT_RETURN_IF_ERROR(f.Write(n8));
-    CKPT_RETURN_IF_ERROR(WriteText(f, header));
+    CKPT_RETURN_IF_ERROR(f.Write(header));
     for (const ExportTensor* t : shards[i]) {
       Status s = ck.StreamTensor(
           t->ref,
@@ -759,8 +975,9 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
           size_t{8} << 20);
       if (!s.ok()) return s.WithTensor(t->name);
     }
-    files.emplace_back(path, std::move(f));
+    CKPT_RETURN_IF_ERROR(f.Close(options.sync));
   }
+  const std::string kIndex = "model.safetensors.index.json";
   if (n > 1) {
     std::string idx =
         "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total) +
@@ -775,55 +992,69 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
         internal::AppendJsonString(idx, names[i]);
       }
     }
-    idx += "\n  }\n}\n";
     // (Tensors are in name order across the shards, so the weight_map is
     // sorted as transformers writes it.)
-    const std::string path = Join(dir, "model.safetensors.index.json");
-    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
-    CKPT_RETURN_IF_ERROR(WriteText(f, idx));
-    files.emplace_back(path, std::move(f));
+    idx += "\n  }\n}\n";
+    CKPT_ASSIGN_OR_RETURN(TempOut f,
+                          TempOut::Create(Join(temp.path(), kIndex)));
+    CKPT_RETURN_IF_ERROR(f.Write(idx));
+    CKPT_RETURN_IF_ERROR(f.Close(options.sync));
   }
-  if (auto config = ck.Metadata(kHfConfigKey); config.ok()) {
-    const std::string path = Join(dir, "config.json");
-    CKPT_ASSIGN_OR_RETURN(auto f, internal::AtomicFile::Create(path, 0666));
-    CKPT_RETURN_IF_ERROR(WriteText(f, *config));
-    files.emplace_back(path, std::move(f));
+  auto config = ck.Metadata(kHfConfigKey);
+  if (config.ok()) {
+    CKPT_ASSIGN_OR_RETURN(TempOut f,
+                          TempOut::Create(Join(temp.path(), "config.json")));
+    CKPT_RETURN_IF_ERROR(f.Write(*config));
+    CKPT_RETURN_IF_ERROR(f.Close(options.sync));
   }
-  std::vector<std::string> written;
-  for (auto& [path, f] : files) {
-    CKPT_RETURN_IF_ERROR(f.Commit(options.sync));
-    written.push_back(path);
-  }
-  // An earlier export's weight files that this one does not have.
+  if (options.sync) CKPT_RETURN_IF_ERROR(SyncDirectory(temp.path()));
+
+  // Publish. transformers reads model.safetensors before an index, so a
+  // sharded export removes an old model.safetensors before its index
+  // appears (a crash between leaves shards without an index: an error,
+  // never the old weights), and a single-file export needs nothing
+  // removed first (its model.safetensors wins at once).
   std::set<std::string> keep(names.begin(), names.end());
-  if (n > 1) keep.insert("model.safetensors.index.json");
-  std::vector<std::string> stale = {"model.safetensors",
-                                    "model.safetensors.index.json"};
+  if (n > 1) keep.insert(kIndex);
+  std::vector<std::string> stale;
   if (DIR* d = ::opendir(dir.c_str())) {
     while (dirent* e = ::readdir(d)) {
-      std::string name = e->d_name;
-      unsigned a = 0, b = 0;
-      char tail[32] = {0};
-      if (std::sscanf(name.c_str(), "model-%5u-of-%5u.%20s", &a, &b, tail) ==
-              3 &&
-          std::string(tail) == "safetensors") {
+      const std::string name = e->d_name;
+      if ((name == "model.safetensors" || name == kIndex ||
+           IsShardName(name)) &&
+          !keep.count(name)) {
         stale.push_back(name);
       }
     }
     ::closedir(d);
   }
-  bool removed = false;
-  for (const auto& name : stale) {
-    if (keep.count(name)) continue;
-    if (::unlink(Join(dir, name).c_str()) == 0) removed = true;
-  }
-  if (removed && options.sync) {
-    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      (void)::fsync(dfd);
-      ::close(dfd);
+  std::vector<std::string> written;
+  auto publish = [&](const std::string& name) -> Status {
+    const std::string to = Join(dir, name);
+    if (::rename(Join(temp.path(), name).c_str(), to.c_str()) != 0) {
+      return ErrnoError("rename into " + to, errno).WithFile(to);
     }
+    written.push_back(to);
+    return Status::OK();
+  };
+  auto remove = [&](const std::string& name) -> Status {
+    const std::string path = Join(dir, name);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return ErrnoError("remove the stale " + path, errno).WithFile(path);
+    }
+    return Status::OK();
+  };
+  for (const auto& name : names) CKPT_RETURN_IF_ERROR(publish(name));
+  if (n > 1) {
+    if (std::count(stale.begin(), stale.end(), "model.safetensors")) {
+      CKPT_RETURN_IF_ERROR(remove("model.safetensors"));
+      if (options.sync) CKPT_RETURN_IF_ERROR(SyncDirectory(dir));
+    }
+    CKPT_RETURN_IF_ERROR(publish(kIndex));
   }
+  if (config.ok()) CKPT_RETURN_IF_ERROR(publish("config.json"));
+  for (const auto& name : stale) CKPT_RETURN_IF_ERROR(remove(name));
+  if (options.sync) CKPT_RETURN_IF_ERROR(SyncDirectory(dir));
   return written;
 }
 

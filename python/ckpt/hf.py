@@ -56,7 +56,7 @@ def _files(src):
     # transformers' order (and ImportHfDir's): a single file before an index.
     for name, kind in (("model.safetensors", "safetensors"), (_ST_INDEX, "safetensors"),
                        ("pytorch_model.bin", "bin"), (_BIN_INDEX, "bin")):
-        if not os.path.isfile(os.path.join(src, name)):
+        if not _regular(os.path.join(src, name)):
             continue
         if not name.endswith(".json"):
             return kind, [os.path.join(src, name)], None, None
@@ -67,23 +67,39 @@ def _files(src):
                         f"{_BIN_INDEX}")
 
 
+def _regular(path):
+    """True for a regular file; False when nothing is there; FormatError
+    for anything else (a FIFO would block the read, a directory fail it)."""
+    if os.path.isfile(path):
+        return True
+    if os.path.lexists(path):
+        raise FormatError(f"{path}: not a regular file (a directory, FIFO, device or "
+                          "dangling link)")
+    return False
+
+
 def state_dict(src):
     """The tensors of a save_pretrained directory as {name: tensor} (CPU;
     safetensors shards are mapped, not copied), and its metadata: the
     config.json text under "hf.config" and the safetensors files'
-    __metadata__ entries."""
+    __metadata__ entries. (For load_into; importing to a ckpt file is
+    ImportHfDir's, in C++.)"""
     from . import _load
     kind, paths, index, wm = _files(src)
     out, meta, where = {}, {}, {}
     for p in paths:
-        if not os.path.exists(p):
+        if not _regular(p):
             raise NotFoundError(f"{index}: names {os.path.basename(p)}, which is not in {src}")
         if kind == "safetensors":
             from .interop import _safetensors
             st = _safetensors()
-            with st.safe_open(p, framework="pt") as f:
-                part = {k: f.get_tensor(k) for k in f.keys()}
-                meta.update(f.metadata() or {})
+            try:
+                with st.safe_open(p, framework="pt") as f:
+                    part = {k: f.get_tensor(k) for k in f.keys()}
+                    meta.update(f.metadata() or {})
+            except Exception as e:  # noqa: BLE001 - SafetensorError and kin
+                raise FormatError(f"{p}: not a safetensors file safetensors reads ({e})") \
+                    from None
         else:
             part = _load.load(p, map_location="cpu")
             if not isinstance(part, dict) or not all(
@@ -104,7 +120,7 @@ def state_dict(src):
             raise FormatError(f"{index}: names tensors no shard holds: "
                               f"{', '.join(missing[:5])}")
     config = os.path.join(src, "config.json")
-    if os.path.exists(config):
+    if _regular(config):
         with open(config, encoding="utf-8") as f:
             text = f.read()
         try:
@@ -127,8 +143,8 @@ def _size(s):
     if isinstance(s, bool) or not isinstance(s, (int, str)):
         raise InvalidArgumentError(f"max_shard_size {s!r}: a byte count or '5GB', '500MiB'")
     if isinstance(s, int):
-        if s <= 0:
-            raise InvalidArgumentError(f"max_shard_size {s!r} must be positive")
+        if not 0 < s < 2**63:
+            raise InvalidArgumentError(f"max_shard_size {s!r} must be between 1 and 2**63 - 1")
         return s
     return _ckpt.parse_byte_size(s)
 

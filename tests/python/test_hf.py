@@ -282,3 +282,19 @@ class HuggingFaceTest(TempDirCase):
         self.assertFalse(os.path.exists(marker))
         with self.assertRaises(ckpt.NotFoundError):
             ckpt.hf.import_pretrained(self.dir, self.path("none.ckpt"))
+        # A FIFO where a shard or config.json should be: named, never
+        # opened (a read would block for ever).
+        for victim in ("model-00001-of-00006.safetensors", "config.json"):
+            with self.subTest(fifo=victim):
+                f = self.path(f"fifo-{victim}")
+                os.makedirs(f)
+                for n in os.listdir(d):
+                    if n != victim:
+                        os.link(os.path.join(d, n), os.path.join(f, n))
+                os.mkfifo(os.path.join(f, victim))
+                with self.assertRaises(ckpt.CkptError) as cm:
+                    ckpt.hf.state_dict(f)
+                self.assertIn("not a regular file", str(cm.exception))
+                with self.assertRaises(ckpt.CkptError) as cm:
+                    ckpt.hf.import_pretrained(f, self.path("fifo.ckpt"))
+                self.assertIn("not a regular file", str(cm.exception))
