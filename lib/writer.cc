@@ -457,6 +457,8 @@ class WriterImpl {
   // ----------------------------------------------------------------------
   Status Commit();
 
+  const std::string& target() const { return file_.target(); }
+
   Result<uint64_t> StorageOffset(StorageId id) const {
     if (id >= storages_.size()) {
       return InvalidArgument("no storage " + std::to_string(id));
@@ -1013,6 +1015,8 @@ uint64_t Writer::bytes_written() const { return impl_->pos_; }
 Result<uint64_t> Writer::StorageOffset(StorageId id) const {
   return impl_->StorageOffset(id);
 }
+
+const std::string& Writer::path() const { return impl_->target(); }
 
 std::optional<Writer::Committed> Writer::committed() const {
   if (!impl_->committed_) return std::nullopt;

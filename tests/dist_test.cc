@@ -857,6 +857,24 @@ TEST_CASE(
              true);
   }
 
+  // A record of another save's shard: this rank's error, nothing visible.
+  REQUIRE(write(d.path + "/other", nullptr).ok());
+  auto wrong =
+      CommitSave(comm, d.path + "/other", Status::OK(), FastSave(), &record);
+  REQUIRE_FALSE(wrong.ok());
+  CHECK_THAT(wrong.status().ToString(), Catch::Contains("another save"));
+  CHECK_FALSE(fs::exists(d.path + "/other"));
+  // A record serves one shard: rooting it again is refused.
+  {
+    auto shard = ShardPath(d.path + "/again", 0, 1);
+    REQUIRE(shard.ok());
+    auto w = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    auto again =
+        SetShardRoot(*w, {}, std::nullopt, std::nullopt, 0, 1, &record);
+    CHECK_THAT(again.ToString(), Catch::Contains("already holds a rooted"));
+  }
+
   // An unsealed record, and one whose chunks SetShardRoot does not match.
   ShardRecord unsealed;
   {

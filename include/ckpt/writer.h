@@ -185,6 +185,8 @@ class Writer {
     uint64_t header_xxh3 = 0;
   };
   std::optional<Committed> committed() const;
+  /// The path the file is published at (Create()'s `path`).
+  const std::string& path() const;
 
  private:
   explicit Writer(std::unique_ptr<internal::WriterImpl> impl);

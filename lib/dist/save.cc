@@ -156,6 +156,16 @@ Result<std::string> ShardPath(const std::string& dir, int rank,
 
 // ---- the record of a shard being written ---------------------------------
 
+namespace {
+// Both paths name one existing file (by device and inode).
+bool SameFile(const std::string& a, const std::string& b) {
+  struct stat sa {
+  }, sb{};
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 &&
+         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+}  // namespace
+
 struct ShardRecord::Impl {
   struct Pending {
     size_t tensor;  // index into report.tensors
@@ -166,6 +176,7 @@ struct ShardRecord::Impl {
   internal::RankReport report;  // tensors and chunks (offsets at Seal)
   std::unordered_map<std::string, size_t> by_path;
   std::vector<Pending> chunks;
+  std::string path;  // the shard file's, from its writer at Seal
   bool rooted = false;
   bool sealed = false;
 };
@@ -197,6 +208,7 @@ Status ShardRecord::Seal(const Writer& w) {
   impl_->by_path.clear();
   r.file.size = done->file_size;
   r.file.header_xxh3 = done->header_xxh3;
+  impl_->path = w.path();
   impl_->sealed = true;
   return Status::OK();
 }
@@ -282,6 +294,11 @@ Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
   CKPT_RETURN_IF_ERROR(CheckRank(rank, world_size));
   if (record) {
     ShardRecordAccess::Impl& rec = ShardRecordAccess::Of(*record);
+    if (rec.rooted) {
+      return InvalidArgument(
+          "SetShardRoot: the record already holds a rooted shard (a record "
+          "serves one shard file)");
+    }
     if (rec.chunks.size() != chunks.size()) {
       return InvalidArgument(
           "SetShardRoot: " + std::to_string(chunks.size()) +
@@ -668,6 +685,11 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
       report.status = InvalidArgument("the shard's record is of rank " +
                                       std::to_string(rec.report.rank) + " of " +
                                       std::to_string(rec.report.world_size));
+    } else if (auto path = ShardPath(dir, rank, world);
+               !path.ok() || !SameFile(*path, rec.path)) {
+      report.status = InvalidArgument(
+          "the shard's record is of " + rec.path + ", not this save's " +
+          (path.ok() ? *path : dir) + " (a record from another save?)");
     } else {
       // (The coordinator checks each file's size on disk against it.)
       report.file = rec.report.file;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -373,8 +374,14 @@ Status ImportSafetensors(Writer& w, const std::string& path,
                          const internal::SafetensorsHeader& checked,
                          Progress& progress, HfImportReport& report) {
   CKPT_ASSIGN_OR_RETURN(StFile f, OpenSafetensors(path));
+  auto same = [](const internal::SafetensorsEntry& a,
+                 const internal::SafetensorsEntry& b) {
+    return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape &&
+           a.begin == b.begin && a.end == b.end;
+  };
   if (f.header.data_start != checked.data_start ||
-      f.header.tensors.size() != checked.tensors.size()) {
+      !std::equal(f.header.tensors.begin(), f.header.tensors.end(),
+                  checked.tensors.begin(), checked.tensors.end(), same)) {
     return Corrupt("changed while it was imported").WithFile(path);
   }
   CKPT_ASSIGN_OR_RETURN(f.map, internal::OpenSource(path, {}));
@@ -397,6 +404,9 @@ Status ImportSafetensors(Writer& w, const std::string& path,
   return Status::OK();
 }
 
+// Temporaries of .bin imports running at once in this process (threads).
+std::atomic<uint64_t> g_bin_temps{0};
+
 // A .bin shard: converted by the restricted importer to a temporary ckpt
 // file beside `out` (unlinked as soon as it is open), whose flat dict is
 // then copied in, shared storages (tied weights) kept shared.
@@ -410,7 +420,8 @@ Status ImportBinShard(Writer& w, const std::string& path,
   const std::string tmp =
       (slash == std::string::npos ? std::string() : out.substr(0, slash + 1)) +
       ".ckpt-hfbin-" + std::to_string(::getpid()) + "-" +
-      std::to_string(shard_index) + ".tmp";
+      std::to_string(g_bin_temps.fetch_add(1)) + ".tmp";
+  (void)shard_index;
   ImportOptions o = options;
   o.progress = nullptr;
   o.write.sync = false;
@@ -776,37 +787,43 @@ constexpr std::string_view kTempPrefix = ".ckpt-export-";
 class TempDir {
  public:
   static Result<TempDir> Create(const std::string& dir) {
-    if (DIR* d = ::opendir(dir.c_str())) {
-      std::vector<std::string> old;
-      while (dirent* e = ::readdir(d)) {
-        if (std::string_view(e->d_name).starts_with(kTempPrefix)) {
-          old.push_back(Join(dir, e->d_name));
-        }
-      }
-      ::closedir(d);
-      for (const auto& o : old) {
-        int fd = ::open(o.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd < 0) continue;
-        if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
-          std::error_code ec;
-          std::filesystem::remove_all(o, ec);
-        }
-        ::close(fd);
-      }
-    }
-    std::string tmpl = Join(dir, std::string(kTempPrefix) + "XXXXXX");
+    // Made under a name the sweep below ignores, locked, then renamed to
+    // its swept name: another export's sweep never sees it unlocked.
+    std::string tmpl = Join(dir, ".ckpt-exporting-XXXXXX");
     if (!::mkdtemp(tmpl.data())) {
       return ErrnoError("create a temporary directory in " + dir, errno)
           .WithFile(dir);
     }
     int fd = ::open(tmpl.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || ::flock(fd, LOCK_EX) != 0) {
+    if (fd < 0) {
       const int err = errno;
-      if (fd >= 0) ::close(fd);
       ::rmdir(tmpl.c_str());
-      return ErrnoError("lock " + tmpl, err).WithFile(tmpl);
+      return ErrnoError("open " + tmpl, err).WithFile(tmpl);
     }
-    return TempDir(tmpl, fd);
+    // File systems without flock (some NFS and Lustre mounts): no lock,
+    // and no sweeping of others' temporaries, which could be live.
+    bool locking = true;
+    if (::flock(fd, LOCK_EX) != 0) {
+      const int err = errno;
+      if (err != ENOSYS && err != ENOLCK && err != EOPNOTSUPP) {
+        ::close(fd);
+        ::rmdir(tmpl.c_str());
+        return ErrnoError("lock " + tmpl, err).WithFile(tmpl);
+      }
+      locking = false;
+    }
+    const std::string name = tmpl.substr(tmpl.rfind('/') + 1);
+    const std::string path =
+        Join(dir, std::string(kTempPrefix) +
+                      name.substr(std::string(".ckpt-exporting-").size()));
+    if (::rename(tmpl.c_str(), path.c_str()) != 0) {
+      const int err = errno;
+      ::close(fd);
+      ::rmdir(tmpl.c_str());
+      return ErrnoError("rename " + tmpl, err).WithFile(tmpl);
+    }
+    if (locking) Sweep(dir, path);
+    return TempDir(path, fd);
   }
   TempDir(TempDir&& o) noexcept : path_(std::move(o.path_)), fd_(o.fd_) {
     o.fd_ = -1;
@@ -821,6 +838,28 @@ class TempDir {
 
  private:
   TempDir(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  // Removes the temporaries of exports that are gone (their lock is free).
+  static void Sweep(const std::string& dir, const std::string& mine) {
+    std::vector<std::string> old;
+    if (DIR* d = ::opendir(dir.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        if (std::string_view(e->d_name).starts_with(kTempPrefix)) {
+          old.push_back(Join(dir, e->d_name));
+        }
+      }
+      ::closedir(d);
+    }
+    for (const auto& o : old) {
+      if (o == mine) continue;
+      int fd = ::open(o.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (fd < 0) continue;
+      if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        std::error_code ec;
+        std::filesystem::remove_all(o, ec);
+      }
+      ::close(fd);
+    }
+  }
   std::string path_;
   int fd_ = -1;
 };
@@ -1044,6 +1083,17 @@ Result<std::vector<std::string>> ExportHf(const std::string& in,
     }
     return Status::OK();
   };
+  // An old index stays valid while shards of the same names are replaced
+  // one by one (the same shard count): it goes first, so that a crash or
+  // a reader meanwhile finds shards without an index (an error), never a
+  // mix of old and new weights under one.
+  if (n > 1) {
+    struct stat ist;
+    if (::lstat(Join(dir, kIndex).c_str(), &ist) == 0) {
+      CKPT_RETURN_IF_ERROR(remove(kIndex));
+      if (options.sync) CKPT_RETURN_IF_ERROR(SyncDirectory(dir));
+    }
+  }
   for (const auto& name : names) CKPT_RETURN_IF_ERROR(publish(name));
   if (n > 1) {
     if (std::count(stale.begin(), stale.end(), "model.safetensors")) {

@@ -85,13 +85,17 @@ _MIN_PREAD = 64 << 10
 #: Reads are issued for this many bytes of tensors at once (one
 #: ReadStorages call, its threads spread over them), then yielded.
 _BATCH = 64 << 20
+#: The same for the GPU loader, which sets up its staging per call.
+_GPU_BATCH = 1 << 30
 
 
 def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, threads=4,
                  stats=None):
-    """Yields (name, tensor) for every tensor of the ckpt file `path`, in
-    the order of their bytes in the file, each already this rank's slice
-    and on `device`.
+    """Yields (name, tensor) for every tensor of the ckpt file (or sharded
+    checkpoint directory) `path`, in the order of their bytes in the file,
+    each already this rank's slice and on `device`. (On a CUDA device,
+    tensors stored as views in another layout come after the others. No
+    checksums are checked: `ckpt verify` does.)
 
     shard_dim says, per tensor, the dim to split across the tp_size ranks
     (rank tp_rank gets the tp_rank-th of tp_size equal parts) or None to
@@ -189,18 +193,31 @@ def _boxes(sc, tensors, device, rule, tp_rank, tp_size, threads, counts, path):
                                                 default=(0, 0)), n))
     else:
         names = [t.path for t in tensors]
-    # Without the C++ GPU loader: pinned host tensors, then one copy each.
+    # Other devices (or CUDA without the C++ GPU loader): host tensors
+    # (pinned for CUDA), then one copy each.
     gpu = device.type == "cuda" and _ckpt.has_gpu_loader
-    staged = device.type == "cuda" and not gpu
+    staged = device.type != "cpu" and not gpu
     index = device.index if device.index is not None else (
         torch.cuda.current_device() if gpu else 0)
+    # One loader (pinned staging ring, streams) per batch: bigger batches
+    # on the GPU, whose outputs the caller keeps anyway.
+    limit = _GPU_BATCH if gpu else _BATCH
     batch, size = [], 0
 
     def flush():
         wants = [w for _, _, w in batch if w is not None]
-        if wants:
-            got = (sc.load_to_device(wants, index, False, threads) if gpu
-                   else sc.load(wants, False, threads))
+        if wants and gpu:
+            # The outputs come from torch's caching allocator: memory a
+            # tensor of an earlier batch held may still be read by work
+            # queued on torch's streams (the caller's copy_ of it). The
+            # loader writes from its own streams, so that work must end
+            # first. (The loader also sets the calling thread's device.)
+            torch.cuda.synchronize(index)
+            with torch.cuda.device(index):
+                got = sc.load_to_device(wants, index, False, threads)
+            counts["bytes_read"] += got["bytes_read"]
+        elif wants:
+            got = sc.load(wants, False, threads)
             counts["bytes_read"] += got["bytes_read"]
         for name, out, _ in batch:
             counts["bytes_needed"] += out.numel() * out.element_size()
@@ -213,14 +230,15 @@ def _boxes(sc, tensors, device, rule, tp_rank, tp_size, threads, counts, path):
         if split is not None:
             offsets[split], sizes[split] = lo, hi - lo
         out = (torch.empty(sizes, dtype=torch_dtype(code), device=device) if gpu else
-               torch.empty(sizes, dtype=torch_dtype(code), pin_memory=staged))
+               torch.empty(sizes, dtype=torch_dtype(code),
+                           pin_memory=staged and device.type == "cuda"))
         want = None
         if out.numel():
             buf = out.data_ptr() if gpu else out.reshape(-1).view(torch.uint8).numpy()
             want = (name, offsets, sizes, buf)
         batch.append((name, out, want))
         size += out.numel() * out.element_size()
-        if size >= _BATCH:
+        if size >= limit:
             yield from flush()
             batch, size = [], 0
     yield from flush()

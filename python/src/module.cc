@@ -906,8 +906,10 @@ class PyWriter {
     {
       py::gil_scoped_release nogil;
       Check(w().Commit());
-      // A shard file's record, for the commit of the save (CommitSave).
-      if (record_) Check(record_->Seal(w()));
+      // A shard file's record, for the commit of the save (CommitSave);
+      // a writer used without set_shard_root (ckpt.dcp's) has none, and
+      // its commit reads the file back instead.
+      if (record_ && !record_->Seal(w()).ok()) record_.reset();
     }
     w_.reset();
   }
