@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "hf/safetensors_internal.h"
 #include "json_internal.h"
+#include "safetensors_internal.h"
 #include "test_util.h"
 
 namespace {

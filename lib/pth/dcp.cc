@@ -15,7 +15,9 @@
 
 #include "bytes_internal.h"
 #include "dcp_internal.h"
+#include "json_internal.h"
 #include "pickle_internal.h"
+#include "safetensors_internal.h"
 #include "source_internal.h"
 #include "zip_internal.h"
 
@@ -120,233 +122,16 @@ Status Rebase(const Status& s, const std::string& path, uint64_t base,
 
 // ---- safetensors headers (SAFETENSORS-format .distcp files) ---------------
 
-// A JSON value, as much of JSON as a safetensors header uses.
-struct Json {
-  enum Kind { kNull, kBool, kNumber, kString, kArray, kObject } kind = kNull;
-  bool is_int = false;  // kNumber: an integer that fits int64
-  int64_t i = 0;
-  std::string s;
-  std::vector<Json> items;  // kArray elements; kObject values
-  // kObject keys, one per item (vector<pair<string, Json>> would need Json
-  // complete here).
-  std::vector<std::string> keys;
-  const Json* Get(std::string_view key) const {
-    for (size_t k = 0; k < keys.size() && k < items.size(); ++k) {
-      if (keys[k] == key) return &items[k];
-    }
-    return nullptr;
-  }
-};
-
-class JsonParser {
- public:
-  explicit JsonParser(std::string_view text) : t_(text) {}
-  // The whole text as one value; the error says the byte where it failed.
-  Result<Json> Parse() {
-    CKPT_ASSIGN_OR_RETURN(Json v, Value(0));
-    Space();
-    if (p_ != t_.size()) return Fail("text after the value");
-    return v;
-  }
-
- private:
-  Status Fail(const std::string& why) const {
-    return Corrupt("safetensors header: " + why + " at byte " +
-                   std::to_string(p_));
-  }
-  void Space() {
-    while (p_ < t_.size() && (t_[p_] == ' ' || t_[p_] == '\t' ||
-                              t_[p_] == '\n' || t_[p_] == '\r')) {
-      ++p_;
-    }
-  }
-  bool Eat(char c) {
-    Space();
-    if (p_ < t_.size() && t_[p_] == c) {
-      ++p_;
-      return true;
-    }
-    return false;
-  }
-  Result<Json> Value(int depth) {
-    if (depth > 64) return Fail("nesting deeper than 64");
-    Space();
-    if (p_ >= t_.size()) return Fail("truncated");
-    Json v;
-    const char c = t_[p_];
-    if (c == '{') {
-      ++p_;
-      v.kind = Json::kObject;
-      if (Eat('}')) return v;
-      do {
-        Space();
-        CKPT_ASSIGN_OR_RETURN(std::string k, String());
-        if (!Eat(':')) return Fail("':' expected");
-        CKPT_ASSIGN_OR_RETURN(Json x, Value(depth + 1));
-        v.keys.push_back(std::move(k));
-        v.items.push_back(std::move(x));
-      } while (Eat(','));
-      if (!Eat('}')) return Fail("'}' expected");
-    } else if (c == '[') {
-      ++p_;
-      v.kind = Json::kArray;
-      if (Eat(']')) return v;
-      do {
-        CKPT_ASSIGN_OR_RETURN(Json x, Value(depth + 1));
-        v.items.push_back(std::move(x));
-      } while (Eat(','));
-      if (!Eat(']')) return Fail("']' expected");
-    } else if (c == '"') {
-      v.kind = Json::kString;
-      CKPT_ASSIGN_OR_RETURN(v.s, String());
-    } else if (t_.substr(p_, 4) == "true" || t_.substr(p_, 4) == "null") {
-      v.kind = t_[p_] == 't' ? Json::kBool : Json::kNull;
-      p_ += 4;
-    } else if (t_.substr(p_, 5) == "false") {
-      v.kind = Json::kBool;
-      p_ += 5;
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-      v.kind = Json::kNumber;
-      const size_t start = p_;
-      if (t_[p_] == '-') ++p_;
-      bool digits = p_ < t_.size();
-      while (p_ < t_.size() && std::strchr("0123456789.eE+-", t_[p_])) {
-        if (!(t_[p_] >= '0' && t_[p_] <= '9')) digits = false;
-        ++p_;
-      }
-      const std::string num(t_.substr(start, p_ - start));
-      if (digits && num != "-" && num.size() <= 18) {
-        v.is_int = true;
-        v.i = std::stoll(num);
-      }
-    } else {
-      return Fail("unexpected character");
-    }
-    return v;
-  }
-  Result<std::string> String() {
-    if (p_ >= t_.size() || t_[p_] != '"') return Fail("string expected");
-    ++p_;
-    std::string out;
-    while (true) {
-      if (p_ >= t_.size()) return Fail("unterminated string");
-      const char c = t_[p_++];
-      if (c == '"') return out;
-      if (static_cast<unsigned char>(c) < 0x20) {
-        return Fail("control character in a string");
-      }
-      if (c != '\\') {
-        out += c;
-        continue;
-      }
-      if (p_ >= t_.size()) return Fail("unterminated escape");
-      const char e = t_[p_++];
-      switch (e) {
-        case '"':
-        case '\\':
-        case '/':
-          out += e;
-          break;
-        case 'b':
-          out += '\b';
-          break;
-        case 'f':
-          out += '\f';
-          break;
-        case 'n':
-          out += '\n';
-          break;
-        case 'r':
-          out += '\r';
-          break;
-        case 't':
-          out += '\t';
-          break;
-        case 'u': {
-          CKPT_ASSIGN_OR_RETURN(uint32_t cp, Hex4());
-          if (cp >= 0xD800 && cp < 0xDC00) {
-            if (t_.substr(p_, 2) != "\\u") return Fail("lone surrogate");
-            p_ += 2;
-            CKPT_ASSIGN_OR_RETURN(uint32_t lo, Hex4());
-            if (lo < 0xDC00 || lo >= 0xE000) return Fail("lone surrogate");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          } else if (cp >= 0xDC00 && cp < 0xE000) {
-            return Fail("lone surrogate");
-          }
-          AppendUtf8(out, cp);
-          break;
-        }
-        default:
-          return Fail("unknown escape");
-      }
-    }
-  }
-  Result<uint32_t> Hex4() {
-    if (p_ + 4 > t_.size()) return Fail("truncated \\u escape");
-    uint32_t v = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char h = t_[p_++];
-      v <<= 4;
-      if (h >= '0' && h <= '9') {
-        v |= static_cast<uint32_t>(h - '0');
-      } else if (h >= 'a' && h <= 'f') {
-        v |= static_cast<uint32_t>(h - 'a' + 10);
-      } else if (h >= 'A' && h <= 'F') {
-        v |= static_cast<uint32_t>(h - 'A' + 10);
-      } else {
-        return Fail("bad \\u escape");
-      }
-    }
-    return v;
-  }
-  static void AppendUtf8(std::string& out, uint32_t cp) {
-    auto put = [&](uint32_t b) { out += static_cast<char>(b); };
-    if (cp < 0x80) {
-      put(cp);
-    } else if (cp < 0x800) {
-      put(0xC0 | (cp >> 6));
-      put(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      put(0xE0 | (cp >> 12));
-      put(0x80 | ((cp >> 6) & 0x3F));
-      put(0x80 | (cp & 0x3F));
-    } else {
-      put(0xF0 | (cp >> 18));
-      put(0x80 | ((cp >> 12) & 0x3F));
-      put(0x80 | ((cp >> 6) & 0x3F));
-      put(0x80 | (cp & 0x3F));
-    }
-  }
-
-  std::string_view t_;
-  size_t p_ = 0;
-};
-
-// safetensors' dtype names -> ckpt's.
-std::optional<DType> SafetensorsDType(const std::string& name) {
-  static const std::map<std::string, std::string_view> kNames = {
-      {"F64", "float64"},         {"F32", "float32"},
-      {"F16", "float16"},         {"BF16", "bfloat16"},
-      {"I64", "int64"},           {"I32", "int32"},
-      {"I16", "int16"},           {"I8", "int8"},
-      {"U64", "uint64"},          {"U32", "uint32"},
-      {"U16", "uint16"},          {"U8", "uint8"},
-      {"BOOL", "bool"},           {"F8_E4M3", "float8_e4m3fn"},
-      {"F8_E5M2", "float8_e5m2"}, {"C64", "complex64"}};
-  auto it = kNames.find(name);
-  if (it == kNames.end()) return std::nullopt;
-  return DTypeFromName(it->second);
-}
-
 // One safetensors blob of a .distcp file: its header and where its data
 // starts (absolute).
 struct SafetensorsBlob {
-  Json header;
+  JsonValue header;
   uint64_t data_start = 0;
   uint64_t data_size = 0;
 };
 
-constexpr uint64_t kMaxSafetensorsHeader = 100ull << 20;
+// (safetensors' own limit, as ImportHfDir's: ckpt/hf.h.)
+constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
 
 struct StorageLoc {
   std::string file;
@@ -745,16 +530,14 @@ Status DcpReader::LocateSafetensors(const std::string& fqn,
                 loc.offset);
     }
     CKPT_ASSIGN_OR_RETURN(Bytes text, src->Read(loc.offset + 8, n));
-    auto header =
-        JsonParser(
-            std::string_view(reinterpret_cast<const char*>(text.data.data()),
-                             text.data.size()))
-            .Parse();
+    auto header = ParseJson(std::string_view(
+        reinterpret_cast<const char*>(text.data.data()), text.data.size()));
     if (!header.ok()) {
-      return at(Corrupt(what + ": " + header.status().message()),
-                loc.offset + 8);
+      return at(
+          Corrupt(what + ": safetensors header: " + header.status().message()),
+          loc.offset + 8);
     }
-    if (header->kind != Json::kObject) {
+    if (!header->is_object()) {
       return at(Corrupt(what + ": safetensors header is not an object"),
                 loc.offset + 8);
     }
@@ -766,36 +549,39 @@ Status DcpReader::LocateSafetensors(const std::string& fqn,
   }
   const SafetensorsBlob& blob = it->second;
   const uint64_t hdr = loc.offset + 8;
-  const Json* e = blob.header.Get(fqn);
-  if (!e || e->kind != Json::kObject) {
+  const JsonValue* e = blob.header.Find(fqn);
+  if (!e || !e->is_object()) {
     return at(
         Corrupt(what + ": the safetensors header has no entry " + Quote(fqn)),
         hdr);
   }
-  const Json* dt = e->Get("dtype");
-  const Json* shape = e->Get("shape");
-  const Json* offs = e->Get("data_offsets");
-  if (!dt || dt->kind != Json::kString || !shape ||
-      shape->kind != Json::kArray || !offs || offs->kind != Json::kArray ||
-      offs->items.size() != 2 || !offs->items[0].is_int ||
-      !offs->items[1].is_int) {
+  const JsonValue* dt = e->Find("dtype");
+  const JsonValue* shape = e->Find("shape");
+  const JsonValue* offs = e->Find("data_offsets");
+  std::optional<uint64_t> b, end;
+  if (offs && offs->is_array() && offs->items.size() == 2) {
+    b = offs->items[0].AsUint64();
+    end = offs->items[1].AsUint64();
+  }
+  if (!dt || !dt->is_string() || !shape || !shape->is_array() || !b || !end) {
     return at(Corrupt(what + ": safetensors entry " + Quote(fqn) +
                       " lacks dtype, shape or data_offsets"),
               hdr);
   }
-  auto d = SafetensorsDType(dt->s);
+  auto d = SafetensorsDTypeFromName(dt->text);
   if (!d || *d != dtype) {
     return at(
-        InvalidArgument(what + ": the safetensors entry holds " + dt->s +
+        InvalidArgument(what + ": the safetensors entry holds " + dt->text +
                         ", .metadata says " + std::string(DTypeName(dtype))),
         hdr);
   }
   std::vector<int64_t> dims;
   for (const auto& x : shape->items) {
-    if (!x.is_int) {
+    auto n = x.AsUint64();
+    if (!n || *n > static_cast<uint64_t>(INT64_MAX)) {
       return at(Corrupt(what + ": safetensors shape is not integers"), hdr);
     }
-    dims.push_back(x.i);
+    dims.push_back(static_cast<int64_t>(*n));
   }
   if (dims != chunk->box.sizes) {
     return at(InvalidArgument(what + ": the safetensors entry has shape " +
@@ -803,19 +589,18 @@ Status DcpReader::LocateSafetensors(const std::string& fqn,
                               IntsText(chunk->box.sizes)),
               hdr);
   }
-  const int64_t b = offs->items[0].i, end = offs->items[1].i;
   const uint64_t bytes =
       static_cast<uint64_t>(chunk->box.numel()) * DTypeSize(dtype);
-  if (b < 0 || end < b || static_cast<uint64_t>(end - b) != bytes ||
-      !RangeWithin(static_cast<uint64_t>(b), bytes, blob.data_size)) {
+  if (*end < *b || *end - *b != bytes ||
+      !RangeWithin(*b, bytes, blob.data_size)) {
     return at(
-        Corrupt(what + ": safetensors data_offsets [" + std::to_string(b) +
-                ", " + std::to_string(end) + ") do not hold " +
+        Corrupt(what + ": safetensors data_offsets [" + std::to_string(*b) +
+                ", " + std::to_string(*end) + ") do not hold " +
                 std::to_string(bytes) + " bytes inside the file"),
         hdr);
   }
   chunk->file = loc.file;
-  chunk->offset = blob.data_start + static_cast<uint64_t>(b);
+  chunk->offset = blob.data_start + *b;
   chunk->length = bytes;
   return Status::OK();
 }

@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <string_view>
 
-#include "hf/safetensors_internal.h"
 #include "json_internal.h"
+#include "safetensors_internal.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view all(reinterpret_cast<const char*>(data), size);

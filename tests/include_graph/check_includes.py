@@ -39,6 +39,9 @@ LAYERS = [
     # The strict JSON reader for files from elsewhere, and the one JSON
     # string writer.
     ("json", ["lib/json.cc", "lib/json_internal.h"]),
+    # The safetensors header (dtype names, the checks safetensors makes):
+    # Hugging Face directories and DCP's SAFETENSORS .distcp files.
+    ("safetensors", ["lib/safetensors.cc", "lib/safetensors_internal.h"]),
     ("header", ["lib/header_internal.h", "lib/header.cc"]),
     ("reader", ["include/ckpt/reader.h", "lib/reader.cc", "lib/reader_internal.h"]),
     ("writer", ["include/ckpt/writer.h", "lib/writer.cc"]),
@@ -79,12 +82,14 @@ MAY_USE = {
     # The loader takes reader views; it never decodes the header itself.
     "cuda": ["status", "format", "io", "reader"],
     # The importer writes through the public writer only.
-    "pth": ["status", "box", "format", "io", "writer:public"],
+    "pth": ["status", "box", "format", "io", "json", "safetensors",
+            "writer:public"],
     "json": ["status", "format"],
+    "safetensors": ["status", "format", "json"],
     # Reads and writes ckpt files through the public reader and writer,
     # .bin shards through the public importer.
-    "hf": ["status", "format", "io", "json", "reader:public", "writer:public",
-           "pth:public"],
+    "hf": ["status", "format", "io", "json", "safetensors", "reader:public",
+           "writer:public", "pth:public"],
     # The commands are thin: the public API only.
     # Sharded checkpoints are ordinary files read and written through the
     # public reader and writer, plus the helpers loaders share (checked

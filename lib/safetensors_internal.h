@@ -1,4 +1,5 @@
-// The safetensors header, read and checked (what lib/hf/hf.cc imports and
+// The safetensors header, read and checked (what lib/hf/hf.cc imports,
+// lib/pth/dcp.cc's SAFETENSORS .distcp reader names dtypes by, and
 // tests/fuzz/safetensors_fuzz.cc throws bytes at).
 #pragma once
 
@@ -37,6 +38,9 @@ struct SafetensorsHeader {
 /// dtype ckpt has no type for (F4, F6...).
 Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header,
                                                  uint64_t file_size);
+
+/// The ckpt dtype of a safetensors name ("F32"...), or nullopt.
+std::optional<DType> SafetensorsDTypeFromName(std::string_view name);
 
 /// The safetensors name of `dtype` ("F32", "BF16"...), or nullopt when
 /// safetensors has none (complex32, quantized, the FNUZ float8s...).
