@@ -857,6 +857,27 @@ TEST_CASE(
              true);
   }
 
+  // Carried as bytes to a process that commits alone (ckpt.dcp's finish).
+  {
+    ShardRecord carried;
+    REQUIRE(write(d.path + "/carried", &carried).ok());
+    auto bytes = carried.Serialize();
+    REQUIRE(bytes.ok());
+    auto back = ShardRecord::Deserialize(*bytes, 0);
+    REQUIRE(back.ok());
+    CHECK(back->sealed());
+    CHECK_FALSE(ShardRecord::Deserialize(*bytes, 1).ok());  // says rank 0
+    std::vector<ShardRecord> recs;
+    recs.push_back(std::move(*back));
+    auto info = CommitWritten(d.path + "/carried", 1, FastSave(), recs);
+    REQUIRE(info.ok());
+    auto c = ReadManifest(d.path + "/carried");
+    REQUIRE(c.ok());
+    CHECK(c->files[0].header_xxh3 == a->files[0].header_xxh3);
+    CHECK(c->tensors.size() == a->tensors.size());
+    CHECK_FALSE(ShardRecord().Serialize().ok());  // unsealed
+  }
+
   // A record of another save's shard: this rank's error, nothing visible.
   REQUIRE(write(d.path + "/other", nullptr).ok());
   auto wrong =

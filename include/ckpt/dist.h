@@ -160,6 +160,16 @@ class ShardRecord {
   Status Seal(const Writer& w);
   bool sealed() const;
 
+  /// A sealed record as bytes, to carry it to the process that commits
+  /// (ckpt.dcp: DCP gathers each rank's write results to its coordinator).
+  /// kInvalidArgument if not sealed.
+  Result<std::vector<std::byte>> Serialize() const;
+  /// The record of rank `rank` from Serialize()'s bytes, sealed (its
+  /// path is not carried: the commit finds the file by name and size).
+  /// kCorrupt for bytes that are not one.
+  static Result<ShardRecord> Deserialize(std::span<const std::byte> bytes,
+                                         int rank);
+
  private:
   friend struct ShardRecordAccess;
   struct Impl;
@@ -208,9 +218,13 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
                               const ShardRecord* record = nullptr);
 
 /// Commits a save whose `world_size` shard files one process wrote itself
-/// (tools: `ckpt shard`): CommitSave's checks and commit without a group.
+/// (tools: `ckpt shard`) or gathered the ranks' results of (ckpt.dcp):
+/// CommitSave's checks and commit without a group. With `records` (one
+/// sealed record per rank, in rank order) the reports come from them;
+/// without, each shard file is read back.
 Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
-                                 const SaveOptions& options = {});
+                                 const SaveOptions& options = {},
+                                 std::span<const ShardRecord> records = {});
 
 /// Builds a tree in a shard's writer; returns its root.
 using TreeBuilder = std::function<Result<NodeId>(Writer&)>;

@@ -213,6 +213,24 @@ Status ShardRecord::Seal(const Writer& w) {
   return Status::OK();
 }
 
+Result<std::vector<std::byte>> ShardRecord::Serialize() const {
+  if (!sealed())
+    return InvalidArgument("ShardRecord::Serialize of an unsealed record");
+  return internal::EncodeReport(impl_->report);
+}
+
+Result<ShardRecord> ShardRecord::Deserialize(std::span<const std::byte> bytes,
+                                             int rank) {
+  if (rank < 0) return InvalidArgument("rank " + std::to_string(rank));
+  CKPT_ASSIGN_OR_RETURN(
+      internal::RankReport r,
+      internal::DecodeReport(bytes, static_cast<uint32_t>(rank)));
+  ShardRecord out;
+  out.impl_->report = std::move(r);
+  out.impl_->rooted = out.impl_->sealed = true;
+  return out;
+}
+
 Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c,
                                        ShardRecord* record) {
   auto bad = [&](const std::string& what) {
@@ -760,17 +778,37 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
 }
 
 Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
-                                 const SaveOptions& o) {
+                                 const SaveOptions& o,
+                                 std::span<const ShardRecord> records) {
   if (world_size < 1) return InvalidArgument("world size must be >= 1");
   if (o.coordinator < 0 || o.coordinator >= world_size) {
     return InvalidArgument("coordinator outside the group");
   }
+  if (!records.empty() && records.size() != static_cast<size_t>(world_size)) {
+    return InvalidArgument(std::to_string(records.size()) +
+                           " shard records for " + std::to_string(world_size) +
+                           " ranks");
+  }
   std::vector<internal::RankReport> reports;
   for (int r = 0; r < world_size; ++r) {
-    auto path = ShardPath(dir, r, world_size);
-    Result<internal::RankReport> rep =
-        path.ok() ? Describe(*path, r, world_size)
-                  : Result<internal::RankReport>(path.status());
+    Result<internal::RankReport> rep = internal::RankReport{};
+    if (!records.empty()) {
+      // (The sweep in Finalize checks each named file's size on disk.)
+      const auto& rec = ShardRecordAccess::Of(records[static_cast<size_t>(r)]);
+      if (!rec.sealed || rec.report.rank != static_cast<uint32_t>(r) ||
+          rec.report.world_size != static_cast<uint32_t>(world_size)) {
+        rep = InvalidArgument("shard record " + std::to_string(r) +
+                              " is not a sealed record of rank " +
+                              std::to_string(r) + " of " +
+                              std::to_string(world_size));
+      } else {
+        rep = rec.report;
+      }
+    } else {
+      auto path = ShardPath(dir, r, world_size);
+      rep = path.ok() ? Describe(*path, r, world_size)
+                      : Result<internal::RankReport>(path.status());
+    }
     if (rep.ok()) {
       reports.push_back(std::move(*rep));
     } else {

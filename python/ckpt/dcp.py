@@ -291,6 +291,15 @@ class _ShardOf:
     world_size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """A write result's storage_data: the rank that wrote the item, and
+    (on the rank's first result only) its shard's record, which the
+    coordinator's commit takes instead of reading the shard back."""
+    rank: int
+    record: bytes = None
+
+
 class Writer(_dcp.StorageWriter):
     """A DCP StorageWriter that writes a ckpt sharded checkpoint directory.
 
@@ -380,13 +389,17 @@ class Writer(_dcp.StorageWriter):
                         chunks.append(node)
                     size = t.numel() * t.element_size()
                 results.append(_dcp.storage.WriteResult(
-                    index=item.index, size_in_bytes=size, storage_data=shard.rank))
+                    index=item.index, size_in_bytes=size, storage_data=_Written(shard.rank)))
             local = _Saver(w).tree({_VALUES_KEY: byte_items}) if byte_items else None
             w.set_shard_root(chunks, None, local, shard.rank, shard.world_size)
             w.commit()
         except BaseException:
             w.abort()
             raise
+        record = w.record_bytes()
+        if results and record is not None:
+            results[0] = dataclasses.replace(
+                results[0], storage_data=_Written(shard.rank, record))
         return _done(results)
 
     def finish(self, metadata, results):
@@ -394,17 +407,26 @@ class Writer(_dcp.StorageWriter):
         checks the ranks' shard files, writes the manifest with DCP's
         metadata in it, and renames the directory into place."""
         world = len(results)
-        byte_files = {}
+        byte_files, records = {}, [None] * world
         for rank_results in results:
             for wr in rank_results:
+                sd = wr.storage_data
+                if not isinstance(sd, _Written) or not 0 <= sd.rank < world:
+                    raise InvalidArgumentError("ckpt.dcp.Writer.finish: a write result that "
+                                               "its write_data did not make")
+                if sd.record is not None:
+                    records[sd.rank] = sd.record
                 if isinstance(metadata.state_dict_metadata.get(wr.index.fqn),
                               _md.BytesStorageMetadata):
-                    byte_files[wr.index.fqn] = wr.storage_data
+                    byte_files[wr.index.fqn] = sd.rank
+        # The ranks' records stand for reading every shard back here (all
+        # or none: a rank that wrote no item has none).
+        have = all(r is not None for r in records)
         metadata.version = _DCP_VERSION  # (DCP's planner leaves both to the storage)
         metadata.storage_meta = self.storage_meta()
         doc = _metadata_json(metadata, byte_files)
         _ckpt.dist_commit_written(self.path, world, 0, self.overwrite, self.sync,
-                                  {METADATA_KEY: doc})
+                                  {METADATA_KEY: doc}, records if have else None)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):

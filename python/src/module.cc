@@ -919,6 +919,14 @@ class PyWriter {
     record_.reset();
   }
 
+  // The sealed record as bytes (ckpt.dcp carries it to its coordinator
+  // in DCP's write results), or None.
+  py::object RecordBytes() const {
+    if (!record_ || !record_->sealed()) return py::none();
+    auto b = Take(record_->Serialize());
+    return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+  }
+
   // What add_chunk / set_shard_root record of a shard file, made at the
   // first chunk; outlives the writer (dist_commit_save takes it).
   ckpt::dist::ShardRecord* record(bool create) {
@@ -1314,18 +1322,30 @@ void BindDist(py::module_& m, py::class_<PyWriter>& writer) {
   m.def(
       "dist_commit_written",
       [](const std::string& dir, int world_size, int coordinator,
-         bool overwrite, bool sync, const py::dict& metadata) {
+         bool overwrite, bool sync, const py::dict& metadata,
+         const std::optional<std::vector<py::bytes>>& records) {
         auto o = SaveOptionsOf(coordinator, overwrite, sync, metadata);
+        // Each rank's record (Writer.record_bytes), in rank order: the
+        // shards are then not read back here.
+        std::vector<ckpt::dist::ShardRecord> recs;
+        if (records) {
+          for (size_t i = 0; i < records->size(); ++i) {
+            std::string_view b = (*records)[i];
+            recs.push_back(Take(ckpt::dist::ShardRecord::Deserialize(
+                std::as_bytes(std::span(b.data(), b.size())),
+                static_cast<int>(i))));
+          }
+        }
         ckpt::Result<ckpt::dist::CommitInfo> r = ckpt::dist::CommitInfo{};
         {
           py::gil_scoped_release nogil;
-          r = ckpt::dist::CommitWritten(dir, world_size, o);
+          r = ckpt::dist::CommitWritten(dir, world_size, o, recs);
         }
         return CommitInfoDict(Take(std::move(r)));
       },
       py::arg("dir"), py::arg("world_size"), py::arg("coordinator") = 0,
       py::arg("overwrite") = false, py::arg("sync") = true,
-      py::arg("metadata") = py::dict());
+      py::arg("metadata") = py::dict(), py::arg("records") = py::none());
 
   m.def(
       "dist_agree",
@@ -1626,6 +1646,7 @@ PYBIND11_MODULE(_ckpt, m) {
              Check(w.w().SetMetadata(k, v));
            })
       .def("commit", &PyWriter::Commit)
+      .def("record_bytes", &PyWriter::RecordBytes)
       .def("abort", &PyWriter::Abort);
   BindDist(m, writer);
 

@@ -138,7 +138,17 @@ def phase_train(rank, world, base):
     model, opt = _setup(world)
     _train(model, opt, range(K), rank, world)
     sd = _state(model, opt, epoch=K)
-    dcp.save(sd, storage_writer=ckpt.dcp.Writer(f"{base}/ckpt"))
+    class Counting(ckpt.dcp.Writer):  # which shards the commit took records of
+        carried = None
+
+        def finish(self, metadata, results):
+            self.carried = sorted(wr.storage_data.rank for rr in results for wr in rr
+                                  if wr.storage_data.record is not None)
+            return super().finish(metadata, results)
+    w = Counting(f"{base}/ckpt")
+    dcp.save(sd, storage_writer=w)
+    if rank == 0:  # every rank's record reached the coordinator: no read-back
+        assert w.carried == list(range(world)), w.carried
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(f"{base}/fs"))
     at_k = _full(model, opt)
     if rank == 0:
