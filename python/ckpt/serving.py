@@ -103,12 +103,13 @@ def iter_weights(path, device="cpu", tp_rank=0, tp_size=1, shard_dim=None, *, th
     fnmatch patterns to dims (the first match wins; no match: whole). A
     split dim must divide by tp_size (as vLLM's parallel layers require).
 
-    Each tensor is the caller's: CPU memory (pinned when `device` is a
-    CUDA device, then copied there), never a view of the file. Whole
-    tensors and row slices are read by pread of their one byte range; a
-    slice on a later dim by pread of each row's run, or, for runs under
-    64 KiB, copied run by run from the file's mapping (touching only the
-    pages the runs lie in). A `stats` dict, when given, gets added to it
+    Each tensor is the caller's, never a view of the file: CPU memory, or
+    memory on `device` - CUDA tensors filled by ckpt's GPU loader (built
+    without it, and for other devices, pinned host memory then a copy).
+    From a file to the CPU, whole tensors and row slices are read by pread
+    of their one byte range; a slice on a later dim by pread of each row's
+    run, or, for runs under 64 KiB, copied run by run from the file's
+    mapping (touching only the pages the runs lie in). A `stats` dict, when given, gets added to it
     bytes_needed (the slices' bytes), bytes_read (all bytes the loader
     read: pread and mapping copies) and bytes_mapped (those it copied from
     the mapping, which /proc/self/io's rchar does not count). Tensors that
