@@ -9,11 +9,14 @@ cd "$(dirname "$0")/.."
 jobs=$(nproc)
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
+# Each stage's heading says when it started (bash's SECONDS), so that a
+# run shows where CI's budget of well under 30 minutes goes.
+stage() { echo "== $* (at $((SECONDS / 60))m$((SECONDS % 60))s)"; }
 
-echo "== format (.clang-format)"
+stage "format (.clang-format)"
 scripts/check_format.sh
 
-echo "== build (warnings are errors) and test"
+stage "build (warnings are errors) and test"
 cmake -S . -B build-test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_WERROR=ON >/dev/null
 cmake --build build-test -j"$jobs"
 # DCP checkpoints written by PyPI's torch, for the DCP reader's tests.
@@ -24,7 +27,7 @@ fi
 (cd build-test && ctest --output-on-failure -j"$jobs")
 [ "$quick" = 1 ] && exit 0
 
-echo "== the Python suites and the .pth tests again, under PyPI's torch 2.x"
+stage "the Python suites and the .pth tests again, under PyPI's torch 2.x"
 t2=.venv-torch2/bin/python
 if [ -x "$t2" ]; then
   "$t2" -c 'import torch; print("torch", torch.__version__)'
@@ -45,7 +48,7 @@ else
   echo "torch2: skipped (no .venv-torch2: scripts/install_deps.sh makes it)"
 fi
 
-echo "== scripts/gpu_check.sh --double: the GPU check's steps against the CUDA-runtime double"
+stage "scripts/gpu_check.sh --double: the GPU check's steps against the CUDA-runtime double"
 if [ -x build-test/tests/cuda_real_test_double ]; then
   gout=$(mktemp -d)
   scripts/gpu_check.sh --double --build build-test --out "$gout" > "$gout/log" ||
@@ -57,7 +60,7 @@ else
   echo "gpu_check: skipped (no CUDA toolkit: the loader is not built)"
 fi
 
-echo "== pip: pip install -e . and a wheel from this tree (scikit-build-core)"
+stage "pip: pip install -e . and a wheel from this tree (scikit-build-core)"
 # One build tree (build-pip/, pyproject's build-dir) serves both, built
 # without build isolation by a venv holding exactly the build-system
 # requirements: an isolated build gets a new temporary environment each time,
@@ -124,7 +127,7 @@ else
   echo "pip: skipped (no .venv-torch2)"
 fi
 
-echo "== install, then build a consumer with find_package(ckpt)"
+stage "install, then build a consumer with find_package(ckpt)"
 prefix=$(mktemp -d)
 cmake --install build-test --prefix "$prefix" >/dev/null
 cmake -S tests/install -B build-consumer -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
@@ -145,7 +148,7 @@ fi
 rm -rf "$prefix"
 echo "install: 1 passed, 0 failed"
 
-echo "== ASan + UBSan build and test"
+stage "ASan + UBSan build and test"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON \
   -DCKPT_WERROR=ON -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_PYTHON=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
@@ -159,7 +162,7 @@ fi
 # ASan would otherwise turn into an abort.
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 ctest --output-on-failure -j"$jobs")
 
-echo "== ThreadSanitizer: the threaded code (verify, writer, GPU loader on the test double)"
+stage "ThreadSanitizer: the threaded code (verify, writer, GPU loader on the test double)"
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_TSAN=ON \
   -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_EXAMPLES=OFF -DCKPT_BUILD_PYTHON=OFF >/dev/null
 targets=ckpt_tests
@@ -174,7 +177,7 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  echo "== libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests, DCP .metadata and safetensors headers 30 s each"
+  stage "libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests, DCP .metadata and safetensors headers 30 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
