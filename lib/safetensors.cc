@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <set>
 
+#include "bytes_internal.h"
 #include "json_internal.h"
 #include "safetensors_internal.h"
+#include "source_internal.h"
 
 namespace ckpt {
 namespace internal {
@@ -47,6 +49,35 @@ Status Bad(const std::string& what, uint64_t json_offset) {
 }
 
 }  // namespace
+
+Result<std::string> ReadSafetensorsHeaderText(const ByteSource& src,
+                                              uint64_t at) {
+  const uint64_t size = src.size();
+  if (at > size || size - at < 8) {
+    return Corrupt("safetensors: " + std::to_string(at > size ? 0 : size - at) +
+                   " bytes, shorter than the 8-byte header size")
+        .WithOffset(static_cast<int64_t>(at));
+  }
+  std::byte n8[8];
+  CKPT_RETURN_IF_ERROR(src.ReadInto(at, n8));
+  const uint64_t n = LoadLE<uint64_t>(n8);
+  if (n > kMaxSafetensorsHeader) {
+    return Corrupt("safetensors: header of " + std::to_string(n) +
+                   " bytes, over the limit of " +
+                   std::to_string(kMaxSafetensorsHeader))
+        .WithOffset(static_cast<int64_t>(at));
+  }
+  if (!RangeWithin(at + 8, n, size)) {
+    return Corrupt("safetensors: header of " + std::to_string(n) +
+                   " bytes runs past the end of the file (" +
+                   std::to_string(size) + " bytes)")
+        .WithOffset(static_cast<int64_t>(at + 8));
+  }
+  std::string text(static_cast<size_t>(n), '\0');
+  CKPT_RETURN_IF_ERROR(src.ReadInto(
+      at + 8, std::as_writable_bytes(std::span(text.data(), text.size()))));
+  return text;
+}
 
 std::optional<DType> SafetensorsDTypeFromName(std::string_view name) {
   for (const auto& d : kStDTypes) {

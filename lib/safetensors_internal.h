@@ -15,6 +15,19 @@
 
 namespace ckpt::internal {
 
+class ByteSource;
+
+/// The largest header a safetensors file may declare (safetensors' own
+/// limit); also the bound on the JSON files beside one.
+inline constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
+
+/// The JSON text of the safetensors header at byte `at` of `src`: its
+/// 8-byte little-endian length first, held to kMaxSafetensorsHeader and
+/// to the end of the file. kCorrupt saying which, with the byte offset
+/// (the caller names the file).
+Result<std::string> ReadSafetensorsHeaderText(const ByteSource& src,
+                                              uint64_t at);
+
 struct SafetensorsEntry {
   std::string name;
   DType dtype = DType::kInvalid;

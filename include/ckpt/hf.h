@@ -23,9 +23,6 @@ namespace ckpt {
 /// The metadata key that holds config.json's text in an imported file.
 inline constexpr const char* kHfConfigKey = "hf.config";
 
-/// Limits on what one safetensors file may declare, as safetensors' own.
-inline constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
-
 struct HfImportReport {
   std::string layout;              ///< "safetensors" or "bin"
   std::vector<std::string> files;  ///< the weight files read, in order

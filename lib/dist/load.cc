@@ -164,6 +164,17 @@ Result<std::vector<std::byte>> DcpManifestBytes(const std::string& dir) {
 // which costs no page faults on the destination's side of the kernel.
 constexpr uint64_t kPreadMinBytes = 64 << 10;
 
+// An open shard file and where its storages lie.
+Result<std::shared_ptr<Shard>> ShardOf(Checkpoint ck) {
+  auto s = std::make_shared<Shard>(std::move(ck));
+  for (size_t k = 0; k < s->ck->num_storages(); ++k) {
+    CKPT_ASSIGN_OR_RETURN(StorageInfo si, s->ck->StorageInfoAt(k));
+    s->starts.push_back(si.offset);
+    s->ends.push_back(si.offset + si.nbytes);
+  }
+  return s;
+}
+
 }  // namespace
 
 struct ShardedCheckpoint::Impl {
@@ -179,10 +190,25 @@ struct ShardedCheckpoint::Impl {
   // kInvalidArgument saying what is wrong with the box).
   Result<const GlobalTensorInfo*> Wanted(std::string_view path,
                                          const Box& box) const;
+  // `index` built from `m`'s chunks, one BoxIndex per tensor.
+  Status BuildIndex();
   // The storage of shard `s` holding bytes [begin, end), or kCorrupt.
   Result<size_t> StorageOf(const Shard& s, size_t file, uint64_t begin,
                            uint64_t end) const;
 };
+
+Status ShardedCheckpoint::Impl::BuildIndex() {
+  index.clear();
+  index.reserve(m.tensors.size());
+  for (const auto& t : m.tensors) {
+    std::vector<Box> boxes;
+    boxes.reserve(t.chunks.size());
+    for (const auto& c : t.chunks) boxes.push_back(c.box);
+    CKPT_ASSIGN_OR_RETURN(BoxIndex bi, BoxIndex::Build(std::move(boxes)));
+    index.push_back(std::move(bi));
+  }
+  return Status::OK();
+}
 
 Result<const GlobalTensorInfo*> ShardedCheckpoint::Impl::Wanted(
     std::string_view path, const Box& box) const {
@@ -235,12 +261,7 @@ Result<std::shared_ptr<const Shard>> ShardedCheckpoint::Impl::Open(
                    "): replaced or from another save")
         .WithFile(path);
   }
-  auto s = std::make_shared<Shard>(std::move(ck));
-  for (size_t k = 0; k < s->ck->num_storages(); ++k) {
-    CKPT_ASSIGN_OR_RETURN(StorageInfo si, s->ck->StorageInfoAt(k));
-    s->starts.push_back(si.offset);
-    s->ends.push_back(si.offset + si.nbytes);
-  }
+  CKPT_ASSIGN_OR_RETURN(auto s, ShardOf(std::move(ck)));
   std::lock_guard<std::mutex> lock(mu);
   if (!shards[i]) shards[i] = std::move(s);
   return shards[i];
@@ -345,12 +366,7 @@ Result<ShardedCheckpoint> ShardedCheckpoint::OpenFile(const std::string& path) {
       {p.filename().string(), ck.file_size(), ck.layout().header_xxh3, 0});
   m.producer = std::string(ck.producer());
   m.metadata = ck.metadata();
-  auto shard = std::make_shared<Shard>(ck.Share());
-  for (size_t k = 0; k < ck.num_storages(); ++k) {
-    CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(k));
-    shard->starts.push_back(si.offset);
-    shard->ends.push_back(si.offset + si.nbytes);
-  }
+  CKPT_ASSIGN_OR_RETURN(auto shard, ShardOf(ck.Share()));
   // Each row-major tensor is one chunk where its bytes lie; views in
   // another layout have no place in a manifest and are left out. Tensors
   // sharing a storage (tied weights) may share bytes: built here from a
@@ -376,15 +392,9 @@ Result<ShardedCheckpoint> ShardedCheckpoint::OpenFile(const std::string& path) {
   }
   auto impl = std::make_unique<ShardedCheckpoint::Impl>();
   impl->dir = p.has_parent_path() ? p.parent_path().string() : ".";
-  impl->index.reserve(m.tensors.size());
-  for (const auto& t : m.tensors) {
-    std::vector<Box> boxes;
-    for (const auto& c : t.chunks) boxes.push_back(c.box);
-    CKPT_ASSIGN_OR_RETURN(BoxIndex bi, BoxIndex::Build(std::move(boxes)));
-    impl->index.push_back(std::move(bi));
-  }
   impl->shards = {std::move(shard)};
   impl->m = std::move(m);
+  CKPT_RETURN_IF_ERROR(impl->BuildIndex());
   return ShardedCheckpoint(std::move(impl));
 }
 
@@ -397,16 +407,9 @@ Result<ShardedCheckpoint> ShardedCheckpoint::FromBytes(
   auto impl = std::make_unique<ShardedCheckpoint::Impl>();
   impl->dir = dir;
   impl->dcp = dcp;
-  impl->index.reserve(m.tensors.size());
-  for (const auto& t : m.tensors) {
-    std::vector<Box> boxes;
-    boxes.reserve(t.chunks.size());
-    for (const auto& c : t.chunks) boxes.push_back(c.box);
-    CKPT_ASSIGN_OR_RETURN(BoxIndex bi, BoxIndex::Build(std::move(boxes)));
-    impl->index.push_back(std::move(bi));
-  }
   impl->shards.resize(m.files.size());
   impl->m = std::move(m);
+  CKPT_RETURN_IF_ERROR(impl->BuildIndex());
   return ShardedCheckpoint(std::move(impl));
 }
 

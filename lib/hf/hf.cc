@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
-#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -18,7 +17,6 @@
 #include <set>
 #include <unordered_map>
 
-#include "atomic_file.h"
 #include "bytes_internal.h"
 #include "ckpt/reader.h"
 #include "ckpt/writer.h"
@@ -34,7 +32,7 @@ using internal::JsonValue;
 
 constexpr uint64_t kPiece = 64ull << 20;
 // An index or config.json: as large as a safetensors header may be.
-constexpr uint64_t kMaxJsonFile = kMaxSafetensorsHeader;
+constexpr uint64_t kMaxJsonFile = internal::kMaxSafetensorsHeader;
 
 std::string Join(const std::string& dir, const std::string& name) {
   return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
@@ -143,6 +141,46 @@ Result<Layout> FindLayout(const std::string& dir) {
                   "pytorch_model.bin or pytorch_model.bin.index.json");
 }
 
+// Which file holds each tensor, held to the index: no tensor in two
+// files, each in the file the weight_map names, every name the index has
+// held by some file. (For safetensors shards and .bin shards alike.)
+class Placement {
+ public:
+  explicit Placement(const Layout& l) : l_(l) {}
+  Status Add(const std::string& tensor, const std::string& dir,
+             const std::string& file) {
+    if (auto [it, fresh] = where_.emplace(tensor, file); !fresh) {
+      return Corrupt("tensor '" + tensor + "' is in both " + it->second +
+                     " and " + file)
+          .WithFile(dir);
+    }
+    if (l_.weight_map.empty()) return Status::OK();
+    auto it = l_.weight_map.find(tensor);
+    if (it == l_.weight_map.end() || it->second != file) {
+      return Corrupt("holds '" + tensor + "', which " +
+                     l_.index.substr(l_.index.rfind('/') + 1) +
+                     (it == l_.weight_map.end() ? " does not name"
+                                                : " places in " + it->second))
+          .WithFile(Join(dir, file));
+    }
+    return Status::OK();
+  }
+  Status Complete() const {
+    for (const auto& [k, v] : l_.weight_map) {
+      if (!where_.count(k)) {
+        return Corrupt("names tensor '" + k + "', which " + v +
+                       " does not hold")
+            .WithFile(l_.index);
+      }
+    }
+    return Status::OK();
+  }
+
+ private:
+  const Layout& l_;
+  std::map<std::string, std::string> where_;  // tensor -> file name
+};
+
 struct StFile {
   std::string path;
   std::shared_ptr<internal::ByteSource> map, stream;
@@ -153,32 +191,9 @@ Result<StFile> OpenSafetensors(const std::string& path) {
   StFile f;
   f.path = path;
   CKPT_ASSIGN_OR_RETURN(f.stream, internal::OpenSource(path, {.pread = true}));
-  const uint64_t size = f.stream->size();
-  if (size < 8) {
-    return Corrupt("safetensors: " + std::to_string(size) +
-                   " bytes, shorter than the 8-byte header size")
-        .WithFile(path);
-  }
-  std::byte n8[8];
-  CKPT_RETURN_IF_ERROR(f.stream->ReadInto(0, n8));
-  const uint64_t n = internal::LoadLE<uint64_t>(n8);
-  if (n > kMaxSafetensorsHeader) {
-    return Corrupt("safetensors: header of " + std::to_string(n) +
-                   " bytes, over the limit of " +
-                   std::to_string(kMaxSafetensorsHeader))
-        .WithFile(path);
-  }
-  if (n > size - 8) {
-    return Corrupt("safetensors: header of " + std::to_string(n) +
-                   " bytes runs past the end of the file (" +
-                   std::to_string(size) + " bytes)")
-        .WithFile(path)
-        .WithOffset(8);
-  }
-  std::string text(static_cast<size_t>(n), '\0');
-  CKPT_RETURN_IF_ERROR(f.stream->ReadInto(
-      8, std::as_writable_bytes(std::span(text.data(), text.size()))));
-  auto h = internal::ParseSafetensorsHeader(text, size);
+  auto text = internal::ReadSafetensorsHeaderText(*f.stream, 0);
+  if (!text.ok()) return text.status().WithFile(path);
+  auto h = internal::ParseSafetensorsHeader(*text, f.stream->size());
   if (!h.ok()) return h.status().WithFile(path);
   f.header = std::move(*h);
   return f;
@@ -251,18 +266,17 @@ std::atomic<uint64_t> g_bin_temps{0};
 // A .bin shard: converted by the restricted importer to a temporary ckpt
 // file beside `out` (unlinked as soon as it is open), whose flat dict is
 // then copied in, shared storages (tied weights) kept shared.
-Status ImportBinShard(Writer& w, const std::string& path,
-                      const std::string& out, size_t shard_index,
-                      const Layout& l, const ImportOptions& options,
-                      std::map<std::string, std::string>& where,
+Status ImportBinShard(Writer& w, const std::string& dir,
+                      const std::string& name, const std::string& out,
+                      const ImportOptions& options, Placement& placement,
                       Progress& progress, HfImportReport& report) {
+  const std::string path = Join(dir, name);
   // (A short name: OUT's own may already be near NAME_MAX.)
   const size_t slash = out.rfind('/');
   const std::string tmp =
       (slash == std::string::npos ? std::string() : out.substr(0, slash + 1)) +
       ".ckpt-hfbin-" + std::to_string(::getpid()) + "-" +
       std::to_string(g_bin_temps.fetch_add(1)) + ".tmp";
-  (void)shard_index;
   ImportOptions o = options;
   o.progress = nullptr;
   o.write.sync = false;
@@ -293,21 +307,8 @@ Status ImportBinShard(Writer& w, const std::string& path,
                              key.KeySegment() + " is not a named tensor")
           .WithFile(path);
     }
-    const std::string name(key.as_string());
-    if (!where.emplace(name, path).second) {
-      return Corrupt("tensor '" + name + "' is in both " + where[name] +
-                     " and " + path);
-    }
-    if (!l.weight_map.empty()) {
-      auto it = l.weight_map.find(name);
-      const std::string base = path.substr(path.rfind('/') + 1);
-      if (it == l.weight_map.end() || it->second != base) {
-        return Corrupt("holds '" + name + "', which " + l.index +
-                       (it == l.weight_map.end() ? " does not name"
-                                                 : " places in " + it->second))
-            .WithFile(path);
-      }
-    }
+    const std::string tensor(key.as_string());
+    CKPT_RETURN_IF_ERROR(placement.Add(tensor, dir, name));
     CKPT_ASSIGN_OR_RETURN(TensorInfo info, item.tensor_info());
     auto sit = storages.find(info.storage);
     if (sit == storages.end()) {
@@ -336,7 +337,7 @@ Status ImportBinShard(Writer& w, const std::string& path,
     spec.requires_grad = info.requires_grad;
     spec.is_parameter = info.is_parameter;
     CKPT_ASSIGN_OR_RETURN(NodeId node, w.AddTensor(spec));
-    CKPT_RETURN_IF_ERROR(w.PutValue(name, node));
+    CKPT_RETURN_IF_ERROR(w.PutValue(tensor, node));
     report.tensors++;
   }
   return Status::OK();
@@ -375,28 +376,13 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
   // written, against the index too; the files are closed again.
   std::vector<internal::SafetensorsHeader> headers;
   std::vector<std::pair<std::string, std::string>> meta;
+  Placement placement(l);
   if (l.kind == "safetensors") {
-    std::map<std::string, std::string> where;
     for (const auto& name : l.files) {
       const std::string path = Join(dir, name);
       CKPT_ASSIGN_OR_RETURN(StFile f, OpenSafetensors(path));
       for (const auto& e : f.header.tensors) {
-        if (!where.emplace(e.name, name).second) {
-          return Corrupt("tensor '" + e.name + "' is in both " + where[e.name] +
-                         " and " + name)
-              .WithFile(dir);
-        }
-        if (!l.weight_map.empty()) {
-          auto it = l.weight_map.find(e.name);
-          if (it == l.weight_map.end() || it->second != name) {
-            return Corrupt("holds '" + e.name + "', which " +
-                           l.index.substr(l.index.rfind('/') + 1) +
-                           (it == l.weight_map.end()
-                                ? " does not name"
-                                : " places in " + it->second))
-                .WithFile(path);
-          }
-        }
+        CKPT_RETURN_IF_ERROR(placement.Add(e.name, dir, name));
         progress.total += e.end - e.begin;
       }
       for (auto& [k, v] : f.header.metadata) {
@@ -410,13 +396,7 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
       }
       headers.push_back(std::move(f.header));
     }
-    for (const auto& [k, v] : l.weight_map) {
-      if (!where.count(k)) {
-        return Corrupt("names tensor '" + k + "', which " + v +
-                       " does not hold")
-            .WithFile(l.index);
-      }
-    }
+    CKPT_RETURN_IF_ERROR(placement.Complete());
   } else {
     for (const auto& name : l.files) {
       struct stat sb;
@@ -445,18 +425,11 @@ Result<HfImportReport> ImportHfDir(const std::string& dir,
     // (A key in several shards: the last file's value, as ckpt.hf's.)
     for (const auto& [k, v] : meta) CKPT_RETURN_IF_ERROR(w.SetMetadata(k, v));
   } else {
-    std::map<std::string, std::string> where;
-    for (size_t i = 0; i < l.files.size(); ++i) {
-      CKPT_RETURN_IF_ERROR(ImportBinShard(w, Join(dir, l.files[i]), out, i, l,
-                                          options, where, progress, report));
+    for (const auto& name : l.files) {
+      CKPT_RETURN_IF_ERROR(ImportBinShard(w, dir, name, out, options, placement,
+                                          progress, report));
     }
-    for (const auto& [k, v] : l.weight_map) {
-      if (!where.count(k)) {
-        return Corrupt("names tensor '" + k + "', which " + v +
-                       " does not hold")
-            .WithFile(l.index);
-      }
-    }
+    CKPT_RETURN_IF_ERROR(placement.Complete());
   }
   for (const auto& f : l.files) report.files.push_back(Join(dir, f));
   if (!config.empty()) {

@@ -130,9 +130,6 @@ struct SafetensorsBlob {
   uint64_t data_size = 0;
 };
 
-// (safetensors' own limit, as ImportHfDir's: ckpt/hf.h.)
-constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
-
 struct StorageLoc {
   std::string file;
   uint64_t offset = 0, length = 0;
@@ -521,17 +518,10 @@ Status DcpReader::LocateSafetensors(const std::string& fqn,
   auto key = std::make_pair(loc.file, loc.offset);
   auto it = blobs_.find(key);
   if (it == blobs_.end()) {
-    CKPT_ASSIGN_OR_RETURN(Bytes len8, src->Read(loc.offset, 8));
-    const auto n = LoadLE<uint64_t>(len8.data.data());
-    if (n > kMaxSafetensorsHeader ||
-        !RangeWithin(loc.offset + 8, n, src->size())) {
-      return at(Corrupt(what + ": safetensors header of " + std::to_string(n) +
-                        " bytes does not fit in the file"),
-                loc.offset);
-    }
-    CKPT_ASSIGN_OR_RETURN(Bytes text, src->Read(loc.offset + 8, n));
-    auto header = ParseJson(std::string_view(
-        reinterpret_cast<const char*>(text.data.data()), text.data.size()));
+    auto text = ReadSafetensorsHeaderText(*src, loc.offset);
+    if (!text.ok()) return text.status().WithContext(what).WithFile(path);
+    const uint64_t n = text->size();
+    auto header = ParseJson(*text);
     if (!header.ok()) {
       return at(
           Corrupt(what + ": safetensors header: " + header.status().message()),

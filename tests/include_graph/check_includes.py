@@ -85,7 +85,7 @@ MAY_USE = {
     "pth": ["status", "box", "format", "io", "json", "safetensors",
             "writer:public"],
     "json": ["status", "format"],
-    "safetensors": ["status", "format", "json"],
+    "safetensors": ["status", "format", "io", "json"],
     # Reads and writes ckpt files through the public reader and writer,
     # .bin shards through the public importer.
     "hf": ["status", "format", "io", "json", "safetensors", "reader:public",
