@@ -83,6 +83,10 @@ for i in $(seq 1 "$kills"); do
     # a mutex). Not this protocol's hang: end it and go on.
     echo "kill $i: mpirun hung in its own finalize after its ranks ended; killed"
     pkill -9 -P "$launcher" 2>/dev/null; kill -9 "$launcher" 2>/dev/null
+    # (Reaped before going on: until then kill -0 finds the zombie, which
+    # the check below took for a save still running.)
+    wait "$launcher" 2>/dev/null
+    continue
   fi
   if kill -0 "$launcher" 2>/dev/null; then
     echo "kill $i (pid ${victim:-$launcher}): the save still runs after 120 s"
