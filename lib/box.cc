@@ -27,14 +27,21 @@ uint64_t RunPattern::runs() const {
 std::optional<std::string> BoxProblem(const Box& b,
                                       const std::vector<int64_t>& shape,
                                       uint64_t elem_size) {
-  if (b.offsets.size() != shape.size() || b.sizes.size() != shape.size()) {
-    return "a box of " + std::to_string(b.offsets.size()) + " offsets and " +
-           std::to_string(b.sizes.size()) + " sizes in a tensor of " +
+  return BoxProblem(b.offsets, b.sizes, shape, elem_size);
+}
+
+std::optional<std::string> BoxProblem(std::span<const int64_t> offsets,
+                                      std::span<const int64_t> sizes,
+                                      std::span<const int64_t> shape,
+                                      uint64_t elem_size) {
+  if (offsets.size() != shape.size() || sizes.size() != shape.size()) {
+    return "a box of " + std::to_string(offsets.size()) + " offsets and " +
+           std::to_string(sizes.size()) + " sizes in a tensor of " +
            std::to_string(shape.size()) + " dims";
   }
   int64_t numel = 1;
   for (size_t d = 0; d < shape.size(); ++d) {
-    const int64_t off = b.offsets[d], size = b.sizes[d];
+    const int64_t off = offsets[d], size = sizes[d];
     // (Built only on failure: this runs for every chunk of every save,
     // plan and manifest check.)
     auto dim = [d] { return "dim " + std::to_string(d) + ": "; };

@@ -17,6 +17,7 @@
 
 #include "bytes_internal.h"
 #include "checksum_internal.h"
+#include "ckpt_manifest_generated.h"
 #include "dist/manifest_internal.h"
 #include "dist_reference.h"
 #include "test_util.h"
@@ -310,6 +311,259 @@ TEST_CASE(
   // Nothing became visible, and the temporary directory is gone.
   CHECK_FALSE(fs::exists(dir));
   CHECK_FALSE(fs::exists(d.path + "/.bad.tmp"));
+}
+
+TEST_CASE(
+    "the commit merges ranks holding different tensors, added in any order, "
+    "into one manifest whatever the report's source") {
+  // Pipeline-like: no two ranks hold the same set of tensors, each adds
+  // its chunks out of path order, and rank order is not box order ("d":
+  // rank 2 holds its first rows). The merge is then the k-way one (not in
+  // step); records and read-back must give the very same manifest.
+  const std::vector<Spec> all = {{"z", DType::kFloat32, {3, 2}},
+                                 {"a", DType::kInt64, {2}},
+                                 {"d", DType::kBFloat16, {4, 3}},
+                                 {"m/x", DType::kBool, {5}},
+                                 {"b", DType::kFloat32, {}}};
+  auto whole = [](const Spec& s) {
+    return Box{std::vector<int64_t>(s.shape.size(), 0), s.shape};
+  };
+  // rank -> (spec index, box)
+  const std::vector<std::vector<std::pair<size_t, Box>>> held = {
+      {{0, whole(all[0])}, {1, whole(all[1])}},
+      {{3, whole(all[3])}, {2, Box{{2, 0}, {2, 3}}}, {4, whole(all[4])}},
+      {{2, Box{{0, 0}, {2, 3}}}}};
+  const int world = 3;
+  Dir d;
+  auto save = [&](const std::string& dir, bool with_records) {
+    std::vector<ShardRecord> records(world);
+    for (int r = 0; r < world; ++r) {
+      auto shard = ShardPath(dir, r, world);
+      REQUIRE(shard.ok());
+      auto w = Writer::Create(*shard, ckpt::test::Fast());
+      REQUIRE(w.ok());
+      std::vector<std::vector<std::byte>> keep;
+      keep.reserve(4);
+      std::vector<NodeId> nodes;
+      for (const auto& [i, box] : held[static_cast<size_t>(r)]) {
+        const Spec& s = all[i];
+        keep.push_back(ReferenceBox(s.path, s.dtype, s.shape, box));
+        auto n =
+            AddChunk(*w, Chunk{s.path, s.dtype, s.shape, box, keep.back()},
+                     with_records ? &records[static_cast<size_t>(r)] : nullptr);
+        REQUIRE(n.ok());
+        nodes.push_back(**n);
+      }
+      ShardRecord* rec =
+          with_records ? &records[static_cast<size_t>(r)] : nullptr;
+      REQUIRE(SetShardRoot(*w, nodes, std::nullopt, std::nullopt, r, world, rec)
+                  .ok());
+      REQUIRE(w->Commit().ok());
+      if (rec) REQUIRE(rec->Seal(*w).ok());
+    }
+    auto info = with_records ? CommitWritten(dir, world, FastSave(), records)
+                             : CommitWritten(dir, world, FastSave());
+    REQUIRE(info.ok());
+    CHECK(info->tensors == all.size());
+    CHECK(info->chunks == 6);
+  };
+  save(d.path + "/records", true);
+  save(d.path + "/readback", false);
+  CHECK(ckpt::test::ReadAll(d.path + "/records/MANIFEST.ckptm") ==
+        ckpt::test::ReadAll(d.path + "/readback/MANIFEST.ckptm"));
+  auto m = ReadManifest(d.path + "/records");
+  REQUIRE(m.ok());
+  std::vector<std::string> paths;
+  for (const auto& t : m->tensors) paths.push_back(t.path);
+  CHECK(paths == std::vector<std::string>{"a", "b", "d", "m/x", "z"});
+  const GlobalTensorInfo* dt = m->Find("d");
+  REQUIRE(dt);
+  REQUIRE(dt->chunks.size() == 2);
+  CHECK(dt->chunks[0].box == Box{{0, 0}, {2, 3}});  // box order
+  CHECK(dt->chunks[0].file == 2);
+  CHECK(dt->chunks[1].file == 1);
+  CHECK(m->Find("b")->chunks.at(0).file == 1);
+  auto ck = ShardedCheckpoint::Open(d.path + "/records");
+  REQUIRE(ck.ok());
+  for (const Spec& s : all) CheckBox(*ck, s, whole(s), /*verify=*/true);
+  CheckBox(*ck, all[2], Box{{1, 1}, {2, 2}});  // across both chunks of "d"
+}
+
+TEST_CASE("a report whose columns do not add up is refused, naming the rank") {
+  namespace fbm = ckpt::fbm;
+  // A rank's report carried as a record (ckpt.dcp's path): built here
+  // with columns that lie, each refused by Deserialize as kCorrupt.
+  struct Case {
+    const char* what;
+    std::vector<uint8_t> path_bytes;
+    std::vector<uint32_t> path_ends, dim_ends, chunk_ends;
+    std::vector<uint8_t> dtypes;
+    std::vector<int64_t> dims, offsets, sizes;
+    size_t chunks;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {"path past the bytes",
+       {'a'},
+       {2},
+       {1},
+       {1},
+       {1},
+       {4},
+       {0},
+       {4},
+       1,
+       "do not add up"},
+      {"fewer dtypes",
+       {'a'},
+       {1},
+       {1},
+       {1},
+       {},
+       {4},
+       {0},
+       {4},
+       1,
+       "different lengths"},
+      {"ends that decrease",
+       {'a', 'b'},
+       {1, 0},
+       {1, 2},
+       {1, 1},
+       {1, 1},
+       {4, 4},
+       {0},
+       {4},
+       1,
+       "do not add up"},
+      {"chunk past the data",
+       {'a'},
+       {1},
+       {1},
+       {2},
+       {1},
+       {4},
+       {0},
+       {4},
+       1,
+       "do not add up"},
+      {"too few coordinates",
+       {'a'},
+       {1},
+       {2},
+       {1},
+       {1},
+       {4, 4},
+       {0},
+       {4},
+       1,
+       "fewer box coordinates"},
+      {"too many coordinates",
+       {'a'},
+       {1},
+       {1},
+       {1},
+       {1},
+       {4},
+       {0, 0},
+       {4, 4},
+       1,
+       "more box coordinates"},
+      {"offsets and sizes differ",
+       {'a'},
+       {1},
+       {1},
+       {1},
+       {1},
+       {4},
+       {0},
+       {4, 4},
+       1,
+       "offsets but"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.what);
+    flatbuffers::FlatBufferBuilder b;
+    std::vector<fbm::ByteRange> runs(c.chunks, fbm::ByteRange(0, 0, 16));
+    auto cols = fbm::CreateTensorColumns(
+        b, b.CreateVector(c.path_bytes), b.CreateVector(c.path_ends),
+        b.CreateVector(c.dtypes), b.CreateVector(c.dim_ends),
+        b.CreateVector(c.dims), b.CreateVector(c.chunk_ends),
+        b.CreateVector(c.offsets), b.CreateVector(c.sizes),
+        b.CreateVectorOfStructs(runs));
+    fbm::RankReportBuilder rb(b);
+    rb.add_rank(1);
+    rb.add_world_size(2);
+    rb.add_columns(cols);
+    b.Finish(rb.Finish());
+    std::span<const std::byte> bytes(
+        reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize());
+    auto r = ShardRecord::Deserialize(bytes, 1);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == ErrorCode::kCorrupt);
+    CHECK_THAT(r.status().message(), Catch::Contains("rank 1's commit report"));
+    CHECK_THAT(r.status().message(), Catch::Contains(c.says));
+  }
+  // A report of another rank than the one it is taken for.
+  flatbuffers::FlatBufferBuilder b;
+  fbm::RankReportBuilder rb(b);
+  rb.add_rank(0);
+  b.Finish(rb.Finish());
+  auto r = ShardRecord::Deserialize(
+      {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()},
+      1);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(), Catch::Contains("says rank 0"));
+}
+
+TEST_CASE("a record's report round-trips and commits like the shard it pins") {
+  // Serialize -> Deserialize (ckpt.dcp carries records so) must lose
+  // nothing: the commit from carried records writes the manifest that
+  // the writers' own records give.
+  Dir d;
+  const int world = 2;
+  auto save = [&](const std::string& dir, bool carried) {
+    std::vector<ShardRecord> records(world);
+    std::vector<std::vector<std::byte>> keep;
+    keep.reserve(kSpecs.size() * world);
+    for (int r = 0; r < world; ++r) {
+      auto shard = ShardPath(dir, r, world);
+      REQUIRE(shard.ok());
+      auto w = Writer::Create(*shard, ckpt::test::Fast());
+      REQUIRE(w.ok());
+      std::vector<NodeId> nodes;
+      for (const auto& s : kSpecs) {
+        auto n = AddChunk(*w, RowChunk(s, r, world, &keep),
+                          &records[static_cast<size_t>(r)]);
+        REQUIRE(n.ok());
+        if (*n) nodes.push_back(**n);
+      }
+      REQUIRE(SetShardRoot(*w, nodes, std::nullopt, std::nullopt, r, world,
+                           &records[static_cast<size_t>(r)])
+                  .ok());
+      REQUIRE(w->Commit().ok());
+      REQUIRE(records[static_cast<size_t>(r)].Seal(*w).ok());
+    }
+    if (carried) {
+      for (int r = 0; r < world; ++r) {
+        auto bytes = records[static_cast<size_t>(r)].Serialize();
+        REQUIRE(bytes.ok());
+        auto back = ShardRecord::Deserialize(*bytes, r);
+        REQUIRE(back.ok());
+        records[static_cast<size_t>(r)] = std::move(*back);
+      }
+    }
+    REQUIRE(CommitWritten(dir, world, FastSave(), records).ok());
+  };
+  save(d.path + "/own", false);
+  save(d.path + "/carried", true);
+  CHECK(ckpt::test::ReadAll(d.path + "/own/MANIFEST.ckptm") ==
+        ckpt::test::ReadAll(d.path + "/carried/MANIFEST.ckptm"));
+  auto ck = ShardedCheckpoint::Open(d.path + "/carried");
+  REQUIRE(ck.ok());
+  for (const Spec& s : kSpecs) {
+    CheckBox(*ck, s, Box{std::vector<int64_t>(s.shape.size(), 0), s.shape});
+  }
 }
 
 TEST_CASE("a commit sweeps leftovers of a crashed attempt") {

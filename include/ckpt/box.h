@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,6 +42,12 @@ struct Box {
 /// nullopt. `elem_size` 0 skips the byte check.
 std::optional<std::string> BoxProblem(const Box& b,
                                       const std::vector<int64_t>& shape,
+                                      uint64_t elem_size = 0);
+/// The same for a box given as offsets and sizes (views into a chunk
+/// table: no Box built per chunk).
+std::optional<std::string> BoxProblem(std::span<const int64_t> offsets,
+                                      std::span<const int64_t> sizes,
+                                      std::span<const int64_t> shape,
                                       uint64_t elem_size = 0);
 
 /// The common elements of two boxes of the same rank; nullopt when they

@@ -59,9 +59,13 @@ Status At(Status s, const std::string& name, int64_t offset) {
 
 std::string Quote(std::string_view s) { return "'" + std::string(s) + "'"; }
 
-std::string ChunkName(const GlobalTensorInfo& t, size_t i, const Manifest& m) {
-  const ChunkInfo& c = t.chunks[i];
-  std::string s = "chunk " + std::to_string(i) + " " + BoxString(c.box);
+static_assert(sizeof(ByteRun) == sizeof(fbm::ByteRange) &&
+                  alignof(ByteRun) == alignof(fbm::ByteRange),
+              "ByteRun must have the layout of the schema's ByteRange");
+
+std::string ChunkName(const TensorRef& t, size_t i, const ManifestRef& m) {
+  const ByteRun& c = t.data[i];
+  std::string s = "chunk " + std::to_string(i) + " " + BoxString(t.box(i));
   if (c.file < m.files.size()) {
     s += " (" + m.files[c.file].name + ", rank " +
          std::to_string(m.files[c.file].rank) + ")";
@@ -78,42 +82,50 @@ bool PlainName(std::string_view n) {
 
 // True when `t`'s chunks (boxes already checked inside its shape) are
 // slabs of whole rows, sorted by first row and pairwise disjoint.
-bool RowSlabsInOrder(const GlobalTensorInfo& t) {
+bool RowSlabsInOrder(const TensorRef& t) {
+  const size_t nd = t.ndim();
+  if (nd == 0) return false;
   int64_t next = 0;  // the first row not yet covered by an earlier slab
-  for (const ChunkInfo& c : t.chunks) {
-    const Box& b = c.box;
-    if (b.ndim() == 0 || b.offsets[0] < next) return false;
-    for (size_t d = 1; d < b.ndim(); ++d) {
-      if (b.offsets[d] != 0 || b.sizes[d] != t.shape[d]) return false;
+  for (size_t i = 0; i < t.chunks; ++i) {
+    const int64_t* o = t.offsets + i * nd;
+    const int64_t* z = t.sizes + i * nd;
+    if (o[0] < next) return false;
+    for (size_t d = 1; d < nd; ++d) {
+      if (o[d] != 0 || z[d] != t.shape[d]) return false;
     }
-    next = b.offsets[0] + b.sizes[0];
+    next = o[0] + z[0];
   }
   return true;
 }
 
-Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
-                   const std::string& name) {
+// M8 (UTF-8), M9, M11, M12 for one tensor. `zeros` holds at least ndim
+// zeros (the whole tensor's box offsets).
+Status CheckTensor(const ManifestRef& m, const TensorRef& t,
+                   const std::string& name, std::span<const int64_t> zeros) {
   auto fail = [&](const std::string& what) {
-    return Corrupt(what).WithFile(name).WithTensor(t.path);
+    return Corrupt(what).WithFile(name).WithTensor(std::string(t.path));
   };
   if (Utf8Problem(t.path)) return fail("tensor path is not valid UTF-8");
-  const size_t elem = DTypeSize(t.dtype);
-  if (!IsKnownDType(static_cast<uint8_t>(t.dtype)) || elem == 0) {
+  const size_t elem = DTypeSize(static_cast<DType>(t.dtype));
+  if (!IsKnownDType(t.dtype) || elem == 0) {
     return fail("unknown dtype code " +
                 std::to_string(static_cast<unsigned>(t.dtype)));
   }
-  Box whole{std::vector<int64_t>(t.shape.size(), 0), t.shape};
-  if (auto p = BoxProblem(whole, t.shape, elem)) return fail("shape: " + *p);
-  const int64_t numel = whole.numel();
+  const size_t nd = t.ndim();
+  if (auto p = BoxProblem(zeros.first(nd), t.shape, t.shape, elem)) {
+    return fail("shape: " + *p);
+  }
+  int64_t numel = 1;
+  for (int64_t d : t.shape) numel *= d;
   int64_t covered = 0;  // saturates at numel + 1
-  std::vector<Box> boxes;
-  if (t.chunks.size() > 1) boxes.reserve(t.chunks.size());
-  for (size_t i = 0; i < t.chunks.size(); ++i) {
-    const ChunkInfo& c = t.chunks[i];
-    if (auto p = BoxProblem(c.box, t.shape, elem)) {
+  for (size_t i = 0; i < t.chunks; ++i) {
+    const ByteRun& c = t.data[i];
+    const auto sizes = t.sizes_of(i);
+    if (auto p = BoxProblem(t.offsets_of(i), sizes, t.shape, elem)) {
       return fail("chunk " + std::to_string(i) + ": " + *p);
     }
-    const int64_t n = c.box.numel();
+    int64_t n = 1;
+    for (int64_t z : sizes) n *= z;
     if (n == 0) {
       return fail(ChunkName(t, i, m) +
                   " is empty (empty chunks are not stored)");
@@ -134,7 +146,6 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
                   std::to_string(m.files[c.file].size) + " bytes");
     }
     covered = n > numel - covered ? numel + 1 : covered + n;
-    if (t.chunks.size() > 1) boxes.push_back(c.box);
   }
   // M12: the chunks tile the shape: no fewer elements than the tensor has
   // (O(C), first: a hole is the common mistake), and pairwise disjoint.
@@ -151,10 +162,13 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
   // but the first - in order of their first row, as a row-sharded save
   // commits them, are disjoint when each ends before the next begins:
   // O(C) with no index, the commit's common case.)
-  if (t.chunks.size() > 1 && !RowSlabsInOrder(t)) {
+  if (t.chunks > 1 && !RowSlabsInOrder(t)) {
+    std::vector<Box> boxes;
+    boxes.reserve(t.chunks);
+    for (size_t i = 0; i < t.chunks; ++i) boxes.push_back(t.box(i));
     CKPT_ASSIGN_OR_RETURN(BoxIndex index, BoxIndex::Build(std::move(boxes)));
-    auto overlap = index.FirstOverlap(
-        kMaxOverlapTestsPerChunk * t.chunks.size() + kMinOverlapTests);
+    auto overlap = index.FirstOverlap(kMaxOverlapTestsPerChunk * t.chunks +
+                                      kMinOverlapTests);
     if (!overlap.ok()) return fail(overlap.status().message());
     if (overlap->has_value()) {
       const auto [i, j] = **overlap;
@@ -168,7 +182,151 @@ Status CheckTensor(const Manifest& m, const GlobalTensorInfo& t,
   return Status::OK();
 }
 
+// The public struct's view of a tensor (DecodeManifest's result).
+GlobalTensorInfo InfoOf(const TensorRef& t) {
+  GlobalTensorInfo g;
+  g.path = std::string(t.path);
+  g.dtype = static_cast<DType>(t.dtype);
+  g.shape.assign(t.shape.begin(), t.shape.end());
+  g.chunks.resize(t.chunks);
+  for (size_t i = 0; i < t.chunks; ++i) {
+    ChunkInfo& c = g.chunks[i];
+    c.box = t.box(i);
+    c.file = t.data[i].file;
+    c.offset = t.data[i].offset;
+    c.length = t.data[i].length;
+  }
+  return g;
+}
+
+ManifestRef RefOf(const Manifest& m, std::span<const TensorRef> tensors) {
+  ManifestRef r;
+  r.version_major = m.version_major;
+  r.version_minor = m.version_minor;
+  r.world_size = m.world_size;
+  r.globals_file = m.globals_file;
+  r.files = m.files;
+  r.tensors = tensors;
+  r.metadata = m.metadata;
+  r.producer = m.producer;
+  return r;
+}
+
 }  // namespace
+
+// ---- the chunk table -----------------------------------------------------
+
+Box TensorRef::box(size_t i) const {
+  const auto o = offsets_of(i), z = sizes_of(i);
+  return Box{{o.begin(), o.end()}, {z.begin(), z.end()}};
+}
+
+void TensorTable::AddTensor(std::string_view path, uint8_t dtype,
+                            std::span<const int64_t> shape) {
+  paths_.append(path);
+  path_end_.push_back(static_cast<uint32_t>(paths_.size()));
+  dtypes_.push_back(dtype);
+  dims_.insert(dims_.end(), shape.begin(), shape.end());
+  dim_end_.push_back(static_cast<uint32_t>(dims_.size()));
+  chunk_end_.push_back(static_cast<uint32_t>(data_.size()));
+  coord_end_.push_back(offsets_.size());
+}
+
+void TensorTable::AddChunk(std::span<const int64_t> offsets,
+                           std::span<const int64_t> sizes,
+                           const ByteRun& data) {
+  offsets_.insert(offsets_.end(), offsets.begin(), offsets.end());
+  sizes_.insert(sizes_.end(), sizes.begin(), sizes.end());
+  data_.push_back(data);
+  chunk_end_.back() = static_cast<uint32_t>(data_.size());
+  coord_end_.back() = offsets_.size();
+}
+
+void TensorTable::SortLastChunks() {
+  if (dtypes_.empty()) return;
+  const TensorRef t = at(size() - 1);
+  if (t.chunks < 2 || t.ndim() == 0) return;
+  auto less = [&](size_t a, size_t b) {
+    const auto x = t.offsets_of(a), y = t.offsets_of(b);
+    return std::lexicographical_compare(x.begin(), x.end(), y.begin(), y.end());
+  };
+  bool sorted = true;
+  for (size_t i = 1; i < t.chunks && sorted; ++i) sorted = !less(i, i - 1);
+  if (sorted) return;
+  scratch_.resize(t.chunks);
+  std::iota(scratch_.begin(), scratch_.end(), size_t{0});
+  std::stable_sort(scratch_.begin(), scratch_.end(), less);
+  const size_t nd = t.ndim();
+  const size_t first = data_.size() - t.chunks;
+  const size_t coord0 = offsets_.size() - t.chunks * nd;
+  std::vector<int64_t> o(t.chunks * nd), z(t.chunks * nd);
+  std::vector<ByteRun> d(t.chunks);
+  for (size_t k = 0; k < t.chunks; ++k) {
+    const size_t i = scratch_[k];
+    std::copy_n(t.offsets + i * nd, nd, o.data() + k * nd);
+    std::copy_n(t.sizes + i * nd, nd, z.data() + k * nd);
+    d[k] = t.data[i];
+  }
+  std::copy(o.begin(), o.end(), offsets_.data() + coord0);
+  std::copy(z.begin(), z.end(), sizes_.data() + coord0);
+  std::copy(d.begin(), d.end(), data_.data() + first);
+}
+
+void TensorTable::Reserve(size_t tensors, size_t chunks, size_t coords,
+                          size_t bytes) {
+  paths_.reserve(bytes);
+  path_end_.reserve(tensors);
+  dtypes_.reserve(tensors);
+  dim_end_.reserve(tensors);
+  chunk_end_.reserve(tensors);
+  coord_end_.reserve(tensors);
+  data_.reserve(chunks);
+  offsets_.reserve(coords);
+  sizes_.reserve(coords);
+}
+
+TensorRef TensorTable::at(size_t i) const {
+  TensorRef t;
+  const size_t p0 = i ? path_end_[i - 1] : 0;
+  t.path = std::string_view(paths_).substr(p0, path_end_[i] - p0);
+  t.dtype = dtypes_[i];
+  const size_t d0 = i ? dim_end_[i - 1] : 0;
+  t.shape = std::span(dims_).subspan(d0, dim_end_[i] - d0);
+  const size_t c0 = i ? chunk_end_[i - 1] : 0;
+  t.chunks = chunk_end_[i] - c0;
+  const size_t k0 = i ? coord_end_[i - 1] : 0;
+  t.offsets = offsets_.data() + k0;
+  t.sizes = sizes_.data() + k0;
+  t.data = data_.data() + c0;
+  return t;
+}
+
+std::vector<TensorRef> TensorTable::Refs() const {
+  std::vector<TensorRef> out;
+  out.reserve(size());
+  for (size_t i = 0; i < size(); ++i) out.push_back(at(i));
+  return out;
+}
+
+TensorTable TensorTable::Of(const Manifest& m) {
+  TensorTable t;
+  for (const GlobalTensorInfo& g : m.tensors) {
+    t.AddTensor(g.path, static_cast<uint8_t>(g.dtype), g.shape);
+    for (const ChunkInfo& c : g.chunks) {
+      // (A box of another rank than the shape's is kept as it is, padded
+      // or cut to the shape's rank, so that the rules name it: M11.)
+      std::vector<int64_t> o = c.box.offsets, z = c.box.sizes;
+      if (o.size() != g.shape.size() || z.size() != g.shape.size()) {
+        o.assign(g.shape.size(), -1);
+        z.assign(g.shape.size(), -1);
+      }
+      t.AddChunk(o, z, ByteRun{c.file, 0, c.offset, c.length});
+    }
+  }
+  return t;
+}
+
+// ---- the rules -----------------------------------------------------------
 
 std::string BoxString(const Box& b) {
   std::string s = "[";
@@ -180,7 +338,7 @@ std::string BoxString(const Box& b) {
   return s + "]";
 }
 
-Status CheckManifest(const Manifest& m, const std::string& name) {
+Status CheckManifest(const ManifestRef& m, const std::string& name) {
   auto fail = [&](const std::string& what) {
     return Corrupt(what).WithFile(name);
   };
@@ -215,41 +373,65 @@ Status CheckManifest(const Manifest& m, const std::string& name) {
                 std::to_string(m.files.size()));
   }
   // M8-M12: tensors.
+  size_t max_ndim = 0, chunks = 0;
+  for (const TensorRef& t : m.tensors) {
+    max_ndim = std::max(max_ndim, t.ndim());
+    chunks += t.chunks;
+  }
+  const std::vector<int64_t> zeros(max_ndim, 0);
   for (size_t i = 0; i < m.tensors.size(); ++i) {
     if (i > 0 && !(m.tensors[i - 1].path < m.tensors[i].path)) {
       return fail("tensors are not sorted by path with no repeats: " +
                   Quote(m.tensors[i - 1].path) + " then " +
                   Quote(m.tensors[i].path));
     }
-    CKPT_RETURN_IF_ERROR(CheckTensor(m, m.tensors[i], name));
+    CKPT_RETURN_IF_ERROR(CheckTensor(m, m.tensors[i], name, zeros));
   }
-  // M13: no two chunks share bytes of a file.
+  // M13: no two chunks share bytes of a file. The ranges of each file, in
+  // the order the tensors give them (a writer's order: usually sorted
+  // already), sorted only when they are not.
   struct Range {
-    uint32_t file;
     uint64_t offset, length;
-    size_t tensor, chunk;
+    uint32_t tensor, chunk;
   };
-  std::vector<Range> ranges;
-  for (size_t i = 0; i < m.tensors.size(); ++i) {
-    for (size_t j = 0; j < m.tensors[i].chunks.size(); ++j) {
-      const ChunkInfo& c = m.tensors[i].chunks[j];
-      ranges.push_back({c.file, c.offset, c.length, i, j});
+  std::vector<size_t> per_file(m.files.size() + 1, 0);
+  for (const TensorRef& t : m.tensors) {
+    for (size_t j = 0; j < t.chunks; ++j) ++per_file[t.data[j].file + 1];
+  }
+  for (size_t f = 1; f < per_file.size(); ++f) per_file[f] += per_file[f - 1];
+  std::vector<Range> ranges(chunks);
+  {
+    std::vector<size_t> at(per_file.begin(), per_file.end() - 1);
+    for (size_t i = 0; i < m.tensors.size(); ++i) {
+      const TensorRef& t = m.tensors[i];
+      for (size_t j = 0; j < t.chunks; ++j) {
+        const ByteRun& c = t.data[j];
+        ranges[at[c.file]++] = {c.offset, c.length, static_cast<uint32_t>(i),
+                                static_cast<uint32_t>(j)};
+      }
     }
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
-    return std::tie(a.file, a.offset) < std::tie(b.file, b.offset);
-  });
-  for (size_t k = 1; k < ranges.size(); ++k) {
-    const Range& a = ranges[k - 1];
-    const Range& b = ranges[k];
-    if (a.file == b.file && b.offset < a.offset + a.length) {
-      const auto& ta = m.tensors[a.tensor];
-      const auto& tb = m.tensors[b.tensor];
-      return fail("bytes of two chunks overlap in " + m.files[a.file].name +
-                  " at offset " + std::to_string(b.offset) + ": tensor " +
-                  Quote(ta.path) + " " + ChunkName(ta, a.chunk, m) +
-                  " and tensor " + Quote(tb.path) + " " +
-                  ChunkName(tb, b.chunk, m));
+  auto by_offset = [](const Range& a, const Range& b) {
+    return a.offset < b.offset;
+  };
+  for (size_t f = 0; f < m.files.size(); ++f) {
+    const auto first = ranges.begin() + static_cast<ptrdiff_t>(per_file[f]);
+    const auto last = ranges.begin() + static_cast<ptrdiff_t>(per_file[f + 1]);
+    if (!std::is_sorted(first, last, by_offset)) {
+      std::sort(first, last, by_offset);
+    }
+    for (auto b = first; b != last && b + 1 != last; ++b) {
+      const Range& x = *b;
+      const Range& y = *(b + 1);
+      if (y.offset < x.offset + x.length) {
+        const TensorRef& ta = m.tensors[x.tensor];
+        const TensorRef& tb = m.tensors[y.tensor];
+        return fail("bytes of two chunks overlap in " + m.files[f].name +
+                    " at offset " + std::to_string(y.offset) + ": tensor " +
+                    Quote(ta.path) + " " + ChunkName(ta, x.chunk, m) +
+                    " and tensor " + Quote(tb.path) + " " +
+                    ChunkName(tb, y.chunk, m));
+      }
     }
   }
   // M14: metadata and producer.
@@ -267,29 +449,32 @@ Status CheckManifest(const Manifest& m, const std::string& name) {
   return Status::OK();
 }
 
+Status CheckManifest(const Manifest& m, const std::string& name) {
+  const TensorTable table = TensorTable::Of(m);
+  const std::vector<TensorRef> refs = table.Refs();
+  return CheckManifest(RefOf(m, refs), name);
+}
+
 // ---- codec -------------------------------------------------------------
 
 namespace {
 
+template <typename T>
+Offset<flatbuffers::Vector<T>> Column(FlatBufferBuilder& b, const T* p,
+                                      size_t n) {
+  return b.CreateVector(p, n);
+}
+
 Offset<fbm::GlobalTensor> BuildTensor(FlatBufferBuilder& b,
-                                      const GlobalTensorInfo& t) {
-  std::vector<int64_t> offs, sizes;
-  std::vector<fbm::ByteRange> data;
-  offs.reserve(t.chunks.size() * t.shape.size());
-  sizes.reserve(offs.capacity());
-  data.reserve(t.chunks.size());
-  for (const ChunkInfo& c : t.chunks) {
-    offs.insert(offs.end(), c.box.offsets.begin(), c.box.offsets.end());
-    sizes.insert(sizes.end(), c.box.sizes.begin(), c.box.sizes.end());
-    data.emplace_back(c.file, c.offset, c.length);
-  }
-  auto path = b.CreateString(t.path);
-  auto shape = b.CreateVector(t.shape);
-  auto o = b.CreateVector(offs);
-  auto s = b.CreateVector(sizes);
-  auto d = b.CreateVectorOfStructs(data);
-  return fbm::CreateGlobalTensor(b, path, static_cast<uint8_t>(t.dtype), shape,
-                                 o, s, d);
+                                      const TensorRef& t) {
+  const size_t coords = t.chunks * t.ndim();
+  auto path = b.CreateString(t.path.data(), t.path.size());
+  auto shape = Column(b, t.shape.data(), t.shape.size());
+  auto o = Column(b, t.offsets, coords);
+  auto s = Column(b, t.sizes, coords);
+  auto d = b.CreateVectorOfStructs(
+      reinterpret_cast<const fbm::ByteRange*>(t.data), t.chunks);
+  return fbm::CreateGlobalTensor(b, path, t.dtype, shape, o, s, d);
 }
 
 Offset<fbm::ShardFile> BuildFile(FlatBufferBuilder& b, const ShardFileInfo& f) {
@@ -328,10 +513,8 @@ std::vector<std::byte> Bytes(const FlatBufferBuilder& b) {
 
 std::string Str(const flatbuffers::String* s) { return s ? s->str() : ""; }
 
-template <typename T>
-std::vector<T> Vec(const flatbuffers::Vector<T>* v) {
-  if (!v) return {};
-  return {v->begin(), v->end()};
+std::string_view View(const flatbuffers::String* s) {
+  return s ? std::string_view(s->c_str(), s->size()) : std::string_view();
 }
 
 // A vector's 8-byte elements must be 8-aligned to be read as such (the
@@ -353,45 +536,46 @@ bool ZeroElement(const flatbuffers::Vector<flatbuffers::Offset<T>>* v) {
   return false;
 }
 
-// Decodes one GlobalTensor table (already verified) into `out`; only the
-// array shapes are checked here, the rest by CheckTensor.
-Status ReadTensor(const fbm::GlobalTensor* t, GlobalTensorInfo* out) {
-  out->path = Str(t->path());
-  out->dtype = static_cast<DType>(t->dtype());
+template <typename T>
+size_t Size(const flatbuffers::Vector<T>* v) {
+  return v ? v->size() : 0;
+}
+template <typename T>
+const T* Data(const flatbuffers::Vector<T>* v) {
+  return v && v->size() ? v->data() : nullptr;
+}
+const ByteRun* Runs(const flatbuffers::Vector<const fbm::ByteRange*>* v) {
+  return v && v->size() ? reinterpret_cast<const ByteRun*>(v->Data()) : nullptr;
+}
+
+// Views one GlobalTensor table (already verified); only the array shapes
+// are checked here (M10), the rest by CheckTensor.
+Result<TensorRef> RefOf(const fbm::GlobalTensor* t) {
+  TensorRef r;
+  r.path = View(t->path());
+  r.dtype = t->dtype();
   if (Misaligned(t->shape()) || Misaligned(t->chunk_offsets()) ||
       Misaligned(t->chunk_sizes()) || Misaligned(t->chunk_data())) {
     return Corrupt("8-byte elements that are not 8-aligned")
-        .WithTensor(out->path);
+        .WithTensor(std::string(r.path));
   }
-  out->shape = Vec(t->shape());
-  const size_t ndim = out->shape.size();
-  const size_t n = t->chunk_data() ? t->chunk_data()->size() : 0;
-  const size_t no = t->chunk_offsets() ? t->chunk_offsets()->size() : 0;
-  const size_t ns = t->chunk_sizes() ? t->chunk_sizes()->size() : 0;
+  r.shape = {Data(t->shape()), Size(t->shape())};
+  const size_t ndim = r.shape.size();
+  const size_t n = Size(t->chunk_data());
+  const size_t no = Size(t->chunk_offsets());
+  const size_t ns = Size(t->chunk_sizes());
   // M10: n_chunks x ndim offsets and sizes.
   if (no != ns || (ndim == 0 ? no != 0 : no != n * ndim)) {
     return Corrupt(std::to_string(n) + " chunks of a " + std::to_string(ndim) +
                    "-d tensor but " + std::to_string(no) + " offsets and " +
                    std::to_string(ns) + " sizes")
-        .WithTensor(out->path);
+        .WithTensor(std::string(r.path));
   }
-  out->chunks.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    ChunkInfo& c = out->chunks[i];
-    const fbm::ByteRange* r = t->chunk_data()->Get(static_cast<uint32_t>(i));
-    c.file = r->file();
-    c.offset = r->offset();
-    c.length = r->length();
-    const int64_t* offs =
-        t->chunk_offsets() ? t->chunk_offsets()->data() : nullptr;
-    const int64_t* sizes =
-        t->chunk_sizes() ? t->chunk_sizes()->data() : nullptr;
-    if (ndim > 0) {
-      c.box.offsets.assign(offs + i * ndim, offs + (i + 1) * ndim);
-      c.box.sizes.assign(sizes + i * ndim, sizes + (i + 1) * ndim);
-    }
-  }
-  return Status::OK();
+  r.chunks = n;
+  r.offsets = Data(t->chunk_offsets());
+  r.sizes = Data(t->chunk_sizes());
+  r.data = Runs(t->chunk_data());
+  return r;
 }
 
 flatbuffers::Verifier::Options VerifierOptions(size_t size) {
@@ -414,8 +598,13 @@ Result<std::vector<std::byte>> EncodeManifest(const Manifest& m) {
   return SerializeManifest(now);
 }
 
-std::vector<std::byte> SerializeManifest(const Manifest& m) {
-  FlatBufferBuilder b(1024);
+std::vector<std::byte> SerializeManifest(const ManifestRef& m) {
+  size_t estimate = 1024;
+  for (const TensorRef& t : m.tensors) {
+    estimate += 64 + t.path.size() + 8 * t.ndim() +
+                t.chunks * (16 * t.ndim() + sizeof(ByteRun));
+  }
+  FlatBufferBuilder b(estimate);
   std::vector<Offset<fbm::ShardFile>> files;
   for (const auto& f : m.files) files.push_back(BuildFile(b, f));
   std::vector<Offset<fbm::GlobalTensor>> tensors;
@@ -430,13 +619,19 @@ std::vector<std::byte> SerializeManifest(const Manifest& m) {
   auto fo = b.CreateVector(files);
   auto to = b.CreateVector(tensors);
   auto mo = b.CreateVector(meta);
-  auto po = b.CreateString(m.producer);
+  auto po = b.CreateString(m.producer.data(), m.producer.size());
   auto root = fbm::CreateManifest(b, m.version_major, m.version_minor,
                                   m.world_size, m.globals_file, fo, to, mo, po);
   fbm::FinishManifestBuffer(b, root);
   return SealManifest(
       {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()},
       m.version_major, m.version_minor);
+}
+
+std::vector<std::byte> SerializeManifest(const Manifest& m) {
+  const TensorTable table = TensorTable::Of(m);
+  const std::vector<TensorRef> refs = table.Refs();
+  return SerializeManifest(RefOf(m, refs));
 }
 
 std::vector<std::byte> SealManifest(std::span<const std::byte> fb,
@@ -553,19 +748,25 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> bytes,
           {Str(f->name()), f->size(), f->header_xxh3(), f->rank()});
     }
   }
-  if (const auto* tensors = fm->tensors()) {
-    m.tensors.resize(tensors->size());
-    for (flatbuffers::uoffset_t i = 0; i < tensors->size(); ++i) {
-      Status s = ReadTensor(tensors->Get(i), &m.tensors[i]);
-      if (!s.ok()) return At(s, name, body_at);
-    }
-  }
   if (const auto* meta = fm->metadata()) {
     for (const fbm::KeyValue* kv : *meta) {
       m.metadata.emplace_back(Str(kv->key()), Str(kv->value()));
     }
   }
-  CKPT_RETURN_IF_ERROR(CheckManifest(m, name));
+  // The rules run on views of the verified buffer; the public structs are
+  // built once it passed.
+  std::vector<TensorRef> refs;
+  if (const auto* tensors = fm->tensors()) {
+    refs.reserve(tensors->size());
+    for (const fbm::GlobalTensor* t : *tensors) {
+      Result<TensorRef> r = RefOf(t);
+      if (!r.ok()) return At(r.status(), name, body_at);
+      refs.push_back(*r);
+    }
+  }
+  CKPT_RETURN_IF_ERROR(CheckManifest(RefOf(m, refs), name));
+  m.tensors.reserve(refs.size());
+  for (const TensorRef& t : refs) m.tensors.push_back(InfoOf(t));
   return m;
 }
 
@@ -588,53 +789,128 @@ Status DecodeStatus(std::span<const std::byte> bytes) {
   return ReadStatus(flatbuffers::GetRoot<fbm::StatusMsg>(data));
 }
 
-std::vector<std::byte> EncodeReport(const RankReport& r) {
-  FlatBufferBuilder b(1024);
-  auto st = BuildStatus(b, r.status);
-  auto file = BuildFile(b, r.file);
-  std::vector<Offset<fbm::GlobalTensor>> tensors;
-  for (const auto& t : r.tensors) tensors.push_back(BuildTensor(b, t));
-  auto to = b.CreateVector(tensors);
-  auto dir = b.CreateString(r.dir);
-  b.Finish(fbm::CreateRankReport(b, r.rank, r.world_size, st, file, to,
-                                 r.has_globals, dir));
+std::vector<std::byte> EncodeReport(const ReportHead& h, const TensorTable& t) {
+  FlatBufferBuilder b(1024 + t.paths_.size() + 24 * t.size() +
+                      16 * t.offsets_.size() + sizeof(ByteRun) * t.chunks());
+  auto st = BuildStatus(b, h.status);
+  auto file = BuildFile(b, h.file);
+  auto paths = b.CreateVector(reinterpret_cast<const uint8_t*>(t.paths_.data()),
+                              t.paths_.size());
+  auto path_ends = b.CreateVector(t.path_end_);
+  auto dtypes = b.CreateVector(t.dtypes_);
+  auto dim_ends = b.CreateVector(t.dim_end_);
+  auto dims = b.CreateVector(t.dims_);
+  auto chunk_ends = b.CreateVector(t.chunk_end_);
+  auto offs = b.CreateVector(t.offsets_);
+  auto sizes = b.CreateVector(t.sizes_);
+  auto data = b.CreateVectorOfStructs(
+      reinterpret_cast<const fbm::ByteRange*>(t.data_.data()), t.chunks());
+  auto cols = fbm::CreateTensorColumns(b, paths, path_ends, dtypes, dim_ends,
+                                       dims, chunk_ends, offs, sizes, data);
+  auto dir = b.CreateString(h.dir);
+  fbm::RankReportBuilder rb(b);
+  rb.add_rank(h.rank);
+  rb.add_world_size(h.world_size);
+  rb.add_status(st);
+  rb.add_file(file);
+  rb.add_has_globals(h.has_globals);
+  rb.add_dir(dir);
+  rb.add_columns(cols);
+  b.Finish(rb.Finish());
   return Bytes(b);
 }
 
-Result<RankReport> DecodeReport(std::span<const std::byte> bytes,
-                                uint32_t rank) {
+Result<DecodedReport> DecodeReport(std::vector<std::byte> bytes,
+                                   uint32_t rank) {
   auto bad = [&](const std::string& what) {
     return Corrupt("rank " + std::to_string(rank) + "'s commit report " + what);
   };
-  std::vector<uint64_t> aligned((bytes.size() + 7) / 8);
-  std::memcpy(aligned.data(), bytes.data(), bytes.size());
-  const auto* data = reinterpret_cast<const uint8_t*>(aligned.data());
-  flatbuffers::Verifier v(data, bytes.size(), VerifierOptions(bytes.size()));
-  if (bytes.size() < 8 || !v.VerifyBuffer<fbm::RankReport>(nullptr)) {
+  DecodedReport out;
+  out.bytes = std::move(bytes);
+  const auto* data = reinterpret_cast<const uint8_t*>(out.bytes.data());
+  if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
+    out.aligned.resize((out.bytes.size() + 7) / 8);
+    std::memcpy(out.aligned.data(), out.bytes.data(), out.bytes.size());
+    data = reinterpret_cast<const uint8_t*>(out.aligned.data());
+  }
+  const size_t size = out.bytes.size();
+  flatbuffers::Verifier v(data, size, VerifierOptions(size));
+  if (size < 8 || !v.VerifyBuffer<fbm::RankReport>(nullptr)) {
     return bad("does not decode");
   }
   const auto* fr = flatbuffers::GetRoot<fbm::RankReport>(data);
-  if (ZeroElement(fr->tensors())) return bad("holds a zero offset");
-  RankReport r;
-  r.rank = fr->rank();
-  r.world_size = fr->world_size();
-  r.status = ReadStatus(fr->status());
-  r.has_globals = fr->has_globals();
-  r.dir = Str(fr->dir());
+  ReportHead& h = out.head;
+  h.rank = fr->rank();
+  h.world_size = fr->world_size();
+  h.status = ReadStatus(fr->status());
+  h.has_globals = fr->has_globals();
+  h.dir = Str(fr->dir());
   if (const auto* f = fr->file()) {
-    r.file = {Str(f->name()), f->size(), f->header_xxh3(), f->rank()};
+    h.file = {Str(f->name()), f->size(), f->header_xxh3(), f->rank()};
   }
-  if (const auto* ts = fr->tensors()) {
-    r.tensors.resize(ts->size());
-    for (flatbuffers::uoffset_t i = 0; i < ts->size(); ++i) {
-      Status s = ReadTensor(ts->Get(i), &r.tensors[i]);
-      if (!s.ok()) return bad(s.ToString());
+  if (h.rank != rank) return bad("says rank " + std::to_string(h.rank));
+  const fbm::TensorColumns* c = fr->columns();
+  if (!c) return out;  // (a rank that failed sends no columns)
+  if (Misaligned(c->dims()) || Misaligned(c->chunk_offsets()) ||
+      Misaligned(c->chunk_sizes()) || Misaligned(c->chunk_data())) {
+    return bad("holds 8-byte elements that are not 8-aligned");
+  }
+  // The columns must add up: one entry per tensor in each, ends that
+  // never decrease and end at their column's size.
+  const size_t n = Size(c->path_ends());
+  if (Size(c->dtypes()) != n || Size(c->dim_ends()) != n ||
+      Size(c->chunk_ends()) != n) {
+    return bad("has columns of different lengths");
+  }
+  auto ends_ok = [&](const flatbuffers::Vector<uint32_t>* ends, size_t total) {
+    uint32_t last = 0;
+    for (uint32_t e : *ends) {
+      if (e < last) return false;
+      last = e;
     }
+    return last == total;
+  };
+  const size_t nchunks = Size(c->chunk_data());
+  if (!ends_ok(c->path_ends(), Size(c->path_bytes())) ||
+      !ends_ok(c->dim_ends(), Size(c->dims())) ||
+      !ends_ok(c->chunk_ends(), nchunks)) {
+    return bad("has ends that do not add up to its columns");
   }
-  if (r.rank != rank) {
-    return bad("says rank " + std::to_string(r.rank));
+  const char* paths = reinterpret_cast<const char*>(Data(c->path_bytes()));
+  const int64_t* dims = Data(c->dims());
+  const int64_t* offs = Data(c->chunk_offsets());
+  const int64_t* sizes = Data(c->chunk_sizes());
+  const ByteRun* runs = Runs(c->chunk_data());
+  const uint64_t ncoords = Size(c->chunk_offsets());
+  if (Size(c->chunk_sizes()) != ncoords) {
+    return bad("has " + std::to_string(ncoords) + " offsets but " +
+               std::to_string(Size(c->chunk_sizes())) + " sizes");
   }
-  return r;
+  out.tensors.reserve(n);
+  uint32_t p0 = 0, d0 = 0, c0 = 0;
+  uint64_t k0 = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t p1 = c->path_ends()->Get(static_cast<uint32_t>(i));
+    const uint32_t d1 = c->dim_ends()->Get(static_cast<uint32_t>(i));
+    const uint32_t c1 = c->chunk_ends()->Get(static_cast<uint32_t>(i));
+    TensorRef t;
+    t.path = std::string_view(paths ? paths + p0 : "", p1 - p0);
+    t.dtype = c->dtypes()->Get(static_cast<uint32_t>(i));
+    t.shape = std::span<const int64_t>(dims ? dims + d0 : nullptr, d1 - d0);
+    t.chunks = c1 - c0;
+    const uint64_t k1 = k0 + uint64_t{t.chunks} * t.ndim();
+    if (k1 > ncoords) return bad("has fewer box coordinates than its chunks");
+    t.offsets = offs ? offs + k0 : nullptr;
+    t.sizes = sizes ? sizes + k0 : nullptr;
+    t.data = runs ? runs + c0 : nullptr;
+    out.tensors.push_back(t);
+    p0 = p1;
+    d0 = d1;
+    c0 = c1;
+    k0 = k1;
+  }
+  if (k0 != ncoords) return bad("has more box coordinates than its chunks");
+  return out;
 }
 
 std::vector<std::byte> EncodeOutcome(const Result<CommitInfo>& r) {

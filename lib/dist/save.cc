@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <numeric>
 #include <set>
 #include <string>
 #include <system_error>
@@ -166,17 +167,100 @@ bool SameFile(const std::string& a, const std::string& b) {
 }
 }  // namespace
 
-struct ShardRecord::Impl {
+// A rank's chunks in the order its shard adds them, grouped by tensor
+// and sorted into a TensorTable (tensors by path, each tensor's chunks by
+// box) once their byte offsets are known: what the rank reports.
+class ReportBuilder {
+ public:
+  // False when `path` was added before with another dtype or shape.
+  bool Agrees(std::string_view path, DType dtype,
+              std::span<const int64_t> shape) const {
+    auto it = by_path_.find(std::string(path));
+    if (it == by_path_.end()) return true;
+    const Tensor& t = tensors_[it->second];
+    return t.dtype == dtype && std::equal(shape.begin(), shape.end(),
+                                          t.shape.begin(), t.shape.end());
+  }
+  // The same check, then the chunk (`where`: a StorageId or an offset).
+  bool Add(std::string_view path, DType dtype, std::span<const int64_t> shape,
+           const Box& box, uint64_t where, uint64_t length) {
+    auto [it, fresh] =
+        by_path_.try_emplace(std::string(path), uint32_t(tensors_.size()));
+    if (fresh) {
+      tensors_.push_back({dtype, {shape.begin(), shape.end()}});
+    } else if (tensors_[it->second].dtype != dtype ||
+               !std::equal(shape.begin(), shape.end(),
+                           tensors_[it->second].shape.begin(),
+                           tensors_[it->second].shape.end())) {
+      return false;
+    }
+    chunks_.push_back({it->second, coords_.size(), where, length});
+    coords_.insert(coords_.end(), box.offsets.begin(), box.offsets.end());
+    coords_.insert(coords_.end(), box.sizes.begin(), box.sizes.end());
+    return true;
+  }
+  size_t chunks() const { return chunks_.size(); }
+
+  // The table, each chunk's `where` mapped to its byte offset by
+  // offset_of (identity when it already is one). Clears the builder.
+  template <class F>
+  Result<internal::TensorTable> Build(F&& offset_of) {
+    std::vector<std::pair<std::string_view, uint32_t>> order;
+    order.reserve(by_path_.size());
+    for (const auto& [path, i] : by_path_) order.emplace_back(path, i);
+    std::sort(order.begin(), order.end());
+    // Chunks grouped by tensor, in the order they were added.
+    std::vector<size_t> first(tensors_.size() + 1, 0), grouped(chunks_.size());
+    for (const auto& c : chunks_) ++first[c.tensor + 1];
+    for (size_t i = 1; i < first.size(); ++i) first[i] += first[i - 1];
+    {
+      std::vector<size_t> at(first.begin(), first.end() - 1);
+      for (size_t c = 0; c < chunks_.size(); ++c)
+        grouped[at[chunks_[c].tensor]++] = c;
+    }
+    internal::TensorTable t;
+    size_t path_bytes = 0;
+    for (const auto& [path, i] : order) path_bytes += path.size();
+    t.Reserve(order.size(), chunks_.size(), coords_.size() / 2, path_bytes);
+    for (const auto& [path, i] : order) {
+      const Tensor& g = tensors_[i];
+      const size_t nd = g.shape.size();
+      t.AddTensor(path, static_cast<uint8_t>(g.dtype), g.shape);
+      for (size_t k = first[i]; k < first[i + 1]; ++k) {
+        const Pending& c = chunks_[grouped[k]];
+        CKPT_ASSIGN_OR_RETURN(uint64_t offset, offset_of(c.where));
+        const std::span<const int64_t> box(coords_.data() + c.coord, 2 * nd);
+        t.AddChunk(box.first(nd), box.last(nd),
+                   internal::ByteRun{0, 0, offset, c.length});
+      }
+      t.SortLastChunks();
+    }
+    *this = ReportBuilder();
+    return t;
+  }
+
+ private:
+  struct Tensor {
+    DType dtype;
+    std::vector<int64_t> shape;
+  };
   struct Pending {
-    size_t tensor;  // index into report.tensors
-    StorageId storage;
-    Box box;
+    uint32_t tensor;
+    size_t coord;    // offsets then sizes at coords_[coord, +2 ndim)
+    uint64_t where;  // a StorageId or a byte offset
     uint64_t length;
   };
-  internal::RankReport report;  // tensors and chunks (offsets at Seal)
-  std::unordered_map<std::string, size_t> by_path;
-  std::vector<Pending> chunks;
-  std::string path;  // the shard file's, from its writer at Seal
+  std::unordered_map<std::string, uint32_t> by_path_;
+  std::vector<Tensor> tensors_;
+  std::vector<Pending> chunks_;
+  std::vector<int64_t> coords_;
+};
+
+struct ShardRecord::Impl {
+  ReportBuilder pending;          // until Seal
+  internal::ReportHead head;      // rank, world, file pin (at Seal), globals
+  internal::TensorTable tensors;  // at Seal
+  std::string path;               // the shard file's, from its writer at Seal
   bool rooted = false;
   bool sealed = false;
 };
@@ -199,15 +283,11 @@ Status ShardRecord::Seal(const Writer& w) {
   }
   auto done = w.committed();
   if (!done) return InvalidArgument("ShardRecord::Seal before Writer::Commit");
-  internal::RankReport& r = impl_->report;
-  for (const auto& c : impl_->chunks) {
-    CKPT_ASSIGN_OR_RETURN(uint64_t offset, w.StorageOffset(c.storage));
-    r.tensors[c.tensor].chunks.push_back({c.box, 0, offset, c.length});
-  }
-  impl_->chunks.clear();
-  impl_->by_path.clear();
-  r.file.size = done->file_size;
-  r.file.header_xxh3 = done->header_xxh3;
+  CKPT_ASSIGN_OR_RETURN(impl_->tensors, impl_->pending.Build([&](uint64_t id) {
+    return w.StorageOffset(static_cast<StorageId>(id));
+  }));
+  impl_->head.file.size = done->file_size;
+  impl_->head.file.header_xxh3 = done->header_xxh3;
   impl_->path = w.path();
   impl_->sealed = true;
   return Status::OK();
@@ -216,17 +296,24 @@ Status ShardRecord::Seal(const Writer& w) {
 Result<std::vector<std::byte>> ShardRecord::Serialize() const {
   if (!sealed())
     return InvalidArgument("ShardRecord::Serialize of an unsealed record");
-  return internal::EncodeReport(impl_->report);
+  return internal::EncodeReport(impl_->head, impl_->tensors);
 }
 
 Result<ShardRecord> ShardRecord::Deserialize(std::span<const std::byte> bytes,
                                              int rank) {
   if (rank < 0) return InvalidArgument("rank " + std::to_string(rank));
-  CKPT_ASSIGN_OR_RETURN(
-      internal::RankReport r,
-      internal::DecodeReport(bytes, static_cast<uint32_t>(rank)));
+  CKPT_ASSIGN_OR_RETURN(internal::DecodedReport r,
+                        internal::DecodeReport({bytes.begin(), bytes.end()},
+                                               static_cast<uint32_t>(rank)));
   ShardRecord out;
-  out.impl_->report = std::move(r);
+  out.impl_->head = std::move(r.head);
+  internal::TensorTable& t = out.impl_->tensors;
+  for (const internal::TensorRef& ref : r.tensors) {
+    t.AddTensor(ref.path, ref.dtype, ref.shape);
+    for (size_t i = 0; i < ref.chunks; ++i) {
+      t.AddChunk(ref.offsets_of(i), ref.sizes_of(i), ref.data[i]);
+    }
+  }
   out.impl_->rooted = out.impl_->sealed = true;
   return out;
 }
@@ -264,29 +351,20 @@ Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c,
   }
   ShardRecordAccess::Impl* rec =
       record ? &ShardRecordAccess::Of(*record) : nullptr;
-  size_t tensor = 0;
-  if (rec) {
-    if (rec->rooted) return bad("added after SetShardRoot");
-    auto [it, fresh] = rec->by_path.emplace(c.path, rec->report.tensors.size());
-    if (fresh) {
-      GlobalTensorInfo g;
-      g.path = c.path;
-      g.dtype = c.dtype;
-      g.shape = c.global_shape;
-      rec->report.tensors.push_back(std::move(g));
-    } else if (rec->report.tensors[it->second].dtype != c.dtype ||
-               rec->report.tensors[it->second].shape != c.global_shape) {
-      return bad("an earlier chunk of it has another dtype or global shape");
-    }
-    tensor = it->second;
+  if (rec && rec->rooted) return bad("added after SetShardRoot");
+  if (rec && !rec->pending.Agrees(c.path, c.dtype, c.global_shape)) {
+    return bad("an earlier chunk of it has another dtype or global shape");
   }
   CKPT_ASSIGN_OR_RETURN(StorageId storage, w.AddStorage(bytes));
+  if (rec) {
+    rec->pending.Add(c.path, c.dtype, c.global_shape, *part, storage,
+                     bytes.size());
+  }
   TensorSpec spec;
   spec.dtype = c.dtype;
   spec.shape = part->sizes;
   spec.storage = storage;
   CKPT_ASSIGN_OR_RETURN(NodeId data, w.AddTensor(spec));
-  if (rec) rec->chunks.push_back({tensor, storage, *part, bytes.size()});
   auto ints = [&](const std::vector<int64_t>& v) -> Result<NodeId> {
     std::vector<NodeId> items;
     for (int64_t x : v) items.push_back(w.AddInt(x));
@@ -317,18 +395,18 @@ Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
           "SetShardRoot: the record already holds a rooted shard (a record "
           "serves one shard file)");
     }
-    if (rec.chunks.size() != chunks.size()) {
+    if (rec.pending.chunks() != chunks.size()) {
       return InvalidArgument(
           "SetShardRoot: " + std::to_string(chunks.size()) +
           " chunk nodes, but the record holds " +
-          std::to_string(rec.chunks.size()) +
+          std::to_string(rec.pending.chunks()) +
           " (give every chunk AddChunk returned, and only those)");
     }
-    rec.report.rank = static_cast<uint32_t>(rank);
-    rec.report.world_size = static_cast<uint32_t>(world_size);
-    rec.report.file = {ShardName(rank, world_size), 0, 0,
-                       static_cast<uint32_t>(rank)};
-    rec.report.has_globals = globals.has_value();
+    rec.head.rank = static_cast<uint32_t>(rank);
+    rec.head.world_size = static_cast<uint32_t>(world_size);
+    rec.head.file = {ShardName(rank, world_size), 0, 0,
+                     static_cast<uint32_t>(rank)};
+    rec.head.has_globals = globals.has_value();
     rec.rooted = true;
   }
   CKPT_ASSIGN_OR_RETURN(NodeId list, w.AddList(chunks));
@@ -352,13 +430,19 @@ Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
 
 namespace {
 
+// What a rank reports: its head and its tensors.
+struct Report {
+  internal::ReportHead head;
+  internal::TensorTable tensors;
+  std::vector<internal::TensorRef> refs;  // (CommitWritten's views)
+};
+
 // Reads back this rank's committed shard file: its pin and its chunks, as
 // the tree SetShardRoot wrote says (docs/SHARDED.md 3).
-Result<internal::RankReport> Describe(const std::string& path, int rank,
-                                      int world) {
-  internal::RankReport r;
-  r.rank = static_cast<uint32_t>(rank);
-  r.world_size = static_cast<uint32_t>(world);
+Result<Report> Describe(const std::string& path, int rank, int world) {
+  Report r;
+  r.head.rank = static_cast<uint32_t>(rank);
+  r.head.world_size = static_cast<uint32_t>(world);
   CKPT_ASSIGN_OR_RETURN(Checkpoint ck, Checkpoint::Open(path));
   auto bad = [&](const std::string& what) {
     return Corrupt("shard file: " + what).WithFile(path);
@@ -373,67 +457,61 @@ Result<internal::RankReport> Describe(const std::string& path, int rank,
                " (not written by "
                "SetShardRoot for this rank?)");
   }
-  r.file = {fs::path(path).filename().string(), ck.file_size(),
-            ck.layout().header_xxh3, static_cast<uint32_t>(rank)};
+  r.head.file = {fs::path(path).filename().string(), ck.file_size(),
+                 ck.layout().header_xxh3, static_cast<uint32_t>(rank)};
   Value root = ck.root();
-  r.has_globals = root.Child("globals").ok();
+  r.head.has_globals = root.Child("globals").ok();
   CKPT_ASSIGN_OR_RETURN(Value chunks, root.Child("chunks"));
   if (chunks.kind() != ValueKind::kList) return bad("'chunks' is not a list");
-  // Paths viewed in the mapped header, which `ck` keeps alive.
-  std::unordered_map<std::string_view, size_t> index;
-  index.reserve(chunks.size());
   auto ints = [&](const Value& v, std::vector<int64_t>* out) {
     if (v.kind() != ValueKind::kTuple) return false;
+    out->clear();
     for (size_t i = 0; i < v.size(); ++i) {
       if (v.item(i).kind() != ValueKind::kInt) return false;
       out->push_back(v.item(i).as_int());
     }
     return true;
   };
+  ReportBuilder built;
+  std::vector<int64_t> shape;
+  Box box;
   for (size_t i = 0; i < chunks.size(); ++i) {
     Value c = chunks.item(i);
     auto p = c.Child("path");
-    auto shape = c.Child("shape");
+    auto sh = c.Child("shape");
     auto offs = c.Child("offsets");
     auto data = c.Child("data");
-    GlobalTensorInfo t;
-    ChunkInfo ci;
-    if (!p.ok() || p->kind() != ValueKind::kString || !shape.ok() ||
-        !ints(*shape, &t.shape) || !offs.ok() ||
-        !ints(*offs, &ci.box.offsets) || !data.ok() ||
-        data->kind() != ValueKind::kTensor) {
+    if (!p.ok() || p->kind() != ValueKind::kString || !sh.ok() ||
+        !ints(*sh, &shape) || !offs.ok() || !ints(*offs, &box.offsets) ||
+        !data.ok() || data->kind() != ValueKind::kTensor) {
       return bad("chunk " + std::to_string(i) +
                  " is not a dict of path, "
                  "shape, offsets and data");
     }
-    t.path = std::string(p->as_string());
+    const std::string_view tpath = p->as_string();
     CKPT_ASSIGN_OR_RETURN(TensorInfo ti, data->tensor_info());
-    if (!ti.is_contiguous() || ti.shape.size() != t.shape.size()) {
-      return bad("chunk " + std::to_string(i) + " of '" + t.path +
+    if (!ti.is_contiguous() || ti.shape.size() != shape.size()) {
+      return bad("chunk " + std::to_string(i) + " of '" + std::string(tpath) +
                  "' is not a contiguous tensor of its rank");
     }
     CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(ti.storage));
-    t.dtype = ti.dtype;
-    ci.box.sizes = ti.shape;
-    ci.offset = si.offset +
-                static_cast<uint64_t>(ti.storage_offset) * DTypeSize(ti.dtype);
-    ci.length = ti.nbytes();
-    ci.file = 0;
-    auto [it, fresh] = index.emplace(p->as_string(), r.tensors.size());
-    if (fresh) {
-      r.tensors.push_back(std::move(t));
-    } else if (r.tensors[it->second].dtype != t.dtype ||
-               r.tensors[it->second].shape != t.shape) {
-      return bad("two chunks of '" + t.path +
+    box.sizes = ti.shape;
+    const uint64_t offset =
+        si.offset +
+        static_cast<uint64_t>(ti.storage_offset) * DTypeSize(ti.dtype);
+    if (!built.Add(tpath, ti.dtype, shape, box, offset, ti.nbytes())) {
+      return bad("two chunks of '" + std::string(tpath) +
                  "' disagree on its dtype or global shape");
     }
-    r.tensors[it->second].chunks.push_back(std::move(ci));
   }
+  CKPT_ASSIGN_OR_RETURN(r.tensors, built.Build([](uint64_t offset) {
+    return Result<uint64_t>(offset);
+  }));
   return r;
 }
 
-std::string Describe(const GlobalTensorInfo& t) {
-  std::string s(DTypeName(t.dtype));
+std::string Describe(const internal::TensorRef& t) {
+  std::string s(DTypeName(static_cast<DType>(t.dtype)));
   s += " [";
   for (size_t d = 0; d < t.shape.size(); ++d) {
     if (d) s += ", ";
@@ -442,14 +520,154 @@ std::string Describe(const GlobalTensorInfo& t) {
   return s + "]";
 }
 
+// One rank's report as the coordinator reads it.
+struct ReportView {
+  const internal::ReportHead* head = nullptr;
+  std::span<const internal::TensorRef> tensors;
+};
+
+// The ranks' tensors merged into one table sorted by path: a k-way merge
+// of each report's tensors in path order (a rank's own order, sorted by
+// its record: checked in O(T), sorted only if not), each tensor's chunks
+// from every rank that holds some, empty ones dropped, in box order.
+// O(C log W) for C chunks of W ranks, no allocation per tensor.
+Result<internal::TensorTable> Merge(std::span<const ReportView> reports) {
+  const size_t world = reports.size();
+  std::vector<std::vector<uint32_t>> order(world);
+  size_t tensors = 0, chunks = 0, coords = 0, bytes = 0;
+  for (size_t r = 0; r < world; ++r) {
+    const auto& ts = reports[r].tensors;
+    auto& ord = order[r];
+    ord.resize(ts.size());
+    std::iota(ord.begin(), ord.end(), uint32_t{0});
+    auto by_path = [&](uint32_t a, uint32_t b) {
+      return ts[a].path < ts[b].path;
+    };
+    if (!std::is_sorted(ord.begin(), ord.end(), by_path)) {
+      std::sort(ord.begin(), ord.end(), by_path);
+    }
+    for (size_t k = 1; k < ord.size(); ++k) {
+      if (ts[ord[k]].path == ts[ord[k - 1]].path) {
+        return InvalidArgument("rank " + std::to_string(r) +
+                               "'s report lists tensor '" +
+                               std::string(ts[ord[k]].path) + "' twice")
+            .WithTensor(std::string(ts[ord[k]].path));
+      }
+    }
+    tensors = std::max(tensors, ts.size());
+    for (const auto& t : ts) {
+      chunks += t.chunks;
+      coords += t.chunks * t.ndim();
+      bytes += t.path.size();
+    }
+  }
+  internal::TensorTable out;
+  out.Reserve(tensors, chunks, coords, bytes);
+  std::vector<size_t> pos(world, 0);
+  auto tensor_of = [&](size_t r) -> const internal::TensorRef& {
+    return reports[r].tensors[order[r][pos[r]]];
+  };
+  auto empty = [](std::span<const int64_t> sizes) {
+    return std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
+  };
+  // Rank r's next tensor into the tensor being built, whose first holder
+  // was rank r0; then rank r moves on.
+  auto take = [&](size_t r, size_t r0) -> Status {
+    const internal::TensorRef& first = tensor_of(r0);
+    const internal::TensorRef& t = tensor_of(r);
+    if (r == r0) {
+      out.AddTensor(t.path, t.dtype, t.shape);
+    } else if (t.dtype != first.dtype ||
+               !std::equal(t.shape.begin(), t.shape.end(), first.shape.begin(),
+                           first.shape.end())) {
+      return InvalidArgument("tensor '" + std::string(t.path) + "': rank " +
+                             std::to_string(r0) + " saves it as " +
+                             Describe(first) + ", rank " + std::to_string(r) +
+                             " as " + Describe(t))
+          .WithTensor(std::string(t.path));
+    }
+    for (size_t i = 0; i < t.chunks; ++i) {
+      // (Zero-size chunks declared the tensor only.)
+      if (t.ndim() > 0 && empty(t.sizes_of(i))) continue;
+      internal::ByteRun run = t.data[i];
+      run.file = static_cast<uint32_t>(r);
+      out.AddChunk(t.offsets_of(i), t.sizes_of(i), run);
+    }
+    return Status::OK();
+  };
+  // The common case first: every rank holds the same tensors (FSDP, tensor
+  // parallel, DDP), so the reports are merged in step, one comparison per
+  // tensor and rank to find that out.
+  bool in_step = true;
+  for (size_t r = 1; r < world && in_step; ++r) {
+    const auto& a = reports[0].tensors;
+    const auto& b = reports[r].tensors;
+    in_step = a.size() == b.size();
+    for (size_t k = 0; k < a.size() && in_step; ++k) {
+      in_step = a[order[0][k]].path == b[order[r][k]].path;
+    }
+  }
+  if (in_step) {
+    const size_t n = world ? reports[0].tensors.size() : 0;
+    for (size_t k = 0; k < n; ++k) {
+      for (size_t r = 0; r < world; ++r) CKPT_RETURN_IF_ERROR(take(r, 0));
+      for (size_t r = 0; r < world; ++r) ++pos[r];
+      out.SortLastChunks();  // box order: not dependent on rank timing
+    }
+    return out;
+  }
+  // Otherwise a min-heap of the ranks' next tensors by (path, rank).
+  struct Head {
+    std::string_view path;
+    size_t rank;
+  };
+  auto after = [](const Head& a, const Head& b) {  // (a comes out after b)
+    const int c = a.path.compare(b.path);
+    return c != 0 ? c > 0 : a.rank > b.rank;
+  };
+  std::vector<Head> heap;
+  for (size_t r = 0; r < world; ++r) {
+    if (!reports[r].tensors.empty()) heap.push_back({tensor_of(r).path, r});
+  }
+  std::make_heap(heap.begin(), heap.end(), after);
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), after);
+    const size_t r0 = heap.back().rank;
+    heap.pop_back();
+    const std::string_view path = tensor_of(r0).path;
+    // Every rank holding this path comes out of the heap in rank order.
+    for (size_t r = r0;;) {
+      CKPT_RETURN_IF_ERROR(take(r, r0));
+      if (r != r0) {
+        if (++pos[r] < reports[r].tensors.size()) {
+          heap.push_back({tensor_of(r).path, r});
+          std::push_heap(heap.begin(), heap.end(), after);
+        }
+      }
+      if (heap.empty() || heap.front().path != path) break;
+      std::pop_heap(heap.begin(), heap.end(), after);
+      r = heap.back().rank;
+      heap.pop_back();
+    }
+    // (r0 moves on last: `path` and `first` view its tensor until here.)
+    if (++pos[r0] < reports[r0].tensors.size()) {
+      heap.push_back({tensor_of(r0).path, r0});
+      std::push_heap(heap.begin(), heap.end(), after);
+    }
+    out.SortLastChunks();  // box order: not dependent on rank timing
+  }
+  return out;
+}
+
 // The coordinator's half: reports in rank order -> manifest -> commit.
 Result<CommitInfo> Finalize(const std::string& dir,
-                            std::vector<internal::RankReport> reports,
+                            std::span<const ReportView> reports,
                             int coordinator, const SaveOptions& o) {
   const int world = static_cast<int>(reports.size());
   CKPT_ASSIGN_OR_RETURN(std::string temp, TempDirOf(dir));
   std::vector<Status> per_rank;
-  for (const auto& r : reports) {
+  for (const auto& rv : reports) {
+    const internal::ReportHead& r = *rv.head;
     Status s = r.status;
     if (s.ok() && r.world_size != static_cast<uint32_t>(world)) {
       s = InvalidArgument("it saved for a group of " +
@@ -469,64 +687,30 @@ Result<CommitInfo> Finalize(const std::string& dir,
   }
   CKPT_RETURN_IF_ERROR(internal::FirstRankFailure(per_rank, world));
 
-  Manifest m;
-  m.world_size = static_cast<uint32_t>(world);
-  m.globals_file = static_cast<uint32_t>(coordinator);
+  std::vector<ShardFileInfo> files;
+  uint32_t globals_file = static_cast<uint32_t>(coordinator);
   for (int r = world - 1; r >= 0; --r) {
-    if (reports[static_cast<size_t>(r)].has_globals) {
-      m.globals_file = static_cast<uint32_t>(r);
+    if (reports[static_cast<size_t>(r)].head->has_globals) {
+      globals_file = static_cast<uint32_t>(r);
     }
   }
-  m.producer = "ckpt " + std::string(VersionString());
-  // Merge by path, moving each rank's entries (10^4 tensors x N ranks at
-  // every commit: no copies, no tree of strings).
-  size_t upper = 0;
-  for (const auto& r : reports) upper += r.tensors.size();
-  m.tensors.reserve(upper);  // never reallocated below: `by_path` views paths
-  std::vector<uint32_t> first_rank;
-  first_rank.reserve(upper);
-  std::unordered_map<std::string_view, size_t> by_path;
-  by_path.reserve(upper);
-  for (auto& r : reports) {
-    m.files.push_back(r.file);
-    for (auto& t : r.tensors) {
-      for (auto& c : t.chunks) c.file = r.rank;
-      // (Zero-size chunks declared the tensor only.)
-      std::erase_if(t.chunks,
-                    [](const ChunkInfo& c) { return c.box.numel() == 0; });
-      auto it = by_path.find(t.path);
-      if (it == by_path.end()) {
-        m.tensors.push_back(std::move(t));
-        first_rank.push_back(r.rank);
-        by_path.emplace(m.tensors.back().path, m.tensors.size() - 1);
-        continue;
-      }
-      GlobalTensorInfo& g = m.tensors[it->second];
-      if (g.dtype != t.dtype || g.shape != t.shape) {
-        return InvalidArgument("tensor '" + t.path + "': rank " +
-                               std::to_string(first_rank[it->second]) +
-                               " saves it as " + Describe(g) + ", rank " +
-                               std::to_string(r.rank) + " as " + Describe(t))
-            .WithTensor(t.path);
-      }
-      g.chunks.insert(g.chunks.end(), std::make_move_iterator(t.chunks.begin()),
-                      std::make_move_iterator(t.chunks.end()));
-    }
-  }
-  by_path.clear();
-  std::sort(m.tensors.begin(), m.tensors.end(),
-            [](const GlobalTensorInfo& a, const GlobalTensorInfo& b) {
-              return a.path < b.path;
-            });
-  for (auto& t : m.tensors) {
-    // Chunks in box order, so the manifest does not depend on rank timing.
-    std::sort(t.chunks.begin(), t.chunks.end(),
-              [](const ChunkInfo& a, const ChunkInfo& b) {
-                return a.box.offsets < b.box.offsets;
-              });
-  }
-  std::map<std::string, std::string> meta(o.metadata.begin(), o.metadata.end());
-  m.metadata.assign(meta.begin(), meta.end());
+  for (const auto& rv : reports) files.push_back(rv.head->file);
+  CKPT_ASSIGN_OR_RETURN(internal::TensorTable table, Merge(reports));
+  const std::vector<internal::TensorRef> refs = table.Refs();
+  std::map<std::string, std::string> sorted(o.metadata.begin(),
+                                            o.metadata.end());
+  const std::vector<std::pair<std::string, std::string>> meta(sorted.begin(),
+                                                              sorted.end());
+  const std::string producer = "ckpt " + std::string(VersionString());
+  internal::ManifestRef m;
+  m.version_major = internal::kManifestMajor;
+  m.version_minor = internal::kManifestMinor;
+  m.world_size = static_cast<uint32_t>(world);
+  m.globals_file = globals_file;
+  m.files = files;
+  m.tensors = refs;
+  m.metadata = meta;
+  m.producer = producer;
   Status bad = internal::CheckManifest(m, dir);
   if (!bad.ok()) {
     // The ranks' chunks do not fit together: a caller's mistake.
@@ -537,8 +721,6 @@ Result<CommitInfo> Finalize(const std::string& dir,
         .WithTensor(bad.tensor());
   }
   // Checked above: serialize without checking it again.
-  m.version_major = internal::kManifestMajor;
-  m.version_minor = internal::kManifestMinor;
   std::vector<std::byte> bytes = internal::SerializeManifest(m);
 
   if (bytes.size() > internal::kMaxManifestBytes) {
@@ -652,11 +834,11 @@ Result<CommitInfo> Finalize(const std::string& dir,
 
   CommitInfo info;
   info.path = target;
-  info.files = static_cast<uint32_t>(m.files.size());
+  info.files = static_cast<uint32_t>(files.size());
   info.total_bytes = bytes.size();
-  for (const auto& f : m.files) info.total_bytes += f.size;
-  info.tensors = m.tensors.size();
-  for (const auto& t : m.tensors) info.chunks += t.chunks.size();
+  for (const auto& f : files) info.total_bytes += f.size;
+  info.tensors = table.size();
+  info.chunks = table.chunks();
   return info;
 }
 
@@ -688,47 +870,52 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
                            " outside the group of " + std::to_string(world));
   }
   internal::Fault("committing", rank);
-  internal::RankReport report;
-  report.rank = static_cast<uint32_t>(rank);
-  report.world_size = static_cast<uint32_t>(world);
-  report.status = local;
+  internal::ReportHead head;
+  head.rank = static_cast<uint32_t>(rank);
+  head.world_size = static_cast<uint32_t>(world);
+  head.status = local;
+  const internal::TensorTable none;
+  const internal::TensorTable* tensors = &none;
+  Report described;  // without a record: the shard read back
   if (local.ok() && record) {
     const ShardRecordAccess::Impl& rec = ShardRecordAccess::Of(*record);
     if (!rec.sealed) {
-      report.status = InvalidArgument(
+      head.status = InvalidArgument(
           "the shard's record was not sealed (ShardRecord::Seal after the "
           "Writer's Commit)");
-    } else if (rec.report.rank != report.rank ||
-               rec.report.world_size != report.world_size) {
-      report.status = InvalidArgument("the shard's record is of rank " +
-                                      std::to_string(rec.report.rank) + " of " +
-                                      std::to_string(rec.report.world_size));
+    } else if (rec.head.rank != head.rank ||
+               rec.head.world_size != head.world_size) {
+      head.status = InvalidArgument("the shard's record is of rank " +
+                                    std::to_string(rec.head.rank) + " of " +
+                                    std::to_string(rec.head.world_size));
     } else if (auto path = ShardPath(dir, rank, world);
                !path.ok() || !SameFile(*path, rec.path)) {
-      report.status = InvalidArgument(
+      head.status = InvalidArgument(
           "the shard's record is of " + rec.path + ", not this save's " +
           (path.ok() ? *path : dir) + " (a record from another save?)");
     } else {
       // (The coordinator checks each file's size on disk against it.)
-      report.file = rec.report.file;
-      report.tensors = rec.report.tensors;
-      report.has_globals = rec.report.has_globals;
+      head.file = rec.head.file;
+      head.has_globals = rec.head.has_globals;
+      tensors = &rec.tensors;
     }
   } else if (local.ok()) {
     auto path = ShardPath(dir, rank, world);
-    Result<internal::RankReport> r =
-        path.ok() ? Describe(*path, rank, world)
-                  : Result<internal::RankReport>(path.status());
+    Result<Report> r = path.ok() ? Describe(*path, rank, world)
+                                 : Result<Report>(path.status());
     if (r.ok()) {
-      report = std::move(*r);
+      described = std::move(*r);
+      head = described.head;
+      tensors = &described.tensors;
     } else {
-      report.status = r.status();
+      head.status = r.status();
     }
   }
-  report.dir = CleanDir(dir);
+  head.dir = CleanDir(dir);
   internal::Fault("described", rank);
   CKPT_ASSIGN_OR_RETURN(
-      auto all, comm.Gather(o.coordinator, internal::EncodeReport(report)));
+      auto all,
+      comm.Gather(o.coordinator, internal::EncodeReport(head, *tensors)));
   std::vector<std::byte> outcome;
   if (rank == o.coordinator) {
     Result<CommitInfo> result = [&]() -> Result<CommitInfo> {
@@ -736,20 +923,24 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
         return IoError("gathered " + std::to_string(all.size()) +
                        " reports from a group of " + std::to_string(world));
       }
-      std::vector<internal::RankReport> reports;
+      std::vector<internal::DecodedReport> decoded;
+      decoded.reserve(all.size());
       for (size_t r = 0; r < all.size(); ++r) {
-        auto rep = internal::DecodeReport(all[r], static_cast<uint32_t>(r));
+        auto rep =
+            internal::DecodeReport(std::move(all[r]), static_cast<uint32_t>(r));
         if (!rep.ok()) {
-          internal::RankReport failed;
-          failed.rank = static_cast<uint32_t>(r);
-          failed.status = rep.status();
-          reports.push_back(std::move(failed));
+          internal::DecodedReport failed;
+          failed.head.rank = static_cast<uint32_t>(r);
+          failed.head.status = rep.status();
+          decoded.push_back(std::move(failed));
         } else {
-          reports.push_back(std::move(*rep));
+          decoded.push_back(std::move(*rep));
         }
       }
+      std::vector<ReportView> views;
+      for (const auto& d : decoded) views.push_back({&d.head, d.tensors});
       return internal::Guarded("the coordinator", CleanDir(dir), [&] {
-        return Finalize(dir, std::move(reports), o.coordinator, o);
+        return Finalize(dir, views, o.coordinator, o);
       });
     }();
     if (!result.ok()) Discard(dir);
@@ -764,7 +955,7 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
     // so that no rank's next save starts in a directory another rank is
     // still cleaning up.
     if (rank != o.coordinator) {
-      if (auto path = ShardPath(report.dir, rank, world); path.ok()) {
+      if (auto path = ShardPath(head.dir, rank, world); path.ok()) {
         std::error_code ec;
         fs::remove(*path, ec);
         fs::remove(fs::path(*path).parent_path(), ec);
@@ -789,38 +980,41 @@ Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
                            " shard records for " + std::to_string(world_size) +
                            " ranks");
   }
-  std::vector<internal::RankReport> reports;
+  std::vector<Report> reports(static_cast<size_t>(world_size));
+  std::vector<ReportView> views;
   for (int r = 0; r < world_size; ++r) {
-    Result<internal::RankReport> rep = internal::RankReport{};
+    Report& rep = reports[static_cast<size_t>(r)];
+    rep.head.rank = static_cast<uint32_t>(r);
+    rep.head.world_size = static_cast<uint32_t>(world_size);
+    const internal::TensorTable* tensors = &rep.tensors;
     if (!records.empty()) {
       // (The sweep in Finalize checks each named file's size on disk.)
       const auto& rec = ShardRecordAccess::Of(records[static_cast<size_t>(r)]);
-      if (!rec.sealed || rec.report.rank != static_cast<uint32_t>(r) ||
-          rec.report.world_size != static_cast<uint32_t>(world_size)) {
-        rep = InvalidArgument("shard record " + std::to_string(r) +
-                              " is not a sealed record of rank " +
-                              std::to_string(r) + " of " +
-                              std::to_string(world_size));
+      if (!rec.sealed || rec.head.rank != static_cast<uint32_t>(r) ||
+          rec.head.world_size != static_cast<uint32_t>(world_size)) {
+        rep.head.status = InvalidArgument("shard record " + std::to_string(r) +
+                                          " is not a sealed record of rank " +
+                                          std::to_string(r) + " of " +
+                                          std::to_string(world_size));
       } else {
-        rep = rec.report;
+        rep.head = rec.head;
+        tensors = &rec.tensors;
       }
     } else {
       auto path = ShardPath(dir, r, world_size);
-      rep = path.ok() ? Describe(*path, r, world_size)
-                      : Result<internal::RankReport>(path.status());
+      Result<Report> got = path.ok() ? Describe(*path, r, world_size)
+                                     : Result<Report>(path.status());
+      if (got.ok()) {
+        rep = std::move(*got);
+      } else {
+        rep.head.status = got.status();
+      }
     }
-    if (rep.ok()) {
-      reports.push_back(std::move(*rep));
-    } else {
-      internal::RankReport failed;
-      failed.rank = static_cast<uint32_t>(r);
-      failed.world_size = static_cast<uint32_t>(world_size);
-      failed.status = rep.status();
-      reports.push_back(std::move(failed));
-    }
+    rep.head.dir = CleanDir(dir);
+    rep.refs = tensors->Refs();
+    views.push_back({&rep.head, rep.refs});
   }
-  for (auto& r : reports) r.dir = CleanDir(dir);
-  auto result = Finalize(dir, std::move(reports), o.coordinator, o);
+  auto result = Finalize(dir, views, o.coordinator, o);
   if (!result.ok()) Discard(dir);
   return result;
 }

@@ -38,7 +38,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       __builtin_trap();
     }
   }
-  (void)dist::internal::DecodeReport(bytes, 0);
+  (void)dist::internal::DecodeReport({bytes.begin(), bytes.end()}, 0);
   (void)dist::internal::DecodeStatus(bytes);
   (void)dist::internal::DecodeOutcome(bytes, "fuzz");
   return 0;
