@@ -504,6 +504,45 @@ TEST_CASE("a report whose columns do not add up is refused, naming the rank") {
     CHECK_THAT(r.status().message(), Catch::Contains("rank 1's commit report"));
     CHECK_THAT(r.status().message(), Catch::Contains(c.says));
   }
+  // An empty columns table is a report of no tensors (not a crash); a
+  // report that says OK and has no columns at all is refused.
+  for (bool with_columns : {true, false}) {
+    INFO("columns " << with_columns);
+    flatbuffers::FlatBufferBuilder b;
+    auto cols = fbm::TensorColumnsBuilder(b).Finish();
+    fbm::RankReportBuilder rb(b);
+    rb.add_rank(1);
+    rb.add_world_size(2);
+    if (with_columns) rb.add_columns(cols);
+    b.Finish(rb.Finish());
+    auto r = ShardRecord::Deserialize(
+        {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()},
+        1);
+    if (with_columns) {
+      CHECK(r.ok());
+    } else {
+      REQUIRE_FALSE(r.ok());
+      CHECK_THAT(r.status().message(), Catch::Contains("no tensor columns"));
+    }
+  }
+  {
+    // Path bytes with no ends at all.
+    flatbuffers::FlatBufferBuilder b;
+    const std::vector<uint8_t> p = {'a'};
+    auto pb = b.CreateVector(p);
+    fbm::TensorColumnsBuilder cb(b);
+    cb.add_path_bytes(pb);
+    auto cols = cb.Finish();
+    fbm::RankReportBuilder rb(b);
+    rb.add_rank(1);
+    rb.add_columns(cols);
+    b.Finish(rb.Finish());
+    auto r = ShardRecord::Deserialize(
+        {reinterpret_cast<const std::byte*>(b.GetBufferPointer()), b.GetSize()},
+        1);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().message(), Catch::Contains("do not add up"));
+  }
   // A report of another rank than the one it is taken for.
   flatbuffers::FlatBufferBuilder b;
   fbm::RankReportBuilder rb(b);
@@ -514,6 +553,30 @@ TEST_CASE("a report whose columns do not add up is refused, naming the rank") {
       1);
   REQUIRE_FALSE(r.ok());
   CHECK_THAT(r.status().message(), Catch::Contains("says rank 0"));
+}
+
+TEST_CASE("a record is sealed once: a second Seal is refused, the first kept") {
+  Dir d;
+  std::vector<std::vector<std::byte>> keep;
+  auto shard = ShardPath(d.path + "/step", 0, 1);
+  REQUIRE(shard.ok());
+  auto w = Writer::Create(*shard, ckpt::test::Fast());
+  REQUIRE(w.ok());
+  ShardRecord record;
+  auto n = AddChunk(*w, RowChunk(kSpecs[5], 0, 1, &keep), &record);
+  REQUIRE(n.ok());
+  REQUIRE(SetShardRoot(*w, std::vector<NodeId>{**n}, std::nullopt, std::nullopt,
+                       0, 1, &record)
+              .ok());
+  REQUIRE(w->Commit().ok());
+  REQUIRE(record.Seal(*w).ok());
+  auto again = record.Seal(*w);
+  REQUIRE_FALSE(again.ok());
+  CHECK_THAT(again.message(), Catch::Contains("already sealed"));
+  auto info = CommitWritten(d.path + "/step", 1, FastSave(),
+                            std::span<const ShardRecord>(&record, 1));
+  REQUIRE(info.ok());
+  CHECK(info->chunks == 1);  // (an emptied record would commit none)
 }
 
 TEST_CASE("a record's report round-trips and commits like the shard it pins") {
@@ -563,6 +626,54 @@ TEST_CASE("a record's report round-trips and commits like the shard it pins") {
   REQUIRE(ck.ok());
   for (const Spec& s : kSpecs) {
     CheckBox(*ck, s, Box{std::vector<int64_t>(s.shape.size(), 0), s.shape});
+  }
+}
+
+TEST_CASE(
+    "a shard read back whose chunk offsets disagree with its shape is "
+    "refused") {
+  // A shard file written by another program (no record): the commit reads
+  // its chunk dicts back and must not take 1 or 3 offsets for a 2-d box.
+  for (const std::vector<int64_t>& offsets :
+       {std::vector<int64_t>{0}, std::vector<int64_t>{0, 0, 0}}) {
+    INFO(offsets.size() << " offsets");
+    Dir d;
+    const std::string dir = d.path + "/step";
+    auto shard = ShardPath(dir, 0, 1);
+    REQUIRE(shard.ok());
+    auto w = Writer::Create(*shard, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    const std::vector<std::byte> bytes(2 * 3 * 4, std::byte{1});
+    auto sid = w->AddStorage(bytes);
+    REQUIRE(sid.ok());
+    TensorSpec spec;
+    spec.dtype = DType::kFloat32;
+    spec.shape = {2, 3};
+    spec.storage = *sid;
+    auto data = w->AddTensor(spec);
+    REQUIRE(data.ok());
+    auto ints = [&](const std::vector<int64_t>& v) {
+      std::vector<NodeId> items;
+      for (int64_t x : v) items.push_back(w->AddInt(x));
+      return *w->AddTuple(items);
+    };
+    const NodeId keys[] = {w->AddString("path"), w->AddString("shape"),
+                           w->AddString("offsets"), w->AddString("data")};
+    const NodeId values[] = {w->AddString("w"), ints({2, 3}), ints(offsets),
+                             *data};
+    auto chunk = w->AddDict(keys, values);
+    REQUIRE(chunk.ok());
+    REQUIRE(SetShardRoot(*w, std::vector<NodeId>{*chunk}, std::nullopt,
+                         std::nullopt, 0, 1)
+                .ok());
+    REQUIRE(w->Commit().ok());
+    auto r = CommitWritten(dir, 1, FastSave());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(
+        r.status().message(),
+        Catch::Contains("chunk 0 of 'w' has " + std::to_string(offsets.size()) +
+                        " offsets for a tensor of 2 dims"));
+    CHECK_FALSE(fs::exists(dir));
   }
 }
 
@@ -695,6 +806,24 @@ std::string Refusal(const Manifest& m) {
 
 }  // namespace
 
+TEST_CASE("a caller's manifest with a box of another rank is refused by name") {
+  // CheckManifest of a Manifest (EncodeManifest, DCP's index) sees boxes
+  // before they are put in columns: a 1-d box of a 0-d tensor must not
+  // pass as the 0-d chunk it would become there.
+  Manifest m = GoodManifest();
+  GlobalTensorInfo s;
+  s.path = "z";
+  s.dtype = DType::kFloat32;
+  s.chunks.push_back({Box{{0}, {1}}, 0, 9000, 4});
+  m.tensors.push_back(s);
+  auto r = dist::internal::EncodeManifest(m);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(),
+             Catch::Contains("chunk 0: a box of 1 offsets and 1 sizes in a "
+                             "tensor of 0 dims"));
+  CHECK_THAT(r.status().message(), Catch::Contains("'z'"));
+}
+
 TEST_CASE("the good manifest round-trips") {
   Manifest m = GoodManifest();
   auto bytes = dist::internal::EncodeManifest(m);
@@ -762,6 +891,11 @@ TEST_CASE("every manifest rule is enforced by name") {
        },
        "chunks overlap"},
       {"hole", [](Manifest& m) { m.tensors[0].chunks.pop_back(); }, "a hole"},
+      {"box rank",  // M10: a 1-d box among a 2-d tensor's chunks
+       [](Manifest& m) {
+         m.tensors[0].chunks[1].box = Box{{2}, {2}};
+       },
+       "chunks of a 2-d tensor but 3 offsets and 3 sizes"},
       {"bytes shared",
        [](Manifest& m) { m.tensors[1].chunks[0].offset = 4100; },
        "bytes of two chunks overlap"},

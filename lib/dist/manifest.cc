@@ -1,6 +1,7 @@
 // Manifest codec and rules (docs/SHARDED.md 4-5), protocol messages.
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -235,6 +236,11 @@ void TensorTable::AddTensor(std::string_view path, uint8_t dtype,
 void TensorTable::AddChunk(std::span<const int64_t> offsets,
                            std::span<const int64_t> sizes,
                            const ByteRun& data) {
+  // (Boxes of the last tensor's rank: every caller checks it first.)
+  assert(!dtypes_.empty());
+  assert(offsets.size() ==
+         dim_end_.back() - (size() > 1 ? dim_end_[size() - 2] : 0));
+  assert(sizes.size() == offsets.size());
   offsets_.insert(offsets_.end(), offsets.begin(), offsets.end());
   sizes_.insert(sizes_.end(), sizes.begin(), sizes.end());
   data_.push_back(data);
@@ -313,17 +319,23 @@ TensorTable TensorTable::Of(const Manifest& m) {
   for (const GlobalTensorInfo& g : m.tensors) {
     t.AddTensor(g.path, static_cast<uint8_t>(g.dtype), g.shape);
     for (const ChunkInfo& c : g.chunks) {
-      // (A box of another rank than the shape's is kept as it is, padded
-      // or cut to the shape's rank, so that the rules name it: M11.)
-      std::vector<int64_t> o = c.box.offsets, z = c.box.sizes;
-      if (o.size() != g.shape.size() || z.size() != g.shape.size()) {
-        o.assign(g.shape.size(), -1);
-        z.assign(g.shape.size(), -1);
-      }
-      t.AddChunk(o, z, ByteRun{c.file, 0, c.offset, c.length});
+      t.AddChunk(c.box.offsets, c.box.sizes,
+                 ByteRun{c.file, 0, c.offset, c.length});
     }
   }
   return t;
+}
+
+void TensorTable::AddChunksOf(const TensorRef& t, uint32_t file,
+                              bool drop_empty) {
+  for (size_t i = 0; i < t.chunks; ++i) {
+    const auto sizes = t.sizes_of(i);
+    if (drop_empty && std::find(sizes.begin(), sizes.end(), 0) != sizes.end()) {
+      continue;
+    }
+    AddChunk(t.offsets_of(i), sizes,
+             ByteRun{file, 0, t.data[i].offset, t.data[i].length});
+  }
 }
 
 // ---- the rules -----------------------------------------------------------
@@ -450,6 +462,20 @@ Status CheckManifest(const ManifestRef& m, const std::string& name) {
 }
 
 Status CheckManifest(const Manifest& m, const std::string& name) {
+  // (A table holds boxes of their tensor's rank: one of another rank is
+  // refused here, as M10/M11 would refuse it in a manifest's bytes.)
+  for (const GlobalTensorInfo& g : m.tensors) {
+    for (size_t i = 0; i < g.chunks.size(); ++i) {
+      const Box& b = g.chunks[i].box;
+      if (b.offsets.size() != g.shape.size() ||
+          b.sizes.size() != g.shape.size()) {
+        return Corrupt("chunk " + std::to_string(i) + ": " +
+                       *BoxProblem(b, g.shape))
+            .WithFile(name)
+            .WithTensor(g.path);
+      }
+    }
+  }
   const TensorTable table = TensorTable::Of(m);
   const std::vector<TensorRef> refs = table.Refs();
   return CheckManifest(RefOf(m, refs), name);
@@ -465,16 +491,28 @@ Offset<flatbuffers::Vector<T>> Column(FlatBufferBuilder& b, const T* p,
   return b.CreateVector(p, n);
 }
 
+// A GlobalTensor table from arrays: `offsets` and `sizes` hold every
+// chunk's box in turn (whatever their rank: tests write bad ones).
+Offset<fbm::GlobalTensor> BuildTensor(FlatBufferBuilder& b,
+                                      std::string_view path, uint8_t dtype,
+                                      std::span<const int64_t> shape,
+                                      std::span<const int64_t> offsets,
+                                      std::span<const int64_t> sizes,
+                                      std::span<const ByteRun> data) {
+  auto p = b.CreateString(path.data(), path.size());
+  auto sh = Column(b, shape.data(), shape.size());
+  auto o = Column(b, offsets.data(), offsets.size());
+  auto z = Column(b, sizes.data(), sizes.size());
+  auto d = b.CreateVectorOfStructs(
+      reinterpret_cast<const fbm::ByteRange*>(data.data()), data.size());
+  return fbm::CreateGlobalTensor(b, p, dtype, sh, o, z, d);
+}
+
 Offset<fbm::GlobalTensor> BuildTensor(FlatBufferBuilder& b,
                                       const TensorRef& t) {
   const size_t coords = t.chunks * t.ndim();
-  auto path = b.CreateString(t.path.data(), t.path.size());
-  auto shape = Column(b, t.shape.data(), t.shape.size());
-  auto o = Column(b, t.offsets, coords);
-  auto s = Column(b, t.sizes, coords);
-  auto d = b.CreateVectorOfStructs(
-      reinterpret_cast<const fbm::ByteRange*>(t.data), t.chunks);
-  return fbm::CreateGlobalTensor(b, path, t.dtype, shape, o, s, d);
+  return BuildTensor(b, t.path, t.dtype, t.shape, {t.offsets, coords},
+                     {t.sizes, coords}, {t.data, t.chunks});
 }
 
 Offset<fbm::ShardFile> BuildFile(FlatBufferBuilder& b, const ShardFileInfo& f) {
@@ -515,6 +553,17 @@ std::string Str(const flatbuffers::String* s) { return s ? s->str() : ""; }
 
 std::string_view View(const flatbuffers::String* s) {
   return s ? std::string_view(s->c_str(), s->size()) : std::string_view();
+}
+
+// `bytes` as 8-aligned memory for the Verifier's alignment checks: the
+// bytes themselves when they are, else a copy kept in `copy`.
+const uint8_t* Aligned(std::span<const std::byte> bytes,
+                       std::vector<uint64_t>* copy) {
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  if (reinterpret_cast<uintptr_t>(data) % 8 == 0) return data;
+  copy->resize((bytes.size() + 7) / 8);
+  std::memcpy(copy->data(), bytes.data(), bytes.size());
+  return reinterpret_cast<const uint8_t*>(copy->data());
 }
 
 // A vector's 8-byte elements must be 8-aligned to be read as such (the
@@ -598,18 +647,18 @@ Result<std::vector<std::byte>> EncodeManifest(const Manifest& m) {
   return SerializeManifest(now);
 }
 
-std::vector<std::byte> SerializeManifest(const ManifestRef& m) {
-  size_t estimate = 1024;
-  for (const TensorRef& t : m.tensors) {
-    estimate += 64 + t.path.size() + 8 * t.ndim() +
-                t.chunks * (16 * t.ndim() + sizeof(ByteRun));
-  }
+namespace {
+
+// The manifest's bytes around `n` tensors that tensor(b, i) builds.
+template <class F>
+std::vector<std::byte> Serialize(const ManifestRef& m, size_t n,
+                                 size_t estimate, F&& tensor) {
   FlatBufferBuilder b(estimate);
   std::vector<Offset<fbm::ShardFile>> files;
   for (const auto& f : m.files) files.push_back(BuildFile(b, f));
   std::vector<Offset<fbm::GlobalTensor>> tensors;
-  tensors.reserve(m.tensors.size());
-  for (const auto& t : m.tensors) tensors.push_back(BuildTensor(b, t));
+  tensors.reserve(n);
+  for (size_t i = 0; i < n; ++i) tensors.push_back(tensor(b, i));
   std::vector<Offset<fbm::KeyValue>> meta;
   for (const auto& [k, v] : m.metadata) {
     auto ko = b.CreateString(k);
@@ -628,10 +677,41 @@ std::vector<std::byte> SerializeManifest(const ManifestRef& m) {
       m.version_major, m.version_minor);
 }
 
+}  // namespace
+
+std::vector<std::byte> SerializeManifest(const ManifestRef& m) {
+  size_t estimate = 1024;
+  for (const TensorRef& t : m.tensors) {
+    estimate += 64 + t.path.size() + 8 * t.ndim() +
+                t.chunks * (16 * t.ndim() + sizeof(ByteRun));
+  }
+  return Serialize(m, m.tensors.size(), estimate,
+                   [&](FlatBufferBuilder& b, size_t i) {
+                     return BuildTensor(b, m.tensors[i]);
+                   });
+}
+
 std::vector<std::byte> SerializeManifest(const Manifest& m) {
-  const TensorTable table = TensorTable::Of(m);
-  const std::vector<TensorRef> refs = table.Refs();
-  return SerializeManifest(RefOf(m, refs));
+  // The boxes as they are, of whatever rank (not through a TensorTable,
+  // which holds boxes of their tensor's rank only).
+  std::vector<int64_t> offsets, sizes;
+  std::vector<ByteRun> data;
+  return Serialize(
+      RefOf(m, {}), m.tensors.size(), 1024,
+      [&](FlatBufferBuilder& b, size_t i) {
+        const GlobalTensorInfo& g = m.tensors[i];
+        offsets.clear();
+        sizes.clear();
+        data.clear();
+        for (const ChunkInfo& c : g.chunks) {
+          offsets.insert(offsets.end(), c.box.offsets.begin(),
+                         c.box.offsets.end());
+          sizes.insert(sizes.end(), c.box.sizes.begin(), c.box.sizes.end());
+          data.push_back({c.file, 0, c.offset, c.length});
+        }
+        return BuildTensor(b, g.path, static_cast<uint8_t>(g.dtype), g.shape,
+                           offsets, sizes, data);
+      });
 }
 
 std::vector<std::byte> SealManifest(std::span<const std::byte> fb,
@@ -711,12 +791,7 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> bytes,
   // M6: FlatBuffers structure. The body must be 8-aligned in memory for
   // the alignment checks to mean anything; copy it if it is not.
   std::vector<uint64_t> aligned;
-  const auto* data = reinterpret_cast<const uint8_t*>(body.data());
-  if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
-    aligned.resize((body.size() + 7) / 8);
-    std::memcpy(aligned.data(), body.data(), body.size());
-    data = reinterpret_cast<const uint8_t*>(aligned.data());
-  }
+  const uint8_t* data = Aligned(body, &aligned);
   flatbuffers::Verifier v(data, body.size(), VerifierOptions(body.size()));
   const int64_t body_at = static_cast<int64_t>(kManifestPreambleBytes);
   if (!fbm::ManifestBufferHasIdentifier(data) ||
@@ -779,9 +854,8 @@ std::vector<std::byte> EncodeStatus(const Status& s) {
 }
 
 Status DecodeStatus(std::span<const std::byte> bytes) {
-  std::vector<uint64_t> aligned((bytes.size() + 7) / 8);
-  std::memcpy(aligned.data(), bytes.data(), bytes.size());
-  const auto* data = reinterpret_cast<const uint8_t*>(aligned.data());
+  std::vector<uint64_t> aligned;
+  const uint8_t* data = Aligned(bytes, &aligned);
   flatbuffers::Verifier v(data, bytes.size(), VerifierOptions(bytes.size()));
   if (bytes.size() < 8 || !v.VerifyBuffer<fbm::StatusMsg>(nullptr)) {
     return IoError("a rank sent a status message that does not decode");
@@ -827,12 +901,7 @@ Result<DecodedReport> DecodeReport(std::vector<std::byte> bytes,
   };
   DecodedReport out;
   out.bytes = std::move(bytes);
-  const auto* data = reinterpret_cast<const uint8_t*>(out.bytes.data());
-  if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
-    out.aligned.resize((out.bytes.size() + 7) / 8);
-    std::memcpy(out.aligned.data(), out.bytes.data(), out.bytes.size());
-    data = reinterpret_cast<const uint8_t*>(out.aligned.data());
-  }
+  const uint8_t* data = Aligned(out.bytes, &out.aligned);
   const size_t size = out.bytes.size();
   flatbuffers::Verifier v(data, size, VerifierOptions(size));
   if (size < 8 || !v.VerifyBuffer<fbm::RankReport>(nullptr)) {
@@ -850,7 +919,12 @@ Result<DecodedReport> DecodeReport(std::vector<std::byte> bytes,
   }
   if (h.rank != rank) return bad("says rank " + std::to_string(h.rank));
   const fbm::TensorColumns* c = fr->columns();
-  if (!c) return out;  // (a rank that failed sends no columns)
+  if (!c) {
+    // (Every report this library encodes has columns, empty ones for a
+    // rank that failed: one without them that says OK is not a report.)
+    if (!h.status.ok()) return out;
+    return bad("has no tensor columns");
+  }
   if (Misaligned(c->dims()) || Misaligned(c->chunk_offsets()) ||
       Misaligned(c->chunk_sizes()) || Misaligned(c->chunk_data())) {
     return bad("holds 8-byte elements that are not 8-aligned");
@@ -863,6 +937,7 @@ Result<DecodedReport> DecodeReport(std::vector<std::byte> bytes,
     return bad("has columns of different lengths");
   }
   auto ends_ok = [&](const flatbuffers::Vector<uint32_t>* ends, size_t total) {
+    if (!ends) return total == 0;
     uint32_t last = 0;
     for (uint32_t e : *ends) {
       if (e < last) return false;
@@ -927,9 +1002,8 @@ std::vector<std::byte> EncodeOutcome(const Result<CommitInfo>& r) {
 
 Result<CommitInfo> DecodeOutcome(std::span<const std::byte> bytes,
                                  const std::string& dir) {
-  std::vector<uint64_t> aligned((bytes.size() + 7) / 8);
-  std::memcpy(aligned.data(), bytes.data(), bytes.size());
-  const auto* data = reinterpret_cast<const uint8_t*>(aligned.data());
+  std::vector<uint64_t> aligned;
+  const uint8_t* data = Aligned(bytes, &aligned);
   flatbuffers::Verifier v(data, bytes.size(), VerifierOptions(bytes.size()));
   if (bytes.size() < 8 || !v.VerifyBuffer<fbm::Outcome>(nullptr)) {
     return IoError("the coordinator's commit outcome does not decode")

@@ -79,9 +79,13 @@ class TensorTable {
  public:
   void AddTensor(std::string_view path, uint8_t dtype,
                  std::span<const int64_t> shape);
-  /// A chunk of the last tensor added (offsets and sizes of its rank).
+  /// A chunk of the last tensor added (offsets and sizes of its rank:
+  /// the caller checks).
   void AddChunk(std::span<const int64_t> offsets,
                 std::span<const int64_t> sizes, const ByteRun& data);
+  /// The chunks of `t` (boxes of the last tensor's rank) to the last
+  /// tensor, naming `file`; without the empty ones when `drop_empty`.
+  void AddChunksOf(const TensorRef& t, uint32_t file, bool drop_empty);
   /// Sorts the last tensor's chunks by box offsets (lexicographic).
   void SortLastChunks();
   void Reserve(size_t tensors, size_t chunks, size_t coords, size_t bytes);
@@ -90,7 +94,8 @@ class TensorTable {
   size_t chunks() const { return data_.size(); }
   TensorRef at(size_t i) const;
   std::vector<TensorRef> Refs() const;
-  /// A table of `m`'s tensors (tests and tools that build a Manifest).
+  /// A table of `m`'s tensors, whose boxes must have their tensor's rank
+  /// (CheckManifest(const Manifest&) checks that first).
   static TensorTable Of(const Manifest& m);
 
  private:

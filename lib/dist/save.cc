@@ -181,19 +181,16 @@ class ReportBuilder {
     return t.dtype == dtype && std::equal(shape.begin(), shape.end(),
                                           t.shape.begin(), t.shape.end());
   }
-  // The same check, then the chunk (`where`: a StorageId or an offset).
+  // The same check and a box of the shape's rank, then the chunk
+  // (`where`: a StorageId or an offset). False when either fails.
   bool Add(std::string_view path, DType dtype, std::span<const int64_t> shape,
            const Box& box, uint64_t where, uint64_t length) {
+    if (box.offsets.size() != shape.size() || box.sizes.size() != shape.size())
+      return false;
+    if (!Agrees(path, dtype, shape)) return false;
     auto [it, fresh] =
         by_path_.try_emplace(std::string(path), uint32_t(tensors_.size()));
-    if (fresh) {
-      tensors_.push_back({dtype, {shape.begin(), shape.end()}});
-    } else if (tensors_[it->second].dtype != dtype ||
-               !std::equal(shape.begin(), shape.end(),
-                           tensors_[it->second].shape.begin(),
-                           tensors_[it->second].shape.end())) {
-      return false;
-    }
+    if (fresh) tensors_.push_back({dtype, {shape.begin(), shape.end()}});
     chunks_.push_back({it->second, coords_.size(), where, length});
     coords_.insert(coords_.end(), box.offsets.begin(), box.offsets.end());
     coords_.insert(coords_.end(), box.sizes.begin(), box.sizes.end());
@@ -281,6 +278,9 @@ Status ShardRecord::Seal(const Writer& w) {
   if (!impl_ || !impl_->rooted) {
     return InvalidArgument("ShardRecord::Seal before SetShardRoot recorded it");
   }
+  if (impl_->sealed) {
+    return InvalidArgument("ShardRecord::Seal: the record is already sealed");
+  }
   auto done = w.committed();
   if (!done) return InvalidArgument("ShardRecord::Seal before Writer::Commit");
   CKPT_ASSIGN_OR_RETURN(impl_->tensors, impl_->pending.Build([&](uint64_t id) {
@@ -310,9 +310,7 @@ Result<ShardRecord> ShardRecord::Deserialize(std::span<const std::byte> bytes,
   internal::TensorTable& t = out.impl_->tensors;
   for (const internal::TensorRef& ref : r.tensors) {
     t.AddTensor(ref.path, ref.dtype, ref.shape);
-    for (size_t i = 0; i < ref.chunks; ++i) {
-      t.AddChunk(ref.offsets_of(i), ref.sizes_of(i), ref.data[i]);
-    }
+    t.AddChunksOf(ref, 0, /*drop_empty=*/false);
   }
   out.impl_->rooted = out.impl_->sealed = true;
   return out;
@@ -356,15 +354,16 @@ Result<std::optional<NodeId>> AddChunk(Writer& w, const Chunk& c,
     return bad("an earlier chunk of it has another dtype or global shape");
   }
   CKPT_ASSIGN_OR_RETURN(StorageId storage, w.AddStorage(bytes));
-  if (rec) {
-    rec->pending.Add(c.path, c.dtype, c.global_shape, *part, storage,
-                     bytes.size());
-  }
   TensorSpec spec;
   spec.dtype = c.dtype;
   spec.shape = part->sizes;
   spec.storage = storage;
   CKPT_ASSIGN_OR_RETURN(NodeId data, w.AddTensor(spec));
+  if (rec) {
+    // (Checked above: a box of the shape's rank, the same dtype and shape.)
+    rec->pending.Add(c.path, c.dtype, c.global_shape, *part, storage,
+                     bytes.size());
+  }
   auto ints = [&](const std::vector<int64_t>& v) -> Result<NodeId> {
     std::vector<NodeId> items;
     for (int64_t x : v) items.push_back(w.AddInt(x));
@@ -430,6 +429,22 @@ Status SetShardRoot(Writer& w, std::span<const NodeId> chunks,
 
 namespace {
 
+// Why `rec` is not the record of rank `rank` of `world`, or nullopt.
+std::optional<std::string> RecordProblem(const ShardRecordAccess::Impl& rec,
+                                         int rank, int world) {
+  if (!rec.sealed) {
+    return std::string(
+        "was not sealed (ShardRecord::Seal after the Writer's Commit)");
+  }
+  if (rec.head.rank != static_cast<uint32_t>(rank) ||
+      rec.head.world_size != static_cast<uint32_t>(world)) {
+    return "is of rank " + std::to_string(rec.head.rank) + " of " +
+           std::to_string(rec.head.world_size) + ", not rank " +
+           std::to_string(rank) + " of " + std::to_string(world);
+  }
+  return std::nullopt;
+}
+
 // What a rank reports: its head and its tensors.
 struct Report {
   internal::ReportHead head;
@@ -493,6 +508,12 @@ Result<Report> Describe(const std::string& path, int rank, int world) {
     if (!ti.is_contiguous() || ti.shape.size() != shape.size()) {
       return bad("chunk " + std::to_string(i) + " of '" + std::string(tpath) +
                  "' is not a contiguous tensor of its rank");
+    }
+    if (box.offsets.size() != shape.size()) {
+      return bad("chunk " + std::to_string(i) + " of '" + std::string(tpath) +
+                 "' has " + std::to_string(box.offsets.size()) +
+                 " offsets for a tensor of " + std::to_string(shape.size()) +
+                 " dims");
     }
     CKPT_ASSIGN_OR_RETURN(StorageInfo si, ck.StorageInfoAt(ti.storage));
     box.sizes = ti.shape;
@@ -567,9 +588,6 @@ Result<internal::TensorTable> Merge(std::span<const ReportView> reports) {
   auto tensor_of = [&](size_t r) -> const internal::TensorRef& {
     return reports[r].tensors[order[r][pos[r]]];
   };
-  auto empty = [](std::span<const int64_t> sizes) {
-    return std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
-  };
   // Rank r's next tensor into the tensor being built, whose first holder
   // was rank r0; then rank r moves on.
   auto take = [&](size_t r, size_t r0) -> Status {
@@ -586,13 +604,9 @@ Result<internal::TensorTable> Merge(std::span<const ReportView> reports) {
                              " as " + Describe(t))
           .WithTensor(std::string(t.path));
     }
-    for (size_t i = 0; i < t.chunks; ++i) {
-      // (Zero-size chunks declared the tensor only.)
-      if (t.ndim() > 0 && empty(t.sizes_of(i))) continue;
-      internal::ByteRun run = t.data[i];
-      run.file = static_cast<uint32_t>(r);
-      out.AddChunk(t.offsets_of(i), t.sizes_of(i), run);
-    }
+    // (Zero-size chunks declared the tensor only. Boxes have the shape's
+    // rank: DecodeReport's columns say so.)
+    out.AddChunksOf(t, static_cast<uint32_t>(r), /*drop_empty=*/true);
     return Status::OK();
   };
   // The common case first: every rank holds the same tensors (FSDP, tensor
@@ -879,15 +893,8 @@ Result<CommitInfo> CommitSave(Comm& comm, const std::string& dir,
   Report described;  // without a record: the shard read back
   if (local.ok() && record) {
     const ShardRecordAccess::Impl& rec = ShardRecordAccess::Of(*record);
-    if (!rec.sealed) {
-      head.status = InvalidArgument(
-          "the shard's record was not sealed (ShardRecord::Seal after the "
-          "Writer's Commit)");
-    } else if (rec.head.rank != head.rank ||
-               rec.head.world_size != head.world_size) {
-      head.status = InvalidArgument("the shard's record is of rank " +
-                                    std::to_string(rec.head.rank) + " of " +
-                                    std::to_string(rec.head.world_size));
+    if (auto p = RecordProblem(rec, rank, world)) {
+      head.status = InvalidArgument("the shard's record " + *p);
     } else if (auto path = ShardPath(dir, rank, world);
                !path.ok() || !SameFile(*path, rec.path)) {
       head.status = InvalidArgument(
@@ -990,12 +997,9 @@ Result<CommitInfo> CommitWritten(const std::string& dir, int world_size,
     if (!records.empty()) {
       // (The sweep in Finalize checks each named file's size on disk.)
       const auto& rec = ShardRecordAccess::Of(records[static_cast<size_t>(r)]);
-      if (!rec.sealed || rec.head.rank != static_cast<uint32_t>(r) ||
-          rec.head.world_size != static_cast<uint32_t>(world_size)) {
-        rep.head.status = InvalidArgument("shard record " + std::to_string(r) +
-                                          " is not a sealed record of rank " +
-                                          std::to_string(r) + " of " +
-                                          std::to_string(world_size));
+      if (auto p = RecordProblem(rec, r, world_size)) {
+        rep.head.status =
+            InvalidArgument("shard record " + std::to_string(r) + " " + *p);
       } else {
         rep.head = rec.head;
         tensors = &rec.tensors;
