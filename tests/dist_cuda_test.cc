@@ -301,3 +301,57 @@ TEST_CASE(
   CHECK(st.live_pinned == 0);
   CHECK(st.live_streams == 0);
 }
+
+TEST_CASE(
+    "a tensor that many smaller views begin inside still loads to the "
+    "device") {
+  // One storage holding "big" [80, 4] and 70 one-row views of it that
+  // begin before the rows asked for: the holder of those rows is far
+  // behind the nearest views (the first version looked 64 back only).
+  cuda_double::Reset({});
+  ckpt::test::TempDir tmp;
+  const std::string file = tmp.File("views.ckpt");
+  const std::vector<std::byte> bytes = ckpt::test::Pattern(80 * 4, 3);
+  {
+    auto w = Writer::Create(file, ckpt::test::Fast());
+    REQUIRE(w.ok());
+    auto sid = w->AddStorage(bytes);
+    REQUIRE(sid.ok());
+    TensorSpec spec;
+    spec.dtype = DType::kUInt8;
+    spec.shape = {80, 4};
+    spec.storage = *sid;
+    auto big = w->AddTensor(spec);
+    REQUIRE(big.ok());
+    REQUIRE(w->PutValue("big", *big).ok());
+    for (int i = 0; i < 70; ++i) {
+      spec.shape = {4};
+      spec.storage_offset = 4 * i;
+      auto v = w->AddTensor(spec);
+      REQUIRE(v.ok());
+      REQUIRE(w->PutValue("v" + std::to_string(i), *v).ok());
+    }
+    REQUIRE(w->Commit().ok());
+  }
+  auto ck = ShardedCheckpoint::OpenFile(file);
+  REQUIRE(ck.ok());
+  for (const Box& box : {Box{{72, 0}, {8, 4}}, Box{{72, 1}, {8, 2}}}) {
+    INFO("columns from " << box.offsets[1]);
+    const size_t n = static_cast<size_t>(box.numel());
+    void* dev = nullptr;
+    REQUIRE(cudaMalloc(&dev, n) == cudaSuccess);
+    DeviceWant want{"big", box, dev};
+    auto st = LoadBoxesToDevice(*ck, std::span(&want, 1), {});
+    REQUIRE(st.ok());
+    std::vector<std::byte> got(n), expect;
+    REQUIRE(cuda_double::ReadDevice(dev, got.data(), n));
+    for (int64_t r = box.offsets[0]; r < box.offsets[0] + box.sizes[0]; ++r) {
+      for (int64_t c = box.offsets[1]; c < box.offsets[1] + box.sizes[1]; ++c) {
+        expect.push_back(bytes[static_cast<size_t>(r * 4 + c)]);
+      }
+    }
+    CHECK(got == expect);
+    REQUIRE(cudaFree(dev) == cudaSuccess);
+  }
+  CHECK(cuda_double::GetStats().live_device_allocs == 0);
+}

@@ -31,24 +31,31 @@ struct ShardMap {
   };
   Checkpoint ck;
   std::vector<Span> spans;  // sorted by begin
+  // For each i, the span reaching furthest among spans[0..i].
+  std::vector<size_t> furthest;
 
-  // The tensor holding [b, e), or null. Overlapping views: the latest
-  // beginning at or before b that reaches e, among the 64 nearest.
+  // The tensor holding [b, e), or null: the latest beginning at or before
+  // b that reaches e among the few nearest (a chunk's own tensor), else
+  // the one reaching furthest of all that begin at or before b (a view
+  // into a storage that many smaller views begin inside).
   const Span* Holding(uint64_t b, uint64_t e) const {
     auto it =
         std::upper_bound(spans.begin(), spans.end(), b,
                          [](uint64_t x, const Span& s) { return x < s.begin; });
-    for (int k = 0; k < 64 && it != spans.begin(); ++k) {
-      --it;
-      if (it->end >= e) return &*it;
+    if (it == spans.begin()) return nullptr;
+    for (auto k = it; k != spans.begin() && it - k < 8;) {
+      --k;
+      if (k->end >= e) return &*k;
     }
-    return nullptr;
+    const Span& far =
+        spans[furthest[static_cast<size_t>(it - spans.begin()) - 1]];
+    return far.end >= e ? &far : nullptr;
   }
 };
 
 Result<ShardMap> MapShard(const ShardedCheckpoint& ck, size_t file) {
   CKPT_ASSIGN_OR_RETURN(Checkpoint c, ck.OpenShard(file));
-  ShardMap m{std::move(c), {}};
+  ShardMap m{std::move(c), {}, {}};
   for (size_t t = 0; t < m.ck.num_tensors(); ++t) {
     CKPT_ASSIGN_OR_RETURN(TensorInfo ti, m.ck.TensorInfoAt(t));
     const uint64_t n = ti.nbytes();
@@ -65,6 +72,12 @@ Result<ShardMap> MapShard(const ShardedCheckpoint& ck, size_t file) {
                    [](const ShardMap::Span& a, const ShardMap::Span& b) {
                      return a.begin < b.begin;
                    });
+  m.furthest.resize(m.spans.size());
+  for (size_t i = 0; i < m.spans.size(); ++i) {
+    const bool further =
+        i == 0 || m.spans[i].end > m.spans[m.furthest[i - 1]].end;
+    m.furthest[i] = further ? i : m.furthest[i - 1];
+  }
   return m;
 }
 
