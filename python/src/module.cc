@@ -1040,6 +1040,25 @@ ckpt::Box BoxOf(std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
   return ckpt::Box{std::move(offsets), std::move(sizes)};
 }
 
+// One want of ShardedCheckpoint.load / load_to_device: (path, offsets,
+// sizes, X), X being `last` (a buffer or a device pointer).
+struct WantTuple {
+  std::string path;
+  ckpt::Box box;
+  py::object last;
+};
+WantTuple ParseWant(py::handle item, const char* last) {
+  auto t = item.cast<py::tuple>();
+  if (t.size() != 4) {
+    throw py::value_error(std::string("a want is (path, offsets, sizes, ") +
+                          last + ")");
+  }
+  return {t[0].cast<std::string>(),
+          BoxOf(t[1].cast<std::vector<int64_t>>(),
+                t[2].cast<std::vector<int64_t>>()),
+          t[3]};
+}
+
 py::tuple Ints(const std::vector<int64_t>& v) { return Reader::Ints(v); }
 
 py::dict CommitInfoDict(const ckpt::dist::CommitInfo& c) {
@@ -1150,13 +1169,9 @@ class PySharded {
     std::vector<ckpt::dist::DeviceWant> ws;
     ws.reserve(wants.size());
     for (py::handle item : wants) {
-      auto t = item.cast<py::tuple>();
-      if (t.size() != 4)
-        throw py::value_error("a want is (path, offsets, sizes, pointer)");
-      ws.push_back({t[0].cast<std::string>(),
-                    BoxOf(t[1].cast<std::vector<int64_t>>(),
-                          t[2].cast<std::vector<int64_t>>()),
-                    reinterpret_cast<void*>(t[3].cast<uintptr_t>())});
+      WantTuple w = ParseWant(item, "pointer");
+      ws.push_back({std::move(w.path), std::move(w.box),
+                    reinterpret_cast<void*>(w.last.cast<uintptr_t>())});
     }
     ckpt::DeviceLoadOptions o;
     o.device = "cuda:" + std::to_string(device);
@@ -1180,16 +1195,11 @@ class PySharded {
     std::vector<ckpt::dist::Want> ws;
     ws.reserve(wants.size());
     for (py::handle item : wants) {
-      auto t = item.cast<py::tuple>();
-      if (t.size() != 4)
-        throw py::value_error("a want is (path, offsets, sizes, buffer)");
-      infos.push_back(t[3].cast<py::buffer>().request(true));
+      WantTuple w = ParseWant(item, "buffer");
+      infos.push_back(w.last.cast<py::buffer>().request(true));
       std::span<std::byte> out = WritableBytes(infos.back(), "want buffers");
       AdviseHugePages(out.data(), out.size());
-      ws.push_back({t[0].cast<std::string>(),
-                    BoxOf(t[1].cast<std::vector<int64_t>>(),
-                          t[2].cast<std::vector<int64_t>>()),
-                    out});
+      ws.push_back({std::move(w.path), std::move(w.box), out});
     }
     ckpt::dist::LoadOptions o;
     o.verify = verify;
