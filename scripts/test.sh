@@ -177,7 +177,7 @@ done
 echo "tsan: 1 passed, 0 failed"
 
 if command -v clang++ >/dev/null; then
-  stage "libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth, 60 s each; manifests, DCP .metadata and safetensors headers 30 s each"
+  stage "libFuzzer: Checkpoint::OpenBuffer (+ every accessor the binding uses) and CheckPth 40 s each, manifests and reports 30 s, DCP .metadata and safetensors headers 20 s each"
   CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPT_FUZZ=ON \
     -DCKPT_BUILD_TESTS=OFF -DCKPT_BUILD_BENCH=OFF -DCKPT_BUILD_TOOLS=OFF \
     -DCKPT_BUILD_EXAMPLES=OFF >/dev/null
@@ -203,7 +203,7 @@ for i, (name, obj) in enumerate(fixtures.make_cases().items()):
         torch.save(obj, os.path.join(out, f"{i}.legacy.pth"), _use_new_zipfile_serialization=False)
 PYEOF
   for t in open_fuzz:ckpt pth_fuzz:pth; do
-    build-fuzz/${t%%:*} -max_total_time=60 -max_len=65536 -rss_limit_mb=2048 \
+    build-fuzz/${t%%:*} -max_total_time=40 -max_len=65536 -rss_limit_mb=2048 \
       -print_final_stats=0 "$corpus/${t##*:}" 2>&1 | tail -n 1
   done
   # Seeds for the manifest fuzzer: manifests of a file sharded 1 to 3 ways.
@@ -218,7 +218,7 @@ PYEOF
   mkdir -p "$corpus/dcp"
   python3 tests/dcp/fuzz_seeds.py build-test/dcp-fixtures "$corpus/dcp" ||
     echo "(no DCP fixtures: the DCP fuzzer starts without seeds)"
-  build-fuzz/dcp_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
+  build-fuzz/dcp_fuzz -max_total_time=20 -max_len=65536 -rss_limit_mb=2048 \
     -print_final_stats=0 "$corpus/dcp" 2>&1 | tail -n 1
   # Seeds for the safetensors fuzzer: small valid files (a shape, two
   # dtypes, metadata, an empty tensor).
@@ -235,7 +235,7 @@ for i, h in enumerate([
     open(f"{sys.argv[1]}/{i}.safetensors", "wb").write(
         struct.pack("<Q", len(text)) + text + bytes(range(end)))
 PYEOF
-  build-fuzz/safetensors_fuzz -max_total_time=30 -max_len=65536 -rss_limit_mb=2048 \
+  build-fuzz/safetensors_fuzz -max_total_time=20 -max_len=65536 -rss_limit_mb=2048 \
     -print_final_stats=0 "$corpus/st" 2>&1 | tail -n 1
   echo "fuzz: 5 passed, 0 failed"
 else
