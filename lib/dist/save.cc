@@ -609,9 +609,10 @@ Result<internal::TensorTable> Merge(std::span<const ReportView> reports) {
     out.AddChunksOf(t, static_cast<uint32_t>(r), /*drop_empty=*/true);
     return Status::OK();
   };
-  // The common case first: every rank holds the same tensors (FSDP, tensor
-  // parallel, DDP), so the reports are merged in step, one comparison per
-  // tensor and rank to find that out.
+  // The common case first: every rank holds the same tensors (FSDP and
+  // tensor parallel model weights), so the reports are merged in step, one
+  // comparison per tensor and rank to find that out. (Replicated 0-d
+  // tensors, written by one replica each, take the heap below.)
   bool in_step = true;
   for (size_t r = 1; r < world && in_step; ++r) {
     const auto& a = reports[0].tensors;
